@@ -1,0 +1,61 @@
+# gpuq — the two commands users run are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# aws-sam-cli is big and pins its own world: it lives in a venv of its own outside the work tree, reused
+# across clones (keyed on its version), so `make test` does not reinstall it on every run.
+SAM_VERSION := 1.170.0
+SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
+SAM := $(SAM_VENV)/bin/sam
+
+.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke clean
+
+help:
+	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
+	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
+	@echo "make bench  - the load benchmark (gpuq vs Celery)"
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+services:
+	bash infra/ensure-services.sh
+
+$(SAM):
+	$(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install -q --upgrade pip
+	$(SAM_VENV)/bin/pip install -q aws-sam-cli==$(SAM_VERSION)
+
+# `sam validate --lint` and `sam build`, then import the handler from the build folder alone.
+sam-check: $(SAM) $(STAMP)
+	$(SAM) validate --lint --region us-east-1
+	rm -rf .aws-sam
+	$(SAM) build --region us-east-1 >/dev/null
+	$(PY) tests/check_sam_build.py .aws-sam/build
+
+test: lint services sam-check
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The suite alone, for quick iterations when lint and SAM are known good.
+test-only: $(STAMP) services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .aws-sam .mypy_cache .ruff_cache .pytest_cache .gpuq

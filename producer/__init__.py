@@ -1,0 +1,1 @@
+"""gpuq producer: the AWS Lambda package that turns events into jobs on Redis lists."""

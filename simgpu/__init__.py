@@ -1,0 +1,1 @@
+"""A simulated GPU inference service honouring the gpuq request/callback contract."""

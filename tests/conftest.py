@@ -1,0 +1,100 @@
+"""Shared fixtures: every test run gets its own MariaDB database and its own Redis db and key prefix.
+
+The suite always talks to the real servers on loopback (``make test`` starts them when they are missing).
+A server that does not answer fails the run: a run that silently skipped its store tests would prove nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pymysql
+import pytest
+import redis
+
+REDIS_HOST = os.environ.get("GPUQ_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("GPUQ_TEST_REDIS_PORT", "6379"))
+MYSQL_HOST = os.environ.get("GPUQ_TEST_MYSQL_HOST", "127.0.0.1")
+MYSQL_PORT = int(os.environ.get("GPUQ_TEST_MYSQL_PORT", "3306"))
+MYSQL_USER = os.environ.get("GPUQ_TEST_MYSQL_USER", "root")
+MYSQL_PASSWORD = os.environ.get("GPUQ_TEST_MYSQL_PASSWORD", "")
+
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _fail_unreachable(what: str, exc: Exception) -> None:
+    pytest.fail(
+        f"{what} is not reachable ({exc}). Run `make test`, which starts it, or start it by hand.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_db() -> Iterator[int]:
+    """A Redis logical database nobody else uses during this run, claimed with a marker key."""
+    marker = "gpuq:test-run-owner"
+    chosen = None
+    try:
+        for db in range(1, 16):
+            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+            if client.dbsize() == 0 and client.set(marker, RUN_ID, nx=True, ex=3600):
+                chosen = db
+                client.close()
+                break
+            client.close()
+    except redis.ConnectionError as exc:
+        _fail_unreachable(f"Redis on {REDIS_HOST}:{REDIS_PORT}", exc)
+    if chosen is None:
+        pytest.fail("no empty Redis database (1-15) left for this test run", pytrace=False)
+    yield chosen
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=chosen)
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_db: int) -> str:
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}"
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A key prefix of this test's own, so tests sharing the run's Redis db never see each other's keys."""
+    return f"gpuq-t-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture
+def rds(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _admin() -> pymysql.connections.Connection:
+    return pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def mysql_server_url() -> str:
+    auth = MYSQL_USER + (f":{MYSQL_PASSWORD}" if MYSQL_PASSWORD else "")
+    return f"mysql+pymysql://{auth}@{MYSQL_HOST}:{MYSQL_PORT}"
+
+
+@pytest.fixture
+def database_url(mysql_server_url: str) -> Iterator[str]:
+    """A fresh, empty MariaDB database for one test, dropped afterwards."""
+    name = f"gpuq_test_{RUN_ID}_{uuid.uuid4().hex[:6]}"
+    try:
+        conn = _admin()
+    except pymysql.err.OperationalError as exc:
+        _fail_unreachable(f"MariaDB on {MYSQL_HOST}:{MYSQL_PORT}", exc)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    conn.close()
+    yield f"{mysql_server_url}/{name}"
+    conn = _admin()
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
