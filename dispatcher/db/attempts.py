@@ -1,0 +1,223 @@
+"""Ending attempts: callbacks, synchronous answers, failed requests, lease expiry, cancellation.
+
+Every path goes through ``finish_attempt``, which locks the task row, checks that the attempt is still the
+current one, frees the slot and moves the task on, all in one transaction. Whichever of a callback, a GPU
+answer and a lease expiry comes first wins; the others find the attempt over and change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, insert, select, update
+
+from dispatcher.db.dispatch import free_slot
+from dispatcher.db.schema import attempts, slots, tasks
+from dispatcher.states import DEFERRED, TERMINAL, Outcome, TaskState
+from producer.job import Job
+from producer.keys import Priority
+
+Code = Literal["applied", "repeat", "stale", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    code: Code
+    state: str | None = None
+    freed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = 2.0
+    cap: float = 300.0
+
+    def delay(self, attempt: int) -> float:
+        raw: float = min(self.base * 2.0 ** max(attempt - 1, 0), self.cap)
+        return raw * (0.9 + 0.2 * random.random())  # noqa: S311 - jitter spreads retries of a burst
+
+
+def finish_attempt(
+    conn: Connection,
+    *,
+    task_id: str,
+    attempt: int,
+    outcome: Outcome,
+    now: datetime,
+    backoff: Backoff,
+    result: Any = None,
+    error: str | None = None,
+    reported: str | None = None,
+) -> Finish:
+    """End ``attempt`` of ``task_id`` with ``outcome``.
+
+    ``reported`` is the status a GPU reported (callback or synchronous answer); the same report coming again
+    for an attempt it already ended is a repeat (200, applied false), anything else for a finished attempt is
+    stale (409).
+    """
+    row = conn.execute(
+        select(
+            tasks.c.state,
+            tasks.c.attempt,
+            tasks.c.max_attempts,
+            tasks.c.gpu_id,
+            tasks.c.slot_index,
+            tasks.c.started_at,
+            tasks.c.last_callback,
+        )
+        .where(tasks.c.task_id == task_id)
+        .with_for_update()
+    ).first()
+    if row is None:
+        return Finish("unknown")
+    if row.state != TaskState.PROCESSING or row.attempt != attempt:
+        if reported is not None and row.attempt == attempt and row.last_callback == reported:
+            return Finish("repeat", row.state)
+        return Finish("stale", row.state)
+
+    freed = free_slot(conn, gpu_id=row.gpu_id, slot_index=row.slot_index, task_id=task_id)
+    values: dict[str, Any] = {"updated_at": now, "last_callback": reported}
+    if outcome is Outcome.FINISHED:
+        values |= {"state": TaskState.FINISHED.value, "finished_at": now, "error": None}
+        if result is not None:
+            values["result"] = json.dumps(result, separators=(",", ":"))
+    elif outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED) and attempt < row.max_attempts:
+        run_after = now + timedelta(seconds=backoff.delay(attempt))
+        values |= {"state": TaskState.RETRYING.value, "run_after": run_after, "error": error}
+    else:
+        state = TaskState.CANCELLED if outcome is Outcome.CANCELLED else TaskState.FAILED
+        values |= {"state": state.value, "finished_at": now, "error": error}
+    conn.execute(update(tasks).where(tasks.c.task_id == task_id).values(**values))
+    conn.execute(
+        insert(attempts).values(
+            task_id=task_id,
+            attempt=attempt,
+            gpu_id=row.gpu_id,
+            slot_index=row.slot_index,
+            started_at=row.started_at,
+            ended_at=now,
+            outcome=outcome.value,
+            error=error,
+        )
+    )
+    return Finish("applied", values["state"], freed)
+
+
+def extend_lease(
+    conn: Connection, *, task_id: str, attempt: int, lease_seconds: float, now: datetime
+) -> Finish:
+    """A ``running`` heartbeat: the attempt keeps its slot for another lease period."""
+    res = conn.execute(
+        update(slots)
+        .where(slots.c.task_id == task_id, slots.c.attempt == attempt)
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    if res.rowcount == 1:
+        return Finish("applied", TaskState.PROCESSING.value)
+    row = conn.execute(select(tasks.c.state).where(tasks.c.task_id == task_id)).first()
+    return Finish("unknown") if row is None else Finish("stale", row.state)
+
+
+def expired_leases(conn: Connection, *, now: datetime, limit: int = 200) -> list[tuple[str, int]]:
+    rows = conn.execute(
+        select(slots.c.task_id, slots.c.attempt)
+        .where(slots.c.task_id.is_not(None), slots.c.lease_expires_at < now)
+        .limit(limit)
+    )
+    return [(r.task_id, r.attempt) for r in rows]
+
+
+def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backoff) -> Finish:
+    """Cancel a task wherever it is. One still in Redis gets a tombstone row, so it never runs."""
+    row = conn.execute(
+        select(tasks.c.state, tasks.c.attempt).where(tasks.c.task_id == task_id).with_for_update()
+    ).first()
+    if row is None:
+        conn.execute(
+            insert(tasks).values(
+                task_id=task_id,
+                queue="",
+                type="",
+                state=TaskState.CANCELLED.value,
+                data="{}",
+                max_attempts=0,
+                created_at=now,
+                finished_at=now,
+                updated_at=now,
+                error="cancelled before a dispatcher took it",
+            )
+        )
+        return Finish("applied", TaskState.CANCELLED.value)
+    if row.state in TERMINAL:
+        return Finish("repeat", row.state)
+    if row.state == TaskState.PROCESSING:
+        return finish_attempt(
+            conn,
+            task_id=task_id,
+            attempt=row.attempt,
+            outcome=Outcome.CANCELLED,
+            now=now,
+            backoff=backoff,
+            error="cancelled by an operator",
+        )
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.task_id == task_id)
+        .values(state=TaskState.CANCELLED.value, finished_at=now, updated_at=now, run_after=None)
+    )
+    return Finish("applied", TaskState.CANCELLED.value)
+
+
+def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[Job]:
+    """Retrying and scheduled tasks whose time has come, as jobs to put back in Redis."""
+    rows = conn.execute(
+        select(tasks)
+        .where(tasks.c.state.in_([s.value for s in DEFERRED]), tasks.c.run_after <= now)
+        .order_by(tasks.c.run_after)
+        .limit(limit)
+    )
+    return [
+        Job(
+            task_id=r.task_id,
+            type=r.type,
+            data=json.loads(r.data),
+            queue=r.queue,
+            priority=Priority(r.priority),
+            attempt=r.attempt,
+            enqueued_at=r.enqueued_at or r.created_at,
+        )
+        for r in rows
+    ]
+
+
+def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> None:
+    """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already)."""
+    for job in jobs:
+        conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == job.task_id,
+                tasks.c.attempt == job.attempt,
+                tasks.c.state.in_([s.value for s in DEFERRED]),
+            )
+            .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
+        )
+
+
+def slot_drift(conn: Connection) -> list[tuple[str, int, str]]:
+    """Slots held by a task that is not processing at that attempt: must always be empty."""
+    rows = conn.execute(
+        select(slots.c.gpu_id, slots.c.slot_index, slots.c.task_id)
+        .select_from(slots.outerjoin(tasks, tasks.c.task_id == slots.c.task_id))
+        .where(
+            slots.c.task_id.is_not(None),
+            (tasks.c.task_id.is_(None))
+            | (tasks.c.state != TaskState.PROCESSING.value)
+            | (tasks.c.attempt != slots.c.attempt),
+        )
+    )
+    return [(r.gpu_id, r.slot_index, r.task_id) for r in rows]

@@ -1,0 +1,220 @@
+"""Placing jobs: claim slots and record tasks in one transaction.
+
+A claim is ``UPDATE slots SET task_id=… WHERE gpu_id=… AND slot_index=… AND task_id IS NULL``: one row, by
+primary key, conditional. Two dispatchers racing for a slot both issue it; the second waits for the first
+to commit, re-reads the row and matches nothing, then tries the next slot its Placer proposes. A claimer
+only reports "no free slot" after a fresh snapshot shows none, so contention never looks like "full".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, func, insert, select, update
+
+from dispatcher.db.schema import gpus, slots, tasks
+from dispatcher.placement import Pick, Placer, SlotView
+from dispatcher.states import RUNNABLE, GpuState, TaskState
+from producer.job import Job
+
+#: Fresh snapshots a claimer takes when its proposals keep losing races before it calls a pool full.
+_REFRESHES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    job: Job
+    pool: str
+    gpu_id: str
+    slot_index: int
+    url: str
+    attempt: int
+
+
+@dataclass(slots=True)
+class DispatchResult:
+    placed: list[Placed] = field(default_factory=list)
+    dropped: list[tuple[Job, str]] = field(default_factory=list)  # already known: ack and forget
+    deferred: list[Job] = field(default_factory=list)  # recorded as scheduled: ack
+    unplaced: list[tuple[Job, str]] = field(default_factory=list)  # (job, pool) no slot: keep in Redis
+
+
+def free_slot(conn: Connection, *, gpu_id: str, slot_index: int, task_id: str) -> bool:
+    """Free the slot if ``task_id`` still holds it; the one place a slot is given back."""
+    res = conn.execute(
+        update(slots)
+        .where(slots.c.gpu_id == gpu_id, slots.c.slot_index == slot_index, slots.c.task_id == task_id)
+        .values(task_id=None, attempt=None, claimed_at=None, lease_expires_at=None, dispatcher_id=None)
+    )
+    return res.rowcount == 1
+
+
+def _eligible() -> list[object]:
+    return [gpus.c.state == GpuState.ACTIVE.value, gpus.c.healthy.is_(True)]
+
+
+def free_capacity(conn: Connection) -> dict[str, int]:
+    """Free slots per pool among active, healthy GPUs."""
+    rows = conn.execute(
+        select(gpus.c.pool, func.count())
+        .select_from(slots.join(gpus, slots.c.gpu_id == gpus.c.gpu_id))
+        .where(slots.c.task_id.is_(None), *_eligible())  # type: ignore[arg-type]
+        .group_by(gpus.c.pool)
+    )
+    return {pool: int(count) for pool, count in rows}
+
+
+def slot_snapshot(conn: Connection) -> list[SlotView]:
+    rows = conn.execute(
+        select(slots.c.gpu_id, slots.c.slot_index, slots.c.task_id, gpus.c.url, gpus.c.pool)
+        .select_from(slots.join(gpus, slots.c.gpu_id == gpus.c.gpu_id))
+        .where(*_eligible())  # type: ignore[arg-type]
+    )
+    return [SlotView(r.gpu_id, r.slot_index, r.url, r.pool, r.task_id is None) for r in rows]
+
+
+class _Claimer:
+    def __init__(self, conn: Connection, rng: random.Random) -> None:
+        self.conn = conn
+        self.rng = rng
+        self.placer = Placer(slot_snapshot(conn), rng)
+
+    def claim(self, pool: str, values: dict[str, object]) -> Pick | None:
+        for _ in range(_REFRESHES + 1):
+            lost_race = False
+            while (pick := self.placer.take(pool)) is not None:
+                res = self.conn.execute(
+                    update(slots)
+                    .where(
+                        slots.c.gpu_id == pick.gpu_id,
+                        slots.c.slot_index == pick.slot_index,
+                        slots.c.task_id.is_(None),
+                    )
+                    .values(**values)
+                )
+                if res.rowcount == 1:
+                    return pick
+                lost_race = True
+            if not lost_race:
+                return None  # the snapshot had no free slot left for this pool: really full
+            self.placer = Placer(slot_snapshot(self.conn), self.rng)
+        return None
+
+    def release(self, pick: Pick, task_id: str) -> None:
+        free_slot(self.conn, gpu_id=pick.gpu_id, slot_index=pick.slot_index, task_id=task_id)
+
+
+def dispatch(
+    conn: Connection,
+    *,
+    items: list[tuple[Job, str]],
+    dispatcher_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    now: datetime,
+    rng: random.Random | None = None,
+) -> DispatchResult:
+    """Record ``items`` (job, pool) and give each a slot; see DispatchResult for what becomes of each."""
+    out = DispatchResult()
+    existing = {
+        r.task_id: r
+        for r in conn.execute(
+            select(tasks.c.task_id, tasks.c.state, tasks.c.attempt).where(
+                tasks.c.task_id.in_([job.task_id for job, _ in items])
+            )
+        )
+    }
+    claimer: _Claimer | None = None
+    lease_until = now + timedelta(seconds=lease_seconds)
+    new_rows: list[dict[str, object]] = []
+    seen: set[str] = set()
+    for job, pool in items:
+        row = existing.get(job.task_id)
+        if job.task_id in seen:
+            out.dropped.append((job, "the same task twice in one batch"))
+            continue
+        seen.add(job.task_id)
+        if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):
+            out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
+            continue
+        if job.not_before is not None and job.not_before.replace(tzinfo=None) > now:
+            _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now)
+            out.deferred.append(job)
+            continue
+        attempt = job.attempt + 1
+        claimer = claimer or _Claimer(conn, rng or random.Random())  # noqa: S311
+        pick = claimer.claim(
+            pool,
+            {
+                "task_id": job.task_id,
+                "attempt": attempt,
+                "claimed_at": now,
+                "lease_expires_at": lease_until,
+                "dispatcher_id": dispatcher_id,
+            },
+        )
+        if pick is None:
+            out.unplaced.append((job, pool))
+            continue
+        running = {
+            "state": TaskState.PROCESSING.value,
+            "attempt": attempt,
+            "gpu_id": pick.gpu_id,
+            "slot_index": pick.slot_index,
+            "dispatcher_id": dispatcher_id,
+            "started_at": now,
+            "run_after": None,
+            "last_callback": None,
+            "updated_at": now,
+        }
+        if row is None:
+            new_rows.append(_new_row(job, pool, max_attempts, now) | running)
+        else:
+            res = conn.execute(
+                update(tasks)
+                .where(
+                    tasks.c.task_id == job.task_id,
+                    tasks.c.state.in_([s.value for s in RUNNABLE]),
+                    tasks.c.attempt == job.attempt,
+                )
+                .values(**running)
+            )
+            if res.rowcount != 1:  # another dispatcher got there between our read and this write
+                claimer.release(pick, job.task_id)
+                out.dropped.append((job, "taken by another dispatcher"))
+                continue
+        out.placed.append(Placed(job, pool, pick.gpu_id, pick.slot_index, pick.url, attempt))
+    if new_rows:
+        conn.execute(insert(tasks), new_rows)
+    return out
+
+
+def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, object]:
+    return {
+        "task_id": job.task_id,
+        "queue": job.queue,
+        "type": job.type,
+        "pool": pool,
+        "priority": job.priority.value,
+        "data": json.dumps(job.data, separators=(",", ":")),
+        "max_attempts": max_attempts,
+        "enqueued_at": job.enqueued_at.replace(tzinfo=None),
+        "created_at": now,
+    }
+
+
+def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts: int, now: datetime) -> None:
+    assert job.not_before is not None
+    values = {
+        "state": TaskState.SCHEDULED.value,
+        "attempt": job.attempt,
+        "run_after": job.not_before.replace(tzinfo=None),
+        "updated_at": now,
+    }
+    if is_new:
+        conn.execute(insert(tasks).values(**_new_row(job, pool, max_attempts, now), **values))
+    else:
+        conn.execute(update(tasks).where(tasks.c.task_id == job.task_id).values(**values))

@@ -1,0 +1,106 @@
+"""Engines and transactions: READ COMMITTED on MySQL, WAL + immediate locking on SQLite, and one retry loop
+for the errors a busy database throws at correct code (deadlocks, lock wait timeouts, dropped links)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from dispatcher.db.schema import SCHEMA_VERSION, metadata, schema_version
+
+log = logging.getLogger("gpuq.db")
+T = TypeVar("T")
+
+# MySQL error codes worth retrying: deadlock, lock wait timeout, and the "server went away" family.
+_RETRY_CODES = {1213, 1205, 2003, 2006, 2013, 2014, 2055, 4031}
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or kept failing; the caller keeps its job and tries later."""
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the form every timestamp column holds."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # Autocommit at the driver level; SQLAlchemy's begin() below issues BEGIN IMMEDIATE, which takes
+            # the write lock up front: SQLite's stand-in for row locks (one writer at a time).
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=3600,
+        isolation_level="READ COMMITTED",
+        connect_args={"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30},
+    )
+
+
+def _retryable(exc: DBAPIError) -> bool:
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    code = orig.args[0] if orig is not None and orig.args else None
+    if isinstance(code, int) and code in _RETRY_CODES:
+        return True
+    return "database is locked" in str(orig)
+
+
+def transaction(engine: Engine, fn: Callable[..., T], /, *args: Any, attempts: int = 6, **kwargs: Any) -> T:
+    """Run ``fn(conn, *args, **kwargs)`` in one transaction, retrying deadlocks and dropped connections.
+
+    Every store function is written so that running it again after a rollback is correct.
+    """
+    delay = 0.005
+    for attempt in range(1, attempts + 1):
+        try:
+            with engine.begin() as conn:
+                return fn(conn, *args, **kwargs)
+        except DBAPIError as exc:
+            if not _retryable(exc) or attempt == attempts:
+                if isinstance(exc, OperationalError):
+                    raise StoreUnavailable(str(exc.orig)) from exc
+                raise
+            log.debug("retrying transaction", extra={"action": "db_retry", "error": str(exc.orig)})
+            time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
+            delay = min(delay * 3, 1.0)
+    raise AssertionError("unreachable")
+
+
+def init_schema(engine: Engine) -> None:
+    """Create or upgrade the schema; safe to run from every dispatcher at every start."""
+    metadata.create_all(engine, checkfirst=True)
+    with engine.begin() as conn:
+        have = conn.execute(select(schema_version.c.version)).scalars().all()
+        if SCHEMA_VERSION not in have:
+            conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))

@@ -1,0 +1,148 @@
+"""GPU rows: registration (with their slot rows), drain, removal, and health shared by all dispatchers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from dispatcher.db.schema import gpus, slots
+from dispatcher.states import GpuState
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRow:
+    gpu_id: str
+    url: str
+    pool: str
+    slots: int
+    busy: int
+    state: str
+    healthy: bool
+    consecutive_failures: int
+    last_error: str | None
+
+
+def register_gpu(
+    conn: Connection, *, gpu_id: str, url: str, pool: str, slot_count: int, now: datetime
+) -> None:
+    """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start)."""
+    row = conn.execute(select(gpus.c.gpu_id).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    if row is None:
+        conn.execute(
+            insert(gpus).values(
+                gpu_id=gpu_id, url=url, pool=pool, slots=slot_count, created_at=now, updated_at=now
+            )
+        )
+    else:
+        conn.execute(
+            update(gpus)
+            .where(gpus.c.gpu_id == gpu_id)
+            .values(url=url, pool=pool, slots=slot_count, updated_at=now)
+        )
+    have = set(conn.execute(select(slots.c.slot_index).where(slots.c.gpu_id == gpu_id)).scalars())
+    missing = [{"gpu_id": gpu_id, "slot_index": i} for i in range(slot_count) if i not in have]
+    if missing:
+        conn.execute(insert(slots), missing)
+    trim_slots(conn, gpu_id=gpu_id, slot_count=slot_count)
+
+
+def trim_slots(conn: Connection, *, gpu_id: str, slot_count: int) -> None:
+    """Drop free slot rows beyond the GPU's slot count; busy ones go once their job has ended."""
+    conn.execute(
+        delete(slots).where(
+            slots.c.gpu_id == gpu_id, slots.c.slot_index >= slot_count, slots.c.task_id.is_(None)
+        )
+    )
+
+
+def set_gpu_state(conn: Connection, *, gpu_id: str, state: GpuState, now: datetime) -> bool:
+    res = conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(state=state.value, updated_at=now))
+    return res.rowcount == 1
+
+
+def remove_gpu(conn: Connection, *, gpu_id: str) -> tuple[bool, int]:
+    """Delete a GPU that runs nothing; returns (removed, busy slots that prevented it)."""
+    busy = conn.execute(
+        select(func.count()).where(slots.c.gpu_id == gpu_id, slots.c.task_id.is_not(None))
+    ).scalar_one()
+    if busy:
+        return False, int(busy)
+    conn.execute(delete(slots).where(slots.c.gpu_id == gpu_id))
+    res = conn.execute(delete(gpus).where(gpus.c.gpu_id == gpu_id))
+    return res.rowcount == 1, 0
+
+
+def record_failure(
+    conn: Connection, *, gpu_id: str, error: str, threshold: int, probe_seconds: float, now: datetime
+) -> bool:
+    """Count a failed request; returns True when this failure takes the GPU out of rotation."""
+    conn.execute(
+        update(gpus)
+        .where(gpus.c.gpu_id == gpu_id)
+        .values(consecutive_failures=gpus.c.consecutive_failures + 1, last_error=error[:2000], updated_at=now)
+    )
+    res = conn.execute(
+        update(gpus)
+        .where(gpus.c.gpu_id == gpu_id, gpus.c.healthy.is_(True), gpus.c.consecutive_failures >= threshold)
+        .values(healthy=False, down_until=now + timedelta(seconds=probe_seconds))
+    )
+    return res.rowcount == 1
+
+
+def record_success(conn: Connection, *, gpu_id: str) -> None:
+    conn.execute(
+        update(gpus)
+        .where(gpus.c.gpu_id == gpu_id, gpus.c.consecutive_failures > 0)
+        .values(consecutive_failures=0)
+    )
+
+
+def probes_due(conn: Connection, *, now: datetime) -> list[tuple[str, str]]:
+    rows = conn.execute(
+        select(gpus.c.gpu_id, gpus.c.url).where(gpus.c.healthy.is_(False), gpus.c.down_until <= now)
+    )
+    return [(r.gpu_id, r.url) for r in rows]
+
+
+def probe_result(
+    conn: Connection, *, gpu_id: str, ok: bool, error: str, probe_seconds: float, now: datetime
+) -> None:
+    values: dict[str, object]
+    if ok:
+        values = {"healthy": True, "consecutive_failures": 0, "down_until": None, "updated_at": now}
+    else:
+        values = {
+            "down_until": now + timedelta(seconds=probe_seconds),
+            "last_error": error[:2000],
+            "updated_at": now,
+        }
+    conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
+
+
+def list_gpus(conn: Connection) -> list[GpuRow]:
+    busy = (
+        select(slots.c.gpu_id, func.count(slots.c.task_id).label("busy"), func.count().label("slot_rows"))
+        .group_by(slots.c.gpu_id)
+        .subquery()
+    )
+    rows = conn.execute(
+        select(gpus, func.coalesce(busy.c.busy, 0).label("busy"))
+        .select_from(gpus.outerjoin(busy, busy.c.gpu_id == gpus.c.gpu_id))
+        .order_by(gpus.c.pool, gpus.c.gpu_id)
+    )
+    return [
+        GpuRow(
+            gpu_id=r.gpu_id,
+            url=r.url,
+            pool=r.pool,
+            slots=r.slots,
+            busy=int(r.busy),
+            state=r.state,
+            healthy=bool(r.healthy),
+            consecutive_failures=r.consecutive_failures,
+            last_error=r.last_error,
+        )
+        for r in rows
+    ]

@@ -1,0 +1,157 @@
+"""The dispatcher's settings: the seed's variable names plus gpuq's own (SPEC §2), from the environment and
+``.env``. A missing or malformed one stops the process at start with one line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from functools import cached_property
+from urllib.parse import quote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from producer.settings import QueueSettings, parse_pairs, split_list
+
+DEFAULT_POOL = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuEndpoint:
+    gpu_id: str
+    url: str
+    pool: str = DEFAULT_POOL
+
+
+def _default_dispatcher_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
+    """``g0=http://h:1/p,transcribe:g4=http://…`` -> endpoints; the error names the bad item."""
+    endpoints: list[GpuEndpoint] = []
+    for item in split_list(raw):
+        name, sep, url = item.partition("=")
+        pool, colon, gpu_id = name.rpartition(":")
+        if not colon:
+            pool, gpu_id = DEFAULT_POOL, name
+        gpu_id, pool, url = gpu_id.strip(), pool.strip(), url.strip()
+        if not sep or not gpu_id or not pool:
+            raise ValueError(f"{item!r} is not [pool:]NAME=URL")
+        if len(gpu_id) > 64 or len(pool) > 64:
+            raise ValueError(f"{item!r}: GPU and pool names are at most 64 characters")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
+        if any(e.gpu_id == gpu_id for e in endpoints):
+            raise ValueError(f"GPU {gpu_id!r} is listed twice")
+        endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
+    return endpoints
+
+
+class DispatcherSettings(QueueSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    database_url: str | None = None
+    db_host: str | None = None
+    db_port: int = Field(default=3306, ge=1, le=65535)
+    db_name: str = "queue_system"
+    db_user: str = "root"
+    db_password: SecretStr = SecretStr("")
+
+    gpu_endpoints: str = ""
+    slots_per_gpu: int = Field(default=4, ge=1, le=1024)
+    callback_url: str | None = None
+    callback_host: str = "0.0.0.0"  # noqa: S104 - GPU services call back from other machines
+    callback_port: int = Field(default=8000, ge=0, le=65535)
+    callback_secret: SecretStr | None = None
+    bearer_token: SecretStr = SecretStr("")
+    api_token: SecretStr | None = None
+
+    task_timeout_seconds: float = Field(default=900.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    retry_backoff_seconds: float = Field(default=2.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
+    gpu_request_timeout_seconds: float = Field(default=30.0, gt=0)
+    gpu_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    gpu_failure_threshold: int = Field(default=3, ge=1)
+    gpu_probe_seconds: float = Field(default=5.0, gt=0)
+    dispatch_batch_size: int = Field(default=64, ge=1, le=1000)
+    idle_poll_seconds: float = Field(default=0.5, gt=0)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    @field_validator("gpu_endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: str) -> str:
+        parse_gpu_endpoints(value)
+        return value
+
+    @field_validator("callback_url")
+    @classmethod
+    def _check_callback_url(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("mysql", "mariadb", "sqlite")):
+            raise ValueError("must be a mysql+pymysql://… or sqlite:///… URL")
+        return value or None
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str) -> str:
+        if value not in ("json", "text"):
+            raise ValueError("must be json or text")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_required(self) -> DispatcherSettings:
+        if self.callback_secret is None or len(self.callback_secret.get_secret_value()) < 16:
+            raise ValueError("CALLBACK_SECRET must be set to a random string of at least 16 characters")
+        return self
+
+    @cached_property
+    def endpoints(self) -> list[GpuEndpoint]:
+        return parse_gpu_endpoints(self.gpu_endpoints)
+
+    @cached_property
+    def all_queues(self) -> list[str]:
+        """TASK_QUEUES plus the queues routed types are sent to (one per pool), without repeats."""
+        queues = list(self.queues)
+        for pool in parse_pairs(self.task_routes, "TASK_ROUTES").values():
+            if pool not in queues:
+                queues.append(pool)
+        return queues
+
+    def pool_for(self, task_type: str) -> str:
+        return self.routes.get(task_type, DEFAULT_POOL)
+
+    @property
+    def secret(self) -> bytes:
+        assert self.callback_secret is not None  # checked by _secret_required
+        return self.callback_secret.get_secret_value().encode()
+
+    @property
+    def public_callback_url(self) -> str:
+        if self.callback_url:
+            return self.callback_url
+        host = "127.0.0.1" if self.callback_host in ("0.0.0.0", "::", "") else self.callback_host  # noqa: S104
+        return f"http://{host}:{self.callback_port}/callback"
+
+    def db_url(self) -> str:
+        """DATABASE_URL, else one built from the seed's DB_* parts, else the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            pw = quote(self.db_password.get_secret_value(), safe="")
+            auth = quote(self.db_user, safe="") + (f":{pw}" if pw else "")
+            return f"mysql+pymysql://{auth}@{self.db_host}:{self.db_port}/{self.db_name}"
+        return "sqlite:///.gpuq/gpuq.db"

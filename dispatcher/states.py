@@ -1,0 +1,49 @@
+"""Task and GPU states, the words operators read in the ``tasks`` and ``gpus`` tables.
+
+A task's life::
+
+    (in Redis, no row yet) ──► processing ──► finished
+                                   │   ├────► failed        (final failure, or MAX_ATTEMPTS used up)
+                                   │   └────► cancelled
+                                   ▼
+             retrying (backoff; run_after) ──► queued (back in Redis) ──► processing ...
+    scheduled (not_before in the future) ──► queued ──► processing ...
+
+A task holds a slot exactly while it is ``processing`` (the seed's GPU-load query counts those rows).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class TaskState(StrEnum):
+    PROCESSING = "processing"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    RETRYING = "retrying"
+    SCHEDULED = "scheduled"
+    QUEUED = "queued"
+
+
+TERMINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED})
+#: States in which a copy of the job found in Redis may be dispatched (with the matching attempt count).
+RUNNABLE = frozenset({TaskState.QUEUED, TaskState.RETRYING, TaskState.SCHEDULED})
+#: States whose job waits in the database until ``run_after`` and is then put back in Redis.
+DEFERRED = frozenset({TaskState.RETRYING, TaskState.SCHEDULED})
+
+
+class GpuState(StrEnum):
+    ACTIVE = "active"  # takes new work (when healthy)
+    DRAINING = "draining"  # running jobs finish, no new ones
+
+
+class Outcome(StrEnum):
+    """How an attempt ended; stored in ``attempts.outcome``."""
+
+    FINISHED = "finished"
+    FAILED = "failed"  # final: the GPU said so, or answered 4xx
+    FAILED_RETRY = "failed_retry"  # the attempt failed; the task may be tried again
+    EXPIRED = "lease_expired"
+    CANCELLED = "cancelled"

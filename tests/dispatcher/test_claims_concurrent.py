@@ -1,0 +1,109 @@
+"""Several processes claiming and releasing slots of one fleet at once, through the real MariaDB.
+
+Each worker holds at most ``HOLD`` slots at a time and the fleet has more slots than all workers can hold,
+so a claim that finds no slot is a false "full". Hold intervals are recorded inside the true ones (after the
+claim commits, before the release starts), so any overlap found on one slot is a real double booking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import random
+import time
+import uuid
+from collections import defaultdict
+
+from dispatcher.db.attempts import Backoff, finish_attempt, slot_drift
+from dispatcher.db.dispatch import dispatch
+from dispatcher.db.engine import make_engine, transaction, utcnow
+from dispatcher.states import Outcome
+from producer.job import Job
+from tests.dispatcher.helpers import fleet_engine
+
+WORKERS = 4
+CLAIMS_PER_WORKER = 2600
+HOLD = 2
+
+
+def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    engine = make_engine(url, pool_size=2)
+    rng = random.Random(seed)
+    held: list[tuple[str, str, int, int, float]] = []
+    intervals: list[tuple[str, int, float, float]] = []
+    false_full = 0
+    for _ in range(n):
+        j = Job(task_id=str(uuid.uuid4()), type="t", queue="q")
+        res = transaction(
+            engine,
+            dispatch,
+            items=[(j, "default")],
+            dispatcher_id=f"w{seed}",
+            lease_seconds=60,
+            max_attempts=1,
+            now=utcnow(),
+            rng=rng,
+        )
+        if res.unplaced:
+            false_full += 1
+        for p in res.placed:
+            held.append((j.task_id, p.gpu_id, p.slot_index, p.attempt, time.monotonic()))
+        while len(held) >= HOLD or (held and rng.random() < 0.3):
+            task_id, gpu_id, slot_index, attempt, since = held.pop(rng.randrange(len(held)))
+            intervals.append((gpu_id, slot_index, since, time.monotonic()))
+            transaction(
+                engine,
+                finish_attempt,
+                task_id=task_id,
+                attempt=attempt,
+                outcome=Outcome.FINISHED,
+                now=utcnow(),
+                backoff=Backoff(),
+            )
+    for task_id, gpu_id, slot_index, attempt, since in held:
+        intervals.append((gpu_id, slot_index, since, time.monotonic()))
+        transaction(
+            engine,
+            finish_attempt,
+            task_id=task_id,
+            attempt=attempt,
+            outcome=Outcome.FINISHED,
+            now=utcnow(),
+            backoff=Backoff(),
+        )
+    engine.dispose()
+    out.put((false_full, intervals))
+
+
+def test_concurrent_claims_never_double_book_nor_report_false_full(database_url):
+    # GIVEN 3 GPUs x 4 slots and 4 processes that each hold at most 2 slots (never more than 8 of 12 busy)
+    engine = fleet_engine(database_url, {"g0": 4, "g1": 4, "g2": 4})
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    procs = [
+        ctx.Process(target=_worker, args=(database_url, i, CLAIMS_PER_WORKER, out)) for i in range(WORKERS)
+    ]
+    # WHEN they claim and release concurrently, over 10,000 claims in all
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    # THEN no claim ever saw a false "full", no slot was ever held twice at once, nothing is left held
+    assert sum(r[0] for r in results) == 0
+    per_slot: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    total = 0
+    for _, intervals in results:
+        for gpu_id, slot_index, start, end in intervals:
+            per_slot[(gpu_id, slot_index)].append((start, end))
+            total += 1
+    assert total == WORKERS * CLAIMS_PER_WORKER
+    overlaps = 0
+    for spans in per_slot.values():
+        spans.sort()
+        overlaps += sum(1 for a, b in itertools.pairwise(spans) if b[0] < a[1])
+    assert overlaps == 0
+    with engine.connect() as conn:
+        assert slot_drift(conn) == []
+        assert conn.exec_driver_sql("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL").scalar_one() == 0

@@ -1,0 +1,176 @@
+"""The store functions against the real MariaDB: claims, completion, leases, cancel, drift."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import select, text
+
+from dispatcher.db.attempts import (
+    Backoff,
+    cancel_task,
+    due_deferred,
+    expired_leases,
+    extend_lease,
+    finish_attempt,
+    mark_queued,
+    slot_drift,
+)
+from dispatcher.db.dispatch import dispatch, free_capacity
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.schema import tasks
+from dispatcher.states import Outcome
+from tests.dispatcher.helpers import fleet_engine, job
+
+NO_BACKOFF = Backoff(base=0.0, cap=0.0)
+
+
+def _dispatch(engine, jobs, pool="default", lease=60.0):
+    return transaction(
+        engine,
+        dispatch,
+        items=[(j, pool) for j in jobs],
+        dispatcher_id="d1",
+        lease_seconds=lease,
+        max_attempts=3,
+        now=utcnow(),
+    )
+
+
+def test_least_loaded_placement_and_full(database_url):
+    # GIVEN two GPUs with two slots each
+    engine = fleet_engine(database_url, {"g0": 2, "g1": 2})
+    # WHEN five jobs arrive
+    res = _dispatch(engine, [job() for _ in range(5)])
+    # THEN four are placed two per GPU, the fifth waits, and the seed's load query agrees
+    assert len(res.placed) == 4
+    assert len(res.unplaced) == 1
+    assert sorted(p.gpu_id for p in res.placed) == ["g0", "g0", "g1", "g1"]
+    with engine.connect() as conn:
+        load = dict(
+            conn.execute(
+                text(
+                    "SELECT gpu_id, COUNT(*) AS active_tasks FROM tasks WHERE state = 'processing' GROUP BY gpu_id"
+                )
+            ).all()
+        )
+        assert load == {"g0": 2, "g1": 2}
+        assert free_capacity(conn) == {}
+
+
+def test_first_jobs_spread_over_gpus(database_url):
+    engine = fleet_engine(database_url, {"g0": 4, "g1": 4, "g2": 4})
+    res = _dispatch(engine, [job() for _ in range(3)])
+    assert sorted(p.gpu_id for p in res.placed) == ["g0", "g1", "g2"]
+
+
+def test_finish_frees_slot_and_repeat_is_not_applied(database_url):
+    engine = fleet_engine(database_url, {"g0": 1})
+    j = job()
+    placed = _dispatch(engine, [j]).placed[0]
+    kw = {"task_id": j.task_id, "attempt": placed.attempt, "now": utcnow(), "backoff": NO_BACKOFF}
+    first = transaction(
+        engine, finish_attempt, outcome=Outcome.FINISHED, result={"x": 1}, reported="finished", **kw
+    )
+    assert (first.code, first.state, first.freed) == ("applied", "finished", True)
+    again = transaction(
+        engine, finish_attempt, outcome=Outcome.FINISHED, result={"x": 2}, reported="finished", **kw
+    )
+    assert (again.code, again.freed) == ("repeat", False)
+    other = transaction(engine, finish_attempt, outcome=Outcome.FAILED, reported="failed", **kw)
+    assert other.code == "stale"
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks.c.result)).scalar_one() == '{"x":1}'
+        assert free_capacity(conn) == {"default": 1}
+
+
+def test_failed_attempt_retries_then_fails(database_url):
+    engine = fleet_engine(database_url, {"g0": 1})
+    j = job()
+    for attempt in (1, 2, 3):
+        res = _dispatch(engine, [j])
+        assert res.placed and res.placed[0].attempt == attempt
+        fin = transaction(
+            engine,
+            finish_attempt,
+            task_id=j.task_id,
+            attempt=attempt,
+            outcome=Outcome.FAILED_RETRY,
+            now=utcnow(),
+            backoff=NO_BACKOFF,
+            error="boom",
+        )
+        if attempt < 3:
+            assert fin.state == "retrying"
+            due = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
+            assert [d.task_id for d in due] == [j.task_id]
+            assert due[0].attempt == attempt
+            transaction(engine, mark_queued, jobs=due, now=utcnow())
+            j = due[0]
+        else:
+            assert fin.state == "failed"
+    # a stale copy of the job (old attempt count) is dropped, not run again
+    stale = _dispatch(engine, [job(task_id=j.task_id, attempt=1)])
+    assert not stale.placed and stale.dropped
+
+
+def test_duplicate_copy_is_dropped(database_url):
+    engine = fleet_engine(database_url, {"g0": 4})
+    j = job()
+    assert _dispatch(engine, [j]).placed
+    again = _dispatch(engine, [j, j])
+    assert not again.placed and len(again.dropped) == 2
+
+
+def test_lease_expiry_and_heartbeat(database_url):
+    engine = fleet_engine(database_url, {"g0": 1})
+    j = job()
+    placed = _dispatch(engine, [j], lease=0.5).placed[0]
+    later = utcnow() + timedelta(seconds=1)
+    assert transaction(engine, expired_leases, now=later) == [(j.task_id, 1)]
+    beat = transaction(
+        engine, extend_lease, task_id=j.task_id, attempt=placed.attempt, lease_seconds=60, now=utcnow()
+    )
+    assert beat.code == "applied"
+    assert transaction(engine, expired_leases, now=later) == []
+    bad = transaction(engine, extend_lease, task_id=j.task_id, attempt=7, lease_seconds=60, now=utcnow())
+    assert bad.code == "stale"
+    assert (
+        transaction(engine, extend_lease, task_id="nope", attempt=1, lease_seconds=60, now=utcnow()).code
+        == "unknown"
+    )
+
+
+def test_cancel_running_and_waiting(database_url):
+    engine = fleet_engine(database_url, {"g0": 1})
+    running = job()
+    _dispatch(engine, [running])
+    res = transaction(engine, cancel_task, task_id=running.task_id, now=utcnow(), backoff=NO_BACKOFF)
+    assert (res.state, res.freed) == ("cancelled", True)
+    # a job still in Redis: the tombstone keeps it from ever running
+    waiting = job()
+    transaction(engine, cancel_task, task_id=waiting.task_id, now=utcnow(), backoff=NO_BACKOFF)
+    res2 = _dispatch(engine, [waiting])
+    assert not res2.placed and res2.dropped
+    late = transaction(
+        engine,
+        finish_attempt,
+        task_id=running.task_id,
+        attempt=1,
+        outcome=Outcome.FINISHED,
+        now=utcnow(),
+        backoff=NO_BACKOFF,
+        reported="finished",
+    )
+    assert late.code == "stale"
+    with engine.connect() as conn:
+        assert slot_drift(conn) == []
+
+
+def test_not_before_defers(database_url):
+    engine = fleet_engine(database_url, {"g0": 1})
+    j = job(not_before=utcnow() + timedelta(hours=1))
+    res = _dispatch(engine, [j])
+    assert res.deferred and not res.placed
+    assert transaction(engine, due_deferred, now=utcnow()) == []
+    assert len(transaction(engine, due_deferred, now=utcnow() + timedelta(hours=2))) == 1
