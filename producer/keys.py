@@ -5,6 +5,8 @@ Layout (``P`` is ``REDIS_KEY_PREFIX``, default ``gpuq:``; ``Q`` a queue name fro
     Q                       list    waiting jobs of normal priority, oldest first (RPUSH / LMOVE LEFT).
                                     The seed's name, unprefixed, so its producers keep working.
     Q:high, Q:low           list    waiting jobs of high / low priority; taken before / after Q
+    P<parked>:<pool>        list    jobs taken while their pool was full: served first once it has room,
+                                    so a full pool never holds up jobs for other pools
     P<dead>                 list    jobs that could not be parsed: {"raw", "reason", "queue", "at"}
     P<idem>:<key>           string  idempotency mark of an accepted delivery (TTL 24 h) -> task_id
     P<proc>:<dispatcher>    list    jobs a dispatcher took and has not yet recorded in the database;
@@ -59,6 +61,9 @@ class Keys:
     @property
     def wake(self) -> str:
         return f"{self.prefix}wake"
+
+    def parked(self, pool: str) -> str:
+        return f"{self.prefix}parked:{pool}"
 
     def idem(self, key: str) -> str:
         return f"{self.prefix}idem:{key}"

@@ -1,0 +1,78 @@
+"""``python -m dispatcher``: the dispatch loop and the HTTP server (callback, status, metrics) in one process.
+
+uvicorn owns the signals: SIGTERM/SIGINT make it stop accepting requests and run the app's lifespan exit,
+which stops the dispatcher gracefully (see Dispatcher.stop). Exit code 0 after a clean stop, 1 when a part
+of the dispatcher died, 2 for a bad setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from redis.asyncio import Redis
+
+from dispatcher.app import create_app
+from dispatcher.core import Dispatcher
+from dispatcher.db.engine import make_engine
+from dispatcher.logs import setup_logging
+from dispatcher.settings import DispatcherSettings
+from producer.errors import ConfigError
+from producer.settings import load
+
+log = logging.getLogger("gpuq.main")
+
+
+def main() -> int:
+    try:
+        settings = load(DispatcherSettings)
+    except ConfigError as exc:
+        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    url = settings.db_url()
+    if url.startswith("sqlite"):
+        log.warning(
+            "no DATABASE_URL or DB_HOST: embedded mode on SQLite (one dispatcher process only)",
+            extra={"action": "embedded", "database": url},
+        )
+    engine = make_engine(url)
+    redis = Redis.from_url(
+        settings.redis_dsn(), socket_timeout=10, socket_connect_timeout=5, health_check_interval=15
+    )
+    holder: dict[str, Dispatcher] = {}
+
+    async def make() -> Dispatcher:
+        d = Dispatcher(settings, engine, redis)
+        d.on_fatal = lambda: setattr(server, "should_exit", True)
+        holder["d"] = d
+        await d.start()
+        return d
+
+    async def close() -> None:
+        await redis.aclose()
+        engine.dispose()
+
+    config = uvicorn.Config(
+        create_app(make, close),
+        host=settings.callback_host,
+        port=settings.callback_port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 1,
+        backlog=4096,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    d = holder.get("d")
+    if not server.started or (d is not None and d.fatal is not None):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The HTTP edge (FastAPI): callbacks from GPU services, task and GPU views, health, metrics.
+
+Errors become answers here and only here: a store that is down is 503 (GPU services retry their callback),
+bad bodies are 422 naming the field, and no traceback ever reaches a caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from dispatcher.core import Dispatcher
+from dispatcher.db.engine import StoreUnavailable
+from dispatcher.routes import router
+
+log = logging.getLogger("gpuq.http")
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before reading them into memory."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(
+        self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
+    ) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                    response = JSONResponse(
+                        {"detail": f"body larger than {self.limit} bytes"}, status_code=413
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(
+    make_dispatcher: Callable[[], Awaitable[Dispatcher]], close: Callable[[], Awaitable[None]]
+) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        d = await make_dispatcher()
+        app.state.dispatcher = d
+        try:
+            yield
+        finally:
+            await d.stop()
+            await close()
+
+    app = FastAPI(title="gpuq dispatcher", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit)
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(RedisError)
+    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
+        return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
+
+    app.include_router(router)
+
+    return app

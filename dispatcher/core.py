@@ -1,0 +1,387 @@
+"""The dispatcher: the loop that matches waiting jobs with free slots, and what happens to an attempt.
+
+It holds the logic and touches no store directly: Redis through ``Intake``, the database through the store
+functions (run in worker threads, PyMySQL being blocking), GPUs through ``GpuClient``. The loop waits on
+"a slot was freed OR a job arrived OR stop" and never polls faster than ``IDLE_POLL_SECONDS`` when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+
+from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_attempt
+from dispatcher.db.dispatch import Placed, dispatch, free_capacity
+from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
+from dispatcher.db.gpus import record_failure, record_success, register_gpu
+from dispatcher.gpu_client import Answer, GpuClient, Verdict
+from dispatcher.housekeeping import Housekeeping
+from dispatcher.intake import Intake, Settlement
+from dispatcher.metrics import Metrics
+from dispatcher.settings import DispatcherSettings
+from dispatcher.states import Outcome
+from dispatcher.tokens import make_token
+from producer.errors import InvalidJob
+from producer.job import parse_redis_job
+from producer.keys import Keys
+
+log = logging.getLogger("gpuq.dispatcher")
+T = TypeVar("T")
+
+#: Errors of a store that is down or restarting: the loop waits and tries again, holding its jobs in Redis.
+TRANSIENT = (RedisError, StoreUnavailable, OSError)
+
+_VERDICT_OUTCOME = {
+    Verdict.FINISHED: Outcome.FINISHED,
+    Verdict.FAILED: Outcome.FAILED,
+    Verdict.RETRY: Outcome.FAILED_RETRY,
+}
+
+
+class Dispatcher:
+    def __init__(self, settings: DispatcherSettings, engine: Engine, redis: Redis) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis
+        self.keys = Keys(settings.redis_key_prefix)
+        self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues)
+        self.gpu = GpuClient(
+            bearer_token=settings.bearer_token.get_secret_value(),
+            connect_timeout=settings.gpu_connect_timeout_seconds,
+            request_timeout=settings.gpu_request_timeout_seconds,
+        )
+        self.backoff = Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
+        self.metrics = Metrics()
+        self.rng = random.Random()  # noqa: S311 - tie-breaking
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._side: set[asyncio.Task[None]] = set()
+        self._suspect: set[str] = set()  # GPUs this process counted failures for
+        self._handback_needed = False
+        self.fatal: BaseException | None = None
+        self.on_fatal: Callable[[], None] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    async def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        return await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+
+    def spawn(self, coro: Any, name: str, *, side: bool = False) -> None:
+        """Start owned background work: kept in a set until done; a side task that dies is fatal."""
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        (self._side if side else self._inflight).add(task)
+        task.add_done_callback(self._side_done if side else self._inflight.discard)
+
+    def _side_done(self, task: asyncio.Task[None]) -> None:
+        self._side.discard(task)
+        if task.cancelled() or self.stopping.is_set():
+            return
+        self.fatal = task.exception() or RuntimeError(f"{task.get_name()} ended")
+        log.critical(
+            "a dispatcher task died; stopping",
+            extra={"action": "fatal", "task": task.get_name()},
+            exc_info=self.fatal,
+        )
+        self.stopping.set()
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def slot_freed(self) -> None:
+        """Wake this loop now and every other dispatcher through Redis."""
+        self._wake.set()
+        self.spawn(self._publish("slot"), "publish-slot")
+
+    async def _publish(self, what: str) -> None:
+        try:
+            await self.intake.wake_others(what)
+        except TRANSIENT as exc:
+            log.warning("could not publish wake-up", extra={"action": "wake", "error": str(exc)})
+
+    # -- life cycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(init_schema, self.engine)
+        now = utcnow()
+        for ep in self.settings.endpoints:
+            await self.db(
+                register_gpu,
+                gpu_id=ep.gpu_id,
+                url=ep.url,
+                pool=ep.pool,
+                slot_count=self.settings.slots_per_gpu,
+                now=now,
+            )
+        await self.gpu.start()
+        await self.intake.heartbeat()
+        await self.intake.sweep_dead()
+        self.spawn(self._run(), "dispatch-loop", side=True)
+        self.spawn(self._listen(), "wake-listener", side=True)
+        self.spawn(Housekeeping(self).run(), "housekeeping", side=True)
+        log.info(
+            "dispatcher started",
+            extra={
+                "action": "start",
+                "dispatcher_id": self.settings.dispatcher_id,
+                "queues": self.settings.all_queues,
+                "gpus": len(self.settings.endpoints),
+            },
+        )
+
+    async def stop(self) -> None:
+        """Stop taking jobs, let requests in flight finish within the grace period, hand back held jobs."""
+        self.stopping.set()
+        self._wake.set()
+        for task in list(self._side):
+            task.cancel()
+        await asyncio.gather(*self._side, return_exceptions=True)
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=self.settings.shutdown_grace_seconds)
+            for task in pending:  # their outcome is unknown: the lease will settle them
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        try:
+            back = await self.intake.hand_back()
+            await self.intake.retire()
+            log.info("dispatcher stopped", extra={"action": "stop", "handed_back": back})
+        except TRANSIENT as exc:
+            log.error(
+                "could not hand back jobs; another dispatcher will sweep them",
+                extra={"action": "stop", "error": str(exc)},
+            )
+        await self.gpu.close()
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        pause = 0.05
+        while not self.stopping.is_set():
+            self._wake.clear()  # before looking, so a wake-up that comes while we look is not lost
+            try:
+                if self._handback_needed:
+                    await self.intake.hand_back()
+                    self._handback_needed = False
+                busy = await self.dispatch_once()
+                pause = 0.05
+            except TRANSIENT as exc:
+                log.warning("store unavailable; retrying", extra={"action": "loop_error", "error": str(exc)})
+                self._handback_needed = True
+                await self._wait(pause)
+                pause = min(pause * 2, 2.0)
+                continue
+            if not busy:
+                await self._wait(self.settings.idle_poll_seconds)
+
+    async def _wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def dispatch_once(self) -> bool:
+        """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
+        capacity = await self.db(free_capacity)
+        want = min(sum(capacity.values()), self.settings.dispatch_batch_size)
+        if want == 0:
+            return False
+        taken = await self.intake.take(want, capacity)
+        if not taken:
+            return False
+        started = time.perf_counter()
+        prepared = Settlement()
+        items = []
+        for t in taken:
+            queue = t.queue or _queue_in_body(t.raw)
+            try:
+                job, made_up = parse_redis_job(t.raw, queue or "unknown")
+            except InvalidJob as exc:
+                prepared.dead.append((t.element, t.raw, t.queue, exc.message))
+                self.metrics.dead_letters.inc()
+                log.error(
+                    "job moved to the dead-letter list",
+                    extra={"action": "dead_letter", "queue": t.queue, "reason": exc.message},
+                )
+                continue
+            element = t.element
+            if made_up:  # give it its id in Redis before the database hears of it
+                element = f"{t.source}\n{job.to_redis()}"
+                prepared.restamp.append((t.element, element))
+            items.append((job, self.settings.pool_for(job.type), element))
+        await self.intake.settle(prepared)
+        if not items:
+            return True
+        kwargs = {
+            "items": [(job, pool) for job, pool, _ in items],
+            "dispatcher_id": self.settings.dispatcher_id,
+            "lease_seconds": self.settings.task_timeout_seconds,
+            "max_attempts": self.settings.max_attempts,
+            "rng": self.rng,
+        }
+        try:
+            result = await self.db(dispatch, now=utcnow(), **kwargs)
+        except IntegrityError:  # another dispatcher recorded one of these tasks at the same instant
+            result = await self.db(dispatch, now=utcnow(), **kwargs)
+        element_of = {job.task_id: el for job, _, el in items}
+        done = Settlement(
+            ack=[element_of[p.job.task_id] for p in result.placed]
+            + [element_of[j.task_id] for j, _ in result.dropped]
+            + [element_of[j.task_id] for j in result.deferred],
+            park=[(element_of[j.task_id], pool, j.to_redis()) for j, pool in result.unplaced],
+        )
+        for job, why in result.dropped:
+            log.info(
+                "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
+            )
+        for placed in result.placed:
+            self._fire(placed, started)
+        await self.intake.settle(done)
+        return True
+
+    # -- attempts -------------------------------------------------------------------------------------
+
+    def _fire(self, p: Placed, started: float) -> None:
+        body = {
+            "task_id": p.job.task_id,
+            "type": p.job.type,
+            "data": p.job.data,
+            "attempt": p.attempt,
+            "callback_url": self.settings.public_callback_url,
+            "callback_token": make_token(self.settings.secret, p.job.task_id, p.attempt),
+        }
+        self.metrics.dispatched.labels(p.pool).inc()
+        self.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
+
+    async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
+        self.metrics.dispatch_latency.observe(time.perf_counter() - started)
+        answer = await self.gpu.send(p.url, body)
+        self.metrics.gpu_requests.labels(answer.verdict.value).inc()
+        try:
+            await self._judge(p, answer)
+        except TRANSIENT as exc:  # the lease will settle this attempt
+            log.error(
+                "could not record a GPU answer",
+                extra={"action": "gpu_answer", "task_id": p.job.task_id, "error": str(exc)},
+            )
+
+    async def _judge(self, p: Placed, answer: Answer) -> None:
+        if answer.unhealthy:
+            self._suspect.add(p.gpu_id)
+            s = self.settings
+            went_down = await self.db(
+                record_failure,
+                gpu_id=p.gpu_id,
+                error=answer.error or "",
+                threshold=s.gpu_failure_threshold,
+                probe_seconds=s.gpu_probe_seconds,
+                now=utcnow(),
+            )
+            if went_down:
+                log.error(
+                    "GPU taken out of rotation",
+                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},
+                )
+        elif p.gpu_id in self._suspect:
+            self._suspect.discard(p.gpu_id)
+            await self.db(record_success, gpu_id=p.gpu_id)
+        outcome = _VERDICT_OUTCOME.get(answer.verdict)
+        if outcome is None:
+            if answer.verdict is Verdict.UNKNOWN:
+                log.warning(
+                    "GPU request got no answer; the lease decides",
+                    extra={
+                        "action": "gpu_no_answer",
+                        "task_id": p.job.task_id,
+                        "gpu_id": p.gpu_id,
+                        "error": answer.error,
+                    },
+                )
+            return
+        # A status in a 2xx body is the GPU's report, like a callback: a later identical callback is a repeat.
+        reported = None
+        if answer.status is not None and 200 <= answer.status < 300:
+            reported = "failed_retry" if outcome is Outcome.FAILED_RETRY else outcome.value
+        await self.end_attempt(
+            p.job.task_id, p.attempt, outcome, result=answer.result, error=answer.error, reported=reported
+        )
+
+    async def end_attempt(
+        self,
+        task_id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        reported: str | None = None,
+    ) -> Finish:
+        fin = await self.db(
+            finish_attempt,
+            task_id=task_id,
+            attempt=attempt,
+            outcome=outcome,
+            now=utcnow(),
+            backoff=self.backoff,
+            result=result,
+            error=error,
+            reported=reported,
+        )
+        if fin.code == "applied":
+            self.metrics.attempts.labels(outcome.value).inc()
+            log.info(
+                "attempt ended",
+                extra={
+                    "action": "attempt_end",
+                    "task_id": task_id,
+                    "attempt": attempt,
+                    "outcome": outcome.value,
+                    "state": fin.state,
+                },
+            )
+        if fin.freed:
+            self.slot_freed()
+        return fin
+
+    async def heartbeat(self, task_id: str, attempt: int) -> Finish:
+        return await self.db(
+            extend_lease,
+            task_id=task_id,
+            attempt=attempt,
+            lease_seconds=self.settings.task_timeout_seconds,
+            now=utcnow(),
+        )
+
+    async def _listen(self) -> None:
+        """Wake-ups from other processes (a slot freed there, a job enqueued by a producer)."""
+        while not self.stopping.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.keys.wake)
+                while not self.stopping.is_set():
+                    if await pubsub.get_message(timeout=1.0) is not None:
+                        self._wake.set()
+            except TRANSIENT as exc:
+                log.warning(
+                    "wake-up channel lost; resubscribing", extra={"action": "wake", "error": str(exc)}
+                )
+                self._wake.set()  # we may have missed something
+                await asyncio.sleep(0.5)
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _queue_in_body(raw: str) -> str | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    queue = value.get("queue") if isinstance(value, dict) else None
+    return queue if isinstance(queue, str) else None

@@ -1,0 +1,122 @@
+"""The dispatcher's periodic duties, each safe to run in every process at once (all conditional writes):
+
+- heartbeat, and sweeping back the jobs of dispatchers whose heartbeat is gone;
+- expiring leases: an attempt with no callback in time has failed, its slot is freed, the task retried;
+- moving retries and scheduled tasks whose time has come back into Redis;
+- probing GPUs that were taken out of rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
+from dispatcher.db.engine import utcnow
+from dispatcher.db.gpus import probe_result, probes_due
+from dispatcher.states import Outcome
+from producer.keys import queue_key
+
+if TYPE_CHECKING:
+    from dispatcher.core import Dispatcher
+
+log = logging.getLogger("gpuq.housekeeping")
+
+TICK_SECONDS = 0.25
+
+
+class Housekeeping:
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self._due: dict[str, float] = {}
+
+    def _every(self, name: str, seconds: float) -> bool:
+        now = time.monotonic()
+        if now >= self._due.get(name, 0.0):
+            self._due[name] = now + seconds
+            return True
+        return False
+
+    async def run(self) -> None:
+        from dispatcher.core import TRANSIENT
+
+        while not self.d.stopping.is_set():
+            for name, seconds, duty in (
+                ("heartbeat", 2.0, self.heartbeat),
+                ("sweep", 5.0, self.sweep),
+                ("leases", 0.5, self.expire_leases),
+                ("deferred", TICK_SECONDS, self.requeue_due),
+                ("probes", 1.0, self.probe),
+                ("drift", 30.0, self.check_drift),
+            ):
+                if not self._every(name, seconds):
+                    continue
+                try:
+                    await duty()
+                except TRANSIENT as exc:
+                    log.warning("housekeeping failed; will retry", extra={"action": name, "error": str(exc)})
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def heartbeat(self) -> None:
+        await self.d.intake.heartbeat()
+
+    async def sweep(self) -> None:
+        if await self.d.intake.sweep_dead():
+            self.d.slot_freed()  # not a slot, but there is work: look now
+
+    async def expire_leases(self) -> None:
+        for task_id, attempt in await self.d.db(expired_leases, now=utcnow()):
+            fin = await self.d.end_attempt(
+                task_id,
+                attempt,
+                Outcome.EXPIRED,
+                error="no callback before the lease (TASK_TIMEOUT_SECONDS) ran out",
+            )
+            if fin.code == "applied":
+                self.d.metrics.lease_expiries.inc()
+                log.warning(
+                    "lease expired",
+                    extra={
+                        "action": "lease_expired",
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "state": fin.state,
+                    },
+                )
+
+    async def requeue_due(self) -> None:
+        jobs = await self.d.db(due_deferred, now=utcnow())
+        if not jobs:
+            return
+        # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
+        await self.d.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
+        await self.d.db(mark_queued, jobs=jobs, now=utcnow())
+        self.d.slot_freed()
+
+    async def probe(self) -> None:
+        s = self.d.settings
+        for gpu_id, url in await self.d.db(probes_due, now=utcnow()):
+            ok, detail = await self.d.gpu.probe(url)
+            await self.d.db(
+                probe_result,
+                gpu_id=gpu_id,
+                ok=ok,
+                error=detail,
+                probe_seconds=s.gpu_probe_seconds,
+                now=utcnow(),
+            )
+            log.warning(
+                "GPU back in rotation" if ok else "GPU still down",
+                extra={"action": "gpu_probe", "gpu_id": gpu_id, "detail": detail},
+            )
+            if ok:
+                self.d.slot_freed()
+
+    async def check_drift(self) -> None:
+        drift = await self.d.db(slot_drift)
+        if drift:
+            log.error(
+                "slots held by tasks that are not running", extra={"action": "drift", "slots": drift[:20]}
+            )

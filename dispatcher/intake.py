@@ -1,0 +1,199 @@
+"""The dispatcher's side of Redis: taking jobs reliably, settling them, sweeping, heartbeats and wake-ups.
+
+A job never exists only in this process's memory: a Lua script moves it atomically from its list into this
+dispatcher's processing list (``Keys.proc``), tagged with the list it came from (``<source>\\n<raw>``).
+It leaves the processing list only after the database has recorded it (``settle``), or when it is parked,
+dead-lettered or handed back. If the process dies, its heartbeat key expires and any other dispatcher puts
+the tagged jobs back at the head of their lists (``sweep``). Key names live in ``producer.keys``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from redis.asyncio import Redis
+
+from producer.keys import PRIORITY_ORDER, Keys, queue_key
+
+log = logging.getLogger("gpuq.intake")
+
+HEARTBEAT_TTL_SECONDS = 10
+
+# KEYS: processing list, then every source list. ARGV: how many jobs at most, then for each group of
+# sources "<size>:<limit>" (limit 0 = none). Round-robin over groups, one job per visit, the first
+# non-empty list of a group wins (priority order within a queue).
+_TAKE = """
+local proc = KEYS[1]
+local want = tonumber(ARGV[1])
+local groups, k = {}, 2
+for i = 2, #ARGV do
+  local size, limit = string.match(ARGV[i], '(%d+):(%d+)')
+  local g = {keys = {}, limit = tonumber(limit), taken = 0, alive = true}
+  for j = 1, tonumber(size) do g.keys[j] = KEYS[k]; k = k + 1 end
+  groups[#groups + 1] = g
+end
+local out, got, active = {}, 0, #groups
+while got < want and active > 0 do
+  for _, g in ipairs(groups) do
+    if got >= want then break end
+    if g.alive then
+      local found = false
+      if g.limit == 0 or g.taken < g.limit then
+        for _, key in ipairs(g.keys) do
+          local v = redis.call('LPOP', key)
+          if v then
+            redis.call('RPUSH', proc, key .. '\\n' .. v)
+            out[#out + 1] = key; out[#out + 1] = v
+            got = got + 1; g.taken = g.taken + 1; found = true
+            break
+          end
+        end
+      end
+      if not found then g.alive = false; active = active - 1 end
+    end
+  end
+end
+return out
+"""
+
+# KEYS: a processing list, the dispatchers set. ARGV: dispatcher id, "forget" (1 to drop it from the set).
+# Newest first onto the head of each source list, so the original order is back at the head.
+_SWEEP = """
+local n = 0
+while true do
+  local el = redis.call('RPOP', KEYS[1])
+  if not el then break end
+  local nl = string.find(el, '\\n', 1, true)
+  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))
+  n = n + 1
+end
+if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[1]) end
+return n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    element: str  # exactly as held in the processing list
+    source: str  # the list it came from
+    raw: str
+    queue: str | None  # the queue it belongs to; None for a parked job (its body says)
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What to do with taken jobs once the database has decided, applied in one MULTI/EXEC."""
+
+    ack: list[str] = field(default_factory=list)
+    park: list[tuple[str, str, str]] = field(default_factory=list)  # (element, pool, job json)
+    dead: list[tuple[str, str, str | None, str]] = field(default_factory=list)  # (element, raw, queue, why)
+    restamp: list[tuple[str, str]] = field(default_factory=list)  # (old element, new element)
+
+
+class Intake:
+    def __init__(self, redis: Redis, keys: Keys, dispatcher_id: str, queues: list[str]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.dispatcher_id = dispatcher_id
+        self.proc = keys.proc(dispatcher_id)
+        self.queues = queues
+        self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+        self._take = redis.register_script(_TAKE)
+        self._sweep = redis.register_script(_SWEEP)
+        self._turn = 0
+
+    async def take(self, want: int, parked_limits: dict[str, int]) -> list[Taken]:
+        """Up to ``want`` jobs: first parked jobs of pools with room (at most their limit), then the queues
+        in round-robin order, starting one queue further along at every call."""
+        if want <= 0:
+            return []
+        keys: list[str] = [self.proc]
+        groups: list[str] = [str(want)]
+        for pool, limit in parked_limits.items():
+            if limit > 0:
+                keys.append(self.keys.parked(pool))
+                groups.append(f"1:{limit}")
+        start = self._turn % len(self.queues)
+        self._turn += 1
+        for q in self.queues[start:] + self.queues[:start]:
+            keys.extend(queue_key(q, p) for p in PRIORITY_ORDER)
+            groups.append(f"{len(PRIORITY_ORDER)}:0")
+        flat = await self._take(keys=keys, args=groups)
+        out = []
+        for i in range(0, len(flat), 2):
+            source, raw = _s(flat[i]), _s(flat[i + 1])
+            out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
+        return out
+
+    async def settle(self, s: Settlement) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for el in s.ack:
+            pipe.lrem(self.proc, 1, el)
+        for el, pool, body in reversed(s.park):  # LPUSH in reverse keeps their order at the head
+            pipe.lrem(self.proc, 1, el)
+            pipe.lpush(self.keys.parked(pool), body)
+        now = datetime.now(UTC).isoformat()
+        for el, raw, queue, why in s.dead:
+            pipe.lrem(self.proc, 1, el)
+            pipe.rpush(self.keys.dead, json.dumps({"raw": raw, "reason": why, "queue": queue, "at": now}))
+        for old, new in s.restamp:
+            pipe.lrem(self.proc, 1, old)
+            pipe.rpush(self.proc, new)
+        if len(pipe):
+            await pipe.execute()
+
+    async def hand_back(self) -> int:
+        """Put every job still in our processing list back where it came from (stop, or after an error)."""
+        return int(await self._sweep(keys=[self.proc, self.keys.dispatchers], args=[self.dispatcher_id, "0"]))
+
+    async def heartbeat(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
+        pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
+        await pipe.execute()
+
+    async def retire(self) -> None:
+        await self.redis.delete(self.keys.alive(self.dispatcher_id))
+        await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
+
+    async def sweep_dead(self) -> int:
+        """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back."""
+        moved = 0
+        for raw_id in await self.redis.smembers(self.keys.dispatchers):
+            other = _s(raw_id)
+            if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
+                continue
+            n = int(await self._sweep(keys=[self.keys.proc(other), self.keys.dispatchers], args=[other, "1"]))
+            if n:
+                log.warning(
+                    "put back jobs of a dispatcher that is gone",
+                    extra={"action": "sweep", "dead_dispatcher": other, "jobs": n},
+                )
+            moved += n
+        return moved
+
+    async def requeue(self, jobs: list[tuple[str, str]]) -> None:
+        """Push (list key, job json) at the head of their lists: retries whose backoff is over."""
+        pipe = self.redis.pipeline(transaction=True)
+        for key, body in jobs:
+            pipe.lpush(key, body)
+        await pipe.execute()
+
+    async def wake_others(self, what: str) -> None:
+        await self.redis.publish(self.keys.wake, what)
+
+    async def depths(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        names = [queue_key(q, p) for q in self.queues for p in PRIORITY_ORDER]
+        for name in names:
+            pipe.llen(name)
+        pipe.llen(self.keys.dead)
+        counts = await pipe.execute()
+        return dict(zip([*names, self.keys.dead], (int(c) for c in counts), strict=True))
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

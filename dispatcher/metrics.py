@@ -1,0 +1,40 @@
+"""Prometheus metrics of one dispatcher process (its own registry, so several can live in one test process).
+
+Counters and histograms are updated where things happen; the gauges (queue depths, slots, GPU health) are
+refreshed from Redis and the database when ``/metrics`` is scraped, so they show the fleet, not a process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.dispatched = Counter("gpuq_jobs_dispatched", "Jobs sent to a GPU slot", ["pool"], registry=r)
+        self.attempts = Counter("gpuq_attempts", "Attempts ended, by outcome", ["outcome"], registry=r)
+        self.callbacks = Counter("gpuq_callbacks", "Callbacks received, by answer code", ["code"], registry=r)
+        self.gpu_requests = Counter(
+            "gpuq_gpu_requests", "Requests to GPUs by verdict", ["verdict"], registry=r
+        )
+        self.lease_expiries = Counter("gpuq_lease_expiries", "Attempts ended by their lease", registry=r)
+        self.dead_letters = Counter("gpuq_dead_letters", "Jobs moved to the dead-letter list", registry=r)
+        self.dispatch_latency = Histogram(
+            "gpuq_dispatch_latency_seconds",
+            "From taking a job off Redis to its request leaving for the GPU",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.turnaround = Histogram(
+            "gpuq_job_seconds", "From dispatch to the attempt's end", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("gpuq_queue_depth", "Waiting jobs", ["queue"], registry=r)
+        self.slots_busy = Gauge("gpuq_slots_busy", "Busy slots", ["gpu", "pool"], registry=r)
+        self.slots_total = Gauge("gpuq_slots_total", "Slots", ["gpu", "pool"], registry=r)
+        self.gpu_healthy = Gauge(
+            "gpuq_gpu_healthy", "1 when the GPU is in rotation", ["gpu", "pool"], registry=r
+        )
