@@ -11,6 +11,8 @@ Each class's docstring is its default message; handlers map them to answers in o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class GpuqError(Exception):
     """gpuq could not take this request."""
@@ -27,9 +29,19 @@ class InvalidEvent(GpuqError):
 class InvalidJob(GpuqError):
     """The task is not a valid job."""
 
+    def __init__(self, message: str | None = None, errors: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        #: One reason per bad task (a batch is refused whole, and the caller should see every reason).
+        self.errors: list[str] = list(errors) or [self.message]
+
 
 class QueueUnavailable(GpuqError):
     """The job queue (Redis) is unreachable."""
+
+    def __init__(self, message: str | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        #: What the driver said, for the logs; callers get the plain message, not our network layout.
+        self.detail = detail
 
 
 class ConfigError(GpuqError):

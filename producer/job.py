@@ -91,8 +91,12 @@ def build_job(
     default_queue: str,
     routes: dict[str, str] | None = None,
     now: datetime | None = None,
+    where: str = "",
 ) -> Job:
-    """Fill what the caller left out: id, queue (explicit > routed pool > default), schedule."""
+    """Fill what the caller left out: id, queue (explicit > routed pool > default), schedule.
+
+    ``where`` names the task in errors (``tasks[2]``), as in ``parse_task``.
+    """
     now = now or utcnow()
     queue = task.queue or task.queue_name or (routes or {}).get(task.type) or default_queue
     task_id = task.task_id or _str_or_none(task.data.get("task_id")) or str(uuid.uuid4())
@@ -110,9 +114,10 @@ def build_job(
             not_before=not_before,
         )
     except ValidationError as exc:
-        raise InvalidJob(describe(exc)) from exc
+        raise InvalidJob(describe(exc, where)) from exc
     if len(job.to_redis()) > MAX_JOB_BYTES:
-        raise InvalidJob(f"data: job is larger than {MAX_JOB_BYTES} bytes once serialised")
+        field = f"{where}.data" if where else "data"
+        raise InvalidJob(f"{field}: job is larger than {MAX_JOB_BYTES} bytes once serialised")
     return job
 
 

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from producer.errors import ConfigError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
+_TASK_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -96,10 +97,31 @@ class QueueSettings(BaseSettings):
 
 
 class ProducerSettings(QueueSettings):
-    """The Lambda's settings."""
+    """The Lambda's settings.
+
+    Empty variables count as unset: a SAM template cannot leave a variable out for an empty parameter,
+    so ``REDIS_PORT=""`` must mean "the default", not "invalid integer".
+    """
+
+    model_config = SettingsConfigDict(env_ignore_empty=True)
 
     s3_task_type: str = "start_transcribe"
-    redis_secret_arn: str | None = None  # Secrets Manager ARN or SSM parameter name holding the password
+    redis_secret_arn: str | None = None  # Secrets Manager ARN, SSM parameter ARN or name: the password
+
+    @field_validator("s3_task_type")
+    @classmethod
+    def _check_task_type(cls, value: str) -> str:
+        if not _TASK_TYPE.match(value):
+            raise ValueError(f"{value!r} is not a valid task type (letters, digits, _ . : -)")
+        return value
+
+    @property
+    def known_queues(self) -> list[str]:
+        """Queues some dispatcher reads: ``TASK_QUEUES`` and the pools of ``TASK_ROUTES``.
+
+        A job pushed anywhere else would wait forever, so the producer refuses it.
+        """
+        return list(dict.fromkeys([*self.queues, *self.routes.values()]))
 
 
 def load(cls: type[S], **overrides: Any) -> S:
