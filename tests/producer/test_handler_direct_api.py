@@ -1,0 +1,192 @@
+"""Direct invocations and API Gateway events through the Lambda handler, against the real Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from producer.handler import lambda_handler
+
+from .conftest import ProducerEnv
+from .helpers import api_body, load_event
+
+
+def test_the_seed_single_task_event(producer_env: ProducerEnv) -> None:
+    # GIVEN the seed README's single-task event WHEN invoked directly
+    answer = lambda_handler(load_event("direct_single_seed"), None)
+    # THEN one id comes back and the job waits on the first of TASK_QUEUES in the wire format
+    (task_id,) = answer["task_ids"]
+    (job,) = producer_env.jobs()
+    assert answer == {"task_ids": [task_id]}
+    assert job["task_id"] == task_id
+    assert job["type"] == "start_transcribe"
+    assert job["data"]["s3_key"] == "recordings/audio.wav"
+    assert (job["queue"], job["priority"], job["attempt"]) == (producer_env.queues[0], "normal", 0)
+
+
+def test_the_seed_batch_event_keeps_its_order(producer_env: ProducerEnv) -> None:
+    answer = lambda_handler(load_event("direct_batch_seed"), None)
+    jobs = producer_env.jobs()
+    assert [j["task_id"] for j in jobs] == answer["task_ids"]
+    assert [j["type"] for j in jobs] == ["start_transcribe", "send_email", "generate_report"]
+
+
+def test_seed_queue_name_and_data_task_id(producer_env: ProducerEnv) -> None:
+    # GIVEN the seed's fields: `queue_name` picks the queue, the id sits inside `data`
+    event = load_event("direct_single_seed")
+    event["queue_name"] = producer_env.queues[1]
+    event["data"]["task_id"] = "call-1751353080"
+    # WHEN invoked twice (a retried invocation)
+    first = lambda_handler(event, None)
+    second = lambda_handler(event, None)
+    # THEN the id is kept, the job is on that queue, and it was enqueued once
+    assert first == second == {"task_ids": ["call-1751353080"]}
+    assert [j["task_id"] for j in producer_env.jobs(producer_env.queues[1])] == ["call-1751353080"]
+    assert producer_env.jobs(producer_env.queues[0]) == []
+
+
+def test_a_routed_type_goes_to_its_pool_queue(producer_env: ProducerEnv) -> None:
+    lambda_handler({"type": "embed", "data": {"text": "hi"}}, None)
+    assert [j["type"] for j in producer_env.jobs(producer_env.pool_queue)] == ["embed"]
+
+
+def test_a_direct_batch_with_a_bad_task_enqueues_nothing(producer_env: ProducerEnv) -> None:
+    event = load_event("direct_batch_seed")
+    del event["tasks"][1]["type"]
+    answer = lambda_handler(event, None)
+    assert answer == {
+        "error": "1 of 3 tasks are invalid: tasks[1].type: Field required",
+        "errors": ["tasks[1].type: Field required"],
+    }
+    assert producer_env.all_jobs() == []
+
+
+@pytest.mark.parametrize("event", [{"detail-type": "Scheduled Event", "source": "aws.events"}, [1, 2], 7])
+def test_an_unknown_event_is_refused_and_nothing_is_enqueued(
+    producer_env: ProducerEnv, event: object
+) -> None:
+    # The seed enqueued a sample job here; gpuq must not.
+    answer = lambda_handler(event, None)
+    assert set(answer) == {"error"}
+    assert "event" in answer["error"]
+    assert producer_env.all_jobs() == []
+    assert producer_env.marks() == []
+
+
+def test_direct_with_redis_down_answers_an_error(producer_env: ProducerEnv, closed_port: int) -> None:
+    producer_env.set(REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
+    answer = lambda_handler(load_event("direct_single_seed"), None)
+    assert answer == {"error": "The job queue (Redis) is unreachable."}
+
+
+def test_a_malformed_setting_is_named(producer_env: ProducerEnv) -> None:
+    # GIVEN REDIS_PORT is not a number (and no REDIS_URL overrides it)
+    producer_env.monkeypatch.delenv("REDIS_URL")
+    producer_env.set(REDIS_PORT="sixty")
+    # WHEN invoked THEN the answer names the variable, directly and through the API (500)
+    assert lambda_handler(load_event("direct_single_seed"), None)["error"].startswith("REDIS_PORT: ")
+    answer = lambda_handler(load_event("apigw_v1_single"), None)
+    assert answer["statusCode"] == 500
+    assert api_body(answer)["error"].startswith("REDIS_PORT: ")
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("apigw_v1_single", 1),
+        ("apigw_v1_batch_base64", 3),
+        ("apigw_v2_single", 1),
+        ("apigw_v2_batch_base64", 3),
+    ],
+)
+def test_api_gateway_accepts_with_202(producer_env: ProducerEnv, name: str, count: int) -> None:
+    # GIVEN a recorded REST (v1) or HTTP API (v2) event, body plain or base64, single or batch
+    answer = lambda_handler(load_event(name), None)
+    # THEN 202 with the ids, JSON, and the jobs are waiting in that order
+    assert answer["statusCode"] == 202
+    assert answer["headers"]["Content-Type"] == "application/json"
+    ids = api_body(answer)["task_ids"]
+    assert len(ids) == count
+    assert [j["task_id"] for j in producer_env.jobs()] == ids
+
+
+def test_api_gateway_refuses_a_batch_with_bad_tasks_whole(producer_env: ProducerEnv) -> None:
+    # GIVEN a batch whose 1st task is fine, 2nd lacks a type and 3rd has a bad priority
+    tasks = [{"type": "a"}, {"data": {"x": 1}}, {"type": "c", "priority": "urgent"}]
+    event = load_event("apigw_v2_single")
+    event["body"] = json.dumps({"tasks": tasks})
+    # WHEN posted THEN 400 with one reason per bad task, and nothing from the request was enqueued
+    answer = lambda_handler(event, None)
+    assert answer["statusCode"] == 400
+    body = api_body(answer)
+    assert body["errors"] == [
+        "tasks[1].type: Field required",
+        "tasks[2].priority: Input should be 'high', 'normal' or 'low'",
+    ]
+    assert body["error"].startswith("2 of 3 tasks are invalid")
+    assert producer_env.all_jobs() == []
+    assert producer_env.marks() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "b64", "reason"),
+    [
+        ("", False, "body: empty"),
+        ("[1, 2]", False, "body: must be a task object"),
+        ("{bad json", False, "body: not valid JSON"),
+        ("***", True, "not base64"),
+    ],
+)
+def test_api_gateway_bad_bodies_get_400(producer_env: ProducerEnv, body: str, b64: bool, reason: str) -> None:
+    event = load_event("apigw_v1_single")
+    event.update(body=body, isBase64Encoded=b64)
+    answer = lambda_handler(event, None)
+    assert answer["statusCode"] == 400
+    assert reason in api_body(answer)["error"]
+    assert producer_env.all_jobs() == []
+
+
+def test_api_gateway_with_redis_down_is_503_and_claims_nothing(
+    producer_env: ProducerEnv, closed_port: int
+) -> None:
+    producer_env.set(REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
+    answer = lambda_handler(load_event("apigw_v1_batch_base64"), None)
+    assert answer["statusCode"] == 503
+    assert answer["headers"]["Retry-After"] == "5"
+    assert api_body(answer) == {"error": "The job queue (Redis) is unreachable."}
+
+
+def test_api_gateway_bad_input_is_400_even_with_redis_down(
+    producer_env: ProducerEnv, closed_port: int
+) -> None:
+    # Validation comes first: a caller with a broken request should fix it, not retry it.
+    producer_env.set(REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
+    event = load_event("apigw_v2_single")
+    event["body"] = json.dumps({"data": {}})
+    assert lambda_handler(event, None)["statusCode"] == 400
+
+
+def test_api_gateway_retry_with_a_caller_task_id_is_enqueued_once(producer_env: ProducerEnv) -> None:
+    # GIVEN a client that retries its POST (API Gateway gives each try a new requestId)
+    task = {"type": "start_transcribe", "task_id": "client-7", "data": {"s3_key": "k"}}
+    event = load_event("apigw_v1_single")
+    event.update(body=base64.b64encode(json.dumps(task).encode()).decode(), isBase64Encoded=True)
+    answers = [lambda_handler(event, None) for _ in range(2)]
+    event["requestContext"]["requestId"] = "another-request-id"
+    answers.append(lambda_handler(event, None))
+    # THEN every try is accepted with the same id, and one job waits
+    assert {a["statusCode"] for a in answers} == {202}
+    assert {tuple(api_body(a)["task_ids"]) for a in answers} == {("client-7",)}
+    assert [j["task_id"] for j in producer_env.jobs()] == ["client-7"]
+
+
+def test_api_gateway_without_task_id_retries_are_separate_tasks(producer_env: ProducerEnv) -> None:
+    # requestId is not a safe key (a client retry gets a new one), so no delivery key is derived from it:
+    # two posts of the same body are two tasks. Callers wanting exactly-once send a task_id.
+    event = load_event("apigw_v2_single")
+    first = api_body(lambda_handler(event, None))["task_ids"]
+    second = api_body(lambda_handler(event, None))["task_ids"]
+    assert first != second
+    assert len(producer_env.jobs()) == 2
