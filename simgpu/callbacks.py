@@ -1,0 +1,86 @@
+"""The callback client: one pooled keep-alive aiohttp session per simulator process.
+
+A callback is retried with exponential backoff on connection errors, timeouts and 5xx, and never on an
+answer below 500: 401/404/409/422 are the dispatcher's final word (SPEC §4) and asking again cannot change it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+
+# Below uvicorn's default keep-alive timeout (5 s): the client drops an idle connection before the server
+# does, so a callback is never written into a connection the dispatcher is closing.
+KEEPALIVE_SECONDS = 4.0
+MAX_BACKOFF_SECONDS = 8.0
+
+
+class CallbackClient:
+    def __init__(
+        self,
+        *,
+        tries: int = 8,
+        timeout: float = 5.0,
+        backoff: float = 0.1,
+        deadline: float = 30.0,
+        pool_size: int = 512,
+    ) -> None:
+        self.tries = tries
+        self.timeout = timeout
+        self.backoff = backoff
+        self.deadline = deadline
+        self.pool_size = pool_size
+        self.retries = 0  # attempts after the first, all callbacks together
+        self._session: aiohttp.ClientSession | None = None
+        # Not the GPUs' seeded RNGs: retries depend on timing and must not shift their draws. No secrets here.
+        self._jitter = random.Random()  # noqa: S311
+
+    async def open(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self.pool_size, limit_per_host=0, keepalive_timeout=KEEPALIVE_SECONDS
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, url: str, token: str, body: bytes, *, retry: bool = True) -> int | None:
+        """POST ``body`` to ``url``; the HTTP status of the last answer, or None when no answer came."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("CallbackClient.open() was not called")
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.deadline
+        delay = self.backoff
+        status: int | None = None
+        tries = self.tries if retry else 1
+        for attempt in range(tries):
+            if attempt:
+                self.retries += 1
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()  # a fully read answer lets the connection go back to the pool
+                    status = response.status
+            except aiohttp.InvalidURL:
+                return None
+            except (aiohttp.ClientError, TimeoutError):
+                status = None
+            if status is not None and status < 500:
+                return status
+            if attempt + 1 == tries:
+                break
+            pause = delay * self._jitter.uniform(0.5, 1.0)
+            if loop.time() + pause > give_up_at:
+                break
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+        return status

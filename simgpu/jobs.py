@@ -1,0 +1,112 @@
+"""A job as the simulator sees it: parsed from the dispatcher's request (SPEC §4), logged for the stats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+from simgpu.plan import NO_FAULTS, Plan
+
+
+class BadJob(ValueError):
+    """The request body is not a job the simulator can run; the message names the field."""
+
+
+class Job:
+    __slots__ = (
+        "attempt",
+        "beat",
+        "callback_sent_at",
+        "callback_sent_mono",
+        "callback_status",
+        "callback_token",
+        "callback_url",
+        "data",
+        "gpu",
+        "plan",
+        "received_at",
+        "received_mono",
+        "service_time",
+        "task_id",
+        "timer",
+        "type",
+    )
+
+    def __init__(self, body: dict[str, Any], gpu: str) -> None:
+        self.gpu = gpu
+        self.task_id: str = body["task_id"]
+        self.attempt: int = body.get("attempt", 1)
+        self.type: str | None = body.get("type")
+        self.data: Any = body.get("data")
+        self.callback_url: str = body.get("callback_url") or ""
+        self.callback_token: str = body.get("callback_token") or ""
+        self.received_at = time.time()
+        self.received_mono = time.monotonic()
+        self.plan: Plan = NO_FAULTS
+        self.service_time = 0.0
+        self.callback_sent_at: float | None = None
+        self.callback_sent_mono: float | None = None
+        self.callback_status: int | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.beat: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def parse(cls, raw: bytes, gpu: str, *, needs_callback: bool) -> Job:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise BadJob(f"body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadJob("body must be a JSON object")
+        if not isinstance(body.get("task_id"), str) or not body["task_id"]:
+            raise BadJob("task_id: a non-empty string is required")
+        attempt = body.get("attempt", 1)
+        if isinstance(attempt, bool) or not isinstance(attempt, int):
+            raise BadJob(f"attempt: expected an integer, got {attempt!r}")
+        for name in ("callback_url", "callback_token"):
+            value = body.get(name)
+            if value is None and not needs_callback:
+                continue
+            if not isinstance(value, str) or not value:
+                raise BadJob(f"{name}: a non-empty string is required")
+        url = body.get("callback_url")
+        if isinstance(url, str) and not url.startswith(("http://", "https://")):
+            raise BadJob(f"callback_url: {url!r} is not an http(s) URL")
+        return cls(body, gpu)
+
+    def result_body(self) -> dict[str, Any]:
+        """The final report: the callback body in async mode, the answer's body in sync mode."""
+        outcome = self.plan.outcome
+        if outcome in ("finished", "lost"):
+            result = {
+                "gpu": self.gpu,
+                "type": self.type,
+                "data": self.data,
+                "service_time": self.service_time,
+            }
+            return {"task_id": self.task_id, "status": "finished", "result": result}
+        body: dict[str, Any] = {
+            "task_id": self.task_id,
+            "status": "failed",
+            "error": f"simulated failure on {self.gpu}",
+        }
+        if outcome == "retry":
+            body["retry"] = True
+        return body
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "attempt": self.attempt,
+            "gpu": self.gpu,
+            "outcome": self.plan.refusal or self.plan.outcome,
+            "service_time": self.service_time,
+            "received_at": self.received_at,
+            "received_mono": self.received_mono,
+            "callback_sent_at": self.callback_sent_at,
+            "callback_sent_mono": self.callback_sent_mono,
+            "callback_status": self.callback_status,
+        }

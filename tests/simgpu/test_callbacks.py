@@ -1,0 +1,83 @@
+"""The callback client retries what may succeed later (errors, 5xx) and never what cannot (4xx)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from simgpu import CallbackReceiver, SimFleet
+from tests.simgpu.helpers import job
+
+
+def test_5xx_is_retried_until_answered(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    fleet = make_fleet(gpus=1)
+    receiver.answer_with(503, 500)
+
+    http.post(fleet.url("g0"), json=job("r1", receiver))
+
+    calls = receiver.wait_for(3)
+    assert [c.body["task_id"] for c in calls] == ["r1"] * 3
+    stats = fleet.wait_until(lambda s: s["totals"]["callbacks_pending"] == 0, jobs=True)
+    assert stats["totals"]["callbacks_answered"] == {"200": 1}
+    assert stats["totals"]["callback_retries"] == 2
+    assert stats["jobs"][0]["callback_status"] == 200
+
+
+def test_4xx_is_final(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    fleet = make_fleet(gpus=1)
+    receiver.answer_with(409, 401)
+
+    http.post(fleet.url("g0"), json=job("x1", receiver))
+    http.post(fleet.url("g0"), json=job("x2", receiver))
+
+    stats = fleet.wait_until(lambda s: sum(s["totals"]["callbacks_answered"].values()) == 2, jobs=True)
+    assert len(receiver.calls) == 2
+    assert stats["totals"]["callbacks_answered"] == {"409": 1, "401": 1}
+    assert stats["totals"]["callback_retries"] == 0
+    assert {j["callback_status"] for j in stats["jobs"]} == {409, 401}
+
+
+def test_an_unreachable_receiver_is_given_up_after_the_tries(
+    make_fleet: Callable[..., SimFleet], http: httpx.Client
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    fleet = make_fleet(gpus=1, callback_tries=3)
+    body = job("u1", callback_url=f"http://127.0.0.1:{port}/callback", callback_token="t")
+
+    assert http.post(fleet.url("g0"), json=body).status_code == 202
+
+    stats = fleet.wait_until(lambda s: s["totals"]["callbacks_answered"], jobs=True)
+    assert stats["totals"]["callbacks_answered"] == {"no_answer": 1}
+    assert stats["totals"]["callback_retries"] == 2
+    assert stats["jobs"][0]["callback_status"] is None
+    assert stats["jobs"][0]["callback_sent_at"] is not None
+
+
+def test_a_callback_answered_too_late_is_sent_again(
+    make_fleet: Callable[..., SimFleet], http: httpx.Client
+) -> None:
+    slow_first: list[bool] = []
+
+    async def stall_once(body: Any) -> None:
+        if not slow_first:
+            slow_first.append(True)
+            await asyncio.sleep(0.5)
+
+    fleet = make_fleet(gpus=1, callback_timeout=0.2)
+    with CallbackReceiver(before_answer=stall_once) as receiver:
+        http.post(fleet.url("g0"), json=job("s1", receiver))
+        stats = fleet.wait_until(lambda s: s["totals"]["callbacks_answered"])
+
+    assert len(receiver.calls) == 2
+    assert stats["totals"]["callbacks_answered"] == {"200": 1}
+    assert stats["totals"]["callback_retries"] == 1
