@@ -7,8 +7,13 @@ of the dispatcher died, 2 for a bad setting.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
 import sys
+from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 from redis.asyncio import Redis
@@ -22,6 +27,42 @@ from producer.errors import ConfigError
 from producer.settings import load
 
 log = logging.getLogger("gpuq.main")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server with a drain step: the first SIGTERM/SIGINT stops the dispatcher taking jobs and
+    waits (up to SHUTDOWN_GRACE_SECONDS) for its running attempts to call back while callbacks are still
+    served; then uvicorn shuts down. A second signal stops at once. A graceful stop exits 0 (uvicorn would
+    re-raise the signal)."""
+
+    dispatcher: Dispatcher | None = None
+    grace: float = 10.0
+    _draining = False
+    _drain_task: asyncio.Task[None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self.dispatcher is None:
+            self.should_exit = True
+            if self._draining:
+                self.force_exit = sig == signal.SIGINT
+            return
+        self._draining = True
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain(self.dispatcher), name="drain")
+
+    async def _drain(self, d: Dispatcher) -> None:
+        try:
+            await d.drain(self.grace)
+        finally:
+            self.should_exit = True
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main() -> int:
@@ -47,6 +88,7 @@ def main() -> int:
         d = Dispatcher(settings, engine, redis)
         d.on_fatal = lambda: setattr(server, "should_exit", True)
         holder["d"] = d
+        server.dispatcher = d
         await d.start()
         return d
 
@@ -66,7 +108,8 @@ def main() -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 1,
         backlog=4096,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    server.grace = settings.shutdown_grace_seconds
     server.run()
     d = holder.get("d")
     if not server.started or (d is not None and d.fatal is not None):

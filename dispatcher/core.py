@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_attempt
-from dispatcher.db.dispatch import Placed, dispatch, free_capacity
+from dispatcher.db.dispatch import Placed, dispatch, free_capacity, held_by
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
 from dispatcher.gpu_client import Answer, GpuClient, Verdict
@@ -70,6 +70,7 @@ class Dispatcher:
         self._side: set[asyncio.Task[None]] = set()
         self._suspect: set[str] = set()  # GPUs this process counted failures for
         self._handback_needed = False
+        self.accepting = True
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
 
@@ -139,6 +140,24 @@ class Dispatcher:
             },
         )
 
+    async def drain(self, grace: float) -> None:
+        """Stop taking jobs and give the attempts this process started up to ``grace`` seconds to call back,
+        while the HTTP server still takes callbacks. Runs before the server stops listening."""
+        self.accepting = False
+        self._wake.set()
+        deadline = time.monotonic() + grace
+        log.info("draining", extra={"action": "drain", "grace_seconds": grace})
+        while time.monotonic() < deadline:
+            try:
+                if (
+                    not self._inflight
+                    and await self.db(held_by, dispatcher_id=self.settings.dispatcher_id) == 0
+                ):
+                    return
+            except TRANSIENT:
+                pass
+            await asyncio.sleep(0.05)
+
     async def stop(self) -> None:
         """Stop taking jobs, let requests in flight finish within the grace period, hand back held jobs."""
         self.stopping.set()
@@ -189,6 +208,8 @@ class Dispatcher:
 
     async def dispatch_once(self) -> bool:
         """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
+        if not self.accepting:
+            return False
         capacity = await self.db(free_capacity)
         want = min(sum(capacity.values()), self.settings.dispatch_batch_size)
         if want == 0:

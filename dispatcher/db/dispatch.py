@@ -67,6 +67,11 @@ def free_capacity(conn: Connection) -> dict[str, int]:
     return {pool: int(count) for pool, count in rows}
 
 
+def held_by(conn: Connection, *, dispatcher_id: str) -> int:
+    """Slots held by attempts this dispatcher started."""
+    return int(conn.execute(select(func.count()).where(slots.c.dispatcher_id == dispatcher_id)).scalar_one())
+
+
 def slot_snapshot(conn: Connection) -> list[SlotView]:
     rows = conn.execute(
         select(slots.c.gpu_id, slots.c.slot_index, slots.c.task_id, gpus.c.url, gpus.c.pool)

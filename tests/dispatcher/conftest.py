@@ -1,0 +1,77 @@
+"""Fixtures for end-to-end dispatcher scenarios: a fleet, dispatcher processes, the stores."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine
+
+from dispatcher.db.engine import make_engine
+from simgpu.fleet import SimFleet
+from tests.dispatcher.harness import BEARER, DispatcherProc
+
+
+@dataclass
+class Stack:
+    database_url: str
+    redis_url: str
+    prefix: str
+    rds: redis.Redis
+    engine: Engine
+    queues: list[str] = field(default_factory=list)
+    procs: list[DispatcherProc] = field(default_factory=list)
+    fleets: list[SimFleet] = field(default_factory=list)
+
+    def fleet(self, **options: Any) -> SimFleet:
+        options.setdefault("token", BEARER)
+        options.setdefault("seed", 7)
+        fleet = SimFleet(**options).start()
+        self.fleets.append(fleet)
+        return fleet
+
+    def env(self, fleet: SimFleet | None = None, **extra: str) -> dict[str, str]:
+        env = {
+            "DATABASE_URL": self.database_url,
+            "REDIS_URL": self.redis_url,
+            "REDIS_KEY_PREFIX": self.prefix,
+            "TASK_QUEUES": ",".join(self.queues),
+            "TASK_TIMEOUT_SECONDS": "30",
+            "RETRY_BACKOFF_SECONDS": "0.05",
+            "GPU_PROBE_SECONDS": "0.5",
+        }
+        if fleet is not None:
+            env["GPU_ENDPOINTS"] = fleet.gpu_endpoints()
+        env.update(extra)
+        return env
+
+    def dispatcher(self, fleet: SimFleet | None = None, name: str = "d", **extra: str) -> DispatcherProc:
+        proc = DispatcherProc(self.env(fleet, **extra), name=name)
+        self.procs.append(proc)
+        return proc.start()
+
+
+@pytest.fixture
+def stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]:
+    rds = redis.Redis.from_url(redis_url)
+    engine = make_engine(database_url, pool_size=2)
+    tag = uuid.uuid4().hex[:6]
+    s = Stack(database_url, redis_url, key_prefix, rds, engine, queues=[f"q1-{tag}", f"q2-{tag}"])
+    yield s
+    for proc in s.procs:
+        proc.stop_quietly()
+    for fleet in s.fleets:
+        fleet.stop()
+    for q in s.queues:
+        rds.delete(q, f"{q}:high", f"{q}:low")
+    for key in rds.scan_iter(f"{key_prefix}*"):
+        rds.delete(key)
+    rds.close()
+    engine.dispose()
+
+
+StackFactory = Callable[..., Stack]

@@ -1,0 +1,134 @@
+"""Failure paths, each ending with the reconcile audit: kill -9, SIGTERM, lost callbacks, failing GPUs,
+several dispatchers sharing one fleet with callbacks reaching another process than the one that sent."""
+
+from __future__ import annotations
+
+import time
+
+from tests.dispatcher.harness import free_port, push_jobs, received_per_task, reconcile, states, wait_final
+from tests.dispatcher.helpers import wait_for
+
+
+def test_kill_9_twice_mid_run_loses_nothing(stack):
+    # GIVEN 600 jobs of 50 ms on 4 GPUs x 4 slots, and a dispatcher that will be killed twice mid-run
+    fleet = stack.fleet(gpus=4, service_time="fixed:0.05")
+    ids = push_jobs(stack.rds, stack.queues[0], 600)
+    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3")
+    for _ in range(2):
+        # WHEN it is SIGKILLed while jobs are in flight, then restarted
+        wait_for(lambda: states(stack.engine)["processing"] > 0, 20, 0.01, what="jobs in flight")
+        in_flight_at_kill = states(stack.engine)["processing"]
+        d.kill()
+        assert in_flight_at_kill > 0
+        time.sleep(0.3)
+        d.start()
+    # THEN every job finishes, none ran twice beyond the attempts in flight at the kills, no slot is left taken
+    wait_final(stack.engine, ids, timeout=120)
+    per_task = received_per_task(fleet.stats())
+    assert set(per_task) == set(ids)
+    twice = [t for t, n in per_task.items() if n > 1]
+    assert len(twice) <= 2 * 16, f"{len(twice)} jobs ran more than once"
+    assert fleet.stats()["totals"]["oversubscriptions"] == 0
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+def test_sigterm_hands_jobs_back_and_exits_0(stack):
+    fleet = stack.fleet(gpus=1, service_time="fixed:0.2")
+    ids = push_jobs(stack.rds, stack.queues[0], 40)
+    d = stack.dispatcher(fleet, SHUTDOWN_GRACE_SECONDS="5")
+    wait_for(lambda: states(stack.engine)["processing"] > 0, 20, 0.01, what="jobs in flight")
+    assert d.term() == 0
+    assert "dispatcher stopped" in d.logs()
+    # the rest is still waiting in Redis, and a new dispatcher finishes everything
+    assert stack.rds.llen(stack.queues[0]) > 0
+    stack.dispatcher(fleet, name="d2")
+    wait_final(stack.engine, ids, timeout=60)
+    assert max(received_per_task(fleet.stats()).values()) == 1
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(stack):
+    # GIVEN a fleet that loses 30% of its callbacks and a 1 s lease
+    fleet = stack.fleet(gpus=2, service_time="fixed:0.02", faults=["lost_callback@0.3"])
+    ids = push_jobs(stack.rds, stack.queues[0], 60)
+    stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="1", MAX_ATTEMPTS="10")
+    # THEN every job still finishes; the lost attempts show as lease expiries in the history
+    wait_final(stack.engine, ids, timeout=90)
+    with stack.engine.connect() as conn:
+        expired = conn.exec_driver_sql(
+            "SELECT COUNT(*) FROM attempts WHERE outcome = 'lease_expired'"
+        ).scalar_one()
+    lost = sum(1 for j in fleet.stats()["jobs"] if j["outcome"] == "lost")
+    assert lost > 0
+    assert expired == lost
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+def test_failing_gpus_are_avoided_and_jobs_retried_elsewhere(stack):
+    # GIVEN g0 answers 500, g1 hangs, g2 refuses connections (an unused port), g3 works
+    fleet = stack.fleet(gpus=4, service_time="fixed:0.01", gpu_faults={"g0": ["http_500"], "g1": ["hang"]})
+    urls = fleet.urls
+    urls["g2"] = f"http://127.0.0.1:{free_port()}/g2"
+    endpoints = ",".join(f"{k}={v}" for k, v in urls.items())
+    ids = push_jobs(stack.rds, stack.queues[0], 80)
+    stack.dispatcher(
+        None,
+        GPU_ENDPOINTS=endpoints,
+        GPU_REQUEST_TIMEOUT_SECONDS="0.5",
+        TASK_TIMEOUT_SECONDS="1",
+        MAX_ATTEMPTS="20",
+        GPU_FAILURE_THRESHOLD="2",
+        GPU_PROBE_SECONDS="30",
+    )
+    # THEN everything finishes on g3, and the three bad GPUs are out of rotation
+    wait_final(stack.engine, ids, timeout=90)
+    with stack.engine.connect() as conn:
+        where = dict(conn.exec_driver_sql("SELECT gpu_id, COUNT(*) FROM tasks GROUP BY gpu_id").all())
+        health = dict(conn.exec_driver_sql("SELECT gpu_id, healthy FROM gpus").all())
+    assert where == {"g3": 80}
+    assert health == {"g0": 0, "g1": 0, "g2": 0, "g3": 1}
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+def test_gpu_back_after_probe(stack):
+    # GIVEN one GPU that is down, then comes back
+    fleet = stack.fleet(gpus=1, service_time="0", faults=["http_500"])
+    ids = push_jobs(stack.rds, stack.queues[0], 5)
+    stack.dispatcher(fleet, GPU_FAILURE_THRESHOLD="1", GPU_PROBE_SECONDS="0.3", MAX_ATTEMPTS="50")
+    wait_for(lambda: _healthy(stack.engine) == 0, 20, what="GPU out of rotation")
+    fleet.configure(faults=[])
+    # THEN the probe brings it back and the jobs finish
+    wait_final(stack.engine, ids, timeout=30)
+    assert _healthy(stack.engine) == 1
+
+
+def _healthy(engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.exec_driver_sql("SELECT healthy FROM gpus").scalar_one())
+
+
+def test_three_dispatchers_share_a_fleet_and_take_each_others_callbacks(stack):
+    # GIVEN three dispatchers; each tells the GPUs to call back to the *next* one
+    fleet = stack.fleet(gpus=3, service_time="exp:0.02")
+    ports = [free_port() for _ in range(3)]
+    procs = []
+    for i in range(3):
+        target = ports[(i + 1) % 3]
+        procs.append(
+            stack.dispatcher(
+                fleet,
+                name=f"d{i}",
+                CALLBACK_PORT=str(ports[i]),
+                CALLBACK_URL=f"http://127.0.0.1:{target}/callback",
+            )
+        )
+    ids = push_jobs(stack.rds, stack.queues[0], 400) + push_jobs(stack.rds, stack.queues[1], 400)
+    # THEN all jobs finish once, no GPU is oversubscribed, and all three dispatchers did work
+    wait_final(stack.engine, ids, timeout=120)
+    stats = fleet.stats()
+    assert stats["totals"]["oversubscriptions"] == 0
+    assert max(received_per_task(stats).values()) == 1
+    with stack.engine.connect() as conn:
+        by = conn.exec_driver_sql("SELECT COUNT(DISTINCT dispatcher_id) FROM tasks").scalar_one()
+    assert by == 3
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
