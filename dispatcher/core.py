@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -69,6 +70,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._side: set[asyncio.Task[None]] = set()
         self._suspect: set[str] = set()  # GPUs this process counted failures for
+        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()  # recent (task, attempt) we POSTed
         self._handback_needed = False
         self.accepting = True
         self.fatal: BaseException | None = None
@@ -252,8 +254,9 @@ class Dispatcher:
         except IntegrityError:  # another dispatcher recorded one of these tasks at the same instant
             result = await self.db(dispatch, now=utcnow(), **kwargs)
         element_of = {job.task_id: el for job, _, el in items}
+        unsent = [p for p in result.mine if (p.job.task_id, p.attempt) not in self._sent]
         done = Settlement(
-            ack=[element_of[p.job.task_id] for p in result.placed]
+            ack=[element_of[p.job.task_id] for p in result.placed + result.mine]
             + [element_of[j.task_id] for j, _ in result.dropped]
             + [element_of[j.task_id] for j in result.deferred],
             park=[(element_of[j.task_id], pool, j.to_redis()) for j, pool in result.unplaced],
@@ -262,7 +265,7 @@ class Dispatcher:
             log.info(
                 "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
             )
-        for placed in result.placed:
+        for placed in result.placed + unsent:
             self._fire(placed, started)
         await self.intake.settle(done)
         return True
@@ -279,6 +282,9 @@ class Dispatcher:
             "callback_token": make_token(self.settings.secret, p.job.task_id, p.attempt),
         }
         self.metrics.dispatched.labels(p.pool).inc()
+        self._sent[(p.job.task_id, p.attempt)] = None
+        if len(self._sent) > 100_000:
+            self._sent.popitem(last=False)
         self.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
 
     async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:

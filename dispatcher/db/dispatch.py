@@ -40,6 +40,9 @@ class DispatchResult:
     dropped: list[tuple[Job, str]] = field(default_factory=list)  # already known: ack and forget
     deferred: list[Job] = field(default_factory=list)  # recorded as scheduled: ack
     unplaced: list[tuple[Job, str]] = field(default_factory=list)  # (job, pool) no slot: keep in Redis
+    # Recorded as running by this very dispatcher in a transaction whose commit we never heard back
+    # about: the request may not have been sent yet (the caller knows which it sent).
+    mine: list[Placed] = field(default_factory=list)
 
 
 def free_slot(conn: Connection, *, gpu_id: str, slot_index: int, task_id: str) -> bool:
@@ -127,9 +130,15 @@ def dispatch(
     existing = {
         r.task_id: r
         for r in conn.execute(
-            select(tasks.c.task_id, tasks.c.state, tasks.c.attempt).where(
-                tasks.c.task_id.in_([job.task_id for job, _ in items])
-            )
+            select(
+                tasks.c.task_id,
+                tasks.c.state,
+                tasks.c.attempt,
+                tasks.c.dispatcher_id,
+                tasks.c.gpu_id,
+                tasks.c.slot_index,
+                tasks.c.pool,
+            ).where(tasks.c.task_id.in_([job.task_id for job, _ in items]))
         )
     }
     claimer: _Claimer | None = None
@@ -142,6 +151,15 @@ def dispatch(
             out.dropped.append((job, "the same task twice in one batch"))
             continue
         seen.add(job.task_id)
+        if (
+            row is not None
+            and row.state == TaskState.PROCESSING
+            and row.attempt == job.attempt + 1
+            and row.dispatcher_id == dispatcher_id
+        ):
+            url = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == row.gpu_id)).scalar_one()
+            out.mine.append(Placed(job, row.pool, row.gpu_id, row.slot_index, url, row.attempt))
+            continue
         if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):
             out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
             continue

@@ -25,12 +25,12 @@ from tests.dispatcher.helpers import fleet_engine, job
 NO_BACKOFF = Backoff(base=0.0, cap=0.0)
 
 
-def _dispatch(engine, jobs, pool="default", lease=60.0):
+def _dispatch(engine, jobs, pool="default", lease=60.0, dispatcher_id="d1"):
     return transaction(
         engine,
         dispatch,
         items=[(j, pool) for j in jobs],
-        dispatcher_id="d1",
+        dispatcher_id=dispatcher_id,
         lease_seconds=lease,
         max_attempts=3,
         now=utcnow(),
@@ -118,7 +118,7 @@ def test_duplicate_copy_is_dropped(database_url):
     engine = fleet_engine(database_url, {"g0": 4})
     j = job()
     assert _dispatch(engine, [j]).placed
-    again = _dispatch(engine, [j, j])
+    again = _dispatch(engine, [j, j], dispatcher_id="d2")
     assert not again.placed and len(again.dropped) == 2
 
 
@@ -174,3 +174,26 @@ def test_not_before_defers(database_url):
     assert res.deferred and not res.placed
     assert transaction(engine, due_deferred, now=utcnow()) == []
     assert len(transaction(engine, due_deferred, now=utcnow() + timedelta(hours=2))) == 1
+
+
+def test_own_unacknowledged_commit_is_recognised(database_url):
+    # GIVEN a job this dispatcher recorded, whose commit it never heard back about
+    engine = fleet_engine(database_url, {"g0": 2})
+    j = job()
+    first = _dispatch(engine, [j]).placed[0]
+    # WHEN the same copy comes back to the same dispatcher, it is its own attempt (to send, if not sent)
+    again = _dispatch(engine, [j])
+    assert [(p.gpu_id, p.slot_index, p.attempt) for p in again.mine] == [(first.gpu_id, first.slot_index, 1)]
+    assert not again.placed
+    # but to any other dispatcher it is a duplicate
+    other = transaction(
+        engine,
+        dispatch,
+        items=[(j, "default")],
+        dispatcher_id="d2",
+        lease_seconds=60,
+        max_attempts=3,
+        now=utcnow(),
+    )
+    assert not other.mine
+    assert other.dropped

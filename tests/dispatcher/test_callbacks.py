@@ -1,0 +1,144 @@
+"""The callback contract (SPEC §4) against a running dispatcher: tokens, answers, repeats, staleness."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from dispatcher.tokens import make_token
+from tests.dispatcher.harness import SECRET, push_jobs, states
+from tests.dispatcher.helpers import wait_for
+
+
+def _post(d, body, token=None, **kw):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{d.url}/callback", json=body, headers=headers, timeout=10, **kw)
+
+
+def _task(engine, task_id):
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            "SELECT state, attempt, gpu_id, slot_index FROM tasks WHERE task_id = %s", (task_id,)
+        ).one()
+
+
+@pytest.fixture
+def silent(stack):
+    """A dispatcher whose GPU accepts jobs and never calls back: the test plays the GPU service."""
+    fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
+    return stack.dispatcher(fleet, MAX_ATTEMPTS="2", TASK_TIMEOUT_SECONDS="60")
+
+
+def test_tokens_bodies_and_answers(stack, silent):
+    d = silent
+    a, b = push_jobs(stack.rds, stack.queues[0], 2)
+    wait_for(lambda: states(stack.engine)["processing"] == 2, 20, what="two running")
+    ok = make_token(SECRET.encode(), a, 1)
+    # no token, a wrong one, another task's, a tampered one: 401, and nothing changes
+    assert _post(d, {"task_id": a, "status": "finished"}).status_code == 401
+    assert _post(d, {"task_id": a, "status": "finished"}, "1.bogus").status_code == 401
+    assert (
+        _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), b, 1)).status_code == 401
+    )
+    assert (
+        _post(
+            d, {"task_id": a, "status": "finished"}, make_token(b"another-secret-xxxxxxxx", a, 1)
+        ).status_code
+        == 401
+    )
+    # malformed bodies: 422 naming the field
+    bad = _post(d, {"task_id": a, "status": "done"}, ok)
+    assert bad.status_code == 422
+    assert "status" in bad.text
+    assert _post(d, {"status": "finished"}, ok).status_code == 422
+    assert (
+        httpx.post(
+            f"{d.url}/callback",
+            content=b"{not json",
+            headers={"Authorization": f"Bearer {ok}", "Content-Type": "application/json"},
+        ).status_code
+        == 422
+    )
+    # a valid token for a task the database does not know: 404
+    assert (
+        _post(
+            d, {"task_id": "ghost", "status": "finished"}, make_token(SECRET.encode(), "ghost", 1)
+        ).status_code
+        == 404
+    )
+    # oversized body: 413 without reading it
+    big = httpx.post(
+        f"{d.url}/callback",
+        content=b"x" * (9 * 1024 * 1024),
+        headers={"Authorization": f"Bearer {ok}", "Content-Type": "application/json"},
+    )
+    assert big.status_code == 413
+    assert _task(stack.engine, a).state == "processing"
+    # a heartbeat keeps the slot and says so
+    beat = _post(d, {"task_id": a, "status": "running", "progress": 0.5}, ok)
+    assert beat.json() == {"task_id": a, "state": "processing", "applied": True}
+    # finished: applied once; the same callback again: 200, applied false; a different status now: 409
+    first = _post(d, {"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
+    assert first.json() == {"task_id": a, "state": "finished", "applied": True}
+    again = _post(d, {"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
+    assert again.json() == {"task_id": a, "state": "finished", "applied": False}
+    assert _post(d, {"task_id": a, "status": "failed"}, ok).status_code == 409
+    assert _post(d, {"task_id": a, "status": "running"}, ok).status_code == 409
+    assert _task(stack.engine, a).state == "finished"
+
+
+def test_retry_true_makes_a_new_attempt_and_the_old_one_stale(stack, silent):
+    d = silent
+    [a] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: states(stack.engine)["processing"] == 1, 20, what="running")
+    t1 = make_token(SECRET.encode(), a, 1)
+    res = _post(d, {"task_id": a, "status": "failed", "error": "CUDA OOM", "retry": True}, t1)
+    assert res.json()["state"] == "retrying"
+    # the task comes back as attempt 2 (backoff 50 ms); the first attempt's token is now stale
+    wait_for(lambda: tuple(_task(stack.engine, a)[:2]) == ("processing", 2), 20, what="attempt 2 running")
+    assert _post(d, {"task_id": a, "status": "finished"}, t1).status_code == 409
+    t2 = make_token(SECRET.encode(), a, 2)
+    # MAX_ATTEMPTS=2: another retryable failure ends the task failed, with the GPU's error
+    res2 = _post(d, {"task_id": a, "status": "failed", "error": "CUDA OOM again", "retry": True}, t2)
+    assert res2.json()["state"] == "failed"
+    body = httpx.get(f"{d.url}/tasks/{a}").json()
+    assert body["error"] == "CUDA OOM again"
+    assert [h["outcome"] for h in body["history"]] == ["failed_retry", "failed_retry"]
+
+
+def test_failed_is_final_and_frees_the_slot(stack, silent):
+    d = silent
+    ids = push_jobs(stack.rds, stack.queues[0], 5)  # 4 slots: one waits
+    wait_for(lambda: states(stack.engine)["processing"] == 4, 20, what="four running")
+    running = [t for t in ids if _task_state(stack.engine, t) == "processing"]
+    res = _post(
+        d,
+        {"task_id": running[0], "status": "failed", "error": "bad audio"},
+        make_token(SECRET.encode(), running[0], 1),
+    )
+    assert res.json() == {"task_id": running[0], "state": "failed", "applied": True}
+    # the freed slot goes to the waiting job at once
+    wait_for(
+        lambda: states(stack.engine)["processing"] == 4 and states(stack.engine)["failed"] == 1,
+        10,
+        0.01,
+        what="fifth job running",
+    )
+
+
+def _task_state(engine, task_id):
+    with engine.connect() as conn:
+        row = conn.exec_driver_sql("SELECT state FROM tasks WHERE task_id = %s", (task_id,)).first()
+    return row[0] if row else None
+
+
+def test_late_callback_after_lease_expiry_is_409_and_frees_nothing(stack):
+    fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
+    d = stack.dispatcher(fleet, MAX_ATTEMPTS="1", TASK_TIMEOUT_SECONDS="0.5")
+    [a] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: _task_state(stack.engine, a) == "failed", 20, what="lease expiry")
+    res = _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
+    assert res.status_code == 409
+    assert _task_state(stack.engine, a) == "failed"
+    body = httpx.get(f"{d.url}/tasks/{a}").json()
+    assert body["history"][0]["outcome"] == "lease_expired"
