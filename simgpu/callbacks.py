@@ -44,6 +44,7 @@ class CallbackClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),  # callbacks carry no cookies: skip the jar per request
             skip_auto_headers=("User-Agent",),
         )
 

@@ -104,3 +104,14 @@ def test_bad_arguments_exit_2_with_one_clear_line(args: list[str], says: str) ->
     assert done.returncode == 2
     assert says in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_loadtest_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    from simgpu import loadtest
+
+    code = loadtest.main(["--seconds", "0.3", "--warmup", "0.1", "--concurrency", "4", "--gpus", "2"])
+
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert result["jobs"] > 0
+    assert result["errors"] == 0
