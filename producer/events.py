@@ -37,6 +37,7 @@ from producer.settings import ProducerSettings
 MAX_TASKS_PER_DELIVERY = 1000
 
 _TASK_FIELDS = frozenset(TaskIn.model_fields)
+_BATCH_FIELDS = frozenset({"tasks", "queue", "queue_name"})
 _BODY_HINT = 'a task object {"type", "data", ...} or a batch {"tasks": [...]}'
 
 
@@ -82,25 +83,35 @@ def detect(event: Any) -> Source:
 
 
 def split_payload(payload: Any, *, delivery_key: str | None = None, what: str = "body") -> list[Item]:
-    """One task or a batch; the n-th task of a batch gets the delivery key ``<key>#<n>``."""
+    """One task or a batch; the n-th task of a batch gets the delivery key ``<key>#<n>``.
+
+    A batch's own ``queue`` / ``queue_name`` (the seed's field) is the queue of its tasks that name none.
+    """
     if not isinstance(payload, dict):
         raise InvalidJob(f"{what}: must be {_BODY_HINT}, got {_kind(payload)}")
     if "tasks" not in payload:
         return [Item("", payload, delivery_key)]
-    extra = sorted(set(payload) - {"tasks"})
+    extra = sorted(set(payload) - _BATCH_FIELDS)
     tasks = payload["tasks"]
     if extra:
-        raise InvalidJob(f"{what}: unexpected field(s) beside 'tasks': {', '.join(map(str, extra))}")
+        allowed = ", ".join(sorted(_BATCH_FIELDS))
+        raise InvalidJob(
+            f"{what}: unexpected field(s) in a batch: {', '.join(map(str, extra))} (allowed: {allowed})"
+        )
     if not isinstance(tasks, list):
         raise InvalidJob(f"tasks: must be a list of task objects, got {_kind(tasks)}")
     if not tasks:
         raise InvalidJob("tasks: must hold at least one task")
     if len(tasks) > MAX_TASKS_PER_DELIVERY:
         raise InvalidJob(f"tasks: {len(tasks)} tasks, more than {MAX_TASKS_PER_DELIVERY} in one delivery")
-    return [
-        Item(f"tasks[{i}]", task, f"{delivery_key}#{i}" if delivery_key else None)
-        for i, task in enumerate(tasks)
-    ]
+    queue = payload.get("queue") or payload.get("queue_name")
+    if queue is not None and not isinstance(queue, str):
+        raise InvalidJob(f"queue: must be a queue name, got {_kind(queue)}")
+    items = []
+    for i, raw in enumerate(tasks):
+        task = {**raw, "queue": queue} if queue and isinstance(raw, dict) and not _names_queue(raw) else raw
+        items.append(Item(f"tasks[{i}]", task, f"{delivery_key}#{i}" if delivery_key else None))
+    return items
 
 
 def plan(items: list[Item], settings: ProducerSettings) -> list[Planned]:
@@ -201,6 +212,10 @@ def _records_source(records: Any) -> Source:
         return Source.S3
     seen = ", ".join(sorted(map(str, sources)))
     raise InvalidEvent(f"Records: event source(s) {seen}; gpuq takes aws:sqs or aws:s3 records")
+
+
+def _names_queue(task: dict[str, Any]) -> bool:
+    return bool(task.keys() & {"queue", "queue_name"})
 
 
 def _json(text: str, what: str) -> Any:

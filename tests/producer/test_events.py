@@ -73,7 +73,8 @@ def test_a_batch_names_each_task_and_numbers_its_delivery_keys() -> None:
         ([{"type": "a"}], "body: must be a task object"),
         ({"tasks": {"type": "a"}}, "tasks: must be a list"),
         ({"tasks": []}, "tasks: must hold at least one task"),
-        ({"tasks": [{"type": "a"}], "queue": "qa"}, "unexpected field(s) beside 'tasks': queue"),
+        ({"tasks": [{"type": "a"}], "type": "a"}, "unexpected field(s) in a batch: type"),
+        ({"tasks": [{"type": "a"}], "queue_name": 5}, "queue: must be a queue name, got int"),
         ({"tasks": [{"type": "a"}] * 1001}, "more than 1000"),
     ],
 )
@@ -189,3 +190,11 @@ def test_sqs_bodies_carrying_s3_notifications() -> None:
     # AND S3's one-off test message asks for nothing (rather than landing in the DLQ)
     record["body"] = json.dumps({"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "b"})
     assert sqs_items(SQSRecord(record), "start_transcribe") == []
+
+
+def test_a_batch_level_queue_name_is_the_default_of_its_tasks() -> None:
+    # GIVEN the seed's batch with a top-level queue_name, one task naming its own queue
+    batch = {"queue_name": "qb", "tasks": [{"type": "a"}, {"type": "a", "queue": "qa"}, {"type": "embed"}]}
+    jobs = [p.job for p in plan(split_payload(batch), settings())]
+    # THEN tasks without a queue take the batch's (over routing too); an explicit one wins
+    assert [j.queue for j in jobs] == ["qb", "qa", "qb"]
