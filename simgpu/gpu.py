@@ -61,6 +61,7 @@ class GpuSim:
             self.oversubscriptions += 1
 
     def draw(self, job: Job) -> Plan:
+        """Draw the job's fate; a job that will be accepted takes its slot now."""
         job.plan = plan = draw_plan(self.behaviour.faults, self.rng)
         if plan.refusal is None:
             job.service_time = self.behaviour.service_time.sample(self.rng)
@@ -88,6 +89,7 @@ class GpuSim:
         self._waiting.discard(job)
         if job.beat is not None:
             job.beat.cancel()
+        job.timer = job.beat = None  # the handles refer back to the job; the job log keeps jobs a long time
         self.in_flight -= 1
         if job.plan.outcome != "lost":
             body = orjson.dumps(job.result_body())

@@ -78,12 +78,12 @@ def test_port_per_gpu_with_a_gpu_down_and_sigint(tmp_path: Path, procs: list[sub
     procs.append(proc)
 
     with httpx.Client() as client:
-        unauthorised = client.get(endpoints["g0"])
+        probe = client.get(endpoints["g0"])
         with pytest.raises(httpx.ConnectError):
             client.get(endpoints["g1"])
     stop(proc, signal.SIGINT)
 
-    assert unauthorised.status_code == 200  # the probe needs no token
+    assert probe.status_code == 200  # a probe needs no token
     assert endpoints["g0"].endswith("/")
 
 
