@@ -98,3 +98,16 @@ def database_url(mysql_server_url: str) -> Iterator[str]:
     with conn.cursor() as cur:
         cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
     conn.close()
+
+
+@pytest.fixture
+def sqlite_database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An embedded-mode database: a fresh SQLite file, what the dispatcher uses when no MySQL is configured."""
+    return f"sqlite:///{tmp_path_factory.mktemp('gpuq-sqlite')}/gpuq.db"
+
+
+@pytest.fixture(params=["mariadb", "sqlite"])
+def any_database_url(request: pytest.FixtureRequest) -> str:
+    """The test runs twice: on MariaDB (the production target) and on SQLite (embedded mode)."""
+    name = "database_url" if request.param == "mariadb" else "sqlite_database_url"
+    return str(request.getfixturevalue(name))

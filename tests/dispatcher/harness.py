@@ -39,7 +39,7 @@ def free_port() -> int:
 
 
 class DispatcherProc:
-    def __init__(self, env: dict[str, str], name: str = "d") -> None:
+    def __init__(self, env: dict[str, str], name: str = "d", workdir: Path | None = None) -> None:
         self.port = int(env.get("CALLBACK_PORT") or free_port())
         self.name = name
         self.env = {
@@ -54,7 +54,8 @@ class DispatcherProc:
             "PYTHONPATH": str(ROOT),
             **env,
         }
-        self.log_path = Path(tempfile.mkdtemp(prefix="gpuq-disp-")) / f"{name}.log"
+        # The process runs in this directory: embedded mode's default database is ./.gpuq/gpuq.db.
+        self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

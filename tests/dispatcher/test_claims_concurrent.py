@@ -1,4 +1,4 @@
-"""Several processes claiming and releasing slots of one fleet at once, through the real MariaDB.
+"""Several processes claiming and releasing slots of one fleet at once, through the real MariaDB (and SQLite).
 
 Each worker holds at most ``HOLD`` slots at a time and the fleet has more slots than all workers can hold,
 so a claim that finds no slot is a false "full". Hold intervals are recorded inside the true ones (after the
@@ -76,12 +76,21 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
 
 
 def test_concurrent_claims_never_double_book_nor_report_false_full(database_url):
+    _claim_race(database_url, CLAIMS_PER_WORKER)
+
+
+def test_concurrent_claims_on_sqlite(sqlite_database_url):
+    """Embedded mode: no row locks, BEGIN IMMEDIATE lets one writer in at a time, across processes too."""
+    _claim_race(sqlite_database_url, 400)
+
+
+def _claim_race(database_url: str, claims_per_worker: int) -> None:
     # GIVEN 3 GPUs x 4 slots and 4 processes that each hold at most 2 slots (never more than 8 of 12 busy)
     engine = fleet_engine(database_url, {"g0": 4, "g1": 4, "g2": 4})
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     procs = [
-        ctx.Process(target=_worker, args=(database_url, i, CLAIMS_PER_WORKER, out)) for i in range(WORKERS)
+        ctx.Process(target=_worker, args=(database_url, i, claims_per_worker, out)) for i in range(WORKERS)
     ]
     # WHEN they claim and release concurrently, over 10,000 claims in all
     for p in procs:
@@ -98,7 +107,7 @@ def test_concurrent_claims_never_double_book_nor_report_false_full(database_url)
         for gpu_id, slot_index, start, end in intervals:
             per_slot[(gpu_id, slot_index)].append((start, end))
             total += 1
-    assert total == WORKERS * CLAIMS_PER_WORKER
+    assert total == WORKERS * claims_per_worker
     overlaps = 0
     for spans in per_slot.values():
         spans.sort()
@@ -107,3 +116,4 @@ def test_concurrent_claims_never_double_book_nor_report_false_full(database_url)
     with engine.connect() as conn:
         assert slot_drift(conn) == []
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL").scalar_one() == 0
+    engine.dispose()

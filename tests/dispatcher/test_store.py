@@ -1,4 +1,5 @@
-"""The store functions against the real MariaDB: claims, completion, leases, cancel, drift."""
+"""The store functions on both dialects (MariaDB, and SQLite for embedded mode): claims, completion, leases,
+cancel, drift."""
 
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ def _dispatch(engine, jobs, pool="default", lease=60.0, dispatcher_id="d1"):
     )
 
 
-def test_least_loaded_placement_and_full(database_url):
+def test_least_loaded_placement_and_full(any_database_url):
     # GIVEN two GPUs with two slots each
-    engine = fleet_engine(database_url, {"g0": 2, "g1": 2})
+    engine = fleet_engine(any_database_url, {"g0": 2, "g1": 2})
     # WHEN five jobs arrive
     res = _dispatch(engine, [job() for _ in range(5)])
     # THEN four are placed two per GPU, the fifth waits, and the seed's load query agrees
@@ -58,14 +59,14 @@ def test_least_loaded_placement_and_full(database_url):
         assert free_capacity(conn) == {}
 
 
-def test_first_jobs_spread_over_gpus(database_url):
-    engine = fleet_engine(database_url, {"g0": 4, "g1": 4, "g2": 4})
+def test_first_jobs_spread_over_gpus(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 4, "g1": 4, "g2": 4})
     res = _dispatch(engine, [job() for _ in range(3)])
     assert sorted(p.gpu_id for p in res.placed) == ["g0", "g1", "g2"]
 
 
-def test_finish_frees_slot_and_repeat_is_not_applied(database_url):
-    engine = fleet_engine(database_url, {"g0": 1})
+def test_finish_frees_slot_and_repeat_is_not_applied(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 1})
     j = job()
     placed = _dispatch(engine, [j]).placed[0]
     kw = {"task_id": j.task_id, "attempt": placed.attempt, "now": utcnow(), "backoff": NO_BACKOFF}
@@ -84,8 +85,8 @@ def test_finish_frees_slot_and_repeat_is_not_applied(database_url):
         assert free_capacity(conn) == {"default": 1}
 
 
-def test_failed_attempt_retries_then_fails(database_url):
-    engine = fleet_engine(database_url, {"g0": 1})
+def test_failed_attempt_retries_then_fails(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 1})
     j = job()
     for attempt in (1, 2, 3):
         res = _dispatch(engine, [j])
@@ -114,16 +115,16 @@ def test_failed_attempt_retries_then_fails(database_url):
     assert not stale.placed and stale.dropped
 
 
-def test_duplicate_copy_is_dropped(database_url):
-    engine = fleet_engine(database_url, {"g0": 4})
+def test_duplicate_copy_is_dropped(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 4})
     j = job()
     assert _dispatch(engine, [j]).placed
     again = _dispatch(engine, [j, j], dispatcher_id="d2")
     assert not again.placed and len(again.dropped) == 2
 
 
-def test_lease_expiry_and_heartbeat(database_url):
-    engine = fleet_engine(database_url, {"g0": 1})
+def test_lease_expiry_and_heartbeat(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 1})
     j = job()
     placed = _dispatch(engine, [j], lease=0.5).placed[0]
     later = utcnow() + timedelta(seconds=1)
@@ -141,8 +142,8 @@ def test_lease_expiry_and_heartbeat(database_url):
     )
 
 
-def test_cancel_running_and_waiting(database_url):
-    engine = fleet_engine(database_url, {"g0": 1})
+def test_cancel_running_and_waiting(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 1})
     running = job()
     _dispatch(engine, [running])
     res = transaction(engine, cancel_task, task_id=running.task_id, now=utcnow(), backoff=NO_BACKOFF)
@@ -167,8 +168,8 @@ def test_cancel_running_and_waiting(database_url):
         assert slot_drift(conn) == []
 
 
-def test_not_before_defers(database_url):
-    engine = fleet_engine(database_url, {"g0": 1})
+def test_not_before_defers(any_database_url):
+    engine = fleet_engine(any_database_url, {"g0": 1})
     j = job(not_before=utcnow() + timedelta(hours=1))
     res = _dispatch(engine, [j])
     assert res.deferred and not res.placed
@@ -176,9 +177,9 @@ def test_not_before_defers(database_url):
     assert len(transaction(engine, due_deferred, now=utcnow() + timedelta(hours=2))) == 1
 
 
-def test_own_unacknowledged_commit_is_recognised(database_url):
+def test_own_unacknowledged_commit_is_recognised(any_database_url):
     # GIVEN a job this dispatcher recorded, whose commit it never heard back about
-    engine = fleet_engine(database_url, {"g0": 2})
+    engine = fleet_engine(any_database_url, {"g0": 2})
     j = job()
     first = _dispatch(engine, [j]).placed[0]
     # WHEN the same copy comes back to the same dispatcher, it is its own attempt (to send, if not sent)
