@@ -35,6 +35,12 @@ metadata = MetaData()
 # DATETIME(6) on MySQL: microseconds matter for latency figures; all times are naive UTC.
 Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+# Task ids compare byte for byte, as in Redis, the producer's idempotency keys and SQLite. MySQL's default
+# collations are case- and accent-insensitive: "Job-1" and "job-1" would be one primary key there, the
+# second dropped as a copy of the first, or (both in one batch) a duplicate-key error on slots.task_id.
+TaskId = String(255).with_variant(
+    mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+)
 
 schema_version = Table(
     "gpuq_schema",
@@ -65,7 +71,7 @@ slots = Table(
     metadata,
     Column("gpu_id", String(64), ForeignKey("gpus.gpu_id", ondelete="CASCADE"), primary_key=True),
     Column("slot_index", Integer, primary_key=True, autoincrement=False),
-    Column("task_id", String(255), nullable=True, unique=True),
+    Column("task_id", TaskId, nullable=True, unique=True),
     Column("attempt", Integer, nullable=True),
     Column("claimed_at", Timestamp, nullable=True),
     Column("lease_expires_at", Timestamp, nullable=True),
@@ -77,7 +83,7 @@ slots = Table(
 tasks = Table(
     "tasks",
     metadata,
-    Column("task_id", String(255), primary_key=True),
+    Column("task_id", TaskId, primary_key=True),
     Column("queue", String(100), nullable=False),
     Column("state", String(20), nullable=False),
     Column("type", String(50), nullable=False),
@@ -109,7 +115,7 @@ tasks = Table(
 attempts = Table(
     "attempts",
     metadata,
-    Column("task_id", String(255), primary_key=True),
+    Column("task_id", TaskId, primary_key=True),
     Column("attempt", Integer, primary_key=True, autoincrement=False),
     Column("gpu_id", String(64), nullable=True),
     Column("slot_index", Integer, nullable=True),

@@ -198,3 +198,18 @@ def test_own_unacknowledged_commit_is_recognised(any_database_url):
     )
     assert not other.mine
     assert other.dropped
+
+
+def test_task_ids_differing_in_case_or_accents_are_different_tasks(any_database_url):
+    # GIVEN ids that Redis (and the producer's idempotency keys) treat as different tasks
+    engine = fleet_engine(any_database_url, {"g0": 4})
+    jobs = [job(task_id=t) for t in ("Job-1", "job-1", "café")]
+    assert len(_dispatch(engine, jobs[:2]).placed) == 2
+    # WHEN one arrives whose id only differs from a known one by an accent
+    res = _dispatch(engine, [jobs[2], job(task_id="cafe")])
+    # THEN it is a task of its own, not a duplicate to drop: the database compares ids byte for byte
+    assert len(res.placed) == 2, res.dropped
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks.c.task_id).where(tasks.c.task_id == "job-1")).scalars().all() == [
+            "job-1"
+        ]
