@@ -23,13 +23,14 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_attempt
-from dispatcher.db.dispatch import Placed, dispatch, free_capacity, held_by
+from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
 from dispatcher.gpu_client import Answer, GpuClient, Verdict
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.intake import Intake, Settlement
 from dispatcher.metrics import Metrics
+from dispatcher.placement import capacity
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
 from dispatcher.tokens import make_token
@@ -212,11 +213,12 @@ class Dispatcher:
         """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
         if not self.accepting:
             return False
-        capacity = await self.db(free_capacity)
-        want = min(sum(capacity.values()), self.settings.dispatch_batch_size)
+        view = await self.db(snapshot)
+        free = capacity(view)
+        want = min(sum(free.values()), self.settings.dispatch_batch_size)
         if want == 0:
             return False
-        taken = await self.intake.take(want, capacity)
+        taken = await self.intake.take(want, free)
         if not taken:
             return False
         started = time.perf_counter()
@@ -250,9 +252,9 @@ class Dispatcher:
             "rng": self.rng,
         }
         try:
-            result = await self.db(dispatch, now=utcnow(), **kwargs)
-        except IntegrityError:  # another dispatcher recorded one of these tasks at the same instant
-            result = await self.db(dispatch, now=utcnow(), **kwargs)
+            result = await self.db(dispatch, now=utcnow(), view=view, **kwargs)
+        except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
+            result = await self.db(dispatch, now=utcnow(), check_existing=True, **kwargs)
         element_of = {job.task_id: el for job, _, el in items}
         unsent = [p for p in result.mine if (p.job.task_id, p.attempt) not in self._sent]
         done = Settlement(
@@ -363,7 +365,7 @@ class Dispatcher:
         )
         if fin.code == "applied":
             self.metrics.attempts.labels(outcome.value).inc()
-            log.info(
+            log.debug(
                 "attempt ended",
                 extra={
                     "action": "attempt_end",

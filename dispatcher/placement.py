@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True)
-class SlotView:
+class GpuFree:
+    """One eligible GPU with at least one free slot, as the database saw it."""
+
     gpu_id: str
-    slot_index: int
     url: str
     pool: str
-    free: bool
+    busy: int
+    free: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,30 +31,28 @@ class Pick:
     url: str
 
 
+def capacity(snapshot: Iterable[GpuFree]) -> dict[str, int]:
+    """Free slots per pool."""
+    out: dict[str, int] = defaultdict(int)
+    for g in snapshot:
+        out[g.pool] += len(g.free)
+    return dict(out)
+
+
 class Placer:
     """Hands out free slots of a snapshot, least-loaded GPU first, counting its own picks as load."""
 
-    def __init__(self, slots: Iterable[SlotView], rng: random.Random | None = None) -> None:
-        rng = rng or random.Random()  # noqa: S311 - tie-breaking, not crypto
-        busy: dict[str, int] = defaultdict(int)
-        free: dict[str, list[int]] = defaultdict(list)
-        meta: dict[str, tuple[str, str]] = {}
-        for s in slots:
-            meta[s.gpu_id] = (s.url, s.pool)
-            if s.free:
-                free[s.gpu_id].append(s.slot_index)
-            else:
-                busy[s.gpu_id] += 1
-        self._meta = meta
-        self._busy = busy
-        self._free = {gpu: sorted(indexes, reverse=True) for gpu, indexes in free.items()}
+    def __init__(self, snapshot: Iterable[GpuFree], rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()  # noqa: S311 - tie-breaking, not crypto
+        self._gpus: dict[str, GpuFree] = {}
+        self._busy: dict[str, int] = {}
+        self._free: dict[str, list[int]] = {}
         self._heaps: dict[str, list[tuple[int, float, str]]] = defaultdict(list)
-        for gpu in self._free:
-            heapq.heappush(self._heaps[meta[gpu][1]], (busy[gpu], rng.random(), gpu))
-        self._rng = rng
-
-    def free_in(self, pool: str) -> int:
-        return sum(len(self._free[gpu]) for _, _, gpu in self._heaps.get(pool, ()))
+        for g in snapshot:
+            self._gpus[g.gpu_id] = g
+            self._busy[g.gpu_id] = g.busy
+            self._free[g.gpu_id] = sorted(g.free, reverse=True)
+            heapq.heappush(self._heaps[g.pool], (g.busy, self._rng.random(), g.gpu_id))
 
     def take(self, pool: str) -> Pick | None:
         heap = self._heaps.get(pool)
@@ -63,4 +63,4 @@ class Placer:
         self._busy[gpu] += 1
         if self._free[gpu]:
             heapq.heappush(heap, (self._busy[gpu], self._rng.random(), gpu))
-        return Pick(gpu_id=gpu, slot_index=slot_index, url=self._meta[gpu][0])
+        return Pick(gpu_id=gpu, slot_index=slot_index, url=self._gpus[gpu].url)

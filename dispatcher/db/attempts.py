@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
 from dispatcher.db.dispatch import free_slot
-from dispatcher.db.schema import attempts, slots, tasks
+from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.states import DEFERRED, TERMINAL, Outcome, TaskState
 from producer.job import Job
 from producer.keys import Priority
@@ -41,6 +41,34 @@ class Backoff:
         return raw * (0.9 + 0.2 * random.random())  # noqa: S311 - jitter spreads retries of a burst
 
 
+_END = text(
+    """
+    UPDATE tasks SET
+      state = CASE WHEN :retry = 1 AND attempt < max_attempts THEN 'retrying' ELSE :final END,
+      run_after = CASE WHEN :retry = 1 AND attempt < max_attempts THEN :run_after ELSE NULL END,
+      finished_at = CASE WHEN :retry = 1 AND attempt < max_attempts THEN NULL ELSE :now END,
+      result = COALESCE(:result, result), error = :error, last_callback = :reported, updated_at = :now
+    WHERE task_id = :task_id AND attempt = :attempt AND state = 'processing'
+    """
+).bindparams(
+    bindparam("now", type_=Timestamp),
+    bindparam("run_after", type_=Timestamp),
+    bindparam("result", type_=Text),
+)
+_HISTORY = text(
+    "INSERT INTO attempts (task_id, attempt, gpu_id, slot_index, started_at, ended_at, outcome, error)"
+    " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
+    " FROM tasks WHERE task_id = :task_id"
+).bindparams(bindparam("now", type_=Timestamp))
+_FINAL_STATE = {
+    Outcome.FINISHED: TaskState.FINISHED,
+    Outcome.FAILED: TaskState.FAILED,
+    Outcome.FAILED_RETRY: TaskState.FAILED,
+    Outcome.EXPIRED: TaskState.FAILED,
+    Outcome.CANCELLED: TaskState.CANCELLED,
+}
+
+
 def finish_attempt(
     conn: Connection,
     *,
@@ -53,58 +81,42 @@ def finish_attempt(
     error: str | None = None,
     reported: str | None = None,
 ) -> Finish:
-    """End ``attempt`` of ``task_id`` with ``outcome``.
+    """End ``attempt`` of ``task_id`` with ``outcome``: one conditional UPDATE decides, so of a callback, a
+    GPU answer and a lease expiry racing for one attempt exactly one applies.
 
     ``reported`` is the status a GPU reported (callback or synchronous answer); the same report coming again
     for an attempt it already ended is a repeat (200, applied false), anything else for a finished attempt is
     stale (409).
     """
-    row = conn.execute(
-        select(
-            tasks.c.state,
-            tasks.c.attempt,
-            tasks.c.max_attempts,
-            tasks.c.gpu_id,
-            tasks.c.slot_index,
-            tasks.c.started_at,
-            tasks.c.last_callback,
-        )
-        .where(tasks.c.task_id == task_id)
-        .with_for_update()
-    ).first()
-    if row is None:
-        return Finish("unknown")
-    if row.state != TaskState.PROCESSING or row.attempt != attempt:
+    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED)
+    params = {
+        "task_id": task_id,
+        "attempt": attempt,
+        "retry": 1 if retry else 0,
+        "final": _FINAL_STATE[outcome].value,
+        "run_after": now + timedelta(seconds=backoff.delay(attempt)) if retry else None,
+        "now": now,
+        "result": json.dumps(result, separators=(",", ":")) if result is not None else None,
+        "error": error if outcome is not Outcome.FINISHED else None,
+        "reported": reported,
+    }
+    if conn.execute(_END, params).rowcount != 1:
+        row = conn.execute(
+            select(tasks.c.state, tasks.c.attempt, tasks.c.last_callback).where(tasks.c.task_id == task_id)
+        ).first()
+        if row is None:
+            return Finish("unknown")
         if reported is not None and row.attempt == attempt and row.last_callback == reported:
             return Finish("repeat", row.state)
         return Finish("stale", row.state)
-
-    freed = free_slot(conn, gpu_id=row.gpu_id, slot_index=row.slot_index, task_id=task_id)
-    values: dict[str, Any] = {"updated_at": now, "last_callback": reported}
-    if outcome is Outcome.FINISHED:
-        values |= {"state": TaskState.FINISHED.value, "finished_at": now, "error": None}
-        if result is not None:
-            values["result"] = json.dumps(result, separators=(",", ":"))
-    elif outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED) and attempt < row.max_attempts:
-        run_after = now + timedelta(seconds=backoff.delay(attempt))
-        values |= {"state": TaskState.RETRYING.value, "run_after": run_after, "error": error}
-    else:
-        state = TaskState.CANCELLED if outcome is Outcome.CANCELLED else TaskState.FAILED
-        values |= {"state": state.value, "finished_at": now, "error": error}
-    conn.execute(update(tasks).where(tasks.c.task_id == task_id).values(**values))
+    freed = free_slot(conn, task_id=task_id, attempt=attempt)
     conn.execute(
-        insert(attempts).values(
-            task_id=task_id,
-            attempt=attempt,
-            gpu_id=row.gpu_id,
-            slot_index=row.slot_index,
-            started_at=row.started_at,
-            ended_at=now,
-            outcome=outcome.value,
-            error=error,
-        )
+        _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
-    return Finish("applied", values["state"], freed)
+    state = params["final"]
+    if retry:
+        state = conn.execute(select(tasks.c.state).where(tasks.c.task_id == task_id)).scalar_one()
+    return Finish("applied", str(state), freed)
 
 
 def extend_lease(
