@@ -51,7 +51,10 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
     return endpoints
 
 
-class DispatcherSettings(QueueSettings):
+class StoreSettings(QueueSettings):
+    """Where the state lives (Redis, the database) and the fleet-wide defaults: what the dispatcher and the
+    operator CLI share. The CLI loads only this, so it works without the dispatcher's CALLBACK_SECRET."""
+
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
 
     database_url: str | None = None
@@ -60,9 +63,38 @@ class DispatcherSettings(QueueSettings):
     db_name: str = "queue_system"
     db_user: str = "root"
     db_password: SecretStr = SecretStr("")
-
-    gpu_endpoints: str = ""
     slots_per_gpu: int = Field(default=4, ge=1, le=1024)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("mysql", "mariadb", "sqlite")):
+            raise ValueError("must be a mysql+pymysql://… or sqlite:///… URL")
+        return value or None
+
+    @cached_property
+    def all_queues(self) -> list[str]:
+        """TASK_QUEUES plus the queues routed types are sent to (one per pool), without repeats."""
+        queues = list(self.queues)
+        for pool in parse_pairs(self.task_routes, "TASK_ROUTES").values():
+            if pool not in queues:
+                queues.append(pool)
+        return queues
+
+    def db_url(self) -> str:
+        """DATABASE_URL, else one built from the seed's DB_* parts, else the embedded SQLite file."""
+        if self.database_url:
+            return self.database_url
+        if self.db_host:
+            pw = quote(self.db_password.get_secret_value(), safe="")
+            auth = quote(self.db_user, safe="") + (f":{pw}" if pw else "")
+            return f"mysql+pymysql://{auth}@{self.db_host}:{self.db_port}/{self.db_name}"
+        return "sqlite:///.gpuq/gpuq.db"
+
+
+class DispatcherSettings(StoreSettings):
+    gpu_endpoints: str = ""
     callback_url: str | None = None
     callback_host: str = "0.0.0.0"  # noqa: S104 - GPU services call back from other machines
     callback_port: int = Field(default=8000, ge=0, le=65535)
@@ -71,7 +103,6 @@ class DispatcherSettings(QueueSettings):
     api_token: SecretStr | None = None
 
     task_timeout_seconds: float = Field(default=900.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1, le=100)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
     gpu_request_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -98,13 +129,6 @@ class DispatcherSettings(QueueSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value or None
 
-    @field_validator("database_url")
-    @classmethod
-    def _check_db_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("mysql", "mariadb", "sqlite")):
-            raise ValueError("must be a mysql+pymysql://… or sqlite:///… URL")
-        return value or None
-
     @field_validator("log_format")
     @classmethod
     def _check_log_format(cls, value: str) -> str:
@@ -122,15 +146,6 @@ class DispatcherSettings(QueueSettings):
     def endpoints(self) -> list[GpuEndpoint]:
         return parse_gpu_endpoints(self.gpu_endpoints)
 
-    @cached_property
-    def all_queues(self) -> list[str]:
-        """TASK_QUEUES plus the queues routed types are sent to (one per pool), without repeats."""
-        queues = list(self.queues)
-        for pool in parse_pairs(self.task_routes, "TASK_ROUTES").values():
-            if pool not in queues:
-                queues.append(pool)
-        return queues
-
     def pool_for(self, task_type: str) -> str:
         return self.routes.get(task_type, DEFAULT_POOL)
 
@@ -145,13 +160,3 @@ class DispatcherSettings(QueueSettings):
             return self.callback_url
         host = "127.0.0.1" if self.callback_host in ("0.0.0.0", "::", "") else self.callback_host  # noqa: S104
         return f"http://{host}:{self.callback_port}/callback"
-
-    def db_url(self) -> str:
-        """DATABASE_URL, else one built from the seed's DB_* parts, else the embedded SQLite file."""
-        if self.database_url:
-            return self.database_url
-        if self.db_host:
-            pw = quote(self.db_password.get_secret_value(), safe="")
-            auth = quote(self.db_user, safe="") + (f":{pw}" if pw else "")
-            return f"mysql+pymysql://{auth}@{self.db_host}:{self.db_port}/{self.db_name}"
-        return "sqlite:///.gpuq/gpuq.db"

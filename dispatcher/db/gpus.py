@@ -63,15 +63,22 @@ def set_gpu_state(conn: Connection, *, gpu_id: str, state: GpuState, now: dateti
 
 
 def remove_gpu(conn: Connection, *, gpu_id: str) -> tuple[bool, int]:
-    """Delete a GPU that runs nothing; returns (removed, busy slots that prevented it)."""
-    busy = conn.execute(
-        select(func.count()).where(slots.c.gpu_id == gpu_id, slots.c.task_id.is_not(None))
-    ).scalar_one()
-    if busy:
-        return False, int(busy)
-    conn.execute(delete(slots).where(slots.c.gpu_id == gpu_id))
-    res = conn.execute(delete(gpus).where(gpus.c.gpu_id == gpu_id))
-    return res.rowcount == 1, 0
+    """Delete a GPU that runs nothing; returns (removed, busy slots that prevented it).
+
+    Only free slot rows are deleted, by a conditional DELETE that locks them: a dispatcher claiming one at
+    the same moment either committed first (the slot is busy, stays, and the removal is undone) or waits
+    for us and then finds no row to claim. Counting first and deleting after would race with such a claim.
+    """
+    if conn.execute(select(gpus.c.gpu_id).where(gpus.c.gpu_id == gpu_id).with_for_update()).first() is None:
+        return False, 0
+    with conn.begin_nested() as savepoint:
+        conn.execute(delete(slots).where(slots.c.gpu_id == gpu_id, slots.c.task_id.is_(None)))
+        busy = int(conn.execute(select(func.count()).where(slots.c.gpu_id == gpu_id)).scalar_one())
+        if busy:
+            savepoint.rollback()
+            return False, busy
+    conn.execute(delete(gpus).where(gpus.c.gpu_id == gpu_id))
+    return True, 0
 
 
 def record_failure(

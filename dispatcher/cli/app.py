@@ -1,0 +1,91 @@
+"""The ``gpuq`` command: one Typer app with a sub-app per noun (gpu, task, queue, db).
+
+Exit status: 0 done, 1 refused (unknown GPU or task, busy GPU, final task), 2 bad argument or setting,
+3 Redis or the database unreachable. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+from redis.exceptions import RedisError
+from sqlalchemy.exc import DBAPIError
+from typer.core import TyperGroup
+
+from dispatcher.cli import admin, gpus, queues, status, tasks
+from dispatcher.cli.context import stores
+from dispatcher.cli.errors import BadArgument, OperatorError, Unreachable
+from dispatcher.db.engine import StoreUnavailable
+from producer.errors import ConfigError, InvalidJob, QueueUnavailable
+
+
+def _translate(ctx: Any, exc: Exception) -> OperatorError | None:
+    """The operator's reading of an error from below, or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, OperatorError):
+        return exc
+    if isinstance(exc, ConfigError | InvalidJob):
+        return BadArgument(exc.message)
+    s = ctx.find_root().obj
+    if isinstance(exc, RedisError | QueueUnavailable):
+        where = s.redis_where() if s is not None else "Redis"
+        detail = exc.detail if isinstance(exc, QueueUnavailable) else str(exc)
+        return Unreachable(f"Redis at {where} is unreachable: {detail}")
+    if isinstance(exc, StoreUnavailable | DBAPIError):
+        where = s.db_where() if s is not None else "the database"
+        if _no_schema(exc):
+            return Unreachable(f"database {where} has no gpuq tables yet: run `gpuq db init`")
+        detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+        return Unreachable(f"database {where} is unreachable: {detail}")
+    return None
+
+
+def _no_schema(exc: Exception) -> bool:
+    orig = getattr(exc, "orig", None)
+    code = orig.args[0] if orig is not None and orig.args else None
+    return code == 1146 or "no such table" in str(orig)
+
+
+class GpuqGroup(TyperGroup):
+    """Runs every subcommand under one error policy (see the module docstring)."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as exc:
+            err = _translate(ctx, exc)
+            if err is None:
+                raise
+            typer.echo(f"gpuq: {err.message}", err=True)
+            raise typer.Exit(err.exit_code) from None
+
+
+app = typer.Typer(
+    cls=GpuqGroup,
+    help="Operate a gpuq deployment: GPU load, GPUs, tasks, queues, the database.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    """Settings come from the environment and ./.env, as for the dispatcher (CALLBACK_SECRET not needed)."""
+    stores(ctx)
+
+
+app.command()(status.status)
+app.command()(tasks.submit)
+app.command()(admin.sql)
+app.add_typer(gpus.app, name="gpu")
+app.add_typer(tasks.app, name="task")
+app.add_typer(queues.app, name="queue")
+app.add_typer(admin.db_app, name="db")
+
+
+def main() -> None:
+    sys.exit(app(prog_name="gpuq"))

@@ -1,0 +1,82 @@
+"""The stores a command talks to, opened on first use and closed when the command ends.
+
+Settings are ``StoreSettings`` (Redis, database, queues, slot and attempt defaults) from the environment and
+``.env``, like the dispatcher's, but without the dispatcher-only ones: an operator's shell needs the
+database password, not the CALLBACK_SECRET that signs GPU callbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import redis
+import typer
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from dispatcher.db.engine import make_engine, transaction
+from dispatcher.settings import StoreSettings
+from producer.keys import Keys
+from producer.settings import load
+
+T = TypeVar("T")
+
+
+class Stores:
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._redis: redis.Redis | None = None
+
+    @cached_property
+    def settings(self) -> StoreSettings:
+        return load(StoreSettings)  # ConfigError names the variable; app.py maps it to exit status 2
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.redis_key_prefix)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.settings.db_url(), pool_size=2)
+        return self._engine
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_dsn(), socket_connect_timeout=3, socket_timeout=10
+            )
+        return self._redis
+
+    def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        return transaction(self.engine, fn, attempts=3, **kwargs)
+
+    def wake(self, what: str) -> None:
+        """Tell every dispatcher to look again now (a slot was freed, a GPU added, a task retried)."""
+        self.redis.publish(self.keys.wake, what)
+
+    def db_where(self) -> str:
+        return make_url(self.settings.db_url()).render_as_string(hide_password=True)
+
+    def redis_where(self) -> str:
+        parts = urlsplit(self.settings.redis_dsn())
+        return f"{parts.hostname or parts.path}:{parts.port or 6379}"
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+        if self._engine is not None:
+            self._engine.dispose()
+
+
+def stores(ctx: typer.Context) -> Stores:
+    """The command's stores (created by the top-level callback)."""
+    root = ctx.find_root()
+    if not isinstance(root.obj, Stores):
+        root.obj = Stores()
+        root.call_on_close(root.obj.close)
+    return root.obj

@@ -1,0 +1,113 @@
+"""``gpuq gpu``: add, drain, activate, remove and list GPU services while dispatchers run.
+
+Every dispatcher reads the GPU table at each placement, so a change here takes effect at once on all of
+them; after adding or activating a GPU a wake-up makes them look for work for it straight away. A GPU listed
+in GPU_ENDPOINTS is registered again when a dispatcher starts: remove it there too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+
+from dispatcher.cli.context import stores
+from dispatcher.cli.errors import BadArgument, OperatorError
+from dispatcher.cli.render import console, rows_table
+from dispatcher.db.engine import utcnow
+from dispatcher.db.gpus import list_gpus, register_gpu, remove_gpu, set_gpu_state
+from dispatcher.settings import DEFAULT_POOL, parse_gpu_endpoints
+from dispatcher.states import GpuState
+
+app = typer.Typer(help="Add, drain, activate, remove and list GPU services.", no_args_is_help=True)
+
+Name = Annotated[str, typer.Argument(help="GPU name, e.g. g0.")]
+
+
+@app.command()
+def add(
+    ctx: typer.Context,
+    name: Name,
+    url: Annotated[str, typer.Argument(help="The GPU service's URL, e.g. http://10.0.0.5:9000/infer.")],
+    pool: Annotated[str, typer.Option(help="Pool serving the task types routed to it.")] = DEFAULT_POOL,
+    slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Default: SLOTS_PER_GPU.")] = None,
+) -> None:
+    """Register a GPU (or change the URL, pool or slot count of a known one)."""
+    try:
+        (ep,) = parse_gpu_endpoints(f"{pool}:{name}={url}")
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from exc
+    s = stores(ctx)
+    count = slots or s.settings.slots_per_gpu
+    known = {g.gpu_id for g in s.db(list_gpus)}
+    s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
+    s.wake("slot")
+    verb = "updated" if ep.gpu_id in known else "added"
+    console().print(f"{verb} GPU {ep.gpu_id} ({ep.url}) in pool {ep.pool} with {count} slots")
+
+
+def _set_state(ctx: typer.Context, name: str, state: GpuState) -> int:
+    s = stores(ctx)
+    if not s.db(set_gpu_state, gpu_id=name, state=state, now=utcnow()):
+        raise OperatorError(f"no GPU named {name!r} (gpuq gpu list shows them)")
+    return next(g.busy for g in s.db(list_gpus) if g.gpu_id == name)
+
+
+@app.command()
+def drain(ctx: typer.Context, name: Name) -> None:
+    """Take no new jobs on a GPU; the running ones finish (then it can be removed)."""
+    busy = _set_state(ctx, name, GpuState.DRAINING)
+    console().print(f"GPU {name} draining: {busy} job(s) still running, no new ones")
+
+
+@app.command()
+def activate(ctx: typer.Context, name: Name) -> None:
+    """Put a drained GPU back into rotation."""
+    _set_state(ctx, name, GpuState.ACTIVE)
+    stores(ctx).wake("slot")
+    console().print(f"GPU {name} active")
+
+
+@app.command()
+def remove(ctx: typer.Context, name: Name) -> None:
+    """Delete a GPU that runs nothing (drain it first and wait for its jobs)."""
+    s = stores(ctx)
+    removed, busy = s.db(remove_gpu, gpu_id=name)
+    if busy:
+        raise OperatorError(
+            f"GPU {name} still runs {busy} job(s): `gpuq gpu drain {name}`, wait until gpuq gpu list "
+            "shows it idle, then remove it"
+        )
+    if not removed:
+        raise OperatorError(f"no GPU named {name!r} (gpuq gpu list shows them)")
+    console().print(f"removed GPU {name}")
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
+) -> None:
+    """Every GPU: pool, URL, state, health, busy slots."""
+    rows = stores(ctx).db(list_gpus)
+    if as_json:
+        typer.echo(json.dumps([asdict(g) for g in rows], indent=2))
+        return
+    console().print(
+        rows_table(
+            ("GPU", "pool", "state", "healthy", "busy", "failures", "url"),
+            (
+                (
+                    g.gpu_id,
+                    g.pool,
+                    g.state,
+                    "yes" if g.healthy else "NO",
+                    f"{g.busy}/{g.slots}",
+                    g.consecutive_failures,
+                    g.url,
+                )
+                for g in rows
+            ),
+        )
+    )

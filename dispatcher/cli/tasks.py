@@ -1,0 +1,108 @@
+"""``gpuq task show/cancel/retry`` and ``gpuq submit``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from dispatcher.cli.context import stores
+from dispatcher.cli.errors import BadArgument, OperatorError
+from dispatcher.cli.render import console
+from dispatcher.db.attempts import Backoff, cancel_task
+from dispatcher.db.engine import utcnow
+from dispatcher.db.operator import retry_task
+from dispatcher.db.reads import get_task
+from producer.keys import Priority
+
+app = typer.Typer(help="Look at, cancel or retry one task.", no_args_is_help=True)
+
+TaskId = Annotated[str, typer.Argument(help="The task's id.")]
+
+
+@app.command()
+def show(ctx: typer.Context, task_id: TaskId) -> None:
+    """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts."""
+    found = stores(ctx).db(get_task, task_id=task_id)
+    if found is None:
+        raise OperatorError(f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)")
+    typer.echo(json.dumps(found, indent=2))
+
+
+@app.command()
+def cancel(ctx: typer.Context, task_id: TaskId) -> None:
+    """Cancel a task: a waiting one never runs; a running one ends now, its slot is freed at once, and its
+    GPU's late callback is answered 409 without effect."""
+    s = stores(ctx)
+    fin = s.db(cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
+    if fin.freed:
+        s.wake("slot")  # every dispatcher may refill the slot now
+    if fin.code == "applied":
+        how = "its slot is free again" if fin.freed else "it will not run"
+        console().print(f"task {task_id} cancelled: {how}")
+    elif fin.state == "cancelled":
+        console().print(f"task {task_id} was already cancelled")
+    else:
+        raise OperatorError(f"task {task_id} is already {fin.state}: nothing to cancel")
+
+
+@app.command()
+def retry(
+    ctx: typer.Context,
+    task_id: TaskId,
+    attempts: Annotated[int, typer.Option(min=1, max=100, help="More attempts to allow.")] = 1,
+) -> None:
+    """Run a failed or cancelled task again (within a second, while a dispatcher runs)."""
+    s = stores(ctx)
+    res = s.db(retry_task, task_id=task_id, now=utcnow(), extra_attempts=attempts)
+    if res.code == "unknown":
+        raise OperatorError(f"unknown task {task_id!r}")
+    if res.code == "refused":
+        raise OperatorError(f"task {task_id} cannot be retried: {res.reason}")
+    s.wake("job")
+    console().print(f"task {task_id} is retrying (up to {res.max_attempts} attempts in all)")
+
+
+def submit(
+    ctx: typer.Context,
+    *,
+    task_type: Annotated[str, typer.Option("--type", "-t", help="Task type, e.g. start_transcribe.")],
+    data: Annotated[str, typer.Option("--data", "-d", help="The task's data, a JSON object.")] = "{}",
+    queue: Annotated[str | None, typer.Option("--queue", "-q", help="Default: by TASK_ROUTES.")] = None,
+    priority: Annotated[Priority, typer.Option("--priority", "-p")] = Priority.NORMAL,
+    task_id: Annotated[str | None, typer.Option("--task-id", help="Makes a repeated submit a no-op.")] = None,
+    delay: Annotated[float | None, typer.Option(min=0, help="Seconds before it may start.")] = None,
+) -> None:
+    """Enqueue one task without Lambda: the producer's validation, idempotency and Redis script."""
+    from producer import enqueue, events
+    from producer.settings import ProducerSettings
+
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise BadArgument(f"--data is not JSON: {exc}") from exc
+    task: dict[str, Any] = {"type": task_type, "data": payload, "priority": priority.value}
+    for key, value in (("queue", queue), ("task_id", task_id), ("delay_seconds", delay)):
+        if value is not None:
+            task[key] = value
+    s = stores(ctx).settings
+    producer = ProducerSettings(
+        redis_url=s.redis_dsn(),
+        redis_key_prefix=s.redis_key_prefix,
+        task_queues=s.task_queues,
+        task_routes=s.task_routes,
+        redis_secret_arn=None,
+    )
+    planned = events.plan([events.Item("", task, None)], producer)  # InvalidJob -> exit status 2
+    try:
+        pushed = enqueue.push(planned, producer)
+    finally:
+        enqueue.close_clients()
+    (tid,) = pushed.task_ids
+    typer.echo(tid)  # alone on stdout, for TASK=$(gpuq submit ...)
+    job = planned[0].job
+    if pushed.duplicates:
+        typer.echo("already enqueued by an earlier submit with this task id: not pushed again", err=True)
+    else:
+        typer.echo(f"queued on {job.queue} ({job.priority.value})", err=True)

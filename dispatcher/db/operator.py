@@ -1,0 +1,60 @@
+"""Store functions only operators call (``gpuq task retry``): putting an ended task back in line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from sqlalchemy import Connection, select, update
+
+from dispatcher.db.schema import tasks
+from dispatcher.states import TaskState
+
+#: States an operator may send back for another try.
+RETRIABLE = frozenset({TaskState.FAILED, TaskState.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    code: Literal["applied", "unknown", "refused"]
+    state: str | None = None
+    reason: str = ""
+    max_attempts: int = 0
+
+
+def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts: int = 1) -> Retried:
+    """Make a failed or cancelled task ``retrying`` now, with ``extra_attempts`` more attempts allowed.
+
+    The dispatchers' housekeeping puts every due ``retrying`` task back in Redis within a fraction of a
+    second, exactly as after a backoff; the attempt counter goes on, so callbacks of the old attempts stay
+    stale (409) and cannot touch the new one.
+    """
+    row = conn.execute(
+        select(tasks.c.state, tasks.c.attempt, tasks.c.max_attempts, tasks.c.type)
+        .where(tasks.c.task_id == task_id)
+        .with_for_update()
+    ).first()
+    if row is None:
+        return Retried("unknown")
+    if row.state not in RETRIABLE:
+        return Retried("refused", row.state, f"it is {row.state}; only failed or cancelled tasks are retried")
+    if not row.type:
+        return Retried(
+            "refused",
+            row.state,
+            "it was cancelled before a dispatcher recorded it, so its job was never stored: submit it again",
+        )
+    max_attempts = max(row.max_attempts, row.attempt + max(1, extra_attempts))
+    conn.execute(
+        update(tasks)
+        .where(tasks.c.task_id == task_id)
+        .values(
+            state=TaskState.RETRYING.value,
+            run_after=now,
+            finished_at=None,
+            max_attempts=max_attempts,
+            updated_at=now,
+        )
+    )
+    return Retried("applied", TaskState.RETRYING.value, max_attempts=max_attempts)

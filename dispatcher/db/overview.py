@@ -1,0 +1,139 @@
+"""The fleet as operators see it (``gpuq status``, the dashboard): every slot, recent throughput, recent
+failures, tasks waiting in the database. Read-only; every query is bounded by a time window or an index, so
+polling it every second stays cheap however long the ``tasks`` and ``attempts`` tables grow.
+
+Throughput is counted in SQL with one ``SUM(CASE …)`` column per time bucket: portable between MySQL and
+SQLite (date arithmetic is not), and a single range scan of ``idx_attempts_ended_at``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, case, func, select
+
+from dispatcher.db.gpus import list_gpus
+from dispatcher.db.schema import attempts, slots, tasks
+from dispatcher.states import Outcome, TaskState
+
+#: Task states that are not final: few rows at any time, counted through ``idx_tasks_state``.
+OPEN_STATES = (TaskState.PROCESSING, TaskState.QUEUED, TaskState.RETRYING, TaskState.SCHEDULED)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value is not None else None
+
+
+def slot_map(conn: Connection, *, now: datetime, recent_seconds: float = 60.0) -> list[dict[str, Any]]:
+    """Every GPU with its slots (busy or free) and the jobs it finished in the last ``recent_seconds``."""
+    held: dict[str, list[dict[str, Any]]] = {}
+    for r in conn.execute(
+        select(slots.c.gpu_id, slots.c.slot_index, slots.c.task_id, slots.c.claimed_at).order_by(
+            slots.c.gpu_id, slots.c.slot_index
+        )
+    ):
+        held.setdefault(r.gpu_id, []).append(
+            {
+                "index": r.slot_index,
+                "task_id": r.task_id,
+                "busy_for": (now - r.claimed_at).total_seconds() if r.task_id and r.claimed_at else None,
+            }
+        )
+    done: dict[str, int] = dict(
+        conn.execute(
+            select(attempts.c.gpu_id, func.count())
+            .where(
+                attempts.c.ended_at >= now - timedelta(seconds=recent_seconds),
+                attempts.c.outcome == Outcome.FINISHED.value,
+            )
+            .group_by(attempts.c.gpu_id)
+        ).all()
+    )
+    return [
+        {
+            "gpu_id": g.gpu_id,
+            "url": g.url,
+            "pool": g.pool,
+            "state": g.state,
+            "healthy": g.healthy,
+            "slots": g.slots,
+            "busy": g.busy,
+            "consecutive_failures": g.consecutive_failures,
+            "last_error": g.last_error,
+            "finished_recent": int(done.get(g.gpu_id, 0)),
+            "slot_list": held.get(g.gpu_id, []),
+        }
+        for g in list_gpus(conn)
+    ]
+
+
+def open_tasks(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(
+        select(tasks.c.state, func.count())
+        .where(tasks.c.state.in_([s.value for s in OPEN_STATES]))
+        .group_by(tasks.c.state)
+    )
+    counts = {s.value: 0 for s in OPEN_STATES}
+    counts.update({state: int(n) for state, n in rows})
+    return counts
+
+
+def throughput(conn: Connection, *, now: datetime, minutes: float, bucket_seconds: int) -> dict[str, Any]:
+    """Attempts ended per bucket of ``bucket_seconds`` over the last ``minutes``, one series per outcome."""
+    n = max(1, int(minutes * 60 // bucket_seconds))
+    start = now - timedelta(seconds=n * bucket_seconds)
+    edges = [start + timedelta(seconds=i * bucket_seconds) for i in range(n + 1)]
+    ended = attempts.c.ended_at
+    columns = [
+        func.sum(case((and_(ended >= edges[i], ended < edges[i + 1]), 1), else_=0)).label(f"b{i}")
+        for i in range(n)
+    ]
+    series = {o.value: [0] * n for o in Outcome}
+    for row in conn.execute(
+        select(attempts.c.outcome, *columns)
+        .where(ended >= start, ended < edges[-1])
+        .group_by(attempts.c.outcome)
+    ):
+        series[row.outcome] = [int(v or 0) for v in row[1:]]
+    return {"start": _iso(start), "bucket_seconds": bucket_seconds, "series": series}
+
+
+def recent_failures(
+    conn: Connection, *, now: datetime, window_seconds: float = 3600, limit: int = 12
+) -> list[dict[str, Any]]:
+    """The last attempts that did not finish (failed, retried, expired, cancelled), newest first."""
+    rows = conn.execute(
+        select(attempts, tasks.c.type)
+        .select_from(attempts.outerjoin(tasks, tasks.c.task_id == attempts.c.task_id))
+        .where(
+            attempts.c.ended_at >= now - timedelta(seconds=window_seconds),
+            attempts.c.outcome != Outcome.FINISHED.value,
+        )
+        .order_by(attempts.c.ended_at.desc())
+        .limit(limit)
+    )
+    return [
+        {
+            "task_id": r.task_id,
+            "type": r.type,
+            "attempt": r.attempt,
+            "gpu_id": r.gpu_id,
+            "outcome": r.outcome,
+            "error": (r.error or "")[:300],
+            "ended_at": _iso(r.ended_at),
+        }
+        for r in rows
+    ]
+
+
+def overview(
+    conn: Connection, *, now: datetime, minutes: float = 5, bucket_seconds: int = 10
+) -> dict[str, Any]:
+    """Everything the dashboard and ``gpuq status`` show from the database, read in one transaction."""
+    return {
+        "gpus": slot_map(conn, now=now),
+        "tasks": open_tasks(conn),
+        "throughput": throughput(conn, now=now, minutes=minutes, bucket_seconds=bucket_seconds),
+        "failures": recent_failures(conn, now=now),
+    }

@@ -1,0 +1,124 @@
+"""What waits in Redis, for operators (``gpuq status``, the dashboard, ``/metrics``): depth of every queue at
+every priority, how long its oldest job has waited, parked jobs per pool, dead letters.
+
+Read-only. The CLI uses a blocking Redis client and the HTTP edge an asyncio one; both queue the same
+commands on a pipeline with ``plan`` and read the replies with ``read``, so the two views cannot disagree
+and each costs one round trip. Key names come from ``producer.keys``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from producer.keys import PRIORITY_ORDER, Keys, queue_key
+
+
+class Pipeline(Protocol):
+    """The part of a redis-py pipeline (sync or asyncio) that ``plan`` uses."""
+
+    def llen(self, name: str) -> Any: ...
+
+    def lindex(self, name: str, index: int) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    queue: str
+    priority: str
+    key: str  # the Redis list
+    depth: int
+    oldest_age: float | None  # seconds the head job has waited; None when empty or its time is unknown
+
+
+@dataclass(frozen=True, slots=True)
+class RedisView:
+    queues: list[QueueDepth]
+    parked: dict[str, int]  # pool -> jobs taken while the pool was full
+    dead: int
+
+    def waiting(self) -> int:
+        return sum(q.depth for q in self.queues) + sum(self.parked.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "queues": [
+                {
+                    "queue": q.queue,
+                    "priority": q.priority,
+                    "key": q.key,
+                    "depth": q.depth,
+                    "oldest_age": q.oldest_age,
+                }
+                for q in self.queues
+            ],
+            "parked": self.parked,
+            "dead": self.dead,
+            "waiting": self.waiting(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The commands of one look at the queues ``queues`` and the parked lists of ``pools``."""
+
+    keys: Keys
+    queues: list[str]
+    pools: list[str]
+
+    def lists(self) -> list[tuple[str, str, str]]:
+        return [(q, p.value, queue_key(q, p)) for q in self.queues for p in PRIORITY_ORDER]
+
+    def queue_on(self, pipe: Pipeline) -> None:
+        for _, _, key in self.lists():
+            pipe.llen(key)
+            pipe.lindex(key, 0)  # the oldest: producers RPUSH, dispatchers take from the head
+        for pool in self.pools:
+            pipe.llen(self.keys.parked(pool))
+        pipe.llen(self.keys.dead)
+
+    def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
+        now = now or datetime.now(UTC)
+        it = iter(replies)
+        queues = []
+        for queue, priority, key in self.lists():
+            depth, head = int(next(it)), next(it)
+            age = _age(head, now) if depth else None
+            queues.append(QueueDepth(queue, priority, key, depth, age))
+        parked = {pool: int(next(it)) for pool in self.pools}
+        return RedisView(queues, parked, int(next(it)))
+
+
+def _age(head: bytes | str | None, now: datetime) -> float | None:
+    """Seconds since the job's ``enqueued_at``; None for a job without one (the seed's producers)."""
+    if head is None:
+        return None
+    try:
+        stamp = json.loads(head).get("enqueued_at")
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except (ValueError, TypeError, AttributeError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (now - when).total_seconds())
+
+
+def read_sync(client: Any, plan: Plan) -> RedisView:
+    """One look through a blocking ``redis.Redis``."""
+    pipe = client.pipeline(transaction=False)
+    plan.queue_on(pipe)
+    return plan.read(pipe.execute())
+
+
+async def read_async(client: Any, plan: Plan) -> RedisView:
+    """One look through a ``redis.asyncio.Redis``."""
+    pipe = client.pipeline(transaction=False)
+    plan.queue_on(pipe)
+    return plan.read(await pipe.execute())
+
+
+def pools_of(gpus: list[dict[str, Any]], routes: dict[str, str]) -> list[str]:
+    """Pools whose parked list may hold jobs: those of the GPUs, of TASK_ROUTES, and the default one."""
+    return sorted({g["pool"] for g in gpus} | set(routes.values()) | {"default"})

@@ -1,0 +1,111 @@
+"""Store functions behind the operator commands (retry, GPU removal), on MariaDB and on SQLite."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from dispatcher.db.attempts import Backoff, due_deferred, finish_attempt
+from dispatcher.db.dispatch import dispatch
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import remove_gpu
+from dispatcher.db.operator import retry_task
+from dispatcher.states import Outcome
+from producer.job import Job
+from tests.dispatcher.helpers import fleet_engine
+
+
+@pytest.fixture(params=["mariadb", "sqlite"])
+def engine(request, tmp_path):
+    url = (
+        request.getfixturevalue("database_url")
+        if request.param == "mariadb"
+        else f"sqlite:///{tmp_path}/t.db"
+    )
+    engine = fleet_engine(url, {"g0": 2})
+    yield engine
+    engine.dispose()
+
+
+def start(engine, max_attempts: int = 1) -> str:
+    job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
+    res = transaction(
+        engine,
+        dispatch,
+        items=[(job, "default")],
+        dispatcher_id="d",
+        lease_seconds=60,
+        max_attempts=max_attempts,
+        now=utcnow(),
+    )
+    assert len(res.placed) == 1
+    return job.task_id
+
+
+def end(engine, task_id: str, outcome: Outcome, attempt: int = 1) -> None:
+    fin = transaction(
+        engine,
+        finish_attempt,
+        task_id=task_id,
+        attempt=attempt,
+        outcome=outcome,
+        now=utcnow(),
+        backoff=Backoff(0, 0),
+        error="boom",
+    )
+    assert fin.code == "applied"
+
+
+def test_retry_gives_a_failed_task_more_attempts_and_makes_it_due(engine):
+    task_id = start(engine)
+    end(engine, task_id, Outcome.FAILED_RETRY)  # its only attempt: failed for good
+    res = transaction(engine, retry_task, task_id=task_id, now=utcnow(), extra_attempts=2)
+    assert (res.code, res.state, res.max_attempts) == ("applied", "retrying", 3)
+    (job,) = transaction(engine, due_deferred, now=utcnow())
+    assert (job.task_id, job.attempt, job.data) == (task_id, 1, {"n": 1})
+    # the next dispatch is attempt 2; a late callback of attempt 1 stays stale
+    res2 = transaction(
+        engine,
+        dispatch,
+        items=[(job, "default")],
+        dispatcher_id="d",
+        lease_seconds=60,
+        max_attempts=1,
+        now=utcnow(),
+    )
+    assert [p.attempt for p in res2.placed] == [2]
+    late = transaction(
+        engine,
+        finish_attempt,
+        task_id=task_id,
+        attempt=1,
+        outcome=Outcome.FINISHED,
+        now=utcnow(),
+        backoff=Backoff(),
+    )
+    assert late.code == "stale"
+    end(engine, task_id, Outcome.FINISHED, attempt=2)
+
+
+def test_retry_refuses_what_is_not_over_and_what_it_cannot_rebuild(engine):
+    running = start(engine)
+    res = transaction(engine, retry_task, task_id=running, now=utcnow())
+    assert (res.code, res.state) == ("refused", "processing")
+    end(engine, running, Outcome.FINISHED)
+    assert transaction(engine, retry_task, task_id=running, now=utcnow()).code == "refused"
+    assert transaction(engine, retry_task, task_id="nope", now=utcnow()).code == "unknown"
+
+
+def test_remove_refuses_a_busy_gpu_and_keeps_its_free_slots(engine):
+    task_id = start(engine)
+    assert transaction(engine, remove_gpu, gpu_id="g0") == (False, 1)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM slots WHERE gpu_id = 'g0'")).scalar_one() == 2
+    end(engine, task_id, Outcome.FINISHED)
+    assert transaction(engine, remove_gpu, gpu_id="g0") == (True, 0)
+    assert transaction(engine, remove_gpu, gpu_id="g0") == (False, 0)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM slots")).scalar_one() == 0
+        assert conn.execute(text("SELECT COUNT(*) FROM gpus")).scalar_one() == 0
