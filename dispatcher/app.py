@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.routes import router
@@ -58,7 +59,13 @@ def create_app(
             await d.stop()
             await close()
 
-    app = FastAPI(title="gpuq dispatcher", version="0.1.0", lifespan=lifespan)
+    # FastAPI's OpenTelemetry hooks look up the environment on every request; gpuq exports Prometheus.
+    app = FastAPI(
+        title="gpuq dispatcher",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     app.add_middleware(BodyLimit)
 
     @app.exception_handler(StoreUnavailable)
@@ -67,6 +74,7 @@ def create_app(
         log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
         return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
 
+    app.include_router(callback_router)
     app.include_router(router)
 
     return app

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_attempt
+from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_many
 from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
@@ -43,6 +43,9 @@ T = TypeVar("T")
 
 #: Errors of a store that is down or restarting: the loop waits and tries again, holding its jobs in Redis.
 TRANSIENT = (RedisError, StoreUnavailable, OSError)
+
+#: Attempt endings committed in one transaction at most.
+_FINISH_BATCH = 200
 
 _VERDICT_OUTCOME = {
     Verdict.FINISHED: Outcome.FINISHED,
@@ -73,6 +76,10 @@ class Dispatcher:
         self._suspect: set[str] = set()  # GPUs this process counted failures for
         self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()  # recent (task, attempt) we POSTed
         self._handback_needed = False
+        self._publish_pending = False  # a wake-up to publish once the one in flight is out
+        self._publishing = False
+        self._finishes: list[tuple[dict[str, Any], asyncio.Future[Finish]]] = []
+        self._finishing = False
         self.accepting = True
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
@@ -103,15 +110,23 @@ class Dispatcher:
             self.on_fatal()
 
     def slot_freed(self) -> None:
-        """Wake this loop now and every other dispatcher through Redis."""
+        """Wake this loop now and every other dispatcher through Redis. A burst of freed slots costs one
+        PUBLISH in flight plus one after it, not one per slot."""
         self._wake.set()
-        self.spawn(self._publish("slot"), "publish-slot")
+        self._publish_pending = True
+        if not self._publishing:
+            self._publishing = True
+            self.spawn(self._publish(), "publish-wake")
 
-    async def _publish(self, what: str) -> None:
+    async def _publish(self) -> None:
         try:
-            await self.intake.wake_others(what)
+            while self._publish_pending:
+                self._publish_pending = False
+                await self.intake.wake_others("slot")
         except TRANSIENT as exc:
             log.warning("could not publish wake-up", extra={"action": "wake", "error": str(exc)})
+        finally:
+            self._publishing = False
 
     # -- life cycle -----------------------------------------------------------------------------------
 
@@ -352,17 +367,21 @@ class Dispatcher:
         error: str | None = None,
         reported: str | None = None,
     ) -> Finish:
-        fin = await self.db(
-            finish_attempt,
-            task_id=task_id,
-            attempt=attempt,
-            outcome=outcome,
-            now=utcnow(),
-            backoff=self.backoff,
-            result=result,
-            error=error,
-            reported=reported,
-        )
+        """End an attempt; concurrent calls are committed together (see _finish_batches)."""
+        item = {
+            "task_id": task_id,
+            "attempt": attempt,
+            "outcome": outcome,
+            "result": result,
+            "error": error,
+            "reported": reported,
+        }
+        future: asyncio.Future[Finish] = asyncio.get_running_loop().create_future()
+        self._finishes.append((item, future))
+        if not self._finishing:
+            self._finishing = True
+            self.spawn(self._finish_batches(), "finish-batches")
+        fin = await future
         if fin.code == "applied":
             self.metrics.attempts.labels(outcome.value).inc()
             log.debug(
@@ -378,6 +397,36 @@ class Dispatcher:
         if fin.freed:
             self.slot_freed()
         return fin
+
+    async def _finish_batches(self) -> None:
+        """Group commit: while one transaction runs, the callbacks that arrive meanwhile queue up and go
+        together in the next one. One COMMIT and one thread hop per burst instead of per callback."""
+        try:
+            while self._finishes:
+                batch, self._finishes = self._finishes[:_FINISH_BATCH], self._finishes[_FINISH_BATCH:]
+                try:
+                    results = await self.db(
+                        finish_many, items=[item for item, _ in batch], now=utcnow(), backoff=self.backoff
+                    )
+                except StoreUnavailable as exc:  # every caller answers 503 / leaves it to the lease
+                    _settle(batch, exc)
+                    continue
+                except Exception:
+                    # Not the store: one item is at fault. Alone, each item fails or succeeds on its own.
+                    log.exception("batched attempt endings failed; ending them one by one")
+                    for entry in batch:
+                        try:
+                            one = await self.db(
+                                finish_many, items=[entry[0]], now=utcnow(), backoff=self.backoff
+                            )
+                            _settle([entry], one[0])
+                        except Exception as exc:
+                            _settle([entry], exc)
+                    continue
+                for entry, fin in zip(batch, results, strict=True):
+                    _settle([entry], fin)
+        finally:
+            self._finishing = False
 
     async def heartbeat(self, task_id: str, attempt: int) -> Finish:
         return await self.db(
@@ -405,6 +454,18 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _settle(
+    entries: list[tuple[dict[str, Any], asyncio.Future[Finish]]], outcome: Finish | BaseException
+) -> None:
+    for _, future in entries:
+        if future.done():  # the caller went away (its request was cancelled)
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _queue_in_body(raw: str) -> str | None:

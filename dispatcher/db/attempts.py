@@ -119,6 +119,14 @@ def finish_attempt(
     return Finish("applied", str(state), freed)
 
 
+def finish_many(
+    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff
+) -> list[Finish]:
+    """Several ``finish_attempt`` calls in one transaction (group commit: one COMMIT for a burst of
+    callbacks). Items for the same task apply in order, so a repeat in the same batch is seen as one."""
+    return [finish_attempt(conn, now=now, backoff=backoff, **item) for item in items]
+
+
 def extend_lease(
     conn: Connection, *, task_id: str, attempt: int, lease_seconds: float, now: datetime
 ) -> Finish:
