@@ -18,8 +18,7 @@ from types import FrameType
 import uvicorn
 from redis.asyncio import Redis
 
-from dispatcher.app import MAX_BODY_BYTES, create_app
-from dispatcher.callback import CallbackFastPath
+from dispatcher.app import create_app
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import setup_logging
@@ -75,8 +74,10 @@ def main() -> int:
     setup_logging(settings.log_level, settings.log_format)
     url = settings.db_url()
     if url.startswith("sqlite"):
+        why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
         log.warning(
-            "no DATABASE_URL or DB_HOST: embedded mode on SQLite (one dispatcher process only)",
+            "%s: embedded mode on SQLite (one dispatcher process only)",
+            why,
             extra={"action": "embedded", "database": url},
         )
     engine = make_engine(url)
@@ -98,7 +99,7 @@ def main() -> int:
         engine.dispose()
 
     config = uvicorn.Config(
-        CallbackFastPath(create_app(make, close), MAX_BODY_BYTES),
+        create_app(make, close),
         host=settings.callback_host,
         port=settings.callback_port,
         loop="uvloop",

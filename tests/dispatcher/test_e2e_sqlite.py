@@ -50,7 +50,7 @@ def test_no_database_configured_means_embedded_sqlite(stack, workdir):
     # THEN it says so once, keeps its state in ./.gpuq/gpuq.db, and runs every job once
     wait_final(stack.engine, ids, timeout=60)
     assert (workdir / ".gpuq" / "gpuq.db").is_file()
-    assert d.log_path.read_text().count("embedded mode on SQLite") == 1
+    assert d.log_path.read_text().count("no DATABASE_URL or DB_HOST: embedded mode on SQLite") == 1
     assert max(received_per_task(fleet.stats()).values()) == 1
     assert d.term() == 0
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
