@@ -50,6 +50,11 @@ sam-check: $(SAM) $(STAMP)
 	$(SAM) build --region us-east-1 >/dev/null
 	$(PY) tests/check_sam_build.py .aws-sam/build
 
+# The whole pipeline on embedded defaults (SQLite, a Redis found or started, simulated GPUs); see demo/.
+# Arguments through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--jobs 1000 --gpus 8"`.
+demo: $(STAMP)
+	$(PY) -m demo $(DEMO_ARGS)
+
 test: lint services sam-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
