@@ -91,6 +91,8 @@ def run(args: argparse.Namespace, console: Console, on_exit: OnExit) -> int:
     say(f"\nSubmitted {s.tasks} jobs at once: {s.api_requests} API Gateway requests (all 202) and")
     say(f"{s.sqs_events} SQS events of {s.sqs_records} records (no batchItemFailures).\n")
     say(load_table(watch.busiest, args.slots))
+    now = db.seed_load()
+    say(f"The same query now: {now if now else 'no rows, every slot is free again'}\n")
     stats = stack.fleet.stats(jobs=False)
     say(finished_table(db.finished_per_gpu(), stats))
     say(figures(db.timings(), args.gpus * args.slots, service))

@@ -75,7 +75,7 @@ def start(*, gpus: int, slots: int, service: str, redis_port: int, say: Say, on_
     say(f"Dispatcher python -m dispatcher (pid {pid}), {dispatcher.url}")
     for line in dispatcher.log.read_text(errors="replace").splitlines():
         if "embedded mode" in line:
-            say(f"[dim]           {line.split('  action=')[0].strip()}[/]")
+            say(f"[dim]           {line.split('gpuq.main: ')[-1].split('  action=')[0].strip()}[/]")
 
     _producer_env(rs.url, tag)
     from producer.enqueue import close_clients

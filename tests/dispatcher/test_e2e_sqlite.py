@@ -79,7 +79,7 @@ def test_kill_9_twice_mid_run_loses_nothing(stack):
     ids = push_jobs(stack.rds, stack.queues[0], 400)
     d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3")
     for _ in range(2):
-        # WHEN it is SIGKILLed while jobs are in flight (the SQLite file is mid-write), then restarted
+        # WHEN it is SIGKILLed while jobs are in flight (no chance to close the SQLite file), then restarted
         wait_for(lambda: states(stack.engine)["processing"] > 0, 20, 0.01, what="jobs in flight")
         d.kill()
         time.sleep(0.3)
