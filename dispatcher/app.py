@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
+from dispatcher.dashboard import router as dashboard_router
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.routes import router
 
@@ -76,5 +77,6 @@ def create_app(
 
     app.include_router(callback_router)
     app.include_router(router)
+    app.include_router(dashboard_router)
 
     return app

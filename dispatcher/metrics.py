@@ -32,7 +32,22 @@ class Metrics:
         self.turnaround = Histogram(
             "gpuq_job_seconds", "From dispatch to the attempt's end", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("gpuq_queue_depth", "Waiting jobs", ["queue"], registry=r)
+        self.queue_depth = Gauge(
+            "gpuq_queue_depth", "Jobs waiting in Redis", ["queue", "priority"], registry=r
+        )
+        self.queue_oldest = Gauge(
+            "gpuq_queue_oldest_age_seconds",
+            "How long the oldest waiting job has waited (0 when empty)",
+            ["queue", "priority"],
+            registry=r,
+        )
+        self.parked = Gauge("gpuq_parked_jobs", "Jobs taken while their pool was full", ["pool"], registry=r)
+        self.dead_letter_jobs = Gauge(
+            "gpuq_dead_letter_jobs", "Jobs in the dead-letter list (could not be parsed)", registry=r
+        )
+        self.tasks = Gauge(
+            "gpuq_tasks", "Tasks not yet final, by state (from the database)", ["state"], registry=r
+        )
         self.slots_busy = Gauge("gpuq_slots_busy", "Busy slots", ["gpu", "pool"], registry=r)
         self.slots_total = Gauge("gpuq_slots_total", "Slots", ["gpu", "pool"], registry=r)
         self.gpu_healthy = Gauge(

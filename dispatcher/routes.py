@@ -16,7 +16,9 @@ from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.gpus import list_gpus
+from dispatcher.db.overview import open_tasks
 from dispatcher.db.reads import get_task
+from dispatcher.queue_view import Plan, read_async
 
 log = logging.getLogger("gpuq.http")
 router = APIRouter()
@@ -99,12 +101,21 @@ async def readyz(d: D) -> JSONResponse:
 async def metrics(d: D) -> PlainTextResponse:
     m = d.metrics
     try:
-        for row in await d.db(list_gpus):
+        gpus = await d.db(list_gpus)
+        for row in gpus:
             m.slots_busy.labels(row.gpu_id, row.pool).set(row.busy)
             m.slots_total.labels(row.gpu_id, row.pool).set(row.slots)
             m.gpu_healthy.labels(row.gpu_id, row.pool).set(1 if row.healthy and row.state == "active" else 0)
-        for name, depth in (await d.intake.depths()).items():
-            m.queue_depth.labels(name).set(depth)
+        for state, count in (await d.db(open_tasks)).items():
+            m.tasks.labels(state).set(count)
+        pools = sorted({g.pool for g in gpus} | set(d.settings.routes.values()) | {"default"})
+        view = await read_async(d.redis, Plan(d.keys, d.settings.all_queues, pools))
+        for q in view.queues:
+            m.queue_depth.labels(q.queue, q.priority).set(q.depth)
+            m.queue_oldest.labels(q.queue, q.priority).set(q.oldest_age or 0)
+        for pool, count in view.parked.items():
+            m.parked.labels(pool).set(count)
+        m.dead_letter_jobs.set(view.dead)
     except (StoreUnavailable, RedisError) as exc:
         log.warning("metrics gauges stale", extra={"action": "metrics", "error": str(exc)})
     return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")
