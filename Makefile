@@ -10,7 +10,7 @@ SAM_VERSION := 1.170.0
 SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
 SAM := $(SAM_VENV)/bin/sam
 
-.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke clean
+.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke schema-sql clean
 
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
@@ -56,11 +56,16 @@ demo: $(STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
 test: lint services sam-check
+	bash infra/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The suite alone, for quick iterations when lint and SAM are known good.
 test-only: $(STAMP) services
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# sql/schema.sql is dispatcher/db/schema.py rendered as MySQL DDL (tests/operators/test_sql.py checks it).
+schema-sql: $(STAMP)
+	$(PY) -m dispatcher.db.ddl sql/schema.sql
 
 clean:
 	rm -rf $(VENV) .aws-sam .mypy_cache .ruff_cache .pytest_cache .gpuq
