@@ -21,7 +21,7 @@ CREATE TABLE attempts (
     PRIMARY KEY (task_id, attempt)
 )ENGINE=InnoDB;
 
-CREATE INDEX idx_attempts_ended_at ON attempts (ended_at);
+CREATE INDEX idx_attempts_ended_at ON attempts (ended_at, outcome);
 
 CREATE INDEX idx_attempts_gpu_ended ON attempts (gpu_id, ended_at);
 

@@ -33,6 +33,7 @@ class _Cached:
 
     def __init__(self) -> None:
         self.at = 0.0
+        self.cost = 0.0  # seconds the last computation took
         self.value: dict[str, Any] | None = None
         self.lock = asyncio.Lock()
 
@@ -62,7 +63,11 @@ async def api_overview(d: D, request: Request) -> dict[str, Any]:
         state.overview_cache = _Cached()
     cached: _Cached = state.overview_cache
     async with cached.lock:
-        if cached.value is None or time.monotonic() - cached.at >= _MAX_AGE_SECONDS:
+        # A fleet so busy that one overview takes long is asked for it less often, not piled up on.
+        max_age = max(_MAX_AGE_SECONDS, 4 * cached.cost)
+        if cached.value is None or time.monotonic() - cached.at >= max_age:
+            started = time.monotonic()
             cached.value = await build_overview(d)
             cached.at = time.monotonic()
+            cached.cost = cached.at - started
         return cached.value

@@ -123,7 +123,8 @@ attempts = Table(
     Column("ended_at", Timestamp, nullable=False),
     Column("outcome", String(16), nullable=False),
     Column("error", Text, nullable=True),
-    Index("idx_attempts_ended_at", "ended_at"),
+    # (ended_at, outcome) covers the operators' windows: throughput by outcome, recent failures
+    Index("idx_attempts_ended_at", "ended_at", "outcome"),
     Index("idx_attempts_gpu_ended", "gpu_id", "ended_at"),
     mysql_engine="InnoDB",
 )

@@ -109,3 +109,40 @@ def test_remove_refuses_a_busy_gpu_and_keeps_its_free_slots(engine):
     with engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM slots")).scalar_one() == 0
         assert conn.execute(text("SELECT COUNT(*) FROM gpus")).scalar_one() == 0
+
+
+def test_overview_counts_throughput_by_bucket_and_lists_failures(engine):
+    from datetime import timedelta
+
+    from dispatcher.db.overview import overview
+
+    now = utcnow()
+    for ago, outcome in (
+        (25, Outcome.FINISHED),
+        (15, Outcome.FINISHED),
+        (5, Outcome.FAILED),
+        (90, Outcome.FINISHED),
+    ):
+        task_id = start(engine)
+        fin = transaction(
+            engine,
+            finish_attempt,
+            task_id=task_id,
+            attempt=1,
+            outcome=outcome,
+            now=now - timedelta(seconds=ago),
+            backoff=Backoff(),
+            error="boom" if outcome is Outcome.FAILED else None,
+        )
+        assert fin.code == "applied"
+    running = start(engine)
+    view = transaction(engine, overview, now=now, minutes=1, bucket_seconds=10)
+    series = view["throughput"]["series"]
+    assert series["finished"] == [0, 0, 0, 1, 1, 0]
+    assert series["failed"] == [0, 0, 0, 0, 0, 1]
+    assert view["tasks"]["processing"] == 1
+    (g0,) = view["gpus"]
+    assert (g0["busy"], g0["slots"], g0["finished_recent"]) == (1, 2, 2)
+    assert [s["task_id"] for s in g0["slot_list"] if s["task_id"]] == [running]
+    (failure,) = view["failures"]
+    assert (failure["outcome"], failure["error"], failure["gpu_id"]) == ("failed", "boom", "g0")
