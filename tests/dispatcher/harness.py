@@ -133,6 +133,21 @@ def wait_final(
     wait_for(done, timeout, 0.1, what=lambda: f"all {len(ids)} tasks final; now {dict(states(engine, ids))}")  # type: ignore[arg-type]
 
 
+def redis_leftovers(rds: redis.Redis, prefix: str, queues: list[str]) -> dict[str, int]:
+    """Jobs still in the queues, processing lists or parked lists."""
+    leftovers = {q: rds.llen(q) for q in queues if rds.llen(q)}
+    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}proc:*") if rds.llen(k)}
+    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}parked:*") if rds.llen(k)}
+    return leftovers
+
+
+def wait_swept(rds: redis.Redis, prefix: str, queues: list[str], timeout: float = 30.0) -> None:
+    """After a kill -9 the dead process's processing list may still hold copies of tasks that have since
+    finished (taken and recorded, never acknowledged); they stay until its heartbeat expires and a live
+    dispatcher sweeps them back and drops them as known. Wait for that before ``reconcile``."""
+    wait_for(lambda: not redis_leftovers(rds, prefix, queues), timeout, 0.2, what="Redis swept and empty")
+
+
 def reconcile(engine: Engine, rds: redis.Redis, prefix: str, queues: list[str], ids: list[str]) -> None:
     """Every task ended exactly once in a final state, no slot drift, no busy slot, nothing left in Redis."""
     with engine.connect() as conn:
@@ -147,9 +162,7 @@ def reconcile(engine: Engine, rds: redis.Redis, prefix: str, queues: list[str], 
         processing = conn.execute(text("SELECT COUNT(*) FROM tasks WHERE state = 'processing'")).scalar_one()
         assert processing == 0
     keys = Keys(prefix)
-    leftovers = {q: rds.llen(q) for q in queues if rds.llen(q)}
-    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}proc:*") if rds.llen(k)}
-    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}parked:*") if rds.llen(k)}
+    leftovers = redis_leftovers(rds, prefix, queues)
     assert not leftovers, f"jobs left in Redis: {leftovers}"
     assert rds.llen(keys.dead) == 0, rds.lrange(keys.dead, 0, 5)
 

@@ -23,6 +23,7 @@ from tests.dispatcher.harness import (
     reconcile,
     states,
     wait_final,
+    wait_swept,
 )
 from tests.dispatcher.helpers import wait_for
 
@@ -90,6 +91,7 @@ def test_kill_9_twice_mid_run_loses_nothing(stack):
     assert set(per_task) == set(ids)
     assert len([t for t, n in per_task.items() if n > 1]) <= 2 * 16
     assert fleet.stats()["totals"]["oversubscriptions"] == 0
+    wait_swept(stack.rds, stack.prefix, stack.queues)
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
