@@ -1,0 +1,71 @@
+"""``python -m reference --port 9200``: load the model, then serve it until SIGTERM or SIGINT.
+
+BEARER_TOKEN="$BEARER_TOKEN" python -m reference --port 9200
+# then register it with gpuq: GPU_ENDPOINTS="g0=http://<this host>:9200/embed"
+
+The model is loaded before the port opens, so anything that can connect can be served, and the dispatcher's
+probe sees the GPU as healthy only once it really is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import uvicorn
+
+from reference.embed_service import ServiceSettings, create_app
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m reference", description="Serve sentence embeddings to gpuq.")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9200)
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available, else cpu)")
+    p.add_argument("--slots", type=int, default=4, help="concurrent jobs, = the dispatcher's SLOTS_PER_GPU")
+    p.add_argument(
+        "--heartbeat-seconds",
+        type=float,
+        default=10.0,
+        help="send running heartbeats this often during a job (default 10; below TASK_TIMEOUT_SECONDS)",
+    )
+    p.add_argument("--max-inputs", type=int, default=256, help="texts per job at most (default 256)")
+    p.add_argument("--sync", action="store_true", help="answer with the result instead of calling back")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("BEARER_TOKEN", ""),
+        help="bearer token requests must carry (default $BEARER_TOKEN)",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.token:
+        print("reference: error: set BEARER_TOKEN (or --token); the service never runs open", file=sys.stderr)
+        return 2
+    if args.slots < 1 or args.heartbeat_seconds <= 0 or args.max_inputs < 1:
+        print("reference: error: --slots, --heartbeat-seconds and --max-inputs must be > 0", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback otherwise; ours say more
+
+    from reference.model import Embedder  # torch's import is slow: only once the arguments are known good
+
+    settings = ServiceSettings(
+        bearer_token=args.token,
+        slots=args.slots,
+        heartbeat_seconds=args.heartbeat_seconds,
+        max_inputs=args.max_inputs,
+        sync=args.sync,
+    )
+    app = create_app(Embedder(device=args.device), settings)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The HTTP side of the reference GPU service, following SPEC §4.
+
+    POST /embed   Authorization: Bearer <BEARER_TOKEN>
+                  {"task_id", "type", "data": {"input": "text" | ["text", ...]}, "attempt",
+                   "callback_url", "callback_token"}
+        401  missing or wrong bearer token       -> the dispatcher fails the task (retrying cannot help)
+        422  malformed body                      -> idem
+        400  data.input missing, empty or not text -> idem
+        429  all slots busy                      -> the dispatcher frees its slot and retries later
+        202  accepted: the embeddings come by callback, with "status": "running" heartbeats meanwhile
+        200  {"status": "finished", "result": ...} at once when the request has no callback_url, or the
+             service runs with --sync (the dispatcher completes the task from the answer)
+    GET /embed, /healthz   what runs here and how busy it is (the dispatcher probes a GPU with a GET)
+
+A slot is held from the 202 until the inference ends, and freed *before* the callback is sent: the dispatcher
+frees its slot the moment the callback arrives and may send the next job at once, which must not meet a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Protocol
+from urllib.parse import urlsplit
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from reference.callback import Callbacks
+
+log = logging.getLogger("reference.service")
+
+
+class Model(Protocol):
+    """What the service needs from a model (see reference/model.py)."""
+
+    name: str
+    dim: int
+    device: str
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
+    def is_transient(self, exc: BaseException) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    bearer_token: str
+    slots: int = 4  # the dispatcher's SLOTS_PER_GPU: it never sends more, a 5th is refused with 429
+    heartbeat_seconds: float = 10.0  # keep well below the dispatcher's TASK_TIMEOUT_SECONDS
+    max_inputs: int = 256
+    sync: bool = False
+    shutdown_grace_seconds: float = 30.0
+
+
+class EmbedRequest(BaseModel):
+    task_id: str = Field(min_length=1, max_length=255)
+    type: str
+    data: dict[str, Any]
+    attempt: int = Field(default=1, ge=1)
+    callback_url: str | None = None
+    callback_token: str | None = None
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("callback_url must be an http(s) URL")
+        return value
+
+    @model_validator(mode="after")
+    def _token_with_url(self) -> EmbedRequest:
+        if self.callback_url and not self.callback_token:
+            raise ValueError("callback_token is required with callback_url")
+        return self
+
+
+def read_inputs(data: dict[str, Any], max_inputs: int) -> list[str]:
+    """``data.input``: one text or a list of texts; anything else is the caller's mistake (400)."""
+    raw = data.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts:
+        raise HTTPException(400, "data.input must be a non-empty string or a non-empty list of strings")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise HTTPException(400, "every item of data.input must be a non-empty string")
+    if len(texts) > max_inputs:
+        raise HTTPException(400, f"data.input has {len(texts)} texts; at most {max_inputs} per job")
+    return texts
+
+
+class EmbedService:
+    """Slots, the inference thread and the background jobs of one running service."""
+
+    def __init__(self, model: Model, settings: ServiceSettings, callbacks: Callbacks) -> None:
+        self.model = model
+        self.settings = settings
+        self.callbacks = callbacks
+        self.busy = 0
+        self.jobs: set[asyncio.Task[None]] = set()
+        # One thread: one batch at a time on the device. Jobs beyond the first wait here, holding their slot.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+
+    def take_slot(self) -> None:
+        if self.busy >= self.settings.slots:
+            raise HTTPException(429, f"all {self.settings.slots} slots busy", headers={"Retry-After": "1"})
+        self.busy += 1
+
+    async def infer(self, job: EmbedRequest, texts: list[str]) -> dict[str, Any]:
+        """The callback body for ``job``; frees the job's slot once the model is done with it."""
+        started = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            vectors = await loop.run_in_executor(self._executor, self.model.embed, texts)
+        except Exception as exc:
+            log.exception("inference failed for %s", job.task_id, extra={"action": "inference_failed"})
+            return {
+                "task_id": job.task_id,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "retry": self.model.is_transient(exc),
+            }
+        finally:
+            self.busy -= 1
+        seconds = time.perf_counter() - started
+        log.info(
+            "embedded %d texts for %s in %.3f s",
+            len(texts),
+            job.task_id,
+            seconds,
+            extra={"action": "embedded", "task_id": job.task_id, "texts": len(texts), "seconds": seconds},
+        )
+        result = {"embeddings": vectors, "model": self.model.name, "dim": self.model.dim}
+        return {"task_id": job.task_id, "status": "finished", "result": result}
+
+    def start_job(self, job: EmbedRequest, texts: list[str]) -> None:
+        task = asyncio.create_task(self._run(job, texts), name=f"job-{job.task_id}")
+        self.jobs.add(task)  # owned until done: never garbage-collected mid-run, awaited at stop
+        task.add_done_callback(self.jobs.discard)
+
+    async def _run(self, job: EmbedRequest, texts: list[str]) -> None:
+        assert job.callback_url is not None
+        assert job.callback_token is not None
+        beats = asyncio.create_task(self._heartbeats(job.callback_url, job.callback_token, job.task_id))
+        try:
+            body = await self.infer(job, texts)
+        finally:
+            beats.cancel()
+        await self.callbacks.deliver(job.callback_url, job.callback_token, body)
+
+    async def _heartbeats(self, url: str, token: str, task_id: str) -> None:
+        """Long batches only: the first beat goes out after one interval, so short jobs send none."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            status = await self.callbacks.heartbeat(url, token, task_id)
+            if status is not None and 400 <= status < 500:
+                log.warning(
+                    "heartbeat for %s answered %d: the dispatcher no longer waits for this attempt",
+                    task_id,
+                    status,
+                    extra={"action": "heartbeat_refused", "task_id": task_id},
+                )
+                return
+
+    async def stop(self) -> None:
+        """Let running jobs finish and call back (up to the grace period), so a restart loses no result."""
+        if self.jobs:
+            log.info("waiting for %d jobs", len(self.jobs), extra={"action": "draining"})
+            await asyncio.wait(set(self.jobs), timeout=self.settings.shutdown_grace_seconds)
+        for task in set(self.jobs):
+            task.cancel()
+        await self.callbacks.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def get_service(request: Request) -> EmbedService:
+    service: EmbedService = request.app.state.service
+    return service
+
+
+Service = Annotated[EmbedService, Depends(get_service)]
+
+
+def create_app(model: Model, settings: ServiceSettings, callbacks: Callbacks | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = EmbedService(model, settings, callbacks or Callbacks())
+        app.state.service = service
+        yield
+        await service.stop()
+
+    app = FastAPI(title="gpuq reference GPU service: sentence embeddings", lifespan=lifespan)
+
+    def require_bearer(authorization: Annotated[str | None, Header()] = None) -> None:
+        # A dependency runs before the body is validated: a caller without the token learns nothing more.
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), settings.bearer_token.encode()
+        ):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.post("/embed", status_code=202, dependencies=[Depends(require_bearer)])
+    async def embed(job: EmbedRequest, service: Service) -> JSONResponse:
+        texts = read_inputs(job.data, settings.max_inputs)
+        service.take_slot()
+        if settings.sync or job.callback_url is None:
+            return JSONResponse(await service.infer(job, texts), status_code=200)
+        service.start_job(job, texts)
+        return JSONResponse({"task_id": job.task_id, "status": "accepted"}, status_code=202)
+
+    @app.get("/embed")
+    @app.get("/healthz")
+    async def status(service: Service) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": model.name,
+            "dim": model.dim,
+            "device": model.device,
+            "slots": settings.slots,
+            "busy": service.busy,
+        }
+
+    return app
