@@ -17,10 +17,11 @@ help:
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt reference/requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q -r reference/requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
