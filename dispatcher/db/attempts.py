@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
+from dispatcher.db.batch import end_attempts
 from dispatcher.db.dispatch import free_slot
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.states import DEFERRED, TERMINAL, Outcome, TaskState
@@ -60,6 +61,15 @@ _HISTORY = text(
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
     " FROM tasks WHERE task_id = :task_id"
 ).bindparams(bindparam("now", type_=Timestamp))
+_FREE_MANY = text(
+    "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
+    " dispatcher_id = NULL WHERE task_id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_HISTORY_MANY = text(
+    "INSERT INTO attempts (task_id, attempt, gpu_id, slot_index, started_at, ended_at, outcome, error)"
+    " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, error"
+    " FROM tasks WHERE task_id IN :ids"
+).bindparams(bindparam("now", type_=Timestamp), bindparam("ids", expanding=True))
 _FINAL_STATE = {
     Outcome.FINISHED: TaskState.FINISHED,
     Outcome.FAILED: TaskState.FAILED,
@@ -67,6 +77,40 @@ _FINAL_STATE = {
     Outcome.EXPIRED: TaskState.FAILED,
     Outcome.CANCELLED: TaskState.CANCELLED,
 }
+
+
+def _params(
+    *,
+    task_id: str,
+    attempt: int,
+    outcome: Outcome,
+    now: datetime,
+    backoff: Backoff,
+    result: Any,
+    error: str | None,
+    reported: str | None,
+) -> dict[str, Any]:
+    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED)
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "retry": 1 if retry else 0,
+        "final": _FINAL_STATE[outcome].value,
+        "run_after": now + timedelta(seconds=backoff.delay(attempt)) if retry else None,
+        "now": now,
+        "result": json.dumps(result, separators=(",", ":")) if result is not None else None,
+        "error": error if outcome is not Outcome.FINISHED else None,
+        "reported": reported,
+    }
+
+
+def _classify(row: Any, attempt: int, reported: str | None) -> Finish:
+    """Why an attempt ending did not apply: a repeat of the report that ended it, or stale."""
+    if row is None:
+        return Finish("unknown")
+    if reported is not None and row.attempt == attempt and row.last_callback == reported:
+        return Finish("repeat", row.state)
+    return Finish("stale", row.state)
 
 
 def finish_attempt(
@@ -88,27 +132,22 @@ def finish_attempt(
     for an attempt it already ended is a repeat (200, applied false), anything else for a finished attempt is
     stale (409).
     """
-    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED)
-    params = {
-        "task_id": task_id,
-        "attempt": attempt,
-        "retry": 1 if retry else 0,
-        "final": _FINAL_STATE[outcome].value,
-        "run_after": now + timedelta(seconds=backoff.delay(attempt)) if retry else None,
-        "now": now,
-        "result": json.dumps(result, separators=(",", ":")) if result is not None else None,
-        "error": error if outcome is not Outcome.FINISHED else None,
-        "reported": reported,
-    }
+    params = _params(
+        task_id=task_id,
+        attempt=attempt,
+        outcome=outcome,
+        now=now,
+        backoff=backoff,
+        result=result,
+        error=error,
+        reported=reported,
+    )
+    retry = bool(params["retry"])
     if conn.execute(_END, params).rowcount != 1:
         row = conn.execute(
             select(tasks.c.state, tasks.c.attempt, tasks.c.last_callback).where(tasks.c.task_id == task_id)
         ).first()
-        if row is None:
-            return Finish("unknown")
-        if reported is not None and row.attempt == attempt and row.last_callback == reported:
-            return Finish("repeat", row.state)
-        return Finish("stale", row.state)
+        return _classify(row, attempt, reported)
     freed = free_slot(conn, task_id=task_id, attempt=attempt)
     conn.execute(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
@@ -122,9 +161,40 @@ def finish_attempt(
 def finish_many(
     conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff
 ) -> list[Finish]:
-    """Several ``finish_attempt`` calls in one transaction (group commit: one COMMIT for a burst of
-    callbacks). Items for the same task apply in order, so a repeat in the same batch is seen as one."""
-    return [finish_attempt(conn, now=now, backoff=backoff, **item) for item in items]
+    """Several attempt endings in one transaction (group commit), set-based: a handful of statements for the
+    whole burst instead of three per callback. Same outcomes as ``finish_attempt`` one by one."""
+    ids = [item["task_id"] for item in items]
+    if len(items) == 1 or len(set(ids)) != len(ids):  # repeats within a burst: in order, one at a time
+        return [finish_attempt(conn, now=now, backoff=backoff, **item) for item in items]
+    prepared = [_params(now=now, backoff=backoff, **item) for item in items]
+    changed = end_attempts(conn, items=prepared, now=now)
+    rows: dict[str, Any] = {}
+    if changed != len(items) or any(p["retry"] for p in prepared):
+        rows = {
+            r.task_id: r
+            for r in conn.execute(
+                select(
+                    tasks.c.task_id, tasks.c.state, tasks.c.attempt, tasks.c.last_callback, tasks.c.updated_at
+                ).where(tasks.c.task_id.in_(ids))
+            )
+        }
+    results: list[Finish] = []
+    applied: dict[Outcome, list[str]] = {}
+    for item, p in zip(items, prepared, strict=True):
+        row = rows.get(item["task_id"])
+        if changed == len(items) or (
+            row is not None and row.updated_at == now and row.attempt == item["attempt"]
+        ):
+            applied.setdefault(item["outcome"], []).append(item["task_id"])
+            results.append(Finish("applied", row.state if row is not None else p["final"], True))
+        else:
+            results.append(_classify(row, item["attempt"], item["reported"]))
+    done = [task_id for group in applied.values() for task_id in group]
+    if done:
+        conn.execute(_FREE_MANY, {"ids": done})
+    for outcome, group in applied.items():
+        conn.execute(_HISTORY_MANY, {"ids": group, "now": now, "outcome": outcome.value})
+    return results
 
 
 def extend_lease(

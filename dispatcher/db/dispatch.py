@@ -15,10 +15,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, text, update
+from sqlalchemy import Connection, insert, select, text, update
 
-from dispatcher.db.schema import Timestamp, gpus, tasks
+from dispatcher.db.batch import claim_slots
+from dispatcher.db.schema import gpus, tasks
 from dispatcher.placement import GpuFree, Pick, Placer
 from dispatcher.states import RUNNABLE, TaskState
 from producer.job import Job
@@ -36,11 +38,6 @@ _SNAPSHOT = text(
     HAVING COUNT(*) > COUNT(s.task_id)
     """
 )
-_CLAIM = text(
-    "UPDATE slots SET task_id = :task_id, attempt = :attempt, claimed_at = :now, lease_expires_at = :lease,"
-    " dispatcher_id = :dispatcher_id"
-    " WHERE gpu_id = :gpu_id AND slot_index = :slot_index AND task_id IS NULL"
-).bindparams(bindparam("now", type_=Timestamp), bindparam("lease", type_=Timestamp))
 _FREE = text(
     "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
     " dispatcher_id = NULL WHERE task_id = :task_id AND attempt = :attempt"
@@ -88,24 +85,97 @@ def held_by(conn: Connection, *, dispatcher_id: str) -> int:
     return int(conn.execute(_HELD_BY, {"dispatcher_id": dispatcher_id}).scalar_one())
 
 
-class _Claimer:
-    def __init__(self, conn: Connection, view: list[GpuFree] | None, rng: random.Random) -> None:
-        self.conn = conn
-        self.rng = rng
-        self.placer = Placer(view if view is not None else snapshot(conn), rng)
+def _claim_all(
+    conn: Connection,
+    *,
+    wanted: list[tuple[Job, str]],
+    view: list[GpuFree] | None,
+    rng: random.Random,
+    now: datetime,
+    lease: datetime,
+    dispatcher_id: str,
+) -> dict[str, Pick]:
+    """Slots for as many of ``wanted`` (job, pool) as the pools have room for, claimed in one statement per
+    round. A proposal that lost its slot to another dispatcher is retried on a fresh snapshot."""
+    placer = Placer(view if view is not None else snapshot(conn), rng)
+    got: dict[str, Pick] = {}
+    pending = wanted
+    raced = False  # a proposal lost its slot since the last snapshot: "no room" may not be true
+    refreshes = 0
+    while pending:
+        proposals: list[tuple[Job, Pick]] = []
+        no_room: list[tuple[Job, str]] = []
+        for job, pool in pending:
+            pick = placer.take(pool)
+            if pick is None:
+                no_room.append((job, pool))
+            else:
+                proposals.append((job, pick))
+        if not proposals:
+            if not raced or refreshes == _REFRESHES:
+                break  # a snapshot with no room left for them (and no race since): really full
+            placer, raced, refreshes = Placer(snapshot(conn), rng), False, refreshes + 1
+            continue
+        claimed = claim_slots(
+            conn,
+            picks=[
+                {
+                    "gpu_id": p.gpu_id,
+                    "slot_index": p.slot_index,
+                    "task_id": j.task_id,
+                    "attempt": j.attempt + 1,
+                }
+                for j, p in proposals
+            ],
+            now=now,
+            lease=lease,
+            dispatcher_id=dispatcher_id,
+        )
+        got.update((j.task_id, p) for j, p in proposals if j.task_id in claimed)
+        pool_of = {j.task_id: pool for j, pool in pending}
+        lost = [(j, pool_of[j.task_id]) for j, _ in proposals if j.task_id not in claimed]
+        raced = raced or bool(lost)
+        pending = lost + no_room  # the lost ones try the next slots the placer proposes
+    return got
 
-    def claim(self, pool: str, values: dict[str, object]) -> Pick | None:
-        for _ in range(_REFRESHES + 1):
-            lost_race = False
-            while (pick := self.placer.take(pool)) is not None:
-                params = {**values, "gpu_id": pick.gpu_id, "slot_index": pick.slot_index}
-                if self.conn.execute(_CLAIM, params).rowcount == 1:
-                    return pick
-                lost_race = True
-            if not lost_race:
-                return None  # the snapshot had no free slot left for this pool: really full
-            self.placer = Placer(snapshot(self.conn), self.rng)
-        return None
+
+def _triage(
+    conn: Connection,
+    out: DispatchResult,
+    *,
+    items: list[tuple[Job, str]],
+    existing: dict[str, Any],
+    dispatcher_id: str,
+    max_attempts: int,
+    now: datetime,
+) -> list[tuple[Job, str]]:
+    """Sort out copies of known tasks, our own unacknowledged attempts and scheduled jobs; the rest run."""
+    seen: set[str] = set()
+    runnable: list[tuple[Job, str]] = []
+    for job, pool in items:
+        row = existing.get(job.task_id)
+        if job.task_id in seen:
+            out.dropped.append((job, "the same task twice in one batch"))
+            continue
+        seen.add(job.task_id)
+        if (
+            row is not None
+            and row.state == TaskState.PROCESSING
+            and row.attempt == job.attempt + 1
+            and row.dispatcher_id == dispatcher_id
+        ):
+            url = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == row.gpu_id)).scalar_one()
+            out.mine.append(Placed(job, row.pool, row.gpu_id, row.slot_index, url, row.attempt))
+            continue
+        if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):
+            out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
+            continue
+        if job.not_before is not None and job.not_before.replace(tzinfo=None) > now:
+            _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now)
+            out.deferred.append(job)
+            continue
+        runnable.append((job, pool))
+    return runnable
 
 
 def dispatch(
@@ -144,47 +214,32 @@ def dispatch(
         }
     else:
         existing = {}
-    claimer: _Claimer | None = None
     lease_until = now + timedelta(seconds=lease_seconds)
     new_rows: list[dict[str, object]] = []
-    seen: set[str] = set()
-    for job, pool in items:
-        row = existing.get(job.task_id)
-        if job.task_id in seen:
-            out.dropped.append((job, "the same task twice in one batch"))
-            continue
-        seen.add(job.task_id)
-        if (
-            row is not None
-            and row.state == TaskState.PROCESSING
-            and row.attempt == job.attempt + 1
-            and row.dispatcher_id == dispatcher_id
-        ):
-            url = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == row.gpu_id)).scalar_one()
-            out.mine.append(Placed(job, row.pool, row.gpu_id, row.slot_index, url, row.attempt))
-            continue
-        if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):
-            out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
-            continue
-        if job.not_before is not None and job.not_before.replace(tzinfo=None) > now:
-            _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now)
-            out.deferred.append(job)
-            continue
-        attempt = job.attempt + 1
-        claimer = claimer or _Claimer(conn, view, rng or random.Random())  # noqa: S311
-        pick = claimer.claim(
-            pool,
-            {
-                "task_id": job.task_id,
-                "attempt": attempt,
-                "now": now,
-                "lease": lease_until,
-                "dispatcher_id": dispatcher_id,
-            },
-        )
+    runnable = _triage(
+        conn,
+        out,
+        items=items,
+        existing=existing,
+        dispatcher_id=dispatcher_id,
+        max_attempts=max_attempts,
+        now=now,
+    )
+    picks = _claim_all(
+        conn,
+        wanted=runnable,
+        view=view,
+        rng=rng or random.Random(),  # noqa: S311 - tie-breaking
+        now=now,
+        lease=lease_until,
+        dispatcher_id=dispatcher_id,
+    )
+    for job, pool in runnable:
+        pick = picks.get(job.task_id)
         if pick is None:
             out.unplaced.append((job, pool))
             continue
+        attempt = job.attempt + 1
         running = {
             "state": TaskState.PROCESSING.value,
             "attempt": attempt,
@@ -196,7 +251,7 @@ def dispatch(
             "last_callback": None,
             "updated_at": now,
         }
-        if row is None:
+        if job.task_id not in existing:
             new_rows.append(_new_row(job, pool, max_attempts, now) | running)
         else:
             res = conn.execute(

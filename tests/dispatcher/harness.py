@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import redis
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from dispatcher.db.attempts import slot_drift
 from producer.job import Job
@@ -117,8 +118,13 @@ def push_jobs(
 
 
 def states(engine: Engine, ids: list[str] | None = None) -> Counter[str]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT task_id, state FROM tasks")).all()
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT task_id, state FROM tasks")).all()
+    except OperationalError:  # the server restarted under a pooled connection (restart tests)
+        engine.dispose()
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT task_id, state FROM tasks")).all()
     wanted = set(ids) if ids is not None else None
     return Counter(state for task_id, state in rows if wanted is None or task_id in wanted)
 

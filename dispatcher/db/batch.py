@@ -1,0 +1,108 @@
+"""Set-based statements for the hot path: many slot claims, or many attempt endings, in one statement.
+
+A job costs a few statements either way, but per statement the database, the driver and SQLAlchemy each
+take ~0.1-0.2 ms of CPU on this class of machine, which capped throughput near 300 jobs/s. Joining the rows
+to change against a derived table (``SELECT :a0 AS x UNION ALL SELECT :a1 …``) turns N statements into one.
+MySQL/MariaDB spell it ``UPDATE t JOIN (…) c ON … SET …``; SQLite (3.33+) ``UPDATE t SET … FROM (…) AS c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, TextClause, bindparam, text
+
+from dispatcher.db.schema import Timestamp
+
+
+def _rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """A derived table of ``rows``: its SQL, its parameters, and the names of datetime parameters."""
+    selects, params, stamps = [], {}, []
+    for i, row in enumerate(rows):
+        selects.append("SELECT " + ", ".join(f":{c}_{i} AS {c}" for c in columns))
+        for c in columns:
+            params[f"{c}_{i}"] = row[c]
+            if isinstance(row[c], datetime):
+                stamps.append(f"{c}_{i}")
+    return " UNION ALL ".join(selects), params, stamps
+
+
+def _update_join(
+    conn: Connection, *, table: str, derived: str, on: str, sets: Sequence[tuple[str, str]], where: str
+) -> str:
+    """``UPDATE table t`` joined to ``derived c``; ``sets`` are (column, expression over t and c).
+
+    Only constant fragments of this module and ``:name`` placeholders go into the SQL; values are bound."""
+    if conn.dialect.name == "sqlite":
+        assignments = ", ".join(f"{column} = {expr}" for column, expr in sets)
+        return f"UPDATE {table} AS t SET {assignments} FROM ({derived}) AS c WHERE {on} AND {where}"  # noqa: S608
+    assignments = ", ".join(f"t.{column} = {expr}" for column, expr in sets)
+    return f"UPDATE {table} t JOIN ({derived}) c ON {on} SET {assignments} WHERE {where}"  # noqa: S608
+
+
+def _typed(sql: str, stamps: Sequence[str], *extra: str) -> TextClause:
+    return text(sql).bindparams(*[bindparam(name, type_=Timestamp) for name in [*stamps, *extra]])
+
+
+def claim_slots(
+    conn: Connection, *, picks: Sequence[dict[str, Any]], now: datetime, lease: datetime, dispatcher_id: str
+) -> set[str]:
+    """Claim each ``{"gpu_id", "slot_index", "task_id", "attempt"}`` if its slot is still free; returns the
+    task ids that got their slot. Sorted by slot so concurrent claimers lock rows in one order."""
+    if not picks:
+        return set()
+    ordered = sorted(picks, key=lambda p: (p["gpu_id"], p["slot_index"]))
+    derived, params, stamps = _rows(ordered, ("gpu_id", "slot_index", "task_id", "attempt"))
+    sql = _update_join(
+        conn,
+        table="slots",
+        derived=derived,
+        on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
+        sets=[
+            ("task_id", "c.task_id"),
+            ("attempt", "c.attempt"),
+            ("claimed_at", ":now"),
+            ("lease_expires_at", ":lease"),
+            ("dispatcher_id", ":dispatcher_id"),
+        ],
+        where="t.task_id IS NULL",
+    )
+    params |= {"now": now, "lease": lease, "dispatcher_id": dispatcher_id}
+    claimed = conn.execute(_typed(sql, stamps, "now", "lease"), params).rowcount
+    ids = [p["task_id"] for p in ordered]
+    if claimed == len(ids):
+        return set(ids)
+    if claimed == 0:
+        return set()
+    got = text("SELECT task_id FROM slots WHERE task_id IN :ids").bindparams(bindparam("ids", expanding=True))
+    return set(conn.execute(got, {"ids": ids}).scalars())
+
+
+def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
+    """Apply ``{"task_id", "attempt", "retry", "final", "run_after", "result", "error", "reported"}`` to the
+    tasks still processing at that attempt; returns how many rows changed. Changed rows get
+    ``updated_at = now`` exactly, which is how the caller tells them apart when not all did."""
+    columns = ("task_id", "attempt", "retry", "final", "run_after", "result", "error", "reported")
+    derived, params, stamps = _rows(items, columns)
+    again = "c.retry = 1 AND t.attempt < t.max_attempts"
+    sql = _update_join(
+        conn,
+        table="tasks",
+        derived=derived,
+        on="t.task_id = c.task_id AND t.attempt = c.attempt",
+        sets=[
+            # MySQL may apply a multi-table SET in any order: no expression reads a column set here.
+            ("state", f"CASE WHEN {again} THEN 'retrying' ELSE c.final END"),
+            ("run_after", f"CASE WHEN {again} THEN c.run_after ELSE NULL END"),
+            ("finished_at", f"CASE WHEN {again} THEN NULL ELSE :now END"),
+            ("result", "COALESCE(c.result, t.result)"),
+            ("error", "c.error"),
+            ("last_callback", "c.reported"),
+            ("updated_at", ":now"),
+        ],
+        where="t.state = 'processing'",
+    )
+    params["now"] = now
+    return int(conn.execute(_typed(sql, stamps, "now"), params).rowcount)
