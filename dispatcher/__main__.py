@@ -18,7 +18,8 @@ from types import FrameType
 import uvicorn
 from redis.asyncio import Redis
 
-from dispatcher.app import create_app
+from dispatcher.app import MAX_BODY_BYTES, create_app
+from dispatcher.callback import CallbackFastPath
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import setup_logging
@@ -99,7 +100,7 @@ def main() -> int:
         engine.dispose()
 
     config = uvicorn.Config(
-        create_app(make, close),
+        CallbackFastPath(create_app(make, close), MAX_BODY_BYTES),
         host=settings.callback_host,
         port=settings.callback_port,
         loop="uvloop",

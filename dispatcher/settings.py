@@ -55,7 +55,9 @@ class StoreSettings(QueueSettings):
     """Where the state lives (Redis, the database) and the fleet-wide defaults: what the dispatcher and the
     operator CLI share. The CLI loads only this, so it works without the dispatcher's CALLBACK_SECRET."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+    )
 
     database_url: str | None = None
     db_host: str | None = None
