@@ -1,0 +1,65 @@
+"""A missing or malformed setting stops the dispatcher at start with one clear line naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dispatcher.settings import DispatcherSettings
+from producer.errors import ConfigError
+from producer.settings import load
+from tests.dispatcher.harness import ROOT
+
+GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"CALLBACK_SECRET": ""}, "CALLBACK_SECRET"),
+        ({"CALLBACK_SECRET": "short"}, "CALLBACK_SECRET"),
+        ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
+        ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
+        ({"SLOTS_PER_GPU": "zero"}, "SLOTS_PER_GPU"),
+        ({"TASK_QUEUES": "bad queue!"}, "TASK_QUEUES"),
+        ({"TASK_ROUTES": "embed"}, "TASK_ROUTES"),
+        ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ],
+)
+def test_bad_setting_names_the_variable(monkeypatch, env, names):
+    for name, value in {**GOOD, **env}.items():
+        monkeypatch.setenv(name, value)
+    if env.get("CALLBACK_SECRET") == "":
+        monkeypatch.delenv("CALLBACK_SECRET")
+    with pytest.raises(ConfigError) as err:
+        load(DispatcherSettings, _env_file=None)
+    assert names in err.value.message
+    assert "\n" not in err.value.message
+
+
+def test_daemon_exits_2_with_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": "sqlite:///:memory:",
+        "GPU_ENDPOINTS": "g0=nope",
+    }
+    env.pop("CALLBACK_SECRET", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "dispatcher"],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("gpuq dispatcher: ")
+    assert "Traceback" not in run.stderr
