@@ -83,6 +83,7 @@ class GpuSim:
                 await asyncio.sleep(job.service_time)
         finally:
             self.in_flight -= 1
+            job.answered_mono = time.monotonic()
         return job.result_body()
 
     def _finish(self, job: Job) -> None:

@@ -17,6 +17,7 @@ class BadJob(ValueError):
 
 class Job:
     __slots__ = (
+        "answered_mono",
         "attempt",
         "beat",
         "callback_sent_at",
@@ -50,6 +51,7 @@ class Job:
         self.callback_sent_at: float | None = None
         self.callback_sent_mono: float | None = None
         self.callback_status: int | None = None
+        self.answered_mono: float | None = None  # sync mode: when the slot was freed and the answer went out
         self.timer: asyncio.TimerHandle | None = None
         self.beat: asyncio.TimerHandle | None = None
 
@@ -109,4 +111,5 @@ class Job:
             "callback_sent_at": self.callback_sent_at,
             "callback_sent_mono": self.callback_sent_mono,
             "callback_status": self.callback_status,
+            "answered_mono": self.answered_mono,
         }

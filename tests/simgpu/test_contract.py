@@ -58,6 +58,10 @@ def test_sync_mode_answers_the_result_and_never_calls_back(
     stats = fleet.stats()
     assert stats["totals"]["callbacks_sent"] == {}
     assert stats["gpus"]["g0"]["in_flight"] == 0
+    # the moment each slot was freed, which a benchmark needs to measure slot turnaround in sync mode
+    first = stats["jobs"][0]
+    assert first["answered_mono"] - first["received_mono"] >= 0.015
+    assert first["callback_sent_mono"] is None
     assert receiver.calls == []
 
 
