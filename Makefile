@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Two install levels: what `make demo` needs (runtime), and on top of it what `make test` needs (lint and
+# test tools, and the reference model's torch stack), so a newcomer's first `make demo` stays quick.
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 # aws-sam-cli is big and pins its own world: it lives in a venv of its own outside the work tree, reused
 # across clones (keyed on its version), so `make test` does not reinstall it on every run.
@@ -17,12 +20,16 @@ help:
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
 
-$(STAMP): requirements.txt requirements-dev.txt reference/requirements.txt pyproject.toml
+$(RUN_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(STAMP): $(RUN_STAMP) requirements-dev.txt reference/requirements.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q -r reference/requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 venv: $(STAMP)
@@ -53,7 +60,7 @@ sam-check: $(SAM) $(STAMP)
 
 # The whole pipeline on embedded defaults (SQLite, a Redis found or started, simulated GPUs); see demo/.
 # Arguments through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--jobs 1000 --gpus 8"`.
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
 test: lint services sam-check

@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, insert, select, text, update
 
 from dispatcher.db.batch import claim_slots
+from dispatcher.db.engine import naive_utc
 from dispatcher.db.schema import gpus, tasks
 from dispatcher.placement import GpuFree, Pick, Placer
 from dispatcher.states import RUNNABLE, TaskState
@@ -170,7 +171,7 @@ def _triage(
         if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):
             out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
             continue
-        if job.not_before is not None and job.not_before.replace(tzinfo=None) > now:
+        if job.not_before is not None and naive_utc(job.not_before) > now:
             _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now)
             out.deferred.append(job)
             continue
@@ -282,7 +283,7 @@ def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str,
         "priority": job.priority.value,
         "data": json.dumps(job.data, separators=(",", ":")),
         "max_attempts": max_attempts,
-        "enqueued_at": job.enqueued_at.replace(tzinfo=None),
+        "enqueued_at": naive_utc(job.enqueued_at),
         "created_at": now,
     }
 
@@ -292,7 +293,7 @@ def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts:
     values = {
         "state": TaskState.SCHEDULED.value,
         "attempt": job.attempt,
-        "run_after": job.not_before.replace(tzinfo=None),
+        "run_after": naive_utc(job.not_before),
         "updated_at": now,
     }
     if is_new:

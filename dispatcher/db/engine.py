@@ -32,6 +32,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def naive_utc(value: datetime) -> datetime:
+    """``value`` as a timestamp column holds it: converted to UTC first when it carries an offset (a
+    ``not_before`` of 12:00+02:00 is 10:00 UTC), taken as UTC already when it carries none."""
+    return value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo is not None else value
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]

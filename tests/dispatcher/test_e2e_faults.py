@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import time
 
-from tests.dispatcher.harness import free_port, push_jobs, received_per_task, reconcile, states, wait_final
+from tests.dispatcher.harness import (
+    free_port,
+    push_jobs,
+    received_per_task,
+    reconcile,
+    states,
+    wait_final,
+    wait_swept,
+)
 from tests.dispatcher.helpers import wait_for
 
 
@@ -29,6 +37,8 @@ def test_kill_9_twice_mid_run_loses_nothing(stack):
     twice = [t for t, n in per_task.items() if n > 1]
     assert len(twice) <= 2 * 16, f"{len(twice)} jobs ran more than once"
     assert fleet.stats()["totals"]["oversubscriptions"] == 0
+    # the killed processes' lists may still hold copies of finished tasks until their heartbeat expires
+    wait_swept(stack.rds, stack.prefix, stack.queues)
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 

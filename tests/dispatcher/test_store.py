@@ -3,7 +3,7 @@ cancel, drift."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
@@ -209,3 +209,15 @@ def test_task_ids_differing_in_case_or_accents_are_different_tasks(any_database_
         assert conn.execute(select(tasks.c.task_id).where(tasks.c.task_id == "job-1")).scalars().all() == [
             "job-1"
         ]
+
+
+def test_not_before_with_an_offset_is_converted_to_utc(any_database_url):
+    # GIVEN a job not before 12:00+02:00, i.e. 10:00 UTC
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    plus_two = timezone(timedelta(hours=2))
+    noon = datetime(2030, 1, 1, 12, 0, tzinfo=plus_two)
+    res = _dispatch(engine, [job(not_before=noon)])
+    assert res.deferred
+    # THEN it is due at 10:00 UTC, not at 12:00 UTC
+    assert transaction(engine, due_deferred, now=datetime(2030, 1, 1, 9, 59)) == []
+    assert len(transaction(engine, due_deferred, now=datetime(2030, 1, 1, 10, 0, 1))) == 1
