@@ -60,7 +60,7 @@ class Dispatcher:
         self.engine = engine
         self.redis = redis
         self.keys = Keys(settings.redis_key_prefix)
-        self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues)
+        self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues, settings.weights)
         self.gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),
             connect_timeout=settings.gpu_connect_timeout_seconds,

@@ -93,13 +93,36 @@ class Settlement:
     restamp: list[tuple[str, str]] = field(default_factory=list)  # (old element, new element)
 
 
+def weighted_order(queues: list[str], weights: dict[str, int] | None = None) -> list[str]:
+    """One cycle of smooth weighted round-robin (nginx's): with weights a=3, b=1 -> a a b a. Each queue
+    appears as often as its weight (default 1), spread out rather than in runs."""
+    w = {q: (weights or {}).get(q, 1) for q in queues}
+    current = dict.fromkeys(queues, 0)
+    order = []
+    for _ in range(sum(w.values())):
+        for q in queues:
+            current[q] += w[q]
+        best = max(queues, key=lambda q: current[q])
+        current[best] -= sum(w.values())
+        order.append(best)
+    return order
+
+
 class Intake:
-    def __init__(self, redis: Redis, keys: Keys, dispatcher_id: str, queues: list[str]) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        dispatcher_id: str,
+        queues: list[str],
+        weights: dict[str, int] | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.dispatcher_id = dispatcher_id
         self.proc = keys.proc(dispatcher_id)
         self.queues = queues
+        self._order = weighted_order(queues, weights)
         self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
         self._take = redis.register_script(_TAKE)
         self._sweep = redis.register_script(_SWEEP)
@@ -107,7 +130,8 @@ class Intake:
 
     async def take(self, want: int, parked_limits: dict[str, int]) -> list[Taken]:
         """Up to ``want`` jobs: first parked jobs of pools with room (at most their limit), then the queues
-        in round-robin order, starting one queue further along at every call."""
+        by weighted round-robin (QUEUE_WEIGHTS): one job per visit, a queue of weight w visited w times per
+        cycle, each call starting one step further along the cycle, so the shares hold for small takes too."""
         if want <= 0:
             return []
         keys: list[str] = [self.proc]
@@ -116,9 +140,9 @@ class Intake:
             if limit > 0:
                 keys.append(self.keys.parked(pool))
                 groups.append(f"1:{limit}")
-        start = self._turn % len(self.queues)
+        start = self._turn % len(self._order)
         self._turn += 1
-        for q in self.queues[start:] + self.queues[:start]:
+        for q in self._order[start:] + self._order[:start]:
             keys.extend(queue_key(q, p) for p in PRIORITY_ORDER)
             groups.append(f"{len(PRIORITY_ORDER)}:0")
         flat = await self._take(keys=keys, args=groups)

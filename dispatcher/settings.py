@@ -97,6 +97,7 @@ class StoreSettings(QueueSettings):
 
 class DispatcherSettings(StoreSettings):
     gpu_endpoints: str = ""
+    queue_weights: str = ""
     callback_url: str | None = None
     callback_host: str = "0.0.0.0"  # noqa: S104 - GPU services call back from other machines
     callback_port: int = Field(default=8000, ge=0, le=65535)
@@ -117,6 +118,26 @@ class DispatcherSettings(StoreSettings):
     dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
     log_level: str = "INFO"
     log_format: str = "json"
+
+    @field_validator("queue_weights")
+    @classmethod
+    def _check_weights(cls, value: str) -> str:
+        for queue, weight in parse_pairs(value, "QUEUE_WEIGHTS").items():
+            if not weight.isdigit() or not 1 <= int(weight) <= 100:
+                raise ValueError(f"{queue}={weight}: a weight is a whole number from 1 to 100")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_name_queues(self) -> DispatcherSettings:
+        unknown = set(self.weights) - set(self.all_queues)
+        if unknown:
+            raise ValueError(f"QUEUE_WEIGHTS names queues that are not served: {sorted(unknown)}")
+        return self
+
+    @property
+    def weights(self) -> dict[str, int]:
+        """Queue -> weight in the round-robin over queues (default 1)."""
+        return {q: int(w) for q, w in parse_pairs(self.queue_weights, "QUEUE_WEIGHTS").items()}
 
     @field_validator("gpu_endpoints")
     @classmethod

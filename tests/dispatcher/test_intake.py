@@ -1,0 +1,104 @@
+"""The Redis side of the dispatcher against the real Redis: fairness, priority, parking, sweeping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+
+import pytest
+from redis.asyncio import Redis
+
+from dispatcher.intake import Intake, Settlement, weighted_order
+from producer.keys import Keys, queue_key
+from producer.keys import Priority as P
+
+
+def test_weighted_order_spreads_shares():
+    assert weighted_order(["a", "b"], {"a": 3}) == ["a", "a", "b", "a"]
+    assert Counter(weighted_order(["a", "b", "c"], {"a": 2, "c": 5})) == {"a": 2, "b": 1, "c": 5}
+    assert weighted_order(["a", "b"]) == ["a", "b"]
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+async def _fill(rds: Redis, key: str, n: int, tag: str) -> None:
+    await rds.rpush(key, *[json.dumps({"type": "t", "data": {"tag": tag, "i": i}}) for i in range(n)])
+
+
+async def _intake(redis_url: str, prefix: str, queues: list[str], weights=None, name="d1"):
+    rds = Redis.from_url(redis_url)
+    return rds, Intake(rds, Keys(prefix), name, queues, weights)
+
+
+def test_queues_share_by_weight_and_priority_comes_first(redis_url, key_prefix):
+    async def scenario():
+        q1, q2 = f"{key_prefix}q1", f"{key_prefix}q2"
+        rds, intake = await _intake(redis_url, key_prefix, [q1, q2], {q1: 3})
+        await _fill(rds, q1, 100, "q1")
+        await _fill(rds, q2, 100, "q2")
+        await _fill(rds, queue_key(q2, P.HIGH), 2, "q2-high")
+        await _fill(rds, queue_key(q2, P.LOW), 100, "q2-low")
+        taken = []
+        for _ in range(40):  # one job at a time, as when single slots free up
+            taken += await intake.take(1, {})
+        sources = Counter(t.source for t in taken)
+        # q1 gets three visits in four; q2's two high-priority jobs come before its normal ones, low never yet
+        assert sources[q1] == 30
+        assert sources[queue_key(q2, P.HIGH)] == 2
+        assert sources[q2] == 8
+        assert all(t.queue == q2 for t in taken if t.source.startswith(q2))
+        batch = await intake.take(8, {})
+        assert Counter(t.queue for t in batch) == {q1: 6, q2: 2}
+        # everything taken is in this dispatcher's processing list, tagged with its source
+        assert await rds.llen(Keys(key_prefix).proc("d1")) == 48
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_hand_back_restores_order_and_sweep_takes_dead_lists(redis_url, key_prefix):
+    async def scenario():
+        q = f"{key_prefix}q"
+        keys = Keys(key_prefix)
+        rds, dead = await _intake(redis_url, key_prefix, [q], name="dead")
+        rds2, alive = await _intake(redis_url, key_prefix, [q], name="alive")
+        await _fill(rds, q, 5, "x")
+        original = await rds.lrange(q, 0, -1)
+        await dead.heartbeat()
+        taken = await dead.take(3, {})
+        assert await rds.llen(q) == 2
+        # alive while its heartbeat lasts: not swept
+        await alive.heartbeat()
+        assert await alive.sweep_dead() == 0
+        await rds.delete(keys.alive("dead"))  # the heartbeat expires
+        assert await alive.sweep_dead() == 3
+        assert await rds.lrange(q, 0, -1) == original  # back at the head, in their order
+        assert not await rds.sismember(keys.dispatchers, "dead")
+        # a parked job goes to its pool's list and is served first from there
+        taken = await alive.take(1, {})
+        await alive.settle(Settlement(park=[(taken[0].element, "gpu-pool", taken[0].raw)]))
+        assert await rds.llen(keys.parked("gpu-pool")) == 1
+        first = await alive.take(1, {"gpu-pool": 1})
+        assert first[0].source == keys.parked("gpu-pool")
+        assert first[0].queue is None  # a parked job's body says its queue
+        await rds.aclose()
+        await rds2.aclose()
+
+    _run(scenario())
+
+
+@pytest.mark.parametrize("weights", ["q9=2", "q1=0", "q1=x"])
+def test_bad_weights_are_refused(monkeypatch, weights):
+    from dispatcher.settings import DispatcherSettings
+    from producer.errors import ConfigError
+    from producer.settings import load
+
+    monkeypatch.setenv("CALLBACK_SECRET", "s" * 32)
+    monkeypatch.setenv("TASK_QUEUES", "q1,q2")
+    monkeypatch.setenv("QUEUE_WEIGHTS", weights)
+    with pytest.raises(ConfigError) as err:
+        load(DispatcherSettings, _env_file=None)
+    assert "QUEUE_WEIGHTS" in err.value.message
