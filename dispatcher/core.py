@@ -27,6 +27,7 @@ from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
 from dispatcher.gpu_client import Answer, GpuClient, Verdict
+from dispatcher.group_commit import GroupCommit
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.intake import Intake, Settlement
 from dispatcher.metrics import Metrics
@@ -43,9 +44,6 @@ T = TypeVar("T")
 
 #: Errors of a store that is down or restarting: the loop waits and tries again, holding its jobs in Redis.
 TRANSIENT = (RedisError, StoreUnavailable, OSError)
-
-#: Attempt endings committed in one transaction at most.
-_FINISH_BATCH = 200
 
 _VERDICT_OUTCOME = {
     Verdict.FINISHED: Outcome.FINISHED,
@@ -78,8 +76,7 @@ class Dispatcher:
         self._handback_needed = False
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
-        self._finishes: list[tuple[dict[str, Any], asyncio.Future[Finish]]] = []
-        self._finishing = False
+        self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
         self.accepting = True
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
@@ -270,13 +267,14 @@ class Dispatcher:
             result = await self.db(dispatch, now=utcnow(), view=view, **kwargs)
         except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
             result = await self.db(dispatch, now=utcnow(), check_existing=True, **kwargs)
-        element_of = {job.task_id: el for job, _, el in items}
+        # By identity: two copies of one task in a batch are two elements of the processing list.
+        element_of = {id(job): el for job, _, el in items}
         unsent = [p for p in result.mine if (p.job.task_id, p.attempt) not in self._sent]
         done = Settlement(
-            ack=[element_of[p.job.task_id] for p in result.placed + result.mine]
-            + [element_of[j.task_id] for j, _ in result.dropped]
-            + [element_of[j.task_id] for j in result.deferred],
-            park=[(element_of[j.task_id], pool, j.to_redis()) for j, pool in result.unplaced],
+            ack=[element_of[id(p.job)] for p in result.placed + result.mine]
+            + [element_of[id(j)] for j, _ in result.dropped]
+            + [element_of[id(j)] for j in result.deferred],
+            park=[(element_of[id(j)], pool, j.to_redis()) for j, pool in result.unplaced],
         )
         for job, why in result.dropped:
             log.info(
@@ -367,7 +365,7 @@ class Dispatcher:
         error: str | None = None,
         reported: str | None = None,
     ) -> Finish:
-        """End an attempt; concurrent calls are committed together (see _finish_batches)."""
+        """End an attempt; concurrent calls are committed together (see GroupCommit)."""
         item = {
             "task_id": task_id,
             "attempt": attempt,
@@ -376,12 +374,7 @@ class Dispatcher:
             "error": error,
             "reported": reported,
         }
-        future: asyncio.Future[Finish] = asyncio.get_running_loop().create_future()
-        self._finishes.append((item, future))
-        if not self._finishing:
-            self._finishing = True
-            self.spawn(self._finish_batches(), "finish-batches")
-        fin = await future
+        fin = await self.finisher.submit(item)
         if fin.code == "applied":
             self.metrics.attempts.labels(outcome.value).inc()
             log.debug(
@@ -398,35 +391,8 @@ class Dispatcher:
             self.slot_freed()
         return fin
 
-    async def _finish_batches(self) -> None:
-        """Group commit: while one transaction runs, the callbacks that arrive meanwhile queue up and go
-        together in the next one. One COMMIT and one thread hop per burst instead of per callback."""
-        try:
-            while self._finishes:
-                batch, self._finishes = self._finishes[:_FINISH_BATCH], self._finishes[_FINISH_BATCH:]
-                try:
-                    results = await self.db(
-                        finish_many, items=[item for item, _ in batch], now=utcnow(), backoff=self.backoff
-                    )
-                except StoreUnavailable as exc:  # every caller answers 503 / leaves it to the lease
-                    _settle(batch, exc)
-                    continue
-                except Exception:
-                    # Not the store: one item is at fault. Alone, each item fails or succeeds on its own.
-                    log.exception("batched attempt endings failed; ending them one by one")
-                    for entry in batch:
-                        try:
-                            one = await self.db(
-                                finish_many, items=[entry[0]], now=utcnow(), backoff=self.backoff
-                            )
-                            _settle([entry], one[0])
-                        except Exception as exc:
-                            _settle([entry], exc)
-                    continue
-                for entry, fin in zip(batch, results, strict=True):
-                    _settle([entry], fin)
-        finally:
-            self._finishing = False
+    async def _end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
+        return await self.db(finish_many, items=items, now=utcnow(), backoff=self.backoff)
 
     async def heartbeat(self, task_id: str, attempt: int) -> Finish:
         return await self.db(
@@ -454,18 +420,6 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def _settle(
-    entries: list[tuple[dict[str, Any], asyncio.Future[Finish]]], outcome: Finish | BaseException
-) -> None:
-    for _, future in entries:
-        if future.done():  # the caller went away (its request was cancelled)
-            continue
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 def _queue_in_body(raw: str) -> str | None:
