@@ -156,9 +156,16 @@ class Intake:
         pipe = self.redis.pipeline(transaction=True)
         for el in s.ack:
             pipe.lrem(self.proc, 1, el)
-        for el, pool, body in reversed(s.park):  # LPUSH in reverse keeps their order at the head
-            pipe.lrem(self.proc, 1, el)
-            pipe.lpush(self.keys.parked(pool), body)
+        # Jobs taken from a parked list go back to its head (LPUSH in reverse keeps their order); jobs newly
+        # parked go to its tail, behind those parked before them: a pool's parked jobs keep their order.
+        for el, pool, body in reversed(s.park):
+            if el.startswith(self.keys.parked(pool) + "\n"):
+                pipe.lrem(self.proc, 1, el)
+                pipe.lpush(self.keys.parked(pool), body)
+        for el, pool, body in s.park:
+            if not el.startswith(self.keys.parked(pool) + "\n"):
+                pipe.lrem(self.proc, 1, el)
+                pipe.rpush(self.keys.parked(pool), body)
         now = datetime.now(UTC).isoformat()
         for el, raw, queue, why in s.dead:
             pipe.lrem(self.proc, 1, el)

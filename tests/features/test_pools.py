@@ -1,0 +1,67 @@
+"""Pools: placement only within a job's pool, and no head-of-line blocking across pools."""
+
+from __future__ import annotations
+
+import httpx
+
+from dispatcher.db.engine import make_engine
+from tests.dispatcher.conftest import Stack
+from tests.dispatcher.harness import push_jobs, states, wait_final
+from tests.dispatcher.helpers import wait_for
+
+A_JOBS = 40
+
+
+def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
+    """Pool ``slow`` (2 slots, 20 s per job) is saturated and 40 of its jobs wait at the head of the queue;
+    the 20 ``fast`` jobs queued behind them in the same list all run and finish while the slow backlog has
+    not moved: the slow jobs are parked per pool instead of blocking the queue."""
+    slow = stack.fleet(gpus=1, slots=2, service_time="fixed:20")
+    fast = stack.fleet(gpus=2, slots=4, service_time="fixed:0.05")
+    endpoints = f"slow:s0={slow.url('g0')},fast:f0={fast.url('g0')},fast:f1={fast.url('g1')}"
+    d = stack.dispatcher(GPU_ENDPOINTS=endpoints, TASK_ROUTES="transcribe=slow,embed=fast", SLOTS_PER_GPU="2")
+    queue = stack.queues[0]
+    slow_ids = push_jobs(stack.rds, queue, A_JOBS, task_type="transcribe")
+    fast_ids = push_jobs(stack.rds, queue, 20, task_type="embed")
+
+    wait_final(stack.engine, fast_ids, timeout=60)
+    slow_states = states(stack.engine, slow_ids)
+    assert slow_states["finished"] == 0, slow_states
+    assert slow_states["processing"] == 2, slow_states  # the pool is full, never over
+    parked = stack.rds.llen(f"{stack.prefix}parked:slow")
+    assert parked + stack.rds.llen(queue) == A_JOBS - 2
+
+    # placement stayed in each job's pool
+    assert {j["task_id"] for j in slow.stats()["jobs"]} <= set(slow_ids)
+    assert {j["task_id"] for j in fast.stats()["jobs"]} == set(fast_ids)
+
+    gpus = {g["gpu_id"]: g for g in httpx.get(f"{d.url}/gpus", timeout=5).json()}
+    assert {g: (v["pool"], v["busy"]) for g, v in gpus.items()} == {
+        "s0": ("slow", 2),
+        "f0": ("fast", 0),
+        "f1": ("fast", 0),
+    }
+
+
+def test_parked_jobs_go_first_when_their_pool_has_room(stack: Stack) -> None:
+    """Parked jobs are served before newer jobs of the same pool, and every job of both pools ends."""
+    slow = stack.fleet(gpus=1, slots=1, service_time="fixed:0.3")
+    fast = stack.fleet(gpus=1, slots=2, service_time="fixed:0.02")
+    endpoints = f"slow:s0={slow.url('g0')},fast:f0={fast.url('g0')}"
+    stack.dispatcher(GPU_ENDPOINTS=endpoints, TASK_ROUTES="transcribe=slow,other=fast", SLOTS_PER_GPU="1")
+    queue = stack.queues[0]
+    first = push_jobs(stack.rds, queue, 4, task_type="transcribe")
+    rest = push_jobs(stack.rds, queue, 6, task_type="other")
+    wait_for(lambda: stack.rds.llen(f"{stack.prefix}parked:slow") > 0, 20, what="slow jobs parked")
+    later = push_jobs(stack.rds, queue, 2, task_type="transcribe")
+    wait_final(stack.engine, first + rest + later, timeout=60)
+    engine = make_engine(stack.database_url, pool_size=1)
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT task_id, started_at FROM tasks WHERE pool = 'slow' ORDER BY started_at"
+            ).all()
+    finally:
+        engine.dispose()
+    order = [r[0] for r in rows]
+    assert set(order[:4]) == set(first), "parked jobs ran before the slow jobs queued after them"
