@@ -67,6 +67,20 @@ test: lint services sam-check
 	bash infra/ensure-chromium.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The load benchmark (SPEC §8): gpuq vs Celery side by side; bench-only dependencies go into the venv.
+# Arguments through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--profile"`; bench/RESULTS.md explains it.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) bench/requirements.txt
+	$(PY) -m pip install -q -r bench/requirements.txt
+	touch $@
+
+bench: $(BENCH_STAMP) services
+	$(PY) -m bench --quiet-load 1.5 $(BENCH_ARGS)
+
+# A few seconds of the same (gpuq side only unless Celery is installed); `make test` runs it as tests/bench.
+bench-smoke: $(STAMP) services
+	$(PY) -m pytest tests/bench -q
+
 # The suite alone, for quick iterations when lint and SAM are known good.
 test-only: $(STAMP) services
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,183 @@
+"""``python -m bench`` (``make bench``): every workload through gpuq, then through Celery, one after the other
+in the same run; a table on stdout, ``<out>/<stamp>.json``, ``<out>/<stamp>.png`` and ``<out>/<stamp>.md``.
+
+    python -m bench                      the full benchmark (16 GPUs x 4 slots; 6,400 x 100 ms; 20,000 x 0 ms)
+    python -m bench --smoke --out DIR    a few seconds per system (tests/bench runs it)
+    python -m bench --profile            the 0 ms workload through gpuq again, with py-spy on the dispatcher
+
+Exit 0 when every job ran exactly once and no GPU was oversubscribed (targets missed do not fail the run:
+they are figures to report), 1 otherwise, 2 when Redis, MariaDB or a process could not be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench import gpuq_run, workloads
+from bench.procs import ProcError
+from bench.report import git_revision, machine, markdown, print_table, speedup_vs_celery
+from bench.stores import BenchDatabase, BenchRedis, StoreError
+from bench.workloads import TARGETS, Workload
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="gpuq vs Celery on a simulated GPU fleet")
+    p.add_argument("--smoke", action="store_true", help="tiny workloads (seconds), for CI")
+    p.add_argument("--gpus", type=int, default=16)
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--service", type=float, default=0.1, help="fixed service time of the efficiency run, s")
+    p.add_argument("--jobs", type=int, default=6400, help="jobs in the efficiency run")
+    p.add_argument("--overhead-jobs", type=int, default=20_000, help="jobs in the 0 ms run")
+    p.add_argument("--no-celery", action="store_true", help="gpuq only (no Celery installed)")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile the dispatcher (py-spy) in a 0 ms run"
+    )
+    p.add_argument("--quiet-load", type=float, default=0.0, help="wait for a 1-min load average below this")
+    p.add_argument("--quiet-wait", type=float, default=300.0, help="wait at most this long for it, s")
+    p.add_argument("--out", type=Path, default=OUT, help="where the result files go")
+    p.add_argument("--redis", default="redis://127.0.0.1:6379", help="Redis server (a free db is claimed)")
+    p.add_argument("--mysql", default="mysql+pymysql://root@127.0.0.1:3306", help="MariaDB server")
+    return p.parse_args(argv)
+
+
+def wait_quiet(console: Console, below: float, most: float) -> float:
+    """Other people's test runs share the machine: wait (a while) for a calm minute, and say what we got."""
+    deadline = time.monotonic() + most
+    load = os.getloadavg()[0]
+    while below and load >= below and time.monotonic() < deadline:
+        console.print(f"[dim]load average {load:.2f} ≥ {below}: waiting for a quieter machine[/]")
+        time.sleep(15)
+        load = os.getloadavg()[0]
+    return round(load, 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: wide enough for the table's labels
+        console = Console(width=120)
+    sets = (
+        workloads.smoke()
+        if args.smoke
+        else workloads.full(args.gpus, args.slots, args.service, args.jobs, args.overhead_jobs)
+    )
+    systems = ["gpuq"] if args.no_celery else ["gpuq", "celery"]
+    try:
+        redis_store = BenchRedis(args.redis)
+        database = BenchDatabase(args.mysql)
+    except StoreError as exc:
+        console.print(f"[bold red]bench: {exc}[/]")
+        return 2
+    meta: dict[str, Any] = {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "bench", *argv]),
+        "git": git_revision(),
+        "machine": machine(),
+        "load_at_start": wait_quiet(console, args.quiet_load, args.quiet_wait),
+        "redis_db": redis_store.db,
+        "database": database.name,
+        "producer": "producer.handler.lambda_handler, API Gateway REST proxy events of 100 tasks",
+        "workloads": [w.describe() for w in sets],
+        "targets": TARGETS,
+    }
+    figures: dict[str, dict[str, Any]] = {s: {} for s in systems}
+    with tempfile.TemporaryDirectory(prefix="gpuq-bench-") as tmp:
+        ctx = gpuq_run.Context(redis_store, database, Path(tmp))
+        try:
+            for workload in sets:
+                for system in systems:
+                    figures[system][workload.name] = _run(console, ctx, system, workload)
+            if args.profile:
+                meta["profile"] = _profile(console, ctx, sets[-1], args.out)
+        except (ProcError, StoreError) as exc:
+            console.print(f"[bold red]bench: {exc}[/]")
+            return 2
+        finally:
+            redis_store.release()
+            database.drop()
+    return _report(console, args, meta, figures)
+
+
+def _run(console: Console, ctx: gpuq_run.Context, system: str, workload: Workload) -> dict[str, Any]:
+    console.print(
+        f"[bold]{system}[/] {workload.name}: {workload.jobs:,} jobs x {workload.service * 1000:g} ms on "
+        f"{workload.gpus} GPUs x {workload.slots} slots (load {os.getloadavg()[0]:.2f}) ..."
+    )
+    if system == "gpuq":
+        result = gpuq_run.run(ctx, workload)
+    else:
+        from bench import celery_run
+
+        result = celery_run.run(ctx, workload)
+    console.print(
+        f"  {result['completed']:,} done in {result['makespan_s']:.2f} s: "
+        f"{result['jobs_per_s']:,.0f} jobs/s, "
+        f"dispatch p50 {result['dispatch_latency_ms']['p50']:.2f} ms, "
+        f"{result['oversubscriptions']} oversubscriptions"
+    )
+    return workload.describe() | result
+
+
+def _profile(console: Console, ctx: gpuq_run.Context, workload: Workload, out: Path) -> dict[str, Any]:
+    from bench.profile import Profiler, summarize
+
+    out.mkdir(parents=True, exist_ok=True)
+    profiler = Profiler(ctx.workdir / "dispatcher.pyspy.txt")
+    if profiler.exe is None:
+        console.print("[yellow]py-spy is not installed (pip install py-spy): no profile[/]")
+        return {}
+    console.print(f"[bold]gpuq[/] {workload.name} again, py-spy on the dispatcher ...")
+    result = gpuq_run.run(ctx, workload, on_dispatcher=profiler.attach, after=profiler.detach)
+    summary = summarize(profiler.raw)
+    summary["jobs_per_s_while_profiled"] = result["jobs_per_s"]
+    return summary
+
+
+def _report(console: Console, args: argparse.Namespace, meta: dict[str, Any], figures: dict[str, Any]) -> int:
+    first = meta["workloads"][0]
+    title = (
+        f"gpuq vs Celery · {first['gpus']} GPUs x {first['slots']} slots · "
+        f"{meta['machine']['nproc']} cores · "
+        f"load {meta['load_at_start']} at start"
+    )
+    print_table(console, title, figures)
+    speedup = speedup_vs_celery(figures)
+    if speedup is not None:
+        meta["speedup_vs_celery"] = round(speedup, 2)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
+    result_file = args.out / f"{stamp}.json"
+    result_file.write_text(json.dumps({"meta": meta, "runs": figures}, indent=1) + "\n")
+    (args.out / f"{stamp}.md").write_text(markdown(meta, figures))
+    try:
+        from bench.plot import plot
+
+        plot(figures, title, args.out / f"{stamp}.png")
+    except ImportError:
+        console.print(
+            "[yellow]matplotlib is not installed: no plot (pip install -r bench/requirements.txt)[/]"
+        )
+    console.print(f"results: {result_file} (.md, .png beside it)")
+    runs = [run for system in figures.values() for run in system.values()]
+    sound = all(
+        r["oversubscriptions"] == 0 and r["duplicates"] == 0 and r["completed"] == r["jobs"] for r in runs
+    )
+    return 0 if sound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Figures from the simulator's job log and the driver's enqueue times (all on CLOCK_MONOTONIC, which every
+process on the machine shares).
+
+Slot occupancy per GPU is rebuilt from the log: a GPU has ``slots`` slots; a job takes, on arrival
+(``received_mono``), the slot that has been free the longest, and frees it when it hands its result over
+(``callback_sent_mono`` in async mode: the callback starts going out; ``answered_mono`` in sync mode: the
+answer goes out). Which physical slot a job holds does not matter to a GPU; when one of them became free
+does. For each job then:
+
+    dispatch latency = received - max(enqueued, slot freed)   (a never-used slot counts as free forever)
+    slot turnaround  = received - slot freed                  (only jobs already waiting when it was freed)
+
+A job found no free slot on arrival only if the GPU was oversubscribed: counted as ``anomalies``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from bench.workloads import Workload
+
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), on an already sorted sequence."""
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary_ms(values: Iterable[float]) -> dict[str, float | int]:
+    ordered = sorted(v * 1000 for v in values)
+    out: dict[str, float | int] = {"n": len(ordered)}
+    for q in PERCENTILES:
+        out[f"p{q:g}"] = round(percentile(ordered, q), 3)
+    out["mean"] = round(sum(ordered) / len(ordered), 3) if ordered else math.nan
+    out["max"] = round(ordered[-1], 3) if ordered else math.nan
+    return out
+
+
+def freed_at(job: Mapping[str, Any]) -> float | None:
+    value = job.get("callback_sent_mono")
+    if value is None:
+        value = job.get("answered_mono")
+    return None if value is None else float(value)
+
+
+def slot_samples(
+    jobs: Sequence[Mapping[str, Any]], enqueued: Mapping[str, float], slots: int
+) -> tuple[list[float], list[float], int]:
+    """(dispatch latencies, slot turnarounds, anomalies) in seconds; see the module docstring."""
+    by_gpu: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for job in jobs:
+        by_gpu[job["gpu"]].append(job)
+    latencies: list[float] = []
+    turnarounds: list[float] = []
+    anomalies = 0
+    for gpu_jobs in by_gpu.values():
+        free = [-math.inf] * slots  # heap of the times each slot became free
+        for job in sorted(gpu_jobs, key=lambda j: float(j["received_mono"])):
+            received = float(job["received_mono"])
+            slot_free = heapq.heappop(free)
+            if slot_free > received:
+                anomalies += 1
+            queued = enqueued.get(job["task_id"])
+            if queued is not None:
+                latencies.append(received - max(queued, slot_free))
+                if math.isfinite(slot_free) and queued <= slot_free:
+                    turnarounds.append(received - slot_free)
+            done = freed_at(job)
+            heapq.heappush(free, math.inf if done is None else done)
+    return latencies, turnarounds, anomalies
+
+
+def measure(
+    workload: Workload, jobs: Sequence[Mapping[str, Any]], enqueued: Mapping[str, float], started: float
+) -> dict[str, Any]:
+    """Everything that comes from the job log; ``started`` is the driver's clock before the first enqueue."""
+    ended = sorted(t for t in (freed_at(job) for job in jobs) if t is not None)
+    received = Counter(job["task_id"] for job in jobs)
+    latencies, turnarounds, anomalies = slot_samples(jobs, enqueued, workload.slots)
+    makespan = (ended[-1] - started) if ended else math.nan
+    n = len(ended)
+    i0, i1 = int(n * 0.1), int(n * 0.9)
+    span = ended[i1] - ended[i0] if n else 0.0
+    result: dict[str, Any] = {
+        "completed": len({job["task_id"] for job in jobs if freed_at(job) is not None}),
+        "unknown_jobs": sum(1 for task_id in received if task_id not in enqueued),
+        "duplicates": sum(count - 1 for count in received.values()),
+        "makespan_s": round(makespan, 4),
+        "jobs_per_s": round(n / makespan, 1) if makespan > 0 else math.nan,
+        # completions between the 10th and the 90th percentile: the rate without ramp-up and tail
+        "steady_jobs_per_s": round((i1 - i0) / span, 1) if span > 0 else math.nan,
+        "dispatch_latency_ms": summary_ms(latencies),
+        "turnaround_ms": summary_ms(turnarounds),
+        "slot_anomalies": anomalies,
+    }
+    if workload.service > 0:
+        result["efficiency"] = round(workload.ideal_makespan / makespan, 4) if makespan > 0 else math.nan
+    return result
+
+
+def cdf_points(values_ms: Sequence[float], points: int = 200) -> list[tuple[float, float]]:
+    """A thinned CDF for the plot: (latency ms, fraction of jobs at or below it)."""
+    ordered = sorted(values_ms)
+    if not ordered:
+        return []
+    step = max(1, len(ordered) // points)
+    return [(ordered[i], (i + 1) / len(ordered)) for i in range(0, len(ordered), step)]

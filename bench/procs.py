@@ -1,0 +1,207 @@
+"""The processes a run starts, each in its own process group with its own log file, and what /proc says.
+
+The simulator runs as its own process (``python -m simgpu``) so that its CPU is neither the driver's nor the
+system's under test; the dispatcher is the real ``python -m dispatcher``; the Celery worker is the real
+``celery worker``. CPU time and peak RSS are read from /proc before a process is stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from dispatcher.settings import DispatcherSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ProcError(Exception):
+    """A process the benchmark needs did not start or died; the message holds the end of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (Linux /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's high-water mark of resident memory (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already inside user/nice
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def pid_of(*names: str) -> int | None:
+    """The first process whose command name is one of ``names`` (read only: for CPU readings)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() in names:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def python_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """The inherited environment minus every variable the dispatcher reads (a developer's DATABASE_URL must
+    not point a run at a real database), plus ``extra``; the repository on PYTHONPATH."""
+    own = {name.upper() for name in DispatcherSettings.model_fields}
+    env = {k: v for k, v in os.environ.items() if k.upper() not in own}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return env | {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"} | dict(extra)
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str], workdir: Path) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                argv, cwd=workdir, env=dict(env), stdout=out, stderr=subprocess.STDOUT, process_group=0
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise ProcError(f"{self.name} exited with code {self.popen.returncode}:\n{self.tail()}")
+            if ready():
+                return
+            time.sleep(0.05)
+        raise ProcError(f"{self.name} not ready after {timeout:.0f} s:\n{self.tail()}")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise ProcError(f"{self.name} died with code {self.popen.returncode}:\n{self.tail()}")
+
+    def stop(self, grace: float = 15.0) -> int:
+        """SIGTERM (each of ours stops gracefully on it), SIGKILL after ``grace``."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+class Sim(Proc):
+    """``python -m simgpu``: ``gpus`` GPUs of ``slots`` slots at /g0.. on one port; stats at /_stats."""
+
+    def __init__(
+        self, workdir: Path, *, gpus: int, slots: int, service: float, mode: str, token: str
+    ) -> None:
+        endpoints = workdir / "endpoints"
+        argv = [sys.executable, "-m", "simgpu", "--port", "0", "--gpus", str(gpus), "--slots", str(slots)]
+        argv += ["--service-time", f"fixed:{service:g}", "--mode", mode, f"--token={token}", "--seed", "1"]
+        argv += ["--log-level", "WARNING", "--endpoints-file", str(endpoints)]
+        super().__init__(f"simgpu-{mode}", argv, python_env({}), workdir)
+        self.wait_until(endpoints.exists, 30)
+        self.endpoints = endpoints.read_text().strip()
+        self.urls = [item.split("=", 1)[1] for item in self.endpoints.split(",")]
+        self.control_url = self.urls[0].rsplit("/", 1)[0]
+        self.http = httpx.Client(timeout=30)
+
+    def stats(self, *, jobs: bool = False) -> dict[str, Any]:
+        answer = self.http.get(f"{self.control_url}/_stats", params={"jobs": "1" if jobs else "0"})
+        answer.raise_for_status()
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def stop(self, grace: float = 15.0) -> int:
+        self.http.close()
+        return super().stop(grace)
+
+
+def wait_done(
+    sim: Sim, done: Callable[[dict[str, Any]], int], jobs: int, timeout: float, *watch: Proc
+) -> None:
+    """Poll the simulator's counters (without the job log, cheap) until ``done(totals)`` reaches ``jobs``."""
+    deadline = time.monotonic() + timeout
+    last = 0
+    while time.monotonic() < deadline:
+        for proc in (sim, *watch):
+            proc.check_alive()
+        last = done(sim.stats()["totals"])
+        if last >= jobs:
+            return
+        time.sleep(0.2)
+    raise ProcError(f"only {last} of {jobs} jobs done after {timeout:.0f} s")
+
+
+class Usage:
+    """CPU spent from construction to ``finish()`` by the system under test (``consumer``: the dispatcher or
+    the Celery worker), the simulator, Redis and MariaDB (server-wide: other users of them count too), this
+    driver, and the machine as a whole (the share of all cores that was busy, whoever used it)."""
+
+    def __init__(self, consumer: int, sim: int, redis_cpu: Callable[[], float]) -> None:
+        self.pids = {"consumer": consumer, "sim": sim}
+        mariadb = pid_of("mariadbd", "mysqld")
+        if mariadb is not None:
+            self.pids["mariadb"] = mariadb
+        self.redis_cpu = redis_cpu
+        self.start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        reading = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        busy, total = machine_cpu()
+        return reading | {
+            "redis": self.redis_cpu(),
+            "driver": time.process_time(),
+            "busy": busy,
+            "total": total,
+            "wall": time.monotonic(),
+        }
+
+    def finish(self, jobs: int) -> dict[str, float]:
+        end = self._read()
+        d = {key: end[key] - self.start[key] for key in end}
+        per_job = {
+            f"{name}_cpu_ms_per_job": round(d[name] / jobs * 1000, 3) for name in (*self.pids, "redis")
+        }
+        return {
+            "consumer_cpu_s": round(d["consumer"], 3),
+            "consumer_cores": round(d["consumer"] / d["wall"], 3),
+            **per_job,
+            "driver_cpu_ms_per_job": round(d["driver"] / jobs * 1000, 3),
+            "machine_busy": round(d["busy"] / d["total"], 3) if d["total"] else float("nan"),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }

@@ -1,0 +1,53 @@
+"""What one benchmark run is, and the two sets of runs: the full benchmark and the smoke CI can afford."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str  # "efficiency" (fixed service time) or "overhead" (service time 0)
+    gpus: int
+    slots: int
+    service: float  # fixed service time per job, seconds
+    jobs: int
+
+    @property
+    def capacity(self) -> int:
+        return self.gpus * self.slots
+
+    @property
+    def ideal_makespan(self) -> float:
+        """Every slot busy from the first job to the last, no gap: what a perfect dispatcher achieves."""
+        return self.jobs * self.service / self.capacity
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self) | {"capacity": self.capacity, "ideal_makespan_s": self.ideal_makespan}
+
+
+#: Issue 4's targets on a 2-core machine. Latencies in ms, throughput in jobs/s.
+TARGETS: dict[str, float] = {
+    "overhead_jobs_per_s": 800,
+    "dispatch_p50_ms": 2,
+    "dispatch_p99_ms": 5,
+    "turnaround_p50_ms": 2,
+    "turnaround_p99_ms": 10,
+    "efficiency": 0.98,
+    "speedup_vs_celery": 3,
+}
+
+
+def full(
+    gpus: int = 16, slots: int = 4, service: float = 0.1, jobs: int = 6400, overhead_jobs: int = 20_000
+) -> list[Workload]:
+    return [
+        Workload("efficiency", gpus, slots, service, jobs),
+        Workload("overhead", gpus, slots, 0.0, overhead_jobs),
+    ]
+
+
+def smoke() -> list[Workload]:
+    """Small enough for ``make test``: a few seconds per system."""
+    return [Workload("efficiency", 4, 4, 0.02, 160), Workload("overhead", 4, 4, 0.0, 400)]

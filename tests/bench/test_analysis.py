@@ -1,0 +1,76 @@
+"""How the benchmark reads the simulator's job log: slot occupancy rebuilt per GPU, dispatch latency and
+slot turnaround as RESULTS.md defines them, makespan and efficiency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench.analysis import measure, percentile, slot_samples
+from bench.workloads import Workload
+
+
+def job(
+    task_id: str, gpu: str, received: float, freed: float | None, *, sync: bool = False
+) -> dict[str, Any]:
+    record: dict[str, Any] = {"task_id": task_id, "gpu": gpu, "received_mono": received}
+    record["answered_mono" if sync else "callback_sent_mono"] = freed
+    record["callback_sent_mono" if sync else "answered_mono"] = None
+    return record
+
+
+def test_a_waiting_job_counts_from_the_slot_freed_and_a_late_job_from_its_enqueue() -> None:
+    # GIVEN one GPU with one slot: a runs 0-1.0; b waited (enqueued 0.5) and arrived 2 ms after the slot
+    # freed; c was enqueued at 3.0 when the slot had long been free, and arrived 1 ms later
+    jobs = [job("a", "g0", 0.001, 1.0), job("b", "g0", 1.002, 2.0), job("c", "g0", 3.001, 4.0)]
+    enqueued = {"a": 0.0, "b": 0.5, "c": 3.0}
+    latencies, turnarounds, anomalies = slot_samples(jobs, enqueued, slots=1)
+    assert latencies == pytest.approx([0.001, 0.002, 0.001])
+    assert turnarounds == pytest.approx([0.002])  # only b was waiting when a slot freed
+    assert anomalies == 0
+
+
+def test_a_job_takes_the_slot_free_the_longest_and_sync_answers_free_slots_too() -> None:
+    # GIVEN a GPU with two slots, both busy, freed at 1.0 and 1.5 (sync mode: the answer frees the slot)
+    jobs = [
+        job("a", "g0", 0.0, 1.5, sync=True),
+        job("b", "g0", 0.0, 1.0, sync=True),
+        job("c", "g0", 1.01, 3.0, sync=True),
+        job("d", "g0", 1.52, 3.0, sync=True),
+    ]
+    enqueued = dict.fromkeys("abcd", 0.0)
+    _, turnarounds, anomalies = slot_samples(jobs, enqueued, slots=2)
+    assert turnarounds == pytest.approx([0.01, 0.02])
+    assert anomalies == 0
+
+
+def test_a_job_arriving_while_every_slot_is_held_is_an_anomaly() -> None:
+    jobs = [job("a", "g0", 0.0, 1.0), job("b", "g0", 0.5, 1.0)]
+    assert slot_samples(jobs, {"a": 0.0, "b": 0.0}, slots=1)[2] == 1
+
+
+def test_makespan_runs_from_the_first_enqueue_to_the_last_slot_freed() -> None:
+    # GIVEN 4 jobs of 100 ms on 2 GPUs x 1 slot: ideally 0.2 s; they took 0.25 s from the first enqueue
+    w = Workload("efficiency", gpus=2, slots=1, service=0.1, jobs=4)
+    jobs = [
+        job("a", "g0", 10.01, 10.11),
+        job("b", "g1", 10.01, 10.11),
+        job("c", "g0", 10.12, 10.22),
+        job("d", "g1", 10.15, 10.25),
+        job("a", "g1", 10.3, 10.4),  # a second run of a: a duplicate, not a completion of the workload
+    ]
+    result = measure(w, jobs[:4], dict.fromkeys("abcd", 10.0), started=10.0)
+    assert result["makespan_s"] == pytest.approx(0.25)
+    assert result["efficiency"] == pytest.approx(0.8)
+    assert result["jobs_per_s"] == pytest.approx(16)
+    assert result["duplicates"] == 0
+    again = measure(w, jobs, dict.fromkeys("abcd", 10.0), started=10.0)
+    assert (again["duplicates"], again["completed"]) == (1, 4)
+
+
+def test_percentile_interpolates_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 99) == pytest.approx(3.97)
+    assert percentile([], 50) != percentile([], 50)  # NaN
