@@ -20,6 +20,7 @@ from dispatcher.core import Dispatcher
 from dispatcher.dashboard import router as dashboard_router
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.routes import router
+from dispatcher.task_api import router as task_api_router
 
 log = logging.getLogger("gpuq.http")
 
@@ -77,6 +78,7 @@ def create_app(
 
     app.include_router(callback_router)
     app.include_router(router)
+    app.include_router(task_api_router)
     app.include_router(dashboard_router)
 
     return app

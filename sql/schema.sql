@@ -71,7 +71,7 @@ CREATE TABLE tasks (
     PRIMARY KEY (task_id)
 )ENGINE=InnoDB;
 
-CREATE INDEX idx_tasks_created_at ON tasks (created_at);
+CREATE INDEX idx_tasks_created_at ON tasks (created_at, task_id);
 
 CREATE INDEX idx_tasks_gpu_id ON tasks (gpu_id);
 

@@ -1,22 +1,24 @@
-"""``gpuq task show/cancel/retry`` and ``gpuq submit``."""
+"""``gpuq task show/list/cancel/retry/priority`` and ``gpuq submit``."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
-from dispatcher.cli.render import console
+from dispatcher.cli.render import console, rows_table
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import utcnow
+from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
 from dispatcher.db.operator import retry_task
 from dispatcher.db.reads import get_task
 from producer.keys import Priority
 
-app = typer.Typer(help="Look at, cancel or retry one task.", no_args_is_help=True)
+app = typer.Typer(help="List tasks; look at, cancel, retry or reprioritize one.", no_args_is_help=True)
 
 TaskId = Annotated[str, typer.Argument(help="The task's id.")]
 
@@ -28,6 +30,37 @@ def show(ctx: typer.Context, task_id: TaskId) -> None:
     if found is None:
         raise OperatorError(f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)")
     typer.echo(json.dumps(found, indent=2))
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    *,
+    state: Annotated[str | None, typer.Option(help="A state, or several: queued,retrying.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="Only tasks placed on this GPU.")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(help="Created at or after (UTC).", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT)] = 50,
+    cursor: Annotated[str | None, typer.Option(help="The cursor printed after the previous page.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the page as GET /tasks answers it.")] = False,
+) -> None:
+    """Tasks newest first, filtered like GET /tasks; the next page's cursor is printed on stderr."""
+    try:
+        where = TaskFilter(parse_states(state), queue, task_type, gpu, since)
+        page = stores(ctx).db(list_tasks, where=where, limit=limit, cursor=cursor)
+    except BadFilter as exc:
+        raise BadArgument(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(page, indent=2))
+        return
+    columns = ("task_id", "state", "type", "queue", "priority", "gpu_id", "attempts", "created_at", "error")
+    console().print(rows_table(columns, page["tasks"]))
+    if page["next_cursor"]:
+        typer.echo(f"more: --cursor {page['next_cursor']}", err=True)
 
 
 @app.command()

@@ -108,7 +108,8 @@ tasks = Table(
     Index("idx_tasks_gpu_id", "gpu_id"),
     Index("idx_tasks_type", "type"),
     Index("idx_tasks_state_run_after", "state", "run_after"),
-    Index("idx_tasks_created_at", "created_at"),
+    # (created_at, task_id) is the keyset of GET /tasks pages (dispatcher/db/listing.py)
+    Index("idx_tasks_created_at", "created_at", "task_id"),
     mysql_engine="InnoDB",
 )
 

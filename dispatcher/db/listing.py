@@ -1,0 +1,135 @@
+"""``GET /tasks`` and ``gpuq task list``: the tasks table filtered, newest first, one page at a time.
+
+Pages are keyset-paginated on ``(created_at, task_id)``: the cursor is the last row's key, so a page costs
+the same however deep it is and rows inserted meanwhile neither repeat nor shift later pages (an OFFSET
+would do both). ``idx_tasks_created_at`` is that key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, and_, or_, select
+
+from dispatcher.db.schema import tasks
+from dispatcher.states import TaskState
+
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 50
+
+_COLUMNS = (
+    tasks.c.task_id,
+    tasks.c.state,
+    tasks.c.type,
+    tasks.c.queue,
+    tasks.c.pool,
+    tasks.c.priority,
+    tasks.c.gpu_id,
+    tasks.c.slot_index,
+    tasks.c.attempt,
+    tasks.c.run_after,
+    tasks.c.created_at,
+    tasks.c.started_at,
+    tasks.c.finished_at,
+    tasks.c.error,
+)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value is not None else None
+
+
+class BadFilter(ValueError):
+    """A filter or cursor the caller got wrong; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    states: tuple[str, ...] = ()
+    queue: str | None = None
+    type: str | None = None
+    gpu_id: str | None = None
+    since: datetime | None = None  # naive UTC; created at or after
+
+
+def parse_states(text: str | None) -> tuple[str, ...]:
+    """``queued,retrying`` -> both; an unknown name is refused rather than matching nothing."""
+    if not text:
+        return ()
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    known = {s.value for s in TaskState}
+    wrong = [n for n in names if n not in known]
+    if wrong:
+        raise BadFilter(f"state: unknown {', '.join(wrong)} (one of {', '.join(sorted(known))})")
+    return names
+
+
+def encode_cursor(created_at: datetime, task_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), task_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        when, task_id = json.loads(raw)
+        return datetime.fromisoformat(when), str(task_id)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise BadFilter("cursor: not a cursor from an earlier page") from exc
+
+
+def list_tasks(
+    conn: Connection, *, where: TaskFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> dict[str, Any]:
+    """One page, newest first: ``{"tasks": [...], "next_cursor": str | None}`` (None on the last page)."""
+    limit = max(1, min(limit, MAX_LIMIT))
+    conds: list[ColumnElement[bool]] = []
+    if where.states:
+        conds.append(tasks.c.state.in_(where.states))
+    for column, value in (
+        (tasks.c.queue, where.queue),
+        (tasks.c.type, where.type),
+        (tasks.c.gpu_id, where.gpu_id),
+    ):
+        if value is not None:
+            conds.append(column == value)
+    if where.since is not None:
+        conds.append(tasks.c.created_at >= where.since)
+    if cursor:
+        at, task_id = decode_cursor(cursor)
+        conds.append(or_(tasks.c.created_at < at, and_(tasks.c.created_at == at, tasks.c.task_id < task_id)))
+    rows = conn.execute(
+        select(*_COLUMNS)
+        .where(*conds)
+        .order_by(tasks.c.created_at.desc(), tasks.c.task_id.desc())
+        .limit(limit + 1)
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "tasks": [
+            {
+                "task_id": r.task_id,
+                "state": r.state,
+                "type": r.type,
+                "queue": r.queue,
+                "pool": r.pool,
+                "priority": r.priority,
+                "gpu_id": r.gpu_id,
+                "slot_index": r.slot_index,
+                "attempts": r.attempt,
+                "run_after": _iso(r.run_after),
+                "created_at": _iso(r.created_at),
+                "started_at": _iso(r.started_at),
+                "finished_at": _iso(r.finished_at),
+                "error": r.error,
+            }
+            for r in rows
+        ],
+        "next_cursor": encode_cursor(rows[-1].created_at, rows[-1].task_id) if more else None,
+    }
