@@ -15,7 +15,10 @@ from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import utcnow
 from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
 from dispatcher.db.operator import retry_task
+from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
+from dispatcher.reprioritize import move_job
+from dispatcher.states import TaskState
 from producer.keys import Priority
 
 app = typer.Typer(help="List tasks; look at, cancel, retry or reprioritize one.", no_args_is_help=True)
@@ -95,6 +98,36 @@ def retry(
         raise OperatorError(f"task {task_id} cannot be retried: {res.reason}")
     s.wake("job")
     console().print(f"task {task_id} is retrying (up to {res.max_attempts} attempts in all)")
+
+
+@app.command()
+def priority(
+    ctx: typer.Context,
+    task_id: TaskId,
+    level: Annotated[Priority, typer.Argument(help="The new priority.")],
+) -> None:
+    """Change a waiting task's priority: queued in Redis (moved to the back of its new priority's list),
+    or retrying / scheduled (its new list when its time comes). Running and ended tasks are refused."""
+    s = stores(ctx)
+    res = s.db(set_priority, task_id=task_id, priority=level, now=utcnow())
+    if res.code == "refused":
+        raise OperatorError(f"task {task_id} is {res.state}: only a waiting task's priority can change")
+    if res.code == "applied" and res.state != TaskState.QUEUED:
+        console().print(
+            f"task {task_id} ({res.state}) will wait in line as {level.value} (was {res.previous})"
+        )
+        return
+    queues = [res.queue] if res.queue else s.settings.all_queues
+    moved = move_job(s.redis, task_id=task_id, queues=queues, priority=level)
+    if moved.found:
+        s.wake("job")
+        console().print(f"task {task_id} is now {level.value}: waiting in {moved.target}")
+    elif res.code == "applied":
+        console().print(f"task {task_id} is now {level.value} (a dispatcher is taking it right now)")
+    else:
+        raise OperatorError(
+            f"unknown task {task_id!r}: not in the database nor waiting in {', '.join(queues)}"
+        )
 
 
 def submit(
