@@ -14,6 +14,7 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
@@ -23,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_many
+from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
@@ -44,6 +46,9 @@ T = TypeVar("T")
 
 #: Errors of a store that is down or restarting: the loop waits and tries again, holding its jobs in Redis.
 TRANSIENT = (RedisError, StoreUnavailable, OSError)
+
+#: A change of the clock offset worth a line in the log.
+_CLOCK_NOTICE = timedelta(milliseconds=500)
 
 _VERDICT_OUTCOME = {
     Verdict.FINISHED: Outcome.FINISHED,
@@ -78,10 +83,24 @@ class Dispatcher:
         self._publishing = False
         self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
         self.accepting = True
+        self.clock_offset = timedelta(0)  # the database's clock minus ours (see db/clock.py)
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """Naive UTC on the database's clock: leases written here and judged by other processes agree."""
+        return utcnow() + self.clock_offset
+
+    async def sync_clock(self) -> None:
+        offset = await self.db(clock_offset)
+        if abs(offset - self.clock_offset) > _CLOCK_NOTICE:
+            log.warning(
+                "this machine's clock differs from the database's; leases use the database's",
+                extra={"action": "clock", "offset_seconds": round(offset.total_seconds(), 3)},
+            )
+        self.clock_offset = offset
 
     async def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         return await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
@@ -129,7 +148,8 @@ class Dispatcher:
 
     async def start(self) -> None:
         await asyncio.to_thread(init_schema, self.engine)
-        now = utcnow()
+        await self.sync_clock()
+        now = self.now()
         for ep in self.settings.endpoints:
             await self.db(
                 register_gpu,
@@ -264,9 +284,9 @@ class Dispatcher:
             "rng": self.rng,
         }
         try:
-            result = await self.db(dispatch, now=utcnow(), view=view, **kwargs)
+            result = await self.db(dispatch, now=self.now(), view=view, **kwargs)
         except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
-            result = await self.db(dispatch, now=utcnow(), check_existing=True, **kwargs)
+            result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
         # By identity: two copies of one task in a batch are two elements of the processing list.
         element_of = {id(job): el for job, _, el in items}
         unsent = [p for p in result.mine if (p.job.task_id, p.attempt) not in self._sent]
@@ -324,7 +344,7 @@ class Dispatcher:
                 error=answer.error or "",
                 threshold=s.gpu_failure_threshold,
                 probe_seconds=s.gpu_probe_seconds,
-                now=utcnow(),
+                now=self.now(),
             )
             if went_down:
                 log.error(
@@ -392,7 +412,7 @@ class Dispatcher:
         return fin
 
     async def _end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
-        return await self.db(finish_many, items=items, now=utcnow(), backoff=self.backoff)
+        return await self.db(finish_many, items=items, now=self.now(), backoff=self.backoff)
 
     async def heartbeat(self, task_id: str, attempt: int) -> Finish:
         return await self.db(
@@ -400,7 +420,7 @@ class Dispatcher:
             task_id=task_id,
             attempt=attempt,
             lease_seconds=self.settings.task_timeout_seconds,
-            now=utcnow(),
+            now=self.now(),
         )
 
     async def _listen(self) -> None:

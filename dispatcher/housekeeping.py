@@ -14,7 +14,6 @@ import time
 from typing import TYPE_CHECKING
 
 from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
-from dispatcher.db.engine import utcnow
 from dispatcher.db.gpus import probe_result, probes_due
 from dispatcher.states import Outcome
 from producer.keys import queue_key
@@ -50,6 +49,7 @@ class Housekeeping:
                 ("deferred", TICK_SECONDS, self.requeue_due),
                 ("probes", 1.0, self.probe),
                 ("drift", 30.0, self.check_drift),
+                ("clock", 30.0, self.d.sync_clock),
             ):
                 if not self._every(name, seconds):
                     continue
@@ -67,7 +67,7 @@ class Housekeeping:
             self.d.slot_freed()  # not a slot, but there is work: look now
 
     async def expire_leases(self) -> None:
-        for task_id, attempt in await self.d.db(expired_leases, now=utcnow()):
+        for task_id, attempt in await self.d.db(expired_leases, now=self.d.now()):
             fin = await self.d.end_attempt(
                 task_id,
                 attempt,
@@ -87,17 +87,17 @@ class Housekeeping:
                 )
 
     async def requeue_due(self) -> None:
-        jobs = await self.d.db(due_deferred, now=utcnow())
+        jobs = await self.d.db(due_deferred, now=self.d.now())
         if not jobs:
             return
         # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
         await self.d.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
-        await self.d.db(mark_queued, jobs=jobs, now=utcnow())
+        await self.d.db(mark_queued, jobs=jobs, now=self.d.now())
         self.d.slot_freed()
 
     async def probe(self) -> None:
         s = self.d.settings
-        for gpu_id, url in await self.d.db(probes_due, now=utcnow()):
+        for gpu_id, url in await self.d.db(probes_due, now=self.d.now()):
             ok, detail = await self.d.gpu.probe(url)
             await self.d.db(
                 probe_result,
@@ -105,7 +105,7 @@ class Housekeeping:
                 ok=ok,
                 error=detail,
                 probe_seconds=s.gpu_probe_seconds,
-                now=utcnow(),
+                now=self.d.now(),
             )
             log.warning(
                 "GPU back in rotation" if ok else "GPU still down",

@@ -1,0 +1,66 @@
+"""Helpers shared by the fault tests: process control beyond DispatcherProc, memory, log reading."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import Engine
+
+from tests.dispatcher.harness import DispatcherProc
+from tests.dispatcher.helpers import wait_for
+
+
+def spawn(d: DispatcherProc, prefix: list[str] | None = None) -> None:
+    """Start the process without waiting for it to be ready (a kill may come before); ``prefix`` wraps the
+    command (e.g. ``faketime``)."""
+    d.env["DISPATCHER_ID"] = f"{d.name}-{uuid.uuid4().hex[:6]}"
+    with d.log_path.open("ab") as log:
+        d.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "dispatcher"],
+            env=d.env,
+            stdout=log,
+            stderr=log,
+            cwd=d.log_path.parent,
+        )
+
+
+def wait_ready(d: DispatcherProc, timeout: float = 20.0) -> None:
+    def ready() -> bool:
+        assert d.proc is not None
+        if d.proc.poll() is not None:
+            raise AssertionError(f"dispatcher exited with {d.proc.returncode}:\n{d.logs()}")
+        try:
+            return httpx.get(f"{d.url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(ready, timeout, 0.05, what=f"dispatcher {d.name} ready")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (peak since start) of a process, in KiB, from /proc."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def full_log(d: DispatcherProc) -> str:
+    return d.log_path.read_text(errors="replace")
+
+
+def ran_beyond_attempts(engine: Engine, stats: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Tasks the GPUs received more often than the attempts the database gave them: a job run twice
+    without a reason. Empty when every delivery was an attempt of its own."""
+    received = Counter(job["task_id"] for job in stats["jobs"])
+    with engine.connect() as conn:
+        attempts = dict(conn.exec_driver_sql("SELECT task_id, attempt FROM tasks").all())
+    return {t: (n, int(attempts.get(t, 0))) for t, n in received.items() if n > int(attempts.get(t, 0))}
