@@ -97,7 +97,7 @@ async def handle(
         d.metrics.callbacks.labels("401").inc()
         return 401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"}
     if body.status == "running":
-        fin = await d.heartbeat(body.task_id, attempt)
+        fin = await d.heartbeat(body.task_id, attempt, body.model_extra)
     else:
         if body.status == "finished":
             outcome, reported = Outcome.FINISHED, "finished"

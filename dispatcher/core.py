@@ -28,6 +28,7 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import record_failure, record_success, register_gpu
+from dispatcher.events import EventPublisher
 from dispatcher.gpu_client import Answer, GpuClient, Verdict
 from dispatcher.group_commit import GroupCommit
 from dispatcher.housekeeping import Housekeeping
@@ -81,6 +82,7 @@ class Dispatcher:
         self._handback_needed = False
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
+        self.events = EventPublisher(redis, self.keys, lambda coro: self.spawn(coro, "publish-events"))
         self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
         self.accepting = True
         self.clock_offset = timedelta(0)  # the database's clock minus ours (see db/clock.py)
@@ -302,6 +304,16 @@ class Dispatcher:
             )
         for placed in result.placed + unsent:
             self._fire(placed, started)
+            self.events.publish(
+                "dispatched",
+                placed.job.task_id,
+                attempt=placed.attempt,
+                gpu_id=placed.gpu_id,
+                slot_index=placed.slot_index,
+                pool=placed.pool,
+            )
+        for job in result.deferred:
+            self.events.publish("scheduled", job.task_id, run_after=job.not_before)
         await self.intake.settle(done)
         return True
 
@@ -397,6 +409,14 @@ class Dispatcher:
         fin = await self.finisher.submit(item)
         if fin.code == "applied":
             self.metrics.attempts.labels(outcome.value).inc()
+            self.events.publish(
+                fin.state or outcome.value,
+                task_id,
+                attempt=attempt,
+                outcome=outcome.value,
+                result=result,
+                error=error,
+            )
             log.debug(
                 "attempt ended",
                 extra={
@@ -414,14 +434,17 @@ class Dispatcher:
     async def _end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
         return await self.db(finish_many, items=items, now=self.now(), backoff=self.backoff)
 
-    async def heartbeat(self, task_id: str, attempt: int) -> Finish:
-        return await self.db(
+    async def heartbeat(self, task_id: str, attempt: int, progress: dict[str, Any] | None = None) -> Finish:
+        fin = await self.db(
             extend_lease,
             task_id=task_id,
             attempt=attempt,
             lease_seconds=self.settings.task_timeout_seconds,
             now=self.now(),
         )
+        if fin.code == "applied":
+            self.events.publish("heartbeat", task_id, attempt=attempt, progress=progress or {})
+        return fin
 
     async def _listen(self) -> None:
         """Wake-ups from other processes (a slot freed there, a job enqueued by a producer)."""

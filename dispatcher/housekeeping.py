@@ -92,7 +92,10 @@ class Housekeeping:
             return
         # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
         await self.d.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
-        await self.d.db(mark_queued, jobs=jobs, now=self.d.now())
+        queued = set(await self.d.db(mark_queued, jobs=jobs, now=self.d.now()))
+        for j in jobs:
+            if j.task_id in queued:  # not when another dispatcher requeued it first
+                self.d.events.publish("queued", j.task_id, attempt=j.attempt, priority=j.priority.value)
         self.d.slot_freed()
 
     async def probe(self) -> None:

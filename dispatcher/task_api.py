@@ -1,16 +1,26 @@
-"""``GET /tasks``: list and filter tasks, a page at a time (SPEC §6 auth: ``API_TOKEN``)."""
+"""``GET /tasks`` (list and filter tasks, a page at a time) and ``GET /tasks/{id}/events`` (a task's state
+changes as Server-Sent Events). Both need ``API_TOKEN`` like every ``/tasks`` route."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi.responses import StreamingResponse
 
 from dispatcher.db.listing import DEFAULT_LIMIT, MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
+from dispatcher.db.reads import get_task
+from dispatcher.events import FINAL_EVENTS, subscription
 from dispatcher.routes import D, api_auth
 
 router = APIRouter()
+
+#: Seconds of silence after which a stream sends a keep-alive comment and looks at the database again.
+QUIET_SECONDS = 10.0
 
 
 def naive_utc(value: datetime | None) -> datetime | None:
@@ -39,3 +49,56 @@ async def tasks(
     except BadFilter as exc:
         raise HTTPException(422, str(exc)) from None
     return page
+
+
+def sse(name: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data, default=str) + b"\n\n"
+
+
+@router.get(
+    "/tasks/{task_id}/events",
+    dependencies=[Depends(api_auth)],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown task"}},
+)
+async def task_events(task_id: str, d: D) -> StreamingResponse:
+    """First ``event: state`` (the task as GET /tasks/{id} shows it), then each change as it happens
+    (``dispatched``, ``heartbeat``, ``retrying``, ``queued``, ``scheduled``, ``finished``, ``failed``,
+    ``cancelled``); the stream ends with the task."""
+    stack = AsyncExitStack()
+    events = await stack.enter_async_context(subscription(d.redis, d.keys, task_id))
+    try:
+        found = await d.db(get_task, task_id=task_id)
+    except BaseException:
+        await stack.aclose()
+        raise
+    if found is None:
+        await stack.aclose()
+        raise HTTPException(
+            404, f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)"
+        )
+
+    async def stream() -> AsyncIterator[bytes]:
+        async with stack:
+            yield sse("state", found)
+            if found["state"] in FINAL_EVENTS:
+                return
+            while True:
+                ev = await events.next(QUIET_SECONDS)
+                if ev is not None:
+                    yield sse(ev["event"], ev)
+                    if ev["event"] in FINAL_EVENTS:
+                        return
+                    continue
+                # Quiet: an operator's cancel or an event lost while Redis was away shows in the database.
+                now = await d.db(get_task, task_id=task_id)
+                if now is not None and now["state"] in FINAL_EVENTS:
+                    yield sse("state", now)
+                    return
+                yield b": keep-alive\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -15,6 +15,8 @@ Layout (``P`` is ``REDIS_KEY_PREFIX``, default ``gpuq:``; ``Q`` a queue name fro
     P<dispatchers>          set     ids of dispatchers that may own a processing list
     P<wake>                 pubsub  "job" after an enqueue, "slot" after a slot was freed:
                                     wakes every dispatcher's placement loop at once
+    P<events>:<task_id>     pubsub  the task's state changes as JSON ({"event": "dispatched" | "heartbeat" |
+                                    "retrying" | "finished" | ...}): GET /tasks/{id}/events streams them
 
 The producer writes only queue lists, idempotency marks and the wake channel; the dispatcher owns the rest.
 """
@@ -73,3 +75,6 @@ class Keys:
 
     def alive(self, dispatcher_id: str) -> str:
         return f"{self.prefix}alive:{dispatcher_id}"
+
+    def task_events(self, task_id: str) -> str:
+        return f"{self.prefix}events:{task_id}"

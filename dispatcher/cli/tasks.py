@@ -17,6 +17,7 @@ from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, 
 from dispatcher.db.operator import retry_task
 from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
+from dispatcher.events import event
 from dispatcher.reprioritize import move_job
 from dispatcher.states import TaskState
 from producer.keys import Priority
@@ -74,6 +75,8 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
     fin = s.db(cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
     if fin.freed:
         s.wake("slot")  # every dispatcher may refill the slot now
+    if fin.code == "applied":  # for anyone watching GET /tasks/{id}/events
+        s.redis.publish(s.keys.task_events(task_id), json.dumps(event("cancelled", task_id, by="operator")))
     if fin.code == "applied":
         how = "its slot is free again" if fin.freed else "it will not run"
         console().print(f"task {task_id} cancelled: {how}")

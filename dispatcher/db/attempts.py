@@ -284,10 +284,12 @@ def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[J
     ]
 
 
-def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> None:
-    """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already)."""
+def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:
+    """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already, or
+    that another dispatcher requeued first); returns the ids this call moved to ``queued``."""
+    moved = []
     for job in jobs:
-        conn.execute(
+        res = conn.execute(
             update(tasks)
             .where(
                 tasks.c.task_id == job.task_id,
@@ -296,6 +298,9 @@ def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> None:
             )
             .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
         )
+        if res.rowcount == 1:
+            moved.append(job.task_id)
+    return moved
 
 
 def slot_drift(conn: Connection) -> list[tuple[str, int, str]]:

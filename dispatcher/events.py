@@ -1,0 +1,95 @@
+"""A task's state changes on its Redis channel (``Keys.task_events``), for ``GET /tasks/{id}/events`` and
+``POST /v1/embeddings``, whichever dispatcher process the GPU's callbacks reach.
+
+Publishing sits on the hot path (one event per dispatch and per callback), so it never waits for Redis and
+never reads the database: events go into a buffer, and one background flush at a time sends the buffer as
+one pipeline of PUBLISHes. Events are best-effort (an event lost while Redis is away is not replayed): a
+listener reads the task's state from the database first, and again when the stream has been quiet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from producer.keys import Keys
+
+log = logging.getLogger("gpuq.events")
+
+#: Events sent in one pipeline at most.
+_BATCH = 500
+#: Event names that end a task's stream.
+FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
+
+
+def event(name: str, task_id: str, **fields: Any) -> dict[str, Any]:
+    return {"event": name, "task_id": task_id, "at": datetime.now(UTC).isoformat(), **fields}
+
+
+class EventPublisher:
+    def __init__(self, redis: Redis, keys: Keys, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._spawn = spawn
+        self._pending: list[tuple[str, bytes]] = []
+        self._flushing = False
+
+    def publish(self, name: str, task_id: str, **fields: Any) -> None:
+        """Queue one event; returns at once."""
+        payload = orjson.dumps(event(name, task_id, **fields), default=str)
+        self._pending.append((self.keys.task_events(task_id), payload))
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+                pipe = self.redis.pipeline(transaction=False)
+                for channel, payload in batch:
+                    pipe.publish(channel, payload)
+                try:
+                    await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning(
+                        "task events not published",
+                        extra={"action": "events", "lost": len(batch), "error": str(exc)},
+                    )
+        finally:
+            self._flushing = False
+
+
+@asynccontextmanager
+async def subscription(redis: Redis, keys: Keys, task_id: str) -> AsyncIterator[TaskEvents]:
+    """Listen to one task's channel; subscribe before reading its state, so no event falls in between."""
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe(keys.task_events(task_id))
+        yield TaskEvents(pubsub)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class TaskEvents:
+    def __init__(self, pubsub: Any) -> None:
+        self._pubsub = pubsub
+
+    async def next(self, timeout: float) -> dict[str, Any] | None:
+        """The next event, or None after ``timeout`` seconds of silence."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (left := deadline - loop.time()) > 0:
+            message = await self._pubsub.get_message(timeout=left)
+            if message is not None and message.get("type") == "message":
+                value: dict[str, Any] = orjson.loads(message["data"])
+                return value
+        return None

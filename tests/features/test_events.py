@@ -1,0 +1,94 @@
+"""``GET /tasks/{id}/events``: a task's state changes as Server-Sent Events, from any dispatcher process."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+
+from dispatcher.tokens import make_token
+from producer.job import Job
+from tests.dispatcher.conftest import Stack
+from tests.dispatcher.harness import SECRET, wait_final
+from tests.dispatcher.helpers import wait_for
+
+AUTH = {"Authorization": "Bearer events-token"}
+
+
+def read_events(response: httpx.Response) -> Any:
+    """(event name, data) of each SSE message of a streaming response."""
+    name = None
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            name = line[len("event: ") :]
+        elif line.startswith("data: "):
+            yield name, json.loads(line[len("data: ") :])
+
+
+def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
+    """The task runs through d1 (its GPU calls back there); the client watches through d2, which only
+    hears of it through Redis: scheduled -> queued -> dispatched -> heartbeat with progress -> finished."""
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:1.5")
+    q1, q2 = stack.queues
+    d1 = stack.dispatcher(fleet, name="d1", API_TOKEN="events-token", TASK_QUEUES=q1)
+    d2 = stack.dispatcher(None, name="d2", API_TOKEN="events-token", TASK_QUEUES=q2)
+    not_before = datetime.now(UTC) + timedelta(seconds=1.5)
+    stack.rds.rpush(
+        q1, Job(task_id="watched", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
+    )
+    wait_for(lambda: httpx.get(f"{d2.url}/tasks/watched", headers=AUTH).status_code == 200, 10, 0.05)
+
+    assert httpx.get(f"{d2.url}/tasks/watched/events").status_code == 401
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{d2.url}/tasks/watched/events", headers=AUTH, timeout=20) as res:
+        assert res.status_code == 200
+        assert res.headers["content-type"].startswith("text/event-stream")
+        for name, data in read_events(res):
+            seen.append((name, data))
+            if name == "dispatched":  # the GPU works on it: report progress as a GPU service would
+                token = make_token(SECRET.encode(), "watched", data["attempt"])
+                beat = httpx.post(
+                    f"{d1.url}/callback",
+                    json={"task_id": "watched", "status": "running", "progress": 0.5, "stage": "decoding"},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert beat.status_code == 200, beat.text
+    names = [n for n, _ in seen]
+    assert names == ["state", "queued", "dispatched", "heartbeat", "finished"], names
+    events = dict(seen)
+    assert events["state"]["state"] == "scheduled"
+    assert (events["dispatched"]["gpu_id"], events["dispatched"]["slot_index"]) == ("g0", 0)
+    assert events["dispatched"]["attempt"] == 1
+    assert events["heartbeat"]["progress"] == {"progress": 0.5, "stage": "decoding"}
+    assert events["finished"]["result"] is not None and events["finished"]["outcome"] == "finished"
+
+    # a finished task: its state, and the stream ends
+    wait_final(stack.engine, ["watched"])
+    with httpx.stream("GET", f"{d1.url}/tasks/watched/events", headers=AUTH, timeout=10) as res:
+        again = list(read_events(res))
+    assert [(n, d["state"]) for n, d in again] == [("state", "finished")]
+    assert httpx.get(f"{d1.url}/tasks/nobody/events", headers=AUTH).status_code == 404
+
+
+def test_events_of_a_failing_attempt_then_retry(stack: Stack) -> None:
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:0.3", faults=["fail_retry"])
+    d = stack.dispatcher(fleet, MAX_ATTEMPTS="2", RETRY_BACKOFF_SECONDS="1")
+    q1 = stack.queues[0]
+    not_before = datetime.now(UTC) + timedelta(seconds=1)
+    stack.rds.rpush(
+        q1, Job(task_id="flaky", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
+    )
+    wait_for(lambda: httpx.get(f"{d.url}/tasks/flaky").status_code == 200, 10, 0.05)
+    with httpx.stream("GET", f"{d.url}/tasks/flaky/events", timeout=20) as res:
+        names = [(n, data.get("attempt", data.get("attempts"))) for n, data in read_events(res)]
+    assert names == [
+        ("state", 0),
+        ("queued", 0),
+        ("dispatched", 1),
+        ("retrying", 1),
+        ("queued", 1),
+        ("dispatched", 2),
+        ("failed", 2),
+    ], names
