@@ -4,6 +4,7 @@ in the same run; a table on stdout, ``<out>/<stamp>.json``, ``<out>/<stamp>.png`
     python -m bench                      the full benchmark (16 GPUs x 4 slots; 6,400 x 100 ms; 20,000 x 0 ms)
     python -m bench --smoke --out DIR    a few seconds per system (tests/bench runs it)
     python -m bench --profile            the 0 ms workload through gpuq again, with py-spy on the dispatcher
+    python -m bench --profile-only       that run alone
 
 Exit 0 when every job ran exactly once and no GPU was oversubscribed (targets missed do not fail the run:
 they are figures to report), 1 otherwise, 2 when Redis, MariaDB or a process could not be set up.
@@ -24,7 +25,8 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import gpuq_run, workloads
+from bench import runner, workloads
+from bench.gpuq_run import Gpuq
 from bench.procs import ProcError
 from bench.report import git_revision, machine, markdown, print_table, speedup_vs_celery
 from bench.stores import BenchDatabase, BenchRedis, StoreError
@@ -45,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--profile", action="store_true", help="also profile the dispatcher (py-spy) in a 0 ms run"
     )
+    p.add_argument("--profile-only", action="store_true", help="only the profiled run, no measurement")
     p.add_argument("--quiet-load", type=float, default=0.0, help="wait for a 1-min load average below this")
     p.add_argument("--quiet-wait", type=float, default=300.0, help="wait at most this long for it, s")
     p.add_argument("--out", type=Path, default=OUT, help="where the result files go")
@@ -95,34 +98,42 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
     }
     figures: dict[str, dict[str, Any]] = {s: {} for s in systems}
+    stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
     with tempfile.TemporaryDirectory(prefix="gpuq-bench-") as tmp:
-        ctx = gpuq_run.Context(redis_store, database, Path(tmp))
+        ctx = runner.Context(redis_store, database, Path(tmp))
         try:
-            for workload in sets:
+            for workload in [] if args.profile_only else sets:
                 for system in systems:
                     figures[system][workload.name] = _run(console, ctx, system, workload)
-            if args.profile:
-                meta["profile"] = _profile(console, ctx, sets[-1], args.out)
+            if args.profile or args.profile_only:
+                meta["profile"] = _profile(console, ctx, sets[-1], args.out / f"{stamp}-dispatcher.pyspy.txt")
         except (ProcError, StoreError) as exc:
             console.print(f"[bold red]bench: {exc}[/]")
             return 2
         finally:
             redis_store.release()
             database.drop()
-    return _report(console, args, meta, figures)
+    if args.profile_only:
+        args.out.joinpath(f"{stamp}-profile.json").write_text(json.dumps(meta, indent=1) + "\n")
+        return 0
+    return _report(console, args, meta, figures, stamp)
 
 
-def _run(console: Console, ctx: gpuq_run.Context, system: str, workload: Workload) -> dict[str, Any]:
+def _system(name: str) -> runner.System:
+    if name == "gpuq":
+        return Gpuq()
+    from bench.celery_run import CeleryBaseline  # Celery is a bench-only dependency
+
+    return CeleryBaseline()
+
+
+def _run(console: Console, ctx: runner.Context, system: str, workload: Workload) -> dict[str, Any]:
+    start = "backlog enqueued first" if workload.backlog else "enqueued live"
     console.print(
         f"[bold]{system}[/] {workload.name}: {workload.jobs:,} jobs x {workload.service * 1000:g} ms on "
-        f"{workload.gpus} GPUs x {workload.slots} slots (load {os.getloadavg()[0]:.2f}) ..."
+        f"{workload.gpus} GPUs x {workload.slots} slots, {start} (load {os.getloadavg()[0]:.2f}) ..."
     )
-    if system == "gpuq":
-        result = gpuq_run.run(ctx, workload)
-    else:
-        from bench import celery_run
-
-        result = celery_run.run(ctx, workload)
+    result = runner.run(ctx, _system(system), workload, backlog=workload.backlog)
     console.print(
         f"  {result['completed']:,} done in {result['makespan_s']:.2f} s: "
         f"{result['jobs_per_s']:,.0f} jobs/s, "
@@ -132,22 +143,31 @@ def _run(console: Console, ctx: gpuq_run.Context, system: str, workload: Workloa
     return workload.describe() | result
 
 
-def _profile(console: Console, ctx: gpuq_run.Context, workload: Workload, out: Path) -> dict[str, Any]:
-    from bench.profile import Profiler, summarize
+def _profile(console: Console, ctx: runner.Context, workload: Workload, raw: Path) -> dict[str, Any]:
+    """The 0 ms workload through gpuq once more, py-spy sampling the dispatcher; its collapsed stacks go to
+    ``raw`` (for a flame graph), their summary into the results."""
+    from bench.profile import Profiler, print_profile, summarize
 
-    out.mkdir(parents=True, exist_ok=True)
-    profiler = Profiler(ctx.workdir / "dispatcher.pyspy.txt")
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    profiler = Profiler(raw)
     if profiler.exe is None:
         console.print("[yellow]py-spy is not installed (pip install py-spy): no profile[/]")
         return {}
-    console.print(f"[bold]gpuq[/] {workload.name} again, py-spy on the dispatcher ...")
-    result = gpuq_run.run(ctx, workload, on_dispatcher=profiler.attach, after=profiler.detach)
-    summary = summarize(profiler.raw)
-    summary["jobs_per_s_while_profiled"] = result["jobs_per_s"]
+    console.print(
+        f"[bold]gpuq[/] {workload.name}: {workload.jobs:,} jobs again, py-spy on the dispatcher ..."
+    )
+    hooks = runner.Hooks(on_consumer=profiler.attach, after=profiler.detach)
+    result = runner.run(ctx, Gpuq(), workload, backlog=workload.backlog, hooks=hooks)
+    summary = summarize(raw, profiler.seconds)
+    summary |= {"raw": str(raw), "jobs_per_s_while_profiled": result["jobs_per_s"]}
+    summary["dispatcher_cores"] = result["consumer_cores"]
+    print_profile(console, summary)
     return summary
 
 
-def _report(console: Console, args: argparse.Namespace, meta: dict[str, Any], figures: dict[str, Any]) -> int:
+def _report(
+    console: Console, args: argparse.Namespace, meta: dict[str, Any], figures: dict[str, Any], stamp: str
+) -> int:
     first = meta["workloads"][0]
     title = (
         f"gpuq vs Celery · {first['gpus']} GPUs x {first['slots']} slots · "
@@ -159,7 +179,6 @@ def _report(console: Console, args: argparse.Namespace, meta: dict[str, Any], fi
     if speedup is not None:
         meta["speedup_vs_celery"] = round(speedup, 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
     result_file = args.out / f"{stamp}.json"
     result_file.write_text(json.dumps({"meta": meta, "runs": figures}, indent=1) + "\n")
     (args.out / f"{stamp}.md").write_text(markdown(meta, figures))

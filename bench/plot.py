@@ -16,6 +16,7 @@ def plot(figures: dict[str, Any], title: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     systems: list[str] = [s for s in ("gpuq", "celery") if s in figures]
     service = f"{figures[systems[0]]['efficiency']['service'] * 1000:g} ms jobs"
@@ -27,11 +28,11 @@ def plot(figures: dict[str, Any], title: str, path: Path) -> None:
     quantiles = ["p50", "p90", "p99"]
     width = 0.8 / len(systems)
     ticks, names = [], []
-    for g, (key, name) in enumerate(groups):
+    for g, (key, _) in enumerate(groups):
         for q, quantile in enumerate(quantiles):
             x = g * (len(quantiles) + 1) + q
             ticks.append(x)
-            names.append(f"{name}\n{quantile}")
+            names.append(quantile)
             for s, system in enumerate(systems):
                 value = figures[system]["efficiency"][key][quantile]
                 bx = x + (s - (len(systems) - 1) / 2) * width
@@ -51,10 +52,17 @@ def plot(figures: dict[str, Any], title: str, path: Path) -> None:
                 label = "target" if (g, q) == (0, 0) else None
                 lat.hlines(target, x - 0.45, x + 0.45, colors="red", linestyles="dashed", label=label)
     lat.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    lat.yaxis.set_major_formatter(plain)
+    lat.yaxis.set_minor_formatter(plain)
+    lat.tick_params(axis="y", which="minor", labelsize=7)
     lat.set_xticks(ticks, names, fontsize=8)
+    for g, (_, name) in enumerate(groups):
+        center = g * (len(quantiles) + 1) + (len(quantiles) - 1) / 2
+        lat.text(center, -0.09, name, transform=lat.get_xaxis_transform(), ha="center", va="top", fontsize=9)
     lat.set_ylabel("ms (log scale)")
     lat.set_title(f"latency, {service} (lower is better)", fontsize=10)
-    lat.legend(fontsize=8, loc="upper left")
+    lat.legend(fontsize=8, loc="upper center", ncols=3, bbox_to_anchor=(0.5, -0.13), frameon=False)
 
     # 2. overhead-bound throughput
     _bars(tput, systems, [figures[s]["overhead"]["jobs_per_s"] for s in systems], "{:,.0f}")

@@ -130,6 +130,7 @@ class Sim(Proc):
         self, workdir: Path, *, gpus: int, slots: int, service: float, mode: str, token: str
     ) -> None:
         endpoints = workdir / "endpoints"
+        endpoints.unlink(missing_ok=True)  # the file says "listening": never an earlier run's
         argv = [sys.executable, "-m", "simgpu", "--port", "0", "--gpus", str(gpus), "--slots", str(slots)]
         argv += ["--service-time", f"fixed:{service:g}", "--mode", mode, f"--token={token}", "--seed", "1"]
         argv += ["--log-level", "WARNING", "--endpoints-file", str(endpoints)]
@@ -151,26 +152,14 @@ class Sim(Proc):
         return super().stop(grace)
 
 
-def wait_done(
-    sim: Sim, done: Callable[[dict[str, Any]], int], jobs: int, timeout: float, *watch: Proc
-) -> None:
-    """Poll the simulator's counters (without the job log, cheap) until ``done(totals)`` reaches ``jobs``."""
-    deadline = time.monotonic() + timeout
-    last = 0
-    while time.monotonic() < deadline:
-        for proc in (sim, *watch):
-            proc.check_alive()
-        last = done(sim.stats()["totals"])
-        if last >= jobs:
-            return
-        time.sleep(0.2)
-    raise ProcError(f"only {last} of {jobs} jobs done after {timeout:.0f} s")
-
-
 class Usage:
     """CPU spent from construction to ``finish()`` by the system under test (``consumer``: the dispatcher or
     the Celery worker), the simulator, Redis and MariaDB (server-wide: other users of them count too), this
-    driver, and the machine as a whole (the share of all cores that was busy, whoever used it)."""
+    driver, and the machine as a whole (the share of all cores that was busy, whoever used it).
+
+    Per-job figures are taken over the middle of the run, between the samples at which 10 % and 90 % of the
+    jobs were done (``sample()`` is called as the run goes): the consumer's start-up (imports, schema) and
+    the tail of the run do not count. Short runs with too few samples fall back to the whole run."""
 
     def __init__(self, consumer: int, sim: int, redis_cpu: Callable[[], float]) -> None:
         self.pids = {"consumer": consumer, "sim": sim}
@@ -178,7 +167,7 @@ class Usage:
         if mariadb is not None:
             self.pids["mariadb"] = mariadb
         self.redis_cpu = redis_cpu
-        self.start = self._read()
+        self.samples: list[tuple[int, dict[str, float]]] = [(0, self._read())]
 
     def _read(self) -> dict[str, float]:
         reading = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -191,17 +180,28 @@ class Usage:
             "wall": time.monotonic(),
         }
 
+    def sample(self, done: int) -> None:
+        self.samples.append((done, self._read()))
+
     def finish(self, jobs: int) -> dict[str, float]:
-        end = self._read()
-        d = {key: end[key] - self.start[key] for key in end}
-        per_job = {
-            f"{name}_cpu_ms_per_job": round(d[name] / jobs * 1000, 3) for name in (*self.pids, "redis")
-        }
+        self.sample(jobs)
+        window = [(n, r) for n, r in self.samples if jobs * 0.1 <= n <= jobs * 0.9]
+        (n0, a), (n1, b) = (
+            (window[0], window[-1])
+            if len(window) >= 2 and window[-1][0] > window[0][0]
+            else (
+                self.samples[0],
+                self.samples[-1],
+            )
+        )
+        d = {key: b[key] - a[key] for key in b}
+        n = n1 - n0
+        per_job = {f"{name}_cpu_ms_per_job": round(d[name] / n * 1000, 3) for name in (*self.pids, "redis")}
         return {
-            "consumer_cpu_s": round(d["consumer"], 3),
             "consumer_cores": round(d["consumer"] / d["wall"], 3),
             **per_job,
-            "driver_cpu_ms_per_job": round(d["driver"] / jobs * 1000, 3),
+            "driver_cpu_ms_per_job": round(d["driver"] / n * 1000, 3),
             "machine_busy": round(d["busy"] / d["total"], 3) if d["total"] else float("nan"),
+            "cpu_window_jobs": n,
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }

@@ -144,7 +144,9 @@ ROWS = [
     Row("simulator CPU per job, ms (overhead run)", _get("overhead", "sim_cpu_ms_per_job"), fmt="{:,.2f}"),
     Row("MariaDB CPU per job, ms (overhead run)*", _get("overhead", "mariadb_cpu_ms_per_job"), fmt="{:,.2f}"),
     Row("Redis CPU per job, ms (overhead run)*", _get("overhead", "redis_cpu_ms_per_job"), fmt="{:,.2f}"),
-    Row("enqueue time, s (overhead run)", _get("overhead", "enqueue_s"), fmt="{:,.2f}"),
+    Row(
+        "producer: jobs enqueued per s (overhead run)", _get("overhead", "producer_jobs_per_s"), fmt="{:,.0f}"
+    ),
     Row(
         "machine busy, % of all cores (overhead run)",
         lambda r: _pct(_get("overhead", "machine_busy")(r)),

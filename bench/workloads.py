@@ -13,6 +13,7 @@ class Workload:
     slots: int
     service: float  # fixed service time per job, seconds
     jobs: int
+    backlog: bool = False  # all jobs enqueued before the consumer starts (see bench.runner)
 
     @property
     def capacity(self) -> int:
@@ -44,10 +45,10 @@ def full(
 ) -> list[Workload]:
     return [
         Workload("efficiency", gpus, slots, service, jobs),
-        Workload("overhead", gpus, slots, 0.0, overhead_jobs),
+        Workload("overhead", gpus, slots, 0.0, overhead_jobs, backlog=True),
     ]
 
 
 def smoke() -> list[Workload]:
     """Small enough for ``make test``: a few seconds per system."""
-    return [Workload("efficiency", 4, 4, 0.02, 160), Workload("overhead", 4, 4, 0.0, 400)]
+    return [Workload("efficiency", 4, 4, 0.02, 160), Workload("overhead", 4, 4, 0.0, 400, backlog=True)]
