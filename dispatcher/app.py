@@ -11,15 +11,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 
 from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
 from dispatcher.dashboard import router as dashboard_router
 from dispatcher.db.engine import StoreUnavailable
-from dispatcher.routes import router
+from dispatcher.routes import Detail, api_auth, router
 from dispatcher.task_api import router as task_api_router
 
 log = logging.getLogger("gpuq.http")
@@ -76,9 +77,23 @@ def create_app(
         log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
         return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
 
-    app.include_router(callback_router)
-    app.include_router(router)
-    app.include_router(task_api_router)
-    app.include_router(dashboard_router)
+    for routes in (callback_router, router, task_api_router, dashboard_router):
+        _document_shared_answers(routes)
+        app.include_router(routes)
 
     return app
+
+
+def _document_shared_answers(routes: APIRouter) -> None:
+    """Answers given in one place for many routes are documented in one place too: 401 where API_TOKEN
+    guards the route, 503 wherever a store may be down (the handler in create_app)."""
+    for route in routes.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        if any(dep.dependency is api_auth for dep in route.dependencies):
+            route.responses.setdefault(
+                401, {"model": Detail, "description": "missing or wrong API token (API_TOKEN is set)"}
+            )
+        route.responses.setdefault(
+            503, {"model": Detail, "description": "Redis or the database is unavailable; try again"}
+        )

@@ -44,6 +44,12 @@ def get_dispatcher(request: Request) -> Dispatcher:
 D = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
+class Detail(BaseModel):
+    """The body of every error answer."""
+
+    detail: str
+
+
 def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
     """``/tasks`` and ``/gpus`` need ``Authorization: Bearer <API_TOKEN>`` when API_TOKEN is set."""
     expected = d.settings.api_token
@@ -54,7 +60,11 @@ def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> Non
         raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
 
 
-@router.get("/tasks/{task_id}", dependencies=[Depends(api_auth)])
+@router.get(
+    "/tasks/{task_id}",
+    dependencies=[Depends(api_auth)],
+    responses={404: {"model": Detail, "description": "unknown task"}},
+)
 async def task(task_id: str, d: D) -> dict[str, Any]:
     found = await d.db(get_task, task_id=task_id)
     if found is None:
@@ -74,14 +84,14 @@ async def gpus(d: D) -> list[GpuOut]:
     ]
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses={503: {"description": "a part of the dispatcher died"}})
 async def healthz(d: D) -> JSONResponse:
     if d.fatal is not None:
         return JSONResponse({"status": "failing", "error": str(d.fatal)}, status_code=503)
     return JSONResponse({"status": "ok", "dispatcher_id": d.settings.dispatcher_id})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Redis or the database is unreachable"}})
 async def readyz(d: D) -> JSONResponse:
     problems = {}
     try:
@@ -97,7 +107,7 @@ async def readyz(d: D) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(d: D) -> PlainTextResponse:
     m = d.metrics
     try:

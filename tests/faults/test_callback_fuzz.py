@@ -50,7 +50,9 @@ def _bodies(real_ids: list[str]) -> st.SearchStrategy[Any]:
         "extra": JSON,
     }
     close_to_valid = st.fixed_dictionaries({"task_id": task_id, "status": status}, optional=optional)
-    wrong_types = st.fixed_dictionaries({"task_id": task_id | JSON, "status": status | JSON}, optional=optional)
+    wrong_types = st.fixed_dictionaries(
+        {"task_id": task_id | JSON, "status": status | JSON}, optional=optional
+    )
     return close_to_valid | wrong_types | JSON
 
 
@@ -60,7 +62,9 @@ def _encode(draw: st.DrawFn, body: Any) -> bytes:
         return draw(st.binary(max_size=200))
     if how == "deep":
         depth = draw(st.integers(100, 20_000))
-        return ('{"task_id": "x", "status": "finished", "result": ' + "[" * depth + "]" * depth + "}").encode()
+        return (
+            '{"task_id": "x", "status": "finished", "result": ' + "[" * depth + "]" * depth + "}"
+        ).encode()
     if how == "surrogate":  # a lone surrogate escape is valid JSON text but not a valid string
         return b'{"task_id": "a\\ud800b", "status": "finished"}'
     text = json.dumps(body, ensure_ascii=how == "ascii")
