@@ -15,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
 
 from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
@@ -28,8 +29,19 @@ log = logging.getLogger("gpuq.http")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
+class _TooLarge(HTTPException):
+    """The request body passed the limit while the app was reading it. An HTTPException, so that FastAPI
+    passes it on (it turns other errors met reading a body into 400) and answers 413 itself when the route
+    was reading; BodyLimit answers when nothing did."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"body larger than {limit} bytes")
+
+
 class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413 before reading them into memory."""
+    """Refuse bodies over ``limit`` bytes with 413 before reading them into memory: at once when the
+    Content-Length says so, else (chunked transfer encoding) as soon as the bytes received pass the limit;
+    the app behind never gets more than ``limit`` bytes."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -38,15 +50,36 @@ class BodyLimit:
     async def __call__(
         self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]
     ) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                    response = JSONResponse(
-                        {"detail": f"body larger than {self.limit} bytes"}, status_code=413
-                    )
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = JSONResponse({"detail": f"body larger than {self.limit} bytes"}, status_code=413)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await too_large(scope, receive, send)
+                return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge(self.limit)
+            return message
+
+        async def tracked_send(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
 
 
 def create_app(
