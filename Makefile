@@ -13,7 +13,7 @@ SAM_VERSION := 1.170.0
 SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
 SAM := $(SAM_VENV)/bin/sam
 
-.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke schema-sql clean
+.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke soak schema-sql clean
 
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
@@ -80,6 +80,12 @@ bench: $(BENCH_STAMP) services
 # A few seconds of the same (gpuq side only unless Celery is installed); `make test` runs it as tests/bench.
 bench-smoke: $(STAMP) services
 	$(PY) -m pytest tests/bench -q
+
+# The soak: 100,000 jobs through two dispatchers with a fault every 5 s, then the audit (bench/SOAK.md).
+# Arguments through SOAK_ARGS, e.g. `make soak SOAK_ARGS="--jobs 10000 --fault-every 2"`; a ~1,000-job
+# version runs in the suite (tests/faults/test_soak.py).
+soak: $(STAMP) services
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 # The suite alone, for quick iterations when lint and SAM are known good.
 test-only: $(STAMP) services
