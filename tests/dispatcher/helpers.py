@@ -36,12 +36,18 @@ def fleet_engine(url: str, gpus: dict[str, int], pool: str = "default") -> Engin
     return engine
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, interval: float = 0.02, what: str = "") -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str | Callable[[], str] = "",
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            said = what() if callable(what) else what  # a callable says how things stand at the end
+            raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}")
         time.sleep(interval)
