@@ -28,7 +28,7 @@ from rich.console import Console
 from bench import runner, workloads
 from bench.gpuq_run import Gpuq
 from bench.procs import ProcError
-from bench.report import git_revision, machine, markdown, print_table, speedup_vs_celery
+from bench.report import changed_files, git_revision, machine, markdown, print_table, speedup_vs_celery
 from bench.stores import BenchDatabase, BenchRedis, StoreError
 from bench.workloads import TARGETS, Workload
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *argv]),
         "git": git_revision(),
+        "changed_files": changed_files(),
         "machine": machine(),
         "load_at_start": wait_quiet(console, args.quiet_load, args.quiet_wait),
         "redis_db": redis_store.db,

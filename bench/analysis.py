@@ -16,6 +16,7 @@ A job found no free slot on arrival only if the GPU was oversubscribed: counted 
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -80,6 +81,33 @@ def slot_samples(
     return latencies, turnarounds, anomalies
 
 
+BURST_GAP_S = 0.002
+
+
+def bursts(jobs: Sequence[Mapping[str, Any]], gap: float = BURST_GAP_S) -> dict[str, float | int]:
+    """Requests to the fleet grouped into bursts (no gap over ``gap`` between two requests): gpuq sends the
+    jobs of one pass of its dispatch loop back to back, so the bursts show the loop's pace: how many jobs
+    one pass places, and how long a pass takes from one burst's start to the next's. (Celery's threads
+    each take their own job: its bursts say little.)"""
+    times = sorted(float(job["received_mono"]) for job in jobs)
+    if not times:
+        return {"count": 0}
+    starts, sizes = [times[0]], [1]
+    for prev, t in itertools.pairwise(times):
+        if t - prev > gap:
+            starts.append(t)
+            sizes.append(1)
+        else:
+            sizes[-1] += 1
+    intervals = sorted((b - a) * 1000 for a, b in itertools.pairwise(starts))
+    return {
+        "count": len(sizes),
+        "jobs_mean": round(sum(sizes) / len(sizes), 2),
+        "interval_ms_p50": round(percentile(intervals, 50), 2),
+        "interval_ms_p90": round(percentile(intervals, 90), 2),
+    }
+
+
 def measure(
     workload: Workload, jobs: Sequence[Mapping[str, Any]], enqueued: Mapping[str, float], started: float
 ) -> dict[str, Any]:
@@ -102,6 +130,7 @@ def measure(
         "dispatch_latency_ms": summary_ms(latencies),
         "turnaround_ms": summary_ms(turnarounds),
         "slot_anomalies": anomalies,
+        "request_bursts": bursts(jobs),
     }
     if workload.service > 0:
         result["efficiency"] = round(workload.ideal_makespan / makespan, 4) if makespan > 0 else math.nan

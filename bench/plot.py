@@ -54,6 +54,7 @@ def plot(figures: dict[str, Any], title: str, path: Path) -> None:
     lat.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     lat.yaxis.set_major_formatter(plain)
+    lat.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
     lat.yaxis.set_minor_formatter(plain)
     lat.tick_params(axis="y", which="minor", labelsize=7)
     lat.set_xticks(ticks, names, fontsize=8)

@@ -37,6 +37,21 @@ def machine() -> dict[str, Any]:
     }
 
 
+def changed_files() -> list[str]:
+    """Tracked files that differ from the commit: what was measured is the work tree, not only HEAD."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [line[3:] for line in out.splitlines()]
+
+
 def git_revision() -> str:
     try:
         head = subprocess.run(
