@@ -3,8 +3,8 @@ in the same run; a table on stdout, ``<out>/<stamp>.json``, ``<out>/<stamp>.png`
 
     python -m bench                      the full benchmark (16 GPUs x 4 slots; 6,400 x 100 ms; 20,000 x 0 ms)
     python -m bench --smoke --out DIR    a few seconds per system (tests/bench runs it)
-    python -m bench --profile            the 0 ms workload through gpuq again, with py-spy on the dispatcher
-    python -m bench --profile-only       that run alone
+    python -m bench --profile            then each workload through gpuq again, with py-spy on the dispatcher
+    python -m bench --profile-only       those runs alone
 
 Exit 0 when every job ran exactly once and no GPU was oversubscribed (targets missed do not fail the run:
 they are figures to report), 1 otherwise, 2 when Redis, MariaDB or a process could not be set up.
@@ -45,9 +45,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overhead-jobs", type=int, default=20_000, help="jobs in the 0 ms run")
     p.add_argument("--no-celery", action="store_true", help="gpuq only (no Celery installed)")
     p.add_argument(
-        "--profile", action="store_true", help="also profile the dispatcher (py-spy) in a 0 ms run"
+        "--profile", action="store_true", help="then profile the dispatcher (py-spy) in each workload"
     )
-    p.add_argument("--profile-only", action="store_true", help="only the profiled run, no measurement")
+    p.add_argument("--profile-only", action="store_true", help="only the profiled runs, no measurement")
     p.add_argument("--quiet-load", type=float, default=0.0, help="wait for a 1-min load average below this")
     p.add_argument("--quiet-wait", type=float, default=300.0, help="wait at most this long for it, s")
     p.add_argument("--out", type=Path, default=OUT, help="where the result files go")
@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 for system in systems:
                     figures[system][workload.name] = _run(console, ctx, system, workload)
             if args.profile or args.profile_only:
-                meta["profile"] = _profile(console, ctx, sets[-1], args.out / f"{stamp}-dispatcher.pyspy.txt")
+                meta["profile"] = {
+                    w.name: _profile(console, ctx, w, args.out / f"{stamp}-{w.name}.pyspy.txt") for w in sets
+                }
         except (ProcError, StoreError) as exc:
             console.print(f"[bold red]bench: {exc}[/]")
             return 2
@@ -145,7 +147,7 @@ def _run(console: Console, ctx: runner.Context, system: str, workload: Workload)
 
 
 def _profile(console: Console, ctx: runner.Context, workload: Workload, raw: Path) -> dict[str, Any]:
-    """The 0 ms workload through gpuq once more, py-spy sampling the dispatcher; its collapsed stacks go to
+    """The workload through gpuq once more, py-spy sampling the dispatcher; its collapsed stacks go to
     ``raw`` (for a flame graph), their summary into the results."""
     from bench.profile import Profiler, print_profile, summarize
 
@@ -161,7 +163,12 @@ def _profile(console: Console, ctx: runner.Context, workload: Workload, raw: Pat
     result = runner.run(ctx, Gpuq(), workload, backlog=workload.backlog, hooks=hooks)
     summary = summarize(raw, profiler.seconds)
     summary |= {"raw": str(raw), "jobs_per_s_while_profiled": result["jobs_per_s"]}
-    summary["dispatcher_cores"] = result["consumer_cores"]
+    summary |= {
+        "dispatcher_cores": result["consumer_cores"],
+        "dispatcher_cpu_ms_per_job": result["consumer_cpu_ms_per_job"],
+        "request_bursts": result["request_bursts"],
+        "machine_busy": result["machine_busy"],
+    }
     print_profile(console, summary)
     return summary
 
