@@ -21,6 +21,7 @@ from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
 from dispatcher.dashboard import router as dashboard_router
 from dispatcher.db.engine import StoreUnavailable
+from dispatcher.openai_api import router as openai_router
 from dispatcher.routes import Detail, api_auth, router
 from dispatcher.task_api import router as task_api_router
 
@@ -110,7 +111,7 @@ def create_app(
         log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
         return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
 
-    for routes in (callback_router, router, task_api_router, dashboard_router):
+    for routes in (callback_router, router, task_api_router, openai_router, dashboard_router):
         _document_shared_answers(routes)
         app.include_router(routes)
 

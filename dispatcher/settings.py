@@ -104,6 +104,8 @@ class DispatcherSettings(StoreSettings):
     callback_secret: SecretStr | None = None
     bearer_token: SecretStr = SecretStr("")
     api_token: SecretStr | None = None
+    #: GET /tasks/{id}/result serves a task's result this long after it ended (by ``finished_at``).
+    result_ttl_seconds: float = Field(default=86400.0, gt=0)
 
     task_timeout_seconds: float = Field(default=900.0, gt=0)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)

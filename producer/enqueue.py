@@ -27,7 +27,7 @@ from producer.settings import ProducerSettings
 # KEYS: per job i (1-based) KEYS[2i-1] its queue list, KEYS[2i] its idempotency mark.
 # ARGV: [1] wake channel, [2] mark TTL in seconds, then per job ARGV[2i+1] task_id, ARGV[2i+2] job JSON.
 # Returns per job {task_id, 1} when pushed now, {task_id of the first delivery, 0} when already marked.
-_PUSH_LUA = """
+PUSH_LUA = """
 local n = #KEYS / 2
 for i = 1, n do
   local qtype = redis.call('TYPE', KEYS[2*i-1])['ok']
@@ -75,12 +75,7 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
     """Push all jobs or none; raises QueueUnavailable when Redis cannot take them."""
     if not planned:
         return Pushed([], 0)
-    keys = Keys(settings.redis_key_prefix)
-    redis_keys: list[str] = []
-    args: list[Any] = [keys.wake, IDEMPOTENCY_TTL_SECONDS]
-    for item in planned:
-        redis_keys += [queue_key(item.job.queue, item.job.priority), keys.idem(item.idem_key)]
-        args += [item.job.task_id, item.job.to_redis()]
+    redis_keys, args = push_arguments(planned, Keys(settings.redis_key_prefix))
     client, script = _client(settings)
     try:
         reply = script(keys=redis_keys, args=args, client=client)
@@ -90,6 +85,17 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
         raise QueueUnavailable(detail=f"{type(exc).__name__}: {exc}") from exc
     task_ids = [str(task_id) for task_id, _ in reply]
     return Pushed(task_ids, sum(1 for _, new in reply if not new))
+
+
+def push_arguments(planned: Sequence[Planned], keys: Keys) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of ``PUSH_LUA`` for ``planned``; the dispatcher's HTTP intake runs the same script
+    with its own (asyncio) client."""
+    redis_keys: list[str] = []
+    args: list[Any] = [keys.wake, IDEMPOTENCY_TTL_SECONDS]
+    for item in planned:
+        redis_keys += [queue_key(item.job.queue, item.job.priority), keys.idem(item.idem_key)]
+        args += [item.job.task_id, item.job.to_redis()]
+    return redis_keys, args
 
 
 def _client(settings: ProducerSettings) -> tuple[redis.Redis, Script]:
@@ -109,7 +115,7 @@ def _client(settings: ProducerSettings) -> tuple[redis.Redis, Script]:
             # an idle spell rather than fail the first command.
             health_check_interval=30,
         )
-        cached = _clients[dsn, password] = (client, client.register_script(_PUSH_LUA))
+        cached = _clients[dsn, password] = (client, client.register_script(PUSH_LUA))
     return cached
 
 

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
 
 from tests.dispatcher.harness import push_jobs, wait_final
 
 API_TOKEN = "op-token-for-schemathesis"
+# POST /v1/embeddings answers a documented 502 when its task fails or its result holds no embeddings (these
+# simulated GPUs return none); schemathesis counts any 5xx as a crash. Every other check applies to it.
+EXCLUDED = {"POST /v1/embeddings": [not_a_server_error]}
 
 
 def test_dispatcher_answers_match_its_openapi(stack):
@@ -38,8 +42,10 @@ def test_dispatcher_answers_match_its_openapi(stack):
         @given(case=operation.as_strategy())
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case):
-            case.call_and_validate()  # the Authorization header as generated: mostly 401
-            case.call_and_validate(headers={"Authorization": f"Bearer {API_TOKEN}"})
+            excluded = EXCLUDED.get(case.operation.label, [])
+            # the Authorization header as generated (mostly 401), then the token
+            case.call_and_validate(excluded_checks=excluded)
+            case.call_and_validate(headers={"Authorization": f"Bearer {API_TOKEN}"}, excluded_checks=excluded)
 
         try:
             check()

@@ -1,0 +1,240 @@
+"""The OpenAI side of ``POST /v1/embeddings``: the request body, the answers and OpenAI's error shape.
+
+OpenAI clients read errors as ``{"error": {"message", "type", "param", "code"}}``, so every answer of the
+OpenAI routes has that shape, validation errors and a store that is down included (``OpenAIRoute``); the rest
+of gpuq keeps FastAPI's ``{"detail"}``.
+
+Tokens are counted approximately, as whitespace-separated words: gpuq does not know the model's tokenizer,
+and ``usage`` is informative only.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
+
+from fastapi import HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic_core import PydanticCustomError
+from redis.exceptions import RedisError
+
+from dispatcher.db.engine import StoreUnavailable
+
+log = logging.getLogger("gpuq.http")
+
+#: Texts per request at most (OpenAI's own limit); a GPU service may accept fewer per job.
+MAX_INPUTS = 2048
+MAX_WAIT_SECONDS = 30.0
+
+
+class OpenAIError(Exception):
+    """An answer in OpenAI's error shape."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str, kind: str = "invalid_request_error", retry: bool = True
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind, self.retry = status, message, code, kind, retry
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    retry: bool = True,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    extra = dict(headers or {})
+    if not retry:
+        # The official clients retry 409 and 5xx by default; a failed or cancelled task would only be
+        # enqueued again (it already had its MAX_ATTEMPTS), so tell them not to.
+        extra["x-should-retry"] = "false"
+    return JSONResponse(body, status_code=status, headers=extra)
+
+
+def _field(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors all answer in OpenAI's shape (validation 422, auth 401, stores down 503)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handle(request)
+            except OpenAIError as exc:
+                return error_response(exc.status, exc.message, code=exc.code, kind=exc.kind, retry=exc.retry)
+            except RequestValidationError as exc:
+                errors = list(exc.errors())
+                message = "; ".join(f"{_field(e['loc']) or 'body'}: {e['msg']}" for e in errors)
+                param = _field(errors[0]["loc"]) if errors else None
+                code = errors[0]["type"] if errors and errors[0]["type"] == "token_input" else "invalid_input"
+                return error_response(422, message or "invalid request body", code=code, param=param)
+            except HTTPException as exc:
+                return error_response(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
+            except (StoreUnavailable, RedisError) as exc:
+                log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
+                return error_response(
+                    503, "storage temporarily unavailable, try again", code="unavailable", kind="server_error"
+                )
+
+        return route
+
+
+def _text_only(value: Any) -> Any:
+    """OpenAI also takes token ids (a list of ints, or of lists of ints); gpuq's GPU services take text."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list):
+        raise PydanticCustomError("text_input", "must be a string or a list of strings")
+    if not texts:
+        raise PydanticCustomError("text_input", "must hold at least one text")
+    if any(isinstance(t, int | list) for t in texts):
+        raise PydanticCustomError(
+            "token_input",
+            "gpuq embeds text: send a string or a list of strings, not token ids "
+            "(the model's tokenizer runs on the GPU service)",
+        )
+    if len(texts) > MAX_INPUTS:
+        raise PydanticCustomError("text_input", f"at most {MAX_INPUTS} texts per request, got {len(texts)}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise PydanticCustomError("text_input", f"item {i} is not a string")
+        if not t.strip():
+            raise PydanticCustomError("text_input", f"item {i} is empty")
+    return value
+
+
+def _no_dimensions(value: Any) -> None:
+    if value is not None:
+        raise PydanticCustomError("unsupported", "not supported: gpuq returns the model's own dimension")
+
+
+#: A text with something in it (the JSON schema says so too, for clients and schema-driven tests).
+Text = Annotated[str, StringConstraints(pattern=r"\S")]
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's body plus ``wait_seconds``; unknown fields are ignored, as OpenAI-compatible servers do."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: Annotated[
+        Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_INPUTS)], BeforeValidator(_text_only)
+    ]
+    model: str = Field(min_length=1, max_length=256)
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[None, BeforeValidator(_no_dimensions)] = Field(
+        default=None, description="Not supported: gpuq returns the model's own dimension."
+    )
+    user: str | None = None
+    wait_seconds: float = Field(
+        default=10.0, ge=0, le=MAX_WAIT_SECONDS, description="gpuq: how long to wait before answering 202."
+    )
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorOut(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+class EmbeddingOut(BaseModel):
+    object: Literal["embedding"]
+    embedding: list[float] | str = Field(description="floats, or base64 of little-endian float32")
+    index: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsOut(BaseModel):
+    object: Literal["list"]
+    data: list[EmbeddingOut]
+    model: str
+    usage: Usage
+
+
+class TaskPending(BaseModel):
+    id: str
+    object: Literal["embedding.task"]
+    status: Literal["queued", "processing"]
+    result_url: str
+
+
+class TaskResultOut(BaseModel):
+    """The result of a task that did not come from /v1/embeddings, as its GPU service gave it."""
+
+    id: str
+    object: Literal["task.result"]
+    type: str
+    result: Any
+
+
+def count_tokens(texts: list[str]) -> int:
+    """Approximate: whitespace-separated words (see the module docstring)."""
+    return sum(len(t.split()) for t in texts)
+
+
+def encode(vector: list[float], encoding_format: str) -> list[float] | str:
+    """``base64`` is OpenAI's: the vector as little-endian float32, base64-encoded."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+def embeddings_body(
+    result: Any, *, model: str, texts: list[str], encoding_format: str
+) -> dict[str, Any] | None:
+    """The OpenAI answer for a GPU service's ``{"embeddings": [[...], ...]}``; None if it is not that."""
+    vectors = result.get("embeddings") if isinstance(result, dict) else None
+    if not isinstance(vectors, list) or len(vectors) != len(texts):
+        return None
+    if not all(isinstance(v, list) and all(isinstance(x, int | float) for x in v) for v in vectors):
+        return None
+    tokens = count_tokens(texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "embedding": encode(v, encoding_format), "index": i}
+            for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+def pending_body(task_id: str, state: str | None) -> dict[str, Any]:
+    """The 202 answer: the task is accepted and its result will be at ``result_url``."""
+    return {
+        "id": task_id,
+        "object": "embedding.task",
+        "status": "processing" if state == "processing" else "queued",
+        "result_url": f"/tasks/{task_id}/result",
+    }

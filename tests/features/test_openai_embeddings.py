@@ -1,0 +1,148 @@
+"""``POST /v1/embeddings`` with the official ``openai`` client, through a real dispatcher, to the reference
+MiniLM service (one service process for the module: the model takes seconds to load)."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import func, select, update
+
+from dispatcher.db.schema import tasks
+from tests.dispatcher.conftest import Stack
+from tests.dispatcher.helpers import wait_for
+from tests.reference.conftest import ServiceProc
+from tests.reference.test_embed_service import cosine, sentence
+
+TOKEN = "openai-api-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SENTENCES = ["A man is playing a guitar.", "A man plays the guitar.", "The stock market fell today."]
+
+
+def client(d_url: str, api_key: str = TOKEN) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{d_url}/v1", api_key=api_key, timeout=60)
+
+
+def check(vectors: list[list[float]], n: int) -> None:
+    assert len(vectors) == n
+    for v in vectors:
+        assert len(v) == 384 and all(isinstance(x, float) for x in v)
+        assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, abs_tol=1e-4)
+
+
+def test_openai_client_embeds_through_gpuq(stack: Stack, service: ServiceProc) -> None:
+    # GIVEN the reference service as the only GPU of pool "embedpool", which serves types embed and minilm
+    d = stack.dispatcher(
+        None,
+        API_TOKEN=TOKEN,
+        GPU_ENDPOINTS=f"embedpool:g0={service.url}",
+        TASK_ROUTES="embed=embedpool,minilm=embedpool",
+    )
+    with client(d.url) as c, client(d.url, "wrong-key") as wrong:
+        _embeds_and_refuses(d.url, c, wrong)
+
+
+def _embeds_and_refuses(d_url: str, c: openai.OpenAI, wrong: openai.OpenAI) -> None:
+    # WHEN the official client embeds three sentences (it asks for base64 and decodes it)
+    res = c.embeddings.create(model="embed", input=SENTENCES)
+    # THEN three unit vectors of 384 floats, in order, the paraphrases closer than the unrelated pair
+    vectors = [e.embedding for e in res.data]
+    check(vectors, 3)
+    assert [e.index for e in res.data] == [0, 1, 2]
+    assert cosine(vectors[0], vectors[1]) > cosine(vectors[0], vectors[2]) + 0.3
+    assert res.object == "list" and res.model == "embed"
+    assert res.usage.prompt_tokens == res.usage.total_tokens == 16  # whitespace words
+    # AND floats asked for explicitly are the same vectors (base64 carries float32)
+    floats = c.embeddings.create(model="embed", input=SENTENCES, encoding_format="float")
+    for a, b in zip(vectors, (e.embedding for e in floats.data), strict=True):
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-6
+    # AND a single string works, and a routed model name is the task type
+    raw = c.embeddings.with_raw_response.create(model="minilm", input=SENTENCES[0])
+    one = raw.parse()
+    check([e.embedding for e in one.data], 1)
+    assert cosine(one.data[0].embedding, vectors[0]) > 0.9999
+    task = httpx.get(f"{d_url}/tasks/{raw.headers['x-gpuq-task-id']}", headers=AUTH).json()
+    assert (task["type"], task["queue"], task["pool"], task["state"]) == (
+        "minilm",
+        "embedpool",
+        "embedpool",
+        "finished",
+    )
+    # AND a model name without a route is type "embed"
+    raw = c.embeddings.with_raw_response.create(model="text-embedding-3-small", input="hello there")
+    assert raw.parse().model == "text-embedding-3-small"
+    task = httpx.get(f"{d_url}/tasks/{raw.headers['x-gpuq-task-id']}", headers=AUTH).json()
+    assert (task["type"], task["pool"]) == ("embed", "embedpool")
+
+    # a wrong API key: 401 in OpenAI's shape
+    with pytest.raises(openai.AuthenticationError) as auth:
+        wrong.embeddings.create(model="embed", input="x")
+    assert auth.value.code == "invalid_api_key"
+    # token ids, blank text, unsupported dimensions: 422 saying why
+    for bad, says in (
+        ({"input": [[15339, 1917]]}, "not token ids"),
+        ({"input": [1, 2, 3]}, "not token ids"),
+        ({"input": ["fine", "  "]}, "item 1 is empty"),
+        ({"input": "x", "dimensions": 128}, "not supported"),
+        ({"input": "x", "extra_body": {"wait_seconds": 31}}, "wait_seconds"),
+    ):
+        with pytest.raises(openai.UnprocessableEntityError) as err:
+            c.embeddings.create(model="embed", **bad)  # type: ignore[arg-type]
+        assert says in err.value.message, err.value.body
+        assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
+
+
+def test_past_the_wait_202_then_the_result(stack: Stack, service: ServiceProc) -> None:
+    d = stack.dispatcher(None, API_TOKEN=TOKEN, GPU_ENDPOINTS=f"g0={service.url}")
+    # WHEN a long batch (over a second on a CPU) is asked for with a 10 ms wait
+    texts = [sentence(i, 200) for i in range(24)]
+    with client(d.url) as c:
+        raw = c.embeddings.with_raw_response.create(
+            model="embed", input=texts, encoding_format="float", extra_body={"wait_seconds": 0.01}
+        )
+    # THEN 202 with the task id and where its result will be
+    assert raw.status_code == 202
+    pending = raw.http_response.json()
+    assert pending["object"] == "embedding.task" and pending["status"] in ("queued", "processing")
+    assert pending["result_url"] == f"/tasks/{pending['id']}/result" == raw.headers["location"]
+    url = f"{d.url}{pending['result_url']}"
+    assert httpx.get(url, headers=AUTH).status_code == 202
+    # AND the result, once there, in OpenAI's shape, as floats or base64
+    wait_for(lambda: httpx.get(url, headers=AUTH).status_code != 202, 60, 0.1, what="the batch's result")
+    body = httpx.get(url, headers=AUTH).json()
+    assert (body["object"], body["model"], len(body["data"])) == ("list", "embed", 24)
+    check([e["embedding"] for e in body["data"]], 24)
+    packed = httpx.get(url, headers=AUTH, params={"encoding_format": "base64"}).json()["data"][0]["embedding"]
+    unpacked = struct.unpack("<384f", base64.b64decode(packed))
+    assert max(abs(x - y) for x, y in zip(unpacked, body["data"][0]["embedding"], strict=True)) < 1e-6
+    # AND errors in OpenAI's shape: no token, unknown task, a result past RESULT_TTL_SECONDS
+    assert httpx.get(url).json()["error"]["code"] == "invalid_api_key"
+    gone = httpx.get(f"{d.url}/tasks/nobody/result", headers=AUTH)
+    assert (gone.status_code, gone.json()["error"]["code"]) == (404, "task_not_found")
+    with stack.engine.begin() as conn:
+        finished_at = conn.execute(
+            select(tasks.c.finished_at).where(tasks.c.task_id == pending["id"])
+        ).scalar()
+        conn.execute(
+            update(tasks)
+            .where(tasks.c.task_id == pending["id"])
+            .values(finished_at=finished_at.replace(year=finished_at.year - 1))
+        )
+    expired = httpx.get(url, headers=AUTH)
+    assert (expired.status_code, expired.json()["error"]["code"]) == (410, "result_expired")
+
+
+def test_a_failed_task_is_502_once(stack: Stack, service: ServiceProc) -> None:
+    # GIVEN a request the GPU service refuses (it takes 256 texts per job at most: 400, the task fails)
+    d = stack.dispatcher(None, API_TOKEN=TOKEN, GPU_ENDPOINTS=f"g0={service.url}")
+    with client(d.url) as c, pytest.raises(openai.InternalServerError) as err:
+        c.embeddings.create(model="embed", input=["a few words"] * 257)
+    # THEN 502 with the task's error, and the client did not retry it (x-should-retry: false): one task
+    assert err.value.status_code == 502 and err.value.code == "task_failed"
+    assert "256" in err.value.message, err.value.message
+    with stack.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(tasks)).scalar() == 1
