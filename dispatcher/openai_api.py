@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import uuid
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
@@ -23,9 +24,11 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 
 from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
+from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.reads import get_task
 from dispatcher.events import TaskEvents, subscription
 from dispatcher.openai_shapes import (
@@ -46,6 +49,7 @@ from producer.errors import InvalidJob
 from producer.events import Planned
 from producer.job import TaskIn, build_job
 
+log = logging.getLogger("gpuq.http")
 router = APIRouter(route_class=OpenAIRoute)
 
 #: The task type of embeddings requests whose model has no route of its own.
@@ -153,18 +157,29 @@ async def _enqueue(d: Dispatcher, task_id: str, task_type: str, data: dict[str, 
 
 
 async def _wait(d: Dispatcher, events: TaskEvents, task_id: str, seconds: float) -> dict[str, Any] | None:
-    """The task once it has ended, or as the database has it at the deadline (None: not yet taken)."""
+    """The task once it has ended, or as the database has it at the deadline (None: not yet taken).
+
+    The job is in the queue by now: a store failing from here on must not become a 503, which clients
+    retry by sending the request (a second task) again; the caller gets 202 and the result_url instead.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while (left := deadline - loop.time()) > 0:
-        ev = await events.next(left)
-        if ev is None:
-            break
-        if ev["event"] in ("finished", "failed"):
-            return {"state": ev["event"], "result": ev.get("result"), "error": ev.get("error")}
-        if ev["event"] == "cancelled":
-            break
-    return await d.db(get_task, task_id=task_id)
+    try:
+        while (left := deadline - loop.time()) > 0:
+            ev = await events.next(left)
+            if ev is None:
+                break
+            if ev["event"] in ("finished", "failed"):
+                return {"state": ev["event"], "result": ev.get("result"), "error": ev.get("error")}
+            if ev["event"] == "cancelled":
+                break
+    except (RedisError, OSError) as exc:
+        log.warning("task events unavailable", extra={"action": "openai_wait", "error": str(exc)})
+    try:
+        return await d.db(get_task, task_id=task_id)
+    except StoreUnavailable as exc:
+        log.warning("task not readable", extra={"action": "openai_wait", "error": str(exc)})
+        return None
 
 
 def _answer(
