@@ -293,9 +293,14 @@ def _audit(
     cfg: SoakConfig,
 ) -> dict[str, Any]:
     with engine.connect() as conn:
-        rows = dict(conn.execute(text("SELECT task_id, state FROM tasks")).all())
-        attempts = dict(conn.execute(text("SELECT task_id, attempt FROM tasks")).all())
-        outcomes = dict(conn.execute(text("SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome")).all())
+        rows: dict[str, str] = {r[0]: r[1] for r in conn.execute(text("SELECT task_id, state FROM tasks"))}
+        attempts: dict[str, int] = {
+            r[0]: int(r[1]) for r in conn.execute(text("SELECT task_id, attempt FROM tasks"))
+        }
+        outcomes: dict[str, int] = {
+            r[0]: int(r[1])
+            for r in conn.execute(text("SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome"))
+        }
         drift_end = len(slot_drift(conn))
         busy = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one()
     stats = fleet.stats()
@@ -311,7 +316,7 @@ def _audit(
         "states": dict(Counter(rows.get(t, "missing") for t in ids)),
         "attempt_outcomes": {str(k): int(v) for k, v in outcomes.items()},
         "lost": len(lost),
-        "duplicates_beyond_attempts": sum(1 for t, n in received.items() if n > int(attempts.get(t, 0))),
+        "duplicates_beyond_attempts": sum(1 for t, n in received.items() if n > attempts.get(t, 0)),
         "same_attempt_delivered_twice": sum(1 for n in pairs.values() if n > 1),
         "slot_drift_end": drift_end,
         "slot_drift_samples": drift_samples,
