@@ -12,24 +12,24 @@ import contextlib
 import logging
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_many
 from dispatcher.db.clock import clock_offset
-from dispatcher.db.dispatch import Placed, dispatch, held_by, snapshot
-from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
-from dispatcher.db.gpus import record_failure, record_success, register_gpu
+from dispatcher.db.dispatch import dispatch, held_by, snapshot
+from dispatcher.db.engine import init_schema, transaction, utcnow
+from dispatcher.db.gpus import register_gpu
+from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
-from dispatcher.gpu_client import Answer, GpuClient, Verdict
+from dispatcher.gpu_client import GpuClient
+from dispatcher.gpu_requests import GpuRequests
 from dispatcher.group_commit import GroupCommit
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.intake import Intake, Settlement
@@ -37,7 +37,6 @@ from dispatcher.metrics import Metrics
 from dispatcher.placement import capacity
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
-from dispatcher.tokens import make_token
 from producer.errors import InvalidJob
 from producer.job import parse_redis_job
 from producer.keys import Keys
@@ -45,21 +44,8 @@ from producer.keys import Keys
 log = logging.getLogger("gpuq.dispatcher")
 T = TypeVar("T")
 
-#: Errors of a store that is down or restarting: the loop waits and tries again, holding its jobs in Redis.
-TRANSIENT = (RedisError, StoreUnavailable, OSError)
-
-#: Recent (task, attempt) pairs this process sent: enough to cover a lost commit answer being retried
-#: (seconds), small enough not to grow the process (~2.5 MB at 10,000; 100,000 cost 25 MB in the soak).
-_SENT_MEMORY = 10_000
-
 #: A change of the clock offset worth a line in the log.
 _CLOCK_NOTICE = timedelta(milliseconds=500)
-
-_VERDICT_OUTCOME = {
-    Verdict.FINISHED: Outcome.FINISHED,
-    Verdict.FAILED: Outcome.FAILED,
-    Verdict.RETRY: Outcome.FAILED_RETRY,
-}
 
 
 class Dispatcher:
@@ -81,8 +67,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._side: set[asyncio.Task[None]] = set()
-        self._suspect: set[str] = set()  # GPUs this process counted failures for
-        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()  # recent (task, attempt) we POSTed
+        self.requests = GpuRequests(self)
         self._handback_needed = False
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
@@ -295,7 +280,7 @@ class Dispatcher:
             result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
         # By identity: two copies of one task in a batch are two elements of the processing list.
         element_of = {id(job): el for job, _, el in items}
-        unsent = [p for p in result.mine if (p.job.task_id, p.attempt) not in self._sent]
+        unsent = [p for p in result.mine if not self.requests.sent(p)]
         done = Settlement(
             ack=[element_of[id(p.job)] for p in result.placed + result.mine]
             + [element_of[id(j)] for j, _ in result.dropped]
@@ -307,7 +292,7 @@ class Dispatcher:
                 "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
             )
         for placed in result.placed + unsent:
-            self._fire(placed, started)
+            self.requests.fire(placed, started)
             self.events.publish(
                 "dispatched",
                 placed.job.task_id,
@@ -322,74 +307,6 @@ class Dispatcher:
         return True
 
     # -- attempts -------------------------------------------------------------------------------------
-
-    def _fire(self, p: Placed, started: float) -> None:
-        body = {
-            "task_id": p.job.task_id,
-            "type": p.job.type,
-            "data": p.job.data,
-            "attempt": p.attempt,
-            "callback_url": self.settings.public_callback_url,
-            "callback_token": make_token(self.settings.secret, p.job.task_id, p.attempt),
-        }
-        self.metrics.dispatched.labels(p.pool).inc()
-        self._sent[(p.job.task_id, p.attempt)] = None
-        if len(self._sent) > _SENT_MEMORY:
-            self._sent.popitem(last=False)
-        self.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
-
-    async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
-        self.metrics.dispatch_latency.observe(time.perf_counter() - started)
-        answer = await self.gpu.send(p.url, body)
-        self.metrics.gpu_requests.labels(answer.verdict.value).inc()
-        try:
-            await self._judge(p, answer)
-        except TRANSIENT as exc:  # the lease will settle this attempt
-            log.error(
-                "could not record a GPU answer",
-                extra={"action": "gpu_answer", "task_id": p.job.task_id, "error": str(exc)},
-            )
-
-    async def _judge(self, p: Placed, answer: Answer) -> None:
-        if answer.unhealthy:
-            self._suspect.add(p.gpu_id)
-            s = self.settings
-            went_down = await self.db(
-                record_failure,
-                gpu_id=p.gpu_id,
-                error=answer.error or "",
-                threshold=s.gpu_failure_threshold,
-                probe_seconds=s.gpu_probe_seconds,
-                now=self.now(),
-            )
-            if went_down:
-                log.error(
-                    "GPU taken out of rotation",
-                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},
-                )
-        elif p.gpu_id in self._suspect:
-            self._suspect.discard(p.gpu_id)
-            await self.db(record_success, gpu_id=p.gpu_id)
-        outcome = _VERDICT_OUTCOME.get(answer.verdict)
-        if outcome is None:
-            if answer.verdict is Verdict.UNKNOWN:
-                log.warning(
-                    "GPU request got no answer; the lease decides",
-                    extra={
-                        "action": "gpu_no_answer",
-                        "task_id": p.job.task_id,
-                        "gpu_id": p.gpu_id,
-                        "error": answer.error,
-                    },
-                )
-            return
-        # A status in a 2xx body is the GPU's report, like a callback: a later identical callback is a repeat.
-        reported = None
-        if answer.status is not None and 200 <= answer.status < 300:
-            reported = "failed_retry" if outcome is Outcome.FAILED_RETRY else outcome.value
-        await self.end_attempt(
-            p.job.task_id, p.attempt, outcome, result=answer.result, error=answer.error, reported=reported
-        )
 
     async def end_attempt(
         self,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
 from dispatcher.db.gpus import probe_result, probes_due
+from dispatcher.errors import TRANSIENT
 from dispatcher.states import Outcome
 from producer.keys import queue_key
 
@@ -39,8 +40,6 @@ class Housekeeping:
         return False
 
     async def run(self) -> None:
-        from dispatcher.core import TRANSIENT
-
         while not self.d.stopping.is_set():
             for name, seconds, duty in (
                 ("heartbeat", 2.0, self.heartbeat),

@@ -1,0 +1,115 @@
+"""Requests to GPU services and what their answers mean for the attempt (SPEC §4), for the Dispatcher.
+
+A 2xx accepts the job (the callback ends it), a 2xx with a status ends it at once, a 4xx other than 408/429
+fails the task, 5xx/408/429/refused fail the attempt (retried), no answer leaves it to the lease. Failures
+count towards taking the GPU out of rotation; the first success after them resets the count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.db.dispatch import Placed
+from dispatcher.db.gpus import record_failure, record_success
+from dispatcher.errors import TRANSIENT
+from dispatcher.gpu_client import Answer, Verdict
+from dispatcher.states import Outcome
+from dispatcher.tokens import make_token
+
+if TYPE_CHECKING:
+    from dispatcher.core import Dispatcher
+
+log = logging.getLogger("gpuq.dispatcher")
+
+#: Recent (task, attempt) pairs this process sent: enough to cover a lost commit answer being retried
+#: (seconds), small enough not to grow the process (~2.5 MB at 10,000; 100,000 cost 25 MB in the soak).
+_SENT_MEMORY = 10_000
+
+_VERDICT_OUTCOME = {
+    Verdict.FINISHED: Outcome.FINISHED,
+    Verdict.FAILED: Outcome.FAILED,
+    Verdict.RETRY: Outcome.FAILED_RETRY,
+}
+
+
+class GpuRequests:
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self._suspect: set[str] = set()  # GPUs this process counted failures for
+        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def sent(self, p: Placed) -> bool:
+        """Did this process send this attempt? (A lost commit answer brings a job back as our own.)"""
+        return (p.job.task_id, p.attempt) in self._sent
+
+    def fire(self, p: Placed, started: float) -> None:
+        """Send the job to its GPU in the background (an owned task) and act on the answer."""
+        body = {
+            "task_id": p.job.task_id,
+            "type": p.job.type,
+            "data": p.job.data,
+            "attempt": p.attempt,
+            "callback_url": self.d.settings.public_callback_url,
+            "callback_token": make_token(self.d.settings.secret, p.job.task_id, p.attempt),
+        }
+        self.d.metrics.dispatched.labels(p.pool).inc()
+        self._sent[(p.job.task_id, p.attempt)] = None
+        if len(self._sent) > _SENT_MEMORY:
+            self._sent.popitem(last=False)
+        self.d.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
+
+    async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
+        self.d.metrics.dispatch_latency.observe(time.perf_counter() - started)
+        answer = await self.d.gpu.send(p.url, body)
+        self.d.metrics.gpu_requests.labels(answer.verdict.value).inc()
+        try:
+            await self._judge(p, answer)
+        except TRANSIENT as exc:  # the lease will settle this attempt
+            log.error(
+                "could not record a GPU answer",
+                extra={"action": "gpu_answer", "task_id": p.job.task_id, "error": str(exc)},
+            )
+
+    async def _judge(self, p: Placed, answer: Answer) -> None:
+        if answer.unhealthy:
+            self._suspect.add(p.gpu_id)
+            s = self.d.settings
+            went_down = await self.d.db(
+                record_failure,
+                gpu_id=p.gpu_id,
+                error=answer.error or "",
+                threshold=s.gpu_failure_threshold,
+                probe_seconds=s.gpu_probe_seconds,
+                now=self.d.now(),
+            )
+            if went_down:
+                log.error(
+                    "GPU taken out of rotation",
+                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},
+                )
+        elif p.gpu_id in self._suspect:
+            self._suspect.discard(p.gpu_id)
+            await self.d.db(record_success, gpu_id=p.gpu_id)
+        outcome = _VERDICT_OUTCOME.get(answer.verdict)
+        if outcome is None:
+            if answer.verdict is Verdict.UNKNOWN:
+                log.warning(
+                    "GPU request got no answer; the lease decides",
+                    extra={
+                        "action": "gpu_no_answer",
+                        "task_id": p.job.task_id,
+                        "gpu_id": p.gpu_id,
+                        "error": answer.error,
+                    },
+                )
+            return
+        # A status in a 2xx body is the GPU's report, like a callback: a later identical callback is a repeat.
+        reported = None
+        if answer.status is not None and 200 <= answer.status < 300:
+            reported = "failed_retry" if outcome is Outcome.FAILED_RETRY else outcome.value
+        await self.d.end_attempt(
+            p.job.task_id, p.attempt, outcome, result=answer.result, error=answer.error, reported=reported
+        )
