@@ -69,7 +69,11 @@ def plot(figures: dict[str, Any], title: str, path: Path) -> None:
     _bars(tput, systems, [figures[s]["overhead"]["jobs_per_s"] for s in systems], "{:,.0f}")
     tput.axhline(TARGETS["overhead_jobs_per_s"], color="red", linestyle="dashed")
     tput.set_ylabel("jobs/s")
-    tput.set_title("throughput, 0 ms jobs\n(higher is better)", fontsize=10)
+    ratio = ""
+    if len(systems) == 2 and figures["celery"]["overhead"]["jobs_per_s"]:
+        times = figures["gpuq"]["overhead"]["jobs_per_s"] / figures["celery"]["overhead"]["jobs_per_s"]
+        ratio = f", gpuq = {times:.2f} x Celery"
+    tput.set_title(f"throughput, 0 ms jobs\n(higher is better{ratio})", fontsize=10)
 
     # 3. efficiency
     _bars(eff, systems, [figures[s]["efficiency"]["efficiency"] for s in systems], "{:.2f}")
