@@ -10,7 +10,9 @@ does. For each job then:
     dispatch latency = received - max(enqueued, slot freed)   (a never-used slot counts as free forever)
     slot turnaround  = received - slot freed                  (only jobs already waiting when it was freed)
 
-A job found no free slot on arrival only if the GPU was oversubscribed: counted as ``anomalies``.
+A job found no free slot on arrival only if the GPU was oversubscribed: counted as ``anomalies``. In async
+mode a turnaround is split at ``callback_answered_mono`` (the dispatcher's answer to the callback came back,
+so it had recorded the ending and freed the slot): "callback recorded" + "then next request".
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import itertools
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from bench.workloads import Workload
@@ -54,31 +57,46 @@ def freed_at(job: Mapping[str, Any]) -> float | None:
     return None if value is None else float(value)
 
 
-def slot_samples(
-    jobs: Sequence[Mapping[str, Any]], enqueued: Mapping[str, float], slots: int
-) -> tuple[list[float], list[float], int]:
-    """(dispatch latencies, slot turnarounds, anomalies) in seconds; see the module docstring."""
+@dataclass
+class Samples:
+    """Seconds per job; ``recorded`` and ``pickup`` split a turnaround (async mode only): the callback's
+    answer came back (the dispatcher has recorded the ending) and then the next job arrived."""
+
+    latencies: list[float] = field(default_factory=list)
+    turnarounds: list[float] = field(default_factory=list)
+    recorded: list[float] = field(default_factory=list)
+    pickup: list[float] = field(default_factory=list)
+    anomalies: int = 0
+
+
+def slot_samples(jobs: Sequence[Mapping[str, Any]], enqueued: Mapping[str, float], slots: int) -> Samples:
+    """See the module docstring."""
     by_gpu: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for job in jobs:
         by_gpu[job["gpu"]].append(job)
-    latencies: list[float] = []
-    turnarounds: list[float] = []
-    anomalies = 0
+    out = Samples()
     for gpu_jobs in by_gpu.values():
-        free = [-math.inf] * slots  # heap of the times each slot became free
+        # heap of (when the slot became free, when the ending that freed it was answered)
+        free: list[tuple[float, float | None]] = [(-math.inf, None)] * slots
         for job in sorted(gpu_jobs, key=lambda j: float(j["received_mono"])):
             received = float(job["received_mono"])
-            slot_free = heapq.heappop(free)
+            slot_free, answered = heapq.heappop(free)
             if slot_free > received:
-                anomalies += 1
+                out.anomalies += 1
             queued = enqueued.get(job["task_id"])
             if queued is not None:
-                latencies.append(received - max(queued, slot_free))
+                out.latencies.append(received - max(queued, slot_free))
                 if math.isfinite(slot_free) and queued <= slot_free:
-                    turnarounds.append(received - slot_free)
+                    out.turnarounds.append(received - slot_free)
+                    if answered is not None:
+                        out.recorded.append(answered - slot_free)
+                        out.pickup.append(received - answered)
             done = freed_at(job)
-            heapq.heappush(free, math.inf if done is None else done)
-    return latencies, turnarounds, anomalies
+            answer = job.get("callback_answered_mono")
+            heapq.heappush(
+                free, (math.inf if done is None else done, None if answer is None else float(answer))
+            )
+    return out
 
 
 BURST_GAP_S = 0.002
@@ -114,7 +132,7 @@ def measure(
     """Everything that comes from the job log; ``started`` is the driver's clock before the first enqueue."""
     ended = sorted(t for t in (freed_at(job) for job in jobs) if t is not None)
     received = Counter(job["task_id"] for job in jobs)
-    latencies, turnarounds, anomalies = slot_samples(jobs, enqueued, workload.slots)
+    samples = slot_samples(jobs, enqueued, workload.slots)
     makespan = (ended[-1] - started) if ended else math.nan
     n = len(ended)
     i0, i1 = int(n * 0.1), int(n * 0.9)
@@ -127,9 +145,13 @@ def measure(
         "jobs_per_s": round(n / makespan, 1) if makespan > 0 else math.nan,
         # completions between the 10th and the 90th percentile: the rate without ramp-up and tail
         "steady_jobs_per_s": round((i1 - i0) / span, 1) if span > 0 else math.nan,
-        "dispatch_latency_ms": summary_ms(latencies),
-        "turnaround_ms": summary_ms(turnarounds),
-        "slot_anomalies": anomalies,
+        "dispatch_latency_ms": summary_ms(samples.latencies),
+        "turnaround_ms": summary_ms(samples.turnarounds),
+        "turnaround_split_ms": {
+            "callback_recorded": summary_ms(samples.recorded),
+            "then_next_request": summary_ms(samples.pickup),
+        },
+        "slot_anomalies": samples.anomalies,
         "request_bursts": bursts(jobs),
     }
     if workload.service > 0:

@@ -101,6 +101,7 @@ class GpuSim:
         job.callback_sent_mono = time.monotonic()
         status = "finished" if job.plan.outcome == "finished" else "failed"
         job.callback_status = await self._call(job, body, status)
+        job.callback_answered_mono = time.monotonic()
         if job.plan.duplicate:
             await self._call(job, body, status)
 

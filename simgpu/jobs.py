@@ -20,6 +20,7 @@ class Job:
         "answered_mono",
         "attempt",
         "beat",
+        "callback_answered_mono",
         "callback_sent_at",
         "callback_sent_mono",
         "callback_status",
@@ -51,6 +52,7 @@ class Job:
         self.callback_sent_at: float | None = None
         self.callback_sent_mono: float | None = None
         self.callback_status: int | None = None
+        self.callback_answered_mono: float | None = None  # when the final callback's answer came back
         self.answered_mono: float | None = None  # sync mode: when the slot was freed and the answer went out
         self.timer: asyncio.TimerHandle | None = None
         self.beat: asyncio.TimerHandle | None = None
@@ -111,5 +113,6 @@ class Job:
             "callback_sent_at": self.callback_sent_at,
             "callback_sent_mono": self.callback_sent_mono,
             "callback_status": self.callback_status,
+            "callback_answered_mono": self.callback_answered_mono,
             "answered_mono": self.answered_mono,
         }

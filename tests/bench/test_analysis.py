@@ -25,10 +25,10 @@ def test_a_waiting_job_counts_from_the_slot_freed_and_a_late_job_from_its_enqueu
     # freed; c was enqueued at 3.0 when the slot had long been free, and arrived 1 ms later
     jobs = [job("a", "g0", 0.001, 1.0), job("b", "g0", 1.002, 2.0), job("c", "g0", 3.001, 4.0)]
     enqueued = {"a": 0.0, "b": 0.5, "c": 3.0}
-    latencies, turnarounds, anomalies = slot_samples(jobs, enqueued, slots=1)
-    assert latencies == pytest.approx([0.001, 0.002, 0.001])
-    assert turnarounds == pytest.approx([0.002])  # only b was waiting when a slot freed
-    assert anomalies == 0
+    got = slot_samples(jobs, enqueued, slots=1)
+    assert got.latencies == pytest.approx([0.001, 0.002, 0.001])
+    assert got.turnarounds == pytest.approx([0.002])  # only b was waiting when a slot freed
+    assert got.anomalies == 0
 
 
 def test_a_job_takes_the_slot_free_the_longest_and_sync_answers_free_slots_too() -> None:
@@ -40,14 +40,24 @@ def test_a_job_takes_the_slot_free_the_longest_and_sync_answers_free_slots_too()
         job("d", "g0", 1.52, 3.0, sync=True),
     ]
     enqueued = dict.fromkeys("abcd", 0.0)
-    _, turnarounds, anomalies = slot_samples(jobs, enqueued, slots=2)
-    assert turnarounds == pytest.approx([0.01, 0.02])
-    assert anomalies == 0
+    got = slot_samples(jobs, enqueued, slots=2)
+    assert got.turnarounds == pytest.approx([0.01, 0.02])
+    assert got.anomalies == 0
+    assert got.recorded == []  # sync mode: no callback to split the turnaround at
 
 
 def test_a_job_arriving_while_every_slot_is_held_is_an_anomaly() -> None:
     jobs = [job("a", "g0", 0.0, 1.0), job("b", "g0", 0.5, 1.0)]
-    assert slot_samples(jobs, {"a": 0.0, "b": 0.0}, slots=1)[2] == 1
+    assert slot_samples(jobs, {"a": 0.0, "b": 0.0}, slots=1).anomalies == 1
+
+
+def test_a_turnaround_splits_where_the_dispatcher_answered_the_callback() -> None:
+    a = job("a", "g0", 0.0, 1.0) | {"callback_answered_mono": 1.003}
+    b = job("b", "g0", 1.010, 2.0)
+    got = slot_samples([a, b], {"a": 0.0, "b": 0.5}, slots=1)
+    assert got.turnarounds == pytest.approx([0.010])
+    assert got.recorded == pytest.approx([0.003])
+    assert got.pickup == pytest.approx([0.007])
 
 
 def test_makespan_runs_from_the_first_enqueue_to_the_last_slot_freed() -> None:

@@ -35,6 +35,7 @@ def test_async_mode_accepts_then_calls_back_with_the_task_token(
     assert record["callback_status"] == 200
     assert record["callback_sent_at"] - record["received_at"] >= 0.045
     assert record["callback_sent_mono"] - record["received_mono"] >= 0.045
+    assert record["callback_answered_mono"] >= record["callback_sent_mono"]
     assert stats["gpus"]["g1"]["answers"] == {"202": 1}
     assert stats["gpus"]["g0"]["received"] == 0
 
