@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -188,7 +189,7 @@ def _report(
         meta["speedup_vs_celery"] = round(speedup, 2)
     args.out.mkdir(parents=True, exist_ok=True)
     result_file = args.out / f"{stamp}.json"
-    result_file.write_text(json.dumps({"meta": meta, "runs": figures}, indent=1) + "\n")
+    result_file.write_text(json.dumps(_finite({"meta": meta, "runs": figures}), indent=1) + "\n")
     (args.out / f"{stamp}.md").write_text(markdown(meta, figures))
     try:
         from bench.plot import plot
@@ -204,6 +205,17 @@ def _report(
         r["oversubscriptions"] == 0 and r["duplicates"] == 0 and r["completed"] == r["jobs"] for r in runs
     )
     return 0 if sound else 1
+
+
+def _finite(value: Any) -> Any:
+    """NaN (a percentile of no samples) as null: JSON has no NaN, and strict readers (jq) refuse it."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 if __name__ == "__main__":
