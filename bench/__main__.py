@@ -202,8 +202,16 @@ def _report(
     console.print(f"results: {result_file} (.md, .png beside it)")
     runs = [run for system in figures.values() for run in system.values()]
     sound = all(
-        r["oversubscriptions"] == 0 and r["duplicates"] == 0 and r["completed"] == r["jobs"] for r in runs
+        r["oversubscriptions"] == 0
+        and r["duplicates"] == 0
+        and r["completed"] == r["jobs"]
+        and r.get("db_states", {"finished": r["jobs"]}) == {"finished": r["jobs"]}
+        for r in runs
     )
+    if not sound:
+        console.print(
+            "[bold red]unsound run: a job ran twice, did not finish, or a GPU was oversubscribed[/]"
+        )
     return 0 if sound else 1
 
 
