@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_store.release()
             database.drop()
     if args.profile_only:
-        args.out.joinpath(f"{stamp}-profile.json").write_text(json.dumps(meta, indent=1) + "\n")
+        args.out.joinpath(f"{stamp}-profile.json").write_text(json.dumps(_finite(meta), indent=1) + "\n")
         return 0
     return _report(console, args, meta, figures, stamp)
 
