@@ -32,13 +32,13 @@ from dispatcher.gpu_client import GpuClient
 from dispatcher.gpu_requests import GpuRequests
 from dispatcher.group_commit import GroupCommit
 from dispatcher.housekeeping import Housekeeping
-from dispatcher.intake import Intake, Settlement
+from dispatcher.intake import Intake, Settlement, Taken
 from dispatcher.metrics import Metrics
 from dispatcher.placement import capacity
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
 from producer.errors import InvalidJob
-from producer.job import parse_redis_job
+from producer.job import Job, parse_redis_job
 from producer.keys import Keys
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -68,12 +68,12 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._side: set[asyncio.Task[None]] = set()
         self.requests = GpuRequests(self)
-        self._handback_needed = False
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
         self.events = EventPublisher(redis, self.keys, lambda coro: self.spawn(coro, "publish-events"))
         self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
         self.accepting = True
+        self._loop: asyncio.Task[None] | None = None
         self.clock_offset = timedelta(0)  # the database's clock minus ours (see db/clock.py)
         self.fatal: BaseException | None = None
         self.on_fatal: Callable[[], None] | None = None
@@ -153,7 +153,9 @@ class Dispatcher:
         await self.gpu.start()
         await self.intake.heartbeat()
         await self.intake.sweep_dead()
-        self.spawn(self._run(), "dispatch-loop", side=True)
+        self._loop = asyncio.create_task(self._run(), name="dispatch-loop")
+        self._side.add(self._loop)
+        self._loop.add_done_callback(self._side_done)
         self.spawn(self._listen(), "wake-listener", side=True)
         self.spawn(Housekeeping(self).run(), "housekeeping", side=True)
         log.info(
@@ -185,9 +187,16 @@ class Dispatcher:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:
-        """Stop taking jobs, let requests in flight finish within the grace period, hand back held jobs."""
+        """Stop taking jobs, let requests in flight finish within the grace period, hand back held jobs.
+
+        The dispatch loop is let finish its pass, not cancelled: cancelling the await of a placement
+        transaction would not stop the transaction (it runs in a thread), so it could commit attempts whose
+        requests are then never sent, holding their slots until the lease runs out."""
+        self.accepting = False
         self.stopping.set()
         self._wake.set()
+        if self._loop is not None:
+            await asyncio.wait({self._loop}, timeout=max(self.settings.shutdown_grace_seconds, 5.0))
         for task in list(self._side):
             task.cancel()
         await asyncio.gather(*self._side, return_exceptions=True)
@@ -214,14 +223,11 @@ class Dispatcher:
         while not self.stopping.is_set():
             self._wake.clear()  # before looking, so a wake-up that comes while we look is not lost
             try:
-                if self._handback_needed:
-                    await self.intake.hand_back()
-                    self._handback_needed = False
                 busy = await self.dispatch_once()
                 pause = 0.05
             except TRANSIENT as exc:
+                # Whatever this pass took stays in our processing list; the next pass finishes it.
                 log.warning("store unavailable; retrying", extra={"action": "loop_error", "error": str(exc)})
-                self._handback_needed = True
                 await self._wait(pause)
                 pause = min(pause * 2, 2.0)
                 continue
@@ -232,21 +238,11 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def dispatch_once(self) -> bool:
-        """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
-        if not self.accepting:
-            return False
-        view = await self.db(snapshot)
-        free = capacity(view)
-        want = min(sum(free.values()), self.settings.dispatch_batch_size)
-        if want == 0:
-            return False
-        taken = await self.intake.take(want, free)
-        if not taken:
-            return False
-        started = time.perf_counter()
+    def _prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
+        """Parse taken jobs: (job, pool, processing-list element) for each good one; the settlement moves
+        bad ones to the dead-letter list and writes made-up ids into Redis before the database sees them."""
         prepared = Settlement()
-        items = []
+        items: list[tuple[Job, str, str]] = []
         for t in taken:
             queue = t.queue or _queue_in_body(t.raw)
             try:
@@ -264,6 +260,29 @@ class Dispatcher:
                 element = f"{t.source}\n{job.to_redis()}"
                 prepared.restamp.append((t.element, element))
             items.append((job, self.settings.pool_for(job.type), element))
+        return items, prepared
+
+    async def dispatch_once(self) -> bool:
+        """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
+        if not self.accepting:
+            return False
+        # Jobs still in our processing list were taken by a pass that did not finish (a store error, or a
+        # Redis call retried after its first answer was lost): finish them before taking more. Their
+        # placement may have been committed already, so look before placing.
+        held = await self.intake.held()
+        view = await self.db(snapshot)
+        free = capacity(view)
+        if held:
+            taken = held
+        else:
+            want = min(sum(free.values()), self.settings.dispatch_batch_size)
+            if want == 0:
+                return False
+            taken = await self.intake.take(want, free)
+            if not taken:
+                return False
+        started = time.perf_counter()
+        items, prepared = self._prepare(taken)
         await self.intake.settle(prepared)
         if not items:
             return True
@@ -275,9 +294,16 @@ class Dispatcher:
             "rng": self.rng,
         }
         try:
-            result = await self.db(dispatch, now=self.now(), view=view, **kwargs)
+            result = await self.db(dispatch, now=self.now(), view=view, check_existing=bool(held), **kwargs)
         except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
-            result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
+            try:
+                result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
+            except IntegrityError as exc:  # another dispatcher recorded one of them meanwhile
+                log.warning(
+                    "placement raced another dispatcher; the next pass finishes these jobs",
+                    extra={"action": "dispatch_race", "error": str(exc.orig)},
+                )
+                return True
         # By identity: two copies of one task in a batch are two elements of the processing list.
         element_of = {id(job): el for job, _, el in items}
         unsent = [p for p in result.mine if not self.requests.sent(p)]

@@ -152,6 +152,14 @@ class Intake:
             out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
         return out
 
+    async def held(self) -> list[Taken]:
+        """What our processing list still holds: empty between passes unless one did not finish."""
+        out = []
+        for element in await self.redis.lrange(self.proc, 0, -1):
+            source, _, raw = _s(element).partition("\n")
+            out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
+        return out
+
     async def settle(self, s: Settlement) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for el in s.ack:

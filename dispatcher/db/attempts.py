@@ -50,6 +50,8 @@ _END = text(
       finished_at = CASE WHEN :retry = 1 AND attempt < max_attempts THEN NULL ELSE :now END,
       result = COALESCE(:result, result), error = :error, last_callback = :reported, updated_at = :now
     WHERE task_id = :task_id AND attempt = :attempt AND state = 'processing'
+      AND (:expiry = 0 OR EXISTS (SELECT 1 FROM slots s WHERE s.task_id = tasks.task_id
+                                  AND s.attempt = tasks.attempt AND s.lease_expires_at < :now))
     """
 ).bindparams(
     bindparam("now", type_=Timestamp),
@@ -95,6 +97,9 @@ def _params(
         "task_id": task_id,
         "attempt": attempt,
         "retry": 1 if retry else 0,
+        # A lease expiry applies only if the lease is still expired: a heartbeat may have renewed it
+        # between the look for expired leases and this update.
+        "expiry": 1 if outcome is Outcome.EXPIRED else 0,
         "final": _FINAL_STATE[outcome].value,
         "run_after": now + timedelta(seconds=backoff.delay(attempt)) if retry else None,
         "now": now,

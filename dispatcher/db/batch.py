@@ -81,10 +81,11 @@ def claim_slots(
 
 
 def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
-    """Apply ``{"task_id", "attempt", "retry", "final", "run_after", "result", "error", "reported"}`` to the
-    tasks still processing at that attempt; returns how many rows changed. Changed rows get
-    ``updated_at = now`` exactly, which is how the caller tells them apart when not all did."""
-    columns = ("task_id", "attempt", "retry", "final", "run_after", "result", "error", "reported")
+    """Apply each item (task_id, attempt, retry, expiry, final, run_after, result, error, reported) to its
+    task if still processing at that attempt (a lease expiry only while the lease is still expired); returns
+    how many rows changed. Changed rows get ``updated_at = now`` exactly, which is how the caller tells them
+    apart when not all did."""
+    columns = ("task_id", "attempt", "retry", "expiry", "final", "run_after", "result", "error", "reported")
     derived, params, stamps = _rows(items, columns)
     again = "c.retry = 1 AND t.attempt < t.max_attempts"
     sql = _update_join(
@@ -102,7 +103,8 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
             ("last_callback", "c.reported"),
             ("updated_at", ":now"),
         ],
-        where="t.state = 'processing'",
+        where="t.state = 'processing' AND (c.expiry = 0 OR EXISTS (SELECT 1 FROM slots s"
+        " WHERE s.task_id = t.task_id AND s.attempt = t.attempt AND s.lease_expires_at < :now))",
     )
     params["now"] = now
     return int(conn.execute(_typed(sql, stamps, "now"), params).rowcount)

@@ -172,8 +172,10 @@ def _triage(
             out.dropped.append((job, f"task is already {row.state} at attempt {row.attempt}"))
             continue
         if job.not_before is not None and naive_utc(job.not_before) > now:
-            _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now)
-            out.deferred.append(job)
+            if _defer(conn, job=job, pool=pool, is_new=row is None, max_attempts=max_attempts, now=now):
+                out.deferred.append(job)
+            else:
+                out.dropped.append((job, "the task changed while it was being rescheduled"))
             continue
         runnable.append((job, pool))
     return runnable
@@ -288,7 +290,9 @@ def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str,
     }
 
 
-def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts: int, now: datetime) -> None:
+def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts: int, now: datetime) -> bool:
+    """Record a job whose time has not come as ``scheduled``; False when a known task changed meanwhile
+    (cancelled, or placed by another dispatcher): then this copy is not the task's to reschedule."""
     assert job.not_before is not None
     values = {
         "state": TaskState.SCHEDULED.value,
@@ -298,5 +302,14 @@ def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts:
     }
     if is_new:
         conn.execute(insert(tasks).values(**_new_row(job, pool, max_attempts, now), **values))
-    else:
-        conn.execute(update(tasks).where(tasks.c.task_id == job.task_id).values(**values))
+        return True
+    res = conn.execute(
+        update(tasks)
+        .where(
+            tasks.c.task_id == job.task_id,
+            tasks.c.state.in_([s.value for s in RUNNABLE]),
+            tasks.c.attempt == job.attempt,
+        )
+        .values(**values)
+    )
+    return res.rowcount == 1

@@ -6,6 +6,7 @@ import json
 
 import httpx
 
+from producer.job import Job
 from producer.keys import Keys
 from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
@@ -74,3 +75,20 @@ def test_task_view_gpus_health_metrics_and_api_token(stack):
     assert 'gpuq_jobs_dispatched_total{pool="default"} 1.0' in metrics
     assert 'gpuq_slots_total{gpu="g0",pool="default"} 4.0' in metrics
     assert "/callback" in httpx.get(f"{d.url}/openapi.json").json()["paths"]
+
+
+def test_jobs_left_in_its_own_processing_list_are_finished_not_stranded(stack):
+    # GIVEN a running dispatcher, and a job left in its own processing list the way a take whose answer was
+    # lost (and silently retried by the client) leaves it
+    fleet = stack.fleet(gpus=1, service_time="0")
+    d = stack.dispatcher(fleet)
+    q = stack.queues[0]
+    keys = Keys(stack.prefix)
+    stranded = Job(task_id="stranded-1", type="start_transcribe", queue=q)
+    proc = keys.proc(d.env["DISPATCHER_ID"])
+    stack.rds.rpush(proc, f"{q}\n{stranded.to_redis()}")
+    stack.rds.publish(keys.wake, "job")
+    # THEN its next pass runs it (the dispatcher is alive, so no other would ever sweep that list)
+    wait_final(stack.engine, ["stranded-1"], timeout=20)
+    assert stack.rds.llen(proc) == 0
+    assert received_per_task(fleet.stats())["stranded-1"] == 1

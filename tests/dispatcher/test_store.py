@@ -15,10 +15,11 @@ from dispatcher.db.attempts import (
     expired_leases,
     extend_lease,
     finish_attempt,
+    finish_many,
     mark_queued,
     slot_drift,
 )
-from dispatcher.db.dispatch import dispatch, snapshot
+from dispatcher.db.dispatch import _defer, dispatch, snapshot
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
 from dispatcher.placement import capacity
@@ -221,3 +222,51 @@ def test_not_before_with_an_offset_is_converted_to_utc(any_database_url):
     # THEN it is due at 10:00 UTC, not at 12:00 UTC
     assert transaction(engine, due_deferred, now=datetime(2030, 1, 1, 9, 59)) == []
     assert len(transaction(engine, due_deferred, now=datetime(2030, 1, 1, 10, 0, 1))) == 1
+
+
+def test_lease_expiry_does_not_apply_after_a_heartbeat_renewed_it(any_database_url):
+    # GIVEN two running attempts whose leases looked expired to the housekeeper
+    engine = fleet_engine(any_database_url, {"g0": 2})
+    a, b = job(), job()
+    _dispatch(engine, [a, b], lease=0.5)
+    later = utcnow() + timedelta(seconds=1)
+    assert len(transaction(engine, expired_leases, now=later)) == 2
+    # WHEN a "running" heartbeat renews both before the expiry is applied
+    for j in (a, b):
+        transaction(engine, extend_lease, task_id=j.task_id, attempt=1, lease_seconds=60, now=utcnow())
+    expire = {"attempt": 1, "outcome": Outcome.EXPIRED, "result": None, "error": "late", "reported": None}
+    single = transaction(
+        engine,
+        finish_attempt,
+        task_id=a.task_id,
+        attempt=1,
+        outcome=Outcome.EXPIRED,
+        now=later,
+        backoff=NO_BACKOFF,
+    )
+    batch = transaction(
+        engine,
+        finish_many,
+        items=[{"task_id": a.task_id, **expire}, {"task_id": b.task_id, **expire}],
+        now=later,
+        backoff=NO_BACKOFF,
+    )
+    # THEN neither path ends the attempts: the GPU is still working on them
+    assert single.code == "stale"
+    assert [f.code for f in batch] == ["stale", "stale"]
+    with engine.connect() as conn:
+        assert capacity(snapshot(conn)) == {}
+        assert slot_drift(conn) == []
+
+
+def test_rescheduling_never_revives_a_task_that_changed(any_database_url):
+    # GIVEN a task cancelled after a copy of it was read as runnable
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    j = job(not_before=utcnow() + timedelta(hours=1))
+    transaction(engine, cancel_task, task_id=j.task_id, now=utcnow(), backoff=NO_BACKOFF)
+    # WHEN the copy is rescheduled
+    ok = transaction(engine, _defer, job=j, pool="default", is_new=False, max_attempts=3, now=utcnow())
+    # THEN nothing changes: the task stays cancelled
+    assert ok is False
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks.c.state)).scalar_one() == "cancelled"
