@@ -104,14 +104,14 @@ def busy_history(database_url):
             engine, register_gpu, gpu_id=gpu_id, url="http://h:1", pool=pool, slot_count=slots, now=now
         )
 
-    def start(pool: str, ago: float, max_attempts: int = 1) -> str:
+    def start(pool: str, ago: float, max_attempts: int = 1, lease: float = 3600) -> str:
         job = Job(task_id=str(uuid.uuid4()), type=f"t_{pool}", queue="q", data={})
         res = transaction(
             engine,
             dispatch,
             items=[(job, pool)],
             dispatcher_id="d",
-            lease_seconds=3600,
+            lease_seconds=lease,
             max_attempts=max_attempts,
             now=now - timedelta(seconds=ago),
         )
@@ -140,7 +140,7 @@ def busy_history(database_url):
     for _ in range(2):
         f = start("embed", 100)
         end(f, 90, Outcome.FAILED, "GPU said 400: bad audio")  # 10 s each
-    r = start("embed", 50, max_attempts=3)
+    r = start("embed", 50, max_attempts=3, lease=5)  # a lease expiry applies only once the lease has run out
     end(r, 40, Outcome.EXPIRED, "no callback before the lease ran out")  # 10 s, then retrying
     running = [start("default", 30), start("default", 30), start("embed", 10)]
     yield engine, {"a": a, "b": b, "long_ago": long_ago, "retrying": r, "running": running}
