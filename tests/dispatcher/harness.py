@@ -74,6 +74,11 @@ class DispatcherProc:
             cwd=self.log_path.parent,
         )
         log.close()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Until /readyz answers 200; fails at once, with the log, if the process exits instead."""
 
         def ready() -> bool:
             assert self.proc is not None
@@ -85,7 +90,6 @@ class DispatcherProc:
                 return False
 
         wait_for(ready, timeout, 0.05, what=f"dispatcher {self.name} ready")
-        return self
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -32,6 +32,21 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
     held: list[tuple[str, str, int, int, float]] = []
     intervals: list[tuple[str, int, float, float]] = []
     false_full = 0
+
+    def release(claim: tuple[str, str, int, int, float]) -> None:
+        """End the attempt, recording the hold interval inside the true one (before the release starts)."""
+        task_id, gpu_id, slot_index, attempt, since = claim
+        intervals.append((gpu_id, slot_index, since, time.monotonic()))
+        transaction(
+            engine,
+            finish_attempt,
+            task_id=task_id,
+            attempt=attempt,
+            outcome=Outcome.FINISHED,
+            now=utcnow(),
+            backoff=Backoff(),
+        )
+
     for _ in range(n):
         j = Job(task_id=str(uuid.uuid4()), type="t", queue="q")
         res = transaction(
@@ -49,28 +64,9 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
         for p in res.placed:
             held.append((j.task_id, p.gpu_id, p.slot_index, p.attempt, time.monotonic()))
         while len(held) >= HOLD or (held and rng.random() < 0.3):
-            task_id, gpu_id, slot_index, attempt, since = held.pop(rng.randrange(len(held)))
-            intervals.append((gpu_id, slot_index, since, time.monotonic()))
-            transaction(
-                engine,
-                finish_attempt,
-                task_id=task_id,
-                attempt=attempt,
-                outcome=Outcome.FINISHED,
-                now=utcnow(),
-                backoff=Backoff(),
-            )
-    for task_id, gpu_id, slot_index, attempt, since in held:
-        intervals.append((gpu_id, slot_index, since, time.monotonic()))
-        transaction(
-            engine,
-            finish_attempt,
-            task_id=task_id,
-            attempt=attempt,
-            outcome=Outcome.FINISHED,
-            now=utcnow(),
-            backoff=Backoff(),
-        )
+            release(held.pop(rng.randrange(len(held))))
+    while held:
+        release(held.pop())
     engine.dispose()
     out.put((false_full, intervals))
 

@@ -9,11 +9,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 from sqlalchemy import Engine
 
 from tests.dispatcher.harness import DispatcherProc
-from tests.dispatcher.helpers import wait_for
 
 
 def spawn(d: DispatcherProc, prefix: list[str] | None = None) -> None:
@@ -31,16 +29,7 @@ def spawn(d: DispatcherProc, prefix: list[str] | None = None) -> None:
 
 
 def wait_ready(d: DispatcherProc, timeout: float = 20.0) -> None:
-    def ready() -> bool:
-        assert d.proc is not None
-        if d.proc.poll() is not None:
-            raise AssertionError(f"dispatcher exited with {d.proc.returncode}:\n{d.logs()}")
-        try:
-            return httpx.get(f"{d.url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(ready, timeout, 0.05, what=f"dispatcher {d.name} ready")
+    d.wait_ready(timeout)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
