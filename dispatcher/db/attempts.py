@@ -38,7 +38,8 @@ class Backoff:
     cap: float = 300.0
 
     def delay(self, attempt: int) -> float:
-        raw: float = min(self.base * 2.0 ** max(attempt - 1, 0), self.cap)
+        # The exponent is clamped: any cap is reached long before 2 ** 64, and 2.0 ** 1024 overflows.
+        raw: float = min(self.base * 2.0 ** min(max(attempt - 1, 0), 64), self.cap)
         return raw * (0.9 + 0.2 * random.random())  # noqa: S311 - jitter spreads retries of a burst
 
 
@@ -46,18 +47,19 @@ _END = text(
     """
     UPDATE tasks SET
       state = CASE WHEN :retry = 1 AND attempt < max_attempts THEN 'retrying' ELSE :final END,
-      run_after = CASE WHEN :retry = 1 AND attempt < max_attempts THEN :run_after ELSE NULL END,
+      run_after = NULL,
       finished_at = CASE WHEN :retry = 1 AND attempt < max_attempts THEN NULL ELSE :now END,
       result = COALESCE(:result, result), error = :error, last_callback = :reported, updated_at = :now
     WHERE task_id = :task_id AND attempt = :attempt AND state = 'processing'
       AND (:expiry = 0 OR EXISTS (SELECT 1 FROM slots s WHERE s.task_id = tasks.task_id
                                   AND s.attempt = tasks.attempt AND s.lease_expires_at < :now))
     """
-).bindparams(
-    bindparam("now", type_=Timestamp),
-    bindparam("run_after", type_=Timestamp),
-    bindparam("result", type_=Text),
-)
+).bindparams(bindparam("now", type_=Timestamp), bindparam("result", type_=Text))
+# The backoff of a retry, set once the attempt is known to be the current one: its number comes from the
+# callback's token, and arithmetic on an attempt that never ran (5000, say) must never decide anything.
+_RUN_AFTER = text(
+    "UPDATE tasks SET run_after = :run_after WHERE task_id = :task_id AND state = 'retrying'"
+).bindparams(bindparam("run_after", type_=Timestamp))
 _HISTORY = text(
     "INSERT INTO attempts (task_id, attempt, gpu_id, slot_index, started_at, ended_at, outcome, error)"
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
@@ -101,7 +103,6 @@ def _params(
         # between the look for expired leases and this update.
         "expiry": 1 if outcome is Outcome.EXPIRED else 0,
         "final": _FINAL_STATE[outcome].value,
-        "run_after": now + timedelta(seconds=backoff.delay(attempt)) if retry else None,
         "now": now,
         "result": json.dumps(result, separators=(",", ":")) if result is not None else None,
         "error": error if outcome is not Outcome.FINISHED else None,
@@ -158,9 +159,13 @@ def finish_attempt(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
     state = params["final"]
-    if retry:
-        state = conn.execute(select(tasks.c.state).where(tasks.c.task_id == task_id)).scalar_one()
+    if retry and conn.execute(_RUN_AFTER, _retry_at(task_id, attempt, now, backoff)).rowcount == 1:
+        state = TaskState.RETRYING.value
     return Finish("applied", str(state), freed)
+
+
+def _retry_at(task_id: str, attempt: int, now: datetime, backoff: Backoff) -> dict[str, Any]:
+    return {"task_id": task_id, "run_after": now + timedelta(seconds=backoff.delay(attempt))}
 
 
 def finish_many(
@@ -185,6 +190,7 @@ def finish_many(
         }
     results: list[Finish] = []
     applied: dict[Outcome, list[str]] = {}
+    retrying: list[dict[str, Any]] = []
     for item, p in zip(items, prepared, strict=True):
         row = rows.get(item["task_id"])
         if changed == len(items) or (
@@ -192,8 +198,12 @@ def finish_many(
         ):
             applied.setdefault(item["outcome"], []).append(item["task_id"])
             results.append(Finish("applied", row.state if row is not None else p["final"], True))
+            if row is not None and row.state == TaskState.RETRYING:
+                retrying.append(_retry_at(item["task_id"], item["attempt"], now, backoff))
         else:
             results.append(_classify(row, item["attempt"], item["reported"]))
+    if retrying:
+        conn.execute(_RUN_AFTER, retrying)
     done = [task_id for group in applied.values() for task_id in group]
     if done:
         conn.execute(_FREE_MANY, {"ids": done})

@@ -81,11 +81,11 @@ def claim_slots(
 
 
 def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
-    """Apply each item (task_id, attempt, retry, expiry, final, run_after, result, error, reported) to its
-    task if still processing at that attempt (a lease expiry only while the lease is still expired); returns
-    how many rows changed. Changed rows get ``updated_at = now`` exactly, which is how the caller tells them
-    apart when not all did."""
-    columns = ("task_id", "attempt", "retry", "expiry", "final", "run_after", "result", "error", "reported")
+    """Apply each item (task_id, attempt, retry, expiry, final, result, error, reported) to its task if still
+    processing at that attempt (a lease expiry only while the lease is still expired); returns how many rows
+    changed. Changed rows get ``updated_at = now`` exactly, which is how the caller tells them apart when not
+    all did. A retry's ``run_after`` is left for the caller to set once it knows the attempt was current."""
+    columns = ("task_id", "attempt", "retry", "expiry", "final", "result", "error", "reported")
     derived, params, stamps = _rows(items, columns)
     again = "c.retry = 1 AND t.attempt < t.max_attempts"
     sql = _update_join(
@@ -96,7 +96,7 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
         sets=[
             # MySQL may apply a multi-table SET in any order: no expression reads a column set here.
             ("state", f"CASE WHEN {again} THEN 'retrying' ELSE c.final END"),
-            ("run_after", f"CASE WHEN {again} THEN c.run_after ELSE NULL END"),
+            ("run_after", "NULL"),
             ("finished_at", f"CASE WHEN {again} THEN NULL ELSE :now END"),
             ("result", "COALESCE(c.result, t.result)"),
             ("error", "c.error"),

@@ -106,6 +106,21 @@ def test_retry_true_makes_a_new_attempt_and_the_old_one_stale(stack, silent):
     assert [h["outcome"] for h in body["history"]] == ["failed_retry", "failed_retry"]
 
 
+def test_signed_retry_for_an_attempt_that_never_ran_is_409(stack, silent):
+    # GIVEN a task running its first attempt
+    d = silent
+    [a] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: states(stack.engine)["processing"] == 1, 20, what="running")
+    # WHEN a validly signed callback reports a retryable failure for attempt 5000 (backoff 2 ** 4999)
+    body = {"task_id": a, "status": "failed", "error": "x", "retry": True}
+    res = _post(d, body, make_token(SECRET.encode(), a, 5000))
+    # THEN it is stale, not a 500, and attempt 1 runs on, untouched
+    assert res.status_code == 409, res.text
+    assert tuple(_task(stack.engine, a)[:2]) == ("processing", 1)
+    ok = _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
+    assert ok.json() == {"task_id": a, "state": "finished", "applied": True}
+
+
 def test_failed_is_final_and_frees_the_slot(stack, silent):
     d = silent
     ids = push_jobs(stack.rds, stack.queues[0], 5)  # 4 slots: one waits

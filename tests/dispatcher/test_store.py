@@ -270,3 +270,63 @@ def test_rescheduling_never_revives_a_task_that_changed(any_database_url):
     assert ok is False
     with engine.connect() as conn:
         assert conn.execute(select(tasks.c.state)).scalar_one() == "cancelled"
+
+
+def test_a_retry_for_an_attempt_that_never_ran_is_stale_and_changes_nothing(any_database_url):
+    # GIVEN three running tasks
+    engine = fleet_engine(any_database_url, {"g0": 3})
+    a, b, c = job(), job(), job()
+    _dispatch(engine, [a, b, c])
+    with engine.connect() as conn:
+        b_before = conn.execute(select(tasks).where(tasks.c.task_id == b.task_id)).one()
+    # WHEN one group commit ends a (finished) and c (retryable failure), and carries a validly signed
+    # retryable failure for attempt 5000 of b, an attempt that never ran (2.0 ** 4999 overflows a float)
+    now = utcnow()
+    failed = {"outcome": Outcome.FAILED_RETRY, "result": None, "error": "CUDA OOM", "reported": "failed"}
+    batch = transaction(
+        engine,
+        finish_many,
+        items=[
+            {
+                "task_id": a.task_id,
+                "attempt": 1,
+                **failed,
+                "outcome": Outcome.FINISHED,
+                "reported": "finished",
+            },
+            {"task_id": b.task_id, "attempt": 5000, **failed},
+            {"task_id": c.task_id, "attempt": 1, **failed},
+        ],
+        now=now,
+        backoff=Backoff(base=2.0, cap=300.0),
+    )
+    single = transaction(
+        engine,
+        finish_attempt,
+        task_id=b.task_id,
+        attempt=999_999_999,
+        now=now,
+        backoff=Backoff(base=2.0, cap=300.0),
+        **failed,
+    )
+    # THEN b's report is stale (409) and b is untouched; the others in the batch apply as usual
+    assert [(f.code, f.state) for f in batch] == [
+        ("applied", "finished"),
+        ("stale", "processing"),
+        ("applied", "retrying"),
+    ]
+    assert (single.code, single.state) == ("stale", "processing")
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks).where(tasks.c.task_id == b.task_id)).one() == b_before
+        run_after = conn.execute(select(tasks.c.run_after).where(tasks.c.task_id == c.task_id)).scalar_one()
+        assert slot_drift(conn) == []
+    # c retries after its backoff: 2 s for a first attempt, jittered by at most 10 %
+    assert timedelta(seconds=1.8) <= run_after - now <= timedelta(seconds=2.2)
+
+
+def test_backoff_delay_is_capped_for_any_attempt_number():
+    backoff = Backoff(base=2.0, cap=300.0)
+    assert 1.8 <= backoff.delay(1) <= 2.2
+    assert 270.0 <= backoff.delay(5000) <= 330.0
+    assert 270.0 <= backoff.delay(10**9) <= 330.0
+    assert 1.8 <= backoff.delay(0) <= 2.2
