@@ -13,11 +13,12 @@ SAM_VERSION := 1.170.0
 SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
 SAM := $(SAM_VENV)/bin/sam
 
-.PHONY: help venv lint fmt test test-only services sam-check demo bench bench-smoke soak schema-sql clean
+.PHONY: help venv lint fmt test test-only fuzz services sam-check demo bench bench-smoke soak schema-sql clean
 
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
+	@echo "make fuzz   - the property and fuzz tests, exploring (random seeds, many more examples)"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
 
 $(RUN_STAMP): requirements.txt pyproject.toml
@@ -63,9 +64,15 @@ sam-check: $(SAM) $(STAMP)
 demo: $(RUN_STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
+# Hypothesis runs derandomized here (profile ci, tests/conftest.py): the same examples on every run.
 test: lint services sam-check
 	bash infra/ensure-chromium.sh
-	$(PY) -m pytest $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)
+
+# The property and fuzz tests (marked fuzz) with random seeds and 20x the examples, failures kept in
+# .hypothesis/ and replayed first next time; no per-test timeout. Turn what it finds into an @example.
+fuzz: $(STAMP) services
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m fuzz --timeout=0 $(PYTEST_ARGS)
 
 # The load benchmark (SPEC §8): gpuq vs Celery side by side; bench-only dependencies go into the venv.
 # Arguments through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--profile"`; bench/RESULTS.md explains it.

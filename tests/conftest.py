@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pymysql
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 REDIS_HOST = os.environ.get("GPUQ_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("GPUQ_TEST_REDIS_PORT", "6379"))
@@ -22,6 +24,33 @@ MYSQL_USER = os.environ.get("GPUQ_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("GPUQ_TEST_MYSQL_PASSWORD", "")
 
 RUN_ID = uuid.uuid4().hex[:8]
+
+# Hypothesis profiles, chosen with HYPOTHESIS_PROFILE (`make test`: ci, `make fuzz`: fuzz).
+# - ci: the same examples on every run and every clone (derandomized, no example database), so a red run is
+#   a change in the code, never the luck of the draw; a failure prints the blob that reproduces it.
+# - dev / fuzz: random exploration with many more examples, remembering failures in .hypothesis/; what they
+#   find becomes an @example or a plain regression test, so the ci suite grows from exploration.
+# No deadline and no too_slow check anywhere: on a loaded 2-core machine both fail on speed, not on behaviour.
+# Tests set budgets with ``scaled(n)``: n examples under ci, proportionally more under dev and fuzz.
+_QUIET = [HealthCheck.too_slow]
+settings.register_profile(
+    "ci", derandomize=True, database=None, print_blob=True, deadline=None, suppress_health_check=_QUIET
+)
+settings.register_profile(
+    "dev",
+    max_examples=500,
+    database=DirectoryBasedExampleDatabase(".hypothesis/examples"),
+    print_blob=True,
+    deadline=None,
+    suppress_health_check=_QUIET,
+)
+settings.register_profile("fuzz", settings.get_profile("dev"), max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def scaled(examples: int) -> int:
+    """A test's example budget under the loaded profile: ``examples`` under ci (100 by default)."""
+    return max(1, examples * settings.default.max_examples // 100)
 
 
 def _fail_unreachable(what: str, exc: Exception) -> None:

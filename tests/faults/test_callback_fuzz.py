@@ -10,13 +10,17 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.db.attempts import slot_drift
 from dispatcher.tokens import make_token
+from tests.conftest import scaled
 from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for
+
+pytestmark = pytest.mark.fuzz
 
 ALLOWED = {200, 401, 404, 409, 413, 422}
 SCALARS = (
@@ -106,9 +110,8 @@ def test_callback_bodies_never_get_a_500(stack):
     with httpx.Client(base_url=d.url, timeout=30) as client:
 
         @settings(
-            max_examples=300,
+            max_examples=scaled(300),
             deadline=None,
-            database=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(req=requests(real_ids))

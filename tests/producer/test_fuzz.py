@@ -6,13 +6,17 @@ import base64
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from producer.handler import lambda_handler
+from tests.conftest import scaled
 
 from .conftest import ProducerEnv
 from .helpers import load_event
+
+pytestmark = pytest.mark.fuzz
 
 # Keys and values the parser looks at, so that generated events often come close to a real shape
 # (and sometimes are one) instead of being refused at the first glance.
@@ -67,7 +71,7 @@ RECORDS = st.lists(SQS_RECORD, min_size=1, max_size=3) | st.lists(S3_RECORD, min
 EVENTS = PAYLOAD | st.fixed_dictionaries({"Records": RECORDS}) | JSON
 
 SETTINGS = settings(
-    max_examples=150,
+    max_examples=scaled(150),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
