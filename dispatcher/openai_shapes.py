@@ -123,8 +123,12 @@ def _no_dimensions(value: Any) -> None:
         raise PydanticCustomError("unsupported", "not supported: gpuq returns the model's own dimension")
 
 
-#: A text with something in it (the JSON schema says so too, for clients and schema-driven tests).
-Text = Annotated[str, StringConstraints(pattern=r"\S")]
+#: What ``str.strip()`` removes (``str.isspace``), spelled as code points: ``\s`` means a different set in
+#: JSON Schema's ECMAScript (no U+001C-U+001F, but U+FEFF), in Python and in pydantic's Rust regex, so a
+#: schema saying ``\S`` let clients send "\u001d", which the server rejects as empty.
+SPACE = r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+#: A text with something in it: the JSON schema says exactly what ``_text_only`` accepts.
+Text = Annotated[str, StringConstraints(pattern=f"[^{SPACE}]")]
 
 
 class EmbeddingsRequest(BaseModel):

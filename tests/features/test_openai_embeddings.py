@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 import threading
 import time
@@ -14,9 +15,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from dispatcher.db.schema import tasks
+from dispatcher.openai_shapes import EmbeddingsRequest
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.helpers import wait_for
 from tests.reference.conftest import ServiceProc
@@ -204,3 +207,31 @@ def test_waiting_then_cancelled(stack: Stack, gpuq: Callable[..., Any]) -> None:
     assert len(answers) == 1 and isinstance(answers[0], openai.ConflictError), answers
     assert answers[0].code == "task_cancelled"
     assert time.monotonic() - started < 10
+
+
+def _patterns(schema: Any) -> set[str]:
+    if isinstance(schema, dict):
+        found = {schema["pattern"]} if "pattern" in schema else set()
+        return found.union(*(_patterns(v) for v in schema.values()))
+    if isinstance(schema, list):
+        return set().union(*(_patterns(v) for v in schema))
+    return set()
+
+
+def test_the_documented_input_is_exactly_what_the_server_accepts():
+    # GIVEN the pattern the OpenAPI document gives every input text
+    [pattern] = _patterns(EmbeddingsRequest.model_json_schema()["properties"]["input"])
+    # THEN it spells out its code points: \s is not the same set in ECMAScript (what JSON Schema means, and
+    # what clients check), in Python and in pydantic's Rust regex ("\u001d" passes ECMAScript's \S)
+    assert not re.search(r"\\[sS]", pattern), pattern
+    # AND a text of one code point matches it exactly when the server takes it
+    compiled = re.compile(pattern)
+    code_points = (chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    assert [hex(ord(c)) for c in code_points if bool(compiled.search(c)) != bool(c.strip())] == []
+    for text in ["\u001d", "\u001c\u001f", "\ufeff", "\u0085", " \u3000", "a", " a "]:
+        try:
+            EmbeddingsRequest.model_validate({"input": [text], "model": "m"})
+            accepted = True
+        except ValidationError:
+            accepted = False
+        assert accepted is bool(compiled.search(text)), repr(text)
