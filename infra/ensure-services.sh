@@ -51,7 +51,7 @@ else
   fi
 fi
 
-# libfaketime runs one dispatcher of tests/faults/test_clock_skew.py 2 s off; without it that test is skipped.
+# libfaketime runs one dispatcher of tests/faults/test_clock_skew.py 30 s off; without it that test is skipped.
 if ! command -v faketime >/dev/null && command -v apt-get >/dev/null; then
   apt_install faketime || say "could not install faketime: the clock-skew test will be skipped"
 fi

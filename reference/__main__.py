@@ -34,6 +34,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-inputs", type=int, default=256, help="texts per job at most (default 256)")
     p.add_argument("--sync", action="store_true", help="answer with the result instead of calling back")
     p.add_argument(
+        "--max-hold-seconds",
+        type=float,
+        default=0.0,
+        help="let a job ask, with data.hold_seconds, to keep its slot at least that long, heartbeating "
+        "(to try leases on fast hardware; default 0: no holds)",
+    )
+    p.add_argument(
         "--token",
         default=os.environ.get("BEARER_TOKEN", ""),
         help="bearer token requests must carry (default $BEARER_TOKEN)",
@@ -47,8 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.token:
         print("reference: error: set BEARER_TOKEN (or --token); the service never runs open", file=sys.stderr)
         return 2
-    if args.slots < 1 or args.heartbeat_seconds <= 0 or args.max_inputs < 1:
-        print("reference: error: --slots, --heartbeat-seconds and --max-inputs must be > 0", file=sys.stderr)
+    if args.slots < 1 or args.heartbeat_seconds <= 0 or args.max_inputs < 1 or args.max_hold_seconds < 0:
+        print(
+            "reference: error: --slots, --heartbeat-seconds and --max-inputs must be > 0, "
+            "--max-hold-seconds >= 0",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per callback otherwise; ours say more
@@ -61,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         heartbeat_seconds=args.heartbeat_seconds,
         max_inputs=args.max_inputs,
         sync=args.sync,
+        max_hold_seconds=args.max_hold_seconds,
     )
     app = create_app(Embedder(device=args.device), settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)

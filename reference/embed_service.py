@@ -1,11 +1,13 @@
 """The HTTP side of the reference GPU service, following SPEC §4.
 
     POST /embed   Authorization: Bearer <BEARER_TOKEN>
-                  {"task_id", "type", "data": {"input": "text" | ["text", ...]}, "attempt",
+                  {"task_id", "type", "data": {"input": "text" | ["text", ...], "hold_seconds"?}, "attempt",
                    "callback_url", "callback_token"}
         401  missing or wrong bearer token       -> the dispatcher fails the task (retrying cannot help)
         422  malformed body                      -> idem
         400  data.input missing, empty or not text -> idem
+             (or data.hold_seconds beyond --max-hold-seconds: a job that keeps its slot at least that long,
+             heartbeating, so tests and demos can outlast a lease on any hardware; off by default)
         429  all slots busy                      -> the dispatcher frees its slot and retries later
         202  accepted: the embeddings come by callback, with "status": "running" heartbeats meanwhile
         200  {"status": "finished", "result": ...} at once when the request has no callback_url, or the
@@ -57,6 +59,7 @@ class ServiceSettings:
     max_inputs: int = 256
     sync: bool = False
     shutdown_grace_seconds: float = 30.0
+    max_hold_seconds: float = 0.0  # data.hold_seconds allowed up to this; 0: jobs may not ask for a hold
 
 
 class EmbedRequest(BaseModel):
@@ -79,6 +82,15 @@ class EmbedRequest(BaseModel):
         if self.callback_url and not self.callback_token:
             raise ValueError("callback_token is required with callback_url")
         return self
+
+
+def read_hold(data: dict[str, Any], max_hold_seconds: float) -> float:
+    """``data.hold_seconds``: how long the job keeps its slot at least (a fast model must not make a lease
+    test pass or fail by luck); refused beyond what the operator allowed, so no caller can pin slots."""
+    hold = data.get("hold_seconds", 0)
+    if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= max_hold_seconds:
+        raise HTTPException(400, f"data.hold_seconds must be a number from 0 to {max_hold_seconds}")
+    return float(hold)
 
 
 def read_inputs(data: dict[str, Any], max_inputs: int) -> list[str]:
@@ -111,12 +123,14 @@ class EmbedService:
             raise HTTPException(429, f"all {self.settings.slots} slots busy", headers={"Retry-After": "1"})
         self.busy += 1
 
-    async def infer(self, job: EmbedRequest, texts: list[str]) -> dict[str, Any]:
-        """The callback body for ``job``; frees the job's slot once the model is done with it."""
+    async def infer(self, job: EmbedRequest, texts: list[str], hold: float = 0.0) -> dict[str, Any]:
+        """The callback body for ``job``; frees the job's slot once the model is done with it, and not
+        before ``hold`` seconds."""
         started = time.perf_counter()
         try:
             loop = asyncio.get_running_loop()
             vectors = await loop.run_in_executor(self._executor, self.model.embed, texts)
+            await asyncio.sleep(hold - (time.perf_counter() - started))
         except Exception as exc:
             log.exception("inference failed for %s", job.task_id, extra={"action": "inference_failed"})
             return {
@@ -138,17 +152,17 @@ class EmbedService:
         result = {"embeddings": vectors, "model": self.model.name, "dim": self.model.dim}
         return {"task_id": job.task_id, "status": "finished", "result": result}
 
-    def start_job(self, job: EmbedRequest, texts: list[str]) -> None:
-        task = asyncio.create_task(self._run(job, texts), name=f"job-{job.task_id}")
+    def start_job(self, job: EmbedRequest, texts: list[str], hold: float = 0.0) -> None:
+        task = asyncio.create_task(self._run(job, texts, hold), name=f"job-{job.task_id}")
         self.jobs.add(task)  # owned until done: never garbage-collected mid-run, awaited at stop
         task.add_done_callback(self.jobs.discard)
 
-    async def _run(self, job: EmbedRequest, texts: list[str]) -> None:
+    async def _run(self, job: EmbedRequest, texts: list[str], hold: float) -> None:
         assert job.callback_url is not None
         assert job.callback_token is not None
         beats = asyncio.create_task(self._heartbeats(job.callback_url, job.callback_token, job.task_id))
         try:
-            body = await self.infer(job, texts)
+            body = await self.infer(job, texts, hold)
         finally:
             beats.cancel()
         await self.callbacks.deliver(job.callback_url, job.callback_token, body)
@@ -207,10 +221,11 @@ def create_app(model: Model, settings: ServiceSettings, callbacks: Callbacks | N
     @app.post("/embed", status_code=202, dependencies=[Depends(require_bearer)])
     async def embed(job: EmbedRequest, service: Service) -> JSONResponse:
         texts = read_inputs(job.data, settings.max_inputs)
+        hold = read_hold(job.data, settings.max_hold_seconds)
         service.take_slot()
         if settings.sync or job.callback_url is None:
-            return JSONResponse(await service.infer(job, texts), status_code=200)
-        service.start_job(job, texts)
+            return JSONResponse(await service.infer(job, texts, hold), status_code=200)
+        service.start_job(job, texts, hold)
         return JSONResponse({"task_id": job.task_id, "status": "accepted"}, status_code=202)
 
     @app.get("/embed")

@@ -1,10 +1,12 @@
-"""Two dispatcher processes whose clocks disagree by 2 s (one runs under libfaketime), sharing one database.
+"""Two dispatcher processes whose clocks disagree by 30 s (one runs under libfaketime), sharing one database.
 
 Leases are written by the process that claims a slot and expired by whichever process looks first, so a
-clock 2 s ahead expires the other's leases 2 s early, and a clock 2 s behind writes leases that end 2 s
-early for everyone else. Jobs here take 2.5 s against a 4 s lease: a lease judged on two clocks 2 s apart
-ends before the job does. Leases must hold: no attempt expires, no job runs twice. (Found: both failed
-before dispatchers took their ``now`` from the database's clock, dispatcher/db/clock.py.)
+clock 30 s ahead expires the other's leases 30 s early, and a clock 30 s behind writes leases that end 30 s
+early for everyone else. Jobs here take 4 s against a 20 s lease: a lease judged on two clocks 30 s apart
+has ended before the job starts, while on one clock the job has 16 s of slack (a loaded machine's delays
+in sending, calling back and committing must not pass for an expiry: 1.5 s of slack once did). Leases must
+hold: no attempt expires, no job runs twice. (Found: both failed before dispatchers took their ``now`` from
+the database's clock, dispatcher/db/clock.py.)
 """
 
 from __future__ import annotations
@@ -31,21 +33,21 @@ def _faketime(skew: str | None) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("claimer_skew", "judge_skew"),
-    [(None, "+2s"), ("-2s", None)],
-    ids=["judge-2s-ahead", "claimer-2s-behind"],
+    [(None, "+30s"), ("-30s", None)],
+    ids=["judge-30s-ahead", "claimer-30s-behind"],
 )
 def test_leases_hold_across_dispatchers_with_skewed_clocks(stack, claimer_skew, judge_skew):
     # GIVEN a "judge" dispatcher that takes no jobs (its queue stays empty) but expires leases like any other,
-    # 2 s ahead of the "claimer" that places every job; 8 jobs of 2.5 s on 2 GPUs x 4 slots, a 4 s lease
-    fleet = stack.fleet(gpus=2, service_time="fixed:2.5")
-    common = {"TASK_TIMEOUT_SECONDS": "4", "MAX_ATTEMPTS": "3"}
+    # 30 s ahead of the "claimer" that places every job; 8 jobs of 4 s on 2 GPUs x 4 slots, a 20 s lease
+    fleet = stack.fleet(gpus=2, service_time="fixed:4")
+    common = {"TASK_TIMEOUT_SECONDS": "20", "MAX_ATTEMPTS": "3"}
     stack.dispatcher(
         fleet, name="judge", TASK_QUEUES=f"idle-{stack.prefix}", **common, **_faketime(judge_skew)
     )
     claimer = stack.dispatcher(fleet, name="claimer", **common, **_faketime(claimer_skew))
     ids = push_jobs(stack.rds, stack.queues[0], 8)
     # THEN no lease expires: every job finished on its first attempt, placed by the claimer, and ran once
-    wait_final(stack.engine, ids, timeout=30, final=("finished", "failed"))
+    wait_final(stack.engine, ids, timeout=60, final=("finished", "failed"))
     with stack.engine.connect() as conn:
         outcomes = dict(conn.exec_driver_sql("SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome").all())
         by = {r[0] for r in conn.exec_driver_sql("SELECT DISTINCT dispatcher_id FROM tasks")}

