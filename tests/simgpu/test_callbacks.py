@@ -71,9 +71,10 @@ def test_a_callback_answered_too_late_is_sent_again(
     async def stall_once(body: Any) -> None:
         if not slow_first:
             slow_first.append(True)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.5)
 
-    fleet = make_fleet(gpus=1, callback_timeout=0.2)
+    # the retry must be answered within the timeout: 1 s leaves a loaded machine room (0.2 s did not)
+    fleet = make_fleet(gpus=1, callback_timeout=1.0)
     with CallbackReceiver(before_answer=stall_once) as receiver:
         http.post(fleet.url("g0"), json=job("s1", receiver))
         stats = fleet.wait_until(lambda s: s["totals"]["callbacks_answered"])

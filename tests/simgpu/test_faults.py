@@ -125,10 +125,14 @@ def test_heartbeats_go_out_while_working_then_the_result(
     http.post(fleet.url("g0"), json=job("b1", receiver))
 
     poll_until(lambda: receiver.bodies("finished"), what="the final callback")
+    fleet.wait_until(lambda s: s["totals"]["callbacks_pending"] == 0)
     calls = list(receiver.calls)
-    *beats, final = calls
+    [final] = [c for c in calls if c.body["status"] != "running"]
+    beats = [c for c in calls if c.body["status"] == "running"]
     assert final.body["status"] == "finished"
-    assert 2 <= len(beats) <= 3
+    # ideally 3 (at 0.1, 0.2, 0.3 s); a loaded machine's late event loop may send fewer, but never none: the
+    # first beat is due before the result. (Beats and result are concurrent posts: their order is not fixed.)
+    assert 1 <= len(beats) <= 3
     assert all(c.body == {"task_id": "b1", "status": "running"} for c in beats)
     assert all(c.authorization == "Bearer cb-b1" for c in calls)
     assert fleet.stats()["totals"]["callbacks_sent"]["running"] == len(beats)
