@@ -179,7 +179,7 @@ class Placement(RuleBasedStateMachine):
         expired = self._tx(expired_leases, now=self.now)
         want = {t for t, r in self.running.items() if r.lease_until < self.now}
         assert {t for t, _ in expired} == want
-        for task_id, attempt in expired:
+        for task_id, attempt in sorted(expired):  # the database's row order is not part of the example
             fin = self._tx(
                 finish_attempt,
                 task_id=task_id,
@@ -194,7 +194,7 @@ class Placement(RuleBasedStateMachine):
 
     @rule()
     def retries_come_back(self) -> None:
-        due = self._tx(due_deferred, now=self.now)
+        due = sorted(self._tx(due_deferred, now=self.now), key=lambda job: job.task_id)
         self._tx(mark_queued, jobs=due, now=self.now)
         with self.engine.connect() as conn:
             pool_of = dict(conn.execute(text("SELECT task_id, pool FROM tasks")).all())
