@@ -183,15 +183,17 @@ def test_waiting_then_cancelled(stack: Stack, gpuq: Callable[..., Any]) -> None:
 
         # WHEN an operator cancels a task while its request waits
         answers: list[Exception] = []
+        took: list[float] = []
 
         def ask() -> None:
+            asked = time.monotonic()
             try:
-                c.embeddings.create(model="slow", input="cancelled", extra_body={"wait_seconds": 20})
+                c.embeddings.create(model="slow", input="cancelled", extra_body={"wait_seconds": 30})
             except openai.APIStatusError as exc:
                 answers.append(exc)
+            took.append(time.monotonic() - asked)
 
         asker = threading.Thread(target=ask)
-        started = time.monotonic()
         asker.start()
 
         def running() -> str | None:
@@ -202,11 +204,12 @@ def test_waiting_then_cancelled(stack: Stack, gpuq: Callable[..., Any]) -> None:
         wait_for(running, 10, 0.05, what="the second slow task running")
         res = gpuq("task", "cancel", running())
         assert res.exit_code == 0, res.stderr
-        asker.join(15)
-    # THEN its request is answered at once (on the event, not at the 20 s deadline): 409, not retried
+        asker.join(60)
+    # THEN its request is answered on the event, before its 30 s deadline (however slow the machine is in
+    # getting there, it is far from 30 s): 409, not retried
     assert len(answers) == 1 and isinstance(answers[0], openai.ConflictError), answers
     assert answers[0].code == "task_cancelled"
-    assert time.monotonic() - started < 10
+    assert took[0] < 30, took
 
 
 def _patterns(schema: Any) -> set[str]:
