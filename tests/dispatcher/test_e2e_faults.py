@@ -65,12 +65,17 @@ def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(stack):
     # THEN every job still finishes; the lost attempts show as lease expiries in the history
     wait_final(stack.engine, ids, timeout=90)
     with stack.engine.connect() as conn:
-        expired = conn.exec_driver_sql(
-            "SELECT COUNT(*) FROM attempts WHERE outcome = 'lease_expired'"
-        ).scalar_one()
-    lost = sum(1 for j in fleet.stats()["jobs"] if j["outcome"] == "lost")
-    assert lost > 0
-    assert expired == lost
+        expired = {
+            (t, a)
+            for t, a in conn.exec_driver_sql(
+                "SELECT task_id, attempt FROM attempts WHERE outcome = 'lease_expired'"
+            )
+        }
+    lost = {(j["task_id"], j["attempt"]) for j in fleet.stats()["jobs"] if j["outcome"] == "lost"}
+    assert lost
+    # every lost attempt ended by its lease; a loaded machine may also expire an attempt whose callback came
+    # later than 1 s (what a lease is for), so the two sets need not be equal
+    assert lost <= expired, lost - expired
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
