@@ -80,15 +80,20 @@ def test_nothing_is_written_when_one_key_of_the_delivery_is_unusable(producer_en
 def test_dispatchers_are_woken_after_a_push_but_not_after_a_pure_redelivery(
     producer_env: ProducerEnv,
 ) -> None:
-    pubsub = producer_env.rds.pubsub(ignore_subscribe_messages=True)
+    pubsub = producer_env.rds.pubsub()
     pubsub.subscribe(producer_env.keys.wake)
     try:
-        assert pubsub.get_message(timeout=1.0) is None  # drains the subscribe confirmation
+        # every wait below ends as soon as its message arrives; the timeouts only bound a failure
+        confirmed = pubsub.get_message(timeout=10)
+        assert confirmed is not None and confirmed["type"] == "subscribe"
         push(planned({"type": "a", "task_id": "w1"}), get_settings())
-        message = pubsub.get_message(timeout=2.0)
+        message = pubsub.get_message(timeout=10)
         assert message is not None and message["data"] == b"job"
         push(planned({"type": "a", "task_id": "w1"}), get_settings())
-        assert pubsub.get_message(timeout=0.2) is None
+        # a marker published after the redelivery is the next message: the redelivery published nothing
+        producer_env.rds.publish(producer_env.keys.wake, "marker")
+        message = pubsub.get_message(timeout=10)
+        assert message is not None and message["data"] == b"marker"
     finally:
         pubsub.close()
 
