@@ -63,7 +63,7 @@ class DispatcherProc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> DispatcherProc:
+    def start(self, timeout: float = 60.0) -> DispatcherProc:
         self.env["DISPATCHER_ID"] = f"{self.name}-{uuid.uuid4().hex[:6]}"  # a restart is a new process
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -77,8 +77,10 @@ class DispatcherProc:
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until /readyz answers 200; fails at once, with the log, if the process exits instead."""
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /readyz answers 200; fails at once, with the log, if the process exits instead. The bound
+        is generous because the wait ends at readiness: on a loaded 2-core machine the imports alone once
+        took 15 s (1.2 s of CPU)."""
 
         def ready() -> bool:
             assert self.proc is not None

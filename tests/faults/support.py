@@ -28,7 +28,7 @@ def spawn(d: DispatcherProc, prefix: list[str] | None = None) -> None:
         )
 
 
-def wait_ready(d: DispatcherProc, timeout: float = 20.0) -> None:
+def wait_ready(d: DispatcherProc, timeout: float = 60.0) -> None:
     d.wait_ready(timeout)
 
 

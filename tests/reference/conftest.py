@@ -80,7 +80,8 @@ def service() -> Iterator[ServiceProc]:
             return False
 
     try:
-        wait_for(ready, 90, 0.1, what="reference service loaded and listening")
+        # ends when the model is loaded: ~6 s on an idle CPU, many times that on a loaded shared one
+        wait_for(ready, 240, 0.1, what="reference service loaded and listening")
         yield svc
     finally:
         proc.terminate()
