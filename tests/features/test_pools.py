@@ -13,10 +13,11 @@ A_JOBS = 40
 
 
 def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
-    """Pool ``slow`` (2 slots, 20 s per job) is saturated and 40 of its jobs wait at the head of the queue;
-    the 20 ``fast`` jobs queued behind them in the same list all run and finish while the slow backlog has
-    not moved: the slow jobs are parked per pool instead of blocking the queue."""
-    slow = stack.fleet(gpus=1, slots=2, service_time="fixed:20")
+    """Pool ``slow`` (2 slots, jobs that outlast the test) is saturated and 40 of its jobs wait at the head of
+    the queue; the 20 ``fast`` jobs queued behind them in the same list all run and finish while the slow
+    backlog has not moved: the slow jobs are parked per pool instead of blocking the queue. (With 20 s slow
+    jobs, a loaded machine slower than that at the fast ones would have seen slow ones finish.)"""
+    slow = stack.fleet(gpus=1, slots=2, service_time="fixed:3600")
     fast = stack.fleet(gpus=2, slots=4, service_time="fixed:0.05")
     endpoints = f"slow:s0={slow.url('g0')},fast:f0={fast.url('g0')},fast:f1={fast.url('g1')}"
     d = stack.dispatcher(GPU_ENDPOINTS=endpoints, TASK_ROUTES="transcribe=slow,embed=fast", SLOTS_PER_GPU="2")
