@@ -17,6 +17,10 @@ from tests.dispatcher.helpers import wait_for
 AUTH = {"Authorization": "Bearer events-token"}
 
 
+#: How far ahead the watched tasks are scheduled: the event stream must be open before they are due.
+SCHEDULED_FOR = 5.0
+
+
 def read_events(response: httpx.Response) -> Any:
     """(event name, data) of each SSE message of a streaming response."""
     name = None
@@ -29,12 +33,16 @@ def read_events(response: httpx.Response) -> Any:
 
 def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     """The task runs through d1 (its GPU calls back there); the client watches through d2, which only
-    hears of it through Redis: scheduled -> queued -> dispatched -> heartbeat with progress -> finished."""
-    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:1.5")
+    hears of it through Redis: scheduled -> queued -> dispatched -> heartbeat with progress -> finished.
+
+    The test plays the GPU (which accepts and never calls back) so that the heartbeat cannot come after the
+    end of the job, and the task is due 5 s after it is pushed so that the stream opens while it waits,
+    however slow a loaded machine is at the poll and the two requests before (1.5 s once was not enough)."""
+    fleet = stack.fleet(gpus=1, slots=1, service_time="0", faults=["lost_callback"])
     q1, q2 = stack.queues
     d1 = stack.dispatcher(fleet, name="d1", API_TOKEN="events-token", TASK_QUEUES=q1)
     d2 = stack.dispatcher(None, name="d2", API_TOKEN="events-token", TASK_QUEUES=q2)
-    not_before = datetime.now(UTC) + timedelta(seconds=1.5)
+    not_before = datetime.now(UTC) + timedelta(seconds=SCHEDULED_FOR)
     stack.rds.rpush(
         q1, Job(task_id="watched", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
     )
@@ -55,6 +63,12 @@ def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
                     headers={"Authorization": f"Bearer {token}"},
                 )
                 assert beat.status_code == 200, beat.text
+                done = httpx.post(
+                    f"{d1.url}/callback",
+                    json={"task_id": "watched", "status": "finished", "result": {"text": "ok"}},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                assert done.status_code == 200, done.text
     names = [n for n, _ in seen]
     assert names == ["state", "queued", "dispatched", "heartbeat", "finished"], names
     events = dict(seen)
@@ -76,7 +90,7 @@ def test_events_of_a_failing_attempt_then_retry(stack: Stack) -> None:
     fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:0.3", faults=["fail_retry"])
     d = stack.dispatcher(fleet, MAX_ATTEMPTS="2", RETRY_BACKOFF_SECONDS="1")
     q1 = stack.queues[0]
-    not_before = datetime.now(UTC) + timedelta(seconds=1)
+    not_before = datetime.now(UTC) + timedelta(seconds=SCHEDULED_FOR)  # the stream opens before it is due
     stack.rds.rpush(
         q1, Job(task_id="flaky", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
     )
