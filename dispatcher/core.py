@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_many
 from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import dispatch, held_by, snapshot
-from dispatcher.db.engine import init_schema, transaction, utcnow
+from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
@@ -33,6 +33,7 @@ from dispatcher.gpu_requests import GpuRequests
 from dispatcher.group_commit import GroupCommit
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.intake import Intake, Settlement, Taken
+from dispatcher.limits import Limits, encode_result
 from dispatcher.metrics import Metrics
 from dispatcher.placement import capacity
 from dispatcher.settings import DispatcherSettings
@@ -72,6 +73,8 @@ class Dispatcher:
         self._publishing = False
         self.events = EventPublisher(redis, self.keys, lambda coro: self.spawn(coro, "publish-events"))
         self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
+        self.limits = Limits.default()  # until start() has read the database's packet size
+        self._isolate = False  # a pass raised something unforeseen: try its jobs one at a time
         self.accepting = True
         self._loop: asyncio.Task[None] | None = None
         self.clock_offset = timedelta(0)  # the database's clock minus ours (see db/clock.py)
@@ -140,6 +143,20 @@ class Dispatcher:
     async def start(self) -> None:
         await asyncio.to_thread(init_schema, self.engine)
         await self.sync_clock()
+        s = self.settings
+        self.limits = Limits.for_packet(
+            await self.db(max_packet), max_job_bytes=s.max_job_bytes, max_result_bytes=s.max_result_bytes
+        )
+        self.finisher.max_bytes = self.limits.batch_bytes
+        if (self.limits.job_bytes, self.limits.result_bytes) != (s.max_job_bytes, s.max_result_bytes):
+            log.warning(
+                "the database's max_allowed_packet lowers the size limits",
+                extra={
+                    "action": "limits",
+                    "job_bytes": self.limits.job_bytes,
+                    "result_bytes": self.limits.result_bytes,
+                },
+            )
         now = self.now()
         for ep in self.settings.endpoints:
             await self.db(
@@ -231,6 +248,15 @@ class Dispatcher:
                 await self._wait(pause)
                 pause = min(pause * 2, 2.0)
                 continue
+            except Exception:
+                # Not the stores: something in the jobs this pass took that no rule foresaw. They stay in
+                # our processing list; the next pass tries them one at a time and dead-letters the culprit,
+                # so one job can neither stop the loop nor come back to it after every restart.
+                log.exception("dispatch pass failed; isolating its jobs", extra={"action": "loop_error"})
+                self._isolate = True
+                await self._wait(pause)
+                pause = min(pause * 2, 2.0)
+                continue
             if not busy:
                 await self._wait(self.settings.idle_poll_seconds)
 
@@ -244,23 +270,33 @@ class Dispatcher:
         prepared = Settlement()
         items: list[tuple[Job, str, str]] = []
         for t in taken:
-            queue = t.queue or _queue_in_body(t.raw)
             try:
-                job, made_up = parse_redis_job(t.raw, queue or "unknown")
-            except InvalidJob as exc:
-                prepared.dead.append((t.element, t.raw, t.queue, exc.message))
-                self.metrics.dead_letters.inc()
-                log.error(
-                    "job moved to the dead-letter list",
-                    extra={"action": "dead_letter", "queue": t.queue, "reason": exc.message},
-                )
+                queue = t.queue or _queue_in_body(t.raw)
+                job, made_up = parse_redis_job(t.raw, queue or "unknown", max_bytes=self.limits.job_bytes)
+                element = t.element
+                if made_up:  # give it its id (and enqueue time) in Redis before the database hears of it
+                    element = f"{t.source}\n{job.to_redis()}"
+                item = (job, self.settings.pool_for(job.type), element)
+            except Exception as exc:  # InvalidJob, or whatever else this one job's content provokes
+                self.dead_letter(prepared, t.element, t.queue, _reason(exc))
                 continue
-            element = t.element
-            if made_up:  # give it its id in Redis before the database hears of it
-                element = f"{t.source}\n{job.to_redis()}"
+            if element != t.element:
                 prepared.restamp.append((t.element, element))
-            items.append((job, self.settings.pool_for(job.type), element))
+            items.append(item)
         return items, prepared
+
+    def dead_letter(
+        self, s: Settlement, element: str, queue: str | None, reason: str, *, reused: bool = False
+    ) -> None:
+        """Add a job to ``s``'s dead letters (SPEC §7): moved off the processing list with its reason."""
+        s.dead.append((element, element.partition("\n")[2], queue, reason))
+        self.metrics.dead_letters.inc()
+        if reused:
+            self.metrics.task_ids_reused.inc()
+        log.error(
+            "job moved to the dead-letter list",
+            extra={"action": "dead_letter", "queue": queue, "reason": reason},
+        )
 
     async def dispatch_once(self) -> bool:
         """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
@@ -272,6 +308,9 @@ class Dispatcher:
         held = await self.intake.held()
         view = await self.db(snapshot)
         free = capacity(view)
+        if held and self._isolate:
+            await self._isolated(held)
+            return True
         if held:
             taken = held
         else:
@@ -281,6 +320,23 @@ class Dispatcher:
             taken = await self.intake.take(want, free)
             if not taken:
                 return False
+        return await self._pass(taken, view, held=bool(held))
+
+    async def _isolated(self, held: list[Taken]) -> None:
+        """Run the jobs of a failed pass one by one; one that fails alone is dead-lettered with the reason."""
+        for t in held:
+            try:
+                await self._pass([t], None, held=True)
+            except TRANSIENT:
+                raise  # the stores, not the job: the next pass isolates what is left
+            except Exception as exc:
+                log.exception("job failed alone", extra={"action": "isolate"})
+                bad = Settlement()
+                self.dead_letter(bad, t.element, t.queue, f"could not be dispatched: {_reason(exc)}")
+                await self.intake.settle(bad)
+        self._isolate = False
+
+    async def _pass(self, taken: list[Taken], view: Any, *, held: bool) -> bool:
         started = time.perf_counter()
         items, prepared = self._prepare(taken)
         await self.intake.settle(prepared)
@@ -294,7 +350,7 @@ class Dispatcher:
             "rng": self.rng,
         }
         try:
-            result = await self.db(dispatch, now=self.now(), view=view, check_existing=bool(held), **kwargs)
+            result = await self.db(dispatch, now=self.now(), view=view, check_existing=held, **kwargs)
         except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
             try:
                 result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
@@ -313,6 +369,8 @@ class Dispatcher:
             + [element_of[id(j)] for j in result.deferred],
             park=[(element_of[id(j)], pool, j.to_redis()) for j, pool in result.unplaced],
         )
+        for job, why in result.refused:
+            self.dead_letter(done, element_of[id(job)], job.queue, why, reused=True)
         for job, why in result.dropped:
             log.info(
                 "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
@@ -344,12 +402,19 @@ class Dispatcher:
         error: str | None = None,
         reported: str | None = None,
     ) -> Finish:
-        """End an attempt; concurrent calls are committed together (see GroupCommit)."""
+        """End an attempt; concurrent calls are committed together (see GroupCommit). A result the database
+        cannot take (see limits.py) fails the attempt with the reason instead."""
+        encoded, problem = encode_result(result, self.limits.result_bytes)
+        if problem is not None:
+            log.warning(
+                "result refused", extra={"action": "result_refused", "task_id": task_id, "error": problem}
+            )
+            outcome, result, error = Outcome.FAILED, None, problem
         item = {
             "task_id": task_id,
             "attempt": attempt,
             "outcome": outcome,
-            "result": result,
+            "result": encoded,
             "error": error,
             "reported": reported,
         }
@@ -410,6 +475,12 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, InvalidJob):
+        return exc.message
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 def _queue_in_body(raw: str) -> str | None:

@@ -10,6 +10,7 @@ listener reads the task's state from the database first, and again when the stre
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -44,7 +45,11 @@ class EventPublisher:
 
     def publish(self, name: str, task_id: str, **fields: Any) -> None:
         """Queue one event; returns at once."""
-        payload = orjson.dumps(event(name, task_id, **fields), default=str)
+        body = event(name, task_id, **fields)
+        try:
+            payload = orjson.dumps(body, default=str)
+        except TypeError:  # what orjson refuses (an integer past 64 bits, a lone surrogate), json escapes
+            payload = json.dumps(body, default=str).encode()
         self._pending.append((self.keys.task_events(task_id), payload))
         if not self._flushing:
             self._flushing = True

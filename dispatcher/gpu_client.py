@@ -57,7 +57,11 @@ class GpuClient:
     async def send(self, url: str, body: dict[str, Any]) -> Answer:
         assert self._session is not None, "GpuClient.start() first"
         try:
-            async with self._session.post(url, data=orjson.dumps(body), headers=self._headers) as resp:
+            payload = orjson.dumps(body)
+        except TypeError as exc:  # the job itself (a lone surrogate, a 65-bit integer): no GPU can take it
+            return Answer(Verdict.FAILED, error=f"the job cannot be sent as JSON: {exc}")
+        try:
+            async with self._session.post(url, data=payload, headers=self._headers) as resp:
                 text = (await resp.content.read(_MAX_ANSWER_BYTES)).decode(errors="replace")
                 return _judge(resp.status, text)
         except aiohttp.ConnectionTimeoutError as exc:
@@ -102,6 +106,6 @@ def _judge(status: int, text: str) -> Answer:
 def _json_object(text: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None

@@ -7,6 +7,7 @@ count towards taking the GPU out of rotation; the first success after them reset
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -63,7 +64,11 @@ class GpuRequests:
 
     async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
         self.d.metrics.dispatch_latency.observe(time.perf_counter() - started)
-        answer = await self.d.gpu.send(p.url, body)
+        try:
+            answer = await self.d.gpu.send(p.url, body)
+        except Exception as exc:  # a bug, not the network (send maps those): the lease decides
+            log.exception("GPU request failed", extra={"action": "gpu_request", "task_id": p.job.task_id})
+            answer = Answer(Verdict.UNKNOWN, error=f"the request failed: {type(exc).__name__}: {exc}")
         self.d.metrics.gpu_requests.labels(answer.verdict.value).inc()
         try:
             await self._judge(p, answer)
@@ -72,6 +77,19 @@ class GpuRequests:
                 "could not record a GPU answer",
                 extra={"action": "gpu_answer", "task_id": p.job.task_id, "error": str(exc)},
             )
+        except Exception as exc:
+            # Something in this answer no rule foresaw: end the attempt (freeing its slot) with what
+            # happened, rather than leave the slot to the lease and the real error to a log line.
+            log.exception(
+                "could not record a GPU answer", extra={"action": "gpu_answer", "task_id": p.job.task_id}
+            )
+            with contextlib.suppress(Exception):
+                await self.d.end_attempt(
+                    p.job.task_id,
+                    p.attempt,
+                    Outcome.FAILED_RETRY,
+                    error=f"the dispatcher could not record the GPU's answer: {type(exc).__name__}: {exc}",
+                )
 
     async def _judge(self, p: Placed, answer: Answer) -> None:
         if answer.unhealthy:

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import cast
 
 from redis.asyncio import Redis
 
@@ -163,23 +164,24 @@ class Intake:
     async def settle(self, s: Settlement) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for el in s.ack:
-            pipe.lrem(self.proc, 1, el)
+            pipe.lrem(self.proc, 1, _b(el))
         # Jobs taken from a parked list go back to its head (LPUSH in reverse keeps their order); jobs newly
         # parked go to its tail, behind those parked before them: a pool's parked jobs keep their order.
         for el, pool, body in reversed(s.park):
             if el.startswith(self.keys.parked(pool) + "\n"):
-                pipe.lrem(self.proc, 1, el)
+                pipe.lrem(self.proc, 1, _b(el))
                 pipe.lpush(self.keys.parked(pool), body)
         for el, pool, body in s.park:
             if not el.startswith(self.keys.parked(pool) + "\n"):
-                pipe.lrem(self.proc, 1, el)
+                pipe.lrem(self.proc, 1, _b(el))
                 pipe.rpush(self.keys.parked(pool), body)
         now = datetime.now(UTC).isoformat()
         for el, raw, queue, why in s.dead:
-            pipe.lrem(self.proc, 1, el)
+            pipe.lrem(self.proc, 1, _b(el))
+            # json.dumps writes bytes that were not UTF-8 (kept as surrogate escapes) as \udcXX escapes
             pipe.rpush(self.keys.dead, json.dumps({"raw": raw, "reason": why, "queue": queue, "at": now}))
         for old, new in s.restamp:
-            pipe.lrem(self.proc, 1, old)
+            pipe.lrem(self.proc, 1, _b(old))
             pipe.rpush(self.proc, new)
         if len(pipe):
             await pipe.execute()
@@ -235,4 +237,12 @@ class Intake:
 
 
 def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    """Text of a Redis value. Bytes that are not UTF-8 (anyone can RPUSH anything) become surrogate escapes,
+    so the job can still be dead-lettered and its element removed by ``_b`` of the same text."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _b(element: str) -> str:
+    """The exact bytes of a processing-list element read through ``_s`` (redis-py takes bytes as well as
+    str where its stubs say str)."""
+    return cast(str, element.encode("utf-8", "surrogateescape"))

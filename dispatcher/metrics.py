@@ -23,6 +23,11 @@ class Metrics:
         )
         self.lease_expiries = Counter("gpuq_lease_expiries", "Attempts ended by their lease", registry=r)
         self.dead_letters = Counter("gpuq_dead_letters", "Jobs moved to the dead-letter list", registry=r)
+        self.task_ids_reused = Counter(
+            "gpuq_task_ids_reused",
+            "New jobs dead-lettered because a different task already has their task id",
+            registry=r,
+        )
         self.dispatch_latency = Histogram(
             "gpuq_dispatch_latency_seconds",
             "From taking a job off Redis to its request leaving for the GPU",
@@ -43,7 +48,9 @@ class Metrics:
         )
         self.parked = Gauge("gpuq_parked_jobs", "Jobs taken while their pool was full", ["pool"], registry=r)
         self.dead_letter_jobs = Gauge(
-            "gpuq_dead_letter_jobs", "Jobs in the dead-letter list (could not be parsed)", registry=r
+            "gpuq_dead_letter_jobs",
+            "Jobs in the dead-letter list (each with the reason it cannot run)",
+            registry=r,
         )
         self.tasks = Gauge(
             "gpuq_tasks", "Tasks not yet final, by state (from the database)", ["state"], registry=r

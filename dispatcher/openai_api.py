@@ -149,10 +149,17 @@ async def task_result(task_id: str, d: D, encoding_format: Literal["float", "bas
 async def _enqueue(d: Dispatcher, task_id: str, task_type: str, data: dict[str, Any]) -> None:
     try:
         task = TaskIn(type=task_type, data=data, task_id=task_id)
-        job = build_job(task, default_queue=d.settings.queues[0], routes=d.settings.routes)
+        job = build_job(
+            task,
+            default_queue=d.settings.queues[0],
+            routes=d.settings.routes,
+            max_bytes=d.settings.max_job_bytes,
+        )
     except (ValidationError, InvalidJob) as exc:
         raise OpenAIError(422, f"cannot enqueue this request: {exc}", code="invalid_input") from None
-    keys, args = push_arguments([Planned(job, f"task:{task_id}")], d.keys)
+    keys, args = push_arguments(
+        [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
+    )
     await d.redis.register_script(PUSH_LUA)(keys=keys, args=args)
 
 

@@ -98,11 +98,13 @@ def _age(head: bytes | str | None, now: datetime) -> float | None:
     try:
         stamp = json.loads(head).get("enqueued_at")
         when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except (ValueError, TypeError, AttributeError):
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, (now - when).total_seconds())
+    # Whatever sits at the head (a poison job not yet dead-lettered: 5,000 nested brackets, a year-1 time
+    # that overflows) must not break /metrics or `gpuq status`.
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (now - when).total_seconds())
 
 
 def read_sync(client: Any, plan: Plan) -> RedisView:

@@ -106,6 +106,9 @@ class DispatcherSettings(StoreSettings):
     api_token: SecretStr | None = None
     #: GET /tasks/{id}/result serves a task's result this long after it ended (by ``finished_at``).
     result_ttl_seconds: float = Field(default=86400.0, gt=0)
+    #: A GPU's result larger than this (as JSON) fails its attempt with a clear error instead of being
+    #: stored; the dispatcher lowers it to what the database's max_allowed_packet takes.
+    max_result_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
 
     task_timeout_seconds: float = Field(default=900.0, gt=0)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)

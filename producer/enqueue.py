@@ -1,10 +1,10 @@
 """The producer's only Redis code: push the jobs of one delivery in one atomic round trip.
 
-A Lua script does, for each job in order, ``SET <mark> <task_id> NX EX 86400`` and, only when the mark is
-new, ``RPUSH <queue list> <job>``; then one ``PUBLISH <wake> job``. Being one script, a crash (of Redis,
-the Lambda, the network) cannot leave a mark without its job, which would drop the task on redelivery,
-nor a job without its mark, which would run it twice. Every key is type-checked before the first write,
-because an error half way through a script does not undo the writes before it.
+A Lua script does, for each job in order, ``SET <mark> <task_id> NX EX <ttl>`` (IDEMPOTENCY_TTL_SECONDS)
+and, only when the mark is new, ``RPUSH <queue list> <job>``; then one ``PUBLISH <wake> job``. Being one
+script, a crash (of Redis, the Lambda, the network) cannot leave a mark without its job, which would drop
+the task on redelivery, nor a job without its mark, which would run it twice. Every key is type-checked
+before the first write, because an error half way through a script does not undo the writes before it.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
     """Push all jobs or none; raises QueueUnavailable when Redis cannot take them."""
     if not planned:
         return Pushed([], 0)
-    redis_keys, args = push_arguments(planned, Keys(settings.redis_key_prefix))
+    redis_keys, args = push_arguments(
+        planned, Keys(settings.redis_key_prefix), ttl=settings.idempotency_ttl_seconds
+    )
     client, script = _client(settings)
     try:
         reply = script(keys=redis_keys, args=args, client=client)
@@ -87,11 +89,13 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
     return Pushed(task_ids, sum(1 for _, new in reply if not new))
 
 
-def push_arguments(planned: Sequence[Planned], keys: Keys) -> tuple[list[str], list[Any]]:
-    """KEYS and ARGV of ``PUSH_LUA`` for ``planned``; the dispatcher's HTTP intake runs the same script
-    with its own (asyncio) client."""
+def push_arguments(
+    planned: Sequence[Planned], keys: Keys, *, ttl: int = IDEMPOTENCY_TTL_SECONDS
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of ``PUSH_LUA`` for ``planned``, marks living ``ttl`` seconds (IDEMPOTENCY_TTL_SECONDS);
+    the dispatcher's HTTP intake runs the same script with its own (asyncio) client."""
     redis_keys: list[str] = []
-    args: list[Any] = [keys.wake, IDEMPOTENCY_TTL_SECONDS]
+    args: list[Any] = [keys.wake, ttl]
     for item in planned:
         redis_keys += [queue_key(item.job.queue, item.job.priority), keys.idem(item.idem_key)]
         args += [item.job.task_id, item.job.to_redis()]

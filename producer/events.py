@@ -122,7 +122,13 @@ def plan(items: list[Item], settings: ProducerSettings) -> list[Planned]:
     for item in items:
         try:
             task = parse_task(item.raw, item.where)
-            job = build_job(task, default_queue=settings.queues[0], routes=settings.routes, where=item.where)
+            job = build_job(
+                task,
+                default_queue=settings.queues[0],
+                routes=settings.routes,
+                where=item.where,
+                max_bytes=settings.max_job_bytes,
+            )
             if job.queue not in known:
                 field = f"{item.where}.queue" if item.where else "queue"
                 raise InvalidJob(f"{field}: {job.queue!r} is not a queue gpuq serves ({', '.join(known)})")

@@ -12,22 +12,151 @@ Wire format of a job in Redis (SPEC §3)::
 from __future__ import annotations
 
 import json
+import math
+import re
+import unicodedata
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from producer.errors import InvalidJob
 from producer.keys import Priority
 
-TaskId = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f]+$")]
+# -- The rules a job is judged by, shared by the producer and the dispatcher (README "Jobs and their limits").
+# Each one exists because a job breaking it once stopped every dispatcher or was lost (issue 11).
+
+#: A new task's id: 1 to 128 characters, no whitespace, none of ``/ \ ? # %`` (an id is a URL path
+#: segment: ``GET /tasks/{id}``; ``a/b`` could not be reached and ``x%2Fevents`` opened task x's stream), no
+#: control, format (bidi, zero-width), surrogate, private-use or unassigned characters (Unicode C*, Z*).
+MAX_TASK_ID_CHARS = 128
+_ID_RESERVED = frozenset("/\\?#%")
+#: A job's serialised size limit (``MAX_JOB_BYTES``): Redis and MySQL cope with more, but a job is a pointer
+#: to work (an S3 key, a text), not the work itself; a 20 MB job once made MariaDB drop the connection.
+DEFAULT_MAX_JOB_BYTES = 256 * 1024
+#: What a dispatcher may add when it re-serialises a job (a made-up id, an enqueue time, a retry count):
+#: a job the producer accepted at the limit is not dead-lettered for it.
+REWRITE_ALLOWANCE = 1024
+#: Containers nested in ``data`` at most: deep nesting broke JSON encoders (RecursionError, pydantic's
+#: serialisation depth) long before it could mean anything to a GPU service.
+MAX_DATA_DEPTH = 32
+#: Integers a JSON encoder on the way to the GPU (orjson) can write: 64-bit, signed or unsigned.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+#: Times (``not_before``, ``enqueued_at``) once converted to UTC: 0001-01-01T00:00:00+01:00 overflowed.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+LATEST = datetime(2100, 1, 1, tzinfo=UTC)
+#: Attempts a job may say it has made: fits the database's INTEGER columns with room to count on.
+MAX_ATTEMPT = 1000
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def task_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a new task's id, or None when it can."""
+    if not value:
+        return "must not be empty"
+    if len(value) > MAX_TASK_ID_CHARS:
+        return f"at most {MAX_TASK_ID_CHARS} characters, got {len(value)}"
+    for i, ch in enumerate(value):
+        if ch in _ID_RESERVED:
+            return f"must not contain {ch!r} (a task id is a URL path segment)"
+        if unicodedata.category(ch)[0] in "CZ":
+            return (
+                f"must not contain U+{ord(ch):04X} at position {i} "
+                "(whitespace, control, bidi, zero-width or unassigned characters)"
+            )
+    return None
+
+
+def data_problem(data: Any, where: str = "data") -> str | None:
+    """Why ``data`` is not a job's data (too deep, a number or string no encoder takes), or None.
+
+    Iterative, so a hostile depth costs a loop, not the stack."""
+    stack: list[tuple[Any, str, int]] = [(data, where, 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if not isinstance(value, dict | list):
+            problem = _scalar_problem(value)
+            if problem:
+                return f"{path}: {problem}"
+        elif depth >= MAX_DATA_DEPTH:
+            shown = path if len(path) < 60 else f"{path[:40]}...{path[-16:]}"
+            return f"{shown}: nested deeper than {MAX_DATA_DEPTH} levels"
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+        else:
+            for key, v in value.items():
+                problem = "is not a string" if not isinstance(key, str) else _scalar_problem(key)
+                if problem:
+                    return f"{path}: key {key!r} {problem}"
+                stack.append((v, f"{path}.{_show(key)}", depth + 1))
+    return None
+
+
+def _scalar_problem(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "is not valid UTF-8 (a lone surrogate)" if _SURROGATE.search(value) else None
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if _INT_RANGE[0] <= value <= _INT_RANGE[1] else "is an integer out of the 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value} is not a JSON number"
+    return f"a {type(value).__name__} is not JSON"
+
+
+def _show(key: str) -> str:
+    return key if len(key) <= 40 and key.isprintable() and "." not in key else repr(key[:40])
+
+
+def _valid_data(value: dict[str, Any]) -> dict[str, Any]:
+    problem = data_problem(value, "")
+    if problem:
+        raise ValueError(problem.lstrip(".: "))
+    return value
+
+
+def _utf8(value: str) -> str:
+    if _SURROGATE.search(value):
+        raise ValueError("not valid UTF-8 (a lone surrogate)")
+    return value
+
+
+def _new_task_id(value: str) -> str:
+    problem = task_id_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Aware UTC within [EARLIEST, LATEST); a time without an offset is UTC already."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    try:
+        value = value.astimezone(UTC)
+    except (OverflowError, ValueError):
+        value = EARLIEST - timedelta(days=1)  # out of range either way; said just below
+    if not EARLIEST <= value < LATEST:
+        raise ValueError(f"must be from {EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d} UTC")
+    return value
+
+
+#: A task id as stored: what earlier versions accepted (up to 255 characters); new tasks get NewTaskId.
+TaskId = Annotated[
+    str, Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f]+$"), AfterValidator(_utf8)
+]
+NewTaskId = Annotated[str, AfterValidator(_new_task_id)]
 TaskType = Annotated[str, Field(min_length=1, max_length=50, pattern=r"^[A-Za-z0-9_.:-]+$")]
 QueueName = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:{}-]+$")]
+JobData = Annotated[dict[str, Any], AfterValidator(_valid_data)]
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
 
-#: A job's serialised size limit: Redis and MySQL cope with more, but a job is a pointer to work
-#: (an S3 key, a text), not the work itself.
-MAX_JOB_BYTES = 256 * 1024
+#: Kept for callers of earlier versions: the default of ``MAX_JOB_BYTES``.
+MAX_JOB_BYTES = DEFAULT_MAX_JOB_BYTES
 
 
 def utcnow() -> datetime:
@@ -40,20 +169,13 @@ class TaskIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: TaskType
-    data: dict[str, Any] = Field(default_factory=dict)
-    task_id: TaskId | None = None
+    data: JobData = Field(default_factory=dict)
+    task_id: NewTaskId | None = None
     queue: QueueName | None = None
     queue_name: QueueName | None = None  # the seed's field, same meaning as ``queue``
     priority: Priority = Priority.NORMAL
-    not_before: datetime | None = None
+    not_before: UtcTime | None = None
     delay_seconds: float | None = Field(default=None, ge=0, le=7 * 24 * 3600)
-
-    @field_validator("not_before")
-    @classmethod
-    def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value
 
 
 class Job(BaseModel):
@@ -63,12 +185,12 @@ class Job(BaseModel):
 
     task_id: TaskId
     type: TaskType
-    data: dict[str, Any] = Field(default_factory=dict)
+    data: JobData = Field(default_factory=dict)
     queue: QueueName
     priority: Priority = Priority.NORMAL
-    attempt: int = Field(default=0, ge=0)
-    enqueued_at: datetime = Field(default_factory=utcnow)
-    not_before: datetime | None = None
+    attempt: int = Field(default=0, ge=0, le=MAX_ATTEMPT)
+    enqueued_at: UtcTime = Field(default_factory=utcnow)
+    not_before: UtcTime | None = None
 
     def to_redis(self) -> str:
         return self.model_dump_json(exclude_none=True)
@@ -81,7 +203,7 @@ def describe(exc: ValidationError, where: str = "") -> str:
         loc = where
         for item in err["loc"]:
             loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
-        parts.append(f"{loc or 'task'}: {err['msg']}")
+        parts.append(f"{loc or 'task'}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 
@@ -92,14 +214,18 @@ def build_job(
     routes: dict[str, str] | None = None,
     now: datetime | None = None,
     where: str = "",
+    max_bytes: int = DEFAULT_MAX_JOB_BYTES,
 ) -> Job:
     """Fill what the caller left out: id, queue (explicit > routed pool > default), schedule.
 
-    ``where`` names the task in errors (``tasks[2]``), as in ``parse_task``.
+    ``where`` names the task in errors (``tasks[2]``), as in ``parse_task``; ``max_bytes`` is MAX_JOB_BYTES.
     """
     now = now or utcnow()
     queue = task.queue or task.queue_name or (routes or {}).get(task.type) or default_queue
-    task_id = task.task_id or _str_or_none(task.data.get("task_id")) or str(uuid.uuid4())
+    task_id = task.task_id or _str_or_none(task.data.get("task_id"))
+    if task_id is not None and not task.task_id and (problem := task_id_problem(task_id)):
+        raise InvalidJob(f"{where}.data.task_id: {problem}" if where else f"data.task_id: {problem}")
+    task_id = task_id or str(uuid.uuid4())
     not_before = task.not_before
     if task.delay_seconds:
         not_before = now + timedelta(seconds=task.delay_seconds)
@@ -113,11 +239,16 @@ def build_job(
             enqueued_at=now,
             not_before=not_before,
         )
+        size = len(job.to_redis().encode())
     except ValidationError as exc:
         raise InvalidJob(describe(exc, where)) from exc
-    if len(job.to_redis()) > MAX_JOB_BYTES:
+    except ValueError as exc:  # pydantic could not serialise it (the rules above should have said why)
+        raise InvalidJob(f"{where or 'task'}: cannot be serialised ({exc})") from exc
+    if size > max_bytes:
         field = f"{where}.data" if where else "data"
-        raise InvalidJob(f"{field}: job is larger than {MAX_JOB_BYTES} bytes once serialised")
+        raise InvalidJob(
+            f"{field}: the job is {size} bytes once serialised, more than MAX_JOB_BYTES={max_bytes}"
+        )
     return job
 
 
@@ -131,15 +262,30 @@ def parse_task(obj: Any, where: str = "task") -> TaskIn:
         raise InvalidJob(describe(exc, where)) from exc
 
 
-def parse_redis_job(raw: bytes | str, queue: str) -> tuple[Job, bool]:
-    """Read a job from the list ``queue``; returns the job and whether its ``task_id`` was made up here.
+def parse_redis_job(
+    raw: bytes | str, queue: str, *, max_bytes: int = DEFAULT_MAX_JOB_BYTES
+) -> tuple[Job, bool]:
+    """Read a job from the list ``queue``; returns the job and whether it must be written back to Redis
+    before the database hears of it: its ``task_id`` or ``enqueued_at`` was filled in here (a crash must
+    not give the same job a second id, and a swept copy must be recognisable as the job recorded).
 
-    A made-up id must be written back to Redis before the job is recorded (so a crash cannot give the same
-    job a second id). The list a job sits in is its queue, whatever its body says.
+    Every rule of this module applies, so a job that would break a dispatcher is refused here, with the
+    reason, instead (InvalidJob: the caller dead-letters it). The list a job sits in is its queue, whatever
+    its body says. ``max_bytes`` is MAX_JOB_BYTES (plus REWRITE_ALLOWANCE for jobs a dispatcher rewrote).
     """
+    limit = max_bytes + REWRITE_ALLOWANCE
+    if len(raw) > limit or (len(raw) * 4 > limit and _utf8_size(raw) > limit):
+        raise InvalidJob(f"the job is {_utf8_size(raw)} bytes, more than MAX_JOB_BYTES={max_bytes}")
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if isinstance(raw, str) and _SURROGATE.search(raw):
+            raise UnicodeError("undecodable bytes")  # how Intake passes bytes that are not UTF-8 on
+        obj = json.loads(text)
+    except UnicodeError as exc:
+        raise InvalidJob(f"not valid UTF-8 ({exc})") from exc
+    except RecursionError as exc:
+        raise InvalidJob("not JSON: nested too deeply to read") from exc
+    except ValueError as exc:
         raise InvalidJob(f"not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidJob(f"a job must be a JSON object, got {type(obj).__name__}")
@@ -147,12 +293,19 @@ def parse_redis_job(raw: bytes | str, queue: str) -> tuple[Job, bool]:
     if not isinstance(data, dict):
         raise InvalidJob("data: must be a JSON object")
     task_id = obj.get("task_id") or _str_or_none(data.get("task_id"))
-    made_up = task_id is None
     fields = {**obj, "queue": queue, "task_id": task_id or str(uuid.uuid4())}
     try:
-        return Job.model_validate(fields), made_up
+        job = Job.model_validate(fields)
     except ValidationError as exc:
         raise InvalidJob(describe(exc)) from exc
+    # A new task (attempt 0) obeys today's id rules; a retry carries the id its task was recorded with.
+    if job.attempt == 0 and task_id is not None and (problem := task_id_problem(job.task_id)):
+        raise InvalidJob(f"task_id: {problem}")
+    return job, task_id is None or "enqueued_at" not in obj
+
+
+def _utf8_size(raw: bytes | str) -> int:
+    return len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogateescape"))
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -7,8 +7,10 @@ Layout (``P`` is ``REDIS_KEY_PREFIX``, default ``gpuq:``; ``Q`` a queue name fro
     Q:high, Q:low           list    waiting jobs of high / low priority; taken before / after Q
     P<parked>:<pool>        list    jobs taken while their pool was full: served first once it has room,
                                     so a full pool never holds up jobs for other pools
-    P<dead>                 list    jobs that could not be parsed: {"raw", "reason", "queue", "at"}
-    P<idem>:<key>           string  idempotency mark of an accepted delivery (TTL 24 h) -> task_id
+    P<dead>                 list    jobs that cannot run (unparsable, breaking a limit, a
+                                    reused task id): {"raw", "reason", "queue", "at"}
+    P<idem>:<key>           string  idempotency mark of an accepted delivery -> task_id
+                                    (TTL IDEMPOTENCY_TTL_SECONDS, default 24 h)
     P<proc>:<dispatcher>    list    jobs a dispatcher took and has not yet recorded in the database;
                                     swept back to their queue when the dispatcher's heartbeat is gone
     P<alive>:<dispatcher>   string  the dispatcher's heartbeat (TTL a few seconds)

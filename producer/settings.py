@@ -15,6 +15,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigError
+from producer.job import DEFAULT_MAX_JOB_BYTES
+from producer.keys import IDEMPOTENCY_TTL_SECONDS
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
 _TASK_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
@@ -50,6 +52,13 @@ class QueueSettings(BaseSettings):
     redis_key_prefix: str = "gpuq:"
     task_queues: str = "task_queue_1"
     task_routes: str = ""
+    #: A job's size limit, serialised, in bytes: the producer refuses a bigger task (400), a dispatcher
+    #: dead-letters a bigger job pushed straight into Redis. At most 8 MiB: the job travels in one
+    #: database packet with room to spare (MariaDB's default max_allowed_packet is 16 MiB).
+    max_job_bytes: int = Field(default=DEFAULT_MAX_JOB_BYTES, ge=1024, le=8 * 1024 * 1024)
+    #: How long a push's idempotency mark lives: a task id (or SQS/S3 delivery) seen again within this
+    #: window is answered with the first task's id and not enqueued again.
+    idempotency_ttl_seconds: int = Field(default=IDEMPOTENCY_TTL_SECONDS, ge=1, le=30 * 86400)
 
     @field_validator("redis_url")
     @classmethod

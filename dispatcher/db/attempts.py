@@ -24,6 +24,23 @@ from producer.keys import Priority
 
 Code = Literal["applied", "repeat", "stale", "unknown"]
 
+#: Bytes a TEXT column (``tasks.error``, ``attempts.error``) holds on MySQL/MariaDB.
+TEXT_BYTES = 65535
+
+
+class EncodedJson(str):
+    """A result already serialised (and size-checked) by the caller: stored as it is."""
+
+
+def clip_text(value: str, max_bytes: int = TEXT_BYTES) -> str:
+    """``value`` as a TEXT column takes it: valid UTF-8 (a lone surrogate from a GPU's JSON becomes "?"), cut
+    to ``max_bytes`` with a marker saying how long it was. A 65,536-character error was a 500 per callback."""
+    raw = value.encode("utf-8", "replace")
+    if len(raw) <= max_bytes:
+        return raw.decode()
+    marker = f" [... truncated: {len(raw)} bytes in all]"
+    return raw[: max_bytes - len(marker)].decode("utf-8", "ignore") + marker
+
 
 @dataclass(frozen=True, slots=True)
 class Finish:
@@ -104,8 +121,10 @@ def _params(
         "expiry": 1 if outcome is Outcome.EXPIRED else 0,
         "final": _FINAL_STATE[outcome].value,
         "now": now,
-        "result": json.dumps(result, separators=(",", ":")) if result is not None else None,
-        "error": error if outcome is not Outcome.FINISHED else None,
+        "result": result
+        if isinstance(result, EncodedJson) or result is None
+        else json.dumps(result, separators=(",", ":")),
+        "error": clip_text(error) if error is not None and outcome is not Outcome.FINISHED else None,
         "reported": reported,
     }
 
@@ -278,25 +297,43 @@ def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backo
 
 
 def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[Job]:
-    """Retrying and scheduled tasks whose time has come, as jobs to put back in Redis."""
+    """Retrying and scheduled tasks whose time has come, as jobs to put back in Redis.
+
+    A task recorded under older, looser rules that no longer makes a valid job (its data too deep, a time
+    out of range) fails here with the reason, instead of stopping housekeeping at every tick."""
     rows = conn.execute(
         select(tasks)
         .where(tasks.c.state.in_([s.value for s in DEFERRED]), tasks.c.run_after <= now)
         .order_by(tasks.c.run_after)
         .limit(limit)
     )
-    return [
-        Job(
-            task_id=r.task_id,
-            type=r.type,
-            data=json.loads(r.data),
-            queue=r.queue,
-            priority=Priority(r.priority),
-            attempt=r.attempt,
-            enqueued_at=r.enqueued_at or r.created_at,
-        )
-        for r in rows
-    ]
+    jobs = []
+    for r in rows:
+        try:
+            jobs.append(
+                Job(
+                    task_id=r.task_id,
+                    type=r.type,
+                    data=json.loads(r.data),
+                    queue=r.queue,
+                    priority=Priority(r.priority),
+                    attempt=r.attempt,
+                    enqueued_at=r.enqueued_at or r.created_at,
+                )
+            )
+        except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == r.task_id, tasks.c.state.in_([s.value for s in DEFERRED]))
+                .values(
+                    state=TaskState.FAILED.value,
+                    run_after=None,
+                    finished_at=now,
+                    updated_at=now,
+                    error=clip_text(f"cannot be put back in a queue: {exc}"),
+                )
+            )
+    return jobs
 
 
 def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:

@@ -65,6 +65,8 @@ class DispatchResult:
     # Recorded as running by this very dispatcher in a transaction whose commit we never heard back
     # about: the request may not have been sent yet (the caller knows which it sent).
     mine: list[Placed] = field(default_factory=list)
+    # A new job whose task id a different, known task has: dead-letter it ("task id already used").
+    refused: list[tuple[Job, str]] = field(default_factory=list)
 
 
 def free_slot(conn: Connection, *, task_id: str, attempt: int) -> bool:
@@ -151,14 +153,23 @@ def _triage(
     now: datetime,
 ) -> list[tuple[Job, str]]:
     """Sort out copies of known tasks, our own unacknowledged attempts and scheduled jobs; the rest run."""
-    seen: set[str] = set()
+    seen: dict[str, Job] = {}
     runnable: list[tuple[Job, str]] = []
     for job, pool in items:
         row = existing.get(job.task_id)
-        if job.task_id in seen:
-            out.dropped.append((job, "the same task twice in one batch"))
+        first = seen.get(job.task_id)
+        if first is not None:
+            if job.attempt == 0 and not _same_job(job, first):
+                out.refused.append(
+                    (job, f"task id already used by another job in the same batch ({job.task_id})")
+                )
+            else:
+                out.dropped.append((job, "the same task twice in one batch"))
             continue
-        seen.add(job.task_id)
+        seen[job.task_id] = job
+        if row is not None and job.attempt == 0 and not _copy_of(row, job):
+            out.refused.append((job, f"task id already used: task {job.task_id} exists ({row.state})"))
+            continue
         if (
             row is not None
             and row.state == TaskState.PROCESSING
@@ -212,6 +223,9 @@ def dispatch(
                     tasks.c.gpu_id,
                     tasks.c.slot_index,
                     tasks.c.pool,
+                    tasks.c.type,
+                    tasks.c.data,
+                    tasks.c.enqueued_at,
                 ).where(tasks.c.task_id.in_([job.task_id for job, _ in items]))
             )
         }
@@ -276,6 +290,25 @@ def dispatch(
     return out
 
 
+def _copy_of(row: Any, job: Job) -> bool:
+    """Is this new-looking job (attempt 0) the very job the task was recorded from? A swept-back copy, a
+    scheduled job put back in its queue and a duplicate of it are; a job that reuses the id of a task that
+    ran before (its idempotency mark expired) is not: it has its own enqueue time, and maybe its own data.
+    A tombstone (cancelled before any dispatcher took it) has no enqueue time: its job is a copy."""
+    if row.enqueued_at is None:
+        return True
+    same_time: bool = row.enqueued_at == naive_utc(job.enqueued_at)
+    return same_time and row.type == job.type and row.data == _data_json(job)
+
+
+def _same_job(a: Job, b: Job) -> bool:
+    return (a.enqueued_at, a.type, a.data) == (b.enqueued_at, b.type, b.data)
+
+
+def _data_json(job: Job) -> str:
+    return json.dumps(job.data, separators=(",", ":"))
+
+
 def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, object]:
     return {
         "task_id": job.task_id,
@@ -283,7 +316,7 @@ def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str,
         "type": job.type,
         "pool": pool,
         "priority": job.priority.value,
-        "data": json.dumps(job.data, separators=(",", ":")),
+        "data": _data_json(job),
         "max_attempts": max_attempts,
         "enqueued_at": naive_utc(job.enqueued_at),
         "created_at": now,

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from dispatcher.db.schema import SCHEMA_VERSION, metadata, schema_version
@@ -105,6 +105,14 @@ def transaction(engine: Engine, fn: Callable[..., T], /, *args: Any, attempts: i
             time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
             delay = min(delay * 3, 1.0)
     raise AssertionError("unreachable")
+
+
+def max_packet(conn: Connection) -> int | None:
+    """MySQL's max_allowed_packet: a bigger statement is not refused, the connection is dropped (see
+    dispatcher/limits.py). None for SQLite, which has no such limit worth the name."""
+    if conn.dialect.name == "sqlite":
+        return None
+    return int(conn.execute(text("SELECT @@max_allowed_packet")).scalar_one())
 
 
 def init_schema(engine: Engine) -> None:
