@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
@@ -148,15 +149,8 @@ class Dispatcher:
             await self.db(max_packet), max_job_bytes=s.max_job_bytes, max_result_bytes=s.max_result_bytes
         )
         self.finisher.max_bytes = self.limits.batch_bytes
-        if (self.limits.job_bytes, self.limits.result_bytes) != (s.max_job_bytes, s.max_result_bytes):
-            log.warning(
-                "the database's max_allowed_packet lowers the size limits",
-                extra={
-                    "action": "limits",
-                    "job_bytes": self.limits.job_bytes,
-                    "result_bytes": self.limits.result_bytes,
-                },
-            )
+        # Lowered to what the database's max_allowed_packet takes (see limits.py).
+        log.info("size limits", extra={"action": "limits", **asdict(self.limits)})
         now = self.now()
         for ep in self.settings.endpoints:
             await self.db(

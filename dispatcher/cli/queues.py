@@ -17,9 +17,20 @@ app = typer.Typer(help="Queue depths and dead letters.", no_args_is_help=True)
 
 
 @app.command("list")
-def list_(ctx: typer.Context) -> None:
+def list_(
+    ctx: typer.Context,
+    dead: Annotated[
+        bool, typer.Option("--dead", help="List the dead letters instead: when, queue, reason, the job.")
+    ] = False,
+) -> None:
     """Depth of every queue at every priority, the oldest job's wait, parked jobs and dead letters."""
     s = stores(ctx)
+    if dead:
+        entries = s.redis.lrange(s.keys.dead, 0, -1)
+        for raw in entries:
+            typer.echo(_describe(raw))
+        console().print(f"{len(entries)} dead letter(s) in {s.keys.dead}")
+        return
     pools = sorted({g.pool for g in s.db(list_gpus)} | set(s.settings.routes.values()) | {"default"})
     view = read_sync(s.redis, Plan(s.keys, s.settings.all_queues, pools))
     rows: list[tuple[Any, ...]] = [
