@@ -27,6 +27,7 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import dispatch, held_by, snapshot
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
+from dispatcher.dead_letters import dead_letter, isolate, reason
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
 from dispatcher.gpu_client import GpuClient
@@ -39,7 +40,6 @@ from dispatcher.metrics import Metrics
 from dispatcher.placement import capacity
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
-from producer.errors import InvalidJob
 from producer.job import Job, parse_redis_job
 from producer.keys import Keys
 
@@ -272,25 +272,12 @@ class Dispatcher:
                     element = f"{t.source}\n{job.to_redis()}"
                 item = (job, self.settings.pool_for(job.type), element)
             except Exception as exc:  # InvalidJob, or whatever else this one job's content provokes
-                self.dead_letter(prepared, t.element, t.queue, _reason(exc))
+                dead_letter(prepared, self.metrics, t.element, t.queue, reason(exc))
                 continue
             if element != t.element:
                 prepared.restamp.append((t.element, element))
             items.append(item)
         return items, prepared
-
-    def dead_letter(
-        self, s: Settlement, element: str, queue: str | None, reason: str, *, reused: bool = False
-    ) -> None:
-        """Add a job to ``s``'s dead letters (SPEC §7): moved off the processing list with its reason."""
-        s.dead.append((element, element.partition("\n")[2], queue, reason))
-        self.metrics.dead_letters.inc()
-        if reused:
-            self.metrics.task_ids_reused.inc()
-        log.error(
-            "job moved to the dead-letter list",
-            extra={"action": "dead_letter", "queue": queue, "reason": reason},
-        )
 
     async def dispatch_once(self) -> bool:
         """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
@@ -303,8 +290,11 @@ class Dispatcher:
         view = await self.db(snapshot)
         free = capacity(view)
         if held and self._isolate:
-            await self._isolated(held)
+            await isolate(held, lambda t: self._pass([t], None, held=True), self.intake.settle, self.metrics)
+            self._isolate = False
             return True
+        if not held:
+            self._isolate = False  # the pass that failed left nothing behind to isolate
         if held:
             taken = held
         else:
@@ -315,20 +305,6 @@ class Dispatcher:
             if not taken:
                 return False
         return await self._pass(taken, view, held=bool(held))
-
-    async def _isolated(self, held: list[Taken]) -> None:
-        """Run the jobs of a failed pass one by one; one that fails alone is dead-lettered with the reason."""
-        for t in held:
-            try:
-                await self._pass([t], None, held=True)
-            except TRANSIENT:
-                raise  # the stores, not the job: the next pass isolates what is left
-            except Exception as exc:
-                log.exception("job failed alone", extra={"action": "isolate"})
-                bad = Settlement()
-                self.dead_letter(bad, t.element, t.queue, f"could not be dispatched: {_reason(exc)}")
-                await self.intake.settle(bad)
-        self._isolate = False
 
     async def _pass(self, taken: list[Taken], view: Any, *, held: bool) -> bool:
         started = time.perf_counter()
@@ -364,7 +340,7 @@ class Dispatcher:
             park=[(element_of[id(j)], pool, j.to_redis()) for j, pool in result.unplaced],
         )
         for job, why in result.refused:
-            self.dead_letter(done, element_of[id(job)], job.queue, why, reused=True)
+            dead_letter(done, self.metrics, element_of[id(job)], job.queue, why, reused=True)
         for job, why in result.dropped:
             log.info(
                 "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
@@ -469,12 +445,6 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, InvalidJob):
-        return exc.message
-    return f"{type(exc).__name__}: {str(exc)[:500]}"
 
 
 def _queue_in_body(raw: str) -> str | None:

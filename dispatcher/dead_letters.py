@@ -1,0 +1,55 @@
+"""Jobs that cannot run go to the dead-letter list with their reason (SPEC §7), whatever made them fail: a
+rule of ``producer/job.py`` they break, a task id already used, or an exception no rule foresaw. One job's
+content never stops the dispatch loop, nor blocks the jobs behind it, nor comes back after a restart."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from dispatcher.errors import TRANSIENT
+from dispatcher.intake import Settlement, Taken
+from dispatcher.metrics import Metrics
+from producer.errors import InvalidJob
+
+log = logging.getLogger("gpuq.dispatcher")
+
+
+def dead_letter(
+    s: Settlement, metrics: Metrics, element: str, queue: str | None, reason: str, *, reused: bool = False
+) -> None:
+    """Add the job held as ``element`` to ``s``'s dead letters: off the processing list, with its reason."""
+    s.dead.append((element, element.partition("\n")[2], queue, reason))
+    metrics.dead_letters.inc()
+    if reused:
+        metrics.task_ids_reused.inc()
+    log.error(
+        "job moved to the dead-letter list", extra={"action": "dead_letter", "queue": queue, "reason": reason}
+    )
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, InvalidJob):
+        return exc.message
+    return f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+async def isolate(
+    held: list[Taken],
+    alone: Callable[[Taken], Awaitable[object]],
+    settle: Callable[[Settlement], Awaitable[None]],
+    metrics: Metrics,
+) -> None:
+    """After a pass failed in a way no rule foresaw: run its jobs (still held) one by one; the one that fails
+    alone is dead-lettered with the exception as its reason. A store error stops this: the stores, not a job,
+    are at fault, and the next pass isolates what is left."""
+    for t in held:
+        try:
+            await alone(t)
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            log.exception("a job failed alone", extra={"action": "isolate"})
+            bad = Settlement()
+            dead_letter(bad, metrics, t.element, t.queue, f"could not be dispatched: {reason(exc)}")
+            await settle(bad)
