@@ -8,6 +8,7 @@ in GPU_ENDPOINTS is registered again when a dispatcher starts: remove it there t
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from typing import Annotated
 
@@ -24,6 +25,8 @@ from dispatcher.states import GpuState
 app = typer.Typer(help="Add, drain, activate, remove and list GPU services.", no_args_is_help=True)
 
 Name = Annotated[str, typer.Argument(help="GPU name, e.g. g0.")]
+# How often `gpu drain --wait` looks at the GPU's slots: one indexed COUNT per look.
+DRAIN_POLL_SECONDS = 0.5
 
 
 @app.command()
@@ -55,11 +58,39 @@ def _set_state(ctx: typer.Context, name: str, state: GpuState) -> int:
     return next(g.busy for g in s.db(list_gpus) if g.gpu_id == name)
 
 
+def _busy(ctx: typer.Context, name: str) -> int:
+    """Busy slots of the GPU; 0 once it is gone (removed meanwhile: nothing can run on it)."""
+    return next((g.busy for g in stores(ctx).db(list_gpus) if g.gpu_id == name), 0)
+
+
 @app.command()
-def drain(ctx: typer.Context, name: Name) -> None:
-    """Take no new jobs on a GPU; the running ones finish (then it can be removed)."""
+def drain(
+    ctx: typer.Context,
+    name: Name,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return only once no job runs on it (exit 1 at --timeout).")
+    ] = False,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --wait: give up after this many seconds.")
+    ] = None,
+) -> None:
+    """Take no new jobs on a GPU; the running ones finish (then it can be removed).
+
+    ``--wait`` is for a GPU service's stop hook (a Kubernetes preStop, a systemd ExecStop): the service
+    keeps running until its slots are empty, so scaling it down kills no running job. A slot is empty once
+    its job called back, was cancelled and confirmed, or its lease ran out."""
     busy = _set_state(ctx, name, GpuState.DRAINING)
     console().print(f"GPU {name} draining: {busy} job(s) still running, no new ones")
+    if not wait:
+        return
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while busy:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise OperatorError(f"GPU {name} still runs {busy} job(s) after {timeout:g} s of draining")
+        time.sleep(DRAIN_POLL_SECONDS if left is None else min(DRAIN_POLL_SECONDS, left))
+        busy = _busy(ctx, name)
+    console().print(f"GPU {name} drained: no job running")
 
 
 @app.command()

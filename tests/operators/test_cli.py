@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 
 import pytest
@@ -100,6 +101,36 @@ def test_gpu_add_list_drain_activate_remove(gpuq, stores):
     assert gpuq("gpu", "activate", "g0").stdout.strip() == "GPU g0 active"
     table = gpuq("gpu", "list").stdout
     assert "g0" in table and "0/4" in table
+
+
+def test_gpu_drain_wait_returns_once_the_slots_are_empty(gpuq, stores):
+    """What a GPU pod's preStop runs before Kubernetes stops it: no running job may be killed."""
+    engine, _ = stores
+    job = run_one(engine, "q")  # on g0
+    # while the job runs, --wait does not return success: at its timeout it fails, naming what still runs
+    res = gpuq("gpu", "drain", "g0", "--wait", "--timeout", "0.3")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "gpuq: GPU g0 still runs 1 job(s) after 0.3 s of draining"
+    outcome: list = []
+    waiter = threading.Thread(target=lambda: outcome.append(gpuq("gpu", "drain", "g0", "--wait")))
+    waiter.start()
+    transaction(
+        engine,
+        finish_attempt,
+        task_id=job.task_id,
+        attempt=1,
+        outcome=Outcome.FINISHED,
+        now=utcnow(),
+        backoff=Backoff(),
+    )
+    waiter.join(timeout=30)
+    assert not waiter.is_alive(), "drain --wait did not notice the slot was freed"
+    (res,) = outcome
+    assert res.exit_code == 0 and res.stdout.strip().endswith("GPU g0 drained: no job running"), res
+    states = {g["gpu_id"]: g["state"] for g in json.loads(gpuq("gpu", "list", "--json").stdout)}
+    assert states["g0"] == "draining"  # it stays out of rotation until activated or removed
+    # an idle GPU drains at once
+    assert gpuq("gpu", "drain", "g1", "--wait", "--timeout", "0").exit_code == 0
 
 
 def test_gpu_errors_are_one_line_with_a_status(gpuq, stores):
