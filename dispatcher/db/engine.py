@@ -115,10 +115,37 @@ def max_packet(conn: Connection) -> int | None:
     return int(conn.execute(text("SELECT @@max_allowed_packet")).scalar_one())
 
 
+# Held while one process creates or upgrades the schema (MySQL/MariaDB named lock, per server).
+SCHEMA_LOCK = "gpuq_schema"
+SCHEMA_LOCK_SECONDS = 60
+
+
 def init_schema(engine: Engine) -> None:
-    """Create or upgrade the schema; safe to run from every dispatcher at every start."""
-    metadata.create_all(engine, checkfirst=True)
-    with engine.begin() as conn:
-        have = conn.execute(select(schema_version.c.version)).scalars().all()
-        if SCHEMA_VERSION not in have:
-            conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
+    """Create or upgrade the schema; safe to run from every dispatcher at every start, all at once.
+
+    create_all's "does the table exist?" then "CREATE TABLE" is no transaction (MySQL DDL commits), so two
+    dispatchers starting together on an empty database both tried to create the tables and one failed
+    ("Table already exists"). On MySQL/MariaDB a named lock makes the starters take turns; the later ones
+    find everything made. SQLite serialises writers itself."""
+    lock = f"{SCHEMA_LOCK}:{engine.url.database}"[:64]  # MySQL's limit on lock names
+    with engine.connect() as conn:
+        named_lock = conn.dialect.name in ("mysql", "mariadb")
+        if named_lock:
+            got = conn.execute(
+                text("SELECT GET_LOCK(:name, :seconds)"), {"name": lock, "seconds": SCHEMA_LOCK_SECONDS}
+            ).scalar()
+            conn.commit()
+            if got != 1:
+                raise StoreUnavailable(
+                    f"another process held the schema lock for over {SCHEMA_LOCK_SECONDS} s"
+                )
+        try:
+            metadata.create_all(conn, checkfirst=True)
+            have = conn.execute(select(schema_version.c.version)).scalars().all()
+            if SCHEMA_VERSION not in have:
+                conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
+            conn.commit()
+        finally:
+            if named_lock:
+                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+                conn.commit()

@@ -3,19 +3,20 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, select, text
 
 from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.ddl import render
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import init_schema, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
-from dispatcher.db.schema import metadata
+from dispatcher.db.schema import metadata, schema_version
 from dispatcher.sql_queries import load, parse, sql_dir
 from dispatcher.states import Outcome
 from producer.job import Job
@@ -91,6 +92,33 @@ def test_schema_sql_applied_by_hand_is_the_schema_the_dispatcher_expects(databas
     init_schema(engine)
     init_schema(engine)
     engine.dispose()
+
+
+def test_dispatchers_starting_together_on_an_empty_database_all_start(database_url):
+    """Found by the compose stack: two dispatchers starting at once both created the tables, and one died
+    with "Table 'gpus' already exists"."""
+    engines = [create_engine(database_url) for _ in range(4)]
+    barrier = threading.Barrier(len(engines))
+    errors: list[Exception] = []
+
+    def start(engine) -> None:
+        barrier.wait()
+        try:
+            init_schema(engine)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    assert set(inspect(engines[0]).get_table_names()) == set(metadata.tables)
+    with engines[0].connect() as conn:
+        assert len(conn.execute(select(schema_version)).all()) == 1
+    for e in engines:
+        e.dispose()
 
 
 @pytest.fixture
