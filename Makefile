@@ -13,13 +13,14 @@ SAM_VERSION := 1.170.0
 SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
 SAM := $(SAM_VENV)/bin/sam
 
-.PHONY: help venv lint fmt test test-only fuzz services sam-check demo bench bench-smoke soak schema-sql clean
+.PHONY: help venv lint fmt test test-only fuzz test-docker services sam-check demo bench bench-smoke soak schema-sql clean
 
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
 	@echo "make fuzz   - the property and fuzz tests, exploring (random seeds, many more examples)"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
+	@echo "make test-docker - build the image, run the compose stack end to end, tear it down"
 
 $(RUN_STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -68,11 +69,20 @@ demo: $(RUN_STAMP)
 test: lint services sam-check
 	bash infra/ensure-chromium.sh
 	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-docker
 
 # The property and fuzz tests (marked fuzz) with random seeds and 20x the examples, failures kept in
 # .hypothesis/ and replayed first next time; no per-test timeout. Turn what it finds into an @example.
 fuzz: $(STAMP) services
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m fuzz --timeout=0 $(PYTEST_ARGS)
+
+# The image and the compose stack, built and run: two dispatchers, MariaDB, Redis and simulated GPUs in
+# containers, jobs pushed through the Lambda handler, each must finish exactly once, and `docker compose down`
+# must leave nothing behind. Installs docker.io and starts dockerd when missing; builds its base images from
+# Debian's packages when no registry is reachable (infra/local-images/). About 1 min once the images are
+# cached, 7-9 min on a fresh (busy) machine; the timeout bounds a stuck build or engine.
+test-docker:
+	timeout 1500 bash infra/test-docker.sh
 
 # The load benchmark (SPEC §8): gpuq vs Celery side by side; bench-only dependencies go into the venv.
 # Arguments through BENCH_ARGS, e.g. `make bench BENCH_ARGS="--profile"`; bench/RESULTS.md explains it.

@@ -1,6 +1,7 @@
-"""infra/: docker cannot run here, so the files are checked for what would break a deploy: compose.yaml
-against the Compose Specification's JSON schema (as vendored by check-jsonschema) plus health and start
-order, every COPY source of the Dockerfile present, and the systemd unit's restart and stop settings."""
+"""infra/: the files checked for what would break a deploy: compose.yaml against the Compose Specification's
+JSON schema (as vendored by check-jsonschema) plus health and start order, every COPY source of the
+Dockerfile present, and the systemd unit's restart and stop settings. `make test-docker`
+(infra/test-docker.sh) builds and runs the stack itself."""
 
 from __future__ import annotations
 
@@ -65,30 +66,35 @@ def test_compose_file_is_valid_by_the_compose_spec_schema():
 
 def test_compose_services_are_healthchecked_and_start_in_order():
     services = compose()["services"]
-    assert set(services) == {"redis", "mysql", "simgpu", "dispatcher"}
+    assert set(services) == {"redis", "mysql", "simgpu", "dispatcher", "dispatcher-2"}
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-    assert services["dispatcher"]["depends_on"] == {
-        name: {"condition": "service_healthy"} for name in ("redis", "mysql", "simgpu")
-    }
     redis_cmd = services["redis"]["command"]
     assert redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes", "Redis must persist its queues"
     assert services["simgpu"]["command"][:3] == ["python", "-m", "simgpu"]
-    env = services["dispatcher"]["environment"]
-    endpoints = env["GPU_ENDPOINTS"].split(",")
-    assert len(endpoints) == 4 and all("simgpu:9100" in e for e in endpoints)
-    assert env["CALLBACK_URL"] == "http://dispatcher:8000/callback"
-    assert env["CALLBACK_SECRET"].startswith("${CALLBACK_SECRET:?"), "no default secret in a shipped file"
-    grace = float(env["SHUTDOWN_GRACE_SECONDS"])
-    assert seconds(services["dispatcher"]["stop_grace_period"]) > 3 * grace + 1
-    for name in ("dispatcher", "simgpu"):
+    for name in ("dispatcher", "dispatcher-2"):
+        assert services[name]["depends_on"] == {
+            dep: {"condition": "service_healthy"} for dep in ("redis", "mysql", "simgpu")
+        }
+        env = services[name]["environment"]
+        endpoints = env["GPU_ENDPOINTS"].split(",")
+        assert len(endpoints) == 4 and all("simgpu:9100" in e for e in endpoints)
+        assert env["CALLBACK_URL"] == f"http://{name}:8000/callback"
+        assert env["CALLBACK_SECRET"].startswith("${CALLBACK_SECRET:?"), "no default secret in a shipped file"
+        # the dispatcher listens beyond loopback here: /tasks and /gpus need a token, chosen by the user
+        assert env["API_TOKEN"].startswith("${API_TOKEN:?"), "no default API token in a shipped file"
+        grace = float(env["SHUTDOWN_GRACE_SECONDS"])
+        assert seconds(services[name]["stop_grace_period"]) > 3 * grace + 1
+    for name in ("dispatcher", "dispatcher-2", "simgpu"):
         build = services[name]["build"]
         assert (INFRA / build["context"] / build["dockerfile"]).resolve() == INFRA / "Dockerfile"
 
 
 def test_dockerfile_builds_from_files_that_exist_and_runs_unprivileged():
     steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    # the tag infra/local-images/build-bases.sh gives its stand-in where no registry is reachable
+    assert steps[0] == ("FROM", "python:3.11-slim-bookworm")
+    assert "PYTHON_TAG=python:3.11-slim-bookworm" in (INFRA / "local-images" / "build-bases.sh").read_text()
     context = ROOT  # compose and the README build with the repository root as context
     ignored = [
         p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and p[0] != "#"
@@ -140,9 +146,35 @@ def test_systemd_unit_restarts_and_drains():
     assert unit["Install"]["WantedBy"] == "multi-user.target"
 
 
-@pytest.mark.parametrize("script", ["ensure-chromium.sh", "ensure-services.sh"])
+@pytest.mark.parametrize(
+    "script",
+    [
+        "ensure-chromium.sh",
+        "ensure-services.sh",
+        "test-docker.sh",
+        "local-images/build-bases.sh",
+        "local-images/mariadb-entrypoint.sh",
+        "local-images/mariadb-healthcheck.sh",
+    ],
+)
 def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", str(INFRA / script)], check=True)
+
+
+def test_local_images_override_only_the_registry_images():
+    """compose.local-images.yaml swaps the Redis and MariaDB images and nothing else, and names the tags
+    build-bases.sh builds; `make test` runs `make test-docker`."""
+    override = yaml.safe_load((INFRA / "compose.local-images.yaml").read_text())
+    assert {name: set(svc) for name, svc in override["services"].items()} == {
+        "redis": {"image"},
+        "mysql": {"image"},
+    }
+    bases = (INFRA / "local-images" / "build-bases.sh").read_text()
+    assert f"REDIS_TAG={override['services']['redis']['image']}" in bases
+    assert f"MARIADB_TAG={override['services']['mysql']['image']}" in bases
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test-docker:\n\ttimeout \d+ bash infra/test-docker\.sh$", makefile, re.M)
+    assert re.search(r"^test:.*(\n\t.*)*\n\t\$\(MAKE\) test-docker$", makefile, re.M)
 
 
 def test_make_schema_sql_regenerates_the_file(tmp_path):
