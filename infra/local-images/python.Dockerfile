@@ -4,6 +4,5 @@ ARG BASE=gpuq-local/debian:bookworm
 FROM ${BASE}
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-pip python3-venv python-is-python3 \
-    && rm -rf /var/lib/apt/lists/* /usr/lib/python3*/EXTERNALLY-MANAGED \
-    && ln -s /usr/bin/pip3 /usr/local/bin/pip 2>/dev/null || true
+    && rm -rf /var/lib/apt/lists/* /usr/lib/python3*/EXTERNALLY-MANAGED
 CMD ["python3"]
