@@ -60,15 +60,53 @@ def _fail_unreachable(what: str, exc: Exception) -> None:
     )
 
 
+# Take the db if its marker is still the one we read (none, or a dead run's), atomically: two runs that both
+# saw the same dead owner cannot both take it.
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if (cur or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """A marker names its run's process (``<run id>:<pid>``); the suite only uses a Redis on loopback, so a
+    pid that no longer exists here is a run that was killed before it could clean up."""
+    _, _, pid = owner.partition(":")
+    if not pid.isdecimal():
+        return False  # a marker of an older layout, or someone else's: leave it to its expiry
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 @pytest.fixture(scope="session")
 def redis_db() -> Iterator[int]:
-    """A Redis logical database nobody else uses during this run, claimed with a marker key."""
+    """A Redis logical database nobody else uses during this run, claimed with a marker key.
+
+    A database is free when it is empty, or when its marker names a test run whose process is gone (killed
+    runs leave their keys behind: on a machine shared by several developers' runs the 15 databases would
+    otherwise fill up). A non-empty database without a marker belongs to someone else (a demo, a person) and
+    is never touched."""
     marker = "gpuq:test-run-owner"
+    me = f"{RUN_ID}:{os.getpid()}"
     chosen = None
     try:
         for db in range(1, 16):
-            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-            if client.dbsize() == 0 and client.set(marker, RUN_ID, nx=True, ex=3600):
+            client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, decode_responses=True)
+            owner = client.get(marker)
+            free = client.dbsize() == 0 and owner is None
+            stale = owner is not None and _owner_is_dead(owner)
+            if (free or stale) and client.eval(_CLAIM, 1, marker, owner or "", me, 3600):
+                if stale:
+                    for key in client.scan_iter(count=1000):
+                        if key != marker:
+                            client.delete(key)
                 chosen = db
                 client.close()
                 break
