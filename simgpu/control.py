@@ -89,6 +89,7 @@ class ControlMixin:
                     total[label] = total.get(label, 0) + count
             totals[key] = total
         totals["callback_retries"] = self.callbacks.retries
+        totals["overlaps"] = sorted((o for g in gpus.values() for o in g["overlaps"]), key=lambda o: o["at"])
         result: dict[str, Any] = {"gpus": gpus, "totals": totals}
         if jobs:
             result["jobs"] = [job.record() for job in self.jobs]

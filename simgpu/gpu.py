@@ -39,6 +39,7 @@ class GpuSim:
         self.callbacks_pending = 0
         self._callbacks = callbacks
         self._waiting: set[Job] = set()  # accepted (async), service time not over yet
+        self.holding: set[Job] = set()  # jobs holding a slot (async and sync)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.reset()
 
@@ -47,6 +48,8 @@ class GpuSim:
         self.received = 0
         self.max_in_flight = self.in_flight
         self.oversubscriptions = 0
+        # Each oversubscription: the arriving request and the jobs that held every slot (who to blame).
+        self.overlaps: list[dict[str, Any]] = []
         self.answers: Counter[str] = Counter()
         self.callbacks_sent: Counter[str] = Counter()
         self.callbacks_answered: Counter[str] = Counter()
@@ -55,10 +58,27 @@ class GpuSim:
     def down(self) -> bool:
         return self.behaviour.down
 
-    def arrive(self) -> None:
+    def arrive(self, raw: bytes) -> None:
+        """Count a request; one that finds every slot held is an oversubscription, logged with the holders."""
         self.received += 1
         if self.in_flight >= self.behaviour.slots:
             self.oversubscriptions += 1
+            task_id, attempt = _peek(raw)
+            self.overlaps.append(
+                {
+                    "gpu": self.name,
+                    "task_id": task_id,
+                    "attempt": attempt,
+                    "at": time.time(),
+                    "holding": sorted(
+                        (
+                            {"task_id": j.task_id, "attempt": j.attempt, "received_at": j.received_at}
+                            for j in self.holding
+                        ),
+                        key=lambda h: h["received_at"],
+                    ),
+                }
+            )
 
     def draw(self, job: Job) -> Plan:
         """Draw the job's fate; a job that will be accepted takes its slot now."""
@@ -66,6 +86,7 @@ class GpuSim:
         if plan.refusal is None:
             job.service_time = self.behaviour.service_time.sample(self.rng)
             self.in_flight += 1
+            self.holding.add(job)
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         return plan
 
@@ -83,6 +104,8 @@ class GpuSim:
                 await asyncio.sleep(job.service_time)
         finally:
             self.in_flight -= 1
+            self.holding.discard(job)
+            job.released_at = time.time()
             job.answered_mono = time.monotonic()
         return job.result_body()
 
@@ -92,6 +115,8 @@ class GpuSim:
             job.beat.cancel()
         job.timer = job.beat = None  # the handles refer back to the job; the job log keeps jobs a long time
         self.in_flight -= 1
+        self.holding.discard(job)
+        job.released_at = time.time()
         if job.plan.outcome != "lost":
             body = orjson.dumps(job.result_body())
             self._spawn(self._deliver(job, body), f"callback {job.task_id}")
@@ -161,9 +186,25 @@ class GpuSim:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "oversubscriptions": self.oversubscriptions,
+            "overlaps": list(self.overlaps),
             "answers": dict(self.answers),
             "callbacks_sent": dict(self.callbacks_sent),
             "callbacks_answered": dict(self.callbacks_answered),
             "callbacks_pending": self.callbacks_pending,
             "config": self.behaviour.describe(),
         }
+
+
+def _peek(raw: bytes) -> tuple[str | None, int | None]:
+    """The task id and attempt of a request body, as far as it has them (it is parsed properly later)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(body, dict):
+        return None, None
+    task_id, attempt = body.get("task_id"), body.get("attempt")
+    return (
+        task_id if isinstance(task_id, str) else None,
+        attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+    )

@@ -31,6 +31,7 @@ class Job:
         "plan",
         "received_at",
         "received_mono",
+        "released_at",
         "service_time",
         "task_id",
         "timer",
@@ -54,6 +55,7 @@ class Job:
         self.callback_status: int | None = None
         self.callback_answered_mono: float | None = None  # when the final callback's answer came back
         self.answered_mono: float | None = None  # sync mode: when the slot was freed and the answer went out
+        self.released_at: float | None = None  # async mode: when the job gave its slot back (wall clock)
         self.timer: asyncio.TimerHandle | None = None
         self.beat: asyncio.TimerHandle | None = None
 
@@ -110,6 +112,7 @@ class Job:
             "service_time": self.service_time,
             "received_at": self.received_at,
             "received_mono": self.received_mono,
+            "released_at": self.released_at,
             "callback_sent_at": self.callback_sent_at,
             "callback_sent_mono": self.callback_sent_mono,
             "callback_status": self.callback_status,

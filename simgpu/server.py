@@ -187,7 +187,7 @@ class SimServer(ControlMixin):
         raw = await request.read()
         # Counted only now: from here to taking the slot (gpu.draw) nothing awaits, so concurrent requests
         # are checked against each other's slots.
-        gpu.arrive()
+        gpu.arrive(raw)
         if gpu.down:
             return self._down(request, gpu)
         if self.token is not None and request.headers.get(hdrs.AUTHORIZATION) != f"Bearer {self.token}":

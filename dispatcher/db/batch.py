@@ -46,6 +46,11 @@ def _typed(sql: str, stamps: Sequence[str], *extra: str) -> TextClause:
     return text(sql).bindparams(*[bindparam(name, type_=Timestamp) for name in [*stamps, *extra]])
 
 
+_OURS = text(
+    "SELECT task_id FROM slots WHERE task_id IN :ids AND dispatcher_id = :dispatcher_id AND claimed_at = :now"
+).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
+
+
 def claim_slots(
     conn: Connection, *, picks: Sequence[dict[str, Any]], now: datetime, lease: datetime, dispatcher_id: str
 ) -> set[str]:
@@ -76,8 +81,11 @@ def claim_slots(
         return set(ids)
     if claimed == 0:
         return set()
-    got = text("SELECT task_id FROM slots WHERE task_id IN :ids").bindparams(bindparam("ids", expanding=True))
-    return set(conn.execute(got, {"ids": ids}).scalars())
+    # Which ones got theirs: a slot this statement set (our id, our claim time). Not just "a slot holds the
+    # task": another dispatcher may hold one for another copy of the same task, committed since we read the
+    # task as runnable (READ COMMITTED shows it); counting that claim as ours made the caller undo it by
+    # freeing that dispatcher's live slot (issue 17: an oversubscribed GPU, or a task stuck with no slot).
+    return set(conn.execute(_OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}).scalars())
 
 
 def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:

@@ -24,6 +24,10 @@ def test_a_fifth_job_on_a_four_slot_gpu_is_an_oversubscription(
     assert answers == [202] * 5, "a full GPU still accepts, so the test sees the fifth job"
     busy = fleet.stats()["gpus"]["g0"]
     assert (busy["in_flight"], busy["max_in_flight"], busy["oversubscriptions"]) == (5, 5, 1)
+    # the overlap names the request that found no slot and the jobs holding them all
+    [overlap] = fleet.stats()["totals"]["overlaps"]
+    assert (overlap["gpu"], overlap["task_id"], overlap["attempt"]) == ("g0", "o4", 1)
+    assert [h["task_id"] for h in overlap["holding"]] == ["o0", "o1", "o2", "o3"]
     receiver.wait_for(5)
     done = fleet.wait_until(lambda s: s["gpus"]["g0"]["in_flight"] == 0)["gpus"]
     assert (done["g0"]["max_in_flight"], done["g0"]["oversubscriptions"]) == (5, 1)
