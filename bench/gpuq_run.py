@@ -1,7 +1,12 @@
 """gpuq as the system under test: the real Lambda handler (API Gateway REST proxy events of 100 tasks each,
-called in this process), Redis, a fresh MariaDB database and one ``python -m dispatcher`` process, against
-the simulator in async mode (202, then a callback). A job counts as enqueued when the handler call that
-carried it returned (its Lua push is done by then)."""
+called in this process), Redis, a fresh MariaDB database and one ``python -m dispatcher`` process (or
+several, every callback going to the first: ``Workload.dispatchers``), against the simulator in async mode
+(202, then a callback). A job counts as enqueued when the handler call that carried it returned (its Lua push
+is done by then).
+
+The last job of a live run is of high priority: how many normal jobs started between its enqueue and its
+start is the priority inversion the hand-off buffers allow (README "Slot hand-off"). The dispatchers'
+``/metrics`` give the database commits and the hand-offs per job."""
 
 from __future__ import annotations
 
@@ -32,6 +37,9 @@ class Gpuq:
 
     def __init__(self) -> None:
         self.port = 0
+        self.ports: list[int] = []
+        self.others: list[Proc] = []
+        self.high: str | None = None  # the high-priority job's task id
 
     def prepare(self, ctx: Context) -> None:
         ctx.redis.flush()
@@ -49,6 +57,33 @@ class Gpuq:
 
     def start(self, ctx: Context, workdir: Path, sim: Sim, workload: Workload, token: str) -> Proc:
         self.port = free_port()
+        self.ports = [self.port]
+        secret = secrets.token_urlsafe(32)
+        main = self._start(
+            ctx, workdir, sim, workload, token=token, secret=secret, port=self.port, name="dispatcher"
+        )
+        for i in range(1, workload.dispatchers):
+            port = free_port()
+            self.ports.append(port)
+            other = self._start(
+                ctx, workdir, sim, workload, token=token, secret=secret, port=port, name=f"dispatcher-{i}"
+            )
+            other.wait_until(lambda port=port: self._ready(port), 90)  # type: ignore[misc]
+            self.others.append(other)
+        return main
+
+    def _start(
+        self,
+        ctx: Context,
+        workdir: Path,
+        sim: Sim,
+        workload: Workload,
+        *,
+        token: str,
+        secret: str,
+        port: int,
+        name: str,
+    ) -> Proc:
         settings = {
             "DATABASE_URL": ctx.database.url,
             "REDIS_URL": ctx.redis.url,
@@ -56,37 +91,84 @@ class Gpuq:
             "TASK_QUEUES": QUEUE,
             "GPU_ENDPOINTS": sim.endpoints,
             "SLOTS_PER_GPU": str(workload.slots),
-            "CALLBACK_SECRET": secrets.token_urlsafe(32),
+            "CALLBACK_SECRET": secret,  # shared: a callback for any dispatcher's attempt goes to the first
             "BEARER_TOKEN": token,
             "CALLBACK_HOST": "127.0.0.1",
-            "CALLBACK_PORT": str(self.port),
+            "CALLBACK_PORT": str(port),
+            "CALLBACK_URL": f"http://127.0.0.1:{self.port}/callback",
             "LOG_FORMAT": "json",  # production defaults: JSON lines at INFO
             "LOG_LEVEL": "INFO",
         }
-        return Proc("dispatcher", [sys.executable, "-m", "dispatcher"], python_env(settings), workdir)
+        return Proc(name, [sys.executable, "-m", "dispatcher"], python_env(settings), workdir)
 
     def ready(self, proc: Proc) -> bool:
+        return self._ready(self.port)
+
+    def _ready(self, port: int) -> bool:
         try:
-            return httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
             return False
 
-    def submit(self, jobs: int) -> dict[str, float]:
+    def cleanup(self) -> None:
+        for other in self.others:
+            other.stop(30)
+        self.others = []
+
+    def submit(self, jobs: int, *, high_last: bool = False) -> dict[str, float]:
         from producer.handler import lambda_handler
 
         enqueued: dict[str, float] = {}
+        self.high = None
         for first in range(0, jobs, BATCH):
             ids = [str(uuid.uuid4()) for _ in range(first, min(first + BATCH, jobs))]
-            tasks = [{"task_id": tid, "type": "bench", "data": {"i": first + k}} for k, tid in enumerate(ids)]
+            tasks: list[dict[str, Any]] = [
+                {"task_id": tid, "type": "bench", "data": {"i": first + k}} for k, tid in enumerate(ids)
+            ]
+            if high_last and first + BATCH >= jobs:  # in its own event, after every other job is pushed
+                self.high = ids[-1]
+                tasks[-1]["priority"] = "high"
+                enqueued |= self._push(lambda_handler, tasks[:-1])
+                tasks = tasks[-1:]
+            enqueued |= self._push(lambda_handler, tasks)
+        return enqueued
+
+    def _push(self, lambda_handler: Any, tasks: list[dict[str, Any]]) -> dict[str, float]:
+        enqueued: dict[str, float] = {}
+        if tasks:
+            ids = [t["task_id"] for t in tasks]
             answer = lambda_handler(api_event(tasks, v2=False, b64=False), None)
             if answer.get("statusCode") != 202:
                 raise ProcError(f"the producer answered {answer.get('statusCode')}: {answer.get('body')}")
-            now = time.monotonic()
-            enqueued.update(dict.fromkeys(ids, now))
+            enqueued.update(dict.fromkeys(ids, time.monotonic()))
         return enqueued
 
     def done(self, totals: dict[str, Any]) -> int:
         return int(totals["callbacks_answered"].get("200", 0))  # answered: the dispatcher has recorded it
 
     def extra(self, ctx: Context) -> dict[str, Any]:
-        return {"db_states": ctx.database.states()}
+        """Task states in the database; commits and hand-offs summed over the dispatchers' /metrics."""
+        totals = {"commits": 0.0, "handoffs": 0.0}
+        for port in self.ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            for line in text.splitlines():
+                if line.startswith("gpuq_db_commits_total "):
+                    totals["commits"] += float(line.split()[1])
+                elif line.startswith("gpuq_handoffs_total "):
+                    totals["handoffs"] += float(line.split()[1])
+        return {
+            "db_states": ctx.database.states(),
+            "db_commits": totals["commits"],
+            "handoffs": totals["handoffs"],
+        }
+
+    def figures(self, jobs: list[dict[str, Any]], enqueued: dict[str, float]) -> dict[str, Any]:
+        """The priority inversion of the high-priority job, if there was one."""
+        out: dict[str, Any] = {}
+        if self.high is not None and self.high in enqueued:
+            received = {j["task_id"]: float(j["received_mono"]) for j in jobs}
+            pushed, ran = enqueued[self.high], received.get(self.high)
+            if ran is not None:
+                out["priority_inversion_jobs"] = sum(1 for t in received.values() if pushed < t < ran)
+                out["priority_wait_ms"] = round((ran - pushed) * 1000, 2)
+        return out

@@ -92,28 +92,28 @@ ROWS = [
     Row(
         "dispatch latency p50, ms",
         _get("efficiency", "dispatch_latency_ms", "p50"),
-        "≤ 2",
+        "≤ 3",
         lambda v: v <= TARGETS["dispatch_p50_ms"],
         "{:,.2f}",
     ),
     Row(
         "dispatch latency p99, ms",
         _get("efficiency", "dispatch_latency_ms", "p99"),
-        "≤ 5",
+        "≤ 15",
         lambda v: v <= TARGETS["dispatch_p99_ms"],
         "{:,.2f}",
     ),
     Row(
         "slot turnaround p50, ms",
         _get("efficiency", "turnaround_ms", "p50"),
-        "≤ 2",
+        "≤ 3",
         lambda v: v <= TARGETS["turnaround_p50_ms"],
         "{:,.2f}",
     ),
     Row(
         "slot turnaround p99, ms",
         _get("efficiency", "turnaround_ms", "p99"),
-        "≤ 10",
+        "≤ 15",
         lambda v: v <= TARGETS["turnaround_p99_ms"],
         "{:,.2f}",
     ),
@@ -130,11 +130,44 @@ ROWS = [
     Row(
         "efficiency (ideal / measured makespan)",
         _get("efficiency", "efficiency"),
-        "≥ 0.98",
+        "≥ 0.95",
         lambda v: v >= TARGETS["efficiency"],
         "{:.3f}",
     ),
     Row("makespan, s", _get("efficiency", "makespan_s"), fmt="{:,.2f}"),
+    Row(
+        "short jobs (16 slots x 40 ms): efficiency",
+        _get("short", "efficiency"),
+        "≥ 0.90",
+        lambda v: v >= TARGETS["short_efficiency"],
+        "{:.3f}",
+    ),
+    Row("  short jobs: slot turnaround p50, ms", _get("short", "turnaround_ms", "p50"), fmt="{:,.2f}"),
+    Row(
+        "three dispatchers, callbacks to one (16 x 40 ms): efficiency",
+        _get("three", "efficiency"),
+        "≥ 0.90",
+        lambda v: v >= TARGETS["three_efficiency"],
+        "{:.3f}",
+    ),
+    Row("  three dispatchers: slot turnaround p50, ms", _get("three", "turnaround_ms", "p50"), fmt="{:,.2f}"),
+    Row(
+        "database commits per job (efficiency run)",
+        _get("efficiency", "db_commits_per_job"),
+        "≤ 1.2",
+        lambda v: v <= TARGETS["commits_per_job"],
+        "{:.2f}",
+    ),
+    Row(
+        "  jobs started by a hand-off (efficiency run), share",
+        _get("efficiency", "handoff_share"),
+        fmt="{:.2f}",
+    ),
+    Row(
+        "priority inversion: jobs started ahead of a later high-priority one",
+        _get("efficiency", "priority_inversion_jobs"),
+        fmt="{:d}",
+    ),
     Row(
         "overhead-bound throughput, jobs/s",
         _get("overhead", "jobs_per_s"),
@@ -148,14 +181,14 @@ ROWS = [
         fmt="{:,.0f}",
     ),
     Row(
-        "oversubscriptions (both runs)",
+        "oversubscriptions (all runs)",
         lambda r: sum(r[w]["oversubscriptions"] for w in r),
         "0",
         lambda v: v == 0,
         "{:d}",
     ),
     Row(
-        "jobs run twice / not run (both runs)",
+        "jobs run twice / not run (all runs)",
         lambda r: "/".join(str(x) for x in _twice_missing(r)),
         "0/0",
         lambda v: v == "0/0",
@@ -211,7 +244,7 @@ def table_rows(figures: Figures) -> list[list[str]]:
         ok = "yes" if speedup >= TARGETS["speedup_vs_celery"] else "NO"
         after = next(i for i, cells in enumerate(rows) if cells[0].startswith("  steady rate"))
         rows.insert(
-            after + 1, ["gpuq / Celery, overhead-bound throughput", f"{speedup:.2f}x", "", "≥ 3x", ok]
+            after + 1, ["gpuq / Celery, overhead-bound throughput", f"{speedup:.2f}x", "", "≥ 2.5x", ok]
         )
     return rows
 

@@ -100,7 +100,11 @@ def run(
             hooks.on_consumer(proc.pid)
         if not backlog:
             started = time.monotonic()
-            enqueued = system.submit(workload.jobs)
+            enqueued = (
+                system.submit(workload.jobs, high_last=True)  # type: ignore[call-arg]
+                if hasattr(system, "figures")
+                else system.submit(workload.jobs)
+            )
             enqueue_s = time.monotonic() - started
         timeout = 60 + workload.jobs / 20 + workload.ideal_makespan * 3
         _wait(sim, proc, system, usage, jobs=workload.jobs, timeout=timeout)
@@ -112,6 +116,11 @@ def run(
             enqueued = {task_id: max(t, started) for task_id, t in enqueued.items()}
         result = measure(workload, jobs, enqueued, started)
         result |= resources | system.extra(ctx)
+        if hasattr(system, "figures"):
+            result |= system.figures(jobs, enqueued)
+        if "db_commits" in result:
+            result["db_commits_per_job"] = round(result["db_commits"] / workload.jobs, 3)
+            result["handoff_share"] = round(result["handoffs"] / workload.jobs, 3)
         result |= {
             "start": "backlog" if backlog else "live",
             "enqueue_s": round(enqueue_s, 3),
@@ -122,6 +131,8 @@ def run(
     finally:
         if hooks.after is not None:
             hooks.after()
+        if hasattr(system, "cleanup"):
+            system.cleanup()  # the other dispatchers of a several-dispatcher run
         exit_code = consumer.stop(30) if consumer is not None else None
         sim.stop()
     result["consumer_exit_code"] = exit_code

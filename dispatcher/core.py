@@ -8,7 +8,6 @@ functions (run in worker threads, PyMySQL being blocking), GPUs through ``GpuCli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -20,24 +19,24 @@ from typing import Any, TypeVar
 import orjson
 from redis.asyncio import Redis
 from sqlalchemy import Engine
-from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.attempts import Backoff, Finish, extend_lease, finish_many
+from dispatcher.db.attempts import Backoff, Finish, extend_lease
 from dispatcher.db.clock import clock_offset
-from dispatcher.db.dispatch import dispatch, held_by, snapshot
+from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
-from dispatcher.dead_letters import dead_letter, isolate, reason
+from dispatcher.dead_letters import dead_letter, reason
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
 from dispatcher.gpu_client import GpuClient
 from dispatcher.gpu_requests import GpuRequests
 from dispatcher.group_commit import GroupCommit
+from dispatcher.handoff import HandOffs
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.intake import Intake, Settlement, Taken
 from dispatcher.limits import Limits, encode_result
 from dispatcher.metrics import Metrics
-from dispatcher.placement import capacity
+from dispatcher.placing import Placing
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
 from producer.job import Job, parse_redis_job
@@ -73,7 +72,11 @@ class Dispatcher:
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
         self.events = EventPublisher(redis, self.keys, lambda coro: self.spawn(coro, "publish-events"))
-        self.finisher = GroupCommit(self._end_many, lambda coro: self.spawn(coro, "finish-batches"))
+        self.handoffs = HandOffs(self, settings.handoff_buffer)
+        self.placing = Placing(self)
+        self.finisher = GroupCommit(self.handoffs.end_many, lambda coro: self.spawn(coro, "finish-batches"))
+        self._look = True  # free slots may exist that nobody counted: the next pass reads them
+        self._room: dict[str, int] | None = None  # free slots per pool a hand-off left over (fresh count)
         self.limits = Limits.default()  # until start() has read the database's packet size
         self._isolate = False  # a pass raised something unforeseen: try its jobs one at a time
         self.accepting = True
@@ -98,13 +101,22 @@ class Dispatcher:
         self.clock_offset = offset
 
     async def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        return await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+        """``fn`` in one transaction, in a worker thread; each commit is counted (``gpuq_db_commits``: the
+        benchmark's commits per job)."""
+        out = await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+        self.metrics.db_commits.inc()
+        return out
 
     def spawn(self, coro: Any, name: str, *, side: bool = False) -> None:
         """Start owned background work: kept in a set until done; a side task that dies is fatal."""
         task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
         (self._side if side else self._inflight).add(task)
         task.add_done_callback(self._side_done if side else self._inflight.discard)
+
+    @property
+    def inflight(self) -> set[asyncio.Task[None]]:
+        """Owned background work still running (requests, hand-off settlements, publishing)."""
+        return self._inflight
 
     def _side_done(self, task: asyncio.Task[None]) -> None:
         self._side.discard(task)
@@ -121,13 +133,26 @@ class Dispatcher:
             self.on_fatal()
 
     def slot_freed(self) -> None:
-        """Wake this loop now and every other dispatcher through Redis. A burst of freed slots costs one
-        PUBLISH in flight plus one after it, not one per slot."""
+        """Wake this loop to look for free slots now, and every other dispatcher through Redis. A burst of
+        freed slots costs one PUBLISH in flight plus one after it, not one per slot."""
+        self._look = True
         self._wake.set()
         self._publish_pending = True
         if not self._publishing:
             self._publishing = True
             self.spawn(self._publish(), "publish-wake")
+
+    def room(self, free: dict[str, int]) -> None:
+        """A hand-off left ``free`` slots per pool (counted in its transaction) with no buffered job for
+        them: the loop fills them without reading them again, and other dispatchers are woken (they may
+        serve other queues)."""
+        self._room = free
+        self.slot_freed()
+        self._look = False
+
+    def refill(self) -> None:
+        """Buffered jobs were used: wake the loop to take more (no slot is free: nobody else to wake)."""
+        self._wake.set()
 
     async def _publish(self) -> None:
         try:
@@ -141,7 +166,9 @@ class Dispatcher:
 
     # -- life cycle -----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, background: bool = True) -> None:
+        """Schema, clock, GPUs, heartbeat; then the loop, the wake-up listener and housekeeping, unless
+        ``background`` is False (``dispatcher/testing.py`` drives the passes itself)."""
         await asyncio.to_thread(init_schema, self.engine)
         await self.sync_clock()
         s = self.settings
@@ -164,6 +191,8 @@ class Dispatcher:
         await self.gpu.start()
         await self.intake.heartbeat()
         await self.intake.sweep_dead()
+        if not background:
+            return
         self._loop = asyncio.create_task(self._run(), name="dispatch-loop")
         self._side.add(self._loop)
         self._loop.add_done_callback(self._side_done)
@@ -184,6 +213,7 @@ class Dispatcher:
         while the HTTP server still takes callbacks. Runs before the server stops listening."""
         self.accepting = False
         self._wake.set()
+        self.placing.park(self.handoffs.buffer.drain())
         deadline = time.monotonic() + grace
         log.info("draining", extra={"action": "drain", "grace_seconds": grace})
         while time.monotonic() < deadline:
@@ -239,6 +269,8 @@ class Dispatcher:
             except TRANSIENT as exc:
                 # Whatever this pass took stays in our processing list; the next pass finishes it.
                 log.warning("store unavailable; retrying", extra={"action": "loop_error", "error": str(exc)})
+                self.handoffs.reconcile_at = 0.0
+                self._look = True
                 await self._wait(pause)
                 pause = min(pause * 2, 2.0)
                 continue
@@ -248,6 +280,8 @@ class Dispatcher:
                 # so one job can neither stop the loop nor come back to it after every restart.
                 log.exception("dispatch pass failed; isolating its jobs", extra={"action": "loop_error"})
                 self._isolate = True
+                self.handoffs.reconcile_at = 0.0  # its jobs are strays now: the next pass finds them
+                self._look = True
                 await self._wait(pause)
                 pause = min(pause * 2, 2.0)
                 continue
@@ -255,8 +289,10 @@ class Dispatcher:
                 await self._wait(self.settings.idle_poll_seconds)
 
     async def _wait(self, timeout: float) -> None:
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            self._look = True  # nothing woke us: look anyway (a wake-up may have been lost)
 
     def _prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
         """Parse taken jobs: (job, pool, processing-list element) for each good one; the settlement moves
@@ -280,85 +316,26 @@ class Dispatcher:
         return items, prepared
 
     async def dispatch_once(self) -> bool:
-        """Take as many jobs as there are free slots and place them; False when there was nothing to do."""
-        if not self.accepting:
-            return False
-        # Jobs still in our processing list were taken by a pass that did not finish (a store error, or a
-        # Redis call retried after its first answer was lost): finish them before taking more. Their
-        # placement may have been committed already, so look before placing.
-        held = await self.intake.held()
-        view = await self.db(snapshot)
-        free = capacity(view)
-        if held and self._isolate:
-            await isolate(held, lambda t: self._pass([t], None, held=True), self.intake.settle, self.metrics)
-            self._isolate = False
-            return True
-        if not held:
-            self._isolate = False  # the pass that failed left nothing behind to isolate
-        if held:
-            taken = held
-        else:
-            want = min(sum(free.values()), self.settings.dispatch_batch_size)
-            if want == 0:
-                return False
-            taken = await self.intake.take(want, free)
-            if not taken:
-                return False
-        return await self._pass(taken, view, held=bool(held))
+        """One pass of the loop (see ``Placing.dispatch_once``); False when there was nothing to do."""
+        return await self.placing.dispatch_once()
 
-    async def _pass(self, taken: list[Taken], view: Any, *, held: bool) -> bool:
-        started = time.perf_counter()
-        items, prepared = self._prepare(taken)
-        await self.intake.settle(prepared)
-        if not items:
-            return True
-        kwargs = {
-            "items": [(job, pool) for job, pool, _ in items],
-            "dispatcher_id": self.settings.dispatcher_id,
-            "lease_seconds": self.settings.task_timeout_seconds,
-            "max_attempts": self.settings.max_attempts,
-            "rng": self.rng,
-        }
-        try:
-            result = await self.db(dispatch, now=self.now(), view=view, check_existing=held, **kwargs)
-        except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
-            try:
-                result = await self.db(dispatch, now=self.now(), check_existing=True, **kwargs)
-            except IntegrityError as exc:  # another dispatcher recorded one of them meanwhile
-                log.warning(
-                    "placement raced another dispatcher; the next pass finishes these jobs",
-                    extra={"action": "dispatch_race", "error": str(exc.orig)},
-                )
-                return True
-        # By identity: two copies of one task in a batch are two elements of the processing list.
-        element_of = {id(job): el for job, _, el in items}
-        unsent = [p for p in result.mine if not self.requests.sent(p)]
-        done = Settlement(
-            ack=[element_of[id(p.job)] for p in result.placed + result.mine]
-            + [element_of[id(j)] for j, _ in result.dropped]
-            + [element_of[id(j)] for j in result.deferred],
-            park=[(element_of[id(j)], pool, j.to_redis()) for j, pool in result.unplaced],
-        )
-        for job, why in result.refused:
-            dead_letter(done, self.metrics, element_of[id(job)], job.queue, why, reused=True)
-        for job, why in result.dropped:
-            log.info(
-                "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
-            )
-        for placed in result.placed + unsent:
-            self.requests.fire(placed, started)
-            self.events.publish(
-                "dispatched",
-                placed.job.task_id,
-                attempt=placed.attempt,
-                gpu_id=placed.gpu_id,
-                slot_index=placed.slot_index,
-                pool=placed.pool,
-            )
-        for job in result.deferred:
-            self.events.publish("scheduled", job.task_id, run_after=job.not_before)
-        await self.intake.settle(done)
-        return True
+    def take_room(self) -> dict[str, int] | None:
+        """The free slots a hand-off counted and left to the loop, once."""
+        room, self._room = self._room, None
+        return room
+
+    def look_wanted(self) -> bool:
+        """Whether a slot may have been freed that nobody counted (then the pass reads them), once."""
+        look, self._look = self._look, False
+        return look
+
+    def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
+        return self._prepare(taken)
+
+    def isolating(self) -> bool:
+        """Whether the last pass failed in a way no rule foresaw (its jobs are tried one by one), once."""
+        isolate, self._isolate = self._isolate, False
+        return isolate
 
     # -- attempts -------------------------------------------------------------------------------------
 
@@ -409,12 +386,7 @@ class Dispatcher:
                     "state": fin.state,
                 },
             )
-        if fin.freed:
-            self.slot_freed()
         return fin
-
-    async def _end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
-        return await self.db(finish_many, items=items, now=self.now(), backoff=self.backoff)
 
     async def heartbeat(self, task_id: str, attempt: int, progress: dict[str, Any] | None = None) -> Finish:
         fin = await self.db(
@@ -436,12 +408,14 @@ class Dispatcher:
                 await pubsub.subscribe(self.keys.wake)
                 while not self.stopping.is_set():
                     if await pubsub.get_message(timeout=1.0) is not None:
+                        self._look = True  # a slot freed elsewhere, or a job pushed: look
                         self._wake.set()
             except TRANSIENT as exc:
                 log.warning(
                     "wake-up channel lost; resubscribing", extra={"action": "wake", "error": str(exc)}
                 )
-                self._wake.set()  # we may have missed something
+                self._look = True  # we may have missed something
+                self._wake.set()
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -21,6 +21,10 @@ class Metrics:
         self.gpu_requests = Counter(
             "gpuq_gpu_requests", "Requests to GPUs by verdict", ["verdict"], registry=r
         )
+        self.handoffs = Counter(
+            "gpuq_handoffs", "Jobs started in the transaction that ended the attempt before them", registry=r
+        )
+        self.db_commits = Counter("gpuq_db_commits", "Database transactions committed", registry=r)
         self.lease_expiries = Counter("gpuq_lease_expiries", "Attempts ended by their lease", registry=r)
         self.dead_letters = Counter("gpuq_dead_letters", "Jobs moved to the dead-letter list", registry=r)
         self.task_ids_reused = Counter(

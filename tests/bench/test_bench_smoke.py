@@ -47,11 +47,14 @@ def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: P
     assert meta["machine"]["nproc"] >= 1
     assert meta["machine"]["cpu_model"]
     assert "--smoke" in meta["command"]
-    assert [w["name"] for w in meta["workloads"]] == ["efficiency", "overhead"]
+    assert [w["name"] for w in meta["workloads"]] == ["efficiency", "three", "overhead"]
     systems = {"gpuq", "celery"} if HAS_CELERY else {"gpuq"}
     assert set(data["runs"]) == systems
     for system in systems:
-        for workload in ("efficiency", "overhead"):
+        for workload in ("efficiency", "three", "overhead"):
+            if system != "gpuq" and workload == "three":  # several dispatchers: gpuq only
+                assert workload not in data["runs"][system]
+                continue
             run = data["runs"][system][workload]
             where = f"{system}/{workload}"
             assert run["oversubscriptions"] == 0, where
@@ -70,8 +73,11 @@ def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: P
             assert run["consumer_exit_code"] == 0, where
         assert 0 < data["runs"][system]["efficiency"]["efficiency"] <= 1, system
     # every gpuq job is recorded as finished in the database, exactly once
-    for workload in ("efficiency", "overhead"):
+    for workload in ("efficiency", "three", "overhead"):
         run = data["runs"]["gpuq"][workload]
         assert run["db_states"] == {"finished": run["jobs"]}
+        assert run["db_commits_per_job"] > 0
+    # the live run's last job is of high priority: how far it was overtaken is measured
+    assert data["runs"]["gpuq"]["efficiency"]["priority_inversion_jobs"] >= 0
     if HAS_CELERY:
         assert meta["speedup_vs_celery"] > 0
