@@ -62,6 +62,8 @@ class Gpuq:
         main = self._start(
             ctx, workdir, sim, workload, token=token, secret=secret, port=self.port, name="dispatcher"
         )
+        if workload.dispatchers > 1:  # the first creates the schema; creating it at once from several races
+            main.wait_until(lambda: self._ready(self.port), 90)
         for i in range(1, workload.dispatchers):
             port = free_port()
             self.ports.append(port)
