@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import runner, workloads
+from bench import gpuq_run, runner, workloads
 from bench.gpuq_run import Gpuq
 from bench.procs import ProcError
 from bench.report import changed_files, git_revision, machine, markdown, print_table, speedup_vs_celery
@@ -47,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=6400, help="jobs in the efficiency run")
     p.add_argument("--overhead-jobs", type=int, default=20_000, help="jobs in the 0 ms run")
     p.add_argument("--no-celery", action="store_true", help="gpuq only (no Celery installed)")
+    p.add_argument("--handoff-buffer", type=int, default=None, help="HANDOFF_BUFFER of gpuq (0: no hand-off)")
     p.add_argument(
         "--only", default="", help="comma list of workloads to run (efficiency,short,three,overhead)"
     )
@@ -84,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke
         else workloads.full(args.gpus, args.slots, args.service, args.jobs, args.overhead_jobs)
     )
+    if args.handoff_buffer is not None:
+        gpuq_run.HANDOFF_BUFFER = args.handoff_buffer
+        meta_extra = {"handoff_buffer": args.handoff_buffer}
+    else:
+        meta_extra = {}
     if args.only:
         sets = [w for w in sets if w.name in args.only.split(",")]
     systems = ["gpuq"] if args.no_celery else ["gpuq", "celery"]
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "producer": "producer.handler.lambda_handler, API Gateway REST proxy events of 100 tasks",
         "workloads": [w.describe() for w in sets],
         "targets": TARGETS,
-    }
+    } | meta_extra
     figures: dict[str, dict[str, Any]] = {s: {} for s in systems}
     stamp = datetime.now().strftime("%Y-%m-%d-%H%M")
     with tempfile.TemporaryDirectory(prefix="gpuq-bench-") as tmp:

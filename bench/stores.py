@@ -8,6 +8,7 @@ MariaDB database ``gpuq_bench_<id>`` is created afresh for every gpuq run and dr
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 
 import pymysql
 import redis
@@ -120,5 +121,24 @@ class BenchDatabase:
             with conn.cursor() as cur:
                 cur.execute(f"SELECT state, COUNT(*) FROM `{self.name}`.tasks GROUP BY state")
                 return {str(state): int(count) for state, count in cur.fetchall()}
+        finally:
+            conn.close()
+
+    def started_ahead(self, task_id: str, since: datetime) -> int | None:
+        """Tasks the dispatchers started (recorded ``processing``) after ``since`` (naive UTC) and before
+        ``task_id``: the jobs that overtook it once it was enqueued. None when it never started."""
+        conn = self._admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SELECT started_at FROM `{self.name}`.tasks WHERE task_id = %s", (task_id,))
+                row = cur.fetchone()
+                if row is None or row[0] is None:
+                    return None
+                cur.execute(
+                    f"SELECT COUNT(*) FROM `{self.name}`.tasks WHERE started_at > %s AND started_at < %s",
+                    (since, row[0]),
+                )
+                (count,) = cur.fetchone() or (0,)
+                return int(count)
         finally:
             conn.close()

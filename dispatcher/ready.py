@@ -89,12 +89,14 @@ class ReadyBuffer:
         for pool, rs in by_pool.items():
             self._jobs.setdefault(pool, deque()).extendleft(reversed(rs))
 
-    def add(self, items: Iterable[Ready]) -> list[Ready]:
-        """Append jobs that found no slot; returns those that do not fit (to be parked)."""
+    def add(self, items: Iterable[Ready], now: float | None = None) -> list[Ready]:
+        """Append jobs that found no slot; returns those that do not fit, or whose pool is not in demand here
+        (to be parked)."""
+        now = time.monotonic() if now is None else now
         over = []
         for r in items:
             q = self._jobs.setdefault(r.pool, deque())
-            if len(q) < self.size:
+            if len(q) < self.size and self._wanted(r.pool, now):
                 q.append(r)
             else:
                 over.append(r)

@@ -1,0 +1,43 @@
+"""The per-pool ready buffer (dispatcher/ready.py): bounded, oldest first, filled only for pools in demand."""
+
+from __future__ import annotations
+
+from dispatcher.ready import DEMAND_SECONDS, Ready, ReadyBuffer
+from tests.dispatcher.helpers import job
+
+
+def _ready(pool: str, n: int) -> list[Ready]:
+    return [Ready(job(task_id=f"{pool}-{i}"), pool, f"el-{pool}-{i}") for i in range(n)]
+
+
+def test_bounded_oldest_first_and_put_back_in_front() -> None:
+    b = ReadyBuffer(3)
+    b.demand(["a"], now=0.0)
+    assert b.deficit(now=0.0) == {"a": 3}
+    over = b.add(_ready("a", 5), now=0.0)
+    assert [r.job.task_id for r in over] == ["a-3", "a-4"]  # the bound: the rest is parked
+    assert b.deficit(now=0.0) == {}
+    first = b.pop("a", 2)
+    assert [r.job.task_id for r in first] == ["a-0", "a-1"]
+    b.add(_ready("x", 0), now=0.0)
+    b.put_back(first)  # not placed: ahead of what came after them
+    assert [r.job.task_id for r in b.pop_each(9)] == ["a-0", "a-1", "a-2"]
+
+
+def test_only_pools_in_demand_are_filled_and_lapsed_ones_are_given_up() -> None:
+    b = ReadyBuffer(2)
+    assert b.add(_ready("a", 1), now=0.0) != []  # nobody freed a slot of "a" here: not buffered
+    b.demand(["a"], now=0.0)
+    assert b.add(_ready("a", 2), now=1.0) == []
+    assert b.lapsed(now=DEMAND_SECONDS) == []
+    gone = b.lapsed(now=DEMAND_SECONDS + 0.1)
+    assert len(gone) == 2
+    assert len(b) == 0
+    assert b.deficit(now=DEMAND_SECONDS + 0.1) == {}
+
+
+def test_size_zero_turns_it_off() -> None:
+    b = ReadyBuffer(0)
+    b.demand(["a"], now=0.0)
+    assert b.deficit(now=0.0) == {}
+    assert len(b.add(_ready("a", 1), now=0.0)) == 1
