@@ -120,7 +120,7 @@ class DispatcherSettings(StoreSettings):
     dispatch_batch_size: int = Field(default=64, ge=1, le=1000)
     #: Jobs per pool kept ready for slot hand-off (dispatcher/ready.py); 0 turns hand-off off. A job of
     #: higher priority enqueued later can start behind at most this many jobs of its pool.
-    handoff_buffer: int = Field(default=8, ge=0, le=1000)
+    handoff_buffer: int = Field(default=16, ge=0, le=1000)
     idle_poll_seconds: float = Field(default=0.5, gt=0)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
