@@ -209,7 +209,8 @@ def _report(
     try:
         from bench.plot import plot
 
-        plot(figures, title, args.out / f"{stamp}.png")
+        if all({"efficiency", "overhead"} <= set(runs) for runs in figures.values()):  # what it draws
+            plot(figures, title, args.out / f"{stamp}.png")
     except ImportError:
         console.print(
             "[yellow]matplotlib is not installed: no plot (pip install -r bench/requirements.txt)[/]"
