@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.dispatcher.harness import ROOT
 
 # Bench-only dependencies (bench/requirements.txt), which `make test` does not install.
@@ -18,6 +20,7 @@ HAS_CELERY = importlib.util.find_spec("celery") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
+@pytest.mark.timeout(260)  # three workloads (one of them starts three dispatchers), twice with Celery
 def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: Path) -> None:
     # GIVEN the real Redis and MariaDB (the bench claims a Redis db and creates a database of its own)
     argv = [sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)]
@@ -30,7 +33,7 @@ def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: P
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=240,
         check=False,
     )
     out = proc.stdout + proc.stderr
