@@ -120,7 +120,9 @@ class Placing:
             return []
         of = {id(r.job): r for r in place}
         was_buffered = {id(r) for r in ready}
-        settlement.ack += self.started(result, {k: r.element for k, r in of.items()}, started).ack
+        done = self.started(result, {k: r.element for k, r in of.items()}, started)
+        settlement.ack += done.ack
+        settlement.dead += done.dead  # new jobs reusing a known task id
         unplaced = [of[id(j)] for j, _ in result.unplaced]
         h.buffer.put_back([r for r in unplaced if id(r) in was_buffered])
         return [r for r in unplaced if id(r) not in was_buffered]

@@ -9,7 +9,7 @@ import json
 
 from redis.asyncio import Redis
 
-from dispatcher import core
+from dispatcher import placing
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.gpu_client import GpuClient, Verdict
@@ -26,14 +26,14 @@ def test_an_unforeseen_error_from_one_job_dead_letters_it_and_the_loop_goes_on(s
     jobs.insert(1, Job(task_id="cursed", type="t", queue=q))
     stack.rds.rpush(q, *[j.to_redis() for j in jobs])
     # GIVEN placing "cursed" raises something no rule knows of (whatever the batch it is in)
-    real = core.dispatch
+    real = placing.dispatch  # the loop's placements (dispatcher/placing.py)
 
     def dispatch(conn, **kwargs):
         if any(job.task_id == "cursed" for job, _ in kwargs["items"]):
             raise RuntimeError("the unforeseen")
         return real(conn, **kwargs)
 
-    monkeypatch.setattr(core, "dispatch", dispatch)
+    monkeypatch.setattr(placing, "dispatch", dispatch)
     settings = DispatcherSettings(
         _env_file=None,  # type: ignore[call-arg]
         database_url=stack.database_url,
