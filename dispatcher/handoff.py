@@ -104,7 +104,7 @@ class HandOffs:
         ready_of = {id(r.job): r for r in candidates}
         settlement = self.d.placing.started(out.result, {k: r.element for k, r in ready_of.items()}, started)
         decided = {id(j) for j in [p.job for p in out.result.placed + out.result.mine]}
-        decided |= {id(j) for j, _ in out.result.dropped + out.result.refused} | {
+        decided |= {id(j) for j, _ in out.result.dropped + out.result.refused + out.result.invalid} | {
             id(j) for j in out.result.deferred
         }
         self._return([r for r in candidates if id(r.job) not in decided])

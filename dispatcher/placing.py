@@ -163,6 +163,8 @@ class Placing:
         )
         for job, why in result.refused:  # a new job reusing a known task id
             dead_letter(done, d.metrics, element_of[id(job)], job.queue, why, reused=True)
+        for job, why in result.invalid:  # a "retry" of a task never recorded, with an id the rules refuse
+            dead_letter(done, d.metrics, element_of[id(job)], job.queue, why)
         for job, why in result.dropped:
             log.info(
                 "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}

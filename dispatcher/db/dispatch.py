@@ -24,7 +24,7 @@ from dispatcher.db.engine import naive_utc
 from dispatcher.db.schema import gpus, tasks
 from dispatcher.placement import GpuFree, Pick, Placer
 from dispatcher.states import RUNNABLE, TaskState
-from producer.job import Job
+from producer.job import Job, task_id_problem
 
 #: Fresh snapshots a claimer takes when its proposals keep losing races before it calls a pool full.
 _REFRESHES = 3
@@ -67,6 +67,8 @@ class DispatchResult:
     mine: list[Placed] = field(default_factory=list)
     # A new job whose task id a different, known task has: dead-letter it ("task id already used").
     refused: list[tuple[Job, str]] = field(default_factory=list)
+    # A "retry" (attempt > 0) of a task no dispatcher recorded, whose id today's rules refuse: dead-letter it.
+    invalid: list[tuple[Job, str]] = field(default_factory=list)
 
 
 def free_slot(conn: Connection, *, task_id: str, attempt: int) -> bool:
@@ -167,6 +169,11 @@ def _triage(
                 out.dropped.append((job, "the same task twice in one batch"))
             continue
         seen[job.task_id] = job
+        if row is None and job.attempt > 0 and (problem := task_id_problem(job.task_id)):
+            # parse_redis_job spares retries the id rules (ids of earlier versions); with no task recorded
+            # this is no retry but a new task, and ``a/b`` or ``x%2Fevents`` would be unreachable by id.
+            out.invalid.append((job, f"task_id: {problem} (attempt {job.attempt} of a task never recorded)"))
+            continue
         if row is not None and job.attempt == 0 and not _copy_of(row, job):
             out.refused.append((job, f"task id already used: task {job.task_id} exists ({row.state})"))
             continue

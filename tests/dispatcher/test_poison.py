@@ -61,6 +61,22 @@ RAW: list[tuple[str, str | bytes, str]] = [
     ("zero-width id in data", json.dumps({"type": T, "data": {"task_id": "a\u200bb"}}), "U+200B"),
     ("id of 300 characters", json.dumps({"type": T, "task_id": "x" * 300}), "task_id"),
     ("id an object", json.dumps({"type": T, "task_id": {"a": 1}}), "task_id"),
+    # A "retry" (attempt > 0) of a task no dispatcher recorded is a new task: today's id rules apply
+    (
+        "retry of an unknown task, id with a slash",
+        json.dumps({"type": T, "task_id": "r/1", "attempt": 1}),
+        "of a task never recorded",
+    ),
+    (
+        "retry of an unknown task, id with %2F",
+        json.dumps({"type": T, "task_id": "r%2Fevents", "attempt": 2}),
+        "'%'",
+    ),
+    (
+        "retry of an unknown task, bidi id",
+        json.dumps({"type": T, "task_id": "r\u202ez", "attempt": 1}),
+        "U+202E",
+    ),
     ("no type", json.dumps({"data": {}}), "type"),
     ("unknown priority", json.dumps({"type": T, "priority": "urgent"}), "priority"),
     ("data a list", json.dumps({"type": T, "data": [1]}), "data"),
