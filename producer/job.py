@@ -305,7 +305,20 @@ def parse_redis_job(
     # A new task (attempt 0) obeys today's id rules; a retry carries the id its task was recorded with.
     if job.attempt == 0 and task_id is not None and (problem := task_id_problem(job.task_id)):
         raise InvalidJob(f"task_id: {problem}")
+    # A dispatcher writes the job back, sweeps, parks and retries it as ``to_redis()``, not as ``raw``: the
+    # fields it adds and numbers written out (``1e15`` is 1000000000000000.0) can make that bigger than
+    # what this very check lets in, and a retry refused here would leave its task queued with no job.
+    if len(raw) * _MAX_GROWTH > limit and (size := len(job.to_redis().encode())) > limit - _ATTEMPT_ROOM:
+        raise InvalidJob(
+            f"the job is {size} bytes as a dispatcher stores it, more than MAX_JOB_BYTES={max_bytes}"
+        )
     return job, task_id is None or "enqueued_at" not in obj
+
+
+#: How much bigger than its text a job can get once re-serialised (``1e15,`` -> ``1000000000000000.0,``).
+_MAX_GROWTH = 5
+#: Bytes kept for a retry's longer attempt number (up to MAX_ATTEMPT) after the size check above.
+_ATTEMPT_ROOM = 8
 
 
 def _utf8_size(raw: bytes | str) -> int:

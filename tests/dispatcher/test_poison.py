@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from producer.handler import lambda_handler
-from producer.job import Job
+from producer.job import MAX_JOB_BYTES, REWRITE_ALLOWANCE, Job
 from producer.keys import Keys
 from tests.dispatcher.harness import received_per_task, redis_leftovers, states, wait_final
 from tests.dispatcher.helpers import wait_for
@@ -76,6 +76,20 @@ RAW: list[tuple[str, str | bytes, str]] = [
         "retry of an unknown task, bidi id",
         json.dumps({"type": T, "task_id": "r\u202ez", "attempt": 1}),
         "U+202E",
+    ),
+    # Within MAX_JOB_BYTES + its rewrite allowance as pushed, but not as a dispatcher writes it back (the
+    # id and enqueue time it adds, numbers written out): its first retry was refused, its task left queued
+    (
+        "job at the allowance, no id",
+        _with_data(
+            '{"blob": "' + "x" * (MAX_JOB_BYTES + REWRITE_ALLOWANCE - len(_with_data('{"blob": ""}'))) + '"}'
+        ),
+        "as a dispatcher stores it",
+    ),
+    (
+        "short floats grown",
+        _with_data('{"v": [' + ",".join(["1e15"] * 50_000) + "]}"),
+        "as a dispatcher stores",
     ),
     ("no type", json.dumps({"data": {}}), "type"),
     ("unknown priority", json.dumps({"type": T, "priority": "urgent"}), "priority"),
