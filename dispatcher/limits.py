@@ -52,7 +52,8 @@ def encode_result(result: Any, limit: int) -> tuple[EncodedJson | None, str | No
     if result is None:
         return None, None
     try:
-        text = EncodedJson(json.dumps(result, separators=(",", ":")))
+        # NaN and Infinity are no JSON: stored, no strict reader (a browser, MySQL) could read them back
+        text = EncodedJson(json.dumps(result, separators=(",", ":"), allow_nan=False))
     except (TypeError, ValueError, RecursionError) as exc:
         return None, f"the result cannot be stored as JSON ({type(exc).__name__}: {exc})"
     if len(text) > limit:

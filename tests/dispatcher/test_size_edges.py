@@ -127,3 +127,15 @@ def test_a_synchronous_failure_with_a_70_kb_error_fails_the_task_at_once(stack, 
         assert history == error
     with stack.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL").scalar_one() == 0
+
+
+def test_a_result_with_nan_is_refused_not_stored_as_text_no_json_reader_takes(stack):
+    # GIVEN a running task WHEN its GPU calls back with NaN in its result (Python's JSON readers take it)
+    d, [task_id] = _running(stack, 1)
+    res = _callback(d, task_id, status="finished", result={"score": float("nan")})
+    # THEN the attempt fails with the reason: the result was stored as {"score":NaN}, which no strict JSON
+    # reader (a browser, MySQL's JSON functions) takes, and which GET /tasks showed as null
+    assert res.status_code == 200, res.text
+    state, error, stored, _ = _row(stack, task_id)
+    assert (state, stored) == ("failed", None)
+    assert error.startswith("the result cannot be stored as JSON"), error
