@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -95,12 +96,16 @@ def main() -> int:
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).
     options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 15}
-    redis = Redis.from_url(settings.redis_dsn(), **options)
-    beat = Redis.from_url(settings.redis_dsn(), max_connections=4, **options)
-    publisher = Redis.from_url(settings.redis_dsn(), max_connections=8, **options)
+    # Named (CLIENT LIST shows gpuq-<role>-<dispatcher id>): an operator sees who holds what.
+    me = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.dispatcher_id)[:100]
+    redis = Redis.from_url(settings.redis_dsn(), client_name=f"gpuq-loop-{me}", **options)
+    beat = Redis.from_url(settings.redis_dsn(), max_connections=4, client_name=f"gpuq-beat-{me}", **options)
+    publisher = Redis.from_url(
+        settings.redis_dsn(), max_connections=8, client_name=f"gpuq-events-{me}", **options
+    )
     api = Redis(
         connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_dsn(), max_connections=64, timeout=5, **options
+            settings.redis_dsn(), max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
         )
     )
     clients = (redis, beat, publisher, api)

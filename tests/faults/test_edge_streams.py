@@ -152,3 +152,47 @@ def test_two_thousand_streams_while_two_thousand_jobs_run(stack: Stack) -> None:
     )
     print(figures)
     Path(os.environ.get("GPUQ_EDGE_FIGURES", "/dev/null")).write_text(figures + "\n")
+
+
+def test_a_stream_outlives_its_lost_subscription(stack: Stack) -> None:
+    # GIVEN a task that runs 4 s and a client watching it
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:4")
+    d = stack.dispatcher(fleet, API_TOKEN=TOKEN)
+    q = stack.queues[0]
+    stack.rds.rpush(q, Job(task_id="lost-sub", type="start_transcribe", queue=q).to_redis())
+    wait_for(lambda: httpx.get(f"{d.url}/tasks/lost-sub", headers=AUTH).status_code == 200, 20, 0.05)
+    channel = Keys(stack.prefix).task_events("lost-sub")
+    names = []
+    with httpx.stream("GET", f"{d.url}/tasks/lost-sub/events", headers=AUTH, timeout=30) as res:
+        assert res.status_code == 200
+        for line in res.iter_lines():
+            if not line.startswith("event: "):
+                continue
+            names.append(line[len("event: ") :])
+            if len(names) == 1:
+                # WHEN this dispatcher's hub loses its Redis connection (killed by id, nobody else's)
+                hub = _hub_connection(stack, d)
+                assert hub is not None
+                stack.rds.execute_command("CLIENT", "KILL", "ID", hub)
+                # THEN it subscribes again by itself
+                wait_for(
+                    lambda old=hub: (
+                        stack.rds.pubsub_numsub(channel)[0][1] == 1
+                        and _hub_connection(stack, d) not in (None, old)
+                    ),
+                    20,
+                    0.05,
+                    what="the hub subscribed again",
+                )
+    # AND the stream ends with the task
+    assert names[0] == "state" and names[-1] in ("finished", "state"), names
+    assert httpx.get(f"{d.url}/tasks/lost-sub", headers=AUTH).json()["state"] == "finished"
+
+
+def _hub_connection(stack: Stack, d: DispatcherProc) -> str | None:
+    """The id of this dispatcher's one subscribed connection (None while it has none)."""
+    name = "gpuq-api-" + d.env["DISPATCHER_ID"]
+    for client in stack.rds.client_list(_type="pubsub"):
+        if client["name"] == name:
+            return str(client["id"])
+    return None
