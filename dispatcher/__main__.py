@@ -10,21 +10,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
 from collections.abc import Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from dispatcher.app import MAX_BODY_BYTES, create_app
 from dispatcher.callback import CallbackFastPath
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
+from dispatcher.edge_limits import GuardedHttp, raise_open_files
+from dispatcher.event_hub import EventHub
 from dispatcher.logs import setup_logging
 from dispatcher.settings import DispatcherSettings
 from producer.errors import ConfigError
+from producer.keys import Keys
 from producer.settings import load
 
 log = logging.getLogger("gpuq.main")
@@ -72,7 +77,12 @@ def main() -> int:
     except ConfigError as exc:
         sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
         return 2
+    refusal = settings.open_api_refusal()
+    if refusal is not None:
+        sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
+        return 2
     setup_logging(settings.log_level, settings.log_format)
+    max_connections = raise_open_files(settings.http_max_connections)
     url = settings.db_url()
     if url.startswith("sqlite"):
         why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
@@ -82,13 +92,28 @@ def main() -> int:
             extra={"action": "embedded", "database": url},
         )
     engine = make_engine(url)
-    redis = Redis.from_url(
-        settings.redis_dsn(), socket_timeout=10, socket_connect_timeout=5, health_check_interval=15
+    # One client (pool) per user, so none waits for another's connections: the dispatch loop, the heartbeat,
+    # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
+    # instead of failing; event streams share one subscription, see event_hub.py).
+    options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 15}
+    # Named (CLIENT LIST shows gpuq-<role>-<dispatcher id>): an operator sees who holds what.
+    me = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.dispatcher_id)[:100]
+    redis = Redis.from_url(settings.redis_dsn(), client_name=f"gpuq-loop-{me}", **options)
+    beat = Redis.from_url(settings.redis_dsn(), max_connections=4, client_name=f"gpuq-beat-{me}", **options)
+    publisher = Redis.from_url(
+        settings.redis_dsn(), max_connections=8, client_name=f"gpuq-events-{me}", **options
     )
+    api = Redis(
+        connection_pool=BlockingConnectionPool.from_url(
+            settings.redis_dsn(), max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
+        )
+    )
+    clients = (redis, beat, publisher, api)
+    hub = EventHub(api, Keys(settings.redis_key_prefix), settings.event_listeners_max)
     holder: dict[str, Dispatcher] = {}
 
     async def make() -> Dispatcher:
-        d = Dispatcher(settings, engine, redis)
+        d = Dispatcher(settings, engine, redis, beat=beat, publisher=publisher)
         d.on_fatal = lambda: setattr(server, "should_exit", True)
         holder["d"] = d
         server.dispatcher = d
@@ -96,15 +121,18 @@ def main() -> int:
         return d
 
     async def close() -> None:
-        await redis.aclose()
+        for client in clients:
+            await client.aclose()
         engine.dispose()
 
     config = uvicorn.Config(
-        CallbackFastPath(create_app(make, close), MAX_BODY_BYTES),
+        CallbackFastPath(create_app(make, close, hub), MAX_BODY_BYTES),
         host=settings.callback_host,
         port=settings.callback_port,
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttp.configure(
+            read_timeout=settings.request_read_timeout_seconds, max_connections=max_connections
+        ),
         lifespan="on",
         log_config=None,
         access_log=False,

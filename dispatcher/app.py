@@ -21,6 +21,7 @@ from dispatcher.callback import router as callback_router
 from dispatcher.core import Dispatcher
 from dispatcher.dashboard import router as dashboard_router
 from dispatcher.db.engine import StoreUnavailable
+from dispatcher.event_hub import EventHub
 from dispatcher.openai_api import router as openai_router
 from dispatcher.routes import Detail, api_auth, router
 from dispatcher.task_api import router as task_api_router
@@ -84,15 +85,23 @@ class BodyLimit:
 
 
 def create_app(
-    make_dispatcher: Callable[[], Awaitable[Dispatcher]], close: Callable[[], Awaitable[None]]
+    make_dispatcher: Callable[[], Awaitable[Dispatcher]],
+    close: Callable[[], Awaitable[None]],
+    hub: EventHub,
 ) -> FastAPI:
+    """``hub``: the event streams' and embedding waits' one subscription, on a Redis client that is not the
+    dispatch loop's (the HTTP routes' other Redis commands use that client too)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         d = await make_dispatcher()
         app.state.dispatcher = d
+        app.state.hub = hub
         try:
+            await hub.start()
             yield
         finally:
+            await hub.stop()
             await d.stop()
             await close()
 

@@ -9,6 +9,7 @@ for the OpenAPI document and for anyone mounting the app without the wrapper.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -20,7 +21,7 @@ from redis.exceptions import RedisError
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.states import Outcome
-from dispatcher.tokens import verify_token
+from dispatcher.tokens import token_shaped, verify_token
 
 log = logging.getLogger("gpuq.http")
 router = APIRouter()
@@ -46,6 +47,43 @@ class CallbackOut(BaseModel):
 
 _ADAPTER = TypeAdapter(CallbackIn)
 _JSON = "application/json"
+
+#: A ``"task_id": "…"`` pair anywhere in a body: the ids a token may be checked against before parsing.
+_TASK_ID = re.compile(rb'"task_id"\s*:\s*"((?:[^"\\]|\\.){1,1024})"')
+#: More distinct candidates than this (a result listing many task ids): the parse decides, as before.
+_MAX_CANDIDATES = 64
+#: A body this small is parsed even when no task id was found in it, for its detailed 422.
+_SMALL_BODY = 64 * 1024
+_UNAUTHORIZED = (401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"})
+
+
+def _claimed_ids(raw: bytes) -> set[str] | None:
+    """The task ids the body may speak for, found without parsing it; None when there are too many."""
+    ids: set[str] = set()
+    for match in _TASK_ID.finditer(raw):
+        try:
+            value = orjson.loads(b'"' + match.group(1) + b'"')
+        except orjson.JSONDecodeError:
+            continue
+        ids.add(value)
+        if len(ids) > _MAX_CANDIDATES:
+            return None
+    return ids
+
+
+def precheck(secret: bytes, raw: bytes, token: str | None) -> tuple[int, dict[str, Any], Any] | None:
+    """The answer to a callback whose token cannot be right, decided before its body is parsed (a forged
+    8 MiB callback used to cost 125 ms of CPU on the event loop and 10 MB of memory); None: parse it."""
+    if token is None or not token_shaped(token):
+        return _UNAUTHORIZED
+    ids = _claimed_ids(raw)
+    if ids is None:
+        return None
+    if not ids:
+        return None if len(raw) <= _SMALL_BODY else (422, {"detail": "task_id: not found in the body"}, None)
+    if not any(verify_token(secret, task_id, token) is not None for task_id in ids):
+        return _UNAUTHORIZED
+    return None
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -85,13 +123,17 @@ async def handle(
     d: Dispatcher, raw: bytes, authorization: str | None
 ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """The callback contract (SPEC §4): (status, JSON body, extra headers)."""
+    token = bearer(authorization)
+    early = precheck(d.settings.secret, raw, token)
+    if early is not None:
+        d.metrics.callbacks.labels(str(early[0])).inc()
+        return early
     try:
         body = _ADAPTER.validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         d.metrics.callbacks.labels("422").inc()
         return 422, {"detail": errors}, None
-    token = bearer(authorization)
     attempt = verify_token(d.settings.secret, body.task_id, token) if token else None
     if attempt is None:
         d.metrics.callbacks.labels("401").inc()
@@ -140,6 +182,11 @@ class CallbackFastPath:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+        token = bearer(authorization)
+        if token is None or not token_shaped(token):  # not even shaped like ours: refused unread
+            self.app.state.dispatcher.metrics.callbacks.labels("401").inc()
+            await _send(send, *_UNAUTHORIZED)
+            return
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -50,16 +50,28 @@ _CLOCK_NOTICE = timedelta(milliseconds=500)
 
 
 class Dispatcher:
-    def __init__(self, settings: DispatcherSettings, engine: Engine, redis: Redis) -> None:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        engine: Engine,
+        redis: Redis,
+        *,
+        beat: Redis | None = None,
+        publisher: Redis | None = None,
+    ) -> None:
+        """``redis`` serves the dispatch loop; ``beat`` (the heartbeat) and ``publisher`` (task events, which
+        callbacks cause) get clients of their own when given, so none of them waits for the others' pool."""
         self.settings = settings
         self.engine = engine
         self.redis = redis
+        self.beat_redis = beat or redis
         self.keys = Keys(settings.redis_key_prefix)
         self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues, settings.weights)
         self.gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),
             connect_timeout=settings.gpu_connect_timeout_seconds,
             request_timeout=settings.gpu_request_timeout_seconds,
+            max_answer_bytes=settings.gpu_answer_max_bytes,
         )
         self.backoff = Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds)
         self.metrics = Metrics()
@@ -71,7 +83,9 @@ class Dispatcher:
         self.requests = GpuRequests(self)
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
-        self.events = EventPublisher(redis, self.keys, lambda coro: self.spawn(coro, "publish-events"))
+        self.events = EventPublisher(
+            publisher or redis, self.keys, lambda coro: self.spawn(coro, "publish-events")
+        )
         self.handoffs = HandOffs(self, settings.handoff_buffer)
         self.placing = Placing(self)
         self.finisher = GroupCommit(self.handoffs.end_many, lambda coro: self.spawn(coro, "finish-batches"))

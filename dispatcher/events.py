@@ -1,5 +1,6 @@
 """A task's state changes on its Redis channel (``Keys.task_events``), for ``GET /tasks/{id}/events`` and
-``POST /v1/embeddings``, whichever dispatcher process the GPU's callbacks reach.
+``POST /v1/embeddings`` (which listen through dispatcher/event_hub.py), whichever dispatcher process the
+GPU's callbacks reach.
 
 Publishing sits on the hot path (one event per dispatch and per callback), so it never waits for Redis and
 never reads the database: events go into a buffer, and one background flush at a time sends the buffer as
@@ -9,11 +10,9 @@ listener reads the task's state from the database first, and again when the stre
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -71,30 +70,3 @@ class EventPublisher:
                     )
         finally:
             self._flushing = False
-
-
-@asynccontextmanager
-async def subscription(redis: Redis, keys: Keys, task_id: str) -> AsyncIterator[TaskEvents]:
-    """Listen to one task's channel; subscribe before reading its state, so no event falls in between."""
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    try:
-        await pubsub.subscribe(keys.task_events(task_id))
-        yield TaskEvents(pubsub)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-class TaskEvents:
-    def __init__(self, pubsub: Any) -> None:
-        self._pubsub = pubsub
-
-    async def next(self, timeout: float) -> dict[str, Any] | None:
-        """The next event, or None after ``timeout`` seconds of silence."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (left := deadline - loop.time()) > 0:
-            message = await self._pubsub.get_message(timeout=left)
-            if message is not None and message.get("type") == "message":
-                value: dict[str, Any] = orjson.loads(message["data"])
-                return value
-        return None

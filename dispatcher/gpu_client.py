@@ -6,6 +6,7 @@ CPU at 32 in flight against ~0.2 ms for aiohttp, and the dispatcher must sustain
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,11 +33,21 @@ class Answer:
     unhealthy: bool = False  # counts towards taking the GPU out of rotation
 
 
-_MAX_ANSWER_BYTES = 1 << 20
+#: Errors that say this process is short of file descriptors: not the GPU's fault, so they never count
+#: towards taking it out of rotation.
+_OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class GpuClient:
-    def __init__(self, *, bearer_token: str, connect_timeout: float, request_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        bearer_token: str,
+        connect_timeout: float,
+        request_timeout: float,
+        max_answer_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
+        self.max_answer_bytes = max_answer_bytes
         self._headers = {"Content-Type": "application/json"}
         if bearer_token:
             self._headers["Authorization"] = f"Bearer {bearer_token}"
@@ -62,15 +73,45 @@ class GpuClient:
             return Answer(Verdict.FAILED, error=f"the job cannot be sent as JSON: {exc}")
         try:
             async with self._session.post(url, data=payload, headers=self._headers) as resp:
-                text = (await resp.content.read(_MAX_ANSWER_BYTES)).decode(errors="replace")
-                return _judge(resp.status, text)
+                return await self._answer(resp)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except aiohttp.ClientConnectorError as exc:
-            return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=True)
+            ours = exc.os_error.errno in _OUR_LIMITS
+            return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=not ours)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno in _OUR_LIMITS:  # never sent: our limit, not the GPU
+                return Answer(Verdict.RETRY, error=f"not sent: {exc}", unhealthy=False)
             # The request may have reached the GPU: only its callback or the lease can tell.
             return Answer(Verdict.UNKNOWN, error=f"no answer: {type(exc).__name__}: {exc}", unhealthy=True)
+
+    async def _answer(self, resp: aiohttp.ClientResponse) -> Answer:
+        data, whole = await self._read_capped(resp)
+        if not whole and 200 <= resp.status < 300:
+            # A result that cannot be taken; retrying would only spend the GPU on it again.
+            return Answer(
+                Verdict.FAILED,
+                resp.status,
+                error=f"the GPU's answer is larger than GPU_ANSWER_MAX_BYTES ({self.max_answer_bytes} bytes);"
+                " not taken",
+            )
+        return _judge(resp.status, data.decode(errors="replace"))
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        """(the answer, True) read to its end (``content.read(n)`` returns what happens to be buffered,
+        which cut large synchronous results short), or (its first bytes, False) once it passes the cap:
+        by its Content-Length at once, else as the bytes arrive."""
+        limit = self.max_answer_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            return b"", False
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                return b"".join(chunks)[:limit], False
+        return b"".join(chunks), True
 
     async def probe(self, url: str) -> tuple[bool, str]:
         """Is the service up again? Any HTTP answer below 500 to a GET of its URL says yes."""

@@ -108,7 +108,7 @@ class GpuRequests:
                     "GPU taken out of rotation",
                     extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},
                 )
-        elif p.gpu_id in self._suspect:
+        elif p.gpu_id in self._suspect and answer.status is not None:  # the GPU answered (not our EMFILE)
             self._suspect.discard(p.gpu_id)
             await self.d.db(record_success, gpu_id=p.gpu_id)
         outcome = _VERDICT_OUTCOME.get(answer.verdict)

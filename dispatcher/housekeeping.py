@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gpuq.housekeeping")
 
 TICK_SECONDS = 0.25
+#: Between heartbeats (the key lives HEARTBEAT_TTL_SECONDS, 10).
+HEARTBEAT_SECONDS = 2.0
 
 
 class Housekeeping:
@@ -40,9 +42,29 @@ class Housekeeping:
         return False
 
     async def run(self) -> None:
+        beat = asyncio.create_task(self.beat(), name="heartbeat")
+        try:
+            await self._duties(beat)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def beat(self) -> None:
+        """The heartbeat in a task of its own, on its own Redis client: a slow duty (many leases to expire,
+        a database that stalls) or a busy Redis pool never delays it past the key's TTL."""
         while not self.d.stopping.is_set():
+            try:
+                await self.heartbeat()
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed; will retry", extra={"action": "heartbeat", "error": str(exc)})
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _duties(self, beat: asyncio.Task[None]) -> None:
+        while not self.d.stopping.is_set():
+            if beat.done():  # it never ends by itself: whatever ended it is fatal
+                beat.result()
+                raise RuntimeError("the heartbeat stopped")
             for name, seconds, duty in (
-                ("heartbeat", 2.0, self.heartbeat),
                 ("sweep", 5.0, self.sweep),
                 ("leases", 0.5, self.expire_leases),
                 ("deferred", TICK_SECONDS, self.requeue_due),
@@ -59,7 +81,7 @@ class Housekeeping:
             await asyncio.sleep(TICK_SECONDS)
 
     async def heartbeat(self) -> None:
-        await self.d.intake.heartbeat()
+        await self.d.intake.heartbeat(self.d.beat_redis)
 
     async def sweep(self) -> None:
         if await self.d.intake.sweep_dead():

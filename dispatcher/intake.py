@@ -190,8 +190,9 @@ class Intake:
         """Put every job still in our processing list back where it came from (stop, or after an error)."""
         return int(await self._sweep(keys=[self.proc, self.keys.dispatchers], args=[self.dispatcher_id, "0"]))
 
-    async def heartbeat(self) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+    async def heartbeat(self, redis: Redis | None = None) -> None:
+        """``redis``: a client of the heartbeat's own, so that nothing queued on the loop's delays it."""
+        pipe = (redis or self.redis).pipeline(transaction=False)
         pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         await pipe.execute()

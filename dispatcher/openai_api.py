@@ -30,7 +30,7 @@ from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.reads import get_task
-from dispatcher.events import TaskEvents, subscription
+from dispatcher.event_hub import RETRY_AFTER_SECONDS, EventHub, HubFull, Listener
 from dispatcher.openai_shapes import (
     EmbeddingsOut,
     EmbeddingsRequest,
@@ -43,7 +43,7 @@ from dispatcher.openai_shapes import (
     error_response,
     pending_body,
 )
-from dispatcher.routes import D
+from dispatcher.routes import D, H
 from producer.enqueue import PUSH_LUA, push_arguments
 from producer.errors import InvalidJob
 from producer.events import Planned
@@ -72,11 +72,11 @@ _COMMON: dict[int | str, dict[str, Any]] = {
 
 def openai_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
     """OpenAI clients send their ``api_key`` as a bearer token: it must be API_TOKEN when that is set."""
-    expected = d.settings.api_token
-    if expected is None or not expected.get_secret_value():
+    expected = d.settings.api_secret
+    if expected is None:
         return
     given = bearer(authorization) or ""
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    if not hmac.compare_digest(given.encode(), expected.encode()):
         raise OpenAIError(
             401, "missing or wrong API key (Authorization: Bearer <API_TOKEN>)", code="invalid_api_key"
         )
@@ -91,14 +91,23 @@ def task_type_for(model: str, routes: dict[str, str]) -> str:
     dependencies=[Depends(openai_auth)],
     responses={200: {"model": EmbeddingsOut}, 202: _PENDING, **_COMMON},
 )
-async def embeddings(body: EmbeddingsRequest, d: D) -> Response:
+async def embeddings(body: EmbeddingsRequest, d: D, hub: H) -> Response:
     """Embed ``input`` on a GPU service through the queue; answers once the task ends, or 202."""
     texts = body.texts
     task_id = f"emb-{uuid.uuid4().hex}"
     data = {"input": texts, "openai": {"model": body.model}}
-    async with subscription(d.redis, d.keys, task_id) as events:
-        await _enqueue(d, task_id, task_type_for(body.model, d.settings.routes), data)
-        task = await _wait(d, events, task_id, body.wait_seconds)
+    try:
+        async with hub.listen(task_id) as events:
+            await _enqueue(d, hub, task_id, task_type_for(body.model, d.settings.routes), data)
+            task = await _wait(d, events, task_id, body.wait_seconds)
+    except HubFull as exc:
+        return error_response(
+            429,
+            f"{exc}; try again later",
+            code="rate_limit_exceeded",
+            kind="rate_limit_error",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     answer = _answer(task_id, task, model=body.model, texts=texts, encoding_format=body.encoding_format)
     answer.headers["X-Gpuq-Task-Id"] = task_id  # OpenAI's body has no place for it; operators want it
     return answer
@@ -118,12 +127,14 @@ async def embeddings(body: EmbeddingsRequest, d: D) -> Response:
         **_COMMON,
     },
 )
-async def task_result(task_id: str, d: D, encoding_format: Literal["float", "base64"] = "float") -> Response:
+async def task_result(
+    task_id: str, d: D, hub: H, encoding_format: Literal["float", "base64"] = "float"
+) -> Response:
     """A task's result while it is fresh; 202 while the task waits or runs."""
     task = await d.db(get_task, task_id=task_id)
     if task is None:
         # Pushed but not yet taken by a dispatcher: the push's idempotency mark says it exists.
-        if await d.redis.exists(d.keys.idem(f"task:{task_id}")):
+        if await hub.redis.exists(d.keys.idem(f"task:{task_id}")):
             return JSONResponse(pending_body(task_id, None), status_code=202)
         raise OpenAIError(404, f"unknown task {task_id!r}", code="task_not_found")
     if task["finished_at"] and _expired(task["finished_at"], d):
@@ -146,7 +157,7 @@ async def task_result(task_id: str, d: D, encoding_format: Literal["float", "bas
     return _answer(task_id, task, model=model, texts=texts, encoding_format=encoding_format)
 
 
-async def _enqueue(d: Dispatcher, task_id: str, task_type: str, data: dict[str, Any]) -> None:
+async def _enqueue(d: Dispatcher, hub: EventHub, task_id: str, task_type: str, data: dict[str, Any]) -> None:
     try:
         task = TaskIn(type=task_type, data=data, task_id=task_id)
         job = build_job(
@@ -160,10 +171,10 @@ async def _enqueue(d: Dispatcher, task_id: str, task_type: str, data: dict[str, 
     keys, args = push_arguments(
         [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
     )
-    await d.redis.register_script(PUSH_LUA)(keys=keys, args=args)
+    await hub.redis.register_script(PUSH_LUA)(keys=keys, args=args)
 
 
-async def _wait(d: Dispatcher, events: TaskEvents, task_id: str, seconds: float) -> dict[str, Any] | None:
+async def _wait(d: Dispatcher, events: Listener, task_id: str, seconds: float) -> dict[str, Any] | None:
     """The task once it has ended, or as the database has it at the deadline (None: not yet taken).
 
     The job is in the queue by now: a store failing from here on must not become a 503, which clients

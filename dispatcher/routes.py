@@ -18,6 +18,7 @@ from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.gpus import list_gpus
 from dispatcher.db.overview import open_tasks
 from dispatcher.db.reads import get_task
+from dispatcher.event_hub import EventHub
 from dispatcher.queue_view import Plan, read_async
 
 log = logging.getLogger("gpuq.http")
@@ -44,6 +45,15 @@ def get_dispatcher(request: Request) -> Dispatcher:
 D = Annotated[Dispatcher, Depends(get_dispatcher)]
 
 
+def get_hub(request: Request) -> EventHub:
+    """The process's one event subscription (dispatcher/event_hub.py), on a Redis client of its own."""
+    hub: EventHub = request.app.state.hub
+    return hub
+
+
+H = Annotated[EventHub, Depends(get_hub)]
+
+
 class Detail(BaseModel):
     """The body of every error answer."""
 
@@ -52,11 +62,11 @@ class Detail(BaseModel):
 
 def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
     """``/tasks`` and ``/gpus`` need ``Authorization: Bearer <API_TOKEN>`` when API_TOKEN is set."""
-    expected = d.settings.api_token
-    if expected is None or not expected.get_secret_value():
+    expected = d.settings.api_secret
+    if expected is None:
         return
     given = bearer(authorization) or ""
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    if not hmac.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -92,23 +102,43 @@ async def healthz(d: D) -> JSONResponse:
 
 
 @router.get("/readyz", responses={503: {"description": "Redis or the database is unreachable"}})
-async def readyz(d: D) -> JSONResponse:
+async def readyz(d: D, hub: H) -> JSONResponse:
+    """Names the store that is down, never its error text (which tells a stranger hosts, ports and users);
+    the error goes to the log."""
     problems = {}
     try:
-        await d.redis.ping()
+        await hub.redis.ping()
     except (RedisError, OSError) as exc:
-        problems["redis"] = str(exc)
+        problems["redis"] = "unreachable"
+        log.warning("not ready", extra={"action": "readyz", "store": "redis", "error": str(exc)})
     try:
         await d.db(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
     except (StoreUnavailable, OSError) as exc:
-        problems["database"] = str(exc)
+        problems["database"] = "unreachable"
+        log.warning("not ready", extra={"action": "readyz", "store": "database", "error": str(exc)})
     if problems:
         return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(d: D) -> PlainTextResponse:
+def metrics_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
+    """``/metrics`` needs ``Authorization: Bearer <METRICS_TOKEN>`` when METRICS_TOKEN is set (Prometheus:
+    ``authorization: {credentials: ...}``); open otherwise, as scrapers expect."""
+    expected = d.settings.metrics_token
+    if expected is None or not expected.get_secret_value():
+        return
+    given = bearer(authorization) or ""
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(401, "missing or wrong metrics token", headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    dependencies=[Depends(metrics_auth)],
+    responses={401: {"model": Detail, "description": "missing or wrong METRICS_TOKEN (when set)"}},
+)
+async def metrics(d: D, hub: H) -> PlainTextResponse:
     m = d.metrics
     try:
         gpus = await d.db(list_gpus)
@@ -119,7 +149,7 @@ async def metrics(d: D) -> PlainTextResponse:
         for state, count in (await d.db(open_tasks)).items():
             m.tasks.labels(state).set(count)
         pools = sorted({g.pool for g in gpus} | set(d.settings.routes.values()) | {"default"})
-        view = await read_async(d.redis, Plan(d.keys, d.settings.all_queues, pools))
+        view = await read_async(hub.redis, Plan(d.keys, d.settings.all_queues, pools))
         for q in view.queues:
             m.queue_depth.labels(q.queue, q.priority).set(q.depth)
             m.queue_oldest.labels(q.queue, q.priority).set(q.oldest_age or 0)

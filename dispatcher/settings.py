@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
@@ -104,6 +105,17 @@ class DispatcherSettings(StoreSettings):
     callback_secret: SecretStr | None = None
     bearer_token: SecretStr = SecretStr("")
     api_token: SecretStr | None = None
+    #: When set, GET /metrics needs ``Authorization: Bearer <METRICS_TOKEN>``.
+    metrics_token: SecretStr | None = None
+    #: Open HTTP connections at most (event streams included); more are closed at once. Lowered at start
+    #: to what the open-file limit allows (see dispatcher/edge_limits.py).
+    http_max_connections: int = Field(default=4096, ge=16, le=1_000_000)
+    #: A request's headers and body must arrive within this many seconds of its first byte (slowloris).
+    request_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    #: GET /tasks/{id}/events streams plus POST /v1/embeddings waits at once per process; more get 429.
+    event_listeners_max: int = Field(default=3072, ge=1)
+    #: A GPU's answer to the job's POST is read up to this many bytes; a longer one fails the attempt.
+    gpu_answer_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     #: GET /tasks/{id}/result serves a task's result this long after it ended (by ``finished_at``).
     result_ttl_seconds: float = Field(default=86400.0, gt=0)
     #: A GPU's result larger than this (as JSON) fails its attempt with a clear error instead of being
@@ -184,6 +196,30 @@ class DispatcherSettings(StoreSettings):
     def secret(self) -> bytes:
         assert self.callback_secret is not None  # checked by _secret_required
         return self.callback_secret.get_secret_value().encode()
+
+    @property
+    def api_secret(self) -> str | None:
+        """API_TOKEN, or None when the API is open: API_TOKEN unset or ``none`` (see open_api_refusal)."""
+        value = self.api_token.get_secret_value() if self.api_token is not None else ""
+        return None if value in ("", "none") else value
+
+    def open_api_refusal(self) -> str | None:
+        """Why this dispatcher must not start with an open API, or None. Outside embedded mode (SQLite) a
+        dispatcher listening beyond loopback needs API_TOKEN, or ``API_TOKEN=none`` said on purpose: task
+        data and results, GPU URLs and /v1/embeddings (GPU time) would be open to the network."""
+        if self.api_token is not None or self.db_url().startswith("sqlite"):
+            return None
+        host = self.callback_host.strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if loopback:
+            return None
+        return (
+            f"API_TOKEN: not set while listening on {self.callback_host}; set a token, "
+            "or API_TOKEN=none to serve /tasks, /gpus, events and /v1/embeddings without one"
+        )
 
     @property
     def public_callback_url(self) -> str:

@@ -14,8 +14,9 @@ from fastapi.responses import StreamingResponse
 
 from dispatcher.db.listing import DEFAULT_LIMIT, MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
 from dispatcher.db.reads import get_task
-from dispatcher.events import FINAL_EVENTS, subscription
-from dispatcher.routes import D, api_auth
+from dispatcher.event_hub import RETRY_AFTER_SECONDS, HubFull
+from dispatcher.events import FINAL_EVENTS
+from dispatcher.routes import D, H, api_auth
 
 router = APIRouter()
 
@@ -24,10 +25,14 @@ QUIET_SECONDS = 10.0
 
 
 def naive_utc(value: datetime | None) -> datetime | None:
-    """The database holds naive UTC: an aware time is converted, a naive one taken as UTC."""
+    """The database holds naive UTC: an aware time is converted, a naive one taken as UTC. A time whose
+    UTC falls outside the years 1-9999 (``0001-01-01T00:00:00+01:00``) is the caller's mistake: BadFilter."""
     if value is None or value.tzinfo is None:
         return value
-    return value.astimezone(UTC).replace(tzinfo=None)
+    try:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:
+        raise BadFilter(f"since: {value.isoformat()} is out of range in UTC") from None
 
 
 @router.get("/tasks", dependencies=[Depends(api_auth)])
@@ -59,14 +64,23 @@ def sse(name: str, data: dict[str, Any]) -> bytes:
     "/tasks/{task_id}/events",
     dependencies=[Depends(api_auth)],
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown task"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        404: {"description": "unknown task"},
+        429: {"description": "EVENT_LISTENERS_MAX streams and waits are open; try after Retry-After"},
+    },
 )
-async def task_events(task_id: str, d: D) -> StreamingResponse:
+async def task_events(task_id: str, d: D, hub: H) -> StreamingResponse:
     """First ``event: state`` (the task as GET /tasks/{id} shows it), then each change as it happens
     (``dispatched``, ``heartbeat``, ``retrying``, ``queued``, ``scheduled``, ``finished``, ``failed``,
     ``cancelled``); the stream ends with the task."""
     stack = AsyncExitStack()
-    events = await stack.enter_async_context(subscription(d.redis, d.keys, task_id))
+    try:
+        events = await stack.enter_async_context(hub.listen(task_id))
+    except HubFull as exc:
+        raise HTTPException(
+            429, f"{exc}; try again later", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+        ) from None
     try:
         found = await d.db(get_task, task_id=task_id)
     except BaseException:

@@ -74,12 +74,18 @@ def encode_cursor(created_at: datetime, task_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: Longer than any cursor encode_cursor makes (a task id is at most 255 characters).
+_MAX_CURSOR = 1024
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    if len(cursor) > _MAX_CURSOR:
+        raise BadFilter("cursor: not a cursor from an earlier page (too long)")
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         when, task_id = json.loads(raw)
         return datetime.fromisoformat(when), str(task_id)
-    except (ValueError, TypeError, binascii.Error) as exc:
+    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
         raise BadFilter("cursor: not a cursor from an earlier page") from exc
 
 

@@ -199,13 +199,17 @@ def test_operator_routes_honour_api_token(stack):
             assert client.get(route).status_code == 200
 
 
+#: Shaped like a callback token (a callback whose token is not is refused before its body is read).
+SHAPED_TOKEN = "1." + "A" * 43
+
+
 def _chunked_post(port: int, path: str, total: int, chunk: int = 256 * 1024) -> int:
     """POST ``total`` bytes with chunked transfer encoding (no Content-Length); the HTTP status."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     try:
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            "Authorization: Bearer 1.x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            f"Authorization: Bearer {SHAPED_TOKEN}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
         )
         piece = f"{chunk:x}\r\n".encode() + b"x" * chunk + b"\r\n"
         sent = 0

@@ -1,0 +1,124 @@
+"""What slow or numerous clients can cost the dispatcher process: bounded.
+
+Found: 300 connections sending a byte every 5 s stayed open indefinitely; at 1,100 (open-file limit 1,024)
+``/healthz`` failed, a heartbeat was dropped and GPU requests failed with "Too many open files", taking a
+healthy GPU out of rotation. So:
+
+- ``GuardedHttp`` (uvicorn's httptools protocol): a request's headers and body must arrive within
+  REQUEST_READ_TIMEOUT_SECONDS of its first byte (of the connection, for the first request), else 408 and
+  the connection is closed; past HTTP_MAX_CONNECTIONS open connections a new one is answered 503 and closed
+  at once. A response being streamed (event streams) is not a read: no deadline applies to it.
+- ``raise_open_files``: the soft RLIMIT_NOFILE is raised to the hard limit at start, and the connection cap
+  lowered to what the limit leaves after a reserve for Redis, the database and GPU requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("gpuq.http")
+
+#: File descriptors kept for everything but inbound connections: Redis and database pools, GPU requests
+#: (one per busy slot), log files, the listening socket.
+FD_RESERVE = 512
+
+_408 = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b'content-length: 57\r\n\r\n{"detail":"the request was not received in time (slow)"}\n'
+)
+_503 = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b'retry-after: 1\r\ncontent-length: 50\r\n\r\n{"detail":"too many open connections; try again"}\n'
+)
+
+
+def raise_open_files(wanted_connections: int) -> int:
+    """Raise the soft open-file limit to the hard one; returns the connection cap it leaves room for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning(
+                "could not raise the open-file limit", extra={"action": "fd_limit", "error": str(exc)}
+            )
+    room = max(soft - FD_RESERVE, 16)
+    if room < wanted_connections:
+        log.warning(
+            "open-file limit too low for HTTP_MAX_CONNECTIONS; serving fewer connections",
+            extra={"action": "fd_limit", "nofile": soft, "wanted": wanted_connections, "connections": room},
+        )
+    return min(wanted_connections, room)
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's protocol with a read deadline per request and a cap on open connections. The limits are
+    class attributes, set once at start (``configure``), as uvicorn builds one protocol per connection."""
+
+    read_timeout: float = 10.0
+    max_connections: int = 4096
+    timed_out = 0  # requests closed for slowness, for the log and tests
+    refused = 0  # connections closed at once for the cap
+
+    @classmethod
+    def configure(cls, *, read_timeout: float, max_connections: int) -> type[GuardedHttp]:
+        return type("GuardedHttp", (cls,), {"read_timeout": read_timeout, "max_connections": max_connections})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            type(self).refused += 1
+            if type(self).refused % 100 == 1:
+                log.warning(
+                    "too many open connections; refusing",
+                    extra={"action": "http_refused", "limit": self.max_connections, "refused": self.refused},
+                )
+            transport.write(_503)
+            transport.close()
+            return
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.read_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing():
+            return
+        type(self).timed_out += 1
+        log.info(
+            "request not received in time; closing",
+            extra={"action": "http_408", "client": self.client, "seconds": self.read_timeout},
+        )
+        if self.cycle is None or not self.cycle.response_started:
+            self.transport.write(_408)
+        self.transport.close()

@@ -1,0 +1,126 @@
+"""What a client can send the dispatcher's HTTP API, answered cleanly (issue 11, items 6 and 7).
+
+Found: non-ASCII digits in a callback token (``isdigit()`` true, ``int()`` fails) -> 500; ``since`` whose UTC
+falls before year 1 -> 500; a cursor of 5,000 nested ``[`` -> 500; ``/readyz`` showed the stores' error text
+(hosts, ports); ``/metrics`` was open whatever was set; a dispatcher started open to the network when
+API_TOKEN was forgotten; a forged 8 MiB callback was parsed before its token was checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import sys
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from dispatcher import callback
+from dispatcher.metrics import Metrics
+from dispatcher.tokens import make_token
+from tests.dispatcher.harness import ROOT, SECRET, DispatcherProc
+from tests.dispatcher.private_servers import PrivateRedis
+
+TOKEN = "edge-api-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_hostile_query_values_are_4xx(stack):
+    d = stack.dispatcher(None, API_TOKEN=TOKEN)
+    nested = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
+    cases: list[dict[str, Any]] = [
+        {"since": "0001-01-01T00:00:00+01:00"},
+        {"since": "9999-12-31T23:59:59-01:00"},
+        {"cursor": nested},
+        {"cursor": base64.urlsafe_b64encode(b"[" * 200 + b"]" * 200).decode()},
+    ]
+    for params in cases:
+        res = httpx.get(f"{d.url}/tasks", params=params, headers=AUTH)
+        assert res.status_code == 422, (params, res.status_code, res.text)
+        assert "since" in res.text or "cursor" in res.text
+
+
+def test_non_ascii_digits_in_a_callback_token_are_401(stack):
+    d = stack.dispatcher(None)
+    mac = make_token(SECRET.encode(), "t1", 1).split(".")[1]
+    for head in ("²", "1²", "³³"):  # latin-1 on the wire, as HTTP headers are decoded
+        res = httpx.post(
+            f"{d.url}/callback",
+            json={"task_id": "t1", "status": "finished"},
+            headers={"Authorization": f"Bearer {head}.{mac}".encode("latin-1")},
+        )
+        assert res.status_code == 401, (head, res.status_code, res.text)
+
+
+def test_readyz_names_the_store_that_is_down_without_its_error(stack):
+    private = PrivateRedis()
+    private.start()
+    try:
+        d = stack.dispatcher(None, REDIS_URL=private.url)
+        private.stop()
+        res = httpx.get(f"{d.url}/readyz", timeout=30)
+        assert res.status_code == 503
+        assert res.json() == {"status": "not ready", "problems": {"redis": "unreachable"}}
+        assert str(private.port) not in res.text
+    finally:
+        private.close()
+
+
+def test_metrics_need_metrics_token_when_set(stack):
+    d = stack.dispatcher(None, METRICS_TOKEN="scrape-me-please")
+    assert httpx.get(f"{d.url}/metrics").status_code == 401
+    assert httpx.get(f"{d.url}/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    res = httpx.get(f"{d.url}/metrics", headers={"Authorization": "Bearer scrape-me-please"})
+    assert res.status_code == 200 and "gpuq_callbacks" in res.text
+    open_ = stack.dispatcher(None, name="open")
+    assert httpx.get(f"{open_.url}/metrics").status_code == 200
+
+
+def test_no_api_token_beyond_loopback_refuses_to_start(stack):
+    # GIVEN a dispatcher on MariaDB listening on every interface, with no API_TOKEN
+    env = {**DispatcherProc(stack.env(None)).env, "CALLBACK_HOST": "0.0.0.0"}
+    env.pop("API_TOKEN", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "dispatcher"],
+        check=False,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    # THEN it does not start, and says why in one line naming the variable and the way out
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "API_TOKEN" in lines[0] and "API_TOKEN=none" in lines[0], lines
+    # AND with API_TOKEN=none said on purpose it starts, open
+    d = stack.dispatcher(None, name="open", CALLBACK_HOST="0.0.0.0", API_TOKEN="none")
+    assert httpx.get(f"{d.url}/gpus").status_code == 200
+
+
+def test_a_forged_callback_is_refused_before_its_body_is_parsed(monkeypatch: pytest.MonkeyPatch):
+    """In-process: the parser is replaced by one that fails the test if it is ever called."""
+
+    class NoParse:
+        def validate_json(self, raw: bytes) -> Any:
+            raise AssertionError("the body was parsed before its token was checked")
+
+    monkeypatch.setattr(callback, "_ADAPTER", NoParse())
+    d: Any = SimpleNamespace(settings=SimpleNamespace(secret=SECRET.encode()), metrics=Metrics())
+    big = orjson.dumps({"task_id": "victim", "status": "finished", "result": ["x" * 64] * 120_000})
+    assert len(big) > 8_000_000
+    forged = make_token(b"not-the-secret-0123456789", "victim", 1)
+    for authorization in (f"Bearer {forged}", "Bearer 1.short", None, f"Bearer {forged[:-1]}²"):
+        status, _, _ = _run(callback.handle(d, big, authorization))
+        assert status == 401, authorization
+    # AND one with a good token is parsed (and would be applied)
+    with pytest.raises(AssertionError, match="parsed"):
+        _run(callback.handle(d, big, f"Bearer {make_token(SECRET.encode(), 'victim', 1)}"))
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)

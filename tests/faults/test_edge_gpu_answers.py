@@ -1,0 +1,120 @@
+"""A GPU's answer is read to its end, under GPU_ANSWER_MAX_BYTES (issue 11, item 4), and a request this
+process could not even open (out of file descriptors) never counts against the GPU (item 5).
+
+Found: ``gpu_client.send`` read the answer with one ``resp.content.read(1 MiB)``, which returns what happens
+to be buffered: synchronous results of 500 KB and 1 MB were taken as "accepted", and the tasks failed at
+lease expiry. The GPU service here is a real HTTP server on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from aiohttp import web
+
+from dispatcher.gpu_client import GpuClient, Verdict
+
+KIB = 1024
+
+
+@contextlib.asynccontextmanager
+async def gpu_answering(size: int, *, chunked: bool) -> AsyncIterator[str]:
+    """A GPU service answering every job synchronously with a result of about ``size`` bytes."""
+    body = orjson.dumps({"status": "finished", "result": {"text": "x" * size}})
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if not chunked:
+            return web.Response(body=body, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        for start in range(0, len(body), 7 * KIB):  # in pieces, with pauses: nothing is buffered at once
+            await resp.write(body[start : start + 7 * KIB])
+            if start % (70 * KIB) == 0:
+                await asyncio.sleep(0.001)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application(client_max_size=1 << 20)
+    app.router.add_post("/", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+async def _send(url: str, max_answer: int | None = None):
+    cap = {} if max_answer is None else {"max_answer_bytes": max_answer}
+    client = GpuClient(bearer_token="t", connect_timeout=5, request_timeout=30, **cap)
+    await client.start()
+    try:
+        return await client.send(url, {"task_id": "t1", "data": {}})
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("size", [500 * KIB, 1024 * KIB, 3 * 1024 * KIB])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_large_synchronous_results_are_read_whole(size: int, chunked: bool):
+    async def scenario() -> None:
+        async with gpu_answering(size, chunked=chunked) as url:
+            answer = await _send(url)
+        # THEN the task is finished with its whole result, not taken as "accepted"
+        assert answer.verdict == Verdict.FINISHED, answer
+        assert len(answer.result["text"]) == size
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_answer_over_the_cap_fails_the_attempt_clearly(chunked: bool):
+    async def scenario() -> None:
+        async with gpu_answering(300 * KIB, chunked=chunked) as url:
+            answer = await _send(url, max_answer=100 * KIB)
+        assert answer.verdict == Verdict.FAILED
+        assert "GPU_ANSWER_MAX_BYTES" in (answer.error or "")
+        assert not answer.unhealthy  # the GPU did its job; the answer is what is too large
+
+    asyncio.run(scenario())
+
+
+def test_out_of_file_descriptors_does_not_count_against_the_gpu():
+    async def scenario() -> None:
+        async with gpu_answering(10, chunked=False) as url:
+            client = GpuClient(bearer_token="t", connect_timeout=5, request_timeout=30)
+            await client.start()
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            hoard = []
+            try:
+                # GIVEN this process has no file descriptor left
+                resource.setrlimit(resource.RLIMIT_NOFILE, (_open_fds() + 8, hard))
+                with contextlib.suppress(OSError):
+                    while True:
+                        hoard.append(open("/dev/null"))  # noqa: SIM115 - held until the finally
+                answer = await client.send(url, {"task_id": "t1", "data": {}})
+            finally:
+                for f in hoard:
+                    f.close()
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                await client.close()
+        # THEN the attempt is retried, and the GPU is not blamed (it was never asked)
+        assert answer.verdict == Verdict.RETRY, answer
+        assert not answer.unhealthy, answer
+
+    asyncio.run(scenario())
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
