@@ -192,6 +192,9 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> dict[str, Any]:
         "REDIS_KEY_PREFIX": prefix,
         "TASK_QUEUES": queue,
         "GPU_ENDPOINTS": fleet.gpu_endpoints(),
+        # The audit counts a request over simgpu's slots: the dispatchers must be given that many, not what a
+        # .env or the shell says (more would be reported as oversubscription, fewer would hide a real one).
+        "SLOTS_PER_GPU": str(fleet.config.behaviour.slots),
         "CALLBACK_SECRET": "soak-callback-secret-0123456789",
         "BEARER_TOKEN": BEARER,
         "CALLBACK_HOST": "127.0.0.1",

@@ -29,14 +29,18 @@ from producer.job import Job, task_id_problem
 #: Fresh snapshots a claimer takes when its proposals keep losing races before it calls a pool full.
 _REFRESHES = 3
 
+# Room is the GPU's slot count minus its busy slots, not its free slot rows: a GPU given fewer slots while
+# busy keeps the busy rows past its count until their jobs end (and their emptied rows until the next
+# registration trims them), and neither those rows nor the room they take may be handed out.
 _SNAPSHOT = text(
     """
-    SELECT s.gpu_id, g.url, g.pool, COUNT(s.task_id) AS busy,
-           GROUP_CONCAT(CASE WHEN s.task_id IS NULL THEN s.slot_index END) AS free
+    SELECT s.gpu_id, g.url, g.pool, g.slots, COUNT(s.task_id) AS busy,
+           GROUP_CONCAT(CASE WHEN s.task_id IS NULL AND s.slot_index < g.slots THEN s.slot_index END) AS free
     FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id
     WHERE g.state = 'active' AND g.healthy = 1
-    GROUP BY s.gpu_id, g.url, g.pool
-    HAVING COUNT(*) > COUNT(s.task_id)
+    GROUP BY s.gpu_id, g.url, g.pool, g.slots
+    HAVING COUNT(s.task_id) < g.slots
+       AND COUNT(CASE WHEN s.task_id IS NULL AND s.slot_index < g.slots THEN 1 END) > 0
     """
 )
 _FREE = text(
@@ -81,7 +85,9 @@ def snapshot(conn: Connection) -> list[GpuFree]:
     out = []
     for r in conn.execute(_SNAPSHOT):
         free = r.free.decode() if isinstance(r.free, bytes) else str(r.free)
-        out.append(GpuFree(r.gpu_id, r.url, r.pool, int(r.busy), tuple(int(i) for i in free.split(","))))
+        room = int(r.slots) - int(r.busy)
+        picks = tuple(sorted(int(i) for i in free.split(",")))[:room]
+        out.append(GpuFree(r.gpu_id, r.url, r.pool, int(r.busy), picks))
     return out
 
 
