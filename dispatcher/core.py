@@ -231,6 +231,9 @@ class Dispatcher:
         deadline = time.monotonic() + grace
         log.info("draining", extra={"action": "drain", "grace_seconds": grace})
         while time.monotonic() < deadline:
+            # A hand-off or pass that took its jobs before the drain began gives back the ones it did not
+            # place into the buffer: park those too, or they would wait there until the process stops.
+            self.placing.park(self.handoffs.buffer.drain())
             try:
                 if (
                     not self._inflight

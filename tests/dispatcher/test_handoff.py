@@ -9,6 +9,7 @@ transaction's one clock reading (``finished_at`` of the first == ``started_at`` 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -21,6 +22,7 @@ from dispatcher.core import Dispatcher
 from dispatcher.db.attempts import Backoff, cancel_task, expired_leases
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.db.gpus import record_failure, register_gpu, set_gpu_state
+from dispatcher.db.handoff import end_and_hand_off
 from dispatcher.housekeeping import Housekeeping
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import GpuState, Outcome
@@ -246,3 +248,35 @@ def test_a_later_high_priority_job_waits_behind_at_most_the_buffer(world: World)
         assert started == [ids[2], ids[3], high, ids[4]]
 
     run(w, w.settings(["g0"], slots_per_gpu=1, handoff_buffer=size), body)
+
+
+def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buffer(world: World) -> None:
+    """A hand-off that took its candidates before a drain began puts the ones it did not place back into the
+    buffer after the drain parked it: they must be parked too, not wait in a buffer nobody serves until the
+    process stops (README: "a draining dispatcher parks them at once")."""
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] buffered
+        real_db = d.db
+        draining: list[asyncio.Task[None]] = []
+
+        async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+            if fn is end_and_hand_off and not draining:  # SIGTERM lands while the hand-off's transaction runs
+                draining.append(asyncio.create_task(d.drain(10)))
+                await asyncio.sleep(0)
+            return await real_db(fn, **kwargs)
+
+        d.db = db  # type: ignore[method-assign]
+        # a repeated callback: frees nothing, so the hand-off's candidate ids[3] goes back to the buffer
+        assert await finish(d, ids[0]) != "applied"
+        assert await finish(d, ids[1]) == "applied"
+        assert await finish(d, ids[2]) == "applied"
+        await draining[0]  # nothing held any more: the drain is over
+        await settle(d)
+        assert d.handoffs.buffer.count("default") == 0
+        parked = [el.decode() for el in w.rds.lrange(d.keys.parked("default"), 0, -1)]
+        assert [json.loads(p)["task_id"] for p in parked] == [ids[3]]
+        assert w.processing_list(d) == []
+
+    run(w, w.settings(["g0"]), body)
