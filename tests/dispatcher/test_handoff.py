@@ -280,3 +280,41 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
         assert w.processing_list(d) == []
 
     run(w, w.settings(["g0"]), body)
+
+
+def test_callbacks_of_two_pools_in_one_batch_each_hand_off_within_their_own_pool(world: World) -> None:
+    w = world
+    pool = f"p{uuid.uuid4().hex[:6]}"
+
+    def push_u(n: int) -> list[str]:
+        ids = [f"u-{uuid.uuid4().hex[:8]}" for _ in range(n)]
+        for task_id in ids:
+            job = Job(task_id=task_id, type="u", queue=pool, priority=Priority.NORMAL, data={})
+            w.rds.rpush(queue_key(pool, Priority.NORMAL), job.to_redis())
+        return ids
+
+    async def body(d: Dispatcher) -> None:
+        t, u = w.push(3), push_u(3)
+        assert await d.dispatch_once()  # t[0] on g0, u[0] on g1
+        await settle(d)
+        for first in (t[0], u[0]):  # each pool's first end goes to the loop, which fills the slot and buffer
+            assert await finish(d, first) == "applied"
+            assert await d.dispatch_once()
+            await settle(d)
+        assert d.handoffs.buffer.count("default") == 1
+        assert d.handoffs.buffer.count(pool) == 1
+        # both ends in one group-commit batch: one transaction hands each freed slot to its own pool's job
+        assert await asyncio.gather(finish(d, t[1]), finish(d, u[1])) == ["applied", "applied"]
+        rows = w.rows()
+        assert (rows[t[2]].state, rows[t[2]].gpu_id) == ("processing", "g0")
+        assert (rows[u[2]].state, rows[u[2]].gpu_id) == ("processing", "g1")
+        assert rows[t[2]].started_at == rows[u[2]].started_at  # the same transaction
+        assert d.handoffs.handed_off == 2
+
+    try:
+        gpus = f"g0={w.fleet.url('g0')},{pool}:g1={w.fleet.url('g1')}"
+        settings = w.settings([], gpu_endpoints=gpus, slots_per_gpu=1, task_routes=f"u={pool}")
+        run(w, settings, body)
+    finally:
+        for p in Priority:
+            w.rds.delete(queue_key(pool, p))
