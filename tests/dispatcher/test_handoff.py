@@ -318,3 +318,30 @@ def test_callbacks_of_two_pools_in_one_batch_each_hand_off_within_their_own_pool
     finally:
         for p in Priority:
             w.rds.delete(queue_key(pool, p))
+
+
+def test_handoffs_to_a_gpu_refusing_connections_stop_once_it_is_out_of_rotation(world: World) -> None:
+    """A GPU that refuses the hand-off's POST: each refusal ends the attempt (retried later) and hands the slot
+    to the next buffered job, until the failures take the GPU out of rotation; then the buffer keeps the rest.
+    No slot stays held, no job is lost."""
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 8)  # g0 x 2: ids[1], ids[2] running, ids[3:] buffered (5)
+        with w.engine.begin() as conn:  # the GPU's service goes away: nothing listens there any more
+            conn.execute(text("UPDATE gpus SET url = 'http://127.0.0.1:9/' WHERE gpu_id = 'g0'"))
+        assert await finish(d, ids[1]) == "applied"
+        await settle(d)
+        rows = w.rows()
+        failed = [i for i in ids[3:] if i in rows]
+        assert len(failed) == 3  # GPU_FAILURE_THRESHOLD refusals, then g0 is unhealthy
+        assert all(rows[i].state == "retrying" for i in failed)
+        with w.engine.connect() as conn:
+            busy = conn.execute(text("SELECT task_id FROM slots WHERE task_id IS NOT NULL")).scalars().all()
+            healthy = conn.execute(text("SELECT healthy FROM gpus WHERE gpu_id = 'g0'")).scalar_one()
+        assert busy == [ids[2]] and not healthy
+        assert d.handoffs.buffer.count("default") == 2
+        held = sorted(w.processing_list(d))
+        assert held == sorted(j.job.to_redis() for j in d.handoffs.buffer.drain())
+
+    run(w, w.settings(["g0"]), body)
