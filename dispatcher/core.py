@@ -393,6 +393,17 @@ class Dispatcher:
                 result=result,
                 error=error,
             )
+            if fin.state == "failed":  # final: `gpuq task retry --state failed` brings such tasks back
+                log.warning(
+                    "task failed",
+                    extra={
+                        "action": "task_failed",
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "outcome": outcome.value,
+                        "error": error,
+                    },
+                )
             log.debug(
                 "attempt ended",
                 extra={
