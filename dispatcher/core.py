@@ -66,7 +66,14 @@ class Dispatcher:
         self.redis = redis
         self.beat_redis = beat or redis
         self.keys = Keys(settings.redis_key_prefix)
-        self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues, settings.weights)
+        self.intake = Intake(
+            redis,
+            self.keys,
+            settings.dispatcher_id,
+            settings.all_queues,
+            settings.weights,
+            routes=settings.routes,
+        )
         self.gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),
             connect_timeout=settings.gpu_connect_timeout_seconds,

@@ -18,7 +18,7 @@ from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
 from dispatcher.events import event
-from dispatcher.reprioritize import move_job
+from dispatcher.reprioritize import find_waiting, move_job
 from dispatcher.states import TaskState
 from producer.keys import Priority
 
@@ -29,10 +29,15 @@ TaskId = Annotated[str, typer.Argument(help="The task's id.")]
 
 @app.command()
 def show(ctx: typer.Context, task_id: TaskId) -> None:
-    """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts."""
-    found = stores(ctx).db(get_task, task_id=task_id)
+    """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts; a job still
+    waiting in Redis shows as ``queued`` with its list and position."""
+    s = stores(ctx)
+    found = s.db(get_task, task_id=task_id)
     if found is None:
-        raise OperatorError(f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)")
+        pools = sorted(set(s.settings.routes.values()) | {"default"})
+        found = find_waiting(s.redis, keys=s.keys, task_id=task_id, queues=s.settings.all_queues, pools=pools)
+    if found is None:
+        raise OperatorError(f"unknown task {task_id!r}: not in the database nor waiting in Redis")
     typer.echo(json.dumps(found, indent=2))
 
 
