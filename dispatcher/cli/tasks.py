@@ -85,8 +85,8 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
     if fin.code == "applied":
         how = "its slot is free again" if fin.freed else "it will not run"
         console().print(f"task {task_id} cancelled: {how}")
-    elif fin.state == "cancelled":
-        console().print(f"task {task_id} was already cancelled")
+    elif fin.state == "cancelled":  # refused like any final task (exit 1), but it is what was asked
+        raise OperatorError(f"task {task_id} was already cancelled")
     else:
         raise OperatorError(f"task {task_id} is already {fin.state}: nothing to cancel")
 
