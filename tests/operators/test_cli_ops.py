@@ -54,3 +54,14 @@ def test_the_wheel_carries_the_operator_queries(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         shipped = zf.read("dispatcher/queries.sql").decode()
     assert shipped == (Path(ROOT) / "sql" / "queries.sql").read_text()
+
+
+def test_tables_fit_80_columns_and_shorten_ids_in_the_middle(gpuq, stores):  # noqa: F811
+    url = "http://gpu-host-with-a-long-name.internal.example.com:9000/v1/models/whisper-large/infer"
+    assert gpuq("gpu", "add", "g7", url, "--no-probe").exit_code == 0
+    res = gpuq("gpu", "list", COLUMNS="80")
+    assert res.exit_code == 0, res
+    lines = res.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), res.stdout
+    (row,) = [line for line in lines if "g7" in line]
+    assert "http://" in row and "…" in row and "infer" in row  # both ends of the URL kept
