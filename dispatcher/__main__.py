@@ -2,7 +2,7 @@
 
 uvicorn owns the signals: SIGTERM/SIGINT make it stop accepting requests and run the app's lifespan exit,
 which stops the dispatcher gracefully (see Dispatcher.stop). Exit code 0 after a clean stop, 1 when a part
-of the dispatcher died, 2 for a bad setting.
+of the dispatcher died, 2 for a bad setting, 3 when a store is unreachable at start (see preflight.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from dispatcher.db.engine import make_engine
 from dispatcher.edge_limits import GuardedHttp, raise_open_files
 from dispatcher.event_hub import EventHub
 from dispatcher.logs import setup_logging
+from dispatcher.preflight import StartProblem, preflight
 from dispatcher.settings import DispatcherSettings
 from producer.errors import ConfigError
 from producer.keys import Keys
@@ -71,7 +72,22 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+USAGE = """usage: python -m dispatcher
+
+The gpuq dispatcher: takes jobs from the Redis queues (TASK_QUEUES), gives each a free slot of a GPU service
+(GPU_ENDPOINTS, or `gpuq gpu add`), and serves callbacks, /tasks, /gpus, /metrics and the dashboard on
+CALLBACK_HOST:CALLBACK_PORT. All settings come from the environment and ./.env (.example.env lists them);
+CALLBACK_SECRET is required. SIGTERM/SIGINT stop it gracefully.
+
+Exit codes: 0 stopped cleanly, 1 a part of the dispatcher died, 2 a bad setting, 3 Redis or the database
+unreachable at start.
+"""
+
+
 def main() -> int:
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        sys.stdout.write(USAGE)
+        return 0
     try:
         settings = load(DispatcherSettings)
     except ConfigError as exc:
@@ -92,6 +108,12 @@ def main() -> int:
             extra={"action": "embedded", "database": url},
         )
     engine = make_engine(url)
+    try:
+        preflight(settings, engine)
+    except StartProblem as exc:
+        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
+        engine.dispose()
+        return exc.exit_code
     # One client (pool) per user, so none waits for another's connections: the dispatch loop, the heartbeat,
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).

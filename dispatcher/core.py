@@ -24,7 +24,7 @@ from dispatcher.db.attempts import Backoff, Finish, extend_lease
 from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
-from dispatcher.db.gpus import register_gpu
+from dispatcher.db.gpus import register_new
 from dispatcher.dead_letters import dead_letter, reason
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
@@ -66,7 +66,14 @@ class Dispatcher:
         self.redis = redis
         self.beat_redis = beat or redis
         self.keys = Keys(settings.redis_key_prefix)
-        self.intake = Intake(redis, self.keys, settings.dispatcher_id, settings.all_queues, settings.weights)
+        self.intake = Intake(
+            redis,
+            self.keys,
+            settings.dispatcher_id,
+            settings.all_queues,
+            settings.weights,
+            routes=settings.routes,
+        )
         self.gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),
             connect_timeout=settings.gpu_connect_timeout_seconds,
@@ -193,15 +200,19 @@ class Dispatcher:
         # Lowered to what the database's max_allowed_packet takes (see limits.py).
         log.info("size limits", extra={"action": "limits", **asdict(self.limits)})
         now = self.now()
-        for ep in self.settings.endpoints:
-            await self.db(
-                register_gpu,
+        for ep in self.settings.endpoints:  # python -m dispatcher checked them already (preflight.py)
+            known = await self.db(
+                register_new,
                 gpu_id=ep.gpu_id,
                 url=ep.url,
                 pool=ep.pool,
                 slot_count=self.settings.slots_per_gpu,
                 now=now,
             )
+            if known is not None:
+                raise RuntimeError(
+                    f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered with {known.url} in pool {known.pool}"
+                )
         await self.gpu.start()
         await self.intake.heartbeat()
         await self.intake.sweep_dead()
@@ -393,6 +404,17 @@ class Dispatcher:
                 result=result,
                 error=error,
             )
+            if fin.state == "failed":  # final: `gpuq task retry --state failed` brings such tasks back
+                log.warning(
+                    "task failed",
+                    extra={
+                        "action": "task_failed",
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "outcome": outcome.value,
+                        "error": error,
+                    },
+                )
             log.debug(
                 "attempt ended",
                 extra={

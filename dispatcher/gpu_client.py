@@ -19,7 +19,8 @@ import orjson
 class Verdict(StrEnum):
     ACCEPTED = "accepted"  # 2xx: the slot stays busy until the callback
     FINISHED = "finished"  # 2xx with {"status": "finished"}: a synchronous service
-    FAILED = "failed"  # final: 4xx (not 408/429), or {"status": "failed"}
+    FAILED = "failed"  # final: 400/413/422 (about the job), or {"status": "failed"}
+    REFUSED = "refused"  # other 4xx, 501: about the GPU (URL, token, method); the job waits again
     RETRY = "retry"  # the attempt failed: 5xx, 408, 429, connection refused; free the slot, try again
     UNKNOWN = "unknown"  # sent but no answer (timeout, dropped connection): the lease decides
 
@@ -114,15 +115,37 @@ class GpuClient:
         return b"".join(chunks), True
 
     async def probe(self, url: str) -> tuple[bool, str]:
-        """Is the service up again? Any HTTP answer below 500 to a GET of its URL says yes."""
+        """Is the service up again? See ``probe_ok`` for what an answer to a GET of its URL means."""
         assert self._session is not None
         try:
             async with self._session.get(
                 url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5)
             ) as r:
-                return r.status < 500, f"probe answered {r.status}"
+                return probe_ok(r.status), f"probe answered {r.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return False, f"probe failed: {type(exc).__name__}: {exc}"
+
+
+#: Answers that are about the job itself: retrying it cannot help.
+JOB_REFUSALS = frozenset({400, 413, 422})
+
+
+def probe_ok(status: int) -> bool:
+    """A GET of a GPU's URL: the service is there unless it answered 5xx, or 401/403/404 (a wrong path or
+    token). 405 counts as there: a POST-only route answers GET that way."""
+    return status < 500 and status not in (401, 403, 404)
+
+
+def answer_error(status: int, text: str) -> str:
+    """``GPU answered 404: Not Found``: the body's ``detail`` (FastAPI) or its text, without repeating the
+    status that aiohttp and others put in front ("404: Not Found")."""
+    reply = _json_object(text)
+    detail = reply.get("detail") if reply else None
+    body = (detail if isinstance(detail, str) else text).strip()[:500]
+    for prefix in (f"{status}:", f"{status} "):
+        if body.startswith(prefix):
+            body = body[len(prefix) :].strip()
+    return f"GPU answered {status}: {body}" if body else f"GPU answered {status}"
 
 
 def _judge(status: int, text: str) -> Answer:
@@ -136,12 +159,12 @@ def _judge(status: int, text: str) -> Answer:
             verdict = Verdict.RETRY if (reply or {}).get("retry") is True else Verdict.FAILED
             return Answer(verdict, status, error=error)
         return Answer(Verdict.ACCEPTED, status)
-    snippet = text[:500]
-    if status in (408, 429) or status >= 500:
-        return Answer(
-            Verdict.RETRY, status, error=f"GPU answered {status}: {snippet}", unhealthy=status >= 500
-        )
-    return Answer(Verdict.FAILED, status, error=f"GPU answered {status}: {snippet}")
+    error = answer_error(status, text)
+    if status in JOB_REFUSALS:
+        return Answer(Verdict.FAILED, status, error=error)
+    if status in (408, 429) or (status >= 500 and status != 501):
+        return Answer(Verdict.RETRY, status, error=error, unhealthy=status >= 500)
+    return Answer(Verdict.REFUSED, status, error=error, unhealthy=True)
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """Requests to GPU services and what their answers mean for the attempt (SPEC §4), for the Dispatcher.
 
-A 2xx accepts the job (the callback ends it), a 2xx with a status ends it at once, a 4xx other than 408/429
-fails the task, 5xx/408/429/refused fail the attempt (retried), no answer leaves it to the lease. Failures
-count towards taking the GPU out of rotation; the first success after them resets the count.
+A 2xx accepts the job (the callback ends it), a 2xx with a status ends it at once, 400/413/422 fail the task,
+other 4xx and 501 (a wrong URL, token or method: the GPU's fault) send the job back to wait without using an
+attempt, 5xx/408/429/refused fail the attempt (retried), no answer leaves it to the lease. Failures count
+towards taking the GPU out of rotation; the first success after them resets the count.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _VERDICT_OUTCOME = {
     Verdict.FINISHED: Outcome.FINISHED,
     Verdict.FAILED: Outcome.FAILED,
     Verdict.RETRY: Outcome.FAILED_RETRY,
+    Verdict.REFUSED: Outcome.GPU_REFUSED,
 }
 
 
@@ -111,6 +113,17 @@ class GpuRequests:
         elif p.gpu_id in self._suspect and answer.status is not None:  # the GPU answered (not our EMFILE)
             self._suspect.discard(p.gpu_id)
             await self.d.db(record_success, gpu_id=p.gpu_id)
+        if answer.verdict is Verdict.REFUSED:
+            log.warning(
+                "GPU refused the request (check its URL and BEARER_TOKEN); the job waits again",
+                extra={
+                    "action": "gpu_refused",
+                    "task_id": p.job.task_id,
+                    "gpu_id": p.gpu_id,
+                    "url": p.url,
+                    "error": answer.error,
+                },
+            )
         outcome = _VERDICT_OUTCOME.get(answer.verdict)
         if outcome is None:
             if answer.verdict is Verdict.UNKNOWN:

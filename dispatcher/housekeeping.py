@@ -27,12 +27,15 @@ log = logging.getLogger("gpuq.housekeeping")
 TICK_SECONDS = 0.25
 #: Between heartbeats (the key lives HEARTBEAT_TTL_SECONDS, 10).
 HEARTBEAT_SECONDS = 2.0
+#: "GPU still down" is logged at most this often per GPU (probes go on every GPU_PROBE_SECONDS).
+STILL_DOWN_EVERY_SECONDS = 60.0
 
 
 class Housekeeping:
     def __init__(self, d: Dispatcher) -> None:
         self.d = d
         self._due: dict[str, float] = {}
+        self._still_down_said: dict[str, float] = {}  # GPU -> when "still down" was last logged
 
     def _every(self, name: str, seconds: float) -> bool:
         now = time.monotonic()
@@ -131,12 +134,19 @@ class Housekeeping:
                 probe_seconds=s.gpu_probe_seconds,
                 now=self.d.now(),
             )
-            log.warning(
-                "GPU back in rotation" if ok else "GPU still down",
-                extra={"action": "gpu_probe", "gpu_id": gpu_id, "detail": detail},
-            )
             if ok:
+                self._still_down_said.pop(gpu_id, None)
+                up = {"action": "gpu_up", "gpu_id": gpu_id, "detail": detail}
+                log.info("GPU back in rotation", extra=up)
                 self.d.slot_freed()
+                continue
+            # A GPU down for an hour would say so every GPU_PROBE_SECONDS: once a minute is enough.
+            now = time.monotonic()
+            if now - self._still_down_said.get(gpu_id, -STILL_DOWN_EVERY_SECONDS) >= STILL_DOWN_EVERY_SECONDS:
+                self._still_down_said[gpu_id] = now
+                log.warning(
+                    "GPU still down", extra={"action": "gpu_probe", "gpu_id": gpu_id, "detail": detail}
+                )
 
     async def check_drift(self) -> None:
         drift = await self.d.db(slot_drift)

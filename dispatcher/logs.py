@@ -10,7 +10,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+# uvicorn adds "color_message" (the message with ANSI colour escapes) to its records: never a field here.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

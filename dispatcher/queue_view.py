@@ -9,7 +9,7 @@ and each costs one round trip. Key names come from ``producer.keys``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -36,8 +36,15 @@ class QueueDepth:
 @dataclass(frozen=True, slots=True)
 class RedisView:
     queues: list[QueueDepth]
-    parked: dict[str, int]  # pool -> jobs taken while the pool was full
+    parked: dict[str, int]  # pool -> jobs taken while the pool was full (dispatchers before issue 14)
     dead: int
+    parked_age: dict[str, float | None] = field(default_factory=dict)  # pool -> oldest parked job's wait
+
+    def oldest_age(self) -> float | None:
+        """How long the longest-waiting job (queued or parked) has waited."""
+        ages = [q.oldest_age for q in self.queues] + list(self.parked_age.values())
+        known = [a for a in ages if a is not None]
+        return max(known) if known else None
 
     def waiting(self) -> int:
         return sum(q.depth for q in self.queues) + sum(self.parked.values())
@@ -55,8 +62,10 @@ class RedisView:
                 for q in self.queues
             ],
             "parked": self.parked,
+            "parked_oldest_age": self.parked_age,
             "dead": self.dead,
             "waiting": self.waiting(),
+            "oldest_age": self.oldest_age(),
         }
 
 
@@ -77,6 +86,7 @@ class Plan:
             pipe.lindex(key, 0)  # the oldest: producers RPUSH, dispatchers take from the head
         for pool in self.pools:
             pipe.llen(self.keys.parked(pool))
+            pipe.lindex(self.keys.parked(pool), 0)
         pipe.llen(self.keys.dead)
 
     def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
@@ -87,8 +97,12 @@ class Plan:
             depth, head = int(next(it)), next(it)
             age = _age(head, now) if depth else None
             queues.append(QueueDepth(queue, priority, key, depth, age))
-        parked = {pool: int(next(it)) for pool in self.pools}
-        return RedisView(queues, parked, int(next(it)))
+        parked, parked_age = {}, {}
+        for pool in self.pools:
+            depth, head = int(next(it)), next(it)
+            parked[pool] = depth
+            parked_age[pool] = _age(head, now) if depth else None
+        return RedisView(queues, parked, int(next(it)), parked_age)
 
 
 def _age(head: bytes | str | None, now: datetime) -> float | None:

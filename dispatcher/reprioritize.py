@@ -11,25 +11,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 
-from producer.keys import PRIORITY_ORDER, Priority, queue_key
+from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 
-# KEYS: lists to search. ARGV: task id. Returns {list, element} or nil. Scans in chunks of 500.
+# KEYS: lists to search. ARGV: task id. Returns {list, element, index} or nil. Scans in chunks of 500.
 _FIND = """
 local id = ARGV[1]
 for _, key in ipairs(KEYS) do
   local n = redis.call('LLEN', key)
   local i = 0
   while i < n do
-    for _, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
+    for j, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
       local ok, obj = pcall(cjson.decode, el)
       if ok and type(obj) == 'table' then
         local tid = obj['task_id']
         if tid == nil and type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
         if tid == id then
-          return {key, el}
+          return {key, el, i + j - 1}
         end
       end
     end
@@ -65,7 +67,7 @@ def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Pri
         hit = find(keys=lists, args=[task_id])
         if not hit:
             return Moved(False)
-        source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit)
+        source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
         target = queue_key(queue_of[source], priority)
         if source == target:
             return Moved(True, source, target)
@@ -74,3 +76,52 @@ def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Pri
         if move(keys=[source, target], args=[element, json.dumps(body, separators=(",", ":"))]):
             return Moved(True, source, target)
     return Moved(False)
+
+
+def _waiting_lists(keys: Keys, queues: list[str], pools: list[str]) -> tuple[list[str], dict[str, str]]:
+    lists = [queue_key(q, p) for q in queues for p in PRIORITY_ORDER]
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    return [*lists, *(keys.parked(pool) for pool in pools)], queue_of
+
+
+def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
+    """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
+    source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+    try:
+        body = json.loads(element)
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    data = body.get("data")
+    return {
+        "task_id": task_id,
+        "state": "queued",
+        "type": body.get("type"),
+        "queue": queue_of.get(source) or body.get("queue"),
+        "priority": body.get("priority") or "normal",
+        "list": source,
+        "position": int(hit[2]),  # jobs ahead of it in that list
+        "attempts": body.get("attempt") or 0,
+        "enqueued_at": body.get("enqueued_at"),
+        "gpu_id": None,
+        "slot_index": None,
+        "data": data if isinstance(data, dict) else None,
+    }
+
+
+def find_waiting(
+    rds: redis.Redis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
+) -> dict[str, Any] | None:
+    """The job with ``task_id`` if it waits in Redis (its queues' lists or a parked list), else None."""
+    lists, queue_of = _waiting_lists(keys, queues, pools)
+    hit = rds.register_script(_FIND)(keys=lists, args=[task_id])
+    return _waiting(task_id, hit, queue_of) if hit else None
+
+
+async def find_waiting_async(
+    rds: AsyncRedis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
+) -> dict[str, Any] | None:
+    """``find_waiting`` through an asyncio client (the HTTP edge)."""
+    lists, queue_of = _waiting_lists(keys, queues, pools)
+    hit = await rds.register_script(_FIND)(keys=lists, args=[task_id])
+    return _waiting(task_id, hit, queue_of) if hit else None

@@ -20,6 +20,7 @@ from dispatcher.db.overview import open_tasks
 from dispatcher.db.reads import get_task
 from dispatcher.event_hub import EventHub
 from dispatcher.queue_view import Plan, read_async
+from dispatcher.reprioritize import find_waiting_async
 
 log = logging.getLogger("gpuq.http")
 router = APIRouter()
@@ -76,11 +77,17 @@ def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> Non
     responses={404: {"model": Detail, "description": "unknown task"}},
 )
 async def task(task_id: str, d: D) -> dict[str, Any]:
+    """The task as recorded; a job still waiting in Redis (no row yet) answers ``queued`` with its list and
+    position there."""
     found = await d.db(get_task, task_id=task_id)
     if found is None:
-        raise HTTPException(
-            404, f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)"
+        s = d.settings
+        pools = sorted(set(s.routes.values()) | {"default"})
+        found = await find_waiting_async(
+            d.redis, keys=d.keys, task_id=task_id, queues=s.all_queues, pools=pools
         )
+    if found is None:
+        raise HTTPException(404, f"unknown task {task_id!r} (not in the database nor waiting in Redis)")
     return found
 
 

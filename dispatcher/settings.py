@@ -43,6 +43,9 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
             raise ValueError(f"{item!r} is not [pool:]NAME=URL")
         if len(gpu_id) > 64 or len(pool) > 64:
             raise ValueError(f"{item!r}: GPU and pool names are at most 64 characters")
+        # "g0=URL;g1=URL" must not become one GPU g0 whose URL is "URL;g1=URL"
+        if "=http" in url or any(c in url for c in "; \t"):
+            raise ValueError(f"{item!r}: one GPU per item, items separated by commas: g0=URL,g1=URL")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
@@ -74,6 +77,9 @@ class StoreSettings(QueueSettings):
     def _check_db_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("mysql", "mariadb", "sqlite")):
             raise ValueError("must be a mysql+pymysql://… or sqlite:///… URL")
+        if value and value.startswith(("mysql://", "mariadb://", "mysql+mysqldb://")):
+            # SQLAlchemy's default MySQL driver (MySQLdb) is not installed: PyMySQL is.
+            raise ValueError("use mysql+pymysql://… (gpuq talks to MySQL/MariaDB through PyMySQL)")
         return value or None
 
     @cached_property

@@ -32,8 +32,12 @@ class Query:
 
 
 def sql_dir() -> Path:
-    """``GPUQ_SQL_DIR`` (set in the container image), else ``sql/`` beside the package in a checkout."""
-    return Path(os.environ.get("GPUQ_SQL_DIR") or Path(__file__).resolve().parents[1] / "sql")
+    """``GPUQ_SQL_DIR`` (set in the container image), else ``sql/`` beside the package in a checkout, else
+    the package itself: an installed gpuq carries ``queries.sql`` as package data."""
+    if os.environ.get("GPUQ_SQL_DIR"):
+        return Path(os.environ["GPUQ_SQL_DIR"])
+    checkout = Path(__file__).resolve().parents[1] / "sql"
+    return checkout if (checkout / "queries.sql").is_file() else Path(__file__).resolve().parent
 
 
 def parse(text: str) -> dict[str, Query]:

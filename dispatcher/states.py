@@ -43,7 +43,8 @@ class Outcome(StrEnum):
     """How an attempt ended; stored in ``attempts.outcome``."""
 
     FINISHED = "finished"
-    FAILED = "failed"  # final: the GPU said so, or answered 4xx
+    FAILED = "failed"  # final: the GPU said so, or answered 400/413/422
     FAILED_RETRY = "failed_retry"  # the attempt failed; the task may be tried again
     EXPIRED = "lease_expired"
     CANCELLED = "cancelled"
+    GPU_REFUSED = "gpu_refused"  # 401/403/404/405/501...: about the GPU; waits again, no attempt used

@@ -5,8 +5,9 @@ Layout (``P`` is ``REDIS_KEY_PREFIX``, default ``gpuq:``; ``Q`` a queue name fro
     Q                       list    waiting jobs of normal priority, oldest first (RPUSH / LMOVE LEFT).
                                     The seed's name, unprefixed, so its producers keep working.
     Q:high, Q:low           list    waiting jobs of high / low priority; taken before / after Q
-    P<parked>:<pool>        list    jobs taken while their pool was full: served first once it has room,
-                                    so a full pool never holds up jobs for other pools
+    P<parked>:<pool>        list    jobs earlier dispatchers took while their pool was full: only read now,
+                                    served first once the pool has room (a full pool's jobs now wait in
+                                    their queue lists: see dispatcher.intake)
     P<dead>                 list    jobs that cannot run (unparsable, breaking a limit, a
                                     reused task id): {"raw", "reason", "queue", "at"}
     P<idem>:<key>           string  idempotency mark of an accepted delivery -> task_id

@@ -44,6 +44,10 @@ def _bind(query: Query, given: list[str]) -> dict[str, Any]:
         if key not in query.parameters:
             takes = ", ".join(query.parameters) or "none"
             raise BadArgument(f"query {query.name} has no parameter {key!r} (it takes: {takes})")
+        default = query.defaults.get(key, "")
+        if default.lstrip("-").isdigit() and not value.strip().lstrip("-").isdigit():
+            # MySQL would read "abc" as 0 and answer rows for it: refuse instead
+            raise BadArgument(f"--param {key}={value!r}: a whole number, like its default {default}")
         values[key] = value
     missing = [p for p in query.parameters if p not in values]
     if missing:

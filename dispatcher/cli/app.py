@@ -7,7 +7,8 @@ Exit status: 0 done, 1 refused (unknown GPU or task, busy GPU, final task), 2 ba
 from __future__ import annotations
 
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from redis.exceptions import RedisError
@@ -15,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from typer.core import TyperGroup
 
 from dispatcher.cli import admin, gpus, queues, status, tasks
-from dispatcher.cli.context import stores
+from dispatcher.cli.context import Stores
 from dispatcher.cli.errors import BadArgument, OperatorError, Unreachable
 from dispatcher.db.engine import StoreUnavailable
 from producer.errors import ConfigError, InvalidJob, QueueUnavailable
@@ -73,9 +74,26 @@ app = typer.Typer(
 
 
 @app.callback()
-def _root(ctx: typer.Context) -> None:
-    """Settings come from the environment and ./.env, as for the dispatcher (CALLBACK_SECRET not needed)."""
-    stores(ctx)
+def _root(
+    ctx: typer.Context,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            envvar="GPUQ_ENV_FILE",
+            help="Read settings from this file instead of ./.env, e.g. /etc/gpuq/dispatcher.env.",
+        ),
+    ] = None,
+) -> None:
+    """Settings come from the environment and ./.env (or --env-file), as for the dispatcher (CALLBACK_SECRET
+    not needed)."""
+    if env_file is not None and not env_file.is_file():
+        typer.echo(f"gpuq: --env-file {env_file}: no such file", err=True)
+        raise typer.Exit(2)
+    root = ctx.find_root()
+    if not isinstance(root.obj, Stores):
+        root.obj = Stores(env_file)
+        root.call_on_close(root.obj.close)
 
 
 app.command()(status.status)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cached_property
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,13 +27,17 @@ T = TypeVar("T")
 
 
 class Stores:
-    def __init__(self) -> None:
+    def __init__(self, env_file: Path | None = None) -> None:
         self._engine: Engine | None = None
         self._redis: redis.Redis | None = None
+        self.env_file = env_file  # --env-file: read instead of ./.env (the environment still wins)
 
     @cached_property
     def settings(self) -> StoreSettings:
-        return load(StoreSettings)  # ConfigError names the variable; app.py maps it to exit status 2
+        # ConfigError names the variable; app.py maps it to exit status 2
+        if self.env_file is None:
+            return load(StoreSettings)
+        return load(StoreSettings, _env_file=self.env_file)
 
     @property
     def keys(self) -> Keys:

@@ -2,7 +2,9 @@
 
 Every dispatcher reads the GPU table at each placement, so a change here takes effect at once on all of
 them; after adding or activating a GPU a wake-up makes them look for work for it straight away. A GPU listed
-in GPU_ENDPOINTS is registered again when a dispatcher starts: remove it there too.
+in GPU_ENDPOINTS is registered again when a dispatcher starts if it is unknown (remove it there too); a known
+one is never changed by a dispatcher: ``gpu set`` changes it, and a dispatcher whose GPU_ENDPOINTS disagrees
+stops at start.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.engine import utcnow
-from dispatcher.db.gpus import list_gpus, register_gpu, remove_gpu, set_gpu_state
+from dispatcher.db.gpus import list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
 from dispatcher.settings import DEFAULT_POOL, parse_gpu_endpoints
 from dispatcher.states import GpuState
 
@@ -34,10 +36,13 @@ def add(
     ctx: typer.Context,
     name: Name,
     url: Annotated[str, typer.Argument(help="The GPU service's URL, e.g. http://10.0.0.5:9000/infer.")],
+    *,
     pool: Annotated[str, typer.Option(help="Pool serving the task types routed to it.")] = DEFAULT_POOL,
     slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Default: SLOTS_PER_GPU.")] = None,
+    probe: Annotated[bool, typer.Option(help="GET the URL first and say what answered.")] = True,
 ) -> None:
-    """Register a GPU (or change the URL, pool or slot count of a known one)."""
+    """Register a GPU (or change the URL, pool or slot count of a known one). Its URL is probed first and
+    the answer shown: a wrong path (404) or token (401/403) is said here, before jobs go there."""
     try:
         (ep,) = parse_gpu_endpoints(f"{pool}:{name}={url}")
     except ValueError as exc:
@@ -45,10 +50,61 @@ def add(
     s = stores(ctx)
     count = slots or s.settings.slots_per_gpu
     known = {g.gpu_id for g in s.db(list_gpus)}
+    if probe:
+        _say_probe(ep.url)
     s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
     s.wake("slot")
     verb = "updated" if ep.gpu_id in known else "added"
     console().print(f"{verb} GPU {ep.gpu_id} ({ep.url}) in pool {ep.pool} with {count} slots")
+
+
+def _say_probe(url: str) -> None:
+    """One line on stderr about what answers at ``url``: registration goes on whatever it is (a GPU may
+    be registered before it starts), but a wrong URL is better seen now than in failed jobs."""
+    import httpx
+
+    from dispatcher.gpu_client import probe_ok
+
+    try:
+        status = httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError as exc:
+        what = type(exc).__name__
+        typer.echo(f"probe: no answer from {url} ({what}): jobs go there once it answers", err=True)
+        return
+    if status in (401, 403):
+        typer.echo(f"probe: {url} answered {status}: it wants a token (BEARER_TOKEN must be its)", err=True)
+    elif not probe_ok(status):
+        typer.echo(
+            f"probe: WARNING {url} answered {status}: is the path right? A GPU that refuses jobs is taken "
+            "out of rotation (its jobs wait for other GPUs)",
+            err=True,
+        )
+    else:
+        typer.echo(f"probe: {url} answered {status}: a service is there", err=True)
+
+
+@app.command("set")
+def set_(
+    ctx: typer.Context,
+    name: Name,
+    url: Annotated[str | None, typer.Option(help="Its new URL.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Its new pool.")] = None,
+    slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Its new slot count.")] = None,
+) -> None:
+    """Change a known GPU's registration (what a dispatcher's GPU_ENDPOINTS never changes by itself)."""
+    if url is None and pool is None and slots is None:
+        raise BadArgument("say what to change: --url, --pool or --slots")
+    if url is not None or pool is not None:
+        try:
+            parse_gpu_endpoints(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
+        except ValueError as exc:
+            raise BadArgument(str(exc)) from exc
+    s = stores(ctx)
+    if not s.db(update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, now=utcnow()):
+        raise OperatorError(f"no GPU named {name!r} (gpuq gpu add registers one)")
+    s.wake("slot")
+    g = next(g for g in s.db(list_gpus) if g.gpu_id == name)
+    console().print(f"GPU {name} is now {g.url} in pool {g.pool} with {g.slots} slots")
 
 
 def _set_state(ctx: typer.Context, name: str, state: GpuState) -> int:

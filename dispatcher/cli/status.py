@@ -26,11 +26,11 @@ def collect(s: Stores) -> dict[str, Any]:
     """The same data the dashboard's ``/api/overview`` serves, read straight from the stores."""
     db = s.db(overview, now=utcnow(), minutes=1, bucket_seconds=60)
     plan = Plan(s.keys, s.settings.all_queues, pools_of(db["gpus"], s.settings.routes))
-    return {
-        "now": datetime.now(UTC).isoformat(timespec="seconds"),
-        **db,
-        **read_sync(s.redis, plan).to_json(),
-    }
+    try:
+        waiting = read_sync(s.redis, plan).to_json()
+    except RedisError as exc:  # the GPU table still helps: show it, and say what is missing
+        waiting = {"redis_error": f"Redis at {s.redis_where()} is unreachable: {exc}"}
+    return {"now": datetime.now(UTC).isoformat(timespec="seconds"), **db, **waiting}
 
 
 def _gpu_tables(gpus: list[dict[str, Any]]) -> list[RenderableType]:
@@ -75,6 +75,13 @@ def render(view: dict[str, Any]) -> Group:
     busy = sum(g["busy"] for g in gpus)
     total = sum(g["slots"] for g in gpus)
     tasks = view["tasks"]
+    if "redis_error" in view:
+        return Group(
+            Text.assemble(("gpuq status ", "bold"), f"{view['now']}   slots busy {busy}/{total}"),
+            *_gpu_tables(gpus),
+            Text("queues unknown: Redis is unreachable", "bold red"),
+            Text(f"retrying {tasks['retrying']}   scheduled {tasks['scheduled']}"),
+        )
     parked = ", ".join(f"{pool} {n}" for pool, n in view["parked"].items() if n) or "none"
     dead = Text(f"dead letters {view['dead']}", "bold red" if view["dead"] else "")
     return Group(
@@ -102,7 +109,11 @@ def status(
     s = stores(ctx)
     out = console()
     if not watch:
-        out.print(render(collect(s)))
+        view = collect(s)
+        out.print(render(view))
+        if "redis_error" in view:  # as for any unreachable store, after showing what the database knows
+            typer.echo(f"gpuq: {view['redis_error']}", err=True)
+            raise typer.Exit(3)
         return
     if not out.is_terminal:  # piped to a file or a log: one full table per refresh, nothing redrawn
         _watch(s, interval, count, lambda view: out.print(view, "\n"))

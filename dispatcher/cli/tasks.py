@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
 
-from dispatcher.cli.context import stores
+from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.attempts import Backoff, cancel_task
-from dispatcher.db.engine import utcnow
+from dispatcher.db.engine import naive_utc, utcnow
 from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
-from dispatcher.db.operator import retry_task
+from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
 from dispatcher.events import event
-from dispatcher.reprioritize import move_job
+from dispatcher.reprioritize import find_waiting, move_job
 from dispatcher.states import TaskState
 from producer.keys import Priority
 
@@ -29,10 +29,15 @@ TaskId = Annotated[str, typer.Argument(help="The task's id.")]
 
 @app.command()
 def show(ctx: typer.Context, task_id: TaskId) -> None:
-    """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts."""
-    found = stores(ctx).db(get_task, task_id=task_id)
+    """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts; a job still
+    waiting in Redis shows as ``queued`` with its list and position."""
+    s = stores(ctx)
+    found = s.db(get_task, task_id=task_id)
     if found is None:
-        raise OperatorError(f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)")
+        pools = sorted(set(s.settings.routes.values()) | {"default"})
+        found = find_waiting(s.redis, keys=s.keys, task_id=task_id, queues=s.settings.all_queues, pools=pools)
+    if found is None:
+        raise OperatorError(f"unknown task {task_id!r}: not in the database nor waiting in Redis")
     typer.echo(json.dumps(found, indent=2))
 
 
@@ -80,8 +85,8 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
     if fin.code == "applied":
         how = "its slot is free again" if fin.freed else "it will not run"
         console().print(f"task {task_id} cancelled: {how}")
-    elif fin.state == "cancelled":
-        console().print(f"task {task_id} was already cancelled")
+    elif fin.state == "cancelled":  # refused like any final task (exit 1), but it is what was asked
+        raise OperatorError(f"task {task_id} was already cancelled")
     else:
         raise OperatorError(f"task {task_id} is already {fin.state}: nothing to cancel")
 
@@ -89,11 +94,37 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
 @app.command()
 def retry(
     ctx: typer.Context,
-    task_id: TaskId,
+    task_id: Annotated[str | None, typer.Argument(help="The task's id; or select with --state.")] = None,
+    *,
     attempts: Annotated[int, typer.Option(min=1, max=100, help="More attempts to allow.")] = 1,
+    state: Annotated[str | None, typer.Option(help="Every task in this state: failed, cancelled.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only those that ended since: 30m, 2h, 1d, or a UTC time.")
+    ] = None,
+    gpu: Annotated[str | None, typer.Option(help="Only those last placed on this GPU.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only this queue.")] = None,
+    task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="At most this many tasks.")] = 1000,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list the tasks it would retry.")] = False,
 ) -> None:
-    """Run a failed or cancelled task again (within a second, while a dispatcher runs)."""
+    """Run a failed or cancelled task again (within a second, while a dispatcher runs); or, with --state
+    (and --since, --gpu, --queue, --type), every task that matches: the bulk recovery after an incident."""
     s = stores(ctx)
+    if task_id is None:
+        _retry_many(
+            s,
+            state=state,
+            since=since,
+            gpu=gpu,
+            queue=queue,
+            task_type=task_type,
+            limit=limit,
+            attempts=attempts,
+            dry_run=dry_run,
+        )
+        return
+    if state or since or gpu or queue or task_type or dry_run:
+        raise BadArgument("give a task id or filters (--state ...), not both")
     res = s.db(retry_task, task_id=task_id, now=utcnow(), extra_attempts=attempts)
     if res.code == "unknown":
         raise OperatorError(f"unknown task {task_id!r}")
@@ -101,6 +132,62 @@ def retry(
         raise OperatorError(f"task {task_id} cannot be retried: {res.reason}")
     s.wake("job")
     console().print(f"task {task_id} is retrying (up to {res.max_attempts} attempts in all)")
+
+
+def _retry_many(
+    s: Stores,
+    *,
+    state: str | None,
+    since: str | None,
+    gpu: str | None,
+    queue: str | None,
+    task_type: str | None,
+    limit: int,
+    attempts: int,
+    dry_run: bool,
+) -> None:
+    if not state:
+        raise BadArgument("give a task id, or --state failed (or cancelled) to retry every such task")
+    try:
+        states = parse_states(state)
+    except BadFilter as exc:
+        raise BadArgument(str(exc)) from None
+    if not set(states) <= set(RETRIABLE):
+        raise BadArgument("--state: only failed and cancelled tasks can be retried")
+    ids = s.db(
+        retry_candidates,
+        states=states,
+        since=parse_since(since, utcnow()) if since else None,
+        gpu_id=gpu,
+        queue=queue,
+        task_type=task_type,
+        limit=limit,
+    )
+    if dry_run:
+        for tid in ids:
+            typer.echo(tid)
+        typer.echo(f"{len(ids)} task(s) would be retried (--dry-run: nothing changed)", err=True)
+        return
+    done, refused = 0, 0
+    for tid in ids:
+        res = s.db(retry_task, task_id=tid, now=utcnow(), extra_attempts=attempts)
+        done, refused = (done + 1, refused) if res.code == "applied" else (done, refused + 1)
+    if done:
+        s.wake("job")
+    skipped = f"; {refused} changed state meanwhile and were left alone" if refused else ""
+    console().print(f"{done} task(s) retrying{skipped}")
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """``30m``, ``2h``, ``1d``, ``90s`` before ``now``, or an ISO time (UTC unless it says otherwise)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    raw = text.strip()
+    if raw[:-1].isdigit() and raw[-1:] in units:
+        return now - timedelta(seconds=int(raw[:-1]) * units[raw[-1]])
+    try:
+        return naive_utc(datetime.fromisoformat(raw.replace("Z", "+00:00")))
+    except ValueError:
+        raise BadArgument(f"--since: {text!r} is neither 30m/2h/1d nor an ISO time") from None
 
 
 @app.command()

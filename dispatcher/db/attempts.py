@@ -63,10 +63,13 @@ class Backoff:
 _END = text(
     """
     UPDATE tasks SET
-      state = CASE WHEN :retry = 1 AND attempt < max_attempts THEN 'retrying' ELSE :final END,
+      state = CASE WHEN :retry = 1 AND (:refund = 1 OR attempt < max_attempts)
+                   THEN 'retrying' ELSE :final END,
       run_after = NULL,
-      finished_at = CASE WHEN :retry = 1 AND attempt < max_attempts THEN NULL ELSE :now END,
-      result = COALESCE(:result, result), error = :error, last_callback = :reported, updated_at = :now
+      finished_at = CASE WHEN :retry = 1 AND (:refund = 1 OR attempt < max_attempts)
+                         THEN NULL ELSE :now END,
+      result = COALESCE(:result, result), error = :error, last_callback = :reported, updated_at = :now,
+      max_attempts = max_attempts + :refund
     WHERE task_id = :task_id AND attempt = :attempt AND state = 'processing'
       AND (:expiry = 0 OR EXISTS (SELECT 1 FROM slots s WHERE s.task_id = tasks.task_id
                                   AND s.attempt = tasks.attempt AND s.lease_expires_at < :now))
@@ -97,6 +100,7 @@ _FINAL_STATE = {
     Outcome.FAILED_RETRY: TaskState.FAILED,
     Outcome.EXPIRED: TaskState.FAILED,
     Outcome.CANCELLED: TaskState.CANCELLED,
+    Outcome.GPU_REFUSED: TaskState.FAILED,  # never reached: a refused attempt always waits again
 }
 
 
@@ -111,11 +115,15 @@ def _params(
     error: str | None,
     reported: str | None,
 ) -> dict[str, Any]:
-    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED)
+    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED, Outcome.GPU_REFUSED)
+    # A GPU that refused the request (wrong URL, token, method) says nothing about the job: the attempt is
+    # given back (one more allowed) and the job waits again at once (_retry_at), for a GPU that takes it.
+    refund = outcome is Outcome.GPU_REFUSED
     return {
         "task_id": task_id,
         "attempt": attempt,
         "retry": 1 if retry else 0,
+        "refund": 1 if refund else 0,
         # A lease expiry applies only if the lease is still expired: a heartbeat may have renewed it
         # between the look for expired leases and this update.
         "expiry": 1 if outcome is Outcome.EXPIRED else 0,
@@ -178,13 +186,18 @@ def finish_attempt(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
     state = params["final"]
-    if retry and conn.execute(_RUN_AFTER, _retry_at(task_id, attempt, now, backoff)).rowcount == 1:
+    at = _retry_at(task_id, attempt, now, backoff, refund=bool(params["refund"]))
+    if retry and conn.execute(_RUN_AFTER, at).rowcount == 1:
         state = TaskState.RETRYING.value
     return Finish("applied", str(state), freed)
 
 
-def _retry_at(task_id: str, attempt: int, now: datetime, backoff: Backoff) -> dict[str, Any]:
-    return {"task_id": task_id, "run_after": now + timedelta(seconds=backoff.delay(attempt))}
+def _retry_at(
+    task_id: str, attempt: int, now: datetime, backoff: Backoff, *, refund: bool = False
+) -> dict[str, Any]:
+    """When a retrying task is due again: after its backoff, or at once for a refunded attempt."""
+    delay = 0.0 if refund else backoff.delay(attempt)
+    return {"task_id": task_id, "run_after": now + timedelta(seconds=delay)}
 
 
 def finish_many(
@@ -218,7 +231,8 @@ def finish_many(
             applied.setdefault(item["outcome"], []).append(item["task_id"])
             results.append(Finish("applied", row.state if row is not None else p["final"], True))
             if row is not None and row.state == TaskState.RETRYING:
-                retrying.append(_retry_at(item["task_id"], item["attempt"], now, backoff))
+                refund = bool(p["refund"])
+                retrying.append(_retry_at(item["task_id"], item["attempt"], now, backoff, refund=refund))
         else:
             results.append(_classify(row, item["attempt"], item["reported"]))
     if retrying:

@@ -89,13 +89,16 @@ def claim_slots(
 
 
 def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
-    """Apply each item (task_id, attempt, retry, expiry, final, result, error, reported) to its task if still
-    processing at that attempt (a lease expiry only while the lease is still expired); returns how many rows
-    changed. Changed rows get ``updated_at = now`` exactly, which is how the caller tells them apart when not
-    all did. A retry's ``run_after`` is left for the caller to set once it knows the attempt was current."""
-    columns = ("task_id", "attempt", "retry", "expiry", "final", "result", "error", "reported")
+    """Apply each item (task_id, attempt, retry, refund, expiry, final, result, error, reported) to its
+    task if still processing at that attempt (a lease expiry only while the lease is still expired); returns
+    how many rows changed. Changed rows get ``updated_at = now`` exactly, which is how the caller tells them
+    apart when not all did. A retry's ``run_after`` is left for the caller to set once it knows the attempt
+    was current."""
+    columns = ("task_id", "attempt", "retry", "refund", "expiry", "final", "result", "error", "reported")
     derived, params, stamps = _rows(items, columns)
-    again = "c.retry = 1 AND t.attempt < t.max_attempts"
+    # A refunded attempt waits again whatever max_attempts says, so this reads max_attempts only where no
+    # refund changes it: the order in which MySQL applies the SET below does not matter.
+    again = "c.retry = 1 AND (c.refund = 1 OR t.attempt < t.max_attempts)"
     sql = _update_join(
         conn,
         table="tasks",
@@ -110,6 +113,7 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
             ("error", "c.error"),
             ("last_callback", "c.reported"),
             ("updated_at", ":now"),
+            ("max_attempts", "t.max_attempts + c.refund"),
         ],
         where="t.state = 'processing' AND (c.expiry = 0 OR EXISTS (SELECT 1 FROM slots s"
         " WHERE s.task_id = t.task_id AND s.attempt = t.attempt AND s.lease_expires_at < :now))",

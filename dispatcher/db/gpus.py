@@ -48,6 +48,62 @@ def register_gpu(
     trim_slots(conn, gpu_id=gpu_id, slot_count=slot_count)
 
 
+def register_new(
+    conn: Connection, *, gpu_id: str, url: str, pool: str, slot_count: int, now: datetime
+) -> GpuRow | None:
+    """A dispatcher's start: register ``gpu_id`` if the database does not know it yet. A known GPU is left
+    as it is (``gpuq gpu set`` changes it) and returned when its URL or pool differ, so the caller can stop:
+    a dispatcher with a stale or malformed GPU_ENDPOINTS must not rewrite a fleet others are using."""
+    row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    if row is None:
+        register_gpu(conn, gpu_id=gpu_id, url=url, pool=pool, slot_count=slot_count, now=now)
+        return None
+    if row.url == url and row.pool == pool:
+        return None
+    return GpuRow(
+        gpu_id=row.gpu_id,
+        url=row.url,
+        pool=row.pool,
+        slots=row.slots,
+        busy=0,
+        state=row.state,
+        healthy=bool(row.healthy),
+        consecutive_failures=row.consecutive_failures,
+        last_error=row.last_error,
+    )
+
+
+def update_gpu(
+    conn: Connection,
+    *,
+    gpu_id: str,
+    now: datetime,
+    url: str | None = None,
+    pool: str | None = None,
+    slot_count: int | None = None,
+) -> bool:
+    """``gpuq gpu set``: change what is given of a known GPU's registration; False when it is unknown.
+    A new URL starts with a clean health record (the failures were the old URL's)."""
+    row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    if row is None:
+        return False
+    values: dict[str, object] = {"updated_at": now}
+    if url is not None and url != row.url:
+        values |= {"url": url, "healthy": True, "consecutive_failures": 0, "down_until": None}
+    if pool is not None:
+        values["pool"] = pool
+    if slot_count is not None:
+        values["slots"] = slot_count
+    conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
+    if slot_count is not None:
+        have = set(conn.execute(select(slots.c.slot_index).where(slots.c.gpu_id == gpu_id)).scalars())
+        missing = [{"gpu_id": gpu_id, "slot_index": i} for i in range(slot_count) if i not in have]
+        if missing:
+            conn.execute(insert(slots), missing)
+        trim_slots(conn, gpu_id=gpu_id, slot_count=slot_count)
+    return True
+
+
 def trim_slots(conn: Connection, *, gpu_id: str, slot_count: int) -> None:
     """Drop free slot rows beyond the GPU's slot count; busy ones go once their job has ended."""
     conn.execute(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import ColumnElement, Connection, select, update
 
 from dispatcher.db.schema import tasks
 from dispatcher.states import TaskState
@@ -58,3 +58,27 @@ def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts:
         )
     )
     return Retried("applied", TaskState.RETRYING.value, max_attempts=max_attempts)
+
+
+def retry_candidates(
+    conn: Connection,
+    *,
+    states: tuple[str, ...],
+    since: datetime | None = None,
+    gpu_id: str | None = None,
+    queue: str | None = None,
+    task_type: str | None = None,
+    limit: int = 1000,
+) -> list[str]:
+    """Ids of tasks ``gpuq task retry --state … [--since … --gpu …]`` brings back, oldest end first: in
+    ``states`` (failed and/or cancelled), ended at or after ``since``, last placed on ``gpu_id``."""
+    conds: list[ColumnElement[bool]] = [tasks.c.state.in_(states)]
+    if since is not None:
+        conds.append(tasks.c.finished_at >= since)
+    for column, value in ((tasks.c.gpu_id, gpu_id), (tasks.c.queue, queue), (tasks.c.type, task_type)):
+        if value is not None:
+            conds.append(column == value)
+    rows = conn.execute(
+        select(tasks.c.task_id).where(*conds).order_by(tasks.c.finished_at, tasks.c.task_id).limit(limit)
+    )
+    return list(rows.scalars())

@@ -59,7 +59,9 @@ def slot_map(conn: Connection, *, now: datetime, recent_seconds: float = 60.0) -
             "state": g.state,
             "healthy": g.healthy,
             "slots": g.slots,
-            "busy": g.busy,
+            # counted from the slot rows read above, not list_gpus' own count: a slot freed between the two
+            # reads showed "3/4" beside four busy boxes
+            "busy": sum(1 for s in held.get(g.gpu_id, []) if s["task_id"]),
             "consecutive_failures": g.consecutive_failures,
             "last_error": g.last_error,
             "finished_recent": int(done.get(g.gpu_id, 0)),

@@ -23,6 +23,9 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
         ({"CALLBACK_SECRET": "short"}, "CALLBACK_SECRET"),
         ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
+        ({"GPU_ENDPOINTS": "g0=http://a:1/g0;g1=http://a:1/g1"}, "GPU_ENDPOINTS"),  # issue 14
+        ({"GPU_ENDPOINTS": "g0=http://a:1/g0 g1=http://a:1/g1"}, "GPU_ENDPOINTS"),
+        ({"DATABASE_URL": "mysql://root@127.0.0.1/db"}, "mysql+pymysql"),
         ({"SLOTS_PER_GPU": "zero"}, "SLOTS_PER_GPU"),
         ({"TASK_QUEUES": "bad queue!"}, "TASK_QUEUES"),
         ({"TASK_ROUTES": "embed"}, "TASK_ROUTES"),

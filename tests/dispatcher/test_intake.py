@@ -43,14 +43,14 @@ def test_queues_share_by_weight_and_priority_comes_first(redis_url, key_prefix):
         await _fill(rds, queue_key(q2, P.LOW), 100, "q2-low")
         taken = []
         for _ in range(40):  # one job at a time, as when single slots free up
-            taken += await intake.take(1, {})
+            taken += await intake.take(1, None)
         sources = Counter(t.source for t in taken)
         # q1 gets three visits in four; q2's two high-priority jobs come before its normal ones, low never yet
         assert sources[q1] == 30
         assert sources[queue_key(q2, P.HIGH)] == 2
         assert sources[q2] == 8
         assert all(t.queue == q2 for t in taken if t.source.startswith(q2))
-        batch = await intake.take(8, {})
+        batch = await intake.take(8, None)
         assert Counter(t.queue for t in batch) == {q1: 6, q2: 2}
         # everything taken is in this dispatcher's processing list, tagged with its source
         assert await rds.llen(Keys(key_prefix).proc("d1")) == 48
@@ -68,7 +68,7 @@ def test_hand_back_restores_order_and_sweep_takes_dead_lists(redis_url, key_pref
         await _fill(rds, q, 5, "x")
         original = await rds.lrange(q, 0, -1)
         await dead.heartbeat()
-        taken = await dead.take(3, {})
+        taken = await dead.take(3, None)
         assert await rds.llen(q) == 2
         # alive while its heartbeat lasts: not swept
         await alive.heartbeat()
@@ -78,7 +78,7 @@ def test_hand_back_restores_order_and_sweep_takes_dead_lists(redis_url, key_pref
         assert await rds.lrange(q, 0, -1) == original  # back at the head, in their order
         assert not await rds.sismember(keys.dispatchers, "dead")
         # a parked job goes to its pool's list and is served first from there
-        taken = await alive.take(1, {})
+        taken = await alive.take(1, None)
         await alive.settle(Settlement(park=[(taken[0].element, "gpu-pool", taken[0].raw)]))
         assert await rds.llen(keys.parked("gpu-pool")) == 1
         first = await alive.take(1, {"gpu-pool": 1})
@@ -102,3 +102,33 @@ def test_bad_weights_are_refused(monkeypatch, weights):
     with pytest.raises(ConfigError) as err:
         load(DispatcherSettings, _env_file=None)
     assert "QUEUE_WEIGHTS" in err.value.message
+
+
+def test_take_only_what_each_pool_can_start_and_leave_the_rest_in_place(redis_url, key_prefix):
+    """The take contract (issue 14): per pool at most its free slots; a job for a full pool stays in its
+    list, in order, while jobs behind it for pools with room are taken; a job back from a lost slot race
+    returns to the head of its list."""
+
+    async def scenario():
+        q = f"{key_prefix}q"
+        rds = Redis.from_url(redis_url)
+        intake = Intake(rds, Keys(key_prefix), "d1", [q], routes={"e": "embed"})
+        jobs = [json.dumps({"task_id": f"t{i}", "type": t, "data": {}}) for i, t in enumerate("ttteetbe")]
+        jobs[6] = "not json"  # unparsable: taken whatever the budgets (it is dead-lettered)
+        await rds.rpush(q, *jobs)
+        taken = await intake.take(5, {"default": 1, "embed": 5})
+        # one default job (the first), both embed jobs, the unparsable one, then the last embed job
+        assert [t.raw for t in taken] == [jobs[0], jobs[3], jobs[4], jobs[6], jobs[7]]
+        assert [t.pool for t in taken] == ["default", "embed", "embed", None, "embed"]
+        assert await rds.lrange(q, 0, -1) == [j.encode() for j in (jobs[1], jobs[2], jobs[5])]
+        # nothing for a pool without free slots, nothing at all for an unknown one
+        assert await intake.take(5, {"embed": 3}) == []
+        # a job that lost its slot goes back to the head, ahead of those that waited behind it
+        await intake.settle(
+            Settlement(back=[(taken[0].element, taken[0].raw)], ack=[t.element for t in taken[1:]])
+        )
+        assert (await rds.lrange(q, 0, 0))[0] == jobs[0].encode()
+        assert await rds.llen(Keys(key_prefix).proc("d1")) == 0
+        await rds.aclose()
+
+    _run(scenario())

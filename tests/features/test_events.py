@@ -31,6 +31,12 @@ def read_events(response: httpx.Response) -> Any:
             yield name, json.loads(line[len("data: ") :])
 
 
+def _state(url: str, headers: dict[str, str] | None = None) -> str | None:
+    """The task's state, once recorded (a job still in Redis answers ``queued`` too)."""
+    res = httpx.get(url, headers=headers)
+    return res.json()["state"] if res.status_code == 200 else None
+
+
 def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     """The task runs through d1 (its GPU calls back there); the client watches through d2, which only
     hears of it through Redis: scheduled -> queued -> dispatched -> heartbeat with progress -> finished.
@@ -46,7 +52,7 @@ def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     stack.rds.rpush(
         q1, Job(task_id="watched", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
     )
-    wait_for(lambda: httpx.get(f"{d2.url}/tasks/watched", headers=AUTH).status_code == 200, 10, 0.05)
+    wait_for(lambda: _state(f"{d2.url}/tasks/watched", AUTH) == "scheduled", 10, 0.05)
 
     assert httpx.get(f"{d2.url}/tasks/watched/events").status_code == 401
     seen: list[tuple[str, dict[str, Any]]] = []
@@ -94,7 +100,7 @@ def test_events_of_a_failing_attempt_then_retry(stack: Stack) -> None:
     stack.rds.rpush(
         q1, Job(task_id="flaky", type="start_transcribe", queue=q1, not_before=not_before).to_redis()
     )
-    wait_for(lambda: httpx.get(f"{d.url}/tasks/flaky").status_code == 200, 10, 0.05)
+    wait_for(lambda: _state(f"{d.url}/tasks/flaky") == "scheduled", 10, 0.05)
     with httpx.stream("GET", f"{d.url}/tasks/flaky/events", timeout=20) as res:
         names = [(n, data.get("attempt", data.get("attempts"))) for n, data in read_events(res)]
     assert names == [

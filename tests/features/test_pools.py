@@ -7,7 +7,6 @@ import httpx
 from dispatcher.db.engine import make_engine
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import push_jobs, states, wait_final
-from tests.dispatcher.helpers import wait_for
 
 A_JOBS = 40
 
@@ -15,8 +14,8 @@ A_JOBS = 40
 def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     """Pool ``slow`` (2 slots, jobs that outlast the test) is saturated and 40 of its jobs wait at the head of
     the queue; the 20 ``fast`` jobs queued behind them in the same list all run and finish while the slow
-    backlog has not moved: the slow jobs are parked per pool instead of blocking the queue. (With 20 s slow
-    jobs, a loaded machine slower than that at the fast ones would have seen slow ones finish.)"""
+    backlog has not moved: a take skips jobs whose pool is full, which stay in their queue, in order. (With
+    20 s slow jobs, a loaded machine slower than that at the fast ones would have seen slow ones finish.)"""
     slow = stack.fleet(gpus=1, slots=2, service_time="fixed:3600")
     fast = stack.fleet(gpus=2, slots=4, service_time="fixed:0.05")
     endpoints = f"slow:s0={slow.url('g0')},fast:f0={fast.url('g0')},fast:f1={fast.url('g1')}"
@@ -29,8 +28,8 @@ def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     slow_states = states(stack.engine, slow_ids)
     assert slow_states["finished"] == 0, slow_states
     assert slow_states["processing"] == 2, slow_states  # the pool is full, never over
-    parked = stack.rds.llen(f"{stack.prefix}parked:slow")
-    assert parked + stack.rds.llen(queue) == A_JOBS - 2
+    assert stack.rds.llen(f"{stack.prefix}parked:slow") == 0  # nothing parked: they wait in the queue
+    assert stack.rds.llen(queue) == A_JOBS - 2
 
     # placement stayed in each job's pool
     assert {j["task_id"] for j in slow.stats()["jobs"]} <= set(slow_ids)
@@ -44,8 +43,9 @@ def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     }
 
 
-def test_parked_jobs_go_first_when_their_pool_has_room(stack: Stack) -> None:
-    """Parked jobs are served before newer jobs of the same pool, and every job of both pools ends."""
+def test_jobs_waiting_for_a_full_pool_keep_their_place(stack: Stack) -> None:
+    """Jobs waiting for a full pool (behind which other pools' jobs ran) are served before newer jobs of the
+    same pool, and every job of both pools ends."""
     slow = stack.fleet(gpus=1, slots=1, service_time="fixed:0.3")
     fast = stack.fleet(gpus=1, slots=2, service_time="fixed:0.02")
     endpoints = f"slow:s0={slow.url('g0')},fast:f0={fast.url('g0')}"
@@ -53,7 +53,7 @@ def test_parked_jobs_go_first_when_their_pool_has_room(stack: Stack) -> None:
     queue = stack.queues[0]
     first = push_jobs(stack.rds, queue, 4, task_type="transcribe")
     rest = push_jobs(stack.rds, queue, 6, task_type="other")
-    wait_for(lambda: stack.rds.llen(f"{stack.prefix}parked:slow") > 0, 20, what="slow jobs parked")
+    wait_final(stack.engine, rest, timeout=30)  # the fast pool's jobs ran past the waiting slow ones
     later = push_jobs(stack.rds, queue, 2, task_type="transcribe")
     wait_final(stack.engine, first + rest + later, timeout=60)
     engine = make_engine(stack.database_url, pool_size=1)
@@ -65,4 +65,4 @@ def test_parked_jobs_go_first_when_their_pool_has_room(stack: Stack) -> None:
     finally:
         engine.dispose()
     order = [r[0] for r in rows]
-    assert set(order[:4]) == set(first), "parked jobs ran before the slow jobs queued after them"
+    assert order[:4] == first, "waiting jobs ran, in order, before the slow jobs queued after them"

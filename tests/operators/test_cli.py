@@ -232,7 +232,8 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
         backoff=Backoff(),
     )
     assert late.code == "stale"
-    assert gpuq("task", "cancel", job.task_id).stdout.strip() == f"task {job.task_id} was already cancelled"
+    again = gpuq("task", "cancel", job.task_id)  # a final task: refused, exit 1 (README's exit codes)
+    assert again.exit_code == 1 and again.stderr.strip() == f"gpuq: task {job.task_id} was already cancelled"
 
     # retry: back to retrying now, one more attempt allowed, and due for a dispatcher
     res = gpuq("task", "retry", job.task_id, "--attempts", "2")

@@ -123,6 +123,12 @@ def test_chromium_shows_the_busy_slots_the_database_reports(stack):
     shown = dict(re.findall(r'data-gpu="(g\d)" data-busy="(\d+)"', dom))
     assert {gpu: int(n) for gpu, n in shown.items()} == {f"g{i}": busy.get(f"g{i}", 0) for i in range(4)}
     assert re.search(r'id="waiting">11<', dom)  # 18 + 5 waiting jobs, 12 of them running
+    assert re.search(r'id="oldest">\d+(\.\d)?s<', dom)  # and how long the oldest has waited
+    # each GPU's count is its boxes' own (a screenshot once showed "3/4" beside four busy boxes)
+    rows = re.findall(r'data-gpu="(g\d)" data-busy="(\d+)"(.*?)class="note busy-count">(\d+)/', dom)
+    assert len(rows) == 4 and all(r[2].count('class="slot busy"') == int(r[1]) == int(r[3]) for r in rows)
+    # the throughput chart has a scale: a round maximum and its half on the y axis, minutes on the x axis
+    assert re.search(r'id="y-max">(1|2|5)0*<', dom) and "5m</span>" in dom and ">now<" in dom
     assert re.search(r'id="dead">1<', dom)
     assert "draining" in dom
     assert "<td>g3</td><td>failed</td>" in dom  # g3's failures are listed

@@ -189,3 +189,11 @@ def test_make_schema_sql_regenerates_the_file(tmp_path):
 def test_paths_used_by_the_files_exist():
     for path in ("requirements.txt", "sql/queries.sql", "sql/schema.sql", "dispatcher/dashboard/page.html"):
         assert Path(ROOT / path).is_file(), path
+
+
+def test_systemd_install_steps_create_their_directories():
+    """The unit's install steps run as written on a fresh machine: /etc/gpuq does not exist yet (issue 14)."""
+    steps = [line[1:].strip() for line in (INFRA / "gpuq-dispatcher.service").read_text().splitlines()]
+    installs = [s for s in steps if s.startswith("install ") and "/etc/" in s]
+    assert installs and all(" -D " in s for s in installs), installs
+    assert not any(s.startswith("cp ") and "/etc/" in s for s in steps)

@@ -225,3 +225,4 @@ def test_every_named_query_runs_on_mariadb_with_data(busy_history, gpuq):
     assert "gpu_utilisation (2 rows)" in gpuq("sql", "gpu_utilisation", "-p", "minutes=5").stdout
     assert gpuq("sql", "nope").exit_code == 2
     assert gpuq("sql", "gpu_utilisation", "-p", "hours=1").exit_code == 2
+    assert gpuq("sql", "gpu_utilisation", "-p", "minutes=abc").exit_code == 2  # not read as 0 by MySQL

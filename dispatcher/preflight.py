@@ -1,0 +1,127 @@
+"""What ``python -m dispatcher`` checks before it starts serving, so that each problem an operator can fix is
+one line on stderr and an exit code, not sixty lines of traceback from inside uvicorn's lifespan:
+
+- the database answers (and its schema is created or upgraded) -> else exit 3, naming DATABASE_URL / DB_*;
+- Redis answers -> else exit 3, naming REDIS_URL / REDIS_*;
+- every GPU of GPU_ENDPOINTS is either new (registered now) or registered with the same URL and pool
+  (SPEC §6) -> else exit 2: a dispatcher started with a stale or malformed list must not rewrite the fleet
+  other dispatchers are using; ``gpuq gpu set`` changes a registration.
+
+It also warns (one log line) when CALLBACK_URL points at this machine's loopback while GPUs live elsewhere:
+they could never call back.
+"""
+
+from __future__ import annotations
+
+import logging
+from urllib.parse import urlsplit
+
+import redis
+from redis.exceptions import RedisError
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
+from dispatcher.db.gpus import register_new
+from dispatcher.settings import DispatcherSettings
+
+log = logging.getLogger("gpuq.main")
+
+#: Exit codes, as documented in the README (the CLI uses the same).
+BAD_SETTING = 2
+UNREACHABLE = 3
+
+_LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+class StartProblem(Exception):
+    """The dispatcher cannot start; ``message`` is the one line to print."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc)
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_database(settings: DispatcherSettings, engine: Engine) -> None:
+    where = make_url(settings.db_url()).render_as_string(hide_password=True)
+    try:
+        init_schema(engine)
+    except (DBAPIError, StoreUnavailable, OSError) as exc:
+        raise StartProblem(
+            f"database {where} unreachable ({_first_line(exc)}): check DATABASE_URL "
+            "(or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME) and that the server runs",
+            UNREACHABLE,
+        ) from exc
+
+
+def check_redis(settings: DispatcherSettings) -> None:
+    parts = urlsplit(settings.redis_dsn())
+    where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
+    client = redis.Redis.from_url(settings.redis_dsn(), socket_connect_timeout=5, socket_timeout=5)
+    try:
+        client.ping()
+    except (RedisError, OSError) as exc:
+        raise StartProblem(
+            f"Redis at {where} unreachable ({_first_line(exc)}): check REDIS_URL "
+            "(or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) and that the server runs",
+            UNREACHABLE,
+        ) from exc
+    finally:
+        client.close()
+
+
+def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
+    """Register the GPUs of GPU_ENDPOINTS the database does not know; stop on one it knows differently."""
+    for ep in settings.endpoints:
+        known = transaction(
+            engine,
+            register_new,
+            gpu_id=ep.gpu_id,
+            url=ep.url,
+            pool=ep.pool,
+            slot_count=settings.slots_per_gpu,
+            now=utcnow(),
+        )
+        if known is not None:
+            raise StartProblem(
+                f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered as {known.pool}:{known.gpu_id}={known.url}, "
+                f"not {ep.pool}:{ep.gpu_id}={ep.url}; fix GPU_ENDPOINTS, or change the registration with "
+                f"`gpuq gpu set {ep.gpu_id} --url URL --pool POOL`",
+                BAD_SETTING,
+            )
+
+
+def warn_unreachable_callback(settings: DispatcherSettings) -> None:
+    host = urlsplit(settings.public_callback_url).hostname or ""
+    if not host.startswith(_LOOPBACK) and host != "localhost":
+        return
+    remote = [
+        ep.gpu_id
+        for ep in settings.endpoints
+        if not (urlsplit(ep.url).hostname or "").startswith(_LOOPBACK)
+        and urlsplit(ep.url).hostname != "localhost"
+    ]
+    if remote:
+        log.warning(
+            "CALLBACK_URL %s is this machine's loopback, but GPUs %s are elsewhere: they cannot call back "
+            "(set CALLBACK_URL to an address they reach)",
+            settings.public_callback_url,
+            ", ".join(remote[:5]),
+            extra={"action": "config", "callback_url": settings.public_callback_url, "gpus": remote[:20]},
+        )
+
+
+def preflight(settings: DispatcherSettings, engine: Engine) -> None:
+    """Raise StartProblem for the first thing that stops the dispatcher from starting."""
+    check_database(settings, engine)
+    check_redis(settings)
+    register_endpoints(settings, engine)
+    warn_unreachable_callback(settings)

@@ -1,0 +1,48 @@
+"""``python -m dispatcher`` says in one line what stops it from starting (issue 14): a store it cannot
+reach (exit 3), a MySQL URL without the PyMySQL driver (exit 2), and ``--help`` prints usage (exit 0)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.dispatcher.harness import ROOT, SECRET, free_port
+
+
+def _run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "CALLBACK_SECRET": SECRET, "CALLBACK_PORT": "0"}
+    full = {**full, "CALLBACK_HOST": "127.0.0.1", **env}  # loopback: no API_TOKEN needed (issue 11)
+    return subprocess.run(
+        [sys.executable, "-m", "dispatcher", *args],
+        check=False,
+        env=full,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "says"),
+    [
+        ({"DATABASE_URL": f"mysql+pymysql://root@127.0.0.1:{free_port()}/x"}, 3, "database"),
+        ({"DATABASE_URL": "mysql://root@127.0.0.1:3306/x"}, 2, "mysql+pymysql"),
+        ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, 3, "Redis at 127.0.0.1"),
+    ],
+)
+def test_unreachable_store_or_wrong_driver_is_one_line(tmp_path, redis_url, env, code, says):
+    run = _run(tmp_path, **{"REDIS_URL": redis_url, "DATABASE_URL": "sqlite:///d.db", **env})
+    assert run.returncode == code, run.stderr
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("{")]  # JSON logs aside
+    assert len(lines) == 1 and lines[0].startswith("gpuq dispatcher: ") and says in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_help_prints_usage_without_settings(tmp_path):
+    run = _run(tmp_path, "--help", CALLBACK_SECRET="")
+    assert run.returncode == 0
+    assert run.stdout.startswith("usage: python -m dispatcher") and "Exit codes" in run.stdout
