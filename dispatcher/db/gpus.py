@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.schema import gpus, slots
 from dispatcher.states import GpuState
@@ -56,8 +57,17 @@ def register_new(
     a dispatcher with a stale or malformed GPU_ENDPOINTS must not rewrite a fleet others are using."""
     row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     if row is None:
-        register_gpu(conn, gpu_id=gpu_id, url=url, pool=pool, slot_count=slot_count, now=now)
-        return None
+        # Under READ COMMITTED the locking read above locks no row that does not exist yet: two dispatchers
+        # starting together both get here, and the second INSERT waits for the first, then fails on the key.
+        # That one then judges the registration the other made, like any known GPU, instead of dying.
+        try:
+            with conn.begin_nested():
+                register_gpu(conn, gpu_id=gpu_id, url=url, pool=pool, slot_count=slot_count, now=now)
+            return None
+        except IntegrityError:
+            row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id)).first()
+            if row is None:
+                raise
     if row.url == url and row.pool == pool:
         return None
     return GpuRow(
