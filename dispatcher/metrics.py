@@ -64,3 +64,6 @@ class Metrics:
         self.gpu_healthy = Gauge(
             "gpuq_gpu_healthy", "1 when the GPU is in rotation", ["gpu", "pool"], registry=r
         )
+        # The (gpu, pool) label sets the last scrape reported, so a GPU removed since (a KEDA-scaled pod that
+        # drained and left) loses its series instead of reporting its last busy slots for ever.
+        self.gpu_labels: set[tuple[str, str]] = set()

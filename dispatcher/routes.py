@@ -153,6 +153,11 @@ async def metrics(d: D, hub: H) -> PlainTextResponse:
             m.slots_busy.labels(row.gpu_id, row.pool).set(row.busy)
             m.slots_total.labels(row.gpu_id, row.pool).set(row.slots)
             m.gpu_healthy.labels(row.gpu_id, row.pool).set(1 if row.healthy and row.state == "active" else 0)
+        current = {(row.gpu_id, row.pool) for row in gpus}
+        for gone in m.gpu_labels - current:  # removed (or moved to another pool) since the last scrape
+            for gauge in (m.slots_busy, m.slots_total, m.gpu_healthy):
+                gauge.remove(*gone)
+        m.gpu_labels = current
         for state, count in (await d.db(open_tasks)).items():
             m.tasks.labels(state).set(count)
         pools = sorted({g.pool for g in gpus} | set(d.settings.routes.values()) | {"default"})

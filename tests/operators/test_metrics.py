@@ -6,6 +6,8 @@ from __future__ import annotations
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import register_gpu, remove_gpu
 from producer.job import Job
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 from tests.dispatcher.harness import push_jobs, states
@@ -89,3 +91,27 @@ def test_attempts_by_outcome_and_lease_expiries(stack):
     assert value(samples, "gpuq_lease_expiries_total") == 2
     assert value(samples, "gpuq_attempts_total", outcome="lease_expired") == 2
     assert value(samples, "gpuq_tasks", state="processing") == 0
+
+
+def test_a_removed_gpu_loses_its_series(stack):
+    # GIVEN a dispatcher and a GPU added at run time (as a KEDA-scaled pod's `gpuq gpu add` does), scraped once
+    fleet = stack.fleet(gpus=1, service_time="0")
+    d = stack.dispatcher(fleet)
+    transaction(
+        stack.engine,
+        register_gpu,
+        gpu_id="pod-a",
+        url=fleet.url("g0"),
+        pool="default",
+        slot_count=4,
+        now=utcnow(),
+    )
+    assert value(scrape(d.url), "gpuq_slots_total", gpu="pod-a", pool="default") == 4
+
+    # WHEN the GPU is removed (the pod drained and left) and Prometheus scrapes again
+    assert transaction(stack.engine, remove_gpu, gpu_id="pod-a") == (True, 0)
+    samples = scrape(d.url)
+
+    # THEN its series are gone (a stale gpuq_slots_busy would keep KEDA's demand up for ever); g0's remain
+    assert not any(dict(labels).get("gpu") == "pod-a" for _, labels in samples)
+    assert value(samples, "gpuq_slots_total", gpu="g0", pool="default") == 4
