@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, Engine, event, text
 
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_new
@@ -19,19 +19,19 @@ from tests.dispatcher.helpers import fleet_engine
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator:
+def engine(database_url: str) -> Iterator[Engine]:
     eng = fleet_engine(database_url, {})
     yield eng
     eng.dispose()
 
 
-def _other_dispatcher_commits_first(engine, database_url: str, url: str) -> None:
+def _other_dispatcher_commits_first(engine: Engine, database_url: str, url: str) -> tuple[list[bool], Engine]:
     """Commit another dispatcher's registration of g9 just before this engine's INSERT INTO gpus runs."""
     other = make_engine(database_url)
-    fired = []
+    fired: list[bool] = []
 
     @event.listens_for(engine, "before_cursor_execute")
-    def _race(conn: Connection, cursor, statement: str, *args) -> None:  # noqa: ANN001
+    def _race(conn: Connection, cursor: object, statement: str, *args: object) -> None:
         if fired or not statement.lstrip().upper().startswith("INSERT INTO GPUS"):
             return
         fired.append(True)
