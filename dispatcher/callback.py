@@ -104,7 +104,7 @@ def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
         401: {"description": "missing or wrong callback token"},
         404: {"description": "unknown task"},
         409: {"description": "the attempt is no longer current"},
-        413: {"description": "body too large"},
+        413: {"description": "body too large, or a partial over PARTIAL_MAX_BYTES"},
         422: {"description": "malformed body"},
         503: {"description": "storage unavailable; retry"},
     },
@@ -139,7 +139,14 @@ async def handle(
         d.metrics.callbacks.labels("401").inc()
         return 401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"}
     if body.status == "running":
-        fin = await d.heartbeat(body.task_id, attempt, body.model_extra)
+        extra = dict(body.model_extra or {})
+        partial: Any = extra.pop("partial", None)
+        if partial is not None and len(raw_partial := orjson.dumps(partial)) > d.settings.partial_max_bytes:
+            d.metrics.callbacks.labels("413").inc()
+            limit = d.settings.partial_max_bytes
+            detail = f"partial is {len(raw_partial)} bytes; at most {limit} (PARTIAL_MAX_BYTES)"
+            return 413, {"detail": detail}, None
+        fin = await d.heartbeat(body.task_id, attempt, extra, partial)
     else:
         if body.status == "finished":
             outcome, reported = Outcome.FINISHED, "finished"

@@ -424,7 +424,11 @@ class Dispatcher:
             self.slot_freed()
         return freed
 
-    async def heartbeat(self, task_id: str, attempt: int, progress: dict[str, Any] | None = None) -> Finish:
+    async def heartbeat(
+        self, task_id: str, attempt: int, progress: dict[str, Any] | None = None, partial: Any = None
+    ) -> Finish:
+        """A ``running`` callback: extend the lease; pass its progress and its ``partial`` (output so far)
+        on to the task's event subscribers, in the order they came, without storing them."""
         fin = await self.db(
             extend_lease,
             task_id=task_id,
@@ -434,6 +438,8 @@ class Dispatcher:
         )
         if fin.code == "applied":
             self.events.publish("heartbeat", task_id, attempt=attempt, progress=progress or {})
+            if partial is not None:
+                self.events.publish("partial", task_id, attempt=attempt, partial=partial)
         return fin
 
     async def _listen(self) -> None:
