@@ -5,8 +5,9 @@ database, from any process; the slot stays held (a *pending cancel*, see ``db/ca
 that started the attempt then sends ``POST <GPU url>/cancel`` with the Bearer header and
 ``{"task_id", "attempt"}``. Only that dispatcher sends, and only once its own request for the attempt has
 been answered, so the cancel can never overtake the job on its way to the GPU (a GPU that got the cancel
-first would say "not running" and then start the job on a slot given away). A pending cancel whose
-dispatcher is gone waits for the lease.
+first would say "not running" and then start the job on a slot given away). When that dispatcher is gone
+(its heartbeat key expired: killed, or stopped), every live dispatcher sends the cancels it left: its
+requests died with it, and a GPU takes a repeated cancel as one.
 
 The slot is given back (``Dispatcher.confirm_stop`` → ``release_cancelled``) on a 2xx answer to the cancel,
 on any final report for the attempt (callback or answer to the job's request) or at lease expiry. A cancel
@@ -69,15 +70,23 @@ class CancelSender:
                 await asyncio.wait_for(self._kick.wait(), SCAN_SECONDS)
 
     async def scan(self) -> None:
-        pending = await self.d.db(pending_cancels, dispatcher_id=self.d.settings.dispatcher_id)
+        pending = await self.d.db(pending_cancels)
         keys = {(p.task_id, p.attempt) for p in pending}
         for gone in set(self._failures) - keys:  # settled meanwhile (a callback, the lease)
             del self._failures[gone]
         now = time.monotonic()
+        mine = self.d.settings.dispatcher_id
+        alive: dict[str, bool] = {}
         for p in pending:
             key = (p.task_id, p.attempt)
             if key in self._sending or self.d.requests.posting(p.task_id, p.attempt):
                 continue  # the job's own request is still out: its answer comes first
+            owner = p.dispatcher_id
+            if owner is not None and owner != mine:
+                if owner not in alive:
+                    alive[owner] = await self.d.intake.is_alive(owner)
+                if alive[owner]:
+                    continue  # its own dispatcher sends it, after its request for the job
             failed, due = self._failures.get(key, (0, 0.0))
             if now < due:
                 continue

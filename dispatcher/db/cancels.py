@@ -37,6 +37,7 @@ class PendingCancel:
     attempt: int
     gpu_id: str
     url: str
+    dispatcher_id: str | None  # the dispatcher that sent the attempt
 
 
 def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetime, error: str) -> bool:
@@ -69,18 +70,17 @@ def release_cancelled(conn: Connection, *, task_id: str, attempt: int) -> bool:
     return free_slot(conn, task_id=task_id, attempt=attempt)
 
 
-def pending_cancels(conn: Connection, *, dispatcher_id: str) -> list[PendingCancel]:
-    """Cancelled attempts this dispatcher started whose slot is still held (their GPU has not confirmed)."""
+def pending_cancels(conn: Connection) -> list[PendingCancel]:
+    """Cancelled attempts whose slot is still held (their GPU has not confirmed the stop)."""
     rows = conn.execute(
-        select(slots.c.task_id, slots.c.attempt, slots.c.gpu_id, gpus.c.url)
+        select(slots.c.task_id, slots.c.attempt, slots.c.gpu_id, gpus.c.url, slots.c.dispatcher_id)
         .select_from(
             slots.join(tasks, tasks.c.task_id == slots.c.task_id).join(gpus, gpus.c.gpu_id == slots.c.gpu_id)
         )
         .where(
-            slots.c.dispatcher_id == dispatcher_id,
             tasks.c.state == TaskState.CANCELLED.value,
             tasks.c.attempt == slots.c.attempt,
         )
         .limit(500)
     )
-    return [PendingCancel(r.task_id, r.attempt, r.gpu_id, r.url) for r in rows]
+    return [PendingCancel(r.task_id, r.attempt, r.gpu_id, r.url, r.dispatcher_id) for r in rows]

@@ -175,3 +175,23 @@ def test_cancel_answers(stack):
     # and a repeated cancel is 200 applied false
     res = httpx.post(f"{d.url}/tasks/not-yet-here/cancel", timeout=10)
     assert (res.status_code, res.json()["applied"]) == (200, False)
+
+
+def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
+    # GIVEN two dispatchers sharing one GPU; d1 sent a long job to it and is killed (kill -9)
+    fleet = stack.fleet(gpus=1, service_time="120")
+    q1, q2 = stack.queues
+    d1 = stack.dispatcher(fleet, name="d1", TASK_QUEUES=q1, TASK_TIMEOUT_SECONDS="300")
+    d2 = stack.dispatcher(fleet, name="d2", TASK_QUEUES=q2, TASK_TIMEOUT_SECONDS="300")
+    [victim] = push_jobs(stack.rds, q1, 1)
+    _wait_running(stack, fleet, victim)
+    d1.kill()
+    # WHEN the task is cancelled through d2
+    res = httpx.post(f"{d2.url}/tasks/{victim}/cancel", timeout=10)
+    assert res.json()["slot_held"] is True
+    # THEN once d1's heartbeat is gone d2 asks the GPU to stop, and the slot is freed by that answer
+    # (the GPU counts the stop; a lease expiry would not stop it, and the lease is 300 s)
+    fleet.wait_until(lambda s: s["totals"]["cancels"].get("stopped") == 1, timeout=40)
+    wait_for(lambda: not _holders(stack.engine), 10, 0.05, what="slot freed on confirmation")
+    assert states(stack.engine, [victim]) == {"cancelled": 1}
+    assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0
