@@ -438,8 +438,8 @@ class Dispatcher:
         )
         if fin.code == "applied":
             self.events.publish("heartbeat", task_id, attempt=attempt, progress=progress or {})
-            if partial is not None:
-                self.events.publish("partial", task_id, attempt=attempt, partial=partial)
+            if partial is not None:  # before the answer: the GPU's next partial may reach another process
+                await self.events.publish_now("partial", task_id, attempt=attempt, partial=partial)
         return fin
 
     async def _listen(self) -> None:

@@ -74,3 +74,38 @@ def test_partial_for_an_attempt_no_longer_current_is_409_and_not_passed_on(stack
         timeout=10,
     )
     assert late.status_code == 409
+
+
+def test_partials_reaching_two_dispatchers_arrive_in_order(stack: Stack) -> None:
+    # GIVEN a task run through d1 and a client watching through d2
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])
+    q1, q2 = stack.queues
+    d1 = stack.dispatcher(fleet, name="d1", TASK_QUEUES=q1)
+    d2 = stack.dispatcher(None, name="d2", TASK_QUEUES=q2)
+    [task_id] = push_jobs(stack.rds, q1, 1)
+    wait_for(lambda: states(stack.engine, [task_id])["processing"] == 1, 20, 0.02, what="running")
+    token = make_token(SECRET.encode(), task_id, 1)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{d2.url}/tasks/{task_id}/events", timeout=30) as res:
+        for name, data in read_events(res):
+            seen.append((name, data))
+            if name != "state":
+                continue
+            # WHEN the GPU's partials go alternately to d1 and d2 (as behind a load balancer)
+            for i in range(40):
+                url = (d1 if i % 2 else d2).url
+                beat = httpx.post(
+                    f"{url}/callback",
+                    json={"task_id": task_id, "status": "running", "partial": i},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=10,
+                )
+                assert beat.status_code == 200, beat.text
+            httpx.post(
+                f"{d1.url}/callback",
+                json={"task_id": task_id, "status": "finished"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+    # THEN the watcher got them all, in the order they were sent
+    assert [d["partial"] for n, d in seen if n == "partial"] == list(range(40))
