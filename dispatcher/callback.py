@@ -119,6 +119,14 @@ async def callback(request: Request) -> Response:
     return _answer(status, body, headers)
 
 
+def _partial_too_large(partial: Any, limit: int) -> str | None:
+    """Why a ``partial`` is refused (its JSON over PARTIAL_MAX_BYTES), or None."""
+    if partial is None:
+        return None
+    size = len(orjson.dumps(partial))
+    return f"partial is {size} bytes; at most {limit} (PARTIAL_MAX_BYTES)" if size > limit else None
+
+
 async def handle(
     d: Dispatcher, raw: bytes, authorization: str | None
 ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
@@ -141,11 +149,10 @@ async def handle(
     if body.status == "running":
         extra = dict(body.model_extra or {})
         partial: Any = extra.pop("partial", None)
-        if partial is not None and len(raw_partial := orjson.dumps(partial)) > d.settings.partial_max_bytes:
+        too_large = _partial_too_large(partial, d.settings.partial_max_bytes)
+        if too_large is not None:
             d.metrics.callbacks.labels("413").inc()
-            limit = d.settings.partial_max_bytes
-            detail = f"partial is {len(raw_partial)} bytes; at most {limit} (PARTIAL_MAX_BYTES)"
-            return 413, {"detail": detail}, None
+            return 413, {"detail": too_large}, None
         fin = await d.heartbeat(body.task_id, attempt, extra, partial)
     else:
         if body.status == "finished":
@@ -158,13 +165,15 @@ async def handle(
         fin = await d.end_attempt(
             body.task_id, attempt, outcome, result=body.result, error=error, reported=reported
         )
-    if fin.code == "unknown":
-        d.metrics.callbacks.labels("404").inc()
-        return 404, {"detail": f"unknown task {body.task_id!r}"}, None
-    if fin.code == "stale":
-        d.metrics.callbacks.labels("409").inc()
-        detail = f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
-        return 409, {"detail": detail}, None
+    if fin.code in ("unknown", "stale"):
+        status = 404 if fin.code == "unknown" else 409
+        detail = (
+            f"unknown task {body.task_id!r}"
+            if status == 404
+            else f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
+        )
+        d.metrics.callbacks.labels(str(status)).inc()
+        return status, {"detail": detail}, None
     d.metrics.callbacks.labels("200").inc()
     return 200, {"task_id": body.task_id, "state": fin.state, "applied": fin.code == "applied"}, None
 
