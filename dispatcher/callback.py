@@ -104,7 +104,7 @@ def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
         401: {"description": "missing or wrong callback token"},
         404: {"description": "unknown task"},
         409: {"description": "the attempt is no longer current"},
-        413: {"description": "body too large"},
+        413: {"description": "body too large, or a partial over PARTIAL_MAX_BYTES"},
         422: {"description": "malformed body"},
         503: {"description": "storage unavailable; retry"},
     },
@@ -117,6 +117,14 @@ async def callback(request: Request) -> Response:
         request.app.state.dispatcher, await request.body(), request.headers.get("authorization")
     )
     return _answer(status, body, headers)
+
+
+def _partial_too_large(partial: Any, limit: int) -> str | None:
+    """Why a ``partial`` is refused (its JSON over PARTIAL_MAX_BYTES), or None."""
+    if partial is None:
+        return None
+    size = len(orjson.dumps(partial))
+    return f"partial is {size} bytes; at most {limit} (PARTIAL_MAX_BYTES)" if size > limit else None
 
 
 async def handle(
@@ -139,7 +147,13 @@ async def handle(
         d.metrics.callbacks.labels("401").inc()
         return 401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"}
     if body.status == "running":
-        fin = await d.heartbeat(body.task_id, attempt, body.model_extra)
+        extra = dict(body.model_extra or {})
+        partial: Any = extra.pop("partial", None)
+        too_large = _partial_too_large(partial, d.settings.partial_max_bytes)
+        if too_large is not None:
+            d.metrics.callbacks.labels("413").inc()
+            return 413, {"detail": too_large}, None
+        fin = await d.heartbeat(body.task_id, attempt, extra, partial)
     else:
         if body.status == "finished":
             outcome, reported = Outcome.FINISHED, "finished"
@@ -151,13 +165,15 @@ async def handle(
         fin = await d.end_attempt(
             body.task_id, attempt, outcome, result=body.result, error=error, reported=reported
         )
-    if fin.code == "unknown":
-        d.metrics.callbacks.labels("404").inc()
-        return 404, {"detail": f"unknown task {body.task_id!r}"}, None
-    if fin.code == "stale":
-        d.metrics.callbacks.labels("409").inc()
-        detail = f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
-        return 409, {"detail": detail}, None
+    if fin.code in ("unknown", "stale"):
+        status = 404 if fin.code == "unknown" else 409
+        detail = (
+            f"unknown task {body.task_id!r}"
+            if status == 404
+            else f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
+        )
+        d.metrics.callbacks.labels(str(status)).inc()
+        return status, {"detail": detail}, None
     d.metrics.callbacks.labels("200").inc()
     return 200, {"task_id": body.task_id, "state": fin.state, "applied": fin.code == "applied"}, None
 

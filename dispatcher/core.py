@@ -20,7 +20,9 @@ import orjson
 from redis.asyncio import Redis
 from sqlalchemy import Engine
 
+from dispatcher.cancels import WAKE_CANCEL, CancelSender
 from dispatcher.db.attempts import Backoff, Finish, extend_lease
+from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
@@ -38,7 +40,7 @@ from dispatcher.limits import Limits, encode_result
 from dispatcher.metrics import Metrics
 from dispatcher.placing import Placing
 from dispatcher.settings import DispatcherSettings
-from dispatcher.states import Outcome
+from dispatcher.states import Outcome, TaskState
 from producer.job import Job, parse_redis_job
 from producer.keys import Keys
 
@@ -88,6 +90,7 @@ class Dispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._side: set[asyncio.Task[None]] = set()
         self.requests = GpuRequests(self)
+        self.cancels = CancelSender(self)
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
         self.events = EventPublisher(
@@ -223,6 +226,7 @@ class Dispatcher:
         self._loop.add_done_callback(self._side_done)
         self.spawn(self._listen(), "wake-listener", side=True)
         self.spawn(Housekeeping(self).run(), "housekeeping", side=True)
+        self.spawn(self.cancels.run(), "cancel-sender", side=True)
         log.info(
             "dispatcher started",
             extra={
@@ -425,9 +429,28 @@ class Dispatcher:
                     "state": fin.state,
                 },
             )
+        elif fin.code == "stale" and fin.state == TaskState.CANCELLED:
+            # A final report (or the lease) for a cancelled attempt: the GPU no longer runs it.
+            await self.confirm_stop(task_id, attempt, why=f"attempt ended: {outcome.value}")
         return fin
 
-    async def heartbeat(self, task_id: str, attempt: int, progress: dict[str, Any] | None = None) -> Finish:
+    async def confirm_stop(self, task_id: str, attempt: int, *, why: str) -> bool:
+        """The GPU no longer runs this cancelled attempt: give its slot back (see dispatcher/cancels.py).
+        No hand-off here: the freed slot is refilled by the loop, which slot_freed wakes."""
+        freed = await self.db(release_cancelled, task_id=task_id, attempt=attempt)
+        if freed:
+            log.info(
+                "cancel confirmed; slot freed",
+                extra={"action": "cancel_confirmed", "task_id": task_id, "attempt": attempt, "why": why},
+            )
+            self.slot_freed()
+        return freed
+
+    async def heartbeat(
+        self, task_id: str, attempt: int, progress: dict[str, Any] | None = None, partial: Any = None
+    ) -> Finish:
+        """A ``running`` callback: extend the lease; pass its progress and its ``partial`` (output so far)
+        on to the task's event subscribers, in the order they came, without storing them."""
         fin = await self.db(
             extend_lease,
             task_id=task_id,
@@ -437,6 +460,8 @@ class Dispatcher:
         )
         if fin.code == "applied":
             self.events.publish("heartbeat", task_id, attempt=attempt, progress=progress or {})
+            if partial is not None:  # before the answer: the GPU's next partial may reach another process
+                await self.events.publish_now("partial", task_id, attempt=attempt, partial=partial)
         return fin
 
     async def _listen(self) -> None:
@@ -446,9 +471,12 @@ class Dispatcher:
             try:
                 await pubsub.subscribe(self.keys.wake)
                 while not self.stopping.is_set():
-                    if await pubsub.get_message(timeout=1.0) is not None:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
                         self._look = True  # a slot freed elsewhere, or a job pushed: look
                         self._wake.set()
+                        if message.get("data") in (WAKE_CANCEL, WAKE_CANCEL.encode()):
+                            self.cancels.kick()
             except TRANSIENT as exc:
                 log.warning(
                     "wake-up channel lost; resubscribing", extra={"action": "wake", "error": str(exc)}

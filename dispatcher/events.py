@@ -54,6 +54,15 @@ class EventPublisher:
             self._flushing = True
             self._spawn(self._flush())
 
+    async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
+        """Publish one event and return once Redis has it. For partial output: the GPU sends its next
+        partial after our answer, maybe to another dispatcher process, whose PUBLISH must come after ours."""
+        payload = orjson.dumps(event(name, task_id, **fields), default=str)
+        try:
+            await self.redis.publish(self.keys.task_events(task_id), payload)
+        except (RedisError, OSError) as exc:
+            log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
+
     async def _flush(self) -> None:
         try:
             while self._pending:

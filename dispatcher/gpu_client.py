@@ -37,6 +37,8 @@ class Answer:
 #: Errors that say this process is short of file descriptors: not the GPU's fault, so they never count
 #: towards taking it out of rotation.
 _OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE})
+#: A GPU answers a cancel once the job has stopped; one that takes longer is asked again later.
+_CANCEL_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
 
 class GpuClient:
@@ -113,6 +115,18 @@ class GpuClient:
             if size > limit:
                 return b"".join(chunks)[:limit], False
         return b"".join(chunks), True
+
+    async def cancel(self, url: str, body: dict[str, Any]) -> tuple[bool, str]:
+        """Ask a GPU to stop an attempt (SPEC §4); True only on a 2xx, which says it no longer runs it."""
+        assert self._session is not None, "GpuClient.start() first"
+        try:
+            async with self._session.post(
+                url, data=orjson.dumps(body), headers=self._headers, timeout=_CANCEL_TIMEOUT
+            ) as r:
+                text = (await r.content.read(2000)).decode(errors="replace")
+                return 200 <= r.status < 300, f"cancel answered {r.status}: {text[:200]}"
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return False, f"cancel failed: {type(exc).__name__}: {exc}"
 
     async def probe(self, url: str) -> tuple[bool, str]:
         """Is the service up again? See ``probe_ok`` for what an answer to a GET of its URL means."""

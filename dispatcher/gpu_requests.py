@@ -43,6 +43,11 @@ class GpuRequests:
         self.d = d
         self._suspect: set[str] = set()  # GPUs this process counted failures for
         self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._posting: set[tuple[str, int]] = set()  # requests not answered yet
+
+    def posting(self, task_id: str, attempt: int) -> bool:
+        """Is this process's request for the attempt still on its way? (A cancel must not overtake it.)"""
+        return (task_id, attempt) in self._posting
 
     def sent(self, p: Placed) -> bool:
         """Did this process send this attempt? (A lost commit answer brings a job back as our own.)"""
@@ -62,6 +67,7 @@ class GpuRequests:
         self._sent[(p.job.task_id, p.attempt)] = None
         if len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
+        self._posting.add((p.job.task_id, p.attempt))
         self.d.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
 
     async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
@@ -71,6 +77,8 @@ class GpuRequests:
         except Exception as exc:  # a bug, not the network (send maps those): the lease decides
             log.exception("GPU request failed", extra={"action": "gpu_request", "task_id": p.job.task_id})
             answer = Answer(Verdict.UNKNOWN, error=f"the request failed: {type(exc).__name__}: {exc}")
+        finally:
+            self._posting.discard((p.job.task_id, p.attempt))
         self.d.metrics.gpu_requests.labels(answer.verdict.value).inc()
         try:
             await self._judge(p, answer)

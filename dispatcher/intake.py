@@ -286,6 +286,10 @@ class Intake:
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         await pipe.execute()
 
+    async def is_alive(self, dispatcher_id: str) -> bool:
+        """Does this dispatcher still refresh its heartbeat? (A stopped one retires its key at once.)"""
+        return bool(await self.redis.exists(self.keys.alive(dispatcher_id)))
+
     async def retire(self) -> None:
         await self.redis.delete(self.keys.alive(self.dispatcher_id))
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)

@@ -129,6 +129,8 @@ class DispatcherSettings(StoreSettings):
     max_result_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
 
     task_timeout_seconds: float = Field(default=900.0, gt=0)
+    #: Largest ``partial`` a ``running`` callback may carry (its JSON, in bytes); a larger one is 413.
+    partial_max_bytes: int = Field(default=65536, ge=1, le=8 * 1024 * 1024)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
     gpu_request_timeout_seconds: float = Field(default=30.0, gt=0)

@@ -9,7 +9,8 @@ A task's life::
              retrying (backoff; run_after) ──► queued (back in Redis) ──► processing ...
     scheduled (not_before in the future) ──► queued ──► processing ...
 
-A task holds a slot exactly while it is ``processing`` (the seed's GPU-load query counts those rows).
+A task holds a slot while it is ``processing`` (the seed's GPU-load query counts those rows), and a task
+cancelled while running keeps its slot until its GPU confirms the stop (``db/cancels.py``).
 """
 
 from __future__ import annotations

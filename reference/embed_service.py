@@ -12,6 +12,9 @@
         202  accepted: the embeddings come by callback, with "status": "running" heartbeats meanwhile
         200  {"status": "finished", "result": ...} at once when the request has no callback_url, or the
              service runs with --sync (the dispatcher completes the task from the answer)
+    POST /embed/cancel  {"task_id", "attempt"} (same Bearer): stop that job and send no callback for it;
+        200 {"cancelled": true|false} once it no longer runs (false: it had ended, or never came), 409 while
+        a batch already on the device is still finishing (the dispatcher asks again)
     GET /embed, /healthz   what runs here and how busy it is (the dispatcher probes a GPU with a GET)
 
 A slot is held from the 202 until the inference ends, and freed *before* the callback is sent: the dispatcher
@@ -106,6 +109,15 @@ def read_inputs(data: dict[str, Any], max_inputs: int) -> list[str]:
     return texts
 
 
+class CancelRequest(BaseModel):
+    task_id: str = Field(min_length=1, max_length=255)
+    attempt: int = Field(ge=1)
+
+
+#: How long a cancel waits for a batch already on the device to finish before answering 409.
+CANCEL_WAIT_SECONDS = 10.0
+
+
 class EmbedService:
     """Slots, the inference thread and the background jobs of one running service."""
 
@@ -115,6 +127,8 @@ class EmbedService:
         self.callbacks = callbacks
         self.busy = 0
         self.jobs: set[asyncio.Task[None]] = set()
+        self.running: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.cancelled: set[tuple[str, int]] = set()
         # One thread: one batch at a time on the device. Jobs beyond the first wait here, holding their slot.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
@@ -155,7 +169,32 @@ class EmbedService:
     def start_job(self, job: EmbedRequest, texts: list[str], hold: float = 0.0) -> None:
         task = asyncio.create_task(self._run(job, texts, hold), name=f"job-{job.task_id}")
         self.jobs.add(task)  # owned until done: never garbage-collected mid-run, awaited at stop
-        task.add_done_callback(self.jobs.discard)
+        key = (job.task_id, job.attempt)
+        self.running[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.jobs.discard(t)
+            if self.running.get(key) is t:
+                del self.running[key]
+            self.cancelled.discard(key)
+
+        task.add_done_callback(done)
+
+    async def cancel(self, task_id: str, attempt: int) -> bool:
+        """Stop a job: no callback will be sent for it. True once it stopped, False when it was not running.
+        A batch already handed to the device cannot be interrupted: the answer waits for it to end."""
+        key = (task_id, attempt)
+        task = self.running.get(key)
+        if task is None:
+            return False
+        self.cancelled.add(key)
+        await asyncio.wait({task}, timeout=CANCEL_WAIT_SECONDS)
+        if not task.done():
+            raise HTTPException(
+                409, f"job {task_id} attempt {attempt} is still finishing its batch; ask again"
+            )
+        log.info("cancelled %s", task_id, extra={"action": "cancelled", "task_id": task_id})
+        return True
 
     async def _run(self, job: EmbedRequest, texts: list[str], hold: float) -> None:
         assert job.callback_url is not None
@@ -165,6 +204,8 @@ class EmbedService:
             body = await self.infer(job, texts, hold)
         finally:
             beats.cancel()
+        if (job.task_id, job.attempt) in self.cancelled:
+            return  # the dispatcher asked us to stop: it frees the slot on our answer to the cancel
         await self.callbacks.deliver(job.callback_url, job.callback_token, body)
 
     async def _heartbeats(self, url: str, token: str, task_id: str) -> None:
@@ -227,6 +268,11 @@ def create_app(model: Model, settings: ServiceSettings, callbacks: Callbacks | N
             return JSONResponse(await service.infer(job, texts, hold), status_code=200)
         service.start_job(job, texts, hold)
         return JSONResponse({"task_id": job.task_id, "status": "accepted"}, status_code=202)
+
+    @app.post("/embed/cancel", dependencies=[Depends(require_bearer)])
+    async def cancel(body: CancelRequest, service: Service) -> dict[str, Any]:
+        stopped = await service.cancel(body.task_id, body.attempt)
+        return {"task_id": body.task_id, "attempt": body.attempt, "cancelled": stopped}
 
     @app.get("/embed")
     @app.get("/healthz")

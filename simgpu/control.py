@@ -22,7 +22,7 @@ from simgpu.jobs import Job
 log = logging.getLogger("simgpu")
 
 SUMMED = ("received", "in_flight", "oversubscriptions", "callbacks_pending")
-COUNTED = ("answers", "callbacks_sent", "callbacks_answered")
+COUNTED = ("answers", "callbacks_sent", "callbacks_answered", "cancels")
 
 
 def json_response(body: Any, status: int = 200) -> web.Response:

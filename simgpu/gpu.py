@@ -40,6 +40,7 @@ class GpuSim:
         self._callbacks = callbacks
         self._waiting: set[Job] = set()  # accepted (async), service time not over yet
         self.holding: set[Job] = set()  # jobs holding a slot (async and sync)
+        self._sync: set[Job] = set()  # sync mode: being answered
         self._tasks: set[asyncio.Task[Any]] = set()
         self.reset()
 
@@ -53,6 +54,7 @@ class GpuSim:
         self.answers: Counter[str] = Counter()
         self.callbacks_sent: Counter[str] = Counter()
         self.callbacks_answered: Counter[str] = Counter()
+        self.cancels: Counter[str] = Counter()
 
     @property
     def down(self) -> bool:
@@ -98,11 +100,36 @@ class GpuSim:
         if job.plan.heartbeat:
             job.beat = loop.call_later(job.plan.heartbeat, self._beat, job)
 
+    def cancel(self, task_id: str, attempt: int) -> str:
+        """``POST <gpu>/cancel``: stop the job now and give its slot back, with no callback.
+
+        "stopped" (it ran here and no longer does), "not_running" (finished, or never seen), "busy" (a
+        synchronous job: it cannot be stopped and its answer ends it)."""
+        for job in self._waiting:
+            if job.task_id == task_id and job.attempt == attempt:
+                self._waiting.discard(job)
+                for handle in (job.timer, job.beat):
+                    if handle is not None:
+                        handle.cancel()
+                job.timer = job.beat = None
+                self.in_flight -= 1
+                self.holding.discard(job)
+                job.released_at = time.time()
+                self.cancels["stopped"] += 1
+                return "stopped"
+        if any(j.task_id == task_id and j.attempt == attempt for j in self._sync):
+            self.cancels["busy"] += 1
+            return "busy"
+        self.cancels["not_running"] += 1
+        return "not_running"
+
     async def run_sync(self, job: Job) -> dict[str, Any]:
+        self._sync.add(job)
         try:
             if job.service_time:
                 await asyncio.sleep(job.service_time)
         finally:
+            self._sync.discard(job)
             self.in_flight -= 1
             self.holding.discard(job)
             job.released_at = time.time()
@@ -191,6 +218,7 @@ class GpuSim:
             "callbacks_sent": dict(self.callbacks_sent),
             "callbacks_answered": dict(self.callbacks_answered),
             "callbacks_pending": self.callbacks_pending,
+            "cancels": dict(self.cancels),
             "config": self.behaviour.describe(),
         }
 

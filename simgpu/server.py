@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from aiohttp import hdrs, web
 
 from simgpu.callbacks import CallbackClient
@@ -116,7 +117,11 @@ class SimServer(ControlMixin):
             await self._apply_down()
             return
         for i, (name, gpu) in enumerate(self.gpus.items()):
-            routes = [web.post("/", self._job_handler(gpu)), web.get("/", self._probe_handler(gpu))]
+            routes = [
+                web.post("/", self._job_handler(gpu)),
+                web.get("/", self._probe_handler(gpu)),
+                web.post("/cancel", self._cancel_handler(gpu)),
+            ]
             listener = await self._add_listener(name, routes, cfg.gpu_ports + i if cfg.gpu_ports else 0)
             gpu.url = f"http://{host}:{listener.port}/"
         await self._apply_down()
@@ -133,6 +138,7 @@ class SimServer(ControlMixin):
                 routes += [
                     web.post(f"/{name}", self._job_handler(gpu)),
                     web.get(f"/{name}", self._probe_handler(gpu)),
+                    web.post(f"/{name}/cancel", self._cancel_handler(gpu)),
                 ]
         return routes
 
@@ -170,6 +176,31 @@ class SimServer(ControlMixin):
             return await self._job(request, gpu)
 
         return handle
+
+    def _cancel_handler(self, gpu: GpuSim) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            return await self._cancel(request, gpu)
+
+        return handle
+
+    async def _cancel(self, request: web.Request, gpu: GpuSim) -> web.StreamResponse:
+        """``POST <gpu>/cancel`` ``{"task_id", "attempt"}``: 200 once the job no longer runs here (also when
+        it never did), 409 while a synchronous job cannot be stopped, 503 when the GPU is down."""
+        if gpu.down:
+            return self._down(request, gpu)
+        if self.token is not None and request.headers.get(hdrs.AUTHORIZATION) != f"Bearer {self.token}":
+            return json_response({"error": "missing or wrong bearer token"}, 401)
+        try:
+            body = orjson.loads(await request.read())
+            task_id, attempt = body["task_id"], body["attempt"]
+            if not isinstance(task_id, str) or not isinstance(attempt, int):
+                raise TypeError("task_id must be a string and attempt an integer")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            return json_response({"error": f"bad cancel body: {exc}"}, 400)
+        outcome = gpu.cancel(task_id, attempt)
+        if outcome == "busy":
+            return json_response({"error": "a synchronous job cannot be stopped; its answer ends it"}, 409)
+        return json_response({"task_id": task_id, "attempt": attempt, "cancelled": outcome == "stopped"}, 200)
 
     def _probe_handler(self, gpu: GpuSim) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:

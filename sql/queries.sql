@@ -12,6 +12,15 @@
 -- Running tasks per GPU: the seed system's load query, unchanged.
 SELECT gpu_id, COUNT(*) AS active_tasks FROM tasks WHERE state = 'processing' GROUP BY gpu_id;
 
+-- name: gpu_slots
+-- Slots held per GPU, from the slots table (what placement uses): unlike gpu_load it also counts a cancelled
+-- attempt whose GPU has not confirmed the stop yet (cancel_pending).
+SELECT s.gpu_id, COUNT(s.task_id) AS busy, COUNT(*) AS slots,
+       SUM(CASE WHEN t.state = 'cancelled' THEN 1 ELSE 0 END) AS cancel_pending
+FROM slots s LEFT JOIN tasks t ON t.task_id = s.task_id
+GROUP BY s.gpu_id
+ORDER BY s.gpu_id;
+
 -- name: running_by_age
 -- Tasks holding a slot, longest running first: the top rows are the ones to look at when a GPU hangs.
 SELECT task_id, type, queue, gpu_id, slot_index, attempt, started_at,

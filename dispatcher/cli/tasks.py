@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from dispatcher.cancels import WAKE_CANCEL
 from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
@@ -74,16 +75,19 @@ def list_(
 
 @app.command()
 def cancel(ctx: typer.Context, task_id: TaskId) -> None:
-    """Cancel a task: a waiting one never runs; a running one ends now, its slot is freed at once, and its
-    GPU's late callback is answered 409 without effect."""
+    """Cancel a task: a waiting one never runs; a running one ends now, its GPU is asked to stop (POST
+    <GPU url>/cancel, by the dispatcher that sent it), and its slot is freed once the GPU confirms or the
+    lease runs out, so the GPU never runs more jobs than slots."""
     s = stores(ctx)
     fin = s.db(cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
-    if fin.freed:
-        s.wake("slot")  # every dispatcher may refill the slot now
     if fin.code == "applied":  # for anyone watching GET /tasks/{id}/events
         s.redis.publish(s.keys.task_events(task_id), json.dumps(event("cancelled", task_id, by="operator")))
+    if fin.held:
+        s.wake(WAKE_CANCEL)  # the dispatcher that started the attempt tells the GPU
     if fin.code == "applied":
-        how = "its slot is free again" if fin.freed else "it will not run"
+        how = "it will not run"
+        if fin.held:
+            how = "its GPU is asked to stop; the slot is freed when it confirms"
         console().print(f"task {task_id} cancelled: {how}")
     elif fin.state == "cancelled":  # refused like any final task (exit 1), but it is what was asked
         raise OperatorError(f"task {task_id} was already cancelled")

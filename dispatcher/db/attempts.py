@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
 from dispatcher.db.batch import end_attempts
+from dispatcher.db.cancels import cancel_running
 from dispatcher.db.dispatch import free_slot
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.states import DEFERRED, TERMINAL, Outcome, TaskState
@@ -47,6 +48,7 @@ class Finish:
     code: Code
     state: str | None = None
     freed: bool = False
+    held: bool = False  # cancelled while running: the slot waits for the GPU to confirm (db/cancels.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,10 +250,16 @@ def finish_many(
 def extend_lease(
     conn: Connection, *, task_id: str, attempt: int, lease_seconds: float, now: datetime
 ) -> Finish:
-    """A ``running`` heartbeat: the attempt keeps its slot for another lease period."""
+    """A ``running`` heartbeat: the attempt keeps its slot for another lease period. A cancelled attempt
+    whose slot is still held is not renewed: its lease is the last bound on a GPU that never confirms."""
+    running = (
+        select(tasks.c.task_id)
+        .where(tasks.c.task_id == task_id, tasks.c.state == TaskState.PROCESSING.value)
+        .exists()
+    )
     res = conn.execute(
         update(slots)
-        .where(slots.c.task_id == task_id, slots.c.attempt == attempt)
+        .where(slots.c.task_id == task_id, slots.c.attempt == attempt, running)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
     if res.rowcount == 1:
@@ -293,15 +301,9 @@ def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backo
     if row.state in TERMINAL:
         return Finish("repeat", row.state)
     if row.state == TaskState.PROCESSING:
-        return finish_attempt(
-            conn,
-            task_id=task_id,
-            attempt=row.attempt,
-            outcome=Outcome.CANCELLED,
-            now=now,
-            backoff=backoff,
-            error="cancelled by an operator",
-        )
+        # Ended for the user now; the slot stays held until the GPU confirms the stop (db/cancels.py).
+        cancel_running(conn, task_id=task_id, attempt=row.attempt, now=now, error="cancelled by an operator")
+        return Finish("applied", TaskState.CANCELLED.value, held=True)
     conn.execute(
         update(tasks)
         .where(tasks.c.task_id == task_id)
@@ -370,14 +372,15 @@ def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str
 
 
 def slot_drift(conn: Connection) -> list[tuple[str, int, str]]:
-    """Slots held by a task that is not processing at that attempt: must always be empty."""
+    """Slots held by a task that is not processing at that attempt: must always be empty. A cancelled
+    attempt waiting for its GPU to confirm the stop (a pending cancel, db/cancels.py) is not drift."""
     rows = conn.execute(
         select(slots.c.gpu_id, slots.c.slot_index, slots.c.task_id)
         .select_from(slots.outerjoin(tasks, tasks.c.task_id == slots.c.task_id))
         .where(
             slots.c.task_id.is_not(None),
             (tasks.c.task_id.is_(None))
-            | (tasks.c.state != TaskState.PROCESSING.value)
+            | (tasks.c.state.not_in([TaskState.PROCESSING.value, TaskState.CANCELLED.value]))
             | (tasks.c.attempt != slots.c.attempt),
         )
     )

@@ -8,7 +8,7 @@ from typing import Literal
 
 from sqlalchemy import ColumnElement, Connection, select, update
 
-from dispatcher.db.schema import tasks
+from dispatcher.db.schema import slots, tasks
 from dispatcher.states import TaskState
 
 #: States an operator may send back for another try.
@@ -44,6 +44,14 @@ def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts:
             "refused",
             row.state,
             "it was cancelled before a dispatcher recorded it, so its job was never stored: submit it again",
+        )
+    if conn.execute(select(slots.c.gpu_id).where(slots.c.task_id == task_id)).first() is not None:
+        # A cancel its GPU has not confirmed yet (db/cancels.py): a task holds one slot at most.
+        return Retried(
+            "refused",
+            row.state,
+            "its GPU has not confirmed the cancel yet (the slot is still held); try again once it has, "
+            "or after the lease (TASK_TIMEOUT_SECONDS)",
         )
     max_attempts = max(row.max_attempts, row.attempt + max(1, extra_attempts))
     conn.execute(

@@ -19,6 +19,7 @@ from dispatcher.db.attempts import (
     mark_queued,
     slot_drift,
 )
+from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import _defer, dispatch, snapshot
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
@@ -152,7 +153,19 @@ def test_cancel_running_and_waiting(any_database_url):
     running = job()
     _dispatch(engine, [running])
     res = transaction(engine, cancel_task, task_id=running.task_id, now=utcnow(), backoff=NO_BACKOFF)
-    assert (res.state, res.freed) == ("cancelled", True)
+    # ended for the user, but the slot waits for the GPU to confirm the stop: no heartbeat renews it
+    assert (res.state, res.freed, res.held) == ("cancelled", False, True)
+    beat = transaction(
+        engine, extend_lease, task_id=running.task_id, attempt=1, lease_seconds=60, now=utcnow()
+    )
+    assert (beat.code, beat.state) == ("stale", "cancelled")
+    with engine.connect() as conn:
+        assert capacity(snapshot(conn)) == {}
+        assert slot_drift(conn) == []  # a pending cancel is not drift
+    assert transaction(engine, release_cancelled, task_id=running.task_id, attempt=1) is True
+    assert transaction(engine, release_cancelled, task_id=running.task_id, attempt=1) is False
+    with engine.connect() as conn:
+        assert capacity(snapshot(conn)) == {"default": 1}
     # a job still in Redis: the tombstone keeps it from ever running
     waiting = job()
     transaction(engine, cancel_task, task_id=waiting.task_id, now=utcnow(), backoff=NO_BACKOFF)

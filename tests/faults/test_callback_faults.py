@@ -105,17 +105,20 @@ def test_callback_for_a_cancelled_task_is_409_and_its_slot_is_refilled(stack):
     # WHEN an operator cancels one running task (the store function `gpuq task cancel` calls)
     victim = running[0]
     fin = transaction(stack.engine, cancel_task, task_id=victim, now=utcnow(), backoff=Backoff())
-    assert (fin.code, fin.state, fin.freed) == ("applied", "cancelled", True)
-    # THEN a waiting job takes the freed slot without any other event
-    wait_for(lambda: len(_running(stack.engine)) == 4 and victim not in _running(stack.engine), 10, 0.02)
-    # and the GPU's callback for the cancelled task, whatever it says, is 409 and changes nothing
+    assert (fin.code, fin.state, fin.freed, fin.held) == ("applied", "cancelled", False, True)
+    # THEN the slot stays held until the GPU confirms: a heartbeat for the attempt is 409 and confirms nothing
     token = make_token(SECRET.encode(), victim, 1)
-    for body in ({"status": "finished", "result": 1}, {"status": "running"}, {"status": "failed"}):
+    res = _post(d, victim, token, status="running")
+    assert res.status_code == 409 and "cancelled" in res.json()["detail"], res.text
+    assert victim in _running(stack.engine)
+    # and a final callback for the attempt, whatever it says, is 409, confirms the stop and frees the slot,
+    # which a waiting job takes without any other event
+    for body in ({"status": "finished", "result": 1}, {"status": "failed"}):
         res = _post(d, victim, token, **body)
         assert res.status_code == 409, res.text
         assert "cancelled" in res.json()["detail"]
+    wait_for(lambda: len(_running(stack.engine)) == 4 and victim not in _running(stack.engine), 10, 0.02)
     assert _row(stack.engine, victim)[:2] == ("cancelled", 1)
-    assert len(_running(stack.engine)) == 4
     # finish the rest as their GPU would, and audit
     for task_id in _running(stack.engine):
         _post(d, task_id, make_token(SECRET.encode(), task_id, 1), status="finished")

@@ -14,6 +14,7 @@ import redis
 from sqlalchemy import text
 
 from dispatcher.db.attempts import Backoff, due_deferred, finish_attempt
+from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.states import Outcome
@@ -209,18 +210,29 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
     shown = json.loads(gpuq("task", "show", job.task_id).stdout)
     assert (shown["state"], shown["gpu_id"], shown["attempts"]) == ("processing", "g0", 1)
 
-    # cancelling a running task frees its slot at once and wakes the dispatchers
+    # cancelling a running task ends it now, keeps its slot until the GPU confirms, and wakes the
+    # dispatchers so that the one that sent it asks the GPU to stop
     wake = rds.pubsub()
     wake.subscribe(Keys(gpuq_env["REDIS_KEY_PREFIX"]).wake)
     # (a get_message timeout is how long to wait at most, not a speed asked of the machine)
     assert wake.get_message(timeout=10)["type"] == "subscribe"
     res = gpuq("task", "cancel", job.task_id)
-    assert res.stdout.strip() == f"task {job.task_id} cancelled: its slot is free again"
-    assert wake.get_message(timeout=10)["data"] == b"slot"
+    assert res.stdout.strip() == (
+        f"task {job.task_id} cancelled: its GPU is asked to stop; the slot is freed when it confirms"
+    )
+    assert wake.get_message(timeout=10)["data"] == b"cancel"
     wake.close()
     assert row(engine, job.task_id).state == "cancelled"
+    held = "SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL"
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one() == 0
+        assert conn.execute(text(held)).scalar_one() == 1
+    # while the slot is held the task cannot be retried (a task holds one slot at most)
+    res = gpuq("task", "retry", job.task_id)
+    assert res.exit_code == 1 and "has not confirmed the cancel" in res.stderr
+    # the GPU confirms: the slot is free
+    assert transaction(engine, release_cancelled, task_id=job.task_id, attempt=1)
+    with engine.connect() as conn:
+        assert conn.execute(text(held)).scalar_one() == 0
     # its GPU's late callback changes nothing
     late = transaction(
         engine,

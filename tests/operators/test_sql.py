@@ -32,6 +32,7 @@ def test_queries_file_parses_with_the_seed_query_first():
     queries = load()
     assert list(queries) == [
         "gpu_load",
+        "gpu_slots",
         "running_by_age",
         "failures_last_hour",
         "gpu_utilisation",
@@ -184,6 +185,8 @@ def run(engine, name: str, **params):
 def test_every_named_query_runs_on_mariadb_with_data(busy_history, gpuq):
     engine, ids = busy_history
     assert {r["gpu_id"]: r["active_tasks"] for r in run(engine, "gpu_load")} == {"g0": 2, "g1": 1}
+    slots_view = {r["gpu_id"]: (r["busy"], int(r["cancel_pending"])) for r in run(engine, "gpu_slots")}
+    assert {g: v for g, v in slots_view.items() if v[0]} == {"g0": (2, 0), "g1": (1, 0)}
 
     running = run(engine, "running_by_age")
     assert [r["task_id"] for r in running][-1] == ids["running"][2]  # the youngest last

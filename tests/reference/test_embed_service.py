@@ -193,3 +193,26 @@ def _seconds(start: str, end: str) -> float:
     return (
         datetime.fromisoformat(end.rstrip("Z")) - datetime.fromisoformat(start.rstrip("Z"))
     ).total_seconds()
+
+
+def test_cancel_stops_a_job_without_its_callback(service, receiver):
+    # GIVEN a long job at work
+    texts = [sentence(i, 200) for i in range(16)]
+    assert httpx.post(service.url, json=job("to-cancel", texts, receiver), headers=AUTH).status_code == 202
+    # WHEN the dispatcher cancels it
+    stop = {"task_id": "to-cancel", "attempt": 1}
+    r = httpx.post(f"{service.url}/cancel", json=stop, headers=AUTH, timeout=30)
+    # THEN the answer comes once it no longer runs: its slot is free and no final callback was or will be sent
+    assert r.status_code == 200, r.text
+    assert r.json() == {"task_id": "to-cancel", "attempt": 1, "cancelled": True}
+    assert httpx.get(f"{service.base}/healthz").json()["busy"] == 0
+    assert receiver.finals("to-cancel") == []
+    # AND a cancel for a job that is not running here is 200 cancelled false; without the token 401
+    assert httpx.post(f"{service.url}/cancel", json=stop, headers=AUTH).json()["cancelled"] is False
+    assert httpx.post(f"{service.url}/cancel", json=stop).status_code == 401
+    # AND a later job runs and calls back as usual, and the cancelled one never does
+    assert (
+        httpx.post(service.url, json=job("after-cancel", "hello", receiver), headers=AUTH).status_code == 202
+    )
+    wait_for(lambda: receiver.finals("after-cancel"), 30, what="the next job's callback")
+    assert receiver.finals("to-cancel") == []

@@ -1,0 +1,197 @@
+"""Cancel that reaches the GPU (SPEC §4): a cancelled running task ends at once for the user, its GPU is
+asked to stop (``POST <GPU url>/cancel``), and its slot is freed only when the GPU confirms, a final report
+for the attempt comes, or the lease runs out, so the GPU never runs more jobs than slots."""
+
+from __future__ import annotations
+
+import httpx
+
+from dispatcher.db.attempts import Backoff, cancel_task
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.tokens import make_token
+from producer.keys import Keys
+from tests.dispatcher.harness import SECRET, push_jobs, reconcile, states, wait_final
+from tests.dispatcher.helpers import wait_for
+
+
+def _holders(engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.exec_driver_sql("SELECT task_id FROM slots WHERE task_id IS NOT NULL").scalars())
+
+
+def _wait_running(stack, fleet, task_id: str) -> None:
+    """Until the job holds its slot and its GPU has it (the request may still be on its way after the claim)."""
+    wait_for(lambda: _holders(stack.engine) == [task_id], 20, 0.02, what="the job placed")
+    fleet.wait_until(lambda s: s["totals"]["in_flight"] == 1, timeout=20)
+
+
+def _cancel_as_cli(stack, task_id: str) -> bool:
+    """What ``gpuq task cancel`` does: the store function, then the wake-up for the dispatchers. False when
+    the task finished just before."""
+    fin = transaction(stack.engine, cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
+    if fin.state == "finished":
+        return False
+    assert (fin.code, fin.state, fin.freed, fin.held) == ("applied", "cancelled", False, True)
+    stack.rds.publish(Keys(stack.prefix).wake, "cancel")
+    return True
+
+
+def _cancel_by_api(d, task_id: str) -> bool:
+    res = httpx.post(f"{d.url}/tasks/{task_id}/cancel", timeout=10)
+    if res.status_code == 409 and "finished" in res.text:  # it finished just before
+        return False
+    assert res.status_code == 200, res.text
+    assert res.json() == {"task_id": task_id, "state": "cancelled", "applied": True, "slot_held": True}
+    return True
+
+
+def test_cancels_under_load_never_oversubscribe_and_free_slots_on_confirmation(stack):
+    # GIVEN two GPUs of 4 slots, every slot busy with long jobs and a backlog waiting behind them
+    fleet = stack.fleet(gpus=2, service_time="uniform:1,3", faults=["heartbeat:0.1"])
+    d = stack.dispatcher(fleet)
+    ids = push_jobs(stack.rds, stack.queues[0], 40)
+    cancelled: list[str] = []
+    # WHEN running tasks are cancelled again and again, half by the CLI's path, half by the HTTP API
+    for round_ in range(6):
+        wait_for(
+            lambda: len(set(_holders(stack.engine)) - set(cancelled)) >= 2, 30, 0.01, what="jobs running"
+        )
+        victims = [t for t in _holders(stack.engine) if t not in cancelled][:2]
+        for victim in victims:
+            if _cancel_as_cli(stack, victim) if round_ % 2 else _cancel_by_api(d, victim):
+                cancelled.append(victim)
+    # THEN each is cancelled at once for the user
+    assert states(stack.engine, cancelled) == {"cancelled": len(cancelled)}
+    # and every other job still finishes, with no GPU ever over its slots (the GPU counts this itself)
+    wait_final(stack.engine, ids, final=("finished", "cancelled"), timeout=90)
+    assert states(stack.engine, ids)["cancelled"] == len(cancelled)
+    stats = fleet.stats(jobs=False)
+    for name, gpu in stats["gpus"].items():
+        assert gpu["oversubscriptions"] == 0, (name, gpu)
+        assert gpu["max_in_flight"] <= 4, (name, gpu)
+    # the GPUs were asked to stop each cancelled job (stopped, or finished just before the cancel came)
+    cancels = stats["totals"]["cancels"]
+    assert cancels.get("stopped", 0) + cancels.get("not_running", 0) >= len(cancelled), cancels
+    assert cancels.get("stopped", 0) >= 1, cancels
+    wait_for(lambda: not _holders(stack.engine), 10, 0.05, what="every slot free")
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
+    # GIVEN one GPU running one long job
+    fleet = stack.fleet(gpus=1, service_time="60")
+    d = stack.dispatcher(fleet)
+    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+    _wait_running(stack, fleet, victim)
+    # WHEN its GPU cannot take the cancel (down: 503) and the task is cancelled through the API
+    fleet.configure(faults=["down"])
+    res = httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10)
+    assert res.json()["slot_held"] is True, res.json()
+    # THEN the task is cancelled at once, but while the cancel fails and is retried the slot stays held
+    assert states(stack.engine, [victim]) == {"cancelled": 1}
+    fleet.wait_until(lambda s: s["totals"]["answers"].get("503", 0) >= 2, timeout=20)
+    assert _holders(stack.engine) == [victim]
+    [gpu] = httpx.get(f"{d.url}/gpus", timeout=10).json()
+    assert gpu["busy"] == 1
+    # and a heartbeat for the cancelled attempt is refused (409) without renewing the lease
+    token = make_token(SECRET.encode(), victim, 1)
+    beat = httpx.post(
+        f"{d.url}/callback",
+        json={"task_id": victim, "status": "running"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert beat.status_code == 409
+    assert _holders(stack.engine) == [victim]
+    # WHEN the GPU is back, the next try of the cancel reaches it: the job stops and the slot is freed
+    fleet.configure(faults=[])
+    wait_for(lambda: not _holders(stack.engine), 45, 0.05, what="slot freed on confirmation")
+    assert fleet.stats(jobs=False)["totals"]["cancels"] == {"stopped": 1}
+    assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, [victim])
+
+
+def test_a_final_callback_for_the_cancelled_attempt_confirms_and_frees(stack):
+    # GIVEN a GPU that is down for the cancel, running one job
+    fleet = stack.fleet(gpus=1, service_time="60")
+    d = stack.dispatcher(fleet)
+    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+    _wait_running(stack, fleet, victim)
+    fleet.configure(faults=["down"])
+    _cancel_as_cli(stack, victim)
+    fleet.wait_until(lambda s: s["totals"]["answers"].get("503", 0) >= 1, timeout=20)
+    assert _holders(stack.engine) == [victim]
+    # WHEN the GPU reports the attempt over (it stopped it, or it ended) with a final callback
+    token = make_token(SECRET.encode(), victim, 1)
+    res = httpx.post(
+        f"{d.url}/callback",
+        json={"task_id": victim, "status": "failed", "error": "stopped"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    # THEN it is answered 409 (the attempt is no longer current), the task stays cancelled, the slot is free
+    assert res.status_code == 409, res.text
+    assert "cancelled" in res.json()["detail"]
+    assert not _holders(stack.engine)
+    assert states(stack.engine, [victim]) == {"cancelled": 1}
+
+
+def test_a_cancel_never_confirmed_is_settled_by_the_lease(stack):
+    # GIVEN a short lease and a GPU that goes down after taking the job
+    fleet = stack.fleet(gpus=1, service_time="60")
+    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3")
+    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+    _wait_running(stack, fleet, victim)
+    fleet.configure(faults=["down"])
+    # WHEN the task is cancelled and the GPU never answers the cancel
+    assert httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10).status_code == 200
+    assert _holders(stack.engine) == [victim]
+    # THEN the lease expiry frees the slot, and the task stays cancelled (not retried)
+    wait_for(lambda: not _holders(stack.engine), 30, 0.1, what="slot freed by the lease")
+    assert states(stack.engine, [victim]) == {"cancelled": 1}
+    with stack.engine.connect() as conn:
+        outcomes = conn.exec_driver_sql(
+            "SELECT outcome FROM attempts WHERE task_id = %s", (victim,)
+        ).scalars()
+        assert list(outcomes) == ["cancelled"]
+
+
+def test_cancel_answers(stack):
+    # GIVEN a dispatcher and a finished task
+    fleet = stack.fleet(gpus=1, service_time="0")
+    d = stack.dispatcher(fleet)
+    [done] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_final(stack.engine, [done])
+    # THEN cancelling it is 409, and an id not yet seen is marked so that it never runs (200)
+    res = httpx.post(f"{d.url}/tasks/{done}/cancel", timeout=10)
+    assert res.status_code == 409 and "finished" in res.json()["detail"]
+    res = httpx.post(f"{d.url}/tasks/not-yet-here/cancel", timeout=10)
+    assert res.json() == {
+        "task_id": "not-yet-here",
+        "state": "cancelled",
+        "applied": True,
+        "slot_held": False,
+    }
+    # and a repeated cancel is 200 applied false
+    res = httpx.post(f"{d.url}/tasks/not-yet-here/cancel", timeout=10)
+    assert (res.status_code, res.json()["applied"]) == (200, False)
+
+
+def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
+    # GIVEN two dispatchers sharing one GPU; d1 sent a long job to it and is killed (kill -9)
+    fleet = stack.fleet(gpus=1, service_time="120")
+    q1, q2 = stack.queues
+    d1 = stack.dispatcher(fleet, name="d1", TASK_QUEUES=q1, TASK_TIMEOUT_SECONDS="300")
+    d2 = stack.dispatcher(fleet, name="d2", TASK_QUEUES=q2, TASK_TIMEOUT_SECONDS="300")
+    [victim] = push_jobs(stack.rds, q1, 1)
+    _wait_running(stack, fleet, victim)
+    d1.kill()
+    # WHEN the task is cancelled through d2
+    res = httpx.post(f"{d2.url}/tasks/{victim}/cancel", timeout=10)
+    assert res.json()["slot_held"] is True
+    # THEN once d1's heartbeat is gone d2 asks the GPU to stop, and the slot is freed by that answer
+    # (the GPU counts the stop; a lease expiry would not stop it, and the lease is 300 s)
+    fleet.wait_until(lambda s: s["totals"]["cancels"].get("stopped") == 1, timeout=40)
+    wait_for(lambda: not _holders(stack.engine), 10, 0.05, what="slot freed on confirmation")
+    assert states(stack.engine, [victim]) == {"cancelled": 1}
+    assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0

@@ -1,0 +1,111 @@
+"""Partial output (SPEC §4): a ``running`` callback may carry ``"partial"``; subscribers of
+``GET /tasks/{id}/events`` get each as a ``partial`` event, in order; it is not stored; a partial over
+``PARTIAL_MAX_BYTES`` is refused with 413."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from dispatcher.tokens import make_token
+from tests.dispatcher.conftest import Stack
+from tests.dispatcher.harness import SECRET, push_jobs, states
+from tests.dispatcher.helpers import wait_for
+from tests.features.test_events import read_events
+
+
+def test_sse_client_receives_every_partial_in_order(stack: Stack) -> None:
+    # GIVEN a task running on a GPU that streams its output through running callbacks
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])
+    d = stack.dispatcher(fleet, PARTIAL_MAX_BYTES="1000")
+    [task_id] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: states(stack.engine, [task_id])["processing"] == 1, 20, 0.02, what="running")
+    token = make_token(SECRET.encode(), task_id, 1)
+
+    def callback(**body: Any) -> httpx.Response:
+        return httpx.post(
+            f"{d.url}/callback",
+            json={"task_id": task_id, **body},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{d.url}/tasks/{task_id}/events", timeout=30) as res:
+        assert res.status_code == 200
+        for name, data in read_events(res):
+            seen.append((name, data))
+            if name != "state":
+                continue
+            # WHEN the GPU sends 30 partials, one of them too large, then finishes
+            for i in range(30):
+                if i == 7:
+                    big = callback(status="running", partial={"i": i, "text": "x" * 2000})
+                    assert big.status_code == 413 and "PARTIAL_MAX_BYTES" in big.text
+                    continue
+                beat = callback(status="running", partial={"i": i, "tokens": ["tok"] * i})
+                assert beat.status_code == 200, beat.text
+            assert callback(status="finished", result={"text": "done"}).status_code == 200
+    # THEN the subscriber got every partial that was accepted, in order, before the end of the task
+    names = [n for n, _ in seen]
+    partials = [data for name, data in seen if name == "partial"]
+    assert [p["partial"]["i"] for p in partials] == [i for i in range(30) if i != 7]
+    assert all(p["partial"]["tokens"] == ["tok"] * p["partial"]["i"] for p in partials)
+    assert all(p["attempt"] == 1 for p in partials)
+    assert names[0] == "state" and names[-1] == "finished"
+    assert names.index("finished") > max(i for i, n in enumerate(names) if n == "partial")
+    # and nothing of them was stored: the task shows its result only
+    task = httpx.get(f"{d.url}/tasks/{task_id}", timeout=10).json()
+    assert "partial" not in str(task)
+    assert task["result"] == {"text": "done"}
+
+
+def test_partial_for_an_attempt_no_longer_current_is_409_and_not_passed_on(stack: Stack) -> None:
+    fleet = stack.fleet(gpus=1, slots=1, service_time="0")
+    d = stack.dispatcher(fleet)
+    [task_id] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: states(stack.engine, [task_id])["finished"] == 1, 20, 0.02, what="finished")
+    token = make_token(SECRET.encode(), task_id, 1)
+    late = httpx.post(
+        f"{d.url}/callback",
+        json={"task_id": task_id, "status": "running", "partial": "late"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert late.status_code == 409
+
+
+def test_partials_reaching_two_dispatchers_arrive_in_order(stack: Stack) -> None:
+    # GIVEN a task run through d1 and a client watching through d2
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])
+    q1, q2 = stack.queues
+    d1 = stack.dispatcher(fleet, name="d1", TASK_QUEUES=q1)
+    d2 = stack.dispatcher(None, name="d2", TASK_QUEUES=q2)
+    [task_id] = push_jobs(stack.rds, q1, 1)
+    wait_for(lambda: states(stack.engine, [task_id])["processing"] == 1, 20, 0.02, what="running")
+    token = make_token(SECRET.encode(), task_id, 1)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{d2.url}/tasks/{task_id}/events", timeout=30) as res:
+        for name, data in read_events(res):
+            seen.append((name, data))
+            if name != "state":
+                continue
+            # WHEN the GPU's partials go alternately to d1 and d2 (as behind a load balancer)
+            for i in range(40):
+                url = (d1 if i % 2 else d2).url
+                beat = httpx.post(
+                    f"{url}/callback",
+                    json={"task_id": task_id, "status": "running", "partial": i},
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout=10,
+                )
+                assert beat.status_code == 200, beat.text
+            httpx.post(
+                f"{d1.url}/callback",
+                json={"task_id": task_id, "status": "finished"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+    # THEN the watcher got them all, in the order they were sent
+    assert [d["partial"] for n, d in seen if n == "partial"] == list(range(40))
