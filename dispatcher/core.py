@@ -16,7 +16,6 @@ from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-import orjson
 from redis.asyncio import Redis
 from sqlalchemy import Engine
 
@@ -27,7 +26,7 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import register_new
-from dispatcher.dead_letters import dead_letter, reason
+from dispatcher.dead_letters import prepare
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
 from dispatcher.gpu_client import GpuClient
@@ -41,7 +40,7 @@ from dispatcher.metrics import Metrics
 from dispatcher.placing import Placing
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome, TaskState
-from producer.job import Job, parse_redis_job
+from producer.job import Job
 from producer.keys import Keys
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -326,27 +325,6 @@ class Dispatcher:
         except TimeoutError:
             self._look = True  # nothing woke us: look anyway (a wake-up may have been lost)
 
-    def _prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
-        """Parse taken jobs: (job, pool, processing-list element) for each good one; the settlement moves
-        bad ones to the dead-letter list and writes made-up ids into Redis before the database sees them."""
-        prepared = Settlement()
-        items: list[tuple[Job, str, str]] = []
-        for t in taken:
-            try:
-                queue = t.queue or _queue_in_body(t.raw)
-                job, made_up = parse_redis_job(t.raw, queue or "unknown", max_bytes=self.limits.job_bytes)
-                element = t.element
-                if made_up:  # give it its id (and enqueue time) in Redis before the database hears of it
-                    element = f"{t.source}\n{job.to_redis()}"
-                item = (job, self.settings.pool_for(job.type), element)
-            except Exception as exc:  # InvalidJob, or whatever else this one job's content provokes
-                dead_letter(prepared, self.metrics, t.element, t.queue, reason(exc))
-                continue
-            if element != t.element:
-                prepared.restamp.append((t.element, element))
-            items.append(item)
-        return items, prepared
-
     async def dispatch_once(self) -> bool:
         """One pass of the loop (see ``Placing.dispatch_once``); False when there was nothing to do."""
         return await self.placing.dispatch_once()
@@ -362,7 +340,9 @@ class Dispatcher:
         return look
 
     def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
-        return self._prepare(taken)
+        return prepare(
+            taken, max_bytes=self.limits.job_bytes, pool_for=self.settings.pool_for, metrics=self.metrics
+        )
 
     def isolating(self) -> bool:
         """Whether the last pass failed in a way no rule foresaw (its jobs are tried one by one), once."""
@@ -486,12 +466,3 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-
-def _queue_in_body(raw: str) -> str | None:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    queue = value.get("queue") if isinstance(value, dict) else None
-    return queue if isinstance(queue, str) else None

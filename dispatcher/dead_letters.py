@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+import orjson
+
 from dispatcher.errors import TRANSIENT
 from dispatcher.intake import Settlement, Taken
 from dispatcher.metrics import Metrics
 from producer.errors import InvalidJob
+from producer.job import Job, parse_redis_job
 
 log = logging.getLogger("gpuq.dispatcher")
 
@@ -53,3 +56,36 @@ async def isolate(
             bad = Settlement()
             dead_letter(bad, metrics, t.element, t.queue, f"could not be dispatched: {reason(exc)}")
             await settle(bad)
+
+
+def prepare(
+    taken: list[Taken], *, max_bytes: int, pool_for: Callable[[str], str], metrics: Metrics
+) -> tuple[list[tuple[Job, str, str]], Settlement]:
+    """Parse taken jobs: (job, pool, processing-list element) for each good one; the settlement moves
+    bad ones to the dead-letter list and writes made-up ids into Redis before the database sees them."""
+    prepared = Settlement()
+    items: list[tuple[Job, str, str]] = []
+    for t in taken:
+        try:
+            queue = t.queue or _queue_in_body(t.raw)
+            job, made_up = parse_redis_job(t.raw, queue or "unknown", max_bytes=max_bytes)
+            element = t.element
+            if made_up:  # give it its id (and enqueue time) in Redis before the database hears of it
+                element = f"{t.source}\n{job.to_redis()}"
+            item = (job, pool_for(job.type), element)
+        except Exception as exc:  # InvalidJob, or whatever else this one job's content provokes
+            dead_letter(prepared, metrics, t.element, t.queue, reason(exc))
+            continue
+        if element != t.element:
+            prepared.restamp.append((t.element, element))
+        items.append(item)
+    return items, prepared
+
+
+def _queue_in_body(raw: str) -> str | None:
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    queue = value.get("queue") if isinstance(value, dict) else None
+    return queue if isinstance(queue, str) else None
