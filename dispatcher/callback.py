@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
+from dispatcher.events import encode
 from dispatcher.states import Outcome
 from dispatcher.tokens import token_shaped, verify_token
 
@@ -123,7 +124,7 @@ def _partial_too_large(partial: Any, limit: int) -> str | None:
     """Why a ``partial`` is refused (its JSON over PARTIAL_MAX_BYTES), or None."""
     if partial is None:
         return None
-    size = len(orjson.dumps(partial))
+    size = len(encode(partial))  # not orjson.dumps: an integer past 64 bits made it raise (a 500)
     return f"partial is {size} bytes; at most {limit} (PARTIAL_MAX_BYTES)" if size > limit else None
 
 

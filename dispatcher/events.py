@@ -34,6 +34,15 @@ def event(name: str, task_id: str, **fields: Any) -> dict[str, Any]:
     return {"event": name, "task_id": task_id, "at": datetime.now(UTC).isoformat(), **fields}
 
 
+def encode(value: Any) -> bytes:
+    """JSON of an event (or of a GPU's partial output, to measure it): orjson, or json for what orjson
+    refuses (an integer past 64 bits, a lone surrogate), so any value a callback parsed to can be sent."""
+    try:
+        return orjson.dumps(value, default=str)
+    except TypeError:
+        return json.dumps(value, default=str).encode()
+
+
 class EventPublisher:
     def __init__(self, redis: Redis, keys: Keys, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
         self.redis = redis
@@ -44,11 +53,7 @@ class EventPublisher:
 
     def publish(self, name: str, task_id: str, **fields: Any) -> None:
         """Queue one event; returns at once."""
-        body = event(name, task_id, **fields)
-        try:
-            payload = orjson.dumps(body, default=str)
-        except TypeError:  # what orjson refuses (an integer past 64 bits, a lone surrogate), json escapes
-            payload = json.dumps(body, default=str).encode()
+        payload = encode(event(name, task_id, **fields))
         self._pending.append((self.keys.task_events(task_id), payload))
         if not self._flushing:
             self._flushing = True
@@ -57,7 +62,7 @@ class EventPublisher:
     async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
         """Publish one event and return once Redis has it. For partial output: the GPU sends its next
         partial after our answer, maybe to another dispatcher process, whose PUBLISH must come after ours."""
-        payload = orjson.dumps(event(name, task_id, **fields), default=str)
+        payload = encode(event(name, task_id, **fields))
         try:
             await self.redis.publish(self.keys.task_events(task_id), payload)
         except (RedisError, OSError) as exc:

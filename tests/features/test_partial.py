@@ -109,3 +109,40 @@ def test_partials_reaching_two_dispatchers_arrive_in_order(stack: Stack) -> None
             )
     # THEN the watcher got them all, in the order they were sent
     assert [d["partial"] for n, d in seen if n == "partial"] == list(range(40))
+
+
+def test_partial_orjson_cannot_encode_is_passed_on_not_a_500(stack: Stack) -> None:
+    # GIVEN a running task (review of issue 16: a partial holding an integer past 64 bits, valid JSON that
+    # the parser accepts, made the size check's orjson.dumps raise: 500 and the heartbeat lost)
+    fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])
+    d = stack.dispatcher(fleet)
+    [task_id] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: states(stack.engine, [task_id])["processing"] == 1, 20, 0.02, what="running")
+    token = make_token(SECRET.encode(), task_id, 1)
+    big = 123456789012345678901234567890
+    seen: list[tuple[str, dict[str, Any]]] = []
+    with httpx.stream("GET", f"{d.url}/tasks/{task_id}/events", timeout=30) as res:
+        for name, data in read_events(res):
+            seen.append((name, data))
+            if name != "state":
+                continue
+            # WHEN the GPU streams such a partial, then finishes
+            beat = httpx.post(
+                f"{d.url}/callback",
+                content=b'{"task_id": "%s", "status": "running", "partial": {"n": %d}}'
+                % (task_id.encode(), big),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                timeout=10,
+            )
+            assert beat.status_code == 200, beat.text
+            done = httpx.post(
+                f"{d.url}/callback",
+                json={"task_id": task_id, "status": "finished"},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=10,
+            )
+            assert done.status_code == 200, done.text
+    # THEN it was accepted and passed on to the subscriber (the SSE side reads it back with orjson, which
+    # turns an integer that large into a float: the value arrives, its last digits may not)
+    [partial] = [data["partial"] for name, data in seen if name == "partial"]
+    assert float(partial["n"]) == float(big)
