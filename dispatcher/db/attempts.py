@@ -299,7 +299,14 @@ def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backo
         )
         return Finish("applied", TaskState.CANCELLED.value)
     if row.state in TERMINAL:
-        return Finish("repeat", row.state)
+        # A repeated cancel still says whether the GPU has confirmed the stop (``slot_held``).
+        held = row.state == TaskState.CANCELLED and (
+            conn.execute(
+                select(slots.c.gpu_id).where(slots.c.task_id == task_id, slots.c.attempt == row.attempt)
+            ).first()
+            is not None
+        )
+        return Finish("repeat", row.state, held=held)
     if row.state == TaskState.PROCESSING:
         # Ended for the user now; the slot stays held until the GPU confirms the stop (db/cancels.py).
         cancel_running(conn, task_id=task_id, attempt=row.attempt, now=now, error="cancelled by an operator")

@@ -87,6 +87,9 @@ def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
     fleet.configure(faults=["down"])
     res = httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10)
     assert res.json()["slot_held"] is True, res.json()
+    # and a repeated cancel still says the slot is held (it said false: review of issue 16)
+    again = httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10).json()
+    assert (again["applied"], again["slot_held"]) == (False, True), again
     # THEN the task is cancelled at once, but while the cancel fails and is retried the slot stays held
     assert states(stack.engine, [victim]) == {"cancelled": 1}
     fleet.wait_until(lambda s: s["totals"]["answers"].get("503", 0) >= 2, timeout=20)
@@ -108,6 +111,8 @@ def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
     wait_for(lambda: not _holders(stack.engine), 45, 0.05, what="slot freed on confirmation")
     assert fleet.stats(jobs=False)["totals"]["cancels"] == {"stopped": 1}
     assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0
+    again = httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10).json()
+    assert (again["applied"], again["slot_held"]) == (False, False), again
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, [victim])
 
 
