@@ -41,6 +41,8 @@ class GpuSim:
         self._waiting: set[Job] = set()  # accepted (async), service time not over yet
         self.holding: set[Job] = set()  # jobs holding a slot (async and sync)
         self._sync: set[Job] = set()  # sync mode: being answered
+        self._unstarted: set[Job] = set()  # took a slot, answer delayed (slow_answer), not started yet
+        self._stopped: set[Job] = set()  # of those, cancelled before they started: they never will
         self._tasks: set[asyncio.Task[Any]] = set()
         self.reset()
 
@@ -90,7 +92,16 @@ class GpuSim:
             self.in_flight += 1
             self.holding.add(job)
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self._unstarted.add(job)
         return plan
+
+    def may_start(self, job: Job) -> bool:
+        """After the answer's delay: False when the job was cancelled meanwhile (it gave its slot back)."""
+        self._unstarted.discard(job)
+        if job in self._stopped:
+            self._stopped.discard(job)
+            return False
+        return True
 
     def start(self, job: Job) -> None:
         """Async mode: the job works for its service time, then calls back."""
@@ -120,6 +131,16 @@ class GpuSim:
         if any(j.task_id == task_id and j.attempt == attempt for j in self._sync):
             self.cancels["busy"] += 1
             return "busy"
+        for job in self._unstarted:
+            # Taken (it holds a slot) but its answer is still delayed: "not running" would free the slot at
+            # the dispatcher while the job is about to start, so it is stopped before it starts.
+            if job.task_id == task_id and job.attempt == attempt and job not in self._stopped:
+                self._stopped.add(job)
+                self.in_flight -= 1
+                self.holding.discard(job)
+                job.released_at = time.time()
+                self.cancels["stopped"] += 1
+                return "stopped"
         self.cancels["not_running"] += 1
         return "not_running"
 

@@ -232,8 +232,10 @@ class SimServer(ControlMixin):
         self.jobs.append(job)
         if plan.delay:
             await asyncio.sleep(plan.delay)
-        if plan.refusal is not None:
-            return await self._refuse(request, gpu, plan.refusal)
+        # A job cancelled while its answer was delayed never starts.
+        refusal = plan.refusal if plan.refusal is not None or gpu.may_start(job) else "cancelled"
+        if refusal is not None:
+            return await self._refuse(request, gpu, refusal)
         if sync:
             return self._answer(gpu, 200, await gpu.run_sync(job))
         gpu.start(job)
@@ -251,6 +253,8 @@ class SimServer(ControlMixin):
             return self._drop(request, gpu, None)
         if refusal == "close":
             return self._drop(request, gpu, "close")
+        if refusal == "cancelled":
+            return self._answer(gpu, 409, {"error": "cancelled before it started"})
         error = {"error": f"simulated {refusal} on {gpu.name}"}
         return self._answer(gpu, ERROR_STATUS[refusal], error)
 

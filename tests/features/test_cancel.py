@@ -200,3 +200,34 @@ def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
     wait_for(lambda: not _holders(stack.engine), 10, 0.05, what="slot freed on confirmation")
     assert states(stack.engine, [victim]) == {"cancelled": 1}
     assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0
+
+
+def test_a_cancel_that_comes_while_the_gpu_is_still_answering_the_job_stops_it(stack):
+    # GIVEN a one-slot GPU that takes its jobs but answers the request later than the dispatcher waits
+    # (review of issue 16: simgpu's cancel answered "not running" for a job it held but had not started
+    # yet; the dispatcher freed the slot, the next job came, and the cancelled one started anyway beside it)
+    fleet = stack.fleet(gpus=1, slots=1, service_time="60", faults=["slow_answer:6"])
+    d = stack.dispatcher(fleet, GPU_REQUEST_TIMEOUT_SECONDS="1", SLOTS_PER_GPU="1")
+    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: _holders(stack.engine) == [victim], 20, 0.02, what="the job placed")
+    wait_for(
+        lambda: 'gpuq_gpu_requests_total{verdict="unknown"} 1.0' in httpx.get(f"{d.url}/metrics").text,
+        20,
+        0.05,
+        what="the dispatcher gave up waiting for the answer",
+    )
+    assert fleet.stats(jobs=False)["totals"]["in_flight"] == 1  # the GPU holds it, not yet started
+    # WHEN the task is cancelled now, and another job waits
+    assert httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10).status_code == 200
+    fleet.configure(faults=[])
+    [nxt] = push_jobs(stack.rds, stack.queues[0], 1)
+    # THEN the GPU stops the cancelled job, the next one runs on the freed slot, never beside it
+    wait_for(lambda: _holders(stack.engine) == [nxt], 30, 0.05, what="the next job placed")
+    fleet.wait_until(lambda s: s["totals"]["received"] == 2, timeout=20)
+    stats = fleet.stats(jobs=False)
+    assert stats["totals"]["cancels"] == {"stopped": 1}, stats["totals"]["cancels"]
+    [gpu] = stats["gpus"].values()
+    assert gpu["oversubscriptions"] == 0, gpu["overlaps"]
+    # and once its late answer is given (409: cancelled), the cancelled job has not started
+    fleet.wait_until(lambda s: s["totals"]["answers"].get("409", 0) == 1, timeout=20)
+    assert fleet.stats(jobs=False)["totals"]["in_flight"] == 1
