@@ -14,11 +14,12 @@ SELECT gpu_id, COUNT(*) AS active_tasks FROM tasks WHERE state = 'processing' GR
 
 -- name: gpu_slots
 -- Slots held per GPU, from the slots table (what placement uses): unlike gpu_load it also counts a cancelled
--- attempt whose GPU has not confirmed the stop yet (cancel_pending).
-SELECT s.gpu_id, COUNT(s.task_id) AS busy, COUNT(*) AS slots,
+-- attempt whose GPU has not confirmed the stop yet (cancel_pending). `slots` is the GPU's slot count (after
+-- `gpuq gpu set --slots` the table may keep rows beyond it for a while; busy ones still count in `busy`).
+SELECT s.gpu_id, COUNT(s.task_id) AS busy, g.slots AS slots,
        SUM(CASE WHEN t.state = 'cancelled' THEN 1 ELSE 0 END) AS cancel_pending
-FROM slots s LEFT JOIN tasks t ON t.task_id = s.task_id
-GROUP BY s.gpu_id
+FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id LEFT JOIN tasks t ON t.task_id = s.task_id
+GROUP BY s.gpu_id, g.slots
 ORDER BY s.gpu_id;
 
 -- name: running_by_age

@@ -15,7 +15,7 @@ from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.ddl import render
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import init_schema, transaction, utcnow
-from dispatcher.db.gpus import register_gpu
+from dispatcher.db.gpus import register_gpu, update_gpu
 from dispatcher.db.schema import metadata, schema_version
 from dispatcher.sql_queries import load, parse, sql_dir
 from dispatcher.states import Outcome
@@ -229,3 +229,15 @@ def test_every_named_query_runs_on_mariadb_with_data(busy_history, gpuq):
     assert gpuq("sql", "nope").exit_code == 2
     assert gpuq("sql", "gpu_utilisation", "-p", "hours=1").exit_code == 2
     assert gpuq("sql", "gpu_utilisation", "-p", "minutes=abc").exit_code == 2  # not read as 0 by MySQL
+
+
+def test_gpu_slots_reports_the_gpus_slot_count_after_a_shrink(busy_history):
+    # GIVEN g0 (4 slots) running two jobs, shrunk to 1 slot while they run (`gpuq gpu set g0 --slots 1`):
+    # the busy rows beyond the new count stay until their jobs end, and free ones left then stay too
+    engine, _ = busy_history
+    assert transaction(engine, update_gpu, gpu_id="g0", now=utcnow(), slot_count=1)
+    # THEN gpu_slots says g0 has 1 slot, as placement does, with both jobs still busy (it counted the rows:
+    # 2 or more; review of issue 16)
+    view = {r["gpu_id"]: (int(r["busy"]), int(r["slots"])) for r in run(engine, "gpu_slots")}
+    assert view["g0"] == (2, 1)
+    assert view["g1"] == (1, 2)
