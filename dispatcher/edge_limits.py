@@ -6,8 +6,11 @@ healthy GPU out of rotation. So:
 
 - ``GuardedHttp`` (uvicorn's httptools protocol): a request's headers and body must arrive within
   REQUEST_READ_TIMEOUT_SECONDS of its first byte (of the connection, for the first request), else 408 and
-  the connection is closed; past HTTP_MAX_CONNECTIONS open connections a new one is answered 503 and closed
-  at once. A response being streamed (event streams) is not a read: no deadline applies to it.
+  the connection is closed, except that a body still arriving at MIN_BODY_BYTES_PER_SECOND or faster gets
+  another such spell (a legitimate GPU posting a large result over a slow link took longer than the deadline
+  and every retry of its callback was cut off the same way); past HTTP_MAX_CONNECTIONS open connections a
+  new one is answered 503 and closed at once. A response being streamed (event streams) is not a read: no
+  deadline applies to it.
 - ``raise_open_files``: the soft RLIMIT_NOFILE is raised to the hard limit at start, and the connection cap
   lowered to what the limit leaves after a reserve for Redis, the database and GPU requests.
 """
@@ -22,6 +25,10 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger("gpuq.http")
+
+#: A request body arriving at least this fast is not cut off by the read deadline (Apache's mod_reqtimeout
+#: uses 500 bytes/s): a slowloris trickle is far below it, a slow link far above.
+MIN_BODY_BYTES_PER_SECOND = 1024
 
 #: File descriptors kept for everything but inbound connections: Redis and database pools, GPU requests
 #: (one per busy slot), log files, the listening socket.
@@ -74,6 +81,8 @@ class GuardedHttp(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._in_body = False  # the current request's headers are in: its body is arriving
+        self._received = 0  # bytes received since the deadline was armed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -89,9 +98,18 @@ class GuardedHttp(HttpToolsProtocol):
             return
         self._arm()
 
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        super().data_received(data)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_body = False
         self._arm()
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._in_body = True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -103,6 +121,7 @@ class GuardedHttp(HttpToolsProtocol):
 
     def _arm(self) -> None:
         if self._deadline is None:
+            self._received = 0
             self._deadline = self.loop.call_later(self.read_timeout, self._too_slow)
 
     def _disarm(self) -> None:
@@ -113,6 +132,9 @@ class GuardedHttp(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._deadline = None
         if self.transport.is_closing():
+            return
+        if self._in_body and self._received >= self.read_timeout * MIN_BODY_BYTES_PER_SECOND:
+            self._arm()  # a large body on a slow link, still coming: another spell
             return
         type(self).timed_out += 1
         log.info(
