@@ -122,5 +122,41 @@ def test_a_forged_callback_is_refused_before_its_body_is_parsed(monkeypatch: pyt
         _run(callback.handle(d, big, f"Bearer {make_token(SECRET.encode(), 'victim', 1)}"))
 
 
+def test_decoy_task_ids_do_not_get_a_forged_callback_parsed(monkeypatch: pytest.MonkeyPatch):
+    """Past 64 distinct ``task_id`` values the pre-check used to hand the body to the parser: 65 decoys
+    made any forged 8 MiB callback cost its full parse again. Now the first and last 64 are checked."""
+
+    class NoParse:
+        def validate_json(self, raw: bytes) -> Any:
+            raise AssertionError("the body was parsed before its token was checked")
+
+    monkeypatch.setattr(callback, "_ADAPTER", NoParse())
+    d: Any = SimpleNamespace(settings=SimpleNamespace(secret=SECRET.encode()), metrics=Metrics())
+    decoys = [{"task_id": f"decoy-{i}"} for i in range(200)]
+    forged = make_token(b"not-the-secret-0123456789", "victim", 1)
+    big = orjson.dumps({"task_id": "victim", "status": "finished", "result": [*decoys, "x" * 8_000_000]})
+    status, _, _ = _run(callback.handle(d, big, f"Bearer {forged}"))
+    assert status == 401
+    # AND a real callback whose own task_id comes after a result listing many task ids is still parsed
+    good = make_token(SECRET.encode(), "victim", 1)
+    last = orjson.dumps({"status": "finished", "result": decoys, "task_id": "victim"})
+    with pytest.raises(AssertionError, match="parsed"):
+        _run(callback.handle(d, last, f"Bearer {good}"))
+
+
+def test_a_token_for_one_task_never_applies_a_body_naming_another():
+    """The pre-check finds ids with a regex; the parsed body's own task_id is what the token must match."""
+    d: Any = SimpleNamespace(settings=SimpleNamespace(secret=SECRET.encode()), metrics=Metrics())
+    token = f"Bearer {make_token(SECRET.encode(), 'A', 1)}"
+    for raw in (
+        b'{"task_id": "A", "task_id": "B", "status": "finished"}',  # duplicate keys: the last wins
+        b'{"task_id": "A", "task\\u005fid": "B", "status": "finished"}',  # escaped key
+        b'{"task\\u005fid": "B", "status": "finished", "result": {"task_id": "A"}}',  # A only nested
+        b'{"task_id": "\\u0042", "status": "finished", "result": {"task_id": "A"}}',  # escaped value
+    ):
+        status, _, _ = _run(callback.handle(d, raw, token))
+        assert status == 401, raw
+
+
 def _run(coro: Any) -> Any:
     return asyncio.run(coro)
