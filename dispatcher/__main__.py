@@ -98,6 +98,9 @@ def main() -> int:
         sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    open_api = settings.open_api_warning()
+    if open_api is not None:
+        log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
     max_connections = raise_open_files(settings.http_max_connections)
     url = settings.db_url()
     if url.startswith("sqlite"):

@@ -215,19 +215,29 @@ class DispatcherSettings(StoreSettings):
         """Why this dispatcher must not start with an open API, or None. Outside embedded mode (SQLite) a
         dispatcher listening beyond loopback needs API_TOKEN, or ``API_TOKEN=none`` said on purpose: task
         data and results, GPU URLs and /v1/embeddings (GPU time) would be open to the network."""
-        if self.api_token is not None or self.db_url().startswith("sqlite"):
-            return None
-        host = self.callback_host.strip("[]")
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if loopback:
+        if self.api_token is not None or self.db_url().startswith("sqlite") or self._on_loopback():
             return None
         return (
             f"API_TOKEN: not set while listening on {self.callback_host}; set a token, "
             "or API_TOKEN=none to serve /tasks, /gpus, events and /v1/embeddings without one"
         )
+
+    def open_api_warning(self) -> str | None:
+        """What to log at start when the API is open to the network (``API_TOKEN=none``, or embedded mode
+        without a token, beyond loopback): the operator chose it, but must see it. None otherwise."""
+        if self.api_secret is not None or self._on_loopback():
+            return None
+        return (
+            f"the API is open: no API_TOKEN while listening on {self.callback_host}; anyone who can reach it "
+            "reads task data and results and GPU URLs, and spends GPU time through /v1/embeddings"
+        )
+
+    def _on_loopback(self) -> bool:
+        host = self.callback_host.strip("[]")
+        try:
+            return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def public_callback_url(self) -> str:

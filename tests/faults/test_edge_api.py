@@ -100,6 +100,8 @@ def test_no_api_token_beyond_loopback_refuses_to_start(stack):
     # AND with API_TOKEN=none said on purpose it starts, open
     d = stack.dispatcher(None, name="open", CALLBACK_HOST="0.0.0.0", API_TOKEN="none")
     assert httpx.get(f"{d.url}/gpus").status_code == 200
+    # AND says so loudly in its log (it said nothing before)
+    assert '"action": "open_api"' in d.log_path.read_text()
 
 
 def test_a_forged_callback_is_refused_before_its_body_is_parsed(monkeypatch: pytest.MonkeyPatch):
