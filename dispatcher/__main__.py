@@ -72,7 +72,7 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-USAGE = """usage: python -m dispatcher
+USAGE = """usage: python -m dispatcher  (no arguments; settings from the environment)
 
 The gpuq dispatcher: takes jobs from the Redis queues (TASK_QUEUES), gives each a free slot of a GPU service
 (GPU_ENDPOINTS, or `gpuq gpu add`), and serves callbacks, /tasks, /gpus, /metrics and the dashboard on
@@ -84,10 +84,26 @@ unreachable at start.
 """
 
 
-def main() -> int:
-    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+def _arguments() -> int | None:
+    """--help prints usage (0); any other argument stops the start (2): ``--port 9000`` must not be ignored
+    silently, settings come only from the environment. None: no arguments, go on."""
+    args = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in args):
         sys.stdout.write(USAGE)
         return 0
+    if args:
+        sys.stderr.write(
+            f"gpuq dispatcher: takes no arguments ({' '.join(args)}): settings come from the environment"
+            " and ./.env, e.g. CALLBACK_PORT=9000 (see --help)\n"
+        )
+        return 2
+    return None
+
+
+def main() -> int:
+    code = _arguments()
+    if code is not None:
+        return code
     try:
         settings = load(DispatcherSettings)
     except ConfigError as exc:

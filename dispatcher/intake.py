@@ -311,9 +311,10 @@ class Intake:
         return moved
 
     async def requeue(self, jobs: list[tuple[str, str]]) -> None:
-        """Push (list key, job json) at the head of their lists: retries whose backoff is over."""
+        """Push (list key, job json) at the head of their lists: retries whose backoff is over, first due
+        first (LPUSH in reverse keeps their order at the head)."""
         pipe = self.redis.pipeline(transaction=True)
-        for key, body in jobs:
+        for key, body in reversed(jobs):
             pipe.lpush(key, body)
         await pipe.execute()
 

@@ -9,7 +9,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from functools import cached_property
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -47,12 +47,22 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         if "=http" in url or any(c in url for c in "; \t"):
             raise ValueError(f"{item!r}: one GPU per item, items separated by commas: g0=URL,g1=URL")
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
+        if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
         if any(e.gpu_id == gpu_id for e in endpoints):
             raise ValueError(f"GPU {gpu_id!r} is listed twice")
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
     return endpoints
+
+
+def _port_ok(parts: SplitResult) -> bool:
+    """``http://h:91OO/g0`` (a typo) parses, but every request to it fails as a client error, using up the
+    jobs' attempts: refuse it at start like any other malformed URL."""
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    return True
 
 
 class StoreSettings(QueueSettings):

@@ -132,3 +132,20 @@ def test_take_only_what_each_pool_can_start_and_leave_the_rest_in_place(redis_ur
         await rds.aclose()
 
     _run(scenario())
+
+
+def test_requeued_jobs_keep_their_order_at_the_head(redis_url, key_prefix):
+    """Jobs due again (retries, refused by a misconfigured GPU) come in the order they fell due: the first
+    must run first. Before, each was LPUSHed in turn, so a batch landed at the head reversed (review of
+    issue 14: three jobs a 404 GPU refused ran last-refused first)."""
+
+    async def scenario():
+        q = f"{key_prefix}q1"
+        rds, intake = await _intake(redis_url, key_prefix, [q])
+        await _fill(rds, q, 2, "waiting")
+        await intake.requeue([(q, "a"), (q, "b"), (q, "c")])
+        head = [x.decode() for x in await rds.lrange(q, 0, 2)]
+        assert head == ["a", "b", "c"]
+        await rds.aclose()
+
+    _run(scenario())

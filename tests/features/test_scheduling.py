@@ -30,8 +30,9 @@ def test_a_delayed_job_waits_survives_a_restart_and_takes_its_new_priority(stack
     now_ids = push_jobs(stack.rds, queue, 2)
 
     def shown() -> dict[str, object] | None:
+        # GET /tasks/{id} also answers for a job still waiting in Redis ("queued"): wait for the record
         res = httpx.get(f"{d.url}/tasks/later-1", timeout=5)
-        return res.json() if res.status_code == 200 else None
+        return res.json() if res.status_code == 200 and res.json()["state"] != "queued" else None
 
     # The dispatcher is killed as soon as it has recorded the delayed task: all that must fit in DELAY (a
     # loaded machine once ran the task before a priority change by the CLI, a subprocess, and the kill).

@@ -46,3 +46,12 @@ def test_help_prints_usage_without_settings(tmp_path):
     run = _run(tmp_path, "--help", CALLBACK_SECRET="")
     assert run.returncode == 0
     assert run.stdout.startswith("usage: python -m dispatcher") and "Exit codes" in run.stdout
+
+
+def test_an_argument_is_refused_not_ignored(tmp_path, redis_url):
+    """Before: ``python -m dispatcher --port 9000`` started on CALLBACK_PORT as if nothing was said (review
+    of issue 14)."""
+    run = _run(tmp_path, "--port", "9000", REDIS_URL=redis_url, DATABASE_URL="sqlite:///d.db")
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpuq dispatcher: takes no arguments (--port 9000)"), lines
