@@ -18,15 +18,22 @@ from redis.asyncio import Redis as AsyncRedis
 
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 
-# KEYS: lists to search. ARGV: task id. Returns {list, element, index} or nil. Scans in chunks of 500.
+# KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
+# (their elements are "<source>\n<job>"; 0: none). Returns {list, element, index} or nil. Chunks of 500.
 _FIND = """
 local id = ARGV[1]
-for _, key in ipairs(KEYS) do
+local first_proc = tonumber(ARGV[2] or '0')
+for k, key in ipairs(KEYS) do
   local n = redis.call('LLEN', key)
   local i = 0
   while i < n do
     for j, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
-      local ok, obj = pcall(cjson.decode, el)
+      local body = el
+      if first_proc > 0 and k >= first_proc then
+        local nl = string.find(el, '\\n', 1, true)
+        if nl then body = string.sub(el, nl + 1) end
+      end
+      local ok, obj = pcall(cjson.decode, body)
       if ok and type(obj) == 'table' then
         local tid = obj['task_id']
         if tid == nil and type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
@@ -87,6 +94,11 @@ def _waiting_lists(keys: Keys, queues: list[str], pools: list[str]) -> tuple[lis
 def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
     """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
     source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+    position = int(hit[2])
+    if source not in queue_of and "\n" in element and not element.startswith("{"):
+        # Taken by a dispatcher (its processing list or ready buffer), not yet recorded: about to start.
+        source, _, element = element.partition("\n")
+        position = 0
     try:
         body = json.loads(element)
     except ValueError:
@@ -100,7 +112,7 @@ def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str
         "queue": queue_of.get(source) or body.get("queue"),
         "priority": body.get("priority") or "normal",
         "list": source,
-        "position": int(hit[2]),  # jobs ahead of it in that list
+        "position": position,  # jobs ahead of it in that list
         "attempts": body.get("attempt") or 0,
         "enqueued_at": body.get("enqueued_at"),
         "gpu_id": None,
@@ -121,7 +133,15 @@ def find_waiting(
 async def find_waiting_async(
     rds: AsyncRedis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
 ) -> dict[str, Any] | None:
-    """``find_waiting`` through an asyncio client (the HTTP edge)."""
+    """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
+    processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
+    neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
     lists, queue_of = _waiting_lists(keys, queues, pools)
-    hit = await rds.register_script(_FIND)(keys=lists, args=[task_id])
+    owners = sorted(
+        v.decode() if isinstance(v, bytes) else str(v) for v in await rds.smembers(keys.dispatchers)
+    )
+    procs = [keys.proc(o) for o in owners]
+    hit = await rds.register_script(_FIND)(
+        keys=[*lists, *procs], args=[task_id, len(lists) + 1 if procs else 0]
+    )
     return _waiting(task_id, hit, queue_of) if hit else None

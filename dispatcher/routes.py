@@ -79,6 +79,18 @@ def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> Non
 async def task(task_id: str, d: D) -> dict[str, Any]:
     """The task as recorded; a job still waiting in Redis (no row yet) answers ``queued`` with its list and
     position there."""
+    found = await find_task(d, task_id)
+    if found is None:
+        raise HTTPException(404, f"unknown task {task_id!r} (not in the database nor waiting in Redis)")
+    return found
+
+
+async def find_task(d: Dispatcher, task_id: str) -> dict[str, Any] | None:
+    """The task as recorded, else as it waits in Redis (``queued``), else None.
+
+    The database is read again after Redis: a job leaves Redis (its processing list) only once its row is
+    committed, so a job recorded between the first read and the Redis look is found by the second read
+    instead of looking unknown (404) for that instant."""
     found = await d.db(get_task, task_id=task_id)
     if found is None:
         s = d.settings
@@ -87,7 +99,7 @@ async def task(task_id: str, d: D) -> dict[str, Any]:
             d.redis, keys=d.keys, task_id=task_id, queues=s.all_queues, pools=pools
         )
     if found is None:
-        raise HTTPException(404, f"unknown task {task_id!r} (not in the database nor waiting in Redis)")
+        found = await d.db(get_task, task_id=task_id)
     return found
 
 

@@ -16,8 +16,7 @@ from dispatcher.db.listing import DEFAULT_LIMIT, MAX_LIMIT, BadFilter, TaskFilte
 from dispatcher.db.reads import get_task
 from dispatcher.event_hub import RETRY_AFTER_SECONDS, HubFull
 from dispatcher.events import FINAL_EVENTS
-from dispatcher.reprioritize import find_waiting_async
-from dispatcher.routes import D, H, api_auth
+from dispatcher.routes import D, H, api_auth, find_task
 
 router = APIRouter()
 
@@ -83,12 +82,7 @@ async def task_events(task_id: str, d: D, hub: H) -> StreamingResponse:
             429, f"{exc}; try again later", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
         ) from None
     try:
-        found = await d.db(get_task, task_id=task_id)
-        if found is None:  # still waiting in Redis: its first events are "scheduled" or "dispatched"
-            pools = sorted(set(d.settings.routes.values()) | {"default"})
-            found = await find_waiting_async(
-                d.redis, keys=d.keys, task_id=task_id, queues=d.settings.all_queues, pools=pools
-            )
+        found = await find_task(d, task_id)  # still waiting in Redis: first events "scheduled", "dispatched"
     except BaseException:
         await stack.aclose()
         raise
