@@ -39,15 +39,19 @@ class RedisView:
     parked: dict[str, int]  # pool -> jobs taken while the pool was full (dispatchers before issue 14)
     dead: int
     parked_age: dict[str, float | None] = field(default_factory=dict)  # pool -> oldest parked job's wait
+    # Jobs dispatchers have taken and not yet recorded (a pass under way, or a hand-off's ready buffer):
+    # still waiting to start, so they count as waiting (the dashboard's "waiting" once missed them).
+    taken: int = 0
+    taken_age: float | None = None  # the oldest of them (a processing list's head is its oldest)
 
     def oldest_age(self) -> float | None:
         """How long the longest-waiting job (queued or parked) has waited."""
-        ages = [q.oldest_age for q in self.queues] + list(self.parked_age.values())
+        ages = [q.oldest_age for q in self.queues] + list(self.parked_age.values()) + [self.taken_age]
         known = [a for a in ages if a is not None]
         return max(known) if known else None
 
     def waiting(self) -> int:
-        return sum(q.depth for q in self.queues) + sum(self.parked.values())
+        return sum(q.depth for q in self.queues) + sum(self.parked.values()) + self.taken
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +68,7 @@ class RedisView:
             "parked": self.parked,
             "parked_oldest_age": self.parked_age,
             "dead": self.dead,
+            "taken": self.taken,
             "waiting": self.waiting(),
             "oldest_age": self.oldest_age(),
         }
@@ -80,7 +85,7 @@ class Plan:
     def lists(self) -> list[tuple[str, str, str]]:
         return [(q, p.value, queue_key(q, p)) for q in self.queues for p in PRIORITY_ORDER]
 
-    def queue_on(self, pipe: Pipeline) -> None:
+    def queue_on(self, pipe: Pipeline, owners: list[str] = []) -> None:  # noqa: B006 - never mutated
         for _, _, key in self.lists():
             pipe.llen(key)
             pipe.lindex(key, 0)  # the oldest: producers RPUSH, dispatchers take from the head
@@ -88,6 +93,9 @@ class Plan:
             pipe.llen(self.keys.parked(pool))
             pipe.lindex(self.keys.parked(pool), 0)
         pipe.llen(self.keys.dead)
+        for owner in owners:  # the dispatchers' processing lists
+            pipe.llen(self.keys.proc(owner))
+            pipe.lindex(self.keys.proc(owner), 0)
 
     def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
         now = now or datetime.now(UTC)
@@ -102,7 +110,14 @@ class Plan:
             depth, head = int(next(it)), next(it)
             parked[pool] = depth
             parked_age[pool] = _age(head, now) if depth else None
-        return RedisView(queues, parked, int(next(it)), parked_age)
+        dead = int(next(it))
+        taken, taken_ages = 0, []
+        for depth, head in zip(it, it, strict=True):
+            taken += int(depth)
+            if head is not None:  # "<source list>\n<job>"
+                taken_ages.append(_age(_s(head).partition("\n")[2], now))
+        known = [a for a in taken_ages if a is not None]
+        return RedisView(queues, parked, dead, parked_age, taken, max(known) if known else None)
 
 
 def _age(head: bytes | str | None, now: datetime) -> float | None:
@@ -123,18 +138,24 @@ def _age(head: bytes | str | None, now: datetime) -> float | None:
 
 def read_sync(client: Any, plan: Plan) -> RedisView:
     """One look through a blocking ``redis.Redis``."""
+    owners = [_s(o) for o in client.smembers(plan.keys.dispatchers)]
     pipe = client.pipeline(transaction=False)
-    plan.queue_on(pipe)
+    plan.queue_on(pipe, owners)
     return plan.read(pipe.execute())
 
 
 async def read_async(client: Any, plan: Plan) -> RedisView:
     """One look through a ``redis.asyncio.Redis``."""
+    owners = [_s(o) for o in await client.smembers(plan.keys.dispatchers)]
     pipe = client.pipeline(transaction=False)
-    plan.queue_on(pipe)
+    plan.queue_on(pipe, owners)
     return plan.read(await pipe.execute())
 
 
 def pools_of(gpus: list[dict[str, Any]], routes: dict[str, str]) -> list[str]:
     """Pools whose parked list may hold jobs: those of the GPUs, of TASK_ROUTES, and the default one."""
     return sorted({g["pool"] for g in gpus} | set(routes.values()) | {"default"})
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
