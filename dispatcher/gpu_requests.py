@@ -24,6 +24,9 @@ from dispatcher.tokens import make_token
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
 
+#: Refusals of the POST itself (wrong method): a GET probe cannot tell whether they are fixed.
+HELD_REFUSALS = frozenset({405, 501})
+
 log = logging.getLogger("gpuq.dispatcher")
 
 #: Recent (task, attempt) pairs this process sent: enough to cover a lost commit answer being retried
@@ -112,8 +115,16 @@ class GpuRequests:
                 threshold=s.gpu_failure_threshold,
                 probe_seconds=s.gpu_probe_seconds,
                 now=self.d.now(),
+                hold=answer.status in HELD_REFUSALS,
             )
-            if went_down:
+            if went_down and answer.status in HELD_REFUSALS:
+                log.error(
+                    f"GPU taken out of rotation until an operator checks its URL: it refuses POST "
+                    f"({answer.status}), which a probe cannot see; then `gpuq gpu activate {p.gpu_id}` "
+                    f"or `gpuq gpu set {p.gpu_id} --url URL`",
+                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error, "held": True},
+                )
+            elif went_down:
                 log.error(
                     "GPU taken out of rotation",
                     extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},

@@ -124,7 +124,12 @@ def trim_slots(conn: Connection, *, gpu_id: str, slot_count: int) -> None:
 
 
 def set_gpu_state(conn: Connection, *, gpu_id: str, state: GpuState, now: datetime) -> bool:
-    res = conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(state=state.value, updated_at=now))
+    """Drain or activate a GPU. Activating is an operator's word that the GPU is fine: it also clears a
+    health record (the way back for a GPU held out of rotation, see ``record_failure``)."""
+    values: dict[str, object] = {"state": state.value, "updated_at": now}
+    if state is GpuState.ACTIVE:
+        values |= {"healthy": True, "consecutive_failures": 0, "down_until": None}
+    res = conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     return res.rowcount == 1
 
 
@@ -148,9 +153,20 @@ def remove_gpu(conn: Connection, *, gpu_id: str) -> tuple[bool, int]:
 
 
 def record_failure(
-    conn: Connection, *, gpu_id: str, error: str, threshold: int, probe_seconds: float, now: datetime
+    conn: Connection,
+    *,
+    gpu_id: str,
+    error: str,
+    threshold: int,
+    probe_seconds: float,
+    now: datetime,
+    hold: bool = False,
 ) -> bool:
-    """Count a failed request; returns True when this failure takes the GPU out of rotation."""
+    """Count a failed request; returns True when this failure takes the GPU out of rotation.
+
+    ``hold``: the failure is one a probe cannot see (the URL refuses POST with 405/501 while it may well
+    answer a GET), so a GPU it takes out is not probed back in - it would refuse job after job, each cycle
+    refunded to the job - but waits for an operator (``gpuq gpu activate`` or ``gpuq gpu set --url``)."""
     conn.execute(
         update(gpus)
         .where(gpus.c.gpu_id == gpu_id)
@@ -159,7 +175,7 @@ def record_failure(
     res = conn.execute(
         update(gpus)
         .where(gpus.c.gpu_id == gpu_id, gpus.c.healthy.is_(True), gpus.c.consecutive_failures >= threshold)
-        .values(healthy=False, down_until=now + timedelta(seconds=probe_seconds))
+        .values(healthy=False, down_until=None if hold else now + timedelta(seconds=probe_seconds))
     )
     return res.rowcount == 1
 

@@ -1,6 +1,7 @@
 """A GPU whose URL answers GET but refuses POST (405: a GET-only route such as a health or stats page) must
 stay out of rotation once its refusals took it out (review of issue 14).
 
+Now a GPU that refuses POST with 405/501 is held out until an operator activates it (or sets its URL).
 Before: the probe (a GET) counted the 200 as "there", so the GPU came back every GPU_PROBE_SECONDS, took new
 jobs, refused them (405) and went down again, forever: each cycle more refused attempts, each one refunded
 (``max_attempts + 1``), so a job in a pool with only that GPU bounced without end.
@@ -10,15 +11,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from sqlalchemy import text
 
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import set_gpu_state
+from dispatcher.states import GpuState
 from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: the probe's GET cannot see that POST answers 405; needs a design decision"
-)
 def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
     # GIVEN two working GPUs and g9 registered at the simulator's stats page: GET answers 200, POST 405
     fleet = stack.fleet(gpus=2, service_time="fixed:0.1")
@@ -40,4 +40,10 @@ def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
         ).scalar_one()
         healthy = conn.execute(text("SELECT healthy FROM gpus WHERE gpu_id = 'g9'")).scalar_one()
     assert refused <= 4 and not healthy
+    # AND an operator's word brings it back (after fixing its URL): activate clears the health record
+    with stack.engine.begin() as conn:
+        assert conn.execute(text("SELECT down_until FROM gpus WHERE gpu_id = 'g9'")).scalar_one() is None
+    assert transaction(stack.engine, set_gpu_state, gpu_id="g9", state=GpuState.ACTIVE, now=utcnow())
+    with stack.engine.connect() as conn:
+        assert conn.execute(text("SELECT healthy FROM gpus WHERE gpu_id = 'g9'")).scalar_one()
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
