@@ -234,8 +234,8 @@ class Intake:
         flat = await self._take(keys=keys, args=args)
         out = []
         for i in range(0, len(flat), 3):
-            source, raw = _s(flat[i]), _s(flat[i + 1])
-            for_pool = _s(flat[i + 2]) or None
+            source, raw = as_str(flat[i]), as_str(flat[i + 1])
+            for_pool = as_str(flat[i + 2]) or None
             out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source), for_pool))
         return out
 
@@ -243,7 +243,7 @@ class Intake:
         """What our processing list still holds: empty between passes unless one did not finish."""
         out = []
         for element in await self.redis.lrange(self.proc, 0, -1):
-            source, _, raw = _s(element).partition("\n")
+            source, _, raw = as_str(element).partition("\n")
             out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
         return out
 
@@ -298,7 +298,7 @@ class Intake:
         """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back."""
         moved = 0
         for raw_id in await self.redis.smembers(self.keys.dispatchers):
-            other = _s(raw_id)
+            other = as_str(raw_id)
             if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
                 continue
             n = int(await self._sweep(keys=[self.keys.proc(other), self.keys.dispatchers], args=[other, "1"]))
@@ -331,7 +331,7 @@ class Intake:
         return dict(zip([*names, self.keys.dead], (int(c) for c in counts), strict=True))
 
 
-def _s(value: bytes | str) -> str:
+def as_str(value: bytes | str) -> str:
     """Text of a Redis value. Bytes that are not UTF-8 (anyone can RPUSH anything) become surrogate escapes,
     so the job can still be dead-lettered and its element removed by ``_b`` of the same text."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from dispatcher.intake import as_str
 from producer.keys import PRIORITY_ORDER, Keys, queue_key
 
 
@@ -115,7 +116,7 @@ class Plan:
         for depth, head in zip(it, it, strict=True):
             taken += int(depth)
             if head is not None:  # "<source list>\n<job>"
-                taken_ages.append(_age(_s(head).partition("\n")[2], now))
+                taken_ages.append(_age(as_str(head).partition("\n")[2], now))
         known = [a for a in taken_ages if a is not None]
         return RedisView(queues, parked, dead, parked_age, taken, max(known) if known else None)
 
@@ -138,7 +139,7 @@ def _age(head: bytes | str | None, now: datetime) -> float | None:
 
 def read_sync(client: Any, plan: Plan) -> RedisView:
     """One look through a blocking ``redis.Redis``."""
-    owners = [_s(o) for o in client.smembers(plan.keys.dispatchers)]
+    owners = [as_str(o) for o in client.smembers(plan.keys.dispatchers)]
     pipe = client.pipeline(transaction=False)
     plan.queue_on(pipe, owners)
     return plan.read(pipe.execute())
@@ -146,7 +147,7 @@ def read_sync(client: Any, plan: Plan) -> RedisView:
 
 async def read_async(client: Any, plan: Plan) -> RedisView:
     """One look through a ``redis.asyncio.Redis``."""
-    owners = [_s(o) for o in await client.smembers(plan.keys.dispatchers)]
+    owners = [as_str(o) for o in await client.smembers(plan.keys.dispatchers)]
     pipe = client.pipeline(transaction=False)
     plan.queue_on(pipe, owners)
     return plan.read(await pipe.execute())
@@ -155,7 +156,3 @@ async def read_async(client: Any, plan: Plan) -> RedisView:
 def pools_of(gpus: list[dict[str, Any]], routes: dict[str, str]) -> list[str]:
     """Pools whose parked list may hold jobs: those of the GPUs, of TASK_ROUTES, and the default one."""
     return sorted({g["pool"] for g in gpus} | set(routes.values()) | {"default"})
-
-
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
+from dispatcher.intake import as_str
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 
 # KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
@@ -137,9 +138,7 @@ async def find_waiting_async(
     processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
     neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
     lists, queue_of = _waiting_lists(keys, queues, pools)
-    owners = sorted(
-        v.decode() if isinstance(v, bytes) else str(v) for v in await rds.smembers(keys.dispatchers)
-    )
+    owners = sorted(as_str(v) for v in await rds.smembers(keys.dispatchers))
     procs = [keys.proc(o) for o in owners]
     hit = await rds.register_script(_FIND)(
         keys=[*lists, *procs], args=[task_id, len(lists) + 1 if procs else 0]
