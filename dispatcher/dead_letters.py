@@ -82,6 +82,31 @@ def prepare(
     return items, prepared
 
 
+#: Characters of the biggest job a dispatcher writes: MAX_JOB_BYTES' upper bound and the rewrite allowance.
+_LARGEST_JOB = 8 * 1024 * 1024 + 2048
+
+
+def claimed(raw: str) -> tuple[str, int] | None:
+    """The task id and attempt a dead-lettered job's body names, read as leniently as the dispatcher wrote
+    them (``task_id`` at the top or in ``data``, ``attempt`` 0 when absent); None when it names none, or
+    is bigger than any job a dispatcher writes (MAX_JOB_BYTES is at most 8 MiB): a hostile 20 MB job is
+    not parsed for this."""
+    if len(raw) > _LARGEST_JOB:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    data = value.get("data")
+    task_id = value.get("task_id") or (data.get("task_id") if isinstance(data, dict) else None)
+    attempt = value.get("attempt", 0)
+    if not isinstance(task_id, str) or type(attempt) is not int:
+        return None
+    return task_id, attempt
+
+
 def _queue_in_body(raw: str) -> str | None:
     try:
         value = orjson.loads(raw)

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
+from dispatcher.db.dead_letters import fail_dead_lettered
 from dispatcher.db.dispatch import DispatchResult, dispatch, snapshot
-from dispatcher.dead_letters import dead_letter, isolate
+from dispatcher.dead_letters import claimed, dead_letter, isolate
 from dispatcher.intake import Settlement, Taken
 from dispatcher.placement import GpuFree, capacity
 from dispatcher.ready import Ready
@@ -45,7 +46,7 @@ class Placing:
         if strays and isolating:
             # The pass before raised something no rule foresaw: its jobs one at a time, the culprit
             # dead-lettered (dispatcher/dead_letters.py)
-            await isolate(strays, lambda t: self.place_strays([t]), d.intake.settle, d.metrics)
+            await isolate(strays, lambda t: self.place_strays([t]), self.settle_refused, d.metrics)
             return True
         room, view = d.take_room(), None
         if room is None and (d.look_wanted() or strays):
@@ -68,7 +69,7 @@ class Placing:
             return False
         started = time.perf_counter()
         items, prepared = d.prepare(strays + taken)
-        await d.intake.settle(prepared)
+        await self.settle_refused(prepared)
         stray_elements = {t.element for t in strays}
         fresh = [Ready(job, pool, el, check=el in stray_elements) for job, pool, el in items]
         place = [r for r in fresh if r.check] + ready
@@ -92,13 +93,30 @@ class Placing:
         d = self.d
         started = time.perf_counter()
         items, prepared = d.prepare(strays)
-        await d.intake.settle(prepared)
+        await self.settle_refused(prepared)
         place = [Ready(job, pool, el, check=True) for job, pool, el in items]
         settlement = Settlement()
         if place:
             keep = await self._place_and_start(place, None, [], started, settlement)
             settlement.park += _parked(d.handoffs.buffer.add(keep))
         await d.intake.settle(settlement)
+
+    async def settle_refused(self, s: Settlement) -> None:
+        """Settle jobs refused before placement (``prepare``, ``isolate``). A refused job whose task waits
+        ``queued`` for it (a retry or scheduled task a dispatcher put back in Redis) ends that task
+        ``failed`` with the reason (db/dead_letters.py), visible by id. The database first: a crash before
+        the Redis settlement leaves the job to be refused again, never a task waiting for nothing."""
+        d = self.d
+        items = [(c[0], c[1], why) for _, raw, _, why in s.dead if (c := claimed(raw)) is not None]
+        if items:
+            for task_id in await d.db(fail_dead_lettered, items=items, now=d.now()):
+                error = next(f"dead-lettered: {why}" for t, _, why in items if t == task_id)
+                d.events.publish("failed", task_id, error=error)
+                log.warning(
+                    "task failed: its job was dead-lettered",
+                    extra={"action": "task_failed", "task_id": task_id, "error": error},
+                )
+        await d.intake.settle(s)
 
     async def _place_and_start(
         self,
