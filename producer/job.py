@@ -19,7 +19,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from producer.errors import InvalidJob
 from producer.keys import Priority
@@ -127,6 +127,13 @@ def _utf8(value: str) -> str:
     return value
 
 
+def _not_bool(value: Any) -> Any:
+    """JSON ``true`` is no number, but Python's bool is an int: ``"attempt": true`` was read as attempt 1."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
 def _new_task_id(value: str) -> str:
     problem = task_id_problem(value)
     if problem:
@@ -179,7 +186,9 @@ class TaskIn(BaseModel):
     queue_name: QueueName | None = None  # the seed's field, same meaning as ``queue``
     priority: Priority = Priority.NORMAL
     not_before: UtcTime | None = None
-    delay_seconds: float | None = Field(default=None, ge=0, le=7 * 24 * 3600)
+    delay_seconds: Annotated[float | None, BeforeValidator(_not_bool)] = Field(
+        default=None, ge=0, le=7 * 24 * 3600
+    )
 
 
 class Job(BaseModel):
@@ -192,7 +201,7 @@ class Job(BaseModel):
     data: JobData = Field(default_factory=dict)
     queue: QueueName
     priority: Priority = Priority.NORMAL
-    attempt: int = Field(default=0, ge=0, le=MAX_ATTEMPT)
+    attempt: Annotated[int, BeforeValidator(_not_bool)] = Field(default=0, ge=0, le=MAX_ATTEMPT)
     enqueued_at: UtcTime = Field(default_factory=utcnow)
     not_before: UtcTime | None = None
 

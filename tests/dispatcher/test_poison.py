@@ -48,6 +48,10 @@ RAW: list[tuple[str, str | bytes, str]] = [
     ),
     ("attempt past INT", json.dumps({"type": T, "attempt": 99999999999}), "attempt"),
     ("negative attempt", json.dumps({"type": T, "attempt": -1}), "attempt"),
+    # JSON true is no number (Python's bool is an int): it was read as attempt 1
+    ("attempt true", json.dumps({"type": T, "attempt": True}), "attempt: must be a number, not true"),
+    ("attempt false", json.dumps({"type": T, "attempt": False}), "attempt: must be a number, not false"),
+    ("priority true", json.dumps({"type": T, "priority": True}), "priority"),
     ("data 5,000 deep", _with_data('{"x": ' + _deep(5000) + "}"), "nested too deeply"),
     ("data 40 deep", _with_data('{"x": ' + _deep(40) + "}"), "nested deeper than 32"),
     ("surrogate, no id", _with_data('{"text": "\\ud800"}'), "UTF-8"),

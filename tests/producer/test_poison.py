@@ -41,6 +41,9 @@ POISON: list[tuple[str, dict[str, Any], str]] = [
     ("task id of 129 characters", {"type": "t", "task_id": "x" * 129}, "128"),
     ("bad id inside data", {"type": "t", "data": {"task_id": "a/b"}}, "data.task_id"),
     ("job over MAX_JOB_BYTES", {"type": "t", "data": {"blob": "x" * 300_000}}, "MAX_JOB_BYTES"),
+    # JSON true is no number (Python's bool is an int: it was read as 1)
+    ("delay_seconds true", {"type": "t", "delay_seconds": True}, "delay_seconds: must be a number, not true"),
+    ("priority true", {"type": "t", "priority": True}, "priority"),
 ]
 IDS = [name for name, _, _ in POISON]
 
