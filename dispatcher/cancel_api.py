@@ -44,7 +44,7 @@ async def cancel(task_id: str, d: D) -> CancelOut:
     if fin.code == "applied":
         d.events.publish("cancelled", task_id, by="api")
     if fin.held:
-        d.cancels.kick()  # when this process started the attempt
+        d.cancel_wanted()  # when this process started the attempt, or answered its partials
         try:
             await d.intake.wake_others(WAKE_CANCEL)  # when another one did
         except TRANSIENT as exc:  # their periodic look finds it

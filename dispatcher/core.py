@@ -38,6 +38,7 @@ from dispatcher.intake import Intake, Settlement, Taken
 from dispatcher.limits import Limits, encode_result
 from dispatcher.metrics import Metrics
 from dispatcher.placing import Placing
+from dispatcher.renewals import Renewals
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome, TaskState
 from producer.job import Job
@@ -90,6 +91,7 @@ class Dispatcher:
         self._side: set[asyncio.Task[None]] = set()
         self.requests = GpuRequests(self)
         self.cancels = CancelSender(self)
+        self.renewals = Renewals(min(settings.task_timeout_seconds / 3, 5.0))
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
         self.events = EventPublisher(
@@ -172,6 +174,12 @@ class Dispatcher:
         self._room = free
         self.slot_freed()
         self._look = False
+
+    def cancel_wanted(self) -> None:
+        """A task was cancelled (here or, through the ``cancel`` wake-up, anywhere): send the cancels this
+        process owes, and check the next partial of every attempt against the database."""
+        self.renewals.forget()
+        self.cancels.kick()
 
     def refill(self) -> None:
         """Buffered jobs were used: wake the loop to take more (no slot is free: nobody else to wake)."""
@@ -379,6 +387,7 @@ class Dispatcher:
         }
         fin = await self.finisher.submit(item)
         if fin.code == "applied":
+            self.renewals.forget(task_id)
             self.metrics.attempts.labels(outcome.value).inc()
             self.events.publish(
                 fin.state or outcome.value,
@@ -430,14 +439,20 @@ class Dispatcher:
         self, task_id: str, attempt: int, progress: dict[str, Any] | None = None, partial: Any = None
     ) -> Finish:
         """A ``running`` callback: extend the lease; pass its progress and its ``partial`` (output so far)
-        on to the task's event subscribers, in the order they came, without storing them."""
-        fin = await self.db(
-            extend_lease,
-            task_id=task_id,
-            attempt=attempt,
-            lease_seconds=self.settings.task_timeout_seconds,
-            now=self.now(),
-        )
+        on to the task's event subscribers, in the order they came, without storing them. A partial whose
+        attempt's lease this process extended lately costs no transaction (see renewals.py)."""
+        if partial is not None and self.renewals.fresh(task_id, attempt):
+            fin = Finish("applied", TaskState.PROCESSING.value)
+        else:
+            fin = await self.db(
+                extend_lease,
+                task_id=task_id,
+                attempt=attempt,
+                lease_seconds=self.settings.task_timeout_seconds,
+                now=self.now(),
+            )
+            if fin.code == "applied":
+                self.renewals.extended(task_id, attempt)
         if fin.code == "applied":
             self.events.publish("heartbeat", task_id, attempt=attempt, progress=progress or {})
             if partial is not None:  # before the answer: the GPU's next partial may reach another process
@@ -456,7 +471,7 @@ class Dispatcher:
                         self._look = True  # a slot freed elsewhere, or a job pushed: look
                         self._wake.set()
                         if message.get("data") in (WAKE_CANCEL, WAKE_CANCEL.encode()):
-                            self.cancels.kick()
+                            self.cancel_wanted()
             except TRANSIENT as exc:
                 log.warning(
                     "wake-up channel lost; resubscribing", extra={"action": "wake", "error": str(exc)}
