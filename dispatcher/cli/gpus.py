@@ -42,7 +42,8 @@ def add(
     probe: Annotated[bool, typer.Option(help="GET the URL first and say what answered.")] = True,
 ) -> None:
     """Register a GPU (or change the URL, pool or slot count of a known one). Its URL is probed first and
-    the answer shown: a wrong path (404) or token (401/403) is said here, before jobs go there."""
+    the answer shown: a wrong path (404) stops the command (exit 2), a token it wants (401/403) is said,
+    before jobs go there."""
     try:
         (ep,) = parse_gpu_endpoints(f"{pool}:{name}={url}")
     except ValueError as exc:
@@ -59,8 +60,9 @@ def add(
 
 
 def _say_probe(url: str) -> None:
-    """One line on stderr about what answers at ``url``: registration goes on whatever it is (a GPU may
-    be registered before it starts), but a wrong URL is better seen now than in failed jobs."""
+    """One line on stderr about what answers at ``url``: registration goes on (a GPU may be registered
+    before it starts, or want a token the GET lacks), but a wrong URL is better seen now than in failed jobs.
+    A 404 stops the command (exit 2): the service is up and says the path is wrong."""
     import httpx
 
     from dispatcher.gpu_client import probe_ok
@@ -71,11 +73,15 @@ def _say_probe(url: str) -> None:
         what = type(exc).__name__
         typer.echo(f"probe: no answer from {url} ({what}): jobs go there once it answers", err=True)
         return
+    if status == 404:  # a service is there, and it has no such path: every job would be refused
+        raise BadArgument(
+            f"probe: {url} answered 404: wrong path? Nothing registered (--no-probe registers it anyway)"
+        )
     if status in (401, 403):
         typer.echo(f"probe: {url} answered {status}: it wants a token (BEARER_TOKEN must be its)", err=True)
     elif not probe_ok(status):
         typer.echo(
-            f"probe: WARNING {url} answered {status}: is the path right? A GPU that refuses jobs is taken "
+            f"probe: WARNING {url} answered {status}: is it up? A GPU that refuses jobs is taken "
             "out of rotation (its jobs wait for other GPUs)",
             err=True,
         )
