@@ -25,7 +25,7 @@ from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
-from dispatcher.db.gpus import register_new
+from dispatcher.db.gpus import list_gpus, register_new
 from dispatcher.dead_letters import prepare
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
@@ -38,6 +38,7 @@ from dispatcher.intake import Intake, Settlement, Taken
 from dispatcher.limits import Limits, encode_result
 from dispatcher.metrics import Metrics
 from dispatcher.placing import Placing
+from dispatcher.preflight import slots_mismatch
 from dispatcher.renewals import Renewals
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome, TaskState
@@ -108,6 +109,8 @@ class Dispatcher:
         self._loop: asyncio.Task[None] | None = None
         self.clock_offset = timedelta(0)  # the database's clock minus ours (see db/clock.py)
         self.fatal: BaseException | None = None
+        #: What is wrong but does not stop this process (found at start; ``/readyz`` lists it).
+        self.warnings: dict[str, str] = {}
         self.on_fatal: Callable[[], None] | None = None
 
     # -- plumbing -------------------------------------------------------------------------------------
@@ -222,6 +225,13 @@ class Dispatcher:
             if known is not None:
                 raise RuntimeError(
                     f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered with {known.url} in pool {known.pool}"
+                )
+        if self.settings.endpoints:
+            registered = {g.gpu_id: g.slots for g in await self.db(list_gpus)}
+            if mismatch := slots_mismatch(self.settings, registered):
+                self.warnings["slots_per_gpu"] = mismatch
+                log.warning(
+                    mismatch, extra={"action": "config", "slots_per_gpu": self.settings.slots_per_gpu}
                 )
         await self.gpu.start()
         await self.intake.heartbeat()

@@ -99,6 +99,28 @@ def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
             )
 
 
+def slots_mismatch(settings: DispatcherSettings, registered: dict[str, int]) -> str | None:
+    """What to say when GPUs of GPU_ENDPOINTS are registered with other slot counts than SLOTS_PER_GPU
+    (``registered``: GPU -> its slots in the database), or None. Dispatchers sharing a database with
+    different SLOTS_PER_GPU: the first to register a GPU decides, and no dispatcher rewrites it (SPEC §6)."""
+    by_count: dict[int, list[str]] = {}
+    for ep in settings.endpoints:
+        count = registered.get(ep.gpu_id)
+        if count is not None and count != settings.slots_per_gpu:
+            by_count.setdefault(count, []).append(ep.gpu_id)
+    if not by_count:
+        return None
+    held = "; ".join(
+        f"{', '.join(ids[:5])}{' and more' if len(ids) > 5 else ''} with {count} slots"
+        for count, ids in sorted(by_count.items())
+    )
+    return (
+        f"SLOTS_PER_GPU={settings.slots_per_gpu} here, but GPUs of GPU_ENDPOINTS are registered {held}: "
+        "they keep their registered slots (set SLOTS_PER_GPU as the other dispatchers do, or change a GPU "
+        "with `gpuq gpu set NAME --slots N`)"
+    )
+
+
 def warn_unreachable_callback(settings: DispatcherSettings) -> None:
     host = urlsplit(settings.public_callback_url).hostname or ""
     if not host.startswith(_LOOPBACK) and host != "localhost":

@@ -136,8 +136,9 @@ async def readyz(d: D, hub: H) -> JSONResponse:
         problems["database"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "database", "error": str(exc)})
     if problems:
-        return JSONResponse({"status": "not ready", "problems": problems}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready", "problems": problems | d.warnings}, status_code=503)
+    # A setting that is wrong but leaves this process working (SLOTS_PER_GPU unlike the fleet's): ready.
+    return JSONResponse({"status": "ready", "problems": d.warnings} if d.warnings else {"status": "ready"})
 
 
 def metrics_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
