@@ -173,10 +173,12 @@ class Dispatcher:
     def room(self, free: dict[str, int]) -> None:
         """A hand-off left ``free`` slots per pool (counted in its transaction) with no buffered job for
         them: the loop fills them without reading them again, and other dispatchers are woken (they may
-        serve other queues)."""
+        serve other queues). A look someone else asked for meanwhile (a slot freed by another dispatcher
+        after this hand-off's count) stays asked for: clearing it lost that wake-up until the idle poll."""
+        look = self._look
         self._room = free
         self.slot_freed()
-        self._look = False
+        self._look = look
 
     def cancel_wanted(self) -> None:
         """A task was cancelled (here or, through the ``cancel`` wake-up, anywhere): send the cancels this

@@ -44,6 +44,9 @@ class ReadyBuffer:
         self.size = size
         self._jobs: dict[str, deque[Ready]] = {}
         self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
+        # Jobs pushed out by ``put_back`` past ``size``: still held (the processing list), parked by the
+        # next pass (``lapsed``).
+        self._over: list[Ready] = []
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._jobs.values())
@@ -82,12 +85,17 @@ class ReadyBuffer:
         return [r for pool in list(self._jobs) for r in self.pop(pool, n)]
 
     def put_back(self, items: Iterable[Ready]) -> None:
-        """Jobs popped but not placed go back to the front, in their order, ahead of those added since."""
+        """Jobs popped but not placed go back to the front, in their order, ahead of those added since. The
+        loop may have refilled the buffer while they were out (a hand-off's transaction in flight): the
+        youngest past ``size`` leave it, to be parked by the next pass, so the ordering bound holds."""
         by_pool: dict[str, list[Ready]] = {}
         for r in items:
             by_pool.setdefault(r.pool, []).append(r)
         for pool, rs in by_pool.items():
-            self._jobs.setdefault(pool, deque()).extendleft(reversed(rs))
+            q = self._jobs.setdefault(pool, deque())
+            q.extendleft(reversed(rs))
+            over = [q.pop() for _ in range(len(q) - max(self.size, 0))]
+            self._over.extend(reversed(over))
 
     def add(self, items: Iterable[Ready], now: float | None = None) -> list[Ready]:
         """Append jobs that found no slot; returns those that do not fit, or whose pool is not in demand here
@@ -103,9 +111,10 @@ class ReadyBuffer:
         return over
 
     def lapsed(self, now: float | None = None) -> list[Ready]:
-        """Take out the jobs of pools no longer in demand (this process stopped seeing their slots freed)."""
+        """Take out the jobs of pools no longer in demand (this process stopped seeing their slots freed),
+        and those ``put_back`` pushed out."""
         now = time.monotonic() if now is None else now
-        out: list[Ready] = []
+        out, self._over = self._over, []
         for pool, q in self._jobs.items():
             if q and not self._wanted(pool, now):
                 out.extend(q)
@@ -113,10 +122,10 @@ class ReadyBuffer:
         return out
 
     def drain(self) -> list[Ready]:
-        out = [r for q in self._jobs.values() for r in q]
+        out, self._over = self._over + [r for q in self._jobs.values() for r in q], []
         for q in self._jobs.values():
             q.clear()
         return out
 
     def elements(self) -> list[str]:
-        return [r.element for q in self._jobs.values() for r in q]
+        return [r.element for r in self._over] + [r.element for q in self._jobs.values() for r in q]
