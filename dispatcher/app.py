@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
+from dispatcher.agent_api import router as agent_router
 from dispatcher.callback import router as callback_router
 from dispatcher.cancel_api import router as cancel_router
 from dispatcher.core import Dispatcher
@@ -121,7 +122,15 @@ def create_app(
         log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
         return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
 
-    for routes in (callback_router, router, task_api_router, cancel_router, openai_router, dashboard_router):
+    for routes in (
+        callback_router,
+        agent_router,
+        router,
+        task_api_router,
+        cancel_router,
+        openai_router,
+        dashboard_router,
+    ):
         _document_shared_answers(routes)
         app.include_router(routes)
 

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from dispatcher.db.cancels import PendingCancel, pending_cancels
 from dispatcher.errors import TRANSIENT
+from dispatcher.pull import is_pull
 
 if TYPE_CHECKING:
     from dispatcher.core import Dispatcher
@@ -81,6 +82,8 @@ class CancelSender:
             key = (p.task_id, p.attempt)
             if key in self._sending or self.d.requests.posting(p.task_id, p.attempt):
                 continue  # the job's own request is still out: its answer comes first
+            if is_pull(p.url):
+                continue  # nothing reaches a pull GPU: its agent learns from the 409 to its next heartbeat
             owner = p.dispatcher_id
             if owner is not None and owner != mine:
                 if owner not in alive:

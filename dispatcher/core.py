@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from sqlalchemy import Engine
 
+from dispatcher.agents import AgentHub
 from dispatcher.cancels import WAKE_CANCEL, CancelSender
+from dispatcher.db.agents import ensure_token
 from dispatcher.db.attempts import Backoff, Finish, extend_lease
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.clock import clock_offset
@@ -93,6 +95,7 @@ class Dispatcher:
         self.requests = GpuRequests(self)
         self.cancels = CancelSender(self)
         self.renewals = Renewals(min(settings.task_timeout_seconds / 3, 5.0))
+        self.agents = AgentHub(self)
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
         self.events = EventPublisher(
@@ -228,6 +231,12 @@ class Dispatcher:
                 raise RuntimeError(
                     f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered with {known.url} in pool {known.pool}"
                 )
+            if ep.pull and (token := await self.db(ensure_token, gpu_id=ep.gpu_id, now=now)) is not None:
+                # Shown once, here, by the one dispatcher that issued it (the database keeps its hash).
+                log.warning(
+                    f"pull GPU {ep.gpu_id} registered; its agent token (shown once): {token}",
+                    extra={"action": "agent_token", "gpu_id": ep.gpu_id},
+                )
         if self.settings.endpoints:
             registered = {g.gpu_id: g.slots for g in await self.db(list_gpus)}
             if mismatch := slots_mismatch(self.settings, registered):
@@ -246,6 +255,7 @@ class Dispatcher:
         self.spawn(self._listen(), "wake-listener", side=True)
         self.spawn(Housekeeping(self).run(), "housekeeping", side=True)
         self.spawn(self.cancels.run(), "cancel-sender", side=True)
+        self.spawn(self.agents.run(), "agent-sweep", side=True)
         log.info(
             "dispatcher started",
             extra={
@@ -479,6 +489,8 @@ class Dispatcher:
                 await pubsub.subscribe(self.keys.wake)
                 while not self.stopping.is_set():
                     message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and self.agents.on_message(message.get("data")):
+                        continue  # jobs placed on a pull GPU: its polls here look, the loop need not
                     if message is not None:
                         self._look = True  # a slot freed elsewhere, or a job pushed: look
                         self._wake.set()

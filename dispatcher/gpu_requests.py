@@ -18,6 +18,7 @@ from dispatcher.db.dispatch import Placed
 from dispatcher.db.gpus import record_failure, record_success
 from dispatcher.errors import TRANSIENT
 from dispatcher.gpu_client import Answer, Verdict
+from dispatcher.pull import is_pull
 from dispatcher.states import Outcome
 from dispatcher.tokens import make_token
 
@@ -57,7 +58,11 @@ class GpuRequests:
         return (p.job.task_id, p.attempt) in self._sent
 
     def fire(self, p: Placed, started: float) -> None:
-        """Send the job to its GPU in the background (an owned task) and act on the answer."""
+        """Send the job to its GPU in the background (an owned task) and act on the answer. A pull GPU's
+        agent fetches it instead (``dispatcher/agents.py``): its long polls are woken."""
+        if is_pull(p.url):
+            self.d.agents.placed(p)
+            return
         body = {
             "task_id": p.job.task_id,
             "type": p.job.type,

@@ -14,6 +14,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from dispatcher.pull import PULL_SCHEME, is_pull, pull_url
 from producer.settings import QueueSettings, parse_pairs, split_list
 
 DEFAULT_POOL = "default"
@@ -25,13 +26,19 @@ class GpuEndpoint:
     url: str
     pool: str = DEFAULT_POOL
 
+    @property
+    def pull(self) -> bool:
+        """A pull GPU (``pull:g7``): its agent fetches jobs (SPEC §9)."""
+        return is_pull(self.url)
+
 
 def _default_dispatcher_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
-    """``g0=http://h:1/p,transcribe:g4=http://…`` -> endpoints; the error names the bad item."""
+    """``g0=http://h:1/p,transcribe:g4=http://…,embed:pull:g7`` -> endpoints; the error names the bad
+    item. ``[pool:]pull:NAME`` is a pull GPU: no URL, its agent polls (SPEC §9)."""
     endpoints: list[GpuEndpoint] = []
     for item in split_list(raw):
         name, sep, url = item.partition("=")
@@ -39,10 +46,18 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         if not colon:
             pool, gpu_id = DEFAULT_POOL, name
         gpu_id, pool, url = gpu_id.strip(), pool.strip(), url.strip()
-        if not sep or not gpu_id or not pool:
-            raise ValueError(f"{item!r} is not [pool:]NAME=URL")
+        pull = not sep and (pool == PULL_SCHEME[:-1] or pool.endswith(":" + PULL_SCHEME[:-1]))
+        if pull:
+            pool = pool.rpartition(":")[0].strip() if ":" in pool else DEFAULT_POOL
+        if (not sep and not pull) or not gpu_id or not pool:
+            raise ValueError(f"{item!r} is not [pool:]NAME=URL or [pool:]pull:NAME")
         if len(gpu_id) > 64 or len(pool) > 64:
             raise ValueError(f"{item!r}: GPU and pool names are at most 64 characters")
+        if any(e.gpu_id == gpu_id for e in endpoints):
+            raise ValueError(f"GPU {gpu_id!r} is listed twice")
+        if pull:
+            endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=pull_url(gpu_id), pool=pool))
+            continue
         # "g0=URL;g1=URL" must not become one GPU g0 whose URL is "URL;g1=URL"
         if "=http" in url or any(c in url for c in "; \t"):
             raise ValueError(f"{item!r}: one GPU per item, items separated by commas: g0=URL,g1=URL")
@@ -147,6 +162,8 @@ class DispatcherSettings(StoreSettings):
     gpu_connect_timeout_seconds: float = Field(default=5.0, gt=0)
     gpu_failure_threshold: int = Field(default=3, ge=1)
     gpu_probe_seconds: float = Field(default=5.0, gt=0)
+    #: A pull GPU whose agent has not polled for this long is out of rotation (SPEC §9).
+    agent_stale_seconds: float = Field(default=60.0, gt=0)
     dispatch_batch_size: int = Field(default=64, ge=1, le=1000)
     #: Jobs per pool kept ready for slot hand-off (dispatcher/ready.py); 0 turns hand-off off. A job of
     #: higher priority enqueued later can start behind at most this many jobs of its pool.

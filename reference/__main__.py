@@ -3,6 +3,9 @@
 BEARER_TOKEN="$BEARER_TOKEN" python -m reference --port 9200
 # then register it with gpuq: GPU_ENDPOINTS="g0=http://<this host>:9200/embed"
 
+GPUQ_AGENT_TOKEN="$(gpuq gpu add g7 --pull)" python -m reference --pull http://dispatcher:8000 --gpu-id g7
+# a pull agent (SPEC §9): it listens on nothing and long-polls the dispatcher for g7's jobs (agent.py)
+
 The model is loaded before the port opens, so anything that can connect can be served, and the dispatcher's
 probe sees the GPU as healthy only once it really is.
 """
@@ -10,8 +13,10 @@ probe sees the GPU as healthy only once it really is.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import sys
 
 import uvicorn
@@ -45,13 +50,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("BEARER_TOKEN", ""),
         help="bearer token requests must carry (default $BEARER_TOKEN)",
     )
+    p.add_argument("--pull", metavar="URL", help="run as a pull agent of the dispatcher at URL (no port)")
+    p.add_argument("--gpu-id", help="with --pull: the pull GPU's name (gpuq gpu add NAME --pull)")
+    p.add_argument(
+        "--agent-token",
+        default=os.environ.get("GPUQ_AGENT_TOKEN", ""),
+        help="with --pull: its agent token (default $GPUQ_AGENT_TOKEN)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
 
+async def run_agent(model: object, settings: ServiceSettings, args: argparse.Namespace) -> int:
+    """Pull mode: poll until SIGTERM/SIGINT, then let running jobs finish and call back."""
+    from reference.agent import AgentRefused, PullAgent
+    from reference.callback import Callbacks
+    from reference.embed_service import EmbedService
+
+    service = EmbedService(model, settings, Callbacks())  # type: ignore[arg-type]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent = PullAgent(service, args.pull, args.gpu_id, args.agent_token)
+    try:
+        await agent.run(stop)
+    except AgentRefused as exc:
+        print(f"reference: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await service.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.token:
+    if args.pull and (not args.gpu_id or not args.agent_token):
+        print(
+            "reference: error: --pull needs --gpu-id and an agent token (--agent-token or $GPUQ_AGENT_TOKEN)",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.token and not args.pull:
         print("reference: error: set BEARER_TOKEN (or --token); the service never runs open", file=sys.stderr)
         return 2
     if args.slots < 1 or args.heartbeat_seconds <= 0 or args.max_inputs < 1 or args.max_hold_seconds < 0:
@@ -73,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         max_inputs=args.max_inputs,
         sync=args.sync,
         max_hold_seconds=args.max_hold_seconds,
+        pull=bool(args.pull),
     )
-    app = create_app(Embedder(device=args.device), settings)
+    model = Embedder(device=args.device)
+    if args.pull:
+        return asyncio.run(run_agent(model, settings, args))
+    app = create_app(model, settings)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
     return 0
 

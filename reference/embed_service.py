@@ -63,6 +63,7 @@ class ServiceSettings:
     sync: bool = False
     shutdown_grace_seconds: float = 30.0
     max_hold_seconds: float = 0.0  # data.hold_seconds allowed up to this; 0: jobs may not ask for a hold
+    pull: bool = False  # a pull agent (reference/agent.py): a heartbeat answered 409 stops the job
 
 
 class EmbedRequest(BaseModel):
@@ -131,6 +132,7 @@ class EmbedService:
         self.cancelled: set[tuple[str, int]] = set()
         # One thread: one batch at a time on the device. Jobs beyond the first wait here, holding their slot.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self.slot_freed = asyncio.Event()  # a pull agent waits on it to ask for more jobs
 
     def take_slot(self) -> None:
         if self.busy >= self.settings.slots:
@@ -155,6 +157,7 @@ class EmbedService:
             }
         finally:
             self.busy -= 1
+            self.slot_freed.set()
         seconds = time.perf_counter() - started
         log.info(
             "embedded %d texts for %s in %.3f s",
@@ -199,7 +202,9 @@ class EmbedService:
     async def _run(self, job: EmbedRequest, texts: list[str], hold: float) -> None:
         assert job.callback_url is not None
         assert job.callback_token is not None
-        beats = asyncio.create_task(self._heartbeats(job.callback_url, job.callback_token, job.task_id))
+        beats = asyncio.create_task(
+            self._heartbeats(job.callback_url, job.callback_token, job.task_id, job.attempt)
+        )
         try:
             body = await self.infer(job, texts, hold)
         finally:
@@ -208,7 +213,7 @@ class EmbedService:
             return  # the dispatcher asked us to stop: it frees the slot on our answer to the cancel
         await self.callbacks.deliver(job.callback_url, job.callback_token, body)
 
-    async def _heartbeats(self, url: str, token: str, task_id: str) -> None:
+    async def _heartbeats(self, url: str, token: str, task_id: str, attempt: int) -> None:
         """Long batches only: the first beat goes out after one interval, so short jobs send none."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
@@ -220,6 +225,15 @@ class EmbedService:
                     status,
                     extra={"action": "heartbeat_refused", "task_id": task_id},
                 )
+                if self.settings.pull and status == 409:
+                    # How a pull GPU learns of a cancel (SPEC §9): stop, send no callback. A batch already
+                    # on the device finishes there, but its result is dropped.
+                    key = (task_id, attempt)
+                    self.cancelled.add(key)
+                    job = self.running.get(key)
+                    if job is not None:
+                        log.info("cancelled %s", task_id, extra={"action": "cancelled", "task_id": task_id})
+                        job.cancel()
                 return
 
     async def stop(self) -> None:

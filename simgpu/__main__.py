@@ -2,6 +2,8 @@
 
 python -m simgpu --gpus 4 --port 9100 --service-time exp:0.1 --token "$BEARER_TOKEN"
 # GPU i at http://127.0.0.1:9100/g{i}; faults at start: --fault http_500@0.05 --fault g2=down
+python -m simgpu --pull http://dispatcher:8000 --agent g7="$TOKEN7" --agent g8="$TOKEN8"
+# pull GPUs g7, g8 (gpuq gpu add g7 --pull): their agents poll the dispatcher (simgpu/agent.py)
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="repeatable: http_500 http_400 http_429 hang close slow_answer:S lost_callback "
         "duplicate_callback fail fail_retry heartbeat:S down; @P a probability; GPU= for one GPU only",
     )
+    p.add_argument(
+        "--pull",
+        metavar="URL",
+        help="run the GPUs as pull agents polling this dispatcher (its base URL) instead of listening",
+    )
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="NAME=TOKEN",
+        help="with --pull, repeatable: a pull GPU's name and agent token (default: $SIMGPU_AGENTS, "
+        "NAME=TOKEN,...)",
+    )
     p.add_argument("--seed", type=int, help="seed of the GPUs' RNGs (service times, faults)")
     p.add_argument(
         "--callback-tries", type=int, default=8, help="tries per callback on errors and 5xx (default 8)"
@@ -94,8 +109,18 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     for spec in args.fault:
         gpu, eq, fault = spec.rpartition("=")
         (per_gpu.setdefault(gpu, []) if eq else everywhere).extend(parse_faults([fault]))
+    agents: dict[str, str] = {}
+    for spec in args.agent or [a for a in os.environ.get("SIMGPU_AGENTS", "").split(",") if a.strip()]:
+        name, eq, token = spec.strip().partition("=")
+        if not eq or not name or not token:
+            raise ConfigError(f"--agent {spec!r}: expected NAME=TOKEN")
+        agents[name] = token
+    if agents and args.pull is None:
+        raise ConfigError("--agent needs --pull URL")
     return SimConfig.from_options(
-        gpus=args.gpus,
+        gpus=len(agents) if args.pull else args.gpus,
+        pull=args.pull,
+        agents=agents,
         host=args.host,
         port=args.port,
         gpu_ports=args.gpu_ports,

@@ -212,16 +212,23 @@ class SimConfig:
     callback_timeout: float = 5.0  # per attempt
     callback_backoff: float = 0.1  # first retry delay, doubled per try
     callback_deadline: float = 30.0  # no retry starts later than this after the first try
+    pull: str | None = None  # the dispatcher's base URL: the GPUs are pull agents polling it (agent.py)
+    agents: Mapping[str, str] = field(default_factory=dict)  # pull mode: GPU name -> its agent token
 
     def __post_init__(self) -> None:
         _positive_int(self.gpus, "gpus")
         _positive_int(self.callback_tries, "callback_tries")
+        if self.pull is not None and not self.agents:
+            raise ConfigError("pull mode needs at least one agent: --agent NAME=TOKEN")
         unknown = set(self.gpu_faults) - set(self.gpu_names)
         if unknown:
             raise ConfigError(f"faults for unknown GPU(s) {sorted(unknown)}; GPUs are g0..g{self.gpus - 1}")
 
     @property
     def gpu_names(self) -> list[str]:
+        """g0, g1, ...; in pull mode the agents' names (the dispatcher's names for them)."""
+        if self.agents:
+            return list(self.agents)
         return [f"g{i}" for i in range(self.gpus)]
 
     def gpu_behaviour(self, name: str) -> Behaviour:

@@ -44,6 +44,7 @@ class GpuSim:
         self._unstarted: set[Job] = set()  # took a slot, answer delayed (slow_answer), not started yet
         self._stopped: set[Job] = set()  # of those, cancelled before they started: they never will
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.pull = False  # a pull agent (agent.py): a heartbeat answered 409 stops the job
         self.reset()
 
     def reset(self) -> None:
@@ -192,6 +193,8 @@ class GpuSim:
         finally:
             self.callbacks_pending -= 1
         self.callbacks_answered["no_answer" if answer is None else str(answer)] += 1
+        if self.pull and status == "running" and answer == 409:
+            self.cancel(job.task_id, job.attempt)  # nobody waits for it: how a pull GPU learns of a cancel
         if answer is None or answer >= 300:
             log.debug(
                 "callback not applied",

@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import hdrs, web
@@ -27,6 +27,9 @@ from simgpu.config import SimConfig
 from simgpu.control import ControlMixin, json_response
 from simgpu.gpu import GpuSim
 from simgpu.jobs import BadJob, Job
+
+if TYPE_CHECKING:
+    from simgpu.agent import PullAgents
 
 log = logging.getLogger("simgpu")
 
@@ -82,6 +85,7 @@ class SimServer(ControlMixin):
         self.control_url = ""
         self._listeners: dict[str, Listener] = {}  # "control", or a GPU name in port mode
         self._closing = asyncio.Event()
+        self.agents: PullAgents | None = None
 
     @property
     def urls(self) -> dict[str, str]:
@@ -95,6 +99,11 @@ class SimServer(ControlMixin):
         await self.callbacks.open()
         try:
             await self._listen()
+            if self.config.pull is not None:
+                from simgpu.agent import PullAgents
+
+                self.agents = PullAgents(self, self.config.pull, dict(self.config.agents))
+                await self.agents.start()
         except BaseException:
             await self.stop()
             raise
@@ -164,6 +173,8 @@ class SimServer(ControlMixin):
 
     async def stop(self) -> None:
         self._closing.set()  # hanging requests give up their connections
+        if self.agents is not None:
+            await self.agents.stop()
         for listener in self._listeners.values():
             await listener.runner.cleanup()
         self._listeners.clear()

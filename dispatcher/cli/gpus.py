@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from dispatcher.cli.agents import add_pull, token
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
@@ -27,6 +28,8 @@ from dispatcher.states import GpuState
 app = typer.Typer(help="Add, drain, activate, remove and list GPU services.", no_args_is_help=True)
 
 Name = Annotated[str, typer.Argument(help="GPU name, e.g. g0.")]
+app.command()(token)
+
 # How often `gpu drain --wait` looks at the GPU's slots: one indexed COUNT per look.
 DRAIN_POLL_SECONDS = 0.5
 
@@ -35,15 +38,27 @@ DRAIN_POLL_SECONDS = 0.5
 def add(
     ctx: typer.Context,
     name: Name,
-    url: Annotated[str, typer.Argument(help="The GPU service's URL, e.g. http://10.0.0.5:9000/infer.")],
+    url: Annotated[
+        str | None, typer.Argument(help="The GPU service's URL, e.g. http://10.0.0.5:9000/infer.")
+    ] = None,
     *,
     pool: Annotated[str, typer.Option(help="Pool serving the task types routed to it.")] = DEFAULT_POOL,
     slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Default: SLOTS_PER_GPU.")] = None,
     probe: Annotated[bool, typer.Option(help="GET the URL first and say what answered.")] = True,
+    pull: Annotated[
+        bool, typer.Option("--pull", help="A GPU that cannot be reached: its agent polls (no URL).")
+    ] = False,
 ) -> None:
     """Register a GPU (or change the URL, pool or slot count of a known one). Its URL is probed first and
     the answer shown: a wrong path (404) stops the command (exit 2), a token it wants (401/403) is said,
-    before jobs go there."""
+    before jobs go there. With ``--pull`` its agent token is printed, once."""
+    if pull:
+        if url is not None:
+            raise BadArgument("a pull GPU has no URL: `gpuq gpu add NAME --pull [--pool P]`")
+        add_pull(ctx, name, pool=pool, slots=slots)
+        return
+    if url is None:
+        raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
     try:
         (ep,) = parse_gpu_endpoints(f"{pool}:{name}={url}")
     except ValueError as exc:

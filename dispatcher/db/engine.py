@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from dispatcher.db.migrations import add_missing
 from dispatcher.db.schema import SCHEMA_VERSION, metadata, schema_version
 
 log = logging.getLogger("gpuq.db")
@@ -140,6 +141,7 @@ def init_schema(engine: Engine) -> None:
                     f"another process held the schema lock for over {SCHEMA_LOCK_SECONDS} s"
                 )
         try:
+            add_missing(conn)  # tables of an earlier version: their new columns (db/migrations.py)
             metadata.create_all(conn, checkfirst=True)
             have = conn.execute(select(schema_version.c.version)).scalars().all()
             if SCHEMA_VERSION not in have:

@@ -9,6 +9,7 @@ from sqlalchemy import Connection, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.schema import gpus, slots
+from dispatcher.pull import is_pull
 from dispatcher.states import GpuState
 
 
@@ -37,11 +38,10 @@ def register_gpu(
             )
         )
     else:
-        conn.execute(
-            update(gpus)
-            .where(gpus.c.gpu_id == gpu_id)
-            .values(url=url, pool=pool, slots=slot_count, updated_at=now)
-        )
+        values: dict[str, object] = {"url": url, "pool": pool, "slots": slot_count, "updated_at": now}
+        if not is_pull(url):  # a pull GPU given a URL: its agent token no longer opens anything
+            values |= {"agent_token_hash": None, "agent_seen_until": None}
+        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     have = set(conn.execute(select(slots.c.slot_index).where(slots.c.gpu_id == gpu_id)).scalars())
     missing = [{"gpu_id": gpu_id, "slot_index": i} for i in range(slot_count) if i not in have]
     if missing:
@@ -100,6 +100,8 @@ def update_gpu(
     values: dict[str, object] = {"updated_at": now}
     if url is not None and url != row.url:
         values |= {"url": url, "healthy": True, "consecutive_failures": 0, "down_until": None}
+        # A pull GPU given a URL is pushed to from now on: its agent token no longer opens anything.
+        values |= {"agent_token_hash": None, "agent_seen_until": None}
     if pool is not None:
         values["pool"] = pool
     if slot_count is not None:

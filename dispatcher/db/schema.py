@@ -10,6 +10,11 @@
 - ``tasks``: the seed's columns (task_id, queue, state, type, gpu_id, slot_index) and what retries, leases
   and the HTTP API need. ``state = 'processing'`` exactly while the task holds a slot.
 - ``attempts``: one row per ended attempt, for operators (where, how long, how it ended).
+
+Pull GPUs (``dispatcher/pull.py``, version 2): ``gpus.agent_token_hash`` (UNIQUE: a token names one GPU) and
+``gpus.agent_seen_until`` (its agent was polling until then); ``tasks.fetched_attempt`` is the attempt an
+agent has taken (a job placed on a pull GPU and not yet fetched has ``fetched_attempt <> attempt``).
+Upgrades from earlier versions: ``dispatcher/db/migrations.py`` and ``sql/migrations/``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -63,6 +68,9 @@ gpus = Table(
     Column("last_error", Text, nullable=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
+    Column("agent_token_hash", String(64), nullable=True),
+    Column("agent_seen_until", Timestamp, nullable=True),
+    Index("idx_gpus_agent_token", "agent_token_hash", unique=True),
     mysql_engine="InnoDB",
 )
 
@@ -104,6 +112,7 @@ tasks = Table(
     Column("started_at", Timestamp, nullable=True),
     Column("finished_at", Timestamp, nullable=True),
     Column("updated_at", Timestamp, nullable=False),
+    Column("fetched_attempt", Integer, nullable=True),
     Index("idx_tasks_state", "state"),
     Index("idx_tasks_gpu_id", "gpu_id"),
     Index("idx_tasks_type", "type"),

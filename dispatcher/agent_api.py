@@ -1,0 +1,96 @@
+"""``POST /agents/{gpu_id}/jobs``: the long poll of a pull GPU's agent (SPEC §9; ``dispatcher/agents.py``).
+
+Answers: 200 ``{"jobs": [...]}`` (each exactly the body a pushed GPU receives), 204 when none came within
+``wait_seconds``; 401 missing or wrong agent token, whatever GPU the path names (a caller without a valid
+token learns nothing of which GPUs exist); 403 the token of another GPU; 404 a valid token and a GPU that
+does not exist; 422 a malformed body, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+
+from dispatcher.agents import MAX_WAIT_SECONDS
+from dispatcher.callback import bearer
+from dispatcher.core import Dispatcher
+from dispatcher.pull import TOKEN_PREFIX
+
+router = APIRouter()
+
+_JSON = "application/json"
+#: Jobs one answer may carry at most (a GPU's slots are at most 1024).
+MAX_JOBS = 1024
+
+
+class PollIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max: StrictInt = Field(default=1, ge=1, le=MAX_JOBS, description="jobs to take at most")
+    wait_seconds: StrictInt | StrictFloat = Field(
+        default=0, ge=0, le=MAX_WAIT_SECONDS, description="how long to wait for a job (long poll)"
+    )
+
+
+class JobOut(BaseModel):
+    task_id: str
+    type: str
+    data: Any
+    attempt: int
+    callback_url: str
+    callback_token: str
+
+
+class PollOut(BaseModel):
+    jobs: list[JobOut]
+
+
+def _error(status: int, detail: str) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return Response(orjson.dumps({"detail": detail}), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _plausible(token: str | None) -> bool:
+    """Could this be an agent token? Anything else is refused before the database is asked."""
+    return token is not None and token.startswith(TOKEN_PREFIX) and len(token) <= 128 and token.isascii()
+
+
+@router.post(
+    "/agents/{gpu_id}/jobs",
+    response_model=PollOut,
+    responses={
+        204: {"description": "no job came within wait_seconds"},
+        401: {"description": "missing or wrong agent token"},
+        403: {"description": "the agent token of another GPU"},
+        404: {"description": "no such GPU (asked with a valid agent token)"},
+        422: {"description": "malformed body; the detail names the field"},
+    },
+)
+async def agent_jobs(
+    request: Request,
+    body: PollIn,
+    gpu_id: Annotated[str, Path(max_length=64)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Response:
+    """A pull GPU's agent takes the jobs placed on its slots, waiting up to ``wait_seconds`` (≤ 30) for
+    some. It calls back, heartbeats and learns of cancels (409 to a heartbeat) as a pushed GPU does."""
+    token = bearer(authorization)
+    if not _plausible(token):
+        return _error(401, "missing or wrong agent token")
+    assert token is not None
+    d: Dispatcher = request.app.state.dispatcher
+    look, jobs = await d.agents.poll(
+        gpu_id, token, max_jobs=body.max, wait=float(body.wait_seconds), gone=request.is_disconnected
+    )
+    if look.status == "unauthenticated":
+        return _error(401, "missing or wrong agent token")
+    if look.status == "forbidden":
+        return _error(403, f"this agent token is not GPU {gpu_id}'s")
+    if look.status == "unknown":
+        return _error(404, f"no GPU named {gpu_id}")
+    if not jobs:
+        return Response(status_code=204)
+    return Response(orjson.dumps({"jobs": jobs}), media_type=_JSON)

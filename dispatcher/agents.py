@@ -1,0 +1,195 @@
+"""Pull GPUs (SPEC §9), the dispatcher's side: agents' long polls, waking them, silent agents.
+
+Placement does not change: a job lands on a pull GPU's slot only when that GPU is among the least-loaded
+with a free slot (``dispatch``, the hand-off), and its slot is claimed in the database like any other.
+Instead of a POST, the placing dispatcher wakes the GPU's long polls: its own directly, every other
+dispatcher's through the wake channel (``agent:<gpu_id>``), since the agent may be polling any of them.
+A waiting poll also looks again every ``RECHECK_SECONDS`` (a wake-up lost with a Redis hiccup costs that
+much latency, not the job). What a poll hands out was placed by whichever dispatcher: the database holds
+it (``db/agents.py``).
+
+Silent agents: each dispatcher looks every ``SWEEP_SECONDS`` for pull GPUs whose agent has not polled for
+``AGENT_STALE_SECONDS``; such a GPU leaves rotation (``healthy`` false) until its agent polls again. Jobs
+placed on it that its agent never fetched go back to wait without using an attempt; the ones it fetched
+are settled by their leases (its agent may still be running them and call back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from dispatcher.db.agents import Poll, poll, silence, take_back_unfetched
+from dispatcher.errors import TRANSIENT
+from dispatcher.pull import hash_agent_token
+from dispatcher.states import Outcome
+from dispatcher.tokens import make_token
+
+if TYPE_CHECKING:
+    from dispatcher.core import Dispatcher
+    from dispatcher.db.dispatch import Placed
+
+log = logging.getLogger("gpuq.agents")
+
+#: A waiting long poll looks in the database at least this often, woken or not.
+RECHECK_SECONDS = 2.0
+#: How often each dispatcher looks for silent agents.
+SWEEP_SECONDS = 1.0
+#: The longest long poll (SPEC §9).
+MAX_WAIT_SECONDS = 30.0
+#: What the wake channel carries for "jobs were placed on this pull GPU".
+WAKE_PREFIX = "agent:"
+
+
+class AgentHub:
+    """Owned by the Dispatcher: the long polls waiting in this process, by GPU."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        self.d = d
+        self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._to_wake: set[str] = set()  # GPUs whose polls elsewhere should look (one PUBLISH each)
+        self._publishing = False
+
+    # -- placement side -------------------------------------------------------------------------------
+
+    def placed(self, p: Placed) -> None:
+        """A job was placed on pull GPU ``p.gpu_id`` (by the loop or a hand-off): wake its polls here and
+        in every other dispatcher. A burst of placements costs one PUBLISH per GPU in flight."""
+        self.d.metrics.dispatched.labels(p.pool).inc()
+        self.wake(p.gpu_id)
+        self._to_wake.add(p.gpu_id)
+        if not self._publishing:
+            self._publishing = True
+            self.d.spawn(self._publish(), "publish-agent-wake")
+
+    async def _publish(self) -> None:
+        try:
+            while self._to_wake:
+                gpus, self._to_wake = self._to_wake, set()
+                for gpu_id in gpus:
+                    await self.d.intake.wake_others(WAKE_PREFIX + gpu_id)
+        except TRANSIENT as exc:  # the polls look again within RECHECK_SECONDS
+            log.warning("could not wake agents", extra={"action": "agent_wake", "error": str(exc)})
+        finally:
+            self._publishing = False
+
+    def wake(self, gpu_id: str) -> None:
+        """Wake this process's polls of ``gpu_id`` (a placement here, or a wake-up from another process)."""
+        for event in self._waiting.get(gpu_id, ()):
+            event.set()
+
+    def on_message(self, data: Any) -> bool:
+        """Handle a wake channel message if it is an agent's; True when it was."""
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+        if not text.startswith(WAKE_PREFIX):
+            return False
+        self.wake(text[len(WAKE_PREFIX) :])
+        return True
+
+    # -- the agent's long poll ------------------------------------------------------------------------
+
+    async def poll(
+        self,
+        gpu_id: str,
+        token: str,
+        *,
+        max_jobs: int,
+        wait: float,
+        gone: Callable[[], Awaitable[bool]],
+    ) -> tuple[Poll, list[dict[str, Any]]]:
+        """Wait up to ``wait`` seconds for jobs on ``gpu_id``'s slots; returns the last look and the job
+        bodies (empty: none came). ``gone`` says whether the agent hung up: then nothing more is taken, so
+        no job is handed to a connection nobody reads."""
+        d = self.d
+        token_hash = hash_agent_token(token)
+        deadline = time.monotonic() + wait
+        event = asyncio.Event()
+        self._waiting.setdefault(gpu_id, set()).add(event)
+        first = True
+        try:
+            while True:
+                event.clear()  # before looking: a wake-up that comes while we look is kept
+                now = d.now()
+                look = await d.db(
+                    poll,
+                    gpu_id=gpu_id,
+                    token_hash=token_hash,
+                    max_jobs=max_jobs,
+                    now=now,
+                    lease_seconds=d.settings.task_timeout_seconds,
+                    seen_until=now + timedelta(seconds=wait) if first else None,
+                )
+                if look.status != "ok":
+                    return look, []
+                if look.back:
+                    log.info(
+                        "agent polling; GPU back in rotation",
+                        extra={"action": "agent_back", "gpu_id": gpu_id},
+                    )
+                if look.back or look.released:
+                    d.slot_freed()
+                first = False
+                left = deadline - time.monotonic()
+                if look.jobs or left <= 0 or d.stopping.is_set():
+                    return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, RECHECK_SECONDS))
+                if await gone():
+                    return look, []
+        finally:
+            waiting = self._waiting.get(gpu_id)
+            if waiting is not None:
+                waiting.discard(event)
+                if not waiting:
+                    del self._waiting[gpu_id]
+
+    def body(self, task_id: str, type_: str, data: Any, attempt: int) -> dict[str, Any]:
+        """Exactly what a pushed GPU receives (``GpuRequests.fire``)."""
+        s = self.d.settings
+        return {
+            "task_id": task_id,
+            "type": type_,
+            "data": data,
+            "attempt": attempt,
+            "callback_url": s.public_callback_url,
+            "callback_token": make_token(s.secret, task_id, attempt),
+        }
+
+    # -- silent agents ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """A side task: every SWEEP_SECONDS, silent agents' GPUs out, their unfetched jobs back."""
+        while not self.d.stopping.is_set():
+            try:
+                await self.sweep()
+            except TRANSIENT as exc:
+                log.warning(
+                    "could not look for silent agents", extra={"action": "agent_sweep", "error": str(exc)}
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.d.stopping.wait(), SWEEP_SECONDS)
+
+    async def sweep(self) -> None:
+        d = self.d
+        gone = await d.db(silence, now=d.now(), stale_seconds=d.settings.agent_stale_seconds)
+        for gpu_id in gone:
+            log.warning(
+                "pull GPU out of rotation: its agent stopped polling",
+                extra={
+                    "action": "agent_silent",
+                    "gpu_id": gpu_id,
+                    "stale_seconds": d.settings.agent_stale_seconds,
+                },
+            )
+        for task_id, attempt, gpu_id in await d.db(take_back_unfetched):
+            await d.end_attempt(
+                task_id,
+                attempt,
+                Outcome.GPU_REFUSED,
+                error=f"pull GPU {gpu_id}: its agent fell silent before fetching the job",
+            )

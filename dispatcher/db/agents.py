@@ -1,0 +1,224 @@
+"""Pull GPUs in the database: registration and agent tokens, the agents' polls, silent agents.
+
+A job for a pull GPU is placed like any other (``dispatch``: a slot claimed, the task ``processing``,
+least-loaded first); nothing is sent. Its agent's next poll, at whichever dispatcher, takes it: the
+conditional ``UPDATE tasks SET fetched_attempt = attempt WHERE … fetched_attempt <> attempt`` lets exactly
+one poll have it, and renews the slot's lease (the GPU gets the whole lease from the moment it has the
+job). A job never fetched is settled by its lease, or earlier when its agent falls silent
+(``take_back_unfetched``). A job cancelled before its agent fetched it frees its slot at the next poll: the
+GPU never had it, so nothing needs confirming.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import Connection, bindparam, select, text, update
+
+from dispatcher.db.cancels import release_cancelled
+from dispatcher.db.gpus import register_gpu
+from dispatcher.db.schema import Timestamp, gpus
+from dispatcher.pull import PULL_SCHEME, hash_agent_token, new_agent_token, pull_url
+from dispatcher.states import TaskState
+
+Status = Literal["ok", "unauthenticated", "forbidden", "unknown"]
+
+#: A pull GPU no agent has polled yet, or whose agent fell silent: why it is out of rotation.
+NO_AGENT = "no agent has polled yet"
+
+_UNFETCHED = text(
+    """
+    SELECT s.slot_index, t.task_id, t.type, t.data, t.attempt, t.state
+    FROM slots s JOIN tasks t ON t.task_id = s.task_id
+    WHERE s.gpu_id = :gpu_id AND t.attempt = s.attempt
+      AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
+    ORDER BY s.claimed_at, s.slot_index
+    """
+)
+_TAKE = text(
+    "UPDATE tasks SET fetched_attempt = :attempt WHERE task_id = :task_id AND attempt = :attempt"
+    " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> :attempt)"
+)
+_RENEW = text(
+    "UPDATE slots SET lease_expires_at = :lease WHERE task_id = :task_id AND attempt = :attempt"
+).bindparams(bindparam("lease", type_=Timestamp))
+_SILENT_UNFETCHED = text(
+    """
+    SELECT t.task_id, t.attempt, s.gpu_id
+    FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id JOIN tasks t ON t.task_id = s.task_id
+    WHERE g.url LIKE 'pull:%' AND g.healthy = 0 AND t.attempt = s.attempt AND t.state = 'processing'
+      AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
+    """
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentJob:
+    task_id: str
+    type: str
+    data: Any
+    attempt: int
+
+
+@dataclass(slots=True)
+class Poll:
+    status: Status
+    jobs: list[AgentJob] = field(default_factory=list)
+    back: bool = False  # the GPU was out of rotation (no agent) and is back in: placement should look
+    released: int = 0  # slots of jobs cancelled before they were fetched, freed now
+
+
+def register_pull(conn: Connection, *, gpu_id: str, pool: str, slot_count: int, now: datetime) -> str | None:
+    """``gpuq gpu add NAME --pull``: register a pull GPU (or change a known one's pool and slots, or make a
+    pushed one a pull GPU). Returns its new agent token when it had none, else None (the token stays)."""
+    known = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    register_gpu(conn, gpu_id=gpu_id, url=pull_url(gpu_id), pool=pool, slot_count=slot_count, now=now)
+    if known is None or not known.url.startswith(PULL_SCHEME):
+        # Out of rotation until its agent polls: jobs placed on a GPU nobody fetches from only wait.
+        conn.execute(
+            update(gpus)
+            .where(gpus.c.gpu_id == gpu_id)
+            .values(healthy=False, down_until=None, last_error=NO_AGENT, agent_seen_until=None)
+        )
+    return ensure_token(conn, gpu_id=gpu_id, now=now)
+
+
+def ensure_token(conn: Connection, *, gpu_id: str, now: datetime) -> str | None:
+    """Give a pull GPU without an agent token one (a dispatcher registering ``pull:NAME`` of GPU_ENDPOINTS);
+    the token is returned to be shown once. None when it has one already (or is no pull GPU)."""
+    row = conn.execute(
+        select(gpus.c.url, gpus.c.agent_token_hash, gpus.c.agent_seen_until)
+        .where(gpus.c.gpu_id == gpu_id)
+        .with_for_update()
+    ).first()
+    if row is None or not row.url.startswith(PULL_SCHEME) or row.agent_token_hash is not None:
+        return None
+    token = new_agent_token()
+    values: dict[str, object] = {"agent_token_hash": hash_agent_token(token), "updated_at": now}
+    if row.agent_seen_until is None:
+        values |= {"healthy": False, "down_until": None, "last_error": NO_AGENT}
+    conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
+    return token
+
+
+def rotate_token(conn: Connection, *, gpu_id: str, now: datetime) -> str | None:
+    """A new agent token for a pull GPU; the old one stops working at once (its polls in progress get
+    nothing more). None when the GPU is unknown or no pull GPU."""
+    row = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    if row is None or not row.url.startswith(PULL_SCHEME):
+        return None
+    token = new_agent_token()
+    conn.execute(
+        update(gpus)
+        .where(gpus.c.gpu_id == gpu_id)
+        .values(agent_token_hash=hash_agent_token(token), updated_at=now)
+    )
+    return token
+
+
+def pull_gpu(conn: Connection, *, gpu_id: str) -> tuple[bool, bool] | None:
+    """(is a pull GPU, has a token) of a known GPU, None for an unknown one."""
+    row = conn.execute(select(gpus.c.url, gpus.c.agent_token_hash).where(gpus.c.gpu_id == gpu_id)).first()
+    if row is None:
+        return None
+    return row.url.startswith(PULL_SCHEME), row.agent_token_hash is not None
+
+
+def _authenticate(conn: Connection, *, gpu_id: str, token_hash: str) -> tuple[Status, Any]:
+    """Who is polling. A token no GPU has is 401 whatever the path names (an unauthenticated caller learns
+    nothing about which GPUs exist); an agent of another GPU is 403 for a GPU that exists, 404 else."""
+    row = conn.execute(
+        select(gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url).where(gpus.c.gpu_id == gpu_id)
+    ).first()
+    stored = row.agent_token_hash if row is not None and row.url.startswith(PULL_SCHEME) else None
+    if stored is not None and hmac.compare_digest(stored.encode(), token_hash.encode()):
+        return "ok", row
+    owner = conn.execute(select(gpus.c.gpu_id).where(gpus.c.agent_token_hash == token_hash)).first()
+    if owner is None:
+        return "unauthenticated", None
+    return ("unknown" if row is None else "forbidden"), None
+
+
+def poll(
+    conn: Connection,
+    *,
+    gpu_id: str,
+    token_hash: str,
+    max_jobs: int,
+    now: datetime,
+    lease_seconds: float,
+    seen_until: datetime | None,
+) -> Poll:
+    """One look of an agent's long poll: check its token, note that it is there (``seen_until``: when its
+    poll ends, given on the first look), free the slots of jobs cancelled before they were fetched, and
+    take up to ``max_jobs`` jobs placed on its slots."""
+    status, row = _authenticate(conn, gpu_id=gpu_id, token_hash=token_hash)
+    out = Poll(status)
+    if status != "ok":
+        return out
+    if seen_until is not None:
+        values: dict[str, object] = {"agent_seen_until": seen_until}
+        if not row.healthy:
+            values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
+            out.back = True
+        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
+    lease = now + timedelta(seconds=lease_seconds)
+    for r in conn.execute(_UNFETCHED, {"gpu_id": gpu_id}).all():
+        if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
+            out.released += release_cancelled(conn, task_id=r.task_id, attempt=r.attempt)
+            continue
+        if len(out.jobs) >= max_jobs:
+            continue
+        params = {"task_id": r.task_id, "attempt": r.attempt}
+        if conn.execute(_TAKE, params).rowcount != 1:
+            continue  # another poll of this agent took it, or it ended meanwhile
+        conn.execute(_RENEW, params | {"lease": lease})
+        out.jobs.append(AgentJob(r.task_id, r.type, json.loads(r.data), r.attempt))
+    return out
+
+
+def silence(conn: Connection, *, now: datetime, stale_seconds: float) -> list[str]:
+    """Take pull GPUs whose agent has not polled for ``stale_seconds`` out of rotation (``healthy`` false,
+    never probed: only a poll brings one back); returns their ids. Safe in every dispatcher at once."""
+    cutoff = now - timedelta(seconds=stale_seconds)
+    rows = conn.execute(
+        select(gpus.c.gpu_id).where(
+            gpus.c.url.like(f"{PULL_SCHEME}%"),
+            gpus.c.healthy.is_(True),
+            (gpus.c.agent_seen_until.is_(None)) | (gpus.c.agent_seen_until < cutoff),
+        )
+    ).scalars()
+    gone = []
+    for gpu_id in list(rows):
+        res = conn.execute(
+            update(gpus)
+            .where(
+                gpus.c.gpu_id == gpu_id,
+                gpus.c.healthy.is_(True),
+                (gpus.c.agent_seen_until.is_(None)) | (gpus.c.agent_seen_until < cutoff),
+            )
+            .values(
+                healthy=False,
+                down_until=None,
+                last_error=f"agent silent for over {stale_seconds:g} s",
+                updated_at=now,
+            )
+        )
+        if res.rowcount == 1:
+            gone.append(gpu_id)
+    return gone
+
+
+def take_back_unfetched(conn: Connection) -> list[tuple[str, int, str]]:
+    """Jobs placed on pull GPUs now out of rotation that no agent fetched: marked taken (no poll can have
+    them any more) and returned as (task_id, attempt, gpu_id), for the caller to send back to wait
+    without using an attempt. Marking first: a poll that took one a moment before keeps it."""
+    out = []
+    for r in conn.execute(_SILENT_UNFETCHED).all():
+        if conn.execute(_TAKE, {"task_id": r.task_id, "attempt": r.attempt}).rowcount == 1:
+            out.append((r.task_id, r.attempt, r.gpu_id))
+    return out
