@@ -3,7 +3,8 @@
 Answers: 200 ``{"jobs": [...]}`` (each exactly the body a pushed GPU receives), 204 when none came within
 ``wait_seconds``; 401 missing or wrong agent token, whatever GPU the path names (a caller without a valid
 token learns nothing of which GPUs exist); 403 the token of another GPU; 404 a valid token and a GPU that
-does not exist; 422 a malformed body, naming the field.
+does not exist; 422 a malformed body, naming the field. ``max: 0`` takes nothing and answers 204 at once:
+an agent whose slots are all busy keeps itself in rotation with it (``AGENT_STALE_SECONDS``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ MAX_JOBS = 1024
 class PollIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max: StrictInt = Field(default=1, ge=1, le=MAX_JOBS, description="jobs to take at most")
+    max: StrictInt = Field(
+        default=1, ge=0, le=MAX_JOBS, description="jobs to take at most; 0: only say the agent is alive"
+    )
     wait_seconds: StrictInt | StrictFloat = Field(
         default=0, ge=0, le=MAX_WAIT_SECONDS, description="how long to wait for a job (long poll)"
     )

@@ -1,4 +1,4 @@
--- gpuq schema version 1, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
+-- gpuq schema version 2, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
 -- dispatcher/db/schema.py by `make schema-sql`: edit that file, not this one.
 --
 -- tasks.state: processing, finished, failed, cancelled, retrying, scheduled, queued.
@@ -43,8 +43,12 @@ CREATE TABLE gpus (
     last_error TEXT,
     created_at DATETIME(6) NOT NULL,
     updated_at DATETIME(6) NOT NULL,
+    agent_token_hash VARCHAR(64),
+    agent_seen_until DATETIME(6),
     PRIMARY KEY (gpu_id)
 )ENGINE=InnoDB;
+
+CREATE UNIQUE INDEX idx_gpus_agent_token ON gpus (agent_token_hash);
 
 CREATE TABLE tasks (
     task_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
@@ -68,6 +72,7 @@ CREATE TABLE tasks (
     started_at DATETIME(6),
     finished_at DATETIME(6),
     updated_at DATETIME(6) NOT NULL,
+    fetched_attempt INTEGER,
     PRIMARY KEY (task_id)
 )ENGINE=InnoDB;
 

@@ -1,0 +1,151 @@
+"""``POST /agents/{gpu_id}/jobs`` at its edge: who may poll (401/403/404), what a body may say (422 naming
+the field), an empty long poll (204), token rotation, and the job body a pull GPU gets."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from dispatcher.tokens import verify_token
+from tests.dispatcher.harness import SECRET, push_jobs, wait_final
+from tests.dispatcher.helpers import wait_for
+from tests.pull.conftest import add_pull, poll
+
+
+def test_who_may_poll(stack):
+    # GIVEN two pull GPUs and a pushed one
+    t7 = add_pull(stack.engine, "g7")
+    t8 = add_pull(stack.engine, "g8")
+    fleet = stack.fleet(gpus=1)
+    d = stack.dispatcher(fleet)
+    # THEN no token, a malformed one, a made-up one: 401, whichever GPU the path names, existing or not
+    for gpu in ("g7", "nope"):
+        for token in (None, "x", "gpuq_agent_made-up", t7 + "x", "Bearer " + t7):
+            res = poll(d.url, gpu, token)
+            assert res.status_code == 401, (gpu, token, res.text)
+            assert res.headers["www-authenticate"] == "Bearer"
+    assert poll(d.url, "g7", None, body={"max": 1}).status_code == 401
+    # AND a scheme other than Bearer is no token
+    res = httpx.post(f"{d.url}/agents/g7/jobs", json={}, headers={"Authorization": f"Basic {t7}"}, timeout=10)
+    assert res.status_code == 401
+    # AND another GPU's token: 403 for a GPU that exists (pull or pushed), 404 for one that does not
+    assert poll(d.url, "g7", t8).status_code == 403
+    assert poll(d.url, "g0", t7).status_code == 403
+    res = poll(d.url, "g9", t7)
+    assert res.status_code == 404 and "g9" in res.json()["detail"]
+    # AND its own token: 204 (nothing placed), and the GPU is in rotation from that poll on
+    assert poll(d.url, "g7", t7).status_code == 204
+    assert poll(d.url, "g8", t8).status_code == 204
+    gpus = {g["gpu_id"]: g for g in httpx.get(f"{d.url}/gpus", timeout=10).json()}
+    assert gpus["g7"]["url"] == "pull:g7" and gpus["g7"]["healthy"] is True
+
+
+def test_bad_bodies_are_422_naming_the_field(stack):
+    token = add_pull(stack.engine, "g7")
+    d = stack.dispatcher(None)
+    cases = {
+        "max": [{"max": -1}, {"max": "2"}, {"max": 2.5}, {"max": True}, {"max": 10_000}, {"max": None}],
+        "wait_seconds": [
+            {"wait_seconds": 31},
+            {"wait_seconds": -1},
+            {"wait_seconds": "5"},
+            {"wait_seconds": []},
+        ],
+        "wait": [{"max": 1, "wait": 5}],  # a typo is refused, not ignored
+    }
+    for field, bodies in cases.items():
+        for body in bodies:
+            res = poll(d.url, "g7", token, body=body)
+            assert res.status_code == 422, (body, res.text)
+            assert field in res.text, (body, res.text)
+    for raw in (b"not json", b"[1,2]", b'"x"'):
+        res = httpx.post(
+            f"{d.url}/agents/g7/jobs",
+            content=raw,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            timeout=10,
+        )
+        assert res.status_code == 422, (raw, res.text)
+    # AND the limits themselves are fine
+    assert poll(d.url, "g7", token, body={"max": 0, "wait_seconds": 30}).status_code == 204  # max 0: at once
+    assert poll(d.url, "g7", token, body={"max": 1024, "wait_seconds": 0.2}).status_code == 204
+    assert poll(d.url, "g7", token, body={}).status_code == 204
+
+
+def test_job_body_is_the_pushed_body_and_rotation_locks_out_the_old_token(stack, gpuq):
+    # GIVEN a pull GPU registered by the CLI: the token alone on stdout
+    assert gpuq("db", "init").exit_code == 0
+    res = gpuq("gpu", "add", "g7", "--pull", "--slots", "2")
+    assert res.exit_code == 0, res
+    token = res.stdout.strip()
+    assert re.fullmatch(r"gpuq_agent_[A-Za-z0-9_-]{43}", token), res
+    assert "shown once" in res.stderr
+    # a second add changes nothing of the token, and says so
+    again = gpuq("gpu", "add", "g7", "--pull", "--slots", "2")
+    assert again.exit_code == 0 and again.stdout.strip() == "" and "unchanged" in again.stderr
+    # the hash only is stored
+    with stack.engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT agent_token_hash FROM gpus WHERE gpu_id = 'g7'").scalar_one()
+    assert token not in stored and len(stored) == 64
+    d = stack.dispatcher(None)
+    assert poll(d.url, "g7", token).status_code == 204  # in rotation
+    ids = push_jobs(stack.rds, stack.queues[0], 3)
+    # WHEN the agent polls with max 1 (a long poll: the jobs come while it waits)
+    first = poll(d.url, "g7", token, body={"max": 1, "wait_seconds": 20})
+    assert first.status_code == 200, first.text
+    (job,) = first.json()["jobs"]
+    # THEN the body is exactly a pushed GPU's
+    assert set(job) == {"task_id", "type", "data", "attempt", "callback_url", "callback_token"}
+    assert job["task_id"] in ids and job["type"] == "start_transcribe" and job["attempt"] == 1
+    assert job["callback_url"] == f"{d.url}/callback"
+    assert verify_token(SECRET.encode(), job["task_id"], job["callback_token"]) == 1
+    assert job["data"]["i"] == ids.index(job["task_id"])
+    # AND never more than its free slots: 2 slots, 1 fetched, so one more and then nothing
+    second = poll(d.url, "g7", token, body={"max": 4, "wait_seconds": 0})
+    assert second.status_code == 200 and len(second.json()["jobs"]) == 1
+    assert poll(d.url, "g7", token, body={"max": 4, "wait_seconds": 1}).status_code == 204
+    # WHEN the operator rotates the token
+    rotated = gpuq("gpu", "token", "g7", "--rotate")
+    assert rotated.exit_code == 0, rotated
+    new = rotated.stdout.strip()
+    assert new != token
+    # THEN the old one is 401 at once, the new one works
+    assert poll(d.url, "g7", token).status_code == 401
+    assert poll(d.url, "g7", new).status_code == 204
+    # AND callbacks with the fetched jobs' tokens end them; the third job then comes to the next poll
+    for j in (job, *second.json()["jobs"]):
+        cb = httpx.post(
+            j["callback_url"],
+            json={"task_id": j["task_id"], "status": "finished", "result": {"ok": 1}},
+            headers={"Authorization": f"Bearer {j['callback_token']}"},
+            timeout=10,
+        )
+        assert cb.status_code == 200, cb.text
+    third = poll(d.url, "g7", new, body={"max": 4, "wait_seconds": 20})
+    assert third.status_code == 200 and len(third.json()["jobs"]) == 1
+    j = third.json()["jobs"][0]
+    httpx.post(
+        j["callback_url"],
+        json={"task_id": j["task_id"], "status": "finished"},
+        headers={"Authorization": f"Bearer {j['callback_token']}"},
+        timeout=10,
+    )
+    wait_final(stack.engine, ids)
+    # AND `gpu token` without --rotate shows nothing (it cannot), a pushed or unknown GPU has none
+    assert gpuq("gpu", "token", "g7").exit_code != 0
+    assert gpuq("gpu", "token", "nope", "--rotate").exit_code != 0
+
+
+def test_gpu_endpoints_pull_entry_gets_a_token_logged_once(stack):
+    d1 = stack.dispatcher(None, name="d1", GPU_ENDPOINTS="embed:pull:g7")
+    d2 = stack.dispatcher(None, name="d2", GPU_ENDPOINTS="embed:pull:g7")
+    logs = d1.logs() + d2.logs()
+    tokens = re.findall(r"gpuq_agent_[A-Za-z0-9_-]{43}", logs)
+    assert len(tokens) == 1, logs
+    gpus = {g["gpu_id"]: g for g in httpx.get(f"{d2.url}/gpus", timeout=10).json()}
+    assert (gpus["g7"]["url"], gpus["g7"]["pool"], gpus["g7"]["healthy"]) == ("pull:g7", "embed", False)
+    assert poll(d2.url, "g7", tokens[0]).status_code == 204
+    wait_for(
+        lambda: httpx.get(f"{d1.url}/gpus", timeout=10).json()[0]["healthy"], 10, 0.1, what="g7 in rotation"
+    )
