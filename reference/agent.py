@@ -5,7 +5,8 @@ It listens on nothing. It long-polls ``POST <URL>/agents/<gpu id>/jobs`` with it
 the pushed service runs a POSTed one (heartbeats, then the callback with the embeddings). A job the pushed
 service would refuse (400: bad ``data.input``) is answered with a ``failed`` callback carrying the
 same message. A heartbeat answered 409 means nobody waits for the job any more (it was cancelled, or its
-lease ran out): the job is dropped and no callback is sent.
+lease ran out): the job is stopped and a final ``failed`` callback ("cancelled") says so; the dispatcher
+answers it 409 and frees the slot then (that is a pull GPU's confirmation of a cancel).
 
 While all its slots are busy it still polls, with ``max: 0``, at least every ``KEEPALIVE_SECONDS``: a pull
 GPU silent for ``AGENT_STALE_SECONDS`` leaves the dispatcher's rotation.

@@ -202,14 +202,23 @@ class EmbedService:
     async def _run(self, job: EmbedRequest, texts: list[str], hold: float) -> None:
         assert job.callback_url is not None
         assert job.callback_token is not None
+        key = (job.task_id, job.attempt)
         beats = asyncio.create_task(
             self._heartbeats(job.callback_url, job.callback_token, job.task_id, job.attempt)
         )
         try:
             body = await self.infer(job, texts, hold)
+        except asyncio.CancelledError:
+            if key not in self.cancelled:  # the service is stopping
+                raise
         finally:
             beats.cancel()
-        if (job.task_id, job.attempt) in self.cancelled:
+        if key in self.cancelled:
+            if self.settings.pull:
+                # Stopped after a heartbeat was answered 409: a final callback says so; the dispatcher
+                # answers it 409 too, and frees the slot (a pushed service confirms by answering the cancel).
+                stopped = {"task_id": job.task_id, "status": "failed", "error": "cancelled"}
+                await self.callbacks.deliver(job.callback_url, job.callback_token, stopped)
             return  # the dispatcher asked us to stop: it frees the slot on our answer to the cancel
         await self.callbacks.deliver(job.callback_url, job.callback_token, body)
 
@@ -226,8 +235,8 @@ class EmbedService:
                     extra={"action": "heartbeat_refused", "task_id": task_id},
                 )
                 if self.settings.pull and status == 409:
-                    # How a pull GPU learns of a cancel (SPEC §9): stop, send no callback. A batch already
-                    # on the device finishes there, but its result is dropped.
+                    # How a pull GPU learns of a cancel (SPEC §9): stop the job (a hold is cut short; a
+                    # batch already on the device ends there, its result dropped), then confirm (_run).
                     key = (task_id, attempt)
                     self.cancelled.add(key)
                     job = self.running.get(key)

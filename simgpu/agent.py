@@ -5,7 +5,8 @@ taking POSTs, then runs them exactly as a pushed simulated GPU does (service tim
 
 Each agent asks for as many jobs as its GPU has slots, free or not: the dispatcher must never hand it
 more than its free slots, and a job that arrives with every slot held counts as an oversubscription, as
-for a pushed GPU. A heartbeat answered 409 stops the job (that is how a pull GPU learns of a cancel). A GPU
+for a pushed GPU. A heartbeat answered 409 stops the job (that is how a pull GPU learns of a cancel), and a
+final ``failed`` callback confirms the stop (answered 409, it frees the slot: ``GpuSim._call``). A GPU
 that is ``down`` stops polling: a dead agent, for the dispatcher. A refusal fault (``http_500`` ...)
 loses the job it drew: an agent that died after fetching it, which only the lease settles.
 """

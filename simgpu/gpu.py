@@ -193,8 +193,16 @@ class GpuSim:
         finally:
             self.callbacks_pending -= 1
         self.callbacks_answered["no_answer" if answer is None else str(answer)] += 1
-        if self.pull and status == "running" and answer == 409:
-            self.cancel(job.task_id, job.attempt)  # nobody waits for it: how a pull GPU learns of a cancel
+        if (
+            self.pull
+            and status == "running"
+            and answer == 409
+            and self.cancel(job.task_id, job.attempt) == "stopped"
+        ):
+            # How a pull GPU learns of a cancel (SPEC §9): stop, then say so with a final callback, which the
+            # dispatcher answers 409 and takes as the confirmation that frees the slot.
+            body = orjson.dumps({"task_id": job.task_id, "status": "failed", "error": "cancelled"})
+            self._spawn(self._call(job, body, "failed"), f"stopped {job.task_id}")
         if answer is None or answer >= 300:
             log.debug(
                 "callback not applied",
