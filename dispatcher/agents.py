@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.db.agents import Poll, poll, silence, take_back_unfetched
+from dispatcher.db.agents import Poll, agent_left, poll, silence, take_back_unfetched
 from dispatcher.errors import TRANSIENT
 from dispatcher.pull import hash_agent_token
 from dispatcher.states import Outcome
@@ -111,18 +111,18 @@ class AgentHub:
         event = asyncio.Event()
         self._waiting.setdefault(gpu_id, set()).add(event)
         first = True
+        seen_until = d.now() + timedelta(seconds=wait)
         try:
             while True:
                 event.clear()  # before looking: a wake-up that comes while we look is kept
-                now = d.now()
                 look = await d.db(
                     poll,
                     gpu_id=gpu_id,
                     token_hash=token_hash,
                     max_jobs=max_jobs,
-                    now=now,
+                    now=d.now(),
                     lease_seconds=d.settings.task_timeout_seconds,
-                    seen_until=now + timedelta(seconds=wait) if first else None,
+                    seen_until=seen_until if first else None,
                 )
                 if look.status != "ok":
                     return look, []
@@ -140,6 +140,7 @@ class AgentHub:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, RECHECK_SECONDS))
                 if await gone():
+                    await d.db(agent_left, gpu_id=gpu_id, seen_until=seen_until, now=d.now())
                     return look, []
         finally:
             waiting = self._waiting.get(gpu_id)

@@ -160,12 +160,6 @@ def poll(
     out = Poll(status)
     if status != "ok":
         return out
-    if seen_until is not None:
-        values: dict[str, object] = {"agent_seen_until": seen_until}
-        if not row.healthy:
-            values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
-            out.back = True
-        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     lease = now + timedelta(seconds=lease_seconds)
     for r in conn.execute(_UNFETCHED, {"gpu_id": gpu_id}).all():
         if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
@@ -178,7 +172,27 @@ def poll(
             continue  # another poll of this agent took it, or it ended meanwhile
         conn.execute(_RENEW, params | {"lease": lease})
         out.jobs.append(AgentJob(r.task_id, r.type, json.loads(r.data), r.attempt))
+    # The agent is there until its poll ends: now if it takes jobs, else when its wait runs out.
+    values: dict[str, object] = {}
+    if out.jobs or seen_until is not None:
+        values["agent_seen_until"] = now if out.jobs else seen_until
+    if seen_until is not None and not row.healthy:
+        values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
+        out.back = True
+    if values:
+        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     return out
+
+
+def agent_left(conn: Connection, *, gpu_id: str, seen_until: datetime, now: datetime) -> None:
+    """The agent hung up during its poll (killed, or its network gone): it was last seen now, not at the
+    end of the wait it asked for, so a dead agent leaves rotation AGENT_STALE_SECONDS from now. Left as it
+    is when another poll of the agent has written since (it polls again elsewhere)."""
+    conn.execute(
+        update(gpus)
+        .where(gpus.c.gpu_id == gpu_id, gpus.c.agent_seen_until == seen_until)
+        .values(agent_seen_until=now)
+    )
 
 
 def silence(conn: Connection, *, now: datetime, stale_seconds: float) -> list[str]:
