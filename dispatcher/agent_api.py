@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Header, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from dispatcher.agents import MAX_WAIT_SECONDS
 from dispatcher.callback import bearer
@@ -33,8 +33,12 @@ class PollIn(BaseModel):
     max: StrictInt = Field(
         default=1, ge=0, le=MAX_JOBS, description="jobs to take at most; 0: only say the agent is alive"
     )
-    wait_seconds: StrictInt | StrictFloat = Field(
-        default=0, ge=0, le=MAX_WAIT_SECONDS, description="how long to wait for a job (long poll)"
+    wait_seconds: float = Field(
+        default=0,
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        strict=True,
+        description="how long to wait for a job (long poll)",
     )
 
 
@@ -56,9 +60,17 @@ def _error(status: int, detail: str) -> Response:
     return Response(orjson.dumps({"detail": detail}), status_code=status, media_type=_JSON, headers=headers)
 
 
-def _plausible(token: str | None) -> bool:
+def _plausible(token: str) -> bool:
     """Could this be an agent token? Anything else is refused before the database is asked."""
-    return token is not None and token.startswith(TOKEN_PREFIX) and len(token) <= 128 and token.isascii()
+    return token.startswith(TOKEN_PREFIX) and len(token) <= 128 and token.isascii()
+
+
+def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
+    """A dependency, so that it runs before the body is read: no token, no say about the body."""
+    token = bearer(authorization)
+    if token is None or not _plausible(token):
+        raise HTTPException(401, "missing or wrong agent token", headers={"WWW-Authenticate": "Bearer"})
+    return token
 
 
 @router.post(
@@ -76,14 +88,10 @@ async def agent_jobs(
     request: Request,
     body: PollIn,
     gpu_id: Annotated[str, Path(max_length=64)],
-    authorization: Annotated[str | None, Header()] = None,
+    token: Annotated[str, Depends(agent_token)],
 ) -> Response:
     """A pull GPU's agent takes the jobs placed on its slots, waiting up to ``wait_seconds`` (≤ 30) for
     some. It calls back, heartbeats and learns of cancels (409 to a heartbeat) as a pushed GPU does."""
-    token = bearer(authorization)
-    if not _plausible(token):
-        return _error(401, "missing or wrong agent token")
-    assert token is not None
     d: Dispatcher = request.app.state.dispatcher
     look, jobs = await d.agents.poll(
         gpu_id, token, max_jobs=body.max, wait=float(body.wait_seconds), gone=request.is_disconnected
