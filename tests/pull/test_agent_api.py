@@ -51,6 +51,7 @@ def test_bad_bodies_are_422_naming_the_field(stack):
             {"wait_seconds": -1},
             {"wait_seconds": "5"},
             {"wait_seconds": []},
+            {"wait_seconds": True},
         ],
         "wait": [{"max": 1, "wait": 5}],  # a typo is refused, not ignored
     }
