@@ -17,7 +17,9 @@ Layout (``P`` is ``REDIS_KEY_PREFIX``, default ``gpuq:``; ``Q`` a queue name fro
     P<alive>:<dispatcher>   string  the dispatcher's heartbeat (TTL a few seconds)
     P<dispatchers>          set     ids of dispatchers that may own a processing list
     P<wake>                 pubsub  "job" after an enqueue, "slot" after a slot was freed:
-                                    wakes every dispatcher's placement loop at once
+                                    wakes every dispatcher's placement loop at once;
+                                    "agent:<gpu_id>" after jobs were placed on a pull GPU:
+                                    wakes its agents' long polls, whichever dispatcher holds them
     P<events>:<task_id>     pubsub  the task's state changes as JSON ({"event": "dispatched" | "heartbeat" |
                                     "retrying" | "finished" | ...}): GET /tasks/{id}/events streams them
 

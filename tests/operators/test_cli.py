@@ -17,6 +17,7 @@ from dispatcher.db.attempts import Backoff, due_deferred, finish_attempt
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
+from dispatcher.db.schema import SCHEMA_VERSION
 from dispatcher.states import Outcome
 from producer.job import Job
 from producer.keys import Keys, Priority, queue_key
@@ -328,7 +329,9 @@ def test_db_init_is_idempotent_and_works_on_sqlite(gpuq, tmp_path):
     url = f"sqlite:///{tmp_path}/gpuq.db"
     for _ in range(2):
         res = gpuq("db", "init", DATABASE_URL=url)
-        assert res.exit_code == 0 and res.stdout.startswith("schema version 1 ready in sqlite:///")
+        assert res.exit_code == 0 and res.stdout.startswith(
+            f"schema version {SCHEMA_VERSION} ready in sqlite:///"
+        )
     assert gpuq("gpu", "add", "g0", "http://h:1/x", DATABASE_URL=url).exit_code == 0
     assert gpuq("sql", "gpu_load", DATABASE_URL=url).exit_code == 0
     res = gpuq("sql", "running_by_age", DATABASE_URL=url)

@@ -1,0 +1,59 @@
+"""A database made by gpuq before pull GPUs (schema version 1) is upgraded at start: the new columns and
+index are added, its rows kept, on MariaDB and on SQLite, and a second start finds nothing to add."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from dispatcher.db.engine import init_schema, utcnow
+from dispatcher.db.migrations import add_missing
+from dispatcher.db.schema import SCHEMA_VERSION
+
+NEW = {"gpus": {"agent_token_hash", "agent_seen_until"}, "tasks": {"fetched_attempt"}}
+
+
+def _make_version_1(engine) -> None:
+    """Today's schema minus what version 2 added, with a GPU and a task in it, as version 1 left it."""
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            text("DROP INDEX idx_gpus_agent_token" + (" ON gpus" if conn.dialect.name != "sqlite" else ""))
+        )
+        for table, columns in NEW.items():
+            for column in sorted(columns):
+                conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(text("DELETE FROM gpuq_schema"))
+        now = utcnow()
+        conn.execute(text("INSERT INTO gpuq_schema (version, applied_at) VALUES (1, :now)"), {"now": now})
+        conn.execute(
+            text(
+                "INSERT INTO gpus (gpu_id, url, pool, slots, state, healthy, consecutive_failures, created_at,"
+                " updated_at) VALUES ('g0', 'http://h:1/x', 'default', 4, 'active', 1, 0, :now, :now)"
+            ),
+            {"now": now},
+        )
+    have = {c["name"] for c in inspect(engine).get_columns("gpus")}
+    assert not NEW["gpus"] & have
+
+
+@pytest.mark.parametrize("kind", ["mariadb", "sqlite"])
+def test_version_1_database_is_upgraded_in_place(kind, database_url, tmp_path):
+    engine = create_engine(database_url if kind == "mariadb" else f"sqlite:///{tmp_path}/v1.db")
+    try:
+        _make_version_1(engine)
+        # WHEN a dispatcher of this version starts on it
+        init_schema(engine)
+        # THEN the columns and the unique index are there, the rows kept, the version recorded
+        insp = inspect(engine)
+        for table, columns in NEW.items():
+            assert columns <= {c["name"] for c in insp.get_columns(table)}, table
+        assert "idx_gpus_agent_token" in {i["name"] for i in insp.get_indexes("gpus")}
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT url FROM gpus")).scalars().all() == ["http://h:1/x"]
+            versions = set(conn.execute(text("SELECT version FROM gpuq_schema")).scalars())
+            assert versions == {1, SCHEMA_VERSION}
+            # AND another start has nothing left to add
+            assert add_missing(conn) == []
+    finally:
+        engine.dispose()
