@@ -49,7 +49,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-celery", action="store_true", help="gpuq only (no Celery installed)")
     p.add_argument("--handoff-buffer", type=int, default=None, help="HANDOFF_BUFFER of gpuq (0: no hand-off)")
     p.add_argument(
-        "--only", default="", help="comma list of workloads to run (efficiency,short,three,overhead)"
+        "--only",
+        default="",
+        help="comma list of workloads to run (efficiency,short,three,overhead,pull,pull-short)",
     )
     p.add_argument(
         "--profile", action="store_true", help="then profile the dispatcher (py-spy) in each workload"
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for workload in [] if args.profile_only else sets:
                 for system in systems:
-                    if system != "gpuq" and workload.dispatchers > 1:
+                    if system != "gpuq" and (workload.dispatchers > 1 or workload.pull):
                         continue  # gpuq's own workload: callbacks all to one of several dispatchers
                     figures[system][workload.name] = _run(console, ctx, system, workload)
             if args.profile or args.profile_only:

@@ -28,7 +28,8 @@ class CeleryBaseline:
         ctx.redis.flush()
         configure(ctx.redis.url)
 
-    def start(self, ctx: Context, workdir: Path, sim: Sim, workload: Workload, token: str) -> Proc:
+    def start(self, ctx: Context, workdir: Path, sim: Sim | None, workload: Workload, token: str) -> Proc:
+        assert sim is not None  # Celery runs no pull workload
         self.ready_file = workdir / "celery-ready"
         env = {
             "BENCH_CELERY_BROKER": ctx.redis.url,

@@ -44,6 +44,7 @@ class Gpuq:
         self.others: list[Proc] = []
         self.high: str | None = None  # the high-priority job's task id
         self.high_pushed = datetime.now(UTC).replace(tzinfo=None)  # and when it was pushed (naive UTC)
+        self.pull_sim: Sim | None = None  # a pull workload's agents, started with the dispatcher
 
     def prepare(self, ctx: Context) -> None:
         ctx.redis.flush()
@@ -59,13 +60,28 @@ class Gpuq:
         close_clients()
         get_settings.cache_clear()
 
-    def start(self, ctx: Context, workdir: Path, sim: Sim, workload: Workload, token: str) -> Proc:
+    def start(self, ctx: Context, workdir: Path, sim: Sim | None, workload: Workload, token: str) -> Proc:
         self.port = free_port()
         self.ports = [self.port]
         secret = secrets.token_urlsafe(32)
+        agents = self._register_pull(ctx, workload) if workload.pull else {}
         main = self._start(
             ctx, workdir, sim, workload, token=token, secret=secret, port=self.port, name="dispatcher"
         )
+        if workload.pull:
+            # The agents poll the dispatcher once it listens (they give up on 401s before the schema is
+            # there); simgpu's stats are then read as for a pushed fleet.
+            main.wait_until(lambda: self._ready(self.port), 90)
+            self.pull_sim = Sim(
+                workdir,
+                gpus=workload.gpus,
+                slots=workload.slots,
+                service=workload.service,
+                mode=self.sim_mode,
+                token=token,
+                pull=f"http://127.0.0.1:{self.port}",
+                agents=agents,
+            )
         if workload.dispatchers > 1:  # the first creates the schema; creating it at once from several races
             main.wait_until(lambda: self._ready(self.port), 90)
         for i in range(1, workload.dispatchers):
@@ -78,11 +94,35 @@ class Gpuq:
             self.others.append(other)
         return main
 
+    def _register_pull(self, ctx: Context, workload: Workload) -> dict[str, str]:
+        """What ``gpuq gpu add g<i> --pull`` does for each GPU of the fleet; their agent tokens."""
+        from dispatcher.db.agents import register_pull
+        from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
+
+        engine = make_engine(ctx.database.url, pool_size=1)
+        try:
+            init_schema(engine)
+            tokens = {}
+            for i in range(workload.gpus):
+                token = transaction(
+                    engine,
+                    register_pull,
+                    gpu_id=f"g{i}",
+                    pool="default",
+                    slot_count=workload.slots,
+                    now=utcnow(),
+                )
+                assert token is not None  # a fresh database: every GPU is new
+                tokens[f"g{i}"] = token
+            return tokens
+        finally:
+            engine.dispose()
+
     def _start(
         self,
         ctx: Context,
         workdir: Path,
-        sim: Sim,
+        sim: Sim | None,
         workload: Workload,
         *,
         token: str,
@@ -95,7 +135,7 @@ class Gpuq:
             "REDIS_URL": ctx.redis.url,
             "REDIS_KEY_PREFIX": PREFIX,
             "TASK_QUEUES": QUEUE,
-            "GPU_ENDPOINTS": sim.endpoints,
+            "GPU_ENDPOINTS": sim.endpoints if sim is not None else "",  # pull GPUs: registered already
             "SLOTS_PER_GPU": str(workload.slots),
             "CALLBACK_SECRET": secret,  # shared: a callback for any dispatcher's attempt goes to the first
             "BEARER_TOKEN": token,

@@ -127,14 +127,29 @@ class Sim(Proc):
     """``python -m simgpu``: ``gpus`` GPUs of ``slots`` slots at /g0.. on one port; stats at /_stats."""
 
     def __init__(
-        self, workdir: Path, *, gpus: int, slots: int, service: float, mode: str, token: str
+        self,
+        workdir: Path,
+        *,
+        gpus: int,
+        slots: int,
+        service: float,
+        mode: str,
+        token: str,
+        pull: str | None = None,
+        agents: dict[str, str] | None = None,
     ) -> None:
+        """``pull``: the GPUs are pull agents of the dispatcher at that URL, named and authenticated by
+        ``agents`` (name -> agent token); their tokens go through the environment, not the command line."""
         endpoints = workdir / "endpoints"
         endpoints.unlink(missing_ok=True)  # the file says "listening": never an earlier run's
         argv = [sys.executable, "-m", "simgpu", "--port", "0", "--gpus", str(gpus), "--slots", str(slots)]
         argv += ["--service-time", f"fixed:{service:g}", "--mode", mode, f"--token={token}", "--seed", "1"]
         argv += ["--log-level", "WARNING", "--endpoints-file", str(endpoints)]
-        super().__init__(f"simgpu-{mode}", argv, python_env({}), workdir)
+        env: dict[str, str] = {}
+        if pull is not None:
+            argv += ["--pull", pull]
+            env["SIMGPU_AGENTS"] = ",".join(f"{name}={t}" for name, t in (agents or {}).items())
+        super().__init__(f"simgpu-{mode}", argv, python_env(env), workdir)
         self.wait_until(endpoints.exists, 30)
         self.endpoints = endpoints.read_text().strip()
         self.urls = [item.split("=", 1)[1] for item in self.endpoints.split(",")]

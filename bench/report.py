@@ -151,6 +151,15 @@ ROWS = [
         "{:.3f}",
     ),
     Row("  three dispatchers: slot turnaround p50, ms", _get("three", "turnaround_ms", "p50"), fmt="{:,.2f}"),
+    Row("pull agents (as the efficiency run): efficiency", _get("pull", "efficiency"), fmt="{:.3f}"),
+    Row("  pull agents: slot turnaround p50, ms", _get("pull", "turnaround_ms", "p50"), fmt="{:,.2f}"),
+    Row("  pull agents: slot turnaround p99, ms", _get("pull", "turnaround_ms", "p99"), fmt="{:,.2f}"),
+    Row("pull agents, short jobs (16 x 40 ms): efficiency", _get("pull-short", "efficiency"), fmt="{:.3f}"),
+    Row(
+        "  pull agents, short jobs: turnaround p50, ms",
+        _get("pull-short", "turnaround_ms", "p50"),
+        fmt="{:,.2f}",
+    ),
     Row(
         "database commits per job (efficiency run)",
         _get("efficiency", "db_commits_per_job"),

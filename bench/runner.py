@@ -50,7 +50,7 @@ class System(Protocol):
     def prepare(self, ctx: Context) -> None:
         """Fresh state and the producer's settings."""
 
-    def start(self, ctx: Context, workdir: Path, sim: Sim, workload: Workload, token: str) -> Proc:
+    def start(self, ctx: Context, workdir: Path, sim: Sim | None, workload: Workload, token: str) -> Proc:
         """Start the consumer (without waiting for it)."""
 
     def ready(self, proc: Proc) -> bool:
@@ -79,14 +79,17 @@ def run(
     system.prepare(ctx)
     workdir = ctx.new_workdir(f"{system.name}-{workload.name}")
     token = secrets.token_urlsafe(16)
-    sim = Sim(
-        workdir,
-        gpus=workload.gpus,
-        slots=workload.slots,
-        service=workload.service,
-        mode=system.sim_mode,
-        token=token,
-    )
+    # Pull agents need the dispatcher's URL and their tokens: the system starts them (``pull_sim``).
+    sim: Sim | None = None
+    if not workload.pull:
+        sim = Sim(
+            workdir,
+            gpus=workload.gpus,
+            slots=workload.slots,
+            service=workload.service,
+            mode=system.sim_mode,
+            token=token,
+        )
     consumer: Proc | None = None
     try:
         if backlog:
@@ -95,6 +98,9 @@ def run(
             enqueue_s = time.monotonic() - started
         consumer = proc = system.start(ctx, workdir, sim, workload, token)
         proc.wait_until(lambda: system.ready(proc), 90)
+        if sim is None:
+            sim = system.pull_sim  # type: ignore[attr-defined]
+            assert sim is not None
         usage = Usage(proc.pid, sim.pid, ctx.redis.info_cpu)
         if hooks.on_consumer is not None:
             hooks.on_consumer(proc.pid)
@@ -134,7 +140,8 @@ def run(
         if hasattr(system, "cleanup"):
             system.cleanup()  # the other dispatchers of a several-dispatcher run
         exit_code = consumer.stop(30) if consumer is not None else None
-        sim.stop()
+        if sim is not None:
+            sim.stop()
     result["consumer_exit_code"] = exit_code
     return result
 

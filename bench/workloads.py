@@ -15,6 +15,7 @@ class Workload:
     jobs: int
     backlog: bool = False  # all jobs enqueued before the consumer starts (see bench.runner)
     dispatchers: int = 1  # gpuq only: more share the fleet, every callback goes to the first one
+    pull: bool = False  # gpuq only: the GPUs are pull agents (SPEC §9) long-polling the dispatcher
 
     @property
     def capacity(self) -> int:
@@ -54,6 +55,9 @@ def full(
         Workload("short", 4, slots, 0.04, 4000),
         Workload("three", 4, slots, 0.04, 4000, dispatchers=3),
         Workload("overhead", gpus, slots, 0.0, overhead_jobs, backlog=True),
+        # the efficiency and short runs again with every GPU a pull agent: the long poll's cost beside push
+        Workload("pull", gpus, slots, service, jobs, pull=True),
+        Workload("pull-short", 4, slots, 0.04, 4000, pull=True),
     ]
 
 
@@ -63,4 +67,5 @@ def smoke() -> list[Workload]:
         Workload("efficiency", 4, 4, 0.02, 160),
         Workload("three", 2, 4, 0.02, 160, dispatchers=3),
         Workload("overhead", 4, 4, 0.0, 400, backlog=True),
+        Workload("pull", 4, 4, 0.02, 160, pull=True),
     ]

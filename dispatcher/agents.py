@@ -135,7 +135,9 @@ class AgentHub:
                     d.slot_freed()
                 first = False
                 left = deadline - time.monotonic()
-                if look.jobs or left <= 0 or max_jobs == 0 or d.stopping.is_set():
+                # A draining dispatcher ends its polls (within RECHECK_SECONDS): the agents poll again,
+                # through the load balancer, at one that is not stopping.
+                if look.jobs or left <= 0 or max_jobs == 0 or not d.accepting:
                     return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, RECHECK_SECONDS))

@@ -50,12 +50,12 @@ def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: P
     assert meta["machine"]["nproc"] >= 1
     assert meta["machine"]["cpu_model"]
     assert "--smoke" in meta["command"]
-    assert [w["name"] for w in meta["workloads"]] == ["efficiency", "three", "overhead"]
+    assert [w["name"] for w in meta["workloads"]] == ["efficiency", "three", "overhead", "pull"]
     systems = {"gpuq", "celery"} if HAS_CELERY else {"gpuq"}
     assert set(data["runs"]) == systems
     for system in systems:
-        for workload in ("efficiency", "three", "overhead"):
-            if system != "gpuq" and workload == "three":  # several dispatchers: gpuq only
+        for workload in ("efficiency", "three", "overhead", "pull"):
+            if system != "gpuq" and workload in ("three", "pull"):  # several dispatchers, agents: gpuq only
                 assert workload not in data["runs"][system]
                 continue
             run = data["runs"][system][workload]
@@ -76,7 +76,7 @@ def test_smoke_run_writes_sound_results_for_each_system_and_workload(tmp_path: P
             assert run["consumer_exit_code"] == 0, where
         assert 0 < data["runs"][system]["efficiency"]["efficiency"] <= 1, system
     # every gpuq job is recorded as finished in the database, exactly once
-    for workload in ("efficiency", "three", "overhead"):
+    for workload in ("efficiency", "three", "overhead", "pull"):
         run = data["runs"]["gpuq"][workload]
         assert run["db_states"] == {"finished": run["jobs"]}
         assert run["db_commits_per_job"] > 0
