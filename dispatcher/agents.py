@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from dispatcher.db.agents import Poll, agent_left, poll, silence, take_back_unfetched
+from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched
 from dispatcher.errors import TRANSIENT
 from dispatcher.pull import hash_agent_token
 from dispatcher.states import Outcome
@@ -54,6 +54,8 @@ class AgentHub:
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._to_wake: set[str] = set()  # GPUs whose polls elsewhere should look (one PUBLISH each)
         self._publishing = False
+        self._looks: list[tuple[dict[str, Any], asyncio.Future[Poll]]] = []
+        self._looking = False
 
     # -- placement side -------------------------------------------------------------------------------
 
@@ -115,12 +117,10 @@ class AgentHub:
         try:
             while True:
                 event.clear()  # before looking: a wake-up that comes while we look is kept
-                look = await d.db(
-                    poll,
+                look = await self._look(
                     gpu_id=gpu_id,
                     token_hash=token_hash,
                     max_jobs=max_jobs,
-                    now=d.now(),
                     lease_seconds=d.settings.task_timeout_seconds,
                     seen_until=seen_until if first else None,
                 )
@@ -150,6 +150,34 @@ class AgentHub:
                 waiting.discard(event)
                 if not waiting:
                     del self._waiting[gpu_id]
+
+    async def _look(self, **look: Any) -> Poll:
+        """One look in the database, batched with the other polls' looks that come meanwhile: under load
+        every freed slot wakes a poll, and a transaction each would queue them for worker threads."""
+        future: asyncio.Future[Poll] = asyncio.get_running_loop().create_future()
+        self._looks.append((look, future))
+        if not self._looking:
+            self._looking = True
+            self.d.spawn(self._run_looks(), "agent-looks")
+        return await future
+
+    async def _run_looks(self) -> None:
+        try:
+            while self._looks:
+                batch, self._looks = self._looks, []
+                try:
+                    now = self.d.now()
+                    results = await self.d.db(poll_many, looks=[look | {"now": now} for look, _ in batch])
+                except Exception as exc:  # each poll answers for itself (503 for a store that is down)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._looking = False
 
     def body(self, task_id: str, type_: str, data: Any, attempt: int) -> dict[str, Any]:
         """Exactly what a pushed GPU receives (``GpuRequests.fire``)."""

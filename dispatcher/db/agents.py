@@ -27,6 +27,8 @@ from dispatcher.states import TaskState
 
 Status = Literal["ok", "unauthenticated", "forbidden", "unknown"]
 
+#: How far a poll must move its agent's "seen until" mark before it is written.
+SEEN_SLACK = timedelta(seconds=5)
 #: A pull GPU no agent has polled yet, or whose agent fell silent: why it is out of rotation.
 NO_AGENT = "no agent has polled yet"
 
@@ -132,7 +134,9 @@ def _authenticate(conn: Connection, *, gpu_id: str, token_hash: str) -> tuple[St
     """Who is polling. A token no GPU has is 401 whatever the path names (an unauthenticated caller learns
     nothing about which GPUs exist); an agent of another GPU is 403 for a GPU that exists, 404 else."""
     row = conn.execute(
-        select(gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url).where(gpus.c.gpu_id == gpu_id)
+        select(gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url, gpus.c.agent_seen_until).where(
+            gpus.c.gpu_id == gpu_id
+        )
     ).first()
     stored = row.agent_token_hash if row is not None and row.url.startswith(PULL_SCHEME) else None
     if stored is not None and hmac.compare_digest(stored.encode(), token_hash.encode()):
@@ -172,11 +176,14 @@ def poll(
             continue  # another poll of this agent took it, or it ended meanwhile
         conn.execute(_RENEW, params | {"lease": lease})
         out.jobs.append(AgentJob(r.task_id, r.type, json.loads(r.data), r.attempt))
-    # The agent is there until its poll ends: now if it takes jobs, else when its wait runs out.
+    if seen_until is None:
+        return out
+    # The agent is there until its poll's wait runs out (or it hangs up: agent_left). Written only when it
+    # moves the mark by SEEN_SLACK or more: an agent polling again and again costs no write per poll.
     values: dict[str, object] = {}
-    if out.jobs or seen_until is not None:
-        values["agent_seen_until"] = now if out.jobs else seen_until
-    if seen_until is not None and not row.healthy:
+    if row.agent_seen_until is None or row.agent_seen_until < seen_until - SEEN_SLACK:
+        values["agent_seen_until"] = seen_until
+    if not row.healthy:
         values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
         out.back = True
     if values:
@@ -184,13 +191,18 @@ def poll(
     return out
 
 
+def poll_many(conn: Connection, *, looks: list[dict[str, Any]]) -> list[Poll]:
+    """The looks of several waiting polls in one transaction (one commit, one worker thread)."""
+    return [poll(conn, **look) for look in looks]
+
+
 def agent_left(conn: Connection, *, gpu_id: str, seen_until: datetime, now: datetime) -> None:
     """The agent hung up during its poll (killed, or its network gone): it was last seen now, not at the
     end of the wait it asked for, so a dead agent leaves rotation AGENT_STALE_SECONDS from now. Left as it
-    is when another poll of the agent has written since (it polls again elsewhere)."""
+    is when a later poll of the agent has written since (it polls again elsewhere)."""
     conn.execute(
         update(gpus)
-        .where(gpus.c.gpu_id == gpu_id, gpus.c.agent_seen_until == seen_until)
+        .where(gpus.c.gpu_id == gpu_id, gpus.c.agent_seen_until <= seen_until, gpus.c.agent_seen_until > now)
         .values(agent_seen_until=now)
     )
 
