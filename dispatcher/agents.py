@@ -123,6 +123,7 @@ class AgentHub:
                     max_jobs=max_jobs,
                     lease_seconds=d.settings.task_timeout_seconds,
                     seen_until=seen_until if first else None,
+                    seen_slack=timedelta(seconds=d.settings.agent_stale_seconds / 4),
                 )
                 if look.status != "ok":
                     return look, []

@@ -156,6 +156,7 @@ def poll(
     now: datetime,
     lease_seconds: float,
     seen_until: datetime | None,
+    seen_slack: timedelta = SEEN_SLACK,
 ) -> Poll:
     """One look of an agent's long poll: check its token, note that it is there (``seen_until``: when its
     poll ends, given on the first look), free the slots of jobs cancelled before they were fetched, and
@@ -179,9 +180,12 @@ def poll(
     if seen_until is None:
         return out
     # The agent is there until its poll's wait runs out (or it hangs up: agent_left). Written only when it
-    # moves the mark by SEEN_SLACK or more: an agent polling again and again costs no write per poll.
+    # moves the mark by the slack or more (an agent polling again and again costs no write per poll), and
+    # always when the GPU comes back; the caller keeps the slack well below AGENT_STALE_SECONDS, or a
+    # mark left behind by the slack would make a polling agent look silent.
     values: dict[str, object] = {}
-    if row.agent_seen_until is None or row.agent_seen_until < seen_until - SEEN_SLACK:
+    stored = row.agent_seen_until
+    if not row.healthy or stored is None or stored < seen_until - min(SEEN_SLACK, seen_slack):
         values["agent_seen_until"] = seen_until
     if not row.healthy:
         values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}

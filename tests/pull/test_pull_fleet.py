@@ -257,3 +257,23 @@ def test_cancel_reaches_an_agent_through_the_409_to_its_heartbeat(stack):
     _check_fleets([agent])
     assert agent.stats(jobs=False)["gpus"]["p0"]["max_in_flight"] == 1
     assert states(stack.engine, [victim]) == {"cancelled": 1}
+
+
+def test_a_freed_pull_slot_is_handed_to_the_agents_next_poll(stack):
+    # GIVEN a pool of one pull GPU (4 slots) and a backlog much longer than its slots
+    token = add_pull(stack.engine, "p0")
+    d = stack.dispatcher(None)
+    agent = stack.fleet(pull=d.url, agents={"p0": token}, service_time="uniform:0.01,0.05")
+    ids = push_jobs(stack.rds, stack.queues[0], 150)
+    # THEN every job runs once, never more than 4 at a time on the agent
+    wait_final(stack.engine, ids, timeout=120)
+    _check_fleets([agent])
+    assert max(Counter(j["task_id"] for j in agent.stats()["jobs"]).values()) == 1
+    # AND callbacks handed freed slots to waiting jobs in their own transaction (the slot hand-off), which
+    # the agent's next poll then took
+    metrics = httpx.get(f"{d.url}/metrics", timeout=10).text
+    handoffs = next(
+        float(line.split()[1]) for line in metrics.splitlines() if line.startswith("gpuq_handoffs_total ")
+    )
+    assert handoffs > 0, handoffs
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
