@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from sqlalchemy import text
 
-from tests.dispatcher.harness import ROOT
+from tests.dispatcher.harness import ROOT, push_jobs
 from tests.dispatcher.helpers import wait_for
 from tests.features.test_openai_embeddings import SENTENCES, TOKEN, check, client
 from tests.pull.conftest import add_pull
@@ -40,6 +41,11 @@ def listening_ports(pid: int) -> list[int]:
             if parts[3] == "0A" and parts[9] in inodes:  # 0A: LISTEN
                 ports.append(int(parts[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def _free(engine) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one() == 0
 
 
 def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
@@ -71,6 +77,8 @@ def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
                 "g7",
                 "--heartbeat-seconds",
                 "0.25",
+                "--max-hold-seconds",
+                "60",
             ],
             env=env,
             stdout=log,
@@ -112,6 +120,30 @@ def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
                 c.embeddings.create(model="embed", input=[""])
             assert bad.value.status_code in (400, 422), bad.value
         assert listening_ports(agent.pid) == []
+        # WHEN a long job (it holds its slot 60 s, heartbeating) is cancelled while the agent runs it
+        (victim,) = push_jobs(stack.rds, "embedpool", 1, task_type="embed", input="hold on", hold_seconds=60)
+
+        def fetched() -> bool:
+            with stack.engine.connect() as conn:
+                return (
+                    conn.execute(
+                        text("SELECT COUNT(*) FROM tasks WHERE task_id = :t AND fetched_attempt = attempt"),
+                        {"t": victim},
+                    ).scalar_one()
+                    == 1
+                )
+
+        wait_for(fetched, 60, 0.05, what="the long job fetched by the agent")
+        res = httpx.post(
+            f"{d.url}/tasks/{victim}/cancel", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10
+        )
+        assert res.status_code == 200 and res.json()["slot_held"] is True, res.text
+        # THEN its next heartbeat is answered 409, the agent stops it and confirms: the slot is freed long
+        # before the 60 s hold would have ended it
+        wait_for(lambda: _free(stack.engine), 30, 0.1, what="the cancelled job's slot freed")
+        assert "cancelled" in log_path.read_text()
+        # (freed by the agent's confirmation, not by the lease: the dispatcher logs which)
+        wait_for(lambda: "cancel_confirmed" in d.log_path.read_text(), 10, 0.1, what="cancel confirmed")
         # AND SIGTERM stops it cleanly
         agent.send_signal(signal.SIGTERM)
         assert agent.wait(60) == 0, log_path.read_text()[-4000:]
