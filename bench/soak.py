@@ -170,8 +170,8 @@ def _states(engine: Engine) -> Counter[str]:
 
 def _redis_leftovers(rds: redis.Redis, prefix: str, queue: str) -> int:
     """Jobs still in the queue, a processing list or a parked list."""
-    total = sum(int(rds.llen(q)) for q in (queue, f"{queue}:high", f"{queue}:low"))
-    for pattern in (f"{prefix}proc:*", f"{prefix}parked:*"):
+    total = sum(int(rds.llen(q)) for q in (queue, f"{{{queue}}}:high", f"{{{queue}}}:low"))
+    for pattern in (f"{prefix}*:proc:*", f"{prefix}*:parked:*"):
         total += sum(int(rds.llen(k)) for k in rds.scan_iter(pattern))
     return total
 
@@ -282,7 +282,7 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> dict[str, Any]:
         engine.dispose()
         for k in rds.scan_iter(f"{prefix}*"):
             rds.delete(k)
-        rds.delete(queue, f"{queue}:high", f"{queue}:low")
+        rds.delete(queue, f"{{{queue}}}:high", f"{{{queue}}}:low")
         rds.close()
         if db_name is not None:
             _drop_database(cfg.mysql_url, db_name)

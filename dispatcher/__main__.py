@@ -29,6 +29,7 @@ from dispatcher.event_hub import EventHub
 from dispatcher.logs import setup_logging
 from dispatcher.preflight import StartProblem, preflight
 from dispatcher.settings import DispatcherSettings
+from producer.connect import async_client, initialized
 from producer.errors import ConfigError
 from producer.keys import Keys
 from producer.settings import load
@@ -139,14 +140,20 @@ def main() -> int:
     options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 15}
     # Named (CLIENT LIST shows gpuq-<role>-<dispatcher id>): an operator sees who holds what.
     me = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.dispatcher_id)[:100]
-    redis = Redis.from_url(settings.redis_dsn(), client_name=f"gpuq-loop-{me}", **options)
-    beat = Redis.from_url(settings.redis_dsn(), max_connections=4, client_name=f"gpuq-beat-{me}", **options)
-    publisher = Redis.from_url(
-        settings.redis_dsn(), max_connections=8, client_name=f"gpuq-events-{me}", **options
+    dsn, cluster = settings.redis_dsn(), settings.redis_cluster
+    redis = async_client(dsn, cluster=cluster, client_name=f"gpuq-loop-{me}", **options)
+    beat = async_client(dsn, cluster=cluster, max_connections=4, client_name=f"gpuq-beat-{me}", **options)
+    publisher = async_client(
+        dsn, cluster=cluster, max_connections=8, client_name=f"gpuq-events-{me}", **options
     )
-    api = Redis(
-        connection_pool=BlockingConnectionPool.from_url(
-            settings.redis_dsn(), max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
+    api = (
+        # redis-py's cluster client keeps a pool per node of its own making
+        async_client(dsn, cluster=True, **options)
+        if cluster
+        else Redis(
+            connection_pool=BlockingConnectionPool.from_url(
+                dsn, max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
+            )
         )
     )
     clients = (redis, beat, publisher, api)
@@ -154,6 +161,8 @@ def main() -> int:
     holder: dict[str, Dispatcher] = {}
 
     async def make() -> Dispatcher:
+        for client in clients:
+            await initialized(client)
         d = Dispatcher(settings, engine, redis, beat=beat, publisher=publisher)
         d.on_fatal = lambda: setattr(server, "should_exit", True)
         holder["d"] = d

@@ -78,6 +78,8 @@ class Dispatcher:
             settings.all_queues,
             settings.weights,
             routes=settings.routes,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_seconds=settings.redis_wait_timeout_seconds,
         )
         self.gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),

@@ -3,8 +3,10 @@ jobs in Redis (or leaving an attempt to its lease); it never drops a job or stop
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from dispatcher.db.engine import StoreUnavailable
 
-TRANSIENT: tuple[type[Exception], ...] = (RedisError, StoreUnavailable, OSError)
+# RedisClusterException is not a RedisError: redis-py's cluster client raises it (SlotNotCoveredError) while a
+# failover leaves a slot without a master for a moment.
+TRANSIENT: tuple[type[Exception], ...] = (RedisError, RedisClusterException, StoreUnavailable, OSError)

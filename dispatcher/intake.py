@@ -1,7 +1,10 @@
 """The dispatcher's side of Redis: taking jobs reliably, settling them, sweeping, heartbeats and wake-ups.
 
 A job never exists only in this process's memory: a Lua script moves it atomically from its list into this
-dispatcher's processing list (``Keys.proc``), tagged with the list it came from (``<source>\\n<raw>``).
+dispatcher's processing list of that queue (``Keys.proc``), tagged with the list it came from
+(``<source>\\n<raw>``). A queue's lists, parked lists and processing lists share its hash tag, so every
+script here touches one Redis Cluster slot: on a cluster (``REDIS_CLUSTER``) a take runs once per queue, and a
+settlement is one MULTI per queue; on one Redis a take still covers all queues in one round trip.
 It leaves the processing list only after the database has recorded it (``settle``), or when it is
 dead-lettered or handed back.
 
@@ -14,7 +17,13 @@ then finds no slot (another dispatcher was faster) is buffered or parked by the 
 their pool.
 
 If the process dies, its heartbeat key expires and any other dispatcher puts the tagged jobs back at the head
-of their lists (``sweep``). Key names live in ``producer.keys``.
+of their lists (``sweep``); the heartbeat records which queues the process serves (``Keys.owner_queues``), so
+the sweeper finds its processing lists even for queues it does not serve itself. Key names live in
+``producer.keys``; jobs left under the names before issue 15 are moved by ``dispatcher.migrate``.
+
+``REDIS_WAIT_REPLICAS``: a write that hands a job back to Redis alone (a requeue, a settlement) is followed by
+a fence (``fence``): a small write to the same slot and ``WAIT`` on its connection. Replication keeps a
+master's order, so replicas holding the fence hold the hand-off.
 """
 
 from __future__ import annotations
@@ -23,129 +32,26 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import RedisError
 
-from producer.keys import PRIORITY_ORDER, Keys, queue_key
+from dispatcher.intake_lua import REQUEUE, SCAN_DEPTH, SWEEP, TAKE
+from dispatcher.migrate import migrate, sweep_legacy_proc
+from producer.connect import is_cluster, wait_options
+from producer.keys import PRIORITY_ORDER, Keys, Legacy, queue_key, queue_lists, scope
 
 log = logging.getLogger("gpuq.intake")
 
+__all__ = ["SCAN_DEPTH", "Intake", "NotReplicated", "Settlement", "Taken", "as_str", "weighted_order"]
+
 HEARTBEAT_TTL_SECONDS = 10
 
-#: How deep into a list a take looks for a job whose pool has room, past jobs waiting for full pools. The
-#: bound on head-of-line blocking in a queue that mixes pools (seed-style producers); queues named after
-#: their pool (what the producer does with TASK_ROUTES) never need to look past the head.
-SCAN_DEPTH = 256
 
-# KEYS: processing list, then every source list.
-# ARGV: want, scan depth, default pool, limited (1: only jobs whose pool has budget; 0: any job),
-#       route count R, R x (type, pool), pool count P, P x (pool, budget),
-#       then per group "<size>:<pool>" (pool empty: a queue, each job's pool by its type; else a parked list).
-# Round-robin over groups, one job per visit; within a group the first priority list with a job whose pool
-# has room wins, and within a list the first such job (up to the scan depth): jobs for a full pool stay where
-# they are, in order, while jobs behind them for other pools are taken. A job that is not a JSON object with
-# a string "type" is taken regardless (the dispatcher dead-letters it). Returns source, element, pool triples.
-_TAKE = """
-local proc = KEYS[1]
-local want = tonumber(ARGV[1])
-local depth = tonumber(ARGV[2])
-local default_pool = ARGV[3]
-local limited = ARGV[4] == '1'
-local a = 5
-local routes = {}
-for _ = 1, tonumber(ARGV[a]) do routes[ARGV[a + 1]] = ARGV[a + 2]; a = a + 2 end
-a = a + 1
-local budget = {}
-for _ = 1, tonumber(ARGV[a]) do budget[ARGV[a + 1]] = tonumber(ARGV[a + 2]); a = a + 2 end
-a = a + 1
-local groups, k = {}, 2
-for i = a, #ARGV do
-  local size, pool = string.match(ARGV[i], '^(%d+):(.*)$')
-  local g = {keys = {}, pool = pool ~= '' and pool or nil, alive = true}
-  for j = 1, tonumber(size) do g.keys[j] = KEYS[k]; k = k + 1 end
-  groups[#groups + 1] = g
-end
-
-local function pool_of(el)
-  local ok, obj = pcall(cjson.decode, el)
-  if not ok or type(obj) ~= 'table' or type(obj['type']) ~= 'string' then return false end
-  return routes[obj['type']] or default_pool
-end
-
-local function room(pool)
-  if not limited or pool == false then return true end
-  local b = budget[pool]
-  return b ~= nil and b > 0
-end
-
-local lists = {}  -- per list: elements read so far (nil once taken), their pools, how many were removed
-local function pick(key, fixed)
-  local st = lists[key]
-  if st == nil then st = {els = {}, pools = {}, removed = 0, ended = false}; lists[key] = st end
-  local i = 1
-  while i <= depth do
-    if i > #st.els then
-      if st.ended then return nil end
-      local from = #st.els - st.removed
-      local chunk = redis.call('LRANGE', key, from, from + 31)
-      if #chunk == 0 then st.ended = true; return nil end
-      for _, el in ipairs(chunk) do st.els[#st.els + 1] = el end
-      if #chunk < 32 then st.ended = true end
-    end
-    local el = st.els[i]
-    if el then
-      local pool = st.pools[i]
-      if pool == nil then pool = fixed or pool_of(el); st.pools[i] = pool end
-      if room(pool) then
-        redis.call('LREM', key, 1, el)
-        st.els[i] = false
-        st.removed = st.removed + 1
-        if limited and pool ~= false then budget[pool] = budget[pool] - 1 end
-        return el, pool
-      end
-    end
-    i = i + 1
-  end
-  return nil
-end
-
-local out, got, active = {}, 0, #groups
-while got < want and active > 0 do
-  for _, g in ipairs(groups) do
-    if got >= want then break end
-    if g.alive then
-      local found = false
-      for _, key in ipairs(g.keys) do
-        local el, pool = pick(key, g.pool)
-        if el then
-          redis.call('RPUSH', proc, key .. '\\n' .. el)
-          out[#out + 1] = key; out[#out + 1] = el; out[#out + 1] = pool or ''
-          got = got + 1; found = true
-          break
-        end
-      end
-      if not found then g.alive = false; active = active - 1 end
-    end
-  end
-end
-return out
-"""
-
-# KEYS: a processing list, the dispatchers set. ARGV: dispatcher id, "forget" (1 to drop it from the set).
-# Newest first onto the head of each source list, so the original order is back at the head.
-_SWEEP = """
-local n = 0
-while true do
-  local el = redis.call('RPOP', KEYS[1])
-  if not el then break end
-  local nl = string.find(el, '\\n', 1, true)
-  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))
-  n = n + 1
-end
-if ARGV[2] == '1' then redis.call('SREM', KEYS[2], ARGV[1]) end
-return n
-"""
+class NotReplicated(RedisError):
+    """Fewer replicas than REDIS_WAIT_REPLICAS acknowledged a hand-off in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,19 +101,38 @@ class Intake:
         *,
         routes: dict[str, str] | None = None,
         default_pool: str = "default",
+        wait_replicas: int = 0,
+        wait_timeout_seconds: float = 1.0,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.dispatcher_id = dispatcher_id
-        self.proc = keys.proc(dispatcher_id)
+        self.procs = {q: keys.proc(q, dispatcher_id) for q in queues}
         self.queues = queues
         self.routes = dict(routes or {})  # task type -> pool (TASK_ROUTES)
         self.default_pool = default_pool
+        self.cluster = is_cluster(redis)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = int(wait_timeout_seconds * 1000)
         self._order = weighted_order(queues, weights)
         self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
-        self._take = redis.register_script(_TAKE)
-        self._sweep = redis.register_script(_SWEEP)
+        self._parked_stem = {f"{keys.prefix}{scope(q)}:parked:": q for q in queues}
+        self._take = redis.register_script(TAKE)
         self._turn = 0
+        self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
+
+    @property
+    def proc(self) -> str:
+        """The processing list of the first queue (tests that serve one queue look at it)."""
+        return self.procs[self.queues[0]]
+
+    def queue_of(self, source: str) -> str | None:
+        """The queue a source list (a priority list or a parked list) belongs to; None if not ours."""
+        queue = self._queue_of.get(source)
+        if queue is None:
+            stem, _, _ = source.rpartition(":")
+            queue = self._parked_stem.get(stem + ":")
+        return queue
 
     async def take(self, want: int, free: dict[str, int] | None) -> list[Taken]:
         """Up to ``want`` jobs, never more for a pool than ``free`` gives it (pool -> slots it can start now;
@@ -215,21 +140,44 @@ class Intake:
         round-robin (QUEUE_WEIGHTS): one job per visit, a queue of weight w visited w times per cycle, each
         call starting one step further along the cycle, so the shares hold for small takes too. A job's pool
         is its type's route (TASK_ROUTES, else the default pool); a job whose pool is full stays in its list,
-        in its place, while jobs behind it for pools with room are taken (within ``SCAN_DEPTH``)."""
+        in its place, while jobs behind it for pools with room are taken (within ``SCAN_DEPTH``).
+
+        On a cluster each queue is its own script (its own slot): the queues are visited in the same
+        rotating order, each asked for what the ones before it left of ``want`` and of the pools' room."""
         if want <= 0:
             return []
-        keys: list[str] = [self.proc]
-        args: list[str | int] = [want, SCAN_DEPTH, self.default_pool, 0 if free is None else 1]
-        args += [len(self.routes), *(v for pair in self.routes.items() for v in pair)]
         budgets = {pool: n for pool, n in (free or {}).items() if n > 0}
-        args += [len(budgets), *(v for pair in budgets.items() for v in pair)]
-        for pool in budgets:
-            keys.append(self.keys.parked(pool))
-            args.append(f"1:{pool}")
         start = self._turn % len(self._order)
         self._turn += 1
-        for q in self._order[start:] + self._order[:start]:
-            keys.extend(queue_key(q, p) for p in PRIORITY_ORDER)
+        order = self._order[start:] + self._order[:start]
+        if not self.cluster:
+            return await self._take_from(order, want, free is not None, budgets)
+        out: list[Taken] = []
+        for queue in dict.fromkeys(order):
+            if len(out) >= want or (free is not None and not budgets):
+                break
+            got = await self._take_from([queue], want - len(out), free is not None, budgets)
+            for t in got:
+                if t.pool in budgets:
+                    budgets[t.pool] -= 1
+                    if budgets[t.pool] <= 0:
+                        del budgets[t.pool]
+            out += got
+        return out
+
+    async def _take_from(
+        self, order: list[str], want: int, limited: bool, budgets: dict[str, int]
+    ) -> list[Taken]:
+        keys: list[str] = []
+        args: list[str | int] = [want, SCAN_DEPTH, self.default_pool, 1 if limited else 0]
+        args += [len(self.routes), *(v for pair in self.routes.items() for v in pair)]
+        args += [len(budgets), *(v for pair in budgets.items() for v in pair)]
+        for queue in dict.fromkeys(order):
+            for pool in budgets:
+                keys += [self.procs[queue], self.keys.parked(queue, pool)]
+                args.append(f"1:{pool}")
+        for queue in order:
+            keys += [self.procs[queue], *queue_lists(queue)]
             args.append(f"{len(PRIORITY_ORDER)}:")
         flat = await self._take(keys=keys, args=args)
         out = []
@@ -240,50 +188,114 @@ class Intake:
         return out
 
     async def held(self) -> list[Taken]:
-        """What our processing list still holds: empty between passes unless one did not finish."""
+        """What our processing lists still hold: empty between passes unless one did not finish."""
+        pipe = self.redis.pipeline(transaction=False)
+        for proc in self.procs.values():
+            pipe.lrange(proc, 0, -1)
         out = []
-        for element in await self.redis.lrange(self.proc, 0, -1):
-            source, _, raw = as_str(element).partition("\n")
-            out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
+        for elements in await pipe.execute():
+            for element in elements:
+                source, _, raw = as_str(element).partition("\n")
+                out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
         return out
 
     async def settle(self, s: Settlement) -> None:
-        pipe = self.redis.pipeline(transaction=True)
+        """Apply ``s``: one MULTI/EXEC per queue on a cluster (one slot each), one in all on one Redis."""
+        ops, dead = self._commands(s)
+        if self.cluster and dead:
+            # The dead-letter list is in another slot: written first, so a crash in between leaves a job in
+            # both (dead-lettered again when swept back), never in neither.
+            await self.redis.rpush(self.keys.dead, *dead)
+            dead = []
+        merged = (
+            list(ops.items()) if self.cluster else [(self.queues[0], [c for v in ops.values() for c in v])]
+        )
+        for queue, commands in merged:
+            pipe = self.redis.pipeline(transaction=True)
+            for command, key, value in commands:
+                if command == "lrem":
+                    pipe.lrem(key, 1, value)
+                else:
+                    getattr(pipe, command)(key, value)
+            if dead:
+                pipe.rpush(self.keys.dead, *dead)
+                dead = []
+            await pipe.execute()
+            if self.wait_replicas and (s.park or s.back or s.dead):
+                await self.fence(queue, strict=False)
+        if dead:
+            await self.redis.rpush(self.keys.dead, *dead)
+
+    def _commands(self, s: Settlement) -> tuple[dict[str, list[tuple[str, str, Any]]], list[str]]:
+        """``s`` as commands per queue (command, key, value) and the dead letters to push."""
+        ops: dict[str, list[tuple[str, str, Any]]] = {}
+
+        def on(element: str, *commands: tuple[str, str, Any]) -> None:
+            queue = self.queue_of(element.partition("\n")[0]) or self.queues[0]
+            ops.setdefault(queue, []).append(("lrem", self.procs[queue], _b(element)))
+            ops[queue].extend(commands)
+
         for el in s.ack:
-            pipe.lrem(self.proc, 1, _b(el))
+            on(el)
         # Jobs taken from a parked list go back to its head (LPUSH in reverse keeps their order); jobs newly
         # parked go to its tail, behind those parked before them: a pool's parked jobs keep their order.
         for el, pool, body in reversed(s.park):
-            if el.startswith(self.keys.parked(pool) + "\n"):
-                pipe.lrem(self.proc, 1, _b(el))
-                pipe.lpush(self.keys.parked(pool), body)
+            if el.startswith(self._parked_key(el, pool) + "\n"):
+                on(el, ("lpush", self._parked_key(el, pool), body))
         for el, pool, body in s.park:
-            if not el.startswith(self.keys.parked(pool) + "\n"):
-                pipe.lrem(self.proc, 1, _b(el))
-                pipe.rpush(self.keys.parked(pool), body)
+            if not el.startswith(self._parked_key(el, pool) + "\n"):
+                on(el, ("rpush", self._parked_key(el, pool), body))
         for el, body in reversed(s.back):
-            pipe.lrem(self.proc, 1, el)
-            pipe.lpush(el.partition("\n")[0], body)
+            on(el, ("lpush", el.partition("\n")[0], body))
         now = datetime.now(UTC).isoformat()
-        for el, raw, queue, why in s.dead:
-            pipe.lrem(self.proc, 1, _b(el))
-            # json.dumps writes bytes that were not UTF-8 (kept as surrogate escapes) as \udcXX escapes
-            pipe.rpush(self.keys.dead, json.dumps({"raw": raw, "reason": why, "queue": queue, "at": now}))
+        # json.dumps writes bytes that were not UTF-8 (kept as surrogate escapes) as \udcXX escapes
+        dead = [json.dumps({"raw": raw, "reason": why, "queue": q, "at": now}) for _, raw, q, why in s.dead]
+        for el, *_ in s.dead:
+            on(el)
         for old, new in s.restamp:
-            pipe.lrem(self.proc, 1, _b(old))
-            pipe.rpush(self.proc, new)
-        if len(pipe):
-            await pipe.execute()
+            queue = self.queue_of(old.partition("\n")[0]) or self.queues[0]
+            on(old, ("rpush", self.procs[queue], new))
+        return ops, dead
+
+    def _parked_key(self, element: str, pool: str) -> str:
+        return self.keys.parked(self.queue_of(element.partition("\n")[0]) or self.queues[0], pool)
+
+    async def fence(self, queue: str, *, strict: bool = True) -> None:
+        """Wait until REDIS_WAIT_REPLICAS replicas hold what was written to ``queue``'s slot so far: a write
+        there and WAIT on the same connection (replication keeps the master's order). ``strict``: raise
+        NotReplicated when too few answer in time; else log it (the write itself is done)."""
+        key = self.keys.fence(queue)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, self.dispatcher_id, ex=60)
+        pipe.execute_command(
+            "WAIT", self.wait_replicas, self.wait_timeout_ms, **wait_options(self.redis, key)
+        )
+        acked = int((await pipe.execute())[1])
+        if acked >= self.wait_replicas:
+            return
+        if strict:
+            raise NotReplicated(f"only {acked} of {self.wait_replicas} replicas acknowledged")
+        log.warning(
+            "a hand-off is not yet on enough replicas",
+            extra={"action": "wait_replicas", "queue": queue, "acked": acked, "wanted": self.wait_replicas},
+        )
 
     async def hand_back(self) -> int:
-        """Put every job still in our processing list back where it came from (stop, or after an error)."""
-        return int(await self._sweep(keys=[self.proc, self.keys.dispatchers], args=[self.dispatcher_id, "0"]))
+        """Put every job still in our processing lists back where it came from (stop, or after an error)."""
+        return await self._sweep_procs(list(self.procs.values()))
+
+    async def _sweep_procs(self, procs: list[str]) -> int:
+        moved = 0
+        for proc in procs:  # one script per list: each is one slot
+            moved += int(await self.redis.eval(SWEEP, 1, proc))
+        return moved
 
     async def heartbeat(self, redis: Redis | None = None) -> None:
         """``redis``: a client of the heartbeat's own, so that nothing queued on the loop's delays it."""
         pipe = (redis or self.redis).pipeline(transaction=False)
         pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
+        pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
         await pipe.execute()
 
     async def is_alive(self, dispatcher_id: str) -> bool:
@@ -293,30 +305,70 @@ class Intake:
     async def retire(self) -> None:
         await self.redis.delete(self.keys.alive(self.dispatcher_id))
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
+        await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
+
+    async def queues_of(self, dispatcher_id: str) -> list[str]:
+        """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
+        raw = await self.redis.hget(self.keys.owner_queues, dispatcher_id)
+        try:
+            recorded = json.loads(raw) if raw else []
+        except ValueError:
+            recorded = []
+        names = [q for q in recorded if isinstance(q, str)] if isinstance(recorded, list) else []
+        return list(dict.fromkeys([*names, *self.queues]))
 
     async def sweep_dead(self) -> int:
-        """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back."""
+        """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back. On one
+        Redis, also what the layout before issue 15 holds (``dispatcher.migrate``)."""
         moved = 0
         for raw_id in await self.redis.smembers(self.keys.dispatchers):
             other = as_str(raw_id)
             if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
                 continue
-            n = int(await self._sweep(keys=[self.keys.proc(other), self.keys.dispatchers], args=[other, "1"]))
+            queues = await self.queues_of(other)
+            n = await self._sweep_procs([self.keys.proc(q, other) for q in queues])
+            if not self.cluster:  # the layout before issue 15 exists only on one Redis
+                n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
+            await self.redis.srem(self.keys.dispatchers, other)
+            await self.redis.hdel(self.keys.owner_queues, other)
             if n:
                 log.warning(
                     "put back jobs of a dispatcher that is gone",
                     extra={"action": "sweep", "dead_dispatcher": other, "jobs": n},
                 )
             moved += n
+        if not self.cluster:
+            moved += await migrate(self.redis, self.keys, self.queues, parked=self._scan_old or moved > 0)
+            self._scan_old = False
         return moved
 
     async def requeue(self, jobs: list[tuple[str, str]]) -> None:
         """Push (list key, job json) at the head of their lists: retries whose backoff is over, first due
-        first (LPUSH in reverse keeps their order at the head)."""
-        pipe = self.redis.pipeline(transaction=True)
-        for key, body in reversed(jobs):
-            pipe.lpush(key, body)
-        await pipe.execute()
+        first (pushed in reverse keeps their order at the head). One script per slot on a cluster; then,
+        with REDIS_WAIT_REPLICAS, a fence: the database may mark them queued only once replicas hold them."""
+        if not jobs:
+            return
+        groups: dict[int, list[tuple[str, str]]] = {}
+        for key, body in jobs:
+            slot = key_slot(key.encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append((key, body))
+        for group in groups.values():
+            lists = [k for k, _ in group]
+            await self.redis.eval(REQUEUE, len(lists), *lists, *(b for _, b in group))
+            if self.wait_replicas:
+                await self.fence(self._queue_of_list(lists[0]))
+
+    def _queue_of_list(self, key: str) -> str:
+        """The queue whose list ``key`` is (any queue's, not only ours): for the fence's slot."""
+        queue = self.queue_of(key)
+        if queue is not None:
+            return queue
+        for suffix in (":high", ":low"):
+            if key.startswith("{") and key.endswith("}" + suffix):
+                return key[1 : -len(suffix) - 1]
+            if key.endswith(suffix):  # a queue with its own {tag}
+                return key[: -len(suffix)]
+        return key
 
     async def wake_others(self, what: str) -> None:
         await self.redis.publish(self.keys.wake, what)
@@ -329,6 +381,14 @@ class Intake:
         pipe.llen(self.keys.dead)
         counts = await pipe.execute()
         return dict(zip([*names, self.keys.dead], (int(c) for c in counts), strict=True))
+
+
+def _lrem_push(pipe: Any, proc: str, element: str, key: str, body: str, *, head: bool) -> None:
+    pipe.lrem(proc, 1, _b(element))
+    if head:
+        pipe.lpush(key, body)
+    else:
+        pipe.rpush(key, body)
 
 
 def as_str(value: bytes | str) -> str:

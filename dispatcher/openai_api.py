@@ -134,7 +134,8 @@ async def task_result(
     task = await d.db(get_task, task_id=task_id)
     if task is None:
         # Pushed but not yet taken by a dispatcher: the push's idempotency mark says it exists.
-        if await hub.redis.exists(d.keys.idem(f"task:{task_id}")):
+        marks = [d.keys.idem(q, f"task:{task_id}") for q in d.settings.all_queues]
+        if any([await hub.redis.exists(mark) for mark in marks]):  # one queue (cluster slot) at a time
             return JSONResponse(pending_body(task_id, None), status_code=202)
         raise OpenAIError(404, f"unknown task {task_id!r}", code="task_not_found")
     if task["finished_at"] and _expired(task["finished_at"], d):
@@ -171,7 +172,7 @@ async def _enqueue(d: Dispatcher, hub: EventHub, task_id: str, task_type: str, d
     keys, args = push_arguments(
         [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
     )
-    await hub.redis.register_script(PUSH_LUA)(keys=keys, args=args)
+    await hub.redis.eval(PUSH_LUA, len(keys), *keys, *args)
 
 
 async def _wait(d: Dispatcher, events: Listener, task_id: str, seconds: float) -> dict[str, Any] | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from urllib.parse import urlsplit
 
-import redis
 from redis.exceptions import RedisError
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
@@ -25,6 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import register_new
 from dispatcher.settings import DispatcherSettings
+from producer.connect import sync_client
 
 log = logging.getLogger("gpuq.main")
 
@@ -65,7 +65,9 @@ def check_database(settings: DispatcherSettings, engine: Engine) -> None:
 def check_redis(settings: DispatcherSettings) -> None:
     parts = urlsplit(settings.redis_dsn())
     where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
-    client = redis.Redis.from_url(settings.redis_dsn(), socket_connect_timeout=5, socket_timeout=5)
+    client = sync_client(
+        settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+    )
     try:
         client.ping()
     except (RedisError, OSError) as exc:

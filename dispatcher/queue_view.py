@@ -91,12 +91,14 @@ class Plan:
             pipe.llen(key)
             pipe.lindex(key, 0)  # the oldest: producers RPUSH, dispatchers take from the head
         for pool in self.pools:
-            pipe.llen(self.keys.parked(pool))
-            pipe.lindex(self.keys.parked(pool), 0)
+            for queue in self.queues:
+                pipe.llen(self.keys.parked(queue, pool))
+                pipe.lindex(self.keys.parked(queue, pool), 0)
         pipe.llen(self.keys.dead)
         for owner in owners:  # the dispatchers' processing lists
-            pipe.llen(self.keys.proc(owner))
-            pipe.lindex(self.keys.proc(owner), 0)
+            for queue in self.queues:
+                pipe.llen(self.keys.proc(queue, owner))
+                pipe.lindex(self.keys.proc(queue, owner), 0)
 
     def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
         now = now or datetime.now(UTC)
@@ -108,9 +110,14 @@ class Plan:
             queues.append(QueueDepth(queue, priority, key, depth, age))
         parked, parked_age = {}, {}
         for pool in self.pools:
-            depth, head = int(next(it)), next(it)
-            parked[pool] = depth
-            parked_age[pool] = _age(head, now) if depth else None
+            ages = []
+            parked[pool] = 0
+            for _ in self.queues:
+                depth, head = int(next(it)), next(it)
+                parked[pool] += depth
+                ages.append(_age(head, now) if depth else None)
+            known_ages = [a for a in ages if a is not None]
+            parked_age[pool] = max(known_ages) if known_ages else None
         dead = int(next(it))
         taken, taken_ages = 0, []
         for depth, head in zip(it, it, strict=True):

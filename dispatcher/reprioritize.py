@@ -17,7 +17,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from dispatcher.intake import as_str
-from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
+from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
 
 # KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
 # (their elements are "<source>\n<job>"; 0: none). Returns {list, element, index} or nil. Chunks of 500.
@@ -68,11 +68,13 @@ class Moved:
 
 def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Priority) -> Moved:
     """Move the job with ``task_id`` waiting in one of ``queues`` to the back of its ``priority`` list."""
-    lists = [queue_key(q, p) for q in queues for p in PRIORITY_ORDER]
     queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
-    find, move = rds.register_script(_FIND), rds.register_script(_MOVE)
     for _ in range(3):
-        hit = find(keys=lists, args=[task_id])
+        hit = None
+        for queue in queues:  # one queue (one cluster slot) per script
+            hit = rds.eval(_FIND, len(PRIORITY_ORDER), *queue_lists(queue), task_id)
+            if hit:
+                break
         if not hit:
             return Moved(False)
         source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
@@ -81,15 +83,14 @@ def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Pri
             return Moved(True, source, target)
         body = json.loads(element)
         body["priority"] = priority.value
-        if move(keys=[source, target], args=[element, json.dumps(body, separators=(",", ":"))]):
+        if rds.eval(_MOVE, 2, source, target, element, json.dumps(body, separators=(",", ":"))):
             return Moved(True, source, target)
     return Moved(False)
 
 
-def _waiting_lists(keys: Keys, queues: list[str], pools: list[str]) -> tuple[list[str], dict[str, str]]:
-    lists = [queue_key(q, p) for q in queues for p in PRIORITY_ORDER]
-    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
-    return [*lists, *(keys.parked(pool) for pool in pools)], queue_of
+def _waiting_lists(keys: Keys, queue: str, pools: list[str]) -> list[str]:
+    """Where a job of ``queue`` waits: its priority lists, then its parked lists (all in one slot)."""
+    return [*queue_lists(queue), *(keys.parked(queue, pool) for pool in pools)]
 
 
 def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
@@ -126,9 +127,13 @@ def find_waiting(
     rds: redis.Redis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
 ) -> dict[str, Any] | None:
     """The job with ``task_id`` if it waits in Redis (its queues' lists or a parked list), else None."""
-    lists, queue_of = _waiting_lists(keys, queues, pools)
-    hit = rds.register_script(_FIND)(keys=lists, args=[task_id])
-    return _waiting(task_id, hit, queue_of) if hit else None
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    for queue in queues:  # one queue (one cluster slot) per script
+        lists = _waiting_lists(keys, queue, pools)
+        hit = rds.eval(_FIND, len(lists), *lists, task_id)
+        if hit:
+            return _waiting(task_id, hit, queue_of)
+    return None
 
 
 async def find_waiting_async(
@@ -137,10 +142,14 @@ async def find_waiting_async(
     """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
     processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
     neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
-    lists, queue_of = _waiting_lists(keys, queues, pools)
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
     owners = sorted(as_str(v) for v in await rds.smembers(keys.dispatchers))
-    procs = [keys.proc(o) for o in owners]
-    hit = await rds.register_script(_FIND)(
-        keys=[*lists, *procs], args=[task_id, len(lists) + 1 if procs else 0]
-    )
-    return _waiting(task_id, hit, queue_of) if hit else None
+    for queue in queues:  # one queue (one cluster slot) per script
+        lists = _waiting_lists(keys, queue, pools)
+        procs = [keys.proc(queue, o) for o in owners]
+        hit = await rds.eval(
+            _FIND, len(lists) + len(procs), *lists, *procs, task_id, len(lists) + 1 if procs else 0
+        )
+        if hit:
+            return _waiting(task_id, hit, queue_of)
+    return None

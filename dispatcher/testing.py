@@ -17,18 +17,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from redis.asyncio import Redis
-
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.settings import DispatcherSettings
+from producer.connect import async_client, initialized
 
 
 @asynccontextmanager
 async def in_process(settings: DispatcherSettings, *, background: bool = False) -> AsyncIterator[Dispatcher]:
     engine = make_engine(settings.db_url(), pool_size=4)
-    redis = Redis.from_url(settings.redis_dsn())
-    d = Dispatcher(settings, engine, redis)
+    redis = async_client(settings.redis_dsn(), cluster=settings.redis_cluster)
+    d = Dispatcher(settings, engine, await initialized(redis))
     try:
         await d.start(background=background)
         yield d

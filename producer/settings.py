@@ -11,12 +11,12 @@ from functools import lru_cache
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigError
 from producer.job import DEFAULT_MAX_JOB_BYTES
-from producer.keys import IDEMPOTENCY_TTL_SECONDS
+from producer.keys import IDEMPOTENCY_TTL_SECONDS, scope, scope_problem
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
 _TASK_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
@@ -59,6 +59,15 @@ class QueueSettings(BaseSettings):
     #: How long a push's idempotency mark lives: a task id (or SQS/S3 delivery) seen again within this
     #: window is answered with the first task's id and not enqueued again.
     idempotency_ttl_seconds: int = Field(default=IDEMPOTENCY_TTL_SECONDS, ge=1, le=30 * 86400)
+    #: The Redis at REDIS_URL is a cluster (ElastiCache / MemoryDB cluster mode): redis-py's cluster client,
+    #: which follows slots and failovers. The key layout is the same either way (``producer.keys``).
+    redis_cluster: bool = False
+    #: Replicas that must hold a write before it counts (Redis WAIT): a push is acknowledged, and a
+    #: dispatcher's hand-off back to Redis is done, only then; 0 trusts asynchronous replication.
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
+    #: How long a write waits for those replicas before it counts as not durable (the producer then
+    #: answers 503 / an SQS item failure; the job may still be queued and a retry is idempotent).
+    redis_wait_timeout_seconds: float = Field(default=1.0, gt=0, le=60)
 
     @field_validator("redis_url")
     @classmethod
@@ -66,6 +75,15 @@ class QueueSettings(BaseSettings):
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value or None
+
+    @field_validator("redis_cluster")
+    @classmethod
+    def _check_prefix(cls, value: bool, info: ValidationInfo) -> bool:
+        prefix = str(info.data.get("redis_key_prefix", ""))
+        if value and ("{" in prefix or "}" in prefix):
+            # A tag in the prefix would put every queue's keys in the prefix's slot, away from the lists.
+            raise ValueError(f"a cluster needs a REDIS_KEY_PREFIX without {{ or }} (not {prefix!r})")
+        return value
 
     @field_validator("task_queues")
     @classmethod
@@ -76,6 +94,12 @@ class QueueSettings(BaseSettings):
         for name in names:
             if not _NAME.match(name):
                 raise ValueError(f"{name!r} is not a valid queue name (letters, digits, _ . : - {{ }})")
+            problem = scope_problem(name)
+            if problem:
+                raise ValueError(f"{name!r} is not a valid queue name: {problem}")
+        scopes = [scope(name) for name in names]
+        if len(set(scopes)) < len(scopes):
+            raise ValueError("two queue names share their keys (like q and {q}); rename one")
         return value
 
     @field_validator("task_routes")

@@ -16,6 +16,8 @@ import redis
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
+from tests.redis_cluster import redis_cluster  # noqa: F401 - a fixture, for the cluster tests
+
 REDIS_HOST = os.environ.get("GPUQ_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("GPUQ_TEST_REDIS_PORT", "6379"))
 MYSQL_HOST = os.environ.get("GPUQ_TEST_MYSQL_HOST", "127.0.0.1")

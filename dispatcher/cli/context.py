@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.settings import StoreSettings
+from producer.connect import sync_client
 from producer.keys import Keys
 from producer.settings import load
 
@@ -52,8 +53,11 @@ class Stores:
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self.settings.redis_dsn(), socket_connect_timeout=3, socket_timeout=10
+            self._redis = sync_client(
+                self.settings.redis_dsn(),
+                cluster=self.settings.redis_cluster,
+                socket_connect_timeout=3,
+                socket_timeout=10,
             )
         return self._redis
 

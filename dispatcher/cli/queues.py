@@ -36,7 +36,7 @@ def list_(
     rows: list[tuple[Any, ...]] = [
         (q.key, q.queue, q.priority, q.depth, age(q.oldest_age)) for q in view.queues
     ]
-    rows += [(s.keys.parked(pool), pool, "parked", n, "") for pool, n in view.parked.items()]
+    rows += [(s.keys.parked("<queue>", pool), pool, "parked", n, "") for pool, n in view.parked.items()]
     rows.append((s.keys.dead, "", "dead letters", view.dead, ""))
     console().print(rows_table(("redis list", "queue / pool", "kind", "jobs", "oldest waiting"), rows))
 

@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from dispatcher.db.engine import make_engine
 from simgpu.fleet import SimFleet
 from tests.dispatcher.harness import BEARER, DispatcherProc
+from tests.redis_cluster import Cluster
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Stack:
     queues: list[str] = field(default_factory=list)
     procs: list[DispatcherProc] = field(default_factory=list)
     fleets: list[SimFleet] = field(default_factory=list)
+    cluster: bool = False  # the Redis is a Redis Cluster (REDIS_CLUSTER=true)
 
     def fleet(self, **options: Any) -> SimFleet:
         options.setdefault("token", BEARER)
@@ -44,6 +46,8 @@ class Stack:
             "RETRY_BACKOFF_SECONDS": "0.05",
             "GPU_PROBE_SECONDS": "0.5",
         }
+        if self.cluster:
+            env["REDIS_CLUSTER"] = "true"
         if fleet is not None:
             env["GPU_ENDPOINTS"] = fleet.gpu_endpoints()
         env.update(extra)
@@ -67,7 +71,7 @@ def stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]
     for fleet in s.fleets:
         fleet.stop()
     for q in s.queues:
-        rds.delete(q, f"{q}:high", f"{q}:low")
+        rds.delete(q, f"{{{q}}}:high", f"{{{q}}}:low")
     for key in rds.scan_iter(f"{key_prefix}*"):
         rds.delete(key)
     rds.close()
@@ -75,3 +79,25 @@ def stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]
 
 
 StackFactory = Callable[..., Stack]
+
+
+@pytest.fixture
+def cluster_stack(database_url: str, redis_cluster: Cluster, key_prefix: str) -> Iterator[Stack]:
+    """A stack whose Redis is the run's Redis Cluster (REDIS_CLUSTER=true for every process it starts)."""
+    rds: Any = redis_cluster.client()
+    engine = make_engine(database_url, pool_size=2)
+    tag = uuid.uuid4().hex[:6]
+    s = Stack(database_url, redis_cluster.url, key_prefix, rds, engine, queues=[f"q1-{tag}", f"q2-{tag}"])
+    s.cluster = True
+    yield s
+    for proc in s.procs:
+        proc.stop_quietly()
+    for fleet in s.fleets:
+        fleet.stop()
+    for q in s.queues:
+        for key in (q, f"{{{q}}}:high", f"{{{q}}}:low"):
+            rds.delete(key)
+    for key in rds.scan_iter(f"{key_prefix}*"):
+        rds.delete(key)
+    rds.close()
+    engine.dispose()

@@ -85,7 +85,7 @@ def test_jobs_left_in_its_own_processing_list_are_finished_not_stranded(stack):
     q = stack.queues[0]
     keys = Keys(stack.prefix)
     stranded = Job(task_id="stranded-1", type="start_transcribe", queue=q)
-    proc = keys.proc(d.env["DISPATCHER_ID"])
+    proc = keys.proc(q, d.env["DISPATCHER_ID"])
     stack.rds.rpush(proc, f"{q}\n{stranded.to_redis()}")
     stack.rds.publish(keys.wake, "job")
     # THEN its next pass runs it (the dispatcher is alive, so no other would ever sweep that list)

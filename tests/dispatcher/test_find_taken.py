@@ -17,12 +17,12 @@ from producer.job import Job
 from producer.keys import Keys
 
 
-def _find(redis_url: str, keys: Keys, task_id: str) -> dict | None:
+def _find(redis_url: str, keys: Keys, task_id: str, queue: str) -> dict | None:
     async def run() -> dict | None:
         client = AsyncRedis.from_url(redis_url)
         try:
             return await find_waiting_async(
-                client, keys=keys, task_id=task_id, queues=["q1"], pools=["default"]
+                client, keys=keys, task_id=task_id, queues=[queue], pools=["default"]
             )
         finally:
             await client.aclose()
@@ -39,14 +39,14 @@ def test_a_job_in_a_processing_list_is_found_about_to_start(
     queue = f"{key_prefix}q1"
     taken = Job(task_id="taken-1", type="t", queue=queue, data={"x": 1})
     rds.sadd(keys.dispatchers, "d1")
-    rds.rpush(keys.proc("d1"), f"{queue}\n{taken.to_redis()}")
+    rds.rpush(keys.proc(queue, "d1"), f"{queue}\n{taken.to_redis()}")
 
     # WHEN it is looked up
-    found = _find(redis_url, keys, "taken-1")
+    found = _find(redis_url, keys, "taken-1", queue)
 
     # THEN it is found as queued at the head of its list, with its own fields, not reported unknown
     assert found is not None
     assert (found["state"], found["type"], found["list"], found["position"]) == ("queued", "t", queue, 0)
     assert found["data"] == {"x": 1}
     # and an id in neither place is still unknown
-    assert _find(redis_url, keys, "nowhere") is None
+    assert _find(redis_url, keys, "nowhere", queue) is None

@@ -275,7 +275,9 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
         await draining[0]  # nothing held any more: the drain is over
         await settle(d)
         assert d.handoffs.buffer.count("default") == 0
-        parked = [el.decode() for el in w.rds.lrange(d.keys.parked("default"), 0, -1)]
+        parked = [
+            el.decode() for el in w.rds.lrange(d.keys.parked(d.settings.all_queues[0], "default"), 0, -1)
+        ]
         assert [json.loads(p)["task_id"] for p in parked] == [ids[3]]
         assert w.processing_list(d) == []
 

@@ -52,8 +52,10 @@ def test_queues_share_by_weight_and_priority_comes_first(redis_url, key_prefix):
         assert all(t.queue == q2 for t in taken if t.source.startswith(q2))
         batch = await intake.take(8, None)
         assert Counter(t.queue for t in batch) == {q1: 6, q2: 2}
-        # everything taken is in this dispatcher's processing list, tagged with its source
-        assert await rds.llen(Keys(key_prefix).proc("d1")) == 48
+        # everything taken is in this dispatcher's processing list of its queue, tagged with its source
+        keys = Keys(key_prefix)
+        assert await rds.llen(keys.proc(q1, "d1")) == 36
+        assert await rds.llen(keys.proc(q2, "d1")) == 12
         await rds.aclose()
 
     _run(scenario())
@@ -80,9 +82,9 @@ def test_hand_back_restores_order_and_sweep_takes_dead_lists(redis_url, key_pref
         # a parked job goes to its pool's list and is served first from there
         taken = await alive.take(1, None)
         await alive.settle(Settlement(park=[(taken[0].element, "gpu-pool", taken[0].raw)]))
-        assert await rds.llen(keys.parked("gpu-pool")) == 1
+        assert await rds.llen(keys.parked(q, "gpu-pool")) == 1
         first = await alive.take(1, {"gpu-pool": 1})
-        assert first[0].source == keys.parked("gpu-pool")
+        assert first[0].source == keys.parked(q, "gpu-pool")
         assert first[0].queue is None  # a parked job's body says its queue
         await rds.aclose()
         await rds2.aclose()
@@ -128,7 +130,7 @@ def test_take_only_what_each_pool_can_start_and_leave_the_rest_in_place(redis_ur
             Settlement(back=[(taken[0].element, taken[0].raw)], ack=[t.element for t in taken[1:]])
         )
         assert (await rds.lrange(q, 0, 0))[0] == jobs[0].encode()
-        assert await rds.llen(Keys(key_prefix).proc("d1")) == 0
+        assert await rds.llen(Keys(key_prefix).proc(q, "d1")) == 0
         await rds.aclose()
 
     _run(scenario())

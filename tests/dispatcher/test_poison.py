@@ -218,7 +218,7 @@ def test_a_reused_task_id_is_dead_lettered_not_dropped(stack, producer_on, gpuq)
     wait_for(lambda: not redis_leftovers(stack.rds, stack.prefix, stack.queues), 20, what="the copy taken")
     assert stack.rds.llen(keys.dead) == 0
     # WHEN its idempotency mark has expired and a new task comes with the same id and other data
-    stack.rds.delete(keys.idem("task:invoice-7"))
+    stack.rds.delete(keys.idem(q, "task:invoice-7"))
     assert producer_on({"type": T, "task_id": "invoice-7", "data": {"v": 2}}, None) == {
         "task_ids": ["invoice-7"]
     }

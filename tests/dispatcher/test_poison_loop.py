@@ -65,7 +65,7 @@ def test_an_unforeseen_error_from_one_job_dead_letters_it_and_the_loop_goes_on(s
             assert entry["reason"] == "could not be dispatched: RuntimeError: the unforeseen"
             assert json.loads(entry["raw"])["task_id"] == "cursed"
             assert not d._loop.done()  # type: ignore[union-attr]
-            assert await redis.llen(keys.proc(settings.dispatcher_id)) == 0
+            assert await redis.llen(keys.proc(settings.all_queues[0], settings.dispatcher_id)) == 0
         finally:
             await d.stop()
             await redis.aclose()

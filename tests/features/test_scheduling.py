@@ -90,14 +90,14 @@ def test_priority_moves_a_waiting_job_between_its_queues_lists(
         Job(task_id=t, type="embed", queue=qa, data={"n": big}).to_redis() for t in ("a", "queued-1", "b")
     ]
     rds.rpush(qa, *jobs)
-    rds.rpush(f"{qa}:high", Job(task_id="h", type="embed", queue=qa).to_redis())
+    rds.rpush(f"{{{qa}}}:high", Job(task_id="h", type="embed", queue=qa).to_redis())
     # a seed-style job without a row, its id only in data, in the other queue
     rds.rpush(qb, json.dumps({"type": "embed", "data": {"task_id": "seed-1", "x": 1}}))
     try:
         res = gpuq("task", "priority", "queued-1", "high")
-        assert res.exit_code == 0 and f"{qa}:high" in res.stdout, res
+        assert res.exit_code == 0 and f"{{{qa}}}:high" in res.stdout, res
         assert [json.loads(j)["task_id"] for j in rds.lrange(qa, 0, -1)] == ["a", "b"]
-        high = [json.loads(j) for j in rds.lrange(f"{qa}:high", 0, -1)]
+        high = [json.loads(j) for j in rds.lrange(f"{{{qa}}}:high", 0, -1)]
         assert [(j["task_id"], j["priority"]) for j in high] == [("h", "normal"), ("queued-1", "high")]
         assert high[1]["data"] == {"n": big}
         with engine.connect() as conn:
@@ -107,7 +107,7 @@ def test_priority_moves_a_waiting_job_between_its_queues_lists(
         res = gpuq("task", "priority", "seed-1", "low")
         assert res.exit_code == 0, res
         assert rds.llen(qb) == 0
-        assert json.loads(rds.lindex(f"{qb}:low", 0) or b"{}")["data"]["task_id"] == "seed-1"
+        assert json.loads(rds.lindex(f"{{{qb}}}:low", 0) or b"{}")["data"]["task_id"] == "seed-1"
 
         for task_id, state in (("busy-1", "processing"), ("done-1", "finished")):
             res = gpuq("task", "priority", task_id, "high")
@@ -116,5 +116,5 @@ def test_priority_moves_a_waiting_job_between_its_queues_lists(
         assert res.exit_code == 1 and "unknown task" in res.stderr
         assert gpuq("task", "priority", "queued-1", "urgent").exit_code == 2
     finally:
-        rds.delete(qa, f"{qa}:high", qb, f"{qb}:low")
+        rds.delete(qa, f"{{{qa}}}:high", qb, f"{{{qb}}}:low")
         engine.dispose()

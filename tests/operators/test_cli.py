@@ -312,7 +312,7 @@ def test_queue_list_and_purge_dead(gpuq, gpuq_env, stores):
         rds.rpush(keys.dead, json.dumps({"raw": f"junk{i}", "reason": "not JSON", "queue": "qa", "at": "t"}))
     out = gpuq("queue", "list").stdout
     qa, _ = gpuq_env["TASK_QUEUES"].split(",")
-    assert any(f"{qa}:high" in line and " 1 " in line for line in out.splitlines()), out
+    assert any(f"{{{qa}}}:high" in line and " 1 " in line for line in out.splitlines()), out
     assert any("dead letters" in line and " 2 " in line for line in out.splitlines()), out
 
     res = gpuq("queue", "purge", "--dead")

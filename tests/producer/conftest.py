@@ -70,11 +70,11 @@ class ProducerEnv:
 
     def all_jobs(self) -> list[dict[str, Any]]:
         lists = [*self.queues, self.pool_queue, *self.extra_lists]
-        lists += [f"{q}:{p}" for q in lists for p in ("high", "low")]
+        lists += [f"{{{q}}}:{p}" for q in lists for p in ("high", "low")]
         return [job for name in lists for job in self.jobs(name)]
 
     def marks(self) -> list[str]:
-        return sorted(k.decode() for k in self.rds.scan_iter(match=f"{self.prefix}idem:*"))
+        return sorted(k.decode() for k in self.rds.scan_iter(match=f"{self.prefix}*:idem:*"))
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def producer_env(
     yield env
     reset_caches()
     lists = [*env.queues, env.pool_queue, *env.extra_lists]
-    doomed = [*lists, *(f"{q}:{p}" for q in lists for p in ("high", "low"))]
+    doomed = [*lists, *(f"{{{q}}}:{p}" for q in lists for p in ("high", "low"))]
     doomed += [k.decode() for k in rds.scan_iter(match=f"{key_prefix}*")]
     rds.delete(*doomed)
 

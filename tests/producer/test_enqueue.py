@@ -8,7 +8,7 @@ import redis.retry
 from producer.enqueue import push
 from producer.errors import QueueUnavailable
 from producer.events import Planned, plan, split_payload
-from producer.keys import IDEMPOTENCY_TTL_SECONDS
+from producer.keys import IDEMPOTENCY_TTL_SECONDS, Legacy
 from producer.settings import get_settings
 
 from .conftest import ProducerEnv
@@ -30,10 +30,10 @@ def test_jobs_are_pushed_oldest_first_and_by_priority(producer_env: ProducerEnv)
     }
     # WHEN pushed
     result = push(planned(batch), get_settings())
-    # THEN the normal list holds them oldest first, the high one sits in <queue>:high
+    # THEN the normal list holds them oldest first, the high one sits in {<queue>}:high
     queue = producer_env.queues[0]
     assert [j["data"]["n"] for j in producer_env.jobs(queue)] == [1, 2, 4]
-    assert [j["data"]["n"] for j in producer_env.jobs(f"{queue}:high")] == [3]
+    assert [j["data"]["n"] for j in producer_env.jobs(f"{{{queue}}}:high")] == [3]
     assert result.duplicates == 0
     assert [j["task_id"] for j in producer_env.jobs(queue)] == [result.task_ids[i] for i in (0, 1, 3)]
     job = producer_env.jobs(queue)[0]
@@ -52,7 +52,7 @@ def test_a_redelivery_returns_the_first_ids_and_pushes_nothing(producer_env: Pro
     assert again.duplicates == 2
     assert len(producer_env.jobs()) == 2
     # AND each mark maps its delivery key to the task id for a day
-    mark = producer_env.keys.idem("sqs:m1#1")
+    mark = producer_env.keys.idem(producer_env.queues[0], "sqs:m1#1")
     assert producer_env.rds.get(mark) == first.task_ids[1].encode()
     assert IDEMPOTENCY_TTL_SECONDS - 5 < producer_env.rds.ttl(mark) <= IDEMPOTENCY_TTL_SECONDS
 
@@ -112,3 +112,12 @@ def test_an_unreachable_redis_is_reported_quickly(
     assert 1 <= len(waits) <= 3 and sum(waits) <= 0.75, waits
     assert "ConnectionError" in err.value.detail
     assert err.value.message == "The job queue (Redis) is unreachable."
+
+
+def test_an_idempotency_mark_of_the_old_key_layout_is_honoured(producer_env: ProducerEnv) -> None:
+    # GIVEN a delivery accepted before issue 15, whose mark sits under the old name (no queue tag)
+    producer_env.rds.set(Legacy(producer_env.prefix).idem("task:before-upgrade"), "before-upgrade", ex=600)
+    # WHEN it is delivered again THEN it is a duplicate, not a second job
+    result = push(planned({"type": "a", "task_id": "before-upgrade"}), get_settings())
+    assert (result.task_ids, result.duplicates) == (["before-upgrade"], 1)
+    assert producer_env.jobs() == []

@@ -43,7 +43,7 @@ def test_sqs_redelivery_enqueues_nothing_twice(producer_env: ProducerEnv) -> Non
     # THEN the good records succeed again and no job was added
     assert failures(answer) == [BAD]
     assert producer_env.jobs() == before
-    assert f"{producer_env.prefix}idem:sqs:{GOOD_BATCH}#2" in producer_env.marks()
+    assert producer_env.keys.idem(producer_env.queues[0], f"sqs:{GOOD_BATCH}#2") in producer_env.marks()
 
 
 def test_sqs_with_redis_down_reports_every_record(producer_env: ProducerEnv, closed_port: int) -> None:

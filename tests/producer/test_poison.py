@@ -111,4 +111,6 @@ def test_good_ids_and_times_are_kept(producer_env: ProducerEnv) -> None:
 def test_the_idempotency_window_is_a_setting(producer_env: ProducerEnv) -> None:
     producer_env.set(IDEMPOTENCY_TTL_SECONDS="60")
     lambda_handler({"type": "t", "task_id": "short-window"}, None)
-    assert 55 < producer_env.rds.ttl(producer_env.keys.idem("task:short-window")) <= 60
+    assert (
+        55 < producer_env.rds.ttl(producer_env.keys.idem(producer_env.queues[0], "task:short-window")) <= 60
+    )

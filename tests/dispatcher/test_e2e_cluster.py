@@ -1,0 +1,163 @@
+"""End to end on a real Redis Cluster (3 masters + 3 replicas on loopback, ``tests/redis_cluster.py``):
+producer (``REDIS_CLUSTER=true``) -> queues in several slots -> dispatcher processes -> simulated GPUs.
+
+The scenarios of the plain-Redis suite that a cluster changes: a backlog over two queues (two slots), kill -9 of
+a dispatcher mid-run, and a master killed under acknowledged pushes (``REDIS_WAIT_REPLICAS``): its replica
+takes over and every acknowledged job still finishes exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from producer import enqueue
+from producer.errors import QueueUnavailable
+from producer.events import plan, split_payload
+from producer.handler import lambda_handler
+from producer.keys import Keys
+from producer.settings import get_settings
+from tests.dispatcher.conftest import Stack
+from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, states, wait_final, wait_swept
+from tests.dispatcher.helpers import wait_for
+from tests.producer.helpers import load_event
+from tests.redis_cluster import Cluster
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def producer(cluster_stack: Stack, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The Lambda handler configured for the cluster; ``set`` changes its environment."""
+
+    def configure(**env: str) -> None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        enqueue.close_clients()
+
+    configure(
+        REDIS_URL=cluster_stack.redis_url,
+        REDIS_CLUSTER="true",
+        REDIS_KEY_PREFIX=cluster_stack.prefix,
+        TASK_QUEUES=",".join(cluster_stack.queues),
+        TASK_ROUTES="",
+        REDIS_WAIT_REPLICAS="0",
+    )
+    yield configure
+    get_settings.cache_clear()
+    enqueue.close_clients()
+
+
+def _batch(stack: Stack, start: int, n: int) -> dict[str, Any]:
+    """``n`` tasks alternating over both queues (two cluster slots), every fifth one high priority."""
+    tasks = []
+    for i in range(start, start + n):
+        task: dict[str, Any] = {"type": "start_transcribe", "task_id": f"c-{i}", "data": {"i": i}}
+        task["queue"] = stack.queues[i % 2]
+        if i % 5 == 0:
+            task["priority"] = "high"
+        tasks.append(task)
+    return {"tasks": tasks}
+
+
+def test_a_backlog_over_two_slots_runs_once_each(cluster_stack: Stack, producer: Any) -> None:
+    # GIVEN 300 jobs pushed through the Lambda handler over two queues in two slots, some high priority,
+    # and 100 pushed the seed's way (RPUSH onto the queue's plain name)
+    s = cluster_stack
+    ids: list[str] = []
+    for start in range(0, 300, 50):
+        answer = lambda_handler(_batch(s, start, 50), None)
+        ids += answer["task_ids"]
+    ids += push_jobs(s.rds, s.queues[1], 100)
+    # AND a redelivery of the first batch is recognised in both slots
+    assert lambda_handler(_batch(s, 0, 50), None)["task_ids"] == ids[:50]
+    fleet = s.fleet(gpus=3, service_time="exp:0.01")
+    # WHEN two dispatchers run them
+    s.dispatcher(fleet, name="a")
+    s.dispatcher(fleet, name="b")
+    wait_final(s.engine, ids, timeout=180)
+    # THEN each ran exactly once, no GPU was oversubscribed, nothing is left in any slot
+    stats = fleet.stats()
+    assert stats["totals"]["oversubscriptions"] == 0
+    assert max(received_per_task(stats).values()) == 1
+    assert set(received_per_task(stats)) == set(ids)
+    reconcile(s.engine, s.rds, s.prefix, s.queues, ids)
+
+
+def test_kill_9_of_a_dispatcher_mid_run_loses_nothing(cluster_stack: Stack) -> None:
+    # GIVEN 400 jobs of 30 ms on 2 GPUs and a dispatcher that is killed mid-run
+    s = cluster_stack
+    fleet = s.fleet(gpus=2, service_time="fixed:0.03")
+    ids = push_jobs(s.rds, s.queues[0], 200) + push_jobs(s.rds, s.queues[1], 200)
+    d = s.dispatcher(fleet, name="doomed", TASK_TIMEOUT_SECONDS="5")
+    wait_for(lambda: states(s.engine, ids)["finished"] > 40, 60, 0.02, what="some finished")
+    d.kill()
+    # WHEN another dispatcher takes over
+    s.dispatcher(fleet, name="heir", TASK_TIMEOUT_SECONDS="5")
+    # THEN every job finishes, none twice beyond those in flight at the kill, and the dead one's
+    # processing lists (one per queue, in two slots) are swept back
+    wait_final(s.engine, ids, timeout=180)
+    wait_swept(s.rds, s.prefix, s.queues, timeout=60)
+    assert fleet.stats()["totals"]["oversubscriptions"] == 0
+    reconcile(s.engine, s.rds, s.prefix, s.queues, ids)
+
+
+def test_a_delivery_without_enough_replicas_is_refused_and_its_retry_is_safe(
+    cluster_stack: Stack, producer: Any
+) -> None:
+    # GIVEN a producer that wants 3 replicas per write, where each master has one
+    s = cluster_stack
+    producer(REDIS_WAIT_REPLICAS="3", REDIS_WAIT_TIMEOUT_SECONDS="0.2")
+    batch = _batch(s, 0, 4)
+    # WHEN it pushes a batch over two queues THEN it says it could not enqueue durably
+    with pytest.raises(QueueUnavailable) as err:
+        enqueue.push(plan(split_payload(batch, what="event"), get_settings()), get_settings())
+    assert "replicas" in err.value.detail
+    # AND the API answer is a 503 (the caller retries)
+    api = load_event("apigw_v1_single")
+    assert lambda_handler(api, None)["statusCode"] == 503
+    # WHEN the retry comes with enough replicas THEN the jobs already written are not written twice
+    producer(REDIS_WAIT_REPLICAS="1", REDIS_WAIT_TIMEOUT_SECONDS="5")
+    assert lambda_handler(batch, None)["task_ids"] == [f"c-{i}" for i in range(4)]
+    queued = [s.rds.llen(q) for q in s.queues] + [s.rds.llen(f"{{{q}}}:high") for q in s.queues]
+    assert sum(queued) == 4 + 1  # the batch once, and the API's job (written, though not acknowledged)
+
+
+def test_a_master_killed_after_acknowledged_pushes_loses_none(
+    cluster_stack: Stack, producer: Any, redis_cluster: Cluster
+) -> None:
+    # GIVEN a dispatcher at work and a producer that acknowledges a push once a replica holds it
+    s = cluster_stack
+    producer(REDIS_WAIT_REPLICAS="1", REDIS_WAIT_TIMEOUT_SECONDS="5")
+    fleet = s.fleet(gpus=2, service_time="fixed:0.05")
+    s.dispatcher(fleet, name="a", REDIS_WAIT_REPLICAS="1", TASK_TIMEOUT_SECONDS="10")
+    acknowledged: list[str] = []
+    for start in range(0, 200, 20):
+        acknowledged += lambda_handler(_batch(s, start, 20), None)["task_ids"]
+    # WHEN the master of the first queue's slot is killed right after the last acknowledged push
+    victim = redis_cluster.master_of(s.queues[0])
+    victim.kill()
+    try:
+        # THEN its replica takes over, and pushes work again (retried until the failover is done)
+        redis_cluster.wait_ok(timeout=60)
+        deadline = time.monotonic() + 60
+        while "task_ids" not in (answer := lambda_handler(_batch(s, 200, 20), None)):
+            assert time.monotonic() < deadline, answer  # a direct call answers {"error": ...} meanwhile
+            time.sleep(0.5)
+        acknowledged += answer["task_ids"]
+        # AND every acknowledged job finishes exactly once
+        wait_final(s.engine, acknowledged, timeout=240)
+        assert max(received_per_task(fleet.stats()).values()) == 1
+        assert set(acknowledged) <= set(received_per_task(fleet.stats()))
+        wait_swept(s.rds, s.prefix, s.queues, timeout=60)
+        reconcile(s.engine, s.rds, s.prefix, s.queues, acknowledged)
+        assert s.rds.llen(Keys(s.prefix).dead) == 0
+    finally:
+        # the killed node comes back as a replica: the rest of the session has its 3 + 3 again
+        victim.start()
+        redis_cluster.wait_ok(timeout=60)
+        redis_cluster.wait_replicated(timeout=60)
