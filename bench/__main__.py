@@ -2,7 +2,8 @@
 in the same run; a table on stdout, ``<out>/<stamp>.json``, ``<out>/<stamp>.png`` and ``<out>/<stamp>.md``.
 
     python -m bench                      the full benchmark (16 GPUs x 4 slots: 6,400 x 100 ms, 20,000 x 0 ms;
-                                         4 GPUs x 4 slots: 4,000 x 40 ms with one and with three dispatchers)
+                                         4 GPUs x 4 slots: 4,000 x 40 ms with one and with three dispatchers;
+                                         scale-out: 256 GPUs x 4 slots, 4,096 x 4 s, three dispatchers)
     python -m bench --only short,three   some workloads only (while developing)
     python -m bench --smoke --out DIR    a few seconds per system (tests/bench runs it)
     python -m bench --profile            then each workload through gpuq again, with py-spy on the dispatcher
@@ -51,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--only",
         default="",
-        help="comma list of workloads to run (efficiency,short,three,overhead,pull,pull-short)",
+        help="comma list of workloads to run (efficiency,short,three,overhead,pull,pull-short,scaleout)",
     )
     p.add_argument(
         "--profile", action="store_true", help="then profile the dispatcher (py-spy) in each workload"

@@ -190,6 +190,18 @@ ROWS = [
         fmt="{:,.0f}",
     ),
     Row(
+        "scale-out (1,024 slots x 4 s, 3 dispatchers): efficiency",
+        _get("scaleout", "efficiency"),
+        fmt="{:.3f}",
+    ),
+    Row("  scale-out: jobs/s", _get("scaleout", "jobs_per_s"), fmt="{:,.0f}"),
+    Row("  scale-out: database commits per job", _get("scaleout", "db_commits_per_job"), fmt="{:.2f}"),
+    Row(
+        "  scale-out: dispatcher CPU, cores busy (first of three)",
+        _get("scaleout", "consumer_cores"),
+        fmt="{:,.2f}",
+    ),
+    Row(
         "oversubscriptions (all runs)",
         lambda r: sum(r[w]["oversubscriptions"] for w in r),
         "0",

@@ -321,8 +321,11 @@ class Intake:
         """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back. On one
         Redis, also what the layout before issue 15 holds (``dispatcher.migrate``)."""
         moved = 0
-        for raw_id in await self.redis.smembers(self.keys.dispatchers):
-            other = as_str(raw_id)
+        # The set, and the queue records too: a dispatcher of the layout before issue 15 that swept one of
+        # ours took it out of the set without touching its per-queue lists (rolling upgrade).
+        members = await self.redis.smembers(self.keys.dispatchers)
+        recorded = await self.redis.hkeys(self.keys.owner_queues)
+        for other in dict.fromkeys(as_str(raw) for raw in [*members, *recorded]):
             if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
                 continue
             queues = await self.queues_of(other)

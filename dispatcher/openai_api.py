@@ -173,6 +173,9 @@ async def _enqueue(d: Dispatcher, hub: EventHub, task_id: str, task_type: str, d
         [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
     )
     await hub.redis.eval(PUSH_LUA, len(keys), *keys, *args)
+    if d.settings.redis_wait_replicas:
+        # Not acknowledged before replicas hold it; NotReplicated is a RedisError, answered as Redis trouble.
+        await d.intake.fence(job.queue)
 
 
 async def _wait(d: Dispatcher, events: Listener, task_id: str, seconds: float) -> dict[str, Any] | None:

@@ -161,3 +161,21 @@ def test_a_master_killed_after_acknowledged_pushes_loses_none(
         victim.start()
         redis_cluster.wait_ok(timeout=60)
         redis_cluster.wait_replicated(timeout=60)
+
+
+def test_a_wake_up_published_on_one_node_reaches_a_subscriber_on_another(redis_cluster: Cluster) -> None:
+    """Dispatchers wake each other with plain PUBLISH; on a cluster a message published on any node is
+    forwarded to every node's subscribers, so the channel's slot (or the node a client picked) never
+    matters. (Without it the idle poll would still find the jobs, only later.)"""
+    first, second = redis_cluster.nodes[0], redis_cluster.nodes[1]
+    with first.client() as sub_client, second.client() as pub_client:
+        sub = sub_client.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe("gpuq-test:wake")
+        sub.get_message(timeout=1)
+        deadline = time.monotonic() + 10
+        message = None
+        while message is None and time.monotonic() < deadline:
+            pub_client.publish("gpuq-test:wake", "job")
+            message = sub.get_message(timeout=1)
+        sub.close()
+    assert message is not None and message["data"] == b"job"
