@@ -36,11 +36,11 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from dispatcher.intake_lua import REQUEUE, SCAN_DEPTH, SWEEP, TAKE
 from dispatcher.migrate import migrate, sweep_legacy_proc
-from producer.connect import is_cluster, wait_options
+from producer.connect import is_cluster, refresh_slots_async, wait_options
 from producer.keys import PRIORITY_ORDER, Keys, Legacy, queue_key, queue_lists, scope
 
 log = logging.getLogger("gpuq.intake")
@@ -270,7 +270,11 @@ class Intake:
         pipe.execute_command(
             "WAIT", self.wait_replicas, self.wait_timeout_ms, **wait_options(self.redis, key)
         )
-        acked = int((await pipe.execute())[1])
+        try:
+            acked = int((await pipe.execute())[1])
+        except (RedisError, RedisClusterException):
+            await refresh_slots_async(self.redis)  # a failover: WAIT must go to the slot's new master
+            raise
         if acked >= self.wait_replicas:
             return
         if strict:

@@ -11,12 +11,14 @@ cluster: the master of the write's slot), and both go out on one connection.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from producer.errors import QueueUnavailable
 
@@ -55,6 +57,22 @@ def wait_options(client: Any, key: str) -> dict[str, Any]:
     if isinstance(client, (RedisCluster, AsyncRedisCluster)):
         return {"target_nodes": client.get_node_from_key(key)}
     return {}
+
+
+def refresh_slots(client: Any) -> None:
+    """After an error on a cluster: learn who serves which slot again. A replica may have taken over from a
+    dead master; a pipeline aimed at the old map (WAIT goes to a node picked from it) would keep failing."""
+    if isinstance(client, RedisCluster):
+        # still no majority: the caller's retry comes back here
+        with contextlib.suppress(redis.RedisError, RedisClusterException, OSError):
+            client.nodes_manager.initialize()
+
+
+async def refresh_slots_async(client: Any) -> None:
+    """``refresh_slots`` for an asyncio cluster client."""
+    if isinstance(client, AsyncRedisCluster):
+        with contextlib.suppress(redis.RedisError, RedisClusterException, OSError):
+            await client.nodes_manager.initialize()
 
 
 def is_cluster(client: Any) -> bool:

@@ -26,7 +26,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
-from producer.connect import check_replicas, sync_client, wait_options
+from producer.connect import check_replicas, refresh_slots, sync_client, wait_options
 from producer.errors import QueueUnavailable
 from producer.events import Planned
 from producer.keys import IDEMPOTENCY_TTL_SECONDS, Keys, Legacy, queue_key, scope
@@ -123,6 +123,7 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
                 )
             results = pipe.execute()
         except (redis.RedisError, RedisClusterException) as exc:
+            refresh_slots(client)  # a failover: the next delivery goes to the new master
             # Includes a refused connection, a timeout, a wrong password, a read-only replica after a
             # failover and a WRONGTYPE from the check above: in each case this queue's jobs were not
             # pushed (earlier queues' were, and their marks make the retry skip them).
