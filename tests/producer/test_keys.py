@@ -1,0 +1,59 @@
+"""The key layout's promise (producer/keys.py, SPEC §10): every key of a queue hashes to the Redis Cluster slot
+of the queue's own list, for any queue name the settings accept; names for which it cannot hold are refused."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from redis.crc import key_slot
+
+from producer.errors import ConfigError
+from producer.keys import Keys, Priority, queue_key, scope_problem
+from producer.settings import ProducerSettings, load
+from tests.conftest import scaled
+
+_NAMES = st.text(alphabet="abcXYZ019_.:-{}", min_size=1, max_size=12)
+
+
+def _slot(key: str) -> int:
+    return int(key_slot(key.encode()))
+
+
+@settings(max_examples=scaled(300))
+@given(_NAMES)
+@example("task_queue_1")
+@example("{jobs}emails")
+@example("a{b")
+@example("{{a}")
+@example("x{}y{z}")
+def test_every_key_of_an_accepted_queue_is_in_its_slot(queue: str) -> None:
+    if scope_problem(queue) is not None:
+        return  # refused at start (see below)
+    keys = Keys("gpuq:")
+    slot = _slot(queue)
+    names = [queue_key(queue, p) for p in Priority]
+    names += [keys.idem(queue, "task:t1"), keys.proc(queue, "d-1"), keys.parked(queue, "embed")]
+    names.append(keys.fence(queue))
+    assert {_slot(name) for name in names} == {slot}, names
+
+
+@pytest.mark.parametrize("queue", ["a}b", "{}x", "q}"])
+def test_a_queue_name_whose_keys_cannot_share_its_slot_is_refused(queue: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, task_queues=f"ok,{queue}")
+    assert err.value.message.startswith("TASK_QUEUES:")
+    assert "braces" in err.value.message
+
+
+def test_two_queues_sharing_their_keys_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, task_queues="q,{q}")
+    assert "share their keys" in err.value.message
+
+
+def test_a_cluster_refuses_a_key_prefix_with_a_hash_tag_and_one_redis_keeps_it() -> None:
+    assert load(ProducerSettings, redis_key_prefix="{gpuq}:").redis_key_prefix == "{gpuq}:"
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, redis_key_prefix="{gpuq}:", redis_cluster=True)
+    assert err.value.message.startswith("REDIS_CLUSTER:")
