@@ -28,6 +28,7 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.dispatch import held_by
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import list_gpus, register_new
+from dispatcher.db.hot import HotThread
 from dispatcher.dead_letters import prepare
 from dispatcher.errors import TRANSIENT
 from dispatcher.events import EventPublisher
@@ -103,6 +104,8 @@ class Dispatcher:
         self.events = EventPublisher(
             publisher or redis, self.keys, lambda coro: self.spawn(coro, "publish-events")
         )
+        # The group commit's transactions (callbacks, hand-offs) on a thread and connection of their own.
+        self.hot = HotThread(engine)
         self.handoffs = HandOffs(self, settings.handoff_buffer)
         self.placing = Placing(self)
         self.finisher = GroupCommit(self.handoffs.end_many, lambda coro: self.spawn(coro, "finish-batches"))
@@ -137,6 +140,12 @@ class Dispatcher:
         """``fn`` in one transaction, in a worker thread; each commit is counted (``gpuq_db_commits``: the
         benchmark's commits per job)."""
         out = await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+        self.metrics.db_commits.inc()
+        return out
+
+    async def db_hot(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """``fn`` in one transaction on the hot path's own database thread (``dispatcher/db/hot.py``)."""
+        out = await self.hot.run(fn, **kwargs)
         self.metrics.db_commits.inc()
         return out
 
@@ -211,6 +220,7 @@ class Dispatcher:
         """Schema, clock, GPUs, heartbeat; then the loop, the wake-up listener and housekeeping, unless
         ``background`` is False (``dispatcher/testing.py`` drives the passes itself)."""
         await asyncio.to_thread(init_schema, self.engine)
+        self.hot.start()
         await self.sync_clock()
         s = self.settings
         self.limits = Limits.for_packet(
@@ -319,6 +329,7 @@ class Dispatcher:
                 extra={"action": "stop", "error": str(exc)},
             )
         await self.gpu.close()
+        await self.hot.close()
 
     # -- the loop -------------------------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ class HandOffs:
         self.in_flight.update(r.element for r in candidates)
         started = time.perf_counter()
         try:
-            out: HandOff = await d.db(
+            out: HandOff = await d.db_hot(
                 end_and_hand_off,
                 items=items,
                 now=d.now(),
@@ -84,7 +84,7 @@ class HandOffs:
             # The hand-off must not fail the callback: end the attempts on their own.
             log.exception("slot hand-off failed; ending the attempts without it", extra={"action": "handoff"})
             self._return(candidates, suspect=True)
-            fins = await d.db(finish_many, items=items, now=d.now(), backoff=d.backoff)
+            fins = await d.db_hot(finish_many, items=items, now=d.now(), backoff=d.backoff)
             if any(f.freed for f in fins):
                 d.slot_freed()
             return fins

@@ -77,7 +77,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     )
 
 
-def _retryable(exc: DBAPIError) -> bool:
+def retryable(exc: DBAPIError) -> bool:
+    """Whether running the transaction again may succeed: a deadlock, a lock wait, a lost connection."""
     if exc.connection_invalidated:
         return True
     orig = exc.orig
@@ -98,7 +99,7 @@ def transaction(engine: Engine, fn: Callable[..., T], /, *args: Any, attempts: i
             with engine.begin() as conn:
                 return fn(conn, *args, **kwargs)
         except DBAPIError as exc:
-            if not _retryable(exc) or attempt == attempts:
+            if not retryable(exc) or attempt == attempts:
                 if isinstance(exc, OperationalError):
                     raise StoreUnavailable(str(exc.orig)) from exc
                 raise

@@ -258,7 +258,7 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
 
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] buffered
-        real_db = d.db
+        real_db = d.db_hot  # the group commit's transactions run on the hot thread
         draining: list[asyncio.Task[None]] = []
 
         async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
@@ -267,7 +267,7 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
                 await asyncio.sleep(0)
             return await real_db(fn, **kwargs)
 
-        d.db = db  # type: ignore[method-assign]
+        d.db_hot = db  # type: ignore[method-assign]
         # a repeated callback: frees nothing, so the hand-off's candidate ids[3] goes back to the buffer
         assert await finish(d, ids[0]) != "applied"
         assert await finish(d, ids[1]) == "applied"

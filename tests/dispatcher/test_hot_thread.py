@@ -1,0 +1,125 @@
+"""The hot path's database thread (``dispatcher/db/hot.py``): its connection killed mid-transaction is opened
+again and the transaction run again, once; errors go to the caller and the thread lives on; a store that stays
+down is ``StoreUnavailable`` (the callback's 503), never a hang. Real MariaDB (``KILL``) and SQLite.
+
+Deterministic: the kill happens inside the transaction, between its two statements, from the thread itself
+(through a second connection), so there is no timing to win or lose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+
+import pymysql
+import pytest
+from sqlalchemy import Connection, Engine, text
+
+from dispatcher.db.engine import StoreUnavailable, make_engine
+from dispatcher.db.hot import HotThread
+from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
+
+
+@pytest.fixture
+def engine(any_database_url: str) -> Iterator[Engine]:
+    e = make_engine(any_database_url, pool_size=2)
+    with e.begin() as conn:
+        conn.execute(text("CREATE TABLE counter (id INT PRIMARY KEY, n INT NOT NULL)"))
+        conn.execute(text("INSERT INTO counter VALUES (1, 0)"))
+    yield e
+    e.dispose()
+
+
+def _count(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one())
+
+
+def _kill(conn_id: int) -> None:
+    admin = pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD, autocommit=True
+    )
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"KILL CONNECTION {int(conn_id)}")
+    finally:
+        admin.close()
+
+
+class Bump:
+    """A transaction of two statements; the first time it runs, its own connection is killed between them."""
+
+    def __init__(self, kill: bool) -> None:
+        self.kill = kill
+        self.runs = 0
+        self.threads: set[str] = set()
+
+    def __call__(self, conn: Connection) -> int:
+        self.runs += 1
+        self.threads.add(threading.current_thread().name)
+        conn.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+        if self.kill and self.runs == 1:
+            _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+        return int(conn.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one())
+
+
+def test_a_connection_killed_mid_transaction_is_replaced_and_the_work_runs_again_once(
+    engine: Engine, any_database_url: str
+) -> None:
+    kill = any_database_url.startswith("mysql")
+
+    async def main() -> None:
+        hot = HotThread(engine)
+        hot.start()
+        try:
+            bump = Bump(kill=kill)
+            assert await hot.run(bump) == 1  # the killed run was rolled back: counted once
+            assert bump.runs == (2 if kill else 1)
+            assert bump.threads == {"gpuq-db-hot"}
+            assert hot.reconnects == (1 if kill else 0)
+            assert await hot.run(Bump(kill=False)) == 2  # and the new connection serves the next one
+        finally:
+            await hot.close()
+
+    asyncio.run(main())
+    assert _count(engine) == 2
+
+
+def test_an_error_goes_to_its_caller_and_the_thread_serves_the_next_transaction(engine: Engine) -> None:
+    def broken(conn: Connection) -> None:
+        conn.execute(text("UPDATE counter SET n = n + 100 WHERE id = 1"))
+        raise ValueError("a bug in one store function")
+
+    async def main() -> None:
+        hot = HotThread(engine)
+        hot.start()
+        try:
+            with pytest.raises(ValueError, match="a bug"):
+                await hot.run(broken)
+            assert await hot.run(Bump(kill=False)) == 1  # the +100 was rolled back
+        finally:
+            await hot.close()
+        # closed: work still runs (through a worker thread), nobody waits on a dead queue
+        assert await hot.run(Bump(kill=False)) == 2
+
+    asyncio.run(main())
+
+
+def test_a_store_that_stays_down_is_store_unavailable_not_a_hang() -> None:
+    down = make_engine("mysql+pymysql://root@127.0.0.1:1/nothing", pool_size=1)
+
+    def never(conn: Connection) -> None:
+        raise AssertionError("no connection should have been made")
+
+    async def main() -> None:
+        hot = HotThread(down, attempts=2)
+        hot.start()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(hot.run(never), 60)
+        finally:
+            await hot.close()
+
+    asyncio.run(main())
+    down.dispose()
