@@ -159,13 +159,15 @@ def finish_attempt(
     result: Any = None,
     error: str | None = None,
     reported: str | None = None,
+    free: bool = True,
 ) -> Finish:
     """End ``attempt`` of ``task_id`` with ``outcome``: one conditional UPDATE decides, so of a callback, a
     GPU answer and a lease expiry racing for one attempt exactly one applies.
 
     ``reported`` is the status a GPU reported (callback or synchronous answer); the same report coming again
     for an attempt it already ended is a repeat (200, applied false), anything else for a finished attempt is
-    stale (409).
+    stale (409). ``free`` False: the slot is left to the caller, which frees it or hands it to the next job
+    in the same transaction (``db/handoff.py``).
     """
     params = _params(
         task_id=task_id,
@@ -183,7 +185,7 @@ def finish_attempt(
             select(tasks.c.state, tasks.c.attempt, tasks.c.last_callback).where(tasks.c.task_id == task_id)
         ).first()
         return _classify(row, attempt, reported)
-    freed = free_slot(conn, task_id=task_id, attempt=attempt)
+    freed = free_slot(conn, task_id=task_id, attempt=attempt) if free else True
     conn.execute(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
@@ -203,13 +205,14 @@ def _retry_at(
 
 
 def finish_many(
-    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff
+    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff, free: bool = True
 ) -> list[Finish]:
     """Several attempt endings in one transaction (group commit), set-based: a handful of statements for the
-    whole burst instead of three per callback. Same outcomes as ``finish_attempt`` one by one."""
+    whole burst instead of three per callback. Same outcomes as ``finish_attempt`` one by one (``free``:
+    see there; the slots of the attempts applied are then the caller's to free)."""
     ids = [item["task_id"] for item in items]
     if len(items) == 1 or len(set(ids)) != len(ids):  # repeats within a burst: in order, one at a time
-        return [finish_attempt(conn, now=now, backoff=backoff, **item) for item in items]
+        return [finish_attempt(conn, now=now, backoff=backoff, free=free, **item) for item in items]
     prepared = [_params(now=now, backoff=backoff, **item) for item in items]
     changed = end_attempts(conn, items=prepared, now=now)
     rows: dict[str, Any] = {}
@@ -240,11 +243,16 @@ def finish_many(
     if retrying:
         conn.execute(_RUN_AFTER, retrying)
     done = [task_id for group in applied.values() for task_id in group]
-    if done:
-        conn.execute(_FREE_MANY, {"ids": done})
+    if done and free:
+        free_slots(conn, task_ids=done)
     for outcome, group in applied.items():
         conn.execute(_HISTORY_MANY, {"ids": group, "now": now, "outcome": outcome.value})
     return results
+
+
+def free_slots(conn: Connection, *, task_ids: list[str]) -> None:
+    """Free every slot these tasks hold (their attempts just ended in this transaction)."""
+    conn.execute(_FREE_MANY, {"ids": task_ids})
 
 
 def extend_lease(

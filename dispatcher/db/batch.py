@@ -52,10 +52,18 @@ _OURS = text(
 
 
 def claim_slots(
-    conn: Connection, *, picks: Sequence[dict[str, Any]], now: datetime, lease: datetime, dispatcher_id: str
+    conn: Connection,
+    *,
+    picks: Sequence[dict[str, Any]],
+    now: datetime,
+    lease: datetime,
+    dispatcher_id: str,
+    takeover: Sequence[str] = (),
 ) -> set[str]:
-    """Claim each ``{"gpu_id", "slot_index", "task_id", "attempt"}`` if its slot is still free; returns the
-    task ids that got their slot. Sorted by slot so concurrent claimers lock rows in one order."""
+    """Claim each ``{"gpu_id", "slot_index", "task_id", "attempt"}`` if its slot is still free, or still held
+    by one of the tasks ``takeover`` (whose attempts the caller's transaction ended: the slot goes straight
+    from the ended attempt to the next job, one statement instead of a free and a claim); returns the task
+    ids that got their slot. Sorted by slot so concurrent claimers lock rows in one order."""
     if not picks:
         return set()
     ordered = sorted(picks, key=lambda p: (p["gpu_id"], p["slot_index"]))
@@ -72,10 +80,14 @@ def claim_slots(
             ("lease_expires_at", ":lease"),
             ("dispatcher_id", ":dispatcher_id"),
         ],
-        where="t.task_id IS NULL",
+        where="(t.task_id IS NULL OR t.task_id IN :takeover)" if takeover else "t.task_id IS NULL",
     )
     params |= {"now": now, "lease": lease, "dispatcher_id": dispatcher_id}
-    claimed = conn.execute(_typed(sql, stamps, "now", "lease"), params).rowcount
+    statement = _typed(sql, stamps, "now", "lease")
+    if takeover:
+        statement = statement.bindparams(bindparam("takeover", expanding=True))
+        params["takeover"] = list(takeover)
+    claimed = conn.execute(statement, params).rowcount
     ids = [p["task_id"] for p in ordered]
     if claimed == len(ids):
         return set(ids)

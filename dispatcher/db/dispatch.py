@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 
 from dispatcher.db.batch import claim_slots
 from dispatcher.db.engine import naive_utc
@@ -42,6 +42,31 @@ _SNAPSHOT = text(
     HAVING COUNT(s.task_id) < g.slots
        AND COUNT(CASE WHEN s.task_id IS NULL AND s.slot_index < g.slots THEN 1 END) > 0
     """
+)
+# The same, as it will be once the attempts of the tasks ``ending`` have ended (their slots count as free,
+# and which ones they are), read in the transaction that ends them, before their slots are freed: a hand-off
+# then claims a freed slot straight from the ended attempt, in one UPDATE (``claim_slots(takeover=…)``),
+# instead of freeing it and claiming it again. ``ending_total`` counts every slot those tasks hold, on any
+# GPU: when the hand-off took over fewer, the rest are freed after it.
+_SNAPSHOT_ENDING = text(
+    """
+    SELECT s.gpu_id, g.url, g.pool, g.slots,
+           COUNT(CASE WHEN s.task_id IS NOT NULL AND s.task_id NOT IN :ending THEN 1 END) AS busy,
+           GROUP_CONCAT(CASE WHEN (s.task_id IS NULL OR s.task_id IN :ending) AND s.slot_index < g.slots
+                             THEN s.slot_index END) AS free,
+           GROUP_CONCAT(CASE WHEN s.task_id IN :ending AND s.slot_index < g.slots
+                             THEN s.slot_index END) AS ending_free,
+           (SELECT COUNT(*) FROM slots e WHERE e.task_id IN :ending) AS ending_total
+    FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id
+    WHERE g.state = 'active' AND g.healthy = 1
+    GROUP BY s.gpu_id, g.url, g.pool, g.slots
+    HAVING COUNT(CASE WHEN s.task_id IS NOT NULL AND s.task_id NOT IN :ending THEN 1 END) < g.slots
+       AND COUNT(CASE WHEN (s.task_id IS NULL OR s.task_id IN :ending) AND s.slot_index < g.slots
+                      THEN 1 END) > 0
+    """
+).bindparams(bindparam("ending", expanding=True))
+_ENDING_TOTAL = text("SELECT COUNT(*) FROM slots WHERE task_id IN :ending").bindparams(
+    bindparam("ending", expanding=True)
 )
 _FREE = text(
     "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
@@ -82,13 +107,36 @@ def free_slot(conn: Connection, *, task_id: str, attempt: int) -> bool:
 
 def snapshot(conn: Connection) -> list[GpuFree]:
     """Eligible GPUs (active, healthy) that have a free slot, with their load and free slot numbers."""
-    out = []
-    for r in conn.execute(_SNAPSHOT):
-        free = r.free.decode() if isinstance(r.free, bytes) else str(r.free)
-        room = int(r.slots) - int(r.busy)
-        picks = tuple(sorted(int(i) for i in free.split(",")))[:room]
-        out.append(GpuFree(r.gpu_id, r.url, r.pool, int(r.busy), picks))
-    return out
+    return [_gpu_free(r) for r in conn.execute(_SNAPSHOT)]
+
+
+@dataclass(slots=True)
+class EndingView:
+    """``snapshot`` as it will be once the tasks ``ending`` free their slots (see ``_SNAPSHOT_ENDING``)."""
+
+    gpus: list[GpuFree]
+    ending_slots: set[tuple[str, int]]  # (gpu_id, slot_index) held by them on eligible GPUs, counted free
+    ending_total: int  # slots they hold anywhere
+
+
+def snapshot_ending(conn: Connection, *, ending: list[str]) -> EndingView:
+    rows = conn.execute(_SNAPSHOT_ENDING, {"ending": ending}).all()
+    if not rows:  # no eligible GPU with room: count the slots to free on their own
+        total = int(conn.execute(_ENDING_TOTAL, {"ending": ending}).scalar_one())
+        return EndingView([], set(), total)
+    slots = {(r.gpu_id, int(i)) for r in rows if r.ending_free is not None for i in _ints(r.ending_free)}
+    return EndingView([_gpu_free(r) for r in rows], slots, int(rows[0].ending_total))
+
+
+def _ints(value: Any) -> list[int]:
+    text_value = value.decode() if isinstance(value, bytes) else str(value)
+    return [int(i) for i in text_value.split(",")]
+
+
+def _gpu_free(r: Any) -> GpuFree:
+    room = int(r.slots) - int(r.busy)
+    picks = tuple(sorted(_ints(r.free)))[:room]
+    return GpuFree(r.gpu_id, r.url, r.pool, int(r.busy), picks)
 
 
 def held_by(conn: Connection, *, dispatcher_id: str) -> int:
@@ -105,10 +153,16 @@ def _claim_all(
     now: datetime,
     lease: datetime,
     dispatcher_id: str,
+    takeover: list[str],
 ) -> dict[str, Pick]:
     """Slots for as many of ``wanted`` (job, pool) as the pools have room for, claimed in one statement per
-    round. A proposal that lost its slot to another dispatcher is retried on a fresh snapshot."""
-    placer = Placer(view if view is not None else snapshot(conn), rng)
+    round. A proposal that lost its slot to another dispatcher is retried on a fresh snapshot. ``takeover``:
+    tasks whose attempts this transaction ended and whose slots count as free (see ``snapshot_ending``)."""
+
+    def fresh() -> list[GpuFree]:
+        return snapshot_ending(conn, ending=takeover).gpus if takeover else snapshot(conn)
+
+    placer = Placer(view if view is not None else fresh(), rng)
     got: dict[str, Pick] = {}
     pending = wanted
     raced = False  # a proposal lost its slot since the last snapshot: "no room" may not be true
@@ -125,7 +179,7 @@ def _claim_all(
         if not proposals:
             if not raced or refreshes == _REFRESHES:
                 break  # a snapshot with no room left for them (and no race since): really full
-            placer, raced, refreshes = Placer(snapshot(conn), rng), False, refreshes + 1
+            placer, raced, refreshes = Placer(fresh(), rng), False, refreshes + 1
             continue
         claimed = claim_slots(
             conn,
@@ -141,6 +195,7 @@ def _claim_all(
             now=now,
             lease=lease,
             dispatcher_id=dispatcher_id,
+            takeover=takeover,
         )
         got.update((j.task_id, p) for j, p in proposals if j.task_id in claimed)
         pool_of = {j.task_id: pool for j, pool in pending}
@@ -216,12 +271,14 @@ def dispatch(
     view: list[GpuFree] | None = None,
     check_existing: bool = False,
     rng: random.Random | None = None,
+    takeover: list[str] | None = None,
 ) -> DispatchResult:
     """Record ``items`` (job, pool) and give each a slot; see DispatchResult for what becomes of each.
 
     ``view`` is a recent ``snapshot`` (it may be stale: claims are checked). Fresh jobs (attempt 0) are
     inserted without looking first; if one turns out to be known the INSERT fails and the caller runs this
     again with ``check_existing`` (the rare path: duplicates, tombstones, unacknowledged commits).
+    ``takeover``: see ``_claim_all`` (a hand-off; ``view`` then comes from ``snapshot_ending``).
     """
     out = DispatchResult()
     if check_existing or any(job.attempt > 0 for job, _ in items):
@@ -263,6 +320,7 @@ def dispatch(
         now=now,
         lease=lease_until,
         dispatcher_id=dispatcher_id,
+        takeover=takeover or [],
     )
     for job, pool in runnable:
         pick = picks.get(job.task_id)

@@ -1,0 +1,110 @@
+"""The lean hand-off transaction (issue 12, item 2): a slot freed by a callback goes to the next job in one
+UPDATE (``claim_slots(takeover=…)``), with no free before it and no slot left to a finished task. Step by
+step in-process against real MariaDB and SQLite (see test_handoff.py); the statements of the hot thread's
+transactions are recorded through the engine's ``before_cursor_execute`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+
+from dispatcher.core import Dispatcher
+from dispatcher.db.attempts import slot_drift
+from dispatcher.db.engine import transaction
+from dispatcher.db.gpus import register_gpu
+from dispatcher.testing import settle
+from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
+
+_FREEING = "SET task_id = NULL"
+
+
+class Statements:
+    """The SQL the hot thread sends, in order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sql: list[str] = []
+
+    def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.current_thread().name == "gpuq-db-hot":
+            self.sql.append(" ".join(statement.split()))
+
+    def __enter__(self) -> Statements:
+        event.listen(self.engine, "before_cursor_execute", self._record)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._record)
+
+    def frees(self) -> int:
+        return sum(_FREEING in s for s in self.sql)
+
+
+def _busy(w: World) -> dict[tuple[str, int], str | None]:
+    with w.engine.connect() as conn:
+        rows = conn.execute(text("SELECT gpu_id, slot_index, task_id FROM slots")).all()
+    return {(r.gpu_id, r.slot_index): r.task_id for r in rows}
+
+
+@pytest.fixture
+def w(world: World) -> World:  # noqa: F811 - the imported fixture
+    return world
+
+
+def test_a_freed_slot_goes_to_the_next_job_without_being_freed_first(w: World) -> None:
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 6)  # g0 x 2: ids[1], ids[2] running, ids[3:] buffered
+        slot = next(k for k, v in _busy(w).items() if v == ids[1])
+        with Statements(d.engine) as st:
+            assert await finish(d, ids[1]) == "applied"
+        assert _busy(w)[slot] == ids[3]  # the same slot, straight from ids[1] to ids[3]
+        assert st.frees() == 0, st.sql
+        assert w.rows()[ids[3]].started_at == w.rows()[ids[1]].finished_at  # one transaction
+        assert transaction(w.engine, slot_drift) == []
+        await settle(d)
+        assert ids[3] in w.received()
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_slots_no_buffered_job_takes_are_freed_in_the_same_transaction(w: World) -> None:
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] the only job buffered
+        assert d.handoffs.buffer.count("default") == 1
+        with Statements(d.engine) as st:
+            # one batch (group commit): both end, one slot is taken over, the other freed
+            codes = await asyncio.gather(finish(d, ids[1]), finish(d, ids[2]))
+        assert codes == ["applied", "applied"]
+        busy = _busy(w)
+        assert sorted(v for v in busy.values() if v is not None) == [ids[3]]
+        assert st.frees() == 1, st.sql
+        assert transaction(w.engine, slot_drift) == []
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_freed_slot_on_a_busier_gpu_is_freed_and_the_job_goes_to_the_least_loaded(w: World) -> None:
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 5)  # g0 x 2 full, ids[3:] buffered
+        transaction(
+            w.engine,
+            register_gpu,
+            gpu_id="g1",
+            url=w.fleet.url("g1"),
+            pool="default",
+            slot_count=2,
+            now=d.now(),
+        )
+        slot = next(k for k, v in _busy(w).items() if v == ids[1])
+        assert await finish(d, ids[1]) == "applied"
+        busy = _busy(w)
+        assert busy[slot] is None  # not taken over: g1 (0 busy) is less loaded than g0 (1 busy)
+        assert w.rows()[ids[3]].gpu_id == "g1"
+        assert transaction(w.engine, slot_drift) == []
+
+    run(w, w.settings(["g0"]), body)
