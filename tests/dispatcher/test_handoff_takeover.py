@@ -108,3 +108,36 @@ def test_a_freed_slot_on_a_busier_gpu_is_freed_and_the_job_goes_to_the_least_loa
         assert transaction(w.engine, slot_drift) == []
 
     run(w, w.settings(["g0"]), body)
+
+
+def _count_wakes(d: Dispatcher) -> list[str]:
+    """Wake-ups this dispatcher publishes to the others (the slot-freed PUBLISH)."""
+    sent: list[str] = []
+    real = d.intake.wake_others
+
+    async def wake_others(what: str) -> None:
+        sent.append(what)
+        await real(what)
+
+    d.intake.wake_others = wake_others  # type: ignore[method-assign]
+    return sent
+
+
+def test_the_receiver_refills_the_slot_itself_and_wakes_nobody_and_wakes_others_when_it_cannot(
+    w: World,
+) -> None:
+    """Issue 12, item 3: other dispatchers are woken only when the one that took the callback had nothing to
+    hand off (their wake-up would only make them read the slots and find them full)."""
+
+    async def body(d: Dispatcher) -> None:
+        ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] the only job buffered
+        sent = _count_wakes(d)
+        assert await finish(d, ids[1]) == "applied"  # handed off to ids[3]
+        await settle(d)
+        assert d.handoffs.handed_off == 1
+        assert sent == []
+        assert await finish(d, ids[2]) == "applied"  # nothing buffered: the slot is free for anyone
+        await settle(d)
+        assert sent == ["slot"]
+
+    run(w, w.settings(["g0"], handoff_buffer=1), body)
