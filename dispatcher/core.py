@@ -1,7 +1,8 @@
 """The dispatcher: the loop that matches waiting jobs with free slots, and what happens to an attempt.
 
 It holds the logic and touches no store directly: Redis through ``Intake``, the database through the store
-functions (run in worker threads, PyMySQL being blocking), GPUs through ``GpuClient``. The loop waits on
+functions (run in worker threads, PyMySQL being blocking; the group commit's on a thread of its own,
+``db/hot.py``), GPUs through ``GpuClient``. The loop waits on
 "a slot was freed OR a job arrived OR stop" and never polls faster than ``IDLE_POLL_SECONDS`` when idle.
 """
 
