@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 import time
@@ -105,7 +106,9 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{'runner':10} {'stmts':>5} {'busy':>5} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
         for k in args.statements:
             for fraction in args.busy:
-                runs = {name: (lambda run=run, k=k: run(k)) for name, run in runners.items()}
+                runs: dict[str, Callable[[], Awaitable[Any]]] = {
+                    name: functools.partial(run, k) for name, run in runners.items()
+                }
                 for name, lat in (await measure(runs, args.n, fraction, args.slice_ms)).items():
                     p = statistics.quantiles(sorted(lat), n=100)
                     print(f"{name:10} {k:>5} {fraction:>5.2f} {p[49]:8.2f} {p[89]:8.2f} {p[98]:8.2f}")
