@@ -1,7 +1,9 @@
 """The HTTP edge (FastAPI): callbacks from GPU services, task and GPU views, health, metrics.
 
-Errors become answers here and only here: a store that is down is 503 (GPU services retry their callback),
-bad bodies are 422 naming the field, and no traceback ever reaches a caller.
+Errors become answers here and only here (``install_error_answers``; the callback's fast path, which runs in
+front of FastAPI, uses the same ``dispatcher.errors.answer``): every error answer has the one body of
+dispatcher/errors.py, a store that is down is 503 (GPU services retry their callback), bad bodies are 422
+naming the field, and no traceback ever reaches a caller.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.dependencies.utils import get_flat_params
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from dispatcher.agent_api import router as agent_router
@@ -22,10 +25,23 @@ from dispatcher.callback import router as callback_router
 from dispatcher.cancel_api import router as cancel_router
 from dispatcher.core import Dispatcher
 from dispatcher.dashboard import router as dashboard_router
-from dispatcher.db.engine import StoreUnavailable
+from dispatcher.errors import (
+    STORE_DOWN,
+    STORE_ERRORS,
+    BadInput,
+    ErrorBody,
+    GpuqError,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    answer,
+    from_status,
+    validation_error,
+)
 from dispatcher.event_hub import EventHub
 from dispatcher.openai_api import router as openai_router
-from dispatcher.routes import Detail, api_auth, router
+from dispatcher.openai_shapes import OpenAIRoute, openai_body
+from dispatcher.routes import api_auth, router
 from dispatcher.task_api import router as task_api_router
 
 log = logging.getLogger("gpuq.http")
@@ -57,7 +73,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse({"detail": f"body larger than {self.limit} bytes"}, status_code=413)
+        status, body, _ = answer(TooLarge(f"body larger than {self.limit} bytes"))
+        too_large = JSONResponse(body, status_code=status)
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 await too_large(scope, receive, send)
@@ -115,12 +132,7 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.add_middleware(BodyLimit)
-
-    @app.exception_handler(StoreUnavailable)
-    @app.exception_handler(RedisError)
-    async def _unavailable(_: Request, exc: Exception) -> JSONResponse:
-        log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
-        return JSONResponse({"detail": "storage temporarily unavailable, try again"}, status_code=503)
+    install_error_answers(app)
 
     for routes in (
         callback_router,
@@ -137,16 +149,53 @@ def create_app(
     return app
 
 
+def install_error_answers(app: FastAPI) -> None:
+    """The one place where errors become answers: gpuq's own (``GpuqError``), a store that is down, FastAPI's
+    and Starlette's (validation, unknown path, wrong method, the body limit), and anything unforeseen (500,
+    logged with its traceback, which the caller never sees)."""
+
+    def send(request: Request, err: GpuqError) -> JSONResponse:
+        status, body, headers = answer(err)
+        if isinstance(request.scope.get("route"), OpenAIRoute):
+            body = openai_body(err)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(GpuqError)
+    async def _gpuq(request: Request, exc: GpuqError) -> JSONResponse:
+        return send(request, exc)
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
+        return send(request, Unavailable(STORE_DOWN))
+
+    for store_error in STORE_ERRORS:
+        app.add_exception_handler(store_error, _unavailable)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return send(request, validation_error(list(exc.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return send(request, from_status(exc.status_code, str(exc.detail), dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed", exc_info=exc, extra={"action": "http_500", "path": request.url.path})
+        return send(request, GpuqError("internal error; see the dispatcher's log"))
+
+
 def _document_shared_answers(routes: APIRouter) -> None:
     """Answers given in one place for many routes are documented in one place too: 401 where API_TOKEN
-    guards the route, 503 wherever a store may be down (the handler in create_app)."""
+    guards the route, 422 where a route takes parameters or a body, 503 wherever a store may be down (the
+    handlers in ``install_error_answers``). A route's own ``responses=`` say more and are kept."""
     for route in routes.routes:
         if not isinstance(route, APIRoute):
             continue
+        shared: list[tuple[type[GpuqError], str]] = [(Unavailable, Unavailable.meaning)]
         if any(dep.dependency is api_auth for dep in route.dependencies):
-            route.responses.setdefault(
-                401, {"model": Detail, "description": "missing or wrong API token (API_TOKEN is set)"}
-            )
-        route.responses.setdefault(
-            503, {"model": Detail, "description": "Redis or the database is unavailable; try again"}
-        )
+            shared.append((Unauthorized, "missing or wrong API token (API_TOKEN is set)"))
+        if get_flat_params(route.dependant) or route.body_field is not None:  # as FastAPI decides it
+            shared.append((BadInput, BadInput.meaning))
+        for cls, meaning in shared:
+            route.responses.setdefault(cls.status, {"model": ErrorBody, "description": meaning})

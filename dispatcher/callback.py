@@ -19,10 +19,22 @@ from typing import Any, Literal
 import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from redis.exceptions import RedisError
 
 from dispatcher.core import Dispatcher
-from dispatcher.db.engine import StoreUnavailable
+from dispatcher.errors import (
+    STORE_DOWN,
+    STORE_ERRORS,
+    BadInput,
+    Conflict,
+    GpuqError,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    answer,
+    responses,
+    validation_error,
+)
 from dispatcher.events import encode
 from dispatcher.states import Outcome
 from dispatcher.tokens import token_shaped, verify_token
@@ -64,7 +76,7 @@ _SMALL_BODY = 64 * 1024
 #: Bytes looked at from each end of a bigger body: a forged 8 MiB callback costs the regex 512 KiB, not 8 MiB.
 #: A callback's own ``task_id`` is a top-level key, so it sits before or after the (maybe huge) result.
 _WINDOW = 256 * 1024
-_UNAUTHORIZED = (401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"})
+_UNAUTHORIZED = answer(Unauthorized("missing or wrong callback token"))
 
 
 def _claimed_ids(raw: bytes) -> set[str]:
@@ -101,7 +113,7 @@ def precheck(secret: bytes, raw: bytes, token: str | None) -> tuple[int, dict[st
         where = (
             "the body" if len(raw) <= 2 * _WINDOW else f"the first or last {_WINDOW // 1024} KiB of the body"
         )
-        return None if len(raw) <= _SMALL_BODY else (422, {"detail": f"task_id: not found in {where}"}, None)
+        return None if len(raw) <= _SMALL_BODY else answer(BadInput(f"task_id: not found in {where}"))
     if not any(verify_token(secret, task_id, token) is not None for task_id in ids):
         return _UNAUTHORIZED
     return None
@@ -121,14 +133,17 @@ def _answer(status: int, body: dict[str, Any], headers: dict[str, str] | None = 
 @router.post(
     "/callback",
     response_model=CallbackOut,
-    responses={
-        401: {"description": "missing or wrong callback token"},
-        404: {"description": "unknown task"},
-        409: {"description": "the attempt is no longer current"},
-        413: {"description": "body too large, or a partial over PARTIAL_MAX_BYTES"},
-        422: {"description": "malformed body"},
-        503: {"description": "storage unavailable; retry"},
-    },
+    responses=responses(
+        Unauthorized,
+        NotFound,
+        Conflict,
+        TooLarge,
+        BadInput,
+        Unavailable,
+        e401="missing or wrong callback token",
+        e409="the attempt is no longer current",
+        e413="body too large, or a partial over PARTIAL_MAX_BYTES",
+    ),
     openapi_extra={
         "requestBody": {"required": True, "content": {_JSON: {"schema": CallbackIn.model_json_schema()}}}
     },
@@ -162,18 +177,18 @@ async def handle(
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         d.metrics.callbacks.labels("422").inc()
-        return 422, {"detail": errors}, None
+        return answer(validation_error(errors))
     attempt = verify_token(d.settings.secret, body.task_id, token) if token else None
     if attempt is None:
         d.metrics.callbacks.labels("401").inc()
-        return 401, {"detail": "missing or wrong callback token"}, {"WWW-Authenticate": "Bearer"}
+        return _UNAUTHORIZED
     if body.status == "running":
         extra = dict(body.model_extra or {})
         partial: Any = extra.pop("partial", None)
         too_large = _partial_too_large(partial, d.settings.partial_max_bytes)
         if too_large is not None:
             d.metrics.callbacks.labels("413").inc()
-            return 413, {"detail": too_large}, None
+            return answer(TooLarge(too_large))
         fin = await d.heartbeat(body.task_id, attempt, extra, partial)
     else:
         if body.status == "finished":
@@ -187,14 +202,15 @@ async def handle(
             body.task_id, attempt, outcome, result=body.result, error=error, reported=reported
         )
     if fin.code in ("unknown", "stale"):
-        status = 404 if fin.code == "unknown" else 409
-        detail = (
-            f"unknown task {body.task_id!r}"
-            if status == 404
-            else f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
+        err: GpuqError = (
+            NotFound(f"unknown task {body.task_id!r}")
+            if fin.code == "unknown"
+            else Conflict(
+                f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
+            )
         )
-        d.metrics.callbacks.labels(str(status)).inc()
-        return status, {"detail": detail}, None
+        d.metrics.callbacks.labels(str(err.status)).inc()
+        return answer(err)
     d.metrics.callbacks.labels("200").inc()
     return 200, {"task_id": body.task_id, "state": fin.state, "applied": fin.code == "applied"}, None
 
@@ -232,7 +248,7 @@ class CallbackFastPath:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                await _send(send, 413, {"detail": f"body larger than {self.max_body} bytes"}, None)
+                await _send(send, *answer(TooLarge(f"body larger than {self.max_body} bytes")))
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -240,12 +256,12 @@ class CallbackFastPath:
         d: Dispatcher = self.app.state.dispatcher
         try:
             status, body, headers = await handle(d, b"".join(chunks), authorization)
-        except (StoreUnavailable, RedisError) as exc:
+        except STORE_ERRORS as exc:
             log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
-            status, body, headers = 503, {"detail": "storage temporarily unavailable, try again"}, None
+            status, body, headers = answer(Unavailable(STORE_DOWN))
         except Exception:
             log.exception("callback failed", extra={"action": "http_500"})
-            status, body, headers = 500, {"detail": "internal error; the callback was not applied"}, None
+            status, body, headers = answer(GpuqError("internal error; the callback was not applied"))
         await _send(send, status, body, headers)
 
 

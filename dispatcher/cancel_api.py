@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from dispatcher.cancels import WAKE_CANCEL
 from dispatcher.db.attempts import cancel_task
-from dispatcher.errors import TRANSIENT
-from dispatcher.routes import D, Detail, api_auth
+from dispatcher.errors import TRANSIENT, Conflict, responses
+from dispatcher.routes import D, api_auth
 
 log = logging.getLogger("gpuq.http")
 router = APIRouter()
@@ -33,14 +33,14 @@ class CancelOut(BaseModel):
     "/tasks/{task_id}/cancel",
     dependencies=[Depends(api_auth)],
     response_model=CancelOut,
-    responses={409: {"model": Detail, "description": "the task already finished or failed"}},
+    responses=responses(Conflict, e409="the task already finished or failed"),
 )
 async def cancel(task_id: str, d: D) -> CancelOut:
     """Cancel a task. One not yet taken from Redis is marked so that it never runs; a repeated cancel is
     answered 200 with ``applied: false``."""
     fin = await d.db(cancel_task, task_id=task_id, now=d.now(), backoff=d.backoff)
     if fin.code != "applied" and fin.state != "cancelled":
-        raise HTTPException(409, f"task {task_id!r} is already {fin.state}: nothing to cancel")
+        raise Conflict(f"task {task_id!r} is already {fin.state}: nothing to cancel")
     if fin.code == "applied":
         d.events.publish("cancelled", task_id, by="api")
     if fin.held:

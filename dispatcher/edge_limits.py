@@ -24,6 +24,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dispatcher.errors import Unavailable, from_status, raw_http
+
 log = logging.getLogger("gpuq.http")
 
 #: A request body arriving at least this fast is not cut off by the read deadline (Apache's mod_reqtimeout
@@ -34,13 +36,9 @@ MIN_BODY_BYTES_PER_SECOND = 1024
 #: (one per busy slot), log files, the listening socket.
 FD_RESERVE = 512
 
-_408 = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b'content-length: 57\r\n\r\n{"detail":"the request was not received in time (slow)"}\n'
-)
-_503 = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-    b'retry-after: 1\r\ncontent-length: 50\r\n\r\n{"detail":"too many open connections; try again"}\n'
+_408 = raw_http(from_status(408, "the request was not received in time (slow)"), "Request Timeout")
+_503 = raw_http(
+    Unavailable("too many open connections; try again", headers={"Retry-After": "1"}), "Service Unavailable"
 )
 
 

@@ -30,17 +30,26 @@ from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.reads import get_task
+from dispatcher.errors import (
+    BadInput,
+    Conflict,
+    Gone,
+    GpuqError,
+    NotFound,
+    TooMany,
+    Unauthorized,
+    UpstreamFailed,
+)
 from dispatcher.event_hub import RETRY_AFTER_SECONDS, EventHub, HubFull, Listener
 from dispatcher.openai_shapes import (
+    NO_RETRY,
     EmbeddingsOut,
     EmbeddingsRequest,
     ErrorOut,
-    OpenAIError,
     OpenAIRoute,
     TaskPending,
     TaskResultOut,
     embeddings_body,
-    error_response,
     pending_body,
 )
 from dispatcher.routes import D, H
@@ -57,7 +66,7 @@ DEFAULT_TYPE = "embed"
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"model": ErrorOut, "description": f"{description} (OpenAI's error shape)"}
+    return {"model": ErrorOut, "description": f"{description} (with OpenAI's error object)"}
 
 
 _PENDING = {"model": TaskPending, "description": "not ended yet: the task id and its result_url"}
@@ -77,8 +86,8 @@ def openai_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> 
         return
     given = bearer(authorization) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise OpenAIError(
-            401, "missing or wrong API key (Authorization: Bearer <API_TOKEN>)", code="invalid_api_key"
+        raise Unauthorized(
+            "missing or wrong API key (Authorization: Bearer <API_TOKEN>)", code="invalid_api_key"
         )
 
 
@@ -89,7 +98,12 @@ def task_type_for(model: str, routes: dict[str, str]) -> str:
 @router.post(
     "/v1/embeddings",
     dependencies=[Depends(openai_auth)],
-    responses={200: {"model": EmbeddingsOut}, 202: _PENDING, **_COMMON},
+    responses={
+        200: {"model": EmbeddingsOut},
+        202: _PENDING,
+        429: _error("EVENT_LISTENERS_MAX streams and waits are open; try after Retry-After"),
+        **_COMMON,
+    },
 )
 async def embeddings(body: EmbeddingsRequest, d: D, hub: H) -> Response:
     """Embed ``input`` on a GPU service through the queue; answers once the task ends, or 202."""
@@ -101,15 +115,16 @@ async def embeddings(body: EmbeddingsRequest, d: D, hub: H) -> Response:
             await _enqueue(d, hub, task_id, task_type_for(body.model, d.settings.routes), data)
             task = await _wait(d, events, task_id, body.wait_seconds)
     except HubFull as exc:
-        return error_response(
-            429,
-            f"{exc}; try again later",
-            code="rate_limit_exceeded",
-            kind="rate_limit_error",
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
-        )
-    answer = _answer(task_id, task, model=body.model, texts=texts, encoding_format=body.encoding_format)
-    answer.headers["X-Gpuq-Task-Id"] = task_id  # OpenAI's body has no place for it; operators want it
+        raise TooMany(
+            f"{exc}; try again later", retry_after=RETRY_AFTER_SECONDS, code="rate_limit_exceeded"
+        ) from None
+    # OpenAI's body has no place for the task id; operators want it, on an error answer too
+    try:
+        answer = _answer(task_id, task, model=body.model, texts=texts, encoding_format=body.encoding_format)
+    except GpuqError as err:
+        err.headers["X-Gpuq-Task-Id"] = task_id
+        raise
+    answer.headers["X-Gpuq-Task-Id"] = task_id
     return answer
 
 
@@ -137,13 +152,12 @@ async def task_result(
         marks = [d.keys.idem(q, f"task:{task_id}") for q in d.settings.all_queues]
         if any([await hub.redis.exists(mark) for mark in marks]):  # one queue (cluster slot) at a time
             return JSONResponse(pending_body(task_id, None), status_code=202)
-        raise OpenAIError(404, f"unknown task {task_id!r}", code="task_not_found")
+        raise NotFound(f"unknown task {task_id!r}", code="task_not_found")
     if task["finished_at"] and _expired(task["finished_at"], d):
-        raise OpenAIError(
-            410,
+        raise Gone(
             f"the result of task {task_id!r} has expired (kept {d.settings.result_ttl_seconds:g} s)",
             code="result_expired",
-            retry=False,
+            headers=NO_RETRY,
         )
     data = task["data"] or {}
     meta = data.get("openai")
@@ -168,7 +182,7 @@ async def _enqueue(d: Dispatcher, hub: EventHub, task_id: str, task_type: str, d
             max_bytes=d.settings.max_job_bytes,
         )
     except (ValidationError, InvalidJob) as exc:
-        raise OpenAIError(422, f"cannot enqueue this request: {exc}", code="invalid_input") from None
+        raise BadInput(f"cannot enqueue this request: {exc}") from None
     keys, args = push_arguments(
         [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
     )
@@ -213,23 +227,16 @@ def _answer(
             pending_body(task_id, state), status_code=202, headers={"Location": f"/tasks/{task_id}/result"}
         )
     if state == "failed":
-        return error_response(
-            502,
-            f"task {task_id} failed: {task.get('error')}",
-            code="task_failed",
-            kind="server_error",
-            retry=False,
-        )
+        error = task.get("error")
+        raise UpstreamFailed(f"task {task_id} failed: {error}", code="task_failed", headers=NO_RETRY)
     if state == "cancelled":
-        return error_response(409, f"task {task_id} was cancelled", code="task_cancelled", retry=False)
+        raise Conflict(f"task {task_id} was cancelled", code="task_cancelled", headers=NO_RETRY)
     body = embeddings_body(task.get("result"), model=model, texts=texts, encoding_format=encoding_format)
     if body is None:
-        return error_response(
-            502,
+        raise UpstreamFailed(
             f"task {task_id} finished, but its result holds no embeddings for the {len(texts)} inputs",
             code="bad_result",
-            kind="server_error",
-            retry=False,
+            headers=NO_RETRY,
         )
     return JSONResponse(body)
 

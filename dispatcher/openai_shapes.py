@@ -1,8 +1,8 @@
 """The OpenAI side of ``POST /v1/embeddings``: the request body, the answers and OpenAI's error shape.
 
-OpenAI clients read errors as ``{"error": {"message", "type", "param", "code"}}``, so every answer of the
-OpenAI routes has that shape, validation errors and a store that is down included (``OpenAIRoute``); the rest
-of gpuq keeps FastAPI's ``{"detail"}``.
+OpenAI clients read errors as ``{"error": {"message", "type", "param", "code"}}``, so every error answer of
+the OpenAI routes carries that object, validation errors and a store that is down included (``OpenAIRoute``),
+beside the ``detail`` and ``code`` every error answer of gpuq has (dispatcher/errors.py).
 
 Tokens are counted approximately, as whitespace-separated words: gpuq does not know the model's tokenizer,
 and ``usage`` is informative only.
@@ -11,88 +11,45 @@ and ``usage`` is informative only.
 from __future__ import annotations
 
 import base64
-import logging
 import struct
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
-from fastapi import HTTPException, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
-from redis.exceptions import RedisError
 
-from dispatcher.db.engine import StoreUnavailable
-
-log = logging.getLogger("gpuq.http")
+from dispatcher.errors import ErrorBody, GpuqError, body
 
 #: Texts per request at most (OpenAI's own limit); a GPU service may accept fewer per job.
 MAX_INPUTS = 2048
 MAX_WAIT_SECONDS = 30.0
 
 
-class OpenAIError(Exception):
-    """An answer in OpenAI's error shape."""
-
-    def __init__(
-        self, status: int, message: str, *, code: str, kind: str = "invalid_request_error", retry: bool = True
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind, self.retry = status, message, code, kind, retry
+#: Headers of an answer the official clients must not retry: they retry 409 and 5xx by default, and a failed
+#: or cancelled task would only be enqueued again (it already had its MAX_ATTEMPTS).
+NO_RETRY = {"x-should-retry": "false"}
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    code: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    retry: bool = True,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    extra = dict(headers or {})
-    if not retry:
-        # The official clients retry 409 and 5xx by default; a failed or cancelled task would only be
-        # enqueued again (it already had its MAX_ATTEMPTS), so tell them not to.
-        extra["x-should-retry"] = "false"
-    return JSONResponse(body, status_code=status, headers=extra)
-
-
-def _field(loc: tuple[Any, ...]) -> str | None:
+def _field(loc: list[str | int]) -> str | None:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or None
 
 
 class OpenAIRoute(APIRoute):
-    """A route whose errors all answer in OpenAI's shape (validation 422, auth 401, stores down 503)."""
+    """A route whose error answers also carry OpenAI's ``error`` object (see ``openai_body``); the answers
+    themselves are built where all are, by the handlers in dispatcher/app.py."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handle = super().get_route_handler()
 
-        async def route(request: Request) -> Response:
-            try:
-                return await handle(request)
-            except OpenAIError as exc:
-                return error_response(exc.status, exc.message, code=exc.code, kind=exc.kind, retry=exc.retry)
-            except RequestValidationError as exc:
-                errors = list(exc.errors())
-                message = "; ".join(f"{_field(e['loc']) or 'body'}: {e['msg']}" for e in errors)
-                param = _field(errors[0]["loc"]) if errors else None
-                code = errors[0]["type"] if errors and errors[0]["type"] == "token_input" else "invalid_input"
-                return error_response(422, message or "invalid request body", code=code, param=param)
-            except HTTPException as exc:
-                return error_response(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}")
-            except (StoreUnavailable, RedisError) as exc:
-                log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
-                return error_response(
-                    503, "storage temporarily unavailable, try again", code="unavailable", kind="server_error"
-                )
-
-        return route
+def openai_body(err: GpuqError) -> dict[str, Any]:
+    """gpuq's error body plus OpenAI's ``{"error": {"message", "type", "param", "code"}}``, which OpenAI
+    clients read (they ignore the other fields)."""
+    param = _field(err.errors[0]["loc"]) if err.errors else None
+    code = err.code
+    if err.errors and err.errors[0]["type"] == "token_input":
+        code = "token_input"
+    kind = "rate_limit_error" if err.status == 429 else "server_error" if err.status >= 500 else ""
+    message = {"message": err.detail, "type": kind or "invalid_request_error", "param": param, "code": code}
+    return {**body(err), "code": code, "error": message}
 
 
 def _text_only(value: Any) -> Any:
@@ -161,8 +118,8 @@ class ErrorDetail(BaseModel):
     code: str | None = None
 
 
-class ErrorOut(BaseModel):
-    """OpenAI's error shape."""
+class ErrorOut(ErrorBody):
+    """gpuq's error body with OpenAI's error object."""
 
     error: ErrorDetail
 

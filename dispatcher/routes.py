@@ -6,7 +6,7 @@ import hmac
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from pydantic import BaseModel
@@ -18,6 +18,7 @@ from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.gpus import list_gpus
 from dispatcher.db.overview import open_tasks
 from dispatcher.db.reads import get_task
+from dispatcher.errors import ErrorBody, NotFound, Unauthorized, Unavailable, responses
 from dispatcher.event_hub import EventHub
 from dispatcher.queue_view import Plan, read_async
 from dispatcher.reprioritize import find_waiting_async
@@ -55,10 +56,8 @@ def get_hub(request: Request) -> EventHub:
 H = Annotated[EventHub, Depends(get_hub)]
 
 
-class Detail(BaseModel):
-    """The body of every error answer."""
-
-    detail: str
+#: The body of every error answer (its old name here; dispatcher/errors.py has it).
+Detail = ErrorBody
 
 
 def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -68,20 +67,20 @@ def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> Non
         return
     given = bearer(authorization) or ""
     if not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(401, "missing or wrong API token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or wrong API token")
 
 
 @router.get(
     "/tasks/{task_id}",
     dependencies=[Depends(api_auth)],
-    responses={404: {"model": Detail, "description": "unknown task"}},
+    responses=responses(NotFound),
 )
 async def task(task_id: str, d: D) -> dict[str, Any]:
     """The task as recorded; a job still waiting in Redis (no row yet) answers ``queued`` with its list and
     position there."""
     found = await find_task(d, task_id)
     if found is None:
-        raise HTTPException(404, f"unknown task {task_id!r} (not in the database nor waiting in Redis)")
+        raise NotFound(f"unknown task {task_id!r} (not in the database nor waiting in Redis)")
     return found
 
 
@@ -105,22 +104,35 @@ async def find_task(d: Dispatcher, task_id: str) -> dict[str, Any] | None:
 
 @router.get("/gpus", dependencies=[Depends(api_auth)], response_model=list[GpuOut])
 async def gpus(d: D) -> list[GpuOut]:
-    return [
-        GpuOut(**row.__dict__)
-        if hasattr(row, "__dict__")
-        else GpuOut.model_validate(row, from_attributes=True)
-        for row in await d.db(list_gpus)
-    ]
+    return [GpuOut.model_validate(row, from_attributes=True) for row in await d.db(list_gpus)]
 
 
-@router.get("/healthz", responses={503: {"description": "a part of the dispatcher died"}})
+class Failing(ErrorBody):
+    """/healthz's 503: the error body, with the ``status`` and ``error`` a liveness probe's log shows."""
+
+    status: str
+    error: str
+
+
+class NotReady(ErrorBody):
+    """/readyz's 503: the error body, with each store that is down (``problems``)."""
+
+    status: str
+    problems: dict[str, str]
+
+
+@router.get("/healthz", responses={503: {"model": Failing, "description": "a part of the dispatcher died"}})
 async def healthz(d: D) -> JSONResponse:
     if d.fatal is not None:
-        return JSONResponse({"status": "failing", "error": str(d.fatal)}, status_code=503)
+        error = str(d.fatal)
+        extra = {"status": "failing", "error": error}
+        raise Unavailable(f"a part of the dispatcher died: {error}", code="failing", extra=extra)
     return JSONResponse({"status": "ok", "dispatcher_id": d.settings.dispatcher_id})
 
 
-@router.get("/readyz", responses={503: {"description": "Redis or the database is unreachable"}})
+@router.get(
+    "/readyz", responses={503: {"model": NotReady, "description": "Redis or the database is unreachable"}}
+)
 async def readyz(d: D, hub: H) -> JSONResponse:
     """Names the store that is down, never its error text (which tells a stranger hosts, ports and users);
     the error goes to the log."""
@@ -136,7 +148,9 @@ async def readyz(d: D, hub: H) -> JSONResponse:
         problems["database"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "database", "error": str(exc)})
     if problems:
-        return JSONResponse({"status": "not ready", "problems": problems | d.warnings}, status_code=503)
+        down = " and ".join(problems)
+        extra = {"status": "not ready", "problems": problems | d.warnings}
+        raise Unavailable(f"not ready: {down} unreachable", code="not_ready", extra=extra)
     # A setting that is wrong but leaves this process working (SLOTS_PER_GPU unlike the fleet's): ready.
     return JSONResponse({"status": "ready", "problems": d.warnings} if d.warnings else {"status": "ready"})
 
@@ -149,14 +163,14 @@ def metrics_auth(d: D, authorization: Annotated[str | None, Header()] = None) ->
         return
     given = bearer(authorization) or ""
     if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise HTTPException(401, "missing or wrong metrics token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or wrong metrics token")
 
 
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
     dependencies=[Depends(metrics_auth)],
-    responses={401: {"model": Detail, "description": "missing or wrong METRICS_TOKEN (when set)"}},
+    responses=responses(Unauthorized, e401="missing or wrong METRICS_TOKEN (when set)"),
 )
 async def metrics(d: D, hub: H) -> PlainTextResponse:
     m = d.metrics

@@ -3,56 +3,88 @@ changes as Server-Sent Events). Both need ``API_TOKEN`` like every ``/tasks`` ro
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from dispatcher.db.listing import DEFAULT_LIMIT, MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
+from dispatcher.db.engine import naive_utc
+from dispatcher.db.listing import (
+    CURSOR_PATTERN,
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    BadFilter,
+    TaskFilter,
+    list_tasks,
+    parse_states,
+)
 from dispatcher.db.reads import get_task
+from dispatcher.errors import BadInput, NotFound, TooMany, responses
 from dispatcher.event_hub import RETRY_AFTER_SECONDS, HubFull
 from dispatcher.events import FINAL_EVENTS
 from dispatcher.routes import D, H, api_auth, find_task
+from dispatcher.states import TaskState
 
 router = APIRouter()
 
 #: Seconds of silence after which a stream sends a keep-alive comment and looks at the database again.
 QUIET_SECONDS = 10.0
 
+_STATE = "|".join(s.value for s in TaskState)
+#: ``state``: one state or several separated by commas. The document says exactly what the server takes (the
+#: patterns are checked here rather than by FastAPI, whose refusal would quote the pattern instead of naming
+#: the state or cursor that is wrong).
+STATES_PATTERN = f"^(({_STATE})(,({_STATE}))*)?$"
 
-def naive_utc(value: datetime | None) -> datetime | None:
-    """The database holds naive UTC: an aware time is converted, a naive one taken as UTC. A time whose
-    UTC falls outside the years 1-9999 (``0001-01-01T00:00:00+01:00``) is the caller's mistake: BadFilter."""
-    if value is None or value.tzinfo is None:
-        return value
+
+def since_utc(value: datetime | None) -> datetime | None:
+    """``since`` as the database holds times (naive UTC). A time whose UTC falls outside the years 1-9999
+    (``0001-01-01T00:00:00+01:00``) is before or after every task: the earliest or latest time there is."""
+    if value is None:
+        return None
     try:
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return naive_utc(value)
     except OverflowError:
-        raise BadFilter(f"since: {value.isoformat()} is out of range in UTC") from None
+        return datetime.min if value.year == 1 else datetime.max
 
 
 @router.get("/tasks", dependencies=[Depends(api_auth)])
 async def tasks(
     d: D,
     *,
-    state: Annotated[str | None, Query(description="A state, or several separated by commas.")] = None,
+    state: Annotated[
+        str | None,
+        Query(
+            description="A state, or several separated by commas.",
+            json_schema_extra={"pattern": STATES_PATTERN},
+        ),
+    ] = None,
     queue: str | None = None,
     type: Annotated[str | None, Query(description="Task type.")] = None,
     gpu_id: str | None = None,
     since: Annotated[datetime | None, Query(description="Created at or after (ISO 8601).")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
-    cursor: Annotated[str | None, Query(description="next_cursor of the previous page.")] = None,
+    cursor: Annotated[
+        str | None,
+        Query(description="next_cursor of the previous page.", json_schema_extra={"pattern": CURSOR_PATTERN}),
+    ] = None,
 ) -> dict[str, Any]:
     """Tasks newest first; ``next_cursor`` is null on the last page."""
     try:
-        where = TaskFilter(parse_states(state), queue, type, gpu_id, naive_utc(since))
+        states = parse_states(state)
+        if state is not None and not re.fullmatch(STATES_PATTERN, state):
+            raise BadFilter(f"state: {state!r} is not states separated by commas (no spaces, none empty)")
+        where = TaskFilter(states, queue, type, gpu_id, since_utc(since))
         page: dict[str, Any] = await d.db(list_tasks, where=where, limit=limit, cursor=cursor)
     except BadFilter as exc:
-        raise HTTPException(422, str(exc)) from None
+        field, _, msg = str(exc).partition(": ")
+        errors = [{"loc": ["query", field], "msg": msg, "type": "value_error"}]
+        raise BadInput(str(exc), errors=errors) from None
     return page
 
 
@@ -66,8 +98,7 @@ def sse(name: str, data: dict[str, Any]) -> bytes:
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/event-stream": {}}},
-        404: {"description": "unknown task"},
-        429: {"description": "EVENT_LISTENERS_MAX streams and waits are open; try after Retry-After"},
+        **responses(NotFound, TooMany, e429="EVENT_LISTENERS_MAX streams and waits are open"),
     },
 )
 async def task_events(task_id: str, d: D, hub: H) -> StreamingResponse:
@@ -78,9 +109,7 @@ async def task_events(task_id: str, d: D, hub: H) -> StreamingResponse:
     try:
         events = await stack.enter_async_context(hub.listen(task_id))
     except HubFull as exc:
-        raise HTTPException(
-            429, f"{exc}; try again later", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
-        ) from None
+        raise TooMany(f"{exc}; try again later", retry_after=RETRY_AFTER_SECONDS) from None
     try:
         found = await find_task(d, task_id)  # still waiting in Redis: first events "scheduled", "dispatched"
     except BaseException:
@@ -88,9 +117,7 @@ async def task_events(task_id: str, d: D, hub: H) -> StreamingResponse:
         raise
     if found is None:
         await stack.aclose()
-        raise HTTPException(
-            404, f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)"
-        )
+        raise NotFound(f"unknown task {task_id!r} (not yet taken by a dispatcher, or never enqueued)")
 
     async def stream() -> AsyncIterator[bytes]:
         async with stack:

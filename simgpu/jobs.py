@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import time
 from typing import Any
 
@@ -93,6 +95,9 @@ class Job:
                 "data": self.data,
                 "service_time": self.service_time,
             }
+            texts = self.data.get("input") if isinstance(self.data, dict) else None
+            if isinstance(texts, list):  # an embeddings job (POST /v1/embeddings): a vector per text
+                result["embeddings"] = [fake_embedding(str(t)) for t in texts]
             return {"task_id": self.task_id, "status": "finished", "result": result}
         body: dict[str, Any] = {
             "task_id": self.task_id,
@@ -119,3 +124,13 @@ class Job:
             "callback_answered_mono": self.callback_answered_mono,
             "answered_mono": self.answered_mono,
         }
+
+
+def fake_embedding(text: str, dimensions: int = 8) -> list[float]:
+    """A unit vector that depends on the text only: a simulated GPU answers embeddings jobs in the shape the
+    reference service does (``{"embeddings": [[...], ...]}``), so OpenAI-compatible requests through a
+    simulated fleet finish as they would on real GPUs."""
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [b - 127.5 for b in digest[:dimensions]]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]

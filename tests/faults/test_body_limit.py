@@ -15,7 +15,7 @@ import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from dispatcher.app import BodyLimit
+from dispatcher.app import BodyLimit, install_error_answers
 
 MIB = 1024 * 1024
 
@@ -81,6 +81,7 @@ def test_a_fastapi_route_with_a_body_model_answers_413_not_400():
     """FastAPI turns an error met while reading a body into 400; the limit's refusal must stay a 413."""
     api = FastAPI()
     api.add_middleware(BodyLimit, limit=MIB)
+    install_error_answers(api)  # the dispatcher's error answers, as create_app installs them
 
     @api.post("/echo")
     async def echo(body: Body) -> dict[str, int]:
@@ -101,4 +102,4 @@ def test_a_fastapi_route_with_a_body_model_answers_413_not_400():
 
     res = asyncio.run(call())
     assert res.status_code == 413
-    assert res.json() == {"detail": f"body larger than {MIB} bytes"}
+    assert res.json() == {"detail": f"body larger than {MIB} bytes", "code": "too_large"}

@@ -33,15 +33,23 @@ def test_hostile_query_values_are_4xx(stack):
     d = stack.dispatcher(None, API_TOKEN=TOKEN)
     nested = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
     cases: list[dict[str, Any]] = [
-        {"since": "0001-01-01T00:00:00+01:00"},
-        {"since": "9999-12-31T23:59:59-01:00"},
         {"cursor": nested},
         {"cursor": base64.urlsafe_b64encode(b"[" * 200 + b"]" * 200).decode()},
+        {"cursor": "1." + "00" * 1021},  # a task id longer than any
+        {"state": "finished,nope"},
     ]
     for params in cases:
         res = httpx.get(f"{d.url}/tasks", params=params, headers=AUTH)
         assert res.status_code == 422, (params, res.status_code, res.text)
-        assert "since" in res.text or "cursor" in res.text
+        body = res.json()
+        assert body["code"] == "invalid_input" and body["errors"][0]["loc"] == ["query", next(iter(params))]
+        assert next(iter(params)) in body["detail"]
+    # a since whose UTC falls outside the years 1-9999 is before or after every task (it used to be a 500)
+    assert httpx.post(f"{d.url}/tasks/early/cancel", headers=AUTH).status_code == 200  # a row, created now
+    for since, expected in (("0001-01-01T00:00:00+01:00", ["early"]), ("9999-12-31T23:59:59-01:00", [])):
+        res = httpx.get(f"{d.url}/tasks", params={"since": since}, headers=AUTH)
+        assert res.status_code == 200, (since, res.text)
+        assert [t["task_id"] for t in res.json()["tasks"]] == expected
 
 
 def test_non_ascii_digits_in_a_callback_token_are_401(stack):
@@ -64,7 +72,12 @@ def test_readyz_names_the_store_that_is_down_without_its_error(stack):
         private.stop()
         res = httpx.get(f"{d.url}/readyz", timeout=30)
         assert res.status_code == 503
-        assert res.json() == {"status": "not ready", "problems": {"redis": "unreachable"}}
+        assert res.json() == {
+            "detail": "not ready: redis unreachable",
+            "code": "not_ready",
+            "status": "not ready",
+            "problems": {"redis": "unreachable"},
+        }
         assert str(private.port) not in res.text
     finally:
         private.close()
