@@ -7,7 +7,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from pydantic import BaseModel
 from redis.exceptions import RedisError
@@ -168,9 +168,14 @@ def metrics_auth(d: D, authorization: Annotated[str | None, Header()] = None) ->
 
 @router.get(
     "/metrics",
-    response_class=PlainTextResponse,
+    # Response (no media type of its own): the 200 is the Prometheus text declared below, and the error
+    # answers are declared as the JSON they are (a text/plain route would have them documented as text)
+    response_class=Response,
     dependencies=[Depends(metrics_auth)],
-    responses=responses(Unauthorized, e401="missing or wrong METRICS_TOKEN (when set)"),
+    responses={
+        200: {"description": "Prometheus text", "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **responses(Unauthorized, e401="missing or wrong METRICS_TOKEN (when set)"),
+    },
 )
 async def metrics(d: D, hub: H) -> PlainTextResponse:
     m = d.metrics

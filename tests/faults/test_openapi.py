@@ -3,8 +3,15 @@ document, positive and negative; no answer is a 500, and every answer (status, c
 the document declares, with the Authorization header schemathesis generates and again with the API token.
 The event stream (``/tasks/{id}/events``) is left out: it stays open by design.
 
+Nothing is left out: every operation (the event stream too: for an unknown or ended task it ends) and every
+check, ``not_a_server_error`` included (the simulated GPUs answer embeddings jobs with vectors, so
+``/v1/embeddings`` has no reason for its 502).
+
 Found: 401 (API_TOKEN), 404 (unknown task) and 503 (store down) were missing from the document, and
-``/metrics`` was declared JSON; fixed in dispatcher/routes.py and dispatcher/app.py. An input text of "\u001d"
+``/metrics`` was declared JSON; fixed in dispatcher/routes.py and dispatcher/app.py. ``GET /tasks`` answered
+422 with a string where the document declared FastAPI's list, and refused schema-valid filters (an unknown
+state, any cursor not from a page): the one error body (dispatcher/errors.py) and patterns for ``state`` and
+``cursor`` that say exactly what the server takes fixed it. An input text of "\u001d"
 passed the document's ``\\S`` (ECMAScript's) but not the server's check; fixed in dispatcher/openai_shapes.py
 and kept below as an explicit example (``EXAMPLES``), tried on every run whatever hypothesis draws.
 
