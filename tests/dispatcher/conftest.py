@@ -61,6 +61,18 @@ class Stack:
 
 @pytest.fixture
 def stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]:
+    """The stores on MariaDB (the production target)."""
+    yield from _stack(database_url, redis_url, key_prefix)
+
+
+@pytest.fixture
+def any_stack(any_database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]:
+    """The test runs twice: on MariaDB, then on SQLite (embedded mode: one dispatcher process at a time). The
+    core scenarios use it, so that both databases answer to one set of scenarios that cannot drift apart."""
+    yield from _stack(any_database_url, redis_url, key_prefix)
+
+
+def _stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]:
     rds = redis.Redis.from_url(redis_url)
     engine = make_engine(database_url, pool_size=2)
     tag = uuid.uuid4().hex[:6]

@@ -22,11 +22,15 @@ def _task(engine, task_id):
         ).one()
 
 
-@pytest.fixture
-def silent(stack):
+def _silent(stack):
     """A dispatcher whose GPU accepts jobs and never calls back: the test plays the GPU service."""
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
     return stack.dispatcher(fleet, MAX_ATTEMPTS="2", TASK_TIMEOUT_SECONDS="60")
+
+
+@pytest.fixture
+def silent(stack):
+    return _silent(stack)
 
 
 def test_tokens_bodies_and_answers(stack, silent):
@@ -46,10 +50,15 @@ def test_tokens_bodies_and_answers(stack, silent):
         ).status_code
         == 401
     )
-    # malformed bodies: 422 naming the field
+    # malformed bodies: 422 naming the field, in the one error body
     bad = _post(d, {"task_id": a, "status": "done"}, ok)
     assert bad.status_code == 422
-    assert "status" in bad.text
+    assert bad.json()["code"] == "invalid_input" and bad.json()["detail"].startswith("status: ")
+    assert [e["loc"] for e in bad.json()["errors"]] == [["status"]]
+    assert _post(d, {"task_id": a, "status": "finished"}).json() == {
+        "detail": "missing or wrong callback token",
+        "code": "unauthorized",
+    }
     assert _post(d, {"status": "finished"}, ok).status_code == 422
     assert (
         httpx.post(
@@ -121,16 +130,15 @@ def test_signed_retry_for_an_attempt_that_never_ran_is_409(stack, silent):
     assert ok.json() == {"task_id": a, "state": "finished", "applied": True}
 
 
-def test_failed_is_final_and_frees_the_slot(stack, silent):
-    d = silent
+def test_failed_is_final_and_frees_the_slot(any_stack):
+    # on MariaDB and on SQLite
+    stack = any_stack
+    d = _silent(stack)
     ids = push_jobs(stack.rds, stack.queues[0], 5)  # 4 slots: one waits
     wait_for(lambda: states(stack.engine)["processing"] == 4, 20, what="four running")
     running = [t for t in ids if _task_state(stack.engine, t) == "processing"]
-    res = _post(
-        d,
-        {"task_id": running[0], "status": "failed", "error": "bad audio"},
-        make_token(SECRET.encode(), running[0], 1),
-    )
+    token = make_token(SECRET.encode(), running[0], 1)
+    res = _post(d, {"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
     assert res.json() == {"task_id": running[0], "state": "failed", "applied": True}
     # the freed slot goes to the waiting job at once
     wait_for(
@@ -139,6 +147,14 @@ def test_failed_is_final_and_frees_the_slot(stack, silent):
         0.01,
         what="fifth job running",
     )
+    # the same report again is a repeat, a different one for the ended attempt is stale
+    again = _post(d, {"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
+    assert again.json()["applied"] is False
+    stale = _post(d, {"task_id": running[0], "status": "finished"}, token)
+    assert stale.status_code == 409 and stale.json()["code"] == "conflict"
+    body = httpx.get(f"{d.url}/tasks/{running[0]}").json()
+    assert body["history"][0]["outcome"] == "failed"
+    assert body["finished_at"] is not None
 
 
 def _task_state(engine, task_id):

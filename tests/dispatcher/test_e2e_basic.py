@@ -1,4 +1,6 @@
-"""End to end: producer-shaped jobs in Redis -> dispatcher processes -> simulated GPUs -> callbacks."""
+"""End to end: producer-shaped jobs in Redis -> dispatcher processes -> simulated GPUs -> callbacks.
+
+Scenarios taking ``any_stack`` run on MariaDB and again on SQLite (embedded mode)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, st
 from tests.dispatcher.helpers import wait_for
 
 
-def test_backlog_runs_once_each_without_oversubscription(stack):
+def test_backlog_runs_once_each_without_oversubscription(any_stack):
+    stack = any_stack
     # GIVEN a backlog of 2,000 jobs over two queues and 4 GPUs x 4 slots
     fleet = stack.fleet(gpus=4, service_time="exp:0.01")
     ids = push_jobs(stack.rds, stack.queues[0], 1000) + push_jobs(stack.rds, stack.queues[1], 1000)

@@ -1,5 +1,8 @@
 """Failure paths, each ending with the reconcile audit: kill -9, SIGTERM, lost callbacks, failing GPUs,
-several dispatchers sharing one fleet with callbacks reaching another process than the one that sent."""
+several dispatchers sharing one fleet with callbacks reaching another process than the one that sent.
+
+Scenarios taking ``any_stack`` run on MariaDB and again on SQLite (embedded mode: one dispatcher process at a
+time, so a kill -9 there also leaves the SQLite file unclosed)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from tests.dispatcher.harness import (
 from tests.dispatcher.helpers import wait_for
 
 
-def test_kill_9_twice_mid_run_loses_nothing(stack):
+def test_kill_9_twice_mid_run_loses_nothing(any_stack):
+    stack = any_stack
     # GIVEN 600 jobs of 50 ms on 4 GPUs x 4 slots, and a dispatcher that will be killed twice mid-run
     fleet = stack.fleet(gpus=4, service_time="fixed:0.05")
     ids = push_jobs(stack.rds, stack.queues[0], 600)
@@ -42,7 +46,8 @@ def test_kill_9_twice_mid_run_loses_nothing(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
-def test_sigterm_hands_jobs_back_and_exits_0(stack):
+def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
+    stack = any_stack
     fleet = stack.fleet(gpus=1, service_time="fixed:0.2")
     ids = push_jobs(stack.rds, stack.queues[0], 40)
     d = stack.dispatcher(fleet, SHUTDOWN_GRACE_SECONDS="5")
@@ -57,7 +62,8 @@ def test_sigterm_hands_jobs_back_and_exits_0(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
-def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(stack):
+def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(any_stack):
+    stack = any_stack
     # GIVEN a fleet that loses 30% of its callbacks and a 1 s lease
     fleet = stack.fleet(gpus=2, service_time="fixed:0.02", faults=["lost_callback@0.3"])
     ids = push_jobs(stack.rds, stack.queues[0], 60)
