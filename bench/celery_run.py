@@ -10,9 +10,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Proc, Sim, python_env
+from bench.procs import Proc, Sim
 from bench.runner import Context
 from bench.workloads import Workload
+from dispatcher.testing import process_env
 
 
 class CeleryBaseline:
@@ -41,7 +42,7 @@ class CeleryBaseline:
         argv = [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "threads"]
         argv += ["--concurrency", str(workload.capacity), "--prefetch-multiplier", "1"]
         argv += ["--loglevel", "WARNING", "--hostname", f"bench-{uuid.uuid4().hex[:6]}@%h"]
-        return Proc("celery-worker", argv, python_env(env), workdir)
+        return Proc("celery-worker", argv, process_env(env), workdir)
 
     def ready(self, proc: Proc) -> bool:
         return self.ready_file.exists()

@@ -21,10 +21,11 @@ from typing import Any
 
 import httpx
 
-from bench.procs import Proc, ProcError, Sim, free_port, python_env
+from bench.procs import Proc, ProcError, Sim
 from bench.runner import Context
 from bench.workloads import Workload
 from demo.submit import api_event
+from dispatcher.testing import free_port, is_ready, process_env
 from producer.settings import ProducerSettings
 
 PREFIX = "gpuqbench:"
@@ -147,16 +148,13 @@ class Gpuq:
         }
         if HANDOFF_BUFFER is not None:
             settings["HANDOFF_BUFFER"] = str(HANDOFF_BUFFER)
-        return Proc(name, [sys.executable, "-m", "dispatcher"], python_env(settings), workdir)
+        return Proc(name, [sys.executable, "-m", "dispatcher"], process_env(settings), workdir)
 
     def ready(self, proc: Proc) -> bool:
         return self._ready(self.port)
 
     def _ready(self, port: int) -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return is_ready(f"http://127.0.0.1:{port}")
 
     def cleanup(self) -> None:
         for other in self.others:

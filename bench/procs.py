@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,10 @@ from typing import Any
 
 import httpx
 
-from dispatcher.settings import DispatcherSettings
+# The environment of every process a run starts, shared with the tests and the demo (dispatcher/testing.py):
+# the inherited one minus every variable the dispatcher reads (a developer's DATABASE_URL must not point a
+# run at a real database), the repository on PYTHONPATH.
+from dispatcher.testing import process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -27,12 +29,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 class ProcError(Exception):
     """A process the benchmark needs did not start or died; the message holds the end of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -67,15 +63,6 @@ def pid_of(*names: str) -> int | None:
             except OSError:
                 continue
     return None
-
-
-def python_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """The inherited environment minus every variable the dispatcher reads (a developer's DATABASE_URL must
-    not point a run at a real database), plus ``extra``; the repository on PYTHONPATH."""
-    own = {name.upper() for name in DispatcherSettings.model_fields}
-    env = {k: v for k, v in os.environ.items() if k.upper() not in own}
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return env | {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"} | dict(extra)
 
 
 class Proc:
@@ -149,7 +136,7 @@ class Sim(Proc):
         if pull is not None:
             argv += ["--pull", pull]
             env["SIMGPU_AGENTS"] = ",".join(f"{name}={t}" for name, t in (agents or {}).items())
-        super().__init__(f"simgpu-{mode}", argv, python_env(env), workdir)
+        super().__init__(f"simgpu-{mode}", argv, process_env(env), workdir)
         self.wait_until(endpoints.exists, 30)
         self.endpoints = endpoints.read_text().strip()
         self.urls = [item.split("=", 1)[1] for item in self.endpoints.split(",")]

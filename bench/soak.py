@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pymysql
 import redis
 from sqlalchemy import Engine, text
@@ -37,6 +34,7 @@ from sqlalchemy.engine import make_url
 from bench.soak_audit import describe_tasks, overlap_report, problems
 from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import make_engine
+from dispatcher.testing import DispatcherProcess
 from producer.job import Job
 from producer.keys import Keys
 from simgpu.fleet import SimFleet
@@ -61,44 +59,8 @@ class SoakConfig:
     log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpuq-soak-")))
 
 
-class Dispatcher:
-    def __init__(self, name: str, env: dict[str, str], log_dir: Path) -> None:
-        self.name, self.env, self.log = name, env, log_dir / f"{name}.log"
-        self.port = int(env["CALLBACK_PORT"])
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, **self.env, "DISPATCHER_ID": f"{self.name}-{uuid.uuid4().hex[:6]}"}
-        env["PYTHONPATH"] = str(ROOT)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher"], env=env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready in 30 s")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+class Dispatcher(DispatcherProcess):
+    """A soak dispatcher (dispatcher/testing.py) whose resident memory is sampled as the run goes."""
 
     def rss_mb(self) -> float:
         assert self.proc is not None
@@ -106,14 +68,6 @@ class Dispatcher:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fresh_database(mysql_url: str) -> tuple[str, str]:
@@ -206,8 +160,8 @@ def run_soak(cfg: SoakConfig, progress: bool = True) -> dict[str, Any]:
         "GPU_PROBE_SECONDS": "0.5",
         "LOG_LEVEL": "WARNING",
     }
-    steady = Dispatcher("steady", {**common, "CALLBACK_PORT": str(_free_port())}, cfg.log_dir)
-    victim = Dispatcher("victim", {**common, "CALLBACK_PORT": str(_free_port())}, cfg.log_dir)
+    steady = Dispatcher(common, name="steady", workdir=cfg.log_dir)
+    victim = Dispatcher(common, name="victim", workdir=cfg.log_dir)
     engine = make_engine(database_url, pool_size=2)
     ids: list[str] = []
     rss: list[tuple[int, float]] = []

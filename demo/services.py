@@ -4,23 +4,17 @@ stops them in order (the dispatcher must drain while the GPUs and Redis are stil
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import redis
 
-from dispatcher.settings import DispatcherSettings
-
-ROOT = Path(__file__).resolve().parents[1]
+from dispatcher.testing import DispatcherProcess, ProcessFailed, free_port
 
 INSTALL_HINT = """\
 No Redis answers on 127.0.0.1:{port} and there is no redis-server to start one.
@@ -33,12 +27,6 @@ or start one in a container:  docker run -d -p 6379:6379 redis:7"""
 
 class DemoError(Exception):
     """The demo cannot go on; the message tells the user why (and what to do)."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait(
@@ -129,54 +117,22 @@ def _answers(port: int) -> bool:
         client.close()
 
 
-@dataclass
-class DispatcherService:
-    """``python -m dispatcher`` in ``workdir`` with only the demo's settings: every variable the dispatcher
-    reads is dropped from the inherited environment first, so a developer's DATABASE_URL, DB_HOST or
-    API_TOKEN cannot point the demo at a real database or lock it out of its own API."""
-
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    grace: float
-
-    @classmethod
-    def start(cls, settings: dict[str, str], workdir: Path, grace: float = 5.0) -> DispatcherService:
-        port = free_port()
-        own = {name.upper() for name in DispatcherSettings.model_fields}
-        env = {k: v for k, v in os.environ.items() if k.upper() not in own}
-        env |= settings | {
-            "CALLBACK_HOST": "127.0.0.1",
-            "CALLBACK_PORT": str(port),
+def start_dispatcher(settings: dict[str, str], workdir: Path, grace: float = 5.0) -> DispatcherProcess:
+    """``python -m dispatcher`` in ``workdir`` with only the demo's settings (dispatcher/testing.py drops
+    every variable the dispatcher reads from the inherited environment, so a developer's DATABASE_URL,
+    DB_HOST or API_TOKEN cannot point the demo at a real database or lock it out of its own API); stop it
+    with ``stop(grace + 10)``: SIGTERM, it stops taking jobs, lets running ones call back, exits 0."""
+    process = DispatcherProcess(
+        settings
+        | {
             "SHUTDOWN_GRACE_SECONDS": str(grace),
             "LOG_FORMAT": "text",
             "LOG_LEVEL": "WARNING",  # a line per attempt would cost the dispatcher CPU the demo measures
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        log = workdir / "dispatcher.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dispatcher"],
-                cwd=workdir,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                process_group=0,
-            )
-        service = cls(proc, f"http://127.0.0.1:{port}", log, grace)
-        try:
-            _wait(service.ready, proc, 60, "the dispatcher", log)
-        except BaseException:
-            service.stop()
-            raise
-        return service
-
-    def ready(self) -> bool:
-        try:
-            return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> int:
-        """SIGTERM: it stops taking jobs, lets running ones call back, exits 0."""
-        return _stop(self.proc, self.grace + 10)
+        },
+        name="dispatcher",
+        workdir=workdir,
+    )
+    try:
+        return process.start(60)
+    except ProcessFailed as exc:
+        raise DemoError(f"the dispatcher did not start: {exc}") from None

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import redis
 
-from demo.services import DispatcherService, RedisService
+from demo.services import RedisService, start_dispatcher
+from dispatcher.testing import DispatcherProcess
 from producer.settings import ProducerSettings
 from simgpu.fleet import SimFleet
 
@@ -28,7 +29,7 @@ class Stack:
     workdir: Path
     redis: RedisService
     fleet: SimFleet
-    dispatcher: DispatcherService
+    dispatcher: DispatcherProcess
 
     @property
     def db_path(self) -> Path:
@@ -69,11 +70,11 @@ def start(*, gpus: int, slots: int, service: str, redis_port: int, say: Say, on_
         "CALLBACK_SECRET": secrets.token_urlsafe(32),
         "BEARER_TOKEN": bearer,
     }
-    dispatcher = DispatcherService.start(settings, workdir)
-    pid = dispatcher.proc.pid
-    on_exit(_stopping, say, f"dispatcher (pid {pid})", dispatcher.stop)
-    say(f"Dispatcher python -m dispatcher (pid {pid}), {dispatcher.url}")
-    for line in dispatcher.log.read_text(errors="replace").splitlines():
+    dispatcher = start_dispatcher(settings, workdir, grace=5.0)
+    assert dispatcher.proc is not None
+    on_exit(_stopping, say, f"dispatcher (pid {dispatcher.proc.pid})", lambda: dispatcher.stop(15.0))
+    say(f"Dispatcher python -m dispatcher (pid {dispatcher.proc.pid}), {dispatcher.url}")
+    for line in dispatcher.log_path.read_text(errors="replace").splitlines():
         if "embedded mode" in line:
             say(f"[dim]           {line.split('gpuq.main: ')[-1].split('  action=')[0].strip()}[/]")
 

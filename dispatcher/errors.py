@@ -51,13 +51,17 @@ class ErrorBody(BaseModel):
 
 
 class GpuqError(Exception):
-    """A request refused: ``status`` and ``code`` come from the class unless given; ``headers`` go with the
-    answer (``WWW-Authenticate``, ``Retry-After``)."""
+    """A request refused. A subclass names its ``status``, default ``code`` and ``meaning`` (what the status
+    means for every route that answers it, for the OpenAPI document) in its class line; ``code`` may be
+    narrowed where one is raised; ``headers`` go with the answer (``WWW-Authenticate``, ``Retry-After``)."""
 
     status: int = 500
     code: str = "internal"
-    #: What the status means for every route that answers it, for the OpenAPI document.
     meaning: ClassVar[str] = "internal error"
+
+    def __init_subclass__(cls, *, status: int, code: str, meaning: str, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.status, cls.code, cls.meaning = status, code, meaning
 
     def __init__(
         self,
@@ -81,72 +85,61 @@ class GpuqError(Exception):
         self.extra = dict(extra or {})
 
 
-class BadInput(GpuqError):
-    status = 422
-    code = "invalid_input"
-    meaning = "malformed request: `detail` names the field, `errors` lists each one"
+class BadInput(
+    GpuqError,
+    status=422,
+    code="invalid_input",
+    meaning="malformed request: `detail` names the field, `errors` lists each one",
+):
+    """A field, body or query parameter the caller got wrong."""
 
 
-class Unauthorized(GpuqError):
-    status = 401
-    code = "unauthorized"
-    meaning = "missing or wrong token"
+class Unauthorized(GpuqError, status=401, code="unauthorized", meaning="missing or wrong token"):
+    """A missing or wrong token; the answer asks for a Bearer token."""
 
     def __init__(self, detail: str, **kw: Any) -> None:
         kw.setdefault("headers", {"WWW-Authenticate": "Bearer"})
         super().__init__(detail, **kw)
 
 
-class Forbidden(GpuqError):
-    status = 403
-    code = "forbidden"
-    meaning = "the token is right but does not allow this"
+class Forbidden(GpuqError, status=403, code="forbidden", meaning="the token does not allow this"):
+    """A right token that does not allow what was asked."""
 
 
-class NotFound(GpuqError):
-    status = 404
-    code = "not_found"
-    meaning = "unknown task"
+class NotFound(GpuqError, status=404, code="not_found", meaning="unknown task"):
+    """Nothing of that name (a task, a GPU)."""
 
 
-class Conflict(GpuqError):
-    status = 409
-    code = "conflict"
-    meaning = "the request no longer applies to the task's state"
+class Conflict(GpuqError, status=409, code="conflict", meaning="no longer applies to the task's state"):
+    """The request does not fit what the task has become (ended, cancelled, another attempt)."""
 
 
-class Gone(GpuqError):
-    status = 410
-    code = "gone"
-    meaning = "it existed, and has expired"
+class Gone(GpuqError, status=410, code="gone", meaning="it existed, and has expired"):
+    """Kept for a while, and that while is over."""
 
 
-class TooLarge(GpuqError):
-    status = 413
-    code = "too_large"
-    meaning = "the body is larger than the limit"
+class TooLarge(GpuqError, status=413, code="too_large", meaning="the body is larger than the limit"):
+    """A body, or a part of one, over its limit."""
 
 
-class TooMany(GpuqError):
-    status = 429
-    code = "too_many"
-    meaning = "too many open at once; try again after Retry-After"
+class TooMany(GpuqError, status=429, code="too_many", meaning="too many at once; try after Retry-After"):
+    """A shared resource is full; the answer says when to try again."""
 
     def __init__(self, detail: str, *, retry_after: float, **kw: Any) -> None:
         kw.setdefault("headers", {"Retry-After": f"{retry_after:g}"})
         super().__init__(detail, **kw)
 
 
-class UpstreamFailed(GpuqError):
-    status = 502
-    code = "upstream_failed"
-    meaning = "the GPU service failed the task, or gave a result that does not fit"
+class UpstreamFailed(
+    GpuqError, status=502, code="upstream_failed", meaning="the GPU service failed the task, or its result"
+):
+    """The GPU service failed the task, or gave a result that does not fit the request."""
 
 
-class Unavailable(GpuqError):
-    status = 503
-    code = "unavailable"
-    meaning = "Redis or the database is unavailable; try again"
+class Unavailable(
+    GpuqError, status=503, code="unavailable", meaning="Redis or the database is unavailable; try again"
+):
+    """A store is down or restarting: nothing was changed, the same request may be sent again."""
 
 
 #: What a store that is down is answered with, wherever it is met (the one 503 of the API).

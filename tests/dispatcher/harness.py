@@ -7,23 +7,18 @@ audit every scenario runs: every task ended, the slot table agrees with the task
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from dispatcher import testing
 from dispatcher.db.attempts import slot_drift
+from dispatcher.testing import DispatcherProcess
 from producer.job import Job
 from producer.keys import Keys
 from tests.dispatcher.helpers import wait_for
@@ -33,78 +28,21 @@ BEARER = "gpu-bearer-token"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = testing.free_port  # the scenarios import it from here
 
 
-class DispatcherProc:
+class DispatcherProc(DispatcherProcess):
+    """A scenario's dispatcher (dispatcher/testing.py): the tests' callback secret and GPU token, JSON logs at
+    INFO; ``kill()`` is a real SIGKILL."""
+
     def __init__(self, env: dict[str, str], name: str = "d", workdir: Path | None = None) -> None:
-        self.port = int(env.get("CALLBACK_PORT") or free_port())
-        self.name = name
-        self.env = {
-            **os.environ,
-            "CALLBACK_HOST": "127.0.0.1",
-            "CALLBACK_PORT": str(self.port),
+        defaults = {
             "CALLBACK_SECRET": SECRET,
             "BEARER_TOKEN": BEARER,
             "LOG_FORMAT": "json",
             "LOG_LEVEL": "INFO",
-            "DISPATCHER_ID": f"{name}-{uuid.uuid4().hex[:6]}",
-            "PYTHONPATH": str(ROOT),
-            **env,
         }
-        # The process runs in this directory: embedded mode's default database is ./.gpuq/gpuq.db.
-        self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> DispatcherProc:
-        self.env["DISPATCHER_ID"] = f"{self.name}-{uuid.uuid4().hex[:6]}"  # a restart is a new process
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dispatcher"],
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            cwd=self.log_path.parent,
-        )
-        log.close()
-        self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until /readyz answers 200; fails at once, with the log, if the process exits instead. The bound
-        is generous because the wait ends at readiness: on a loaded 2-core machine the imports alone once
-        took 15 s (1.2 s of CPU)."""
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"dispatcher exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout, 0.05, what=f"dispatcher {self.name} ready")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def term(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+        super().__init__(defaults | env, name=name, workdir=workdir)
 
     def stop_quietly(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,10 +1,7 @@
-"""Helpers shared by the fault tests: process control beyond DispatcherProc, memory, log reading."""
+"""Helpers shared by the fault tests: memory, log reading, deliveries beyond attempts."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -12,24 +9,6 @@ from typing import Any
 from sqlalchemy import Engine
 
 from tests.dispatcher.harness import DispatcherProc
-
-
-def spawn(d: DispatcherProc, prefix: list[str] | None = None) -> None:
-    """Start the process without waiting for it to be ready (a kill may come before); ``prefix`` wraps the
-    command (e.g. ``faketime``)."""
-    d.env["DISPATCHER_ID"] = f"{d.name}-{uuid.uuid4().hex[:6]}"
-    with d.log_path.open("ab") as log:
-        d.proc = subprocess.Popen(
-            [*(prefix or []), sys.executable, "-m", "dispatcher"],
-            env=d.env,
-            stdout=log,
-            stderr=log,
-            cwd=d.log_path.parent,
-        )
-
-
-def wait_ready(d: DispatcherProc, timeout: float = 60.0) -> None:
-    d.wait_ready(timeout)
 
 
 def memory_kib(pid: int) -> dict[str, int]:

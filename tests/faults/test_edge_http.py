@@ -19,7 +19,6 @@ import httpx
 
 from tests.dispatcher.harness import DispatcherProc
 from tests.dispatcher.helpers import wait_for
-from tests.faults.support import spawn
 
 SLOW_HEADERS = b"POST /callback HTTP/1.1\r\nHost: x\r\n"
 #: With a token shaped like ours: a callback whose token is not is refused (401) before its body is read.
@@ -113,7 +112,7 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one(stack):
     d = DispatcherProc(stack.env(None), name="nofile")
     stack.procs.append(d)
     # GIVEN a dispatcher started with a soft limit of 1,024 open files and a hard one of 8,192
-    spawn(d, prefix=["prlimit", "--nofile=1024:8192", "--"])
+    d.spawn(prefix=["prlimit", "--nofile=1024:8192", "--"])
     d.wait_ready()
     assert d.proc is not None
     # THEN it runs with 8,192

@@ -20,7 +20,7 @@ from tests.dispatcher.harness import (
     wait_final,
     wait_swept,
 )
-from tests.faults.support import ran_beyond_attempts, spawn, wait_ready
+from tests.faults.support import ran_beyond_attempts
 
 SEED = 20240611
 ROUNDS = 10
@@ -45,12 +45,12 @@ def test_kill_9_at_seeded_random_instants_loses_nothing(stack):
             when = "start-up"
         else:
             when = "running"
-            wait_ready(d)
+            d.wait_ready()
         delay = rng.uniform(0.05, 1.2) if when == "start-up" else rng.uniform(0.0, 0.8)
         time.sleep(delay)
         d.kill()
         killed_at.append((when, round(delay, 2), states(stack.engine, ids)["processing"]))
-        spawn(d)
+        d.spawn()
     d.kill()
     d.start()
     # THEN every job ends finished, exactly one row each, no slot left taken, nothing left in Redis
