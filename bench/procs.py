@@ -8,7 +8,6 @@ system's under test; the dispatcher is the real ``python -m dispatcher``; the Ce
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import httpx
 # The environment of every process a run starts, shared with the tests and the demo (dispatcher/testing.py):
 # the inherited one minus every variable the dispatcher reads (a developer's DATABASE_URL must not point a
 # run at a real database), the repository on PYTHONPATH.
-from dispatcher.testing import process_env
+from dispatcher.testing import process_env, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -100,14 +99,7 @@ class Proc:
 
     def stop(self, grace: float = 15.0) -> int:
         """SIGTERM (each of ours stops gracefully on it), SIGKILL after ``grace``."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        return self.popen.returncode
+        return stop_process(self.popen, grace)
 
 
 class Sim(Proc):

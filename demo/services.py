@@ -5,7 +5,6 @@ stops them in order (the dispatcher must drain while the GPUs and Redis are stil
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from dispatcher.testing import DispatcherProcess, ProcessFailed, free_port
+from dispatcher.testing import DispatcherProcess, ProcessFailed, free_port, stop_process
 
 INSTALL_HINT = """\
 No Redis answers on 127.0.0.1:{port} and there is no redis-server to start one.
@@ -47,17 +46,6 @@ def tail(log: Path, lines: int = 15) -> str:
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
 
 
 @dataclass
@@ -104,7 +92,7 @@ class RedisService:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc, 10)
+            stop_process(self.proc, 10)
 
 
 def _answers(port: int) -> bool:

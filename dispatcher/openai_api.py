@@ -15,7 +15,6 @@ needs to answer in OpenAI's shape later. Results are served until ``RESULT_TTL_S
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import uuid
 from datetime import datetime, timedelta
@@ -26,7 +25,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.reads import get_task
@@ -52,7 +50,7 @@ from dispatcher.openai_shapes import (
     embeddings_body,
     pending_body,
 )
-from dispatcher.routes import D, H
+from dispatcher.routes import D, H, bearer_is
 from producer.enqueue import PUSH_LUA, push_arguments
 from producer.errors import InvalidJob
 from producer.events import Planned
@@ -82,10 +80,7 @@ _COMMON: dict[int | str, dict[str, Any]] = {
 def openai_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
     """OpenAI clients send their ``api_key`` as a bearer token: it must be API_TOKEN when that is set."""
     expected = d.settings.api_secret
-    if expected is None:
-        return
-    given = bearer(authorization) or ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if expected is not None and not bearer_is(authorization, expected):
         raise Unauthorized(
             "missing or wrong API key (Authorization: Bearer <API_TOKEN>)", code="invalid_api_key"
         )

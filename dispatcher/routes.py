@@ -60,13 +60,15 @@ H = Annotated[EventHub, Depends(get_hub)]
 Detail = ErrorBody
 
 
+def bearer_is(authorization: str | None, expected: str) -> bool:
+    """The request's Bearer token is ``expected`` (compared in constant time)."""
+    return hmac.compare_digest((bearer(authorization) or "").encode(), expected.encode())
+
+
 def api_auth(d: D, authorization: Annotated[str | None, Header()] = None) -> None:
     """``/tasks`` and ``/gpus`` need ``Authorization: Bearer <API_TOKEN>`` when API_TOKEN is set."""
     expected = d.settings.api_secret
-    if expected is None:
-        return
-    given = bearer(authorization) or ""
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if expected is not None and not bearer_is(authorization, expected):
         raise Unauthorized("missing or wrong API token")
 
 
@@ -159,10 +161,7 @@ def metrics_auth(d: D, authorization: Annotated[str | None, Header()] = None) ->
     """``/metrics`` needs ``Authorization: Bearer <METRICS_TOKEN>`` when METRICS_TOKEN is set (Prometheus:
     ``authorization: {credentials: ...}``); open otherwise, as scrapers expect."""
     expected = d.settings.metrics_token
-    if expected is None or not expected.get_secret_value():
-        return
-    given = bearer(authorization) or ""
-    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+    if expected and expected.get_secret_value() and not bearer_is(authorization, expected.get_secret_value()):
         raise Unauthorized("missing or wrong metrics token")
 
 

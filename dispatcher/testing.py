@@ -32,7 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
@@ -79,6 +79,19 @@ def process_env(settings: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.upper() not in own}
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return env | {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1"} | dict(settings)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM (every process of gpuq's stops gracefully on it), SIGKILL after ``grace`` seconds; the exit
+    code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def is_ready(url: str) -> bool:
@@ -157,16 +170,26 @@ class DispatcherProcess:
 
     def stop(self, grace: float = 30.0) -> int | None:
         """SIGTERM, SIGKILL after ``grace`` seconds; None when it never started."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return None if self.proc is None else stop_process(self.proc, grace)
+
+    def run(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """Run it in the foreground until it exits, its output captured: for what must stop it at start (a
+        bad setting, a store that does not answer, an argument)."""
+        return subprocess.run(  # noqa: S603 - this interpreter, the caller's arguments (tests)
+            [sys.executable, "-m", "dispatcher", *args],
+            check=False,
+            env=self.env,
+            cwd=self.log_path.parent,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def post_callback(self, body: Mapping[str, Any], token: str | None = None) -> httpx.Response:
+        """``POST /callback`` as a GPU service sends it: ``body`` as JSON, the callback token (if any) as a
+        Bearer header."""
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return httpx.post(f"{self.url}/callback", json=dict(body), headers=headers, timeout=10)
 
     def logs(self, chars: int = 6000) -> str:
         try:

@@ -1,17 +1,19 @@
-"""Small helpers for dispatcher tests: building jobs, engines and waiting on conditions."""
+"""Small helpers for dispatcher tests: building jobs, engines, ending attempts and waiting on conditions."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy import Engine
 
+from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
+from dispatcher.states import Outcome
 from producer.job import Job
+from simgpu.testing import poll_until
 
 T = TypeVar("T")
 
@@ -36,18 +38,28 @@ def fleet_engine(url: str, gpus: dict[str, int], pool: str = "default") -> Engin
     return engine
 
 
+def finish(engine: Engine, task_id: str, attempt: int = 1) -> None:
+    """Attempt ``attempt`` of the task ends ``finished``, as its callback would end it."""
+    transaction(
+        engine,
+        finish_attempt,
+        task_id=task_id,
+        attempt=attempt,
+        outcome=Outcome.FINISHED,
+        now=utcnow(),
+        backoff=Backoff(base=0.0, cap=0.0),
+    )
+
+
 def wait_for(
-    predicate: Callable[[], T],
+    predicate: Callable[[], T | None],
     timeout: float = 20.0,
     interval: float = 0.02,
     what: str | Callable[[], str] = "",
 ) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            said = what() if callable(what) else what  # a callable says how things stand at the end
-            raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}")
-        time.sleep(interval)
+    """``simgpu.testing.poll_until`` failing the test (AssertionError); a callable ``what`` says how things
+    stand at the end."""
+    try:
+        return poll_until(predicate, timeout, interval=interval, what=what or repr(predicate))
+    except TimeoutError as exc:
+        raise AssertionError(f"timed out: {exc}") from None

@@ -10,11 +10,6 @@ from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for
 
 
-def _post(d, body, token=None, **kw):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.post(f"{d.url}/callback", json=body, headers=headers, timeout=10, **kw)
-
-
 def _task(engine, task_id):
     with engine.connect() as conn:
         return conn.exec_driver_sql(
@@ -39,27 +34,28 @@ def test_tokens_bodies_and_answers(stack, silent):
     wait_for(lambda: states(stack.engine)["processing"] == 2, 20, what="two running")
     ok = make_token(SECRET.encode(), a, 1)
     # no token, a wrong one, another task's, a tampered one: 401, and nothing changes
-    assert _post(d, {"task_id": a, "status": "finished"}).status_code == 401
-    assert _post(d, {"task_id": a, "status": "finished"}, "1.bogus").status_code == 401
+    assert d.post_callback({"task_id": a, "status": "finished"}).status_code == 401
+    assert d.post_callback({"task_id": a, "status": "finished"}, "1.bogus").status_code == 401
     assert (
-        _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), b, 1)).status_code == 401
+        d.post_callback({"task_id": a, "status": "finished"}, make_token(SECRET.encode(), b, 1)).status_code
+        == 401
     )
     assert (
-        _post(
-            d, {"task_id": a, "status": "finished"}, make_token(b"another-secret-xxxxxxxx", a, 1)
+        d.post_callback(
+            {"task_id": a, "status": "finished"}, make_token(b"another-secret-xxxxxxxx", a, 1)
         ).status_code
         == 401
     )
     # malformed bodies: 422 naming the field, in the one error body
-    bad = _post(d, {"task_id": a, "status": "done"}, ok)
+    bad = d.post_callback({"task_id": a, "status": "done"}, ok)
     assert bad.status_code == 422
     assert bad.json()["code"] == "invalid_input" and bad.json()["detail"].startswith("status: ")
     assert [e["loc"] for e in bad.json()["errors"]] == [["status"]]
-    assert _post(d, {"task_id": a, "status": "finished"}).json() == {
+    assert d.post_callback({"task_id": a, "status": "finished"}).json() == {
         "detail": "missing or wrong callback token",
         "code": "unauthorized",
     }
-    assert _post(d, {"status": "finished"}, ok).status_code == 422
+    assert d.post_callback({"status": "finished"}, ok).status_code == 422
     assert (
         httpx.post(
             f"{d.url}/callback",
@@ -70,8 +66,8 @@ def test_tokens_bodies_and_answers(stack, silent):
     )
     # a valid token for a task the database does not know: 404
     assert (
-        _post(
-            d, {"task_id": "ghost", "status": "finished"}, make_token(SECRET.encode(), "ghost", 1)
+        d.post_callback(
+            {"task_id": "ghost", "status": "finished"}, make_token(SECRET.encode(), "ghost", 1)
         ).status_code
         == 404
     )
@@ -84,15 +80,15 @@ def test_tokens_bodies_and_answers(stack, silent):
     assert big.status_code == 413
     assert _task(stack.engine, a).state == "processing"
     # a heartbeat keeps the slot and says so
-    beat = _post(d, {"task_id": a, "status": "running", "progress": 0.5}, ok)
+    beat = d.post_callback({"task_id": a, "status": "running", "progress": 0.5}, ok)
     assert beat.json() == {"task_id": a, "state": "processing", "applied": True}
     # finished: applied once; the same callback again: 200, applied false; a different status now: 409
-    first = _post(d, {"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
+    first = d.post_callback({"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
     assert first.json() == {"task_id": a, "state": "finished", "applied": True}
-    again = _post(d, {"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
+    again = d.post_callback({"task_id": a, "status": "finished", "result": {"text": "hi"}}, ok)
     assert again.json() == {"task_id": a, "state": "finished", "applied": False}
-    assert _post(d, {"task_id": a, "status": "failed"}, ok).status_code == 409
-    assert _post(d, {"task_id": a, "status": "running"}, ok).status_code == 409
+    assert d.post_callback({"task_id": a, "status": "failed"}, ok).status_code == 409
+    assert d.post_callback({"task_id": a, "status": "running"}, ok).status_code == 409
     assert _task(stack.engine, a).state == "finished"
 
 
@@ -101,14 +97,14 @@ def test_retry_true_makes_a_new_attempt_and_the_old_one_stale(stack, silent):
     [a] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_for(lambda: states(stack.engine)["processing"] == 1, 20, what="running")
     t1 = make_token(SECRET.encode(), a, 1)
-    res = _post(d, {"task_id": a, "status": "failed", "error": "CUDA OOM", "retry": True}, t1)
+    res = d.post_callback({"task_id": a, "status": "failed", "error": "CUDA OOM", "retry": True}, t1)
     assert res.json()["state"] == "retrying"
     # the task comes back as attempt 2 (backoff 50 ms); the first attempt's token is now stale
     wait_for(lambda: tuple(_task(stack.engine, a)[:2]) == ("processing", 2), 20, what="attempt 2 running")
-    assert _post(d, {"task_id": a, "status": "finished"}, t1).status_code == 409
+    assert d.post_callback({"task_id": a, "status": "finished"}, t1).status_code == 409
     t2 = make_token(SECRET.encode(), a, 2)
     # MAX_ATTEMPTS=2: another retryable failure ends the task failed, with the GPU's error
-    res2 = _post(d, {"task_id": a, "status": "failed", "error": "CUDA OOM again", "retry": True}, t2)
+    res2 = d.post_callback({"task_id": a, "status": "failed", "error": "CUDA OOM again", "retry": True}, t2)
     assert res2.json()["state"] == "failed"
     body = httpx.get(f"{d.url}/tasks/{a}").json()
     assert body["error"] == "CUDA OOM again"
@@ -122,11 +118,11 @@ def test_signed_retry_for_an_attempt_that_never_ran_is_409(stack, silent):
     wait_for(lambda: states(stack.engine)["processing"] == 1, 20, what="running")
     # WHEN a validly signed callback reports a retryable failure for attempt 5000 (backoff 2 ** 4999)
     body = {"task_id": a, "status": "failed", "error": "x", "retry": True}
-    res = _post(d, body, make_token(SECRET.encode(), a, 5000))
+    res = d.post_callback(body, make_token(SECRET.encode(), a, 5000))
     # THEN it is stale, not a 500, and attempt 1 runs on, untouched
     assert res.status_code == 409, res.text
     assert tuple(_task(stack.engine, a)[:2]) == ("processing", 1)
-    ok = _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
+    ok = d.post_callback({"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
     assert ok.json() == {"task_id": a, "state": "finished", "applied": True}
 
 
@@ -138,7 +134,7 @@ def test_failed_is_final_and_frees_the_slot(any_stack):
     wait_for(lambda: states(stack.engine)["processing"] == 4, 20, what="four running")
     running = [t for t in ids if _task_state(stack.engine, t) == "processing"]
     token = make_token(SECRET.encode(), running[0], 1)
-    res = _post(d, {"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
+    res = d.post_callback({"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
     assert res.json() == {"task_id": running[0], "state": "failed", "applied": True}
     # the freed slot goes to the waiting job at once
     wait_for(
@@ -148,9 +144,9 @@ def test_failed_is_final_and_frees_the_slot(any_stack):
         what="fifth job running",
     )
     # the same report again is a repeat, a different one for the ended attempt is stale
-    again = _post(d, {"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
+    again = d.post_callback({"task_id": running[0], "status": "failed", "error": "bad audio"}, token)
     assert again.json()["applied"] is False
-    stale = _post(d, {"task_id": running[0], "status": "finished"}, token)
+    stale = d.post_callback({"task_id": running[0], "status": "finished"}, token)
     assert stale.status_code == 409 and stale.json()["code"] == "conflict"
     body = httpx.get(f"{d.url}/tasks/{running[0]}").json()
     assert body["history"][0]["outcome"] == "failed"
@@ -168,7 +164,7 @@ def test_late_callback_after_lease_expiry_is_409_and_frees_nothing(stack):
     d = stack.dispatcher(fleet, MAX_ATTEMPTS="1", TASK_TIMEOUT_SECONDS="0.5")
     [a] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_for(lambda: _task_state(stack.engine, a) == "failed", 20, what="lease expiry")
-    res = _post(d, {"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
+    res = d.post_callback({"task_id": a, "status": "finished"}, make_token(SECRET.encode(), a, 1))
     assert res.status_code == 409
     assert _task_state(stack.engine, a) == "failed"
     body = httpx.get(f"{d.url}/tasks/{a}").json()

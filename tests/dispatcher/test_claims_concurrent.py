@@ -16,12 +16,11 @@ from collections import defaultdict
 
 import pytest
 
-from dispatcher.db.attempts import Backoff, finish_attempt, slot_drift
+from dispatcher.db.attempts import slot_drift
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
-from dispatcher.states import Outcome
 from producer.job import Job
-from tests.dispatcher.helpers import fleet_engine
+from tests.dispatcher.helpers import finish, fleet_engine
 
 WORKERS = 4
 CLAIMS_PER_WORKER = 2600
@@ -39,15 +38,7 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
         """End the attempt, recording the hold interval inside the true one (before the release starts)."""
         task_id, gpu_id, slot_index, attempt, since = claim
         intervals.append((gpu_id, slot_index, since, time.monotonic()))
-        transaction(
-            engine,
-            finish_attempt,
-            task_id=task_id,
-            attempt=attempt,
-            outcome=Outcome.FINISHED,
-            now=utcnow(),
-            backoff=Backoff(),
-        )
+        finish(engine, task_id, attempt)
 
     for _ in range(n):
         j = Job(task_id=str(uuid.uuid4()), type="t", queue="q")

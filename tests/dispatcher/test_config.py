@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from dispatcher.settings import DispatcherSettings
+from dispatcher.testing import DispatcherProcess
 from producer.errors import ConfigError
 from producer.settings import load
-from tests.dispatcher.harness import ROOT
 
 GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
 
@@ -46,22 +42,9 @@ def test_bad_setting_names_the_variable(monkeypatch, env, names):
 
 
 def test_daemon_exits_2_with_one_line(tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "DATABASE_URL": "sqlite:///:memory:",
-        "GPU_ENDPOINTS": "g0=nope",
-    }
-    env.pop("CALLBACK_SECRET", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "dispatcher"],
-        check=False,
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # no CALLBACK_SECRET: the inherited environment's is dropped with every other dispatcher variable
+    settings = {"DATABASE_URL": "sqlite:///:memory:", "GPU_ENDPOINTS": "g0=nope"}
+    run = DispatcherProcess(settings, workdir=tmp_path).run()
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("gpuq dispatcher: ")

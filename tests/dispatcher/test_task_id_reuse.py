@@ -12,20 +12,8 @@ from dispatcher.db.attempts import cancel_task, due_deferred, finish_attempt
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.states import Outcome
 from producer.job import Job
-from tests.dispatcher.helpers import fleet_engine, job
+from tests.dispatcher.helpers import finish, fleet_engine, job
 from tests.dispatcher.test_store import NO_BACKOFF, _dispatch
-
-
-def _finish(engine, task_id: str, attempt: int = 1) -> None:
-    transaction(
-        engine,
-        finish_attempt,
-        task_id=task_id,
-        attempt=attempt,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=NO_BACKOFF,
-    )
 
 
 def test_a_new_job_with_the_id_of_a_finished_task_is_refused(any_database_url):
@@ -33,7 +21,7 @@ def test_a_new_job_with_the_id_of_a_finished_task_is_refused(any_database_url):
     engine = fleet_engine(any_database_url, {"g0": 2})
     first = job(task_id="reused", data={"v": 1})
     assert _dispatch(engine, [first]).placed
-    _finish(engine, "reused")
+    finish(engine, "reused")
     # WHEN a new job (its own enqueue time and data) comes with the same id, once its mark expired
     second = job(task_id="reused", data={"v": 2})
     res = _dispatch(engine, [second], dispatcher_id="d2")
@@ -67,7 +55,7 @@ def test_the_job_recorded_coming_back_is_a_copy_not_a_reuse(any_database_url):
     mine = _dispatch(engine, [copy])
     assert mine.mine and not mine.refused
     # and once finished, the copy is still dropped, not refused
-    _finish(engine, "swept")
+    finish(engine, "swept")
     late = _dispatch(engine, [copy], dispatcher_id="d2")
     assert late.dropped and not late.refused
 

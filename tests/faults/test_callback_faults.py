@@ -4,23 +4,12 @@ the same attempt is in tests/dispatcher/test_callbacks.py."""
 
 from __future__ import annotations
 
-import httpx
-
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, received_per_task, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
 from tests.faults.support import ran_beyond_attempts
-
-
-def _post(d, task_id, token, **body):
-    return httpx.post(
-        f"{d.url}/callback",
-        json={"task_id": task_id, **body},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
 
 
 def _row(engine, task_id):
@@ -81,17 +70,23 @@ def test_callbacks_of_an_earlier_attempt_arriving_late_are_409(stack):
     [a] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_for(lambda: states(stack.engine)["processing"] == 1, 20, what="attempt 1 running")
     t1, t2 = (make_token(SECRET.encode(), a, n) for n in (1, 2))
-    assert _post(d, a, t1, status="failed", retry=True).json()["state"] == "retrying"
+    assert (
+        d.post_callback({"task_id": a, "status": "failed", "retry": True}, t1).json()["state"] == "retrying"
+    )
     wait_for(lambda: tuple(_row(stack.engine, a)[:2]) == ("processing", 2), 20, what="attempt 2 running")
     lease = _row(stack.engine, a).lease_expires_at
     # WHEN attempt 1's heartbeat, its repeated failure and a "finished" for it arrive now, out of order
     for body in ({"status": "running"}, {"status": "failed", "retry": True}, {"status": "finished"}):
         # THEN each is 409: attempt 2 keeps running, its lease is not extended by attempt 1's heartbeat
-        assert _post(d, a, t1, **body).status_code == 409, body
+        assert d.post_callback({"task_id": a, **body}, t1).status_code == 409, body
         assert tuple(_row(stack.engine, a)) == ("processing", 2, lease)
     # and attempt 2's own callbacks still work
-    assert _post(d, a, t2, status="running").json()["applied"] is True
-    assert _post(d, a, t2, status="finished").json() == {"task_id": a, "state": "finished", "applied": True}
+    assert d.post_callback({"task_id": a, "status": "running"}, t2).json()["applied"] is True
+    assert d.post_callback({"task_id": a, "status": "finished"}, t2).json() == {
+        "task_id": a,
+        "state": "finished",
+        "applied": True,
+    }
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, [a])
 
 
@@ -108,23 +103,23 @@ def test_callback_for_a_cancelled_task_is_409_and_its_slot_is_refilled(stack):
     assert (fin.code, fin.state, fin.freed, fin.held) == ("applied", "cancelled", False, True)
     # THEN the slot stays held until the GPU confirms: a heartbeat for the attempt is 409 and confirms nothing
     token = make_token(SECRET.encode(), victim, 1)
-    res = _post(d, victim, token, status="running")
+    res = d.post_callback({"task_id": victim, "status": "running"}, token)
     assert res.status_code == 409 and "cancelled" in res.json()["detail"], res.text
     assert victim in _running(stack.engine)
     # and a final callback for the attempt, whatever it says, is 409, confirms the stop and frees the slot,
     # which a waiting job takes without any other event
     for body in ({"status": "finished", "result": 1}, {"status": "failed"}):
-        res = _post(d, victim, token, **body)
+        res = d.post_callback({"task_id": victim, **body}, token)
         assert res.status_code == 409, res.text
         assert "cancelled" in res.json()["detail"]
     wait_for(lambda: len(_running(stack.engine)) == 4 and victim not in _running(stack.engine), 10, 0.02)
     assert _row(stack.engine, victim)[:2] == ("cancelled", 1)
     # finish the rest as their GPU would, and audit
     for task_id in _running(stack.engine):
-        _post(d, task_id, make_token(SECRET.encode(), task_id, 1), status="finished")
+        d.post_callback({"task_id": task_id, "status": "finished"}, make_token(SECRET.encode(), task_id, 1))
     wait_for(lambda: states(stack.engine, ids)["processing"] == 1, 10, 0.02, what="the last job running")
     for task_id in _running(stack.engine):
-        _post(d, task_id, make_token(SECRET.encode(), task_id, 1), status="finished")
+        d.post_callback({"task_id": task_id, "status": "finished"}, make_token(SECRET.encode(), task_id, 1))
     wait_final(stack.engine, ids, final=("finished", "cancelled"))
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import subprocess
-import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +20,7 @@ import pytest
 from dispatcher import callback
 from dispatcher.metrics import Metrics
 from dispatcher.tokens import make_token
-from tests.dispatcher.harness import ROOT, SECRET, DispatcherProc
+from tests.dispatcher.harness import SECRET, DispatcherProc
 from tests.dispatcher.private_servers import PrivateRedis
 
 TOKEN = "edge-api-token"
@@ -95,17 +93,9 @@ def test_metrics_need_metrics_token_when_set(stack):
 
 def test_no_api_token_beyond_loopback_refuses_to_start(stack):
     # GIVEN a dispatcher on MariaDB listening on every interface, with no API_TOKEN
-    env = {**DispatcherProc(stack.env(None)).env, "CALLBACK_HOST": "0.0.0.0"}
-    env.pop("API_TOKEN", None)
-    run = subprocess.run(
-        [sys.executable, "-m", "dispatcher"],
-        check=False,
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    exposed = DispatcherProc({**stack.env(None), "CALLBACK_HOST": "0.0.0.0"})
+    exposed.env.pop("API_TOKEN", None)
+    run = exposed.run(timeout=20)
     # THEN it does not start, and says why in one line naming the variable and the way out
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()

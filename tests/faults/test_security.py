@@ -22,15 +22,6 @@ from tests.faults.support import full_log, memory_kib
 MIB = 1024 * 1024
 
 
-def _post(d, task_id, token, **body):
-    return httpx.post(
-        f"{d.url}/callback",
-        json={"task_id": task_id, **body},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
-
-
 def _state(engine, task_id):
     with engine.connect() as conn:
         return tuple(
@@ -48,28 +39,35 @@ def test_a_token_speaks_for_one_task_and_one_attempt_only(stack):
     a1 = make_token(key, a, 1)
     attempt_part, _, mac = a1.partition(".")
     # a token for an attempt that does not exist yet (signed, so only a leak of the secret makes one): 409
-    assert _post(d, a, make_token(key, a, 2), status="finished").status_code == 409
+    assert d.post_callback({"task_id": a, "status": "finished"}, make_token(key, a, 2)).status_code == 409
     # attempt 1's MAC relabelled as attempt 2, or another task's MAC under a's attempt number: 401
-    assert _post(d, a, f"2.{mac}", status="finished").status_code == 401
-    assert _post(d, a, f"1.{make_token(key, b, 1).partition('.')[2]}", status="finished").status_code == 401
+    assert d.post_callback({"task_id": a, "status": "finished"}, f"2.{mac}").status_code == 401
+    assert (
+        d.post_callback(
+            {"task_id": a, "status": "finished"}, f"1.{make_token(key, b, 1).partition('.')[2]}"
+        ).status_code
+        == 401
+    )
     # the MAC alone, truncated, extended, or with its case flipped: 401
     for forged in (mac, a1[:-1], a1 + "A", attempt_part + "." + mac.swapcase(), f" {a1}x"):
-        assert _post(d, a, forged, status="finished").status_code == 401, forged
+        assert d.post_callback({"task_id": a, "status": "finished"}, forged).status_code == 401, forged
     # a's token in a body naming b, or naming a prefix or extension of a's id: 401
     for other in (b, a[:-1], a + "0", a.upper()):
-        assert _post(d, other, a1, status="finished").status_code == 401, other
+        assert d.post_callback({"task_id": other, "status": "finished"}, a1).status_code == 401, other
     assert _state(stack.engine, a) == ("processing", 1)
     assert _state(stack.engine, b) == ("processing", 1)
     # once attempt 1 of a has failed with retry, its token is worth nothing for attempt 2
-    assert _post(d, a, a1, status="failed", retry=True).json()["state"] == "retrying"
+    assert (
+        d.post_callback({"task_id": a, "status": "failed", "retry": True}, a1).json()["state"] == "retrying"
+    )
     wait_for(lambda: _state(stack.engine, a) == ("processing", 2), 20, what="attempt 2 running")
     for body in ({"status": "finished"}, {"status": "running"}, {"status": "failed", "retry": True}):
-        assert _post(d, a, a1, **body).status_code == 409
+        assert d.post_callback({"task_id": a, **body}, a1).status_code == 409
     assert _state(stack.engine, a) == ("processing", 2)
     # and neither the callback token nor the GPU bearer token opens the operator routes (nor the reverse)
     d2 = stack.dispatcher(fleet, name="with-api-token", API_TOKEN="operator-token-123")
     assert httpx.get(f"{d2.url}/gpus", headers={"Authorization": f"Bearer {a1}"}).status_code == 401
-    assert _post(d2, b, "operator-token-123", status="finished").status_code == 401
+    assert d2.post_callback({"task_id": b, "status": "finished"}, "operator-token-123").status_code == 401
 
 
 def test_tokens_are_compared_in_constant_time(monkeypatch):

@@ -25,6 +25,15 @@ def _wait_running(stack, fleet, task_id: str) -> None:
     fleet.wait_until(lambda s: s["totals"]["in_flight"] == 1, timeout=20)
 
 
+def _one_long_job(stack, **settings: str):
+    """One GPU running one 60 s job: (fleet, dispatcher, task id)."""
+    fleet = stack.fleet(gpus=1, service_time="60")
+    d = stack.dispatcher(fleet, **settings)
+    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+    _wait_running(stack, fleet, victim)
+    return fleet, d, victim
+
+
 def _cancel_as_cli(stack, task_id: str) -> bool:
     """What ``gpuq task cancel`` does: the store function, then the wake-up for the dispatchers. False when
     the task finished just before."""
@@ -85,10 +94,7 @@ def test_cancels_under_load_never_oversubscribe_and_free_slots_on_confirmation(s
 
 def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
     # GIVEN one GPU running one long job
-    fleet = stack.fleet(gpus=1, service_time="60")
-    d = stack.dispatcher(fleet)
-    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
-    _wait_running(stack, fleet, victim)
+    fleet, d, victim = _one_long_job(stack)
     # WHEN its GPU cannot take the cancel (down: 503) and the task is cancelled through the API
     fleet.configure(faults=["down"])
     res = httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10)
@@ -104,12 +110,7 @@ def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
     assert gpu["busy"] == 1
     # and a heartbeat for the cancelled attempt is refused (409) without renewing the lease
     token = make_token(SECRET.encode(), victim, 1)
-    beat = httpx.post(
-        f"{d.url}/callback",
-        json={"task_id": victim, "status": "running"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    beat = d.post_callback({"task_id": victim, "status": "running"}, token)
     assert beat.status_code == 409
     assert _holders(stack.engine) == [victim]
     # WHEN the GPU is back, the next try of the cancel reaches it: the job stops and the slot is freed
@@ -124,22 +125,14 @@ def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
 
 def test_a_final_callback_for_the_cancelled_attempt_confirms_and_frees(stack):
     # GIVEN a GPU that is down for the cancel, running one job
-    fleet = stack.fleet(gpus=1, service_time="60")
-    d = stack.dispatcher(fleet)
-    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
-    _wait_running(stack, fleet, victim)
+    fleet, d, victim = _one_long_job(stack)
     fleet.configure(faults=["down"])
     _cancel_as_cli(stack, victim)
     fleet.wait_until(lambda s: s["totals"]["answers"].get("503", 0) >= 1, timeout=20)
     assert _holders(stack.engine) == [victim]
     # WHEN the GPU reports the attempt over (it stopped it, or it ended) with a final callback
     token = make_token(SECRET.encode(), victim, 1)
-    res = httpx.post(
-        f"{d.url}/callback",
-        json={"task_id": victim, "status": "failed", "error": "stopped"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    res = d.post_callback({"task_id": victim, "status": "failed", "error": "stopped"}, token)
     # THEN it is answered 409 (the attempt is no longer current), the task stays cancelled, the slot is free
     assert res.status_code == 409, res.text
     assert "cancelled" in res.json()["detail"]
@@ -149,10 +142,7 @@ def test_a_final_callback_for_the_cancelled_attempt_confirms_and_frees(stack):
 
 def test_a_cancel_never_confirmed_is_settled_by_the_lease(stack):
     # GIVEN a short lease and a GPU that goes down after taking the job
-    fleet = stack.fleet(gpus=1, service_time="60")
-    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3")
-    [victim] = push_jobs(stack.rds, stack.queues[0], 1)
-    _wait_running(stack, fleet, victim)
+    fleet, d, victim = _one_long_job(stack, TASK_TIMEOUT_SECONDS="3")
     fleet.configure(faults=["down"])
     # WHEN the task is cancelled and the GPU never answers the cancel
     assert httpx.post(f"{d.url}/tasks/{victim}/cancel", timeout=10).status_code == 200

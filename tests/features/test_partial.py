@@ -24,12 +24,7 @@ def test_sse_client_receives_every_partial_in_order(stack: Stack) -> None:
     token = make_token(SECRET.encode(), task_id, 1)
 
     def callback(**body: Any) -> httpx.Response:
-        return httpx.post(
-            f"{d.url}/callback",
-            json={"task_id": task_id, **body},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        )
+        return d.post_callback({"task_id": task_id, **body}, token)
 
     seen: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream("GET", f"{d.url}/tasks/{task_id}/events", timeout=30) as res:
@@ -67,12 +62,7 @@ def test_partial_for_an_attempt_no_longer_current_is_409_and_not_passed_on(stack
     [task_id] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_for(lambda: states(stack.engine, [task_id])["finished"] == 1, 20, 0.02, what="finished")
     token = make_token(SECRET.encode(), task_id, 1)
-    late = httpx.post(
-        f"{d.url}/callback",
-        json={"task_id": task_id, "status": "running", "partial": "late"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    )
+    late = d.post_callback({"task_id": task_id, "status": "running", "partial": "late"}, token)
     assert late.status_code == 409
 
 
@@ -101,12 +91,7 @@ def test_partials_reaching_two_dispatchers_arrive_in_order(stack: Stack) -> None
                     timeout=10,
                 )
                 assert beat.status_code == 200, beat.text
-            httpx.post(
-                f"{d1.url}/callback",
-                json={"task_id": task_id, "status": "finished"},
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=10,
-            )
+            d1.post_callback({"task_id": task_id, "status": "finished"}, token)
     # THEN the watcher got them all, in the order they were sent
     assert [d["partial"] for n, d in seen if n == "partial"] == list(range(40))
 
@@ -135,12 +120,7 @@ def test_partial_orjson_cannot_encode_is_passed_on_not_a_500(stack: Stack) -> No
                 timeout=10,
             )
             assert beat.status_code == 200, beat.text
-            done = httpx.post(
-                f"{d.url}/callback",
-                json={"task_id": task_id, "status": "finished"},
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=10,
-            )
+            done = d.post_callback({"task_id": task_id, "status": "finished"}, token)
             assert done.status_code == 200, done.text
     # THEN it was accepted and passed on to the subscriber (the SSE side reads it back with orjson, which
     # turns an integer that large into a float: the value arrives, its last digits may not)

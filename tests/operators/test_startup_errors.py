@@ -3,27 +3,18 @@ reach (exit 3), a MySQL URL without the PyMySQL driver (exit 2), and ``--help`` 
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.dispatcher.harness import ROOT, SECRET, free_port
+from dispatcher.testing import DispatcherProcess
+from tests.dispatcher.harness import SECRET, free_port
 
 
 def _run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    full = {**os.environ, "PYTHONPATH": str(ROOT), "CALLBACK_SECRET": SECRET, "CALLBACK_PORT": "0"}
-    full = {**full, "CALLBACK_HOST": "127.0.0.1", **env}  # loopback: no API_TOKEN needed (issue 11)
-    return subprocess.run(
-        [sys.executable, "-m", "dispatcher", *args],
-        check=False,
-        env=full,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    # on loopback (the default): no API_TOKEN needed (issue 11)
+    settings = {"CALLBACK_SECRET": SECRET, "CALLBACK_PORT": "0", **env}
+    return DispatcherProcess(settings, workdir=tmp_path).run(*args)
 
 
 @pytest.mark.parametrize(
