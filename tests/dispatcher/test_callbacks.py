@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from dispatcher.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, states
@@ -12,9 +13,8 @@ from tests.dispatcher.helpers import wait_for
 
 def _task(engine, task_id):
     with engine.connect() as conn:
-        return conn.exec_driver_sql(
-            "SELECT state, attempt, gpu_id, slot_index FROM tasks WHERE task_id = %s", (task_id,)
-        ).one()
+        query = text("SELECT state, attempt, gpu_id, slot_index FROM tasks WHERE task_id = :t")
+        return conn.execute(query, {"t": task_id}).one()
 
 
 def _silent(stack):
@@ -155,7 +155,7 @@ def test_failed_is_final_and_frees_the_slot(any_stack):
 
 def _task_state(engine, task_id):
     with engine.connect() as conn:
-        row = conn.exec_driver_sql("SELECT state FROM tasks WHERE task_id = %s", (task_id,)).first()
+        row = conn.execute(text("SELECT state FROM tasks WHERE task_id = :t"), {"t": task_id}).first()
     return row[0] if row else None
 
 
