@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
-from dispatcher.db.attempts import Backoff, finish_attempt
+from dispatcher.db.attempts import Backoff, Finish, finish_attempt
+from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
 from dispatcher.states import Outcome
@@ -38,16 +40,56 @@ def fleet_engine(url: str, gpus: dict[str, int], pool: str = "default") -> Engin
     return engine
 
 
-def finish(engine: Engine, task_id: str, attempt: int = 1) -> None:
-    """Attempt ``attempt`` of the task ends ``finished``, as its callback would end it."""
-    transaction(
+#: Retries due at once: what a store test wants unless it is about the backoff.
+NO_BACKOFF = Backoff(base=0.0, cap=0.0)
+
+
+def end_attempt(
+    engine: Engine,
+    task_id: str,
+    attempt: int = 1,
+    outcome: Outcome = Outcome.FINISHED,
+    *,
+    now: datetime | None = None,
+    backoff: Backoff = NO_BACKOFF,
+    **more: Any,
+) -> Finish:
+    """Attempt ``attempt`` of the task ends with ``outcome`` (finished unless said), as its callback or its
+    lease would end it: ``finish_attempt`` in a transaction of its own, at ``now`` (the present unless said);
+    ``more``: its result, error, reported status."""
+    return transaction(
         engine,
         finish_attempt,
         task_id=task_id,
         attempt=attempt,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(base=0.0, cap=0.0),
+        outcome=outcome,
+        now=now or utcnow(),
+        backoff=backoff,
+        **more,
+    )
+
+
+def place(
+    engine: Engine,
+    jobs: list[Job],
+    pool: str = "default",
+    *,
+    dispatcher_id: str = "d",
+    max_attempts: int = 1,
+    now: datetime | None = None,
+    **more: Any,
+) -> DispatchResult:
+    """The store's side of a dispatch pass for ``jobs`` (one slot each, least-loaded first), in a transaction
+    of its own, with a 60 s lease; ``more``: ``check_existing`` and the like."""
+    return transaction(
+        engine,
+        dispatch,
+        items=[(j, pool) for j in jobs],
+        dispatcher_id=dispatcher_id,
+        lease_seconds=60,
+        max_attempts=max_attempts,
+        now=now or utcnow(),
+        **more,
     )
 
 

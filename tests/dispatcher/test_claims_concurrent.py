@@ -20,7 +20,7 @@ from dispatcher.db.attempts import slot_drift
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from producer.job import Job
-from tests.dispatcher.helpers import finish, fleet_engine
+from tests.dispatcher.helpers import end_attempt, fleet_engine
 
 WORKERS = 4
 CLAIMS_PER_WORKER = 2600
@@ -38,7 +38,7 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
         """End the attempt, recording the hold interval inside the true one (before the release starts)."""
         task_id, gpu_id, slot_index, attempt, since = claim
         intervals.append((gpu_id, slot_index, since, time.monotonic()))
-        finish(engine, task_id, attempt)
+        end_attempt(engine, task_id, attempt)
 
     for _ in range(n):
         j = Job(task_id=str(uuid.uuid4()), type="t", queue="q")

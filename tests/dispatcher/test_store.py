@@ -25,9 +25,7 @@ from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
 from dispatcher.placement import capacity
 from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet_engine, job
-
-NO_BACKOFF = Backoff(base=0.0, cap=0.0)
+from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job
 
 
 def _dispatch(engine, jobs, pool="default", lease=60.0, dispatcher_id="d1"):
@@ -97,16 +95,7 @@ def test_failed_attempt_retries_then_fails(any_database_url):
     for attempt in (1, 2, 3):
         res = _dispatch(engine, [j])
         assert res.placed and res.placed[0].attempt == attempt
-        fin = transaction(
-            engine,
-            finish_attempt,
-            task_id=j.task_id,
-            attempt=attempt,
-            outcome=Outcome.FAILED_RETRY,
-            now=utcnow(),
-            backoff=NO_BACKOFF,
-            error="boom",
-        )
+        fin = end_attempt(engine, j.task_id, attempt=attempt, outcome=Outcome.FAILED_RETRY, error="boom")
         if attempt < 3:
             assert fin.state == "retrying"
             due = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
@@ -171,16 +160,7 @@ def test_cancel_running_and_waiting(any_database_url):
     transaction(engine, cancel_task, task_id=waiting.task_id, now=utcnow(), backoff=NO_BACKOFF)
     res2 = _dispatch(engine, [waiting])
     assert not res2.placed and res2.dropped
-    late = transaction(
-        engine,
-        finish_attempt,
-        task_id=running.task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=NO_BACKOFF,
-        reported="finished",
-    )
+    late = end_attempt(engine, running.task_id, reported="finished")
     assert late.code == "stale"
     with engine.connect() as conn:
         assert slot_drift(conn) == []
@@ -248,15 +228,7 @@ def test_lease_expiry_does_not_apply_after_a_heartbeat_renewed_it(any_database_u
     for j in (a, b):
         transaction(engine, extend_lease, task_id=j.task_id, attempt=1, lease_seconds=60, now=utcnow())
     expire = {"attempt": 1, "outcome": Outcome.EXPIRED, "result": None, "error": "late", "reported": None}
-    single = transaction(
-        engine,
-        finish_attempt,
-        task_id=a.task_id,
-        attempt=1,
-        outcome=Outcome.EXPIRED,
-        now=later,
-        backoff=NO_BACKOFF,
-    )
+    single = end_attempt(engine, a.task_id, outcome=Outcome.EXPIRED, now=later)
     batch = transaction(
         engine,
         finish_many,

@@ -12,7 +12,7 @@ from dispatcher.db.attempts import cancel_task, due_deferred, finish_attempt
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.states import Outcome
 from producer.job import Job
-from tests.dispatcher.helpers import finish, fleet_engine, job
+from tests.dispatcher.helpers import end_attempt, fleet_engine, job
 from tests.dispatcher.test_store import NO_BACKOFF, _dispatch
 
 
@@ -21,7 +21,7 @@ def test_a_new_job_with_the_id_of_a_finished_task_is_refused(any_database_url):
     engine = fleet_engine(any_database_url, {"g0": 2})
     first = job(task_id="reused", data={"v": 1})
     assert _dispatch(engine, [first]).placed
-    finish(engine, "reused")
+    end_attempt(engine, "reused")
     # WHEN a new job (its own enqueue time and data) comes with the same id, once its mark expired
     second = job(task_id="reused", data={"v": 2})
     res = _dispatch(engine, [second], dispatcher_id="d2")
@@ -55,7 +55,7 @@ def test_the_job_recorded_coming_back_is_a_copy_not_a_reuse(any_database_url):
     mine = _dispatch(engine, [copy])
     assert mine.mine and not mine.refused
     # and once finished, the copy is still dropped, not refused
-    finish(engine, "swept")
+    end_attempt(engine, "swept")
     late = _dispatch(engine, [copy], dispatcher_id="d2")
     assert late.dropped and not late.refused
 

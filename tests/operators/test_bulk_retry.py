@@ -5,24 +5,14 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from dispatcher.db.attempts import Backoff, finish_attempt
-from dispatcher.db.engine import transaction, utcnow
 from dispatcher.states import Outcome
+from tests.dispatcher.helpers import end_attempt
 from tests.operators.test_cli import run_one, stores  # noqa: F401 - the fixture, shared
 
 
 def _fail(engine, queue: str, pool: str = "default") -> str:
     job = run_one(engine, queue, pool)
-    fin = transaction(
-        engine,
-        finish_attempt,
-        task_id=job.task_id,
-        attempt=1,
-        outcome=Outcome.FAILED,
-        now=utcnow(),
-        backoff=Backoff(),
-        error="GPU answered 400: bad input",
-    )
+    fin = end_attempt(engine, job.task_id, outcome=Outcome.FAILED, error="GPU answered 400: bad input")
     assert fin.state == "failed"
     return job.task_id
 

@@ -13,15 +13,15 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from dispatcher.db.attempts import Backoff, due_deferred, finish_attempt
+from dispatcher.db.attempts import due_deferred
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.db.schema import SCHEMA_VERSION
-from dispatcher.states import Outcome
 from producer.job import Job
 from producer.keys import Keys, Priority, queue_key
 from tests.dispatcher.harness import ROOT
+from tests.dispatcher.helpers import end_attempt, place
 
 
 @pytest.fixture
@@ -89,15 +89,7 @@ def test_gpu_add_list_drain_activate_remove(gpuq, stores):
     )
     with engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM slots WHERE gpu_id = 'g1'")).scalar_one() == 3
-    transaction(
-        engine,
-        finish_attempt,
-        task_id=job.task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(),
-    )
+    end_attempt(engine, job.task_id)
     assert gpuq("gpu", "remove", "g1").exit_code == 0
     assert [g["gpu_id"] for g in json.loads(gpuq("gpu", "list", "--json").stdout)] == ["g0"]
     assert gpuq("gpu", "activate", "g0").stdout.strip() == "GPU g0 active"
@@ -116,15 +108,7 @@ def test_gpu_drain_wait_returns_once_the_slots_are_empty(gpuq, stores):
     outcome: list = []
     waiter = threading.Thread(target=lambda: outcome.append(gpuq("gpu", "drain", "g0", "--wait")))
     waiter.start()
-    transaction(
-        engine,
-        finish_attempt,
-        task_id=job.task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(),
-    )
+    end_attempt(engine, job.task_id)
     waiter.join(timeout=30)
     assert not waiter.is_alive(), "drain --wait did not notice the slot was freed"
     (res,) = outcome
@@ -235,15 +219,7 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
     with engine.connect() as conn:
         assert conn.execute(text(held)).scalar_one() == 0
     # its GPU's late callback changes nothing
-    late = transaction(
-        engine,
-        finish_attempt,
-        task_id=job.task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(),
-    )
+    late = end_attempt(engine, job.task_id)
     assert late.code == "stale"
     again = gpuq("task", "cancel", job.task_id)  # a final task: refused, exit 1 (README's exit codes)
     assert again.exit_code == 1 and again.stderr.strip() == f"gpuq: task {job.task_id} was already cancelled"
@@ -263,15 +239,7 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
 
     # a finished task is not cancelled; unknown ids are refused by show and retry
     done = run_one(engine, qa)
-    transaction(
-        engine,
-        finish_attempt,
-        task_id=done.task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(),
-    )
+    end_attempt(engine, done.task_id)
     res = gpuq("task", "cancel", done.task_id)
     assert (res.exit_code, res.stderr.strip()) == (
         1,
@@ -289,16 +257,8 @@ def test_cancel_before_a_dispatcher_took_it_means_it_never_runs(gpuq, gpuq_env, 
     # when a dispatcher takes the job later, the store drops it
     qa, _ = gpuq_env["TASK_QUEUES"].split(",")
     job = Job(task_id=task_id, type="x", queue=qa)
-    out = transaction(
-        engine,
-        dispatch,
-        items=[(job, "default")],
-        dispatcher_id="t",
-        lease_seconds=60,
-        max_attempts=1,
-        now=utcnow(),
-        check_existing=True,  # as the dispatcher does when the plain insert meets a known task id
-    )
+    # as the dispatcher does when the plain insert meets a known task id
+    out = place(engine, [job], dispatcher_id="t", check_existing=True)
     assert out.placed == [] and len(out.dropped) == 1
     # and it cannot be retried: its job was never stored
     assert "submit it again" in gpuq("task", "retry", task_id).stderr

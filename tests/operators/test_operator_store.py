@@ -7,14 +7,13 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from dispatcher.db.attempts import Backoff, due_deferred, finish_attempt
-from dispatcher.db.dispatch import dispatch
+from dispatcher.db.attempts import Backoff, due_deferred
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import remove_gpu
 from dispatcher.db.operator import retry_task
 from dispatcher.states import Outcome
 from producer.job import Job
-from tests.dispatcher.helpers import fleet_engine
+from tests.dispatcher.helpers import end_attempt, fleet_engine, place
 
 
 @pytest.fixture(params=["mariadb", "sqlite"])
@@ -31,30 +30,13 @@ def engine(request, tmp_path):
 
 def start(engine, max_attempts: int = 1) -> str:
     job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
-    res = transaction(
-        engine,
-        dispatch,
-        items=[(job, "default")],
-        dispatcher_id="d",
-        lease_seconds=60,
-        max_attempts=max_attempts,
-        now=utcnow(),
-    )
+    res = place(engine, [job], max_attempts=max_attempts)
     assert len(res.placed) == 1
     return job.task_id
 
 
 def end(engine, task_id: str, outcome: Outcome, attempt: int = 1) -> None:
-    fin = transaction(
-        engine,
-        finish_attempt,
-        task_id=task_id,
-        attempt=attempt,
-        outcome=outcome,
-        now=utcnow(),
-        backoff=Backoff(0, 0),
-        error="boom",
-    )
+    fin = end_attempt(engine, task_id, attempt=attempt, outcome=outcome, backoff=Backoff(0, 0), error="boom")
     assert fin.code == "applied"
 
 
@@ -66,25 +48,9 @@ def test_retry_gives_a_failed_task_more_attempts_and_makes_it_due(engine):
     (job,) = transaction(engine, due_deferred, now=utcnow())
     assert (job.task_id, job.attempt, job.data) == (task_id, 1, {"n": 1})
     # the next dispatch is attempt 2; a late callback of attempt 1 stays stale
-    res2 = transaction(
-        engine,
-        dispatch,
-        items=[(job, "default")],
-        dispatcher_id="d",
-        lease_seconds=60,
-        max_attempts=1,
-        now=utcnow(),
-    )
+    res2 = place(engine, [job])
     assert [p.attempt for p in res2.placed] == [2]
-    late = transaction(
-        engine,
-        finish_attempt,
-        task_id=task_id,
-        attempt=1,
-        outcome=Outcome.FINISHED,
-        now=utcnow(),
-        backoff=Backoff(),
-    )
+    late = end_attempt(engine, task_id)
     assert late.code == "stale"
     end(engine, task_id, Outcome.FINISHED, attempt=2)
 
@@ -124,11 +90,9 @@ def test_overview_counts_throughput_by_bucket_and_lists_failures(engine):
         (90, Outcome.FINISHED),
     ):
         task_id = start(engine)
-        fin = transaction(
+        fin = end_attempt(
             engine,
-            finish_attempt,
-            task_id=task_id,
-            attempt=1,
+            task_id,
             outcome=outcome,
             now=now - timedelta(seconds=ago),
             backoff=Backoff(),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, select, text
 
-from dispatcher.db.attempts import Backoff, finish_attempt
+from dispatcher.db.attempts import Backoff
 from dispatcher.db.ddl import render
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import init_schema, transaction, utcnow
@@ -21,6 +21,7 @@ from dispatcher.sql_queries import load, parse, sql_dir
 from dispatcher.states import Outcome
 from producer.job import Job
 from tests.dispatcher.harness import ROOT
+from tests.dispatcher.helpers import end_attempt
 from tests.operators.test_cli import cells
 
 SEED_LOAD_QUERY = (
@@ -148,11 +149,9 @@ def busy_history(database_url):
         return job.task_id
 
     def end(task_id: str, ago: float, outcome: Outcome, error: str | None = None) -> None:
-        fin = transaction(
+        fin = end_attempt(
             engine,
-            finish_attempt,
-            task_id=task_id,
-            attempt=1,
+            task_id,
             outcome=outcome,
             now=now - timedelta(seconds=ago),
             backoff=Backoff(3600, 3600),
