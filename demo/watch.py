@@ -20,9 +20,9 @@ from rich.text import Text
 from demo.db import DemoDb
 from demo.services import DemoError
 from demo.submit import Submitted
+from dispatcher.states import TERMINAL
 
 TICK = 0.1
-FINAL = ("finished", "failed", "cancelled")
 
 
 @dataclass
@@ -69,7 +69,7 @@ class Watch:
                     raise DemoError(f"submitting failed: {failure[0]}")
                 states, gpus = self.db.states(), self._gpus()
                 self._sample(states["finished"])
-                ended = sum(states[s] for s in FINAL)
+                ended = sum(states[s] for s in TERMINAL)
                 elapsed = time.monotonic() - self.started
                 rate = f"{states['finished'] / elapsed:6.0f} jobs/s" if elapsed > 0.5 else ""
                 progress.update(bar, completed=ended, rate=rate)
@@ -96,7 +96,7 @@ class Watch:
     def _status(self, states: Counter[str]) -> Text:
         s = self.submitted
         running = states.get("processing", 0)
-        waiting = s.tasks - running - sum(states[f] for f in FINAL)
+        waiting = s.tasks - running - sum(states[f] for f in TERMINAL)
         return Text.assemble(
             ("submitted ", "dim"),
             f"{s.tasks}",

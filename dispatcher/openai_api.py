@@ -51,6 +51,7 @@ from dispatcher.openai_shapes import (
     pending_body,
 )
 from dispatcher.routes import D, H, bearer_is
+from dispatcher.states import TERMINAL
 from producer.enqueue import PUSH_LUA, push_arguments
 from producer.errors import InvalidJob
 from producer.events import Planned
@@ -217,7 +218,7 @@ def _answer(
     task_id: str, task: dict[str, Any] | None, *, model: str, texts: list[str], encoding_format: str
 ) -> Response:
     state = task["state"] if task else None
-    if task is None or state not in ("finished", "failed", "cancelled"):
+    if task is None or state not in TERMINAL:
         return JSONResponse(
             pending_body(task_id, state), status_code=202, headers={"Location": f"/tasks/{task_id}/result"}
         )

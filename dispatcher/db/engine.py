@@ -33,6 +33,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+def iso(value: datetime | None) -> str | None:
+    """A timestamp column's naive UTC as an API shows it: ISO 8601 with a ``Z``."""
+    return value.isoformat() + "Z" if value is not None else None
+
+
 def naive_utc(value: datetime) -> datetime:
     """``value`` as a timestamp column holds it: converted to UTC first when it carries an offset (a
     ``not_before`` of 12:00+02:00 is 10:00 UTC), taken as UTC already when it carries none."""

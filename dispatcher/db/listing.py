@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select
 
+from dispatcher.db.engine import iso
 from dispatcher.db.schema import tasks
 from dispatcher.states import TaskState
 
@@ -36,10 +37,6 @@ _COLUMNS = (
     tasks.c.finished_at,
     tasks.c.error,
 )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 class BadFilter(ValueError):
@@ -128,10 +125,10 @@ def list_tasks(
                 "gpu_id": r.gpu_id,
                 "slot_index": r.slot_index,
                 "attempts": r.attempt,
-                "run_after": _iso(r.run_after),
-                "created_at": _iso(r.created_at),
-                "started_at": _iso(r.started_at),
-                "finished_at": _iso(r.finished_at),
+                "run_after": iso(r.run_after),
+                "created_at": iso(r.created_at),
+                "started_at": iso(r.started_at),
+                "finished_at": iso(r.finished_at),
                 "error": r.error,
             }
             for r in rows

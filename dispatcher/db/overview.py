@@ -14,16 +14,13 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, Integer, cast, func, literal_column, select
 
+from dispatcher.db.engine import iso
 from dispatcher.db.gpus import list_gpus
 from dispatcher.db.schema import attempts, slots, tasks
 from dispatcher.states import Outcome, TaskState
 
 #: Task states that are not final: few rows at any time, counted through ``idx_tasks_state``.
 OPEN_STATES = (TaskState.PROCESSING, TaskState.QUEUED, TaskState.RETRYING, TaskState.SCHEDULED)
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def slot_map(conn: Connection, *, now: datetime, recent_seconds: float = 60.0) -> list[dict[str, Any]]:
@@ -105,7 +102,7 @@ def throughput(conn: Connection, *, now: datetime, minutes: float, bucket_second
     ):
         if index is not None and 0 <= int(index) < n:
             series.setdefault(outcome, [0] * n)[int(index)] += int(count)
-    return {"start": _iso(start), "bucket_seconds": bucket_seconds, "series": series}
+    return {"start": iso(start), "bucket_seconds": bucket_seconds, "series": series}
 
 
 def recent_failures(
@@ -130,7 +127,7 @@ def recent_failures(
             "gpu_id": r.gpu_id,
             "outcome": r.outcome,
             "error": (r.error or "")[:300],
-            "ended_at": _iso(r.ended_at),
+            "ended_at": iso(r.ended_at),
         }
         for r in rows
     ]

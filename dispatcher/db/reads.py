@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, select
 
+from dispatcher.db.engine import iso
 from dispatcher.db.schema import attempts, tasks
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() + "Z" if value is not None else None
 
 
 def get_task(conn: Connection, *, task_id: str) -> dict[str, Any] | None:
@@ -33,12 +29,12 @@ def get_task(conn: Connection, *, task_id: str) -> dict[str, Any] | None:
         "slot_index": row.slot_index,
         "attempts": row.attempt,
         "max_attempts": row.max_attempts,
-        "run_after": _iso(row.run_after),
-        "enqueued_at": _iso(row.enqueued_at),
-        "created_at": _iso(row.created_at),
-        "started_at": _iso(row.started_at),
-        "finished_at": _iso(row.finished_at),
-        "updated_at": _iso(row.updated_at),
+        "run_after": iso(row.run_after),
+        "enqueued_at": iso(row.enqueued_at),
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "finished_at": iso(row.finished_at),
+        "updated_at": iso(row.updated_at),
         "error": row.error,
         "result": json.loads(row.result) if row.result else None,
         "data": json.loads(row.data) if row.data else None,
@@ -47,8 +43,8 @@ def get_task(conn: Connection, *, task_id: str) -> dict[str, Any] | None:
                 "attempt": h.attempt,
                 "gpu_id": h.gpu_id,
                 "slot_index": h.slot_index,
-                "started_at": _iso(h.started_at),
-                "ended_at": _iso(h.ended_at),
+                "started_at": iso(h.started_at),
+                "ended_at": iso(h.ended_at),
                 "outcome": h.outcome,
                 "error": h.error,
             }

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from dispatcher import testing
 from dispatcher.db.attempts import slot_drift
+from dispatcher.states import TERMINAL
 from dispatcher.testing import DispatcherProcess
 from producer.job import Job
 from producer.keys import Keys
@@ -105,7 +106,7 @@ def reconcile(engine: Engine, rds: redis.Redis, prefix: str, queues: list[str], 
         assert Counter(r[0] for r in rows if r[0] in set(ids)) == Counter(ids), (
             "each task has exactly one row"
         )
-        assert all(r[1] in ("finished", "failed", "cancelled") for r in rows if r[0] in set(ids))
+        assert all(r[1] in TERMINAL for r in rows if r[0] in set(ids))
         assert slot_drift(conn) == []
         busy = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one()
         assert busy == 0, f"{busy} slots still taken"
