@@ -10,8 +10,9 @@ default ``code``; ``answer`` turns any of them into the one body every error ans
 
 plus ``errors`` (each field that failed validation: ``loc``, ``msg``, ``type``) on a 422 for a malformed
 request. ``detail`` is always a string, so a client prints it as it is. The routes raise these errors; the
-handlers in dispatcher/app.py (and the callback's fast path, which runs in front of FastAPI) are the only
-places that build answers from them, and a store that is down becomes ``Unavailable`` there, never a 500.
+handlers in dispatcher/app.py are the one place that turns them into answers (the callback's fast path and
+the connection guard, which answer before FastAPI sees a request, use ``answer`` and ``raw_http`` from
+here), and a store that is down becomes ``Unavailable`` there, never a 500.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def from_status(status: int, detail: str, headers: dict[str, str] | None = None)
 
 
 def body(err: GpuqError) -> dict[str, Any]:
+    """The one error body: ``detail``, ``code``, then ``errors`` and the route's extra fields if any."""
     out: dict[str, Any] = {"detail": err.detail, "code": err.code}
     if err.errors is not None:
         out["errors"] = err.errors

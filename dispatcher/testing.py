@@ -107,7 +107,9 @@ class DispatcherProcess:
     in ``workdir`` (embedded mode's default database is ./.gpuq/gpuq.db there), logging to ``<name>.log``
     in it. Each start is a new process with a new DISPATCHER_ID (``<name>-<random>``)."""
 
-    def __init__(self, settings: Mapping[str, str], *, name: str = "dispatcher", workdir: Path | None = None):
+    def __init__(
+        self, settings: Mapping[str, str], *, name: str = "dispatcher", workdir: Path | None = None
+    ) -> None:
         self.name = name
         self.port = int(settings.get("CALLBACK_PORT") or free_port())
         self.env = process_env({"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)})
