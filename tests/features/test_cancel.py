@@ -221,7 +221,10 @@ def test_a_cancel_that_comes_while_the_gpu_is_still_answering_the_job_stops_it(s
     wait_for(lambda: _holders(stack.engine) == [nxt], 30, 0.05, what="the next job placed")
     fleet.wait_until(lambda s: s["totals"]["received"] == 2, timeout=20)
     stats = fleet.stats(jobs=False)
-    assert stats["totals"]["cancels"] == {"stopped": 1}, stats["totals"]["cancels"]
+    # stopped once; a cancel whose answer took longer than GPU_REQUEST_TIMEOUT_SECONDS (1 s here, which a
+    # loaded machine reaches) is sent again and answered "not running": a GPU takes a repeated cancel as one
+    cancels = stats["totals"]["cancels"]
+    assert cancels["stopped"] == 1 and set(cancels) <= {"stopped", "not_running"}, cancels
     [gpu] = stats["gpus"].values()
     assert gpu["oversubscriptions"] == 0, gpu["overlaps"]
     # and once its late answer is given (409: cancelled), the cancelled job has not started
