@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, HTTPException, Path, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from dispatcher.agents import MAX_WAIT_SECONDS
 from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
+from dispatcher.errors import BadInput, Forbidden, NotFound, Unauthorized, responses
 from dispatcher.pull import TOKEN_PREFIX
 
 router = APIRouter()
@@ -55,11 +56,6 @@ class PollOut(BaseModel):
     jobs: list[JobOut]
 
 
-def _error(status: int, detail: str) -> Response:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return Response(orjson.dumps({"detail": detail}), status_code=status, media_type=_JSON, headers=headers)
-
-
 def _plausible(token: str) -> bool:
     """Could this be an agent token? Anything else is refused before the database is asked."""
     return token.startswith(TOKEN_PREFIX) and len(token) <= 128 and token.isascii()
@@ -69,7 +65,7 @@ def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
     """A dependency, so that it runs before the body is read: no token, no say about the body."""
     token = bearer(authorization)
     if token is None or not _plausible(token):
-        raise HTTPException(401, "missing or wrong agent token", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or wrong agent token")
     return token
 
 
@@ -78,10 +74,16 @@ def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
     response_model=PollOut,
     responses={
         204: {"description": "no job came within wait_seconds"},
-        401: {"description": "missing or wrong agent token"},
-        403: {"description": "the agent token of another GPU"},
-        404: {"description": "no such GPU (asked with a valid agent token)"},
-        422: {"description": "malformed body; the detail names the field"},
+        **responses(
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            BadInput,
+            e401="missing or wrong agent token",
+            e403="the agent token of another GPU",
+            e404="no such GPU (asked with a valid agent token)",
+            e422="malformed body; the detail names the field",
+        ),
     },
 )
 async def agent_jobs(
@@ -97,11 +99,11 @@ async def agent_jobs(
         gpu_id, token, max_jobs=body.max, wait=float(body.wait_seconds), gone=request.is_disconnected
     )
     if look.status == "unauthenticated":
-        return _error(401, "missing or wrong agent token")
+        raise Unauthorized("missing or wrong agent token")
     if look.status == "forbidden":
-        return _error(403, f"this agent token is not GPU {gpu_id}'s")
+        raise Forbidden(f"this agent token is not GPU {gpu_id}'s")
     if look.status == "unknown":
-        return _error(404, f"no GPU named {gpu_id}")
+        raise NotFound(f"no GPU named {gpu_id}")
     if not jobs:
         return Response(status_code=204)
     return Response(orjson.dumps({"jobs": jobs}), media_type=_JSON)

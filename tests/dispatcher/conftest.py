@@ -72,18 +72,23 @@ def any_stack(any_database_url: str, redis_url: str, key_prefix: str) -> Iterato
     yield from _stack(any_database_url, redis_url, key_prefix)
 
 
-def _stack(database_url: str, redis_url: str, key_prefix: str) -> Iterator[Stack]:
-    rds = redis.Redis.from_url(redis_url)
+def _stack(
+    database_url: str, redis_url: str, key_prefix: str, rds: Any = None, *, cluster: bool = False
+) -> Iterator[Stack]:
+    """The stores for one test, cleaned up after it; ``rds``: a client of the test's own (a cluster's)."""
+    rds = rds if rds is not None else redis.Redis.from_url(redis_url)
     engine = make_engine(database_url, pool_size=2)
     tag = uuid.uuid4().hex[:6]
     s = Stack(database_url, redis_url, key_prefix, rds, engine, queues=[f"q1-{tag}", f"q2-{tag}"])
+    s.cluster = cluster
     yield s
     for proc in s.procs:
         proc.stop_quietly()
     for fleet in s.fleets:
         fleet.stop()
     for q in s.queues:
-        rds.delete(q, f"{{{q}}}:high", f"{{{q}}}:low")
+        for key in (q, f"{{{q}}}:high", f"{{{q}}}:low"):  # one by one: a cluster refuses cross-slot deletes
+            rds.delete(key)
     for key in rds.scan_iter(f"{key_prefix}*"):
         rds.delete(key)
     rds.close()
@@ -96,20 +101,4 @@ StackFactory = Callable[..., Stack]
 @pytest.fixture
 def cluster_stack(database_url: str, redis_cluster: Cluster, key_prefix: str) -> Iterator[Stack]:
     """A stack whose Redis is the run's Redis Cluster (REDIS_CLUSTER=true for every process it starts)."""
-    rds: Any = redis_cluster.client()
-    engine = make_engine(database_url, pool_size=2)
-    tag = uuid.uuid4().hex[:6]
-    s = Stack(database_url, redis_cluster.url, key_prefix, rds, engine, queues=[f"q1-{tag}", f"q2-{tag}"])
-    s.cluster = True
-    yield s
-    for proc in s.procs:
-        proc.stop_quietly()
-    for fleet in s.fleets:
-        fleet.stop()
-    for q in s.queues:
-        for key in (q, f"{{{q}}}:high", f"{{{q}}}:low"):
-            rds.delete(key)
-    for key in rds.scan_iter(f"{key_prefix}*"):
-        rds.delete(key)
-    rds.close()
-    engine.dispose()
+    yield from _stack(database_url, redis_cluster.url, key_prefix, redis_cluster.client(), cluster=True)
