@@ -14,9 +14,10 @@ they could never call back.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -65,19 +66,41 @@ def check_database(settings: DispatcherSettings, engine: Engine) -> None:
 def check_redis(settings: DispatcherSettings) -> None:
     parts = urlsplit(settings.redis_dsn())
     where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
-    client = sync_client(
-        settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+    unreachable = (
+        f"Redis at {where} unreachable ({{}}): check REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) "
+        "and that the server runs"
     )
     try:
+        # a cluster client asks for the slots here: a plain Redis answers that it has no cluster mode
+        client = sync_client(
+            settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+        )
+    except (RedisError, RedisClusterException, OSError) as exc:
+        if "cluster mode is not enabled" in str(exc).lower():
+            raise StartProblem(
+                f"REDIS_CLUSTER: true, but the Redis at {where} is not a cluster: set REDIS_CLUSTER=false",
+                BAD_SETTING,
+            ) from exc
+        raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
+    try:
         client.ping()
+        if not settings.redis_cluster and _cluster_enabled(client):
+            # every key outside this node's slots would fail with MOVED, from the first heartbeat on
+            raise StartProblem(
+                f"REDIS_CLUSTER: the Redis at {where} is a cluster node: set it to true", BAD_SETTING
+            )
     except (RedisError, OSError) as exc:
-        raise StartProblem(
-            f"Redis at {where} unreachable ({_first_line(exc)}): check REDIS_URL "
-            "(or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) and that the server runs",
-            UNREACHABLE,
-        ) from exc
+        raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
     finally:
         client.close()
+
+
+def _cluster_enabled(client: Any) -> bool:
+    """Is this Redis a cluster node? (INFO may be refused by a managed Redis: then assume not.)"""
+    try:
+        return str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except ResponseError:
+        return False
 
 
 def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -83,6 +83,10 @@ class QueueSettings(BaseSettings):
         if value and ("{" in prefix or "}" in prefix):
             # A tag in the prefix would put every queue's keys in the prefix's slot, away from the lists.
             raise ValueError(f"a cluster needs a REDIS_KEY_PREFIX without {{ or }} (not {prefix!r})")
+        url = info.data.get("redis_url")
+        db = urlsplit(url).path.strip("/") if url else str(info.data.get("redis_db", 0))
+        if value and db not in ("", "0"):
+            raise ValueError(f"a cluster has database 0 only (not {db}): drop it from REDIS_URL / REDIS_DB")
         return value
 
     @field_validator("task_queues")

@@ -198,7 +198,8 @@ def test_api_gateway_is_503_when_a_configured_cluster_cannot_be_reached(
 ) -> None:
     # GIVEN REDIS_CLUSTER=true and no cluster to talk to: nothing listening (a cold start while the cluster
     # is down) or a plain Redis (REDIS_CLUSTER set by mistake). The cluster client fails in its constructor.
-    url = f"redis://127.0.0.1:{closed_port}/0" if where == "down" else redis_url
+    # (database 0: a cluster has no other, and the settings refuse another with REDIS_CLUSTER=true)
+    url = f"redis://127.0.0.1:{closed_port}/0" if where == "down" else redis_url.rsplit("/", 1)[0] + "/0"
     producer_env.set(REDIS_URL=url, REDIS_CLUSTER="true")
     # WHEN a request comes THEN 503 (retry later), as for a plain Redis that is down: not a 500 "internal error"
     answer = lambda_handler(load_event("apigw_v1_batch_base64"), None)
