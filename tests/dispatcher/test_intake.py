@@ -10,7 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.intake import Intake, Settlement, weighted_order
-from producer.keys import Keys, queue_key
+from producer.job import Job
+from producer.keys import Keys, Legacy, queue_key
 from producer.keys import Priority as P
 
 
@@ -148,6 +149,35 @@ def test_requeued_jobs_keep_their_order_at_the_head(redis_url, key_prefix):
         await intake.requeue([(q, "a"), (q, "b"), (q, "c")])
         head = [x.decode() for x in await rds.lrange(q, 0, 2)]
         assert head == ["a", "b", "c"]
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_old_parked_jobs_are_moved_after_an_old_dispatcher_drains_and_stops(redis_url, key_prefix):
+    """Rolling upgrade: an old dispatcher beside a new one parks its ready buffer under the old name when it
+    drains (``Dispatcher.drain``), then retires cleanly (no heartbeat left to expire, so no dead sweep).
+    Before: only a new dispatcher's first sweep, or one after a dead sweep, looked for old parked lists, so
+    those jobs waited until some new dispatcher restarted."""
+
+    async def scenario():
+        q = f"{key_prefix}q"
+        rds, intake = await _intake(redis_url, key_prefix, [q], name="new")
+        keys, old = Keys(key_prefix), Legacy(key_prefix)
+        # GIVEN an old dispatcher alive beside the new one (an old one records no queues) ...
+        await rds.set(keys.alive("old"), "1", ex=60)
+        await rds.sadd(keys.dispatchers, "old")
+        await intake.heartbeat()
+        assert await intake.sweep_dead() == 0  # ... when the new one starts: nothing to move yet
+        # WHEN the old one drains: parks a job under the old name, then retires
+        job = Job(task_id="parked-at-drain", type="t", queue=q).to_redis()
+        await rds.rpush(old.parked("default"), job)
+        await rds.delete(keys.alive("old"))
+        await rds.srem(keys.dispatchers, "old")
+        await intake.sweep_dead()
+        # THEN the next sweep moves it to the queue's parked list, where dispatchers of today serve it
+        assert await rds.lrange(keys.parked(q, "default"), 0, -1) == [job.encode()]
+        assert not await rds.exists(old.parked("default"))
         await rds.aclose()
 
     _run(scenario())
