@@ -181,3 +181,29 @@ def test_old_parked_jobs_are_moved_after_an_old_dispatcher_drains_and_stops(redi
         await rds.aclose()
 
     _run(scenario())
+
+
+def test_a_queue_named_like_an_old_priority_list_keeps_its_jobs(redis_url, key_prefix):
+    """Queues ``a`` and ``a:high``: before issue 15 ``a:high`` was also ``a``'s high list; today it is only the
+    queue ``a:high`` (``a``'s is ``{a}:high``). Before: every sweep's migration moved queue ``a:high``'s jobs
+    into ``{a}:high``, where they jumped ahead as ``a``'s high-priority work."""
+
+    async def scenario():
+        a = f"{key_prefix}a"
+        rds, intake = await _intake(redis_url, key_prefix, [a], name="new")
+        other = queue_key(a, P.NORMAL) + ":high"  # the queue a:high, served by some other dispatcher
+        job = Job(task_id="of-a-high", type="t", queue=other).to_redis()
+        seed_style = json.dumps({"type": "t", "data": {"task_id": "seed-style"}})
+        await rds.rpush(other, seed_style, job)
+        await intake.heartbeat()
+        await intake.sweep_dead()
+        assert await rds.lrange(other, 0, -1) == [seed_style.encode(), job.encode()]
+        assert await rds.llen(queue_key(a, P.HIGH)) == 0
+        # and the dispatcher serving both queues moves nothing either
+        _, both = await _intake(redis_url, key_prefix, [a, other], name="both")
+        await both.sweep_dead()
+        assert await rds.llen(other) == 2
+        await both.redis.aclose()
+        await rds.aclose()
+
+    _run(scenario())
