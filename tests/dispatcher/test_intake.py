@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.intake import Intake, Settlement, weighted_order
+from dispatcher.intake import Intake, NotReplicated, Settlement, weighted_order
 from producer.job import Job
 from producer.keys import Keys, Legacy, queue_key
 from producer.keys import Priority as P
@@ -204,6 +204,31 @@ def test_a_queue_named_like_an_old_priority_list_keeps_its_jobs(redis_url, key_p
         await both.sweep_dead()
         assert await rds.llen(other) == 2
         await both.redis.aclose()
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_a_requeue_whose_wait_failed_is_not_pushed_again_by_the_next_attempt(redis_url, key_prefix):
+    """REDIS_WAIT_REPLICAS with a replica missing (down, or fewer than asked for): a retry's requeue is written
+    but its fence fails, so the database still has the task due and the next housekeeping tick (every
+    ~1.25 s) requeues it again. Before: one more copy of the job per tick for as long as the replica was
+    missing (queue depth and KEDA's scaling signal inflated, every copy but one dropped when taken)."""
+
+    async def scenario():
+        q = f"{key_prefix}q"
+        rds = Redis.from_url(redis_url)  # this Redis has no replica: WAIT 1 always times out
+        intake = Intake(rds, Keys(key_prefix), "d1", [q], wait_replicas=1, wait_timeout_seconds=0.05)
+        job = Job(task_id="due-retry", type="t", queue=q, attempt=1).to_redis()
+        for _ in range(3):
+            with pytest.raises(NotReplicated):
+                await intake.requeue([(q, job)])
+        assert await rds.lrange(q, 0, -1) == [job.encode()]
+        # a different job (or the next attempt of the same task) still goes in front
+        again = Job(task_id="due-retry", type="t", queue=q, attempt=2).to_redis()
+        with pytest.raises(NotReplicated):
+            await intake.requeue([(q, again)])
+        assert await rds.lrange(q, 0, -1) == [again.encode(), job.encode()]
         await rds.aclose()
 
     _run(scenario())
