@@ -25,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import register_new
 from dispatcher.settings import DispatcherSettings
-from producer.connect import sync_client
+from producer.connect import is_cluster, sync_client
 
 log = logging.getLogger("gpuq.main")
 
@@ -89,10 +89,35 @@ def check_redis(settings: DispatcherSettings) -> None:
             raise StartProblem(
                 f"REDIS_CLUSTER: the Redis at {where} is a cluster node: set it to true", BAD_SETTING
             )
+        if settings.redis_wait_replicas:
+            warn_few_replicas(client, settings.redis_wait_replicas, where)
     except (RedisError, OSError) as exc:
         raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
     finally:
         client.close()
+
+
+def warn_few_replicas(client: Any, wanted: int, where: str) -> None:
+    """One line at start when a master has fewer replicas than REDIS_WAIT_REPLICAS: until that changes every
+    push is answered 503 (its job queued all the same) and every hand-off waits its whole timeout. A warning,
+    not a stop: a replica may just be restarting."""
+    try:
+        if is_cluster(client):
+            replies = client.info("replication", target_nodes=client.PRIMARIES)
+            counts = [int(info.get("connected_slaves", 0)) for info in replies.values()]
+        else:
+            counts = [int(client.info("replication").get("connected_slaves", 0))]
+    except ResponseError:  # INFO refused by a managed Redis: nothing to say
+        return
+    if counts and min(counts) < wanted:
+        log.warning(
+            "REDIS_WAIT_REPLICAS=%d but a master of the Redis at %s has %d replica(s): pushes are answered "
+            "503 and hand-offs wait REDIS_WAIT_REPLICAS's timeout until it has enough",
+            wanted,
+            where,
+            min(counts),
+            extra={"action": "config", "redis_wait_replicas": wanted, "replicas": min(counts)},
+        )
 
 
 def _cluster_enabled(client: Any) -> bool:
