@@ -131,8 +131,9 @@ class Intake:
         """The queue a source list (a priority list or a parked list) belongs to; None if not ours."""
         queue = self._queue_of.get(source)
         if queue is None:
-            stem, _, _ = source.rpartition(":")
-            queue = self._parked_stem.get(stem + ":")
+            # a pool name may hold a colon: the longest stem that starts the key (one may start another's)
+            stems = [stem for stem in self._parked_stem if source.startswith(stem)]
+            queue = self._parked_stem[max(stems, key=len)] if stems else None
         return queue
 
     async def take(self, want: int, free: dict[str, int] | None) -> list[Taken]:

@@ -232,3 +232,31 @@ def test_a_requeue_whose_wait_failed_is_not_pushed_again_by_the_next_attempt(red
         await rds.aclose()
 
     _run(scenario())
+
+
+def test_a_parked_job_of_a_pool_with_a_colon_in_its_name_is_settled_in_its_own_queue(redis_url, key_prefix):
+    """Pool names may hold a colon (``gpu:a100:g0=URL`` in GPU_ENDPOINTS, ``--pool gpu:a100``). Before: a
+    parked list ``P{Q}:parked:gpu:a100`` was not recognised as Q's (split at its last colon), so settling a
+    job taken from it worked on the first queue's lists: the job stayed in Q's processing list (taken again
+    and again by each reconcile) and a re-park moved it to the first queue's parked list."""
+
+    async def scenario():
+        q1, q2 = f"{key_prefix}q1", f"{key_prefix}q2"
+        rds, intake = await _intake(redis_url, key_prefix, [q1, q2])
+        keys, pool = Keys(key_prefix), "gpu:a100"
+        job = Job(task_id="parked-colon", type="t", queue=q2).to_redis()
+        await rds.rpush(keys.parked(q2, pool), job)
+        assert intake.queue_of(keys.parked(q2, pool)) == q2
+        # taken, then parked again (still no slot): back at the head of q2's parked list
+        taken = await intake.take(1, {pool: 1})
+        assert [t.source for t in taken] == [keys.parked(q2, pool)]
+        await intake.settle(Settlement(park=[(taken[0].element, pool, taken[0].raw)]))
+        assert await rds.lrange(keys.parked(q2, pool), 0, -1) == [job.encode()]
+        assert await rds.llen(keys.parked(q1, pool)) == 0
+        # taken and placed: gone from the processing list
+        taken = await intake.take(1, {pool: 1})
+        await intake.settle(Settlement(ack=[taken[0].element]))
+        assert await rds.llen(keys.proc(q2, "d1")) == 0
+        await rds.aclose()
+
+    _run(scenario())
