@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigError
 from producer.job import DEFAULT_MAX_JOB_BYTES
-from producer.keys import IDEMPOTENCY_TTL_SECONDS, scope, scope_problem
+from producer.keys import IDEMPOTENCY_TTL_SECONDS, queue_lists, scope, scope_problem
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
 _TASK_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
@@ -104,6 +104,13 @@ class QueueSettings(BaseSettings):
         scopes = [scope(name) for name in names]
         if len(set(scopes)) < len(scopes):
             raise ValueError("two queue names share their keys (like q and {q}); rename one")
+        owner: dict[str, str] = {}
+        for name in names:
+            for key in queue_lists(name):
+                if owner.setdefault(key, name) != name:
+                    raise ValueError(
+                        f"queues {owner[key]!r} and {name!r} would share the list {key!r}; rename one"
+                    )
         return value
 
     @field_validator("task_routes")

@@ -68,3 +68,12 @@ def test_a_cluster_refuses_a_database_other_than_0(where: dict[str, object]) -> 
         load(ProducerSettings, **where, redis_cluster=True)
     assert err.value.message.startswith("REDIS_CLUSTER:") and "database 0" in err.value.message
     assert load(ProducerSettings, redis_url="redis://h:7000/0", redis_cluster=True).redis_cluster
+
+
+@pytest.mark.parametrize("names", ["a,{a}:high", "{a}:low,a", "{j}x,{j}x:high"])
+def test_a_queue_named_like_another_queues_priority_list_is_refused(names: str) -> None:
+    # queue a's high-priority list is {a}:high: a queue of that name would share it, each taking the other's jobs
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, task_queues=names)
+    assert err.value.message.startswith("TASK_QUEUES:") and "list" in err.value.message
+    assert load(ProducerSettings, task_queues="a,a:high,{a}x").queues == ["a", "a:high", "{a}x"]
