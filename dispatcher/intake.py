@@ -120,6 +120,7 @@ class Intake:
         self._take = redis.register_script(TAKE)
         self._turn = 0
         self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
+        self._old_seen = False  # a dispatcher of that layout was running at the last sweep
 
     @property
     def proc(self) -> str:
@@ -130,8 +131,9 @@ class Intake:
         """The queue a source list (a priority list or a parked list) belongs to; None if not ours."""
         queue = self._queue_of.get(source)
         if queue is None:
-            stem, _, _ = source.rpartition(":")
-            queue = self._parked_stem.get(stem + ":")
+            # a pool name may hold a colon: the longest stem that starts the key (one may start another's)
+            stems = [stem for stem in self._parked_stem if source.startswith(stem)]
+            queue = self._parked_stem[max(stems, key=len)] if stems else None
         return queue
 
     async def take(self, want: int, free: dict[str, int] | None) -> list[Taken]:
@@ -329,6 +331,10 @@ class Intake:
         # ours took it out of the set without touching its per-queue lists (rolling upgrade).
         members = await self.redis.smembers(self.keys.dispatchers)
         recorded = await self.redis.hkeys(self.keys.owner_queues)
+        # A dispatcher of the old layout records no queues. While one runs, and at the sweep after it is
+        # gone, look for old parked lists: it parks its ready buffer there when it drains, then retires.
+        old_running = bool({as_str(m) for m in members} - {as_str(r) for r in recorded})
+        look_for_old, self._old_seen = self._scan_old or self._old_seen or old_running, old_running
         for other in dict.fromkeys(as_str(raw) for raw in [*members, *recorded]):
             if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
                 continue
@@ -345,7 +351,7 @@ class Intake:
                 )
             moved += n
         if not self.cluster:
-            moved += await migrate(self.redis, self.keys, self.queues, parked=self._scan_old or moved > 0)
+            moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
             self._scan_old = False
         return moved
 

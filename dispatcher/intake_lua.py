@@ -117,7 +117,12 @@ return n
 """
 
 # KEYS: lists; ARGV: one job per list, pushed at the heads from the last to the first (the first is first).
+# A job already near the head of its list is not pushed again: a requeue whose replica wait failed is
+# written, the database still has the task due, and the next tick requeues the very same job (a copy further
+# down than 1,000 elements is only an extra copy, dropped when taken, as before).
 REQUEUE = """
-for i = #KEYS, 1, -1 do redis.call('LPUSH', KEYS[i], ARGV[i]) end
+for i = #KEYS, 1, -1 do
+  if not redis.call('LPOS', KEYS[i], ARGV[i], 'MAXLEN', 1000) then redis.call('LPUSH', KEYS[i], ARGV[i]) end
+end
 return #KEYS
 """

@@ -26,11 +26,19 @@ from producer.keys import Keys, Legacy, Priority, queue_key
 
 log = logging.getLogger("gpuq.migrate")
 
-# KEYS: old list, new list. Moves every element, last first, onto the head of the new list: the old list's
-# order ends up at the new head. Returns how many moved.
+# KEYS: old list, new list; ARGV: the queue. Moves every element, last first, onto the head of the new list:
+# the old list's order ends up at the new head. Stops at a job of another queue: today ``Q:high`` may be the
+# list of a queue named so (``{Q}:high`` is Q's), which must keep its jobs. Returns how many moved.
 _MOVE_LIST = """
 local n = 0
-while redis.call('RPOPLPUSH', KEYS[1], KEYS[2]) do n = n + 1 end
+while true do
+  local el = redis.call('LINDEX', KEYS[1], -1)
+  if not el then break end
+  local ok, obj = pcall(cjson.decode, el)
+  if ok and type(obj) == 'table' and type(obj['queue']) == 'string' and obj['queue'] ~= ARGV[1] then break end
+  redis.call('RPOPLPUSH', KEYS[1], KEYS[2])
+  n = n + 1
+end
 return n
 """
 
@@ -70,8 +78,8 @@ async def migrate(redis: Redis, keys: Keys, queues: list[str], *, parked: bool =
     for queue in queues:
         for priority in (Priority.HIGH, Priority.LOW):
             old, new = legacy.queue_key(queue, priority), queue_key(queue, priority)
-            if old != new:  # a queue with its own {tag} kept its names
-                moved += int(await redis.eval(_MOVE_LIST, 2, old, new))
+            if old != new and old not in queues:  # a {tag}ged queue kept its names; a queue named Q:high
+                moved += int(await redis.eval(_MOVE_LIST, 2, old, new, queue))
     old_parked = [k async for k in redis.scan_iter(match=legacy.parked("*"), count=500)] if parked else []
     for raw in old_parked:
         key = raw.decode() if isinstance(raw, bytes) else str(raw)

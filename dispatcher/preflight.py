@@ -14,9 +14,10 @@ they could never call back.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -24,7 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import register_new
 from dispatcher.settings import DispatcherSettings
-from producer.connect import sync_client
+from producer.connect import is_cluster, sync_client
 
 log = logging.getLogger("gpuq.main")
 
@@ -65,19 +66,66 @@ def check_database(settings: DispatcherSettings, engine: Engine) -> None:
 def check_redis(settings: DispatcherSettings) -> None:
     parts = urlsplit(settings.redis_dsn())
     where = f"{parts.hostname or parts.path}:{parts.port or 6379}"
-    client = sync_client(
-        settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+    unreachable = (
+        f"Redis at {where} unreachable ({{}}): check REDIS_URL (or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) "
+        "and that the server runs"
     )
     try:
+        # a cluster client asks for the slots here: a plain Redis answers that it has no cluster mode
+        client = sync_client(
+            settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+        )
+    except (RedisError, RedisClusterException, OSError) as exc:
+        if "cluster mode is not enabled" in str(exc).lower():
+            raise StartProblem(
+                f"REDIS_CLUSTER: true, but the Redis at {where} is not a cluster: set REDIS_CLUSTER=false",
+                BAD_SETTING,
+            ) from exc
+        raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
+    try:
         client.ping()
+        if not settings.redis_cluster and _cluster_enabled(client):
+            # every key outside this node's slots would fail with MOVED, from the first heartbeat on
+            raise StartProblem(
+                f"REDIS_CLUSTER: the Redis at {where} is a cluster node: set it to true", BAD_SETTING
+            )
+        if settings.redis_wait_replicas:
+            warn_few_replicas(client, settings.redis_wait_replicas, where)
     except (RedisError, OSError) as exc:
-        raise StartProblem(
-            f"Redis at {where} unreachable ({_first_line(exc)}): check REDIS_URL "
-            "(or REDIS_HOST, REDIS_PORT, REDIS_PASSWORD) and that the server runs",
-            UNREACHABLE,
-        ) from exc
+        raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
     finally:
         client.close()
+
+
+def warn_few_replicas(client: Any, wanted: int, where: str) -> None:
+    """One line at start when a master has fewer replicas than REDIS_WAIT_REPLICAS: until that changes every
+    push is answered 503 (its job queued all the same) and every hand-off waits its whole timeout. A warning,
+    not a stop: a replica may just be restarting."""
+    try:
+        if is_cluster(client):
+            replies = client.info("replication", target_nodes=client.PRIMARIES)
+            counts = [int(info.get("connected_slaves", 0)) for info in replies.values()]
+        else:
+            counts = [int(client.info("replication").get("connected_slaves", 0))]
+    except ResponseError:  # INFO refused by a managed Redis: nothing to say
+        return
+    if counts and min(counts) < wanted:
+        log.warning(
+            "REDIS_WAIT_REPLICAS=%d but a master of the Redis at %s has %d replica(s): pushes are answered "
+            "503 and hand-offs wait REDIS_WAIT_REPLICAS's timeout until it has enough",
+            wanted,
+            where,
+            min(counts),
+            extra={"action": "config", "redis_wait_replicas": wanted, "replicas": min(counts)},
+        )
+
+
+def _cluster_enabled(client: Any) -> bool:
+    """Is this Redis a cluster node? (INFO may be refused by a managed Redis: then assume not.)"""
+    try:
+        return str(client.info("cluster").get("cluster_enabled", 0)) == "1"
+    except ResponseError:
+        return False
 
 
 def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:

@@ -102,7 +102,12 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
     if not planned:
         return Pushed([], 0)
     keys = Keys(settings.redis_key_prefix)
-    client = _client(settings)
+    try:
+        client = _client(settings)
+    except (redis.RedisError, RedisClusterException) as exc:
+        # A cluster client learns the slots in its constructor: a cluster that is down (or a plain Redis
+        # under REDIS_CLUSTER=true) fails here, and is as unavailable as a plain Redis that refuses.
+        raise QueueUnavailable(detail=f"{type(exc).__name__}: {exc}{_hint(exc, settings)}") from exc
     replies: list[Any] = [None] * len(planned)
     for group in by_queue(planned, cluster=settings.redis_cluster):
         redis_keys, args = push_arguments(
@@ -127,13 +132,24 @@ def push(planned: Sequence[Planned], settings: ProducerSettings) -> Pushed:
             # Includes a refused connection, a timeout, a wrong password, a read-only replica after a
             # failover and a WRONGTYPE from the check above: in each case this queue's jobs were not
             # pushed (earlier queues' were, and their marks make the retry skip them).
-            raise QueueUnavailable(detail=f"{type(exc).__name__}: {exc}") from exc
+            raise QueueUnavailable(detail=f"{type(exc).__name__}: {exc}{_hint(exc, settings)}") from exc
         if settings.redis_wait_replicas:
             check_replicas(results[1], settings.redis_wait_replicas, "the jobs")
         for i, reply in zip(group, results[0], strict=True):
             replies[i] = reply
     task_ids = [_text(task_id) for task_id, _ in replies]
     return Pushed(task_ids, sum(1 for _, new in replies if not new))
+
+
+def _hint(exc: Exception, settings: ProducerSettings) -> str:
+    """What to fix when REDIS_CLUSTER does not match the Redis: such an error recurs on every push."""
+    text = str(exc)
+    if settings.redis_cluster and "cluster mode is not enabled" in text.lower():
+        return " (REDIS_CLUSTER=true but this Redis is not a cluster: set REDIS_CLUSTER=false)"
+    moved = isinstance(exc, (redis.exceptions.MovedError, redis.exceptions.AskError))
+    if not settings.redis_cluster and (moved or "don't hash to the same slot" in text):
+        return " (this Redis is a cluster node: set REDIS_CLUSTER=true)"
+    return ""
 
 
 def _text(value: bytes | str) -> str:

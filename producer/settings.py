@@ -9,14 +9,14 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Any, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigError
 from producer.job import DEFAULT_MAX_JOB_BYTES
-from producer.keys import IDEMPOTENCY_TTL_SECONDS, scope, scope_problem
+from producer.keys import IDEMPOTENCY_TTL_SECONDS, queue_lists, scope, scope_problem
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:{}-]+$")
 _TASK_TYPE = re.compile(r"^[A-Za-z0-9_.:-]{1,50}$")
@@ -83,6 +83,10 @@ class QueueSettings(BaseSettings):
         if value and ("{" in prefix or "}" in prefix):
             # A tag in the prefix would put every queue's keys in the prefix's slot, away from the lists.
             raise ValueError(f"a cluster needs a REDIS_KEY_PREFIX without {{ or }} (not {prefix!r})")
+        url = info.data.get("redis_url")
+        db = urlsplit(url).path.strip("/") if url else str(info.data.get("redis_db", 0))
+        if value and db not in ("", "0"):
+            raise ValueError(f"a cluster has database 0 only (not {db}): drop it from REDIS_URL / REDIS_DB")
         return value
 
     @field_validator("task_queues")
@@ -100,6 +104,13 @@ class QueueSettings(BaseSettings):
         scopes = [scope(name) for name in names]
         if len(set(scopes)) < len(scopes):
             raise ValueError("two queue names share their keys (like q and {q}); rename one")
+        owner: dict[str, str] = {}
+        for name in names:
+            for key in queue_lists(name):
+                if owner.setdefault(key, name) != name:
+                    raise ValueError(
+                        f"queues {owner[key]!r} and {name!r} would share the list {key!r}; rename one"
+                    )
         return value
 
     @field_validator("task_routes")

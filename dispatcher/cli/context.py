@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import redis
 import typer
+from redis.exceptions import RedisClusterException
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
@@ -53,12 +54,15 @@ class Stores:
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = sync_client(
-                self.settings.redis_dsn(),
-                cluster=self.settings.redis_cluster,
-                socket_connect_timeout=3,
-                socket_timeout=10,
-            )
+            try:
+                self._redis = sync_client(
+                    self.settings.redis_dsn(),
+                    cluster=self.settings.redis_cluster,
+                    socket_connect_timeout=3,
+                    socket_timeout=10,
+                )
+            except RedisClusterException as exc:  # the cluster client connects at once: one line, no trace
+                raise redis.ConnectionError(f"{exc} (REDIS_CLUSTER=true)") from exc
         return self._redis
 
     def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:

@@ -9,8 +9,9 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.intake import Intake, Settlement, weighted_order
-from producer.keys import Keys, queue_key
+from dispatcher.intake import Intake, NotReplicated, Settlement, weighted_order
+from producer.job import Job
+from producer.keys import Keys, Legacy, queue_key
 from producer.keys import Priority as P
 
 
@@ -148,6 +149,114 @@ def test_requeued_jobs_keep_their_order_at_the_head(redis_url, key_prefix):
         await intake.requeue([(q, "a"), (q, "b"), (q, "c")])
         head = [x.decode() for x in await rds.lrange(q, 0, 2)]
         assert head == ["a", "b", "c"]
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_old_parked_jobs_are_moved_after_an_old_dispatcher_drains_and_stops(redis_url, key_prefix):
+    """Rolling upgrade: an old dispatcher beside a new one parks its ready buffer under the old name when it
+    drains (``Dispatcher.drain``), then retires cleanly (no heartbeat left to expire, so no dead sweep).
+    Before: only a new dispatcher's first sweep, or one after a dead sweep, looked for old parked lists, so
+    those jobs waited until some new dispatcher restarted."""
+
+    async def scenario():
+        q = f"{key_prefix}q"
+        rds, intake = await _intake(redis_url, key_prefix, [q], name="new")
+        keys, old = Keys(key_prefix), Legacy(key_prefix)
+        # GIVEN an old dispatcher alive beside the new one (an old one records no queues) ...
+        await rds.set(keys.alive("old"), "1", ex=60)
+        await rds.sadd(keys.dispatchers, "old")
+        await intake.heartbeat()
+        assert await intake.sweep_dead() == 0  # ... when the new one starts: nothing to move yet
+        # WHEN the old one drains: parks a job under the old name, then retires
+        job = Job(task_id="parked-at-drain", type="t", queue=q).to_redis()
+        await rds.rpush(old.parked("default"), job)
+        await rds.delete(keys.alive("old"))
+        await rds.srem(keys.dispatchers, "old")
+        await intake.sweep_dead()
+        # THEN the next sweep moves it to the queue's parked list, where dispatchers of today serve it
+        assert await rds.lrange(keys.parked(q, "default"), 0, -1) == [job.encode()]
+        assert not await rds.exists(old.parked("default"))
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_a_queue_named_like_an_old_priority_list_keeps_its_jobs(redis_url, key_prefix):
+    """Queues ``a`` and ``a:high``: before issue 15 ``a:high`` was also ``a``'s high list; today it is only the
+    queue ``a:high`` (``a``'s is ``{a}:high``). Before: every sweep's migration moved queue ``a:high``'s jobs
+    into ``{a}:high``, where they jumped ahead as ``a``'s high-priority work."""
+
+    async def scenario():
+        a = f"{key_prefix}a"
+        rds, intake = await _intake(redis_url, key_prefix, [a], name="new")
+        other = queue_key(a, P.NORMAL) + ":high"  # the queue a:high, served by some other dispatcher
+        job = Job(task_id="of-a-high", type="t", queue=other).to_redis()
+        seed_style = json.dumps({"type": "t", "data": {"task_id": "seed-style"}})
+        await rds.rpush(other, seed_style, job)
+        await intake.heartbeat()
+        await intake.sweep_dead()
+        assert await rds.lrange(other, 0, -1) == [seed_style.encode(), job.encode()]
+        assert await rds.llen(queue_key(a, P.HIGH)) == 0
+        # and the dispatcher serving both queues moves nothing either
+        _, both = await _intake(redis_url, key_prefix, [a, other], name="both")
+        await both.sweep_dead()
+        assert await rds.llen(other) == 2
+        await both.redis.aclose()
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_a_requeue_whose_wait_failed_is_not_pushed_again_by_the_next_attempt(redis_url, key_prefix):
+    """REDIS_WAIT_REPLICAS with a replica missing (down, or fewer than asked for): a retry's requeue is written
+    but its fence fails, so the database still has the task due and the next housekeeping tick (every
+    ~1.25 s) requeues it again. Before: one more copy of the job per tick for as long as the replica was
+    missing (queue depth and KEDA's scaling signal inflated, every copy but one dropped when taken)."""
+
+    async def scenario():
+        q = f"{key_prefix}q"
+        rds = Redis.from_url(redis_url)  # this Redis has no replica: WAIT 1 always times out
+        intake = Intake(rds, Keys(key_prefix), "d1", [q], wait_replicas=1, wait_timeout_seconds=0.05)
+        job = Job(task_id="due-retry", type="t", queue=q, attempt=1).to_redis()
+        for _ in range(3):
+            with pytest.raises(NotReplicated):
+                await intake.requeue([(q, job)])
+        assert await rds.lrange(q, 0, -1) == [job.encode()]
+        # a different job (or the next attempt of the same task) still goes in front
+        again = Job(task_id="due-retry", type="t", queue=q, attempt=2).to_redis()
+        with pytest.raises(NotReplicated):
+            await intake.requeue([(q, again)])
+        assert await rds.lrange(q, 0, -1) == [again.encode(), job.encode()]
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_a_parked_job_of_a_pool_with_a_colon_in_its_name_is_settled_in_its_own_queue(redis_url, key_prefix):
+    """Pool names may hold a colon (``gpu:a100:g0=URL`` in GPU_ENDPOINTS, ``--pool gpu:a100``). Before: a
+    parked list ``P{Q}:parked:gpu:a100`` was not recognised as Q's (split at its last colon), so settling a
+    job taken from it worked on the first queue's lists: the job stayed in Q's processing list (taken again
+    and again by each reconcile) and a re-park moved it to the first queue's parked list."""
+
+    async def scenario():
+        q1, q2 = f"{key_prefix}q1", f"{key_prefix}q2"
+        rds, intake = await _intake(redis_url, key_prefix, [q1, q2])
+        keys, pool = Keys(key_prefix), "gpu:a100"
+        job = Job(task_id="parked-colon", type="t", queue=q2).to_redis()
+        await rds.rpush(keys.parked(q2, pool), job)
+        assert intake.queue_of(keys.parked(q2, pool)) == q2
+        # taken, then parked again (still no slot): back at the head of q2's parked list
+        taken = await intake.take(1, {pool: 1})
+        assert [t.source for t in taken] == [keys.parked(q2, pool)]
+        await intake.settle(Settlement(park=[(taken[0].element, pool, taken[0].raw)]))
+        assert await rds.lrange(keys.parked(q2, pool), 0, -1) == [job.encode()]
+        assert await rds.llen(keys.parked(q1, pool)) == 0
+        # taken and placed: gone from the processing list
+        taken = await intake.take(1, {pool: 1})
+        await intake.settle(Settlement(ack=[taken[0].element]))
+        assert await rds.llen(keys.proc(q2, "d1")) == 0
         await rds.aclose()
 
     _run(scenario())

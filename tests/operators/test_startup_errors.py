@@ -46,3 +46,38 @@ def test_an_argument_is_refused_not_ignored(tmp_path, redis_url):
     assert run.returncode == 2, run.stderr
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpuq dispatcher: takes no arguments (--port 9000)"), lines
+
+
+@pytest.mark.parametrize("cluster_setting", ["true", "false"])
+def test_a_redis_cluster_setting_that_does_not_match_the_redis_is_one_line(
+    tmp_path, redis_url, redis_cluster, cluster_setting
+):
+    # GIVEN REDIS_CLUSTER=true against a plain Redis, or REDIS_CLUSTER=false against a cluster node. Before: a
+    # RedisClusterException traceback, or the MOVED of the first heartbeat from inside uvicorn's lifespan.
+    url = redis_url.rsplit("/", 1)[0] + "/0" if cluster_setting == "true" else redis_cluster.url
+    run = _run(tmp_path, REDIS_URL=url, REDIS_CLUSTER=cluster_setting, DATABASE_URL="sqlite:///d.db")
+    # THEN exit 2 (a setting to fix) and one line naming the variable
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and lines[0].startswith("gpuq dispatcher: REDIS_CLUSTER"), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_more_wait_replicas_than_the_redis_has_is_said_at_start(redis_url, caplog):
+    # GIVEN REDIS_WAIT_REPLICAS=1 and a Redis without replicas: every push would be answered 503 (its job
+    # queued all the same) and every hand-off wait its timeout; before, nothing at start said why
+    from dispatcher.preflight import check_redis
+    from dispatcher.settings import DispatcherSettings
+    from producer.settings import load
+
+    settings = load(
+        DispatcherSettings, _env_file=None, redis_url=redis_url, callback_secret=SECRET, redis_wait_replicas=1
+    )
+    with caplog.at_level("WARNING", logger="gpuq.main"):
+        check_redis(settings)
+    said = [r.getMessage() for r in caplog.records if getattr(r, "action", None) == "config"]
+    assert len(said) == 1 and "REDIS_WAIT_REPLICAS=1" in said[0] and "0 replica" in said[0], said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpuq.main"):
+        check_redis(load(DispatcherSettings, _env_file=None, redis_url=redis_url, callback_secret=SECRET))
+    assert not [r for r in caplog.records if getattr(r, "action", None) == "config"]

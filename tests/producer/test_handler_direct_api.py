@@ -190,3 +190,19 @@ def test_api_gateway_without_task_id_retries_are_separate_tasks(producer_env: Pr
     second = api_body(lambda_handler(event, None))["task_ids"]
     assert first != second
     assert len(producer_env.jobs()) == 2
+
+
+@pytest.mark.parametrize("where", ["down", "not a cluster"])
+def test_api_gateway_is_503_when_a_configured_cluster_cannot_be_reached(
+    producer_env: ProducerEnv, closed_port: int, redis_url: str, where: str
+) -> None:
+    # GIVEN REDIS_CLUSTER=true and no cluster to talk to: nothing listening (a cold start while the cluster
+    # is down) or a plain Redis (REDIS_CLUSTER set by mistake). The cluster client fails in its constructor.
+    # (database 0: a cluster has no other, and the settings refuse another with REDIS_CLUSTER=true)
+    url = f"redis://127.0.0.1:{closed_port}/0" if where == "down" else redis_url.rsplit("/", 1)[0] + "/0"
+    producer_env.set(REDIS_URL=url, REDIS_CLUSTER="true")
+    # WHEN a request comes THEN 503 (retry later), as for a plain Redis that is down: not a 500 "internal error"
+    answer = lambda_handler(load_event("apigw_v1_batch_base64"), None)
+    assert answer["statusCode"] == 503
+    assert api_body(answer) == {"error": "The job queue (Redis) is unreachable."}
+    assert producer_env.all_jobs() == []

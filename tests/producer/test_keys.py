@@ -57,3 +57,23 @@ def test_a_cluster_refuses_a_key_prefix_with_a_hash_tag_and_one_redis_keeps_it()
     with pytest.raises(ConfigError) as err:
         load(ProducerSettings, redis_key_prefix="{gpuq}:", redis_cluster=True)
     assert err.value.message.startswith("REDIS_CLUSTER:")
+
+
+@pytest.mark.parametrize("where", [{"redis_url": "redis://127.0.0.1:7000/3"}, {"redis_db": 2}])
+def test_a_cluster_refuses_a_database_other_than_0(where: dict[str, object]) -> None:
+    # A cluster has database 0 only: redis-py refused it at the first connection, and the dispatcher said
+    # "Redis unreachable" (the producer: 503 on every push) instead of naming the setting.
+    assert load(ProducerSettings, **where).redis_cluster is False
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, **where, redis_cluster=True)
+    assert err.value.message.startswith("REDIS_CLUSTER:") and "database 0" in err.value.message
+    assert load(ProducerSettings, redis_url="redis://h:7000/0", redis_cluster=True).redis_cluster
+
+
+@pytest.mark.parametrize("names", ["a,{a}:high", "{a}:low,a", "{j}x,{j}x:high"])
+def test_a_queue_named_like_another_queues_priority_list_is_refused(names: str) -> None:
+    # queue a's high-priority list is {a}:high: a queue of that name would share it, each taking the other's jobs
+    with pytest.raises(ConfigError) as err:
+        load(ProducerSettings, task_queues=names)
+    assert err.value.message.startswith("TASK_QUEUES:") and "list" in err.value.message
+    assert load(ProducerSettings, task_queues="a,a:high,{a}x").queues == ["a", "a:high", "{a}x"]
