@@ -48,6 +48,10 @@ _TAKE = text(
 _RENEW = text(
     "UPDATE slots SET lease_expires_at = :lease WHERE task_id = :task_id AND attempt = :attempt"
 ).bindparams(bindparam("lease", type_=Timestamp))
+_DELIVERED = text(
+    "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN"
+    " (SELECT task_id FROM slots WHERE gpu_id = :gpu_id AND task_id IS NOT NULL)"
+)
 _SILENT_UNFETCHED = text(
     """
     SELECT t.task_id, t.attempt, s.gpu_id
@@ -86,6 +90,9 @@ def register_pull(conn: Connection, *, gpu_id: str, pool: str, slot_count: int, 
             .where(gpus.c.gpu_id == gpu_id)
             .values(healthy=False, down_until=None, last_error=NO_AGENT, agent_seen_until=None)
         )
+        # Jobs on its slots were POSTed to its service, which runs them and calls back: to the agent (and
+        # to the silent-agent sweep) they are fetched, or they would run twice.
+        conn.execute(_DELIVERED, {"gpu_id": gpu_id})
     return ensure_token(conn, gpu_id=gpu_id, now=now)
 
 

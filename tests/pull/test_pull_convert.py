@@ -1,0 +1,49 @@
+"""A GPU changing kind with jobs in flight (``gpuq gpu add NAME --pull`` on a pushed GPU): the jobs its
+service already got by POST are not handed to the new agent nor sent back to wait, which would run them
+twice (the service's own callback then answered 409, its work thrown away)."""
+
+from __future__ import annotations
+
+import uuid
+
+from dispatcher.db.agents import poll, register_pull, take_back_unfetched
+from dispatcher.db.dispatch import dispatch
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.pull import hash_agent_token
+from producer.job import Job
+from tests.dispatcher.helpers import fleet_engine
+
+
+def test_a_pushed_gpu_made_pull_keeps_its_running_jobs_to_itself(any_database_url):
+    # GIVEN a pushed GPU g0 running a job (POSTed to its service at placement)
+    engine = fleet_engine(any_database_url, {"g0": 2})
+    job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
+    res = transaction(
+        engine,
+        dispatch,
+        items=[(job, "default")],
+        dispatcher_id="d",
+        lease_seconds=60,
+        max_attempts=3,
+        now=utcnow(),
+    )
+    assert len(res.placed) == 1
+    # WHEN the operator makes it a pull GPU while the job runs
+    token = transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=2, now=utcnow())
+    assert token is not None
+    # THEN the silent-agent sweep does not send the running job back to wait
+    assert transaction(engine, take_back_unfetched) == []
+    # AND the new agent's poll is not handed it (its service has it already)
+    look = transaction(
+        engine,
+        poll,
+        gpu_id="g0",
+        token_hash=hash_agent_token(token),
+        max_jobs=4,
+        now=utcnow(),
+        lease_seconds=60,
+        seen_until=utcnow(),
+    )
+    assert look.status == "ok"
+    assert look.jobs == []
+    engine.dispose()
