@@ -8,6 +8,8 @@ been answered, so the cancel can never overtake the job on its way to the GPU (a
 first would say "not running" and then start the job on a slot given away). When that dispatcher is gone
 (its heartbeat key expired: killed, or stopped), every live dispatcher sends the cancels it left: its
 requests died with it, and a GPU takes a repeated cancel as one.
+A GPU whose service takes cancels elsewhere is registered with that URL (``gpuq gpu set NAME --cancel-url
+URL``); the cancel goes there instead of ``<GPU url>/cancel``.
 
 The slot is given back (``Dispatcher.confirm_stop`` → ``release_cancelled``) on a 2xx answer to the cancel,
 on any final report for the attempt (callback or answer to the job's request) or at lease expiry. A cancel
@@ -100,7 +102,7 @@ class CancelSender:
         key = (p.task_id, p.attempt)
         try:
             body = {"task_id": p.task_id, "attempt": p.attempt}
-            ok, detail = await self.d.gpu.cancel(cancel_url(p.url), body)
+            ok, detail = await self.d.gpu.cancel(p.cancel_url or cancel_url(p.url), body)
             self.d.metrics.gpu_requests.labels("cancel_ok" if ok else "cancel_failed").inc()
             if ok:
                 self._failures.pop(key, None)

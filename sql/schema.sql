@@ -1,4 +1,4 @@
--- gpuq schema version 2, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
+-- gpuq schema version 3, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
 -- dispatcher/db/schema.py by `make schema-sql`: edit that file, not this one.
 --
 -- tasks.state: processing, finished, failed, cancelled, retrying, scheduled, queued.
@@ -45,6 +45,7 @@ CREATE TABLE gpus (
     updated_at DATETIME(6) NOT NULL,
     agent_token_hash VARCHAR(64),
     agent_seen_until DATETIME(6),
+    cancel_url VARCHAR(2048),
     PRIMARY KEY (gpu_id)
 )ENGINE=InnoDB;
 

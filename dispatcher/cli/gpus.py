@@ -108,24 +108,39 @@ def _say_probe(url: str) -> None:
 def set_(
     ctx: typer.Context,
     name: Name,
+    *,
     url: Annotated[str | None, typer.Option(help="Its new URL.")] = None,
     pool: Annotated[str | None, typer.Option(help="Its new pool.")] = None,
     slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Its new slot count.")] = None,
+    cancel_url: Annotated[
+        str | None,
+        typer.Option(help="Where its service takes cancels, if not at <url>/cancel; '' for that again."),
+    ] = None,
 ) -> None:
     """Change a known GPU's registration (what a dispatcher's GPU_ENDPOINTS never changes by itself)."""
-    if url is None and pool is None and slots is None:
-        raise BadArgument("say what to change: --url, --pool or --slots")
+    if url is None and pool is None and slots is None and cancel_url is None:
+        raise BadArgument("say what to change: --url, --pool, --slots or --cancel-url")
+    if cancel_url:
+        try:
+            parse_gpu_endpoints(f"{DEFAULT_POOL}:{name}={cancel_url}")
+        except ValueError as exc:
+            raise BadArgument(f"--cancel-url: {exc}") from exc
     if url is not None or pool is not None:
         try:
             parse_gpu_endpoints(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
         except ValueError as exc:
             raise BadArgument(str(exc)) from exc
     s = stores(ctx)
-    if not s.db(update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, now=utcnow()):
+    changed = s.db(
+        update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, cancel_url=cancel_url, now=utcnow()
+    )
+    if not changed:
         raise OperatorError(f"no GPU named {name!r} (gpuq gpu add registers one)")
     s.wake("slot")
     g = next(g for g in s.db(list_gpus) if g.gpu_id == name)
     console().print(f"GPU {name} is now {g.url} in pool {g.pool} with {g.slots} slots")
+    if cancel_url is not None:
+        console().print(f"cancels go to {cancel_url or 'its URL + /cancel'}")
 
 
 def _set_state(ctx: typer.Context, name: str, state: GpuState) -> int:

@@ -38,6 +38,7 @@ class PendingCancel:
     gpu_id: str
     url: str
     dispatcher_id: str | None  # the dispatcher that sent the attempt
+    cancel_url: str | None = None  # where the GPU takes cancels, when not at <url>/cancel
 
 
 def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetime, error: str) -> bool:
@@ -73,7 +74,14 @@ def release_cancelled(conn: Connection, *, task_id: str, attempt: int) -> bool:
 def pending_cancels(conn: Connection) -> list[PendingCancel]:
     """Cancelled attempts whose slot is still held (their GPU has not confirmed the stop)."""
     rows = conn.execute(
-        select(slots.c.task_id, slots.c.attempt, slots.c.gpu_id, gpus.c.url, slots.c.dispatcher_id)
+        select(
+            slots.c.task_id,
+            slots.c.attempt,
+            slots.c.gpu_id,
+            gpus.c.url,
+            slots.c.dispatcher_id,
+            gpus.c.cancel_url,
+        )
         .select_from(
             slots.join(tasks, tasks.c.task_id == slots.c.task_id).join(gpus, gpus.c.gpu_id == slots.c.gpu_id)
         )
@@ -83,4 +91,4 @@ def pending_cancels(conn: Connection) -> list[PendingCancel]:
         )
         .limit(500)
     )
-    return [PendingCancel(r.task_id, r.attempt, r.gpu_id, r.url, r.dispatcher_id) for r in rows]
+    return [PendingCancel(r.task_id, r.attempt, r.gpu_id, r.url, r.dispatcher_id, r.cancel_url) for r in rows]

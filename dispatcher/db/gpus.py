@@ -91,9 +91,11 @@ def update_gpu(
     url: str | None = None,
     pool: str | None = None,
     slot_count: int | None = None,
+    cancel_url: str | None = None,
 ) -> bool:
     """``gpuq gpu set``: change what is given of a known GPU's registration; False when it is unknown.
-    A new URL starts with a clean health record (the failures were the old URL's)."""
+    A new URL starts with a clean health record (the failures were the old URL's). ``cancel_url``: where
+    cancels go instead of ``<url>/cancel``; ``""`` goes back to that."""
     row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     if row is None:
         return False
@@ -106,6 +108,8 @@ def update_gpu(
         values["pool"] = pool
     if slot_count is not None:
         values["slots"] = slot_count
+    if cancel_url is not None:
+        values["cancel_url"] = cancel_url or None
     conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     if slot_count is not None:
         have = set(conn.execute(select(slots.c.slot_index).where(slots.c.gpu_id == gpu_id)).scalars())

@@ -14,6 +14,8 @@
 Pull GPUs (``dispatcher/pull.py``, version 2): ``gpus.agent_token_hash`` (UNIQUE: a token names one GPU) and
 ``gpus.agent_seen_until`` (its agent was polling until then); ``tasks.fetched_attempt`` is the attempt an
 agent has taken (a job placed on a pull GPU and not yet fetched has ``fetched_attempt <> attempt``).
+Version 3: ``gpus.cancel_url``, where cancels go when the GPU's service takes them elsewhere than
+``<url>/cancel`` (``gpuq gpu set NAME --cancel-url URL``; NULL: ``<url>/cancel``).
 Upgrades from earlier versions: ``dispatcher/db/migrations.py`` and ``sql/migrations/``.
 """
 
@@ -33,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -70,6 +72,7 @@ gpus = Table(
     Column("updated_at", Timestamp, nullable=False),
     Column("agent_token_hash", String(64), nullable=True),
     Column("agent_seen_until", Timestamp, nullable=True),
+    Column("cancel_url", String(2048), nullable=True),
     Index("idx_gpus_agent_token", "agent_token_hash", unique=True),
     mysql_engine="InnoDB",
 )

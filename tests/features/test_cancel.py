@@ -4,13 +4,17 @@ for the attempt comes, or the lease runs out, so the GPU never runs more jobs th
 
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import httpx
 
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.tokens import make_token
 from producer.keys import Keys
-from tests.dispatcher.harness import SECRET, push_jobs, reconcile, states, wait_final
+from tests.dispatcher.harness import BEARER, SECRET, push_jobs, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
 
 
@@ -230,3 +234,57 @@ def test_a_cancel_that_comes_while_the_gpu_is_still_answering_the_job_stops_it(s
     # and once its late answer is given (409: cancelled), the cancelled job has not started
     fleet.wait_until(lambda s: s["totals"]["answers"].get("409", 0) == 1, timeout=20)
     assert fleet.stats(jobs=False)["totals"]["in_flight"] == 1
+
+
+class _CancelDesk(ThreadingHTTPServer):
+    """A GPU's cancel desk at a URL of its own (not ``<GPU url>/cancel``): records each cancel, says 200."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, dict]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                desk.seen.append((self.path, self.headers.get("Authorization", ""), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        desk = self
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_a_gpu_registered_with_a_cancel_url_gets_its_cancels_there(stack, gpuq):
+    # GIVEN one GPU running one long job, whose service takes cancels at a URL of its own
+    fleet = stack.fleet(gpus=1, service_time="60")
+    d = stack.dispatcher(fleet)
+    desk = _CancelDesk()
+    threading.Thread(target=desk.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{desk.server_address[1]}/jobs/stop?from=gpuq"
+        # (a bad URL is refused naming the option; a good one is said back)
+        bad = gpuq("gpu", "set", "g0", "--cancel-url", "ftp://x")
+        assert bad.exit_code == 2 and "--cancel-url" in bad.stderr, bad
+        res = gpuq("gpu", "set", "g0", "--cancel-url", url)
+        assert res.exit_code == 0 and f"cancels go to {url}" in res.stdout, res
+        [victim] = push_jobs(stack.rds, stack.queues[0], 1)
+        _wait_running(stack, fleet, victim)
+        # WHEN the task is cancelled
+        assert _cancel_by_api(d, victim)
+        # THEN the cancel goes to the registered URL, with the GPU's Bearer header and the usual body,
+        # and its 2xx confirms the stop: the slot is freed
+        wait_for(lambda: not _holders(stack.engine), 30, 0.05, what="slot freed on the desk's 2xx")
+        assert desk.seen[0] == ("/jobs/stop?from=gpuq", f"Bearer {BEARER}", {"task_id": victim, "attempt": 1})
+        # AND nothing went to <GPU url>/cancel
+        assert fleet.stats(jobs=False)["totals"]["cancels"] == {}
+        # AND '' brings back the default
+        res = gpuq("gpu", "set", "g0", "--cancel-url", "")
+        assert res.exit_code == 0 and "cancels go to its URL + /cancel" in res.stdout, res
+        with stack.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT cancel_url FROM gpus").scalars().all() == [None]
+    finally:
+        desk.shutdown()
+        desk.server_close()

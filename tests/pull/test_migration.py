@@ -10,7 +10,7 @@ from dispatcher.db.engine import init_schema, utcnow
 from dispatcher.db.migrations import add_missing
 from dispatcher.db.schema import SCHEMA_VERSION
 
-NEW = {"gpus": {"agent_token_hash", "agent_seen_until"}, "tasks": {"fetched_attempt"}}
+NEW = {"gpus": {"agent_token_hash", "agent_seen_until", "cancel_url"}, "tasks": {"fetched_attempt"}}
 
 
 def _make_version_1(engine) -> None:
