@@ -5,12 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, slots
 from dispatcher.pull import is_pull
-from dispatcher.states import GpuState
+from dispatcher.states import GpuState, Outcome
+
+_UNFETCHED = text(
+    """
+    SELECT t.task_id, t.attempt FROM slots s JOIN tasks t ON t.task_id = s.task_id
+    WHERE s.gpu_id = :gpu_id AND t.attempt = s.attempt AND t.state = 'processing'
+      AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
+    """
+)
+_MARK_FETCHED = text(
+    "UPDATE tasks SET fetched_attempt = :attempt WHERE task_id = :task_id AND attempt = :attempt"
+    " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> :attempt)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +43,7 @@ def register_gpu(
     conn: Connection, *, gpu_id: str, url: str, pool: str, slot_count: int, now: datetime
 ) -> None:
     """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start)."""
-    row = conn.execute(select(gpus.c.gpu_id).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    row = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     if row is None:
         conn.execute(
             insert(gpus).values(
@@ -41,6 +54,8 @@ def register_gpu(
         values: dict[str, object] = {"url": url, "pool": pool, "slots": slot_count, "updated_at": now}
         if not is_pull(url):  # a pull GPU given a URL: its agent token no longer opens anything
             values |= {"agent_token_hash": None, "agent_seen_until": None}
+            if is_pull(row.url):
+                _unfetched_back(conn, gpu_id=gpu_id, now=now)
         conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
     have = set(conn.execute(select(slots.c.slot_index).where(slots.c.gpu_id == gpu_id)).scalars())
     missing = [{"gpu_id": gpu_id, "slot_index": i} for i in range(slot_count) if i not in have]
@@ -104,6 +119,8 @@ def update_gpu(
         values |= {"url": url, "healthy": True, "consecutive_failures": 0, "down_until": None}
         # A pull GPU given a URL is pushed to from now on: its agent token no longer opens anything.
         values |= {"agent_token_hash": None, "agent_seen_until": None}
+        if is_pull(row.url) and not is_pull(url):
+            _unfetched_back(conn, gpu_id=gpu_id, now=now)
     if pool is not None:
         values["pool"] = pool
     if slot_count is not None:
@@ -118,6 +135,25 @@ def update_gpu(
             conn.execute(insert(slots), missing)
         trim_slots(conn, gpu_id=gpu_id, slot_count=slot_count)
     return True
+
+
+def _unfetched_back(conn: Connection, *, gpu_id: str, now: datetime) -> None:
+    """A pull GPU becomes a pushed one: jobs placed on it that its agent never fetched would never be sent
+    (a job is POSTed when placed) nor fetched (the token goes): they wait again at once, no attempt used,
+    instead of holding their slot for a whole lease and then using an attempt. Marked fetched first, so a
+    poll under way cannot take one as well."""
+    for r in conn.execute(_UNFETCHED, {"gpu_id": gpu_id}).all():
+        params = {"task_id": r.task_id, "attempt": r.attempt}
+        if conn.execute(_MARK_FETCHED, params).rowcount == 1:
+            finish_attempt(
+                conn,
+                task_id=r.task_id,
+                attempt=r.attempt,
+                outcome=Outcome.GPU_REFUSED,
+                now=now,
+                backoff=Backoff(),
+                error=f"GPU {gpu_id} became a pushed GPU before its agent fetched the job",
+            )
 
 
 def trim_slots(conn: Connection, *, gpu_id: str, slot_count: int) -> None:

@@ -5,10 +5,14 @@ twice (the service's own callback then answered 409, its work thrown away)."""
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
+
+from sqlalchemy import text
 
 from dispatcher.db.agents import poll, register_pull, take_back_unfetched
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import update_gpu
 from dispatcher.pull import hash_agent_token
 from producer.job import Job
 from tests.dispatcher.helpers import fleet_engine
@@ -46,4 +50,44 @@ def test_a_pushed_gpu_made_pull_keeps_its_running_jobs_to_itself(any_database_ur
     )
     assert look.status == "ok"
     assert look.jobs == []
+    engine.dispose()
+
+
+def test_a_pull_gpu_given_a_url_sends_its_unfetched_jobs_back_to_wait(any_database_url):
+    # GIVEN a pull GPU p0, its agent polling, and a job placed on it that the agent has not fetched yet
+    engine = fleet_engine(any_database_url, {})
+    token = transaction(engine, register_pull, gpu_id="p0", pool="default", slot_count=2, now=utcnow())
+    assert token is not None
+    seen = transaction(
+        engine,
+        poll,
+        gpu_id="p0",
+        token_hash=hash_agent_token(token),
+        max_jobs=0,
+        now=utcnow(),
+        lease_seconds=60,
+        seen_until=utcnow() + timedelta(seconds=30),
+    )
+    assert seen.back
+    job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
+    res = transaction(
+        engine,
+        dispatch,
+        items=[(job, "default")],
+        dispatcher_id="d",
+        lease_seconds=600,
+        max_attempts=1,
+        now=utcnow(),
+    )
+    assert len(res.placed) == 1
+    # WHEN the operator gives it a URL (it is pushed to from now on)
+    assert transaction(engine, update_gpu, gpu_id="p0", url="http://127.0.0.1:1/p0", now=utcnow())
+    # THEN the job, which nothing will ever send or fetch now, waits again at once without using its
+    # only attempt (it held the slot for the whole lease, then failed for good)
+    with engine.connect() as conn:
+        state, max_attempts = conn.execute(
+            text("SELECT state, max_attempts FROM tasks WHERE task_id = :t"), {"t": job.task_id}
+        ).one()
+        held = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar()
+    assert (state, max_attempts, held) == ("retrying", 2, 0)
     engine.dispose()
