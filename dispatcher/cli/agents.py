@@ -66,5 +66,6 @@ def token(
 
 
 def _show(name: str, value: str) -> None:
-    typer.echo(f"agent token (shown once; run the agent with --gpu-id {name} --agent-token ...):", err=True)
+    # The environment, not --agent-token: a command line is readable by every local user (ps, /proc).
+    typer.echo(f"agent token (shown once; run the agent with GPUQ_AGENT_TOKEN=it --gpu-id {name}):", err=True)
     typer.echo(value)

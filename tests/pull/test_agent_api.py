@@ -85,6 +85,8 @@ def test_job_body_is_the_pushed_body_and_rotation_locks_out_the_old_token(stack,
     token = res.stdout.strip()
     assert re.fullmatch(r"gpuq_agent_[A-Za-z0-9_-]{43}", token), res
     assert "shown once" in res.stderr
+    # and the hint passes it through the environment (a command line is readable by every local user)
+    assert "GPUQ_AGENT_TOKEN" in res.stderr and "--agent-token" not in res.stderr
     # a second add changes nothing of the token, and says so
     again = gpuq("gpu", "add", "g7", "--pull", "--slots", "2")
     assert again.exit_code == 0 and again.stdout.strip() == "" and "unchanged" in again.stderr
