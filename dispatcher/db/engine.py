@@ -154,6 +154,10 @@ def init_schema(engine: Engine) -> None:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))
             conn.commit()
         finally:
-            if named_lock:
+            # A connection lost meanwhile (its read timeout while an ALTER TABLE waited for a transaction
+            # of another process) took the lock with it; releasing it there raised a second error that hid
+            # the first and reached the operator as a traceback.
+            if named_lock and not conn.invalidated:
+                conn.rollback()  # whatever failed before the commit
                 conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
                 conn.commit()

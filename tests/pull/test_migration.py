@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import OperationalError
 
 from dispatcher.db.engine import init_schema, utcnow
 from dispatcher.db.migrations import add_missing
@@ -57,3 +58,31 @@ def test_version_1_database_is_upgraded_in_place(kind, database_url, tmp_path):
             assert add_missing(conn) == []
     finally:
         engine.dispose()
+
+
+def test_an_upgrade_that_times_out_says_so_without_a_traceback(database_url):
+    # GIVEN a version 2 database (no cancel_url yet) and a live process in the middle of a transaction on
+    # gpus (an older dispatcher still running): the ALTER TABLE waits for it
+    engine = create_engine(database_url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE gpus DROP COLUMN cancel_url"))
+    blocker = engine.connect()
+    blocker.execute(text("SELECT COUNT(*) FROM gpus")).scalar()  # holds the table's metadata lock
+    impatient = create_engine(database_url, connect_args={"read_timeout": 2})
+    try:
+        # WHEN the upgrade's wait outlasts the connection's read timeout
+        with pytest.raises(OperationalError) as err:
+            init_schema(impatient)
+        # THEN what is raised is the database's error (the CLI and the dispatcher say it in one line:
+        # "database ... is unreachable: Lost connection ... (timed out)"), not the "invalid transaction"
+        # of releasing the schema lock on the dead connection, which reached the operator as a traceback
+        assert "timed out" in str(err.value.orig) or "Lost connection" in str(err.value.orig), err.value
+    finally:
+        blocker.rollback()
+        blocker.close()
+        impatient.dispose()
+    # AND once the other transaction ended, the upgrade completes
+    init_schema(engine)
+    assert "cancel_url" in {c["name"] for c in inspect(engine).get_columns("gpus")}
+    engine.dispose()
