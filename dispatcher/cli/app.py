@@ -34,12 +34,22 @@ def _translate(ctx: Any, exc: Exception) -> OperatorError | None:
         detail = exc.detail if isinstance(exc, QueueUnavailable) else str(exc)
         return Unreachable(f"Redis at {where} is unreachable: {detail}")
     if isinstance(exc, StoreUnavailable | DBAPIError):
-        where = s.db_where() if s is not None else "the database"
-        if _no_schema(exc):
-            return Unreachable(f"database {where} has no gpuq tables yet: run `gpuq db init`")
-        detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
-        return Unreachable(f"database {where} is unreachable: {detail}")
+        return _database(s.db_where() if s is not None else "the database", exc)
     return None
+
+
+def _database(where: str, exc: Exception) -> Unreachable:
+    if _no_schema(exc):
+        return Unreachable(f"database {where} has no gpuq tables yet: run `gpuq db init`")
+    detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    # A column this gpuq knows and the database lacks: its schema predates it (db/migrations.py adds it).
+    orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
+    if (orig is not None and orig.args and orig.args[0] == 1054) or "no such column" in str(orig):
+        return Unreachable(
+            f"database {where} has the schema of an earlier gpuq ({detail}): run `gpuq db init`"
+            " (or start a dispatcher of this version) to upgrade it"
+        )
+    return Unreachable(f"database {where} is unreachable: {detail}")
 
 
 def _no_schema(exc: Exception) -> bool:

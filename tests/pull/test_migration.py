@@ -86,3 +86,20 @@ def test_an_upgrade_that_times_out_says_so_without_a_traceback(database_url):
     init_schema(engine)
     assert "cancel_url" in {c["name"] for c in inspect(engine).get_columns("gpus")}
     engine.dispose()
+
+
+def test_gpuq_on_a_database_of_an_earlier_version_says_to_upgrade_it(database_url, gpuq):
+    # GIVEN a database one version behind this gpuq (no gpus.cancel_url)
+    engine = create_engine(database_url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE gpus DROP COLUMN cancel_url"))
+    engine.dispose()
+    # WHEN an operator runs a newer gpuq against it
+    res = gpuq("gpu", "list")
+    # THEN it says what to do, not that the database is unreachable
+    assert res.exit_code == 3, res
+    assert "gpuq db init" in res.stderr and "unreachable" not in res.stderr, res
+    # AND gpuq db init upgrades it
+    assert gpuq("db", "init").exit_code == 0
+    assert gpuq("gpu", "list").exit_code == 0
