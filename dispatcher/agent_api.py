@@ -3,7 +3,8 @@
 Answers: 200 ``{"jobs": [...]}`` (each exactly the body a pushed GPU receives), 204 when none came within
 ``wait_seconds``; 401 missing or wrong agent token, whatever GPU the path names (a caller without a valid
 token learns nothing of which GPUs exist); 403 the token of another GPU; 404 a valid token and a GPU that
-does not exist; 422 a malformed body, naming the field. ``max: 0`` takes nothing and answers 204 at once:
+does not exist; 422 a malformed body, naming the field; 429 when the GPU already holds
+``MAX_POLLS_PER_GPU`` polls waiting here. ``max: 0`` takes nothing and answers 204 at once:
 an agent whose slots are all busy keeps itself in rotation with it (``AGENT_STALE_SECONDS``).
 """
 
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from dispatcher.agents import MAX_WAIT_SECONDS
 from dispatcher.callback import bearer
 from dispatcher.core import Dispatcher
-from dispatcher.errors import BadInput, Forbidden, NotFound, Unauthorized, responses
+from dispatcher.errors import BadInput, Forbidden, NotFound, TooMany, Unauthorized, responses
 from dispatcher.pull import TOKEN_PREFIX
 
 router = APIRouter()
@@ -79,10 +80,12 @@ def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
             Forbidden,
             NotFound,
             BadInput,
+            TooMany,
             e401="missing or wrong agent token",
             e403="the agent token of another GPU",
             e404="no such GPU (asked with a valid agent token)",
             e422="malformed body; the detail names the field",
+            e429="this GPU already holds MAX_POLLS_PER_GPU (16) long polls waiting in this process",
         ),
     },
 )

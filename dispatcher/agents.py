@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched
-from dispatcher.errors import TRANSIENT
+from dispatcher.errors import TRANSIENT, TooMany
 from dispatcher.pull import hash_agent_token
 from dispatcher.states import Outcome
 from dispatcher.tokens import make_token
@@ -44,6 +44,9 @@ SWEEP_SECONDS = 1.0
 MAX_WAIT_SECONDS = 30.0
 #: What the wake channel carries for "jobs were placed on this pull GPU".
 WAKE_PREFIX = "agent:"
+#: Long polls one GPU may hold waiting in one process. An agent needs one or a few; without a bound one
+#: valid token could hold every connection the process has (HTTP_MAX_CONNECTIONS) and starve callbacks.
+MAX_POLLS_PER_GPU = 16
 
 
 class AgentHub:
@@ -52,6 +55,7 @@ class AgentHub:
     def __init__(self, d: Dispatcher) -> None:
         self.d = d
         self._waiting: dict[str, set[asyncio.Event]] = {}
+        self._admitted: dict[str, int] = {}  # polls per GPU past the MAX_POLLS_PER_GPU check, waiting
         self._to_wake: set[str] = set()  # GPUs whose polls elsewhere should look (one PUBLISH each)
         self._publishing = False
         self._looks: list[tuple[dict[str, Any], asyncio.Future[Poll]]] = []
@@ -113,6 +117,7 @@ class AgentHub:
         event = asyncio.Event()
         self._waiting.setdefault(gpu_id, set()).add(event)
         first = True
+        admitted = False
         seen_until = d.now() + timedelta(seconds=wait)
         try:
             while True:
@@ -140,17 +145,34 @@ class AgentHub:
                 # through the load balancer, at one that is not stopping.
                 if look.jobs or left <= 0 or max_jobs == 0 or not d.accepting:
                     return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
+                if not admitted:  # counted only once the token is known good: 429 says nothing to others
+                    admitted = self._admit(gpu_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, RECHECK_SECONDS))
                 if await gone():
                     await d.db(agent_left, gpu_id=gpu_id, seen_until=seen_until, now=d.now())
                     return look, []
         finally:
+            if admitted:
+                self._leave(gpu_id)
             waiting = self._waiting.get(gpu_id)
             if waiting is not None:
                 waiting.discard(event)
                 if not waiting:
                     del self._waiting[gpu_id]
+
+    def _admit(self, gpu_id: str) -> bool:
+        """Count one more poll waiting for ``gpu_id``, or refuse it (429) past ``MAX_POLLS_PER_GPU``."""
+        n = self._admitted.get(gpu_id, 0)
+        if n >= MAX_POLLS_PER_GPU:
+            raise TooMany(f"GPU {gpu_id} already has {n} long polls waiting here", retry_after=1)
+        self._admitted[gpu_id] = n + 1
+        return True
+
+    def _leave(self, gpu_id: str) -> None:
+        self._admitted[gpu_id] -= 1
+        if not self._admitted[gpu_id]:
+            del self._admitted[gpu_id]
 
     async def _look(self, **look: Any) -> Poll:
         """One look in the database, batched with the other polls' looks that come meanwhile: under load

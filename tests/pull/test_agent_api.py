@@ -4,9 +4,11 @@ the field), an empty long poll (204), token rotation, and the job body a pull GP
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from dispatcher.agents import MAX_POLLS_PER_GPU
 from dispatcher.tokens import verify_token
 from tests.dispatcher.harness import SECRET, push_jobs, wait_final
 from tests.dispatcher.helpers import wait_for
@@ -155,3 +157,26 @@ def test_gpu_endpoints_pull_entry_gets_a_token_logged_once(stack):
     wait_for(
         lambda: httpx.get(f"{d1.url}/gpus", timeout=10).json()[0]["healthy"], 10, 0.1, what="g7 in rotation"
     )
+
+
+def test_one_gpu_cannot_hold_more_than_its_share_of_long_polls(stack):
+    # GIVEN a pull GPU whose valid token opens more long polls than MAX_POLLS_PER_GPU
+    token = add_pull(stack.engine, "g7")
+    other = add_pull(stack.engine, "g8")
+    d = stack.dispatcher(None)
+    extra = 4
+    body = {"max": 1, "wait_seconds": 8}
+    with ThreadPoolExecutor(MAX_POLLS_PER_GPU + extra) as pool:
+        futures = [pool.submit(poll, d.url, "g7", token, body) for _ in range(MAX_POLLS_PER_GPU + extra)]
+        # WHILE they wait, THEN callbacks and another GPU's agent are still served
+        wait_for(lambda: sum(f.done() for f in futures) >= extra, timeout=60)
+        assert poll(d.url, "g8", other).status_code == 204
+        assert httpx.get(f"{d.url}/healthz", timeout=10).status_code == 200
+        answers = [f.result() for f in futures]
+    # AND exactly the polls over the bound were refused at once with 429 and a Retry-After
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [204] * MAX_POLLS_PER_GPU + [429] * extra, codes
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and "g7" in refused.json()["detail"]
+    # AND once they ended, the GPU may poll again (the count went back down)
+    assert poll(d.url, "g7", token, body={"max": 1, "wait_seconds": 0.2}).status_code == 204
