@@ -158,11 +158,13 @@ def _fail_unreachable(what: str, exc: Exception) -> None:
     )
 
 
-# Take the db if its marker is still the one we read (none, or a dead run's), atomically: two runs that both
-# saw the same dead owner cannot both take it.
+# Take the db if its marker is still the one we read (none, or a dead run's), atomically: two runs (or two
+# xdist workers of one run, which claim at the same instant) that both saw the same owner cannot both take
+# it, and an unmarked db must still be empty (the bench and the demo claim dbs with markers of their own).
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
 if (cur or '') ~= ARGV[1] then return 0 end
+if not cur and redis.call('DBSIZE') ~= 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
