@@ -33,3 +33,6 @@ cp -a .aws-sam/build/. "$tmp/"
 touch "$tmp/.checked"
 # another run may have stored the same key meanwhile: then keep theirs
 mv -T "$tmp" "$build" 2>/dev/null || rm -rf "$tmp"
+# ~22 MB each: keep the five newest builds (each edit of producer/ makes one)
+find "$cache" -mindepth 1 -maxdepth 1 -type d ! -name '.tmp-*' -printf '%T@ %p\n' | sort -rn | tail -n +6 | cut -d' ' -f2- \
+  | while read -r old; do rm -rf "$old"; done
