@@ -18,7 +18,7 @@ SAM := $(SAM_VENV)/bin/sam
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
-	@echo "make test-fast - the tests not marked slow, in well under a minute"
+	@echo "make test-fast - the tests not marked slow (no kill -9, restarts, soak, demo, bench)"
 	@echo "make fuzz   - the property and fuzz tests, exploring (random seeds, many more examples)"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
 	@echo "make test-docker - build the image, run the compose stack end to end, tear it down"
