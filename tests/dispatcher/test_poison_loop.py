@@ -62,7 +62,7 @@ def test_an_unforeseen_error_from_one_job_dead_letters_it_and_the_loop_goes_on(s
                 if (
                     await redis.llen(keys.dead) == 1
                     and states(stack.engine)["processing"] == 3
-                    and await redis.llen(keys.proc(settings.dispatcher_id)) == 0
+                    and await redis.llen(keys.proc(settings.all_queues[0], settings.dispatcher_id)) == 0
                 ):
                     break
                 assert d.fatal is None and not d._loop.done(), d.fatal  # type: ignore[union-attr]
