@@ -13,11 +13,12 @@ SAM_VERSION := 1.170.0
 SAM_VENV := $(HOME)/.cache/gpuq/sam-$(SAM_VERSION)
 SAM := $(SAM_VENV)/bin/sam
 
-.PHONY: help venv lint fmt test test-only fuzz test-docker services sam-check demo bench bench-smoke soak schema-sql clean
+.PHONY: help venv lint fmt test test-fast test-only fuzz test-docker services sam-check demo bench bench-smoke soak schema-sql clean
 
 help:
 	@echo "make demo   - run the whole pipeline end to end on embedded defaults"
 	@echo "make test   - lint + the whole test suite against real Redis and MariaDB"
+	@echo "make test-fast - the tests not marked slow (no kill -9, restarts, soak, demo, bench)"
 	@echo "make fuzz   - the property and fuzz tests, exploring (random seeds, many more examples)"
 	@echo "make bench  - the load benchmark (gpuq vs Celery)"
 	@echo "make test-docker - build the image, run the compose stack end to end, tear it down"
@@ -53,23 +54,33 @@ $(SAM):
 	$(SAM_VENV)/bin/pip install -q --upgrade pip
 	$(SAM_VENV)/bin/pip install -q aws-sam-cli==$(SAM_VERSION)
 
-# `sam validate --lint` and `sam build`, then import the handler from the build folder alone.
+# `sam validate --lint` and `sam build`, then import the handler from the build folder alone. A checked build
+# is reused while template.yaml and producer/ are unchanged (keyed on their contents: infra/sam-check.sh).
 sam-check: $(SAM) $(STAMP)
-	$(SAM) validate --lint --region us-east-1
-	rm -rf .aws-sam
-	$(SAM) build --region us-east-1 >/dev/null
-	$(PY) tests/check_sam_build.py .aws-sam/build
+	bash infra/sam-check.sh $(SAM) $(PY) $(SAM_VERSION)
 
 # The whole pipeline on embedded defaults (SQLite, a Redis found or started, simulated GPUs); see demo/.
 # Arguments through DEMO_ARGS, e.g. `make demo DEMO_ARGS="--jobs 1000 --gpus 8"`.
 demo: $(RUN_STAMP)
 	$(PY) -m demo $(DEMO_ARGS)
 
+# The suite runs on PYTEST_WORKERS pytest-xdist workers: most of a test's time is spent waiting on the
+# processes it started (dispatchers, simulated GPUs, servers), not on CPU, so 4 workers fit 2 cores. Each
+# worker has its own Redis db and databases; tests marked `exclusive` run alone (tests/conftest.py).
+# PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 4
+XDIST = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS))
+
 # Hypothesis runs derandomized here (profile ci, tests/conftest.py): the same examples on every run.
 test: lint services sam-check
 	bash infra/ensure-chromium.sh
-	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 	$(MAKE) test-docker
+
+# Everything but the tests marked slow (real processes killed, stopped or restarted, clock skew, soak,
+# benchmarks, demo, docker): the quick check while working; `make test` runs all of it.
+test-fast: $(STAMP) services
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # The property and fuzz tests (marked fuzz) with random seeds and 20x the examples, failures kept in
 # .hypothesis/ and replayed first next time; no per-test timeout. Turn what it finds into an @example.
@@ -106,7 +117,7 @@ soak: $(STAMP) services
 
 # The suite alone, for quick iterations when lint and SAM are known good.
 test-only: $(STAMP) services
-	$(PY) -m pytest $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # sql/schema.sql is dispatcher/db/schema.py rendered as MySQL DDL (tests/operators/test_sql.py checks it).
 schema-sql: $(STAMP)

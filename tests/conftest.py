@@ -2,13 +2,25 @@
 
 The suite always talks to the real servers on loopback (``make test`` starts them when they are missing).
 A server that does not answer fails the run: a run that silently skipped its store tests would prove nothing.
+
+``make test`` runs the suite on several pytest-xdist workers (most of a test's time is waiting on processes,
+not CPU). Each worker is a process of its own: it claims its own Redis db (the marker names its pid) and its
+tests create their own MariaDB databases, exactly as a run without xdist does, so tests in different workers
+share nothing but the servers. A test that needs the whole machine to itself is marked ``exclusive``: it
+starts once every running test has ended, and no other test starts until it has ended (``_RunLock``).
+Tests that must share a worker (one reference-model process for all their tests) are listed in
+``SAME_WORKER_MODULES``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from pathlib import Path
+from typing import IO
 
 import pymysql
 import pytest
@@ -25,7 +37,7 @@ MYSQL_PORT = int(os.environ.get("GPUQ_TEST_MYSQL_PORT", "3306"))
 MYSQL_USER = os.environ.get("GPUQ_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("GPUQ_TEST_MYSQL_PASSWORD", "")
 
-RUN_ID = uuid.uuid4().hex[:8]
+RUN_ID = uuid.uuid4().hex[:8]  # per process: each xdist worker has its own, and so its own databases
 
 # Hypothesis profiles, chosen with HYPOTHESIS_PROFILE (`make test`: ci, `make fuzz`: fuzz).
 # - ci: the same examples on every run and every clone (derandomized, no example database), so a red run is
@@ -55,6 +67,90 @@ def scaled(examples: int) -> int:
     return max(1, examples * settings.default.max_examples // 100)
 
 
+class _RunLock:
+    """Exclusive tests against all others, across the xdist workers of one run: a reader-writer lock on two
+    files in the run's shared temp folder. Every test holds ``lock`` shared; an ``exclusive`` one holds it
+    alone. The ``gate`` is taken by every test on its way in (and kept by an exclusive test until it ends),
+    so a waiting exclusive test is not starved by the other workers' tests starting one after another."""
+
+    def __init__(self, folder: Path) -> None:
+        self._gate: IO[bytes] = (folder / "gpuq-exclusive.gate").open("ab")
+        self._lock: IO[bytes] = (folder / "gpuq-exclusive.lock").open("ab")
+
+    @contextlib.contextmanager
+    def hold(self, exclusive: bool) -> Generator[None]:
+        fcntl.flock(self._gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(self._gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(self._gate, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._gate.close()
+        self._lock.close()
+
+
+_run_lock: list[_RunLock] = []  # this worker's, once configured (none without xdist)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # an xdist worker: its basetemp is <the run's basetemp>/<worker id>
+        _run_lock.append(_RunLock(Path(config.option.basetemp).parent))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _run_lock:
+        _run_lock.pop().close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first (a stable sort): the workers start on the longest ones, and the short ones fill the
+    gaps at the end, instead of one worker starting a 2-minute scenario when the others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+#: Modules whose tests run on one worker, one after another: they share the reference model's service (a
+#: session fixture; loading torch and the model is the most expensive setup of the suite).
+SAME_WORKER_MODULES = {
+    "tests/reference/test_embed_service.py": "reference-model",
+    "tests/features/test_openai_embeddings.py": "reference-model",
+}
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: only called when the suite runs on workers
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Each test is a unit of its own (as ``--dist load``), except the modules of ``SAME_WORKER_MODULES``,
+    which go to one worker together. (xdist's own ``xdist_group`` cannot do it under pytest 9: it renames
+    ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "load":  # what -n gives; another --dist asked for is xdist's own
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            return SAME_WORKER_MODULES.get(nodeid.split("::", 1)[0], nodeid)
+
+    return Scheduling(config, log)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """Outside pytest-timeout's wrapper: the wait for an exclusive turn does not count against a test."""
+    if not _run_lock:
+        return (yield)
+    with _run_lock[0].hold(item.get_closest_marker("exclusive") is not None):
+        return (yield)
+
+
 def _fail_unreachable(what: str, exc: Exception) -> None:
     pytest.fail(
         f"{what} is not reachable ({exc}). Run `make test`, which starts it, or start it by hand.",
@@ -62,11 +158,13 @@ def _fail_unreachable(what: str, exc: Exception) -> None:
     )
 
 
-# Take the db if its marker is still the one we read (none, or a dead run's), atomically: two runs that both
-# saw the same dead owner cannot both take it.
+# Take the db if its marker is still the one we read (none, or a dead run's), atomically: two runs (or two
+# xdist workers of one run, which claim at the same instant) that both saw the same owner cannot both take
+# it, and an unmarked db must still be empty (the bench and the demo claim dbs with markers of their own).
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
 if (cur or '') ~= ARGV[1] then return 0 end
+if not cur and redis.call('DBSIZE') ~= 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """

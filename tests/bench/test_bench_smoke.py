@@ -15,6 +15,8 @@ import pytest
 
 from tests.dispatcher.harness import ROOT
 
+pytestmark = pytest.mark.slow  # the benchmark's workloads, gpuq and Celery
+
 # Bench-only dependencies (bench/requirements.txt), which `make test` does not install.
 HAS_CELERY = importlib.util.find_spec("celery") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None

@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.dispatcher.harness import ROOT, free_port
+
+pytestmark = pytest.mark.slow  # the demo end to end in subprocesses, Ctrl-C included
 
 ENV = {**os.environ, "COLUMNS": "120", "PYTHONUNBUFFERED": "1"}
 

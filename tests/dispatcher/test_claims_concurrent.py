@@ -66,6 +66,7 @@ def _worker(url: str, seed: int, n: int, out: mp.Queue) -> None:  # type: ignore
 
 # Over 10,000 claims take as long as the machine makes them: ~2.5 min on a loaded 2-core one, past the
 # suite's 120 s per test (meant to catch a hang, which a much longer bound still does).
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_concurrent_claims_never_double_book_nor_report_false_full(database_url):
     _claim_race(database_url, CLAIMS_PER_WORKER)

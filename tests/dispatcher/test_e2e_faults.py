@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.dispatcher.harness import (
     free_port,
     push_jobs,
@@ -20,6 +22,7 @@ from tests.dispatcher.harness import (
 from tests.dispatcher.helpers import wait_for
 
 
+@pytest.mark.slow
 def test_kill_9_twice_mid_run_loses_nothing(any_stack):
     stack = any_stack
     # GIVEN 600 jobs of 50 ms on 4 GPUs x 4 slots, and a dispatcher that will be killed twice mid-run
@@ -46,6 +49,7 @@ def test_kill_9_twice_mid_run_loses_nothing(any_stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow
 def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
     stack = any_stack
     fleet = stack.fleet(gpus=1, service_time="fixed:0.2")

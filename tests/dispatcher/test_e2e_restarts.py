@@ -14,6 +14,7 @@ from tests.dispatcher.helpers import wait_for
 from tests.dispatcher.private_servers import PrivateMariaDB, PrivateRedis
 
 
+@pytest.mark.slow
 def test_redis_restart_mid_run_loses_nothing(stack):
     # GIVEN a dispatcher on a private Redis (AOF, fsync always) with 300 jobs running on 2 GPUs
     private = PrivateRedis()

@@ -32,6 +32,7 @@ def database_url(workdir: Path) -> str:
     return f"sqlite:///{workdir}/.gpuq/gpuq.db"
 
 
+@pytest.mark.slow
 def test_no_database_configured_means_embedded_sqlite(stack, workdir):
     # GIVEN neither DATABASE_URL nor DB_HOST (empty counts as unset) and 200 jobs
     fleet = stack.fleet(gpus=2, service_time="exp:0.01")

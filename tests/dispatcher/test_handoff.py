@@ -250,6 +250,7 @@ def test_a_later_high_priority_job_waits_behind_at_most_the_buffer(world: World)
     run(w, w.settings(["g0"], slots_per_gpu=1, handoff_buffer=size), body)
 
 
+@pytest.mark.slow
 def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buffer(world: World) -> None:
     """A hand-off that took its candidates before a drain began puts the ones it did not place back into the
     buffer after the drain parked it: they must be parked too, not wait in a buffer nobody serves until the

@@ -182,6 +182,7 @@ def test_poison_corpus_against_two_dispatchers(stack, producer_on):
     assert f"gpuq_dead_letter_jobs {float(len(RAW))}" in metrics
 
 
+@pytest.mark.slow
 def test_a_poison_job_does_not_come_back_after_a_restart(stack):
     # GIVEN the job that killed every dispatcher at once, and again at each restart, with good jobs behind it
     q = stack.queues[0]

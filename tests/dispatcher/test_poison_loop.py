@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from redis.asyncio import Redis
 
@@ -54,8 +55,15 @@ def test_an_unforeseen_error_from_one_job_dead_letters_it_and_the_loop_goes_on(s
         await d.start()
         try:
             # WHEN the loop meets it: the pass fails, its jobs are tried one by one
-            for _ in range(400):
-                if await redis.llen(keys.dead) == 1 and states(stack.engine)["processing"] == 3:
+            # (until the three are recorded and acknowledged: a job leaves the processing list just after its
+            # commit, and a loaded machine once showed the instant between; 60 s for a loaded machine)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if (
+                    await redis.llen(keys.dead) == 1
+                    and states(stack.engine)["processing"] == 3
+                    and await redis.llen(keys.proc(settings.all_queues[0], settings.dispatcher_id)) == 0
+                ):
                     break
                 assert d.fatal is None and not d._loop.done(), d.fatal  # type: ignore[union-attr]
                 await asyncio.sleep(0.025)

@@ -19,10 +19,13 @@ from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, wa
 
 LIBFAKETIME = next(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"), None)
 
-pytestmark = pytest.mark.skipif(
-    LIBFAKETIME is None,
-    reason="libfaketime is not installed (Debian package faketime; infra/ensure-services.sh installs it)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        LIBFAKETIME is None,
+        reason="libfaketime is not installed (Debian package faketime; infra/ensure-services.sh installs it)",
+    ),
+    pytest.mark.slow,
+]
 
 
 def _faketime(skew: str | None) -> dict[str, str]:

@@ -12,11 +12,14 @@ import threading
 import time
 
 import pymysql
+import pytest
 from sqlalchemy.engine import make_url
 
 from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, states, wait_final, wait_swept
 from tests.faults.support import ran_beyond_attempts
+
+pytestmark = pytest.mark.slow  # database connections killed mid-transaction, for a whole run
 
 KILL_SECONDS = 6.0
 

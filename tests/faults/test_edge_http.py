@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.dispatcher.harness import DispatcherProc
 from tests.dispatcher.helpers import wait_for
@@ -108,6 +109,7 @@ def test_connections_beyond_the_cap_are_refused_at_once(stack):
     wait_for(lambda: httpx.get(f"{d.url}/healthz").status_code == 200, 10, 0.1, what="healthz")
 
 
+@pytest.mark.slow
 def test_the_soft_open_file_limit_is_raised_to_the_hard_one(stack):
     d = DispatcherProc(stack.env(None), name="nofile")
     stack.procs.append(d)

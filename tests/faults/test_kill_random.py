@@ -22,6 +22,8 @@ from tests.dispatcher.harness import (
 )
 from tests.faults.support import ran_beyond_attempts
 
+pytestmark = pytest.mark.slow  # ten kill -9 rounds
+
 SEED = 20240611
 ROUNDS = 10
 JOBS_PER_ROUND = 30

@@ -111,6 +111,7 @@ API_TOKEN = "api-token-Vb7nM4xQ2kT8rW1z"
 SECRETS = (CALLBACK_SECRET, BEARER_TOKEN, API_TOKEN)
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_a_log_line(stack):
     # GIVEN a dispatcher logging at DEBUG with the three secrets set, GPUs that answer 500, close, lose
     # callbacks, call back twice, one that refuses the bearer token and one that is down

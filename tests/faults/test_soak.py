@@ -6,8 +6,12 @@ catches an oversubscription is tested in tests/faults/test_soak_audit.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from bench.soak import SoakConfig, run_soak
 from bench.soak_audit import problems
+
+pytestmark = pytest.mark.slow  # a soak with faults
 
 
 def test_short_soak(database_url, redis_url, tmp_path):

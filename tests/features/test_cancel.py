@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
+import pytest
 
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
@@ -182,6 +183,7 @@ def test_cancel_answers(stack):
     assert (res.status_code, res.json()["applied"]) == (200, False)
 
 
+@pytest.mark.slow
 def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
     # GIVEN two dispatchers sharing one GPU; d1 sent a long job to it and is killed (kill -9)
     fleet = stack.fleet(gpus=1, service_time="120")

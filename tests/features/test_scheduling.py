@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 import redis
 from sqlalchemy import insert, select
 
@@ -20,6 +21,7 @@ from tests.operators.conftest import Gpuq
 DELAY = 4.0
 
 
+@pytest.mark.slow
 def test_a_delayed_job_waits_survives_a_restart_and_takes_its_new_priority(stack: Stack, gpuq: Gpuq) -> None:
     fleet = stack.fleet(gpus=1, slots=2, service_time="fixed:0.01")
     d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="5")  # a job whose callback found it killed runs again

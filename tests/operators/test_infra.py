@@ -151,6 +151,7 @@ def test_systemd_unit_restarts_and_drains():
     [
         "ensure-chromium.sh",
         "ensure-services.sh",
+        "sam-check.sh",
         "test-docker.sh",
         "local-images/build-bases.sh",
         "local-images/mariadb-entrypoint.sh",

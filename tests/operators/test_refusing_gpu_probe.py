@@ -39,7 +39,10 @@ def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
             text("SELECT COUNT(*) FROM attempts WHERE outcome = 'gpu_refused' AND gpu_id = 'g9'")
         ).scalar_one()
         healthy = conn.execute(text("SELECT healthy FROM gpus WHERE gpu_id = 'g9'")).scalar_one()
-    assert refused <= 4 and not healthy
+    # Refusals before it went down: its 4 slots in flight, plus jobs placed on slots its first refusals freed
+    # before the threshold's commit (5 on a loaded machine). The bug made a new round every probe (0.2 s) for
+    # the whole run; the one gpu_down above is what tells them apart.
+    assert refused <= 8 and not healthy
     # AND an operator's word brings it back (after fixing its URL): activate clears the health record
     with stack.engine.begin() as conn:
         assert conn.execute(text("SELECT down_until FROM gpus WHERE gpu_id = 'g9'")).scalar_one() is None

@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 
 import httpx
+import pytest
 
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import register_gpu
@@ -44,6 +45,7 @@ def _check_fleets(fleets) -> None:
             assert gpu["max_in_flight"] <= 4, (name, gpu)
 
 
+@pytest.mark.slow
 def test_mixed_pool_least_loaded_and_never_oversubscribed_with_three_dispatchers_and_kill_9(stack):
     # GIVEN a pool of two pushed GPUs (g0, g1) and two pull GPUs (p0, p1), 4 slots each
     tokens = {name: add_pull(stack.engine, name) for name in ("p0", "p1")}
@@ -160,6 +162,7 @@ def test_silent_agent_leaves_rotation_and_its_unfetched_jobs_wait_again(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow
 def test_agent_killed_holding_jobs_they_are_retried_after_their_lease(stack):
     # GIVEN a pull GPU whose agent is a simgpu process with long jobs
     token = add_pull(stack.engine, "p0")

@@ -48,6 +48,7 @@ def _free(engine) -> bool:
         return conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one() == 0
 
 
+@pytest.mark.slow
 def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
     missing = [name for name in MODEL_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:

@@ -34,7 +34,7 @@ class ServiceProc:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def service() -> Iterator[ServiceProc]:
     missing = [name for name in MODEL_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:

@@ -153,12 +153,14 @@ def test_fifth_concurrent_job_gets_429(service, receiver):
 
 def test_embeddings_through_gpuq(stack, service):
     # GIVEN a dispatcher with the reference service as its only GPU, and leases far shorter than a long batch
-    # (held 2.5 leases by the service, data.hold_seconds: on a fast machine the model alone may beat a lease)
-    lease = 2.0
+    # (held 2.5 leases by the service, data.hold_seconds: on a fast machine the model alone may beat a lease).
+    # 4 s, not 2: 2 s (a stall of 1.75 s) expired a single sentence's lease on a loaded machine (a retry, which
+    # the test rightly counts as a failure)
+    lease = 4.0
     d = stack.dispatcher(None, GPU_ENDPOINTS=f"g0={service.url}", TASK_TIMEOUT_SECONDS=str(lease))
     q = stack.queues[0]
     # WHEN embed jobs are queued: three single sentences, a batch of 32, and a long batch that outlives the lease
-    # (heartbeats every 0.25 s: a lease of 2 s survives a stall of 1.75 s of either process)
+    # (heartbeats every 0.25 s: a lease of 4 s survives a stall of 3.75 s of either process)
     singles = [
         push_jobs(stack.rds, q, 1, task_type="embed", input=text)[0] for text in (*PARAPHRASE, UNRELATED)
     ]

@@ -54,6 +54,7 @@ def procs() -> Iterator[list[subprocess.Popen[str]]]:
             proc.communicate()
 
 
+@pytest.mark.slow
 def test_serves_and_stops_on_sigterm(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     proc, endpoints = start(tmp_path, "--gpus", "2", "--mode", "sync", "--service-time", "fixed:0.01")
     procs.append(proc)
@@ -71,6 +72,7 @@ def test_serves_and_stops_on_sigterm(tmp_path: Path, procs: list[subprocess.Pope
     assert logs[-1]["totals"]["received"] == 1
 
 
+@pytest.mark.slow
 def test_port_per_gpu_with_a_gpu_down_and_sigint(tmp_path: Path, procs: list[subprocess.Popen[str]]) -> None:
     proc, endpoints = start(
         tmp_path, "--gpus", "2", "--gpu-ports", "0", "--fault", "g1=down", "--token", "tk"
