@@ -43,6 +43,21 @@ def _server(port: int, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+def _caught_up(master_port: int, timeout: float = 60) -> None:
+    """Wait until the replica has acknowledged everything the master wrote (its offset = the master's)."""
+    deadline = time.monotonic() + timeout
+    with redis.Redis(port=master_port) as c:
+        while True:
+            info = c.info("replication")
+            replica = info.get("slave0") or {}
+            if isinstance(replica, dict) and int(replica.get("offset", -1)) >= int(
+                info["master_repl_offset"]
+            ):
+                return
+            assert time.monotonic() < deadline, f"the replica did not catch up: {info}"
+            time.sleep(0.05)
+
+
 @pytest.fixture
 def master_and_replica(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     """(master's port, the replica's process), the replica online."""
@@ -97,6 +112,7 @@ def test_a_redelivery_is_acknowledged_only_once_the_replicas_hold_the_job(
     assert "replicas" in err.value.detail, err.value.detail
     # and once the replica is back the retry is acknowledged, the job queued once
     os.kill(replica.pid, signal.SIGCONT)
+    _caught_up(master_port)  # a woken replica catches up in its own time (seconds on a loaded machine)
     enqueue.close_clients()
     result = push(jobs, get_settings())
     assert (result.task_ids, result.duplicates) == (["t-wait"], 1)
