@@ -164,7 +164,7 @@ def main() -> int:
         for client in clients:
             await initialized(client)
         d = Dispatcher(settings, engine, redis, beat=beat, publisher=publisher)
-        d.on_fatal = lambda: setattr(server, "should_exit", True)
+        d.rt.on_fatal = lambda: setattr(server, "should_exit", True)
         holder["d"] = d
         server.dispatcher = d
         await d.start()

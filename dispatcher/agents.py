@@ -22,17 +22,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched
+from dispatcher.db.dispatch import Placed
 from dispatcher.errors import TRANSIENT, TooMany
 from dispatcher.pull import hash_agent_token
+from dispatcher.runtime import EndsAttempts, Runtime, SlotSignals
 from dispatcher.states import Outcome
 from dispatcher.tokens import make_token
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
-    from dispatcher.db.dispatch import Placed
 
 log = logging.getLogger("gpuq.agents")
 
@@ -50,10 +48,12 @@ MAX_POLLS_PER_GPU = 16
 
 
 class AgentHub:
-    """Owned by the Dispatcher: the long polls waiting in this process, by GPU."""
+    """A part of the Dispatcher: the long polls waiting in this process, by GPU."""
 
-    def __init__(self, d: Dispatcher) -> None:
-        self.d = d
+    def __init__(self, rt: Runtime, ends: EndsAttempts, signals: SlotSignals) -> None:
+        self.rt = rt
+        self.ends = ends
+        self.signals = signals
         self._waiting: dict[str, set[asyncio.Event]] = {}
         self._admitted: dict[str, int] = {}  # polls per GPU past the MAX_POLLS_PER_GPU check, waiting
         self._to_wake: set[str] = set()  # GPUs whose polls elsewhere should look (one PUBLISH each)
@@ -66,19 +66,19 @@ class AgentHub:
     def placed(self, p: Placed) -> None:
         """A job was placed on pull GPU ``p.gpu_id`` (by the loop or a hand-off): wake its polls here and
         in every other dispatcher. A burst of placements costs one PUBLISH per GPU in flight."""
-        self.d.metrics.dispatched.labels(p.pool).inc()
+        self.rt.metrics.dispatched.labels(p.pool).inc()
         self.wake(p.gpu_id)
         self._to_wake.add(p.gpu_id)
         if not self._publishing:
             self._publishing = True
-            self.d.spawn(self._publish(), "publish-agent-wake")
+            self.rt.spawn(self._publish(), "publish-agent-wake")
 
     async def _publish(self) -> None:
         try:
             while self._to_wake:
                 gpus, self._to_wake = self._to_wake, set()
                 for gpu_id in gpus:
-                    await self.d.intake.wake_others(WAKE_PREFIX + gpu_id)
+                    await self.rt.intake.wake_others(WAKE_PREFIX + gpu_id)
         except TRANSIENT as exc:  # the polls look again within RECHECK_SECONDS
             log.warning("could not wake agents", extra={"action": "agent_wake", "error": str(exc)})
         finally:
@@ -111,14 +111,14 @@ class AgentHub:
         """Wait up to ``wait`` seconds for jobs on ``gpu_id``'s slots; returns the last look and the job
         bodies (empty: none came). ``gone`` says whether the agent hung up: then nothing more is taken, so
         no job is handed to a connection nobody reads."""
-        d = self.d
+        rt = self.rt
         token_hash = hash_agent_token(token)
         deadline = time.monotonic() + wait
         event = asyncio.Event()
         self._waiting.setdefault(gpu_id, set()).add(event)
         first = True
         admitted = False
-        seen_until = d.now() + timedelta(seconds=wait)
+        seen_until = rt.now() + timedelta(seconds=wait)
         try:
             while True:
                 event.clear()  # before looking: a wake-up that comes while we look is kept
@@ -126,9 +126,9 @@ class AgentHub:
                     gpu_id=gpu_id,
                     token_hash=token_hash,
                     max_jobs=max_jobs,
-                    lease_seconds=d.settings.task_timeout_seconds,
+                    lease_seconds=rt.settings.task_timeout_seconds,
                     seen_until=seen_until if first else None,
-                    seen_slack=timedelta(seconds=d.settings.agent_stale_seconds / 4),
+                    seen_slack=timedelta(seconds=rt.settings.agent_stale_seconds / 4),
                 )
                 if look.status != "ok":
                     return look, []
@@ -138,19 +138,19 @@ class AgentHub:
                         extra={"action": "agent_back", "gpu_id": gpu_id},
                     )
                 if look.back or look.released:
-                    d.slot_freed()
+                    self.signals.slot_freed()
                 first = False
                 left = deadline - time.monotonic()
                 # A draining dispatcher ends its polls (within RECHECK_SECONDS): the agents poll again,
                 # through the load balancer, at one that is not stopping.
-                if look.jobs or left <= 0 or max_jobs == 0 or not d.accepting:
+                if look.jobs or left <= 0 or max_jobs == 0 or not rt.accepting:
                     return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
                 if not admitted:  # counted only once the token is known good: 429 says nothing to others
                     admitted = self._admit(gpu_id)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(left, RECHECK_SECONDS))
                 if await gone():
-                    await d.db(agent_left, gpu_id=gpu_id, seen_until=seen_until, now=d.now())
+                    await rt.db(agent_left, gpu_id=gpu_id, seen_until=seen_until, now=rt.now())
                     return look, []
         finally:
             if admitted:
@@ -181,7 +181,7 @@ class AgentHub:
         self._looks.append((look, future))
         if not self._looking:
             self._looking = True
-            self.d.spawn(self._run_looks(), "agent-looks")
+            self.rt.spawn(self._run_looks(), "agent-looks")
         return await future
 
     async def _run_looks(self) -> None:
@@ -189,8 +189,8 @@ class AgentHub:
             while self._looks:
                 batch, self._looks = self._looks, []
                 try:
-                    now = self.d.now()
-                    results = await self.d.db(poll_many, looks=[look | {"now": now} for look, _ in batch])
+                    now = self.rt.now()
+                    results = await self.rt.db(poll_many, looks=[look | {"now": now} for look, _ in batch])
                 except Exception as exc:  # each poll answers for itself (503 for a store that is down)
                     for _, future in batch:
                         if not future.done():
@@ -204,7 +204,7 @@ class AgentHub:
 
     def body(self, task_id: str, type_: str, data: Any, attempt: int) -> dict[str, Any]:
         """Exactly what a pushed GPU receives (``GpuRequests.fire``)."""
-        s = self.d.settings
+        s = self.rt.settings
         return {
             "task_id": task_id,
             "type": type_,
@@ -218,7 +218,7 @@ class AgentHub:
 
     async def run(self) -> None:
         """A side task: every SWEEP_SECONDS, silent agents' GPUs out, their unfetched jobs back."""
-        while not self.d.stopping.is_set():
+        while not self.rt.stopping.is_set():
             try:
                 await self.sweep()
             except TRANSIENT as exc:
@@ -226,22 +226,22 @@ class AgentHub:
                     "could not look for silent agents", extra={"action": "agent_sweep", "error": str(exc)}
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.d.stopping.wait(), SWEEP_SECONDS)
+                await asyncio.wait_for(self.rt.stopping.wait(), SWEEP_SECONDS)
 
     async def sweep(self) -> None:
-        d = self.d
-        gone = await d.db(silence, now=d.now(), stale_seconds=d.settings.agent_stale_seconds)
+        rt = self.rt
+        gone = await rt.db(silence, now=rt.now(), stale_seconds=rt.settings.agent_stale_seconds)
         for gpu_id in gone:
             log.warning(
                 "pull GPU out of rotation: its agent stopped polling",
                 extra={
                     "action": "agent_silent",
                     "gpu_id": gpu_id,
-                    "stale_seconds": d.settings.agent_stale_seconds,
+                    "stale_seconds": rt.settings.agent_stale_seconds,
                 },
             )
-        for task_id, attempt, gpu_id in await d.db(take_back_unfetched):
-            await d.end_attempt(
+        for task_id, attempt, gpu_id in await rt.db(take_back_unfetched):
+            await self.ends.end_attempt(
                 task_id,
                 attempt,
                 Outcome.GPU_REFUSED,

@@ -11,7 +11,7 @@ requests died with it, and a GPU takes a repeated cancel as one.
 A GPU whose service takes cancels elsewhere is registered with that URL (``gpuq gpu set NAME --cancel-url
 URL``); the cancel goes there instead of ``<GPU url>/cancel``.
 
-The slot is given back (``Dispatcher.confirm_stop`` → ``release_cancelled``) on a 2xx answer to the cancel,
+The slot is given back (``AttemptEnds.confirm_stop`` → ``release_cancelled``) on a 2xx answer to the cancel,
 on any final report for the attempt (callback or answer to the job's request) or at lease expiry. A cancel
 that fails (refused, 5xx, no answer) is tried again after 0.5, 1, 2, 4, ... s, then every 30 s until one
 of these comes (a GPU that restarts should not keep a slot for the whole lease).
@@ -23,15 +23,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from dispatcher.db.cancels import PendingCancel, pending_cancels
 from dispatcher.errors import TRANSIENT
+from dispatcher.gpu_requests import GpuRequests
 from dispatcher.pull import is_pull
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
+from dispatcher.runtime import EndsAttempts, Runtime
 
 log = logging.getLogger("gpuq.cancels")
 
@@ -50,10 +48,12 @@ def cancel_url(url: str) -> str:
 
 
 class CancelSender:
-    """Sends this dispatcher's pending cancels to their GPUs (owned by the Dispatcher, a side task)."""
+    """Sends this dispatcher's pending cancels to their GPUs (a side task of the Dispatcher)."""
 
-    def __init__(self, d: Dispatcher) -> None:
-        self.d = d
+    def __init__(self, rt: Runtime, requests: GpuRequests, ends: EndsAttempts) -> None:
+        self.rt = rt
+        self.requests = requests
+        self.ends = ends
         self._kick = asyncio.Event()
         self._failures: dict[tuple[str, int], tuple[int, float]] = {}  # (tries failed, next try at)
         self._sending: set[tuple[str, int]] = set()
@@ -63,7 +63,7 @@ class CancelSender:
         self._kick.set()
 
     async def run(self) -> None:
-        while not self.d.stopping.is_set():
+        while not self.rt.stopping.is_set():
             self._kick.clear()
             try:
                 await self.scan()
@@ -73,40 +73,40 @@ class CancelSender:
                 await asyncio.wait_for(self._kick.wait(), SCAN_SECONDS)
 
     async def scan(self) -> None:
-        pending = await self.d.db(pending_cancels)
+        pending = await self.rt.db(pending_cancels)
         keys = {(p.task_id, p.attempt) for p in pending}
         for gone in set(self._failures) - keys:  # settled meanwhile (a callback, the lease)
             del self._failures[gone]
         now = time.monotonic()
-        mine = self.d.settings.dispatcher_id
+        mine = self.rt.settings.dispatcher_id
         alive: dict[str, bool] = {}
         for p in pending:
             key = (p.task_id, p.attempt)
-            if key in self._sending or self.d.requests.posting(p.task_id, p.attempt):
+            if key in self._sending or self.requests.posting(p.task_id, p.attempt):
                 continue  # the job's own request is still out: its answer comes first
             if is_pull(p.url):
                 continue  # nothing reaches a pull GPU: its agent learns from the 409 to its next heartbeat
             owner = p.dispatcher_id
             if owner is not None and owner != mine:
                 if owner not in alive:
-                    alive[owner] = await self.d.intake.is_alive(owner)
+                    alive[owner] = await self.rt.intake.is_alive(owner)
                 if alive[owner]:
                     continue  # its own dispatcher sends it, after its request for the job
             failed, due = self._failures.get(key, (0, 0.0))
             if now < due:
                 continue
             self._sending.add(key)
-            self.d.spawn(self._send(p, failed), f"cancel:{p.task_id}:{p.attempt}")
+            self.rt.spawn(self._send(p, failed), f"cancel:{p.task_id}:{p.attempt}")
 
     async def _send(self, p: PendingCancel, failed: int) -> None:
         key = (p.task_id, p.attempt)
         try:
             body = {"task_id": p.task_id, "attempt": p.attempt}
-            ok, detail = await self.d.gpu.cancel(p.cancel_url or cancel_url(p.url), body)
-            self.d.metrics.gpu_requests.labels("cancel_ok" if ok else "cancel_failed").inc()
+            ok, detail = await self.rt.gpu.cancel(p.cancel_url or cancel_url(p.url), body)
+            self.rt.metrics.gpu_requests.labels("cancel_ok" if ok else "cancel_failed").inc()
             if ok:
                 self._failures.pop(key, None)
-                await self.d.confirm_stop(p.task_id, p.attempt, why=detail)
+                await self.ends.confirm_stop(p.task_id, p.attempt, why=detail)
                 return
             delay = RETRY_DELAYS[min(failed, len(RETRY_DELAYS) - 1)]
             self._failures[key] = (failed + 1, time.monotonic() + delay)

@@ -12,18 +12,19 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dispatcher.db.dispatch import Placed
+from dispatcher.agents import AgentHub
+from dispatcher.db.dispatch import DispatchResult, Placed
 from dispatcher.db.gpus import record_failure, record_success
+from dispatcher.dead_letters import dead_letter
 from dispatcher.errors import TRANSIENT
 from dispatcher.gpu_client import Answer, Verdict
+from dispatcher.intake import Settlement
 from dispatcher.pull import is_pull
+from dispatcher.runtime import EndsAttempts, Runtime
 from dispatcher.states import Outcome
 from dispatcher.tokens import make_token
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
 
 #: Refusals of the POST itself (wrong method): a GET probe cannot tell whether they are fixed.
 HELD_REFUSALS = frozenset({405, 501})
@@ -43,8 +44,10 @@ _VERDICT_OUTCOME = {
 
 
 class GpuRequests:
-    def __init__(self, d: Dispatcher) -> None:
-        self.d = d
+    def __init__(self, rt: Runtime, ends: EndsAttempts, agents: AgentHub) -> None:
+        self.rt = rt
+        self.ends = ends
+        self.agents = agents
         self._suspect: set[str] = set()  # GPUs this process counted failures for
         self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._posting: set[tuple[str, int]] = set()  # requests not answered yet
@@ -61,33 +64,65 @@ class GpuRequests:
         """Send the job to its GPU in the background (an owned task) and act on the answer. A pull GPU's
         agent fetches it instead (``dispatcher/agents.py``): its long polls are woken."""
         if is_pull(p.url):
-            self.d.agents.placed(p)
+            self.agents.placed(p)
             return
         body = {
             "task_id": p.job.task_id,
             "type": p.job.type,
             "data": p.job.data,
             "attempt": p.attempt,
-            "callback_url": self.d.settings.public_callback_url,
-            "callback_token": make_token(self.d.settings.secret, p.job.task_id, p.attempt),
+            "callback_url": self.rt.settings.public_callback_url,
+            "callback_token": make_token(self.rt.settings.secret, p.job.task_id, p.attempt),
         }
-        self.d.metrics.dispatched.labels(p.pool).inc()
+        self.rt.metrics.dispatched.labels(p.pool).inc()
         self._sent[(p.job.task_id, p.attempt)] = None
         if len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
         self._posting.add((p.job.task_id, p.attempt))
-        self.d.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
+        self.rt.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
+
+    def start(self, result: DispatchResult, element_of: dict[int, str], started: float) -> Settlement:
+        """Fire the requests of the jobs placed (and of our own attempts recorded but not sent), publish
+        their events; the settlement acknowledges every job the database decided on."""
+        # By identity: two copies of one task in a batch are two elements of the processing list.
+        unsent = [p for p in result.mine if not self.sent(p)]
+        done = Settlement(
+            ack=[element_of[id(p.job)] for p in result.placed + result.mine]
+            + [element_of[id(j)] for j, _ in result.dropped]
+            + [element_of[id(j)] for j in result.deferred],
+        )
+        for job, why in result.refused:  # a new job reusing a known task id
+            dead_letter(done, self.rt.metrics, element_of[id(job)], job.queue, why, reused=True)
+        for job, why in result.invalid:  # a "retry" of a task never recorded, with an id the rules refuse
+            dead_letter(done, self.rt.metrics, element_of[id(job)], job.queue, why)
+        for job, why in result.dropped:
+            log.info(
+                "dropped a copy of a known task", extra={"action": "drop", "task_id": job.task_id, "why": why}
+            )
+        for placed in result.placed + unsent:
+            self.fire(placed, started)
+            self.rt.events.publish(
+                "dispatched",
+                placed.job.task_id,
+                attempt=placed.attempt,
+                gpu_id=placed.gpu_id,
+                slot_index=placed.slot_index,
+                pool=placed.pool,
+            )
+        for job in result.deferred:
+            self.rt.events.publish("scheduled", job.task_id, run_after=job.not_before)
+        return done
 
     async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
-        self.d.metrics.dispatch_latency.observe(time.perf_counter() - started)
+        self.rt.metrics.dispatch_latency.observe(time.perf_counter() - started)
         try:
-            answer = await self.d.gpu.send(p.url, body)
+            answer = await self.rt.gpu.send(p.url, body)
         except Exception as exc:  # a bug, not the network (send maps those): the lease decides
             log.exception("GPU request failed", extra={"action": "gpu_request", "task_id": p.job.task_id})
             answer = Answer(Verdict.UNKNOWN, error=f"the request failed: {type(exc).__name__}: {exc}")
         finally:
             self._posting.discard((p.job.task_id, p.attempt))
-        self.d.metrics.gpu_requests.labels(answer.verdict.value).inc()
+        self.rt.metrics.gpu_requests.labels(answer.verdict.value).inc()
         try:
             await self._judge(p, answer)
         except TRANSIENT as exc:  # the lease will settle this attempt
@@ -102,7 +137,7 @@ class GpuRequests:
                 "could not record a GPU answer", extra={"action": "gpu_answer", "task_id": p.job.task_id}
             )
             with contextlib.suppress(Exception):
-                await self.d.end_attempt(
+                await self.ends.end_attempt(
                     p.job.task_id,
                     p.attempt,
                     Outcome.FAILED_RETRY,
@@ -112,14 +147,14 @@ class GpuRequests:
     async def _judge(self, p: Placed, answer: Answer) -> None:
         if answer.unhealthy:
             self._suspect.add(p.gpu_id)
-            s = self.d.settings
-            went_down = await self.d.db(
+            s = self.rt.settings
+            went_down = await self.rt.db(
                 record_failure,
                 gpu_id=p.gpu_id,
                 error=answer.error or "",
                 threshold=s.gpu_failure_threshold,
                 probe_seconds=s.gpu_probe_seconds,
-                now=self.d.now(),
+                now=self.rt.now(),
                 hold=answer.status in HELD_REFUSALS,
             )
             if went_down and answer.status in HELD_REFUSALS:
@@ -136,7 +171,7 @@ class GpuRequests:
                 )
         elif p.gpu_id in self._suspect and answer.status is not None:  # the GPU answered (not our EMFILE)
             self._suspect.discard(p.gpu_id)
-            await self.d.db(record_success, gpu_id=p.gpu_id)
+            await self.rt.db(record_success, gpu_id=p.gpu_id)
         if answer.verdict is Verdict.REFUSED:
             log.warning(
                 "GPU refused the request (check its URL and BEARER_TOKEN); the job waits again",
@@ -165,6 +200,6 @@ class GpuRequests:
         reported = None
         if answer.status is not None and 200 <= answer.status < 300:
             reported = "failed_retry" if outcome is Outcome.FAILED_RETRY else outcome.value
-        await self.d.end_attempt(
+        await self.ends.end_attempt(
             p.job.task_id, p.attempt, outcome, result=answer.result, error=answer.error, reported=reported
         )

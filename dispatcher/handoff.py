@@ -23,17 +23,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dispatcher.db.attempts import Finish, finish_many
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.handoff import HandOff, end_and_hand_off
 from dispatcher.errors import TRANSIENT
+from dispatcher.gpu_requests import GpuRequests
 from dispatcher.intake import Settlement, Taken
 from dispatcher.ready import Ready, ReadyBuffer
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
+from dispatcher.runtime import Runtime
+from dispatcher.wakeups import Wakeups
 
 log = logging.getLogger("gpuq.dispatcher")
 
@@ -43,8 +43,10 @@ RECONCILE_SECONDS = 5.0
 
 
 class HandOffs:
-    def __init__(self, d: Dispatcher, size: int) -> None:
-        self.d = d
+    def __init__(self, rt: Runtime, wake: Wakeups, requests: GpuRequests, size: int) -> None:
+        self.rt = rt
+        self.wake = wake
+        self.requests = requests
         self.buffer = ReadyBuffer(size)
         # Elements of the processing list this process knows of outside the buffer: candidates of a hand-off
         # in flight, and jobs whose settlement (ack, park) has not reached Redis yet.
@@ -58,22 +60,22 @@ class HandOffs:
 
     async def end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
         """GroupCommit's batch: end the attempts, handing freed slots to buffered jobs when there are any."""
-        d = self.d
-        candidates = self.buffer.pop_each(len(items)) if d.accepting else []
+        rt = self.rt
+        candidates = self.buffer.pop_each(len(items)) if rt.accepting else []
         self.in_flight.update(r.element for r in candidates)
         started = time.perf_counter()
         try:
-            out: HandOff = await d.db_hot(
+            out: HandOff = await rt.db_hot(
                 end_and_hand_off,
                 items=items,
-                now=d.now(),
-                backoff=d.backoff,
+                now=rt.now(),
+                backoff=rt.backoff,
                 candidates=[(r.job, r.pool) for r in candidates],
                 check_existing=any(r.check for r in candidates),
-                dispatcher_id=d.settings.dispatcher_id,
-                lease_seconds=d.settings.task_timeout_seconds,
-                max_attempts=d.settings.max_attempts,
-                rng=d.rng,
+                dispatcher_id=rt.settings.dispatcher_id,
+                lease_seconds=rt.settings.task_timeout_seconds,
+                max_attempts=rt.settings.max_attempts,
+                rng=rt.rng,
             )
         except StoreUnavailable:
             self._return(candidates, suspect=True)
@@ -84,16 +86,17 @@ class HandOffs:
             # The hand-off must not fail the callback: end the attempts on their own.
             log.exception("slot hand-off failed; ending the attempts without it", extra={"action": "handoff"})
             self._return(candidates, suspect=True)
-            fins = await d.db_hot(finish_many, items=items, now=d.now(), backoff=d.backoff)
+            fins = await rt.db_hot(finish_many, items=items, now=rt.now(), backoff=rt.backoff)
             if any(f.freed for f in fins):
-                d.slot_freed()
+                self.wake.slot_freed()
             return fins
         self.buffer.demand(out.freed_pools)
         used = self._started(out, candidates, started)
         if out.free:
-            d.room(out.free)  # slots nobody here could take: the loop fills them, other dispatchers may too
+            # Slots nobody here could take: the loop fills them, other dispatchers may too.
+            self.wake.room(out.free)
         elif used:
-            d.refill()
+            self.wake.refill()
         return out.finishes
 
     def _started(self, out: HandOff, candidates: list[Ready], started: float) -> int:
@@ -102,7 +105,7 @@ class HandOffs:
             self._return(candidates)
             return 0
         ready_of = {id(r.job): r for r in candidates}
-        settlement = self.d.placing.started(out.result, {k: r.element for k, r in ready_of.items()}, started)
+        settlement = self.requests.start(out.result, {k: r.element for k, r in ready_of.items()}, started)
         decided = {id(j) for j in [p.job for p in out.result.placed + out.result.mine]}
         decided |= {id(j) for j, _ in out.result.dropped + out.result.refused + out.result.invalid} | {
             id(j) for j in out.result.deferred
@@ -110,7 +113,7 @@ class HandOffs:
         self._return([r for r in candidates if id(r.job) not in decided])
         self.settle_later(settlement, already_counted=True)
         self.handed_off += len(out.result.placed)
-        self.d.metrics.handoffs.inc(len(out.result.placed))
+        self.rt.metrics.handoffs.inc(len(out.result.placed))
         return len(out.result.placed)
 
     def _return(self, candidates: list[Ready], suspect: bool = False) -> None:
@@ -135,14 +138,14 @@ class HandOffs:
         p.restamp += s.restamp
         if not self._flushing and _elements(p):
             self._flushing = True
-            self.d.spawn(self._flush(), "settle-handoffs")
+            self.rt.spawn(self._flush(), "settle-handoffs")
 
     async def _flush(self) -> None:
         try:
             while _elements(self._pending):
                 s, self._pending = self._pending, Settlement()
                 try:
-                    await self.d.intake.settle(s)
+                    await self.rt.intake.settle(s)
                 except TRANSIENT as exc:  # still in the processing list: the next reconcile finds them
                     log.warning("could not settle jobs", extra={"action": "settle", "error": str(exc)})
                     self.reconcile_at = 0.0
@@ -163,7 +166,7 @@ class HandOffs:
         land while we read)."""
         self.reconcile_at = time.monotonic() + RECONCILE_SECONDS
         before = self._known()
-        held = await self.d.intake.held()
+        held = await self.rt.intake.held()
         known = before | self._known()
         out = []
         for t in held:

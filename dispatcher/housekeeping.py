@@ -11,16 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
 from dispatcher.db.gpus import probe_result, probes_due
 from dispatcher.errors import TRANSIENT
+from dispatcher.runtime import EndsAttempts, Runtime, SlotSignals
 from dispatcher.states import Outcome
 from producer.keys import queue_key
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
 
 log = logging.getLogger("gpuq.housekeeping")
 
@@ -32,8 +29,10 @@ STILL_DOWN_EVERY_SECONDS = 60.0
 
 
 class Housekeeping:
-    def __init__(self, d: Dispatcher) -> None:
-        self.d = d
+    def __init__(self, rt: Runtime, ends: EndsAttempts, signals: SlotSignals) -> None:
+        self.rt = rt
+        self.ends = ends
+        self.signals = signals
         self._due: dict[str, float] = {}
         self._still_down_said: dict[str, float] = {}  # GPU -> when "still down" was last logged
 
@@ -55,7 +54,7 @@ class Housekeeping:
     async def beat(self) -> None:
         """The heartbeat in a task of its own, on its own Redis client: a slow duty (many leases to expire,
         a database that stalls) or a busy Redis pool never delays it past the key's TTL."""
-        while not self.d.stopping.is_set():
+        while not self.rt.stopping.is_set():
             try:
                 await self.heartbeat()
             except TRANSIENT as exc:
@@ -63,7 +62,7 @@ class Housekeeping:
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _duties(self, beat: asyncio.Task[None]) -> None:
-        while not self.d.stopping.is_set():
+        while not self.rt.stopping.is_set():
             if beat.done():  # it never ends by itself: whatever ended it is fatal
                 beat.result()
                 raise RuntimeError("the heartbeat stopped")
@@ -73,7 +72,7 @@ class Housekeeping:
                 ("deferred", TICK_SECONDS, self.requeue_due),
                 ("probes", 1.0, self.probe),
                 ("drift", 30.0, self.check_drift),
-                ("clock", 30.0, self.d.sync_clock),
+                ("clock", 30.0, self.rt.sync_clock),
             ):
                 if not self._every(name, seconds):
                     continue
@@ -84,22 +83,22 @@ class Housekeeping:
             await asyncio.sleep(TICK_SECONDS)
 
     async def heartbeat(self) -> None:
-        await self.d.intake.heartbeat(self.d.beat_redis)
+        await self.rt.intake.heartbeat(self.rt.beat_redis)
 
     async def sweep(self) -> None:
-        if await self.d.intake.sweep_dead():
-            self.d.slot_freed()  # not a slot, but there is work: look now
+        if await self.rt.intake.sweep_dead():
+            self.signals.slot_freed()  # not a slot, but there is work: look now
 
     async def expire_leases(self) -> None:
-        for task_id, attempt in await self.d.db(expired_leases, now=self.d.now()):
-            fin = await self.d.end_attempt(
+        for task_id, attempt in await self.rt.db(expired_leases, now=self.rt.now()):
+            fin = await self.ends.end_attempt(
                 task_id,
                 attempt,
                 Outcome.EXPIRED,
                 error="no callback before the lease (TASK_TIMEOUT_SECONDS) ran out",
             )
             if fin.code == "applied":
-                self.d.metrics.lease_expiries.inc()
+                self.rt.metrics.lease_expiries.inc()
                 log.warning(
                     "lease expired",
                     extra={
@@ -111,34 +110,34 @@ class Housekeeping:
                 )
 
     async def requeue_due(self) -> None:
-        jobs = await self.d.db(due_deferred, now=self.d.now())
+        jobs = await self.rt.db(due_deferred, now=self.rt.now())
         if not jobs:
             return
         # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
-        await self.d.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
-        queued = set(await self.d.db(mark_queued, jobs=jobs, now=self.d.now()))
+        await self.rt.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
+        queued = set(await self.rt.db(mark_queued, jobs=jobs, now=self.rt.now()))
         for j in jobs:
             if j.task_id in queued:  # not when another dispatcher requeued it first
-                self.d.events.publish("queued", j.task_id, attempt=j.attempt, priority=j.priority.value)
-        self.d.slot_freed()
+                self.rt.events.publish("queued", j.task_id, attempt=j.attempt, priority=j.priority.value)
+        self.signals.slot_freed()
 
     async def probe(self) -> None:
-        s = self.d.settings
-        for gpu_id, url in await self.d.db(probes_due, now=self.d.now()):
-            ok, detail = await self.d.gpu.probe(url)
-            await self.d.db(
+        s = self.rt.settings
+        for gpu_id, url in await self.rt.db(probes_due, now=self.rt.now()):
+            ok, detail = await self.rt.gpu.probe(url)
+            await self.rt.db(
                 probe_result,
                 gpu_id=gpu_id,
                 ok=ok,
                 error=detail,
                 probe_seconds=s.gpu_probe_seconds,
-                now=self.d.now(),
+                now=self.rt.now(),
             )
             if ok:
                 self._still_down_said.pop(gpu_id, None)
                 up = {"action": "gpu_up", "gpu_id": gpu_id, "detail": detail}
                 log.info("GPU back in rotation", extra=up)
-                self.d.slot_freed()
+                self.signals.slot_freed()
                 continue
             # A GPU down for an hour would say so every GPU_PROBE_SECONDS: once a minute is enough.
             now = time.monotonic()
@@ -149,7 +148,7 @@ class Housekeeping:
                 )
 
     async def check_drift(self) -> None:
-        drift = await self.d.db(slot_drift)
+        drift = await self.rt.db(slot_drift)
         if drift:
             log.error(
                 "slots held by tasks that are not running", extra={"action": "drift", "slots": drift[:20]}

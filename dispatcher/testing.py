@@ -32,24 +32,20 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 import httpx
 
+from dispatcher.core import Dispatcher
+from dispatcher.db.engine import make_engine
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized
-
-if TYPE_CHECKING:
-    from dispatcher.core import Dispatcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @asynccontextmanager
 async def in_process(settings: DispatcherSettings, *, background: bool = False) -> AsyncIterator[Dispatcher]:
-    from dispatcher.core import Dispatcher
-    from dispatcher.db.engine import make_engine
-
     engine = make_engine(settings.db_url(), pool_size=4)
     redis = async_client(settings.redis_dsn(), cluster=settings.redis_cluster)
     d = Dispatcher(settings, engine, await initialized(redis))

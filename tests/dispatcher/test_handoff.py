@@ -23,7 +23,6 @@ from dispatcher.db.attempts import Backoff, cancel_task, expired_leases
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.db.gpus import record_failure, register_gpu, set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
-from dispatcher.housekeeping import Housekeeping
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import GpuState, Outcome
 from dispatcher.testing import in_process, settle
@@ -222,7 +221,7 @@ def test_a_crash_between_the_commit_and_the_post_is_covered_by_the_lease(world: 
         wait_for(
             lambda: (ids[3], 1) in transaction(w.engine, expired_leases, now=d.now()), 10, what="lease over"
         )
-        await Housekeeping(d).expire_leases()
+        await d.housekeeping.expire_leases()
         assert w.state(ids[3]) == "retrying"  # tried again after its backoff, never lost
 
     run(w, w.settings(["g0"], task_timeout_seconds=0.5), body)
@@ -259,7 +258,7 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
 
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] buffered
-        real_db = d.db_hot  # the group commit's transactions run on the hot thread
+        real_db = d.rt.db_hot  # the group commit's transactions run on the hot thread
         draining: list[asyncio.Task[None]] = []
 
         async def db(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
@@ -268,7 +267,7 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
                 await asyncio.sleep(0)
             return await real_db(fn, **kwargs)
 
-        d.db_hot = db  # type: ignore[method-assign]
+        d.rt.db_hot = db  # type: ignore[method-assign]
         # a repeated callback: frees nothing, so the hand-off's candidate ids[3] goes back to the buffer
         assert await finish(d, ids[0]) != "applied"
         assert await finish(d, ids[1]) == "applied"

@@ -16,7 +16,6 @@ import redis
 
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.db.reads import get_task
-from dispatcher.housekeeping import Housekeeping
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
 from dispatcher.testing import in_process, settle
@@ -68,7 +67,7 @@ def test_a_retry_refused_by_a_job_rule_fails_its_task_with_the_reason(
             fin = await d.end_attempt(job.task_id, 1, Outcome.FAILED_RETRY, error="GPU OOM")
             assert (fin.code, fin.state) == ("applied", "retrying")
         async with in_process(later) as d:
-            await Housekeeping(d).requeue_due()  # the dispatcher writes the retry into Redis
+            await d.housekeeping.requeue_due()  # the dispatcher writes the retry into Redis
             assert await rds_len(queue) == 1
             await d.dispatch_once()  # ... and refuses it when it takes it
             await settle(d)
