@@ -11,6 +11,7 @@ stop" (``wakeups.py``) and never polls faster than ``IDLE_POLL_SECONDS`` when id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import datetime
@@ -253,5 +254,17 @@ class Dispatcher:
                 )
                 self.wake.look_now()  # we may have missed something
                 await asyncio.sleep(0.5)
+            except RuntimeError as exc:
+                # A Redis node killed mid-reconnect (a cluster failover): redis-py's reconnect wrote to a
+                # transport uvloop had closed, "the handler is closed", a RuntimeError, not a RedisError.
+                # Wake-ups are a shortcut (the loop looks on its own every idle poll): losing the channel
+                # must not stop the dispatcher, whose side tasks are fatal when they die.
+                log.warning(
+                    "wake-up channel broken; resubscribing",
+                    extra={"action": "wake", "error": f"{type(exc).__name__}: {exc}"},
+                )
+                self.wake.look_now()
+                await asyncio.sleep(0.5)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                with contextlib.suppress(*TRANSIENT, RuntimeError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
