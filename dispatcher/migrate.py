@@ -22,6 +22,7 @@ import logging
 
 from redis.asyncio import Redis
 
+from dispatcher.intake_lua import SWEEP
 from producer.keys import Keys, Legacy, Priority, queue_key
 
 log = logging.getLogger("gpuq.migrate")
@@ -51,23 +52,11 @@ redis.call('LPUSH', KEYS[2], ARGV[1])
 return 1
 """
 
-# KEYS: a legacy processing list. Its elements ("<source>\n<job>") back onto the heads of their sources.
-_SWEEP = """
-local n = 0
-while true do
-  local el = redis.call('RPOP', KEYS[1])
-  if not el then break end
-  local nl = string.find(el, '\\n', 1, true)
-  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))
-  n = n + 1
-end
-return n
-"""
-
 
 async def sweep_legacy_proc(redis: Redis, legacy: Legacy, dispatcher_id: str) -> int:
-    """Put back the jobs of a (dead) dispatcher's processing list of the old layout."""
-    return int(await redis.eval(_SWEEP, 1, legacy.proc(dispatcher_id)))
+    """Put back the jobs of a (dead) dispatcher's processing list of the old layout: its elements are
+    ``<source>\n<job>`` as in the new layout's, so the intake's own sweep script serves."""
+    return int(await redis.eval(SWEEP, 1, legacy.proc(dispatcher_id)))
 
 
 async def migrate(redis: Redis, keys: Keys, queues: list[str], *, parked: bool = True) -> int:
