@@ -20,14 +20,14 @@ from typing import Any
 import uvicorn
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from dispatcher.app import MAX_BODY_BYTES, create_app
-from dispatcher.callback import CallbackFastPath
-from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
-from dispatcher.edge_limits import GuardedHttp, raise_open_files
-from dispatcher.event_hub import EventHub
+from dispatcher.http.app import MAX_BODY_BYTES, create_app
+from dispatcher.http.callback import CallbackFastPath
+from dispatcher.http.edge_limits import GuardedHttp, raise_open_files
 from dispatcher.logs import setup_logging
+from dispatcher.loop.core import Dispatcher
 from dispatcher.preflight import StartProblem, preflight
+from dispatcher.queues.event_hub import EventHub
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized
 from producer.errors import ConfigError

@@ -10,7 +10,7 @@ default ``code``; ``answer`` turns any of them into the one body every error ans
 
 plus ``errors`` (each field that failed validation: ``loc``, ``msg``, ``type``) on a 422 for a malformed
 request. ``detail`` is always a string, so a client prints it as it is. The routes raise these errors; the
-handlers in dispatcher/app.py are the one place that turns them into answers (the callback's fast path and
+handlers in http/app.py are the one place that turns them into answers (the callback's fast path and
 the connection guard, which answer before FastAPI sees a request, use ``answer`` and ``raw_http`` from
 here), and a store that is down becomes ``Unavailable`` there, never a 500.
 """

@@ -14,7 +14,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from dispatcher.pull import PULL_SCHEME, is_pull, pull_url
+from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
 from producer.settings import QueueSettings, parse_pairs, split_list
 
 DEFAULT_POOL = "default"
@@ -139,7 +139,7 @@ class DispatcherSettings(StoreSettings):
     #: When set, GET /metrics needs ``Authorization: Bearer <METRICS_TOKEN>``.
     metrics_token: SecretStr | None = None
     #: Open HTTP connections at most (event streams included); more are closed at once. Lowered at start
-    #: to what the open-file limit allows (see dispatcher/edge_limits.py).
+    #: to what the open-file limit allows (see dispatcher/http/edge_limits.py).
     http_max_connections: int = Field(default=4096, ge=16, le=1_000_000)
     #: A request's headers and body must arrive within this many seconds of its first byte (slowloris).
     request_read_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -165,7 +165,7 @@ class DispatcherSettings(StoreSettings):
     #: A pull GPU whose agent has not polled for this long is out of rotation (SPEC §9).
     agent_stale_seconds: float = Field(default=60.0, gt=0)
     dispatch_batch_size: int = Field(default=64, ge=1, le=1000)
-    #: Jobs per pool kept ready for slot hand-off (dispatcher/ready.py); 0 turns hand-off off. A job of
+    #: Jobs per pool kept ready for slot hand-off (dispatcher/loop/ready.py); 0 turns hand-off off. A job of
     #: higher priority enqueued later can start behind at most this many jobs of its pool.
     handoff_buffer: int = Field(default=16, ge=0, le=1000)
     idle_poll_seconds: float = Field(default=0.5, gt=0)

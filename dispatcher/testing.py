@@ -36,8 +36,8 @@ from typing import Any, Self
 
 import httpx
 
-from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
+from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized
 

@@ -34,7 +34,7 @@ keys that belong to no queue (dead letters, heartbeats, channels) live wherever 
 
 Before issue 15 the layout was flat: ``Q:high``, ``Q:low``, ``P idem:<key>``, ``P proc:<dispatcher>`` and
 ``P parked:<pool>`` (the ``Legacy`` names below). A dispatcher moves jobs it finds under those names into the
-new ones (``dispatcher.migrate``) and the producer still honours an old idempotency mark.
+new ones (``dispatcher.queues.migrate``) and the producer still honours an old idempotency mark.
 
 The producer writes only queue lists, idempotency marks and the wake channel; the dispatcher owns the rest.
 """

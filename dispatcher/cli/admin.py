@@ -11,9 +11,9 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument
 from dispatcher.cli.render import console, rows_table
+from dispatcher.cli.sql_queries import Query, load
 from dispatcher.db.engine import init_schema
 from dispatcher.db.schema import SCHEMA_VERSION
-from dispatcher.sql_queries import Query, load
 
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 

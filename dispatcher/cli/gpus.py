@@ -80,7 +80,7 @@ def _say_probe(url: str) -> None:
     A 404 stops the command (exit 2): the service is up and says the path is wrong."""
     import httpx
 
-    from dispatcher.gpu_client import probe_ok
+    from dispatcher.gpus.gpu_client import probe_ok
 
     try:
         status = httpx.get(url, timeout=5).status_code

@@ -11,7 +11,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import age, console, rows_table
 from dispatcher.db.gpus import list_gpus
-from dispatcher.queue_view import Plan, read_sync
+from dispatcher.queues.queue_view import Plan, read_sync
 
 app = typer.Typer(help="Queue depths and dead letters.", no_args_is_help=True)
 

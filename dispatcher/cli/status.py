@@ -19,7 +19,7 @@ from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.render import age, bar, console
 from dispatcher.db.engine import StoreUnavailable, utcnow
 from dispatcher.db.overview import overview
-from dispatcher.queue_view import Plan, pools_of, read_sync
+from dispatcher.queues.queue_view import Plan, pools_of, read_sync
 
 
 def collect(s: Stores) -> dict[str, Any]:

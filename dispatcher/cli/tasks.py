@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from dispatcher.cancels import WAKE_CANCEL
 from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
@@ -18,8 +17,9 @@ from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, 
 from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
-from dispatcher.events import event
-from dispatcher.reprioritize import find_waiting, move_job
+from dispatcher.loop.cancels import WAKE_CANCEL
+from dispatcher.queues.reprioritize import find_waiting, move_job
+from dispatcher.queues.task_events import event
 from dispatcher.states import TaskState
 from producer.keys import Priority
 

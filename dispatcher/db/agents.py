@@ -22,7 +22,7 @@ from sqlalchemy import Connection, bindparam, select, text, update
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.gpus import register_gpu
 from dispatcher.db.schema import Timestamp, gpus
-from dispatcher.pull import PULL_SCHEME, hash_agent_token, new_agent_token, pull_url
+from dispatcher.gpus.pull import PULL_SCHEME, hash_agent_token, new_agent_token, pull_url
 from dispatcher.states import TaskState
 
 Status = Literal["ok", "unauthenticated", "forbidden", "unknown"]

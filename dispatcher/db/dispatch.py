@@ -22,7 +22,7 @@ from sqlalchemy import Connection, bindparam, insert, select, text, update
 from dispatcher.db.batch import claim_slots
 from dispatcher.db.engine import naive_utc
 from dispatcher.db.schema import gpus, tasks
-from dispatcher.placement import GpuFree, Pick, Placer
+from dispatcher.loop.placement import GpuFree, Pick, Placer
 from dispatcher.states import RUNNABLE, TaskState
 from producer.job import Job, task_id_problem
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, slots
-from dispatcher.pull import is_pull
+from dispatcher.gpus.pull import is_pull
 from dispatcher.states import GpuState, Outcome
 
 _UNFETCHED = text(

@@ -27,7 +27,7 @@ from sqlalchemy import Connection
 
 from dispatcher.db.attempts import Backoff, Finish, finish_many, free_slots
 from dispatcher.db.dispatch import DispatchResult, dispatch, snapshot, snapshot_ending
-from dispatcher.placement import capacity
+from dispatcher.loop.placement import capacity
 from producer.job import Job
 
 

@@ -8,7 +8,7 @@ together take turns, and a second run finds nothing to add. ``sql/migrations/`` 
 DDL for DBAs who upgrade by hand.
 
 Versions: 1 the first schema; 2 pull GPUs (``gpus.agent_token_hash``, ``gpus.agent_seen_until``,
-``tasks.fetched_attempt``; see ``dispatcher/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``).
+``tasks.fetched_attempt``; see ``dispatcher/gpus/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ def set_priority(conn: Connection, *, task_id: str, priority: Priority, now: dat
 
     A retrying or scheduled task goes back to Redis through ``due_deferred``, which reads this column, so
     the change is all it takes; a queued task's copy in Redis must also be moved
-    (``dispatcher.reprioritize``).
+    (``dispatcher.queues.reprioritize``).
     A running or ended task is refused: its priority no longer decides anything.
     """
     row = conn.execute(

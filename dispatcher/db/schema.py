@@ -11,7 +11,7 @@
   and the HTTP API need. ``state = 'processing'`` exactly while the task holds a slot.
 - ``attempts``: one row per ended attempt, for operators (where, how long, how it ended).
 
-Pull GPUs (``dispatcher/pull.py``, version 2): ``gpus.agent_token_hash`` (UNIQUE: a token names one GPU) and
+Pull GPUs (``gpus/pull.py``, version 2): ``gpus.agent_token_hash`` (UNIQUE: a token names one GPU) and
 ``gpus.agent_seen_until`` (its agent was polling until then); ``tasks.fetched_attempt`` is the attempt an
 agent has taken (a job placed on a pull GPU and not yet fetched has ``fetched_attempt <> attempt``).
 Version 3: ``gpus.cancel_url``, where cancels go when the GPU's service takes them elsewhere than

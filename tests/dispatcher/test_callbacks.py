@@ -6,7 +6,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for
 

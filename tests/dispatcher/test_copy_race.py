@@ -21,7 +21,7 @@ from dispatcher.db.batch import claim_slots
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.db.schema import slots
-from dispatcher.placement import GpuFree
+from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import fleet_engine, job
 

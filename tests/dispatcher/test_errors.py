@@ -17,10 +17,10 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dispatcher import errors
-from dispatcher.app import create_app, install_error_answers
 from dispatcher.db.engine import StoreUnavailable
-from dispatcher.edge_limits import _408, _503
-from dispatcher.openai_shapes import OpenAIRoute
+from dispatcher.http.app import create_app, install_error_answers
+from dispatcher.http.edge_limits import _408, _503
+from dispatcher.http.openai_shapes import OpenAIRoute
 
 CASES: list[tuple[errors.GpuqError, int, str]] = [
     (errors.BadInput("limit: too big"), 422, "invalid_input"),

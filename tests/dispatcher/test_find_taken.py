@@ -12,7 +12,7 @@ import asyncio
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from dispatcher.reprioritize import find_waiting_async
+from dispatcher.queues.reprioritize import find_waiting_async
 from producer.job import Job
 from producer.keys import Keys
 

@@ -1,4 +1,4 @@
-"""Group commit (``dispatcher/group_commit.py``) waits for no timer: a callback that finds no batch in flight
+"""Group commit (``dispatcher/loop/group_commit.py``) waits for no timer: a callback that finds no batch in flight
 is committed at once, alone; those arriving while a batch runs go together in the next one. The batch
 function here is a stand-in that records its batches and lets the test decide when a batch ends, so the
 order of events is the test's, not the scheduler's (the store side is covered by test_handoff*.py).
@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 
 from dispatcher.db.attempts import Finish
-from dispatcher.group_commit import GroupCommit
+from dispatcher.loop.group_commit import GroupCommit
 
 
 class Batches:

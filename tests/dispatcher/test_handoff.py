@@ -18,11 +18,11 @@ import pytest
 import redis
 from sqlalchemy import Engine, text
 
-from dispatcher.core import Dispatcher
 from dispatcher.db.attempts import Backoff, cancel_task, expired_leases
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.db.gpus import record_failure, register_gpu, set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
+from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import GpuState, Outcome
 from dispatcher.testing import in_process, settle

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from dispatcher.core import Dispatcher
 from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import transaction
 from dispatcher.db.gpus import register_gpu
+from dispatcher.loop.core import Dispatcher
 from dispatcher.testing import settle
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
 

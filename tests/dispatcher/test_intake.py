@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.intake import Intake, NotReplicated, Settlement, weighted_order
+from dispatcher.queues.intake import Intake, NotReplicated, Settlement, weighted_order
 from producer.job import Job
 from producer.keys import Keys, Legacy, queue_key
 from producer.keys import Priority as P

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import redis
 
-from dispatcher import cancel_api
-from dispatcher.core import Dispatcher
-from dispatcher.renewals import Renewals
+from dispatcher.http import cancel_api
+from dispatcher.loop.core import Dispatcher
+from dispatcher.loop.renewals import Renewals
 from dispatcher.settings import DispatcherSettings
 from dispatcher.testing import in_process, settle
 from producer.job import Job

@@ -10,10 +10,10 @@ import time
 
 from redis.asyncio import Redis
 
-from dispatcher import placing
-from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
-from dispatcher.gpu_client import GpuClient, Verdict
+from dispatcher.gpus.gpu_client import GpuClient, Verdict
+from dispatcher.loop import placing
+from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
 from producer.job import Job
 from producer.keys import Keys
@@ -27,7 +27,7 @@ def test_an_unforeseen_error_from_one_job_dead_letters_it_and_the_loop_goes_on(s
     jobs.insert(1, Job(task_id="cursed", type="t", queue=q))
     stack.rds.rpush(q, *[j.to_redis() for j in jobs])
     # GIVEN placing "cursed" raises something no rule knows of (whatever the batch it is in)
-    real = placing.dispatch  # the loop's placements (dispatcher/placing.py)
+    real = placing.dispatch  # the loop's placements (dispatcher/loop/placing.py)
 
     def dispatch(conn, **kwargs):
         if any(job.task_id == "cursed" for job, _ in kwargs["items"]):

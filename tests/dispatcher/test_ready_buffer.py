@@ -1,8 +1,8 @@
-"""The per-pool ready buffer (dispatcher/ready.py): bounded, oldest first, filled only for pools in demand."""
+"""The per-pool ready buffer (dispatcher/loop/ready.py): bounded, oldest first, filled only for pools in demand."""
 
 from __future__ import annotations
 
-from dispatcher.ready import DEMAND_SECONDS, Ready, ReadyBuffer
+from dispatcher.loop.ready import DEMAND_SECONDS, Ready, ReadyBuffer
 from tests.dispatcher.helpers import job
 
 

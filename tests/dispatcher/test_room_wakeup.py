@@ -9,8 +9,8 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
+from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
 from tests.dispatcher.harness import BEARER, SECRET
 

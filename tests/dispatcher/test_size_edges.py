@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, states, wait_final
 from tests.dispatcher.helpers import wait_for
 

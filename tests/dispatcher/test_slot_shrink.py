@@ -14,7 +14,7 @@ from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.dispatch import dispatch, snapshot
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import register_gpu
-from dispatcher.placement import GpuFree
+from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import fleet_engine, job
 

@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher import routes
 from dispatcher.db.gpus import list_gpus
+from dispatcher.http import routes
 from dispatcher.settings import DispatcherSettings
 from dispatcher.testing import in_process
 from tests.dispatcher.harness import BEARER, SECRET

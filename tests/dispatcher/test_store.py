@@ -23,7 +23,7 @@ from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import _defer, dispatch, snapshot
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
-from dispatcher.placement import capacity
+from dispatcher.loop.placement import capacity
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job
 

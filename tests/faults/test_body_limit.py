@@ -1,4 +1,4 @@
-"""``BodyLimit`` (dispatcher/app.py) in front of any ASGI app: a chunked body (no Content-Length) over the
+"""``BodyLimit`` (dispatcher/http/app.py) in front of any ASGI app: a chunked body (no Content-Length) over the
 limit is refused with 413 once the limit is passed, and the app behind never sees more than the limit.
 
 Before the fix it only looked at Content-Length, so a chunked body went through whole: harmless for the
@@ -15,7 +15,7 @@ import httpx
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from dispatcher.app import BodyLimit, install_error_answers
+from dispatcher.http.app import BodyLimit, install_error_answers
 
 MIB = 1024 * 1024
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, received_per_task, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
 from tests.faults.support import ran_beyond_attempts

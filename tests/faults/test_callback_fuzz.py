@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dispatcher.db.attempts import slot_drift
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from tests.conftest import scaled
 from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for

@@ -1,4 +1,4 @@
-"""The callback pre-check (dispatcher/callback.py ``precheck``) decides on a forged callback before its body
+"""The callback pre-check (dispatcher/http/callback.py ``precheck``) decides on a forged callback before its body
 is parsed; it used to run its task-id regex over the whole body, 8 MiB of regex work per forged request.
 Now it looks at a bounded number of bytes whatever the body's size. Counted, not timed: the regex is
 replaced by a spy that adds up the bytes it is given."""
@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from dispatcher import callback
+from dispatcher.gpus.tokens import make_token
+from dispatcher.http import callback
 from dispatcher.metrics import Metrics
-from dispatcher.tokens import make_token
 from tests.dispatcher.harness import SECRET
 
 #: The most bytes the pre-check may look at, whatever the body (two windows of 256 KiB, one at each end).

@@ -17,9 +17,9 @@ import httpx
 import orjson
 import pytest
 
-from dispatcher import callback
+from dispatcher.gpus.tokens import make_token
+from dispatcher.http import callback
 from dispatcher.metrics import Metrics
-from dispatcher.tokens import make_token
 from tests.dispatcher.harness import SECRET, DispatcherProc
 from tests.dispatcher.private_servers import PrivateRedis
 

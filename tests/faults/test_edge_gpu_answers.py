@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from dispatcher.gpu_client import GpuClient, Verdict
+from dispatcher.gpus.gpu_client import GpuClient, Verdict
 
 KIB = 1024
 

@@ -8,11 +8,11 @@ check, ``not_a_server_error`` included (the simulated GPUs answer embeddings job
 ``/v1/embeddings`` has no reason for its 502).
 
 Found: 401 (API_TOKEN), 404 (unknown task) and 503 (store down) were missing from the document, and
-``/metrics`` was declared JSON; fixed in dispatcher/routes.py and dispatcher/app.py. ``GET /tasks`` answered
+``/metrics`` was declared JSON; fixed in dispatcher/http/routes.py and dispatcher/http/app.py. ``GET /tasks`` answered
 422 with a string where the document declared FastAPI's list, and refused schema-valid filters (an unknown
 state, any cursor not from a page): the one error body (dispatcher/errors.py) and patterns for ``state`` and
 ``cursor`` that say exactly what the server takes fixed it. An input text of "\u001d"
-passed the document's ``\\S`` (ECMAScript's) but not the server's check; fixed in dispatcher/openai_shapes.py
+passed the document's ``\\S`` (ECMAScript's) but not the server's check; fixed in dispatcher/http/openai_shapes.py
 and kept below as an explicit example (``EXAMPLES``), tried on every run whatever hypothesis draws.
 
 Driven through hypothesis directly (``operation.as_strategy()``): schemathesis's pytest plugin does not

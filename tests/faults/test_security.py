@@ -12,9 +12,9 @@ import time
 import httpx
 import pytest
 
-import dispatcher.tokens
+import dispatcher.gpus.tokens
+from dispatcher.gpus.tokens import make_token, verify_token
 from dispatcher.testing import ProcessFailed
-from dispatcher.tokens import make_token, verify_token
 from tests.dispatcher.harness import SECRET, DispatcherProc, free_port, push_jobs, states, wait_final
 from tests.dispatcher.helpers import wait_for
 from tests.faults.support import full_log, memory_kib
@@ -82,7 +82,7 @@ def test_tokens_are_compared_in_constant_time(monkeypatch):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(dispatcher.tokens.hmac, "compare_digest", spy)
+    monkeypatch.setattr(dispatcher.gpus.tokens.hmac, "compare_digest", spy)
     key = b"k" * 32
     right = make_token(key, "task-1", 3)
     head, _, mac = right.partition(".")

@@ -13,7 +13,7 @@ import pytest
 
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from producer.keys import Keys
 from tests.dispatcher.harness import BEARER, SECRET, push_jobs, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for

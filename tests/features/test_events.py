@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from producer.job import Job
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import SECRET, wait_final

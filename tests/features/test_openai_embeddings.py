@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from dispatcher.db.schema import tasks
-from dispatcher.openai_shapes import EmbeddingsRequest
+from dispatcher.http.openai_shapes import EmbeddingsRequest
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.helpers import wait_for
 from tests.reference.conftest import ServiceProc

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from dispatcher.tokens import make_token
+from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for

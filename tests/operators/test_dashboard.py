@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dispatcher.dashboard import _PAGE
+from dispatcher.http.dashboard import _PAGE
 from producer.keys import Keys
 from tests.dispatcher.harness import ROOT, push_jobs, states, wait_final
 from tests.dispatcher.helpers import wait_for

@@ -188,7 +188,12 @@ def test_make_schema_sql_regenerates_the_file(tmp_path):
 
 
 def test_paths_used_by_the_files_exist():
-    for path in ("requirements.txt", "sql/queries.sql", "sql/schema.sql", "dispatcher/dashboard/page.html"):
+    for path in (
+        "requirements.txt",
+        "sql/queries.sql",
+        "sql/schema.sql",
+        "dispatcher/http/dashboard/page.html",
+    ):
         assert Path(ROOT / path).is_file(), path
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, select, text
 
+from dispatcher.cli.sql_queries import load, parse, sql_dir
 from dispatcher.db.attempts import Backoff
 from dispatcher.db.ddl import render
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import init_schema, transaction, utcnow
 from dispatcher.db.gpus import register_gpu, update_gpu
 from dispatcher.db.schema import metadata, schema_version
-from dispatcher.sql_queries import load, parse, sql_dir
 from dispatcher.states import Outcome
 from producer.job import Job
 from tests.dispatcher.harness import ROOT

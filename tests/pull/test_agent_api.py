@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from dispatcher.agents import MAX_POLLS_PER_GPU
-from dispatcher.tokens import verify_token
+from dispatcher.gpus.tokens import verify_token
+from dispatcher.loop.agents import MAX_POLLS_PER_GPU
 from tests.dispatcher.harness import SECRET, push_jobs, wait_final
 from tests.dispatcher.helpers import wait_for
 from tests.pull.conftest import add_pull, poll

@@ -13,7 +13,7 @@ from dispatcher.db.agents import poll, register_pull, take_back_unfetched
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import update_gpu
-from dispatcher.pull import hash_agent_token
+from dispatcher.gpus.pull import hash_agent_token
 from producer.job import Job
 from tests.dispatcher.helpers import fleet_engine
 

@@ -1,0 +1,155 @@
+"""The dispatcher's periodic duties, each safe to run in every process at once (all conditional writes):
+
+- heartbeat, and sweeping back the jobs of dispatchers whose heartbeat is gone;
+- expiring leases: an attempt with no callback in time has failed, its slot is freed, the task retried;
+- moving retries and scheduled tasks whose time has come back into Redis;
+- probing GPUs that were taken out of rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
+from dispatcher.db.gpus import probe_result, probes_due
+from dispatcher.errors import TRANSIENT
+from dispatcher.loop.runtime import EndsAttempts, Runtime, SlotSignals
+from dispatcher.states import Outcome
+from producer.keys import queue_key
+
+log = logging.getLogger("gpuq.housekeeping")
+
+TICK_SECONDS = 0.25
+#: Between heartbeats (the key lives HEARTBEAT_TTL_SECONDS, 10).
+HEARTBEAT_SECONDS = 2.0
+#: "GPU still down" is logged at most this often per GPU (probes go on every GPU_PROBE_SECONDS).
+STILL_DOWN_EVERY_SECONDS = 60.0
+
+
+class Housekeeping:
+    def __init__(self, rt: Runtime, ends: EndsAttempts, signals: SlotSignals) -> None:
+        self.rt = rt
+        self.ends = ends
+        self.signals = signals
+        self._due: dict[str, float] = {}
+        self._still_down_said: dict[str, float] = {}  # GPU -> when "still down" was last logged
+
+    def _every(self, name: str, seconds: float) -> bool:
+        now = time.monotonic()
+        if now >= self._due.get(name, 0.0):
+            self._due[name] = now + seconds
+            return True
+        return False
+
+    async def run(self) -> None:
+        beat = asyncio.create_task(self.beat(), name="heartbeat")
+        try:
+            await self._duties(beat)
+        finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+    async def beat(self) -> None:
+        """The heartbeat in a task of its own, on its own Redis client: a slow duty (many leases to expire,
+        a database that stalls) or a busy Redis pool never delays it past the key's TTL."""
+        while not self.rt.stopping.is_set():
+            try:
+                await self.heartbeat()
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed; will retry", extra={"action": "heartbeat", "error": str(exc)})
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+
+    async def _duties(self, beat: asyncio.Task[None]) -> None:
+        while not self.rt.stopping.is_set():
+            if beat.done():  # it never ends by itself: whatever ended it is fatal
+                beat.result()
+                raise RuntimeError("the heartbeat stopped")
+            for name, seconds, duty in (
+                ("sweep", 5.0, self.sweep),
+                ("leases", 0.5, self.expire_leases),
+                ("deferred", TICK_SECONDS, self.requeue_due),
+                ("probes", 1.0, self.probe),
+                ("drift", 30.0, self.check_drift),
+                ("clock", 30.0, self.rt.sync_clock),
+            ):
+                if not self._every(name, seconds):
+                    continue
+                try:
+                    await duty()
+                except TRANSIENT as exc:
+                    log.warning("housekeeping failed; will retry", extra={"action": name, "error": str(exc)})
+            await asyncio.sleep(TICK_SECONDS)
+
+    async def heartbeat(self) -> None:
+        await self.rt.intake.heartbeat(self.rt.beat_redis)
+
+    async def sweep(self) -> None:
+        if await self.rt.intake.sweep_dead():
+            self.signals.slot_freed()  # not a slot, but there is work: look now
+
+    async def expire_leases(self) -> None:
+        for task_id, attempt in await self.rt.db(expired_leases, now=self.rt.now()):
+            fin = await self.ends.end_attempt(
+                task_id,
+                attempt,
+                Outcome.EXPIRED,
+                error="no callback before the lease (TASK_TIMEOUT_SECONDS) ran out",
+            )
+            if fin.code == "applied":
+                self.rt.metrics.lease_expiries.inc()
+                log.warning(
+                    "lease expired",
+                    extra={
+                        "action": "lease_expired",
+                        "task_id": task_id,
+                        "attempt": attempt,
+                        "state": fin.state,
+                    },
+                )
+
+    async def requeue_due(self) -> None:
+        jobs = await self.rt.db(due_deferred, now=self.rt.now())
+        if not jobs:
+            return
+        # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
+        await self.rt.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
+        queued = set(await self.rt.db(mark_queued, jobs=jobs, now=self.rt.now()))
+        for j in jobs:
+            if j.task_id in queued:  # not when another dispatcher requeued it first
+                self.rt.events.publish("queued", j.task_id, attempt=j.attempt, priority=j.priority.value)
+        self.signals.slot_freed()
+
+    async def probe(self) -> None:
+        s = self.rt.settings
+        for gpu_id, url in await self.rt.db(probes_due, now=self.rt.now()):
+            ok, detail = await self.rt.gpu.probe(url)
+            await self.rt.db(
+                probe_result,
+                gpu_id=gpu_id,
+                ok=ok,
+                error=detail,
+                probe_seconds=s.gpu_probe_seconds,
+                now=self.rt.now(),
+            )
+            if ok:
+                self._still_down_said.pop(gpu_id, None)
+                up = {"action": "gpu_up", "gpu_id": gpu_id, "detail": detail}
+                log.info("GPU back in rotation", extra=up)
+                self.signals.slot_freed()
+                continue
+            # A GPU down for an hour would say so every GPU_PROBE_SECONDS: once a minute is enough.
+            now = time.monotonic()
+            if now - self._still_down_said.get(gpu_id, -STILL_DOWN_EVERY_SECONDS) >= STILL_DOWN_EVERY_SECONDS:
+                self._still_down_said[gpu_id] = now
+                log.warning(
+                    "GPU still down", extra={"action": "gpu_probe", "gpu_id": gpu_id, "detail": detail}
+                )
+
+    async def check_drift(self) -> None:
+        drift = await self.rt.db(slot_drift)
+        if drift:
+            log.error(
+                "slots held by tasks that are not running", extra={"action": "drift", "slots": drift[:20]}
+            )

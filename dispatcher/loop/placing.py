@@ -1,0 +1,188 @@
+"""One pass of the dispatch loop: place buffered and newly taken jobs on free slots, refill the hand-off
+buffers (``dispatcher/loop/ready.py``), park what neither fits nor may wait in a buffer.
+
+At saturation most slots are refilled by hand-offs (``handoff.py``) and a pass only tops up the
+buffers: one Redis call, no database. The free slots are read from the database only when something freed a
+slot that no hand-off counted (``Wakeups.slot_freed``: other dispatchers, operators, housekeeping, an
+idle timeout); when a hand-off counted slots it could not fill, the pass uses that count (``room``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy.exc import IntegrityError
+
+from dispatcher.db.dead_letters import fail_dead_lettered
+from dispatcher.db.dispatch import DispatchResult, dispatch, snapshot
+from dispatcher.loop.gpu_requests import GpuRequests
+from dispatcher.loop.handoff import HandOffs
+from dispatcher.loop.placement import GpuFree, capacity
+from dispatcher.loop.ready import Ready
+from dispatcher.loop.runtime import Runtime
+from dispatcher.loop.wakeups import Wakeups
+from dispatcher.queues.dead_letters import claimed, isolate, prepare
+from dispatcher.queues.intake import Settlement, Taken
+from producer.job import Job
+
+log = logging.getLogger("gpuq.dispatcher")
+
+
+class Placing:
+    def __init__(self, rt: Runtime, wake: Wakeups, handoffs: HandOffs, requests: GpuRequests) -> None:
+        self.rt = rt
+        self.wake = wake
+        self.handoffs = handoffs
+        self.requests = requests
+
+    def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
+        """Jobs as taken from Redis, checked (``dead_letters.prepare``): what may be placed, and the
+        settlement of what may not."""
+        rt = self.rt
+        return prepare(
+            taken, max_bytes=rt.limits.job_bytes, pool_for=rt.settings.pool_for, metrics=rt.metrics
+        )
+
+    async def dispatch_once(self) -> bool:
+        rt, h, wake = self.rt, self.handoffs, self.wake
+        if not rt.accepting:
+            return False
+        # Jobs in our processing list that no pass, buffer or hand-off knows of were taken by a pass that did
+        # not finish (a store error, or a Redis call retried after its first answer was lost): their
+        # placement may have been committed already, so they are looked up before they are placed.
+        # Cleared either way: a failed pass that left nothing has nothing to isolate.
+        isolating = wake.isolating()
+        strays = await h.strays() if h.reconcile_due() else []
+        if strays and isolating:
+            # The pass before raised something no rule foresaw: its jobs one at a time, the culprit
+            # dead-lettered (dispatcher/queues/dead_letters.py)
+            await isolate(strays, lambda t: self.place_strays([t]), self.settle_refused, rt.metrics)
+            return True
+        room, view = wake.take_room(), None
+        if room is None and (wake.look_wanted() or strays):
+            view = await rt.db(snapshot)
+            room = capacity(view)
+        room = room or {}
+        ready: list[Ready] = []
+        for pool, n in room.items():  # buffered jobs are older than anything still in Redis: they go first
+            ready += h.buffer.pop(pool, n)
+        left = dict(room)
+        for r in ready:
+            left[r.pool] -= 1
+        deficit = h.buffer.deficit()
+        limits = {pool: left.get(pool, 0) + deficit.get(pool, 0) for pool in set(left) | set(deficit)}
+        want = min(sum(left.values()) + sum(deficit.values()), rt.settings.dispatch_batch_size)
+        taken = await rt.intake.take(want, limits) if want > 0 else []
+        settlement = Settlement(park=_parked(h.buffer.lapsed()))
+        if not (strays or ready or taken):
+            await rt.intake.settle(settlement)
+            return False
+        started = time.perf_counter()
+        items, prepared = self.prepare(strays + taken)
+        await self.settle_refused(prepared)
+        stray_elements = {t.element for t in strays}
+        fresh = [Ready(job, pool, el, check=el in stray_elements) for job, pool, el in items]
+        place = [r for r in fresh if r.check] + ready
+        keep = []
+        for r in fresh:
+            if r.check:
+                continue
+            if left.get(r.pool, 0) > 0:
+                left[r.pool] -= 1
+                place.append(r)
+            else:
+                keep.append(r)
+        if place:
+            keep = await self._place_and_start(place, view, ready, started, settlement) + keep
+        settlement.park += _parked(h.buffer.add(keep))
+        await rt.intake.settle(settlement)
+        return True
+
+    async def place_strays(self, strays: list[Taken]) -> None:
+        """Jobs found in our processing list that nothing here knew of: looked up before they are placed."""
+        started = time.perf_counter()
+        items, prepared = self.prepare(strays)
+        await self.settle_refused(prepared)
+        place = [Ready(job, pool, el, check=True) for job, pool, el in items]
+        settlement = Settlement()
+        if place:
+            keep = await self._place_and_start(place, None, [], started, settlement)
+            settlement.park += _parked(self.handoffs.buffer.add(keep))
+        await self.rt.intake.settle(settlement)
+
+    async def settle_refused(self, s: Settlement) -> None:
+        """Settle jobs refused before placement (``prepare``, ``isolate``). A refused job whose task waits
+        ``queued`` for it (a retry or scheduled task a dispatcher put back in Redis) ends that task
+        ``failed`` with the reason (db/dead_letters.py), visible by id. The database first: a crash before
+        the Redis settlement leaves the job to be refused again, never a task waiting for nothing."""
+        rt = self.rt
+        items = [(c[0], c[1], why) for _, raw, _, why in s.dead if (c := claimed(raw)) is not None]
+        if items:
+            for task_id in await rt.db(fail_dead_lettered, items=items, now=rt.now()):
+                error = next(f"dead-lettered: {why}" for t, _, why in items if t == task_id)
+                rt.events.publish("failed", task_id, error=error)
+                log.warning(
+                    "task failed: its job was dead-lettered",
+                    extra={"action": "task_failed", "task_id": task_id, "error": error},
+                )
+        await rt.intake.settle(s)
+
+    async def _place_and_start(
+        self,
+        place: list[Ready],
+        view: list[GpuFree] | None,
+        ready: list[Ready],
+        started: float,
+        settlement: Settlement,
+    ) -> list[Ready]:
+        """Place ``place``, fire what got a slot; buffered jobs not placed go back to the buffer's front,
+        the new ones not placed are returned (to be buffered or parked)."""
+        h = self.handoffs
+        result = await self._place(place, view)
+        if result is None:  # raced another dispatcher: look again, and up what the database has
+            for r in place:
+                r.check = True
+            h.buffer.put_back(place)
+            self.wake.slot_freed()
+            return []
+        of = {id(r.job): r for r in place}
+        was_buffered = {id(r) for r in ready}
+        done = self.requests.start(result, {k: r.element for k, r in of.items()}, started)
+        settlement.ack += done.ack
+        settlement.dead += done.dead  # new jobs reusing a known task id
+        unplaced = [of[id(j)] for j, _ in result.unplaced]
+        h.buffer.put_back([r for r in unplaced if id(r) in was_buffered])
+        return [r for r in unplaced if id(r) not in was_buffered]
+
+    async def _place(self, place: list[Ready], view: list[GpuFree] | None) -> DispatchResult | None:
+        """Record and place jobs in one transaction; None when it raced another dispatcher."""
+        rt = self.rt
+        kwargs = {
+            "items": [(r.job, r.pool) for r in place],
+            "dispatcher_id": rt.settings.dispatcher_id,
+            "lease_seconds": rt.settings.task_timeout_seconds,
+            "max_attempts": rt.settings.max_attempts,
+            "rng": rt.rng,
+        }
+        check = any(r.check for r in place)
+        try:
+            return await rt.db(dispatch, now=rt.now(), view=view, check_existing=check, **kwargs)
+        except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
+            try:
+                return await rt.db(dispatch, now=rt.now(), check_existing=True, **kwargs)
+            except IntegrityError as exc:  # another dispatcher recorded one of them meanwhile
+                log.warning(
+                    "placement raced another dispatcher; the next pass finishes these jobs",
+                    extra={"action": "dispatch_race", "error": str(exc.orig)},
+                )
+                return None
+
+    def park(self, jobs: list[Ready]) -> None:
+        """Buffered jobs this process will not start (draining): parked, so any dispatcher can."""
+        if jobs:
+            self.handoffs.settle_later(Settlement(park=_parked(jobs)))
+
+
+def _parked(jobs: list[Ready]) -> list[tuple[str, str, str]]:
+    return [(r.element, r.pool, r.job.to_redis()) for r in jobs]

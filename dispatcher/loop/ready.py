@@ -1,0 +1,131 @@
+"""The per-pool ready buffer behind slot hand-off (``dispatcher/loop/handoff.py``).
+
+When an attempt ends, the transaction that ends it may also start the next job on the freed slot. That job
+must be at hand without a Redis round trip, so the dispatch loop keeps, per pool, a few jobs it has already
+moved into this process's processing list (``Intake.take``) and parsed, but not yet recorded in the
+database. They are in Redis the whole time: if the process dies, the sweep puts them back like any other job
+it had taken; on a graceful stop ``hand_back`` does.
+
+Bounds (README "Slot hand-off"): at most ``size`` jobs per pool (``HANDOFF_BUFFER``; 0 turns hand-off off),
+served oldest first, so a high-priority job enqueued after the buffer was filled starts behind at most
+``size`` jobs of its pool that were taken before it. A pool's buffer is refilled only while this process has
+seen its slots freed recently (``DEMAND_SECONDS``): a dispatcher that receives no callbacks for a pool holds
+no jobs for it, and jobs left in a buffer whose demand lapsed are parked again (see ``Dispatcher``).
+
+Pure and process-local: it owns no I/O and is only touched from the event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from producer.job import Job
+
+#: A pool counts as in demand this long after this process last saw one of its slots freed.
+DEMAND_SECONDS = 2.0
+
+
+@dataclass(slots=True)
+class Ready:
+    """A taken, parsed job waiting for a slot of its pool."""
+
+    job: Job
+    pool: str
+    element: str  # exactly as held in the processing list
+    check: bool = False  # the database may know it already (a failed pass or hand-off): look before placing
+    since: float = field(default_factory=time.monotonic)
+
+
+class ReadyBuffer:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._jobs: dict[str, deque[Ready]] = {}
+        self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
+        # Jobs pushed out by ``put_back`` past ``size``: still held (the processing list), parked by the
+        # next pass (``lapsed``).
+        self._over: list[Ready] = []
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._jobs.values())
+
+    def count(self, pool: str) -> int:
+        return len(self._jobs.get(pool, ()))
+
+    def demand(self, pools: Iterable[str], now: float | None = None) -> None:
+        """Slots of ``pools`` were freed here: keep their buffers filled for a while."""
+        now = time.monotonic() if now is None else now
+        for pool in pools:
+            self._demand[pool] = now
+
+    def _wanted(self, pool: str, now: float) -> bool:
+        return self.size > 0 and now - self._demand.get(pool, -1e9) <= DEMAND_SECONDS
+
+    def deficit(self, now: float | None = None) -> dict[str, int]:
+        """Jobs per pool the loop should take to fill the buffers of pools in demand."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for pool in self._demand:
+            if self._wanted(pool, now) and self.count(pool) < self.size:
+                out[pool] = self.size - self.count(pool)
+        return out
+
+    def pop(self, pool: str, n: int) -> list[Ready]:
+        """Up to ``n`` jobs of ``pool``, oldest first."""
+        q = self._jobs.get(pool)
+        out: list[Ready] = []
+        while q and len(out) < n:
+            out.append(q.popleft())
+        return out
+
+    def pop_each(self, n: int) -> list[Ready]:
+        """Up to ``n`` jobs of every pool: candidates for ``n`` freed slots whose pools are not known yet."""
+        return [r for pool in list(self._jobs) for r in self.pop(pool, n)]
+
+    def put_back(self, items: Iterable[Ready]) -> None:
+        """Jobs popped but not placed go back to the front, in their order, ahead of those added since. The
+        loop may have refilled the buffer while they were out (a hand-off's transaction in flight): the
+        youngest past ``size`` leave it, to be parked by the next pass, so the ordering bound holds."""
+        by_pool: dict[str, list[Ready]] = {}
+        for r in items:
+            by_pool.setdefault(r.pool, []).append(r)
+        for pool, rs in by_pool.items():
+            q = self._jobs.setdefault(pool, deque())
+            q.extendleft(reversed(rs))
+            over = [q.pop() for _ in range(len(q) - max(self.size, 0))]
+            self._over.extend(reversed(over))
+
+    def add(self, items: Iterable[Ready], now: float | None = None) -> list[Ready]:
+        """Append jobs that found no slot; returns those that do not fit, or whose pool is not in demand here
+        (to be parked)."""
+        now = time.monotonic() if now is None else now
+        over = []
+        for r in items:
+            q = self._jobs.setdefault(r.pool, deque())
+            if len(q) < self.size and self._wanted(r.pool, now):
+                q.append(r)
+            else:
+                over.append(r)
+        return over
+
+    def lapsed(self, now: float | None = None) -> list[Ready]:
+        """Take out the jobs of pools no longer in demand (this process stopped seeing their slots freed),
+        and those ``put_back`` pushed out."""
+        now = time.monotonic() if now is None else now
+        out, self._over = self._over, []
+        for pool, q in self._jobs.items():
+            if q and not self._wanted(pool, now):
+                out.extend(q)
+                q.clear()
+        return out
+
+    def drain(self) -> list[Ready]:
+        out, self._over = self._over + [r for q in self._jobs.values() for r in q], []
+        for q in self._jobs.values():
+            q.clear()
+        return out
+
+    def elements(self) -> list[str]:
+        return [r.element for r in self._over] + [r.element for q in self._jobs.values() for r in q]

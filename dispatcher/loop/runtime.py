@@ -1,0 +1,231 @@
+"""What every part of the dispatcher shares: settings, stores, clock, clients, metrics, owned tasks.
+
+``Runtime`` is built once per dispatcher process (``Runtime.build``) and handed to each part — the loop
+(``core.py``), the GPU requests, hand-offs, housekeeping, cancels, pull agents — so no part holds the
+``Dispatcher`` itself. What a part needs from the loop goes through the narrow interfaces here:
+``EndsAttempts`` (end an attempt, give a cancelled attempt's slot back, implemented in ``attempt_ends.py``)
+and ``SlotSignals`` (a slot was freed, implemented in ``wakeups.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from redis.asyncio import Redis
+from sqlalchemy import Engine
+
+from dispatcher.db.agents import ensure_token
+from dispatcher.db.attempts import Backoff, Finish
+from dispatcher.db.clock import clock_offset
+from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
+from dispatcher.db.gpus import list_gpus, register_new
+from dispatcher.db.hot import HotThread
+from dispatcher.gpus.gpu_client import GpuClient
+from dispatcher.limits import Limits
+from dispatcher.metrics import Metrics
+from dispatcher.preflight import slots_mismatch
+from dispatcher.queues.intake import Intake
+from dispatcher.queues.task_events import EventPublisher
+from dispatcher.settings import DispatcherSettings
+from dispatcher.states import Outcome
+from producer.keys import Keys
+
+log = logging.getLogger("gpuq.dispatcher")
+T = TypeVar("T")
+
+#: A change of the clock offset worth a line in the log.
+_CLOCK_NOTICE = timedelta(milliseconds=500)
+
+
+class EndsAttempts(Protocol):
+    """What the parts that learn an attempt's fate (GPU answers, leases, cancels, silent agents) call."""
+
+    async def end_attempt(
+        self,
+        task_id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        result: Any = None,
+        error: str | None = None,
+        reported: str | None = None,
+    ) -> Finish: ...
+
+    async def confirm_stop(self, task_id: str, attempt: int, *, why: str) -> bool: ...
+
+
+class SlotSignals(Protocol):
+    """What the parts that free slots (or find work) tell the loop."""
+
+    def slot_freed(self) -> None: ...
+
+
+@dataclass(eq=False)
+class Runtime:
+    """The dependencies and the little shared state of one dispatcher process; see the module docstring."""
+
+    settings: DispatcherSettings
+    engine: Engine
+    redis: Redis  # the dispatch loop's client
+    beat_redis: Redis  # the heartbeat's (its own pool: a busy loop never delays it past the key's TTL)
+    keys: Keys
+    intake: Intake
+    gpu: GpuClient
+    publisher_redis: Redis  # task events' (callbacks cause them: their own pool too)
+    hot: HotThread  # the group commit's transactions (callbacks, hand-offs): own thread and connection
+    backoff: Backoff
+    metrics: Metrics = field(default_factory=Metrics)
+    rng: random.Random = field(default_factory=random.Random)  # tie-breaking
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    accepting: bool = True  # False once draining or stopping: no new job is started
+    limits: Limits = field(default_factory=Limits.default)  # until open() has read the packet size
+    clock_offset: timedelta = timedelta(0)  # the database's clock minus ours (see db/clock.py)
+    #: What is wrong but does not stop this process (found at start; ``/readyz`` lists it).
+    warnings: dict[str, str] = field(default_factory=dict)
+    fatal: BaseException | None = None
+    on_fatal: Callable[[], None] | None = None
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)  # owned background work
+    side: set[asyncio.Task[None]] = field(default_factory=set)  # tasks that must not end while running
+    events: EventPublisher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.events = EventPublisher(
+            self.publisher_redis, self.keys, lambda coro: self.spawn(coro, "publish-events")
+        )
+
+    @classmethod
+    def build(
+        cls,
+        settings: DispatcherSettings,
+        engine: Engine,
+        redis: Redis,
+        *,
+        beat: Redis | None = None,
+        publisher: Redis | None = None,
+    ) -> Runtime:
+        """``redis`` serves the dispatch loop; ``beat`` (the heartbeat) and ``publisher`` (task events, which
+        callbacks cause) get clients of their own when given, so none of them waits for the others' pool."""
+        keys = Keys(settings.redis_key_prefix)
+        intake = Intake(
+            redis,
+            keys,
+            settings.dispatcher_id,
+            settings.all_queues,
+            settings.weights,
+            routes=settings.routes,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_seconds=settings.redis_wait_timeout_seconds,
+        )
+        gpu = GpuClient(
+            bearer_token=settings.bearer_token.get_secret_value(),
+            connect_timeout=settings.gpu_connect_timeout_seconds,
+            request_timeout=settings.gpu_request_timeout_seconds,
+            max_answer_bytes=settings.gpu_answer_max_bytes,
+        )
+        return cls(
+            settings=settings,
+            engine=engine,
+            redis=redis,
+            beat_redis=beat or redis,
+            keys=keys,
+            intake=intake,
+            gpu=gpu,
+            publisher_redis=publisher or redis,
+            hot=HotThread(engine),
+            backoff=Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds),
+        )
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def now(self) -> datetime:
+        """Naive UTC on the database's clock: leases written here and judged by other processes agree."""
+        return utcnow() + self.clock_offset
+
+    async def sync_clock(self) -> None:
+        offset = await self.db(clock_offset)
+        if abs(offset - self.clock_offset) > _CLOCK_NOTICE:
+            log.warning(
+                "this machine's clock differs from the database's; leases use the database's",
+                extra={"action": "clock", "offset_seconds": round(offset.total_seconds(), 3)},
+            )
+        self.clock_offset = offset
+
+    async def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """``fn`` in one transaction, in a worker thread; each commit is counted (``gpuq_db_commits``: the
+        benchmark's commits per job)."""
+        out = await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+        self.metrics.db_commits.inc()
+        return out
+
+    async def db_hot(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        """``fn`` in one transaction on the hot path's own database thread (``dispatcher/db/hot.py``)."""
+        out = await self.hot.run(fn, **kwargs)
+        self.metrics.db_commits.inc()
+        return out
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str, *, side: bool = False) -> None:
+        """Start owned background work: kept in a set until done; a side task that dies is fatal."""
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
+        self.own(task, side=side)
+
+    def own(self, task: asyncio.Task[None], *, side: bool = False) -> None:
+        (self.side if side else self.inflight).add(task)
+        task.add_done_callback(self._side_done if side else self.inflight.discard)
+
+    def _side_done(self, task: asyncio.Task[None]) -> None:
+        self.side.discard(task)
+        if task.cancelled() or self.stopping.is_set():
+            return
+        self.fatal = task.exception() or RuntimeError(f"{task.get_name()} ended")
+        log.critical(
+            "a dispatcher task died; stopping",
+            extra={"action": "fatal", "task": task.get_name()},
+            exc_info=self.fatal,
+        )
+        self.stopping.set()
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Schema, clock, size limits, GPUs (registered, pull tokens issued), GPU client, heartbeat, and the
+        jobs of dispatchers that died swept back."""
+        await asyncio.to_thread(init_schema, self.engine)
+        self.hot.start()
+        await self.sync_clock()
+        s = self.settings
+        self.limits = Limits.for_packet(
+            await self.db(max_packet), max_job_bytes=s.max_job_bytes, max_result_bytes=s.max_result_bytes
+        )
+        # Lowered to what the database's max_allowed_packet takes (see limits.py).
+        log.info("size limits", extra={"action": "limits", **asdict(self.limits)})
+        now = self.now()
+        for ep in s.endpoints:  # python -m dispatcher checked them already (preflight.py)
+            known = await self.db(
+                register_new, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=s.slots_per_gpu, now=now
+            )
+            if known is not None:
+                raise RuntimeError(
+                    f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered with {known.url} in pool {known.pool}"
+                )
+            if ep.pull and (token := await self.db(ensure_token, gpu_id=ep.gpu_id, now=now)) is not None:
+                # Shown once, here, by the one dispatcher that issued it (the database keeps its hash).
+                log.warning(
+                    f"pull GPU {ep.gpu_id} registered; its agent token (shown once): {token}",
+                    extra={"action": "agent_token", "gpu_id": ep.gpu_id},
+                )
+        if s.endpoints:
+            registered = {g.gpu_id: g.slots for g in await self.db(list_gpus)}
+            if mismatch := slots_mismatch(s, registered):
+                self.warnings["slots_per_gpu"] = mismatch
+                log.warning(mismatch, extra={"action": "config", "slots_per_gpu": s.slots_per_gpu})
+        await self.gpu.start()
+        await self.intake.heartbeat()
+        await self.intake.sweep_dead()

@@ -1,0 +1,81 @@
+"""What wakes the dispatch loop, and what it should look at when it wakes.
+
+Parts that free slots or find work (hand-offs, housekeeping, cancels, agents) call ``slot_freed``, ``room``
+or ``refill`` here instead of reaching into the loop (``core.py``); the loop waits on ``event`` and asks,
+once per pass, ``take_room``, ``look_wanted`` and ``isolating``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from dispatcher.errors import TRANSIENT
+from dispatcher.loop.runtime import Runtime
+
+log = logging.getLogger("gpuq.dispatcher")
+
+
+class Wakeups:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.event = asyncio.Event()  # "a slot was freed OR a job arrived OR stop"
+        self.look = True  # free slots may exist that nobody counted: the next pass reads them
+        self.isolate = False  # a pass raised something unforeseen: try its jobs one at a time
+        self._room: dict[str, int] | None = None  # free slots per pool a hand-off left over (fresh count)
+        self._publish_pending = False  # a wake-up to publish once the one in flight is out
+        self._publishing = False
+
+    def slot_freed(self) -> None:
+        """Wake this loop to look for free slots now, and every other dispatcher through Redis. A burst of
+        freed slots costs one PUBLISH in flight plus one after it, not one per slot."""
+        self.look = True
+        self.event.set()
+        self._publish_pending = True
+        if not self._publishing:
+            self._publishing = True
+            self.rt.spawn(self._publish(), "publish-wake")
+
+    def room(self, free: dict[str, int]) -> None:
+        """A hand-off left ``free`` slots per pool (counted in its transaction) with no buffered job for
+        them: the loop fills them without reading them again, and other dispatchers are woken (they may
+        serve other queues). A look someone else asked for meanwhile (a slot freed by another dispatcher
+        after this hand-off's count) stays asked for: clearing it lost that wake-up until the idle poll."""
+        look = self.look
+        self._room = free
+        self.slot_freed()
+        self.look = look
+
+    def refill(self) -> None:
+        """Buffered jobs were used: wake the loop to take more (no slot is free: nobody else to wake)."""
+        self.event.set()
+
+    def look_now(self) -> None:
+        """Something may have changed that nobody counted (a wake-up from elsewhere, a lost one): look."""
+        self.look = True
+        self.event.set()
+
+    async def _publish(self) -> None:
+        try:
+            while self._publish_pending:
+                self._publish_pending = False
+                await self.rt.intake.wake_others("slot")
+        except TRANSIENT as exc:
+            log.warning("could not publish wake-up", extra={"action": "wake", "error": str(exc)})
+        finally:
+            self._publishing = False
+
+    def take_room(self) -> dict[str, int] | None:
+        """The free slots a hand-off counted and left to the loop, once."""
+        room, self._room = self._room, None
+        return room
+
+    def look_wanted(self) -> bool:
+        """Whether a slot may have been freed that nobody counted (then the pass reads them), once."""
+        look, self.look = self.look, False
+        return look
+
+    def isolating(self) -> bool:
+        """Whether the last pass failed in a way no rule foresaw (its jobs are tried one by one), once."""
+        isolate, self.isolate = self.isolate, False
+        return isolate

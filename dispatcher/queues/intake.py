@@ -1,0 +1,416 @@
+"""The dispatcher's side of Redis: taking jobs reliably, settling them, sweeping, heartbeats and wake-ups.
+
+A job never exists only in this process's memory: a Lua script moves it atomically from its list into this
+dispatcher's processing list of that queue (``Keys.proc``), tagged with the list it came from
+(``<source>\\n<raw>``). A queue's lists, parked lists and processing lists share its hash tag, so every
+script here touches one Redis Cluster slot: on a cluster (``REDIS_CLUSTER``) a take runs once per queue, and a
+settlement is one MULTI per queue; on one Redis a take still covers all queues in one round trip.
+It leaves the processing list only after the database has recorded it (``settle``), or when it is
+dead-lettered or handed back.
+
+Take contract (``take``): a job is taken only for a pool that can start it now (``free``), so jobs for a
+full pool stay in their queue lists, in priority order, visible and changeable (``gpuq task priority``,
+``GET /tasks/{id}``) and counted in the queue-age metric. A job taken for a pool's ready buffer counts
+against that pool's budget too (``loop/placing.py`` passes room plus buffer deficit). A taken job that
+then finds no slot (another dispatcher was faster) is buffered or parked by the placing pass;
+``Settlement.back`` puts such a job back at the head of its list instead. Parked lists are served first for
+their pool.
+
+If the process dies, its heartbeat key expires and any other dispatcher puts the tagged jobs back at the head
+of their lists (``sweep``); the heartbeat records which queues the process serves (``Keys.owner_queues``), so
+the sweeper finds its processing lists even for queues it does not serve itself. Key names live in
+``producer.keys``; jobs left under the names before issue 15 are moved by ``dispatcher.queues.migrate``.
+
+``REDIS_WAIT_REPLICAS``: a write that hands a job back to Redis alone (a requeue, a settlement) is followed by
+a fence (``fence``): a small write to the same slot and ``WAIT`` on its connection. Replication keeps a
+master's order, so replicas holding the fence hold the hand-off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from redis.asyncio import Redis
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
+
+from dispatcher.queues.intake_lua import REQUEUE, SCAN_DEPTH, SWEEP, TAKE
+from dispatcher.queues.migrate import migrate, sweep_legacy_proc
+from producer.connect import is_cluster, refresh_slots_async, wait_options
+from producer.keys import PRIORITY_ORDER, Keys, Legacy, queue_key, queue_lists, scope
+
+log = logging.getLogger("gpuq.intake")
+
+__all__ = ["SCAN_DEPTH", "Intake", "NotReplicated", "Settlement", "Taken", "as_str", "weighted_order"]
+
+HEARTBEAT_TTL_SECONDS = 10
+
+
+class NotReplicated(RedisError):
+    """Fewer replicas than REDIS_WAIT_REPLICAS acknowledged a hand-off in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Taken:
+    element: str  # exactly as held in the processing list
+    source: str  # the list it came from
+    raw: str
+    queue: str | None  # the queue it belongs to; None for a parked job (its body says)
+    pool: str | None = None  # the pool it was taken for (its type's route); None when unknown or unparsable
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What to do with taken jobs once the database has decided, applied in one MULTI/EXEC."""
+
+    ack: list[str] = field(default_factory=list)
+    park: list[tuple[str, str, str]] = field(default_factory=list)  # (element, pool, job json)
+    # (element, job json): back to the head of the list it came from, in this order (lost a slot race)
+    back: list[tuple[str, str]] = field(default_factory=list)
+    dead: list[tuple[str, str, str | None, str]] = field(default_factory=list)  # (element, raw, queue, why)
+    restamp: list[tuple[str, str]] = field(default_factory=list)  # (old element, new element)
+
+
+def weighted_order(queues: list[str], weights: dict[str, int] | None = None) -> list[str]:
+    """One cycle of smooth weighted round-robin (nginx's): with weights a=3, b=1 -> a a b a. Each queue
+    appears as often as its weight (default 1), spread out rather than in runs."""
+    w = {q: (weights or {}).get(q, 1) for q in queues}
+    current = dict.fromkeys(queues, 0)
+    order = []
+    for _ in range(sum(w.values())):
+        for q in queues:
+            current[q] += w[q]
+        best = max(queues, key=lambda q: current[q])
+        current[best] -= sum(w.values())
+        order.append(best)
+    return order
+
+
+class Intake:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        dispatcher_id: str,
+        queues: list[str],
+        weights: dict[str, int] | None = None,
+        *,
+        routes: dict[str, str] | None = None,
+        default_pool: str = "default",
+        wait_replicas: int = 0,
+        wait_timeout_seconds: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.dispatcher_id = dispatcher_id
+        self.procs = {q: keys.proc(q, dispatcher_id) for q in queues}
+        self.queues = queues
+        self.routes = dict(routes or {})  # task type -> pool (TASK_ROUTES)
+        self.default_pool = default_pool
+        self.cluster = is_cluster(redis)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = int(wait_timeout_seconds * 1000)
+        self._order = weighted_order(queues, weights)
+        self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+        self._parked_stem = {f"{keys.prefix}{scope(q)}:parked:": q for q in queues}
+        self._take = redis.register_script(TAKE)
+        self._turn = 0
+        self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
+        self._old_seen = False  # a dispatcher of that layout was running at the last sweep
+
+    @property
+    def proc(self) -> str:
+        """The processing list of the first queue (tests that serve one queue look at it)."""
+        return self.procs[self.queues[0]]
+
+    def queue_of(self, source: str) -> str | None:
+        """The queue a source list (a priority list or a parked list) belongs to; None if not ours."""
+        queue = self._queue_of.get(source)
+        if queue is None:
+            # a pool name may hold a colon: the longest stem that starts the key (one may start another's)
+            stems = [stem for stem in self._parked_stem if source.startswith(stem)]
+            queue = self._parked_stem[max(stems, key=len)] if stems else None
+        return queue
+
+    async def take(self, want: int, free: dict[str, int] | None) -> list[Taken]:
+        """Up to ``want`` jobs, never more for a pool than ``free`` gives it (pool -> slots it can start now;
+        ``None``: no limit per pool). First the parked lists of pools with room, then the queues by weighted
+        round-robin (QUEUE_WEIGHTS): one job per visit, a queue of weight w visited w times per cycle, each
+        call starting one step further along the cycle, so the shares hold for small takes too. A job's pool
+        is its type's route (TASK_ROUTES, else the default pool); a job whose pool is full stays in its list,
+        in its place, while jobs behind it for pools with room are taken (within ``SCAN_DEPTH``).
+
+        On a cluster each queue is its own script (its own slot): the queues are visited in the same
+        rotating order, each asked for what the ones before it left of ``want`` and of the pools' room."""
+        if want <= 0:
+            return []
+        budgets = {pool: n for pool, n in (free or {}).items() if n > 0}
+        start = self._turn % len(self._order)
+        self._turn += 1
+        order = self._order[start:] + self._order[:start]
+        if not self.cluster:
+            return await self._take_from(order, want, free is not None, budgets)
+        out: list[Taken] = []
+        for queue in dict.fromkeys(order):
+            if len(out) >= want or (free is not None and not budgets):
+                break
+            got = await self._take_from([queue], want - len(out), free is not None, budgets)
+            for t in got:
+                if t.pool in budgets:
+                    budgets[t.pool] -= 1
+                    if budgets[t.pool] <= 0:
+                        del budgets[t.pool]
+            out += got
+        return out
+
+    async def _take_from(
+        self, order: list[str], want: int, limited: bool, budgets: dict[str, int]
+    ) -> list[Taken]:
+        keys: list[str] = []
+        args: list[str | int] = [want, SCAN_DEPTH, self.default_pool, 1 if limited else 0]
+        args += [len(self.routes), *(v for pair in self.routes.items() for v in pair)]
+        args += [len(budgets), *(v for pair in budgets.items() for v in pair)]
+        for queue in dict.fromkeys(order):
+            for pool in budgets:
+                keys += [self.procs[queue], self.keys.parked(queue, pool)]
+                args.append(f"1:{pool}")
+        for queue in order:
+            keys += [self.procs[queue], *queue_lists(queue)]
+            args.append(f"{len(PRIORITY_ORDER)}:")
+        flat = await self._take(keys=keys, args=args)
+        out = []
+        for i in range(0, len(flat), 3):
+            source, raw = as_str(flat[i]), as_str(flat[i + 1])
+            for_pool = as_str(flat[i + 2]) or None
+            out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source), for_pool))
+        return out
+
+    async def held(self) -> list[Taken]:
+        """What our processing lists still hold: empty between passes unless one did not finish."""
+        pipe = self.redis.pipeline(transaction=False)
+        for proc in self.procs.values():
+            pipe.lrange(proc, 0, -1)
+        out = []
+        for elements in await pipe.execute():
+            for element in elements:
+                source, _, raw = as_str(element).partition("\n")
+                out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source)))
+        return out
+
+    async def settle(self, s: Settlement) -> None:
+        """Apply ``s``: one MULTI/EXEC per queue on a cluster (one slot each), one in all on one Redis."""
+        ops, dead = self._commands(s)
+        if self.cluster and dead:
+            # The dead-letter list is in another slot: written first, so a crash in between leaves a job in
+            # both (dead-lettered again when swept back), never in neither.
+            await self.redis.rpush(self.keys.dead, *dead)
+            dead = []
+        merged = (
+            list(ops.items()) if self.cluster else [(self.queues[0], [c for v in ops.values() for c in v])]
+        )
+        for queue, commands in merged:
+            pipe = self.redis.pipeline(transaction=True)
+            for command, key, value in commands:
+                if command == "lrem":
+                    pipe.lrem(key, 1, value)
+                else:
+                    getattr(pipe, command)(key, value)
+            if dead:
+                pipe.rpush(self.keys.dead, *dead)
+                dead = []
+            await pipe.execute()
+            if self.wait_replicas and (s.park or s.back or s.dead):
+                await self.fence(queue, strict=False)
+        if dead:
+            await self.redis.rpush(self.keys.dead, *dead)
+
+    def _commands(self, s: Settlement) -> tuple[dict[str, list[tuple[str, str, Any]]], list[str]]:
+        """``s`` as commands per queue (command, key, value) and the dead letters to push."""
+        ops: dict[str, list[tuple[str, str, Any]]] = {}
+
+        def on(element: str, *commands: tuple[str, str, Any]) -> None:
+            queue = self.queue_of(element.partition("\n")[0]) or self.queues[0]
+            ops.setdefault(queue, []).append(("lrem", self.procs[queue], _b(element)))
+            ops[queue].extend(commands)
+
+        for el in s.ack:
+            on(el)
+        # Jobs taken from a parked list go back to its head (LPUSH in reverse keeps their order); jobs newly
+        # parked go to its tail, behind those parked before them: a pool's parked jobs keep their order.
+        for el, pool, body in reversed(s.park):
+            if el.startswith(self._parked_key(el, pool) + "\n"):
+                on(el, ("lpush", self._parked_key(el, pool), body))
+        for el, pool, body in s.park:
+            if not el.startswith(self._parked_key(el, pool) + "\n"):
+                on(el, ("rpush", self._parked_key(el, pool), body))
+        for el, body in reversed(s.back):
+            on(el, ("lpush", el.partition("\n")[0], body))
+        now = datetime.now(UTC).isoformat()
+        # json.dumps writes bytes that were not UTF-8 (kept as surrogate escapes) as \udcXX escapes
+        dead = [json.dumps({"raw": raw, "reason": why, "queue": q, "at": now}) for _, raw, q, why in s.dead]
+        for el, *_ in s.dead:
+            on(el)
+        for old, new in s.restamp:
+            queue = self.queue_of(old.partition("\n")[0]) or self.queues[0]
+            on(old, ("rpush", self.procs[queue], new))
+        return ops, dead
+
+    def _parked_key(self, element: str, pool: str) -> str:
+        return self.keys.parked(self.queue_of(element.partition("\n")[0]) or self.queues[0], pool)
+
+    async def fence(self, queue: str, *, strict: bool = True) -> None:
+        """Wait until REDIS_WAIT_REPLICAS replicas hold what was written to ``queue``'s slot so far: a write
+        there and WAIT on the same connection (replication keeps the master's order). ``strict``: raise
+        NotReplicated when too few answer in time; else log it (the write itself is done)."""
+        key = self.keys.fence(queue)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, self.dispatcher_id, ex=60)
+        pipe.execute_command(
+            "WAIT", self.wait_replicas, self.wait_timeout_ms, **wait_options(self.redis, key)
+        )
+        try:
+            acked = int((await pipe.execute())[1])
+        except (RedisError, RedisClusterException):
+            await refresh_slots_async(self.redis)  # a failover: WAIT must go to the slot's new master
+            raise
+        if acked >= self.wait_replicas:
+            return
+        if strict:
+            raise NotReplicated(f"only {acked} of {self.wait_replicas} replicas acknowledged")
+        log.warning(
+            "a hand-off is not yet on enough replicas",
+            extra={"action": "wait_replicas", "queue": queue, "acked": acked, "wanted": self.wait_replicas},
+        )
+
+    async def hand_back(self) -> int:
+        """Put every job still in our processing lists back where it came from (stop, or after an error)."""
+        return await self._sweep_procs(list(self.procs.values()))
+
+    async def _sweep_procs(self, procs: list[str]) -> int:
+        moved = 0
+        for proc in procs:  # one script per list: each is one slot
+            moved += int(await self.redis.eval(SWEEP, 1, proc))
+        return moved
+
+    async def heartbeat(self, redis: Redis | None = None) -> None:
+        """``redis``: a client of the heartbeat's own, so that nothing queued on the loop's delays it."""
+        pipe = (redis or self.redis).pipeline(transaction=False)
+        pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
+        pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
+        pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
+        await pipe.execute()
+
+    async def is_alive(self, dispatcher_id: str) -> bool:
+        """Does this dispatcher still refresh its heartbeat? (A stopped one retires its key at once.)"""
+        return bool(await self.redis.exists(self.keys.alive(dispatcher_id)))
+
+    async def retire(self) -> None:
+        await self.redis.delete(self.keys.alive(self.dispatcher_id))
+        await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
+        await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
+
+    async def queues_of(self, dispatcher_id: str) -> list[str]:
+        """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
+        raw = await self.redis.hget(self.keys.owner_queues, dispatcher_id)
+        try:
+            recorded = json.loads(raw) if raw else []
+        except ValueError:
+            recorded = []
+        names = [q for q in recorded if isinstance(q, str)] if isinstance(recorded, list) else []
+        return list(dict.fromkeys([*names, *self.queues]))
+
+    async def sweep_dead(self) -> int:
+        """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back. On one
+        Redis, also what the layout before issue 15 holds (``dispatcher.queues.migrate``)."""
+        moved = 0
+        # The set, and the queue records too: a dispatcher of the layout before issue 15 that swept one of
+        # ours took it out of the set without touching its per-queue lists (rolling upgrade).
+        members = await self.redis.smembers(self.keys.dispatchers)
+        recorded = await self.redis.hkeys(self.keys.owner_queues)
+        # A dispatcher of the old layout records no queues. While one runs, and at the sweep after it is
+        # gone, look for old parked lists: it parks its ready buffer there when it drains, then retires.
+        old_running = bool({as_str(m) for m in members} - {as_str(r) for r in recorded})
+        look_for_old, self._old_seen = self._scan_old or self._old_seen or old_running, old_running
+        for other in dict.fromkeys(as_str(raw) for raw in [*members, *recorded]):
+            if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
+                continue
+            queues = await self.queues_of(other)
+            n = await self._sweep_procs([self.keys.proc(q, other) for q in queues])
+            if not self.cluster:  # the layout before issue 15 exists only on one Redis
+                n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
+            await self.redis.srem(self.keys.dispatchers, other)
+            await self.redis.hdel(self.keys.owner_queues, other)
+            if n:
+                log.warning(
+                    "put back jobs of a dispatcher that is gone",
+                    extra={"action": "sweep", "dead_dispatcher": other, "jobs": n},
+                )
+            moved += n
+        if not self.cluster:
+            moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
+            self._scan_old = False
+        return moved
+
+    async def requeue(self, jobs: list[tuple[str, str]]) -> None:
+        """Push (list key, job json) at the head of their lists: retries whose backoff is over, first due
+        first (pushed in reverse keeps their order at the head). One script per slot on a cluster; then,
+        with REDIS_WAIT_REPLICAS, a fence: the database may mark them queued only once replicas hold them."""
+        if not jobs:
+            return
+        groups: dict[int, list[tuple[str, str]]] = {}
+        for key, body in jobs:
+            slot = key_slot(key.encode()) if self.cluster else 0
+            groups.setdefault(slot, []).append((key, body))
+        for group in groups.values():
+            lists = [k for k, _ in group]
+            await self.redis.eval(REQUEUE, len(lists), *lists, *(b for _, b in group))
+            if self.wait_replicas:
+                await self.fence(self._queue_of_list(lists[0]))
+
+    def _queue_of_list(self, key: str) -> str:
+        """The queue whose list ``key`` is (any queue's, not only ours): for the fence's slot."""
+        queue = self.queue_of(key)
+        if queue is not None:
+            return queue
+        for suffix in (":high", ":low"):
+            if key.startswith("{") and key.endswith("}" + suffix):
+                return key[1 : -len(suffix) - 1]
+            if key.endswith(suffix):  # a queue with its own {tag}
+                return key[: -len(suffix)]
+        return key
+
+    async def wake_others(self, what: str) -> None:
+        await self.redis.publish(self.keys.wake, what)
+
+    async def depths(self) -> dict[str, int]:
+        pipe = self.redis.pipeline(transaction=False)
+        names = [queue_key(q, p) for q in self.queues for p in PRIORITY_ORDER]
+        for name in names:
+            pipe.llen(name)
+        pipe.llen(self.keys.dead)
+        counts = await pipe.execute()
+        return dict(zip([*names, self.keys.dead], (int(c) for c in counts), strict=True))
+
+
+def _lrem_push(pipe: Any, proc: str, element: str, key: str, body: str, *, head: bool) -> None:
+    pipe.lrem(proc, 1, _b(element))
+    if head:
+        pipe.lpush(key, body)
+    else:
+        pipe.rpush(key, body)
+
+
+def as_str(value: bytes | str) -> str:
+    """Text of a Redis value. Bytes that are not UTF-8 (anyone can RPUSH anything) become surrogate escapes,
+    so the job can still be dead-lettered and its element removed by ``_b`` of the same text."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _b(element: str) -> str:
+    """The exact bytes of a processing-list element read through ``_s`` (redis-py takes bytes as well as
+    str where its stubs say str)."""
+    return cast(str, element.encode("utf-8", "surrogateescape"))

@@ -1,0 +1,155 @@
+"""Moving a job that waits in Redis to another priority list of its queue (``gpuq task priority``).
+
+Two small scripts: ``_FIND`` looks for the job by task id in the given lists, server-side, and returns the
+list and the element; the new body (its ``priority`` rewritten, every other field kept byte for byte as
+Python's json keeps them) is made here; ``_MOVE`` then removes exactly that element and pushes the new one
+in one step, or does nothing when the element is gone (a dispatcher took it meanwhile). So a job is never
+lost or doubled: it is either moved or left to the dispatcher that took it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.asyncio import Redis as AsyncRedis
+
+from dispatcher.queues.intake import as_str
+from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
+
+# KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
+# (their elements are "<source>\n<job>"; 0: none). Returns {list, element, index} or nil. Chunks of 500.
+_FIND = """
+local id = ARGV[1]
+local first_proc = tonumber(ARGV[2] or '0')
+for k, key in ipairs(KEYS) do
+  local n = redis.call('LLEN', key)
+  local i = 0
+  while i < n do
+    for j, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
+      local body = el
+      if first_proc > 0 and k >= first_proc then
+        local nl = string.find(el, '\\n', 1, true)
+        if nl then body = string.sub(el, nl + 1) end
+      end
+      local ok, obj = pcall(cjson.decode, body)
+      if ok and type(obj) == 'table' then
+        local tid = obj['task_id']
+        if tid == nil and type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
+        if tid == id then
+          return {key, el, i + j - 1}
+        end
+      end
+    end
+    i = i + 500
+  end
+end
+return nil
+"""
+
+# KEYS: source list, target list. ARGV: element as found, new element. 1 if moved, 0 if it was gone.
+_MOVE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    found: bool
+    source: str | None = None
+    target: str | None = None
+
+
+def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Priority) -> Moved:
+    """Move the job with ``task_id`` waiting in one of ``queues`` to the back of its ``priority`` list."""
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    for _ in range(3):
+        hit = None
+        for queue in queues:  # one queue (one cluster slot) per script
+            hit = rds.eval(_FIND, len(PRIORITY_ORDER), *queue_lists(queue), task_id)
+            if hit:
+                break
+        if not hit:
+            return Moved(False)
+        source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+        target = queue_key(queue_of[source], priority)
+        if source == target:
+            return Moved(True, source, target)
+        body = json.loads(element)
+        body["priority"] = priority.value
+        if rds.eval(_MOVE, 2, source, target, element, json.dumps(body, separators=(",", ":"))):
+            return Moved(True, source, target)
+    return Moved(False)
+
+
+def _waiting_lists(keys: Keys, queue: str, pools: list[str]) -> list[str]:
+    """Where a job of ``queue`` waits: its priority lists, then its parked lists (all in one slot)."""
+    return [*queue_lists(queue), *(keys.parked(queue, pool) for pool in pools)]
+
+
+def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
+    """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
+    source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+    position = int(hit[2])
+    if source not in queue_of and "\n" in element and not element.startswith("{"):
+        # Taken by a dispatcher (its processing list or ready buffer), not yet recorded: about to start.
+        source, _, element = element.partition("\n")
+        position = 0
+    try:
+        body = json.loads(element)
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    data = body.get("data")
+    return {
+        "task_id": task_id,
+        "state": "queued",
+        "type": body.get("type"),
+        "queue": queue_of.get(source) or body.get("queue"),
+        "priority": body.get("priority") or "normal",
+        "list": source,
+        "position": position,  # jobs ahead of it in that list
+        "attempts": body.get("attempt") or 0,
+        "enqueued_at": body.get("enqueued_at"),
+        "gpu_id": None,
+        "slot_index": None,
+        "data": data if isinstance(data, dict) else None,
+    }
+
+
+def find_waiting(
+    rds: redis.Redis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
+) -> dict[str, Any] | None:
+    """The job with ``task_id`` if it waits in Redis (its queues' lists or a parked list), else None."""
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    for queue in queues:  # one queue (one cluster slot) per script
+        lists = _waiting_lists(keys, queue, pools)
+        hit = rds.eval(_FIND, len(lists), *lists, task_id)
+        if hit:
+            return _waiting(task_id, hit, queue_of)
+    return None
+
+
+async def find_waiting_async(
+    rds: AsyncRedis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
+) -> dict[str, Any] | None:
+    """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
+    processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
+    neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
+    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    owners = sorted(as_str(v) for v in await rds.smembers(keys.dispatchers))
+    for queue in queues:  # one queue (one cluster slot) per script
+        lists = _waiting_lists(keys, queue, pools)
+        procs = [keys.proc(queue, o) for o in owners]
+        hit = await rds.eval(
+            _FIND, len(lists) + len(procs), *lists, *procs, task_id, len(lists) + 1 if procs else 0
+        )
+        if hit:
+            return _waiting(task_id, hit, queue_of)
+    return None

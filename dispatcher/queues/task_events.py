@@ -1,0 +1,86 @@
+"""A task's state changes on its Redis channel (``Keys.task_events``), for ``GET /tasks/{id}/events`` and
+``POST /v1/embeddings`` (which listen through queues/event_hub.py), whichever dispatcher process the
+GPU's callbacks reach.
+
+Publishing sits on the hot path (one event per dispatch and per callback), so it never waits for Redis and
+never reads the database: events go into a buffer, and one background flush at a time sends the buffer as
+one pipeline of PUBLISHes. Events are best-effort (an event lost while Redis is away is not replayed): a
+listener reads the task's state from the database first, and again when the stream has been quiet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from producer.keys import Keys
+
+log = logging.getLogger("gpuq.events")
+
+#: Events sent in one pipeline at most.
+_BATCH = 500
+#: Event names that end a task's stream.
+FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
+
+
+def event(name: str, task_id: str, **fields: Any) -> dict[str, Any]:
+    return {"event": name, "task_id": task_id, "at": datetime.now(UTC).isoformat(), **fields}
+
+
+def encode(value: Any) -> bytes:
+    """JSON of an event (or of a GPU's partial output, to measure it): orjson, or json for what orjson
+    refuses (an integer past 64 bits, a lone surrogate), so any value a callback parsed to can be sent."""
+    try:
+        return orjson.dumps(value, default=str)
+    except TypeError:
+        return json.dumps(value, default=str).encode()
+
+
+class EventPublisher:
+    def __init__(self, redis: Redis, keys: Keys, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._spawn = spawn
+        self._pending: list[tuple[str, bytes]] = []
+        self._flushing = False
+
+    def publish(self, name: str, task_id: str, **fields: Any) -> None:
+        """Queue one event; returns at once."""
+        payload = encode(event(name, task_id, **fields))
+        self._pending.append((self.keys.task_events(task_id), payload))
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush())
+
+    async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
+        """Publish one event and return once Redis has it. For partial output: the GPU sends its next
+        partial after our answer, maybe to another dispatcher process, whose PUBLISH must come after ours."""
+        payload = encode(event(name, task_id, **fields))
+        try:
+            await self.redis.publish(self.keys.task_events(task_id), payload)
+        except (RedisError, OSError) as exc:
+            log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+                pipe = self.redis.pipeline(transaction=False)
+                for channel, payload in batch:
+                    pipe.publish(channel, payload)
+                try:
+                    await pipe.execute()
+                except (RedisError, OSError) as exc:
+                    log.warning(
+                        "task events not published",
+                        extra={"action": "events", "lost": len(batch), "error": str(exc)},
+                    )
+        finally:
+            self._flushing = False
