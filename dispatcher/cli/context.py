@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from dispatcher.db.engine import make_engine, transaction
+from dispatcher.queues.wakes import wake_sync
 from dispatcher.settings import StoreSettings
 from producer.connect import sync_client
 from producer.keys import Keys
@@ -70,7 +71,7 @@ class Stores:
 
     def wake(self, what: str) -> None:
         """Tell every dispatcher to look again now (a slot was freed, a GPU added, a task retried)."""
-        self.redis.publish(self.keys.wake, what)
+        wake_sync(self.redis, self.keys, what)
 
     def db_where(self) -> str:
         return make_url(self.settings.db_url()).render_as_string(hide_password=True)

@@ -11,6 +11,8 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import age, console, rows_table
 from dispatcher.db.gpus import list_gpus
+from dispatcher.queues.dead_letters import listed
+from dispatcher.queues.dead_letters import purge as purge_dead
 from dispatcher.queues.queue_view import Plan, read_sync
 
 app = typer.Typer(help="Queue depths and dead letters.", no_args_is_help=True)
@@ -26,7 +28,7 @@ def list_(
     """Depth of every queue at every priority, the oldest job's wait, parked jobs and dead letters."""
     s = stores(ctx)
     if dead:
-        entries = s.redis.lrange(s.keys.dead, 0, -1)
+        entries = listed(s.redis, s.keys)
         for raw in entries:
             typer.echo(_describe(raw))
         console().print(f"{len(entries)} dead letter(s) in {s.keys.dead}")
@@ -67,14 +69,11 @@ def purge(
     s = stores(ctx)
     key = s.keys.dead
     if not yes:
-        entries = s.redis.lrange(key, 0, -1)
+        entries = listed(s.redis, s.keys)
         for raw in entries:
             typer.echo(_describe(raw))
         raise OperatorError(f"{len(entries)} dead letter(s) in {key}; run again with --yes to delete them")
-    pipe = s.redis.pipeline(transaction=True)  # read and delete in one step: none added meanwhile is lost
-    pipe.lrange(key, 0, -1)
-    pipe.delete(key)
-    entries, _ = pipe.execute()
+    entries = purge_dead(s.redis, s.keys)  # read and delete in one step: none added meanwhile is lost
     for raw in entries:
         typer.echo(_describe(raw))
     console().print(f"removed {len(entries)} dead letter(s) from {key}")

@@ -19,7 +19,7 @@ from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
 from dispatcher.loop.cancels import WAKE_CANCEL
 from dispatcher.queues.reprioritize import find_waiting, move_job
-from dispatcher.queues.task_events import event
+from dispatcher.queues.task_events import publish_sync
 from dispatcher.states import TaskState
 from producer.keys import Priority
 
@@ -81,7 +81,7 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
     s = stores(ctx)
     fin = s.db(cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
     if fin.code == "applied":  # for anyone watching GET /tasks/{id}/events
-        s.redis.publish(s.keys.task_events(task_id), json.dumps(event("cancelled", task_id, by="operator")))
+        publish_sync(s.redis, s.keys, "cancelled", task_id, by="operator")
     if fin.held:
         s.wake(WAKE_CANCEL)  # the dispatcher that started the attempt tells the GPU
     if fin.code == "applied":

@@ -51,10 +51,9 @@ from dispatcher.http.openai_shapes import (
 from dispatcher.http.routes import D, H, bearer_is
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.event_hub import RETRY_AFTER_SECONDS, EventHub, HubFull, Listener
+from dispatcher.queues.submit import push, pushed
 from dispatcher.states import TERMINAL
-from producer.enqueue import PUSH_LUA, push_arguments
 from producer.errors import InvalidJob
-from producer.events import Planned
 from producer.job import TaskIn, build_job
 
 log = logging.getLogger("gpuq.http")
@@ -145,8 +144,7 @@ async def task_result(
     task = await d.db(get_task, task_id=task_id)
     if task is None:
         # Pushed but not yet taken by a dispatcher: the push's idempotency mark says it exists.
-        marks = [d.keys.idem(q, f"task:{task_id}") for q in d.settings.all_queues]
-        if any([await hub.redis.exists(mark) for mark in marks]):  # one queue (cluster slot) at a time
+        if await pushed(hub.redis, d.keys, d.settings.all_queues, f"task:{task_id}"):
             return JSONResponse(pending_body(task_id, None), status_code=202)
         raise NotFound(f"unknown task {task_id!r}", code="task_not_found")
     if task["finished_at"] and _expired(task["finished_at"], d):
@@ -179,10 +177,9 @@ async def _enqueue(d: Dispatcher, hub: EventHub, task_id: str, task_type: str, d
         )
     except (ValidationError, InvalidJob) as exc:
         raise BadInput(f"cannot enqueue this request: {exc}") from None
-    keys, args = push_arguments(
-        [Planned(job, f"task:{task_id}")], d.keys, ttl=d.settings.idempotency_ttl_seconds
+    await push(
+        hub.redis, d.keys, job, idempotency_key=f"task:{task_id}", ttl=d.settings.idempotency_ttl_seconds
     )
-    await hub.redis.eval(PUSH_LUA, len(keys), *keys, *args)
     if d.settings.redis_wait_replicas:
         # Not acknowledged before replicas hold it; NotReplicated is a RedisError, answered as Redis trouble.
         await d.intake.fence(job.queue)

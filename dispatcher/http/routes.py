@@ -20,7 +20,7 @@ from dispatcher.errors import ErrorBody, NotFound, Unauthorized, Unavailable, re
 from dispatcher.http.callback import bearer
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.event_hub import EventHub
-from dispatcher.queues.queue_view import Plan, read_async
+from dispatcher.queues.queue_view import Plan, ping, read_async
 from dispatcher.queues.reprioritize import find_waiting_async
 
 log = logging.getLogger("gpuq.http")
@@ -140,7 +140,7 @@ async def readyz(d: D, hub: H) -> JSONResponse:
     the error goes to the log."""
     problems = {}
     try:
-        await hub.redis.ping()
+        await ping(hub.redis)
     except (RedisError, OSError) as exc:
         problems["redis"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "redis", "error": str(exc)})

@@ -32,6 +32,7 @@ from dispatcher.loop.housekeeping import Housekeeping
 from dispatcher.loop.placing import Placing
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
+from dispatcher.queues.wakes import WakeChannel
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import Outcome
 
@@ -237,16 +238,16 @@ class Dispatcher:
     async def _listen(self) -> None:
         """Wake-ups from other processes (a slot freed there, a job enqueued by a producer)."""
         while not self.rt.stopping.is_set():
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            channel = WakeChannel(self.redis, self.keys)
             try:
-                await pubsub.subscribe(self.keys.wake)
+                await channel.open()
                 while not self.rt.stopping.is_set():
-                    message = await pubsub.get_message(timeout=1.0)
-                    if message is not None and self.agents.on_message(message.get("data")):
+                    message = await channel.next(timeout=1.0)
+                    if message is not None and self.agents.on_message(message):
                         continue  # jobs placed on a pull GPU: its polls here look, the loop need not
                     if message is not None:
                         self.wake.look_now()  # a slot freed elsewhere, or a job pushed: look
-                        if message.get("data") in (WAKE_CANCEL, WAKE_CANCEL.encode()):
+                        if message in (WAKE_CANCEL, WAKE_CANCEL.encode()):
                             self.cancel_wanted()
             except TRANSIENT as exc:
                 log.warning(
@@ -267,4 +268,4 @@ class Dispatcher:
                 await asyncio.sleep(0.5)
             finally:
                 with contextlib.suppress(*TRANSIENT, RuntimeError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await channel.close()

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import orjson
+from redis import Redis as SyncRedis
 
 from dispatcher.errors import TRANSIENT
 from dispatcher.metrics import Metrics
 from dispatcher.queues.intake import Settlement, Taken
 from producer.errors import InvalidJob
 from producer.job import Job, parse_redis_job
+from producer.keys import Keys
 
 log = logging.getLogger("gpuq.dispatcher")
 
@@ -114,3 +117,18 @@ def _queue_in_body(raw: str) -> str | None:
         return None
     queue = value.get("queue") if isinstance(value, dict) else None
     return queue if isinstance(queue, str) else None
+
+
+def listed(client: SyncRedis, keys: Keys) -> list[bytes]:
+    """Every entry of the dead-letter list, oldest first (``gpuq queue list --dead``)."""
+    return cast(list[bytes], client.lrange(keys.dead, 0, -1))
+
+
+def purge(client: SyncRedis, keys: Keys) -> list[bytes]:
+    """Empty the dead-letter list and return what it held: read and delete in one MULTI, so an entry added
+    meanwhile is either returned or kept, never lost unseen (``gpuq queue purge --dead --yes``)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.lrange(keys.dead, 0, -1)
+    pipe.delete(keys.dead)
+    entries, _ = pipe.execute()
+    return cast(list[bytes], entries)

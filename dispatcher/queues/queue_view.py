@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from redis.asyncio import Redis
+
 from dispatcher.queues.intake import as_str
 from producer.keys import PRIORITY_ORDER, Keys, queue_key
 
@@ -163,3 +165,8 @@ async def read_async(client: Any, plan: Plan) -> RedisView:
 def pools_of(gpus: list[dict[str, Any]], routes: dict[str, str]) -> list[str]:
     """Pools whose parked list may hold jobs: those of the GPUs, of TASK_ROUTES, and the default one."""
     return sorted({g["pool"] for g in gpus} | set(routes.values()) | {"default"})
+
+
+async def ping(redis: Redis) -> None:
+    """Raises when Redis does not answer (``GET /readyz``)."""
+    await redis.ping()

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -84,3 +85,8 @@ class EventPublisher:
                     )
         finally:
             self._flushing = False
+
+
+def publish_sync(client: SyncRedis, keys: Keys, name: str, task_id: str, **fields: Any) -> None:
+    """Publish one event at once from a blocking client (the CLI: ``gpuq task cancel``)."""
+    client.publish(keys.task_events(task_id), encode(event(name, task_id, **fields)))
