@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
-from dispatcher.queues.intake import as_str
+from dispatcher.queues.presence import as_str
 from producer.keys import PRIORITY_ORDER, Keys, queue_key
 
 

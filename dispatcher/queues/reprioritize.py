@@ -16,7 +16,7 @@ from typing import Any
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from dispatcher.queues.intake import as_str
+from dispatcher.queues.presence import as_str
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
 
 # KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS

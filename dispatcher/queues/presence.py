@@ -1,0 +1,110 @@
+"""A dispatcher's presence in Redis: its heartbeat, and giving back the jobs of those whose heartbeat is gone.
+
+The other half of ``intake.py`` (which takes and settles jobs): while a dispatcher lives its heartbeat key
+says so and records which queues it serves (``Keys.owner_queues``); when it is gone, any other dispatcher puts
+the jobs of its processing lists back at the head of the lists they came from (``sweep_dead``), and a
+dispatcher that stops gives its own back (``hand_back``) and retires its key. ``Intake`` inherits all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from redis.asyncio import Redis
+
+from dispatcher.queues.intake_lua import SWEEP
+from dispatcher.queues.migrate import migrate, sweep_legacy_proc
+from producer.keys import Keys, Legacy
+
+log = logging.getLogger("gpuq.intake")
+
+HEARTBEAT_TTL_SECONDS = 10
+
+
+class Presence:
+    """Set by ``Intake.__init__``."""
+
+    redis: Redis
+    keys: Keys
+    dispatcher_id: str
+    procs: dict[str, str]  # queue -> this dispatcher's processing list of it
+    queues: list[str]
+    cluster: bool
+    _scan_old: bool  # look for parked lists of the layout before issue 15 at the next sweep
+    _old_seen: bool  # a dispatcher of that layout was running at the last sweep
+
+    async def hand_back(self) -> int:
+        """Put every job still in our processing lists back where it came from (stop, or after an error)."""
+        return await self._sweep_procs(list(self.procs.values()))
+
+    async def _sweep_procs(self, procs: list[str]) -> int:
+        moved = 0
+        for proc in procs:  # one script per list: each is one slot
+            moved += int(await self.redis.eval(SWEEP, 1, proc))
+        return moved
+
+    async def heartbeat(self, redis: Redis | None = None) -> None:
+        """``redis``: a client of the heartbeat's own, so that nothing queued on the loop's delays it."""
+        pipe = (redis or self.redis).pipeline(transaction=False)
+        pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
+        pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
+        pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
+        await pipe.execute()
+
+    async def is_alive(self, dispatcher_id: str) -> bool:
+        """Does this dispatcher still refresh its heartbeat? (A stopped one retires its key at once.)"""
+        return bool(await self.redis.exists(self.keys.alive(dispatcher_id)))
+
+    async def retire(self) -> None:
+        await self.redis.delete(self.keys.alive(self.dispatcher_id))
+        await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
+        await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
+
+    async def queues_of(self, dispatcher_id: str) -> list[str]:
+        """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
+        raw = await self.redis.hget(self.keys.owner_queues, dispatcher_id)
+        try:
+            recorded = json.loads(raw) if raw else []
+        except ValueError:
+            recorded = []
+        names = [q for q in recorded if isinstance(q, str)] if isinstance(recorded, list) else []
+        return list(dict.fromkeys([*names, *self.queues]))
+
+    async def sweep_dead(self) -> int:
+        """Give back the jobs of dispatchers whose heartbeat is gone; returns how many were put back. On one
+        Redis, also what the layout before issue 15 holds (``dispatcher.queues.migrate``)."""
+        moved = 0
+        # The set, and the queue records too: a dispatcher of the layout before issue 15 that swept one of
+        # ours took it out of the set without touching its per-queue lists (rolling upgrade).
+        members = await self.redis.smembers(self.keys.dispatchers)
+        recorded = await self.redis.hkeys(self.keys.owner_queues)
+        # A dispatcher of the old layout records no queues. While one runs, and at the sweep after it is
+        # gone, look for old parked lists: it parks its ready buffer there when it drains, then retires.
+        old_running = bool({as_str(m) for m in members} - {as_str(r) for r in recorded})
+        look_for_old, self._old_seen = self._scan_old or self._old_seen or old_running, old_running
+        for other in dict.fromkeys(as_str(raw) for raw in [*members, *recorded]):
+            if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
+                continue
+            queues = await self.queues_of(other)
+            n = await self._sweep_procs([self.keys.proc(q, other) for q in queues])
+            if not self.cluster:  # the layout before issue 15 exists only on one Redis
+                n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
+            await self.redis.srem(self.keys.dispatchers, other)
+            await self.redis.hdel(self.keys.owner_queues, other)
+            if n:
+                log.warning(
+                    "put back jobs of a dispatcher that is gone",
+                    extra={"action": "sweep", "dead_dispatcher": other, "jobs": n},
+                )
+            moved += n
+        if not self.cluster:
+            moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
+            self._scan_old = False
+        return moved
+
+
+def as_str(value: bytes | str) -> str:
+    """Text of a Redis value. Bytes that are not UTF-8 (anyone can RPUSH anything) become surrogate escapes,
+    so the job can still be dead-lettered and its element removed by ``_b`` of the same text."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
