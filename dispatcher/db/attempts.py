@@ -2,7 +2,8 @@
 
 Every path goes through ``finish_attempt``, which locks the task row, checks that the attempt is still the
 current one, frees the slot and moves the task on, all in one transaction. Whichever of a callback, a GPU
-answer and a lease expiry comes first wins; the others find the attempt over and change nothing.
+answer and a lease expiry comes first wins; the others find the attempt over and change nothing. A task
+left retrying comes back to Redis through ``deferred.py``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
 from dispatcher.db.batch import end_attempts
 from dispatcher.db.cancels import cancel_running
-from dispatcher.db.dispatch import free_slot
 from dispatcher.db.schema import Timestamp, slots, tasks
-from dispatcher.states import DEFERRED, TERMINAL, Outcome, TaskState
-from producer.job import Job
-from producer.keys import Priority
+from dispatcher.db.snapshot import free_slot
+from dispatcher.states import TERMINAL, Outcome, TaskState
 
 Code = Literal["applied", "repeat", "stale", "unknown"]
 
@@ -325,65 +324,6 @@ def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backo
         .values(state=TaskState.CANCELLED.value, finished_at=now, updated_at=now, run_after=None)
     )
     return Finish("applied", TaskState.CANCELLED.value)
-
-
-def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[Job]:
-    """Retrying and scheduled tasks whose time has come, as jobs to put back in Redis.
-
-    A task recorded under older, looser rules that no longer makes a valid job (its data too deep, a time
-    out of range) fails here with the reason, instead of stopping housekeeping at every tick."""
-    rows = conn.execute(
-        select(tasks)
-        .where(tasks.c.state.in_([s.value for s in DEFERRED]), tasks.c.run_after <= now)
-        .order_by(tasks.c.run_after)
-        .limit(limit)
-    )
-    jobs = []
-    for r in rows:
-        try:
-            jobs.append(
-                Job(
-                    task_id=r.task_id,
-                    type=r.type,
-                    data=json.loads(r.data),
-                    queue=r.queue,
-                    priority=Priority(r.priority),
-                    attempt=r.attempt,
-                    enqueued_at=r.enqueued_at or r.created_at,
-                )
-            )
-        except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
-            conn.execute(
-                update(tasks)
-                .where(tasks.c.task_id == r.task_id, tasks.c.state.in_([s.value for s in DEFERRED]))
-                .values(
-                    state=TaskState.FAILED.value,
-                    run_after=None,
-                    finished_at=now,
-                    updated_at=now,
-                    error=clip_text(f"cannot be put back in a queue: {exc}"),
-                )
-            )
-    return jobs
-
-
-def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:
-    """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already, or
-    that another dispatcher requeued first); returns the ids this call moved to ``queued``."""
-    moved = []
-    for job in jobs:
-        res = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == job.task_id,
-                tasks.c.attempt == job.attempt,
-                tasks.c.state.in_([s.value for s in DEFERRED]),
-            )
-            .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
-        )
-        if res.rowcount == 1:
-            moved.append(job.task_id)
-    return moved
 
 
 def slot_drift(conn: Connection) -> list[tuple[str, int, str]]:

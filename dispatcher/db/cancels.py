@@ -20,8 +20,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, select, text, update
 
-from dispatcher.db.dispatch import free_slot
 from dispatcher.db.schema import Timestamp, gpus, slots, tasks
+from dispatcher.db.snapshot import free_slot
 from dispatcher.states import Outcome, TaskState
 
 _HISTORY = text(

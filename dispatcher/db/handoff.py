@@ -26,7 +26,8 @@ from typing import Any
 from sqlalchemy import Connection
 
 from dispatcher.db.attempts import Backoff, Finish, finish_many, free_slots
-from dispatcher.db.dispatch import DispatchResult, dispatch, snapshot, snapshot_ending
+from dispatcher.db.dispatch import DispatchResult, dispatch
+from dispatcher.db.snapshot import snapshot, snapshot_ending
 from dispatcher.loop.placement import capacity
 from producer.job import Job
 

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import time
 
-from dispatcher.db.attempts import due_deferred, expired_leases, mark_queued, slot_drift
+from dispatcher.db.attempts import expired_leases, slot_drift
+from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.gpus import probe_result, probes_due
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.runtime import EndsAttempts, Runtime, SlotSignals
@@ -22,7 +23,7 @@ from producer.keys import queue_key
 log = logging.getLogger("gpuq.housekeeping")
 
 TICK_SECONDS = 0.25
-#: Between heartbeats (the key lives HEARTBEAT_TTL_SECONDS, 10).
+#: Between heartbeats (the key lives HEARTBEAT_TTL_SECONDS of queues/presence.py, 10).
 HEARTBEAT_SECONDS = 2.0
 #: "GPU still down" is logged at most this often per GPU (probes go on every GPU_PROBE_SECONDS).
 STILL_DOWN_EVERY_SECONDS = 60.0

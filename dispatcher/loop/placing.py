@@ -15,7 +15,8 @@ import time
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.dead_letters import fail_dead_lettered
-from dispatcher.db.dispatch import DispatchResult, dispatch, snapshot
+from dispatcher.db.dispatch import DispatchResult, dispatch
+from dispatcher.db.snapshot import snapshot
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.placement import GpuFree, capacity

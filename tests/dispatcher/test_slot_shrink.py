@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from dispatcher.db.attempts import Backoff, finish_attempt
-from dispatcher.db.dispatch import dispatch, snapshot
+from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import register_gpu
+from dispatcher.db.snapshot import snapshot
 from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import fleet_engine, job

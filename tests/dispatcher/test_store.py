@@ -11,18 +11,18 @@ from sqlalchemy.exc import IntegrityError
 from dispatcher.db.attempts import (
     Backoff,
     cancel_task,
-    due_deferred,
     expired_leases,
     extend_lease,
     finish_attempt,
     finish_many,
-    mark_queued,
     slot_drift,
 )
 from dispatcher.db.cancels import release_cancelled
-from dispatcher.db.dispatch import _defer, dispatch, snapshot
+from dispatcher.db.deferred import due_deferred, mark_queued
+from dispatcher.db.dispatch import _defer, dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
+from dispatcher.db.snapshot import snapshot
 from dispatcher.loop.placement import capacity
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job

@@ -8,7 +8,8 @@ from datetime import timedelta
 
 from sqlalchemy import text
 
-from dispatcher.db.attempts import cancel_task, due_deferred, finish_attempt
+from dispatcher.db.attempts import cancel_task, finish_attempt
+from dispatcher.db.deferred import due_deferred
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.states import Outcome
 from producer.job import Job

@@ -26,15 +26,8 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import Engine, text
 
-from dispatcher.db.attempts import (
-    Backoff,
-    due_deferred,
-    expired_leases,
-    extend_lease,
-    finish_attempt,
-    mark_queued,
-    slot_drift,
-)
+from dispatcher.db.attempts import Backoff, expired_leases, extend_lease, finish_attempt, slot_drift
+from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_gpu, set_gpu_state

@@ -13,8 +13,8 @@ import pytest
 import redis
 from sqlalchemy import text
 
-from dispatcher.db.attempts import due_deferred
 from dispatcher.db.cancels import release_cancelled
+from dispatcher.db.deferred import due_deferred
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.db.schema import SCHEMA_VERSION

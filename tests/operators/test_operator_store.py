@@ -7,7 +7,8 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from dispatcher.db.attempts import Backoff, due_deferred
+from dispatcher.db.attempts import Backoff
+from dispatcher.db.deferred import due_deferred
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import remove_gpu
 from dispatcher.db.operator import retry_task

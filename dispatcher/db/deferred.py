@@ -1,0 +1,79 @@
+"""Retrying and scheduled tasks wait in the database, not in Redis: here they come back when their time has.
+
+An attempt that failed with attempts left (``attempts.py``) or a job with ``not_before`` (``dispatch.py``)
+leaves the task ``retrying`` or ``scheduled`` with a ``run_after``. Housekeeping reads the due ones as jobs
+(``due_deferred``), pushes them back into Redis, and only then marks them ``queued`` (``mark_queued``), so a
+crash in between leaves a harmless extra copy in Redis, never a task in neither store.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import Connection, select, update
+
+from dispatcher.db.attempts import clip_text
+from dispatcher.db.schema import tasks
+from dispatcher.states import DEFERRED, TaskState
+from producer.job import Job
+from producer.keys import Priority
+
+
+def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[Job]:
+    """Retrying and scheduled tasks whose time has come, as jobs to put back in Redis.
+
+    A task recorded under older, looser rules that no longer makes a valid job (its data too deep, a time
+    out of range) fails here with the reason, instead of stopping housekeeping at every tick."""
+    rows = conn.execute(
+        select(tasks)
+        .where(tasks.c.state.in_([s.value for s in DEFERRED]), tasks.c.run_after <= now)
+        .order_by(tasks.c.run_after)
+        .limit(limit)
+    )
+    jobs = []
+    for r in rows:
+        try:
+            jobs.append(
+                Job(
+                    task_id=r.task_id,
+                    type=r.type,
+                    data=json.loads(r.data),
+                    queue=r.queue,
+                    priority=Priority(r.priority),
+                    attempt=r.attempt,
+                    enqueued_at=r.enqueued_at or r.created_at,
+                )
+            )
+        except (ValueError, RecursionError) as exc:  # ValidationError is a ValueError
+            conn.execute(
+                update(tasks)
+                .where(tasks.c.task_id == r.task_id, tasks.c.state.in_([s.value for s in DEFERRED]))
+                .values(
+                    state=TaskState.FAILED.value,
+                    run_after=None,
+                    finished_at=now,
+                    updated_at=now,
+                    error=clip_text(f"cannot be put back in a queue: {exc}"),
+                )
+            )
+    return jobs
+
+
+def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:
+    """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already, or
+    that another dispatcher requeued first); returns the ids this call moved to ``queued``."""
+    moved = []
+    for job in jobs:
+        res = conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == job.task_id,
+                tasks.c.attempt == job.attempt,
+                tasks.c.state.in_([s.value for s in DEFERRED]),
+            )
+            .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
+        )
+        if res.rowcount == 1:
+            moved.append(job.task_id)
+    return moved
