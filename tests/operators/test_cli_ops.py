@@ -52,7 +52,7 @@ def test_the_wheel_carries_the_operator_queries(tmp_path):
     )
     (wheel,) = tmp_path.glob("gpuq-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        shipped = zf.read("dispatcher/queries.sql").decode()
+        shipped = zf.read("dispatcher/cli/queries.sql").decode()
     assert shipped == (Path(ROOT) / "sql" / "queries.sql").read_text()
 
 
