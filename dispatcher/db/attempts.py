@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
-from dispatcher.db.batch import end_attempts
+from dispatcher.db.batch import end_attempts, end_final_attempts
 from dispatcher.db.cancels import cancel_running
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.db.snapshot import free_slot
@@ -213,7 +213,8 @@ def finish_many(
     if len(items) == 1 or len(set(ids)) != len(ids):  # repeats within a burst: in order, one at a time
         return [finish_attempt(conn, now=now, backoff=backoff, free=free, **item) for item in items]
     prepared = [_params(now=now, backoff=backoff, **item) for item in items]
-    changed = end_attempts(conn, items=prepared, now=now)
+    final = not any(p["retry"] or p["refund"] or p["expiry"] for p in prepared)
+    changed = (end_final_attempts if final else end_attempts)(conn, items=prepared, now=now)
     rows: dict[str, Any] = {}
     if changed != len(items) or any(p["retry"] for p in prepared):
         rows = {

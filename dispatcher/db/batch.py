@@ -132,3 +132,46 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
     )
     params["now"] = now
     return int(conn.execute(_typed(sql, stamps, "now"), params).rowcount)
+
+
+def _case(key: str, values: Sequence[Any], name: str, params: dict[str, Any]) -> str:
+    """``:value`` when every item has the same one, else ``CASE key WHEN :k0 THEN :v0 … END``."""
+    if all(v == values[0] for v in values) and all(type(v) is type(values[0]) for v in values):
+        params[name] = values[0]
+        return f":{name}"
+    whens = []
+    for i, value in enumerate(values):
+        params[f"{name}_{i}"] = value
+        whens.append(f"WHEN :k_{i} THEN :{name}_{i}")
+    return f"CASE {key} " + " ".join(whens) + " END"
+
+
+def end_final_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
+    """``end_attempts`` for items that all end their tasks for good (no retry, no refund, no lease expiry):
+    the burst of ``finished`` callbacks at saturation. One single-table UPDATE by primary key with the
+    per-item values in ``CASE task_id`` expressions (a column all items agree on is one parameter), instead
+    of a join against a derived table of every column of every item, which MariaDB builds and joins row by
+    row. Same rows changed, same values written."""
+    assert not any(item["retry"] or item["refund"] or item["expiry"] for item in items)
+    ids = [item["task_id"] for item in items]
+    params: dict[str, Any] = {"now": now, "ids": ids}
+    for i, task_id in enumerate(ids):
+        params[f"k_{i}"] = task_id
+    sets = {
+        column: _case("task_id", [item[field] for item in items], column, params)
+        for column, field in (("state", "final"), ("error", "error"), ("last_callback", "reported"))
+    }
+    results = [item["result"] for item in items]
+    result = (
+        "result"
+        if all(r is None for r in results)
+        else f"COALESCE({_case('task_id', results, 'result', params)}, result)"
+    )
+    attempt = _case("task_id", [item["attempt"] for item in items], "attempt", params)
+    sql = (
+        f"UPDATE tasks SET state = {sets['state']}, run_after = NULL, finished_at = :now,"  # noqa: S608
+        f" result = {result}, error = {sets['error']}, last_callback = {sets['last_callback']},"
+        f" updated_at = :now WHERE task_id IN :ids AND state = 'processing' AND attempt = {attempt}"
+    )
+    statement = text(sql).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
+    return int(conn.execute(statement, params).rowcount)
