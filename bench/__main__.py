@@ -50,6 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-celery", action="store_true", help="gpuq only (no Celery installed)")
     p.add_argument("--handoff-buffer", type=int, default=None, help="HANDOFF_BUFFER of gpuq (0: no hand-off)")
     p.add_argument(
+        "--commit-pipeline", type=int, default=None, help="COMMIT_PIPELINE of gpuq (1: one batch at a time)"
+    )
+    p.add_argument(
         "--only",
         default="",
         help="comma list of workloads to run (efficiency,short,three,overhead,pull,pull-short,scaleout)",
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         meta_extra = {"handoff_buffer": args.handoff_buffer}
     else:
         meta_extra = {}
+    if args.commit_pipeline is not None:
+        gpuq_run.COMMIT_PIPELINE = args.commit_pipeline
+        meta_extra["commit_pipeline"] = args.commit_pipeline
     if args.only:
         sets = [w for w in sets if w.name in args.only.split(",")]
     systems = ["gpuq"] if args.no_celery else ["gpuq", "celery"]

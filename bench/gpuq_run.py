@@ -33,6 +33,8 @@ QUEUE = "bench"
 BATCH = 100  # tasks per API Gateway event
 #: HANDOFF_BUFFER for the dispatchers (``--handoff-buffer``); None: the dispatcher's default.
 HANDOFF_BUFFER: int | None = None
+#: COMMIT_PIPELINE for the dispatchers (``--commit-pipeline``); None: the dispatcher's default.
+COMMIT_PIPELINE: int | None = None
 
 
 class Gpuq:
@@ -148,6 +150,8 @@ class Gpuq:
         }
         if HANDOFF_BUFFER is not None:
             settings["HANDOFF_BUFFER"] = str(HANDOFF_BUFFER)
+        if COMMIT_PIPELINE is not None:
+            settings["COMMIT_PIPELINE"] = str(COMMIT_PIPELINE)
         return Proc(name, [sys.executable, "-m", "dispatcher"], process_env(settings), workdir)
 
     def ready(self, proc: Proc) -> bool:

@@ -1,18 +1,29 @@
-"""The hot path's database thread: one thread that owns one connection and runs the group commit's
-transactions (callbacks ending attempts and handing their slots off) one after the other.
+"""The hot path's database threads: each owns one connection and runs the group commit's transactions
+(callbacks ending attempts and handing their slots off) one after the other.
 
 Why not ``asyncio.to_thread`` per transaction: each call went through the default executor's queue, then a
 pool checkout, then the transaction; and the executor's threads are shared with every other store call
 (housekeeping, reads, the loop's passes), so a callback's batch could queue behind them. Here the work item
 goes straight to a thread that is blocked on its queue, runs on a connection it already holds (no checkout,
-no reset, no ping), and the answer comes back with one ``call_soon_threadsafe``. The group commit keeps at
-most one batch in flight, so one thread is all it needs; SQLite uses the same thread (embedded mode).
+no reset, no ping), and the answer comes back with one ``call_soon_threadsafe``.
+
+Why more than one thread (``workers``, the group commit's ``COMMIT_PIPELINE``): with one, the callbacks that
+arrive while a batch runs wait for its last round trip and its COMMIT (an fsync per commit with
+``innodb_flush_log_at_trx_commit=1``) before their own batch can start; that wait was most of a slot's
+turnaround (bench/RESULTS.md). With two, the next batch runs its statements while the previous one commits
+(``STATEMENTS_DONE`` tells the group commit when a batch's statements are done). Measured on the 2-core
+benchmark box it lost (bench/RESULTS.md, "Cheaper end statement; two batches in flight"), so the default
+is one; it is there for a database whose COMMIT (its fsync) dominates a batch.
+Two batches never end the same attempt twice (a task's row lock orders them; the second finds it over) and
+never put two jobs on one slot (each claim is the conditional ``UPDATE … WHERE task_id IS NULL``); a
+deadlock between them is rolled back by the database and the loser run again, as any transaction here.
+SQLite (embedded mode) has one writer at a time, so it gets one thread.
 
 A lost connection (``KILL``, a restart, a network cut) is handled as ``transaction`` does: the connection is
 thrown away, a new one opened, the batch run again (every store function is safe to rerun after a
 rollback); when the store stays down the caller gets ``StoreUnavailable`` (its callbacks answer 503, the
-GPU retries). The thread itself never dies of a transaction's error: whatever the function raises goes to
-its caller. If the thread is gone anyway (closed), work runs through ``asyncio.to_thread`` instead.
+GPU retries). A thread never dies of a transaction's error: whatever the function raises goes to its
+caller. If the threads are gone anyway (closed), work runs through ``asyncio.to_thread`` instead.
 
 An async driver (asyncmy under SQLAlchemy's asyncio engine) was measured against this thread: see
 bench/RESULTS.md, 2026-11-30 "Hot-path database thread".
@@ -21,6 +32,8 @@ bench/RESULTS.md, 2026-11-30 "Hot-path database thread".
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import queue
 import random
@@ -37,48 +50,66 @@ from dispatcher.db.engine import StoreUnavailable, retryable, transaction
 log = logging.getLogger("gpuq.db")
 T = TypeVar("T")
 
-_Work = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+_Done = Callable[[], None] | None
+_Work = tuple[Callable[..., Any], dict[str, Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop, _Done]
+
+#: Set by the caller (the group commit) around ``HotThread.run``: called on the caller's loop once the
+#: transaction's statements are done and its COMMIT is being sent, so the next batch can start meanwhile.
+STATEMENTS_DONE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "statements_done", default=None
+)
 
 
 class HotThread:
-    def __init__(self, engine: Engine, *, attempts: int = 6, name: str = "gpuq-db-hot") -> None:
+    def __init__(
+        self, engine: Engine, *, attempts: int = 6, name: str = "gpuq-db-hot", workers: int = 1
+    ) -> None:
         self.engine = engine
         self.attempts = attempts
+        # SQLite takes one writer at a time (BEGIN IMMEDIATE): a second thread would only wait for the lock.
+        self.workers = 1 if engine.dialect.name == "sqlite" else max(1, workers)
         self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._conn: Connection | None = None
+        self._threads = [
+            threading.Thread(target=self._main, name=name if i == 0 else f"{name}-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
         self._closed = False
+        self._lock = threading.Lock()
         self.reconnects = 0  # connections opened again after one was lost (tests, logs)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     async def run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
-        """``fn(conn, **kwargs)`` in one transaction on the thread's connection."""
-        if self._closed or not self._thread.is_alive():
+        """``fn(conn, **kwargs)`` in one transaction on one of the threads' connections."""
+        if self._closed or not any(t.is_alive() for t in self._threads):
             return await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((fn, kwargs, future, loop))
+        self._queue.put((fn, kwargs, future, loop, STATEMENTS_DONE.get()))
         return await future
 
     async def close(self) -> None:
-        """Finish the work queued, then close the connection and end the thread."""
+        """Finish the work queued, then close the connections and end the threads."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        if self._thread.is_alive():
-            await asyncio.to_thread(self._thread.join)
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            if thread.is_alive():
+                await asyncio.to_thread(thread.join)
 
-    # -- the thread ---------------------------------------------------------------------------------------
+    # -- the threads --------------------------------------------------------------------------------------
 
     def _main(self) -> None:
+        held = _Held()
         try:
             while (work := self._queue.get()) is not None:
-                fn, kwargs, future, loop = work
+                fn, kwargs, future, loop, done = work
                 try:
-                    outcome: Any = self._transaction(fn, kwargs)
+                    outcome: Any = self._transaction(held, fn, kwargs, loop, done)
                     ok = True
                 except BaseException as exc:  # handed to the caller, whatever it is
                     outcome, ok = exc, False
@@ -87,19 +118,30 @@ class HotThread:
                 except RuntimeError:  # the caller's loop is closed: nobody waits for this any more
                     continue
         finally:
-            self._drop()
+            self._drop(held)
 
-    def _transaction(self, fn: Callable[..., T], kwargs: dict[str, Any]) -> T:
+    def _transaction(
+        self,
+        held: _Held,
+        fn: Callable[..., T],
+        kwargs: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[], None] | None,
+    ) -> T:
         delay = 0.005
         for attempt in range(1, self.attempts + 1):
             try:
-                if self._conn is None:
-                    self._conn = self.engine.connect()
-                with self._conn.begin():
-                    return fn(self._conn, **kwargs)
+                if held.conn is None:
+                    held.conn = self.engine.connect()
+                with held.conn.begin():
+                    out = fn(held.conn, **kwargs)
+                    if done is not None:  # the COMMIT goes out as the block ends
+                        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                            loop.call_soon_threadsafe(done)
+                    return out
             except DBAPIError as exc:
-                if exc.connection_invalidated or self._conn is None or self._conn.invalidated:
-                    self._drop(lost=True)
+                if exc.connection_invalidated or held.conn is None or held.conn.invalidated:
+                    self._drop(held, lost=True)
                 if not retryable(exc) or attempt == self.attempts:
                     if isinstance(exc, OperationalError):
                         raise StoreUnavailable(str(exc.orig)) from exc
@@ -109,16 +151,27 @@ class HotThread:
                 delay = min(delay * 3, 1.0)
         raise AssertionError("unreachable")
 
-    def _drop(self, *, lost: bool = False) -> None:
-        """Close the connection (``lost``: after an error that left it unusable; else at the end)."""
-        conn, self._conn = self._conn, None
+    def _drop(self, held: _Held, *, lost: bool = False) -> None:
+        """Close a thread's connection (``lost``: after an error that left it unusable; else at the end)."""
+        conn, held.conn = held.conn, None
         if conn is None:
             return
-        self.reconnects += lost
+        if lost:
+            with self._lock:
+                self.reconnects += 1
         try:
             conn.close()
         except Exception:  # a dead connection may fail to close; it is gone either way
             log.debug("closing a lost connection failed", extra={"action": "db_drop"})
+
+
+class _Held:
+    """One thread's connection (None until its first transaction, and after one was lost)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self) -> None:
+        self.conn: Connection | None = None
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any, ok: bool) -> None:

@@ -31,7 +31,9 @@ class AttemptEnds:
         self.signals = signals
         self.renewals = Renewals(min(rt.settings.task_timeout_seconds / 3, 5.0))
         self._end_many: EndMany | None = None
-        self.finisher = GroupCommit(self._batch, lambda coro: rt.spawn(coro, "finish-batches"))
+        self.finisher = GroupCommit(
+            self._batch, lambda coro: rt.spawn(coro, "finish-batches"), depth=rt.hot.workers
+        )
 
     def hand_off_with(self, end_many: EndMany) -> None:
         """The group commit's batch: ``HandOffs.end_many`` (ends the attempts, starts buffered jobs)."""

@@ -2,6 +2,13 @@
 and go together in the next one. Under load that is one COMMIT and one thread hop per burst of callbacks
 instead of one per callback; alone, a callback waits for nobody.
 
+Up to ``depth`` batches are in flight at once (``COMMIT_PIPELINE``, each on a database connection of its own:
+``db/hot.py``), but only one runs its statements at a time: the next batch takes what queued meanwhile and
+starts as soon as the one before it has sent its last statement and waits for its COMMIT (an fsync), instead
+of after that COMMIT. Batches stay as large as with one in flight, and two of them meet on a row only while
+the first commits. Two copies of one callback in consecutive batches are ordered by the task's row lock:
+the second is a repeat or stale, as it would be one batch later.
+
 A batch is bounded by count and by the bytes of results and errors it carries (``max_bytes``, from the
 database's max_allowed_packet: eight 7 MiB results in one statement made MariaDB drop the connection, and
 all eight were answered 503 round after round). A batch that fails anyway is split: halves while the store
@@ -18,6 +25,7 @@ from typing import Any
 
 from dispatcher.db.attempts import Finish
 from dispatcher.db.engine import StoreUnavailable
+from dispatcher.db.hot import STATEMENTS_DONE
 from dispatcher.limits import Limits, item_bytes
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -34,18 +42,21 @@ class GroupCommit:
         end_many: Callable[[list[dict[str, Any]]], Awaitable[list[Finish]]],
         spawn: Callable[[Coroutine[Any, Any, None]], None],
         max_bytes: int = Limits.default().batch_bytes,
+        depth: int = 1,
     ) -> None:
         self._end_many = end_many
         self._spawn = spawn
         self.max_bytes = max_bytes
+        self.depth = max(1, depth)
         self._queue: list[Entry] = []
-        self._running = False
+        self._running = 0  # drains spawned and not yet finished: batches in flight, at most depth
+        self._turn = asyncio.Lock()  # held by the batch running its statements
 
     async def submit(self, item: dict[str, Any]) -> Finish:
         future: asyncio.Future[Finish] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        if not self._running:
-            self._running = True
+        if self._running < self.depth:
+            self._running += 1
             self._spawn(self._drain())
         return await future
 
@@ -63,9 +74,26 @@ class GroupCommit:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                await self._commit(self._next_batch())
+                await self._turn.acquire()
+                released = False
+
+                def release() -> None:
+                    nonlocal released
+                    if not released:
+                        released = True
+                        self._turn.release()
+
+                if not self._queue:  # taken by the batch that held the turn
+                    release()
+                    break
+                token = STATEMENTS_DONE.set(release if self.depth > 1 else None)
+                try:
+                    await self._commit(self._next_batch())
+                finally:
+                    STATEMENTS_DONE.reset(token)
+                    release()
         finally:
-            self._running = False
+            self._running -= 1
 
     async def _commit(self, batch: list[Entry]) -> None:
         try:

@@ -137,7 +137,7 @@ class Runtime:
             intake=intake,
             gpu=gpu,
             publisher_redis=publisher or redis,
-            hot=HotThread(engine),
+            hot=HotThread(engine, workers=settings.commit_pipeline),
             backoff=Backoff(settings.retry_backoff_seconds, settings.retry_backoff_max_seconds),
         )
 

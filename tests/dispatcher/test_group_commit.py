@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from dispatcher.db.attempts import Finish
+from dispatcher.db.hot import STATEMENTS_DONE
 from dispatcher.loop.group_commit import GroupCommit
 
 
@@ -52,6 +55,112 @@ def test_a_lone_callback_commits_at_once_and_callbacks_during_a_batch_share_the_
         assert batches.seen[1] == ["b", "c", "d"]  # all that arrived during the first, together
         batches.release[1].set()
         assert [(await t).code for t in later] == ["applied"] * 3
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+class Failing(Batches):
+    """Batches whose ``end_many`` raises (a bug in one item, not the store) for any batch holding ``bad``;
+    the others say their statements are done (as the hot thread does before its COMMIT) unless told to hold
+    the turn (``holding``), then wait for their release (the COMMIT)."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+        self.holding: set[str] = set()
+
+    async def end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
+        ids = [item["task_id"] for item in items]
+        if self.bad in ids:
+            self.seen.append(ids)
+            raise ValueError(f"cannot end {self.bad}")
+        done = STATEMENTS_DONE.get()
+        assert done is not None
+        if not self.holding & set(ids):
+            done()
+        return await super().end_many(items)
+
+
+def test_two_batches_in_flight_and_a_failed_one_is_split_while_the_other_runs() -> None:
+    """depth 2 (COMMIT_PIPELINE): a callback arriving while one batch commits starts the second at once; a
+    third place is not taken (the rest wait together for the first free one). A batch that fails is ended
+    again one item at a time while the other batch is still in flight: every callback is answered, only the
+    bad one with the error."""
+
+    async def main() -> None:
+        batches = Failing(bad="x")
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        gc = GroupCommit(batches.end_many, spawn, depth=2)
+        first = asyncio.create_task(gc.submit({"task_id": "a"}))
+        while len(batches.seen) < 1:
+            await asyncio.sleep(0)
+        second = asyncio.create_task(gc.submit({"task_id": "b"}))
+        while len(batches.seen) < 2:  # no waiting for the first batch: the pipeline's second place
+            await asyncio.sleep(0)
+        assert batches.seen == [["a"], ["b"]]
+        later = {t: asyncio.create_task(gc.submit({"task_id": t})) for t in ("c", "x", "d")}
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert len(batches.seen) == 2  # two in flight at most
+        batches.release[0].set()  # the first place frees: c, x, d go together, fail, and are split
+        assert (await first).code == "applied"
+        while len(batches.seen) < 4:
+            await asyncio.sleep(0)
+        assert batches.seen[2] == ["c", "x", "d"]
+        assert batches.seen[3] == ["c"]  # one by one, while b's batch is still in flight
+        assert not second.done()
+        batches.release[2].set()
+        while len(batches.seen) < 6:
+            await asyncio.sleep(0)
+        assert batches.seen[4:] == [["x"], ["d"]]
+        batches.release[3].set()
+        batches.release[1].set()
+        assert (await second).code == "applied"
+        assert (await later["c"]).code == "applied"
+        assert (await later["d"]).code == "applied"
+        with pytest.raises(ValueError, match="cannot end x"):
+            await later["x"]
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+
+
+def test_the_next_batch_waits_while_the_one_before_still_runs_its_statements() -> None:
+    """depth 2: only one batch runs statements at a time; the next starts when the one before signals that
+    its statements are done (its COMMIT going out), not before, and takes everything queued by then."""
+
+    async def main() -> None:
+        batches = Failing(bad="none")
+        batches.holding = {"a"}
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        gc = GroupCommit(batches.end_many, spawn, depth=2)
+        first = asyncio.create_task(gc.submit({"task_id": "a"}))
+        while not batches.seen:
+            await asyncio.sleep(0)
+        later = [asyncio.create_task(gc.submit({"task_id": t})) for t in ("b", "c")]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batches.seen == [["a"]]  # a still runs its statements: b and c wait
+        batches.release[0].set()  # a ends without signalling (e.g. an error path): the turn passes on
+        assert (await first).code == "applied"
+        while len(batches.seen) < 2:
+            await asyncio.sleep(0)
+        assert batches.seen[1] == ["b", "c"]
+        batches.release[1].set()
+        assert [(await t).code for t in later] == ["applied"] * 2
         await asyncio.gather(*tasks)
 
     asyncio.run(main())

@@ -24,14 +24,14 @@ _FREEING = "SET task_id = NULL"
 
 
 class Statements:
-    """The SQL the hot thread sends, in order."""
+    """The SQL the hot threads send, in order."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.sql: list[str] = []
 
     def _record(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if threading.current_thread().name == "gpuq-db-hot":
+        if threading.current_thread().name.startswith("gpuq-db-hot"):  # COMMIT_PIPELINE: -1, -2, ...
             self.sql.append(" ".join(statement.split()))
 
     def __enter__(self) -> Statements:

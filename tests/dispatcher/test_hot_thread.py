@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from dispatcher.db.engine import StoreUnavailable, make_engine
-from dispatcher.db.hot import HotThread
+from dispatcher.db.hot import STATEMENTS_DONE, HotThread
 from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 
 
@@ -123,3 +123,85 @@ def test_a_store_that_stays_down_is_store_unavailable_not_a_hang() -> None:
 
     asyncio.run(main())
     down.dispose()
+
+
+def test_two_workers_run_two_transactions_at_once_and_a_killed_one_runs_again(
+    engine: Engine, any_database_url: str
+) -> None:
+    """COMMIT_PIPELINE 2: the second transaction runs while the first is still open (the first waits inside
+    its transaction for the second to have run: with one thread it would wait in vain and return False);
+    the first's connection is then killed before its COMMIT, and it runs again on a new connection while
+    the other thread's connection lives on."""
+    if not any_database_url.startswith("mysql"):
+        pytest.skip("SQLite takes one writer: one thread (test_sqlite_gets_one_hot_thread_whatever_is_asked)")
+    second_ran = threading.Event()
+
+    class First:
+        def __init__(self) -> None:
+            self.runs = 0
+
+        def __call__(self, conn: Connection) -> bool:
+            self.runs += 1
+            conn.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
+            overlapped = second_ran.wait(60)
+            if self.runs == 1:
+                _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+            return overlapped
+
+    def second(conn: Connection) -> None:
+        conn.execute(text("INSERT INTO counter VALUES (2, 1)"))  # another row: no lock of the first's
+        second_ran.set()
+
+    async def main() -> None:
+        hot = HotThread(engine, workers=2)
+        assert hot.workers == 2
+        hot.start()
+        try:
+            first = First()
+            overlapped = asyncio.create_task(hot.run(first))
+            await asyncio.sleep(0)
+            await hot.run(second)
+            assert await overlapped is True
+            assert first.runs == 2
+            assert hot.reconnects == 1
+        finally:
+            await hot.close()
+
+    asyncio.run(main())
+    assert _count(engine) == 1  # the killed run rolled back, the rerun counted once
+
+
+def test_sqlite_gets_one_hot_thread_whatever_is_asked(sqlite_database_url: str) -> None:
+    e = make_engine(sqlite_database_url)
+    assert HotThread(e, workers=4).workers == 1
+    e.dispose()
+
+
+def test_statements_done_is_signalled_before_the_answer_and_not_for_a_failed_transaction(
+    engine: Engine,
+) -> None:
+    """The group commit's cue to start its next batch (``STATEMENTS_DONE``): called on the caller's loop
+    once the function returned (its COMMIT going out), ahead of the answer; never when it raised."""
+
+    def broken(conn: Connection) -> None:
+        raise ValueError("a bug")
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        hot = HotThread(engine)
+        hot.start()
+        try:
+            token = STATEMENTS_DONE.set(lambda: seen.append("statements done"))
+            try:
+                await hot.run(Bump(kill=False))
+                seen.append("answered")
+                with pytest.raises(ValueError, match="a bug"):
+                    await hot.run(broken)
+            finally:
+                STATEMENTS_DONE.reset(token)
+            await hot.run(Bump(kill=False))  # nobody asked: nothing called
+        finally:
+            await hot.close()
+        return seen
+
+    assert asyncio.run(main()) == ["statements done", "answered"]
