@@ -75,23 +75,16 @@ class GroupCommit:
         try:
             while self._queue:
                 await self._turn.acquire()
-                released = False
-
-                def release() -> None:
-                    nonlocal released
-                    if not released:
-                        released = True
-                        self._turn.release()
-
+                turn = _Held(self._turn)
                 if not self._queue:  # taken by the batch that held the turn
-                    release()
+                    turn.release()
                     break
-                token = STATEMENTS_DONE.set(release if self.depth > 1 else None)
+                token = STATEMENTS_DONE.set(turn.release if self.depth > 1 else None)
                 try:
                     await self._commit(self._next_batch())
                 finally:
                     STATEMENTS_DONE.reset(token)
-                    release()
+                    turn.release()
         finally:
             self._running -= 1
 
@@ -122,6 +115,21 @@ class GroupCommit:
             return
         for entry, fin in zip(batch, results, strict=True):
             _settle([entry], fin)
+
+
+class _Held:
+    """One batch's hold on the turn, released once: when its statements are done or when it ends, whichever
+    comes first (a late signal of a batch that ended must not release the next batch's turn)."""
+
+    __slots__ = ("_held", "_lock")
+
+    def __init__(self, lock: asyncio.Lock) -> None:
+        self._lock, self._held = lock, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
 
 
 #: Below this, a batch that meets a store error is not split: the store is down, not the batch too big.

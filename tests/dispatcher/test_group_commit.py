@@ -164,3 +164,50 @@ def test_the_next_batch_waits_while_the_one_before_still_runs_its_statements() -
         await asyncio.gather(*tasks)
 
     asyncio.run(main())
+
+
+def test_a_late_signal_of_an_ended_batch_does_not_release_the_next_batchs_turn() -> None:
+    """A batch whose statements-done signal comes only after it ended (a cancelled caller, a rerun) must not
+    let a third batch start while the second still runs its statements."""
+
+    async def main() -> None:
+        batches = Failing(bad="none")
+        batches.holding = {"a", "b"}
+        late: list[Any] = []
+        real = batches.end_many
+
+        async def end_many(items: list[dict[str, Any]]) -> list[Finish]:
+            late.append(STATEMENTS_DONE.get())
+            return await real(items)
+
+        tasks: set[asyncio.Task[None]] = set()
+
+        def spawn(coro: Any) -> None:
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        gc = GroupCommit(end_many, spawn, depth=2)
+        first = asyncio.create_task(gc.submit({"task_id": "a"}))
+        while not batches.seen:
+            await asyncio.sleep(0)
+        second = asyncio.create_task(gc.submit({"task_id": "b"}))
+        batches.release[0].set()  # a ends without signalling; b takes the turn
+        assert (await first).code == "applied"
+        while len(batches.seen) < 2:
+            await asyncio.sleep(0)
+        third = asyncio.create_task(gc.submit({"task_id": "c"}))
+        late[0]()  # a's signal, late
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert batches.seen == [["a"], ["b"]]  # b still holds the turn: c waits
+        late[1]()  # b's statements are done
+        while len(batches.seen) < 3:
+            await asyncio.sleep(0)
+        assert batches.seen[2] == ["c"]
+        batches.release[1].set()
+        batches.release[2].set()
+        assert [(await t).code for t in (second, third)] == ["applied"] * 2
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
