@@ -12,6 +12,10 @@ hash tag, see ``scope``)::
                                     swept back to their list when the dispatcher's heartbeat is gone
     P{Q}:parked:<pool>      list    jobs of Q a dispatcher took whose pool then had no slot and that did not
                                     fit its ready buffer; served first once the pool has room
+    P{Q}:aside:<prio>:<pool> list   jobs set aside from the head of Q's <prio> list (high, normal, low) by a
+                                    take that found more than SCAN_DEPTH jobs there whose pool had no room
+                                    (a queue that mixes pools), in their order; logically still the head of
+                                    that list for their pool: served just before it once the pool has room
     P<dead>                 list    jobs that cannot run (unparsable, breaking a limit, a
                                     reused task id): {"raw", "reason", "queue", "at"}
     P<alive>:<dispatcher>   string  the dispatcher's heartbeat (TTL a few seconds)
@@ -121,6 +125,11 @@ class Keys:
 
     def parked(self, queue: str, pool: str) -> str:
         return f"{self.prefix}{scope(queue)}:parked:{pool}"
+
+    def aside(self, queue: str, priority: Priority, pool: str) -> str:
+        """Jobs of ``queue``'s ``priority`` list set aside for ``pool`` (the priority before the pool: a
+        pool's name may hold a colon, a priority's cannot)."""
+        return f"{self.prefix}{scope(queue)}:aside:{priority.value}:{pool}"
 
     def idem(self, queue: str, key: str) -> str:
         return f"{self.prefix}{scope(queue)}:idem:{key}"

@@ -25,7 +25,9 @@ def list_(
         bool, typer.Option("--dead", help="List the dead letters instead: when, queue, reason, the job.")
     ] = False,
 ) -> None:
-    """Depth of every queue at every priority, the oldest job's wait, parked jobs and dead letters."""
+    """Depth of every queue at every priority, the oldest job's wait, parked jobs and dead letters. A queue's
+    depth counts the jobs set aside from it (their pool had no room and they blocked a queue that mixes
+    pools: ``<prefix>{<queue>}:aside:<priority>:<pool>``); the kind column says how many."""
     s = stores(ctx)
     if dead:
         entries = listed(s.redis, s.keys)
@@ -36,7 +38,8 @@ def list_(
     pools = sorted({g.pool for g in s.db(list_gpus)} | set(s.settings.routes.values()) | {"default"})
     view = read_sync(s.redis, Plan(s.keys, s.settings.all_queues, pools))
     rows: list[tuple[Any, ...]] = [
-        (q.key, q.queue, q.priority, q.depth, age(q.oldest_age)) for q in view.queues
+        (q.key, q.queue, q.priority + (f" ({q.aside} set aside)" if q.aside else ""), q.depth, age(q.oldest_age))
+        for q in view.queues
     ]
     rows += [(s.keys.parked("<queue>", pool), pool, "parked", n, "") for pool, n in view.parked.items()]
     rows.append((s.keys.dead, "", "dead letters", view.dead, ""))

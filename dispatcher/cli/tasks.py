@@ -212,7 +212,8 @@ def priority(
         )
         return
     queues = [res.queue] if res.queue else s.settings.all_queues
-    moved = move_job(s.redis, task_id=task_id, queues=queues, priority=level)
+    pools = sorted(set(s.settings.routes.values()) | {"default"})
+    moved = move_job(s.redis, task_id=task_id, queues=queues, priority=level, keys=s.keys, pools=pools)
     if moved.found:
         s.wake("job")
         console().print(f"task {task_id} is now {level.value}: waiting in {moved.target}")

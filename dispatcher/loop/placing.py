@@ -74,11 +74,14 @@ class Placing:
         deficit = h.buffer.deficit()
         limits = {pool: left.get(pool, 0) + deficit.get(pool, 0) for pool in set(left) | set(deficit)}
         want = min(sum(left.values()) + sum(deficit.values()), rt.settings.dispatch_batch_size)
+        set_aside = rt.intake.set_aside
         taken = await rt.intake.take(want, limits) if want > 0 else []
         settlement = Settlement(park=_parked(h.buffer.lapsed()))
         if not (strays or ready or taken):
             await rt.intake.settle(settlement)
-            return False
+            # A take that set jobs aside cleared part of a queue's head: what is behind them is looked at
+            # now, not after an idle poll (each take moves at most SCAN_DEPTH per list: bounded work).
+            return rt.intake.set_aside > set_aside
         started = time.perf_counter()
         items, prepared = self.prepare(strays + taken)
         await self.settle_refused(prepared)

@@ -14,7 +14,10 @@ full pool stay in their queue lists, in priority order, visible and changeable (
 against that pool's budget too (``loop/placing.py`` passes room plus buffer deficit). A taken job that
 then finds no slot (another dispatcher was faster) is buffered or parked by the placing pass;
 ``Settlement.back`` puts such a job back at the head of its list instead. Parked lists are served first for
-their pool.
+their pool. Jobs a take skipped at a list's head because their pool had no room are moved aside, in the
+same script, once more than ``SCAN_DEPTH`` of them sit there (``Keys.aside``: one list per queue, priority
+and pool, served just before that priority's list for their pool), so a queue that mixes pools keeps
+moving for pools with room whatever waits at its head for the others.
 
 If the process dies, its heartbeat key expires and any other dispatcher puts the tagged jobs back at the head
 of their lists (``sweep``); the heartbeat records which queues the process serves (``Keys.owner_queues``), so
@@ -116,11 +119,22 @@ class Intake(Presence):
         self.wait_timeout_ms = int(wait_timeout_seconds * 1000)
         self._order = weighted_order(queues, weights)
         self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
-        self._parked_stem = {f"{keys.prefix}{scope(q)}:parked:": q for q in queues}
+        # parked and set-aside lists: their names start with the queue's stem and end with a pool's name
+        self._parked_stem = {
+            f"{keys.prefix}{scope(q)}:{kind}:": q for q in queues for kind in ("parked", "aside")
+        }
         self._take = redis.register_script(TAKE)
         self._turn = 0
+        #: Jobs this process's takes set aside so far (``Keys.aside``): a take that set jobs aside made room
+        #: at a queue's head, so the loop looks again at once rather than after an idle poll.
+        self.set_aside = 0
         self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
         self._old_seen = False  # a dispatcher of that layout was running at the last sweep
+
+    def pools(self) -> list[str]:
+        """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
+        of these, so its set-aside lists are those a take may write."""
+        return sorted({*self.routes.values(), self.default_pool})
 
     @property
     def proc(self) -> str:
@@ -142,7 +156,10 @@ class Intake(Presence):
         round-robin (QUEUE_WEIGHTS): one job per visit, a queue of weight w visited w times per cycle, each
         call starting one step further along the cycle, so the shares hold for small takes too. A job's pool
         is its type's route (TASK_ROUTES, else the default pool); a job whose pool is full stays in its list,
-        in its place, while jobs behind it for pools with room are taken (within ``SCAN_DEPTH``).
+        in its place, while jobs behind it for pools with room are taken (within ``SCAN_DEPTH``). When the
+        first ``SCAN_DEPTH`` jobs of a list are all for pools without room (a full pool, or one without GPUs,
+        in a queue that mixes pools), they are set aside in order (``Keys.aside``, per priority and pool) and
+        the list is looked at once more: taken before that list's other jobs of their pool once it has room.
 
         On a cluster each queue is its own script (its own slot): the queues are visited in the same
         rotating order, each asked for what the ones before it left of ``want`` and of the pools' room."""
@@ -174,16 +191,29 @@ class Intake(Presence):
         args: list[str | int] = [want, SCAN_DEPTH, self.default_pool, 1 if limited else 0]
         args += [len(self.routes), *(v for pair in self.routes.items() for v in pair)]
         args += [len(budgets), *(v for pair in budgets.items() for v in pair)]
+        pools = self.pools()
+        args += [len(pools), *pools]
+        sources = list(budgets) if limited else pools
         for queue in dict.fromkeys(order):
             for pool in budgets:
                 keys += [self.procs[queue], self.keys.parked(queue, pool)]
                 args.append(f"1:{pool}")
         for queue in order:
-            keys += [self.procs[queue], *queue_lists(queue)]
-            args.append(f"{len(PRIORITY_ORDER)}:")
+            keys.append(self.procs[queue])
+            for priority in PRIORITY_ORDER:
+                keys += [self.keys.aside(queue, priority, pool) for pool in sources]
+                keys.append(queue_key(queue, priority))
+                keys += [self.keys.aside(queue, priority, pool) for pool in pools]
+            args.append(f"q:{len(PRIORITY_ORDER)}")
         flat = await self._take(keys=keys, args=args)
+        if flat[-1]:
+            self.set_aside += int(flat[-1])
+            log.info(
+                "jobs set aside: their pools had no room and they blocked a queue that mixes pools",
+                extra={"action": "set_aside", "jobs": int(flat[-1]), "queues": list(dict.fromkeys(order))},
+            )
         out = []
-        for i in range(0, len(flat), 3):
+        for i in range(0, len(flat) - 1, 3):
             source, raw = as_str(flat[i]), as_str(flat[i + 1])
             for_pool = as_str(flat[i + 2]) or None
             out.append(Taken(f"{source}\n{raw}", source, raw, self._queue_of.get(source), for_pool))

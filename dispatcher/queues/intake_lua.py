@@ -3,19 +3,29 @@ given one queue's keys; on a single Redis a take may cover all queues in one cal
 
 from __future__ import annotations
 
-#: How deep into a list a take looks for a job whose pool has room, past jobs waiting for full pools. The
-#: bound on head-of-line blocking in a queue that mixes pools (seed-style producers); queues named after
-#: their pool (what the producer does with TASK_ROUTES) never need to look past the head.
+#: How deep into a list a take looks for a job whose pool has room, past jobs waiting for pools without room.
+#: A take that looks this deep into a queue's list and finds nothing sets those jobs aside (per priority and
+#: pool, ``Keys.aside``) and looks once more as deep, so a queue that mixes pools (seed-style producers) is
+#: never blocked for long by one pool; queues named after their pool (what the producer does with
+#: TASK_ROUTES) never need to look past the head.
 SCAN_DEPTH = 256
 
-# KEYS: per group its processing list, then its source lists.
+# KEYS: per group its processing list, then its source lists: for a parked group its parked lists; for a
+#       queue group, per priority: the set-aside lists of the source pools, the priority list, the set-aside
+#       lists of all pools (where jobs skipped at that list's head go).
 # ARGV: want, scan depth, default pool, limited (1: only jobs whose pool has budget; 0: any job),
-#       route count R, R x (type, pool), pool count P, P x (pool, budget),
-#       then per group "<size>:<pool>" (pool empty: a queue, each job's pool by its type; else a parked list).
-# Round-robin over groups, one job per visit; within a group the first priority list with a job whose pool
-# has room wins, and within a list the first such job (up to the scan depth): jobs for a full pool stay where
-# they are, in order, while jobs behind them for other pools are taken. A job that is not a JSON object with
-# a string "type" is taken regardless (the dispatcher dead-letters it). Returns source, element, pool triples.
+#       route count R, R x (type, pool), pool count P, P x (pool, budget), pool count A, A x pool (every pool
+#       a job can be routed to), then per group "<size>:<pool>" (a parked group, its lists all of that pool)
+#       or "q:<priorities>" (a queue group). The source pools are the P pools with budget (limited) or the A.
+# Round-robin over groups, one job per visit; within a group the first list with a job whose pool has room
+# wins (a queue group: per priority, the jobs set aside for pools with room, then the list itself), and within
+# a list the first such job, up to the scan depth: jobs for a pool without room stay where they are, in order,
+# while jobs behind them for other pools are taken. When a priority list has no such job in its first `depth`,
+# those jobs (all for pools without room) move, in order, to the tails of their pools' set-aside lists for
+# that priority and the list is looked at once more, as deep: at most 2 x depth reads and depth moves per list
+# and call. A set-aside job is taken before its list's jobs for the same pool, so its place and priority hold.
+# A job that is not a JSON object with a string "type" is taken regardless (the dispatcher dead-letters it);
+# it is never set aside. Returns source, element, pool triples, then how many jobs were set aside.
 TAKE = """
 local want = tonumber(ARGV[1])
 local depth = tonumber(ARGV[2])
@@ -25,15 +35,32 @@ local a = 5
 local routes = {}
 for _ = 1, tonumber(ARGV[a]) do routes[ARGV[a + 1]] = ARGV[a + 2]; a = a + 2 end
 a = a + 1
-local budget = {}
-for _ = 1, tonumber(ARGV[a]) do budget[ARGV[a + 1]] = tonumber(ARGV[a + 2]); a = a + 2 end
+local budget, with_budget = {}, {}
+for _ = 1, tonumber(ARGV[a]) do
+  budget[ARGV[a + 1]] = tonumber(ARGV[a + 2]); with_budget[#with_budget + 1] = ARGV[a + 1]; a = a + 2
+end
 a = a + 1
+local all_pools = {}
+for _ = 1, tonumber(ARGV[a]) do all_pools[#all_pools + 1] = ARGV[a + 1]; a = a + 1 end
+a = a + 1
+local sources = limited and with_budget or all_pools
 local groups, k = {}, 1
 for i = a, #ARGV do
-  local size, pool = string.match(ARGV[i], '^(%d+):(.*)$')
-  local g = {proc = KEYS[k], keys = {}, pool = pool ~= '' and pool or nil, alive = true}
+  local g = {proc = KEYS[k], lists = {}, alive = true}
   k = k + 1
-  for j = 1, tonumber(size) do g.keys[j] = KEYS[k]; k = k + 1 end
+  local priorities = string.match(ARGV[i], '^q:(%d+)$')
+  if priorities then
+    for _ = 1, tonumber(priorities) do
+      for _, pool in ipairs(sources) do g.lists[#g.lists + 1] = {key = KEYS[k], pool = pool}; k = k + 1 end
+      local l = {key = KEYS[k], aside = {}}
+      k = k + 1
+      for _, pool in ipairs(all_pools) do l.aside[pool] = KEYS[k]; k = k + 1 end
+      g.lists[#g.lists + 1] = l
+    end
+  else
+    local size, pool = string.match(ARGV[i], '^(%d+):(.*)$')
+    for _ = 1, tonumber(size) do g.lists[#g.lists + 1] = {key = KEYS[k], pool = pool}; k = k + 1 end
+  end
   groups[#groups + 1] = g
 end
 
@@ -49,12 +76,47 @@ local function room(pool)
   return b ~= nil and b > 0
 end
 
-local lists = {}  -- per list: elements read so far (nil once taken), their pools, how many were removed
-local function pick(key, fixed)
+local set_aside = 0
+local lists = {}  -- per list: elements read so far (false once taken), their pools, how many were removed
+
+-- The first `depth` elements read of a list were all skipped (or taken): the skipped ones are its head, in
+-- order. Move them to their pools' set-aside lists; keep what was read beyond them. False if a job has no
+-- set-aside list (its pool is not among all_pools): then nothing moves.
+local function move_aside(key, st, aside)
+  local n, by_target, order = 0, {}, {}
+  for j = 1, depth do
+    local el = st.els[j]
+    if el then
+      local target = aside[st.pools[j]]
+      if target == nil then return false end
+      if by_target[target] == nil then by_target[target] = {}; order[#order + 1] = target end
+      local t = by_target[target]
+      t[#t + 1] = el
+      n = n + 1
+    end
+  end
+  if n > 0 then
+    redis.call('LTRIM', key, n, -1)
+    for _, target in ipairs(order) do redis.call('RPUSH', target, unpack(by_target[target])) end
+  end
+  local els, pools = {}, {}
+  for j = depth + 1, #st.els do els[#els + 1] = st.els[j]; pools[#pools + 1] = st.pools[j] end
+  st.els, st.pools, st.removed, st.moved = els, pools, 0, true
+  set_aside = set_aside + n
+  return true
+end
+
+local function pick(l)
+  local key, fixed = l.key, l.pool
+  if fixed ~= nil and not room(fixed) then return nil end
   local st = lists[key]
-  if st == nil then st = {els = {}, pools = {}, removed = 0, ended = false}; lists[key] = st end
+  if st == nil then st = {els = {}, pools = {}, removed = 0, ended = false, moved = false}; lists[key] = st end
   local i = 1
-  while i <= depth do
+  while true do
+    if i > depth then
+      if fixed ~= nil or st.moved or not move_aside(key, st, l.aside) then return nil end
+      i = 1
+    end
     if i > #st.els then
       if st.ended then return nil end
       local from = #st.els - st.removed
@@ -77,7 +139,6 @@ local function pick(key, fixed)
     end
     i = i + 1
   end
-  return nil
 end
 
 local out, got, active = {}, 0, #groups
@@ -86,11 +147,11 @@ while got < want and active > 0 do
     if got >= want then break end
     if g.alive then
       local found = false
-      for _, key in ipairs(g.keys) do
-        local el, pool = pick(key, g.pool)
+      for _, l in ipairs(g.lists) do
+        local el, pool = pick(l)
         if el then
-          redis.call('RPUSH', g.proc, key .. '\\n' .. el)
-          out[#out + 1] = key; out[#out + 1] = el; out[#out + 1] = pool or ''
+          redis.call('RPUSH', g.proc, l.key .. '\\n' .. el)
+          out[#out + 1] = l.key; out[#out + 1] = el; out[#out + 1] = pool or ''
           got = got + 1; found = true
           break
         end
@@ -99,6 +160,7 @@ while got < want and active > 0 do
     end
   end
 end
+out[#out + 1] = set_aside
 return out
 """
 

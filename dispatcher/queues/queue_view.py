@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from dispatcher.queues.presence import as_str
-from producer.keys import PRIORITY_ORDER, Keys, queue_key
+from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 
 
 class Pipeline(Protocol):
@@ -32,8 +32,9 @@ class QueueDepth:
     queue: str
     priority: str
     key: str  # the Redis list
-    depth: int
+    depth: int  # with the jobs set aside from it (``Keys.aside``): they still wait in this queue and priority
     oldest_age: float | None  # seconds the head job has waited; None when empty or its time is unknown
+    aside: int = 0  # of ``depth``: set aside, their pool had no room (a queue that mixes pools)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,7 @@ class RedisView:
                     "priority": q.priority,
                     "key": q.key,
                     "depth": q.depth,
+                    "set_aside": q.aside,
                     "oldest_age": q.oldest_age,
                 }
                 for q in self.queues
@@ -88,10 +90,14 @@ class Plan:
     def lists(self) -> list[tuple[str, str, str]]:
         return [(q, p.value, queue_key(q, p)) for q in self.queues for p in PRIORITY_ORDER]
 
+    def aside(self, queue: str, priority: str) -> list[str]:
+        return [self.keys.aside(queue, Priority(priority), pool) for pool in self.pools]
+
     def queue_on(self, pipe: Pipeline, owners: list[str] = []) -> None:  # noqa: B006 - never mutated
-        for _, _, key in self.lists():
-            pipe.llen(key)
-            pipe.lindex(key, 0)  # the oldest: producers RPUSH, dispatchers take from the head
+        for queue, priority, key in self.lists():
+            for name in (key, *self.aside(queue, priority)):
+                pipe.llen(name)
+                pipe.lindex(name, 0)  # the oldest: producers RPUSH, dispatchers take from the head
         for pool in self.pools:
             for queue in self.queues:
                 pipe.llen(self.keys.parked(queue, pool))
@@ -107,9 +113,14 @@ class Plan:
         it = iter(replies)
         queues = []
         for queue, priority, key in self.lists():
-            depth, head = int(next(it)), next(it)
-            age = _age(head, now) if depth else None
-            queues.append(QueueDepth(queue, priority, key, depth, age))
+            depths, ages = [], []
+            for _ in range(1 + len(self.pools)):  # the list, then what was set aside from it per pool
+                depth, head = int(next(it)), next(it)
+                depths.append(depth)
+                ages.append(_age(head, now) if depth else None)
+            known_ages = [a for a in ages if a is not None]
+            age = max(known_ages) if known_ages else None
+            queues.append(QueueDepth(queue, priority, key, sum(depths), age, sum(depths[1:])))
         parked, parked_age = {}, {}
         for pool in self.pools:
             ages = []

@@ -66,21 +66,39 @@ class Moved:
     target: str | None = None
 
 
-def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Priority) -> Moved:
-    """Move the job with ``task_id`` waiting in one of ``queues`` to the back of its ``priority`` list."""
-    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+def _priority_lists(keys: Keys | None, queue: str, pools: list[str]) -> dict[str, Priority]:
+    """A queue's priority lists and the lists set aside from them (``Keys.aside``), each with its priority."""
+    lists = {queue_key(queue, p): p for p in PRIORITY_ORDER}
+    if keys is not None:
+        lists |= {keys.aside(queue, p, pool): p for p in PRIORITY_ORDER for pool in pools}
+    return lists
+
+
+def move_job(
+    rds: redis.Redis,
+    *,
+    task_id: str,
+    queues: list[str],
+    priority: Priority,
+    keys: Keys | None = None,
+    pools: list[str] = [],  # noqa: B006 - never mutated
+) -> Moved:
+    """Move the job with ``task_id`` waiting in one of ``queues`` to the back of its ``priority`` list. With
+    ``keys``, also a job set aside for one of ``pools`` (its pool had no room): already of ``priority``, it
+    stays where it is (its place is ahead of that list's jobs of its pool)."""
     for _ in range(3):
-        hit = None
+        hit, lists, queue = None, {}, ""
         for queue in queues:  # one queue (one cluster slot) per script
-            hit = rds.eval(_FIND, len(PRIORITY_ORDER), *queue_lists(queue), task_id)
+            lists = _priority_lists(keys, queue, pools)
+            hit = rds.eval(_FIND, len(lists), *lists, task_id)
             if hit:
                 break
         if not hit:
             return Moved(False)
         source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
-        target = queue_key(queue_of[source], priority)
-        if source == target:
-            return Moved(True, source, target)
+        target = queue_key(queue, priority)
+        if lists[source] is priority:
+            return Moved(True, source, source)
         body = json.loads(element)
         body["priority"] = priority.value
         if rds.eval(_MOVE, 2, source, target, element, json.dumps(body, separators=(",", ":"))):
@@ -89,8 +107,10 @@ def move_job(rds: redis.Redis, *, task_id: str, queues: list[str], priority: Pri
 
 
 def _waiting_lists(keys: Keys, queue: str, pools: list[str]) -> list[str]:
-    """Where a job of ``queue`` waits: its priority lists, then its parked lists (all in one slot)."""
-    return [*queue_lists(queue), *(keys.parked(queue, pool) for pool in pools)]
+    """Where a job of ``queue`` waits: its priority lists, the lists set aside from them, then its parked
+    lists (all in one slot)."""
+    aside = [keys.aside(queue, p, pool) for p in PRIORITY_ORDER for pool in pools]
+    return [*queue_lists(queue), *aside, *(keys.parked(queue, pool) for pool in pools)]
 
 
 def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
@@ -127,7 +147,7 @@ def find_waiting(
     rds: redis.Redis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
 ) -> dict[str, Any] | None:
     """The job with ``task_id`` if it waits in Redis (its queues' lists or a parked list), else None."""
-    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    queue_of = {key: q for q in queues for key in _waiting_lists(keys, q, pools)}
     for queue in queues:  # one queue (one cluster slot) per script
         lists = _waiting_lists(keys, queue, pools)
         hit = rds.eval(_FIND, len(lists), *lists, task_id)
@@ -142,7 +162,7 @@ async def find_waiting_async(
     """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
     processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
     neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
-    queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+    queue_of = {key: q for q in queues for key in _waiting_lists(keys, q, pools)}
     owners = sorted(as_str(v) for v in await rds.smembers(keys.dispatchers))
     for queue in queues:  # one queue (one cluster slot) per script
         lists = _waiting_lists(keys, queue, pools)

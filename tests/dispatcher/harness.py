@@ -85,10 +85,10 @@ def wait_final(
 
 
 def redis_leftovers(rds: redis.Redis, prefix: str, queues: list[str]) -> dict[str, int]:
-    """Jobs still in the queues, processing lists or parked lists."""
+    """Jobs still in the queues, processing lists, parked or set-aside lists."""
     leftovers = {q: rds.llen(q) for q in queues if rds.llen(q)}
-    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}*:proc:*") if rds.llen(k)}
-    leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}*:parked:*") if rds.llen(k)}
+    for kind in ("proc", "parked", "aside"):
+        leftovers |= {k.decode(): rds.llen(k) for k in rds.scan_iter(f"{prefix}*:{kind}:*") if rds.llen(k)}
     return leftovers
 
 

@@ -4,14 +4,9 @@ issue 14: the take script looks only SCAN_DEPTH deep past jobs whose pool cannot
 
 from __future__ import annotations
 
-import pytest
-
 from tests.dispatcher.harness import push_jobs, states, wait_final
 
 
-@pytest.mark.xfail(
-    strict=True, reason="open: the take script scans only SCAN_DEPTH (256) deep; needs a design decision"
-)
 def test_jobs_for_a_pool_without_gpus_do_not_block_a_mixed_queue(stack):
     # GIVEN a default pool of one idle GPU, TASK_ROUTES sending "embed" to a pool that has no GPU (yet),
     # and a mixed queue with 300 embed jobs in front of 5 default-pool jobs
