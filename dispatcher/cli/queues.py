@@ -38,7 +38,13 @@ def list_(
     pools = sorted({g.pool for g in s.db(list_gpus)} | set(s.settings.routes.values()) | {"default"})
     view = read_sync(s.redis, Plan(s.keys, s.settings.all_queues, pools))
     rows: list[tuple[Any, ...]] = [
-        (q.key, q.queue, q.priority + (f" ({q.aside} set aside)" if q.aside else ""), q.depth, age(q.oldest_age))
+        (
+            q.key,
+            q.queue,
+            q.priority + (f" ({q.aside} set aside)" if q.aside else ""),
+            q.depth,
+            age(q.oldest_age),
+        )
         for q in view.queues
     ]
     rows += [(s.keys.parked("<queue>", pool), pool, "parked", n, "") for pool, n in view.parked.items()]

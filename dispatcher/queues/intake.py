@@ -44,7 +44,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from dispatcher.queues.intake_lua import REQUEUE, SCAN_DEPTH, TAKE
 from dispatcher.queues.presence import Presence, as_str
 from producer.connect import is_cluster, refresh_slots_async, wait_options
-from producer.keys import PRIORITY_ORDER, Keys, queue_key, queue_lists, scope
+from producer.keys import PRIORITY_ORDER, Keys, queue_key, scope
 
 log = logging.getLogger("gpuq.intake")
 

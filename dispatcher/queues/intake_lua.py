@@ -110,7 +110,10 @@ local function pick(l)
   local key, fixed = l.key, l.pool
   if fixed ~= nil and not room(fixed) then return nil end
   local st = lists[key]
-  if st == nil then st = {els = {}, pools = {}, removed = 0, ended = false, moved = false}; lists[key] = st end
+  if st == nil then
+    st = {els = {}, pools = {}, removed = 0, ended = false, moved = false}
+    lists[key] = st
+  end
   local i = 1
   while true do
     if i > depth then

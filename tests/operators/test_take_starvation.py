@@ -1,9 +1,12 @@
 """A queue that mixes pools (a seed-style producer pushes every type into one list) must not stop a pool
 with idle GPUs because more than SCAN_DEPTH jobs for a pool without GPUs sit at its head (review of
-issue 14: the take script looks only SCAN_DEPTH deep past jobs whose pool cannot start them)."""
+issue 14: the take script looked only SCAN_DEPTH deep past jobs whose pool cannot start them; now it sets
+such a head aside, per priority and pool, and looks again)."""
 
 from __future__ import annotations
 
+from dispatcher.queues.intake_lua import SCAN_DEPTH
+from producer.keys import Keys, Priority
 from tests.dispatcher.harness import push_jobs, states, wait_final
 
 
@@ -19,3 +22,32 @@ def test_jobs_for_a_pool_without_gpus_do_not_block_a_mixed_queue(stack):
     wait_final(stack.engine, ids, timeout=15)
     assert states(stack.engine, ids) == {"finished": 5}
     assert not states(stack.engine, waiting)["finished"]
+
+
+def test_jobs_set_aside_run_in_order_and_once_when_their_pool_gets_a_gpu(stack, gpuq):
+    # GIVEN 300 embed jobs set aside or waiting behind the default pool's jobs, the embed pool without GPUs
+    fleet = stack.fleet(gpus=1, service_time="fixed:0.01")
+    embed = stack.fleet(gpus=1, slots=1, service_time="fixed:0.01")
+    q = stack.queues[0]
+    waiting = push_jobs(stack.rds, q, 300, task_type="embed")
+    ids = push_jobs(stack.rds, q, 5, task_type="transcribe")
+    stack.dispatcher(fleet, TASK_ROUTES="embed=embed")
+    wait_final(stack.engine, ids, timeout=15)
+    aside = Keys(stack.prefix).aside(q, Priority.NORMAL, "embed")
+    assert (stack.rds.llen(aside), stack.rds.llen(q)) == (SCAN_DEPTH, 300 - SCAN_DEPTH)
+    # ... still counted in their queue, and shown as set aside
+    env = {
+        "TASK_QUEUES": ",".join(stack.queues),
+        "REDIS_KEY_PREFIX": stack.prefix,
+        "TASK_ROUTES": "embed=embed",
+    }
+    listed = gpuq("queue", "list", **env)
+    assert listed.exit_code == 0 and f"normal ({SCAN_DEPTH} set aside)" in listed.stdout, listed
+    assert " 300 " in next(line for line in listed.stdout.splitlines() if "set aside" in line)
+    # WHEN an operator adds a one-slot GPU to the embed pool
+    assert gpuq("gpu", "add", "e0", embed.url("g0"), "--pool", "embed", "--slots", "1", **env).exit_code == 0
+    # THEN every embed job runs, once each, in the order they were pushed
+    wait_final(stack.engine, waiting, timeout=90)
+    received = [job["task_id"] for job in embed.stats()["jobs"]]
+    assert received == waiting
+    assert not stack.rds.exists(aside, q)
