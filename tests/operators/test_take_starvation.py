@@ -5,8 +5,10 @@ such a head aside, per priority and pool, and looks again)."""
 
 from __future__ import annotations
 
+import json
+
 from dispatcher.queues.intake_lua import SCAN_DEPTH
-from producer.keys import Keys, Priority
+from producer.keys import Keys, Priority, queue_key
 from tests.dispatcher.harness import push_jobs, states, wait_final
 
 
@@ -44,10 +46,23 @@ def test_jobs_set_aside_run_in_order_and_once_when_their_pool_gets_a_gpu(stack, 
     listed = gpuq("queue", "list", **env)
     assert listed.exit_code == 0 and f"normal ({SCAN_DEPTH} set aside)" in listed.stdout, listed
     assert " 300 " in next(line for line in listed.stdout.splitlines() if "set aside" in line)
+    # ... found where they wait (`gpuq task show`), cancelled and reprioritized like any waiting job
+    shown = gpuq("task", "show", waiting[3], **env)
+    assert shown.exit_code == 0 and json.loads(shown.stdout)["list"] == aside, shown
+    assert json.loads(shown.stdout)["state"] == "queued"
+    cancelled = [waiting[3], waiting[-1]]  # one set aside, one still in the queue's list
+    for task_id in cancelled:
+        assert gpuq("task", "cancel", task_id, **env).exit_code == 0
+    urgent = waiting[10]
+    moved = gpuq("task", "priority", urgent, "high", **env)
+    assert moved.exit_code == 0 and queue_key(q, Priority.HIGH) in moved.stdout, moved
     # WHEN an operator adds a one-slot GPU to the embed pool
     assert gpuq("gpu", "add", "e0", embed.url("g0"), "--pool", "embed", "--slots", "1", **env).exit_code == 0
-    # THEN every embed job runs, once each, in the order they were pushed
-    wait_final(stack.engine, waiting, timeout=90)
+    # THEN every embed job runs once, the high-priority one first, the others in the order they were pushed;
+    # the cancelled ones never
+    rest = [t for t in waiting if t not in cancelled and t != urgent]
+    wait_final(stack.engine, waiting, timeout=90, final=("finished", "cancelled"))
     received = [job["task_id"] for job in embed.stats()["jobs"]]
-    assert received == waiting
-    assert not stack.rds.exists(aside, q)
+    assert received == [urgent, *rest]
+    assert states(stack.engine, cancelled) == {"cancelled": 2}
+    assert not stack.rds.exists(aside, q, queue_key(q, Priority.HIGH))
