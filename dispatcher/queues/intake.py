@@ -60,7 +60,8 @@ class Taken:
     element: str  # exactly as held in the processing list
     source: str  # the list it came from
     raw: str
-    queue: str | None  # the queue it belongs to; None for a parked job (its body says)
+    # the queue it belongs to: its list's, or the one it was set aside from; None if parked (its body says)
+    queue: str | None
     pool: str | None = None  # the pool it was taken for (its type's route); None when unknown or unparsable
 
 
@@ -119,6 +120,10 @@ class Intake(Presence):
         self.wait_timeout_ms = int(wait_timeout_seconds * 1000)
         self._order = weighted_order(queues, weights)
         self._queue_of = {queue_key(q, p): q for q in queues for p in PRIORITY_ORDER}
+        # A set-aside job is still its queue's, and may be a seed-style job that does not say which queue
+        self._queue_of |= {
+            keys.aside(q, p, pool): q for q in queues for p in PRIORITY_ORDER for pool in self.pools()
+        }
         # parked and set-aside lists: their names start with the queue's stem and end with a pool's name
         self._parked_stem = {
             f"{keys.prefix}{scope(q)}:{kind}:": q for q in queues for kind in ("parked", "aside")

@@ -152,6 +152,8 @@ def test_set_aside_jobs_taken_then_handed_back_return_to_the_head_of_their_list(
         aside = keys.aside(q, P.NORMAL, "embed")
         taken = await intake.take(3, {"embed": 3})
         assert [t.raw for t in taken] == embed[:3] and {t.source for t in taken} == {aside}
+        # a seed-style job does not say its queue: the list it was set aside from does
+        assert {t.queue for t in taken} == {q} and {t.queue for t in await intake.held()} == {q}
         assert await intake.hand_back() == 3  # a stop, or the sweep of a dispatcher that died
         assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
         taken = await intake.take(3, {"embed": 3})
