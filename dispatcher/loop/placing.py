@@ -76,11 +76,14 @@ class Placing:
         want = min(sum(left.values()) + sum(deficit.values()), rt.settings.dispatch_batch_size)
         set_aside = rt.intake.set_aside
         taken = await rt.intake.take(want, limits) if want > 0 else []
+        if rt.intake.set_aside > set_aside:
+            # The take cleared part of a queue's head: what is behind it is looked at now, with the pools'
+            # room read again (it was used up by this pass), not after an idle poll. Each take moves at most
+            # SCAN_DEPTH jobs per list: a long head takes a few passes, each of bounded work.
+            wake.look_now()
         settlement = Settlement(park=_parked(h.buffer.lapsed()))
         if not (strays or ready or taken):
             await rt.intake.settle(settlement)
-            # A take that set jobs aside cleared part of a queue's head: what is behind them is looked at
-            # now, not after an idle poll (each take moves at most SCAN_DEPTH per list: bounded work).
             return rt.intake.set_aside > set_aside
         started = time.perf_counter()
         items, prepared = self.prepare(strays + taken)

@@ -66,3 +66,18 @@ def test_jobs_set_aside_run_in_order_and_once_when_their_pool_gets_a_gpu(stack, 
     assert received == [urgent, *rest]
     assert states(stack.engine, cancelled) == {"cancelled": 2}
     assert not stack.rds.exists(aside, q, queue_key(q, Priority.HIGH))
+
+
+def test_a_backlog_of_several_scan_depths_is_set_aside_without_waiting_for_idle_polls(stack):
+    # GIVEN 1,000 embed jobs (four takes' worth of setting aside) in front of 5 default-pool jobs, and
+    # dispatchers that look on their own only every 60 s
+    fleet = stack.fleet(gpus=1, service_time="fixed:0.01")
+    q = stack.queues[0]
+    waiting = push_jobs(stack.rds, q, 1000, task_type="embed")
+    ids = push_jobs(stack.rds, q, 5, task_type="transcribe")
+    stack.dispatcher(fleet, TASK_ROUTES="embed=embed", IDLE_POLL_SECONDS="60")
+    # THEN each take that set jobs aside is followed at once by another look: the default jobs run
+    wait_final(stack.engine, ids, timeout=30)
+    assert states(stack.engine, ids) == {"finished": 5}
+    aside = Keys(stack.prefix).aside(q, Priority.NORMAL, "embed")
+    assert stack.rds.llen(aside) + stack.rds.llen(q) == len(waiting)
