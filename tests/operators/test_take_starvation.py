@@ -10,6 +10,7 @@ import json
 from dispatcher.queues.intake_lua import SCAN_DEPTH
 from producer.keys import Keys, Priority, queue_key
 from tests.dispatcher.harness import push_jobs, states, wait_final
+from tests.operators.test_metrics import scrape, value
 
 
 def test_jobs_for_a_pool_without_gpus_do_not_block_a_mixed_queue(stack):
@@ -33,11 +34,12 @@ def test_jobs_set_aside_run_in_order_and_once_when_their_pool_gets_a_gpu(stack, 
     q = stack.queues[0]
     waiting = push_jobs(stack.rds, q, 300, task_type="embed")
     ids = push_jobs(stack.rds, q, 5, task_type="transcribe")
-    stack.dispatcher(fleet, TASK_ROUTES="embed=embed")
+    d = stack.dispatcher(fleet, TASK_ROUTES="embed=embed")
     wait_final(stack.engine, ids, timeout=15)
     aside = Keys(stack.prefix).aside(q, Priority.NORMAL, "embed")
     assert (stack.rds.llen(aside), stack.rds.llen(q)) == (SCAN_DEPTH, 300 - SCAN_DEPTH)
-    # ... still counted in their queue, and shown as set aside
+    # ... still counted in their queue (the depth gauge, `gpuq queue list`), and shown as set aside
+    assert value(scrape(d.url), "gpuq_queue_depth", queue=q, priority="normal") == 300
     env = {
         "TASK_QUEUES": ",".join(stack.queues),
         "REDIS_KEY_PREFIX": stack.prefix,
