@@ -134,12 +134,8 @@ class Intake(Presence):
         #: at a queue's head, so the loop looks again at once rather than after an idle poll.
         self.set_aside = 0
         self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
+        self._scan_aside = True  # look for jobs set aside for pools no longer routed to at the first sweep
         self._old_seen = False  # a dispatcher of that layout was running at the last sweep
-
-    def pools(self) -> list[str]:
-        """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
-        of these, so its set-aside lists are those a take may write."""
-        return sorted({*self.routes.values(), self.default_pool})
 
     @property
     def proc(self) -> str:

@@ -181,6 +181,19 @@ end
 return n
 """
 
+# KEYS: a set-aside list, the priority list it was set aside from. Every job back at that list's head, in
+# order (the last first onto the head), in one step: a take racing it finds them in one list or the other.
+RESTORE = """
+local n = 0
+while true do
+  local el = redis.call('RPOP', KEYS[1])
+  if not el then break end
+  redis.call('LPUSH', KEYS[2], el)
+  n = n + 1
+end
+return n
+"""
+
 # KEYS: lists; ARGV: one job per list, pushed at the heads from the last to the first (the first is first).
 # A job already near the head of its list is not pushed again: a requeue whose replica wait failed is
 # written, the database still has the task due, and the next tick requeues the very same job (a copy further

@@ -3,7 +3,9 @@
 The other half of ``intake.py`` (which takes and settles jobs): while a dispatcher lives its heartbeat key
 says so and records which queues it serves (``Keys.owner_queues``); when it is gone, any other dispatcher puts
 the jobs of its processing lists back at the head of the lists they came from (``sweep_dead``), and a
-dispatcher that stops gives its own back (``hand_back``) and retires its key. ``Intake`` inherits all of it.
+dispatcher that stops gives its own back (``hand_back``) and retires its key. At its first sweep a dispatcher
+also gives back jobs set aside for a pool TASK_ROUTES no longer names (``restore_set_aside``). ``Intake``
+inherits all of it.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import logging
 
 from redis.asyncio import Redis
 
-from dispatcher.queues.intake_lua import SWEEP
+from dispatcher.queues.intake_lua import RESTORE, SWEEP
 from dispatcher.queues.migrate import migrate, sweep_legacy_proc
-from producer.keys import Keys, Legacy
+from producer.keys import PRIORITY_ORDER, Keys, Legacy, Priority, queue_key, scope
 
 log = logging.getLogger("gpuq.intake")
 
@@ -33,6 +35,14 @@ class Presence:
     cluster: bool
     _scan_old: bool  # look for parked lists of the layout before issue 15 at the next sweep
     _old_seen: bool  # a dispatcher of that layout was running at the last sweep
+    _scan_aside: bool  # look for jobs set aside for pools no longer routed to at the next sweep
+    routes: dict[str, str]  # task type -> pool (TASK_ROUTES)
+    default_pool: str
+
+    def pools(self) -> list[str]:
+        """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
+        of these, so its set-aside lists are those a take may write."""
+        return sorted({*self.routes.values(), self.default_pool})
 
     async def hand_back(self) -> int:
         """Put every job still in our processing lists back where it came from (stop, or after an error)."""
@@ -101,7 +111,38 @@ class Presence:
         if not self.cluster:
             moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
             self._scan_old = False
+        if self._scan_aside:
+            moved += await self.restore_set_aside()
+            self._scan_aside = False
         return moved
+
+    async def restore_set_aside(self) -> int:
+        """Jobs set aside for a pool that is no longer routed to (TASK_ROUTES changed since): no take reads
+        their lists, so they go back to the head of the list they were set aside from, in order, to be routed
+        afresh. A SCAN of the keyspace: at start only."""
+        pools = set(self.pools())
+        priorities = {p.value for p in PRIORITY_ORDER}
+        moved = 0
+        for queue in self.queues:
+            stem = f"{self.keys.prefix}{scope(queue)}:aside:"
+            found = [as_str(k) async for k in self.redis.scan_iter(match=_glob(stem) + "*", count=500)]
+            for key in found:
+                priority, _, pool = key[len(stem) :].partition(":")
+                if pool in pools or priority not in priorities:
+                    continue
+                n = int(await self.redis.eval(RESTORE, 2, key, queue_key(queue, Priority(priority))))
+                if n:
+                    log.warning(
+                        "jobs set aside for a pool no longer routed to are back in their queue",
+                        extra={"action": "restore_set_aside", "queue": queue, "pool": pool, "jobs": n},
+                    )
+                moved += n
+        return moved
+
+
+def _glob(text: str) -> str:
+    """``text`` matched literally by a SCAN pattern (a queue or prefix may hold glob characters)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def as_str(value: bytes | str) -> str:

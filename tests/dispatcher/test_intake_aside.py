@@ -221,6 +221,35 @@ def test_set_aside_jobs_are_visible_counted_and_their_priority_changes(redis_url
         rds.close()
 
 
+def test_jobs_set_aside_for_a_pool_no_longer_routed_to_go_back_to_their_list_at_start(redis_url, key_prefix):
+    """TASK_ROUTES changed while jobs were set aside for a pool without GPUs: no take reads that pool's
+    set-aside lists any more, so the first sweep puts their jobs back at the head of their list, in order."""
+
+    async def scenario() -> None:
+        q, keys = f"{key_prefix}q[1]", Keys(key_prefix)  # glob characters in the name: matched literally
+        rds = Redis.from_url(redis_url)
+        before = Intake(rds, keys, "d1", [q], routes={**ROUTES, "tr": "transcribe"})
+        embed, tr = _jobs("embed", 300, "e"), _jobs("tr", 300, "r")
+        await rds.rpush(q, *embed, *tr, *_jobs("x", 1, "t"))
+        while not await before.take(1, {"default": 1}):
+            pass
+        assert await rds.llen(keys.aside(q, P.NORMAL, "embed")) == 300
+        assert await rds.llen(keys.aside(q, P.NORMAL, "transcribe")) == SCAN_DEPTH - 300 % SCAN_DEPTH
+        # WHEN a dispatcher starts that routes "tr" still, "embed" no more
+        after = Intake(rds, keys, "d2", [q], routes={"tr": "transcribe"})
+        assert await after.sweep_dead() == 300
+        # THEN the embed jobs are back at the head of the queue, in order; the transcribe ones stay aside
+        assert _raw(await rds.lrange(q, 0, 299)) == embed
+        assert not await rds.exists(keys.aside(q, P.NORMAL, "embed"))
+        assert await rds.llen(keys.aside(q, P.NORMAL, "transcribe")) == SCAN_DEPTH - 300 % SCAN_DEPTH
+        # ... and only at the first sweep
+        await rds.rpush(keys.aside(q, P.NORMAL, "embed"), "x")
+        assert await after.sweep_dead() == 0
+        await rds.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_set_aside_on_a_redis_cluster_stays_in_the_queues_slot(redis_cluster: Cluster, key_prefix):
     """Every list the take script touches is passed in KEYS and carries the queue's hash tag: on a cluster
     the same take sets aside and serves in order (a key of another slot would fail the script)."""
@@ -237,6 +266,12 @@ def test_set_aside_on_a_redis_cluster_stays_in_the_queues_slot(redis_cluster: Cl
             assert [t.raw for t in await intake.take(2, {"default": 2})] == default
             assert await rds.llen(keys.aside(q, P.NORMAL, "embed")) == SCAN_DEPTH
             assert await _take_all(intake, {"embed": 1000}) == embed
+            # the start-time look for jobs set aside for pools no longer routed to scans every node
+            await rds.rpush(q, *embed)
+            assert await intake.take(1, {"default": 1}) == []
+            restarted = Intake(rds, keys, "d2", [q])  # type: ignore[arg-type]
+            assert await restarted.sweep_dead() == SCAN_DEPTH
+            assert _raw(await rds.lrange(q, 0, -1)) == embed
         finally:
             for key in (q, keys.aside(q, P.NORMAL, "embed"), intake.proc):
                 await rds.delete(key)
