@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from redis.asyncio import BlockingConnectionPool, Redis
+from sqlalchemy import Engine
 
 from dispatcher.db.engine import make_engine
 from dispatcher.http.app import MAX_BODY_BYTES, create_app
@@ -101,39 +102,15 @@ def _arguments() -> int | None:
     return None
 
 
-def main() -> int:
-    code = _arguments()
-    if code is not None:
-        return code
-    try:
-        settings = load(DispatcherSettings)
-    except ConfigError as exc:
-        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
-        return 2
-    refusal = settings.open_api_refusal()
-    if refusal is not None:
-        sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
-        return 2
-    setup_logging(settings.log_level, settings.log_format)
-    open_api = settings.open_api_warning()
-    if open_api is not None:
-        log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
-    max_connections = raise_open_files(settings.http_max_connections)
-    url = settings.db_url()
-    if url.startswith("sqlite"):
-        why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
-        log.warning(
-            "%s: embedded mode on SQLite (one dispatcher process only)",
-            why,
-            extra={"action": "embedded", "database": url},
-        )
-    engine = make_engine(url)
-    try:
-        preflight(settings, engine)
-    except StartProblem as exc:
-        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
-        engine.dispose()
-        return exc.exit_code
+def build_server(
+    settings: DispatcherSettings,
+    engine: Engine,
+    max_connections: int,
+    server_cls: type[_Server] = _Server,
+) -> tuple[_Server, dict[str, Dispatcher]]:
+    """The HTTP server with the dispatcher in its lifespan, not started: ``python -m dispatcher`` runs it,
+    and ``dispatcher.inproc`` runs the very same in a thread of a test (``server_cls`` without signals).
+    The dict holds the Dispatcher once the lifespan made it."""
     # One client (pool) per user, so none waits for another's connections: the dispatch loop, the heartbeat,
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).
@@ -150,8 +127,10 @@ def main() -> int:
         # redis-py's cluster client keeps a pool per node of its own making
         async_client(dsn, cluster=True, **options)
         if cluster
-        else Redis(
-            connection_pool=BlockingConnectionPool.from_url(
+        # from_pool: the client owns the pool, so closing it closes the pool's connections too (the
+        # in-process dispatcher of the tests lives on after its close)
+        else Redis.from_pool(
+            BlockingConnectionPool.from_url(
                 dsn, max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
             )
         )
@@ -189,8 +168,45 @@ def main() -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) + 1,
         backlog=4096,
     )
-    server = _Server(config)
+    server = server_cls(config)
     server.grace = settings.shutdown_grace_seconds
+    return server, holder
+
+
+def main() -> int:
+    code = _arguments()
+    if code is not None:
+        return code
+    try:
+        settings = load(DispatcherSettings)
+    except ConfigError as exc:
+        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
+        return 2
+    refusal = settings.open_api_refusal()
+    if refusal is not None:
+        sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
+        return 2
+    setup_logging(settings.log_level, settings.log_format)
+    open_api = settings.open_api_warning()
+    if open_api is not None:
+        log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
+    max_connections = raise_open_files(settings.http_max_connections)
+    url = settings.db_url()
+    if url.startswith("sqlite"):
+        why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
+        log.warning(
+            "%s: embedded mode on SQLite (one dispatcher process only)",
+            why,
+            extra={"action": "embedded", "database": url},
+        )
+    engine = make_engine(url)
+    try:
+        preflight(settings, engine)
+    except StartProblem as exc:
+        sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
+        engine.dispose()
+        return exc.exit_code
+    server, holder = build_server(settings, engine, max_connections)
     server.run()
     d = holder.get("d")
     if not server.started or (d is not None and d.fatal is not None):

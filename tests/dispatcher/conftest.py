@@ -1,4 +1,5 @@
-"""Fixtures for end-to-end dispatcher scenarios: a fleet, dispatcher processes, the stores."""
+"""Fixtures for end-to-end dispatcher scenarios: a fleet, dispatchers (in this process, or real processes),
+the stores."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from sqlalchemy import Engine
 
 from dispatcher.db.engine import make_engine
 from simgpu.fleet import SimFleet
-from tests.dispatcher.harness import BEARER, DispatcherProc
+from tests.dispatcher.harness import BEARER, DispatcherProc, InProcess
 from tests.redis_cluster import Cluster
 
 
@@ -25,7 +26,7 @@ class Stack:
     rds: redis.Redis
     engine: Engine
     queues: list[str] = field(default_factory=list)
-    procs: list[DispatcherProc] = field(default_factory=list)
+    procs: list[DispatcherProc | InProcess] = field(default_factory=list)
     fleets: list[SimFleet] = field(default_factory=list)
     cluster: bool = False  # the Redis is a Redis Cluster (REDIS_CLUSTER=true)
 
@@ -53,7 +54,15 @@ class Stack:
         env.update(extra)
         return env
 
-    def dispatcher(self, fleet: SimFleet | None = None, name: str = "d", **extra: str) -> DispatcherProc:
+    def dispatcher(self, fleet: SimFleet | None = None, name: str = "d", **extra: str) -> InProcess:
+        """A dispatcher in this process (dispatcher/inproc.py): the real server and loop in a thread."""
+        d = InProcess(self.env(fleet, **extra), name=name)
+        self.procs.append(d)
+        return d.start()
+
+    def process(self, fleet: SimFleet | None = None, name: str = "d", **extra: str) -> DispatcherProc:
+        """A real ``python -m dispatcher``: for what only a process can show (kill -9, signals, restarts,
+        clock skew, its environment); the tests that use it are marked slow."""
         proc = DispatcherProc(self.env(fleet, **extra), name=name)
         self.procs.append(proc)
         return proc.start()

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 
 from dispatcher import testing
 from dispatcher.db.attempts import slot_drift
+from dispatcher.inproc import InProcessDispatcher
 from dispatcher.states import TERMINAL
 from dispatcher.testing import DispatcherProcess
 from producer.job import Job
@@ -32,18 +33,24 @@ ROOT = Path(__file__).resolve().parents[2]
 free_port = testing.free_port  # the scenarios import it from here
 
 
-class DispatcherProc(DispatcherProcess):
-    """A scenario's dispatcher (dispatcher/testing.py): the tests' callback secret and GPU token, JSON logs at
-    INFO; ``kill()`` is a real SIGKILL."""
+#: A scenario's dispatcher settings under the test's own: the tests' callback secret and GPU token, JSON logs
+#: at INFO.
+DEFAULTS = {"CALLBACK_SECRET": SECRET, "BEARER_TOKEN": BEARER, "LOG_FORMAT": "json", "LOG_LEVEL": "INFO"}
+
+
+class InProcess(InProcessDispatcher):
+    """A scenario's dispatcher in this process (dispatcher/inproc.py), with the scenario defaults."""
 
     def __init__(self, env: dict[str, str], name: str = "d", workdir: Path | None = None) -> None:
-        defaults = {
-            "CALLBACK_SECRET": SECRET,
-            "BEARER_TOKEN": BEARER,
-            "LOG_FORMAT": "json",
-            "LOG_LEVEL": "INFO",
-        }
-        super().__init__(defaults | env, name=name, workdir=workdir)
+        super().__init__(DEFAULTS | env, name=name, workdir=workdir)
+
+
+class DispatcherProc(DispatcherProcess):
+    """A scenario's dispatcher process (dispatcher/testing.py), with the scenario defaults; ``kill()`` is a
+    real SIGKILL."""
+
+    def __init__(self, env: dict[str, str], name: str = "d", workdir: Path | None = None) -> None:
+        super().__init__(DEFAULTS | env, name=name, workdir=workdir)
 
     def stop_quietly(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
