@@ -215,6 +215,10 @@ class InProcessDispatcher:
             return False
         return True
 
+    def alive(self) -> bool:
+        """Started and not stopped (a crash of a part of it stops it, as it ends the process)."""
+        return self.thread is not None and self.thread.is_alive()
+
     def term(self, timeout: float = 30.0) -> int:
         """What SIGTERM does to the process: drain (SHUTDOWN_GRACE_SECONDS), shut down; its exit code."""
         assert self.server is not None, "start() first"

@@ -154,6 +154,10 @@ class DispatcherProcess:
                 raise ProcessFailed(f"{self.name} not ready after {timeout:g} s:\n{self.logs()}")
             time.sleep(0.05)
 
+    def alive(self) -> bool:
+        """Started and not exited (as ``InProcessDispatcher.alive``)."""
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
         """SIGKILL: a crash at an arbitrary instant."""
         assert self.proc is not None

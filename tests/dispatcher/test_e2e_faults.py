@@ -28,7 +28,7 @@ def test_kill_9_twice_mid_run_loses_nothing(any_stack):
     # GIVEN 600 jobs of 50 ms on 4 GPUs x 4 slots, and a dispatcher that will be killed twice mid-run
     fleet = stack.fleet(gpus=4, service_time="fixed:0.05")
     ids = push_jobs(stack.rds, stack.queues[0], 600)
-    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3")
+    d = stack.process(fleet, TASK_TIMEOUT_SECONDS="3")
     for _ in range(2):
         # WHEN it is SIGKILLed while jobs are in flight, then restarted
         wait_for(lambda: states(stack.engine)["processing"] > 0, 20, 0.01, what="jobs in flight")
@@ -54,13 +54,13 @@ def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
     stack = any_stack
     fleet = stack.fleet(gpus=1, service_time="fixed:0.2")
     ids = push_jobs(stack.rds, stack.queues[0], 40)
-    d = stack.dispatcher(fleet, SHUTDOWN_GRACE_SECONDS="5")
+    d = stack.process(fleet, SHUTDOWN_GRACE_SECONDS="5")
     wait_for(lambda: states(stack.engine)["processing"] > 0, 20, 0.01, what="jobs in flight")
     assert d.term() == 0
     assert "dispatcher stopped" in d.logs()
     # the rest is still waiting in Redis, and a new dispatcher finishes everything
     assert stack.rds.llen(stack.queues[0]) > 0
-    stack.dispatcher(fleet, name="d2")
+    stack.process(fleet, name="d2")
     wait_final(stack.engine, ids, timeout=60)
     assert max(received_per_task(fleet.stats()).values()) == 1
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)

@@ -23,7 +23,7 @@ def test_redis_restart_mid_run_loses_nothing(stack):
         rds = redis.Redis.from_url(private.url)
         fleet = stack.fleet(gpus=2, service_time="fixed:0.03")
         ids = push_jobs(rds, stack.queues[0], 300)
-        stack.dispatcher(fleet, REDIS_URL=private.url)
+        stack.process(fleet, REDIS_URL=private.url)
         wait_for(lambda: states(stack.engine, ids)["finished"] > 30, 30, 0.02, what="some finished")
         # WHEN Redis stops for a second and comes back
         private.stop()
@@ -47,7 +47,7 @@ def test_mariadb_restart_mid_run_loses_nothing(stack):
     try:
         fleet = stack.fleet(gpus=2, service_time="fixed:0.03")
         ids = push_jobs(stack.rds, stack.queues[0], 300)
-        d = stack.dispatcher(fleet, DATABASE_URL=private.url, TASK_TIMEOUT_SECONDS="5")
+        d = stack.process(fleet, DATABASE_URL=private.url, TASK_TIMEOUT_SECONDS="5")
         wait_for(lambda: states(engine, ids)["finished"] > 30, 30, 0.02, what="some finished")
         # WHEN the database goes away for a second and comes back
         private.stop()

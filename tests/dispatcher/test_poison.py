@@ -172,7 +172,7 @@ def test_poison_corpus_against_two_dispatchers(stack, producer_on):
     assert not any("Error:" in r for r in reasons), reasons  # each one foreseen, none a crash caught late
     # AND both dispatchers still run, nothing is left behind, no slot is held
     for d in (d1, d2):
-        assert d.proc is not None and d.proc.poll() is None, d.logs()
+        assert d.alive(), d.logs()
         assert httpx.get(f"{d.url}/healthz", timeout=5).status_code == 200
     assert redis_leftovers(stack.rds, stack.prefix, stack.queues) == {}
     wait_for(lambda: states(stack.engine)["processing"] == 0, 10, what="no task processing")
@@ -190,7 +190,7 @@ def test_a_poison_job_does_not_come_back_after_a_restart(stack):
     stack.rds.rpush(q, json.dumps({"type": T, "not_before": "0001-01-01T00:00:00+01:00"}))
     jobs = _good(q, 5)
     stack.rds.rpush(q, *[j.to_redis() for j in jobs])
-    d = stack.dispatcher(fleet)
+    d = stack.process(fleet)
     wait_final(stack.engine, [j.task_id for j in jobs], timeout=30)
     # WHEN the dispatcher restarts
     assert d.term() == 0

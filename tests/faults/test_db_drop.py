@@ -54,7 +54,7 @@ def test_connections_killed_mid_transaction_lose_nothing(stack):
     # GIVEN 600 short jobs running on 4 GPUs x 4 slots
     fleet = stack.fleet(gpus=4, service_time="exp:0.15")
     ids = push_jobs(stack.rds, stack.queues[0], 300) + push_jobs(stack.rds, stack.queues[1], 300)
-    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="3", MAX_ATTEMPTS="20")
+    d = stack.process(fleet, TASK_TIMEOUT_SECONDS="3", MAX_ATTEMPTS="20")
     fleet.wait_until(lambda s: s["totals"]["received"] > 20, 20)
     # WHEN for six seconds every connection the dispatcher has open on its database is killed, ~30 times a s
     finished_before = states(stack.engine, ids)["finished"]

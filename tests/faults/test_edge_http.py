@@ -91,7 +91,7 @@ def test_a_large_body_on_a_slow_link_is_not_cut_off(stack):
 
 
 def test_connections_beyond_the_cap_are_refused_at_once(stack):
-    d = stack.dispatcher(None, HTTP_MAX_CONNECTIONS="16", REQUEST_READ_TIMEOUT_SECONDS="10")
+    d = stack.process(None, HTTP_MAX_CONNECTIONS="16", REQUEST_READ_TIMEOUT_SECONDS="10")
     assert d.proc is not None
     # GIVEN 40 connections that send nothing
     socks = [_connect(d, b"") for _ in range(40)]

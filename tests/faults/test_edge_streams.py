@@ -128,7 +128,7 @@ def test_two_thousand_streams_while_two_thousand_jobs_run(stack: Stack) -> None:
     performance is measured, tests judge correctness."""
     raise_own_fd_limit(2000 + 512)
     fleet = stack.fleet(gpus=4, service_time="fixed:0.005")
-    d = stack.dispatcher(fleet, API_TOKEN=TOKEN)
+    d = stack.process(fleet, API_TOKEN=TOKEN)
     assert d.proc is not None
     path = _watched(stack, d)
     q = stack.queues[0]

@@ -36,7 +36,7 @@ def test_kill_9_at_seeded_random_instants_loses_nothing(stack):
     # GIVEN 4 GPUs x 4 slots, short jobs, a 2 s lease, and 30 new jobs before every round
     rng = random.Random(SEED)
     fleet = stack.fleet(gpus=4, service_time="exp:0.2")
-    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="2", MAX_ATTEMPTS="20")
+    d = stack.process(fleet, TASK_TIMEOUT_SECONDS="2", MAX_ATTEMPTS="20")
     ids: list[str] = []
     killed_at: list[tuple[str, float, int]] = []
     for _ in range(ROUNDS):

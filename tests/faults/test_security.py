@@ -135,7 +135,7 @@ def test_secrets_never_reach_a_log_line(stack):
         "GPU_PROBE_SECONDS": "0.3",
         "GPU_REQUEST_TIMEOUT_SECONDS": "1",
     }
-    d = stack.dispatcher(None, **env)
+    d = stack.process(None, **env)
     ids = push_jobs(stack.rds, stack.queues[0], 60)
     stack.rds.rpush(stack.queues[0], "not a job")
     # WHEN it runs them all (some end failed), gets bad callbacks and bad API calls, and is stopped
@@ -233,7 +233,7 @@ def _chunked_post(port: int, path: str, total: int, chunk: int = 256 * 1024) -> 
 
 def test_oversized_chunked_bodies_are_refused_without_growing_memory(stack):
     fleet = stack.fleet(gpus=1, service_time="0")
-    d = stack.dispatcher(fleet)
+    d = stack.process(fleet)
     assert d.proc is not None
     before = memory_kib(d.proc.pid)
     # WHEN 50 MB arrive chunked (no Content-Length) at the callback and at routes that take no body

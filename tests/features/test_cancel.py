@@ -188,8 +188,8 @@ def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
     # GIVEN two dispatchers sharing one GPU; d1 sent a long job to it and is killed (kill -9)
     fleet = stack.fleet(gpus=1, service_time="120")
     q1, q2 = stack.queues
-    d1 = stack.dispatcher(fleet, name="d1", TASK_QUEUES=q1, TASK_TIMEOUT_SECONDS="300")
-    d2 = stack.dispatcher(fleet, name="d2", TASK_QUEUES=q2, TASK_TIMEOUT_SECONDS="300")
+    d1 = stack.process(fleet, name="d1", TASK_QUEUES=q1, TASK_TIMEOUT_SECONDS="300")
+    d2 = stack.process(fleet, name="d2", TASK_QUEUES=q2, TASK_TIMEOUT_SECONDS="300")
     [victim] = push_jobs(stack.rds, q1, 1)
     _wait_running(stack, fleet, victim)
     d1.kill()

@@ -24,7 +24,7 @@ DELAY = 4.0
 @pytest.mark.slow
 def test_a_delayed_job_waits_survives_a_restart_and_takes_its_new_priority(stack: Stack, gpuq: Gpuq) -> None:
     fleet = stack.fleet(gpus=1, slots=2, service_time="fixed:0.01")
-    d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="5")  # a job whose callback found it killed runs again
+    d = stack.process(fleet, TASK_TIMEOUT_SECONDS="5")  # a job whose callback found it killed runs again
     queue = stack.queues[0]
     not_before = datetime.now(UTC) + timedelta(seconds=DELAY)
     delayed = Job(task_id="later-1", type="start_transcribe", queue=queue, data={}, not_before=not_before)

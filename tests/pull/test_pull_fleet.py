@@ -168,7 +168,7 @@ def test_agent_killed_holding_jobs_they_are_retried_after_their_lease(stack):
     token = add_pull(stack.engine, "p0")
     # (leases shorter than the time a dead agent takes to leave rotation: retries may land on it again
     # before it is out, and use attempts; enough are allowed that the test does not hang on that race)
-    d = stack.dispatcher(None, AGENT_STALE_SECONDS="1", TASK_TIMEOUT_SECONDS="3", MAX_ATTEMPTS="10")
+    d = stack.process(None, AGENT_STALE_SECONDS="1", TASK_TIMEOUT_SECONDS="3", MAX_ATTEMPTS="10")
     agent = subprocess.Popen(
         [
             sys.executable,

@@ -55,7 +55,7 @@ def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
         pytest.skip(f"the reference service's model stack is not installed ({', '.join(missing)})")
     # GIVEN a pull GPU in pool embedpool and a dispatcher routing embed there
     token = add_pull(stack.engine, "g7", pool="embedpool")
-    d = stack.dispatcher(None, API_TOKEN=TOKEN, TASK_ROUTES="embed=embedpool")
+    d = stack.process(None, API_TOKEN=TOKEN, TASK_ROUTES="embed=embedpool")
     # AND the reference service started as its agent, with the token from the environment
     log_path = Path(tempfile.mkdtemp(prefix="gpuq-ref-agent-")) / "agent.log"
     env = {
