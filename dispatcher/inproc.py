@@ -246,14 +246,25 @@ class InProcessDispatcher:
         return self.returncode
 
     def stop_quietly(self) -> None:
-        """The end of a test: stop without a drain (a process would be killed; this one shuts down)."""
+        """The end of a test: stop without a drain (a process would be killed; this one shuts down), its
+        connections closed first: an event stream or long poll a test left open would hold uvicorn's
+        shutdown for its whole grace period."""
         if self.server is not None and self.thread is not None and self.thread.is_alive():
+            self._call(self._close_connections)
             self.server.should_exit = True
             self.thread.join(30)
             if self.thread.is_alive():
                 self.server.force_exit = True
                 self.thread.join(10)
         self._unlog()
+
+    def _close_connections(self) -> None:
+        assert self.server is not None
+        self.server.config.timeout_graceful_shutdown = 1
+        for connection in list(self.server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.close()
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Burst mode's end: wait until every queue list and processing list of its queues is empty, no
