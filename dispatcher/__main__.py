@@ -102,6 +102,22 @@ def _arguments() -> int | None:
     return None
 
 
+def announce(settings: DispatcherSettings) -> None:
+    """What the log says at start about settings that work but deserve a look: an API open to the network
+    (API_TOKEN=none), embedded mode."""
+    open_api = settings.open_api_warning()
+    if open_api is not None:
+        log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
+    url = settings.db_url()
+    if url.startswith("sqlite"):
+        why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
+        log.warning(
+            "%s: embedded mode on SQLite (one dispatcher process only)",
+            why,
+            extra={"action": "embedded", "database": url},
+        )
+
+
 def build_server(
     settings: DispatcherSettings,
     engine: Engine,
@@ -187,19 +203,9 @@ def main() -> int:
         sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
         return 2
     setup_logging(settings.log_level, settings.log_format)
-    open_api = settings.open_api_warning()
-    if open_api is not None:
-        log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
+    announce(settings)
     max_connections = raise_open_files(settings.http_max_connections)
-    url = settings.db_url()
-    if url.startswith("sqlite"):
-        why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"
-        log.warning(
-            "%s: embedded mode on SQLite (one dispatcher process only)",
-            why,
-            extra={"action": "embedded", "database": url},
-        )
-    engine = make_engine(url)
+    engine = make_engine(settings.db_url())
     try:
         preflight(settings, engine)
     except StartProblem as exc:

@@ -37,7 +37,7 @@ import httpx
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from sqlalchemy import Engine, text
 
-from dispatcher.__main__ import _Server, build_server
+from dispatcher.__main__ import _Server, announce, build_server
 from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import JsonFormatter, TextFormatter
@@ -136,13 +136,18 @@ class InProcessDispatcher:
         if refusal is not None:
             raise ProcessFailed(f"{self.name}: {refusal}")
         self._log_to_file(settings)
-        engine = make_engine(settings.db_url())
+        mine = _CURRENT.set(self)  # what it logs while starting is its own
         try:
-            preflight(settings, engine)
-        except StartProblem as exc:
-            engine.dispose()
-            self._unlog()
-            raise ProcessFailed(f"{self.name}: {exc.message}") from exc
+            announce(settings)
+            engine = make_engine(settings.db_url())
+            try:
+                preflight(settings, engine)
+            except StartProblem as exc:
+                engine.dispose()
+                self._unlog()
+                raise ProcessFailed(f"{self.name}: {exc.message}") from exc
+        finally:
+            _CURRENT.reset(mine)
         server, self._holder = build_server(
             settings, engine, settings.http_max_connections, server_cls=_ThreadServer
         )
