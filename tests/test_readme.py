@@ -43,6 +43,7 @@ def test_bash_blocks_parse(line, body):
     assert res.returncode == 0, f"README line {line}: {res.stderr}"
 
 
+@pytest.mark.slow  # the README's commands in real processes (a dispatcher, the CLI, SQL)
 def test_runnable_blocks_run(database_url, redis_url, key_prefix):
     queue = f"readme-{uuid.uuid4().hex[:8]}"
     env = {

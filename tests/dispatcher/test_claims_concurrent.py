@@ -72,6 +72,7 @@ def test_concurrent_claims_never_double_book_nor_report_false_full(database_url)
     _claim_race(database_url, CLAIMS_PER_WORKER)
 
 
+@pytest.mark.slow  # thousands of racing claims
 def test_concurrent_claims_on_sqlite(sqlite_database_url):
     """Embedded mode: no row locks, BEGIN IMMEDIATE lets one writer in at a time, across processes too."""
     _claim_race(sqlite_database_url, 400)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 
 from producer.job import Job
 from producer.keys import Keys
@@ -14,6 +15,7 @@ from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, st
 from tests.dispatcher.helpers import wait_for
 
 
+@pytest.mark.slow  # 2,000 jobs through one dispatcher
 def test_backlog_runs_once_each_without_oversubscription(any_stack):
     stack = any_stack
     # GIVEN a backlog of 2,000 jobs over two queues and 4 GPUs x 4 slots

@@ -132,6 +132,7 @@ def _healthy(engine) -> int:
         return int(conn.exec_driver_sql("SELECT healthy FROM gpus").scalar_one())
 
 
+@pytest.mark.slow  # three dispatchers, a long backlog
 def test_three_dispatchers_share_a_fleet_and_take_each_others_callbacks(stack):
     # GIVEN three dispatchers; each tells the GPUs to call back to the *next* one
     fleet = stack.fleet(gpus=3, service_time="exp:0.02")

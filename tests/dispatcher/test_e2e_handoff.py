@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import httpx
+import pytest
 
 from tests.dispatcher.harness import free_port, push_jobs, received_per_task, reconcile, wait_final
 
@@ -16,6 +17,7 @@ def _metric(url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.slow  # three dispatchers, a long backlog
 def test_three_dispatchers_with_every_callback_to_one(stack):
     # GIVEN three dispatchers sharing 2 GPUs x 4 slots; the GPUs call back to the first one only
     fleet = stack.fleet(gpus=2, service_time="exp:0.01")

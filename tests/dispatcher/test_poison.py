@@ -137,6 +137,7 @@ def _api(handler: Any, body: Any) -> dict[str, Any]:
     return answer
 
 
+@pytest.mark.slow  # the whole poison corpus through two dispatchers
 def test_poison_corpus_against_two_dispatchers(stack, producer_on):
     q = stack.queues[0]
     keys = Keys(stack.prefix)

@@ -61,6 +61,7 @@ def test_an_error_longer_than_its_column_is_cut_with_a_marker(stack):
         assert text.startswith("éé")
 
 
+@pytest.mark.slow  # 56 MiB of results through the database
 def test_eight_results_of_7_mib_at_once_are_all_stored(stack):
     # GIVEN eight running tasks WHEN their GPUs call back at once, each with a 7 MiB result
     d, ids = _running(stack, 8)

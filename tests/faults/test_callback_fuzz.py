@@ -20,7 +20,7 @@ from tests.conftest import scaled
 from tests.dispatcher.harness import SECRET, push_jobs, states
 from tests.dispatcher.helpers import wait_for
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # slow: thousands of fuzzed callbacks
 
 ALLOWED = {200, 401, 404, 409, 413, 422}
 SCALARS = (

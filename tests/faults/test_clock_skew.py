@@ -44,9 +44,7 @@ def test_leases_hold_across_dispatchers_with_skewed_clocks(stack, claimer_skew, 
     # 30 s ahead of the "claimer" that places every job; 8 jobs of 4 s on 2 GPUs x 4 slots, a 20 s lease
     fleet = stack.fleet(gpus=2, service_time="fixed:4")
     common = {"TASK_TIMEOUT_SECONDS": "20", "MAX_ATTEMPTS": "3"}
-    stack.process(
-        fleet, name="judge", TASK_QUEUES=f"idle-{stack.prefix}", **common, **_faketime(judge_skew)
-    )
+    stack.process(fleet, name="judge", TASK_QUEUES=f"idle-{stack.prefix}", **common, **_faketime(judge_skew))
     claimer = stack.process(fleet, name="claimer", **common, **_faketime(claimer_skew))
     ids = push_jobs(stack.rds, stack.queues[0], 8)
     # THEN no lease expires: every job finished on its first attempt, placed by the claimer, and ran once

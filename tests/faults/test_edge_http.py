@@ -90,6 +90,7 @@ def test_a_large_body_on_a_slow_link_is_not_cut_off(stack):
     assert answer.startswith(b"HTTP/1.1 401"), answer[:60]
 
 
+@pytest.mark.slow  # a real process (its sockets are counted), connections held to their read deadline
 def test_connections_beyond_the_cap_are_refused_at_once(stack):
     d = stack.process(None, HTTP_MAX_CONNECTIONS="16", REQUEST_READ_TIMEOUT_SECONDS="10")
     assert d.proc is not None

@@ -39,7 +39,7 @@ from schemathesis.generation.meta import (
 from tests.conftest import scaled
 from tests.dispatcher.harness import push_jobs, wait_final
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # slow: schemathesis explores every route: minutes
 
 API_TOKEN = "op-token-for-schemathesis"
 # Bodies to try on every run, whatever hypothesis draws: what exploration found. Schemathesis judges them

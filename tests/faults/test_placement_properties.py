@@ -35,7 +35,7 @@ from dispatcher.states import GpuState, Outcome
 from producer.job import Job
 from tests.conftest import scaled
 
-pytestmark = pytest.mark.fuzz
+pytestmark = [pytest.mark.fuzz, pytest.mark.slow]  # slow: a Hypothesis state machine against MariaDB: minutes
 
 GPUS = {"g0": ("default", 2), "g1": ("default", 3), "g2": ("default", 1), "g3": ("other", 2)}
 POOLS = ("default", "other")

@@ -41,6 +41,7 @@ def check(vectors: list[list[float]], n: int) -> None:
         assert math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, abs_tol=1e-4)
 
 
+@pytest.mark.slow  # the reference model (torch)
 def test_openai_client_embeds_through_gpuq(stack: Stack, service: ServiceProc) -> None:
     # GIVEN the reference service as the only GPU of pool "embedpool", which serves types embed and minilm
     d = stack.dispatcher(
@@ -105,6 +106,7 @@ def _embeds_and_refuses(d_url: str, c: openai.OpenAI, wrong: openai.OpenAI) -> N
         assert isinstance(err.value.body, dict) and err.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.slow  # the reference model (torch)
 def test_past_the_wait_202_then_the_result(stack: Stack, service: ServiceProc) -> None:
     d = stack.dispatcher(None, API_TOKEN=TOKEN, GPU_ENDPOINTS=f"g0={service.url}")
     # WHEN a long batch (over a second on a CPU) is asked for with a 10 ms wait
@@ -146,6 +148,7 @@ def test_past_the_wait_202_then_the_result(stack: Stack, service: ServiceProc) -
     assert (expired.status_code, expired.json()["error"]["code"]) == (410, "result_expired")
 
 
+@pytest.mark.slow  # the reference model (torch)
 def test_a_failed_task_is_502_once(stack: Stack, service: ServiceProc) -> None:
     # GIVEN a request the GPU service refuses (it takes 256 texts per job at most: 400, the task fails)
     d = stack.dispatcher(None, API_TOKEN=TOKEN, GPU_ENDPOINTS=f"g0={service.url}")

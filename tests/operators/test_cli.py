@@ -317,6 +317,7 @@ def console_script(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a dozen CLI processes, each waiting for a store that does not answer
 def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq_env):
     db = gpuq_env["DATABASE_URL"]
     res = console_script("gpu", "list", DATABASE_URL=db)

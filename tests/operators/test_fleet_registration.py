@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import text
 
 from tests.dispatcher.harness import ROOT, SECRET, push_jobs, wait_final
@@ -33,6 +34,7 @@ def _urls(stack) -> dict[str, str]:
         return dict(conn.execute(text("SELECT gpu_id, url FROM gpus")).all())
 
 
+@pytest.mark.slow  # real dispatcher processes started against one fleet
 def test_second_dispatcher_cannot_rewrite_the_fleet(stack, gpuq, tmp_path):
     # GIVEN a dispatcher running g0 and g1 of a fleet
     fleet = stack.fleet(gpus=2, service_time="fixed:0.01")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dispatcher.queues.intake_lua import SCAN_DEPTH
 from producer.keys import Keys, Priority, queue_key
 from tests.dispatcher.harness import push_jobs, states, wait_final
 from tests.operators.test_metrics import scrape, value
 
 
+@pytest.mark.slow  # hundreds of jobs behind a full pool
 def test_jobs_for_a_pool_without_gpus_do_not_block_a_mixed_queue(stack):
     # GIVEN a default pool of one idle GPU, TASK_ROUTES sending "embed" to a pool that has no GPU (yet),
     # and a mixed queue with 300 embed jobs in front of 5 default-pool jobs

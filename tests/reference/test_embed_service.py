@@ -21,6 +21,8 @@ PARAPHRASE = ("A man is playing the guitar.", "A man plays a guitar.")
 UNRELATED = "The central bank raised interest rates again."
 TEXT = "the quick brown fox jumps over the lazy dog while a gentle rain falls on the quiet town"
 
+pytestmark = pytest.mark.slow  # loads the reference model (torch): up to 100 s on a loaded machine
+
 
 def sentence(i: int, words: int = 12) -> str:
     vocabulary = TEXT.split(" ")
