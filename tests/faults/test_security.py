@@ -231,6 +231,7 @@ def _chunked_post(port: int, path: str, total: int, chunk: int = 256 * 1024) -> 
         sock.close()
 
 
+@pytest.mark.slow  # a real process, whose memory is measured while 150 MB arrive
 def test_oversized_chunked_bodies_are_refused_without_growing_memory(stack):
     fleet = stack.fleet(gpus=1, service_time="0")
     d = stack.process(fleet)
