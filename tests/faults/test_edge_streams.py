@@ -50,9 +50,10 @@ def _alive_key(stack: Stack, d: DispatcherProc) -> str:
     return Keys(stack.prefix).alive(d.env["DISPATCHER_ID"])
 
 
+@pytest.mark.slow  # a real process: its pools and heartbeat under 150 streams, not the test's threads
 def test_open_streams_starve_neither_dispatch_nor_the_heartbeat(stack: Stack) -> None:
     fleet = stack.fleet(gpus=2, service_time="fixed:0.01")
-    d = stack.dispatcher(fleet, API_TOKEN=TOKEN)
+    d = stack.process(fleet, API_TOKEN=TOKEN)
     path = _watched(stack, d)
     # GIVEN 150 open event streams: more than redis-py's default pool of 100 connections
     streams = Streams(d.port, path, TOKEN, 150).open()
