@@ -28,6 +28,7 @@ def silent(stack):
     return _silent(stack)
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_tokens_bodies_and_answers(stack, silent):
     d = silent
     a, b = push_jobs(stack.rds, stack.queues[0], 2)
@@ -159,6 +160,7 @@ def _task_state(engine, task_id):
     return row[0] if row else None
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_late_callback_after_lease_expiry_is_409_and_frees_nothing(stack):
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
     d = stack.dispatcher(fleet, MAX_ATTEMPTS="1", TASK_TIMEOUT_SECONDS="0.5")

@@ -41,6 +41,7 @@ def test_bad_setting_names_the_variable(monkeypatch, env, names):
     assert "\n" not in err.value.message
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_daemon_exits_2_with_one_line(tmp_path):
     # no CALLBACK_SECRET: the inherited environment's is dropped with every other dispatcher variable
     settings = {"DATABASE_URL": "sqlite:///:memory:", "GPU_ENDPOINTS": "g0=nope"}

@@ -35,6 +35,7 @@ def test_backlog_runs_once_each_without_oversubscription(any_stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_seed_style_jobs_and_bad_jobs(stack):
     # GIVEN jobs pushed the way the seed's producer did (id inside data, or none) and two broken ones
     fleet = stack.fleet(gpus=1, service_time="0")
@@ -59,6 +60,7 @@ def test_seed_style_jobs_and_bad_jobs(stack):
     assert stack.rds.llen(q) == 0
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_task_view_gpus_health_metrics_and_api_token(stack):
     fleet = stack.fleet(gpus=2, service_time="0")
     d = stack.dispatcher(fleet, API_TOKEN="op-token")
@@ -82,6 +84,7 @@ def test_task_view_gpus_health_metrics_and_api_token(stack):
     assert "/callback" in httpx.get(f"{d.url}/openapi.json").json()["paths"]
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_jobs_left_in_its_own_processing_list_are_finished_not_stranded(stack):
     # GIVEN a running dispatcher, and a job left in its own processing list the way a take whose answer was
     # lost (and silently retried by the client) leaves it

@@ -66,6 +66,7 @@ def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 10 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(any_stack):
     stack = any_stack
     # GIVEN a fleet that loses 30% of its callbacks and a 1 s lease
@@ -89,6 +90,7 @@ def test_lost_callbacks_are_reclaimed_by_the_lease_and_retried(any_stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_failing_gpus_are_avoided_and_jobs_retried_elsewhere(stack):
     # GIVEN g0 answers 500, g1 hangs, g2 refuses connections (an unused port), g3 works
     fleet = stack.fleet(gpus=4, service_time="fixed:0.01", gpu_faults={"g0": ["http_500"], "g1": ["hang"]})

@@ -4,6 +4,8 @@ the same attempt is in tests/dispatcher/test_callbacks.py."""
 
 from __future__ import annotations
 
+import pytest
+
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.gpus.tokens import make_token
@@ -21,6 +23,7 @@ def _row(engine, task_id):
         ).one()
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_every_callback_sent_twice_is_applied_once(stack):
     # GIVEN GPUs that send every final callback twice (finished, failed, or failed with retry)
     fleet = stack.fleet(
@@ -46,6 +49,7 @@ def test_every_callback_sent_twice_is_applied_once(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 9 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_heartbeats_racing_the_final_callback_change_nothing(stack):
     # GIVEN GPUs that send a heartbeat every 10 ms while a job runs (unretried, so some arrive after the end)
     fleet = stack.fleet(gpus=2, service_time="exp:0.05", faults=["heartbeat:0.01"])
@@ -63,6 +67,7 @@ def test_heartbeats_racing_the_final_callback_change_nothing(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_callbacks_of_an_earlier_attempt_arriving_late_are_409(stack):
     # GIVEN a task whose first attempt failed (retry) and whose second attempt is running; the test is the GPU
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
@@ -90,6 +95,7 @@ def test_callbacks_of_an_earlier_attempt_arriving_late_are_409(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, [a])
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_callback_for_a_cancelled_task_is_409_and_its_slot_is_refilled(stack):
     # GIVEN one GPU (4 slots) running four jobs that never call back by themselves, and two more waiting
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])

@@ -27,6 +27,7 @@ TOKEN = "edge-api-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_hostile_query_values_are_4xx(stack):
     d = stack.dispatcher(None, API_TOKEN=TOKEN)
     nested = base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=")
@@ -62,6 +63,7 @@ def test_non_ascii_digits_in_a_callback_token_are_401(stack):
         assert res.status_code == 401, (head, res.status_code, res.text)
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_readyz_names_the_store_that_is_down_without_its_error(stack):
     private = PrivateRedis()
     private.start()
@@ -81,6 +83,7 @@ def test_readyz_names_the_store_that_is_down_without_its_error(stack):
         private.close()
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_metrics_need_metrics_token_when_set(stack):
     d = stack.dispatcher(None, METRICS_TOKEN="scrape-me-please")
     assert httpx.get(f"{d.url}/metrics").status_code == 401
@@ -91,6 +94,7 @@ def test_metrics_need_metrics_token_when_set(stack):
     assert httpx.get(f"{open_.url}/metrics").status_code == 200
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_no_api_token_beyond_loopback_refuses_to_start(stack):
     # GIVEN a dispatcher on MariaDB listening on every interface, with no API_TOKEN
     exposed = DispatcherProc({**stack.env(None), "CALLBACK_HOST": "0.0.0.0"})

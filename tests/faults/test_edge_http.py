@@ -46,6 +46,7 @@ def _answer(sock: socket.socket) -> bytes:
     return data
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_slow_requests_are_answered_408_and_closed(stack):
     d = stack.dispatcher(None, REQUEST_READ_TIMEOUT_SECONDS="1")
     # GIVEN clients that never finish their headers, their body, or trickle a byte at a time
@@ -73,6 +74,7 @@ def test_slow_requests_are_answered_408_and_closed(stack):
     assert '"action": "http_408"' in d.log_path.read_text()
 
 
+@pytest.mark.slow  # 10 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_large_body_on_a_slow_link_is_not_cut_off(stack):
     """A GPU posting a large result over a slow link (a 1 MB result at 50 KB/s with the default 10 s) was
     answered 408 however often it retried: the deadline cut off a body still arriving at a useful rate."""

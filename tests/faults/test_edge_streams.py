@@ -71,6 +71,7 @@ def test_open_streams_starve_neither_dispatch_nor_the_heartbeat(stack: Stack) ->
     assert httpx.get(f"{d.url}/tasks/watched", headers=AUTH).json()["state"] == "scheduled"
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_concurrent_embedding_waits_are_not_refused(stack: Stack) -> None:
     # GIVEN a dispatcher with no GPU for embeddings: every request waits its wait_seconds, then 202
     d = stack.dispatcher(None, API_TOKEN=TOKEN)
@@ -88,6 +89,7 @@ def test_concurrent_embedding_waits_are_not_refused(stack: Stack) -> None:
     assert statuses == [202] * 150, sorted(set(statuses))
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_listeners_beyond_the_limit_are_429_with_retry_after(stack: Stack) -> None:
     d = stack.dispatcher(stack.fleet(gpus=1), API_TOKEN=TOKEN, EVENT_LISTENERS_MAX="5")
     path = _watched(stack, d)
@@ -162,6 +164,7 @@ def test_two_thousand_streams_while_two_thousand_jobs_run(stack: Stack) -> None:
     Path(os.environ.get("GPUQ_EDGE_FIGURES", "/dev/null")).write_text(figures + "\n")
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_stream_outlives_its_lost_subscription(stack: Stack) -> None:
     # GIVEN a task that runs 4 s and a client watching it
     fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:4")

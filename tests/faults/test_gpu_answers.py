@@ -8,6 +8,8 @@ runs again. A slow answer means the job did run: its callback finishes it, once,
 
 from __future__ import annotations
 
+import pytest
+
 from tests.dispatcher.harness import push_jobs, received_per_task, reconcile, wait_final
 from tests.faults.support import ran_beyond_attempts
 
@@ -17,6 +19,7 @@ def _outcomes(engine) -> dict[str, int]:
         return dict(conn.exec_driver_sql("SELECT outcome, COUNT(*) FROM attempts GROUP BY outcome").all())
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_closing_the_connection_costs_a_lease_then_a_retry(stack):
     # GIVEN g0 closes a third of its connections without answering, g1 works; a 1 s lease
     fleet = stack.fleet(gpus=2, service_time="fixed:0.02", gpu_faults={"g0": ["close@0.34"]})
@@ -45,6 +48,7 @@ def test_gpu_closing_the_connection_costs_a_lease_then_a_retry(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_answering_after_the_request_timeout_keeps_the_slot_and_runs_once(stack):
     # GIVEN GPUs that answer 202 after 1 s to 40% of the jobs, a 0.3 s request timeout and a 20 s lease
     fleet = stack.fleet(gpus=2, service_time="fixed:0.05", faults=["slow_answer:1@0.4"])

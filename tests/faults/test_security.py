@@ -29,6 +29,7 @@ def _state(engine, task_id):
         )
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_token_speaks_for_one_task_and_one_attempt_only(stack):
     # GIVEN two tasks running (attempt 1) on a GPU that never calls back: the test is the GPU
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])

@@ -59,6 +59,7 @@ def _cancel_by_api(d, task_id: str) -> bool:
     return True
 
 
+@pytest.mark.slow  # 12 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_cancels_under_load_never_oversubscribe_and_free_slots_on_confirmation(stack):
     # GIVEN two GPUs of 4 slots, every slot busy with long jobs and a backlog waiting behind them
     fleet = stack.fleet(gpus=2, service_time="uniform:1,3", faults=["heartbeat:0.1"])
@@ -97,6 +98,7 @@ def test_cancels_under_load_never_oversubscribe_and_free_slots_on_confirmation(s
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_slot_stays_held_until_the_gpu_confirms_the_cancel(stack):
     # GIVEN one GPU running one long job
     fleet, d, victim = _one_long_job(stack)
@@ -145,6 +147,7 @@ def test_a_final_callback_for_the_cancelled_attempt_confirms_and_frees(stack):
     assert states(stack.engine, [victim]) == {"cancelled": 1}
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_cancel_never_confirmed_is_settled_by_the_lease(stack):
     # GIVEN a short lease and a GPU that goes down after taking the job
     fleet, d, victim = _one_long_job(stack, TASK_TIMEOUT_SECONDS="3")
@@ -162,6 +165,7 @@ def test_a_cancel_never_confirmed_is_settled_by_the_lease(stack):
         assert list(outcomes) == ["cancelled"]
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_cancel_answers(stack):
     # GIVEN a dispatcher and a finished task
     fleet = stack.fleet(gpus=1, service_time="0")
@@ -204,6 +208,7 @@ def test_a_cancel_left_by_a_killed_dispatcher_is_sent_by_another(stack):
     assert fleet.stats(jobs=False)["totals"]["in_flight"] == 0
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_cancel_that_comes_while_the_gpu_is_still_answering_the_job_stops_it(stack):
     # GIVEN a one-slot GPU that takes its jobs but answers the request later than the dispatcher waits
     # (review of issue 16: simgpu's cancel answered "not running" for a job it held but had not started

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 
 from dispatcher.gpus.tokens import make_token
 from producer.job import Job
@@ -37,6 +38,7 @@ def _state(url: str, headers: dict[str, str] | None = None) -> str | None:
     return res.json()["state"] if res.status_code == 200 else None
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     """The task runs through d1 (its GPU calls back there); the client watches through d2, which only
     hears of it through Redis: scheduled -> queued -> dispatched -> heartbeat with progress -> finished.
@@ -92,6 +94,7 @@ def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     assert httpx.get(f"{d1.url}/tasks/nobody/events", headers=AUTH).status_code == 404
 
 
+@pytest.mark.slow  # 10 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_events_of_a_failing_attempt_then_retry(stack: Stack) -> None:
     fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:0.3", faults=["fail_retry"])
     d = stack.dispatcher(fleet, MAX_ATTEMPTS="2", RETRY_BACKOFF_SECONDS="1")

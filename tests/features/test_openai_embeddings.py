@@ -161,6 +161,7 @@ def test_a_failed_task_is_502_once(stack: Stack, service: ServiceProc) -> None:
         assert conn.execute(select(func.count()).select_from(tasks)).scalar() == 1
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_waiting_then_cancelled(stack: Stack, gpuq: Callable[..., Any]) -> None:
     # GIVEN model "nogpu" routed to a pool without GPUs, and "slow" to a GPU that takes a minute per job
     fleet = stack.fleet(gpus=1, slots=4, service_time="fixed:60")

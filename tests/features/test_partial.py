@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.conftest import Stack
@@ -37,6 +38,7 @@ def _watch(url: str, task_id: str, gpu: Callable[[], None]) -> list[tuple[str, d
     return seen
 
 
+@pytest.mark.slow  # 12 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_sse_client_receives_every_partial_in_order(stack: Stack) -> None:
     # GIVEN a task running on a GPU that streams its output through running callbacks
     fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])
@@ -82,6 +84,7 @@ def test_partial_for_an_attempt_no_longer_current_is_409_and_not_passed_on(stack
     assert late.status_code == 409
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_partials_reaching_two_dispatchers_arrive_in_order(stack: Stack) -> None:
     # GIVEN a task run through d1 and a client watching through d2
     fleet = stack.fleet(gpus=1, slots=1, service_time="fixed:60", faults=["lost_callback"])

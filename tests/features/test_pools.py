@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from dispatcher.db.engine import make_engine
 from tests.dispatcher.conftest import Stack
@@ -11,6 +12,7 @@ from tests.dispatcher.harness import push_jobs, states, wait_final
 A_JOBS = 40
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     """Pool ``slow`` (2 slots, jobs that outlast the test) is saturated and 40 of its jobs wait at the head of
     the queue; the 20 ``fast`` jobs queued behind them in the same list all run and finish while the slow
@@ -43,6 +45,7 @@ def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     }
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_jobs_waiting_for_a_full_pool_keep_their_place(stack: Stack) -> None:
     """Jobs waiting for a full pool (behind which other pools' jobs ran) are served before newer jobs of the
     same pool, and every job of both pools ends."""

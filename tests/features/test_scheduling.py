@@ -72,6 +72,7 @@ def _row(task_id: str, state: str, queue: str) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_priority_moves_a_waiting_job_between_its_queues_lists(
     gpuq: Gpuq, gpuq_env: dict[str, str], rds: redis.Redis
 ) -> None:

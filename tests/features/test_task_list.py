@@ -83,6 +83,7 @@ def test_pages_walk_every_match_once_newest_first(any_database_url: str) -> None
         engine.dispose()
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_get_tasks_over_http_with_api_token(stack: Stack) -> None:
     fleet = stack.fleet(gpus=1, slots=4, service_time="fixed:0.01")
     d = stack.dispatcher(fleet, API_TOKEN="list-token")
@@ -121,6 +122,7 @@ def test_get_tasks_over_http_with_api_token(stack: Stack) -> None:
     assert httpx.get(f"{d.url}/tasks", params={"limit": 0}, headers=auth, timeout=5).status_code == 422
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpuq_task_list(gpuq: Gpuq, gpuq_env: dict[str, str]) -> None:
     engine = make_engine(gpuq_env["DATABASE_URL"], pool_size=1)
     try:

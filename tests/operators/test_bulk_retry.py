@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import text
 
 from dispatcher.states import Outcome
@@ -23,6 +24,7 @@ def _states(engine, ids) -> list[str]:
     return [rows[i] for i in ids]
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_retry_by_filters_with_a_dry_run(stores, gpuq, gpuq_env):  # noqa: F811
     engine, _ = stores
     queue = gpuq_env["TASK_QUEUES"].split(",")[0]

@@ -64,6 +64,7 @@ def row(engine, task_id: str):
         return conn.execute(text("SELECT * FROM tasks WHERE task_id = :t"), {"t": task_id}).one()
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_add_list_drain_activate_remove(gpuq, stores):
     engine, _ = stores
     listed = json.loads(gpuq("gpu", "list", "--json").stdout)
@@ -97,6 +98,7 @@ def test_gpu_add_list_drain_activate_remove(gpuq, stores):
     assert "g0" in table and "0/4" in table
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_drain_wait_returns_once_the_slots_are_empty(gpuq, stores):
     """What a GPU pod's preStop runs before Kubernetes stops it: no running job may be killed."""
     engine, _ = stores
@@ -119,6 +121,7 @@ def test_gpu_drain_wait_returns_once_the_slots_are_empty(gpuq, stores):
     assert gpuq("gpu", "drain", "g1", "--wait", "--timeout", "0").exit_code == 0
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_errors_are_one_line_with_a_status(gpuq, stores):
     for args, code, message in [
         (("gpu", "drain", "nope"), 1, "gpuq: no GPU named 'nope' (gpuq gpu list shows them)"),
@@ -131,6 +134,7 @@ def test_gpu_errors_are_one_line_with_a_status(gpuq, stores):
     assert res.exit_code == 2 and "--slots" in res.stderr
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_submit_validates_like_the_producer_and_is_idempotent(gpuq, gpuq_env, stores):
     _, rds = stores
     qa, qb = gpuq_env["TASK_QUEUES"].split(",")
@@ -166,6 +170,7 @@ def test_submit_validates_like_the_producer_and_is_idempotent(gpuq, gpuq_env, st
     assert rds.llen(qa) == 1
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_status_shows_gpus_by_pool_queues_and_waiting(gpuq, gpuq_env, stores):
     engine, rds = stores
     qa, _ = gpuq_env["TASK_QUEUES"].split(",")
@@ -188,6 +193,7 @@ def test_status_shows_gpus_by_pool_queues_and_waiting(gpuq, gpuq_env, stores):
     assert res.exit_code == 0 and res.stdout.count("slots busy 2/6") >= 2
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
     engine, rds = stores
     qa, _ = gpuq_env["TASK_QUEUES"].split(",")
@@ -249,6 +255,7 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
     assert gpuq("task", "retry", "nope").stderr.strip() == "gpuq: unknown task 'nope'"
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_cancel_before_a_dispatcher_took_it_means_it_never_runs(gpuq, gpuq_env, stores):
     engine, _ = stores
     task_id = gpuq("submit", "-t", "x").stdout.strip()
@@ -264,6 +271,7 @@ def test_cancel_before_a_dispatcher_took_it_means_it_never_runs(gpuq, gpuq_env, 
     assert "submit it again" in gpuq("task", "retry", task_id).stderr
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_queue_list_and_purge_dead(gpuq, gpuq_env, stores):
     _, rds = stores
     keys = Keys(gpuq_env["REDIS_KEY_PREFIX"])

@@ -8,10 +8,13 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from tests.dispatcher.harness import ROOT, free_port
 from tests.operators.test_cli import stores  # noqa: F401 - the fixture, shared
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_status_with_redis_down_still_shows_the_gpus(gpuq, stores):  # noqa: F811
     res = gpuq("status", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     assert res.exit_code == 3, res
@@ -20,6 +23,7 @@ def test_status_with_redis_down_still_shows_the_gpus(gpuq, stores):  # noqa: F81
     assert res.stderr.startswith("gpuq: Redis at 127.0.0.1:") and res.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_env_file_replaces_dot_env(gpuq, gpuq_env, stores, tmp_path):  # noqa: F811
     env_file = tmp_path / "dispatcher.env"
     env_file.write_text(f"DATABASE_URL={gpuq_env['DATABASE_URL']}\n")
@@ -32,6 +36,7 @@ def test_env_file_replaces_dot_env(gpuq, gpuq_env, stores, tmp_path):  # noqa: F
     assert missing.exit_code == 2 and "no such file" in missing.stderr
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_the_wheel_carries_the_operator_queries(tmp_path):
     subprocess.run(
         [
@@ -56,6 +61,7 @@ def test_the_wheel_carries_the_operator_queries(tmp_path):
     assert shipped == (Path(ROOT) / "sql" / "queries.sql").read_text()
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_tables_fit_80_columns_and_shorten_ids_in_the_middle(gpuq, stores):  # noqa: F811
     url = "http://gpu-host-with-a-long-name.internal.example.com:9000/v1/models/whisper-large/infer"
     assert gpuq("gpu", "add", "g7", url, "--no-probe").exit_code == 0

@@ -70,6 +70,7 @@ def test_page_is_self_contained():
     assert "<style>" in _PAGE
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_overview_api_needs_the_token_and_serves_the_fleet(stack):
     fleet = stack.fleet(gpus=2, service_time="0", faults=["lost_callback"])
     d = stack.dispatcher(fleet, API_TOKEN=TOKEN, TASK_TIMEOUT_SECONDS="60")

@@ -36,6 +36,7 @@ def service(gpuq) -> Iterator[str]:
     thread.join(5)
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_add_refuses_a_url_that_answers_404(gpuq, service: str) -> None:
     wrong = f"{service}/wrong-path"
     # WHEN a GPU is added with a path its service does not have
@@ -49,6 +50,7 @@ def test_gpu_add_refuses_a_url_that_answers_404(gpuq, service: str) -> None:
     assert "g9" in gpuq("gpu", "list").stdout
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_add_registers_a_post_only_route(gpuq, service: str) -> None:
     res = gpuq("gpu", "add", "g8", f"{service}/infer")  # GET answered 405: a service is there
     assert res.exit_code == 0, res

@@ -4,6 +4,7 @@ stores hold."""
 from __future__ import annotations
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dispatcher.db.engine import transaction, utcnow
@@ -82,6 +83,7 @@ def test_metrics_names_labels_and_values(stack):
     assert any(name == "gpuq_job_seconds_bucket" for name, _ in samples)
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_attempts_by_outcome_and_lease_expiries(stack):
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
     d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="0.3", MAX_ATTEMPTS="1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import text
 
 from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
@@ -27,6 +28,7 @@ def _probed_times(stack, seen: set) -> int:
     return len(seen)
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_answering_404_goes_out_of_rotation_and_no_job_fails(stack):
     # GIVEN two working GPUs and g9, whose URL is a path the service does not have (404), every job with
     # a single attempt allowed, so a job failed by g9 could not be saved by a retry

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from sqlalchemy import text
 
 from dispatcher.db.engine import transaction, utcnow
@@ -19,6 +20,7 @@ from dispatcher.states import GpuState
 from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
     # GIVEN two working GPUs and g9 registered at the simulator's stats page: GET answers 200, POST 405
     fleet = stack.fleet(gpus=2, service_time="fixed:0.1")

@@ -25,6 +25,7 @@ def _run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, 3, "Redis at 127.0.0.1"),
     ],
 )
+@pytest.mark.slow  # 9 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_unreachable_store_or_wrong_driver_is_one_line(tmp_path, redis_url, env, code, says):
     run = _run(tmp_path, **{"REDIS_URL": redis_url, "DATABASE_URL": "sqlite:///d.db", **env})
     assert run.returncode == code, run.stderr
@@ -33,12 +34,14 @@ def test_unreachable_store_or_wrong_driver_is_one_line(tmp_path, redis_url, env,
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.slow  # 9 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_help_prints_usage_without_settings(tmp_path):
     run = _run(tmp_path, "--help", CALLBACK_SECRET="")
     assert run.returncode == 0
     assert run.stdout.startswith("usage: python -m dispatcher") and "Exit codes" in run.stdout
 
 
+@pytest.mark.slow  # 10 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_an_argument_is_refused_not_ignored(tmp_path, redis_url):
     """Before: ``python -m dispatcher --port 9000`` started on CALLBACK_PORT as if nothing was said (review
     of issue 14)."""
@@ -49,6 +52,7 @@ def test_an_argument_is_refused_not_ignored(tmp_path, redis_url):
 
 
 @pytest.mark.parametrize("cluster_setting", ["true", "false"])
+@pytest.mark.slow  # 15 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_redis_cluster_setting_that_does_not_match_the_redis_is_one_line(
     tmp_path, redis_url, redis_cluster, cluster_setting
 ):

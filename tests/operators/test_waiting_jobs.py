@@ -11,6 +11,7 @@ import datetime as dt
 import uuid
 
 import httpx
+import pytest
 from sqlalchemy import text
 
 from producer.job import Job
@@ -35,6 +36,7 @@ def _started(stack, ids: list[str]) -> dict[str, dt.datetime]:
     return {r[0]: r[1] for r in rows if r[0] in set(ids)}
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_full_pools_jobs_wait_in_order_visible_and_changeable(stack, gpuq):
     # GIVEN a default pool of one 1-slot GPU busy with 1.5 s jobs and an idle 4-slot embed pool
     default = stack.fleet(gpus=1, slots=1, service_time="fixed:1.5")

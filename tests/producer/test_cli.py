@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import ProducerEnv
 from .helpers import EVENTS
 
@@ -22,6 +24,7 @@ def run(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_task_on_the_command_line(producer_env: ProducerEnv, tmp_path: Path) -> None:
     # GIVEN the seed's single-task event as an argument WHEN run THEN the answer on stdout, exit 0
     proc = run(tmp_path, json.dumps({"type": "send_email", "data": {"user_id": 123}}))
@@ -42,6 +45,7 @@ def test_an_event_file_with_a_bad_record_exits_1_and_logs_to_stderr(
     assert len(producer_env.jobs()) == 4
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_settings_come_from_dot_env_too(producer_env: ProducerEnv, tmp_path: Path) -> None:
     # GIVEN TASK_QUEUES only in ./.env (the environment has none)
     producer_env.monkeypatch.delenv("TASK_QUEUES")
@@ -58,6 +62,7 @@ def test_unreadable_input_exits_2(producer_env: ProducerEnv, tmp_path: Path) -> 
     assert "cannot read the event" in proc.stderr
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_redis_down_exits_1_with_the_error(
     producer_env: ProducerEnv, tmp_path: Path, closed_port: int
 ) -> None:

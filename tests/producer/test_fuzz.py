@@ -95,6 +95,7 @@ def assert_well_formed(answer: Any) -> None:
 
 @SETTINGS
 @given(event=EVENTS)
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_any_json_event(producer_env: ProducerEnv, event: Any) -> None:
     try:
         answer = lambda_handler(event, None)
@@ -119,6 +120,7 @@ def test_any_api_gateway_body(
 
 @SETTINGS
 @given(bodies=st.lists(PAYLOAD | st.text(max_size=30), min_size=1, max_size=4))
+@pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_any_sqs_bodies(producer_env: ProducerEnv, bodies: list[Any]) -> None:
     template = load_event("sqs_mixed")["Records"][0]
     records = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import boto3
+import pytest
 import redis
 
 from producer.handler import lambda_handler
@@ -50,6 +51,7 @@ def test_a_plain_string_secret_with_the_redis_host_settings(
     assert private_jobs(private_redis, producer_env.queues[0]) == answer["task_ids"]
 
 
+@pytest.mark.slow  # 10 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_an_ssm_secure_string_parameter(producer_env: ProducerEnv, aws: None, private_redis: int) -> None:
     ssm = boto3.client("ssm", region_name="us-east-1")
     ssm.put_parameter(Name="/gpuq/redis-password", Value="x", Type="SecureString")
@@ -72,6 +74,7 @@ def test_a_missing_secret_names_the_variable_and_fails_every_record(
     assert len(sqs["batchItemFailures"]) == 3
 
 
+@pytest.mark.slow  # 12 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_wrong_password_is_an_unavailable_queue(
     producer_env: ProducerEnv, aws: None, private_redis: int
 ) -> None:

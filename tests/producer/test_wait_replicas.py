@@ -88,6 +88,7 @@ def master_and_replica(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[b
         enqueue.close_clients()
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_redelivery_is_acknowledged_only_once_the_replicas_hold_the_job(
     producer_env: ProducerEnv, master_and_replica: tuple[int, subprocess.Popen[bytes]]
 ) -> None:

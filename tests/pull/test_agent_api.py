@@ -7,6 +7,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from dispatcher.gpus.tokens import verify_token
 from dispatcher.loop.agents import MAX_POLLS_PER_GPU
@@ -15,6 +16,7 @@ from tests.dispatcher.helpers import wait_for
 from tests.pull.conftest import add_pull, poll
 
 
+@pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_who_may_poll(stack):
     # GIVEN two pull GPUs and a pushed one
     t7 = add_pull(stack.engine, "g7")
@@ -43,6 +45,7 @@ def test_who_may_poll(stack):
     assert gpus["g7"]["url"] == "pull:g7" and gpus["g7"]["healthy"] is True
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_bad_bodies_are_422_naming_the_field(stack):
     token = add_pull(stack.engine, "g7")
     d = stack.dispatcher(None)
@@ -79,6 +82,7 @@ def test_bad_bodies_are_422_naming_the_field(stack):
     assert poll(d.url, "g7", token, body={}).status_code == 204
 
 
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_job_body_is_the_pushed_body_and_rotation_locks_out_the_old_token(stack, gpuq):
     # GIVEN a pull GPU registered by the CLI: the token alone on stdout
     assert gpuq("db", "init").exit_code == 0
@@ -145,6 +149,7 @@ def test_job_body_is_the_pushed_body_and_rotation_locks_out_the_old_token(stack,
     assert gpuq("gpu", "token", "nope", "--rotate").exit_code != 0
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_endpoints_pull_entry_gets_a_token_logged_once(stack):
     d1 = stack.dispatcher(None, name="d1", GPU_ENDPOINTS="embed:pull:g7")
     d2 = stack.dispatcher(None, name="d2", GPU_ENDPOINTS="embed:pull:g7")
@@ -159,6 +164,7 @@ def test_gpu_endpoints_pull_entry_gets_a_token_logged_once(stack):
     )
 
 
+@pytest.mark.slow  # 12 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_one_gpu_cannot_hold_more_than_its_share_of_long_polls(stack):
     # GIVEN a pull GPU whose valid token opens more long polls than MAX_POLLS_PER_GPU
     token = add_pull(stack.engine, "g7")

@@ -60,6 +60,7 @@ def test_version_1_database_is_upgraded_in_place(kind, database_url, tmp_path):
         engine.dispose()
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_an_upgrade_that_times_out_says_so_without_a_traceback(database_url):
     # GIVEN a version 2 database (no cancel_url yet) and a live process in the middle of a transaction on
     # gpus (an older dispatcher still running): the ALTER TABLE waits for it

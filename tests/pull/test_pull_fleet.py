@@ -103,6 +103,7 @@ def test_mixed_pool_least_loaded_and_never_oversubscribed_with_three_dispatchers
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_silent_agent_leaves_rotation_and_its_unfetched_jobs_wait_again(stack):
     # GIVEN a pull GPU whose agent polled once and then fell silent, and AGENT_STALE_SECONDS=2
     token = add_pull(stack.engine, "p0")
@@ -262,6 +263,7 @@ def test_cancel_reaches_an_agent_through_the_409_to_its_heartbeat(stack):
     assert states(stack.engine, [victim]) == {"cancelled": 1}
 
 
+@pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_freed_pull_slot_is_handed_to_the_agents_next_poll(stack):
     # GIVEN a pool of one pull GPU (4 slots) and a backlog much longer than its slots
     token = add_pull(stack.engine, "p0")

@@ -17,6 +17,7 @@ def database_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/.gpuq/gpuq.db"
 
 
+@pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_pull_and_pushed_gpus_share_a_backlog_on_sqlite(stack):
     token = add_pull(stack.engine, "p0")
     pushed = stack.fleet(gpus=1, service_time="exp:0.01")
