@@ -55,6 +55,14 @@ _CURRENT: contextvars.ContextVar[InProcessDispatcher | None] = contextvars.Conte
 )
 
 
+#: The loggers an in-process dispatcher lets through at its LOG_LEVEL, their levels before the first one
+#: started, and the handlers of those running (guarded by the lock: tests may start them from threads).
+_LOGGERS = ("gpuq", "uvicorn.error")
+_LEVELS: dict[str, int] = {}
+_HANDLERS: set[logging.Handler] = set()
+_LEVELS_LOCK = threading.Lock()
+
+
 class _OnlyGiven(DispatcherSettings):
     """The settings given and nothing else: not the test process's environment nor its ./.env (a process
     gets an environment scrubbed of every dispatcher variable, see ``testing.process_env``)."""
@@ -196,18 +204,30 @@ class InProcessDispatcher:
         handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
         handler.setLevel(settings.log_level.upper())
         handler.addFilter(_Mine(self))
-        for name in ("gpuq", "uvicorn.error"):
-            logger = logging.getLogger(name)
-            if logger.getEffectiveLevel() > handler.level:
-                logger.setLevel(handler.level)
+        with _LEVELS_LOCK:
+            for name in _LOGGERS:
+                logger = logging.getLogger(name)
+                _LEVELS.setdefault(name, logger.level)
+                if logger.getEffectiveLevel() > handler.level:
+                    logger.setLevel(handler.level)
+            _HANDLERS.add(handler)
         logging.getLogger().addHandler(handler)
         self._handler = handler
 
     def _unlog(self) -> None:
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
+        """Its handler removed; once no in-process dispatcher logs any more, the loggers' levels are what
+        they were, so no later test of this worker sees records only because a dispatcher ran before it."""
+        if self._handler is None:
+            return
+        logging.getLogger().removeHandler(self._handler)
+        self._handler.close()
+        with _LEVELS_LOCK:
+            _HANDLERS.discard(self._handler)
+            if not _HANDLERS:
+                for name, level in _LEVELS.items():
+                    logging.getLogger(name).setLevel(level)
+                _LEVELS.clear()
+        self._handler = None
 
     def _call(self, fn: Any, *args: Any) -> bool:
         """``fn(*args)`` on its event loop; False when that loop is gone."""

@@ -4,6 +4,7 @@ the next test in this worker starts clean."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import httpx
@@ -50,6 +51,7 @@ def test_a_bad_setting_refuses_to_start(stack):
 def test_two_dispatchers_keep_their_own_logs_and_stop_cleanly(stack):
     fleet = stack.fleet(gpus=1, service_time="0")
     threads = set(threading.enumerate())
+    level = logging.getLogger("gpuq").level
     a = stack.dispatcher(fleet, name="a")
     b = stack.dispatcher(fleet, name="b")
     a_id, b_id = a.env["DISPATCHER_ID"], b.env["DISPATCHER_ID"]
@@ -65,3 +67,5 @@ def test_two_dispatchers_keep_their_own_logs_and_stop_cleanly(stack):
     assert not a.alive() and not b.alive()
     left = {t.name for t in set(threading.enumerate()) - threads if t.is_alive()}
     assert not any(name.startswith("gpuq") for name in left), left
+    # AND the test process's loggers are as they were (no later test sees records because of them)
+    assert logging.getLogger("gpuq").level == level
