@@ -9,6 +9,7 @@ tokens, pull GPUs' names and agent tokens); ``http/`` is the FastAPI edge (callb
 health, metrics, the OpenAI route, the agents' long poll, the dashboard) and turns errors into answers;
 ``cli/`` is ``gpuq``, the operator CLI. At the top sit what every room shares: ``settings``, ``states``,
 ``errors``, ``limits``, ``logs``, ``metrics``, ``preflight`` (the start-up checks of ``__main__``) and
-``testing`` (a dispatcher in-process or as a process, for tests, demo and bench). The shared core of jobs
-and Redis keys is ``producer/`` (see its docstring).
+``testing`` (a dispatcher in-process or as a process, for tests, demo and bench) with ``inproc`` (the
+whole daemon in a thread of a test). The shared core of jobs and Redis keys is ``producer/`` (see its
+docstring).
 """

@@ -38,9 +38,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from sqlalchemy import Engine, text
 
 from dispatcher.__main__ import _Server, announce, build_server
-from dispatcher.core import Dispatcher
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import JsonFormatter, TextFormatter
+from dispatcher.loop.core import Dispatcher
 from dispatcher.preflight import StartProblem, preflight
 from dispatcher.settings import DispatcherSettings
 from dispatcher.testing import ProcessFailed, free_port, is_ready
