@@ -77,8 +77,8 @@ def test_a_backlog_over_two_slots_runs_once_each(cluster_stack: Stack, producer:
     assert lambda_handler(_batch(s, 0, 50), None)["task_ids"] == ids[:50]
     fleet = s.fleet(gpus=3, service_time="exp:0.01")
     # WHEN two dispatchers run them
-    s.dispatcher(fleet, name="a")
-    s.dispatcher(fleet, name="b")
+    s.process(fleet, name="a")
+    s.process(fleet, name="b")
     wait_final(s.engine, ids, timeout=180)
     # THEN each ran exactly once, no GPU was oversubscribed, nothing is left in any slot
     stats = fleet.stats()
@@ -93,11 +93,11 @@ def test_kill_9_of_a_dispatcher_mid_run_loses_nothing(cluster_stack: Stack) -> N
     s = cluster_stack
     fleet = s.fleet(gpus=2, service_time="fixed:0.03")
     ids = push_jobs(s.rds, s.queues[0], 200) + push_jobs(s.rds, s.queues[1], 200)
-    d = s.dispatcher(fleet, name="doomed", TASK_TIMEOUT_SECONDS="5")
+    d = s.process(fleet, name="doomed", TASK_TIMEOUT_SECONDS="5")
     wait_for(lambda: states(s.engine, ids)["finished"] > 40, 60, 0.02, what="some finished")
     d.kill()
     # WHEN another dispatcher takes over
-    s.dispatcher(fleet, name="heir", TASK_TIMEOUT_SECONDS="5")
+    s.process(fleet, name="heir", TASK_TIMEOUT_SECONDS="5")
     # THEN every job finishes, none twice beyond those in flight at the kill, and the dead one's
     # processing lists (one per queue, in two slots) are swept back
     wait_final(s.engine, ids, timeout=180)
@@ -134,7 +134,7 @@ def test_a_master_killed_after_acknowledged_pushes_loses_none(
     s = cluster_stack
     producer(REDIS_WAIT_REPLICAS="1", REDIS_WAIT_TIMEOUT_SECONDS="5")
     fleet = s.fleet(gpus=2, service_time="fixed:0.05")
-    s.dispatcher(fleet, name="a", REDIS_WAIT_REPLICAS="1", TASK_TIMEOUT_SECONDS="10")
+    s.process(fleet, name="a", REDIS_WAIT_REPLICAS="1", TASK_TIMEOUT_SECONDS="10")
     acknowledged: list[str] = []
     for start in range(0, 200, 20):
         acknowledged += lambda_handler(_batch(s, start, 20), None)["task_ids"]
