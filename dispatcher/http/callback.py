@@ -189,7 +189,7 @@ async def handle(
         if too_large is not None:
             d.metrics.callbacks.labels("413").inc()
             return answer(TooLarge(too_large))
-        fin = await d.heartbeat(body.task_id, attempt, extra, partial)
+        fin = await d.ends.heartbeat(body.task_id, attempt, extra, partial)
     else:
         if body.status == "finished":
             outcome, reported = Outcome.FINISHED, "finished"
@@ -198,7 +198,7 @@ async def handle(
         else:
             outcome, reported = Outcome.FAILED, "failed"
         error = (body.error or "the GPU service reported failure") if body.status == "failed" else None
-        fin = await d.end_attempt(
+        fin = await d.ends.end_attempt(
             body.task_id, attempt, outcome, result=body.result, error=error, reported=reported
         )
     if fin.code in ("unknown", "stale"):

@@ -29,7 +29,8 @@ from dispatcher.db.dispatch import Placed
 from dispatcher.errors import TRANSIENT, TooMany
 from dispatcher.gpus.pull import hash_agent_token
 from dispatcher.gpus.tokens import make_token
-from dispatcher.loop.runtime import EndsAttempts, Runtime, SlotSignals
+from dispatcher.loop.attempt_ends import AttemptEnds
+from dispatcher.loop.runtime import Runtime, SlotSignals
 from dispatcher.states import Outcome
 
 log = logging.getLogger("gpuq.agents")
@@ -50,7 +51,7 @@ MAX_POLLS_PER_GPU = 16
 class AgentHub:
     """A part of the Dispatcher: the long polls waiting in this process, by GPU."""
 
-    def __init__(self, rt: Runtime, ends: EndsAttempts, signals: SlotSignals) -> None:
+    def __init__(self, rt: Runtime, ends: AttemptEnds, signals: SlotSignals) -> None:
         self.rt = rt
         self.ends = ends
         self.signals = signals

@@ -1,7 +1,7 @@
 """Ending attempts (callbacks, GPU answers, leases, silent agents) and extending their leases.
 
-``AttemptEnds`` is the one implementation of ``runtime.EndsAttempts``: every part that learns an attempt's
-fate calls it, none reaches into the loop. Concurrent ends are committed together by the group commit
+``AttemptEnds`` is what every part that learns an attempt's fate calls (the HTTP callback too, as
+``d.ends``); none reaches into the loop. Concurrent ends are committed together by the group commit
 (``group_commit.py``), whose batch is the hand-off (``handoff.py``): the builder (``core.py``) connects
 the two with ``hand_off_with``, the hand-off being built after the parts that end attempts.
 """

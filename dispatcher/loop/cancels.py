@@ -28,8 +28,9 @@ from urllib.parse import urlsplit, urlunsplit
 from dispatcher.db.cancels import PendingCancel, pending_cancels
 from dispatcher.errors import TRANSIENT
 from dispatcher.gpus.pull import is_pull
+from dispatcher.loop.attempt_ends import AttemptEnds
 from dispatcher.loop.gpu_requests import GpuRequests
-from dispatcher.loop.runtime import EndsAttempts, Runtime
+from dispatcher.loop.runtime import Runtime
 
 log = logging.getLogger("gpuq.cancels")
 
@@ -50,7 +51,7 @@ def cancel_url(url: str) -> str:
 class CancelSender:
     """Sends this dispatcher's pending cancels to their GPUs (a side task of the Dispatcher)."""
 
-    def __init__(self, rt: Runtime, requests: GpuRequests, ends: EndsAttempts) -> None:
+    def __init__(self, rt: Runtime, requests: GpuRequests, ends: AttemptEnds) -> None:
         self.rt = rt
         self.requests = requests
         self.ends = ends

@@ -15,12 +15,10 @@ import contextlib
 import logging
 import time
 from datetime import datetime
-from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy import Engine
 
-from dispatcher.db.attempts import Finish
 from dispatcher.db.dispatch import held_by
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.agents import AgentHub
@@ -34,7 +32,6 @@ from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.wakes import WakeChannel
 from dispatcher.settings import DispatcherSettings
-from dispatcher.states import Outcome
 
 log = logging.getLogger("gpuq.dispatcher")
 
@@ -91,27 +88,6 @@ class Dispatcher:
         process owes, and check the next partial of every attempt against the database."""
         self.ends.renewals.forget()
         self.cancels.kick()
-
-    async def end_attempt(
-        self,
-        task_id: str,
-        attempt: int,
-        outcome: Outcome,
-        *,
-        result: Any = None,
-        error: str | None = None,
-        reported: str | None = None,
-    ) -> Finish:
-        """A callback's (or any) end of an attempt: see ``AttemptEnds.end_attempt``."""
-        return await self.ends.end_attempt(
-            task_id, attempt, outcome, result=result, error=error, reported=reported
-        )
-
-    async def heartbeat(
-        self, task_id: str, attempt: int, progress: dict[str, Any] | None = None, partial: Any = None
-    ) -> Finish:
-        """A ``running`` callback: see ``AttemptEnds.heartbeat``."""
-        return await self.ends.heartbeat(task_id, attempt, progress, partial)
 
     # -- life cycle -----------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from dispatcher.gpus.gpu_client import Answer, Verdict
 from dispatcher.gpus.pull import is_pull
 from dispatcher.gpus.tokens import make_token
 from dispatcher.loop.agents import AgentHub
-from dispatcher.loop.runtime import EndsAttempts, Runtime
+from dispatcher.loop.attempt_ends import AttemptEnds
+from dispatcher.loop.runtime import Runtime
 from dispatcher.queues.dead_letters import dead_letter
 from dispatcher.queues.intake import Settlement
 from dispatcher.states import Outcome
@@ -44,7 +45,7 @@ _VERDICT_OUTCOME = {
 
 
 class GpuRequests:
-    def __init__(self, rt: Runtime, ends: EndsAttempts, agents: AgentHub) -> None:
+    def __init__(self, rt: Runtime, ends: AttemptEnds, agents: AgentHub) -> None:
         self.rt = rt
         self.ends = ends
         self.agents = agents

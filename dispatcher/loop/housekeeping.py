@@ -16,7 +16,8 @@ from dispatcher.db.attempts import expired_leases, slot_drift
 from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.gpus import probe_result, probes_due
 from dispatcher.errors import TRANSIENT
-from dispatcher.loop.runtime import EndsAttempts, Runtime, SlotSignals
+from dispatcher.loop.attempt_ends import AttemptEnds
+from dispatcher.loop.runtime import Runtime, SlotSignals
 from dispatcher.states import Outcome
 from producer.keys import queue_key
 
@@ -30,7 +31,7 @@ STILL_DOWN_EVERY_SECONDS = 60.0
 
 
 class Housekeeping:
-    def __init__(self, rt: Runtime, ends: EndsAttempts, signals: SlotSignals) -> None:
+    def __init__(self, rt: Runtime, ends: AttemptEnds, signals: SlotSignals) -> None:
         self.rt = rt
         self.ends = ends
         self.signals = signals

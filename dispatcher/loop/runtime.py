@@ -2,9 +2,10 @@
 
 ``Runtime`` is built once per dispatcher process (``Runtime.build``) and handed to each part — the loop
 (``core.py``), the GPU requests, hand-offs, housekeeping, cancels, pull agents — so no part holds the
-``Dispatcher`` itself. What a part needs from the loop goes through the narrow interfaces here:
-``EndsAttempts`` (end an attempt, give a cancelled attempt's slot back, implemented in ``attempt_ends.py``)
-and ``SlotSignals`` (a slot was freed, implemented in ``wakeups.py``).
+``Dispatcher`` itself. What a part needs from the loop is narrow: ending an attempt or giving a cancelled
+attempt's slot back (``AttemptEnds`` in ``attempt_ends.py``, which the parts take as it is: it is the one
+implementation, and a Protocol here only wrote its signature again) and ``SlotSignals`` here (a slot was
+freed, implemented in ``wakeups.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from redis.asyncio import Redis
 from sqlalchemy import Engine
 
 from dispatcher.db.agents import ensure_token
-from dispatcher.db.attempts import Backoff, Finish
+from dispatcher.db.attempts import Backoff
 from dispatcher.db.clock import clock_offset
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import list_gpus, register_new
@@ -33,7 +34,6 @@ from dispatcher.preflight import slots_mismatch
 from dispatcher.queues.intake import Intake
 from dispatcher.queues.task_events import EventPublisher
 from dispatcher.settings import DispatcherSettings
-from dispatcher.states import Outcome
 from producer.keys import Keys
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -41,23 +41,6 @@ T = TypeVar("T")
 
 #: A change of the clock offset worth a line in the log.
 _CLOCK_NOTICE = timedelta(milliseconds=500)
-
-
-class EndsAttempts(Protocol):
-    """What the parts that learn an attempt's fate (GPU answers, leases, cancels, silent agents) call."""
-
-    async def end_attempt(
-        self,
-        task_id: str,
-        attempt: int,
-        outcome: Outcome,
-        *,
-        result: Any = None,
-        error: str | None = None,
-        reported: str | None = None,
-    ) -> Finish: ...
-
-    async def confirm_stop(self, task_id: str, attempt: int, *, why: str) -> bool: ...
 
 
 class SlotSignals(Protocol):

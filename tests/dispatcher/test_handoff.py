@@ -102,7 +102,7 @@ def run(w: World, settings: DispatcherSettings, body: Callable[[Dispatcher], Awa
 
 async def finish(d: Dispatcher, task_id: str) -> str:
     """The GPU's ``finished`` callback for attempt 1, as the HTTP edge passes it on; its answer code."""
-    fin = await d.end_attempt(task_id, 1, Outcome.FINISHED, reported="finished")
+    fin = await d.ends.end_attempt(task_id, 1, Outcome.FINISHED, reported="finished")
     return fin.code
 
 

@@ -60,18 +60,18 @@ def test_partials_do_not_write_to_the_database_and_a_cancel_still_stops_them(
             # WHEN the GPU streams 50 partials for the running attempt
             before = _commits(d)
             for i in range(50):
-                fin = await d.heartbeat(task_id, 1, {}, partial={"i": i})
+                fin = await d.ends.heartbeat(task_id, 1, {}, partial={"i": i})
                 assert (fin.code, fin.state) == ("applied", "processing")
             # THEN one transaction extended the lease, not fifty
             assert _commits(d) - before <= 1, _commits(d) - before
             # AND a heartbeat without partial still extends the lease in the database
             before = _commits(d)
-            assert (await d.heartbeat(task_id, 1, {})).code == "applied"
+            assert (await d.ends.heartbeat(task_id, 1, {})).code == "applied"
             assert _commits(d) - before == 1
             # AND once the task is cancelled, the next partial is refused (409), not answered from memory
             out = await cancel_api.cancel(task_id, d)
             assert out.applied and out.slot_held
-            fin = await d.heartbeat(task_id, 1, {}, partial={"i": 50})
+            fin = await d.ends.heartbeat(task_id, 1, {}, partial={"i": 50})
             assert (fin.code, fin.state) == ("stale", "cancelled")
 
     try:

@@ -64,7 +64,7 @@ def test_a_retry_refused_by_a_job_rule_fails_its_task_with_the_reason(
             assert await d.dispatch_once()
             await settle(d)
             # WHEN its attempt fails with retry and the dispatchers now run with MAX_JOB_BYTES=50000
-            fin = await d.end_attempt(job.task_id, 1, Outcome.FAILED_RETRY, error="GPU OOM")
+            fin = await d.ends.end_attempt(job.task_id, 1, Outcome.FAILED_RETRY, error="GPU OOM")
             assert (fin.code, fin.state) == ("applied", "retrying")
         async with in_process(later) as d:
             await d.housekeeping.requeue_due()  # the dispatcher writes the retry into Redis
