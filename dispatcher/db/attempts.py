@@ -20,6 +20,7 @@ from dispatcher.db.batch import end_attempts, end_final_attempts
 from dispatcher.db.cancels import cancel_running
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.db.snapshot import free_slot
+from dispatcher.db.task_writes import ended, locked_task
 from dispatcher.states import TERMINAL, Outcome, TaskState
 
 Code = Literal["applied", "repeat", "stale", "unknown"]
@@ -287,9 +288,7 @@ def expired_leases(conn: Connection, *, now: datetime, limit: int = 200) -> list
 
 def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backoff) -> Finish:
     """Cancel a task wherever it is. One still in Redis gets a tombstone row, so it never runs."""
-    row = conn.execute(
-        select(tasks.c.state, tasks.c.attempt).where(tasks.c.task_id == task_id).with_for_update()
-    ).first()
+    row = locked_task(conn, task_id, tasks.c.state, tasks.c.attempt)
     if row is None:
         conn.execute(
             insert(tasks).values(
@@ -319,11 +318,7 @@ def cancel_task(conn: Connection, *, task_id: str, now: datetime, backoff: Backo
         # Ended for the user now; the slot stays held until the GPU confirms the stop (db/cancels.py).
         cancel_running(conn, task_id=task_id, attempt=row.attempt, now=now, error="cancelled by an operator")
         return Finish("applied", TaskState.CANCELLED.value, held=True)
-    conn.execute(
-        update(tasks)
-        .where(tasks.c.task_id == task_id)
-        .values(state=TaskState.CANCELLED.value, finished_at=now, updated_at=now, run_after=None)
-    )
+    conn.execute(update(tasks).where(tasks.c.task_id == task_id).values(**ended(TaskState.CANCELLED, now)))
     return Finish("applied", TaskState.CANCELLED.value)
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, bindparam, select, text
 
 from dispatcher.db.schema import Timestamp, gpus, slots, tasks
 from dispatcher.db.snapshot import free_slot
+from dispatcher.db.task_writes import ended, locked_task, update_at
 from dispatcher.states import Outcome, TaskState
 
 _HISTORY = text(
@@ -45,13 +46,7 @@ def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetim
     """End ``attempt`` for the user (``cancelled``, an ``attempts`` row) and keep its slot held until the GPU
     confirms; False when the attempt was no longer running."""
     res = conn.execute(
-        update(tasks)
-        .where(
-            tasks.c.task_id == task_id,
-            tasks.c.attempt == attempt,
-            tasks.c.state == TaskState.PROCESSING.value,
-        )
-        .values(state=TaskState.CANCELLED.value, finished_at=now, updated_at=now, run_after=None, error=error)
+        update_at(task_id, attempt, [TaskState.PROCESSING]).values(**ended(TaskState.CANCELLED, now, error))
     )
     if res.rowcount != 1:
         return False
@@ -63,9 +58,7 @@ def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetim
 def release_cancelled(conn: Connection, *, task_id: str, attempt: int) -> bool:
     """Give back the slot a cancelled ``attempt`` still holds, now that its GPU has stopped it: the one
     place a pending cancel ends. True when this call freed it (False: not held, or the task runs again)."""
-    row = conn.execute(
-        select(tasks.c.state, tasks.c.attempt).where(tasks.c.task_id == task_id).with_for_update()
-    ).first()
+    row = locked_task(conn, task_id, tasks.c.state, tasks.c.attempt)
     if row is None or (row.state == TaskState.PROCESSING.value and row.attempt == attempt):
         return False  # the attempt is current: only finish_attempt may end it
     return free_slot(conn, task_id=task_id, attempt=attempt)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Connection, update
+from sqlalchemy import Connection
 
 from dispatcher.db.attempts import clip_text
-from dispatcher.db.schema import tasks
+from dispatcher.db.task_writes import ended, update_at
 from dispatcher.states import TaskState
 
 
@@ -25,21 +25,8 @@ def fail_dead_lettered(conn: Connection, *, items: list[tuple[str, int, str]], n
     failed here."""
     failed = []
     for task_id, attempt, why in items:
-        res = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == task_id,
-                tasks.c.attempt == attempt,
-                tasks.c.state == TaskState.QUEUED.value,
-            )
-            .values(
-                state=TaskState.FAILED.value,
-                run_after=None,
-                finished_at=now,
-                updated_at=now,
-                error=clip_text(f"dead-lettered: {why}"),
-            )
-        )
+        failure = ended(TaskState.FAILED, now, clip_text(f"dead-lettered: {why}"))
+        res = conn.execute(update_at(task_id, attempt, [TaskState.QUEUED]).values(**failure))
         if res.rowcount == 1:
             failed.append(task_id)
     return failed

@@ -15,6 +15,7 @@ from sqlalchemy import Connection, select, update
 
 from dispatcher.db.attempts import clip_text
 from dispatcher.db.schema import tasks
+from dispatcher.db.task_writes import ended
 from dispatcher.states import DEFERRED, TaskState
 from producer.job import Job
 from producer.keys import Priority
@@ -49,13 +50,7 @@ def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[J
             conn.execute(
                 update(tasks)
                 .where(tasks.c.task_id == r.task_id, tasks.c.state.in_([s.value for s in DEFERRED]))
-                .values(
-                    state=TaskState.FAILED.value,
-                    run_after=None,
-                    finished_at=now,
-                    updated_at=now,
-                    error=clip_text(f"cannot be put back in a queue: {exc}"),
-                )
+                .values(**ended(TaskState.FAILED, now, clip_text(f"cannot be put back in a queue: {exc}")))
             )
     return jobs
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, insert, select, text
 
 from dispatcher.db.batch import claim_slots
 from dispatcher.db.engine import naive_utc
 from dispatcher.db.schema import gpus, tasks
 from dispatcher.db.snapshot import free_slot, snapshot, snapshot_ending
+from dispatcher.db.task_writes import update_at
 from dispatcher.loop.placement import GpuFree, Pick, Placer
 from dispatcher.states import RUNNABLE, TaskState
 from producer.job import Job, task_id_problem
@@ -262,15 +263,7 @@ def dispatch(
         if job.task_id not in existing:
             new_rows.append(_new_row(job, pool, max_attempts, now) | running)
         else:
-            res = conn.execute(
-                update(tasks)
-                .where(
-                    tasks.c.task_id == job.task_id,
-                    tasks.c.state.in_([s.value for s in RUNNABLE]),
-                    tasks.c.attempt == job.attempt,
-                )
-                .values(**running)
-            )
+            res = conn.execute(update_at(job.task_id, job.attempt, RUNNABLE).values(**running))
             if res.rowcount != 1:  # another dispatcher got there between our read and this write
                 free_slot(conn, task_id=job.task_id, attempt=attempt)
                 out.dropped.append((job, "taken by another dispatcher"))
@@ -327,13 +320,4 @@ def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts:
     if is_new:
         conn.execute(insert(tasks).values(**_new_row(job, pool, max_attempts, now), **values))
         return True
-    res = conn.execute(
-        update(tasks)
-        .where(
-            tasks.c.task_id == job.task_id,
-            tasks.c.state.in_([s.value for s in RUNNABLE]),
-            tasks.c.attempt == job.attempt,
-        )
-        .values(**values)
-    )
-    return res.rowcount == 1
+    return conn.execute(update_at(job.task_id, job.attempt, RUNNABLE).values(**values)).rowcount == 1

@@ -9,6 +9,7 @@ from typing import Literal
 from sqlalchemy import ColumnElement, Connection, select, update
 
 from dispatcher.db.schema import slots, tasks
+from dispatcher.db.task_writes import locked_task
 from dispatcher.states import TaskState
 
 #: States an operator may send back for another try.
@@ -30,11 +31,7 @@ def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts:
     second, exactly as after a backoff; the attempt counter goes on, so callbacks of the old attempts stay
     stale (409) and cannot touch the new one.
     """
-    row = conn.execute(
-        select(tasks.c.state, tasks.c.attempt, tasks.c.max_attempts, tasks.c.type)
-        .where(tasks.c.task_id == task_id)
-        .with_for_update()
-    ).first()
+    row = locked_task(conn, task_id, tasks.c.state, tasks.c.attempt, tasks.c.max_attempts, tasks.c.type)
     if row is None:
         return Retried("unknown")
     if row.state not in RETRIABLE:

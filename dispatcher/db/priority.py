@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, update
 
 from dispatcher.db.schema import tasks
+from dispatcher.db.task_writes import locked_task
 from dispatcher.states import RUNNABLE
 from producer.keys import Priority
 
@@ -29,11 +30,7 @@ def set_priority(conn: Connection, *, task_id: str, priority: Priority, now: dat
     (``dispatcher.queues.reprioritize``).
     A running or ended task is refused: its priority no longer decides anything.
     """
-    row = conn.execute(
-        select(tasks.c.state, tasks.c.queue, tasks.c.priority)
-        .where(tasks.c.task_id == task_id)
-        .with_for_update()
-    ).first()
+    row = locked_task(conn, task_id, tasks.c.state, tasks.c.queue, tasks.c.priority)
     if row is None:
         return Reprioritized("unknown")
     if row.state not in RUNNABLE:
