@@ -28,16 +28,30 @@ def fleet_engine(url: str, gpus: dict[str, int], pool: str = "default") -> Engin
     engine = make_engine(url)
     init_schema(engine)
     for gpu_id, n in gpus.items():
-        transaction(
-            engine,
-            register_gpu,
-            gpu_id=gpu_id,
-            url=f"http://127.0.0.1:1/{gpu_id}",
-            pool=pool,
-            slot_count=n,
-            now=utcnow(),
-        )
+        add_gpu(engine, gpu_id, n, pool=pool)
     return engine
+
+
+def add_gpu(
+    engine: Engine,
+    gpu_id: str,
+    slots: int,
+    *,
+    url: str | None = None,
+    pool: str = "default",
+    now: datetime | None = None,
+) -> None:
+    """A GPU joins the fleet (as ``gpuq gpu add`` would), at ``url`` (a closed port unless said), at ``now``
+    (the present unless said: a test on the dispatcher's clock passes ``d.now()``)."""
+    transaction(
+        engine,
+        register_gpu,
+        gpu_id=gpu_id,
+        url=url or f"http://127.0.0.1:1/{gpu_id}",
+        pool=pool,
+        slot_count=slots,
+        now=now or utcnow(),
+    )
 
 
 #: Retries due at once: what a store test wants unless it is about the backoff.
@@ -77,16 +91,17 @@ def place(
     dispatcher_id: str = "d",
     max_attempts: int = 1,
     now: datetime | None = None,
+    lease_seconds: float = 60,
     **more: Any,
 ) -> DispatchResult:
     """The store's side of a dispatch pass for ``jobs`` (one slot each, least-loaded first), in a transaction
-    of its own, with a 60 s lease; ``more``: ``check_existing`` and the like."""
+    of its own, with a 60 s lease unless said; ``more``: ``check_existing`` and the like."""
     return transaction(
         engine,
         dispatch,
         items=[(j, pool) for j in jobs],
         dispatcher_id=dispatcher_id,
-        lease_seconds=60,
+        lease_seconds=lease_seconds,
         max_attempts=max_attempts,
         now=now or utcnow(),
         **more,

@@ -16,14 +16,13 @@ from typing import Any
 
 from sqlalchemy import event, select, text
 
-from dispatcher.db.attempts import Backoff, finish_attempt, slot_drift
+from dispatcher.db.attempts import slot_drift
 from dispatcher.db.batch import claim_slots
-from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import make_engine, transaction, utcnow
 from dispatcher.db.schema import slots
 from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet_engine, job
+from tests.dispatcher.helpers import end_attempt, fleet_engine, job, place
 
 
 def _holder(engine: Any, gpu_id: str, slot_index: int) -> tuple[str | None, int | None, str | None]:
@@ -46,17 +45,7 @@ def _processing_without_slot(engine: Any) -> list[str]:
 
 
 def _place(engine: Any, jobs: list[Any], dispatcher_id: str, view: list[GpuFree] | None = None) -> Any:
-    return transaction(
-        engine,
-        dispatch,
-        items=[(j, "default") for j in jobs],
-        dispatcher_id=dispatcher_id,
-        lease_seconds=60,
-        max_attempts=5,
-        now=utcnow(),
-        view=view,
-        check_existing=True,
-    )
+    return place(engine, jobs, dispatcher_id=dispatcher_id, max_attempts=5, view=view, check_existing=True)
 
 
 def test_a_claim_never_counts_a_slot_another_dispatcher_holds_for_the_same_task(any_database_url):
@@ -83,15 +72,7 @@ def test_the_losing_copy_leaves_the_winners_slot_alone(database_url):
     engine = fleet_engine(database_url, {"g0": 1, "g1": 1})
     first = job()
     placed = _place(engine, [first], "d0").placed[0]
-    transaction(
-        engine,
-        finish_attempt,
-        task_id=first.task_id,
-        attempt=placed.attempt,
-        outcome=Outcome.FAILED_RETRY,
-        now=utcnow(),
-        backoff=Backoff(0.0, 0.0),
-    )
+    end_attempt(engine, first.task_id, placed.attempt, Outcome.FAILED_RETRY)
     copy_1 = first.model_copy(update={"attempt": 1})
     copy_2 = first.model_copy(update={"attempt": 1})
     z = job()

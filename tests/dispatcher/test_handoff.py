@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 
 from dispatcher.db.attempts import Backoff, cancel_task, expired_leases
 from dispatcher.db.engine import make_engine, transaction
-from dispatcher.db.gpus import record_failure, register_gpu, set_gpu_state
+from dispatcher.db.gpus import record_failure, set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
 from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
@@ -30,7 +30,7 @@ from producer.job import Job
 from producer.keys import Priority, queue_key
 from simgpu.fleet import SimFleet
 from tests.dispatcher.harness import BEARER, SECRET
-from tests.dispatcher.helpers import wait_for
+from tests.dispatcher.helpers import add_gpu, wait_for
 
 
 class World:
@@ -172,15 +172,7 @@ def test_a_handoff_goes_to_the_least_loaded_gpu_when_the_pool_is_not_full(world:
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 5)  # g0 only: ids[1], ids[2] running, ids[3:] buffered
         # a GPU joins; nobody wakes this dispatcher, so its buffer still holds jobs while g1 is idle
-        transaction(
-            w.engine,
-            register_gpu,
-            gpu_id="g1",
-            url=w.fleet.url("g1"),
-            pool="default",
-            slot_count=2,
-            now=d.now(),
-        )
+        add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
         assert await finish(d, ids[1]) == "applied"
         assert w.rows()[ids[3]].gpu_id == "g1"  # g0 has 1 busy slot after the end, g1 none
 

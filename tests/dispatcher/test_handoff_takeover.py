@@ -15,9 +15,9 @@ from sqlalchemy import Engine, event, text
 
 from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import transaction
-from dispatcher.db.gpus import register_gpu
 from dispatcher.loop.core import Dispatcher
 from dispatcher.testing import settle
+from tests.dispatcher.helpers import add_gpu
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
 
 _FREEING = "SET task_id = NULL"
@@ -91,15 +91,7 @@ def test_slots_no_buffered_job_takes_are_freed_in_the_same_transaction(w: World)
 def test_a_freed_slot_on_a_busier_gpu_is_freed_and_the_job_goes_to_the_least_loaded(w: World) -> None:
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 5)  # g0 x 2 full, ids[3:] buffered
-        transaction(
-            w.engine,
-            register_gpu,
-            gpu_id="g1",
-            url=w.fleet.url("g1"),
-            pool="default",
-            slot_count=2,
-            now=d.now(),
-        )
+        add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
         slot = next(k for k, v in _busy(w).items() if v == ids[1])
         assert await finish(d, ids[1]) == "applied"
         busy = _busy(w)

@@ -16,14 +16,12 @@ import pytest
 from sqlalchemy import Engine, insert
 
 from bench.soak_audit import overlap_report, problems
-from dispatcher.db.attempts import Backoff, finish_attempt
-from dispatcher.db.dispatch import dispatch
-from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.engine import utcnow
 from dispatcher.db.schema import tasks
 from dispatcher.states import Outcome, TaskState
 from producer.job import Job
 from simgpu.fleet import SimFleet
-from tests.dispatcher.helpers import fleet_engine, job
+from tests.dispatcher.helpers import end_attempt, fleet_engine, job, place
 
 CLEAN = {
     "lost": 0,
@@ -44,16 +42,7 @@ def gpu() -> Iterator[SimFleet]:
 
 def _place(engine: Engine, jobs: list[Job], lease: float = 60.0) -> list[Any]:
     now = utcnow() - timedelta(seconds=lease + 1) if lease == 0 else utcnow()
-    result = transaction(
-        engine,
-        dispatch,
-        items=[(j, "default") for j in jobs],
-        dispatcher_id="d1",
-        lease_seconds=lease,
-        max_attempts=3,
-        now=now,
-    )
-    return list(result.placed)
+    return list(place(engine, jobs, dispatcher_id="d1", max_attempts=3, now=now, lease_seconds=lease).placed)
 
 
 def _send(fleet: SimFleet, j: Job, attempt: int = 1) -> None:
@@ -120,15 +109,7 @@ def test_a_gpu_still_working_after_its_lease_ran_out_is_counted_apart(database_u
     assert len(_place(engine, others)) == 3
     for j in [stale, *others]:
         _send(gpu, j)
-    fin = transaction(
-        engine,
-        finish_attempt,
-        task_id=stale.task_id,
-        attempt=expired.attempt,
-        outcome=Outcome.EXPIRED,
-        now=utcnow(),
-        backoff=Backoff(0.0, 0.0),
-    )
+    fin = end_attempt(engine, stale.task_id, expired.attempt, Outcome.EXPIRED)
     assert fin.code == "applied"
     # WHEN the freed slot goes to the next job, which reaches the GPU
     nxt = job()

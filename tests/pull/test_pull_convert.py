@@ -4,33 +4,37 @@ twice (the service's own callback then answered 409, its work thrown away)."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
-from dispatcher.db.agents import poll, register_pull, take_back_unfetched
-from dispatcher.db.dispatch import dispatch
+from dispatcher.db.agents import Poll, poll, register_pull, take_back_unfetched
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import update_gpu
 from dispatcher.gpus.pull import hash_agent_token
-from producer.job import Job
-from tests.dispatcher.helpers import fleet_engine
+from tests.dispatcher.helpers import fleet_engine, place
+from tests.dispatcher.helpers import job as make_job
+
+
+def _poll(engine: Engine, gpu_id: str, token: str, *, max_jobs: int, seen_until: datetime) -> Poll:
+    """The agent of ``gpu_id`` polls once, as ``POST /agents/poll`` would, with a 60 s lease."""
+    return transaction(
+        engine,
+        poll,
+        gpu_id=gpu_id,
+        token_hash=hash_agent_token(token),
+        max_jobs=max_jobs,
+        now=utcnow(),
+        lease_seconds=60,
+        seen_until=seen_until,
+    )
 
 
 def test_a_pushed_gpu_made_pull_keeps_its_running_jobs_to_itself(any_database_url):
     # GIVEN a pushed GPU g0 running a job (POSTed to its service at placement)
     engine = fleet_engine(any_database_url, {"g0": 2})
-    job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
-    res = transaction(
-        engine,
-        dispatch,
-        items=[(job, "default")],
-        dispatcher_id="d",
-        lease_seconds=60,
-        max_attempts=3,
-        now=utcnow(),
-    )
+    job = make_job("t", data={"n": 1})
+    res = place(engine, [job], max_attempts=3)
     assert len(res.placed) == 1
     # WHEN the operator makes it a pull GPU while the job runs
     token = transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=2, now=utcnow())
@@ -38,16 +42,7 @@ def test_a_pushed_gpu_made_pull_keeps_its_running_jobs_to_itself(any_database_ur
     # THEN the silent-agent sweep does not send the running job back to wait
     assert transaction(engine, take_back_unfetched) == []
     # AND the new agent's poll is not handed it (its service has it already)
-    look = transaction(
-        engine,
-        poll,
-        gpu_id="g0",
-        token_hash=hash_agent_token(token),
-        max_jobs=4,
-        now=utcnow(),
-        lease_seconds=60,
-        seen_until=utcnow(),
-    )
+    look = _poll(engine, "g0", token, max_jobs=4, seen_until=utcnow())
     assert look.status == "ok"
     assert look.jobs == []
     engine.dispose()
@@ -58,27 +53,10 @@ def test_a_pull_gpu_given_a_url_sends_its_unfetched_jobs_back_to_wait(any_databa
     engine = fleet_engine(any_database_url, {})
     token = transaction(engine, register_pull, gpu_id="p0", pool="default", slot_count=2, now=utcnow())
     assert token is not None
-    seen = transaction(
-        engine,
-        poll,
-        gpu_id="p0",
-        token_hash=hash_agent_token(token),
-        max_jobs=0,
-        now=utcnow(),
-        lease_seconds=60,
-        seen_until=utcnow() + timedelta(seconds=30),
-    )
+    seen = _poll(engine, "p0", token, max_jobs=0, seen_until=utcnow() + timedelta(seconds=30))
     assert seen.back
-    job = Job(task_id=str(uuid.uuid4()), type="t", queue="q", data={"n": 1})
-    res = transaction(
-        engine,
-        dispatch,
-        items=[(job, "default")],
-        dispatcher_id="d",
-        lease_seconds=600,
-        max_attempts=1,
-        now=utcnow(),
-    )
+    job = make_job("t", data={"n": 1})
+    res = place(engine, [job], lease_seconds=600)
     assert len(res.placed) == 1
     # WHEN the operator gives it a URL (it is pushed to from now on)
     assert transaction(engine, update_gpu, gpu_id="p0", url="http://127.0.0.1:1/p0", now=utcnow())
