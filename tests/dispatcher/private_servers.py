@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pymysql
@@ -16,18 +17,48 @@ from tests.dispatcher.harness import free_port
 from tests.dispatcher.helpers import wait_for
 
 
-class PrivateRedis:
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gpuq-redis-"))
+class _PrivateServer:
+    """A server process of the test's own in a temporary folder: started until ``up``, stopped with SIGTERM
+    (a clean shutdown, so a restart finds its data), its folder removed at ``close``."""
+
+    #: How long a start or a clean stop may take.
+    seconds = 20.0
+
+    def __init__(self, prefix: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _start(self, argv: list[str], up: Callable[[], bool], what: str) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(up, self.seconds, 0.05, what=what)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(self.seconds)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis(_PrivateServer):
+    def __init__(self) -> None:
+        super().__init__("gpuq-redis-")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        def up() -> bool:
+            try:
+                return bool(redis.Redis.from_url(self.url).ping())
+            except redis.ConnectionError:
+                return False
+
+        self._start(
             [
                 "redis-server",
                 "--port",
@@ -43,33 +74,16 @@ class PrivateRedis:
                 "--dir",
                 str(self.dir),
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            up,
+            "private redis up",
         )
 
-        def up() -> bool:
-            try:
-                return bool(redis.Redis.from_url(self.url).ping())
-            except redis.ConnectionError:
-                return False
 
-        wait_for(up, 20, 0.05, what="private redis up")
+class PrivateMariaDB(_PrivateServer):
+    seconds = 60.0
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class PrivateMariaDB:
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gpuq-mariadb-"))
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__("gpuq-mariadb-")
         subprocess.run(
             [
                 "mariadb-install-db",
@@ -89,7 +103,17 @@ class PrivateMariaDB:
         return f"mysql+pymysql://root@127.0.0.1:{self.port}/gpuq"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
+        def up() -> bool:
+            try:
+                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1)
+            except pymysql.err.OperationalError:
+                return False
+            with conn.cursor() as cur:
+                cur.execute("CREATE DATABASE IF NOT EXISTS gpuq")
+            conn.close()
+            return True
+
+        self._start(
             [
                 "mariadbd",
                 "--no-defaults",
@@ -102,27 +126,6 @@ class PrivateMariaDB:
                 "--innodb-buffer-pool-size=64M",
                 f"--pid-file={self.dir / 'pid'}",
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            up,
+            "private mariadb up",
         )
-
-        def up() -> bool:
-            try:
-                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1)
-            except pymysql.err.OperationalError:
-                return False
-            with conn.cursor() as cur:
-                cur.execute("CREATE DATABASE IF NOT EXISTS gpuq")
-            conn.close()
-            return True
-
-        wait_for(up, 60, 0.1, what="private mariadb up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
