@@ -17,7 +17,7 @@ from aiohttp import web
 from simgpu.callbacks import CallbackClient
 from simgpu.config import ConfigError, SimConfig
 from simgpu.gpu import GpuSim
-from simgpu.jobs import Job
+from simgpu.jobs import Job, json_object
 
 log = logging.getLogger("simgpu")
 
@@ -131,12 +131,4 @@ class ControlMixin:
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ConfigError(f"body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ConfigError("body must be a JSON object")
-    return body
+    return json_object(raw, ConfigError) if raw.strip() else {}

@@ -13,6 +13,17 @@ import orjson
 from simgpu.plan import NO_FAULTS, Plan
 
 
+def json_object(raw: bytes, error: type[ValueError]) -> dict[str, Any]:
+    """``raw`` as a JSON object; ``error`` (the caller's 400) when it is not JSON or not an object."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise error(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise error("body must be a JSON object")
+    return body
+
+
 class BadJob(ValueError):
     """The request body is not a job the simulator can run; the message names the field."""
 
@@ -63,12 +74,7 @@ class Job:
 
     @classmethod
     def parse(cls, raw: bytes, gpu: str, *, needs_callback: bool) -> Job:
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise BadJob(f"body is not JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise BadJob("body must be a JSON object")
+        body = json_object(raw, BadJob)
         if not isinstance(body.get("task_id"), str) or not body["task_id"]:
             raise BadJob("task_id: a non-empty string is required")
         attempt = body.get("attempt", 1)

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,21 @@ from redis.cluster import RedisCluster
 
 _NODES = 6
 _FORM_SECONDS = 60.0
+
+
+def _until(done: Callable[[], bool], timeout: float, failure: str) -> None:
+    """Ask ``done`` every 0.2 s (a node still forming may refuse: that is "not yet") until it says yes;
+    RuntimeError(``failure``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if done():
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(failure)
+        time.sleep(0.2)
 
 
 @dataclass
@@ -81,46 +96,36 @@ class Cluster:
 
     def wait_ok(self, timeout: float = _FORM_SECONDS) -> None:
         """Until every live node says the cluster is ok (all slots served)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                states = []
-                for n in self.nodes:
-                    if n.proc is not None and n.proc.poll() is None:
-                        with n.client() as c:
-                            info = c.execute_command("CLUSTER INFO")
-                            if isinstance(info, dict):  # parsed by redis-py
-                                states.append(str(info.get("cluster_state")) == "ok")
-                            else:
-                                states.append("cluster_state:ok" in str(info))
-                if states and all(states):
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis cluster did not become ok")
-            time.sleep(0.2)
+
+        def ok() -> bool:
+            states = []
+            for n in self.nodes:
+                if n.proc is not None and n.proc.poll() is None:
+                    with n.client() as c:
+                        info = c.execute_command("CLUSTER INFO")
+                        if isinstance(info, dict):  # parsed by redis-py
+                            states.append(str(info.get("cluster_state")) == "ok")
+                        else:
+                            states.append("cluster_state:ok" in str(info))
+            return bool(states) and all(states)
+
+        _until(ok, timeout, "the Redis cluster did not become ok")
 
     def wait_replicated(self, timeout: float = _FORM_SECONDS) -> None:
         """Until every live master has an online replica (WAIT 1 would time out before that)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                masters = [n for n in self.nodes if n.alive() and n.role() == "master"]
-                synced = []
-                for n in masters:
-                    with n.client() as c:
-                        info = c.info("replication")
-                    synced.append(
-                        any(str(v).find("online") >= 0 for k, v in info.items() if k.startswith("slave"))
-                    )
-                if len(masters) == _NODES // 2 and all(synced):
-                    return
-            except redis.RedisError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the Redis cluster's replicas did not come online")
-            time.sleep(0.2)
+
+        def replicated() -> bool:
+            masters = [n for n in self.nodes if n.alive() and n.role() == "master"]
+            synced = []
+            for n in masters:
+                with n.client() as c:
+                    info = c.info("replication")
+                synced.append(
+                    any(str(v).find("online") >= 0 for k, v in info.items() if k.startswith("slave"))
+                )
+            return len(masters) == _NODES // 2 and all(synced)
+
+        _until(replicated, timeout, "the Redis cluster's replicas did not come online")
 
     def master_of(self, key: str) -> Node:
         with self.client() as c:
@@ -163,17 +168,13 @@ def start_cluster(root: Path) -> Cluster:
 
 
 def _form(cluster: Cluster) -> None:
-    deadline = time.monotonic() + 20
-    for node in cluster.nodes:
-        while True:
-            try:
-                with node.client() as c:
-                    c.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    def answering() -> bool:
+        for node in cluster.nodes:
+            with node.client() as c:
+                c.ping()
+        return True
+
+    _until(answering, 20, "the Redis cluster's nodes did not answer")
     subprocess.run(
         [
             "redis-cli",
