@@ -29,8 +29,17 @@ class _PrivateServer:
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _start(self, argv: list[str], up: Callable[[], bool], what: str) -> None:
+    def _start(self, argv: list[str], probe: Callable[[], object], down: type[Exception], what: str) -> None:
+        """Run ``argv`` until ``probe`` passes; ``down`` is what it raises while the server is not up yet."""
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            try:
+                probe()
+            except down:
+                return False
+            return True
+
         wait_for(up, self.seconds, 0.05, what=what)
 
     def stop(self) -> None:
@@ -52,12 +61,6 @@ class PrivateRedis(_PrivateServer):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        def up() -> bool:
-            try:
-                return bool(redis.Redis.from_url(self.url).ping())
-            except redis.ConnectionError:
-                return False
-
         self._start(
             [
                 "redis-server",
@@ -74,7 +77,8 @@ class PrivateRedis(_PrivateServer):
                 "--dir",
                 str(self.dir),
             ],
-            up,
+            lambda: redis.Redis.from_url(self.url).ping(),
+            redis.ConnectionError,
             "private redis up",
         )
 
@@ -103,16 +107,6 @@ class PrivateMariaDB(_PrivateServer):
         return f"mysql+pymysql://root@127.0.0.1:{self.port}/gpuq"
 
     def start(self) -> None:
-        def up() -> bool:
-            try:
-                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1)
-            except pymysql.err.OperationalError:
-                return False
-            with conn.cursor() as cur:
-                cur.execute("CREATE DATABASE IF NOT EXISTS gpuq")
-            conn.close()
-            return True
-
         self._start(
             [
                 "mariadbd",
@@ -126,6 +120,15 @@ class PrivateMariaDB(_PrivateServer):
                 "--innodb-buffer-pool-size=64M",
                 f"--pid-file={self.dir / 'pid'}",
             ],
-            up,
+            self._create_database,
+            pymysql.err.OperationalError,
             "private mariadb up",
         )
+
+    def _create_database(self) -> None:
+        conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE DATABASE IF NOT EXISTS gpuq")
+        finally:
+            conn.close()
