@@ -15,15 +15,22 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.db.agents import pull_gpu, register_pull, rotate_token
 from dispatcher.db.engine import utcnow
-from dispatcher.settings import parse_gpu_endpoints
+from dispatcher.settings import GpuEndpoint, parse_gpu_endpoints
+
+
+def endpoint(spec: str, what: str = "") -> GpuEndpoint:
+    """The one GPU ``spec`` names in GPU_ENDPOINTS' syntax, so the CLI accepts exactly the names, pools and
+    URLs a dispatcher does; a wrong one is the operator's mistake (exit 2), said after ``what``."""
+    try:
+        (ep,) = parse_gpu_endpoints(spec)
+    except ValueError as exc:
+        raise BadArgument(f"{what}{exc}") from exc
+    return ep
 
 
 def add_pull(ctx: typer.Context, name: str, *, pool: str, slots: int | None) -> None:
     """Register a pull GPU (or change a known one's pool and slots); print its token if it got one."""
-    try:
-        (ep,) = parse_gpu_endpoints(f"{pool}:pull:{name}")
-    except ValueError as exc:
-        raise BadArgument(str(exc)) from exc
+    ep = endpoint(f"{pool}:pull:{name}")
     s = stores(ctx)
     count = slots or s.settings.slots_per_gpu
     known = s.db(pull_gpu, gpu_id=ep.gpu_id)

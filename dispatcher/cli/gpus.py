@@ -16,13 +16,13 @@ from typing import Annotated
 
 import typer
 
-from dispatcher.cli.agents import add_pull, token
+from dispatcher.cli.agents import add_pull, endpoint, token
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.engine import utcnow
 from dispatcher.db.gpus import list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
-from dispatcher.settings import DEFAULT_POOL, parse_gpu_endpoints
+from dispatcher.settings import DEFAULT_POOL
 from dispatcher.states import GpuState
 
 app = typer.Typer(help="Add, drain, activate, remove and list GPU services.", no_args_is_help=True)
@@ -59,10 +59,7 @@ def add(
         return
     if url is None:
         raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
-    try:
-        (ep,) = parse_gpu_endpoints(f"{pool}:{name}={url}")
-    except ValueError as exc:
-        raise BadArgument(str(exc)) from exc
+    ep = endpoint(f"{pool}:{name}={url}")
     s = stores(ctx)
     count = slots or s.settings.slots_per_gpu
     known = {g.gpu_id for g in s.db(list_gpus)}
@@ -121,15 +118,9 @@ def set_(
     if url is None and pool is None and slots is None and cancel_url is None:
         raise BadArgument("say what to change: --url, --pool, --slots or --cancel-url")
     if cancel_url:
-        try:
-            parse_gpu_endpoints(f"{DEFAULT_POOL}:{name}={cancel_url}")
-        except ValueError as exc:
-            raise BadArgument(f"--cancel-url: {exc}") from exc
+        endpoint(f"{DEFAULT_POOL}:{name}={cancel_url}", "--cancel-url: ")
     if url is not None or pool is not None:
-        try:
-            parse_gpu_endpoints(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
-        except ValueError as exc:
-            raise BadArgument(str(exc)) from exc
+        endpoint(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
     s = stores(ctx)
     changed = s.db(
         update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, cancel_url=cancel_url, now=utcnow()
