@@ -77,9 +77,7 @@ class Gpuq:
             main.wait_until(lambda: self._ready(self.port), 90)
             self.pull_sim = Sim(
                 workdir,
-                gpus=workload.gpus,
-                slots=workload.slots,
-                service=workload.service,
+                workload,
                 mode=self.sim_mode,
                 token=token,
                 pull=f"http://127.0.0.1:{self.port}",

@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from bench.workloads import Workload
+
 # The environment of every process a run starts, shared with the tests and the demo (dispatcher/testing.py):
 # the inherited one minus every variable the dispatcher reads (a developer's DATABASE_URL must not point a
 # run at a real database), the repository on PYTHONPATH.
@@ -103,15 +105,13 @@ class Proc:
 
 
 class Sim(Proc):
-    """``python -m simgpu``: ``gpus`` GPUs of ``slots`` slots at /g0.. on one port; stats at /_stats."""
+    """``python -m simgpu``: the workload's GPUs and slots at /g0.. on one port; stats at /_stats."""
 
     def __init__(
         self,
         workdir: Path,
+        workload: Workload,
         *,
-        gpus: int,
-        slots: int,
-        service: float,
         mode: str,
         token: str,
         pull: str | None = None,
@@ -119,6 +119,7 @@ class Sim(Proc):
     ) -> None:
         """``pull``: the GPUs are pull agents of the dispatcher at that URL, named and authenticated by
         ``agents`` (name -> agent token); their tokens go through the environment, not the command line."""
+        gpus, slots, service = workload.gpus, workload.slots, workload.service
         endpoints = workdir / "endpoints"
         endpoints.unlink(missing_ok=True)  # the file says "listening": never an earlier run's
         argv = [sys.executable, "-m", "simgpu", "--port", "0", "--gpus", str(gpus), "--slots", str(slots)]

@@ -82,14 +82,7 @@ def run(
     # Pull agents need the dispatcher's URL and their tokens: the system starts them (``pull_sim``).
     sim: Sim | None = None
     if not workload.pull:
-        sim = Sim(
-            workdir,
-            gpus=workload.gpus,
-            slots=workload.slots,
-            service=workload.service,
-            mode=system.sim_mode,
-            token=token,
-        )
+        sim = Sim(workdir, workload, mode=system.sim_mode, token=token)
     consumer: Proc | None = None
     try:
         if backlog:
