@@ -163,12 +163,12 @@ class GpuRequests:
                     f"GPU taken out of rotation until an operator checks its URL: it refuses POST "
                     f"({answer.status}), which a probe cannot see; then `gpuq gpu activate {p.gpu_id}` "
                     f"or `gpuq gpu set {p.gpu_id} --url URL`",
-                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error, "held": True},
+                    extra=_about(p, answer, "gpu_down", held=True),
                 )
             elif went_down:
                 log.error(
                     "GPU taken out of rotation",
-                    extra={"action": "gpu_down", "gpu_id": p.gpu_id, "error": answer.error},
+                    extra=_about(p, answer, "gpu_down"),
                 )
         elif p.gpu_id in self._suspect and answer.status is not None:  # the GPU answered (not our EMFILE)
             self._suspect.discard(p.gpu_id)
@@ -176,25 +176,14 @@ class GpuRequests:
         if answer.verdict is Verdict.REFUSED:
             log.warning(
                 "GPU refused the request (check its URL and BEARER_TOKEN); the job waits again",
-                extra={
-                    "action": "gpu_refused",
-                    "task_id": p.job.task_id,
-                    "gpu_id": p.gpu_id,
-                    "url": p.url,
-                    "error": answer.error,
-                },
+                extra=_about(p, answer, "gpu_refused", url=p.url),
             )
         outcome = _VERDICT_OUTCOME.get(answer.verdict)
         if outcome is None:
             if answer.verdict is Verdict.UNKNOWN:
                 log.warning(
                     "GPU request got no answer; the lease decides",
-                    extra={
-                        "action": "gpu_no_answer",
-                        "task_id": p.job.task_id,
-                        "gpu_id": p.gpu_id,
-                        "error": answer.error,
-                    },
+                    extra=_about(p, answer, "gpu_no_answer"),
                 )
             return
         # A status in a 2xx body is the GPU's report, like a callback: a later identical callback is a repeat.
@@ -204,3 +193,8 @@ class GpuRequests:
         await self.ends.end_attempt(
             p.job.task_id, p.attempt, outcome, result=answer.result, error=answer.error, reported=reported
         )
+
+
+def _about(p: Placed, answer: Answer, action: str, **more: Any) -> dict[str, Any]:
+    """The log fields of a line about a GPU's answer to ``p``: which task, which GPU, what went wrong."""
+    return {"action": action, "task_id": p.job.task_id, "gpu_id": p.gpu_id, "error": answer.error, **more}
