@@ -15,12 +15,12 @@ import argparse
 import json
 import statistics
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
+from bench.scratch_db import scratch_database
 from dispatcher.db.attempts import Backoff, _params
 from dispatcher.db.batch import end_attempts, end_final_attempts
 from dispatcher.db.engine import init_schema, make_engine, utcnow
@@ -67,11 +67,7 @@ def main() -> None:
     p.add_argument("--items", type=int, nargs="+", default=[12, 40], help="attempts ended per statement")
     p.add_argument("--rows", type=int, default=30_000, help="tasks in the table")
     args = p.parse_args()
-    db = f"gpuq_endstmt_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(f"mysql+pymysql://{args.mysql}/")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE DATABASE {db}"))
-    try:
+    with scratch_database(args.mysql, "gpuq_endstmt") as db:
         engine = make_engine(f"mysql+pymysql://{args.mysql}/{db}", pool_size=2)
         init_schema(engine)
         ids = _fill(engine, args.rows, max(args.items))
@@ -95,10 +91,6 @@ def main() -> None:
                     q = statistics.quantiles(sorted(lat), n=10)
                     print(f"{name:10} {k:>5} {statistics.median(lat):8.2f} {q[8]:8.2f}")
         engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP DATABASE {db}"))
-        admin.dispose()
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ import functools
 import statistics
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import Connection, create_engine, text
+from sqlalchemy import Connection, text
 
+from bench.scratch_db import scratch_database
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.db.hot import HotThread
 
@@ -73,11 +73,7 @@ async def measure(
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    db = f"gpuq_hotpath_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(f"mysql+pymysql://{args.mysql}/")
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE DATABASE {db}"))
-    try:
+    with scratch_database(args.mysql, "gpuq_hotpath") as db:
         engine = make_engine(f"mysql+pymysql://{args.mysql}/{db}", pool_size=4)
         with engine.begin() as conn:
             conn.execute(text("CREATE TABLE hot (id INT PRIMARY KEY, v INT NOT NULL)"))
@@ -116,10 +112,6 @@ async def main_async(args: argparse.Namespace) -> None:
         if aengine is not None:
             await aengine.dispose()
         engine.dispose()
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP DATABASE {db}"))
-        admin.dispose()
 
 
 def main() -> None:
