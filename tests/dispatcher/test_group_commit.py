@@ -16,6 +16,19 @@ from dispatcher.db.hot import STATEMENTS_DONE
 from dispatcher.loop.group_commit import GroupCommit
 
 
+class Spawner:
+    """What the dispatcher's ``rt.spawn`` does for the group commit: run the batch as a task of its own, kept
+    (an event loop holds tasks weakly) until done; ``tasks`` are those still running."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def __call__(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
 class Batches:
     def __init__(self) -> None:
         self.seen: list[list[str]] = []
@@ -32,12 +45,7 @@ class Batches:
 def test_a_lone_callback_commits_at_once_and_callbacks_during_a_batch_share_the_next() -> None:
     async def main() -> None:
         batches = Batches()
-        tasks: set[asyncio.Task[None]] = set()
-
-        def spawn(coro: Any) -> None:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        spawn = Spawner()
 
         gc = GroupCommit(batches.end_many, spawn)
         first = asyncio.create_task(gc.submit({"task_id": "a"}))
@@ -55,7 +63,7 @@ def test_a_lone_callback_commits_at_once_and_callbacks_during_a_batch_share_the_
         assert batches.seen[1] == ["b", "c", "d"]  # all that arrived during the first, together
         batches.release[1].set()
         assert [(await t).code for t in later] == ["applied"] * 3
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*spawn.tasks)
 
     asyncio.run(main())
 
@@ -90,12 +98,7 @@ def test_two_batches_in_flight_and_a_failed_one_is_split_while_the_other_runs() 
 
     async def main() -> None:
         batches = Failing(bad="x")
-        tasks: set[asyncio.Task[None]] = set()
-
-        def spawn(coro: Any) -> None:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        spawn = Spawner()
 
         gc = GroupCommit(batches.end_many, spawn, depth=2)
         first = asyncio.create_task(gc.submit({"task_id": "a"}))
@@ -127,7 +130,7 @@ def test_two_batches_in_flight_and_a_failed_one_is_split_while_the_other_runs() 
         assert (await later["d"]).code == "applied"
         with pytest.raises(ValueError, match="cannot end x"):
             await later["x"]
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*spawn.tasks)
 
     asyncio.run(main())
 
@@ -139,12 +142,7 @@ def test_the_next_batch_waits_while_the_one_before_still_runs_its_statements() -
     async def main() -> None:
         batches = Failing(bad="none")
         batches.holding = {"a"}
-        tasks: set[asyncio.Task[None]] = set()
-
-        def spawn(coro: Any) -> None:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        spawn = Spawner()
 
         gc = GroupCommit(batches.end_many, spawn, depth=2)
         first = asyncio.create_task(gc.submit({"task_id": "a"}))
@@ -161,7 +159,7 @@ def test_the_next_batch_waits_while_the_one_before_still_runs_its_statements() -
         assert batches.seen[1] == ["b", "c"]
         batches.release[1].set()
         assert [(await t).code for t in later] == ["applied"] * 2
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*spawn.tasks)
 
     asyncio.run(main())
 
@@ -180,12 +178,7 @@ def test_a_late_signal_of_an_ended_batch_does_not_release_the_next_batchs_turn()
             late.append(STATEMENTS_DONE.get())
             return await real(items)
 
-        tasks: set[asyncio.Task[None]] = set()
-
-        def spawn(coro: Any) -> None:
-            task = asyncio.create_task(coro)
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+        spawn = Spawner()
 
         gc = GroupCommit(end_many, spawn, depth=2)
         first = asyncio.create_task(gc.submit({"task_id": "a"}))
@@ -208,6 +201,6 @@ def test_a_late_signal_of_an_ended_batch_does_not_release_the_next_batchs_turn()
         batches.release[1].set()
         batches.release[2].set()
         assert [(await t).code for t in (second, third)] == ["applied"] * 2
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*spawn.tasks)
 
     asyncio.run(main())
