@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
@@ -30,6 +32,18 @@ def _raw(values: list[Any]) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
+@asynccontextmanager
+async def _intake(redis_url: str, key_prefix: str) -> AsyncIterator[tuple[str, Keys, Redis, Intake]]:
+    """A queue ``q`` of this test's own, its keys, a Redis client (closed after, also on failure) and an
+    ``Intake`` of dispatcher d1 reading ``q`` with ``ROUTES``."""
+    q, keys = f"{key_prefix}q", Keys(key_prefix)
+    rds = Redis.from_url(redis_url)
+    try:
+        yield q, keys, rds, Intake(rds, keys, "d1", [q], routes=ROUTES)
+    finally:
+        await rds.aclose()
+
+
 async def _take_all(intake: Intake, free: dict[str, int] | None) -> list[str]:
     """Take until nothing comes, one job per call (a pass takes what the room allows)."""
     out = []
@@ -43,42 +57,39 @@ def test_a_head_of_jobs_without_room_is_set_aside_in_order_and_served_first_once
     redis_url, key_prefix
 ):
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        embed = _jobs("embed", 300, "e")
-        default = _jobs("transcribe", 5, "t")
-        high = _jobs("embed", 2, "h")  # fewer than SCAN_DEPTH: stays in its list
-        low = _jobs("embed", 300, "l")
-        await rds.rpush(q, *embed, *default)
-        await rds.rpush(queue_key(q, P.HIGH), *high)
-        await rds.rpush(queue_key(q, P.LOW), *low)
-        # WHEN the default pool has room and the embed pool none (no GPU at all: no budget)
-        taken = await intake.take(5, {"default": 5})
-        # THEN the default pool's jobs behind 300 embed jobs are taken, in order
-        assert [t.raw for t in taken] == default
-        assert {t.pool for t in taken} == {"default"}
-        # ... the first SCAN_DEPTH embed jobs of the normal list were set aside, in order; the rest wait
-        aside = keys.aside(q, P.NORMAL, "embed")
-        assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
-        assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
-        assert intake.set_aside == SCAN_DEPTH
-        # ... the high list (shorter than the depth) and the low list (not reached) are untouched
-        assert _raw(await rds.lrange(queue_key(q, P.HIGH), 0, -1)) == high
-        assert _raw(await rds.lrange(queue_key(q, P.LOW), 0, -1)) == low
-        await intake.settle(Settlement(ack=[t.element for t in taken]))
-        # a take that finds nothing for the default pool: 44 embed jobs left in the normal list (within the
-        # depth) stay; the low list, reached now, has its first SCAN_DEPTH set aside
-        assert await intake.take(5, {"default": 5}) == []
-        assert intake.set_aside == 2 * SCAN_DEPTH
-        assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
-        assert _raw(await rds.lrange(keys.aside(q, P.LOW, "embed"), 0, -1)) == low[:SCAN_DEPTH]
-        # WHEN the embed pool gets room: every embed job once, in priority order and, within it, in order
-        # (what was set aside from a list comes before that list's jobs, after the lists above it)
-        order = await _take_all(intake, {"embed": 1000})
-        assert order == high + embed + low
-        assert not await rds.exists(aside, q, queue_key(q, P.HIGH), queue_key(q, P.LOW))
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, keys, rds, intake):
+            embed = _jobs("embed", 300, "e")
+            default = _jobs("transcribe", 5, "t")
+            high = _jobs("embed", 2, "h")  # fewer than SCAN_DEPTH: stays in its list
+            low = _jobs("embed", 300, "l")
+            await rds.rpush(q, *embed, *default)
+            await rds.rpush(queue_key(q, P.HIGH), *high)
+            await rds.rpush(queue_key(q, P.LOW), *low)
+            # WHEN the default pool has room and the embed pool none (no GPU at all: no budget)
+            taken = await intake.take(5, {"default": 5})
+            # THEN the default pool's jobs behind 300 embed jobs are taken, in order
+            assert [t.raw for t in taken] == default
+            assert {t.pool for t in taken} == {"default"}
+            # ... the first SCAN_DEPTH embed jobs of the normal list were set aside, in order; the rest wait
+            aside = keys.aside(q, P.NORMAL, "embed")
+            assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
+            assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
+            assert intake.set_aside == SCAN_DEPTH
+            # ... the high list (shorter than the depth) and the low list (not reached) are untouched
+            assert _raw(await rds.lrange(queue_key(q, P.HIGH), 0, -1)) == high
+            assert _raw(await rds.lrange(queue_key(q, P.LOW), 0, -1)) == low
+            await intake.settle(Settlement(ack=[t.element for t in taken]))
+            # a take that finds nothing for the default pool: 44 embed jobs left in the normal list (within the
+            # depth) stay; the low list, reached now, has its first SCAN_DEPTH set aside
+            assert await intake.take(5, {"default": 5}) == []
+            assert intake.set_aside == 2 * SCAN_DEPTH
+            assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
+            assert _raw(await rds.lrange(keys.aside(q, P.LOW, "embed"), 0, -1)) == low[:SCAN_DEPTH]
+            # WHEN the embed pool gets room: every embed job once, in priority order and, within it, in order
+            # (what was set aside from a list comes before that list's jobs, after the lists above it)
+            order = await _take_all(intake, {"embed": 1000})
+            assert order == high + embed + low
+            assert not await rds.exists(aside, q, queue_key(q, P.HIGH), queue_key(q, P.LOW))
 
     asyncio.run(scenario())
 
@@ -88,25 +99,22 @@ def test_each_take_sets_aside_at_most_scan_depth_per_list(redis_url, key_prefix)
     the job behind it is taken by the take that reaches it."""
 
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        embed = _jobs("embed", 1000, "e")
-        (default,) = _jobs("transcribe", 1, "t")
-        await rds.rpush(q, *embed, default)
-        moved: list[int] = []
-        while True:
-            before = intake.set_aside
-            taken = await intake.take(1, {"default": 1})
-            moved.append(intake.set_aside - before)
-            if taken:
-                break
-        # the third take moves SCAN_DEPTH and finds the job behind the 232 left, within its second look
-        assert moved == [SCAN_DEPTH] * 3
-        assert [t.raw for t in taken] == [default]
-        assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "embed"), 0, -1)) == embed[: 3 * SCAN_DEPTH]
-        assert _raw(await rds.lrange(q, 0, -1)) == embed[3 * SCAN_DEPTH :]
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, keys, rds, intake):
+            embed = _jobs("embed", 1000, "e")
+            (default,) = _jobs("transcribe", 1, "t")
+            await rds.rpush(q, *embed, default)
+            moved: list[int] = []
+            while True:
+                before = intake.set_aside
+                taken = await intake.take(1, {"default": 1})
+                moved.append(intake.set_aside - before)
+                if taken:
+                    break
+            # the third take moves SCAN_DEPTH and finds the job behind the 232 left, within its second look
+            assert moved == [SCAN_DEPTH] * 3
+            assert [t.raw for t in taken] == [default]
+            assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "embed"), 0, -1)) == embed[: 3 * SCAN_DEPTH]
+            assert _raw(await rds.lrange(q, 0, -1)) == embed[3 * SCAN_DEPTH :]
 
     asyncio.run(scenario())
 
@@ -116,23 +124,20 @@ def test_unparsable_and_unknown_jobs_are_never_set_aside(redis_url, key_prefix):
     without a route is the default pool's; neither waits behind a blocked head."""
 
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        embed = _jobs("embed", 600, "e")
-        (unknown,) = _jobs("no-such-type", 1, "u")
-        await rds.rpush(q, *embed[:100], unknown, *embed[100:300], "not json", *embed[300:])
-        # WHEN no pool of theirs has room: only the unparsable job can be taken (past the first depth)
-        first = await intake.take(2, {"nothing": 1})
-        assert [(t.raw, t.pool) for t in first] == [("not json", None)]
-        await intake.settle(Settlement(ack=[t.element for t in first]))
-        # THEN the unknown type, the default pool's, was set aside for it, in the same move as the embed jobs
-        assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "default"), 0, -1)) == [unknown]
-        assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "embed"), 0, -1)) == embed[: SCAN_DEPTH - 1]
-        # ... and taken from there once it has room, before any embed job
-        got = await intake.take(1, {"default": 1})
-        assert [(t.raw, t.pool) for t in got] == [(unknown, "default")]
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, keys, rds, intake):
+            embed = _jobs("embed", 600, "e")
+            (unknown,) = _jobs("no-such-type", 1, "u")
+            await rds.rpush(q, *embed[:100], unknown, *embed[100:300], "not json", *embed[300:])
+            # WHEN no pool of theirs has room: only the unparsable job can be taken (past the first depth)
+            first = await intake.take(2, {"nothing": 1})
+            assert [(t.raw, t.pool) for t in first] == [("not json", None)]
+            await intake.settle(Settlement(ack=[t.element for t in first]))
+            # THEN the unknown type, the default pool's, was set aside for it, in the same move as the embed jobs
+            assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "default"), 0, -1)) == [unknown]
+            assert _raw(await rds.lrange(keys.aside(q, P.NORMAL, "embed"), 0, -1)) == embed[: SCAN_DEPTH - 1]
+            # ... and taken from there once it has room, before any embed job
+            got = await intake.take(1, {"default": 1})
+            assert [(t.raw, t.pool) for t in got] == [(unknown, "default")]
 
     asyncio.run(scenario())
 
@@ -142,42 +147,36 @@ def test_set_aside_jobs_taken_then_handed_back_return_to_the_head_of_their_list(
     a job that lost its slot race goes back to the head as well. No job lost or doubled."""
 
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        embed = _jobs("embed", 300, "e")
-        await rds.rpush(q, *embed, *_jobs("transcribe", 1, "t"))
-        (t,) = await intake.take(1, {"default": 1})
-        await intake.settle(Settlement(ack=[t.element]))
-        aside = keys.aside(q, P.NORMAL, "embed")
-        taken = await intake.take(3, {"embed": 3})
-        assert [t.raw for t in taken] == embed[:3] and {t.source for t in taken} == {aside}
-        # a seed-style job does not say its queue: the list it was set aside from does
-        assert {t.queue for t in taken} == {q} and {t.queue for t in await intake.held()} == {q}
-        assert await intake.hand_back() == 3  # a stop, or the sweep of a dispatcher that died
-        assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
-        taken = await intake.take(3, {"embed": 3})
-        assert [t.raw for t in taken] == embed[:3]
-        await intake.settle(Settlement(back=[(t.element, t.raw) for t in taken]))  # lost their slots
-        assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
-        assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
-        assert await rds.llen(intake.proc) == 0
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, keys, rds, intake):
+            embed = _jobs("embed", 300, "e")
+            await rds.rpush(q, *embed, *_jobs("transcribe", 1, "t"))
+            (t,) = await intake.take(1, {"default": 1})
+            await intake.settle(Settlement(ack=[t.element]))
+            aside = keys.aside(q, P.NORMAL, "embed")
+            taken = await intake.take(3, {"embed": 3})
+            assert [t.raw for t in taken] == embed[:3] and {t.source for t in taken} == {aside}
+            # a seed-style job does not say its queue: the list it was set aside from does
+            assert {t.queue for t in taken} == {q} and {t.queue for t in await intake.held()} == {q}
+            assert await intake.hand_back() == 3  # a stop, or the sweep of a dispatcher that died
+            assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
+            taken = await intake.take(3, {"embed": 3})
+            assert [t.raw for t in taken] == embed[:3]
+            await intake.settle(Settlement(back=[(t.element, t.raw) for t in taken]))  # lost their slots
+            assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
+            assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
+            assert await rds.llen(intake.proc) == 0
 
     asyncio.run(scenario())
 
 
 def test_a_take_without_per_pool_limits_serves_set_aside_jobs_too(redis_url, key_prefix):
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        embed = _jobs("embed", 300, "e")
-        await rds.rpush(q, *embed, *_jobs("transcribe", 1, "t"))
-        await intake.take(1, {"default": 1})
-        got = await intake.take(2, None)
-        assert [t.raw for t in got] == embed[:2]
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, _keys, rds, intake):
+            embed = _jobs("embed", 300, "e")
+            await rds.rpush(q, *embed, *_jobs("transcribe", 1, "t"))
+            await intake.take(1, {"default": 1})
+            got = await intake.take(2, None)
+            assert [t.raw for t in got] == embed[:2]
 
     asyncio.run(scenario())
 
@@ -187,12 +186,9 @@ def test_set_aside_jobs_are_visible_counted_and_their_priority_changes(redis_url
     (queued), the queue's depth and oldest wait count it, and `gpuq task priority` moves it."""
 
     async def scenario() -> None:
-        q, keys = f"{key_prefix}q", Keys(key_prefix)
-        rds = Redis.from_url(redis_url)
-        intake = Intake(rds, keys, "d1", [q], routes=ROUTES)
-        await rds.rpush(q, *_jobs("embed", 300, "e"), *_jobs("transcribe", 1, "t"))
-        await intake.take(1, {"default": 1})
-        await rds.aclose()
+        async with _intake(redis_url, key_prefix) as (q, _keys, rds, intake):
+            await rds.rpush(q, *_jobs("embed", 300, "e"), *_jobs("transcribe", 1, "t"))
+            await intake.take(1, {"default": 1})
 
     asyncio.run(scenario())
     q, keys, pools = f"{key_prefix}q", Keys(key_prefix), ["default", "embed"]
