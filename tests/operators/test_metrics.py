@@ -7,12 +7,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dispatcher.db.engine import transaction, utcnow
-from dispatcher.db.gpus import register_gpu, remove_gpu
+from dispatcher.db.engine import transaction
+from dispatcher.db.gpus import remove_gpu
 from producer.job import Job
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key
 from tests.dispatcher.harness import push_jobs, states
-from tests.dispatcher.helpers import wait_for
+from tests.dispatcher.helpers import add_gpu, wait_for
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -99,15 +99,7 @@ def test_a_removed_gpu_loses_its_series(stack):
     # GIVEN a dispatcher and a GPU added at run time (as a KEDA-scaled pod's `gpuq gpu add` does), scraped once
     fleet = stack.fleet(gpus=1, service_time="0")
     d = stack.dispatcher(fleet)
-    transaction(
-        stack.engine,
-        register_gpu,
-        gpu_id="pod-a",
-        url=fleet.url("g0"),
-        pool="default",
-        slot_count=4,
-        now=utcnow(),
-    )
+    add_gpu(stack.engine, "pod-a", 4, url=fleet.url("g0"))
     assert value(scrape(d.url), "gpuq_slots_total", gpu="pod-a", pool="default") == 4
 
     # WHEN the GPU is removed (the pod drained and left) and Prometheus scrapes again

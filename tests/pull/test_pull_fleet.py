@@ -11,8 +11,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from dispatcher.db.engine import transaction, utcnow
-from dispatcher.db.gpus import register_gpu
+from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import (
     BEARER,
     ROOT,
@@ -24,7 +23,7 @@ from tests.dispatcher.harness import (
     wait_final,
     wait_swept,
 )
-from tests.dispatcher.helpers import wait_for
+from tests.dispatcher.helpers import add_gpu, wait_for
 from tests.pull.conftest import add_pull
 
 
@@ -103,20 +102,27 @@ def test_mixed_pool_least_loaded_and_never_oversubscribed_with_three_dispatchers
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+def _a_pushed_gpu_joins(stack: Stack, ids: list[str], timeout: float) -> None:
+    """A pushed GPU g0 with 4 slots joins at run time and the dispatchers are woken; the jobs ``ids`` end."""
+    fleet = stack.fleet(gpus=1, service_time="fixed:0.05")
+    add_gpu(stack.engine, "g0", 4, url=fleet.url("g0"))
+    stack.rds.publish(f"{stack.prefix}wake", "slot")
+    wait_final(stack.engine, ids, timeout=timeout)
+
+
+def _poll_nothing(url: str, token: str) -> int:
+    """p0's agent polls for no job (it only says it is alive); the answer's status."""
+    return httpx.post(
+        f"{url}/agents/p0/jobs", json={"max": 0}, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    ).status_code
+
+
 @pytest.mark.slow  # 6 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_silent_agent_leaves_rotation_and_its_unfetched_jobs_wait_again(stack):
     # GIVEN a pull GPU whose agent polled once and then fell silent, and AGENT_STALE_SECONDS=2
     token = add_pull(stack.engine, "p0")
     d = stack.dispatcher(None, AGENT_STALE_SECONDS="2", TASK_TIMEOUT_SECONDS="600")
-    assert (
-        httpx.post(
-            f"{d.url}/agents/p0/jobs",
-            json={"max": 0},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        ).status_code
-        == 204
-    )
+    assert _poll_nothing(d.url, token) == 204
     # WHEN jobs come while it is the only GPU (they are placed on it: nothing fetches them)
     ids = push_jobs(stack.rds, stack.queues[0], 3)
     wait_for(lambda: _placed(stack.engine, ids) == {"p0": 3}, 30, 0.05, what="placed on p0")
@@ -132,33 +138,14 @@ def test_silent_agent_leaves_rotation_and_its_unfetched_jobs_wait_again(stack):
     gpu = next(g for g in httpx.get(f"{d.url}/gpus", timeout=10).json() if g["gpu_id"] == "p0")
     assert "silent" in gpu["last_error"]
     # AND a pushed GPU added now runs them, the attempt on p0 given back (max_attempts one more)
-    fleet = stack.fleet(gpus=1, service_time="fixed:0.05")
-    transaction(
-        stack.engine,
-        register_gpu,
-        gpu_id="g0",
-        url=fleet.url("g0"),
-        pool="default",
-        slot_count=4,
-        now=utcnow(),
-    )
-    stack.rds.publish(f"{stack.prefix}wake", "slot")
-    wait_final(stack.engine, ids, timeout=60)
+    _a_pushed_gpu_joins(stack, ids, timeout=60)
     with stack.engine.connect() as conn:
         outcomes = conn.exec_driver_sql("SELECT gpu_id, outcome FROM attempts").all()
         attempts = set(conn.exec_driver_sql("SELECT attempt, max_attempts FROM tasks").all())
     assert Counter(outcomes) == {("p0", "gpu_refused"): 3, ("g0", "finished"): 3}
     assert attempts == {(2, 4)}
     # AND the agent polling again puts p0 back in rotation
-    assert (
-        httpx.post(
-            f"{d.url}/agents/p0/jobs",
-            json={"max": 0},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=10,
-        ).status_code
-        == 204
-    )
+    assert _poll_nothing(d.url, token) == 204
     assert _healthy(d.url)["p0"]
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
@@ -210,18 +197,7 @@ def test_agent_killed_holding_jobs_they_are_retried_after_their_lease(stack):
         if agent.poll() is None:
             agent.kill()
     # THEN their leases run out and, with a pushed GPU added, they run again there
-    fleet = stack.fleet(gpus=1, service_time="fixed:0.05")
-    transaction(
-        stack.engine,
-        register_gpu,
-        gpu_id="g0",
-        url=fleet.url("g0"),
-        pool="default",
-        slot_count=4,
-        now=utcnow(),
-    )
-    stack.rds.publish(f"{stack.prefix}wake", "slot")
-    wait_final(stack.engine, ids, timeout=90)
+    _a_pushed_gpu_joins(stack, ids, timeout=90)
     with stack.engine.connect() as conn:
         rows = conn.exec_driver_sql("SELECT task_id, attempt, gpu_id, outcome FROM attempts").all()
     for task_id in ids:
