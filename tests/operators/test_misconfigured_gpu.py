@@ -7,13 +7,12 @@ SPEC §4: 401/403/404/405/501 count against the GPU and the job waits again with
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from sqlalchemy import text
 
-from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
+from tests.dispatcher.harness import reconcile
 from tests.dispatcher.helpers import wait_for
+from tests.operators.wrong_gpu import beside_a_wrong_g9, log_records
 
 
 def _g9(stack):
@@ -32,15 +31,8 @@ def _probed_times(stack, seen: set) -> int:
 def test_gpu_answering_404_goes_out_of_rotation_and_no_job_fails(stack):
     # GIVEN two working GPUs and g9, whose URL is a path the service does not have (404), every job with
     # a single attempt allowed, so a job failed by g9 could not be saved by a retry
-    fleet = stack.fleet(gpus=2, service_time="fixed:0.05")
-    endpoints = f"{fleet.gpu_endpoints()},g9={fleet.control_url}/no-such-gpu"
-    ids = push_jobs(stack.rds, stack.queues[0], 40)
-    d = stack.dispatcher(
-        fleet, GPU_ENDPOINTS=endpoints, MAX_ATTEMPTS="1", GPU_FAILURE_THRESHOLD="2", GPU_PROBE_SECONDS="0.2"
-    )
     # THEN every job finishes on g0/g1: none failed
-    wait_final(stack.engine, ids, timeout=60, final=("finished", "failed"))
-    assert states(stack.engine, ids) == {"finished": 40}
+    d, ids = beside_a_wrong_g9(stack, "/no-such-gpu", 40, "fixed:0.05", timeout=60)
     # g9 stays out of rotation: its probes (a GET answered 404) keep failing
     wait_for(lambda: _g9(stack).last_error == "probe answered 404", 10, what="g9 probed")
     seen: set = set()
@@ -53,7 +45,7 @@ def test_gpu_answering_404_goes_out_of_rotation_and_no_job_fails(stack):
         refused = list(errors)
     # the jobs it refused used no attempt, and the error says the status once
     assert len(refused) >= 2 and set(refused) == {"GPU answered 404: Not Found"}
-    lines = [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+    lines = log_records(d)
     assert any(r.get("action") == "gpu_refused" and r.get("gpu_id") == "g9" for r in lines)
     assert any(r.get("action") == "gpu_down" and r.get("gpu_id") == "g9" for r in lines)
     # "GPU still down" once, not at every probe; no uvicorn colour codes in the JSON lines

@@ -9,30 +9,22 @@ jobs, refused them (405) and went down again, forever: each cycle more refused a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from sqlalchemy import text
 
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import set_gpu_state
 from dispatcher.states import GpuState
-from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
+from tests.dispatcher.harness import reconcile
+from tests.operators.wrong_gpu import beside_a_wrong_g9, log_records
 
 
 @pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
     # GIVEN two working GPUs and g9 registered at the simulator's stats page: GET answers 200, POST 405
-    fleet = stack.fleet(gpus=2, service_time="fixed:0.1")
-    endpoints = f"{fleet.gpu_endpoints()},g9={fleet.control_url}/_stats"
-    ids = push_jobs(stack.rds, stack.queues[0], 120)
-    d = stack.dispatcher(
-        fleet, GPU_ENDPOINTS=endpoints, MAX_ATTEMPTS="1", GPU_FAILURE_THRESHOLD="2", GPU_PROBE_SECONDS="0.2"
-    )
     # THEN every job finishes on g0/g1
-    wait_final(stack.engine, ids, timeout=90, final=("finished", "failed"))
-    assert states(stack.engine, ids) == {"finished": 120}
-    lines = [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+    d, ids = beside_a_wrong_g9(stack, "/_stats", 120, "fixed:0.1", timeout=90)
+    lines = log_records(d)
     downs = [r for r in lines if r.get("action") == "gpu_down" and r.get("gpu_id") == "g9"]
     # g9 went out of rotation once and was not probed back in to refuse more jobs
     assert len(downs) == 1, [r.get("msg") for r in lines if r.get("gpu_id") == "g9"]
