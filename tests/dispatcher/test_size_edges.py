@@ -5,17 +5,16 @@ a 503 round after round, or a slot left to its lease."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
 from dispatcher.gpus.tokens import make_token
 from tests.dispatcher.harness import SECRET, push_jobs, states, wait_final
-from tests.dispatcher.helpers import wait_for
+from tests.dispatcher.helpers import http_server, wait_for
 
 MIB = 1024 * 1024
 
@@ -107,12 +106,8 @@ class _SyncFailure(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def failing_gpu() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SyncFailure)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/run"
-    server.shutdown()
-    server.server_close()
+    with http_server(_SyncFailure) as url:
+        yield f"{url}/run"
 
 
 def test_a_synchronous_failure_with_a_70_kb_error_fails_the_task_at_once(stack, failing_gpu):

@@ -5,11 +5,12 @@ the status, and registers nothing; ``--no-probe`` still registers without asking
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+
+from tests.dispatcher.helpers import http_server
 
 
 class _Service(BaseHTTPRequestHandler):
@@ -27,13 +28,8 @@ class _Service(BaseHTTPRequestHandler):
 @pytest.fixture
 def service(gpuq) -> Iterator[str]:
     assert gpuq("db", "init").exit_code == 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Service)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with http_server(_Service) as url:
+        yield url
 
 
 @pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
