@@ -60,12 +60,14 @@ class HandOffs:
 
     async def end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
         """GroupCommit's batch: end the attempts, handing freed slots to buffered jobs when there are any
-        (candidates: the oldest jobs of the pools these ends free, see ``_freeing``)."""
+        (candidates: the oldest jobs of the pools these ends free, see ``_freeing``, and of the pools whose
+        room the loop left to a hand-off, ``Wakeups.defer``)."""
         rt = self.rt
-        candidates = self.buffer.pop_each(len(items), self._freeing(items)) if rt.accepting else []
+        extra, mark = self.wake.deferred()
+        candidates = self.buffer.pop_each(len(items), self._freeing(items), extra) if rt.accepting else []
         self.in_flight.update(r.element for r in candidates)
         try:
-            return await self._end(items, candidates)
+            return await self._end(items, candidates, mark)
         finally:
             # Placed or given back, they are no longer out: room a pass deferred for their pools goes back
             # to the loop (once no other hand-off holds jobs of the pool).
@@ -85,7 +87,7 @@ class HandOffs:
             out[pool] += 1
         return dict(out)
 
-    async def _end(self, items: list[dict[str, Any]], candidates: list[Ready]) -> list[Finish]:
+    async def _end(self, items: list[dict[str, Any]], candidates: list[Ready], mark: int) -> list[Finish]:
         rt = self.rt
         started = time.perf_counter()
         try:
@@ -115,6 +117,8 @@ class HandOffs:
                 self.wake.slot_freed()
             return fins
         self.buffer.demand(out.freed_pools)
+        if out.freed_pools:  # its transaction counted every pool's free slots, after the room the loop left
+            self.wake.counted(mark)
         used = self._started(out, candidates, started)
         if out.free:
             # Slots nobody here could take: the loop fills them, other dispatchers may too.

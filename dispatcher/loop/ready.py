@@ -95,13 +95,18 @@ class ReadyBuffer:
             out.append(r)
         return out
 
-    def pop_each(self, n: int, pools: Mapping[str, int] | None = None) -> list[Ready]:
+    def pop_each(
+        self, n: int, pools: Mapping[str, int] | None = None, extra: Mapping[str, int] | None = None
+    ) -> list[Ready]:
         """A hand-off's candidates: up to ``pools[pool]`` jobs of each pool whose slots its batch frees, or
-        up to ``n`` of every pool when those are not known (``None``). Pools whose jobs a pass holds are
+        up to ``n`` of every pool when those are not known (``None``); ``extra`` more per pool for free
+        slots the loop left to it (``Wakeups.defer``). Pools whose jobs a pass holds are
         skipped: the pass counted their free slots and is placing their oldest jobs on them. Other hand-offs
         may hold some: each takes the next oldest, and its transaction's clock reading (taken in the order
         the batches start) orders their ``started_at`` when each places its own."""
-        wanted = {pool: n for pool in self._jobs} if pools is None else pools
+        wanted = dict({pool: n for pool in self._jobs} if pools is None else pools)
+        for pool, k in (extra or {}).items():
+            wanted[pool] = wanted.get(pool, 0) + k
         return [
             r
             for pool, k in wanted.items()

@@ -13,6 +13,7 @@ pool's jobs at all. The transaction is held by wrapping ``rt.db_hot``, nothing d
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -172,5 +173,27 @@ def test_a_batch_of_ends_this_process_sent_takes_candidates_only_of_their_pools(
         assert await finish(d, s[1]) == "applied"  # s2 frees a slow slot: s3 is its candidate
         assert seen[1] == [s[2]]
         assert w.state(s[2]) == "processing"
+
+    run(w, settings(w), body)
+
+
+def test_room_the_loop_left_to_hand_offs_is_filled_by_the_next_one(w: World) -> None:
+    """With batches overlapping (COMMIT_PIPELINE > 1) some hand-off may hold a pool's jobs at every moment,
+    so the loop may never get that pool's deferred room back: the next hand-off takes candidates for it."""
+
+    async def body(d: Dispatcher) -> None:
+        s, f = await slow_waiting(w, d)
+        item = {"task_id": s[1], "attempt": 1, "outcome": Outcome.FINISHED}
+        item |= {"result": None, "error": None, "reported": "finished"}
+        [fin] = await d.rt.db(finish_many, items=[item], now=d.now(), backoff=d.backoff)
+        assert fin.code == "applied"  # the slow slot is free; no hand-off counted it
+        d.wake.defer({"slow": 1})  # as a pass does while a hand-off holds s3 (that one is over: nothing held)
+        seen = hold_handoff(d, lambda candidates: asyncio.sleep(0))
+        assert await finish(d, f[0]) == "applied"  # a fast-pool end, sent here
+        assert seen == [[s[2]]]  # plus a candidate for the room the loop left
+        rows = w.rows()
+        assert rows[s[2]].state == "processing" and rows[s[2]].started_at == rows[f[0]].finished_at
+        assert d.wake.deferred()[0] == {}  # spent: its transaction counted the slots afresh
+        assert buffered(d, "slow") == [s[3]]
 
     run(w, settings(w), body)
