@@ -32,17 +32,22 @@ from producer.keys import Priority, queue_key
 from tests.dispatcher.test_handoff import World, finish, run, world  # noqa: F401 - world: a fixture
 
 
-@pytest.fixture
-def w(world: World, monkeypatch: pytest.MonkeyPatch) -> World:  # noqa: F811 - the imported fixture
+@pytest.fixture(params=[1, 2], ids=["pipeline1", "pipeline2"])
+def w(world: World, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> World:  # noqa: F811
+    """The world (an imported fixture), with one group-commit batch in flight or two (COMMIT_PIPELINE)."""
     # The pools stay in demand however slowly the test runs (their buffers are not parked on the way).
     monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+    world.pipeline = request.param  # type: ignore[attr-defined]
     return world
 
 
 def settings(w: World) -> DispatcherSettings:
     """Two pools of one 1-slot GPU each: "slow" (jobs of type s) and "fast" (type f)."""
     gpus = f"slow:s0={w.fleet.url('g0')},fast:f0={w.fleet.url('g1')}"
-    return w.settings([], gpu_endpoints=gpus, slots_per_gpu=1, task_routes="s=slow,f=fast")
+    pipeline = w.pipeline  # type: ignore[attr-defined]
+    return w.settings(
+        [], gpu_endpoints=gpus, slots_per_gpu=1, task_routes="s=slow,f=fast", commit_pipeline=pipeline
+    )
 
 
 def push(w: World, task_type: str, n: int) -> list[str]:
