@@ -50,7 +50,7 @@ class GpuRequests:
         self.ends = ends
         self.agents = agents
         self._suspect: set[str] = set()  # GPUs this process counted failures for
-        self._sent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._sent: OrderedDict[tuple[str, int], str] = OrderedDict()  # -> the attempt's pool
         self._posting: set[tuple[str, int]] = set()  # requests not answered yet
 
     def posting(self, task_id: str, attempt: int) -> bool:
@@ -60,6 +60,11 @@ class GpuRequests:
     def sent(self, p: Placed) -> bool:
         """Did this process send this attempt? (A lost commit answer brings a job back as our own.)"""
         return (p.job.task_id, p.attempt) in self._sent
+
+    def pool_of(self, task_id: str, attempt: int) -> str | None:
+        """The pool of an attempt this process sent lately (None: not known here: another dispatcher's, a
+        pull GPU's, or too old). A hand-off takes candidates only for the pools its ends free."""
+        return self._sent.get((task_id, attempt))
 
     def fire(self, p: Placed, started: float) -> None:
         """Send the job to its GPU in the background (an owned task) and act on the answer. A pull GPU's
@@ -76,7 +81,7 @@ class GpuRequests:
             "callback_token": make_token(self.rt.settings.secret, p.job.task_id, p.attempt),
         }
         self.rt.metrics.dispatched.labels(p.pool).inc()
-        self._sent[(p.job.task_id, p.attempt)] = None
+        self._sent[(p.job.task_id, p.attempt)] = p.pool
         if len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
         self._posting.add((p.job.task_id, p.attempt))

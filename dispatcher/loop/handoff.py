@@ -30,7 +30,7 @@ from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.handoff import HandOff, end_and_hand_off
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.gpu_requests import GpuRequests
-from dispatcher.loop.ready import Ready, ReadyBuffer
+from dispatcher.loop.ready import BY_HANDOFF, Ready, ReadyBuffer
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement, Taken
@@ -59,10 +59,36 @@ class HandOffs:
     # -- ending attempts --------------------------------------------------------------------------------
 
     async def end_many(self, items: list[dict[str, Any]]) -> list[Finish]:
-        """GroupCommit's batch: end the attempts, handing freed slots to buffered jobs when there are any."""
+        """GroupCommit's batch: end the attempts, handing freed slots to buffered jobs when there are any
+        (candidates: the oldest jobs of the pools these ends free, see ``_freeing``, and of the pools whose
+        room the loop left to a hand-off, ``Wakeups.defer``)."""
         rt = self.rt
-        candidates = self.buffer.pop_each(len(items)) if rt.accepting else []
+        extra, mark = self.wake.deferred()
+        candidates = self.buffer.pop_each(len(items), self._freeing(items), extra) if rt.accepting else []
         self.in_flight.update(r.element for r in candidates)
+        try:
+            return await self._end(items, candidates, mark)
+        finally:
+            # Placed or given back, they are no longer out: room a pass deferred for their pools goes back
+            # to the loop (once no other hand-off holds jobs of the pool).
+            self.buffer.release(candidates)
+            pools = {r.pool for r in candidates}
+            self.wake.resume(p for p in pools if not self.buffer.lent(p, BY_HANDOFF))
+
+    def _freeing(self, items: list[dict[str, Any]]) -> dict[str, int] | None:
+        """The slots per pool these ends may free, when this process sent every attempt (None otherwise:
+        another dispatcher's, a pull GPU's, one too old to remember). Candidates of other pools would wait
+        out the transaction for nothing, and hold back their pool's younger jobs meanwhile."""
+        out: Counter[str] = Counter()
+        for item in items:
+            pool = self.requests.pool_of(item["task_id"], item["attempt"])
+            if pool is None:
+                return None
+            out[pool] += 1
+        return dict(out)
+
+    async def _end(self, items: list[dict[str, Any]], candidates: list[Ready], mark: int) -> list[Finish]:
+        rt = self.rt
         started = time.perf_counter()
         try:
             out: HandOff = await rt.db_hot(
@@ -91,6 +117,8 @@ class HandOffs:
                 self.wake.slot_freed()
             return fins
         self.buffer.demand(out.freed_pools)
+        if out.freed_pools:  # its transaction counted every pool's free slots, after the room the loop left
+            self.wake.counted(mark)
         used = self._started(out, candidates, started)
         if out.free:
             # Slots nobody here could take: the loop fills them, other dispatchers may too.

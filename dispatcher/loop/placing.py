@@ -20,7 +20,7 @@ from dispatcher.db.snapshot import snapshot
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.placement import GpuFree, capacity
-from dispatcher.loop.ready import Ready
+from dispatcher.loop.ready import BY_HANDOFF, Ready
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.dead_letters import claimed, isolate, prepare
@@ -65,9 +65,27 @@ class Placing:
             view = await rt.db(snapshot)
             room = capacity(view)
         room = room or {}
+        # A pool whose oldest buffered jobs are out in a hand-off: its younger jobs (buffered or in Redis)
+        # must not take its free slots first, or they would start ahead of the ones the hand-off gives
+        # back. The room is kept for when the hand-off is over (``Wakeups.resume``).
+        held = {pool: n for pool, n in room.items() if n > 0 and h.buffer.lent(pool, BY_HANDOFF)}
+        if held:
+            wake.defer(held)
+            room = {pool: n for pool, n in room.items() if pool not in held}
         ready: list[Ready] = []
         for pool, n in room.items():  # buffered jobs are older than anything still in Redis: they go first
             ready += h.buffer.pop(pool, n)
+        try:
+            return await self._fill(room, view, strays, ready)
+        finally:
+            h.buffer.release(ready)  # placed, back in the buffer, or strays of a failed pass: not out
+
+    async def _fill(
+        self, room: dict[str, int], view: list[GpuFree] | None, strays: list[Taken], ready: list[Ready]
+    ) -> bool:
+        """The rest of a pass: ``ready`` (popped from the buffer for ``room``) first, then jobs taken from
+        Redis for what room is left and for the buffers' deficit."""
+        rt, h, wake = self.rt, self.handoffs, self.wake
         left = dict(room)
         for r in ready:
             left[r.pool] -= 1

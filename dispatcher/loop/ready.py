@@ -6,6 +6,12 @@ moved into this process's processing list (``Intake.take``) and parsed, but not 
 database. They are in Redis the whole time: if the process dies, the sweep puts them back like any other job
 it had taken; on a graceful stop ``hand_back`` does.
 
+Jobs popped are lent, not gone, until they come back (``put_back``) or are decided (``release``): a pool's
+jobs lent to a hand-off (``BY_HANDOFF``) are ahead of the ones still here, so while they are out the loop
+places none of that pool's younger jobs (it defers that pool's room, ``Wakeups.defer``: a younger job
+placed first would start before an older one that the hand-off gives back); and a hand-off takes no
+candidates of a pool whose jobs a pass holds (``BY_LOOP``: they would race for the slots the pass counted).
+
 Bounds (README "Slot hand-off"): at most ``size`` jobs per pool (``HANDOFF_BUFFER``; 0 turns hand-off off),
 served oldest first, so a high-priority job enqueued after the buffer was filled starts behind at most
 ``size`` jobs of its pool that were taken before it. A pool's buffer is refilled only while this process has
@@ -19,10 +25,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from producer.job import Job
+
+#: Who holds jobs popped from the buffer: a pass of the loop, or a hand-off's transaction.
+BY_LOOP = "loop"
+BY_HANDOFF = "handoff"
 
 #: A pool counts as in demand this long after this process last saw one of its slots freed.
 DEMAND_SECONDS = 2.0
@@ -47,6 +57,8 @@ class ReadyBuffer:
         # Jobs pushed out by ``put_back`` past ``size``: still held (the processing list), parked by the
         # next pass (``lapsed``).
         self._over: list[Ready] = []
+        # Jobs popped and neither back nor decided yet, by identity: (the job, who holds it).
+        self._lent: dict[int, tuple[Ready, str]] = {}
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._jobs.values())
@@ -72,17 +84,45 @@ class ReadyBuffer:
                 out[pool] = self.size - self.count(pool)
         return out
 
-    def pop(self, pool: str, n: int) -> list[Ready]:
-        """Up to ``n`` jobs of ``pool``, oldest first."""
+    def pop(self, pool: str, n: int, holder: str = BY_LOOP) -> list[Ready]:
+        """Up to ``n`` jobs of ``pool``, oldest first, lent to ``holder`` (a pass of the loop unless told)
+        until they come back or are released."""
         q = self._jobs.get(pool)
         out: list[Ready] = []
         while q and len(out) < n:
-            out.append(q.popleft())
+            r = q.popleft()
+            self._lent[id(r)] = (r, holder)
+            out.append(r)
         return out
 
-    def pop_each(self, n: int) -> list[Ready]:
-        """Up to ``n`` jobs of every pool: candidates for ``n`` freed slots whose pools are not known yet."""
-        return [r for pool in list(self._jobs) for r in self.pop(pool, n)]
+    def pop_each(
+        self, n: int, pools: Mapping[str, int] | None = None, extra: Mapping[str, int] | None = None
+    ) -> list[Ready]:
+        """A hand-off's candidates: up to ``pools[pool]`` jobs of each pool whose slots its batch frees, or
+        up to ``n`` of every pool when those are not known (``None``); ``extra`` more per pool for free
+        slots the loop left to it (``Wakeups.defer``). Pools whose jobs a pass holds are
+        skipped: the pass counted their free slots and is placing their oldest jobs on them. Other hand-offs
+        may hold some: each takes the next oldest, and its transaction's clock reading (taken in the order
+        the batches start) orders their ``started_at`` when each places its own."""
+        wanted = dict({pool: n for pool in self._jobs} if pools is None else pools)
+        for pool, k in (extra or {}).items():
+            wanted[pool] = wanted.get(pool, 0) + k
+        return [
+            r
+            for pool, k in wanted.items()
+            if not self.lent(pool, BY_LOOP)
+            for r in self.pop(pool, k, BY_HANDOFF)
+        ]
+
+    def lent(self, pool: str, holder: str | None = None) -> int:
+        """Jobs of ``pool`` popped (by ``holder``, or by anyone) that are neither back nor decided."""
+        return sum(1 for r, h in self._lent.values() if r.pool == pool and holder in (None, h))
+
+    def release(self, items: Iterable[Ready]) -> None:
+        """These popped jobs are decided (placed, dropped, parked, or lost to a failed pass: strays then):
+        no longer out. Idempotent, so a ``finally`` can release whatever it popped."""
+        for r in items:
+            self._lent.pop(id(r), None)
 
     def put_back(self, items: Iterable[Ready]) -> None:
         """Jobs popped but not placed go back to the front, in their order, ahead of those added since. The
@@ -90,6 +130,7 @@ class ReadyBuffer:
         youngest past ``size`` leave it, to be parked by the next pass, so the ordering bound holds."""
         by_pool: dict[str, list[Ready]] = {}
         for r in items:
+            self._lent.pop(id(r), None)
             by_pool.setdefault(r.pool, []).append(r)
         for pool, rs in by_pool.items():
             q = self._jobs.setdefault(pool, deque())

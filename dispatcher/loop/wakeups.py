@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.runtime import Runtime
@@ -23,6 +24,10 @@ class Wakeups:
         self.look = True  # free slots may exist that nobody counted: the next pass reads them
         self.isolate = False  # a pass raised something unforeseen: try its jobs one at a time
         self._room: dict[str, int] | None = None  # free slots per pool a hand-off left over (fresh count)
+        # Free slots a pass counted for pools whose oldest buffered jobs were out in a hand-off (``defer``),
+        # with the number of the deferral that last set them.
+        self._deferred: dict[str, tuple[int, int]] = {}
+        self._deferrals = 0
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
 
@@ -64,6 +69,41 @@ class Wakeups:
             log.warning("could not publish wake-up", extra={"action": "wake", "error": str(exc)})
         finally:
             self._publishing = False
+
+    def defer(self, room: dict[str, int]) -> None:
+        """A pass had ``room`` for pools whose oldest buffered jobs a hand-off holds: placing younger jobs
+        there would start them first if the hand-off gives its jobs back. The room is kept: the next hand-off
+        takes candidates for it (``deferred``, ``counted``), or it goes back to the loop (``resume``)."""
+        for pool, n in room.items():
+            self._deferrals += 1
+            self._deferred[pool] = (max(n, self._deferred.get(pool, (0, 0))[0]), self._deferrals)
+
+    def deferred(self) -> tuple[dict[str, int], int]:
+        """The room deferred per pool, and the mark to pass to ``counted`` once a transaction counted it."""
+        return {pool: n for pool, (n, _) in self._deferred.items()}, self._deferrals
+
+    def counted(self, mark: int) -> None:
+        """A hand-off that began after the deferrals up to ``mark`` took candidates for their room and counted
+        every pool's free slots in its transaction (what it left goes to the loop, ``room``): they are
+        spent. Under a steady stream of overlapping hand-offs, where ``resume`` may never find a pool
+        unheld, this is what keeps a deferred slot from staying idle while jobs wait."""
+        for pool, (_, stamp) in list(self._deferred.items()):
+            if stamp <= mark:
+                del self._deferred[pool]
+
+    def resume(self, pools: Iterable[str]) -> None:
+        """No hand-off holds jobs of ``pools`` any more (given back or placed): the room deferred for them
+        goes to the next pass, which is woken. It may be stale (the hand-off may have used it): a placement
+        checks every claim, so too much room costs a transaction, too little would leave a slot idle while
+        jobs wait."""
+        back = {pool: self._deferred.pop(pool)[0] for pool in set(pools) if pool in self._deferred}
+        if not back:
+            return
+        room = dict(self._room or {})
+        for pool, n in back.items():
+            room[pool] = max(n, room.get(pool, 0))
+        self._room = room
+        self.event.set()
 
     def take_room(self) -> dict[str, int] | None:
         """The free slots a hand-off counted and left to the loop, once."""

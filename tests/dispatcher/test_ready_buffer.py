@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.loop.ready import DEMAND_SECONDS, Ready, ReadyBuffer
+from dispatcher.loop.ready import BY_HANDOFF, BY_LOOP, DEMAND_SECONDS, Ready, ReadyBuffer
 from tests.dispatcher.helpers import job
 
 
@@ -60,3 +60,30 @@ def test_a_hand_off_returning_its_candidates_never_grows_the_buffer_past_its_siz
     assert sorted(b.elements()) == ["el-late-0", "el-late-1"]  # still known until the pass parks them
     assert [r.job.task_id for r in b.lapsed(now=0.0)] == ["late-0", "late-1"]
     assert b.elements() == [] and b.lapsed(now=0.0) == []
+
+
+def test_jobs_popped_are_lent_until_they_come_back_or_are_released() -> None:
+    b = ReadyBuffer(4)
+    b.demand(["a", "b"], now=0.0)
+    assert b.add(_ready("a", 3) + _ready("b", 2), now=0.0) == []
+    # a hand-off whose ends free slots of "a" only takes candidates of "a"
+    lent = b.pop_each(9, {"a": 2})
+    assert [r.job.task_id for r in lent] == ["a-0", "a-1"]
+    assert (b.lent("a"), b.lent("a", BY_HANDOFF), b.lent("a", BY_LOOP), b.lent("b")) == (2, 2, 0, 0)
+    b.put_back(lent[1:])  # one back, the other decided (placed)
+    b.release(lent)
+    b.release(lent)  # idempotent: a ``finally`` releases whatever it popped
+    assert b.lent("a") == 0
+    assert [r.job.task_id for r in b.pop("a", 1)] == ["a-1"]  # the one given back goes first
+
+
+def test_a_hand_off_takes_no_candidates_of_a_pool_whose_jobs_a_pass_holds() -> None:
+    b = ReadyBuffer(4)
+    b.demand(["a", "b"], now=0.0)
+    assert b.add(_ready("a", 2) + _ready("b", 2), now=0.0) == []
+    placing = b.pop("a", 1)  # a pass placing a-0 on a slot of "a" it counted
+    assert b.lent("a", BY_LOOP) == 1
+    # a hand-off whose pools are unknown: every pool, but not "a" (a-1 would race a-0 for that slot)
+    assert [r.job.task_id for r in b.pop_each(1)] == ["b-0"]
+    b.release(placing)
+    assert [r.job.task_id for r in b.pop_each(1)] == ["a-1", "b-1"]
