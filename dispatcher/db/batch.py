@@ -134,7 +134,7 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
     return int(conn.execute(_typed(sql, stamps, "now"), params).rowcount)
 
 
-def _case(key: str, values: Sequence[Any], name: str, params: dict[str, Any]) -> str:
+def case_by(key: str, values: Sequence[Any], name: str, params: dict[str, Any]) -> str:
     """``:value`` when every item has the same one, else ``CASE key WHEN :k0 THEN :v0 … END``."""
     if all(v == values[0] for v in values) and all(type(v) is type(values[0]) for v in values):
         params[name] = values[0]
@@ -147,6 +147,14 @@ def _case(key: str, values: Sequence[Any], name: str, params: dict[str, Any]) ->
 
 
 def end_final_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:
+    """See ``end_final_statement``; returns how many rows changed."""
+    statement, params = end_final_statement(items=items, now=now)
+    return int(conn.execute(statement, params).rowcount)
+
+
+def end_final_statement(
+    *, items: Sequence[dict[str, Any]], now: datetime
+) -> tuple[TextClause, dict[str, Any]]:
     """``end_attempts`` for items that all end their tasks for good (no retry, no refund, no lease expiry):
     the burst of ``finished`` callbacks at saturation. One single-table UPDATE by primary key with the
     per-item values in ``CASE task_id`` expressions (a column all items agree on is one parameter), instead
@@ -158,20 +166,20 @@ def end_final_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now
     for i, task_id in enumerate(ids):
         params[f"k_{i}"] = task_id
     sets = {
-        column: _case("task_id", [item[field] for item in items], column, params)
+        column: case_by("task_id", [item[field] for item in items], column, params)
         for column, field in (("state", "final"), ("error", "error"), ("last_callback", "reported"))
     }
     results = [item["result"] for item in items]
     result = (
         "result"
         if all(r is None for r in results)
-        else f"COALESCE({_case('task_id', results, 'result', params)}, result)"
+        else f"COALESCE({case_by('task_id', results, 'result', params)}, result)"
     )
-    attempt = _case("task_id", [item["attempt"] for item in items], "attempt", params)
+    attempt = case_by("task_id", [item["attempt"] for item in items], "attempt", params)
     sql = (
         f"UPDATE tasks SET state = {sets['state']}, run_after = NULL, finished_at = :now,"  # noqa: S608
         f" result = {result}, error = {sets['error']}, last_callback = {sets['last_callback']},"
         f" updated_at = :now WHERE task_id IN :ids AND state = 'processing' AND attempt = {attempt}"
     )
     statement = text(sql).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
-    return int(conn.execute(statement, params).rowcount)
+    return statement, params

@@ -13,6 +13,16 @@ added, another dispatcher's slot freed) it lands where the loop would have put i
 GPUs are not in the snapshot, so they get nothing.
 
 One COMMIT then covers the end of one job and the start of the next.
+
+Round trips (issue 12: on a loaded box each one waits for a MariaDB thread to be scheduled). When every
+attempt of the batch ends for good (the ``finished`` callbacks of a saturated fleet), the end, its history
+rows and the snapshot go out in one round trip (``db/pipeline.py``): the snapshot is read as if every attempt
+of the batch ended, and the history rows are those of the attempts this transaction did end (``updated_at``
+is ``now`` exactly, the test ``finish_many`` uses). When the end changed every row, that is exactly what
+ended and the snapshot is right; otherwise (a stale or repeated callback in the batch) the snapshot is thrown
+away and read again for the attempts that did end, so a slot still held by a live attempt is never taken
+over. The claim stays the conditional UPDATE it was. At saturation: one round trip of four statements,
+claim, insert, COMMIT: four round trips instead of six.
 """
 
 from __future__ import annotations
@@ -23,11 +33,21 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, bindparam, select, text
 
-from dispatcher.db.attempts import Backoff, Finish, finish_many, free_slots
+from dispatcher.db.attempts import Backoff, Finish, _classify, _params, finish_many, free_slots
+from dispatcher.db.batch import case_by, end_final_statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
-from dispatcher.db.snapshot import snapshot, snapshot_ending
+from dispatcher.db.pipeline import pipeline
+from dispatcher.db.schema import Timestamp, tasks
+from dispatcher.db.snapshot import (
+    ENDING_TOTAL,
+    SNAPSHOT_ENDING,
+    EndingView,
+    ending_view,
+    snapshot,
+    snapshot_ending,
+)
 from dispatcher.loop.placement import capacity
 from producer.job import Job
 
@@ -65,12 +85,19 @@ def end_and_hand_off(
             out.free = {pool: n for pool, n in capacity(snapshot(conn)).items() if n > 0}
             out.freed_pools = set(out.free)
         return out
-    out = HandOff(finish_many(conn, items=items, now=now, backoff=backoff, free=False))
-    done = zip(items, out.finishes, strict=True)
-    ending = list(dict.fromkeys(item["task_id"] for item, f in done if f.freed))
+    seen: EndingView | None = None
+    folded = _end_folded(conn, items=items, now=now, backoff=backoff)
+    if folded is not None:
+        finishes, ending, seen = folded
+    else:
+        finishes = finish_many(conn, items=items, now=now, backoff=backoff, free=False)
+        done = zip(items, finishes, strict=True)
+        ending = list(dict.fromkeys(item["task_id"] for item, f in done if f.freed))
+    out = HandOff(finishes)
     if not ending:
         return out
-    seen = snapshot_ending(conn, ending=ending)
+    if seen is None:
+        seen = snapshot_ending(conn, ending=ending)
     free = capacity(seen.gpus)
     out.freed_pools = {pool for pool, n in free.items() if n > 0}
     room = dict(free)
@@ -102,3 +129,64 @@ def end_and_hand_off(
         free_slots(conn, task_ids=ending)
     out.free = {pool: n for pool, n in free.items() if n > 0}
     return out
+
+
+def _end_folded(
+    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff
+) -> tuple[list[Finish], list[str], EndingView | None] | None:
+    """End a batch of final attempts (distinct tasks) and read the snapshot in one round trip; returns the
+    finishes, the tasks whose attempts ended (slots still held), and the snapshot as it will be once they
+    are freed (None: read it again, some callback did not apply). None when the batch is not of that kind
+    (a retry, refund or lease expiry, or one task twice): ``finish_many`` handles it."""
+    ids = [item["task_id"] for item in items]
+    if len(set(ids)) != len(ids):
+        return None
+    prepared = [_params(now=now, backoff=backoff, **item) for item in items]
+    if any(p["retry"] or p["refund"] or p["expiry"] for p in prepared):
+        return None
+    end = end_final_statement(items=prepared, now=now)
+    history = _history_of_ended(items, prepared, now)
+    res = pipeline(conn, [end, history, (SNAPSHOT_ENDING, {"ending": ids}), (ENDING_TOTAL, {"ending": ids})])
+    if res[0].rowcount == len(items):  # every attempt ended here: the snapshot read is the right one
+        finishes = [Finish("applied", str(p["final"]), True) for p in prepared]
+        return finishes, ids, ending_view(res[2].rows, int(res[3].rows[0][0]))
+    rows = {
+        r.task_id: r
+        for r in conn.execute(
+            select(
+                tasks.c.task_id, tasks.c.state, tasks.c.attempt, tasks.c.last_callback, tasks.c.updated_at
+            ).where(tasks.c.task_id.in_(ids))
+        )
+    }
+    finishes, ending = [], []
+    for item in items:
+        row = rows.get(item["task_id"])
+        if row is not None and row.updated_at == now and row.attempt == item["attempt"]:
+            finishes.append(Finish("applied", str(row.state), True))
+            ending.append(item["task_id"])
+        else:
+            finishes.append(_classify(row, item["attempt"], item["reported"]))
+    return finishes, ending, None
+
+
+def _history_of_ended(
+    items: list[dict[str, Any]], prepared: list[dict[str, Any]], now: datetime
+) -> tuple[Any, dict[str, Any]]:
+    """The history rows (``attempts``) of the attempts of ``items`` that this transaction ended, sent before
+    knowing which did: a task's row says it (changed at ``now`` exactly, at that attempt, no longer
+    processing), as ``finish_many`` tells them apart when not all applied."""
+    ids = [item["task_id"] for item in items]
+    params: dict[str, Any] = {"now": now, "ids": ids}
+    for i, task_id in enumerate(ids):
+        params[f"k_{i}"] = task_id
+    outcome = case_by("task_id", [str(item["outcome"].value) for item in items], "outcome", params)
+    attempt = case_by("task_id", [p["attempt"] for p in prepared], "attempt", params)
+    # Only this module's fragments and :placeholders go into the SQL; values are bound.
+    sql = (
+        "INSERT INTO attempts (task_id, attempt, gpu_id, slot_index, started_at, ended_at, outcome, error)"  # noqa: S608
+        f" SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, {outcome}, error"
+        f" FROM tasks WHERE task_id IN :ids AND attempt = {attempt} AND updated_at = :now"
+        " AND state <> 'processing'"
+    )
+    statement = text(sql).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
+    return statement, params

@@ -9,6 +9,7 @@ booking. ``free_slot`` is where a slot is given back, guarded by the attempt tha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ _SNAPSHOT = text(
 # then claims a freed slot straight from the ended attempt, in one UPDATE (``claim_slots(takeover=…)``),
 # instead of freeing it and claiming it again. ``ending_total`` counts every slot those tasks hold, on any
 # GPU: when the hand-off took over fewer, the rest are freed after it.
-_SNAPSHOT_ENDING = text(
+SNAPSHOT_ENDING = text(
     """
     SELECT s.gpu_id, g.url, g.pool, g.slots,
            COUNT(CASE WHEN s.task_id IS NOT NULL AND s.task_id NOT IN :ending THEN 1 END) AS busy,
@@ -52,7 +53,7 @@ _SNAPSHOT_ENDING = text(
                       THEN 1 END) > 0
     """
 ).bindparams(bindparam("ending", expanding=True))
-_ENDING_TOTAL = text("SELECT COUNT(*) FROM slots WHERE task_id IN :ending").bindparams(
+ENDING_TOTAL = text("SELECT COUNT(*) FROM slots WHERE task_id IN :ending").bindparams(
     bindparam("ending", expanding=True)
 )
 _FREE = text(
@@ -73,7 +74,7 @@ def snapshot(conn: Connection) -> list[GpuFree]:
 
 @dataclass(slots=True)
 class EndingView:
-    """``snapshot`` as it will be once the tasks ``ending`` free their slots (see ``_SNAPSHOT_ENDING``)."""
+    """``snapshot`` as it will be once the tasks ``ending`` free their slots (see ``SNAPSHOT_ENDING``)."""
 
     gpus: list[GpuFree]
     ending_slots: set[tuple[str, int]]  # (gpu_id, slot_index) held by them on eligible GPUs, counted free
@@ -81,12 +82,17 @@ class EndingView:
 
 
 def snapshot_ending(conn: Connection, *, ending: list[str]) -> EndingView:
-    rows = conn.execute(_SNAPSHOT_ENDING, {"ending": ending}).all()
+    rows = conn.execute(SNAPSHOT_ENDING, {"ending": ending}).all()
     if not rows:  # no eligible GPU with room: count the slots to free on their own
-        total = int(conn.execute(_ENDING_TOTAL, {"ending": ending}).scalar_one())
+        total = int(conn.execute(ENDING_TOTAL, {"ending": ending}).scalar_one())
         return EndingView([], set(), total)
+    return ending_view(rows, int(rows[0].ending_total))
+
+
+def ending_view(rows: Sequence[Any], total: int) -> EndingView:
+    """The ``EndingView`` of ``SNAPSHOT_ENDING``'s rows and ``ENDING_TOTAL``'s count (both read already)."""
     slots = {(r.gpu_id, int(i)) for r in rows if r.ending_free is not None for i in _ints(r.ending_free)}
-    return EndingView([_gpu_free(r) for r in rows], slots, int(rows[0].ending_total))
+    return EndingView([_gpu_free(r) for r in rows], slots, total)
 
 
 def _ints(value: Any) -> list[int]:

@@ -60,7 +60,7 @@ def test_a_freed_slot_goes_to_the_next_job_without_being_freed_first(w: World) -
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 6)  # g0 x 2: ids[1], ids[2] running, ids[3:] buffered
         slot = next(k for k, v in _busy(w).items() if v == ids[1])
-        with Statements(d.engine) as st:
+        with Statements(d.rt.hot.own_engine) as st:
             assert await finish(d, ids[1]) == "applied"
         assert _busy(w)[slot] == ids[3]  # the same slot, straight from ids[1] to ids[3]
         assert st.frees() == 0, st.sql
@@ -76,7 +76,7 @@ def test_slots_no_buffered_job_takes_are_freed_in_the_same_transaction(w: World)
     async def body(d: Dispatcher) -> None:
         ids = await primed(w, d, 4)  # g0 x 2: ids[1], ids[2] running, ids[3] the only job buffered
         assert d.handoffs.buffer.count("default") == 1
-        with Statements(d.engine) as st:
+        with Statements(d.rt.hot.own_engine) as st:
             # one batch (group commit): both end, one slot is taken over, the other freed
             codes = await asyncio.gather(finish(d, ids[1]), finish(d, ids[2]))
         assert codes == ["applied", "applied"]

@@ -1,0 +1,148 @@
+"""Several statements in one round trip to the database, for the hot path's group commit.
+
+Each round trip of a batch waits for a MariaDB thread and the hot thread to be scheduled; on a loaded box that
+wait, not the statements' work, is most of a slot's turnaround (bench/RESULTS.md, issue 12). Statements whose
+parameters do not depend on each other's results go out together: the hot connection is opened with
+``CLIENT.MULTI_STATEMENTS`` (``hot_engine``) and ``pipeline`` sends them as one ``a; b; c`` query, then reads
+one result per statement, in order, as if each had been executed alone. The server runs them in order in the
+same transaction and stops at the first error, which is raised as ``conn.execute`` would raise it (a
+``DBAPIError``, the connection invalidated when it was lost), so the caller's retry and rollback are the same.
+
+Values are bound by the driver's own escaping (``cursor.mogrify``, what PyMySQL does for every statement
+anyway: it has no server-side parameters), never pasted in. Any other connection (SQLite, the pool's
+connections, a driver without the flag) runs the same statements one after the other through
+``conn.execute``: same results, more round trips.
+
+``round_trips`` counts what a connection sent (statements, pipelines, COMMITs and ROLLBACKs): the figure
+issue 12 is about, visible to tests and ``python -m bench.handoff``.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql import Executable
+
+_TRIPS = "gpuq_round_trips"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One statement's result: rows changed (or matched, as ``conn.execute`` counts them), rows read."""
+
+    rowcount: int
+    rows: list[Any] = field(default_factory=list)  # attribute access by column name, as ``Row``
+
+
+def hot_engine(engine: Engine, *, pool_size: int) -> Engine:
+    """An engine like ``engine`` whose connections accept several statements per query (MySQL/MariaDB), for
+    the hot threads only; SQLite's engine is returned as it is (no network, nothing to save)."""
+    if engine.dialect.name not in ("mysql", "mariadb"):
+        count_round_trips(engine)
+        return engine
+    from pymysql.constants import CLIENT
+
+    hot = create_engine(
+        engine.url,
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_recycle=3600,
+        pool_reset_on_return=None,
+        isolation_level="READ COMMITTED",
+        connect_args={"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30},
+    )
+
+    @event.listens_for(hot, "do_connect")
+    def _multi(_dialect: Any, _record: Any, _cargs: Any, cparams: dict[str, Any]) -> None:
+        # Added to the flags SQLAlchemy sets (FOUND_ROWS: rowcount counts matched rows), not instead of them.
+        cparams["client_flag"] = int(cparams.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
+
+    count_round_trips(hot)
+    return hot
+
+
+def count_round_trips(engine: Engine) -> None:
+    """Count per connection (``round_trips``) the statements, COMMITs and ROLLBACKs SQLAlchemy sends."""
+    if event.contains(engine, "before_cursor_execute", _count_statement):
+        return
+    event.listen(engine, "before_cursor_execute", _count_statement)
+    event.listen(engine, "commit", _count_end)
+    event.listen(engine, "rollback", _count_end)
+
+
+def _count_statement(conn: Connection, *_args: Any) -> None:
+    _count_end(conn)
+
+
+def _count_end(conn: Connection) -> None:
+    if not conn.invalidated:  # a lost connection's info would reconnect to be read; nobody counts it now
+        conn.info[_TRIPS] = conn.info.get(_TRIPS, 0) + 1
+
+
+def round_trips(conn: Connection) -> int:
+    """Round trips this connection made so far (counted where ``count_round_trips`` was set up, else 0)."""
+    return int(conn.info.get(_TRIPS, 0))
+
+
+def multi_statements(conn: Connection) -> bool:
+    """Whether this connection takes several statements in one query."""
+    if conn.dialect.name not in ("mysql", "mariadb"):
+        return False
+    from pymysql.constants import CLIENT
+
+    return bool(getattr(conn.connection.dbapi_connection, "client_flag", 0) & CLIENT.MULTI_STATEMENTS)
+
+
+def pipeline(conn: Connection, statements: Sequence[tuple[Executable, dict[str, Any]]]) -> list[Outcome]:
+    """Run ``statements`` in order, in the caller's transaction, in one round trip where the connection
+    allows it; one ``Outcome`` per statement. The first error stops the rest and is raised."""
+    if len(statements) < 2 or not multi_statements(conn):
+        out = []
+        for statement, params in statements:
+            result = conn.execute(statement, params)
+            read: list[Any] = list(result.all()) if result.returns_rows else []
+            out.append(Outcome(int(result.rowcount), read))
+        return out
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    cursor = dbapi_conn.cursor()
+    sql = ";\n".join(_render(conn, cursor, statement, params) for statement, params in statements)
+    # One round trip, seen by the engine's listeners as one statement (``round_trips``, tests' recorders).
+    for listener in conn.dispatch.before_cursor_execute:
+        listener(conn, cursor, sql, None, None, False)
+    try:
+        out = []
+        cursor.execute(sql)
+        for i in range(len(statements)):
+            if i:
+                cursor.nextset()  # raises the error of statement i, if it failed
+            rows = []
+            if cursor.description is not None:
+                row_type = namedtuple("Row", [d[0] for d in cursor.description], rename=True)  # type: ignore[misc]
+                rows = [row_type(*r) for r in cursor.fetchall()]
+            out.append(Outcome(int(cursor.rowcount), rows))
+        cursor.close()
+        return out
+    except conn.dialect.loaded_dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, dbapi_conn, cursor)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, None, exc, conn.dialect.loaded_dbapi.Error, connection_invalidated=lost, dialect=conn.dialect
+        ) from exc
+
+
+def _render(conn: Connection, cursor: Any, statement: Executable, params: dict[str, Any]) -> str:
+    """``statement`` with ``params`` bound as the driver would bind them (types' processors applied)."""
+    compiled = statement.compile(dialect=conn.dialect)  # type: ignore[attr-defined]
+    state = compiled.construct_expanded_state(params)
+    values = dict(state.parameters)
+    for name, process in state.processors.items():
+        if name in values and process is not None:
+            values[name] = process(values[name])
+    return str(cursor.mogrify(state.statement, values))
