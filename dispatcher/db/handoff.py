@@ -75,10 +75,12 @@ def end_and_hand_off(
     lease_seconds: float,
     max_attempts: int,
     rng: random.Random,
+    fold: bool = True,
 ) -> HandOff:
     """End ``items`` (see ``finish_many``); then, if a slot was freed, place as many ``candidates``
     ((job, pool), oldest first) as the pools have room for. Candidates not placed are in ``result.unplaced``
-    or not in the result at all (their pool had no room): the caller keeps them."""
+    or not in the result at all (their pool had no room): the caller keeps them. ``fold`` False: the end,
+    its history and the snapshot one after the other, as before ``_end_folded`` (benchmarks, tests)."""
     if not candidates:  # nothing to hand off: end, free, and count the room for the loop
         out = HandOff(finish_many(conn, items=items, now=now, backoff=backoff))
         if any(f.freed for f in out.finishes):
@@ -86,7 +88,7 @@ def end_and_hand_off(
             out.freed_pools = set(out.free)
         return out
     seen: EndingView | None = None
-    folded = _end_folded(conn, items=items, now=now, backoff=backoff)
+    folded = _end_folded(conn, items=items, now=now, backoff=backoff) if fold else None
     if folded is not None:
         finishes, ending, seen = folded
     else:

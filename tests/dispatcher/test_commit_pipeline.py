@@ -23,6 +23,7 @@ from dispatcher.db.attempts import Backoff, slot_drift
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.handoff import HandOff, end_and_hand_off
+from dispatcher.db.pipeline import hot_engine
 from dispatcher.states import Outcome
 from producer.job import Job
 from tests.dispatcher.helpers import fleet_engine, wait_for
@@ -35,6 +36,18 @@ def engine(database_url: str) -> Iterator[Engine]:
     e = fleet_engine(database_url, {"g0": SLOTS})
     yield e
     e.dispose()
+
+
+@pytest.fixture(params=["pool", "hot"])
+def batches(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Engine]:
+    """Where the batches run: the pool's connections (one statement per round trip) or the hot threads'
+    kind (``hot_engine``: the end, history and snapshot of a batch in one round trip)."""
+    if request.param == "pool":
+        yield engine
+        return
+    h = hot_engine(engine, pool_size=2)
+    yield h
+    h.dispose()
 
 
 def _job(task_id: str) -> Job:
@@ -143,13 +156,15 @@ def _processing(engine: Engine) -> dict[str, int]:
     return {r.task_id: int(r.slot_index) for r in rows}
 
 
-def test_two_batches_in_flight_never_put_a_fifth_job_on_a_four_slot_gpu(engine: Engine) -> None:
+def test_two_batches_in_flight_never_put_a_fifth_job_on_a_four_slot_gpu(
+    engine: Engine, batches: Engine
+) -> None:
     _run(engine, ["t1", "t2", "t3"])  # g0: 3 of 4 slots busy, one free
-    a = Held(engine, _batch("t1", ["n1", "n2"]), hold=True).start()
+    a = Held(batches, _batch("t1", ["n1", "n2"]), hold=True).start()
     a.ran.wait()
     assert a.error is None, a.error
     # A took t1's slot and the free one, uncommitted. B's snapshot still shows the free slot.
-    b = Held(engine, _batch("t2", ["m1", "m2"]), hold=False).start()
+    b = Held(batches, _batch("t2", ["m1", "m2"]), hold=False).start()
     waited = wait_for(
         lambda: "claims" if _claiming(engine, b.connection_id) else (not b.thread.is_alive() and "ended"),
         timeout=25,  # within the connection's 30 s read timeout
@@ -172,13 +187,15 @@ def test_two_batches_in_flight_never_put_a_fifth_job_on_a_four_slot_gpu(engine: 
     assert transaction(engine, slot_drift) == []
 
 
-def test_two_batches_ending_attempts_on_one_gpu_at_once_hand_off_both_slots(engine: Engine) -> None:
+def test_two_batches_ending_attempts_on_one_gpu_at_once_hand_off_both_slots(
+    engine: Engine, batches: Engine
+) -> None:
     """The common case at saturation: no free slot, each batch takes over the slot it frees. They meet on no
     row, so neither waits for the other; both hand off, the GPU stays exactly full."""
     _run(engine, ["t1", "t2", "t3", "t4"])
-    a = Held(engine, _batch("t1", ["n1"]), hold=True).start()
+    a = Held(batches, _batch("t1", ["n1"]), hold=True).start()
     a.ran.wait()
-    b = Held(engine, _batch("t2", ["m1"]), hold=False).start()
+    b = Held(batches, _batch("t2", ["m1"]), hold=False).start()
     out_b = b.done()  # B completes while A is still open: no lock of A's is in its way
     a.commit.set()
     out_a = a.done()

@@ -1,0 +1,265 @@
+"""Fewer round trips per hand-off batch (issue 12): the end, its history rows and the snapshot go out in one
+round trip on the hot connection (``db/pipeline.py``, ``db/handoff.py _end_folded``), the claim stays the
+conditional UPDATE. Real MariaDB (several statements per query) and SQLite (one after the other, same code).
+
+What must not change: a stale or repeated callback in a folded batch neither ends anything nor hands its
+task's live slot to another job; the history has one row per attempt ended; a statement of the pipeline that
+fails fails the whole transaction (nothing of it stays) and a lost connection is rerun like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pymysql
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from dispatcher.db.attempts import Backoff, slot_drift
+from dispatcher.db.dispatch import dispatch
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.handoff import HandOff, end_and_hand_off
+from dispatcher.db.hot import HotThread
+from dispatcher.db.pipeline import hot_engine, multi_statements, pipeline, round_trips
+from dispatcher.states import Outcome
+from producer.job import Job
+from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
+from tests.dispatcher.helpers import fleet_engine
+
+SLOTS = 4
+
+
+@pytest.fixture
+def engine(any_database_url: str) -> Iterator[Engine]:
+    e = fleet_engine(any_database_url, {"g0": SLOTS})
+    yield e
+    e.dispose()
+
+
+@pytest.fixture
+def hot(engine: Engine) -> Iterator[Engine]:
+    """The hot threads' kind of connection: several statements per query on MariaDB."""
+    h = hot_engine(engine, pool_size=1)
+    yield h
+    if h is not engine:
+        h.dispose()
+
+
+def _mariadb(engine: Engine) -> bool:
+    return engine.dialect.name in ("mysql", "mariadb")
+
+
+def _job(task_id: str) -> Job:
+    return Job(task_id=task_id, type="t", queue="q")
+
+
+def _start(engine: Engine, ids: list[str]) -> None:
+    res = transaction(
+        engine,
+        dispatch,
+        items=[(_job(i), "default") for i in ids],
+        dispatcher_id="d1",
+        lease_seconds=600,
+        max_attempts=3,
+        now=utcnow(),
+    )
+    assert sorted(p.job.task_id for p in res.placed) == sorted(ids)
+
+
+def _item(task_id: str, attempt: int = 1) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "outcome": Outcome.FINISHED,
+        "result": {"ok": task_id},
+        "error": None,
+        "reported": "finished",
+    }
+
+
+def _batch(
+    hot: Engine, items: list[dict[str, Any]], candidates: list[str], *, fold: bool = True
+) -> tuple[HandOff, int]:
+    """One group-commit batch on a hot connection; returns it and the round trips it took (COMMIT included)."""
+    with hot.connect() as conn:
+        before = round_trips(conn)
+        with conn.begin():
+            out = end_and_hand_off(
+                conn,
+                items=items,
+                now=utcnow(),
+                backoff=Backoff(),
+                candidates=[(_job(c), "default") for c in candidates],
+                check_existing=False,
+                dispatcher_id="d1",
+                lease_seconds=600,
+                max_attempts=3,
+                rng=random.Random(1),
+                fold=fold,
+            )
+        return out, round_trips(conn) - before
+
+
+def _slots(engine: Engine) -> dict[int, str | None]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT slot_index, task_id FROM slots WHERE gpu_id = 'g0'")).all()
+    return {int(r.slot_index): r.task_id for r in rows}
+
+
+def _history(engine: Engine) -> list[tuple[str, int, str]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT task_id, attempt, outcome FROM attempts ORDER BY task_id")).all()
+    return [(r.task_id, int(r.attempt), r.outcome) for r in rows]
+
+
+def _states(engine: Engine) -> dict[str, tuple[str, int]]:
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT task_id, state, attempt FROM tasks")).all()
+    return {r.task_id: (r.state, int(r.attempt)) for r in rows}
+
+
+def test_a_saturated_batch_hands_off_in_four_round_trips_instead_of_six(engine: Engine, hot: Engine) -> None:
+    _start(engine, ["t1", "t2", "t3", "t4"])
+    before = _slots(engine)
+    out, trips = _batch(hot, [_item("t1"), _item("t2")], ["n1", "n2"])
+    assert [f.code for f in out.finishes] == ["applied", "applied"]
+    assert out.result is not None and sorted(p.job.task_id for p in out.result.placed) == ["n1", "n2"]
+    after = _slots(engine)
+    # Each freed slot went straight to a new job; the others kept theirs.
+    assert {after[i] for i, t in before.items() if t in ("t1", "t2")} == {"n1", "n2"}
+    assert {after[i] for i, t in before.items() if t in ("t3", "t4")} == {"t3", "t4"}
+    assert _history(engine) == [("t1", 1, "finished"), ("t2", 1, "finished")]
+    assert transaction(engine, slot_drift) == []
+    out2, unfolded = _batch(hot, [_item("t3"), _item("t4")], ["n3", "n4"], fold=False)
+    assert out2.result is not None and len(out2.result.placed) == 2
+    if _mariadb(engine):
+        with hot.connect() as conn:
+            assert multi_statements(conn)
+        # end + history + snapshot in one, claim, insert, COMMIT; before: six.
+        assert (trips, unfolded) == (4, 6)
+    else:  # SQLite: the same statements one by one (BEGIN IMMEDIATE counts too); no network to save
+        assert trips == unfolded + 1  # the folded path reads the slot count in a statement of its own
+
+
+@pytest.mark.parametrize("kind", ["stale", "repeat"])
+def test_a_stale_or_repeated_callback_in_a_folded_batch_hands_off_nothing_of_its_own(
+    engine: Engine, hot: Engine, kind: str
+) -> None:
+    """The snapshot of the folded round trip counts every task of the batch as ending; one that did not end
+    (t2 still runs at attempt 1) must not lose its slot to a waiting job, nor get a history row."""
+    _start(engine, ["t1", "t2", "t3", "t4"])
+    if kind == "repeat":
+        _batch(hot, [_item("t3")], [])  # t3 ended; its callback comes again below
+        _start(engine, ["t5"])
+        items = [_item("t1"), _item("t3"), _item("t2", attempt=7)]
+        codes = ["applied", "repeat", "stale"]
+    else:
+        items = [_item("t1"), _item("t2", attempt=7)]
+        codes = ["applied", "stale"]
+    slot_of_t2 = next(i for i, t in _slots(engine).items() if t == "t2")
+    out, trips = _batch(hot, items, ["n1", "n2", "n3"])
+    assert [f.code for f in out.finishes] == codes
+    assert out.result is not None and [p.job.task_id for p in out.result.placed] == ["n1"]  # t1's slot only
+    slots = _slots(engine)
+    assert slots[slot_of_t2] == "t2"
+    assert sorted(t for t in slots.values() if t is not None) == sorted(
+        ["n1", "t2", "t4", "t5" if kind == "repeat" else "t3"]
+    )
+    assert _states(engine)["t2"] == ("processing", 1)
+    ended = [("t1", 1, "finished")] + ([("t3", 1, "finished")] if kind == "repeat" else [])
+    assert _history(engine) == ended
+    assert transaction(engine, slot_drift) == []
+    if _mariadb(engine):
+        assert (
+            trips == 6
+        )  # the folded round trip, the classifying read, a fresh snapshot, claim, insert, COMMIT
+
+
+def test_a_failing_statement_in_a_pipeline_fails_the_transaction_and_leaves_nothing(
+    engine: Engine, hot: Engine
+) -> None:
+    _start(engine, ["t1"])
+    bump = text("UPDATE tasks SET error = 'touched' WHERE task_id = 't1'")
+    duplicate = text("INSERT INTO slots SELECT * FROM slots")  # every primary key taken
+    never = text("UPDATE tasks SET error = 'never' WHERE task_id = 't1'")
+    with hot.connect() as conn:
+        with pytest.raises(IntegrityError), conn.begin():
+            pipeline(conn, [(bump, {}), (duplicate, {}), (never, {})])
+        assert not conn.invalidated
+        with conn.begin():  # the connection serves the next transaction
+            res = pipeline(conn, [(text("SELECT error FROM tasks WHERE task_id = 't1'"), {}), (bump, {})])
+    assert res[0].rows[0].error is None  # the first statement was rolled back with the rest
+    assert res[1].rowcount == 1
+    assert _states(engine)["t1"] == ("processing", 1)
+
+
+def _kill(conn_id: int) -> None:
+    admin = pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD, autocommit=True
+    )
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"KILL CONNECTION {int(conn_id)}")
+    finally:
+        admin.close()
+
+
+def test_a_connection_lost_before_the_folded_round_trip_reruns_the_batch_once(engine: Engine) -> None:
+    """The pipeline's error is the ``DBAPIError`` ``conn.execute`` would raise, connection invalidated: the
+    hot thread opens a new connection and runs the batch again; it ends the attempt and hands off once."""
+    if not _mariadb(engine):
+        pytest.skip("KILL: MariaDB only")
+    _start(engine, ["t1", "t2", "t3", "t4"])
+    runs: list[int] = []
+
+    def batch(conn: Any) -> HandOff:
+        runs.append(1)
+        if len(runs) == 1:
+            _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+        return end_and_hand_off(
+            conn,
+            items=[_item("t1")],
+            now=utcnow(),
+            backoff=Backoff(),
+            candidates=[(_job("n1"), "default")],
+            check_existing=False,
+            dispatcher_id="d1",
+            lease_seconds=600,
+            max_attempts=3,
+            rng=random.Random(1),
+        )
+
+    async def main() -> HandOff:
+        thread = HotThread(engine)
+        thread.start()
+        try:
+            return await thread.run(batch)
+        finally:
+            await thread.close()
+
+    out = asyncio.run(main())
+    assert len(runs) == 2
+    assert [f.code for f in out.finishes] == ["applied"]
+    assert out.result is not None and [p.job.task_id for p in out.result.placed] == ["n1"]
+    assert _history(engine) == [("t1", 1, "finished")]
+    assert sorted(t for t in _slots(engine).values() if t is not None) == ["n1", "t2", "t3", "t4"]
+    assert transaction(engine, slot_drift) == []
+
+
+def test_the_pipeline_raises_the_lost_connection_as_an_invalidated_dbapi_error(
+    engine: Engine, hot: Engine
+) -> None:
+    if not _mariadb(engine):
+        pytest.skip("KILL: MariaDB only")
+    with hot.connect() as conn:
+        conn_id = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+        conn.commit()
+        _kill(conn_id)
+        with pytest.raises(DBAPIError) as caught:
+            pipeline(conn, [(text("SELECT 1"), {}), (text("SELECT 2"), {})])
+        assert caught.value.connection_invalidated
+        assert conn.invalidated
