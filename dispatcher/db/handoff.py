@@ -148,11 +148,15 @@ def _end_folded(
         return None
     end = end_final_statement(items=prepared, now=now)
     history = _history_of_ended(items, prepared, now)
-    res = pipeline(conn, [end, history, (SNAPSHOT_ENDING, {"ending": ids}), (ENDING_TOTAL, {"ending": ids})])
+    res = pipeline(conn, [end, history, (SNAPSHOT_ENDING, {"ending": ids})])
     if res[0].rowcount == len(items):  # every attempt ended here: the snapshot read is the right one
         finishes = [Finish("applied", str(p["final"]), True) for p in prepared]
-        return finishes, ids, ending_view(res[2].rows, int(res[3].rows[0][0]))
-    rows = {
+        rows = res[2].rows
+        if not rows:  # no eligible GPU with room (all drained, say): count the slots to free on their own
+            total = int(conn.execute(ENDING_TOTAL, {"ending": ids}).scalar_one())
+            return finishes, ids, EndingView([], set(), total)
+        return finishes, ids, ending_view(rows, int(rows[0].ending_total))
+    current = {
         r.task_id: r
         for r in conn.execute(
             select(
@@ -162,7 +166,7 @@ def _end_folded(
     }
     finishes, ending = [], []
     for item in items:
-        row = rows.get(item["task_id"])
+        row = current.get(item["task_id"])
         if row is not None and row.updated_at == now and row.attempt == item["attempt"]:
             finishes.append(Finish("applied", str(row.state), True))
             ending.append(item["task_id"])
