@@ -20,7 +20,7 @@ from dispatcher.loop.placement import GpuFree
 # Room is the GPU's slot count minus its busy slots, not its free slot rows: a GPU given fewer slots while
 # busy keeps the busy rows past its count until their jobs end (and their emptied rows until the next
 # registration trims them), and neither those rows nor the room they take may be handed out.
-_SNAPSHOT = text(
+SNAPSHOT = text(
     """
     SELECT s.gpu_id, g.url, g.pool, g.slots, COUNT(s.task_id) AS busy,
            GROUP_CONCAT(CASE WHEN s.task_id IS NULL AND s.slot_index < g.slots THEN s.slot_index END) AS free
@@ -69,7 +69,7 @@ def free_slot(conn: Connection, *, task_id: str, attempt: int) -> bool:
 
 def snapshot(conn: Connection) -> list[GpuFree]:
     """Eligible GPUs (active, healthy) that have a free slot, with their load and free slot numbers."""
-    return [_gpu_free(r) for r in conn.execute(_SNAPSHOT)]
+    return [_gpu_free(r) for r in conn.execute(SNAPSHOT)]
 
 
 @dataclass(slots=True)
@@ -87,6 +87,11 @@ def snapshot_ending(conn: Connection, *, ending: list[str]) -> EndingView:
         total = int(conn.execute(ENDING_TOTAL, {"ending": ending}).scalar_one())
         return EndingView([], set(), total)
     return ending_view(rows, int(rows[0].ending_total))
+
+
+def free_view(rows: Sequence[Any]) -> list[GpuFree]:
+    """``snapshot`` from the rows of ``SNAPSHOT`` read already."""
+    return [_gpu_free(r) for r in rows]
 
 
 def ending_view(rows: Sequence[Any], total: int) -> EndingView:

@@ -263,3 +263,35 @@ def test_the_pipeline_raises_the_lost_connection_as_an_invalidated_dbapi_error(
             pipeline(conn, [(text("SELECT 1"), {}), (text("SELECT 2"), {})])
         assert caught.value.connection_invalidated
         assert conn.invalidated
+
+
+def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_trips(
+    engine: Engine, hot: Engine
+) -> None:
+    _start(engine, ["t1", "t2", "t3", "t4"])
+    out, trips = _batch(hot, [_item("t1"), _item("t2")], [])
+    assert [f.code for f in out.finishes] == ["applied", "applied"]
+    assert out.free == {"default": 2} and out.freed_pools == {"default"}  # the room the loop is woken for
+    assert sorted(t for t in _slots(engine).values() if t is not None) == ["t3", "t4"]
+    out2, unfolded = _batch(hot, [_item("t3")], [], fold=False)
+    assert out2.free == {"default": 3}
+    assert _history(engine) == [("t1", 1, "finished"), ("t2", 1, "finished"), ("t3", 1, "finished")]
+    assert transaction(engine, slot_drift) == []
+    if _mariadb(engine):
+        # end + history + free + snapshot in one, COMMIT; before: end, free, history, snapshot, COMMIT.
+        assert (trips, unfolded) == (2, 5)
+
+
+def test_a_stale_callback_in_a_batch_with_nothing_to_hand_off_keeps_its_live_slot(
+    engine: Engine, hot: Engine
+) -> None:
+    """The free of the folded query is sent before anyone knows which callbacks applied: it must free only
+    the slots of attempts this transaction ended (t2 runs on at attempt 1; its callback names attempt 7)."""
+    _start(engine, ["t1", "t2", "t3", "t4"])
+    out, _ = _batch(hot, [_item("t1"), _item("t2", attempt=7)], [])
+    assert [f.code for f in out.finishes] == ["applied", "stale"]
+    assert out.free == {"default": 1}
+    assert sorted(t for t in _slots(engine).values() if t is not None) == ["t2", "t3", "t4"]
+    assert _states(engine)["t2"] == ("processing", 1)
+    assert _history(engine) == [("t1", 1, "finished")]
+    assert transaction(engine, slot_drift) == []
