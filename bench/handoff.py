@@ -5,7 +5,8 @@ the event loop sees it (issue 12: part 1 of a slot's turnaround).
 
 A database of its own with gpuq's schema (dropped at the end): ``gpus`` GPUs of ``slots`` slots, every slot
 busy, ``rows`` finished tasks beside them. Each turn ends ``items`` running attempts with ``finished``
-callbacks and hands their slots to as many new jobs, committed, so the fleet stays full (saturation). The two
+callbacks and hands their slots to as many new jobs, committed, so the fleet stays full (saturation);
+``--no-handoff``: the batch only ends and frees (an empty buffer), and the slots are refilled untimed. The two
 forms take turns (the machine's load drifts): compare them within one run only.
 """
 
@@ -78,14 +79,20 @@ async def _turns(engine: Any, running: list[str], args: argparse.Namespace) -> d
                      "reported": "finished"}
                     for t in ending
                 ]  # fmt: skip
+                jobs = [(Job(task_id=t, type="t", queue="q"), "default") for t in fresh]
                 t0 = time.perf_counter()
                 out = await hot.run(
                     end_and_hand_off, items=items, now=now, backoff=Backoff(),
-                    candidates=[(Job(task_id=t, type="t", queue="q"), "default") for t in fresh],
+                    candidates=[] if args.no_handoff else jobs,
                     check_existing=False, dispatcher_id="bench", lease_seconds=600, max_attempts=3,
                     rng=rng, fold=mode == "fold",
                 )  # fmt: skip
                 elapsed = (time.perf_counter() - t0) * 1000
+                if args.no_handoff:  # the loop's part, untimed: refill the freed slots
+                    out.result = await asyncio.to_thread(
+                        transaction, engine, dispatch, items=jobs, dispatcher_id="bench",
+                        lease_seconds=600, max_attempts=3, now=utcnow(),
+                    )  # fmt: skip
                 placed = [p.job.task_id for p in out.result.placed] if out.result else []
                 if len(placed) != args.items:
                     raise SystemExit(f"{mode}: {len(placed)} of {args.items} handed off")
@@ -108,6 +115,7 @@ def main() -> None:
     p.add_argument("--gpus", type=int, default=16)
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--rows", type=int, default=30_000, help="finished tasks in the table")
+    p.add_argument("--no-handoff", action="store_true", help="batches with no job to hand off (empty buffer)")
     p.add_argument("--busy", type=float, default=0.0, help="share of the event loop kept busy meanwhile")
     args = p.parse_args()
     db = f"gpuq_handoff_{uuid.uuid4().hex[:8]}"
