@@ -76,10 +76,11 @@ def test_a_retry_and_a_scheduled_job_put_back_run(any_database_url):
         backoff=NO_BACKOFF,
         error="boom",
     )
-    # a scheduled job is recorded at attempt 0 and comes back from the database at attempt 0
-    scheduled = job(task_id="later", not_before=utcnow() + timedelta(milliseconds=1), data={"n": [1, 2.5]})
+    # a scheduled job is recorded at attempt 0 and comes back from the database at attempt 0 (a minute
+    # ahead, so it is still in the future when a loaded machine gets round to placing it)
+    scheduled = job(task_id="later", not_before=utcnow() + timedelta(minutes=1), data={"n": [1, 2.5]})
     assert _dispatch(engine, [scheduled]).deferred
-    due = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
+    due = transaction(engine, due_deferred, now=utcnow() + timedelta(minutes=2))
     assert sorted(j.task_id for j in due) == ["later", "retried"]
     # serialised for Redis and read back, as the dispatcher sees them
     back = [Job.model_validate_json(j.to_redis()) for j in due]
