@@ -177,7 +177,8 @@ class GpuSim:
         job.callback_status = await self._call(job, body, status)
         job.callback_answered_mono = time.monotonic()
         if job.plan.duplicate:
-            await self._call(job, body, status)
+            job.duplicate_sent_mono = time.monotonic()
+            job.duplicate_status = await self._call(job, body, status)
 
     def _beat(self, job: Job) -> None:
         job.beat = asyncio.get_running_loop().call_later(job.plan.heartbeat, self._beat, job)

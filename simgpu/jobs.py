@@ -40,6 +40,8 @@ class Job:
         "callback_token",
         "callback_url",
         "data",
+        "duplicate_sent_mono",
+        "duplicate_status",
         "gpu",
         "plan",
         "received_at",
@@ -67,6 +69,10 @@ class Job:
         self.callback_sent_mono: float | None = None
         self.callback_status: int | None = None
         self.callback_answered_mono: float | None = None  # when the final callback's answer came back
+        # duplicate_callback: when the second copy went out and its answer (200 applied false, or 409 once the
+        # attempt is no longer current: a retried task may have started its next attempt by then)
+        self.duplicate_sent_mono: float | None = None
+        self.duplicate_status: int | None = None
         self.answered_mono: float | None = None  # sync mode: when the slot was freed and the answer went out
         self.released_at: float | None = None  # async mode: when the job gave its slot back (wall clock)
         self.timer: asyncio.TimerHandle | None = None
@@ -128,6 +134,8 @@ class Job:
             "callback_sent_mono": self.callback_sent_mono,
             "callback_status": self.callback_status,
             "callback_answered_mono": self.callback_answered_mono,
+            "duplicate_sent_mono": self.duplicate_sent_mono,
+            "duplicate_status": self.duplicate_status,
             "answered_mono": self.answered_mono,
         }
 

@@ -94,8 +94,26 @@ def test_duplicate_callback_calls_back_twice(
     first, second = receiver.wait_for(2)
     assert first.body == second.body
     assert first.body["status"] == "finished"
-    stats = fleet.wait_until(lambda s: s["totals"]["callbacks_answered"].get("200") == 2)
+    stats = fleet.wait_until(lambda s: s["totals"]["callbacks_answered"].get("200") == 2, jobs=True)
     assert stats["totals"]["callbacks_sent"] == {"finished": 2}
+    assert (stats["jobs"][0]["callback_status"], stats["jobs"][0]["duplicate_status"]) == (200, 200)
+
+
+def test_the_answer_to_the_duplicate_is_recorded_apart_from_the_first(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    # A scenario telling a 409 for the copy of a retry report (its task moved on) from one for the report
+    # itself needs both answers per job, not only the totals.
+    fleet = make_fleet(gpus=1, faults=["duplicate_callback", "fail_retry"])
+    receiver.answer_with(200, 409)
+
+    http.post(fleet.url("g0"), json=job("d2", receiver))
+
+    receiver.wait_for(2)
+    stats = fleet.wait_until(lambda s: sum(s["totals"]["callbacks_answered"].values()) == 2, jobs=True)
+    [record] = stats["jobs"]
+    assert (record["outcome"], record["callback_status"], record["duplicate_status"]) == ("retry", 200, 409)
+    assert record["callback_answered_mono"] <= record["duplicate_sent_mono"]
 
 
 @pytest.mark.parametrize(("fault", "retry"), [("fail", False), ("fail_retry", True)])
