@@ -110,6 +110,39 @@ def test_failed_attempt_retries_then_fails(any_database_url):
     assert not stale.placed and stale.dropped
 
 
+def test_a_repeated_retry_report_is_a_repeat_until_the_next_attempt_starts_then_stale(any_database_url):
+    """SPEC §4: a repeated callback is 200 ``applied: false``, but a callback for an attempt no longer current
+    is 409, and an attempt that ended with ``retry: true`` is superseded once the next one starts. So the
+    second copy of a retry report is a repeat or stale depending on when it comes; the GPU's two copies in
+    one group-commit batch (finish_many) are always a repeat, whatever else the batch ends."""
+    engine = fleet_engine(any_database_url, {"g0": 2})
+    j, other = job(), job()
+    _dispatch(engine, [j, other])
+    report = {"attempt": 1, "outcome": Outcome.FAILED_RETRY, "error": "boom", "reported": "failed_retry"}
+    items = [
+        {"task_id": j.task_id, **report},
+        {"task_id": j.task_id, **report},
+        {"task_id": other.task_id, "attempt": 1, "outcome": Outcome.FINISHED, "reported": "finished"},
+    ]
+    fins = transaction(engine, finish_many, items=items, now=utcnow(), backoff=NO_BACKOFF)
+    assert [(f.code, f.state) for f in fins] == [
+        ("applied", "retrying"),
+        ("repeat", "retrying"),
+        ("applied", "finished"),
+    ]
+    # a third copy in a later batch, the next attempt not started yet: still a repeat
+    assert end_attempt(engine, j.task_id, **report).code == "repeat"
+    # once attempt 2 runs, attempt 1 is no longer current: its copy is stale (409) and ends nothing
+    due = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
+    transaction(engine, mark_queued, jobs=due, now=utcnow())
+    assert [p.attempt for p in _dispatch(engine, due).placed] == [2]
+    late = end_attempt(engine, j.task_id, **report)
+    assert (late.code, late.state) == ("stale", "processing")
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks.c.attempt).where(tasks.c.task_id == j.task_id)).scalar_one() == 2
+        assert capacity(snapshot(conn)) == {"default": 1}
+
+
 def test_duplicate_copy_is_dropped(any_database_url):
     engine = fleet_engine(any_database_url, {"g0": 4})
     j = job()
