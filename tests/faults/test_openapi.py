@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, example, given, settings
+from schemathesis.core.failures import FailureGroup
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.generation.meta import (
     CaseMetadata,
@@ -89,4 +90,18 @@ def test_dispatcher_answers_match_its_openapi(stack):
             check()
         except (Exception, BaseExceptionGroup) as exc:
             failures[operation.label] = exc
-    assert not failures, "\n\n".join(f"{k}: {str(v)[:1500]}" for k, v in failures.items())
+    assert not failures, "\n\n".join(f"{k}: {_explain(v)[:4000]}" for k, v in failures.items())
+
+
+def _explain(exc: BaseException) -> str:
+    """What failed, down to the calls: hypothesis's FlakyFailure only says "failed on the first call but not
+    on a later one"; the schemathesis failures it wraps carry the status code, the body and the curl of the
+    failing call, and hypothesis's notes carry the falsifying example."""
+    if type(exc).__name__ == "_WrappedBaseException" and exc.__cause__ is not None:
+        exc = exc.__cause__  # how FlakyFailure holds a BaseException such as schemathesis's FailureGroup
+    lines = [f"{type(exc).__name__}: {exc}", *getattr(exc, "__notes__", [])]
+    if isinstance(exc, FailureGroup):  # its message already renders each failure with the response
+        return "\n".join(lines)
+    for inner in getattr(exc, "exceptions", ()):
+        lines.append("  " + _explain(inner).replace("\n", "\n  "))
+    return "\n".join(lines)
