@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,15 +11,18 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
+import pymysql
 from sqlalchemy import Engine
 
 from dispatcher.db.attempts import Backoff, Finish, finish_attempt
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
+from dispatcher.db.handoff import HandOff, end_and_hand_off
 from dispatcher.states import Outcome
 from producer.job import Job
 from simgpu.testing import poll_until
+from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
 
 T = TypeVar("T")
 
@@ -33,6 +37,16 @@ def fleet_engine(url: str, gpus: dict[str, int], pool: str = "default") -> Engin
     for gpu_id, n in gpus.items():
         add_gpu(engine, gpu_id, n, pool=pool)
     return engine
+
+
+@contextmanager
+def fleet(url: str, gpus: dict[str, int], pool: str = "default") -> Iterator[Engine]:
+    """``fleet_engine`` for a fixture: the engine is disposed when the test is done, failed or not."""
+    engine = fleet_engine(url, gpus, pool)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def add_gpu(
@@ -137,3 +151,44 @@ def wait_for(
         return poll_until(predicate, timeout, interval=interval, what=what or repr(predicate))
     except TimeoutError as exc:
         raise AssertionError(f"timed out: {exc}") from None
+
+
+def start(engine: Engine, ids: list[str]) -> None:
+    """Puts one job of type ``t`` per id on the fleet (dispatcher ``d1``, 600 s lease, 3 attempts) and fails
+    unless every one got a slot: the hand-off tests build on all of them running."""
+    res = place(
+        engine, [job("t", task_id=i) for i in ids], dispatcher_id="d1", max_attempts=3, lease_seconds=600
+    )
+    assert sorted(p.job.task_id for p in res.placed) == sorted(ids)
+
+
+def hand_off(conn: Any, items: list[dict[str, Any]], candidates: list[str], **more: Any) -> HandOff:
+    """One group-commit batch as ``HandOffs.end_many`` sends it, with the settings ``start`` used: ``items``
+    end their attempts and ``candidates`` (jobs of type ``t`` in pool ``default``) wait for the freed slots;
+    ``more``: ``fold`` and the like."""
+    return end_and_hand_off(
+        conn,
+        items=items,
+        now=utcnow(),
+        backoff=Backoff(),
+        candidates=[(job("t", task_id=c), "default") for c in candidates],
+        check_existing=False,
+        dispatcher_id="d1",
+        lease_seconds=600,
+        max_attempts=3,
+        rng=random.Random(1),
+        **more,
+    )
+
+
+def kill_connection(conn_id: int) -> None:
+    """Kills MariaDB connection ``conn_id`` from an admin connection of its own, as a server restart or a
+    network cut would look to its owner."""
+    admin = pymysql.connect(
+        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD, autocommit=True
+    )
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"KILL CONNECTION {int(conn_id)}")
+    finally:
+        admin.close()

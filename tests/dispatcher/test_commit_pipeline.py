@@ -11,7 +11,6 @@ handed back unplaced.
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,23 +18,20 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatcher.db.attempts import Backoff, slot_drift
-from dispatcher.db.dispatch import dispatch
-from dispatcher.db.engine import transaction, utcnow
-from dispatcher.db.handoff import HandOff, end_and_hand_off
+from dispatcher.db.attempts import slot_drift
+from dispatcher.db.engine import transaction
+from dispatcher.db.handoff import HandOff
 from dispatcher.db.pipeline import hot_engine
 from dispatcher.states import Outcome
-from producer.job import Job
-from tests.dispatcher.helpers import fleet_engine, wait_for
+from tests.dispatcher.helpers import fleet, hand_off, start, wait_for
 
 SLOTS = 4
 
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
-    e = fleet_engine(database_url, {"g0": SLOTS})
-    yield e
-    e.dispose()
+    with fleet(database_url, {"g0": SLOTS}) as e:
+        yield e
 
 
 @pytest.fixture(params=["pool", "hot"])
@@ -50,49 +46,20 @@ def batches(request: pytest.FixtureRequest, engine: Engine) -> Iterator[Engine]:
     h.dispose()
 
 
-def _job(task_id: str) -> Job:
-    return Job(task_id=task_id, type="t", queue="q")
-
-
-def _run(engine: Engine, ids: list[str]) -> None:
-    res = transaction(
-        engine,
-        dispatch,
-        items=[(_job(i), "default") for i in ids],
-        dispatcher_id="d1",
-        lease_seconds=600,
-        max_attempts=3,
-        now=utcnow(),
-    )
-    assert sorted(p.job.task_id for p in res.placed) == sorted(ids)
-
-
 def _batch(task_id: str, candidates: list[str]) -> Callable[[Any], HandOff]:
     """One group-commit batch as ``HandOffs.end_many`` sends it: the ``finished`` callback of ``task_id``,
     with ``candidates`` buffered for its pool."""
 
     def fn(conn: Any) -> HandOff:
-        return end_and_hand_off(
-            conn,
-            items=[
-                {
-                    "task_id": task_id,
-                    "attempt": 1,
-                    "outcome": Outcome.FINISHED,
-                    "result": None,
-                    "error": None,
-                    "reported": "finished",
-                }
-            ],
-            now=utcnow(),
-            backoff=Backoff(),
-            candidates=[(_job(c), "default") for c in candidates],
-            check_existing=False,
-            dispatcher_id="d1",
-            lease_seconds=600,
-            max_attempts=3,
-            rng=random.Random(1),
-        )
+        item = {
+            "task_id": task_id,
+            "attempt": 1,
+            "outcome": Outcome.FINISHED,
+            "result": None,
+            "error": None,
+            "reported": "finished",
+        }
+        return hand_off(conn, [item], candidates)
 
     return fn
 
@@ -159,7 +126,7 @@ def _processing(engine: Engine) -> dict[str, int]:
 def test_two_batches_in_flight_never_put_a_fifth_job_on_a_four_slot_gpu(
     engine: Engine, batches: Engine
 ) -> None:
-    _run(engine, ["t1", "t2", "t3"])  # g0: 3 of 4 slots busy, one free
+    start(engine, ["t1", "t2", "t3"])  # g0: 3 of 4 slots busy, one free
     a = Held(batches, _batch("t1", ["n1", "n2"]), hold=True).start()
     a.ran.wait()
     assert a.error is None, a.error
@@ -192,7 +159,7 @@ def test_two_batches_ending_attempts_on_one_gpu_at_once_hand_off_both_slots(
 ) -> None:
     """The common case at saturation: no free slot, each batch takes over the slot it frees. They meet on no
     row, so neither waits for the other; both hand off, the GPU stays exactly full."""
-    _run(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     a = Held(batches, _batch("t1", ["n1"]), hold=True).start()
     a.ran.wait()
     b = Held(batches, _batch("t2", ["m1"]), hold=False).start()

@@ -10,34 +10,28 @@ fails fails the whole transaction (nothing of it stays) and a lost connection is
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 from typing import Any
 
-import pymysql
 import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from dispatcher.db.attempts import Backoff, slot_drift
-from dispatcher.db.dispatch import dispatch
-from dispatcher.db.engine import transaction, utcnow
-from dispatcher.db.handoff import HandOff, end_and_hand_off
+from dispatcher.db.attempts import slot_drift
+from dispatcher.db.engine import transaction
+from dispatcher.db.handoff import HandOff
 from dispatcher.db.hot import HotThread
 from dispatcher.db.pipeline import hot_engine, multi_statements, pipeline, round_trips
 from dispatcher.states import Outcome
-from producer.job import Job
-from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
-from tests.dispatcher.helpers import fleet_engine
+from tests.dispatcher.helpers import fleet, hand_off, kill_connection, start
 
 SLOTS = 4
 
 
 @pytest.fixture
 def engine(any_database_url: str) -> Iterator[Engine]:
-    e = fleet_engine(any_database_url, {"g0": SLOTS})
-    yield e
-    e.dispose()
+    with fleet(any_database_url, {"g0": SLOTS}) as e:
+        yield e
 
 
 @pytest.fixture
@@ -51,23 +45,6 @@ def hot(engine: Engine) -> Iterator[Engine]:
 
 def _mariadb(engine: Engine) -> bool:
     return engine.dialect.name in ("mysql", "mariadb")
-
-
-def _job(task_id: str) -> Job:
-    return Job(task_id=task_id, type="t", queue="q")
-
-
-def _start(engine: Engine, ids: list[str]) -> None:
-    res = transaction(
-        engine,
-        dispatch,
-        items=[(_job(i), "default") for i in ids],
-        dispatcher_id="d1",
-        lease_seconds=600,
-        max_attempts=3,
-        now=utcnow(),
-    )
-    assert sorted(p.job.task_id for p in res.placed) == sorted(ids)
 
 
 def _item(task_id: str, attempt: int = 1) -> dict[str, Any]:
@@ -88,19 +65,7 @@ def _batch(
     with hot.connect() as conn:
         before = round_trips(conn)
         with conn.begin():
-            out = end_and_hand_off(
-                conn,
-                items=items,
-                now=utcnow(),
-                backoff=Backoff(),
-                candidates=[(_job(c), "default") for c in candidates],
-                check_existing=False,
-                dispatcher_id="d1",
-                lease_seconds=600,
-                max_attempts=3,
-                rng=random.Random(1),
-                fold=fold,
-            )
+            out = hand_off(conn, items, candidates, fold=fold)
         return out, round_trips(conn) - before
 
 
@@ -123,7 +88,7 @@ def _states(engine: Engine) -> dict[str, tuple[str, int]]:
 
 
 def test_a_saturated_batch_hands_off_in_four_round_trips_instead_of_six(engine: Engine, hot: Engine) -> None:
-    _start(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     before = _slots(engine)
     out, trips = _batch(hot, [_item("t1"), _item("t2")], ["n1", "n2"])
     assert [f.code for f in out.finishes] == ["applied", "applied"]
@@ -151,10 +116,10 @@ def test_a_stale_or_repeated_callback_in_a_folded_batch_hands_off_nothing_of_its
 ) -> None:
     """The snapshot of the folded round trip counts every task of the batch as ending; one that did not end
     (t2 still runs at attempt 1) must not lose its slot to a waiting job, nor get a history row."""
-    _start(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     if kind == "repeat":
         _batch(hot, [_item("t3")], [])  # t3 ended; its callback comes again below
-        _start(engine, ["t5"])
+        start(engine, ["t5"])
         items = [_item("t1"), _item("t3"), _item("t2", attempt=7)]
         codes = ["applied", "repeat", "stale"]
     else:
@@ -182,7 +147,7 @@ def test_a_stale_or_repeated_callback_in_a_folded_batch_hands_off_nothing_of_its
 def test_a_failing_statement_in_a_pipeline_fails_the_transaction_and_leaves_nothing(
     engine: Engine, hot: Engine
 ) -> None:
-    _start(engine, ["t1"])
+    start(engine, ["t1"])
     bump = text("UPDATE tasks SET error = 'touched' WHERE task_id = 't1'")
     duplicate = text("INSERT INTO slots SELECT * FROM slots")  # every primary key taken
     never = text("UPDATE tasks SET error = 'never' WHERE task_id = 't1'")
@@ -197,41 +162,19 @@ def test_a_failing_statement_in_a_pipeline_fails_the_transaction_and_leaves_noth
     assert _states(engine)["t1"] == ("processing", 1)
 
 
-def _kill(conn_id: int) -> None:
-    admin = pymysql.connect(
-        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD, autocommit=True
-    )
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f"KILL CONNECTION {int(conn_id)}")
-    finally:
-        admin.close()
-
-
 def test_a_connection_lost_before_the_folded_round_trip_reruns_the_batch_once(engine: Engine) -> None:
     """The pipeline's error is the ``DBAPIError`` ``conn.execute`` would raise, connection invalidated: the
     hot thread opens a new connection and runs the batch again; it ends the attempt and hands off once."""
     if not _mariadb(engine):
         pytest.skip("KILL: MariaDB only")
-    _start(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     runs: list[int] = []
 
     def batch(conn: Any) -> HandOff:
         runs.append(1)
         if len(runs) == 1:
-            _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
-        return end_and_hand_off(
-            conn,
-            items=[_item("t1")],
-            now=utcnow(),
-            backoff=Backoff(),
-            candidates=[(_job("n1"), "default")],
-            check_existing=False,
-            dispatcher_id="d1",
-            lease_seconds=600,
-            max_attempts=3,
-            rng=random.Random(1),
-        )
+            kill_connection(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+        return hand_off(conn, [_item("t1")], ["n1"])
 
     async def main() -> HandOff:
         thread = HotThread(engine)
@@ -258,7 +201,7 @@ def test_the_pipeline_raises_the_lost_connection_as_an_invalidated_dbapi_error(
     with hot.connect() as conn:
         conn_id = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
         conn.commit()
-        _kill(conn_id)
+        kill_connection(conn_id)
         with pytest.raises(DBAPIError) as caught:
             pipeline(conn, [(text("SELECT 1"), {}), (text("SELECT 2"), {})])
         assert caught.value.connection_invalidated
@@ -268,7 +211,7 @@ def test_the_pipeline_raises_the_lost_connection_as_an_invalidated_dbapi_error(
 def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_trips(
     engine: Engine, hot: Engine
 ) -> None:
-    _start(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     out, trips = _batch(hot, [_item("t1"), _item("t2")], [])
     assert [f.code for f in out.finishes] == ["applied", "applied"]
     assert out.free == {"default": 2} and out.freed_pools == {"default"}  # the room the loop is woken for
@@ -287,7 +230,7 @@ def test_a_stale_callback_in_a_batch_with_nothing_to_hand_off_keeps_its_live_slo
 ) -> None:
     """The free of the folded query is sent before anyone knows which callbacks applied: it must free only
     the slots of attempts this transaction ended (t2 runs on at attempt 1; its callback names attempt 7)."""
-    _start(engine, ["t1", "t2", "t3", "t4"])
+    start(engine, ["t1", "t2", "t3", "t4"])
     out, _ = _batch(hot, [_item("t1"), _item("t2", attempt=7)], [])
     assert [f.code for f in out.finishes] == ["applied", "stale"]
     assert out.free == {"default": 1}

@@ -12,13 +12,12 @@ import asyncio
 import threading
 from collections.abc import Iterator
 
-import pymysql
 import pytest
 from sqlalchemy import Connection, Engine, text
 
 from dispatcher.db.engine import StoreUnavailable, make_engine
 from dispatcher.db.hot import STATEMENTS_DONE, HotThread
-from tests.conftest import MYSQL_HOST, MYSQL_PASSWORD, MYSQL_PORT, MYSQL_USER
+from tests.dispatcher.helpers import kill_connection
 
 
 @pytest.fixture
@@ -36,17 +35,6 @@ def _count(engine: Engine) -> int:
         return int(conn.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one())
 
 
-def _kill(conn_id: int) -> None:
-    admin = pymysql.connect(
-        host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD, autocommit=True
-    )
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f"KILL CONNECTION {int(conn_id)}")
-    finally:
-        admin.close()
-
-
 class Bump:
     """A transaction of two statements; the first time it runs, its own connection is killed between them."""
 
@@ -60,7 +48,7 @@ class Bump:
         self.threads.add(threading.current_thread().name)
         conn.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
         if self.kill and self.runs == 1:
-            _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+            kill_connection(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
         return int(conn.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one())
 
 
@@ -145,7 +133,7 @@ def test_two_workers_run_two_transactions_at_once_and_a_killed_one_runs_again(
             conn.execute(text("UPDATE counter SET n = n + 1 WHERE id = 1"))
             overlapped = second_ran.wait(60)
             if self.runs == 1:
-                _kill(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+                kill_connection(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
             return overlapped
 
     def second(conn: Connection) -> None:
