@@ -104,14 +104,22 @@ def transaction(engine: Engine, fn: Callable[..., T], /, *args: Any, attempts: i
             with engine.begin() as conn:
                 return fn(conn, *args, **kwargs)
         except DBAPIError as exc:
-            if not retryable(exc) or attempt == attempts:
-                if isinstance(exc, OperationalError):
-                    raise StoreUnavailable(str(exc.orig)) from exc
-                raise
-            log.debug("retrying transaction", extra={"action": "db_retry", "error": str(exc.orig)})
-            time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
-            delay = min(delay * 3, 1.0)
+            delay = retry_after(exc, attempt, attempts, delay)
     raise AssertionError("unreachable")
+
+
+def retry_after(exc: DBAPIError, attempt: int, attempts: int, delay: float) -> float:
+    """After try ``attempt`` of ``attempts`` of a transaction failed with ``exc``: raise it (a lost or
+    refused connection as ``StoreUnavailable``) unless it is worth another try, else wait ``delay`` with
+    jitter and return the next, longer delay. One policy for ``transaction`` and the hot threads
+    (``db/hot.py``), so a store outage looks the same to every caller."""
+    if not retryable(exc) or attempt == attempts:
+        if isinstance(exc, OperationalError):
+            raise StoreUnavailable(str(exc.orig)) from exc
+        raise exc
+    log.debug("retrying transaction", extra={"action": "db_retry", "error": str(exc.orig)})
+    time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
+    return min(delay * 3, 1.0)
 
 
 def max_packet(conn: Connection) -> int | None:

@@ -36,16 +36,14 @@ import contextlib
 import contextvars
 import logging
 import queue
-import random
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
-from dispatcher.db.engine import StoreUnavailable, retryable, transaction
+from dispatcher.db.engine import retry_after, transaction
 from dispatcher.db.pipeline import hot_engine, round_trips
 
 log = logging.getLogger("gpuq.db")
@@ -158,13 +156,7 @@ class HotThread:
             except DBAPIError as exc:
                 if exc.connection_invalidated or held.conn is None or held.conn.invalidated:
                     self._drop(held, lost=True)
-                if not retryable(exc) or attempt == self.attempts:
-                    if isinstance(exc, OperationalError):
-                        raise StoreUnavailable(str(exc.orig)) from exc
-                    raise
-                log.debug("retrying transaction", extra={"action": "db_retry", "error": str(exc.orig)})
-                time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter, not crypto
-                delay = min(delay * 3, 1.0)
+                delay = retry_after(exc, attempt, self.attempts, delay)
         raise AssertionError("unreachable")
 
     def _drop(self, held: _Held, *, lost: bool = False) -> None:
