@@ -33,7 +33,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Self
 
-import httpx
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from sqlalchemy import Engine, text
 
@@ -43,7 +42,7 @@ from dispatcher.logs import JsonFormatter, TextFormatter
 from dispatcher.loop.core import Dispatcher
 from dispatcher.preflight import StartProblem, preflight
 from dispatcher.settings import DispatcherSettings
-from dispatcher.testing import ProcessFailed, free_port, is_ready
+from dispatcher.testing import LoopbackDispatcher, ProcessFailed, free_port, is_ready
 from producer.errors import ConfigError
 from producer.keys import queue_lists
 from producer.settings import load
@@ -103,7 +102,7 @@ class _Mine(logging.Filter):
         return _CURRENT.get() is self.owner or record.thread == self.owner.thread_id
 
 
-class InProcessDispatcher:
+class InProcessDispatcher(LoopbackDispatcher):
     """The dispatcher with ``settings`` (environment variable names, as for a process) on loopback
     (CALLBACK_PORT: a free port unless given), logging to ``<name>.log`` in ``workdir``. Each start is a new
     dispatcher with a new DISPATCHER_ID (``<name>-<random>``)."""
@@ -122,10 +121,6 @@ class InProcessDispatcher:
         self.error: BaseException | None = None
         self._holder: dict[str, Dispatcher] = {}
         self._handler: logging.Handler | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -326,17 +321,6 @@ class InProcessDispatcher:
         if n:
             out["processing or retrying"] = n
         return out
-
-    def post_callback(self, body: Mapping[str, Any], token: str | None = None) -> httpx.Response:
-        """``POST /callback`` as a GPU service sends it (real HTTP to its listener)."""
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        return httpx.post(f"{self.url}/callback", json=dict(body), headers=headers, timeout=10)
-
-    def logs(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
 
 def _running(engine: Engine) -> int:

@@ -98,7 +98,33 @@ def is_ready(url: str) -> bool:
         return False
 
 
-class DispatcherProcess:
+class LoopbackDispatcher:
+    """What a test holds of a dispatcher on loopback, run as a process (``DispatcherProcess``) or in this
+    one (``dispatcher.inproc.InProcessDispatcher``): its port and log file, set by the subclass, and the
+    ways in that do not depend on how it runs, so both answer a test the same way."""
+
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post_callback(self, body: Mapping[str, Any], token: str | None = None) -> httpx.Response:
+        """``POST /callback`` as a GPU service sends it: ``body`` as JSON, the callback token (if any) as a
+        Bearer header."""
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        return httpx.post(f"{self.url}/callback", json=dict(body), headers=headers, timeout=10)
+
+    def logs(self, chars: int = 6000) -> str:
+        """The last ``chars`` characters of its log, for an assertion's message."""
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+
+class DispatcherProcess(LoopbackDispatcher):
     """``python -m dispatcher`` on loopback with ``settings`` (CALLBACK_PORT: a free port unless given), run
     in ``workdir`` (embedded mode's default database is ./.gpuq/gpuq.db there), logging to ``<name>.log``
     in it. Each start is a new process with a new DISPATCHER_ID (``<name>-<random>``)."""
@@ -111,10 +137,6 @@ class DispatcherProcess:
         self.env = process_env({"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)})
         self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def spawn(self, prefix: list[str] | None = None) -> None:
         """Start the process without waiting for it (a kill may come before it is ready); ``prefix`` wraps
@@ -186,18 +208,6 @@ class DispatcherProcess:
             text=True,
             timeout=timeout,
         )
-
-    def post_callback(self, body: Mapping[str, Any], token: str | None = None) -> httpx.Response:
-        """``POST /callback`` as a GPU service sends it: ``body`` as JSON, the callback token (if any) as a
-        Bearer header."""
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-        return httpx.post(f"{self.url}/callback", json=dict(body), headers=headers, timeout=10)
-
-    def logs(self, chars: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
 
 async def settle(d: Dispatcher) -> None:
