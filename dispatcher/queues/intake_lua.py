@@ -167,32 +167,33 @@ out[#out + 1] = set_aside
 return out
 """
 
-# KEYS: a processing list. Newest first onto the head of each source list (of the same queue, so the same
-# cluster slot), so the original order is back at the head.
-SWEEP = """
+
+def _drain(push: str) -> str:
+    """A script that empties KEYS[1] from its tail, each element ``el`` pushed back by ``push`` (Lua) onto
+    the head of the list it belongs to, and returns how many it moved. ``SWEEP`` and ``RESTORE`` differ only
+    in where an element goes back to; the loop that keeps the order is written once."""
+    return f"""
 local n = 0
 while true do
   local el = redis.call('RPOP', KEYS[1])
   if not el then break end
-  local nl = string.find(el, '\\n', 1, true)
-  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))
+{push}
   n = n + 1
 end
 return n
 """
 
+
+# KEYS: a processing list. Newest first onto the head of each source list (of the same queue, so the same
+# cluster slot), so the original order is back at the head.
+SWEEP = _drain(
+    """  local nl = string.find(el, '\\n', 1, true)
+  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))"""
+)
+
 # KEYS: a set-aside list, the priority list it was set aside from. Every job back at that list's head, in
 # order (the last first onto the head), in one step: a take racing it finds them in one list or the other.
-RESTORE = """
-local n = 0
-while true do
-  local el = redis.call('RPOP', KEYS[1])
-  if not el then break end
-  redis.call('LPUSH', KEYS[2], el)
-  n = n + 1
-end
-return n
-"""
+RESTORE = _drain("  redis.call('LPUSH', KEYS[2], el)")
 
 # KEYS: lists; ARGV: one job per list, pushed at the heads from the last to the first (the first is first).
 # A job already near the head of its list is not pushed again: a requeue whose replica wait failed is
