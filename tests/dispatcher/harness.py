@@ -81,6 +81,11 @@ def states(engine: Engine, ids: list[str] | None = None) -> Counter[str]:
     return Counter(state for task_id, state in rows if wanted is None or task_id in wanted)
 
 
+def wait_in_flight(engine: Engine, timeout: float = 20) -> int:
+    """Until some task holds a slot, so a kill or SIGTERM sent next hits work in flight; returns how many."""
+    return wait_for(lambda: states(engine)["processing"] or None, timeout, 0.01, what="jobs in flight")
+
+
 def wait_final(
     engine: Engine, ids: list[str], timeout: float = 60.0, final: tuple[str, ...] = ("finished",)
 ) -> None:
