@@ -135,6 +135,7 @@ class Intake(Presence):
         self.set_aside = 0
         self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
         self._scan_aside = True  # look for jobs set aside for pools no longer routed to at the first sweep
+        self._aside_due = 0.0  # ... and again every ASIDE_RESCAN_SECONDS (presence.py)
         self._old_seen = False  # a dispatcher of that layout was running at the last sweep
 
     @property

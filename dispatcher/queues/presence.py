@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 from redis.asyncio import Redis
 
 from dispatcher.queues.intake_lua import RESTORE, SWEEP
 from dispatcher.queues.migrate import migrate, sweep_legacy_proc
 from producer.keys import PRIORITY_ORDER, Keys, Legacy, Priority, queue_key, scope
+
+#: How often a sweep looks again for jobs set aside for pools no longer routed to: a dispatcher of the old
+#: routes may still set some aside after this one started (a rolling change of TASK_ROUTES).
+ASIDE_RESCAN_SECONDS = 60.0
 
 log = logging.getLogger("gpuq.intake")
 
@@ -36,6 +41,7 @@ class Presence:
     _scan_old: bool  # look for parked lists of the layout before issue 15 at the next sweep
     _old_seen: bool  # a dispatcher of that layout was running at the last sweep
     _scan_aside: bool  # look for jobs set aside for pools no longer routed to at the next sweep
+    _aside_due: float  # monotonic time of the next such look (ASIDE_RESCAN_SECONDS after the last)
     routes: dict[str, str]  # task type -> pool (TASK_ROUTES)
     default_pool: str
 
@@ -111,15 +117,17 @@ class Presence:
         if not self.cluster:
             moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
             self._scan_old = False
-        if self._scan_aside:
+        if self._scan_aside or time.monotonic() >= self._aside_due:
             moved += await self.restore_set_aside()
             self._scan_aside = False
+            self._aside_due = time.monotonic() + ASIDE_RESCAN_SECONDS
         return moved
 
     async def restore_set_aside(self) -> int:
         """Jobs set aside for a pool that is no longer routed to (TASK_ROUTES changed since): no take reads
         their lists, so they go back to the head of the list they were set aside from, in order, to be routed
-        afresh. A SCAN of the keyspace: at start only."""
+        afresh. A SCAN of the keyspace: at start, then every ASIDE_RESCAN_SECONDS (a dispatcher still running
+        the old routes during a rolling change keeps setting jobs aside for that pool)."""
         pools = set(self.pools())
         priorities = {p.value for p in PRIORITY_ORDER}
         moved = 0
