@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
@@ -139,6 +139,24 @@ def _params(
     }
 
 
+def current_rows(conn: Connection, ids: list[str]) -> dict[str, Any]:
+    """The task rows of ``ids`` as this transaction sees them after a set-based end: which endings applied
+    (``ended_here``), and why the others did not (``_classify``)."""
+    return {
+        r.task_id: r
+        for r in conn.execute(
+            select(
+                tasks.c.task_id, tasks.c.state, tasks.c.attempt, tasks.c.last_callback, tasks.c.updated_at
+            ).where(tasks.c.task_id.in_(ids))
+        )
+    }
+
+
+def ended_here(row: Any, attempt: int, now: datetime) -> TypeGuard[Any]:
+    """This transaction's end statement changed the row (stamped ``now``) at that attempt."""
+    return row is not None and row.updated_at == now and row.attempt == attempt
+
+
 def _classify(row: Any, attempt: int, reported: str | None) -> Finish:
     """Why an attempt ending did not apply: a repeat of the report that ended it, or stale."""
     if row is None:
@@ -218,22 +236,13 @@ def finish_many(
     changed = (end_final_attempts if final else end_attempts)(conn, items=prepared, now=now)
     rows: dict[str, Any] = {}
     if changed != len(items) or any(p["retry"] for p in prepared):
-        rows = {
-            r.task_id: r
-            for r in conn.execute(
-                select(
-                    tasks.c.task_id, tasks.c.state, tasks.c.attempt, tasks.c.last_callback, tasks.c.updated_at
-                ).where(tasks.c.task_id.in_(ids))
-            )
-        }
+        rows = current_rows(conn, ids)
     results: list[Finish] = []
     applied: dict[Outcome, list[str]] = {}
     retrying: list[dict[str, Any]] = []
     for item, p in zip(items, prepared, strict=True):
         row = rows.get(item["task_id"])
-        if changed == len(items) or (
-            row is not None and row.updated_at == now and row.attempt == item["attempt"]
-        ):
+        if changed == len(items) or ended_here(row, item["attempt"], now):
             applied.setdefault(item["outcome"], []).append(item["task_id"])
             results.append(Finish("applied", row.state if row is not None else p["final"], True))
             if row is not None and row.state == TaskState.RETRYING:

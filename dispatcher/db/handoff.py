@@ -35,13 +35,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, select, text
+from sqlalchemy import Connection, bindparam, text
 
-from dispatcher.db.attempts import Backoff, Finish, _classify, _params, finish_many, free_slots
+from dispatcher.db.attempts import (
+    Backoff,
+    Finish,
+    _classify,
+    _params,
+    current_rows,
+    ended_here,
+    finish_many,
+    free_slots,
+)
 from dispatcher.db.batch import case_by, end_final_statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.pipeline import Outcome, pipeline
-from dispatcher.db.schema import Timestamp, tasks
+from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import (
     ENDING_TOTAL,
     SNAPSHOT,
@@ -160,18 +169,11 @@ def _end_folded(
     res = pipeline(conn, [end, _history_of_ended(items, prepared, now), *after])
     if res[0].rowcount == len(items):  # every attempt ended here
         return [Finish("applied", str(p["final"]), True) for p in prepared], ids, res[2:]
-    current = {
-        r.task_id: r
-        for r in conn.execute(
-            select(
-                tasks.c.task_id, tasks.c.state, tasks.c.attempt, tasks.c.last_callback, tasks.c.updated_at
-            ).where(tasks.c.task_id.in_(ids))
-        )
-    }
+    current = current_rows(conn, ids)
     finishes, ending = [], []
     for item in items:
         row = current.get(item["task_id"])
-        if row is not None and row.updated_at == now and row.attempt == item["attempt"]:
+        if ended_here(row, item["attempt"], now):
             finishes.append(Finish("applied", str(row.state), True))
             ending.append(item["task_id"])
         else:
