@@ -134,8 +134,9 @@ class Intake(Presence):
         #: at a queue's head, so the loop looks again at once rather than after an idle poll.
         self.set_aside = 0
         self._scan_old = True  # look for parked lists of the layout before issue 15 at the first sweep
-        self._scan_aside = True  # look for jobs set aside for pools no longer routed to at the first sweep
-        self._aside_due = 0.0  # ... and again every ASIDE_RESCAN_SECONDS (presence.py)
+        # look for jobs set aside for pools no longer routed to at the first sweep, then every
+        # ASIDE_RESCAN_SECONDS (presence.py)
+        self._aside_due = 0.0
         self._old_seen = False  # a dispatcher of that layout was running at the last sweep
 
     @property

@@ -40,8 +40,7 @@ class Presence:
     cluster: bool
     _scan_old: bool  # look for parked lists of the layout before issue 15 at the next sweep
     _old_seen: bool  # a dispatcher of that layout was running at the last sweep
-    _scan_aside: bool  # look for jobs set aside for pools no longer routed to at the next sweep
-    _aside_due: float  # monotonic time of the next such look (ASIDE_RESCAN_SECONDS after the last)
+    _aside_due: float  # monotonic time of the next look for jobs set aside for pools no longer routed to
     routes: dict[str, str]  # task type -> pool (TASK_ROUTES)
     default_pool: str
 
@@ -117,9 +116,8 @@ class Presence:
         if not self.cluster:
             moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
             self._scan_old = False
-        if self._scan_aside or time.monotonic() >= self._aside_due:
+        if time.monotonic() >= self._aside_due:
             moved += await self.restore_set_aside()
-            self._scan_aside = False
             self._aside_due = time.monotonic() + ASIDE_RESCAN_SECONDS
         return moved
 
