@@ -56,6 +56,8 @@ def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
     wait_in_flight(stack.engine)
     assert d.term() == 0
     assert "dispatcher stopped" in d.logs()
+    # its startup objects were frozen out of the collector once it had started (no 70 ms full collections)
+    assert '"action": "gc_freeze"' in d.log_path.read_text()
     # the rest is still waiting in Redis, and a new dispatcher finishes everything
     assert stack.rds.llen(stack.queues[0]) > 0
     stack.process(fleet, name="d2")
