@@ -87,7 +87,7 @@ _HISTORY = text(
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
     " FROM tasks WHERE task_id = :task_id"
 ).bindparams(bindparam("now", type_=Timestamp))
-_FREE_MANY = text(
+FREE_MANY = text(
     "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
     " dispatcher_id = NULL WHERE task_id IN :ids"
 ).bindparams(bindparam("ids", expanding=True))
@@ -262,7 +262,7 @@ def finish_many(
 
 def free_slots(conn: Connection, *, task_ids: list[str]) -> None:
     """Free every slot these tasks hold (their attempts just ended in this transaction)."""
-    conn.execute(_FREE_MANY, {"ids": task_ids})
+    conn.execute(FREE_MANY, {"ids": task_ids})
 
 
 def extend_lease(

@@ -46,7 +46,7 @@ def _typed(sql: str, stamps: Sequence[str], *extra: str) -> TextClause:
     return text(sql).bindparams(*[bindparam(name, type_=Timestamp) for name in [*stamps, *extra]])
 
 
-_OURS = text(
+OURS = text(
     "SELECT task_id FROM slots WHERE task_id IN :ids AND dispatcher_id = :dispatcher_id AND claimed_at = :now"
 ).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
 
@@ -66,6 +66,25 @@ def claim_slots(
     ids that got their slot. Sorted by slot so concurrent claimers lock rows in one order."""
     if not picks:
         return set()
+    statement, params, ids = claim_statement(
+        conn, picks=picks, now=now, lease=lease, dispatcher_id=dispatcher_id, takeover=takeover
+    )
+    return claimed_of(
+        conn, conn.execute(statement, params).rowcount, ids, dispatcher_id=dispatcher_id, now=now
+    )
+
+
+def claim_statement(
+    conn: Connection,
+    *,
+    picks: Sequence[dict[str, Any]],
+    now: datetime,
+    lease: datetime,
+    dispatcher_id: str,
+    takeover: Sequence[str] = (),
+) -> tuple[TextClause, dict[str, Any], list[str]]:
+    """``claim_slots``'s statement, its parameters and the task ids it claims for, in its order (to be sent
+    with other statements: ``db/pipeline.py``); ``claimed_of`` reads its outcome."""
     ordered = sorted(picks, key=lambda p: (p["gpu_id"], p["slot_index"]))
     derived, params, stamps = _rows(ordered, ("gpu_id", "slot_index", "task_id", "attempt"))
     sql = _update_join(
@@ -87,8 +106,13 @@ def claim_slots(
     if takeover:
         statement = statement.bindparams(bindparam("takeover", expanding=True))
         params["takeover"] = list(takeover)
-    claimed = conn.execute(statement, params).rowcount
-    ids = [p["task_id"] for p in ordered]
+    return statement, params, [p["task_id"] for p in ordered]
+
+
+def claimed_of(
+    conn: Connection, claimed: int, ids: list[str], *, dispatcher_id: str, now: datetime
+) -> set[str]:
+    """The task ids of ``ids`` that got their slot, from the rows a claim changed (``claimed``)."""
     if claimed == len(ids):
         return set(ids)
     if claimed == 0:
@@ -97,7 +121,7 @@ def claim_slots(
     # task": another dispatcher may hold one for another copy of the same task, committed since we read the
     # task as runnable (READ COMMITTED shows it); counting that claim as ours made the caller undo it by
     # freeing that dispatcher's live slot (issue 17: an oversubscribed GPU, or a task stuck with no slot).
-    return set(conn.execute(_OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}).scalars())
+    return set(conn.execute(OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}).scalars())
 
 
 def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: datetime) -> int:

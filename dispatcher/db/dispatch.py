@@ -261,7 +261,7 @@ def dispatch(
             "updated_at": now,
         }
         if job.task_id not in existing:
-            new_rows.append(_new_row(job, pool, max_attempts, now) | running)
+            new_rows.append(new_row(job, pool, max_attempts, now) | running)
         else:
             res = conn.execute(update_at(job.task_id, job.attempt, RUNNABLE).values(**running))
             if res.rowcount != 1:  # another dispatcher got there between our read and this write
@@ -293,7 +293,7 @@ def _data_json(job: Job) -> str:
     return json.dumps(job.data, separators=(",", ":"))
 
 
-def _new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, object]:
+def new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, object]:
     return {
         "task_id": job.task_id,
         "queue": job.queue,
@@ -318,6 +318,6 @@ def _defer(conn: Connection, *, job: Job, pool: str, is_new: bool, max_attempts:
         "updated_at": now,
     }
     if is_new:
-        conn.execute(insert(tasks).values(**_new_row(job, pool, max_attempts, now), **values))
+        conn.execute(insert(tasks).values(**new_row(job, pool, max_attempts, now), **values))
         return True
     return conn.execute(update_at(job.task_id, job.attempt, RUNNABLE).values(**values)).rowcount == 1

@@ -49,7 +49,8 @@ from dispatcher.db.attempts import (
 )
 from dispatcher.db.batch import case_by, end_final_statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
-from dispatcher.db.pipeline import Outcome, pipeline
+from dispatcher.db.handoff_claims import fits, place_fresh
+from dispatcher.db.pipeline import Outcome, may_commit, pipeline
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import (
     ENDING_TOTAL,
@@ -125,23 +126,38 @@ def end_and_hand_off(
             room[pool] -= 1
             chosen.append((job, pool))
     taken_over = 0
+    freed = False  # the slots no job took are free already (``place_fresh``)
     if chosen:
-        out.result = dispatch(
-            conn,
-            items=chosen,
-            dispatcher_id=dispatcher_id,
-            lease_seconds=lease_seconds,
-            max_attempts=max_attempts,
-            now=now,
-            view=seen.gpus,
-            check_existing=check_existing,
-            rng=rng,
-            takeover=ending,
-        )
+        if fold and fits(conn, chosen, check_existing=check_existing, now=now):
+            out.result = place_fresh(
+                conn,
+                chosen=chosen,
+                seen=seen,
+                ending=ending,
+                dispatcher_id=dispatcher_id,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+                now=now,
+                rng=rng,
+            )
+            freed = True
+        else:
+            out.result = dispatch(
+                conn,
+                items=chosen,
+                dispatcher_id=dispatcher_id,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+                now=now,
+                view=seen.gpus,
+                check_existing=check_existing,
+                rng=rng,
+                takeover=ending,
+            )
         started = Counter(p.pool for p in out.result.placed)
         free = {pool: n - started.get(pool, 0) for pool, n in free.items()}
         taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for p in out.result.placed)
-    if taken_over < seen.ending_total:  # slots not handed to a job (no candidate, GPU out of rotation, ...)
+    if taken_over < seen.ending_total and not freed:  # slots no job took (no candidate, GPU drained, ...)
         free_slots(conn, task_ids=ending)
     out.free = {pool: n for pool, n in free.items() if n > 0}
     return out
@@ -154,11 +170,14 @@ def _end_folded(
     now: datetime,
     backoff: Backoff,
     after: list[tuple[Any, dict[str, Any]]],
+    commit: bool = False,
 ) -> tuple[list[Finish], list[str], list[Outcome]] | None:
     """End a batch of final attempts (distinct tasks), write their history rows and run ``after`` in one
     round trip; returns the finishes, the tasks whose attempts ended, and the outcomes of ``after``. None
     when the batch is not of that kind (a retry, refund or lease expiry, or one task twice): ``finish_many``
-    handles it. What ``after`` read assumed every attempt ended unless it checks itself (``_free_ended``)."""
+    handles it. What ``after`` read assumed every attempt ended unless it checks itself (``_free_ended``).
+    ``commit``: the transaction ends with that round trip (``pipeline``), the rows that tell which attempts
+    ended read in it too, so nothing is sent after it."""
     ids = [item["task_id"] for item in items]
     if len(set(ids)) != len(ids):
         return None
@@ -166,10 +185,12 @@ def _end_folded(
     if any(p["retry"] or p["refund"] or p["expiry"] for p in prepared):
         return None
     end = end_final_statement(items=prepared, now=now)
-    res = pipeline(conn, [end, _history_of_ended(items, prepared, now), *after])
+    reads = [(CURRENT, {"ids": ids})] if commit else []
+    res = pipeline(conn, [end, _history_of_ended(items, prepared, now), *after, *reads], commit=commit)
+    outcomes = res[2 : 2 + len(after)]
     if res[0].rowcount == len(items):  # every attempt ended here
-        return [Finish("applied", str(p["final"]), True) for p in prepared], ids, res[2:]
-    current = current_rows(conn, ids)
+        return [Finish("applied", str(p["final"]), True) for p in prepared], ids, outcomes
+    current = {r.task_id: r for r in res[-1].rows} if commit else current_rows(conn, ids)
     finishes, ending = [], []
     for item in items:
         row = current.get(item["task_id"])
@@ -178,7 +199,7 @@ def _end_folded(
             ending.append(item["task_id"])
         else:
             finishes.append(_classify(row, item["attempt"], item["reported"]))
-    return finishes, ending, res[2:]
+    return finishes, ending, outcomes
 
 
 def _seen(conn: Connection, rows: list[Any], ending: list[str]) -> EndingView:
@@ -187,6 +208,11 @@ def _seen(conn: Connection, rows: list[Any], ending: list[str]) -> EndingView:
         return EndingView([], set(), int(conn.execute(ENDING_TOTAL, {"ending": ending}).scalar_one()))
     return ending_view(rows, int(rows[0].ending_total))
 
+
+#: ``current_rows`` as a statement of a pipeline.
+CURRENT = text(
+    "SELECT task_id, state, attempt, last_callback, updated_at FROM tasks WHERE task_id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
 
 _FREE_ENDED = text(
     "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
@@ -203,7 +229,11 @@ def _end_and_free(
     loop. Folded: the end, history, free and snapshot in one round trip; the free, like the history, only
     touches what this transaction ended, so the snapshot after it is right whatever applied."""
     after = [_free_ended(items, now), (SNAPSHOT, {})]
-    folded = _end_folded(conn, items=items, now=now, backoff=backoff, after=after) if fold else None
+    folded = (
+        _end_folded(conn, items=items, now=now, backoff=backoff, after=after, commit=may_commit(conn))
+        if fold
+        else None
+    )
     if folded is not None:
         out = HandOff(folded[0])
         view = free_view(folded[2][1].rows)

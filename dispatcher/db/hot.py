@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import retry_after, transaction
-from dispatcher.db.pipeline import hot_engine, round_trips
+from dispatcher.db.pipeline import MAY_COMMIT, hot_engine, round_trips
 
 log = logging.getLogger("gpuq.db")
 T = TypeVar("T")
@@ -144,7 +144,12 @@ class HotThread:
                 conn = held.conn
                 before = round_trips(conn)
                 with conn.begin():
-                    out = fn(conn, **kwargs)
+                    conn.info[MAY_COMMIT] = True  # its last pipeline may send the COMMIT (nothing follows fn)
+                    try:
+                        out = fn(conn, **kwargs)
+                    finally:
+                        if not conn.invalidated:
+                            conn.info.pop(MAY_COMMIT, None)
                     if done is not None:  # the COMMIT goes out as the block ends
                         with contextlib.suppress(RuntimeError):  # the caller's loop is closed
                             loop.call_soon_threadsafe(done)

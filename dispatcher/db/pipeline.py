@@ -62,8 +62,51 @@ def hot_engine(engine: Engine, *, pool_size: int) -> Engine:
         # Added to the flags SQLAlchemy sets (FOUND_ROWS: rowcount counts matched rows), not instead of them.
         cparams["client_flag"] = int(cparams.get("client_flag", 0)) | CLIENT.MULTI_STATEMENTS
 
+    _commits_in_pipeline(hot)
     count_round_trips(hot)
     return hot
+
+
+#: ``conn.info`` key: the transaction may be committed by its last pipeline (set by the hot thread around the
+#: whole transaction). That it was is an attribute of the driver's connection (``_COMMITTED``), which every
+#: hook below can reach (SQLAlchemy hands some of them a pool record without ``info``).
+MAY_COMMIT = "gpuq_may_commit"
+_COMMITTED = "_gpuq_committed"
+
+
+def _driver(connection: Any) -> Any:
+    """The driver's own connection behind a pool proxy (or the driver's connection itself)."""
+    return getattr(connection, "dbapi_connection", connection)
+
+
+def _commits_in_pipeline(hot: Engine) -> None:
+    """Let a pipeline's COMMIT stand for the transaction's: SQLAlchemy ends ``with conn.begin()`` by sending
+    COMMIT, one more round trip after a pipeline that ended in one already. The flag is dropped by any
+    ROLLBACK too, so it never outlives the transaction that set it."""
+    dialect = hot.dialect
+    commit, rollback = dialect.do_commit, dialect.do_rollback
+
+    def do_commit(dbapi_connection: Any) -> None:
+        driver = _driver(dbapi_connection)
+        if getattr(driver, _COMMITTED, False):
+            setattr(driver, _COMMITTED, False)
+        else:
+            commit(dbapi_connection)
+
+    def do_rollback(dbapi_connection: Any) -> None:
+        driver = _driver(dbapi_connection)
+        if getattr(driver, _COMMITTED, False):
+            setattr(driver, _COMMITTED, False)
+        rollback(dbapi_connection)
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
+    dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+
+
+def may_commit(conn: Connection) -> bool:
+    """Whether the caller's last pipeline may end the transaction (``pipeline(commit=True)``): only on a hot
+    thread's connection, inside the transaction it runs (``HotThread``), where nothing follows the work."""
+    return bool(conn.info.get(MAY_COMMIT)) and multi_statements(conn)
 
 
 def count_round_trips(engine: Engine) -> None:
@@ -71,12 +114,17 @@ def count_round_trips(engine: Engine) -> None:
     if event.contains(engine, "before_cursor_execute", _count_statement):
         return
     event.listen(engine, "before_cursor_execute", _count_statement)
-    event.listen(engine, "commit", _count_end)
+    event.listen(engine, "commit", _count_commit)
     event.listen(engine, "rollback", _count_end)
 
 
 def _count_statement(conn: Connection, *_args: Any) -> None:
     _count_end(conn)
+
+
+def _count_commit(conn: Connection) -> None:
+    if conn.invalidated or not getattr(_driver(conn.connection), _COMMITTED, False):
+        _count_end(conn)  # else it went out with the last pipeline, counted there
 
 
 def _count_end(conn: Connection) -> None:
@@ -98,10 +146,16 @@ def multi_statements(conn: Connection) -> bool:
     return bool(getattr(conn.connection.dbapi_connection, "client_flag", 0) & CLIENT.MULTI_STATEMENTS)
 
 
-def pipeline(conn: Connection, statements: Sequence[tuple[Executable, dict[str, Any]]]) -> list[Outcome]:
+def pipeline(
+    conn: Connection, statements: Sequence[tuple[Executable, dict[str, Any]]], *, commit: bool = False
+) -> list[Outcome]:
     """Run ``statements`` in order, in the caller's transaction, in one round trip where the connection
-    allows it; one ``Outcome`` per statement. The first error stops the rest and is raised."""
-    if len(statements) < 2 or not multi_statements(conn):
+    allows it; one ``Outcome`` per statement. The first error stops the rest and is raised. ``commit``
+    (only where ``may_commit``): a COMMIT goes out with them, the transaction's own; the caller sends
+    nothing more in it."""
+    if commit and not may_commit(conn):
+        raise ValueError("this connection's transaction cannot be committed by a pipeline")
+    if (len(statements) < 2 and not commit) or not multi_statements(conn):
         out = []
         for statement, params in statements:
             result = conn.execute(statement, params)
@@ -112,9 +166,13 @@ def pipeline(conn: Connection, statements: Sequence[tuple[Executable, dict[str, 
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()
     sql = ";\n".join(_render(conn, cursor, statement, params) for statement, params in statements)
+    if commit:
+        sql += ";\nCOMMIT"
     # One round trip, seen by the engine's listeners as one statement (``round_trips``, tests' recorders).
     for listener in conn.dispatch.before_cursor_execute:
         listener(conn, cursor, sql, None, None, False)
+    if commit:
+        setattr(dbapi_conn, _COMMITTED, True)  # dropped by the ROLLBACK that follows if this fails
     try:
         out = []
         cursor.execute(sql)
@@ -126,6 +184,8 @@ def pipeline(conn: Connection, statements: Sequence[tuple[Executable, dict[str, 
                 row_type = _row_type(tuple(d[0] for d in cursor.description))
                 rows = [row_type(*r) for r in cursor.fetchall()]
             out.append(Outcome(int(cursor.rowcount), rows))
+        if commit:
+            cursor.nextset()  # the COMMIT's answer: raises if it failed
         cursor.close()
         return out
     except conn.dialect.loaded_dbapi.Error as exc:

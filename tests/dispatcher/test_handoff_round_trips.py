@@ -69,6 +69,21 @@ def _batch(
         return out, round_trips(conn) - before
 
 
+def _hot_batch(engine: Engine, items: list[dict[str, Any]], candidates: list[str]) -> tuple[HandOff, int]:
+    """One batch as the group commit runs it: on a hot thread, whose last pipeline may send the COMMIT."""
+
+    async def main() -> tuple[HandOff, int]:
+        thread = HotThread(engine)
+        thread.start()
+        try:
+            out = await thread.run(lambda conn: hand_off(conn, items, candidates))
+            return out, thread.last_round_trips
+        finally:
+            await thread.close()
+
+    return asyncio.run(main())
+
+
 def _slots(engine: Engine) -> dict[int, str | None]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT slot_index, task_id FROM slots WHERE gpu_id = 'g0'")).all()
@@ -87,7 +102,9 @@ def _states(engine: Engine) -> dict[str, tuple[str, int]]:
     return {r.task_id: (r.state, int(r.attempt)) for r in rows}
 
 
-def test_a_saturated_batch_hands_off_in_four_round_trips_instead_of_six(engine: Engine, hot: Engine) -> None:
+def test_a_saturated_batch_hands_off_in_three_round_trips_instead_of_six_and_two_on_a_hot_thread(
+    engine: Engine, hot: Engine
+) -> None:
     start(engine, ["t1", "t2", "t3", "t4"])
     before = _slots(engine)
     out, trips = _batch(hot, [_item("t1"), _item("t2")], ["n1", "n2"])
@@ -104,10 +121,19 @@ def test_a_saturated_batch_hands_off_in_four_round_trips_instead_of_six(engine: 
     if _mariadb(engine):
         with hot.connect() as conn:
             assert multi_statements(conn)
-        # end + history + snapshot in one, claim, insert, COMMIT; before: six.
-        assert (trips, unfolded) == (4, 6)
+        # end + history + snapshot in one, then claim + insert + which won in one, COMMIT; before: end,
+        # history, snapshot, claim, insert, COMMIT.
+        assert (trips, unfolded) == (3, 6)
     else:  # SQLite: the same statements one by one (BEGIN IMMEDIATE counts too); no network to save
         assert trips == unfolded
+    out3, hot_trips = _hot_batch(engine, [_item("n1"), _item("n3")], ["n5", "n6"])  # n1..n4 run
+    assert [f.code for f in out3.finishes] == ["applied", "applied"]
+    assert out3.result is not None and sorted(p.job.task_id for p in out3.result.placed) == ["n5", "n6"]
+    assert sorted(t for t in _slots(engine).values() if t is not None) == ["n2", "n4", "n5", "n6"]
+    assert _states(engine)["n5"] == ("processing", 1) and _states(engine)["n1"] == ("finished", 1)
+    assert transaction(engine, slot_drift) == []
+    if _mariadb(engine):  # the COMMIT went with the claim: SQLAlchemy sent none of its own
+        assert hot_trips == 2
 
 
 @pytest.mark.parametrize("kind", ["stale", "repeat"])
@@ -139,9 +165,8 @@ def test_a_stale_or_repeated_callback_in_a_folded_batch_hands_off_nothing_of_its
     assert _history(engine) == ended
     assert transaction(engine, slot_drift) == []
     if _mariadb(engine):
-        assert (
-            trips == 6
-        )  # the folded round trip, the classifying read, a fresh snapshot, claim, insert, COMMIT
+        # the folded round trip, the classifying read, a fresh snapshot, claim + insert + which won, COMMIT
+        assert trips == 5
 
 
 def test_a_failing_statement_in_a_pipeline_fails_the_transaction_and_leaves_nothing(
@@ -208,7 +233,7 @@ def test_the_pipeline_raises_the_lost_connection_as_an_invalidated_dbapi_error(
         assert conn.invalidated
 
 
-def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_trips(
+def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_trips_and_one_on_a_hot_thread(
     engine: Engine, hot: Engine
 ) -> None:
     start(engine, ["t1", "t2", "t3", "t4"])
@@ -223,6 +248,12 @@ def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_tri
     if _mariadb(engine):
         # end + history + free + snapshot in one, COMMIT; before: end, free, history, snapshot, COMMIT.
         assert (trips, unfolded) == (2, 5)
+    out3, hot_trips = _hot_batch(engine, [_item("t4"), _item("t9")], [])  # t9: unknown, the rows are read
+    assert [f.code for f in out3.finishes] == ["applied", "unknown"]
+    assert out3.free == {"default": 4}
+    assert transaction(engine, slot_drift) == []
+    if _mariadb(engine):  # on a hot thread the COMMIT goes with them too
+        assert hot_trips == 1
 
 
 def test_a_stale_callback_in_a_batch_with_nothing_to_hand_off_keeps_its_live_slot(

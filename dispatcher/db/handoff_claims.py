@@ -1,0 +1,154 @@
+"""A hand-off's claim, INSERT, free and COMMIT in one round trip (issue 12: fewer round trips per batch).
+
+A hand-off at saturation places fresh jobs (first attempts, not known to the database) on the slots its
+transaction just ended. ``dispatch`` claims the slots, learns which claims won, then inserts the task rows of
+the winners; a third round trip frees any ended slot no job took, and the COMMIT is a fourth. Here they go out
+as one query (``db/pipeline.py``), none depending on an answer the client must read first:
+
+1. the claim (``claim_slots``'s conditional UPDATE, taking over the slots this transaction ended);
+2. ``INSERT INTO tasks … SELECT`` of the proposed jobs joined to the slots the claim gave them (ours, claimed
+   at this transaction's ``now``): a job whose claim lost (another dispatcher took a free slot first) gets no
+   row, so nothing is recorded for it, exactly as ``dispatch`` does;
+3. the free of the slots the ended attempts still hold, when a slot of theirs got no proposal (a slot handed
+   off holds its new job by then; one proposed always goes: it holds a task this transaction ended);
+4. which jobs got a slot (read, as ``claimed_of`` does, only to tell the caller);
+5. COMMIT, when the caller's transaction allows it (the hot thread's, where nothing follows: ``may_commit``).
+
+A job that lost its race is not tried again on a fresh snapshot here (``dispatch`` would): it goes back to the
+buffer and the next batch or pass places it. A failed statement (a job's id known after all) fails the whole
+query and the transaction, as the INSERT of ``dispatch`` did: the caller ends the attempts without the
+hand-off and looks the jobs up before placing them.
+
+Only for the kind of batch this is for: the connection takes several statements per query (MariaDB's hot
+connection), no job needs looking up first (``check_existing``), every job is a first attempt, due now, and
+in the batch once. Anything else goes through ``dispatch`` unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, TextClause, bindparam, text
+
+from dispatcher.db.attempts import FREE_MANY
+from dispatcher.db.batch import OURS, claim_statement
+from dispatcher.db.dispatch import DispatchResult, Placed, new_row
+from dispatcher.db.engine import naive_utc
+from dispatcher.db.pipeline import may_commit, multi_statements, pipeline
+from dispatcher.db.schema import Timestamp
+from dispatcher.db.snapshot import EndingView
+from dispatcher.loop.placement import Pick, Placer
+from dispatcher.states import TaskState
+from producer.job import Job
+
+
+def fits(conn: Connection, chosen: list[tuple[Job, str]], *, check_existing: bool, now: datetime) -> bool:
+    """Whether ``place_fresh`` takes these jobs (see the module docstring); else ``dispatch`` does."""
+    if check_existing or not chosen or not multi_statements(conn):
+        return False
+    ids = {job.task_id for job, _ in chosen}
+    return len(ids) == len(chosen) and all(
+        job.attempt == 0 and (job.not_before is None or naive_utc(job.not_before) <= now) for job, _ in chosen
+    )
+
+
+def place_fresh(
+    conn: Connection,
+    *,
+    chosen: list[tuple[Job, str]],
+    seen: EndingView,
+    ending: list[str],
+    dispatcher_id: str,
+    lease_seconds: float,
+    max_attempts: int,
+    now: datetime,
+    rng: random.Random,
+) -> DispatchResult:
+    """``dispatch(items=chosen, view=seen.gpus, takeover=ending)`` for jobs ``fits`` took, in one round
+    trip (see the module docstring). Unlike ``dispatch``, every slot the attempts ``ending`` held and no job
+    took is free when it returns, and the transaction is committed when ``may_commit``: the caller sends
+    nothing more in it."""
+    placer = Placer(seen.gpus, rng)
+    proposals: list[tuple[Job, str, Pick]] = []
+    out = DispatchResult()
+    for job, pool in chosen:
+        pick = placer.take(pool)
+        if pick is None:
+            out.unplaced.append((job, pool))
+        else:
+            proposals.append((job, pool, pick))
+    statements: list[tuple[Any, dict[str, Any]]] = []
+    if proposals:
+        picks = [
+            {"gpu_id": p.gpu_id, "slot_index": p.slot_index, "task_id": j.task_id, "attempt": 1}
+            for j, _, p in proposals
+        ]
+        lease = now + timedelta(seconds=lease_seconds)
+        claim, params, ids = claim_statement(
+            conn, picks=picks, now=now, lease=lease, dispatcher_id=dispatcher_id, takeover=ending
+        )
+        statements += [
+            (claim, params),
+            _insert_won([(job, pool) for job, pool, _ in proposals], dispatcher_id, max_attempts, now),
+        ]
+    taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for _, _, p in proposals)
+    if taken_over < seen.ending_total:  # slots no job is proposed for (no candidate, GPU drained, ...)
+        statements.append((FREE_MANY, {"ids": ending}))
+    if proposals:
+        statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))
+    if not proposals:
+        if statements:
+            pipeline(conn, statements, commit=may_commit(conn))
+        return out
+    res = pipeline(conn, statements, commit=may_commit(conn))
+    won = {row.task_id for row in res[-1].rows}
+    if res[1].rowcount != len(won):  # rows recorded for exactly the jobs that got a slot, or it is a bug
+        raise AssertionError(f"hand-off recorded {res[1].rowcount} tasks for {len(won)} claimed slots")
+    for job, pool, pick in proposals:
+        if job.task_id in won:
+            out.placed.append(Placed(job, pool, pick.gpu_id, pick.slot_index, pick.url, 1))
+        else:
+            out.unplaced.append((job, pool))
+    return out
+
+
+#: The INSERT's statement per row count (its SQL and bound types depend on nothing else): building a
+#: ``text()`` costs a regex over its SQL and a parameter object per value, per batch otherwise.
+_INSERTS: dict[int, TextClause] = {}
+_DERIVED = ("task_id", "queue", "type", "pool", "priority", "data", "enqueued_at")
+
+
+def _insert_won(
+    jobs: list[tuple[Job, str]], dispatcher_id: str, max_attempts: int, now: datetime
+) -> tuple[TextClause, dict[str, Any]]:
+    """The task rows of ``jobs`` holding a slot claimed by this transaction, as ``dispatch`` records them."""
+    n = len(jobs)
+    statement = _INSERTS.get(n)
+    if statement is None:
+        derived = " UNION ALL ".join(
+            "SELECT " + ", ".join(f":{c}_{i} AS {c}" for c in _DERIVED) for i in range(n)
+        )
+        # Only this module's column names and :placeholders go into the SQL; values are bound.
+        sql = (
+            "INSERT INTO tasks (task_id, queue, type, pool, priority, data, enqueued_at, max_attempts,"  # noqa: S608
+            " created_at, state, attempt, gpu_id, slot_index, dispatcher_id, started_at, run_after,"
+            " last_callback, updated_at)"
+            " SELECT c.task_id, c.queue, c.type, c.pool, c.priority, c.data, c.enqueued_at, :max_attempts,"
+            f" :now, '{TaskState.PROCESSING.value}', 1, s.gpu_id, s.slot_index, :dispatcher_id, :now, NULL,"
+            f" NULL, :now FROM ({derived}) c JOIN slots s ON s.task_id = c.task_id AND s.attempt = 1"
+            " AND s.dispatcher_id = :dispatcher_id AND s.claimed_at = :now"
+        )
+        stamps = [bindparam("now", type_=Timestamp)]
+        stamps += [bindparam(f"enqueued_at_{i}", type_=Timestamp) for i in range(n)]
+        statement = text(sql).bindparams(*stamps)
+        if len(_INSERTS) >= 256:
+            _INSERTS.clear()
+        _INSERTS[n] = statement
+    params: dict[str, Any] = {"now": now, "dispatcher_id": dispatcher_id, "max_attempts": max_attempts}
+    for i, (job, pool) in enumerate(jobs):
+        row = new_row(job, pool, max_attempts, now)
+        for c in _DERIVED:
+            params[f"{c}_{i}"] = row[c]
+    return statement, params
