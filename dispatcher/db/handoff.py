@@ -140,8 +140,8 @@ def end_and_hand_off(
                 now=now,
                 rng=rng,
             )
-            freed = True
-        else:
+            freed = out.result is not None
+        if out.result is None:
             out.result = dispatch(
                 conn,
                 items=chosen,

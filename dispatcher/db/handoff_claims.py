@@ -26,6 +26,7 @@ in the batch once. Anything else goes through ``dispatch`` unchanged.
 
 from __future__ import annotations
 
+import logging
 import random
 from datetime import datetime, timedelta
 from typing import Any
@@ -42,6 +43,14 @@ from dispatcher.db.snapshot import EndingView
 from dispatcher.loop.placement import Pick, Placer
 from dispatcher.states import TaskState
 from producer.job import Job
+
+log = logging.getLogger("gpuq.db")
+
+#: The jobs' data one query may carry at most. The query must stay under MariaDB's max_allowed_packet (a
+#: bigger one drops the connection: every callback of the batch would fail, again at each retry), which
+#: ``Limits`` sizes for statements of at most ~1 MB (PyMySQL splits ``dispatch``'s multi-row INSERT there).
+#: The data is ASCII JSON; escaping may double it. Over it, ``dispatch`` places the jobs.
+FOLD_BYTES = 512 * 1024
 
 
 def fits(conn: Connection, chosen: list[tuple[Job, str]], *, check_existing: bool, now: datetime) -> bool:
@@ -65,11 +74,12 @@ def place_fresh(
     max_attempts: int,
     now: datetime,
     rng: random.Random,
-) -> DispatchResult:
+) -> DispatchResult | None:
     """``dispatch(items=chosen, view=seen.gpus, takeover=ending)`` for jobs ``fits`` took, in one round
     trip (see the module docstring). Unlike ``dispatch``, every slot the attempts ``ending`` held and no job
     took is free when it returns, and the transaction is committed when ``may_commit``: the caller sends
-    nothing more in it."""
+    nothing more in it. None, having sent nothing: the jobs' data is too large for one query (``FOLD_BYTES``);
+    ``dispatch`` places them."""
     placer = Placer(seen.gpus, rng)
     proposals: list[tuple[Job, str, Pick]] = []
     out = DispatchResult()
@@ -79,6 +89,9 @@ def place_fresh(
             out.unplaced.append((job, pool))
         else:
             proposals.append((job, pool, pick))
+    rows = [new_row(job, pool, max_attempts, now) for job, pool, _ in proposals]
+    if sum(len(str(row["data"])) for row in rows) > FOLD_BYTES:
+        return None
     statements: list[tuple[Any, dict[str, Any]]] = []
     if proposals:
         picks = [
@@ -89,29 +102,32 @@ def place_fresh(
         claim, params, ids = claim_statement(
             conn, picks=picks, now=now, lease=lease, dispatcher_id=dispatcher_id, takeover=ending
         )
-        statements += [
-            (claim, params),
-            _insert_won([(job, pool) for job, pool, _ in proposals], dispatcher_id, max_attempts, now),
-        ]
+        statements += [(claim, params), _insert_won(rows, dispatcher_id, max_attempts, now)]
     taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for _, _, p in proposals)
     if taken_over < seen.ending_total:  # slots no job is proposed for (no candidate, GPU drained, ...)
         statements.append((FREE_MANY, {"ids": ending}))
     if proposals:
         statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))
-    if not proposals:
-        if statements:
-            pipeline(conn, statements, commit=may_commit(conn))
-        return out
-    res = pipeline(conn, statements, commit=may_commit(conn))
-    won = {row.task_id for row in res[-1].rows}
-    if res[1].rowcount != len(won):  # rows recorded for exactly the jobs that got a slot, or it is a bug
-        raise AssertionError(f"hand-off recorded {res[1].rowcount} tasks for {len(won)} claimed slots")
+    res = pipeline(conn, statements, commit=may_commit(conn)) if statements else []
+    if proposals:
+        _sort_out(out, proposals, inserted=res[1].rowcount, won={row.task_id for row in res[-1].rows})
+    return out
+
+
+def _sort_out(
+    out: DispatchResult, proposals: list[tuple[Job, str, Pick]], *, inserted: int, won: set[str]
+) -> None:
+    """The proposals whose claims won are placed, the others go back."""
+    if inserted != len(won):  # rows for exactly the jobs that got a slot; committed: said, not raised
+        log.error(
+            "a hand-off recorded a different number of tasks than slots it claimed",
+            extra={"action": "handoff_mismatch", "recorded": inserted, "claimed": len(won)},
+        )
     for job, pool, pick in proposals:
         if job.task_id in won:
             out.placed.append(Placed(job, pool, pick.gpu_id, pick.slot_index, pick.url, 1))
         else:
             out.unplaced.append((job, pool))
-    return out
 
 
 #: The INSERT's statement per row count (its SQL and bound types depend on nothing else): building a
@@ -121,10 +137,11 @@ _DERIVED = ("task_id", "queue", "type", "pool", "priority", "data", "enqueued_at
 
 
 def _insert_won(
-    jobs: list[tuple[Job, str]], dispatcher_id: str, max_attempts: int, now: datetime
+    rows: list[dict[str, Any]], dispatcher_id: str, max_attempts: int, now: datetime
 ) -> tuple[TextClause, dict[str, Any]]:
-    """The task rows of ``jobs`` holding a slot claimed by this transaction, as ``dispatch`` records them."""
-    n = len(jobs)
+    """The task rows (``new_row``) of the jobs holding a slot claimed by this transaction, as ``dispatch``
+    records them."""
+    n = len(rows)
     statement = _INSERTS.get(n)
     if statement is None:
         derived = " UNION ALL ".join(
@@ -147,8 +164,7 @@ def _insert_won(
             _INSERTS.clear()
         _INSERTS[n] = statement
     params: dict[str, Any] = {"now": now, "dispatcher_id": dispatcher_id, "max_attempts": max_attempts}
-    for i, (job, pool) in enumerate(jobs):
-        row = new_row(job, pool, max_attempts, now)
+    for i, row in enumerate(rows):
         for c in _DERIVED:
             params[f"{c}_{i}"] = row[c]
     return statement, params

@@ -102,6 +102,13 @@ def _commits_in_pipeline(hot: Engine) -> None:
     dialect.do_commit = do_commit  # type: ignore[method-assign]
     dialect.do_rollback = do_rollback  # type: ignore[method-assign]
 
+    @event.listens_for(hot, "before_cursor_execute")
+    def _nothing_after_commit(conn: Connection, *_args: Any) -> None:
+        # A statement after the COMMIT would run in a transaction of its own that nobody commits (SQLAlchemy
+        # skips its COMMIT): lost, or committed with the connection's next transaction. Refused loudly.
+        if not conn.invalidated and getattr(_driver(conn.connection), _COMMITTED, False):
+            raise RuntimeError("a statement after the COMMIT a pipeline sent for this transaction")
+
 
 def may_commit(conn: Connection) -> bool:
     """Whether the caller's last pipeline may end the transaction (``pipeline(commit=True)``): only on a hot
@@ -165,14 +172,11 @@ def pipeline(
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     cursor = dbapi_conn.cursor()
-    sql = ";\n".join(_render(conn, cursor, statement, params) for statement, params in statements)
-    if commit:
-        sql += ";\nCOMMIT"
+    parts = [_render(conn, cursor, statement, params) for statement, params in statements]
+    sql = ";\n".join([*parts, "COMMIT"] if commit else parts)
     # One round trip, seen by the engine's listeners as one statement (``round_trips``, tests' recorders).
     for listener in conn.dispatch.before_cursor_execute:
         listener(conn, cursor, sql, None, None, False)
-    if commit:
-        setattr(dbapi_conn, _COMMITTED, True)  # dropped by the ROLLBACK that follows if this fails
     try:
         out = []
         cursor.execute(sql)
@@ -185,7 +189,11 @@ def pipeline(
                 rows = [row_type(*r) for r in cursor.fetchall()]
             out.append(Outcome(int(cursor.rowcount), rows))
         if commit:
-            cursor.nextset()  # the COMMIT's answer: raises if it failed
+            if statements:
+                cursor.nextset()  # the COMMIT's answer: raises if it failed
+            # Only now: a COMMIT that never ran (a statement before it failed, the error handled by the
+            # caller, a savepoint rolled back) must not make SQLAlchemy skip the transaction's own.
+            setattr(dbapi_conn, _COMMITTED, True)
         cursor.close()
         return out
     except conn.dialect.loaded_dbapi.Error as exc:
