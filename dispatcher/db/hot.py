@@ -10,10 +10,10 @@ no reset, no ping), and the answer comes back with one ``call_soon_threadsafe``.
 Why more than one thread (``workers``, the group commit's ``COMMIT_PIPELINE``): with one, the callbacks that
 arrive while a batch runs wait for its last round trip and its COMMIT (an fsync per commit with
 ``innodb_flush_log_at_trx_commit=1``) before their own batch can start; that wait was most of a slot's
-turnaround (bench/RESULTS.md). With two, the next batch runs its statements while the previous one commits
-(``STATEMENTS_DONE`` tells the group commit when a batch's statements are done). Measured on the 2-core
-benchmark box it lost (bench/RESULTS.md, "Cheaper end statement; two batches in flight"), so the default
-is one; it is there for a database whose COMMIT (its fsync) dominates a batch.
+turnaround (bench/RESULTS.md). With two, the next batch runs its statements while the previous one's last
+round trip runs (``STATEMENTS_DONE`` tells the group commit when that goes out: as the pipeline carrying the
+COMMIT is sent, or before SQLAlchemy's own COMMIT). Measured on the 2-core benchmark box it did not win
+(bench/RESULTS.md), so the default is one; it is there for a database whose round trips dominate a batch.
 Two batches never end the same attempt twice (a task's row lock orders them; the second finds it over) and
 never put two jobs on one slot (each claim is the conditional ``UPDATE … WHERE task_id IS NULL``); a
 deadlock between them is rolled back by the database and the loser run again, as any transaction here.
@@ -44,7 +44,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import retry_after, transaction
-from dispatcher.db.pipeline import MAY_COMMIT, hot_engine, round_trips
+from dispatcher.db.pipeline import LAST_TRIP, MAY_COMMIT, hot_engine, round_trips
 
 log = logging.getLogger("gpuq.db")
 T = TypeVar("T")
@@ -143,16 +143,17 @@ class HotThread:
                     held.conn = self.own_engine.connect()
                 conn = held.conn
                 before = round_trips(conn)
+                signal = _Signal(loop, done)
                 with conn.begin():
                     conn.info[MAY_COMMIT] = True  # its last pipeline may send the COMMIT (nothing follows fn)
+                    conn.info[LAST_TRIP] = signal  # that pipeline signals as it goes out
                     try:
                         out = fn(conn, **kwargs)
                     finally:
                         if not conn.invalidated:
                             conn.info.pop(MAY_COMMIT, None)
-                    if done is not None:  # the COMMIT goes out as the block ends
-                        with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                            loop.call_soon_threadsafe(done)
+                            conn.info.pop(LAST_TRIP, None)
+                    signal()  # the COMMIT goes out as the block ends (when no pipeline sent it)
                 with self._lock:
                     self.transactions += 1
                     self.last_round_trips = round_trips(conn) - before
@@ -176,6 +177,22 @@ class HotThread:
             conn.close()
         except Exception:  # a dead connection may fail to close; it is gone either way
             log.debug("closing a lost connection failed", extra={"action": "db_drop"})
+
+
+class _Signal:
+    """``STATEMENTS_DONE``'s callback, called on the caller's loop at most once: when the transaction's last
+    round trip goes out (its COMMIT with it, or after it)."""
+
+    __slots__ = ("_done", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: Callable[[], None] | None) -> None:
+        self._loop, self._done = loop, done
+
+    def __call__(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                self._loop.call_soon_threadsafe(done)
 
 
 class _Held:

@@ -71,6 +71,9 @@ def hot_engine(engine: Engine, *, pool_size: int) -> Engine:
 #: whole transaction). That it was is an attribute of the driver's connection (``_COMMITTED``), which every
 #: hook below can reach (SQLAlchemy hands some of them a pool record without ``info``).
 MAY_COMMIT = "gpuq_may_commit"
+#: ``conn.info`` key: called as the committing pipeline goes out (the hot thread's ``STATEMENTS_DONE``: the
+#: next batch may start its statements while this one's last round trip runs).
+LAST_TRIP = "gpuq_last_trip"
 _COMMITTED = "_gpuq_committed"
 
 
@@ -177,6 +180,8 @@ def pipeline(
     # One round trip, seen by the engine's listeners as one statement (``round_trips``, tests' recorders).
     for listener in conn.dispatch.before_cursor_execute:
         listener(conn, cursor, sql, None, None, False)
+    if commit and (last_trip := conn.info.pop(LAST_TRIP, None)) is not None:
+        last_trip()
     try:
         out = []
         cursor.execute(sql)

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, text
 
 from dispatcher.db.engine import StoreUnavailable, make_engine
 from dispatcher.db.hot import STATEMENTS_DONE, HotThread
+from dispatcher.db.pipeline import pipeline
 from tests.dispatcher.helpers import kill_connection
 
 
@@ -193,3 +194,43 @@ def test_statements_done_is_signalled_before_the_answer_and_not_for_a_failed_tra
         return seen
 
     assert asyncio.run(main()) == ["statements done", "answered"]
+
+
+def test_statements_done_is_signalled_as_a_committing_pipeline_goes_out(engine: Engine) -> None:
+    """When the transaction's last round trip carries its COMMIT (``pipeline(commit=True)``), the cue goes
+    as that round trip is sent, not after its answer: with ``COMMIT_PIPELINE`` > 1 the next batch runs its
+    statements meanwhile. The round trip waits for a lock the test releases only on the cue; had the cue
+    come after the answer, the lock wait would time out (GET_LOCK gives 0) and the counter stay at 0."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("one statement per query on SQLite: no committing pipeline")
+    held = engine.connect()
+    assert held.execute(text("SELECT GET_LOCK('gpuq_test_cue', 0)")).scalar_one() == 1
+    bump = text("UPDATE counter SET n = n + GET_LOCK('gpuq_test_cue', 10) WHERE id = 1")
+
+    def waits_for_the_cue(conn: Connection) -> None:
+        pipeline(conn, [(bump, {})], commit=True)
+
+    def cue() -> None:
+        seen.append("statements done")
+        held.execute(text("SELECT RELEASE_LOCK('gpuq_test_cue')"))
+
+    async def main() -> None:
+        hot = HotThread(engine)
+        hot.start()
+        try:
+            token = STATEMENTS_DONE.set(cue)
+            try:
+                await hot.run(waits_for_the_cue)
+                seen.append("answered")
+            finally:
+                STATEMENTS_DONE.reset(token)
+        finally:
+            await hot.close()
+
+    seen: list[str] = []
+    try:
+        asyncio.run(main())
+    finally:
+        held.close()
+    assert seen == ["statements done", "answered"]
+    assert _count(engine) == 1  # the lock was had while the round trip ran, and the pipeline committed it
