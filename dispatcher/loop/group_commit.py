@@ -5,9 +5,9 @@ instead of one per callback; alone, a callback waits for nobody.
 Up to ``depth`` batches are in flight at once (``COMMIT_PIPELINE``, each on a database connection of its own:
 ``db/hot.py``), but only one runs its statements at a time: the next batch takes what queued meanwhile and
 starts as soon as the one before it has sent its last round trip (the one carrying or followed by its
-COMMIT), instead of after that round trip's answer. Batches stay as large as with one in flight, and two of them meet on a row only while
-the first commits. Two copies of one callback in consecutive batches are ordered by the task's row lock:
-the second is a repeat or stale, as it would be one batch later.
+COMMIT), instead of after that round trip's answer. Batches stay as large as with one in flight, and two of
+them meet on a row only while the first commits. Two copies of one callback in consecutive batches are
+ordered by the task's row lock: the second is a repeat or stale, as it would be one batch later.
 
 A batch is bounded by count and by the bytes of results and errors it carries (``max_bytes``, from the
 database's max_allowed_packet: eight 7 MiB results in one statement made MariaDB drop the connection, and
