@@ -21,10 +21,11 @@ of the batch ended, and the history rows are those of the attempts this transact
 is ``now`` exactly, the test ``finish_many`` uses). When the end changed every row, that is exactly what
 ended and the snapshot is right; otherwise (a stale or repeated callback in the batch) the snapshot is thrown
 away and read again for the attempts that did end, so a slot still held by a live attempt is never taken
-over. The claim stays the conditional UPDATE it was. At saturation: one round trip of three statements,
-claim, insert, COMMIT: four round trips instead of six. A batch with no job to hand off sends the end,
-history, the free of the slots this transaction ended (checked the same way) and the snapshot that counts
-the room left as one query: two round trips with the COMMIT instead of five.
+over. Fresh jobs are then placed by ``handoff_claims.place_fresh``: the claim, the new tasks' INSERT, the
+free of ended slots no job took, the read of who won and the COMMIT in one more round trip (two in all, at
+saturation); other jobs go through ``dispatch``. A batch with no job to hand off sends the end, history, the
+free of the slots this transaction ended (checked the same way), the snapshot that counts the room left and,
+on the hot thread, its COMMIT as one query.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from dispatcher.db.attempts import (
 )
 from dispatcher.db.batch import case_by, end_final_statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
-from dispatcher.db.handoff_claims import fits, place_fresh
+from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import (
@@ -90,6 +91,7 @@ def end_and_hand_off(
     max_attempts: int,
     rng: random.Random,
     fold: bool = True,
+    fold_bytes: int = FOLD_BYTES,
 ) -> HandOff:
     """End ``items`` (see ``finish_many``); then, if a slot was freed, place as many ``candidates``
     ((job, pool), oldest first) as the pools have room for. Candidates not placed are in ``result.unplaced``
@@ -139,6 +141,7 @@ def end_and_hand_off(
                 max_attempts=max_attempts,
                 now=now,
                 rng=rng,
+                max_bytes=fold_bytes,
             )
             freed = out.result is not None
         if out.result is None:

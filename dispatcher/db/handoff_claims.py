@@ -74,12 +74,14 @@ def place_fresh(
     max_attempts: int,
     now: datetime,
     rng: random.Random,
+    max_bytes: int = FOLD_BYTES,
 ) -> DispatchResult | None:
     """``dispatch(items=chosen, view=seen.gpus, takeover=ending)`` for jobs ``fits`` took, in one round
     trip (see the module docstring). Unlike ``dispatch``, every slot the attempts ``ending`` held and no job
     took is free when it returns, and the transaction is committed when ``may_commit``: the caller sends
-    nothing more in it. None, having sent nothing: the jobs' data is too large for one query (``FOLD_BYTES``);
-    ``dispatch`` places them."""
+    nothing more in it. None, having sent nothing: the jobs' data is too large for one query (over
+    ``max_bytes`` or ``FOLD_BYTES``; the caller passes half what ``Limits`` allows a statement, as escaping
+    may double it): ``dispatch`` places them."""
     placer = Placer(seen.gpus, rng)
     proposals: list[tuple[Job, str, Pick]] = []
     out = DispatchResult()
@@ -90,7 +92,7 @@ def place_fresh(
         else:
             proposals.append((job, pool, pick))
     rows = [new_row(job, pool, max_attempts, now) for job, pool, _ in proposals]
-    if sum(len(str(row["data"])) for row in rows) > FOLD_BYTES:
+    if sum(len(str(row["data"])) for row in rows) > min(max_bytes, FOLD_BYTES):
         return None
     statements: list[tuple[Any, dict[str, Any]]] = []
     if proposals:

@@ -14,6 +14,10 @@ turnaround (bench/RESULTS.md). With two, the next batch runs its statements whil
 round trip runs (``STATEMENTS_DONE`` tells the group commit when that goes out: as the pipeline carrying the
 COMMIT is sent, or before SQLAlchemy's own COMMIT). Measured on the 2-core benchmark box it did not win
 (bench/RESULTS.md), so the default is one; it is there for a database whose round trips dominate a batch.
+The cue goes before the committing query is sent, so the next batch may start before the previous one's
+claims reached the database: if both want one free slot, the older batch's claim waits for the newer one's
+COMMIT and then finds it taken (its job goes back to the buffer). The cue is given once per transaction: a
+batch rerun after a lost connection runs beside the next one.
 Two batches never end the same attempt twice (a task's row lock orders them; the second finds it over) and
 never put two jobs on one slot (each claim is the conditional ``UPDATE … WHERE task_id IS NULL``); a
 deadlock between them is rolled back by the database and the loser run again, as any transaction here.
@@ -137,13 +141,15 @@ class HotThread:
         done: Callable[[], None] | None,
     ) -> T:
         delay = 0.005
+        signal = _Signal(
+            loop, done
+        )  # once per transaction: a rerun after a lost connection does not cue again
         for attempt in range(1, self.attempts + 1):
             try:
                 if held.conn is None:
                     held.conn = self.own_engine.connect()
                 conn = held.conn
                 before = round_trips(conn)
-                signal = _Signal(loop, done)
                 with conn.begin():
                     conn.info[MAY_COMMIT] = True  # its last pipeline may send the COMMIT (nothing follows fn)
                     conn.info[LAST_TRIP] = signal  # that pipeline signals as it goes out

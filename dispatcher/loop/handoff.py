@@ -90,6 +90,7 @@ class HandOffs:
     async def _end(self, items: list[dict[str, Any]], candidates: list[Ready], mark: int) -> list[Finish]:
         rt = self.rt
         started = time.perf_counter()
+        reconnects = rt.hot.reconnects
         try:
             out: HandOff = await rt.db_hot(
                 end_and_hand_off,
@@ -102,6 +103,7 @@ class HandOffs:
                 lease_seconds=rt.settings.task_timeout_seconds,
                 max_attempts=rt.settings.max_attempts,
                 rng=rt.rng,
+                fold_bytes=rt.limits.batch_bytes // 2,  # the jobs' data, escaped, stays within a statement
             )
         except StoreUnavailable:
             self._return(candidates, suspect=True)
@@ -119,7 +121,9 @@ class HandOffs:
         self.buffer.demand(out.freed_pools)
         if out.freed_pools:  # its transaction counted every pool's free slots, after the room the loop left
             self.wake.counted(mark)
-        used = self._started(out, candidates, started)
+        # Run again after a lost connection: the first run may have committed (its answer lost) and recorded
+        # jobs this run did not place; those given back are looked up before they are placed again.
+        used = self._started(out, candidates, started, suspect=rt.hot.reconnects != reconnects)
         if out.free:
             # Slots nobody here could take: the loop fills them, other dispatchers may too.
             self.wake.room(out.free)
@@ -127,10 +131,11 @@ class HandOffs:
             self.wake.refill()
         return out.finishes
 
-    def _started(self, out: HandOff, candidates: list[Ready], started: float) -> int:
-        """Fire the requests of the jobs placed; the rest go back to the buffer. Returns how many started."""
+    def _started(self, out: HandOff, candidates: list[Ready], started: float, suspect: bool = False) -> int:
+        """Fire the requests of the jobs placed; the rest go back to the buffer (``suspect``: marked to be
+        looked up first). Returns how many started."""
         if out.result is None:
-            self._return(candidates)
+            self._return(candidates, suspect=suspect)
             return 0
         ready_of = {id(r.job): r for r in candidates}
         settlement = self.requests.start(out.result, {k: r.element for k, r in ready_of.items()}, started)
@@ -138,7 +143,7 @@ class HandOffs:
         decided |= {id(j) for j, _ in out.result.dropped + out.result.refused + out.result.invalid} | {
             id(j) for j in out.result.deferred
         }
-        self._return([r for r in candidates if id(r.job) not in decided])
+        self._return([r for r in candidates if id(r.job) not in decided], suspect=suspect)
         self.settle_later(settlement, already_counted=True)
         self.handed_off += len(out.result.placed)
         self.rt.metrics.handoffs.inc(len(out.result.placed))

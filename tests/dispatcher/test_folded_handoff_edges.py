@@ -404,3 +404,38 @@ def test_lease_expiry_batch_hands_off_folded(small_fleet: Engine) -> None:
             conn.execute(text("SELECT task_id, state FROM tasks WHERE task_id IN ('t1','t2')")).all()
         )
     assert all(s != "processing" for s in states.values()), states
+
+
+def test_jobs_over_the_fold_budget_the_limits_allow_go_through_dispatch(small_fleet: Engine) -> None:
+    """The budget comes from ``Limits`` (half what a statement may carry, from max_allowed_packet): jobs whose
+    data is over it are placed by ``dispatch`` (more round trips), not sent in one query the server drops."""
+    start(small_fleet, ["t1", "t2", "t3", "t4"])
+    blob = "b" * 3000
+
+    def batch(conn: Connection) -> Any:
+        return end_and_hand_off(
+            conn,
+            items=[_item("t1"), _item("t2")],
+            now=utcnow(),
+            backoff=Backoff(),
+            candidates=[(job("t", task_id=f"n{i}", data={"x": blob}), "default") for i in range(2)],
+            check_existing=False,
+            dispatcher_id="d1",
+            lease_seconds=600,
+            max_attempts=3,
+            rng=random.Random(1),
+            fold_bytes=4000,  # two jobs of ~3 KB: over it
+        )
+
+    async def main() -> tuple[Any, int]:
+        thread = HotThread(small_fleet)
+        thread.start()
+        try:
+            return await thread.run(batch), thread.last_round_trips
+        finally:
+            await thread.close()
+
+    out, trips = asyncio.run(main())
+    assert out.result is not None and sorted(p.job.task_id for p in out.result.placed) == ["n0", "n1"]
+    assert trips > 2  # not the folded two
+    assert transaction(small_fleet, slot_drift) == []
