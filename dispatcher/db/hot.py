@@ -141,9 +141,8 @@ class HotThread:
         done: Callable[[], None] | None,
     ) -> T:
         delay = 0.005
-        signal = _Signal(
-            loop, done
-        )  # once per transaction: a rerun after a lost connection does not cue again
+        # Once per transaction: a rerun after a lost connection does not cue again.
+        signal = _Signal(loop, done)
         for attempt in range(1, self.attempts + 1):
             try:
                 if held.conn is None:
