@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import uuid
@@ -12,13 +13,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import pymysql
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, text
 
 from dispatcher.db.attempts import Backoff, Finish, finish_attempt
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.gpus import register_gpu
 from dispatcher.db.handoff import HandOff, end_and_hand_off
+from dispatcher.db.hot import HotThread
 from dispatcher.states import Outcome
 from producer.job import Job
 from simgpu.testing import poll_until
@@ -179,6 +181,40 @@ def hand_off(conn: Any, items: list[dict[str, Any]], candidates: list[str], **mo
         rng=random.Random(1),
         **more,
     )
+
+
+def finished(task_id: str, attempt: int = 1) -> dict[str, Any]:
+    """The ``finished`` callback of ``task_id``'s attempt, as the group commit hands it to a batch."""
+    return {
+        "task_id": task_id,
+        "attempt": attempt,
+        "outcome": Outcome.FINISHED,
+        "result": None,
+        "error": None,
+        "reported": "finished",
+    }
+
+
+def on_hot_thread(engine: Engine, fn: Callable[[Connection], T], workers: int = 1) -> tuple[T, int]:
+    """``fn`` in one transaction on a hot thread, as the group commit runs a batch (its last pipeline may
+    send the COMMIT); its result and the round trips it took."""
+
+    async def main() -> tuple[T, int]:
+        thread = HotThread(engine, workers=workers)
+        thread.start()
+        try:
+            return await thread.run(fn), thread.last_round_trips
+        finally:
+            await thread.close()
+
+    return asyncio.run(main())
+
+
+def slot_holders(engine: Engine) -> dict[tuple[str, int], str | None]:
+    """Who holds each slot: (gpu_id, slot_index) -> task_id or None."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT gpu_id, slot_index, task_id FROM slots")).all()
+    return {(r.gpu_id, int(r.slot_index)): r.task_id for r in rows}
 
 
 def kill_connection(conn_id: int) -> None:

@@ -22,8 +22,7 @@ from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import transaction
 from dispatcher.db.handoff import HandOff
 from dispatcher.db.pipeline import hot_engine
-from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet, hand_off, start, wait_for
+from tests.dispatcher.helpers import finished, fleet, hand_off, start, wait_for
 
 SLOTS = 4
 
@@ -51,15 +50,7 @@ def _batch(task_id: str, candidates: list[str]) -> Callable[[Any], HandOff]:
     with ``candidates`` buffered for its pool."""
 
     def fn(conn: Any) -> HandOff:
-        item = {
-            "task_id": task_id,
-            "attempt": 1,
-            "outcome": Outcome.FINISHED,
-            "result": None,
-            "error": None,
-            "reported": "finished",
-        }
-        return hand_off(conn, [item], candidates)
+        return hand_off(conn, [finished(task_id)], candidates)
 
     return fn
 

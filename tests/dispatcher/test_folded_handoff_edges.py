@@ -23,37 +23,7 @@ from dispatcher.db.hot import HotThread
 from dispatcher.db.pipeline import MAY_COMMIT, hot_engine, pipeline
 from dispatcher.limits import Limits
 from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet, hand_off, job, start
-
-
-def _item(task_id: str) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "attempt": 1,
-        "outcome": Outcome.FINISHED,
-        "result": None,
-        "error": None,
-        "reported": "finished",
-    }
-
-
-def _on_hot_thread(engine: Engine, fn: Callable[[Connection], Any], workers: int = 1) -> Any:
-    async def main() -> Any:
-        thread = HotThread(engine, workers=workers)
-        thread.start()
-        try:
-            return await thread.run(fn)
-        finally:
-            await thread.close()
-
-    return asyncio.run(main())
-
-
-def _slots(engine: Engine) -> dict[tuple[str, int], str | None]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT gpu_id, slot_index, task_id FROM slots")).all()
-    return {(r.gpu_id, int(r.slot_index)): r.task_id for r in rows}
-
+from tests.dispatcher.helpers import finished, fleet, hand_off, job, on_hot_thread, slot_holders, start
 
 # -- 1. one INSERT carrying every candidate's data: bigger than max_allowed_packet ----------------------------
 
@@ -75,7 +45,7 @@ def _big_batch(fold: bool) -> Callable[[Connection], Any]:
     def batch(conn: Connection) -> Any:
         return end_and_hand_off(
             conn,
-            items=[_item(f"t{i}") for i in range(N_BIG)],
+            items=[finished(f"t{i}") for i in range(N_BIG)],
             now=utcnow(),
             backoff=Backoff(),
             candidates=[(job("t", task_id=f"n{i}", data={"x": blob}), "default") for i in range(N_BIG)],
@@ -92,7 +62,7 @@ def _big_batch(fold: bool) -> Callable[[Connection], Any]:
 
 def test_unfolded_big_jobs_hand_off_fine(big_fleet: Engine) -> None:
     start(big_fleet, [f"t{i}" for i in range(N_BIG)])
-    out = _on_hot_thread(big_fleet, _big_batch(fold=False))
+    out, _ = on_hot_thread(big_fleet, _big_batch(fold=False))
     assert out.result is not None and len(out.result.placed) == N_BIG
 
 
@@ -103,7 +73,7 @@ def test_folded_big_jobs_stay_under_max_allowed_packet(big_fleet: Engine) -> Non
     start(big_fleet, [f"t{i}" for i in range(N_BIG)])
     out = None
     try:
-        out = _on_hot_thread(big_fleet, _big_batch(fold=True))
+        out, _ = on_hot_thread(big_fleet, _big_batch(fold=True))
     except (StoreUnavailable, DBAPIError) as exc:
         pytest.fail(f"folded hand-off failed where dispatch() succeeds: {type(exc).__name__}: {exc}"[:400])
     assert out.result is not None and len(out.result.placed) == N_BIG
@@ -125,12 +95,12 @@ def test_a_write_after_the_folded_commit_is_refused_loudly(small_fleet: Engine) 
     start(small_fleet, ["t1", "t2", "t3", "t4"])
 
     def batch(conn: Connection) -> Any:
-        out = hand_off(conn, [_item("t1")], [])  # nothing to hand off: end+free+snapshot+COMMIT in one
+        out = hand_off(conn, [finished("t1")], [])  # nothing to hand off: end+free+snapshot+COMMIT in one
         conn.execute(text("UPDATE gpus SET last_error = 'written after' WHERE gpu_id = 'g0'"))
         return out
 
     with pytest.raises(RuntimeError, match="after the COMMIT"):
-        _on_hot_thread(small_fleet, batch)
+        on_hot_thread(small_fleet, batch)
     with small_fleet.connect() as conn:
         assert conn.execute(text("SELECT last_error FROM gpus WHERE gpu_id = 'g0'")).scalar_one() is None
         assert conn.execute(text("SELECT state FROM tasks WHERE task_id = 't1'")).scalar_one() == "finished"
@@ -139,7 +109,7 @@ def test_a_write_after_the_folded_commit_is_refused_loudly(small_fleet: Engine) 
     def next_one(conn: Connection) -> Any:  # the thread's connection serves the next transaction as before
         conn.execute(text("UPDATE gpus SET last_error = 'next' WHERE gpu_id = 'g0'"))
 
-    _on_hot_thread(small_fleet, next_one)
+    on_hot_thread(small_fleet, next_one)
     with small_fleet.connect() as conn:
         assert conn.execute(text("SELECT last_error FROM gpus WHERE gpu_id = 'g0'")).scalar_one() == "next"
 
@@ -183,13 +153,13 @@ def test_two_hot_threads_and_a_rival_never_oversubscribe(small_fleet: Engine) ->
                 cands_b = [f"n{k + 2}", f"n{k + 3}"]
                 k += 4
                 ra, rb = await asyncio.gather(
-                    thread.run(lambda c, a=a, ca=cands_a: hand_off(c, [_item(t) for t in a], ca)),
-                    thread.run(lambda c, b=b, cb=cands_b: hand_off(c, [_item(t) for t in b], cb)),
+                    thread.run(lambda c, a=a, ca=cands_a: hand_off(c, [finished(t) for t in a], ca)),
+                    thread.run(lambda c, b=b, cb=cands_b: hand_off(c, [finished(t) for t in b], cb)),
                 )
                 placed = [p.job.task_id for r in (ra, rb) if r.result for p in r.result.placed]
                 running = rest + placed
                 assert transaction(engine, slot_drift) == []
-                held = [v for v in _slots(engine).values() if v is not None]
+                held = [v for v in slot_holders(engine).values() if v is not None]
                 assert len(held) == len(set(held)) <= 4
                 assert sorted(held) == sorted(running)
         finally:
@@ -223,9 +193,9 @@ def test_connection_killed_after_the_folded_commit(
         return out
 
     monkeypatch.setattr(hc, "pipeline", flaky)
-    out = _on_hot_thread(engine, lambda conn: hand_off(conn, [_item("t1")], ["n1"]))
+    out, _ = on_hot_thread(engine, lambda conn: hand_off(conn, [finished("t1")], ["n1"]))
     print("rerun finishes", [f.code for f in out.finishes], "result", out.result)
-    held = [v for v in _slots(engine).values() if v is not None]
+    held = [v for v in slot_holders(engine).values() if v is not None]
     assert sorted(held) == ["n1", "t2", "t3", "t4"]
     assert transaction(engine, slot_drift) == []
     # the rerun saw the attempt over and handed nothing off: n1 is recorded, on a slot, but the caller is
@@ -233,8 +203,8 @@ def test_connection_killed_after_the_folded_commit(
     assert out.result is None
     # the next batch offers n1 again (check=False): it must not land on a second slot
     with pytest.raises(DBAPIError):
-        _on_hot_thread(engine, lambda conn: hand_off(conn, [_item("t2")], ["n1"]))
-    held = [v for v in _slots(engine).values() if v is not None]
+        on_hot_thread(engine, lambda conn: hand_off(conn, [finished("t2")], ["n1"]))
+    held = [v for v in slot_holders(engine).values() if v is not None]
     assert sorted(held) == ["n1", "t2", "t3", "t4"]
 
 
@@ -244,15 +214,15 @@ def test_connection_killed_after_the_folded_commit(
 def test_ended_slot_on_a_drained_gpu_is_freed_and_the_job_goes_elsewhere(small_fleet: Engine) -> None:
     engine = small_fleet
     start(engine, ["t1", "t2"])  # one per GPU
-    slots = _slots(engine)
+    slots = slot_holders(engine)
     g_t1 = next(k for k, v in slots.items() if v == "t1")[0]
     with engine.begin() as conn:
         conn.execute(text("UPDATE gpus SET state = 'draining' WHERE gpu_id = :g"), {"g": g_t1})
-    out = _on_hot_thread(engine, lambda conn: hand_off(conn, [_item("t1")], ["n1", "n2"]))
+    out, _ = on_hot_thread(engine, lambda conn: hand_off(conn, [finished("t1")], ["n1", "n2"]))
     assert out.result is not None
     placed = {p.job.task_id: p.gpu_id for p in out.result.placed}
     assert all(g != g_t1 for g in placed.values())
-    held = {k: v for k, v in _slots(engine).items() if v is not None}
+    held = {k: v for k, v in slot_holders(engine).items() if v is not None}
     assert "t1" not in held.values()
     assert transaction(engine, slot_drift) == []
     assert len(held) == len(set(held.values()))
@@ -265,7 +235,9 @@ def test_ended_slot_on_a_drained_gpu_is_freed_and_the_job_goes_elsewhere(small_f
 def test_case_variant_task_ids_in_one_folded_batch(small_fleet: Engine) -> None:
     engine = small_fleet
     start(engine, ["t1", "t2", "t3", "t4"])
-    out = _on_hot_thread(engine, lambda conn: hand_off(conn, [_item("t1"), _item("t2")], ["Job-1", "job-1"]))
+    out, _ = on_hot_thread(
+        engine, lambda conn: hand_off(conn, [finished("t1"), finished("t2")], ["Job-1", "job-1"])
+    )
     assert out.result is not None
     assert sorted(p.job.task_id for p in out.result.placed) == ["Job-1", "job-1"]
     with engine.connect() as conn:
@@ -295,7 +267,7 @@ def test_rival_dispatchers_race_for_free_slots(six_slots: Engine) -> None:
         def fn(conn: Connection) -> Any:
             return end_and_hand_off(
                 conn,
-                items=[_item(t) for t in ending],
+                items=[finished(t) for t in ending],
                 now=utcnow(),
                 backoff=Backoff(),
                 candidates=[(job("t", task_id=c), "default") for c in cands],
@@ -326,7 +298,7 @@ def test_rival_dispatchers_race_for_free_slots(six_slots: Engine) -> None:
                 placed = [p.job.task_id for r in (ra, rb) if r.result for p in r.result.placed]
                 unplaced = [j.task_id for r in (ra, rb) if r.result for j, _ in r.result.unplaced]
                 running = rest + placed
-                held = [v for v in _slots(engine).values() if v is not None]
+                held = [v for v in slot_holders(engine).values() if v is not None]
                 assert len(held) == len(set(held)) <= 6
                 assert sorted(held) == sorted(running)
                 assert transaction(engine, slot_drift) == []
@@ -375,7 +347,7 @@ def test_a_failed_commit_pipeline_caught_in_the_transaction_keeps_its_commit(
             pass
         conn.execute(text("UPDATE gpus SET url = 'http://after' WHERE gpu_id = 'g0'"))
 
-    _on_hot_thread(small_fleet, fn)
+    on_hot_thread(small_fleet, fn)
     with small_fleet.connect() as conn:
         row = conn.execute(text("SELECT url, last_error FROM gpus WHERE gpu_id = 'g0'")).one()
     assert (row.url, row.last_error) == ("http://after", "before"), "the transaction's COMMIT was skipped"
@@ -390,13 +362,13 @@ def test_lease_expiry_batch_hands_off_folded(small_fleet: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(text("UPDATE slots SET lease_expires_at = '2000-01-01' WHERE task_id IN ('t1', 't2')"))
     items = [
-        dict(_item("t1"), outcome=Outcome.EXPIRED, reported=None),
-        dict(_item("t2"), outcome=Outcome.EXPIRED, reported=None),
+        dict(finished("t1"), outcome=Outcome.EXPIRED, reported=None),
+        dict(finished("t2"), outcome=Outcome.EXPIRED, reported=None),
     ]
-    out = _on_hot_thread(engine, lambda conn: hand_off(conn, items, ["n1"]))
+    out, _ = on_hot_thread(engine, lambda conn: hand_off(conn, items, ["n1"]))
     print([f.code for f in out.finishes], out.result)
     assert out.result is not None and [p.job.task_id for p in out.result.placed] == ["n1"]
-    held = sorted(v for v in _slots(engine).values() if v is not None)
+    held = sorted(v for v in slot_holders(engine).values() if v is not None)
     assert held == ["n1", "t3", "t4"]
     assert transaction(engine, slot_drift) == []
     with engine.connect() as conn:
@@ -415,7 +387,7 @@ def test_jobs_over_the_fold_budget_the_limits_allow_go_through_dispatch(small_fl
     def batch(conn: Connection) -> Any:
         return end_and_hand_off(
             conn,
-            items=[_item("t1"), _item("t2")],
+            items=[finished("t1"), finished("t2")],
             now=utcnow(),
             backoff=Backoff(),
             candidates=[(job("t", task_id=f"n{i}", data={"x": blob}), "default") for i in range(2)],
@@ -427,15 +399,7 @@ def test_jobs_over_the_fold_budget_the_limits_allow_go_through_dispatch(small_fl
             fold_bytes=4000,  # two jobs of ~3 KB: over it
         )
 
-    async def main() -> tuple[Any, int]:
-        thread = HotThread(small_fleet)
-        thread.start()
-        try:
-            return await thread.run(batch), thread.last_round_trips
-        finally:
-            await thread.close()
-
-    out, trips = asyncio.run(main())
+    out, trips = on_hot_thread(small_fleet, batch)
     assert out.result is not None and sorted(p.job.task_id for p in out.result.placed) == ["n0", "n1"]
     assert trips > 2  # not the folded two
     assert transaction(small_fleet, slot_drift) == []

@@ -8,9 +8,8 @@ transaction's (the flag that tells SQLAlchemy not to send its own dies with the 
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,38 +19,15 @@ from sqlalchemy.exc import IntegrityError
 from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.handoff_claims import fits, place_fresh
-from dispatcher.db.hot import HotThread
 from dispatcher.db.pipeline import MAY_COMMIT, hot_engine, may_commit, pipeline, round_trips
 from dispatcher.db.snapshot import snapshot_ending
-from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet, hand_off, job, start
+from tests.dispatcher.helpers import finished, fleet, hand_off, job, on_hot_thread, slot_holders, start
 
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     with fleet(database_url, {"g0": 2, "g1": 2}) as e:
         yield e
-
-
-def _on_hot_thread(engine: Engine, fn: Callable[[Connection], Any]) -> tuple[Any, int]:
-    """``fn`` in one transaction on a hot thread (whose last pipeline may commit); its round trips."""
-
-    async def main() -> tuple[Any, int]:
-        thread = HotThread(engine)
-        thread.start()
-        try:
-            out = await thread.run(fn)
-            return out, thread.last_round_trips
-        finally:
-            await thread.close()
-
-    return asyncio.run(main())
-
-
-def _slots(engine: Engine) -> dict[tuple[str, int], str | None]:
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT gpu_id, slot_index, task_id FROM slots")).all()
-    return {(r.gpu_id, int(r.slot_index)): r.task_id for r in rows}
 
 
 def _tasks(engine: Engine) -> dict[str, tuple[str, int, str | None]]:
@@ -74,7 +50,7 @@ def test_a_claim_that_lost_its_race_records_no_task_and_the_others_run(engine: E
     ones. Before the claim, another dispatcher takes one of the free ones: the job proposed for it must get no
     row (it goes back), the jobs on the other slots run, and nobody is on a slot twice."""
     start(engine, ["t1", "t2"])  # least loaded first: one on each GPU, one slot free on each
-    busy = _slots(engine)
+    busy = slot_holders(engine)
     free_g1 = next(k for k, v in busy.items() if v is None)
 
     def batch(conn: Connection) -> Any:
@@ -104,14 +80,14 @@ def test_a_claim_that_lost_its_race_records_no_task_and_the_others_run(engine: E
             rng=random.Random(3),
         )
 
-    out, trips = _on_hot_thread(engine, batch)
+    out, trips = on_hot_thread(engine, batch)
     placed = sorted(p.job.task_id for p in out.placed)
     unplaced = sorted(j.task_id for j, _ in out.unplaced)
     assert len(placed) == 2 and len(unplaced) == 1  # three slots looked free, one was taken meanwhile
     tasks = _tasks(engine)
     assert unplaced[0] not in tasks  # no row for the job that lost: it is still only in Redis
     assert all(tasks[t][:2] == ("processing", 1) for t in placed)
-    slots = _slots(engine)
+    slots = slot_holders(engine)
     assert sorted(v for v in slots.values() if v is not None) == sorted(["t2", "theirs", *placed])
     assert slots[free_g1] == "theirs"
     assert trips == 3  # the end, the snapshot, then the claim with everything else and the COMMIT
@@ -121,12 +97,12 @@ def test_a_slot_of_an_ended_attempt_no_job_takes_is_freed_in_the_same_round_trip
     start(engine, ["t1", "t2", "t3", "t4"])  # full
 
     def batch(conn: Connection) -> Any:
-        return hand_off(conn, [_item("t1"), _item("t2"), _item("t3")], ["n1"])
+        return hand_off(conn, [finished("t1"), finished("t2"), finished("t3")], ["n1"])
 
-    out, trips = _on_hot_thread(engine, batch)
+    out, trips = on_hot_thread(engine, batch)
     assert [f.code for f in out.finishes] == ["applied"] * 3
     assert out.result is not None and [p.job.task_id for p in out.result.placed] == ["n1"]
-    assert sorted(v for v in _slots(engine).values() if v is not None) == ["n1", "t4"]
+    assert sorted(v for v in slot_holders(engine).values() if v is not None) == ["n1", "t4"]
     assert transaction(engine, slot_drift) == []
     assert trips == 2
 
@@ -136,11 +112,11 @@ def test_a_known_task_among_the_jobs_fails_the_whole_transaction(engine: Engine)
     the attempts without the hand-off, as before)."""
     start(engine, ["t1", "t2", "t3", "t4"])
     with pytest.raises(IntegrityError):
-        _on_hot_thread(engine, lambda conn: hand_off(conn, [_item("t1"), _item("t2")], ["n1", "t3"]))
+        on_hot_thread(engine, lambda conn: hand_off(conn, [finished("t1"), finished("t2")], ["n1", "t3"]))
     assert {t: s for t, (s, _, _) in _tasks(engine).items()} == dict.fromkeys(
         ["t1", "t2", "t3", "t4"], "processing"
     )
-    assert sorted(v for v in _slots(engine).values() if v is not None) == ["t1", "t2", "t3", "t4"]
+    assert sorted(v for v in slot_holders(engine).values() if v is not None) == ["t1", "t2", "t3", "t4"]
 
 
 def test_a_pipeline_commit_that_failed_does_not_swallow_the_next_transactions_commit(engine: Engine) -> None:
@@ -181,16 +157,5 @@ def test_only_a_hot_threads_transaction_may_be_committed_by_a_pipeline(engine: E
     finally:
         hot.dispose()
     seen: list[bool] = []
-    _on_hot_thread(engine, lambda conn: seen.append(may_commit(conn)))
+    on_hot_thread(engine, lambda conn: seen.append(may_commit(conn)))
     assert seen == [True]
-
-
-def _item(task_id: str) -> dict[str, Any]:
-    return {
-        "task_id": task_id,
-        "attempt": 1,
-        "outcome": Outcome.FINISHED,
-        "result": None,
-        "error": None,
-        "reported": "finished",
-    }

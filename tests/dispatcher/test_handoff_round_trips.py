@@ -9,7 +9,6 @@ fails fails the whole transaction (nothing of it stays) and a lost connection is
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,10 +19,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from dispatcher.db.attempts import slot_drift
 from dispatcher.db.engine import transaction
 from dispatcher.db.handoff import HandOff
-from dispatcher.db.hot import HotThread
 from dispatcher.db.pipeline import hot_engine, multi_statements, pipeline, round_trips
 from dispatcher.states import Outcome
-from tests.dispatcher.helpers import fleet, hand_off, kill_connection, start
+from tests.dispatcher.helpers import fleet, hand_off, kill_connection, on_hot_thread, start
 
 SLOTS = 4
 
@@ -69,21 +67,6 @@ def _batch(
         return out, round_trips(conn) - before
 
 
-def _hot_batch(engine: Engine, items: list[dict[str, Any]], candidates: list[str]) -> tuple[HandOff, int]:
-    """One batch as the group commit runs it: on a hot thread, whose last pipeline may send the COMMIT."""
-
-    async def main() -> tuple[HandOff, int]:
-        thread = HotThread(engine)
-        thread.start()
-        try:
-            out = await thread.run(lambda conn: hand_off(conn, items, candidates))
-            return out, thread.last_round_trips
-        finally:
-            await thread.close()
-
-    return asyncio.run(main())
-
-
 def _slots(engine: Engine) -> dict[int, str | None]:
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT slot_index, task_id FROM slots WHERE gpu_id = 'g0'")).all()
@@ -126,7 +109,9 @@ def test_a_saturated_batch_hands_off_in_three_round_trips_instead_of_six_and_two
         assert (trips, unfolded) == (3, 6)
     else:  # SQLite: the same statements one by one (BEGIN IMMEDIATE counts too); no network to save
         assert trips == unfolded
-    out3, hot_trips = _hot_batch(engine, [_item("n1"), _item("n3")], ["n5", "n6"])  # n1..n4 run
+    out3, hot_trips = on_hot_thread(
+        engine, lambda conn: hand_off(conn, [_item("n1"), _item("n3")], ["n5", "n6"])
+    )  # n1..n4 run
     assert [f.code for f in out3.finishes] == ["applied", "applied"]
     assert out3.result is not None and sorted(p.job.task_id for p in out3.result.placed) == ["n5", "n6"]
     assert sorted(t for t in _slots(engine).values() if t is not None) == ["n2", "n4", "n5", "n6"]
@@ -201,15 +186,7 @@ def test_a_connection_lost_before_the_folded_round_trip_reruns_the_batch_once(en
             kill_connection(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
         return hand_off(conn, [_item("t1")], ["n1"])
 
-    async def main() -> HandOff:
-        thread = HotThread(engine)
-        thread.start()
-        try:
-            return await thread.run(batch)
-        finally:
-            await thread.close()
-
-    out = asyncio.run(main())
+    out, _ = on_hot_thread(engine, batch)
     assert len(runs) == 2
     assert [f.code for f in out.finishes] == ["applied"]
     assert out.result is not None and [p.job.task_id for p in out.result.placed] == ["n1"]
@@ -248,7 +225,9 @@ def test_a_batch_with_nothing_to_hand_off_ends_frees_and_counts_in_two_round_tri
     if _mariadb(engine):
         # end + history + free + snapshot in one, COMMIT; before: end, free, history, snapshot, COMMIT.
         assert (trips, unfolded) == (2, 5)
-    out3, hot_trips = _hot_batch(engine, [_item("t4"), _item("t9")], [])  # t9: unknown, the rows are read
+    out3, hot_trips = on_hot_thread(
+        engine, lambda conn: hand_off(conn, [_item("t4"), _item("t9")], [])
+    )  # t9: unknown, the rows are read
     assert [f.code for f in out3.finishes] == ["applied", "unknown"]
     assert out3.free == {"default": 4}
     assert transaction(engine, slot_drift) == []

@@ -1,6 +1,8 @@
 """The hot path's database thread (``dispatcher/db/hot.py``): its connection killed mid-transaction is opened
 again and the transaction run again, once; errors go to the caller and the thread lives on; a store that stays
-down is ``StoreUnavailable`` (the callback's 503), never a hang. Real MariaDB (``KILL``) and SQLite.
+down is ``StoreUnavailable`` (the callback's 503), never a hang; the ``STATEMENTS_DONE`` cue comes once per
+transaction, as its last round trip goes out, and a late cue never releases the next batch's turn. Real
+MariaDB (``KILL``) and SQLite.
 
 Deterministic: the kill happens inside the transaction, between its two statements, from the thread itself
 (through a second connection), so there is no timing to win or lose.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Connection, Engine, text
@@ -18,6 +21,7 @@ from sqlalchemy import Connection, Engine, text
 from dispatcher.db.engine import StoreUnavailable, make_engine
 from dispatcher.db.hot import STATEMENTS_DONE, HotThread
 from dispatcher.db.pipeline import pipeline
+from dispatcher.loop.group_commit import GroupCommit
 from tests.dispatcher.helpers import kill_connection
 
 
@@ -234,3 +238,97 @@ def test_statements_done_is_signalled_as_a_committing_pipeline_goes_out(engine: 
         held.close()
     assert seen == ["statements done", "answered"]
     assert _count(engine) == 1  # the lock was had while the round trip ran, and the pipeline committed it
+
+
+def test_a_transaction_rerun_after_its_committing_round_trip_was_lost_cues_once(engine: Engine) -> None:
+    """The committing pipeline's connection is killed from the cue itself (after the cue, before the answer):
+    the hot thread reconnects and runs the function again, which must not cue a second time (it did, once per
+    attempt, when the cue was made inside the retry loop). The transaction commits once."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("the connection is killed: MariaDB")
+    runs: list[int] = []
+    cues: list[str] = []
+
+    def fn(conn: Connection) -> int:
+        runs.append(int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()))
+        stall = "SLEEP(3)" if len(runs) == 1 else "0"
+        pipeline(conn, [(text(f"UPDATE counter SET n = n + 1 + {stall} WHERE id = 1"), {})], commit=True)
+        return len(runs)
+
+    def cue() -> None:
+        cues.append("cue")
+        if len(cues) == 1:
+            kill_connection(runs[0])
+
+    async def main() -> int:
+        hot = HotThread(engine)
+        hot.start()
+        try:
+            token = STATEMENTS_DONE.set(cue)
+            try:
+                return await hot.run(fn)
+            finally:
+                STATEMENTS_DONE.reset(token)
+        finally:
+            await hot.close()
+
+    assert asyncio.run(main()) == 2
+    assert len(cues) == 1  # once per transaction
+    assert _count(engine) == 1
+
+
+def test_a_second_cue_of_a_batch_does_not_release_the_next_batchs_turn() -> None:
+    """COMMIT_PIPELINE=2: batch A cues, is "retried" and cues again while batch B runs its statements; a
+    third batch must not start before B cues (one batch running statements at a time, besides A's retry)."""
+
+    async def main() -> list[str]:
+        events: list[str] = []
+        running: set[str] = set()
+        overlap: list[set[str]] = []
+        gate_a = asyncio.Event()
+        gate_b = asyncio.Event()
+        names = iter(["A", "B", "C"])
+
+        async def end_many(items: list[dict[str, Any]]) -> list[Any]:
+            name = next(names)
+            cue = STATEMENTS_DONE.get()
+            assert cue is not None
+            running.add(name)
+            overlap.append(set(running))
+            events.append(f"{name} starts")
+            await asyncio.sleep(0)
+            running.discard(name)
+            cue()  # statements done: the next batch may start
+            events.append(f"{name} cued")
+            if name == "A":
+                await asyncio.sleep(0.01)  # B starts meanwhile
+                cue()  # A's retry cues again, B's turn must stay held
+                events.append("A cued again")
+                await gate_a.wait()
+            elif name == "B":
+                await gate_b.wait()
+            return [None for _ in items]
+
+        tasks: set[asyncio.Task[Any]] = set()
+
+        def spawn(coro: Any) -> None:
+            t = asyncio.get_running_loop().create_task(coro)
+            tasks.add(t)
+
+        gc = GroupCommit(end_many, spawn, depth=2)
+        fa = asyncio.ensure_future(gc.submit({"task_id": "a"}))
+        await asyncio.sleep(0)
+        fb = asyncio.ensure_future(gc.submit({"task_id": "b"}))
+        await asyncio.sleep(0.05)
+        fc = asyncio.ensure_future(gc.submit({"task_id": "c"}))
+        await asyncio.sleep(0.05)
+        gate_a.set()
+        gate_b.set()
+        await asyncio.gather(fa, fb, fc)
+        await asyncio.gather(*tasks)
+        assert all(len(s) == 1 for s in overlap), overlap
+        return events
+
+    events = asyncio.run(main())
+    assert events.index("A cued again") < events.index("C starts")
+    assert events.index("B cued") < events.index("C starts")
