@@ -1,7 +1,8 @@
 """``python -m bench.handoff``: one group-commit hand-off batch (``end_and_hand_off``) as the dispatcher runs
 it, on the hot database thread, with the end, history and snapshot folded into one round trip (``fold``) or
 sent one after the other (``unfolded``, as before); round trips per batch (COMMIT included) and latency as
-the event loop sees it (issue 12: part 1 of a slot's turnaround).
+the event loop sees it (issue 12: part 1 of a slot's turnaround), and the process's CPU per batch (the hot
+thread's, with the loop otherwise idle unless ``--busy``).
 
 A database of its own with gpuq's schema (dropped at the end): ``gpus`` GPUs of ``slots`` slots, every slot
 busy, ``rows`` finished tasks beside them. Each turn ends ``items`` running attempts with ``finished``
@@ -66,6 +67,7 @@ async def _turns(engine: Any, running: list[str], args: argparse.Namespace) -> d
     spinner = asyncio.create_task(busy_loop(args.busy, 0.5, stop))
     times: dict[str, list[float]] = {"fold": [], "unfolded": []}
     trips: dict[str, list[int]] = {"fold": [], "unfolded": []}
+    cpu: dict[str, list[float]] = {"fold": [], "unfolded": []}
     serial = 0
     try:
         for turn in range(args.n + 5):
@@ -80,7 +82,7 @@ async def _turns(engine: Any, running: list[str], args: argparse.Namespace) -> d
                     for t in ending
                 ]  # fmt: skip
                 jobs = [(Job(task_id=t, type="t", queue="q"), "default") for t in fresh]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = await hot.run(
                     end_and_hand_off, items=items, now=now, backoff=Backoff(),
                     candidates=[] if args.no_handoff else jobs,
@@ -88,6 +90,7 @@ async def _turns(engine: Any, running: list[str], args: argparse.Namespace) -> d
                     rng=rng, fold=mode == "fold",
                 )  # fmt: skip
                 elapsed = (time.perf_counter() - t0) * 1000
+                used = (time.process_time() - c0) * 1000
                 if args.no_handoff:  # the loop's part, untimed: refill the freed slots
                     out.result = await asyncio.to_thread(
                         transaction, engine, dispatch, items=jobs, dispatcher_id="bench",
@@ -100,11 +103,12 @@ async def _turns(engine: Any, running: list[str], args: argparse.Namespace) -> d
                 if turn >= 5:  # the first turns warm up (connections, caches)
                     times[mode].append(elapsed)
                     trips[mode].append(hot.last_round_trips)
+                    cpu[mode].append(used)
     finally:
         stop.set()
         await spinner
         await hot.close()
-    return {"times": times, "trips": trips}
+    return {"times": times, "trips": trips, "cpu": cpu}
 
 
 def main() -> None:
@@ -127,14 +131,17 @@ def main() -> None:
         init_schema(engine)
         running = _setup(engine, args.gpus, args.slots, args.rows)
         got = asyncio.run(_turns(engine, running, args))
-        print(f"{'form':9} {'items':>5} {'trips':>5} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
+        head = ("form", "items", "trips", "p50 ms", "p90 ms", "mean ms", "CPU ms")
+        print("{:9} {:>5} {:>5} {:>8} {:>8} {:>8} {:>7}".format(*head))
         p50 = {}
         for mode, lat in got["times"].items():
             q = statistics.quantiles(sorted(lat), n=10)
             p50[mode] = statistics.median(lat)
             n_trips = statistics.mean(got["trips"][mode])
             mean = statistics.mean(lat)
-            print(f"{mode:9} {args.items:>5} {n_trips:5.1f} {p50[mode]:8.2f} {q[8]:8.2f} {mean:8.2f}")
+            cpu = statistics.mean(got["cpu"][mode])
+            figures = f"{p50[mode]:8.2f} {q[8]:8.2f} {mean:8.2f} {cpu:7.2f}"
+            print(f"{mode:9} {args.items:>5} {n_trips:5.1f} {figures}")
         print(f"p50 unfolded / fold: {p50['unfolded'] / p50['fold']:.2f}x")
         engine.dispose()
     finally:

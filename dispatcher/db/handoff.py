@@ -48,7 +48,7 @@ from dispatcher.db.attempts import (
     finish_many,
     free_slots,
 )
-from dispatcher.db.batch import case_by, end_final_statement
+from dispatcher.db.batch import case_by, end_final_statement, statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
@@ -275,5 +275,4 @@ def _history_of_ended(
         f" FROM tasks WHERE task_id IN :ids AND attempt = {attempt} AND updated_at = :now"
         " AND state <> 'processing'"
     )
-    statement = text(sql).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
-    return statement, params
+    return statement(sql, stamps=("now",), lists=("ids",)), params
