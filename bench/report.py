@@ -109,6 +109,11 @@ ROWS = [
         "slot turnaround p99, ms", _get("efficiency", "turnaround_ms", "p99"), "turnaround_p99_ms", "{:,.2f}"
     ),
     Row(
+        "  turnaround p99 once settled (slots freed 1 s on: enqueue burst over)",
+        _get("efficiency", "turnaround_settled_ms", "p99"),
+        fmt="{:,.2f}",
+    ),
+    Row(
         "  turnaround p50, part 1: callback until recorded",
         _get("efficiency", "turnaround_split_ms", "callback_recorded", "p50"),
         fmt="{:,.2f}",

@@ -84,3 +84,19 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile(values, 50) == 2.5
     assert percentile(values, 99) == pytest.approx(3.97)
     assert percentile([], 50) != percentile([], 50)  # NaN
+
+
+def test_the_settled_turnaround_leaves_out_slots_freed_in_the_first_second() -> None:
+    # GIVEN one GPU, one slot, clock started at 10.0: a slot freed at 10.5 took 50 ms to refill (during the
+    # driver's enqueue burst), the ones freed at 11.2 and 12.0 took 2 and 4 ms
+    w = Workload("efficiency", gpus=1, slots=1, service=0.1, jobs=4)
+    jobs = [
+        job("a", "g0", 10.0, 10.5),
+        job("b", "g0", 10.55, 11.2),
+        job("c", "g0", 11.202, 12.0),
+        job("d", "g0", 12.004, 12.1),
+    ]
+    result = measure(w, jobs, dict.fromkeys("abcd", 10.0), started=10.0)
+    assert result["turnaround_ms"]["n"] == 3
+    assert result["turnaround_settled_ms"]["n"] == 2
+    assert result["turnaround_settled_ms"]["max"] == pytest.approx(4.0)
