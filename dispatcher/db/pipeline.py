@@ -245,10 +245,14 @@ class _Plan:
 
 def _plan(conn: Connection, statement: Executable) -> _Plan:
     sql = getattr(statement, "text", None)
-    if sql is None:  # not a text(): no cheap key, compile it
-        return _make_plan(conn.dialect, statement)
     binds = getattr(statement, "_bindparams", {})
-    key = (conn.dialect.name, sql, tuple((name, type(b.type), b.expanding) for name, b in binds.items()))
+    if sql is None or any(b.value is not None or b.callable is not None for b in binds.values()):
+        # Not a text() (no cheap key), or values bound in it, which its SQL does not show: compiled each time.
+        return _make_plan(conn.dialect, statement)
+    dialect = conn.dialect
+    # A type's arguments count (a processor may depend on them), and so does the paramstyle (the SQL's).
+    shape = tuple((name, b.type._static_cache_key, b.expanding) for name, b in binds.items())
+    key = (dialect.name, dialect.paramstyle, sql, shape)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
@@ -264,7 +268,10 @@ def _make_plan(dialect: Any, statement: Executable) -> _Plan:
         dialect.paramstyle == "pyformat"
         and not compiled.positional
         and not compiled.literal_execute_params
+        and not compiled.escaped_bind_names  # a name SQLAlchemy respelled in the SQL
         and {bind.key for bind in compiled.post_compile_params} == set(lists)
+        # each list as a bare token: not wrapped in its type's SQL expression (bind_expression)
+        and all(f"(__[POSTCOMPILE_{name}])" in compiled.string for name in lists)
     )
     names = tuple(dict.fromkeys(compiled.bind_names.values()))
     processors = dict(compiled._bind_processors)
@@ -280,7 +287,9 @@ def _render(conn: Connection, cursor: Any, statement: Executable, params: dict[s
             return rendered
     state = plan.compiled.construct_expanded_state(params)
     values = dict(state.parameters)
-    for name, process in state.processors.items():
+    # As SQLAlchemy executes it: the statement's processors, and those of the lists' spelled-out items.
+    processors = {**plan.processors, **state.processors}
+    for name, process in processors.items():
         if name in values and process is not None:
             values[name] = process(values[name])
     return str(cursor.mogrify(state.statement, values))
@@ -289,15 +298,15 @@ def _render(conn: Connection, cursor: Any, statement: Executable, params: dict[s
 def _render_plain(plan: _Plan, sql: str, cursor: Any, params: dict[str, Any]) -> str | None:
     """``_render`` without SQLAlchemy: each list spelled out as placeholders of its own, values processed
     as SQLAlchemy would (a list's processor applies to each item), all escaped by the driver. None for what
-    only SQLAlchemy spells (an empty list) or says is wrong (a parameter missing)."""
+    only SQLAlchemy spells (an empty list, a list of tuples) or says is wrong (a parameter missing)."""
     try:
         values = {name: params[name] for name in plan.names}
     except KeyError:
         return None
     for name in plan.lists:
         items = values.pop(name)
-        if not items:
-            return None
+        if not items or any(isinstance(item, (tuple, list)) for item in items):
+            return None  # SQLAlchemy spells an empty list, and a list of tuples as a tuple IN
         process = plan.processors.get(name)
         keys = [f"{name}__{i}" for i in range(len(items))]
         if any(key in values for key in keys):

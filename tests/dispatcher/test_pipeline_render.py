@@ -12,7 +12,18 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import (
+    JSON,
+    Engine,
+    String,
+    TypeDecorator,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.exc import InvalidRequestError
 
 from dispatcher.db import pipeline as pl
@@ -46,14 +57,62 @@ def engine(database_url: str) -> Iterator[Engine]:
     e.dispose()
 
 
+@pytest.fixture(autouse=True)
+def _fresh_plans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pl, "_PLANS", {})
+
+
+class _Captured(Exception):
+    pass
+
+
 def _by_sqlalchemy(conn: Any, cursor: Any, stmt: Any, params: dict[str, Any]) -> str:
-    """What ``_render`` sent before: SQLAlchemy's expanded state, bound by the driver."""
-    state = stmt.compile(dialect=conn.dialect).construct_expanded_state(params)
-    values = dict(state.parameters)
-    for name, process in state.processors.items():
-        if name in values and process is not None:
-            values[name] = process(values[name])
-    return str(cursor.mogrify(state.statement, values))
+    """What ``conn.execute`` would send for the statement on its own: the SQL and parameters SQLAlchemy hands
+    the driver, bound by the driver (captured before it runs, which it then does not)."""
+    sent: list[str] = []
+
+    def capture(_conn: Any, _cursor: Any, sql: str, parameters: Any, *_: Any) -> None:
+        sent.append(str(cursor.mogrify(sql, parameters)))
+        raise _Captured
+
+    event.listen(conn, "before_cursor_execute", capture)
+    try:
+        with pytest.raises(_Captured):
+            conn.execute(stmt, params)
+    finally:
+        event.remove(conn, "before_cursor_execute", capture)
+    conn.rollback()
+    return sent[0]
+
+
+def _sent(conn: Any, stmt: Any, params: dict[str, Any]) -> Any:
+    """What the pipeline would send, run on its own: the row MariaDB answers."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    return conn.exec_driver_sql(pl._render(conn, cursor, stmt, params).replace("%", "%%")).one()
+
+
+class Prefixed(TypeDecorator[str]):
+    """A type whose processor depends on its argument."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else self.prefix + value
+
+
+class Lowered(TypeDecorator[str]):
+    """A type that wraps its parameter in SQL."""
+
+    impl = String
+    cache_ok = True
+
+    def bind_expression(self, bindvalue: Any) -> Any:
+        return func.lower(bindvalue)
 
 
 def _statements() -> list[tuple[str, Any, dict[str, Any]]]:
@@ -170,3 +229,69 @@ def test_the_plans_kept_are_bounded(engine: Engine, monkeypatch: pytest.MonkeyPa
         for i in range(10):
             pl._plan(conn, text(f"SELECT {i}"))
             assert len(pl._PLANS) <= 4
+
+
+# -- from the outside review of the renderer: what must not share a plan, or not take the fast way ----------
+
+
+def test_two_statements_whose_types_differ_only_in_arguments_do_not_share_a_plan(engine: Engine) -> None:
+    sql = "SELECT :s AS s, 1 IN :l AS hit"
+    a = text(sql).bindparams(bindparam("s", type_=Prefixed("A:")), bindparam("l", expanding=True))
+    b = text(sql).bindparams(bindparam("s", type_=Prefixed("B:")), bindparam("l", expanding=True))
+    with engine.connect() as conn:
+        assert conn.execute(b, {"s": "x", "l": [1]}).one().s == "B:x"
+        assert _sent(conn, a, {"s": "x", "l": [1]}).s == "A:x"
+        assert _sent(conn, b, {"s": "x", "l": [1]}).s == "B:x"
+
+
+def test_values_bound_in_a_statement_are_its_own(engine: Engine) -> None:
+    one = text("SELECT :x AS x, 1 IN :l AS hit").bindparams(bindparam("l", expanding=True), x="one")
+    two = text("SELECT :x AS x, 1 IN :l AS hit").bindparams(bindparam("l", expanding=True), x="two")
+    with engine.connect() as conn:
+        assert _sent(conn, one, {"l": [1]}).x == "one"
+        assert _sent(conn, two, {"l": [1]}).x == "two"
+
+
+def test_a_plan_made_for_another_paramstyle_is_not_reused(engine: Engine) -> None:
+    other = create_engine(engine.url.render_as_string(hide_password=False), paramstyle="format")
+    stmt = text("SELECT :a AS a, 1 IN :l AS hit").bindparams(bindparam("l", expanding=True))
+    try:
+        with other.connect() as conn:
+            pl._plan(conn, stmt)
+        with engine.connect() as conn:
+            assert _sent(conn, stmt, {"a": "x", "l": [1]}).a == "x"
+    finally:
+        other.dispose()
+
+
+def test_typed_parameters_are_processed_the_same_with_an_empty_list(engine: Engine) -> None:
+    stmt = text("SELECT :s AS s, :j AS j, COUNT(*) AS n FROM (SELECT 1 AS x) t WHERE x IN :l").bindparams(
+        bindparam("s", type_=Prefixed("P:")), bindparam("j", type_=JSON), bindparam("l", expanding=True)
+    )
+    with engine.connect() as conn:
+        want = conn.execute(stmt, {"s": "x", "j": {"k": "v"}, "l": []}).one()
+        assert (want.s, want.j) == ("P:x", '{"k": "v"}')
+        assert tuple(_sent(conn, stmt, {"s": "x", "j": {"k": "v"}, "l": [1]}))[:2] == (want.s, want.j)
+        assert tuple(_sent(conn, stmt, {"s": "x", "j": {"k": "v"}, "l": []}))[:2] == (want.s, want.j)
+
+
+def test_a_list_whose_type_wraps_it_in_sql(engine: Engine) -> None:
+    stmt = text("SELECT 'a' IN :l AS hit").bindparams(bindparam("l", expanding=True, type_=Lowered()))
+    with engine.connect() as conn:
+        assert conn.execute(stmt, {"l": ["A"]}).one().hit == 1
+        assert _sent(conn, stmt, {"l": ["A"]}).hit == 1
+
+
+def test_a_core_statement_with_a_respelled_parameter_name(engine: Engine) -> None:
+    stmt = select(bindparam("a b", type_=String).label("v"))
+    with engine.connect() as conn:
+        assert conn.execute(stmt, {"a b": "x"}).one().v == "x"
+        assert _sent(conn, stmt, {"a b": "x"}).v == "x"
+
+
+def test_a_list_of_tuples_means_what_it_means_to_sqlalchemy(engine: Engine) -> None:
+    stmt = text("SELECT ('c', 'd') IN :l AS hit").bindparams(bindparam("l", expanding=True))
+    params = {"l": [("a", "b"), "cd"]}
+    with engine.connect() as conn:
+        assert conn.execute(stmt, params).one().hit == 1
+        assert _sent(conn, stmt, params).hit == 1
