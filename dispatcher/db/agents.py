@@ -48,6 +48,26 @@ _TAKE = text(
 _RENEW = text(
     "UPDATE slots SET lease_expires_at = :lease WHERE task_id = :task_id AND attempt = :attempt"
 ).bindparams(bindparam("lease", type_=Timestamp))
+_UNFETCHED_MANY_SQL = """
+    SELECT s.gpu_id, s.slot_index, t.task_id, t.type, t.data, t.attempt, t.state
+    FROM slots s JOIN tasks t ON t.task_id = s.task_id
+    WHERE s.gpu_id IN :ids AND t.attempt = s.attempt
+      AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
+    ORDER BY s.gpu_id, s.claimed_at, s.slot_index
+"""
+_UNFETCHED_MANY = text(_UNFETCHED_MANY_SQL).bindparams(bindparam("ids", expanding=True))
+# Locked as read: another poll of the same GPU (here or at another dispatcher) waits for this transaction and
+# then finds them fetched, so the jobs read here are the ones this transaction marks.
+_UNFETCHED_MANY_LOCKED = text(_UNFETCHED_MANY_SQL + " FOR UPDATE").bindparams(
+    bindparam("ids", expanding=True)
+)
+_TAKE_MANY = text(
+    "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN :ids"
+    " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> attempt)"
+).bindparams(bindparam("ids", expanding=True))
+_RENEW_MANY = text(
+    "UPDATE slots SET lease_expires_at = :lease WHERE (task_id, attempt) IN :pairs"
+).bindparams(bindparam("lease", type_=Timestamp), bindparam("pairs", expanding=True))
 _DELIVERED = text(
     "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN"
     " (SELECT task_id FROM slots WHERE gpu_id = :gpu_id AND task_id IS NOT NULL)"
@@ -203,8 +223,94 @@ def poll(
 
 
 def poll_many(conn: Connection, *, looks: list[dict[str, Any]]) -> list[Poll]:
-    """The looks of several waiting polls in one transaction (one commit, one worker thread)."""
-    return [poll(conn, **look) for look in looks]
+    """The looks of several waiting polls in one transaction, each as ``poll`` would answer it in turn, in
+    a few statements whatever their number: their GPUs read at once, their unfetched jobs read (and locked)
+    at once, the jobs they take marked fetched and their leases renewed at once. One statement per look and
+    two per job took 15 ms per batch of 4-5 looks in the pull benchmark, one batch at a time: the agents'
+    next jobs waited for it (pickup p50 ~90 ms)."""
+    if len(looks) < 2:
+        return [poll(conn, **look) for look in looks]
+    out = [Poll("ok") for _ in looks]
+    agent = _authenticate_many(conn, looks, out)
+    if not agent:
+        return out
+    waiting: dict[str, list[Any]] = {gpu_id: [] for gpu_id in agent}
+    unfetched = _UNFETCHED_MANY_LOCKED if conn.dialect.name in ("mysql", "mariadb") else _UNFETCHED_MANY
+    for r in conn.execute(unfetched, {"ids": sorted(agent)}):
+        waiting[r.gpu_id].append(r)
+    taken: list[Any] = []
+    for i, look in enumerate(looks):
+        if out[i].status != "ok":
+            continue
+        rest = []
+        for r in waiting[look["gpu_id"]]:
+            if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
+                out[i].released += release_cancelled(conn, task_id=r.task_id, attempt=r.attempt)
+            elif len(out[i].jobs) < look["max_jobs"]:
+                out[i].jobs.append(AgentJob(r.task_id, r.type, json.loads(r.data), r.attempt))
+                taken.append(r)
+            else:
+                rest.append(r)  # for the GPU's next look in this batch
+        waiting[look["gpu_id"]] = rest
+        _mark_seen(conn, out[i], look, agent[look["gpu_id"]])
+    if taken:
+        _take_many(conn, taken, lease=looks[0]["now"] + timedelta(seconds=looks[0]["lease_seconds"]))
+    return out
+
+
+@dataclass(slots=True)
+class _Agent:
+    """What a batch's transaction knows of a polling GPU, kept up to date as it writes."""
+
+    healthy: bool
+    seen_until: datetime | None
+
+
+def _authenticate_many(conn: Connection, looks: list[dict[str, Any]], out: list[Poll]) -> dict[str, _Agent]:
+    """``_authenticate`` for every look, their GPUs read at once; a look whose token does not match is
+    asked again alone (its status: 401, 403 or 404, as a lone poll gets). The GPUs polled rightly."""
+    ids = sorted({look["gpu_id"] for look in looks})
+    columns = (gpus.c.gpu_id, gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url, gpus.c.agent_seen_until)
+    rows = {r.gpu_id: r for r in conn.execute(select(*columns).where(gpus.c.gpu_id.in_(ids)))}
+    agent: dict[str, _Agent] = {}
+    for i, look in enumerate(looks):
+        row, token = rows.get(look["gpu_id"]), look["token_hash"]
+        stored = row.agent_token_hash if row is not None and row.url.startswith(PULL_SCHEME) else None
+        if row is None or stored is None or not hmac.compare_digest(stored.encode(), token.encode()):
+            out[i].status = _authenticate(conn, gpu_id=look["gpu_id"], token_hash=token)[0]
+        elif look["gpu_id"] not in agent:
+            agent[look["gpu_id"]] = _Agent(row.healthy, row.agent_seen_until)
+    return agent
+
+
+def _mark_seen(conn: Connection, out: Poll, look: dict[str, Any], agent: _Agent) -> None:
+    """``poll``'s "seen until" mark and return to rotation, for one look of a batch."""
+    seen_until = look.get("seen_until")
+    if seen_until is None:
+        return
+    slack = min(SEEN_SLACK, look.get("seen_slack", SEEN_SLACK))
+    values: dict[str, object] = {}
+    if not agent.healthy or agent.seen_until is None or agent.seen_until < seen_until - slack:
+        values["agent_seen_until"] = seen_until
+        agent.seen_until = seen_until
+    if not agent.healthy:
+        values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
+        out.back = True
+        agent.healthy = True
+    if values:
+        conn.execute(update(gpus).where(gpus.c.gpu_id == look["gpu_id"]).values(**values))
+
+
+def _take_many(conn: Connection, taken: list[Any], *, lease: datetime) -> None:
+    """Mark the jobs fetched and give their slots the whole lease from now. Their rows were read locked in
+    this transaction (one writer at a time on SQLite), so no other poll can have taken one meanwhile: a
+    count that differs is a bug, and rolls everything back rather than hand out a job twice or lose one."""
+    ids = [r.task_id for r in taken]
+    got = conn.execute(_TAKE_MANY, {"ids": ids}).rowcount
+    if got != len(ids):
+        raise RuntimeError(f"marked {got} of {len(ids)} locked jobs fetched")
+    pairs = [(r.task_id, r.attempt) for r in taken]
+    conn.execute(_RENEW_MANY, {"pairs": pairs, "lease": lease})
 
 
 def agent_left(conn: Connection, *, gpu_id: str, seen_until: datetime, now: datetime) -> None:
