@@ -4,8 +4,9 @@ A job for a pull GPU is placed like any other (``dispatch``: a slot claimed, the
 least-loaded first); nothing is sent. Its agent's next poll, at whichever dispatcher, takes it: the
 conditional ``UPDATE tasks SET fetched_attempt = attempt WHERE … fetched_attempt <> attempt`` lets exactly
 one poll have it, and renews the slot's lease (the GPU gets the whole lease from the moment it has the
-job). A batch of looks (``poll_many``) reads the jobs it takes locked (``SELECT … FOR UPDATE``) and marks
-them all in one statement: a concurrent look, here or at another dispatcher, waits and finds them fetched. A job never fetched is settled by its lease, or earlier when its agent falls silent
+job). A batch of looks (``poll_many``) reads the jobs it takes locked (``SELECT … FOR UPDATE``) and
+marks them all in one statement: a concurrent look, here or at another dispatcher, waits and finds them
+fetched. A job never fetched is settled by its lease, or earlier when its agent falls silent
 (``take_back_unfetched``). A job cancelled before its agent fetched it frees its slot at the next poll: the
 GPU never had it, so nothing needs confirming.
 """
