@@ -4,8 +4,8 @@ A job for a pull GPU is placed like any other (``dispatch``: a slot claimed, the
 least-loaded first); nothing is sent. Its agent's next poll, at whichever dispatcher, takes it: the
 conditional ``UPDATE tasks SET fetched_attempt = attempt WHERE … fetched_attempt <> attempt`` lets exactly
 one poll have it, and renews the slot's lease (the GPU gets the whole lease from the moment it has the
-job). A batch of looks (``poll_many``) reads the jobs it takes locked (``SELECT … FOR UPDATE``) and
-marks them all in one statement: a concurrent look, here or at another dispatcher, waits and finds them
+job). A batch of looks (``poll_many``) locks the task rows of the jobs it takes (``SELECT … FOR UPDATE``)
+and marks them all in one statement: a concurrent look, here or at another dispatcher, waits and finds them
 fetched. A job never fetched is settled by its lease, or earlier when its agent falls silent
 (``take_back_unfetched``). A job cancelled before its agent fetched it frees its slot at the next poll: the
 GPU never had it, so nothing needs confirming.
@@ -34,35 +34,24 @@ SEEN_SLACK = timedelta(seconds=5)
 #: A pull GPU no agent has polled yet, or whose agent fell silent: why it is out of rotation.
 NO_AGENT = "no agent has polled yet"
 
-_UNFETCHED = text(
-    """
-    SELECT s.slot_index, t.task_id, t.type, t.data, t.attempt, t.state
-    FROM slots s JOIN tasks t ON t.task_id = s.task_id
-    WHERE s.gpu_id = :gpu_id AND t.attempt = s.attempt
-      AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
-    ORDER BY s.claimed_at, s.slot_index
-    """
-)
 _TAKE = text(
     "UPDATE tasks SET fetched_attempt = :attempt WHERE task_id = :task_id AND attempt = :attempt"
     " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> :attempt)"
 )
-_RENEW = text(
-    "UPDATE slots SET lease_expires_at = :lease WHERE task_id = :task_id AND attempt = :attempt"
-).bindparams(bindparam("lease", type_=Timestamp))
-_UNFETCHED_MANY_SQL = """
+_UNFETCHED_MANY = text(
+    """
     SELECT s.gpu_id, s.slot_index, t.task_id, t.type, t.data, t.attempt, t.state
     FROM slots s JOIN tasks t ON t.task_id = s.task_id
     WHERE s.gpu_id IN :ids AND t.attempt = s.attempt
       AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
     ORDER BY s.gpu_id, s.claimed_at, s.slot_index
-"""
-_UNFETCHED_MANY = text(_UNFETCHED_MANY_SQL).bindparams(bindparam("ids", expanding=True))
-# Locked as read: another poll of the same GPU (here or at another dispatcher) waits for this transaction and
-# then finds them fetched, so the jobs read here are the ones this transaction marks.
-_UNFETCHED_MANY_LOCKED = text(_UNFETCHED_MANY_SQL + " FOR UPDATE").bindparams(
-    bindparam("ids", expanding=True)
+    """
+).bindparams(bindparam("ids", expanding=True))
+_READ_TASKS_SQL = (
+    "SELECT task_id, attempt, state, fetched_attempt FROM tasks WHERE task_id IN :ids ORDER BY task_id"
 )
+_READ_TASKS = text(_READ_TASKS_SQL).bindparams(bindparam("ids", expanding=True))
+_LOCK_TASKS = text(_READ_TASKS_SQL + " FOR UPDATE").bindparams(bindparam("ids", expanding=True))
 _TAKE_MANY = text(
     "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN :ids"
     " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> attempt)"
@@ -163,9 +152,9 @@ def _authenticate(conn: Connection, *, gpu_id: str, token_hash: str) -> tuple[St
     """Who is polling. A token no GPU has is 401 whatever the path names (an unauthenticated caller learns
     nothing about which GPUs exist); an agent of another GPU is 403 for a GPU that exists, 404 else."""
     row = conn.execute(
-        select(gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url, gpus.c.agent_seen_until).where(
-            gpus.c.gpu_id == gpu_id
-        )
+        select(
+            gpus.c.gpu_id, gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url, gpus.c.agent_seen_until
+        ).where(gpus.c.gpu_id == gpu_id)
     ).first()
     stored = row.agent_token_hash if row is not None and row.url.startswith(PULL_SCHEME) else None
     if stored is not None and hmac.compare_digest(stored.encode(), token_hash.encode()):
@@ -189,63 +178,37 @@ def poll(
 ) -> Poll:
     """One look of an agent's long poll: check its token, note that it is there (``seen_until``: when its
     poll ends, given on the first look), free the slots of jobs cancelled before they were fetched, and
-    take up to ``max_jobs`` jobs placed on its slots."""
-    status, row = _authenticate(conn, gpu_id=gpu_id, token_hash=token_hash)
-    out = Poll(status)
-    if status != "ok":
-        return out
-    lease = now + timedelta(seconds=lease_seconds)
-    for r in conn.execute(_UNFETCHED, {"gpu_id": gpu_id}).all():
-        if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
-            out.released += release_cancelled(conn, task_id=r.task_id, attempt=r.attempt)
-            continue
-        if len(out.jobs) >= max_jobs:
-            continue
-        params = {"task_id": r.task_id, "attempt": r.attempt}
-        if conn.execute(_TAKE, params).rowcount != 1:
-            continue  # another poll of this agent took it, or it ended meanwhile
-        conn.execute(_RENEW, params | {"lease": lease})
-        out.jobs.append(AgentJob(r.task_id, r.type, json.loads(r.data), r.attempt))
-    if seen_until is None:
-        return out
-    # The agent is there until its poll's wait runs out (or it hangs up: agent_left). Written only when it
-    # moves the mark by the slack or more (an agent polling again and again costs no write per poll), and
-    # always when the GPU comes back; the caller keeps the slack well below AGENT_STALE_SECONDS, or a
-    # mark left behind by the slack would make a polling agent look silent.
-    values: dict[str, object] = {}
-    stored = row.agent_seen_until
-    if not row.healthy or stored is None or stored < seen_until - min(SEEN_SLACK, seen_slack):
-        values["agent_seen_until"] = seen_until
-    if not row.healthy:
-        values |= {"healthy": True, "consecutive_failures": 0, "down_until": None, "last_error": None}
-        out.back = True
-    if values:
-        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
-    return out
+    take up to ``max_jobs`` jobs placed on its slots. A batch of one (``poll_many``)."""
+    look = {"gpu_id": gpu_id, "token_hash": token_hash, "max_jobs": max_jobs, "now": now}
+    look |= {"lease_seconds": lease_seconds, "seen_until": seen_until, "seen_slack": seen_slack}
+    return poll_many(conn, looks=[look])[0]
 
 
 def poll_many(conn: Connection, *, looks: list[dict[str, Any]]) -> list[Poll]:
-    """The looks of several waiting polls in one transaction, each as ``poll`` would answer it in turn, in
-    a few statements whatever their number: their GPUs read at once, their unfetched jobs read (and locked)
-    at once, the jobs they take marked fetched and their leases renewed at once. One statement per look and
-    two per job took 15 ms per batch of 4-5 looks in the pull benchmark, one batch at a time: the agents'
-    next jobs waited for it (pickup p50 ~90 ms)."""
-    if len(looks) < 2:
-        return [poll(conn, **look) for look in looks]
+    """The looks of several waiting polls in one transaction, each answered as if alone and in turn (a GPU
+    polled twice splits its jobs in order), in five statements whatever their number: their GPUs, their
+    unfetched jobs, those jobs' task rows locked, the jobs taken marked fetched, their leases renewed. One
+    statement per look and two per job took 15 ms per batch of 4-5 looks in the pull benchmark, one batch at
+    a time, and the agents' next jobs waited for it (pickup p50 ~90 ms).
+
+    Locks: only the task rows of the jobs to take, in key order, then their slots (as ending an attempt,
+    a hand-off or a cancel lock a task, then its slot): no slot row is locked while a task row is awaited,
+    and free slots are never locked (placement does not wait for a look)."""
     out = [Poll("ok") for _ in looks]
-    agent = _authenticate_many(conn, looks, out)
+    gpu_of, agent = _authenticate_many(conn, looks, out)
     if not agent:
         return out
     waiting: dict[str, list[Any]] = {gpu_id: [] for gpu_id in agent}
-    unfetched = _UNFETCHED_MANY_LOCKED if conn.dialect.name in ("mysql", "mariadb") else _UNFETCHED_MANY
-    for r in conn.execute(unfetched, {"ids": sorted(agent)}):
+    for r in conn.execute(_UNFETCHED_MANY, {"ids": sorted(agent)}):
         waiting[r.gpu_id].append(r)
+    _keep_unfetched(conn, waiting)
     taken: list[Any] = []
     for i, look in enumerate(looks):
-        if out[i].status != "ok":
+        gpu_id = gpu_of[i]
+        if gpu_id is None:
             continue
         rest = []
-        for r in waiting[look["gpu_id"]]:
+        for r in waiting[gpu_id]:
             if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
                 out[i].released += release_cancelled(conn, task_id=r.task_id, attempt=r.attempt)
             elif len(out[i].jobs) < look["max_jobs"]:
@@ -253,8 +216,8 @@ def poll_many(conn: Connection, *, looks: list[dict[str, Any]]) -> list[Poll]:
                 taken.append(r)
             else:
                 rest.append(r)  # for the GPU's next look in this batch
-        waiting[look["gpu_id"]] = rest
-        _mark_seen(conn, out[i], look, agent[look["gpu_id"]])
+        waiting[gpu_id] = rest
+        _mark_seen(conn, out[i], gpu_id, look, agent[gpu_id])
     if taken:
         _take_many(conn, taken, lease=looks[0]["now"] + timedelta(seconds=looks[0]["lease_seconds"]))
     return out
@@ -268,25 +231,63 @@ class _Agent:
     seen_until: datetime | None
 
 
-def _authenticate_many(conn: Connection, looks: list[dict[str, Any]], out: list[Poll]) -> dict[str, _Agent]:
-    """``_authenticate`` for every look, their GPUs read at once; a look whose token does not match is
-    asked again alone (its status: 401, 403 or 404, as a lone poll gets). The GPUs polled rightly."""
+def _authenticate_many(
+    conn: Connection, looks: list[dict[str, Any]], out: list[Poll]
+) -> tuple[list[str | None], dict[str, _Agent]]:
+    """``_authenticate`` for every look, their GPUs read at once; a look whose GPU id or token does not match
+    a row exactly is asked again alone (its status 401, 403 or 404 as a lone poll gets; or "ok" for an id
+    the database compares equal, in another case say). Returns each look's GPU as the database spells it
+    (None: not this agent's), and the GPUs polled rightly."""
     ids = sorted({look["gpu_id"] for look in looks})
     columns = (gpus.c.gpu_id, gpus.c.agent_token_hash, gpus.c.healthy, gpus.c.url, gpus.c.agent_seen_until)
     rows = {r.gpu_id: r for r in conn.execute(select(*columns).where(gpus.c.gpu_id.in_(ids)))}
+    gpu_of: list[str | None] = []
     agent: dict[str, _Agent] = {}
     for i, look in enumerate(looks):
         row, token = rows.get(look["gpu_id"]), look["token_hash"]
         stored = row.agent_token_hash if row is not None and row.url.startswith(PULL_SCHEME) else None
         if row is None or stored is None or not hmac.compare_digest(stored.encode(), token.encode()):
-            out[i].status = _authenticate(conn, gpu_id=look["gpu_id"], token_hash=token)[0]
-        elif look["gpu_id"] not in agent:
-            agent[look["gpu_id"]] = _Agent(row.healthy, row.agent_seen_until)
-    return agent
+            out[i].status, row = _authenticate(conn, gpu_id=look["gpu_id"], token_hash=token)
+        if row is None:
+            gpu_of.append(None)
+            continue
+        gpu_of.append(row.gpu_id)
+        if row.gpu_id not in agent:
+            agent[row.gpu_id] = _Agent(row.healthy, row.agent_seen_until)
+    return gpu_of, agent
 
 
-def _mark_seen(conn: Connection, out: Poll, look: dict[str, Any], agent: _Agent) -> None:
-    """``poll``'s "seen until" mark and return to rotation, for one look of a batch."""
+def _keep_unfetched(conn: Connection, waiting: dict[str, list[Any]]) -> None:
+    """Lock the task rows of the jobs about to be taken (read without a lock) and keep those still waiting
+    for their agent: another look, here or at another dispatcher, that took one first has committed by the
+    time the lock is ours, and one that comes after waits for this transaction and finds them fetched."""
+    ids = sorted(
+        {r.task_id for rows in waiting.values() for r in rows if r.state == TaskState.PROCESSING.value}
+    )
+    if not ids:
+        return
+    lock = _LOCK_TASKS if conn.dialect.name in ("mysql", "mariadb") else _READ_TASKS  # SQLite: one writer
+    now = {t.task_id: t for t in conn.execute(lock, {"ids": ids})}
+    for gpu_id, rows in waiting.items():
+        waiting[gpu_id] = [r for r in rows if r.state != TaskState.PROCESSING.value or _unfetched(now, r)]
+
+
+def _unfetched(now: dict[str, Any], r: Any) -> bool:
+    t = now.get(r.task_id)
+    return (
+        t is not None
+        and t.state == TaskState.PROCESSING.value
+        and t.attempt == r.attempt
+        and (t.fetched_attempt is None or t.fetched_attempt != t.attempt)
+    )
+
+
+def _mark_seen(conn: Connection, out: Poll, gpu_id: str, look: dict[str, Any], agent: _Agent) -> None:
+    """The "seen until" mark and return to rotation, for one look: the agent is there until its poll's wait
+    runs out (or it hangs up: ``agent_left``). Written only when it moves the mark by the slack or more (an
+    agent polling again and again costs no write per poll), and always when the GPU comes back; the caller
+    keeps the slack well below AGENT_STALE_SECONDS, or a mark left behind by the slack would make a polling
+    agent look silent."""
     seen_until = look.get("seen_until")
     if seen_until is None:
         return
@@ -300,13 +301,13 @@ def _mark_seen(conn: Connection, out: Poll, look: dict[str, Any], agent: _Agent)
         out.back = True
         agent.healthy = True
     if values:
-        conn.execute(update(gpus).where(gpus.c.gpu_id == look["gpu_id"]).values(**values))
+        conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
 
 
 def _take_many(conn: Connection, taken: list[Any], *, lease: datetime) -> None:
-    """Mark the jobs fetched and give their slots the whole lease from now. Their rows were read locked in
-    this transaction (one writer at a time on SQLite), so no other poll can have taken one meanwhile: a
-    count that differs is a bug, and rolls everything back rather than hand out a job twice or lose one."""
+    """Mark the jobs fetched and give their slots the whole lease from now. Their task rows are locked by
+    this transaction (``_keep_unfetched``), so a count that differs is a bug: everything is rolled back
+    rather than a job handed out twice or lost."""
     ids = [r.task_id for r in taken]
     got = conn.execute(_TAKE_MANY, {"ids": ids}).rowcount
     if got != len(ids):
