@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Executable
+from sqlalchemy.sql.cache_key import NO_CACHE
 
 _TRIPS = "gpuq_round_trips"
 
@@ -252,6 +253,8 @@ def _plan(conn: Connection, statement: Executable) -> _Plan:
     dialect = conn.dialect
     # A type's arguments count (a processor may depend on them), and so does the paramstyle (the SQL's).
     shape = tuple((name, b.type._static_cache_key, b.expanding) for name, b in binds.items())
+    if any(type_key is NO_CACHE for _, type_key, _ in shape):  # a type that cannot say what it depends on
+        return _make_plan(dialect, statement)
     key = (dialect.name, dialect.paramstyle, sql, shape)
     plan = _PLANS.get(key)
     if plan is None:

@@ -295,3 +295,26 @@ def test_a_list_of_tuples_means_what_it_means_to_sqlalchemy(engine: Engine) -> N
     with engine.connect() as conn:
         assert conn.execute(stmt, params).one().hit == 1
         assert _sent(conn, stmt, params).hit == 1
+
+
+class Uncached(TypeDecorator[str]):
+    """A type that does not say it may be cached (no ``cache_ok``): its arguments are not in its cache key."""
+
+    impl = String
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else self.prefix + value
+
+
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.SAWarning")
+def test_statements_of_a_type_without_a_cache_key_are_not_shared(engine: Engine) -> None:
+    sql = "SELECT :s AS s, 1 IN :l AS hit"
+    a = text(sql).bindparams(bindparam("s", type_=Uncached("A:")), bindparam("l", expanding=True))
+    b = text(sql).bindparams(bindparam("s", type_=Uncached("B:")), bindparam("l", expanding=True))
+    with engine.connect() as conn:
+        assert _sent(conn, a, {"s": "x", "l": [1]}).s == "A:x"
+        assert _sent(conn, b, {"s": "x", "l": [1]}).s == "B:x"
