@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from sqlalchemy.exc import IntegrityError
+
 from dispatcher.db.attempts import Finish, finish_many
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.handoff import HandOff, end_and_hand_off
@@ -91,20 +93,17 @@ class HandOffs:
         rt = self.rt
         started = time.perf_counter()
         reconnects = rt.hot.reconnects
+        check = any(r.check for r in candidates)
         try:
-            out: HandOff = await rt.db_hot(
-                end_and_hand_off,
-                items=items,
-                now=rt.now(),
-                backoff=rt.backoff,
-                candidates=[(r.job, r.pool) for r in candidates],
-                check_existing=any(r.check for r in candidates),
-                dispatcher_id=rt.settings.dispatcher_id,
-                lease_seconds=rt.settings.task_timeout_seconds,
-                max_attempts=rt.settings.max_attempts,
-                rng=rt.rng,
-                fold_bytes=rt.limits.batch_bytes // 2,  # the jobs' data, escaped, stays within a statement
-            )
+            try:
+                out: HandOff = await self._hand_off(items, candidates, check=check)
+            except IntegrityError:
+                if check:
+                    raise
+                # A candidate is known already (cancelled while it waited, a copy): its fresh row's INSERT
+                # failed and rolled the transaction back. Run again looking first, as a pass does
+                # (placing.py), rather than end the attempts without a hand-off and log it as a failure.
+                out = await self._hand_off(items, candidates, check=True)
         except StoreUnavailable:
             self._return(candidates, suspect=True)
             raise
@@ -130,6 +129,24 @@ class HandOffs:
         elif used:
             self.wake.refill()
         return out.finishes
+
+    async def _hand_off(
+        self, items: list[dict[str, Any]], candidates: list[Ready], *, check: bool
+    ) -> HandOff:
+        rt = self.rt
+        return await rt.db_hot(
+            end_and_hand_off,
+            items=items,
+            now=rt.now(),
+            backoff=rt.backoff,
+            candidates=[(r.job, r.pool) for r in candidates],
+            check_existing=check,
+            dispatcher_id=rt.settings.dispatcher_id,
+            lease_seconds=rt.settings.task_timeout_seconds,
+            max_attempts=rt.settings.max_attempts,
+            rng=rt.rng,
+            fold_bytes=rt.limits.batch_bytes // 2,  # the jobs' data, escaped, stays within a statement
+        )
 
     def _started(self, out: HandOff, candidates: list[Ready], started: float, suspect: bool = False) -> int:
         """Fire the requests of the jobs placed; the rest go back to the buffer (``suspect``: marked to be
