@@ -46,6 +46,9 @@ def test_metrics_names_labels_and_values(stack):
     fleet = stack.fleet(gpus=1, service_time="0", faults=["lost_callback"])
     d = stack.dispatcher(fleet, TASK_TIMEOUT_SECONDS="60")
     wait_for(lambda: states(stack.engine)["processing"] == 4, 20, what="4 running")
+    # Recorded is not yet sent: the placement's commit is visible here before the dispatcher's loop has the
+    # transaction's answer and fires the requests (and counts them). Received by the GPU, they were counted.
+    wait_for(lambda: len(fleet.stats()["jobs"]) == 4, 20, what="4 requests at the GPU")
     wait_for(lambda: stack.rds.llen(Keys(stack.prefix).dead) == 1, 10, what="the dead letter")
     forged = httpx.post(
         f"{d.url}/callback",
