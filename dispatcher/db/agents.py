@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, select, text, update
 
+from dispatcher.db.batch import statement
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.gpus import register_gpu
-from dispatcher.db.schema import Timestamp, gpus
+from dispatcher.db.schema import gpus
 from dispatcher.gpus.pull import PULL_SCHEME, hash_agent_token, new_agent_token, pull_url
 from dispatcher.states import TaskState
 
@@ -38,27 +39,31 @@ _TAKE = text(
     "UPDATE tasks SET fetched_attempt = :attempt WHERE task_id = :task_id AND attempt = :attempt"
     " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> :attempt)"
 )
-_UNFETCHED_MANY = text(
+_UNFETCHED_MANY = statement(
     """
     SELECT s.gpu_id, s.slot_index, t.task_id, t.type, t.data, t.attempt, t.state
     FROM slots s JOIN tasks t ON t.task_id = s.task_id
     WHERE s.gpu_id IN :ids AND t.attempt = s.attempt
       AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
     ORDER BY s.gpu_id, s.claimed_at, s.slot_index
-    """
-).bindparams(bindparam("ids", expanding=True))
+    """,
+    lists=("ids",),
+)
 _READ_TASKS_SQL = (
     "SELECT task_id, attempt, state, fetched_attempt FROM tasks WHERE task_id IN :ids ORDER BY task_id"
 )
-_READ_TASKS = text(_READ_TASKS_SQL).bindparams(bindparam("ids", expanding=True))
-_LOCK_TASKS = text(_READ_TASKS_SQL + " FOR UPDATE").bindparams(bindparam("ids", expanding=True))
-_TAKE_MANY = text(
+_READ_TASKS = statement(_READ_TASKS_SQL, lists=("ids",))
+_LOCK_TASKS = statement(_READ_TASKS_SQL + " FOR UPDATE", lists=("ids",))
+_TAKE_MANY = statement(
     "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN :ids"
-    " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> attempt)"
-).bindparams(bindparam("ids", expanding=True))
-_RENEW_MANY = text(
-    "UPDATE slots SET lease_expires_at = :lease WHERE (task_id, attempt) IN :pairs"
-).bindparams(bindparam("lease", type_=Timestamp), bindparam("pairs", expanding=True))
+    " AND state = 'processing' AND (fetched_attempt IS NULL OR fetched_attempt <> attempt)",
+    lists=("ids",),
+)
+_RENEW_MANY = statement(
+    "UPDATE slots SET lease_expires_at = :lease WHERE (task_id, attempt) IN :pairs",
+    stamps=("lease",),
+    lists=("pairs",),
+)
 _DELIVERED = text(
     "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN"
     " (SELECT task_id FROM slots WHERE gpu_id = :gpu_id AND task_id IS NOT NULL)"

@@ -63,10 +63,6 @@ def statement(sql: str, *, stamps: Sequence[str] = (), lists: Sequence[str] = ()
     return made
 
 
-def _typed(sql: str, stamps: Sequence[str], *extra: str, lists: Sequence[str] = ()) -> TextClause:
-    return statement(sql, stamps=[*stamps, *extra], lists=lists)
-
-
 OURS = text(
     "SELECT task_id FROM slots WHERE task_id IN :ids AND dispatcher_id = :dispatcher_id AND claimed_at = :now"
 ).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
@@ -123,7 +119,7 @@ def claim_statement(
     params |= {"now": now, "lease": lease, "dispatcher_id": dispatcher_id}
     if takeover:
         params["takeover"] = list(takeover)
-    claim = _typed(sql, stamps, "now", "lease", lists=("takeover",) if takeover else ())
+    claim = statement(sql, stamps=[*stamps, "now", "lease"], lists=("takeover",) if takeover else ())
     return claim, params, [p["task_id"] for p in ordered]
 
 
@@ -173,7 +169,7 @@ def end_attempts(conn: Connection, *, items: Sequence[dict[str, Any]], now: date
         " WHERE s.task_id = t.task_id AND s.attempt = t.attempt AND s.lease_expires_at < :now))",
     )
     params["now"] = now
-    return int(conn.execute(_typed(sql, stamps, "now"), params).rowcount)
+    return int(conn.execute(statement(sql, stamps=[*stamps, "now"]), params).rowcount)
 
 
 def case_by(key: str, values: Sequence[Any], name: str, params: dict[str, Any]) -> str:
