@@ -6,6 +6,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,52 @@ def machine() -> dict[str, Any]:
         "ram_gib": round(mem_kb / 1024**2, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
+        "py_loop_ms": python_loop_ms(),
     }
+
+
+def python_loop_ms(n: int = 1_000_000, tries: int = 5) -> float:
+    """The machine's speed for Python code, as one number runs on different days can be compared by: the
+    best of ``tries`` timings of an ``n``-step pure Python loop. The same "2-core machine" measured 2x slower
+    one day than another (bench/RESULTS.md, 2026-11-30 18:05), and every figure of both systems with it."""
+    best = math.inf
+    for _ in range(tries):
+        started = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 1000, 1)
+
+
+#: The per-job CPU figures of a run (ms): the consumer (the first dispatcher, or the Celery worker), the
+#: simulated fleet, the MariaDB and Redis servers (server-wide) and the driver enqueuing the jobs.
+_CPU_PARTS = (
+    "consumer_cpu_ms_per_job",
+    "sim_cpu_ms_per_job",
+    "mariadb_cpu_ms_per_job",
+    "redis_cpu_ms_per_job",
+    "driver_cpu_ms_per_job",
+)
+
+
+def cpu_per_job(run: dict[str, Any] | None) -> float | None:
+    """CPU per job of every process measured in a run, ms (None: a figure is missing)."""
+    if not run or any(not isinstance(run.get(k), (int, float)) for k in _CPU_PARTS):
+        return None
+    return float(sum(run[k] for k in _CPU_PARTS))
+
+
+def cpu_ceiling(run: dict[str, Any] | None, cores: int | None = None) -> float | None:
+    """The efficiency this machine's cores allow at the run's CPU per job, every core busy: the jobs/s the
+    cores can pay for over the jobs/s the fleet takes (capacity / service time), at most 1. A run near its
+    ceiling is bound by the machine's CPU, not by waiting; one far below it is bound by latency."""
+    total = cpu_per_job(run)
+    cores = cores or os.cpu_count() or 1
+    if total is None or total <= 0 or not run or not run.get("service"):
+        return None
+    affordable = cores * 1000.0 / total
+    return min(1.0, affordable / (float(run["capacity"]) / float(run["service"])))
 
 
 def _git(*args: str) -> str | None:
@@ -127,6 +173,21 @@ ROWS = [
         "efficiency (ideal / measured makespan)", _get("efficiency", "efficiency"), "efficiency", "{:.3f}"
     ),
     Row("makespan, s", _get("efficiency", "makespan_s"), fmt="{:,.2f}"),
+    Row(
+        "  CPU per job, every process measured (efficiency run), ms*",
+        lambda r: cpu_per_job(r.get("efficiency")),
+        fmt="{:,.2f}",
+    ),
+    Row(
+        "  efficiency the cores allow at that CPU per job (all cores busy)",
+        lambda r: cpu_ceiling(r.get("efficiency")),
+        fmt="{:.3f}",
+    ),
+    Row(
+        "  machine busy, % of all cores (efficiency run)",
+        lambda r: _pct(_get("efficiency", "machine_busy")(r)),
+        fmt="{:.0f}",
+    ),
     _at_least(
         "short jobs (16 slots x 40 ms): efficiency", _get("short", "efficiency"), "short_efficiency", "{:.3f}"
     ),
@@ -281,7 +342,8 @@ def markdown(meta: dict[str, Any], figures: Figures) -> str:
         f"Run {meta['date']} · `{meta['command']}` · gpuq {meta['git']}",
         "",
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), {m['ram_gib']} GiB RAM, Linux {m['kernel']}, "
-        f"Python {m['python']}; load average at start {meta['load_at_start']}.",
+        f"Python {m['python']}; load average at start {meta['load_at_start']}"
+        + (f"; a 1M-step Python loop: {m['py_loop_ms']} ms." if m.get("py_loop_ms") else "."),
         "",
         "| " + " | ".join(HEADERS) + " |",
         "| " + " | ".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + " |",

@@ -3,7 +3,7 @@ number in ``TARGETS``, so the two cannot say different things."""
 
 from __future__ import annotations
 
-from bench.report import _at_least, _at_most
+from bench.report import _at_least, _at_most, cpu_ceiling, cpu_per_job, python_loop_ms
 from bench.workloads import TARGETS
 
 
@@ -19,3 +19,34 @@ def test_a_lower_bound_passes_at_its_target_and_fails_below_it() -> None:
     limit = TARGETS["efficiency"]
     assert row.target == f"≥ {limit:g}"
     assert row.ok is not None and row.ok(limit) and not row.ok(limit - 0.001)
+
+
+def _run(**cpu: float) -> dict[str, float]:
+    parts = {
+        "consumer_cpu_ms_per_job": 2.0,
+        "sim_cpu_ms_per_job": 1.0,
+        "mariadb_cpu_ms_per_job": 0.5,
+        "redis_cpu_ms_per_job": 0.25,
+        "driver_cpu_ms_per_job": 0.25,
+    }
+    return parts | cpu | {"capacity": 64, "service": 0.1}
+
+
+def test_the_cpu_ceiling_is_what_the_cores_pay_for_over_what_the_fleet_takes() -> None:
+    # 4 ms per job: 2 cores pay for 500 jobs/s; 64 slots x 100 ms take 640 jobs/s.
+    assert cpu_per_job(_run()) == 4.0
+    assert cpu_ceiling(_run(), cores=2) == 500 / 640
+    # Cheap enough: the machine is not the limit, the ceiling is 1.
+    assert cpu_ceiling(_run(consumer_cpu_ms_per_job=0.1), cores=2) == 1.0
+
+
+def test_the_cpu_ceiling_is_blank_when_a_figure_is_missing() -> None:
+    run = _run()
+    del run["sim_cpu_ms_per_job"]
+    assert cpu_per_job(run) is None and cpu_ceiling(run, cores=2) is None
+    assert cpu_ceiling(None, cores=2) is None
+
+
+def test_the_machine_speed_is_measured_in_milliseconds() -> None:
+    ms = python_loop_ms(n=10_000, tries=2)
+    assert 0 < ms < 10_000
