@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from producer.keys import Keys
 from tests.dispatcher.harness import (
     free_port,
     push_jobs,
@@ -58,8 +59,13 @@ def test_sigterm_hands_jobs_back_and_exits_0(any_stack):
     assert "dispatcher stopped" in d.logs()
     # its startup objects were frozen out of the collector once it had started (no 70 ms full collections)
     assert '"action": "gc_freeze"' in d.log_path.read_text()
-    # the rest is still waiting in Redis, and a new dispatcher finishes everything
-    assert stack.rds.llen(stack.queues[0]) > 0
+    # the rest is still waiting in Redis (its queue, and the parked list the buffered jobs went back to: with
+    # HANDOFF_BUFFER=32, 4 running + 32 buffered leave none of the 40 in the queue itself), held by no
+    # process, and a new dispatcher finishes everything
+    keys = Keys(stack.prefix)
+    waiting = stack.rds.llen(stack.queues[0]) + stack.rds.llen(keys.parked(stack.queues[0], "default"))
+    assert waiting > 0
+    assert not [k for k in stack.rds.scan_iter(f"{stack.prefix}*:proc:*") if stack.rds.llen(k)]
     stack.process(fleet, name="d2")
     wait_final(stack.engine, ids, timeout=60)
     assert max(received_per_task(fleet.stats()).values()) == 1
