@@ -41,8 +41,8 @@ def machine() -> dict[str, Any]:
 
 def python_loop_ms(n: int = 1_000_000, tries: int = 5) -> float:
     """The machine's speed for Python code, as one number runs on different days can be compared by: the
-    best of ``tries`` timings of an ``n``-step pure Python loop. The same "2-core machine" measured 2x slower
-    one day than another (bench/RESULTS.md, 2026-11-30 18:05), and every figure of both systems with it."""
+    best of ``tries`` timings of an ``n``-step pure Python loop. The same "2-core machine" ran both systems
+    about half as fast one afternoon as that morning (bench/RESULTS.md, 2026-11-30 18:10-18:35)."""
     best = math.inf
     for _ in range(tries):
         started = time.perf_counter()
