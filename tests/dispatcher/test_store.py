@@ -223,6 +223,23 @@ def test_own_unacknowledged_commit_is_recognised(any_database_url):
     assert other.dropped
 
 
+def test_own_unacknowledged_commit_restarts_its_lease(any_database_url):
+    # GIVEN a job this dispatcher recorded with a 3 s lease, whose commit answer was lost
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    j = job()
+    kw = {"dispatcher_id": "d1", "lease_seconds": 3.0, "max_attempts": 3}
+    recorded = utcnow()
+    first = transaction(engine, dispatch, items=[(j, "default")], now=recorded, **kw).placed[0]
+    # WHEN it comes back 2.5 s later (its request not sent yet): it is ours to send now
+    later = recorded + timedelta(seconds=2.5)
+    again = transaction(engine, dispatch, items=[(j, "default")], now=later, check_existing=True, **kw)
+    assert [p.attempt for p in again.mine] == [first.attempt]
+    # THEN its lease runs from now, not from the lost commit: it must not end 0.5 s into the job's run
+    # (the slot would go to another job while the GPU still works on this one)
+    assert transaction(engine, expired_leases, now=recorded + timedelta(seconds=4)) == []
+    assert transaction(engine, expired_leases, now=later + timedelta(seconds=3.5)) == [(j.task_id, 1)]
+
+
 def test_task_ids_differing_in_case_or_accents_are_different_tasks(any_database_url):
     # GIVEN ids that Redis (and the producer's idempotency keys) treat as different tasks
     engine = fleet_engine(any_database_url, {"g0": 4})
