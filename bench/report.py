@@ -74,9 +74,10 @@ def cpu_per_job(run: dict[str, Any] | None) -> float | None:
 def cpu_ceiling(run: dict[str, Any] | None, cores: int | None = None) -> float | None:
     """The efficiency this machine's cores allow at the run's CPU per job, every core busy: the jobs/s the
     cores can pay for over the jobs/s the fleet takes (capacity / service time), at most 1. A run near its
-    ceiling is bound by the machine's CPU, not by waiting; one far below it is bound by latency."""
+    ceiling is bound by the machine's CPU, not by waiting; one far below it is bound by latency. The cores
+    are those of the machine that ran it (recorded in the run), not of the one rendering the report."""
     total = cpu_per_job(run)
-    cores = cores or os.cpu_count() or 1
+    cores = cores or (run or {}).get("cores") or os.cpu_count() or 1
     if total is None or total <= 0 or not run or not run.get("service"):
         return None
     affordable = cores * 1000.0 / total

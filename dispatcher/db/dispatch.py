@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text, update
+from sqlalchemy import Connection, insert, select, text
 
+from dispatcher.db.attempts import extend_lease
 from dispatcher.db.batch import claim_slots
 from dispatcher.db.engine import naive_utc
-from dispatcher.db.schema import gpus, slots, tasks
+from dispatcher.db.schema import gpus, tasks
 from dispatcher.db.snapshot import free_slot, snapshot, snapshot_ending
 from dispatcher.db.task_writes import update_at
 from dispatcher.loop.placement import GpuFree, Pick, Placer
@@ -166,19 +167,22 @@ def _triage(
             and row.attempt == job.attempt + 1
             and row.dispatcher_id == dispatcher_id
         ):
-            url = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == row.gpu_id)).scalar_one()
             # Recorded by a transaction whose answer was lost, maybe seconds ago: its request may go out only
             # now, so the lease restarts now. Left as it was, it could run out while the GPU works on the job
             # and the slot go to a fifth job (test_db_drop: the POST 2.5 s after the claim, a 3 s lease).
-            conn.execute(
-                update(slots)
-                .where(
-                    slots.c.task_id == job.task_id,
-                    slots.c.attempt == row.attempt,
-                    slots.c.dispatcher_id == dispatcher_id,
-                )
-                .values(lease_expires_at=lease_until)
+            # The renewal is also the check that the attempt still holds its slot: the row above was a plain
+            # read, and a sweep may have ended the attempt since; then this copy must not be sent.
+            renewed = extend_lease(
+                conn,
+                task_id=job.task_id,
+                attempt=row.attempt,
+                lease_seconds=(lease_until - now).total_seconds(),
+                now=now,
             )
+            if renewed.code != "applied":
+                out.dropped.append((job, f"the attempt ended meanwhile (task {renewed.state or 'gone'})"))
+                continue
+            url = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == row.gpu_id)).scalar_one()
             out.mine.append(Placed(job, row.pool, row.gpu_id, row.slot_index, url, row.attempt))
             continue
         if row is not None and (row.state not in RUNNABLE or row.attempt != job.attempt):

@@ -40,6 +40,13 @@ def test_the_cpu_ceiling_is_what_the_cores_pay_for_over_what_the_fleet_takes() -
     assert cpu_ceiling(_run(consumer_cpu_ms_per_job=0.1), cores=2) == 1.0
 
 
+def test_the_cpu_ceiling_counts_the_cores_of_the_machine_that_ran_it() -> None:
+    # GIVEN a run recorded on a 2-core machine, rendered on a machine with another number of cores
+    # THEN the ceiling is that of 2 cores, whatever os.cpu_count() says here
+    assert cpu_ceiling(_run(cores=2)) == 500 / 640
+    assert cpu_ceiling(_run(cores=1)) == 250 / 640
+
+
 def test_the_cpu_ceiling_is_blank_when_a_figure_is_missing() -> None:
     run = _run()
     del run["sim_cpu_ms_per_job"]

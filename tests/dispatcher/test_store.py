@@ -22,7 +22,7 @@ from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.dispatch import _defer, dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import tasks
-from dispatcher.db.snapshot import snapshot
+from dispatcher.db.snapshot import free_slot, snapshot
 from dispatcher.loop.placement import capacity
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job
@@ -238,6 +238,21 @@ def test_own_unacknowledged_commit_restarts_its_lease(any_database_url):
     # (the slot would go to another job while the GPU still works on this one)
     assert transaction(engine, expired_leases, now=recorded + timedelta(seconds=4)) == []
     assert transaction(engine, expired_leases, now=later + timedelta(seconds=3.5)) == [(j.task_id, 1)]
+
+
+def test_own_unacknowledged_commit_is_not_sent_once_its_slot_is_gone(any_database_url):
+    # GIVEN a job this dispatcher recorded, whose commit answer was lost
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    j = job()
+    kw = {"dispatcher_id": "d1", "lease_seconds": 3.0, "max_attempts": 3}
+    first = transaction(engine, dispatch, items=[(j, "default")], now=utcnow(), **kw).placed[0]
+    # WHEN its slot was given back between the pass's read of the task and its renewal (a sweep committing
+    # in between: here the slot alone is freed, the state the pass's earlier read can no longer see)
+    assert transaction(engine, free_slot, task_id=j.task_id, attempt=first.attempt)
+    again = transaction(engine, dispatch, items=[(j, "default")], now=utcnow(), check_existing=True, **kw)
+    # THEN the copy is not ours to send: the slot may be another job's already
+    assert again.mine == [] and again.placed == []
+    assert [reason for _, reason in again.dropped] == ["the attempt ended meanwhile (task processing)"]
 
 
 def test_task_ids_differing_in_case_or_accents_are_different_tasks(any_database_url):
