@@ -55,12 +55,25 @@ def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetim
     return True
 
 
-def release_cancelled(conn: Connection, *, task_id: str, attempt: int) -> bool:
+def release_cancelled(
+    conn: Connection, *, task_id: str, attempt: int, lease_ended_by: datetime | None = None
+) -> bool:
     """Give back the slot a cancelled ``attempt`` still holds, now that its GPU has stopped it: the one
-    place a pending cancel ends. True when this call freed it (False: not held, or the task runs again)."""
+    place a pending cancel ends. True when this call freed it (False: not held, or the task runs again).
+
+    ``lease_ended_by``: the stop is inferred from the lease, not reported by the GPU, so the slot is given
+    back only if its lease still ended before that time. A sweep reads expired leases first and ends them
+    later; a heartbeat may renew the lease in between and the task be cancelled after it: the GPU is then
+    still at work on the attempt, and its slot must wait for the renewed lease or the GPU's word."""
     row = locked_task(conn, task_id, tasks.c.state, tasks.c.attempt)
     if row is None or (row.state == TaskState.PROCESSING.value and row.attempt == attempt):
         return False  # the attempt is current: only finish_attempt may end it
+    if lease_ended_by is not None:
+        lease = conn.execute(
+            select(slots.c.lease_expires_at).where(slots.c.task_id == task_id, slots.c.attempt == attempt)
+        ).scalar_one_or_none()
+        if lease is None or lease >= lease_ended_by:
+            return False
     return free_slot(conn, task_id=task_id, attempt=attempt)
 
 

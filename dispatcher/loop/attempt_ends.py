@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from dispatcher.db.attempts import Finish, extend_lease
@@ -105,14 +106,25 @@ class AttemptEnds:
                 },
             )
         elif fin.code == "stale" and fin.state == TaskState.CANCELLED:
-            # A final report (or the lease) for a cancelled attempt: the GPU no longer runs it.
-            await self.confirm_stop(task_id, attempt, why=f"attempt ended: {outcome.value}")
+            # A final report (or the lease) for a cancelled attempt: the GPU no longer runs it. The lease's
+            # word was read before this end; it still counts only if no heartbeat renewed it since.
+            await self.confirm_stop(
+                task_id,
+                attempt,
+                why=f"attempt ended: {outcome.value}",
+                lease_ended_by=rt.now() if outcome is Outcome.EXPIRED else None,
+            )
         return fin
 
-    async def confirm_stop(self, task_id: str, attempt: int, *, why: str) -> bool:
+    async def confirm_stop(
+        self, task_id: str, attempt: int, *, why: str, lease_ended_by: datetime | None = None
+    ) -> bool:
         """The GPU no longer runs this cancelled attempt: give its slot back (see dispatcher/loop/cancels.py).
-        No hand-off here: the freed slot is refilled by the loop, which slot_freed wakes."""
-        freed = await self.rt.db(release_cancelled, task_id=task_id, attempt=attempt)
+        No hand-off here: the freed slot is refilled by the loop, which slot_freed wakes. ``lease_ended_by``:
+        the stop is only inferred from the lease (see ``release_cancelled``)."""
+        freed = await self.rt.db(
+            release_cancelled, task_id=task_id, attempt=attempt, lease_ended_by=lease_ended_by
+        )
         if freed:
             log.info(
                 "cancel confirmed; slot freed",
