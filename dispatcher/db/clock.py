@@ -27,3 +27,13 @@ def clock_offset(conn: Connection) -> timedelta:
     server: datetime = conn.execute(_SERVER_NOW).scalar_one()
     after = utcnow()
     return server - (before + (after - before) / 2)
+
+
+def server_now(conn: Connection) -> datetime:
+    """The database server's UTC time now (this process's for SQLite, which runs on its clock). For a write
+    that must count from when it really happens, not from the ``now`` its transaction was given: a
+    transaction retried after a lost answer runs again with the ``now`` of its first try."""
+    if conn.dialect.name == "sqlite":
+        return utcnow()
+    value: datetime = conn.execute(_SERVER_NOW).scalar_one()
+    return value

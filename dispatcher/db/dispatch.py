@@ -22,6 +22,7 @@ from sqlalchemy import Connection, insert, select, text
 
 from dispatcher.db.attempts import extend_lease
 from dispatcher.db.batch import claim_slots
+from dispatcher.db.clock import server_now
 from dispatcher.db.engine import naive_utc
 from dispatcher.db.schema import gpus, tasks
 from dispatcher.db.snapshot import free_slot, snapshot, snapshot_ending
@@ -172,12 +173,14 @@ def _triage(
             # and the slot go to a fifth job (test_db_drop: the POST 2.5 s after the claim, a 3 s lease).
             # The renewal is also the check that the attempt still holds its slot: the row above was a plain
             # read, and a sweep may have ended the attempt since; then this copy must not be sent.
+            # From the server's time, not ``now``: this transaction may be a rerun after a lost answer,
+            # seconds after the ``now`` it was given.
             renewed = extend_lease(
                 conn,
                 task_id=job.task_id,
                 attempt=row.attempt,
                 lease_seconds=(lease_until - now).total_seconds(),
-                now=now,
+                now=max(now, server_now(conn)),
             )
             if renewed.code != "applied":
                 out.dropped.append((job, f"the attempt ended meanwhile (task {renewed.state or 'gone'})"))

@@ -3,9 +3,11 @@ cancel, drift."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import (
@@ -21,11 +23,11 @@ from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.dispatch import _defer, dispatch
 from dispatcher.db.engine import transaction, utcnow
-from dispatcher.db.schema import tasks
+from dispatcher.db.schema import slots, tasks
 from dispatcher.db.snapshot import free_slot, snapshot
 from dispatcher.loop.placement import capacity
 from dispatcher.states import Outcome
-from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job
+from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job, kill_connection, place
 
 
 def _dispatch(engine, jobs, pool="default", lease=60.0, dispatcher_id="d1"):
@@ -253,6 +255,40 @@ def test_own_unacknowledged_commit_is_not_sent_once_its_slot_is_gone(any_databas
     # THEN the copy is not ours to send: the slot may be another job's already
     assert again.mine == [] and again.placed == []
     assert [reason for _, reason in again.dropped] == ["the attempt ended meanwhile (task processing)"]
+
+
+def test_own_commit_rerun_after_a_lost_answer_restarts_the_lease_when_it_runs(database_url):
+    # GIVEN a retry (attempt 1) whose placement commits, but whose COMMIT answer is lost with its connection,
+    # and the database takes 2 s to answer again: ``transaction`` reruns it with the ``now`` of its first try
+    engine = fleet_engine(database_url, {"g0": 1})
+    first = job()
+    p = place(engine, [first], dispatcher_id="d1", max_attempts=5).placed[0]
+    end_attempt(engine, first.task_id, p.attempt, Outcome.FAILED_RETRY)
+    retry = first.model_copy(update={"attempt": 1})
+    runs: list[int] = []
+
+    def committed_then_lost(conn: Connection, **kwargs: Any) -> Any:
+        runs.append(1)
+        if len(runs) > 1:
+            return dispatch(conn, **kwargs)
+        conn_id = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+        out = dispatch(conn, **kwargs)
+        conn.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+        kill_connection(conn_id)
+        time.sleep(2.0)
+        return out
+
+    kw = {"dispatcher_id": "d1", "lease_seconds": 3.0, "max_attempts": 5}
+    out = transaction(engine, committed_then_lost, items=[(retry, "default")], now=utcnow(), **kw)
+    sent_at = utcnow()
+    # WHEN the rerun finds the attempt recorded as its own (its request not sent yet)
+    assert len(runs) == 2 and [m.attempt for m in out.mine] == [2]
+    # THEN the lease counts from the rerun, not from the first try: the GPU gets (nearly) all 3 s of it
+    with engine.connect() as conn:
+        lease = conn.execute(
+            select(slots.c.lease_expires_at).where(slots.c.task_id == first.task_id)
+        ).scalar_one()
+    assert lease >= sent_at + timedelta(seconds=2.5), lease - sent_at
 
 
 def test_task_ids_differing_in_case_or_accents_are_different_tasks(any_database_url):
