@@ -77,7 +77,7 @@ def cpu_ceiling(run: dict[str, Any] | None, cores: int | None = None) -> float |
     ceiling is bound by the machine's CPU, not by waiting; one far below it is bound by latency. The cores
     are those of the machine that ran it (recorded in the run), not of the one rendering the report."""
     total = cpu_per_job(run)
-    cores = cores or (run or {}).get("cores") or os.cpu_count() or 1
+    cores = cores or int((run or {}).get("cores") or 0) or os.cpu_count() or 1
     if total is None or total <= 0 or not run or not run.get("service"):
         return None
     affordable = cores * 1000.0 / total

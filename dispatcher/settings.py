@@ -18,6 +18,11 @@ from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
 from producer.settings import QueueSettings, parse_pairs, split_list
 
 DEFAULT_POOL = "default"
+HOUR = 3600.0
+DAY = 24 * HOUR
+# Durations are added to datetimes: past these bounds (or inf) every lease, backoff and expiry would overflow,
+# and every job be dead-lettered ("cannot convert float infinity to integer") instead of the start refused.
+_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +90,7 @@ class StoreSettings(QueueSettings):
     operator CLI share. The CLI loads only this, so it works without the dispatcher's CALLBACK_SECRET."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True
+        env_file=".env", extra="ignore", case_sensitive=False, env_ignore_empty=True, allow_inf_nan=False
     )
 
     database_url: str | None = None
@@ -142,28 +147,28 @@ class DispatcherSettings(StoreSettings):
     #: to what the open-file limit allows (see dispatcher/http/edge_limits.py).
     http_max_connections: int = Field(default=4096, ge=16, le=1_000_000)
     #: A request's headers and body must arrive within this many seconds of its first byte (slowloris).
-    request_read_timeout_seconds: float = Field(default=10.0, gt=0)
+    request_read_timeout_seconds: float = Field(default=10.0, gt=0, le=HOUR)
     #: GET /tasks/{id}/events streams plus POST /v1/embeddings waits at once per process; more get 429.
     event_listeners_max: int = Field(default=3072, ge=1)
     #: A GPU's answer to the job's POST is read up to this many bytes; a longer one fails the attempt.
     gpu_answer_max_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     #: GET /tasks/{id}/result serves a task's result this long after it ended (by ``finished_at``).
-    result_ttl_seconds: float = Field(default=86400.0, gt=0)
+    result_ttl_seconds: float = Field(default=86400.0, gt=0, le=365 * DAY)
     #: A GPU's result larger than this (as JSON) fails its attempt with a clear error instead of being
     #: stored; the dispatcher lowers it to what the database's max_allowed_packet takes.
     max_result_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 30)
 
-    task_timeout_seconds: float = Field(default=900.0, gt=0)
+    task_timeout_seconds: float = Field(default=900.0, gt=0, le=30 * DAY)
     #: Largest ``partial`` a ``running`` callback may carry (its JSON, in bytes); a larger one is 413.
     partial_max_bytes: int = Field(default=65536, ge=1, le=8 * 1024 * 1024)
-    retry_backoff_seconds: float = Field(default=2.0, ge=0)
-    retry_backoff_max_seconds: float = Field(default=300.0, ge=0)
-    gpu_request_timeout_seconds: float = Field(default=30.0, gt=0)
-    gpu_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_backoff_seconds: float = Field(default=2.0, ge=0, le=30 * DAY)
+    retry_backoff_max_seconds: float = Field(default=300.0, ge=0, le=30 * DAY)
+    gpu_request_timeout_seconds: float = Field(default=30.0, gt=0, le=DAY)
+    gpu_connect_timeout_seconds: float = Field(default=5.0, gt=0, le=HOUR)
     gpu_failure_threshold: int = Field(default=3, ge=1)
-    gpu_probe_seconds: float = Field(default=5.0, gt=0)
+    gpu_probe_seconds: float = Field(default=5.0, gt=0, le=HOUR)
     #: A pull GPU whose agent has not polled for this long is out of rotation (SPEC §9).
-    agent_stale_seconds: float = Field(default=60.0, gt=0)
+    agent_stale_seconds: float = Field(default=60.0, gt=0, le=DAY)
     dispatch_batch_size: int = Field(default=64, ge=1, le=1000)
     #: Jobs per pool kept ready for slot hand-off (dispatcher/loop/ready.py); 0 turns hand-off off. A job of
     #: higher priority enqueued later can start behind at most this many jobs of its pool.
@@ -172,11 +177,19 @@ class DispatcherSettings(StoreSettings):
     #: (dispatcher/db/hot.py): the next batch runs its statements while the previous one commits. SQLite:
     #: always 1. Default 1: 2 measured slower on the 2-core benchmark box (bench/RESULTS.md, 2026-11-30).
     commit_pipeline: int = Field(default=1, ge=1, le=8)
-    idle_poll_seconds: float = Field(default=0.5, gt=0)
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    #: Below 10 ms an idle dispatcher would spin (it looks for jobs pushed without a wake-up this often).
+    idle_poll_seconds: float = Field(default=0.5, ge=0.01, le=60)
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=HOUR)
     dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
     log_level: str = "INFO"
     log_format: str = "json"
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.upper() not in _LEVELS:
+            raise ValueError(f"{value!r} is not a log level: one of {', '.join(_LEVELS)}")
+        return value.upper()
 
     @field_validator("queue_weights")
     @classmethod

@@ -42,7 +42,7 @@ def parse_pairs(raw: str, variable: str) -> dict[str, str]:
 class QueueSettings(BaseSettings):
     """Where jobs go: Redis and the queue names."""
 
-    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, allow_inf_nan=False)
 
     redis_url: str | None = None
     redis_host: str = "127.0.0.1"

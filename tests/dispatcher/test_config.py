@@ -28,6 +28,15 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
         ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        # Durations are added to datetimes: inf or an absurd one would dead-letter every job, not stop the start
+        ({"TASK_TIMEOUT_SECONDS": "inf"}, "TASK_TIMEOUT_SECONDS"),
+        ({"TASK_TIMEOUT_SECONDS": "1e300"}, "TASK_TIMEOUT_SECONDS"),
+        ({"RETRY_BACKOFF_SECONDS": "nan"}, "RETRY_BACKOFF_SECONDS"),
+        ({"RESULT_TTL_SECONDS": "1e12"}, "RESULT_TTL_SECONDS"),
+        ({"SHUTDOWN_GRACE_SECONDS": "inf"}, "SHUTDOWN_GRACE_SECONDS"),
+        ({"IDLE_POLL_SECONDS": "0.000001"}, "IDLE_POLL_SECONDS"),  # an idle dispatcher would spin
+        ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+        ({"REDIS_WAIT_TIMEOUT_SECONDS": "nan"}, "REDIS_WAIT_TIMEOUT_SECONDS"),
     ],
 )
 def test_bad_setting_names_the_variable(monkeypatch, env, names):
