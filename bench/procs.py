@@ -198,6 +198,6 @@ class Usage:
             "driver_cpu_ms_per_job": round(d["driver"] / n * 1000, 3),
             "machine_busy": round(d["busy"] / d["total"], 3) if d["total"] else float("nan"),
             "cpu_window_jobs": n,
-            "cores": float(os.cpu_count() or 1),  # what the machine busy figure and the CPU ceiling are shares of
+            "cores": float(os.cpu_count() or 1),  # what machine_busy and the CPU ceiling are shares of
             "load_avg_1m": round(os.getloadavg()[0], 2),
         }

@@ -32,14 +32,22 @@ TaskId = Annotated[str, typer.Argument(help="The task's id.")]
 def show(ctx: typer.Context, task_id: TaskId) -> None:
     """The task as the database has it (the same JSON as GET /tasks/{id}), with its attempts; a job still
     waiting in Redis shows as ``queued`` with its list and position."""
-    s = stores(ctx)
+    found = _find(stores(ctx), task_id)
+    if found is None:
+        raise OperatorError(f"unknown task {task_id!r}: not in the database nor waiting in Redis")
+    typer.echo(json.dumps(found, indent=2))
+
+
+def _find(s: Stores, task_id: str) -> dict[str, Any] | None:
+    """The task as recorded, else as it waits in Redis, else None. The database is read again after Redis:
+    a job leaves Redis only once its row is committed, so one recorded meanwhile is not taken for unknown."""
     found = s.db(get_task, task_id=task_id)
     if found is None:
         pools = sorted(set(s.settings.routes.values()) | {"default"})
         found = find_waiting(s.redis, keys=s.keys, task_id=task_id, queues=s.settings.all_queues, pools=pools)
     if found is None:
-        raise OperatorError(f"unknown task {task_id!r}: not in the database nor waiting in Redis")
-    typer.echo(json.dumps(found, indent=2))
+        found = s.db(get_task, task_id=task_id)
+    return found
 
 
 @app.command("list")
@@ -79,6 +87,10 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
     <GPU url>/cancel, by the dispatcher that sent it), and its slot is freed once the GPU confirms or the
     lease runs out, so the GPU never runs more jobs than slots."""
     s = stores(ctx)
+    if _find(s, task_id) is None:  # marking an unknown id would silently drop a job submitted later as it
+        raise OperatorError(
+            f"unknown task {task_id!r}: not in the database nor waiting in Redis; nothing to cancel"
+        )
     fin = s.db(cancel_task, task_id=task_id, now=utcnow(), backoff=Backoff())
     if fin.code == "applied":  # for anyone watching GET /tasks/{id}/events
         publish_sync(s.redis, s.keys, "cancelled", task_id, by="operator")

@@ -157,7 +157,9 @@ def _unfetched_back(conn: Connection, *, gpu_id: str, now: datetime) -> None:
 
 
 def trim_slots(conn: Connection, *, gpu_id: str, slot_count: int) -> None:
-    """Drop free slot rows beyond the GPU's slot count; busy ones go once their job has ended."""
+    """Drop free slot rows beyond the GPU's slot count. Busy ones stay until the next change of the count
+    (or registration): placement never uses a slot number at or above the count (db/snapshot.py), so once
+    their job ends they are rows, not capacity."""
     conn.execute(
         delete(slots).where(
             slots.c.gpu_id == gpu_id, slots.c.slot_index >= slot_count, slots.c.task_id.is_(None)

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
 from dispatcher.db.attempts import cancel_task
-from dispatcher.errors import TRANSIENT, Conflict, responses
-from dispatcher.http.routes import D, api_auth
+from dispatcher.errors import TRANSIENT, Conflict, NotFound, responses
+from dispatcher.http.routes import D, api_auth, find_task
 from dispatcher.loop.cancels import WAKE_CANCEL
 
 log = logging.getLogger("gpuq.http")
@@ -33,11 +33,16 @@ class CancelOut(BaseModel):
     "/tasks/{task_id}/cancel",
     dependencies=[Depends(api_auth)],
     response_model=CancelOut,
-    responses=responses(Conflict, e409="the task already finished or failed"),
+    responses=responses(NotFound, Conflict, e409="the task already finished or failed"),
 )
 async def cancel(task_id: str, d: D) -> CancelOut:
     """Cancel a task. One not yet taken from Redis is marked so that it never runs; a repeated cancel is
-    answered 200 with ``applied: false``."""
+    answered 200 with ``applied: false``. An id neither recorded nor waiting is 404: marking it would
+    silently drop a job submitted later under that id (a typo would swallow it)."""
+    if await find_task(d, task_id) is None:
+        raise NotFound(
+            f"unknown task {task_id!r} (not in the database nor waiting in Redis): nothing to cancel"
+        )
     fin = await d.db(cancel_task, task_id=task_id, now=d.now(), backoff=d.backoff)
     if fin.code != "applied" and fin.state != "cancelled":
         raise Conflict(f"task {task_id!r} is already {fin.state}: nothing to cancel")

@@ -146,11 +146,16 @@ def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str
 def find_waiting(
     rds: redis.Redis, *, keys: Keys, task_id: str, queues: list[str], pools: list[str]
 ) -> dict[str, Any] | None:
-    """The job with ``task_id`` if it waits in Redis (its queues' lists or a parked list), else None."""
+    """The job with ``task_id`` if it waits in Redis (its queues' lists, a parked list, or a dispatcher's
+    processing list: taken, not yet recorded), else None. See ``find_waiting_async``."""
     queue_of = {key: q for q in queues for key in _waiting_lists(keys, q, pools)}
+    owners = sorted(as_str(v) for v in rds.smembers(keys.dispatchers))
     for queue in queues:  # one queue (one cluster slot) per script
         lists = _waiting_lists(keys, queue, pools)
-        hit = rds.eval(_FIND, len(lists), *lists, task_id)
+        procs = [keys.proc(queue, o) for o in owners]
+        hit = rds.eval(
+            _FIND, len(lists) + len(procs), *lists, *procs, task_id, len(lists) + 1 if procs else 0
+        )
         if hit:
             return _waiting(task_id, hit, queue_of)
     return None

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from dispatcher.queues.reprioritize import find_waiting_async
+from dispatcher.queues.reprioritize import find_waiting, find_waiting_async
 from producer.job import Job
 from producer.keys import Keys
 
@@ -30,8 +31,9 @@ def _find(redis_url: str, keys: Keys, task_id: str, queue: str) -> dict | None:
     return asyncio.run(run())
 
 
+@pytest.mark.parametrize("client", ["async", "sync"])  # the HTTP edge; the CLI (show, and cancel's check)
 def test_a_job_in_a_processing_list_is_found_about_to_start(
-    rds: redis.Redis, redis_url: str, key_prefix: str
+    rds: redis.Redis, redis_url: str, key_prefix: str, client: str
 ):
     # GIVEN a job taken by dispatcher d1 (in its processing list, tagged with the list it came from), and
     # another job still waiting in the queue
@@ -42,11 +44,16 @@ def test_a_job_in_a_processing_list_is_found_about_to_start(
     rds.rpush(keys.proc(queue, "d1"), f"{queue}\n{taken.to_redis()}")
 
     # WHEN it is looked up
-    found = _find(redis_url, keys, "taken-1", queue)
+    def look(task_id: str) -> dict | None:
+        if client == "sync":
+            return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
+        return _find(redis_url, keys, task_id, queue)
+
+    found = look("taken-1")
 
     # THEN it is found as queued at the head of its list, with its own fields, not reported unknown
     assert found is not None
     assert (found["state"], found["type"], found["list"], found["position"]) == ("queued", "t", queue, 0)
     assert found["data"] == {"x": 1}
     # and an id in neither place is still unknown
-    assert _find(redis_url, keys, "nowhere", queue) is None
+    assert look("nowhere") is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.gpus.tokens import make_token
+from producer.job import Job
 from producer.keys import Keys
 from tests.dispatcher.harness import BEARER, SECRET, push_jobs, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
@@ -172,18 +174,23 @@ def test_cancel_answers(stack):
     d = stack.dispatcher(fleet)
     [done] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_final(stack.engine, [done])
-    # THEN cancelling it is 409, and an id not yet seen is marked so that it never runs (200)
+    # THEN cancelling it is 409
     res = httpx.post(f"{d.url}/tasks/{done}/cancel", timeout=10)
     assert res.status_code == 409 and "finished" in res.json()["detail"]
+    # and an id neither recorded nor waiting is 404, and leaves no mark: a job submitted later under it runs
     res = httpx.post(f"{d.url}/tasks/not-yet-here/cancel", timeout=10)
-    assert res.json() == {
-        "task_id": "not-yet-here",
-        "state": "cancelled",
-        "applied": True,
-        "slot_held": False,
-    }
-    # and a repeated cancel is 200 applied false
-    res = httpx.post(f"{d.url}/tasks/not-yet-here/cancel", timeout=10)
+    assert res.status_code == 404 and "not-yet-here" in res.json()["detail"]
+    queue = stack.queues[0]
+    stack.rds.rpush(queue, Job(task_id="not-yet-here", type="x", queue=queue).to_redis())
+    wait_final(stack.engine, ["not-yet-here"])
+    assert httpx.get(f"{d.url}/tasks/not-yet-here", timeout=10).json()["state"] == "finished"
+    # a task waiting for its time is cancelled (200); a repeated cancel is 200 applied false
+    later = Job(task_id="later", type="x", queue=queue, not_before=datetime.now(UTC) + timedelta(hours=1))
+    stack.rds.rpush(queue, later.to_redis())
+    wait_for(lambda: httpx.get(f"{d.url}/tasks/later", timeout=10).json()["state"] == "scheduled", 20, 0.05)
+    res = httpx.post(f"{d.url}/tasks/later/cancel", timeout=10)
+    assert (res.status_code, res.json()["applied"]) == (200, True)
+    res = httpx.post(f"{d.url}/tasks/later/cancel", timeout=10)
     assert (res.status_code, res.json()["applied"]) == (200, False)
 
 

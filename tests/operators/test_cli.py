@@ -253,6 +253,14 @@ def test_task_show_cancel_retry(gpuq, gpuq_env, stores):
     )
     assert gpuq("task", "show", "nope").exit_code == 1
     assert gpuq("task", "retry", "nope").stderr.strip() == "gpuq: unknown task 'nope'"
+    # and cancel: a typo must not leave a mark that silently drops a job submitted later under that id
+    res = gpuq("task", "cancel", "nope")
+    assert (res.exit_code, res.stderr.strip()) == (
+        1,
+        "gpuq: unknown task 'nope': not in the database nor waiting in Redis; nothing to cancel",
+    )
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT COUNT(*) FROM tasks WHERE task_id = 'nope'")).scalar_one() == 0
 
 
 @pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
