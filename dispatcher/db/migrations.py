@@ -7,6 +7,12 @@ the same ``ALTER TABLE … ADD COLUMN``). It runs under ``init_schema``'s lock, 
 together take turns, and a second run finds nothing to add. ``sql/migrations/`` holds each step as MySQL
 DDL for DBAs who upgrade by hand.
 
+A database made with the seed's README DDL (``tasks`` only: ``gpu_id VARCHAR(10)``, the server's default,
+case-insensitive collation, no timestamps) is adopted the same way, plus two steps no gpuq version needed
+(MySQL/MariaDB only, see ``adopt_columns``): a column narrower than gpuq's, or a task id not compared byte
+for byte, is widened or converted; and a NOT NULL column added to a table that has rows is filled first
+(MariaDB would put zero dates in it, which no reader can take).
+
 Versions: 1 the first schema; 2 pull GPUs (``gpus.agent_token_hash``, ``gpus.agent_seen_until``,
 ``tasks.fetched_attempt``; see ``dispatcher/gpus/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``).
 """
@@ -14,8 +20,10 @@ Versions: 1 the first schema; 2 pull GPUs (``gpus.agent_token_hash``, ``gpus.age
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Column, Connection, DateTime, Integer, Table, inspect, literal, select, text, update
 from sqlalchemy.schema import CreateColumn, CreateIndex
 
 from dispatcher.db.schema import metadata
@@ -27,17 +35,24 @@ def add_missing(conn: Connection) -> list[str]:
     """Add the columns and indexes of existing tables that the database lacks; returns what was added."""
     insp = inspect(conn)
     present = set(insp.get_table_names())
+    mysql = conn.dialect.name in ("mysql", "mariadb")
     added: list[str] = []
     for table in metadata.sorted_tables:
         if table.name not in present:
             continue  # create_all makes it whole
         have = {c["name"] for c in insp.get_columns(table.name)}
+        has_rows = conn.execute(select(literal(1)).select_from(table).limit(1)).first() is not None
         for column in table.columns:
             if column.name in have:
                 continue
             spec = str(CreateColumn(column).compile(dialect=conn.dialect)).strip()
-            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {spec}")
+            if mysql and has_rows and not column.nullable and column.server_default is None:
+                _add_filled(conn, table, column, spec)
+            else:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {spec}")
             added.append(f"{table.name}.{column.name}")
+        if mysql:
+            added += adopt_columns(conn, table)
         indexes = {i["name"] for i in insp.get_indexes(table.name)}
         for index in table.indexes:
             if index.name not in indexes:
@@ -46,3 +61,50 @@ def add_missing(conn: Connection) -> list[str]:
     if added:
         log.info("schema upgraded", extra={"action": "schema_upgrade", "added": added})
     return added
+
+
+def _add_filled(conn: Connection, table: Table, column: Column[Any], spec: str) -> None:
+    """A NOT NULL column without a default, added to a table with rows: added nullable, filled, then made
+    NOT NULL. Times get the upgrade's time, numbers 0, texts '' (a task's data '{}')."""
+    nullable = spec.replace(" NOT NULL", " NULL")
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {nullable}")
+    fill: object
+    if isinstance(column.type, DateTime):
+        fill = datetime.now(UTC).replace(tzinfo=None)  # naive UTC, as every time gpuq stores
+    elif isinstance(column.type, Integer):
+        fill = 0
+    else:
+        fill = "{}" if column.name == "data" else ""
+    conn.execute(update(table).where(column.is_(None)).values({column.name: fill}))
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {spec}")
+
+
+_LIVE = text(
+    "SELECT COLUMN_NAME AS name, DATA_TYPE AS data_type, CHARACTER_MAXIMUM_LENGTH AS length,"
+    " COLLATION_NAME AS collation, IS_NULLABLE AS nullable"
+    " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table"
+)
+
+
+def adopt_columns(conn: Connection, table: Table) -> list[str]:
+    """Widen a text column narrower than gpuq's (the seed's ``gpu_id VARCHAR(10)`` refused every longer GPU
+    name) and give a column gpuq compares byte for byte its binary collation (the seed's task ids were
+    case-insensitive: ``Case2`` and ``case2`` collided, and the second never ran). The column keeps whether
+    it may be NULL: gpuq never writes NULL where it wants a value."""
+    live = {r.name: r for r in conn.execute(_LIVE, {"table": table.name})}
+    changed = []
+    for column in table.columns:
+        row = live.get(column.name)
+        if row is None or row.data_type not in ("varchar", "char"):
+            continue
+        want = column.type.dialect_impl(conn.dialect)
+        length = getattr(want, "length", None)
+        collation = getattr(want, "collation", None)
+        narrow = length is not None and row.length is not None and int(row.length) < length
+        if not narrow and (collation is None or row.collation == collation):
+            continue
+        rendered = want.compile(dialect=conn.dialect)
+        null = "NULL" if row.nullable == "YES" and not column.primary_key else "NOT NULL"
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {column.name} {rendered} {null}")
+        changed.append(f"{table.name}.{column.name} {rendered}")
+    return changed

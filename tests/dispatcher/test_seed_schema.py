@@ -1,0 +1,59 @@
+"""A database made with the seed README's DDL is adopted at start: its narrow and case-insensitive columns are
+converted, its rows get readable values in gpuq's new columns, and a second start changes nothing."""
+
+from __future__ import annotations
+
+from sqlalchemy import create_engine, text
+
+from dispatcher.db.engine import init_schema, transaction
+from dispatcher.db.listing import TaskFilter, list_tasks
+from dispatcher.db.migrations import add_missing
+from dispatcher.db.reads import get_task
+from tests.dispatcher.helpers import fleet_engine, job, place
+
+SEED_DDL = [
+    # as the seed's README has it, on a server whose default collation is case-insensitive
+    "CREATE TABLE tasks (task_id VARCHAR(255) PRIMARY KEY, queue VARCHAR(100), state VARCHAR(20),"
+    " type VARCHAR(50), gpu_id VARCHAR(10), slot_index INT)"
+    " DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_general_ci",
+    "CREATE INDEX idx_tasks_state ON tasks(state)",
+    "CREATE INDEX idx_tasks_gpu_id ON tasks(gpu_id)",
+    "CREATE INDEX idx_tasks_type ON tasks(type)",
+    "INSERT INTO tasks VALUES ('old-1', 'task_queue_1', 'finished', 'start_transcribe', 'gpu-1', 0)",
+]
+
+
+def test_a_seed_database_is_adopted(database_url):
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for statement in SEED_DDL:
+            conn.exec_driver_sql(statement)
+    # WHEN a dispatcher (or gpuq db init) starts on it
+    init_schema(engine)
+    # THEN the old row reads back with real times, as a task and in a listing
+    old = transaction(engine, get_task, task_id="old-1")
+    assert old is not None and old["state"] == "finished" and old["created_at"] is not None
+    page = transaction(engine, list_tasks, where=TaskFilter(), limit=10)
+    assert [t["task_id"] for t in page["tasks"]] == ["old-1"]
+    with engine.connect() as conn:
+        cols = {
+            r.name: r
+            for r in conn.execute(
+                text(
+                    "SELECT COLUMN_NAME AS name, CHARACTER_MAXIMUM_LENGTH AS length, COLLATION_NAME AS coll"
+                    " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'tasks'"
+                )
+            )
+        }
+        assert (
+            conn.execute(text("SELECT COUNT(*) FROM tasks WHERE created_at < '1971-01-01'")).scalar_one() == 0
+        )
+    assert cols["gpu_id"].length == 64 and cols["task_id"].coll == "utf8mb4_bin"
+    # and a second start finds nothing to change
+    with engine.begin() as conn:
+        assert add_missing(conn) == []
+    # and tasks whose ids differ only in case, on a GPU whose name is longer than 10 characters, both run
+    fleet = fleet_engine(database_url, {"transcribe-gpu-01": 4})
+    placed = place(fleet, [job(task_id="Case2"), job(task_id="case2")])
+    assert sorted(p.job.task_id for p in placed.placed) == ["Case2", "case2"]
+    assert {p.gpu_id for p in placed.placed} == {"transcribe-gpu-01"}
