@@ -56,10 +56,10 @@ _ID_COMMON = re.compile(r"[\w.:@+=,;~!$&'()*<>|^-]{1,128}", re.ASCII)
 
 def task_id_problem(value: str) -> str | None:
     """Why ``value`` cannot be a new task's id, or None when it can."""
+    if value in ("", ".", ".."):  # clients resolve . and .. away: GET /tasks/.. would reach / instead
+        return f"must not be {value!r} (a task id is a URL path segment)" if value else "must not be empty"
     if _ID_COMMON.fullmatch(value):  # the usual ids (UUIDs, names), without a loop over characters
         return None
-    if not value:
-        return "must not be empty"
     if len(value) > MAX_TASK_ID_CHARS:
         return f"at most {MAX_TASK_ID_CHARS} characters, got {len(value)}"
     for i, ch in enumerate(value):

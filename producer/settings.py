@@ -39,6 +39,14 @@ def parse_pairs(raw: str, variable: str) -> dict[str, str]:
     return pairs
 
 
+def _check_queue_name(name: str) -> None:
+    if not _NAME.match(name):
+        raise ValueError(f"{name!r} is not a valid queue name (letters, digits, _ . : - {{ }})")
+    problem = scope_problem(name)
+    if problem:
+        raise ValueError(f"{name!r} is not a valid queue name: {problem}")
+
+
 class QueueSettings(BaseSettings):
     """Where jobs go: Redis and the queue names."""
 
@@ -96,11 +104,7 @@ class QueueSettings(BaseSettings):
         if not names:
             raise ValueError("must name at least one queue, e.g. task_queue_1,task_queue_2")
         for name in names:
-            if not _NAME.match(name):
-                raise ValueError(f"{name!r} is not a valid queue name (letters, digits, _ . : - {{ }})")
-            problem = scope_problem(name)
-            if problem:
-                raise ValueError(f"{name!r} is not a valid queue name: {problem}")
+            _check_queue_name(name)
         scopes = [scope(name) for name in names]
         if len(set(scopes)) < len(scopes):
             raise ValueError("two queue names share their keys (like q and {q}); rename one")
@@ -116,7 +120,13 @@ class QueueSettings(BaseSettings):
     @field_validator("task_routes")
     @classmethod
     def _check_routes(cls, value: str) -> str:
-        parse_pairs(value, "TASK_ROUTES")
+        # A route's pool is the queue its jobs go to: a name no queue may have would refuse every such job
+        # later ("queue: String should match pattern", a field the caller never set), not the start now.
+        for task_type, pool in parse_pairs(value, "TASK_ROUTES").items():
+            try:
+                _check_queue_name(pool)
+            except ValueError as exc:
+                raise ValueError(f"{task_type}={pool}: the pool is a queue name; {exc}") from None
         return value
 
     @property

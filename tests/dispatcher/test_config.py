@@ -25,6 +25,7 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
         ({"SLOTS_PER_GPU": "zero"}, "SLOTS_PER_GPU"),
         ({"TASK_QUEUES": "bad queue!"}, "TASK_QUEUES"),
         ({"TASK_ROUTES": "embed"}, "TASK_ROUTES"),
+        ({"TASK_ROUTES": "embed=my pool"}, "TASK_ROUTES"),  # a pool is a queue name
         ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),

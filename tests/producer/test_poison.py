@@ -39,6 +39,8 @@ POISON: list[tuple[str, dict[str, Any], str]] = [
     ("task id with a zero-width space", {"type": "t", "task_id": "job\u200b1"}, "U+200B"),
     ("task id with a control character", {"type": "t", "task_id": "job\x071"}, "task_id"),
     ("task id of 129 characters", {"type": "t", "task_id": "x" * 129}, "128"),
+    ("task id '..' (clients resolve it away)", {"type": "t", "task_id": ".."}, "'..'"),
+    ("task id '.'", {"type": "t", "task_id": "."}, "'.'"),
     ("bad id inside data", {"type": "t", "data": {"task_id": "a/b"}}, "data.task_id"),
     ("job over MAX_JOB_BYTES", {"type": "t", "data": {"blob": "x" * 300_000}}, "MAX_JOB_BYTES"),
     # JSON true is no number (Python's bool is an int: it was read as 1)
