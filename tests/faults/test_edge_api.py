@@ -20,6 +20,7 @@ import pytest
 from dispatcher.gpus.tokens import make_token
 from dispatcher.http import callback
 from dispatcher.metrics import Metrics
+from producer.job import Job
 from tests.dispatcher.harness import SECRET, DispatcherProc
 from tests.dispatcher.private_servers import PrivateRedis
 
@@ -44,7 +45,11 @@ def test_hostile_query_values_are_4xx(stack):
         assert body["code"] == "invalid_input" and body["errors"][0]["loc"] == ["query", next(iter(params))]
         assert next(iter(params)) in body["detail"]
     # a since whose UTC falls outside the years 1-9999 is before or after every task (it used to be a 500)
-    assert httpx.post(f"{d.url}/tasks/early/cancel", headers=AUTH).status_code == 200  # a row, created now
+    # a row created now: a job waiting in Redis (no GPU takes it), cancelled
+    queue = stack.queues[0]
+    stack.rds.rpush(queue, Job(task_id="early", type="x", queue=queue).to_redis())
+    assert httpx.get(f"{d.url}/tasks/early", headers=AUTH).json()["state"] == "queued"
+    assert httpx.post(f"{d.url}/tasks/early/cancel", headers=AUTH).status_code == 200
     for since, expected in (("0001-01-01T00:00:00+01:00", ["early"]), ("9999-12-31T23:59:59-01:00", [])):
         res = httpx.get(f"{d.url}/tasks", params={"since": since}, headers=AUTH)
         assert res.status_code == 200, (since, res.text)
