@@ -46,6 +46,11 @@ class Source(StrEnum):
     API = "api"
     SQS = "sqs"
     S3 = "s3"
+    EVENTBRIDGE = "eventbridge"
+
+
+# An EventBridge event (a rule's target without an input transformer); its ``detail`` holds the work.
+_EVENTBRIDGE_FIELDS = frozenset({"detail-type", "source", "detail"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +77,14 @@ def detect(event: Any) -> Source:
         return _records_source(event["Records"])
     if isinstance(event.get("requestContext"), dict) and ("httpMethod" in event or "version" in event):
         return Source.API
+    if event.keys() >= _EVENTBRIDGE_FIELDS:
+        return Source.EVENTBRIDGE
     # A dict with any task field is a (maybe broken) task: "type: Field required" helps more than
     # "unknown event".
     if "tasks" in event or _TASK_FIELDS & event.keys():
         return Source.DIRECT
     raise InvalidEvent(
-        "event has no shape gpuq knows (direct task, task batch, API Gateway, SQS or S3); "
+        "event has no shape gpuq knows (direct task, task batch, API Gateway, SQS, S3 or EventBridge); "
         f"saw keys: {_keys(event)}"
     )
 
@@ -203,6 +210,35 @@ def s3_items(event: dict[str, Any], task_type: str) -> list[Item]:
         delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None
         items.append(Item(f"Records[{i}]", {"type": task_type, "data": data}, delivery))
     return items
+
+
+def eventbridge_items(event: dict[str, Any], s3_task_type: str) -> list[Item]:
+    """The tasks of an EventBridge event: an S3 "Object Created" event (S3's EventBridge notifications)
+    becomes a task of ``S3_TASK_TYPE`` as an S3 notification does; any other event's ``detail`` is a task or
+    a batch, as a direct invocation's event is. A rule with an input transformer sends a direct event."""
+    detail = event["detail"]
+    if event.get("source") == "aws.s3":
+        if event.get("detail-type") != "Object Created":
+            return []  # deletions, restores, tag changes: no work
+        try:
+            bucket = detail["bucket"]["name"]
+            obj = detail["object"]
+            key = obj["key"]
+            if not isinstance(bucket, str) or not isinstance(key, str):
+                raise TypeError("bucket name and object key must be strings")
+        except (KeyError, TypeError) as exc:
+            raise InvalidEvent(f"detail: not a valid S3 Object Created event ({_reason(exc)})") from exc
+        data: dict[str, Any] = {"s3_bucket": bucket, "s3_key": key}  # EventBridge sends keys as they are
+        if obj.get("size") is not None:
+            data["s3_size"] = obj["size"]
+        if obj.get("etag"):
+            data["s3_etag"] = obj["etag"]
+        sequencer = obj.get("sequencer")
+        delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None  # as an S3 notification's
+        return [Item("detail", {"type": s3_task_type, "data": data}, delivery)]
+    event_id = event.get("id")
+    delivery_key = f"eventbridge:{event_id}" if isinstance(event_id, str) and event_id else None
+    return split_payload(detail, delivery_key=delivery_key, what="detail")
 
 
 def _records_source(records: Any) -> Source:

@@ -56,11 +56,11 @@ def lambda_handler(event: Any, context: Any) -> dict[str, Any]:
     try:
         return _ROUTES[source](event)
     except GpuqError:
-        raise  # only the S3 route lets one out, on purpose
+        raise  # only the S3 and EventBridge routes let one out, on purpose
     except Exception as exc:
         # A bug must still answer in the event's terms: SQS retries every record, the API says 500.
         logger.exception("unexpected error", extra={"action": "crashed", "source": source.value})
-        if source is Source.S3:
+        if source in (Source.S3, Source.EVENTBRIDGE):
             raise
         internal = GpuqError(f"internal error ({type(exc).__name__}); see the producer's logs")
         if source is Source.SQS:
@@ -122,11 +122,25 @@ def _s3(event: dict[str, Any]) -> dict[str, Any]:
         return _error_body(exc)
 
 
+def _eventbridge(event: dict[str, Any]) -> dict[str, Any]:
+    """As S3's route: an asynchronous invocation, so an outage raises (Lambda retries the event, then its
+    on-failure destination or dead-letter queue has it) and bad input is refused in the log."""
+    try:
+        items = events.eventbridge_items(event, get_settings().s3_task_type)
+        return {"task_ids": _submit(Source.EVENTBRIDGE, items)}
+    except GpuqError as exc:
+        _log_refused(Source.EVENTBRIDGE, exc)
+        if isinstance(exc, _UNAVAILABLE):
+            raise
+        return _error_body(exc)
+
+
 _ROUTES: dict[Source, Callable[[dict[str, Any]], dict[str, Any]]] = {
     Source.DIRECT: _direct,
     Source.API: _api,
     Source.SQS: _sqs,
     Source.S3: _s3,
+    Source.EVENTBRIDGE: _eventbridge,
 }
 
 

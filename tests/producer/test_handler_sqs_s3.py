@@ -149,3 +149,61 @@ def test_a_broken_s3_record_is_refused_not_retried(producer_env: ProducerEnv) ->
     answer = lambda_handler(event, None)
     assert answer == {"error": "Records[0]: not a valid S3 event record (missing 'key')"}
     assert producer_env.all_jobs() == []
+
+
+def test_an_eventbridge_events_detail_is_its_task_enqueued_once(producer_env: ProducerEnv) -> None:
+    # GIVEN an EventBridge rule whose target is the function, without an input transformer: the whole event
+    # WHEN EventBridge invokes it twice for the same event (delivery is at least once)
+    first = lambda_handler(load_event("eventbridge_custom"), None)
+    second = lambda_handler(load_event("eventbridge_custom"), None)
+    # THEN the event's detail is the task, enqueued once, under one id both times
+    assert first == second
+    (job,) = producer_env.jobs()
+    assert first == {"task_ids": [job["task_id"]]}
+    assert (job["type"], job["data"]["call_session"]) == ("start_transcribe", "1751353080.711222")
+
+
+def test_an_eventbridge_batch_and_a_bad_detail(producer_env: ProducerEnv) -> None:
+    event = load_event("eventbridge_custom")
+    event["detail"] = {"tasks": [{"type": "a"}, {"type": "b"}]}
+    assert len(lambda_handler(event, None)["task_ids"]) == 2
+    # a detail that is no task is refused with the reason, nothing enqueued (the seed enqueued a sample job)
+    event = load_event("eventbridge_custom")
+    event["id"] = "another-event"
+    event["detail"] = {"state": "running", "instance-id": "i-0abc"}
+    answer = lambda_handler(event, None)
+    assert "type" in answer["error"] and [j["type"] for j in producer_env.jobs()] == ["a", "b"]
+
+
+def test_s3_object_created_through_eventbridge_becomes_a_task_once(producer_env: ProducerEnv) -> None:
+    # GIVEN S3 sends its notifications to EventBridge, and a rule sends Object Created events to the function
+    producer_env.set(S3_TASK_TYPE="transcribe_upload")
+    first = lambda_handler(load_event("eventbridge_s3_object_created"), None)
+    # and the same object's notification also arrives the classic way (both are configured)
+    classic = load_event("s3_put")
+    record = classic["Records"][0]["s3"]
+    record["bucket"]["name"] = "esales-et-callrecordings"
+    record["object"]["key"] = "recordings/2025/07/01/call+one%2B1.wav"  # URL-encoded, as S3 sends it there
+    record["object"]["sequencer"] = "00617F08299329D189"
+    second = lambda_handler(classic, None)
+    # THEN one job, with the key as it is (EventBridge does not URL-encode it)
+    assert first == second
+    (job,) = producer_env.jobs()
+    assert job["type"] == "transcribe_upload"
+    assert job["data"]["s3_key"] == "recordings/2025/07/01/call one+1.wav"
+    assert job["data"]["s3_size"] == 5242880
+
+
+def test_other_s3_events_through_eventbridge_ask_for_no_work(producer_env: ProducerEnv) -> None:
+    event = load_event("eventbridge_s3_object_created")
+    event["detail-type"] = "Object Deleted"
+    assert lambda_handler(event, None) == {"task_ids": []}
+    assert producer_env.all_jobs() == []
+
+
+def test_eventbridge_with_redis_down_raises_so_lambda_retries(
+    producer_env: ProducerEnv, closed_port: int
+) -> None:
+    producer_env.set(REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
+    with pytest.raises(QueueUnavailable):
+        lambda_handler(load_event("eventbridge_custom"), None)
