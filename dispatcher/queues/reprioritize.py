@@ -37,7 +37,17 @@ for k, key in ipairs(KEYS) do
       local ok, obj = pcall(cjson.decode, body)
       if ok and type(obj) == 'table' then
         local tid = obj['task_id']
-        if tid == nil and type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
+        -- as parse_redis_job reads it: an empty or null id counts as none, data.task_id is the seed's,
+        -- and a number is its decimal text (the seed's jobs may carry {"task_id": 123})
+        if tid == nil or tid == cjson.null or tid == '' or tid == false then
+          tid = nil
+          if type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
+          if tid == cjson.null or tid == '' then tid = nil end
+        end
+        if type(tid) == 'number' then
+          if tid == math.floor(tid) and math.abs(tid) < 2^53 then tid = string.format('%d', tid)
+          else tid = tostring(tid) end
+        end
         if tid == id then
           return {key, el, i + j - 1}
         end
@@ -148,16 +158,11 @@ def find_waiting(
 ) -> dict[str, Any] | None:
     """The job with ``task_id`` if it waits in Redis (its queues' lists, a parked list, or a dispatcher's
     processing list: taken, not yet recorded), else None. See ``find_waiting_async``."""
-    queue_of = {key: q for q in queues for key in _waiting_lists(keys, q, pools)}
-    owners = sorted(as_str(v) for v in rds.smembers(keys.dispatchers))
-    for queue in queues:  # one queue (one cluster slot) per script
-        lists = _waiting_lists(keys, queue, pools)
-        procs = [keys.proc(queue, o) for o in owners]
-        hit = rds.eval(
-            _FIND, len(lists) + len(procs), *lists, *procs, task_id, len(lists) + 1 if procs else 0
-        )
+    plan = _Search(keys, queues, pools, rds.smembers(keys.dispatchers), rds.hgetall(keys.owner_queues))
+    for lists, first_proc in plan.scripts():
+        hit = rds.eval(_FIND, len(lists), *lists, task_id, first_proc)
         if hit:
-            return _waiting(task_id, hit, queue_of)
+            return _waiting(task_id, hit, plan.queue_of)
     return None
 
 
@@ -167,14 +172,40 @@ async def find_waiting_async(
     """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
     processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
     neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
-    queue_of = {key: q for q in queues for key in _waiting_lists(keys, q, pools)}
-    owners = sorted(as_str(v) for v in await rds.smembers(keys.dispatchers))
-    for queue in queues:  # one queue (one cluster slot) per script
-        lists = _waiting_lists(keys, queue, pools)
-        procs = [keys.proc(queue, o) for o in owners]
-        hit = await rds.eval(
-            _FIND, len(lists) + len(procs), *lists, *procs, task_id, len(lists) + 1 if procs else 0
-        )
+    members = await rds.smembers(keys.dispatchers)
+    plan = _Search(keys, queues, pools, members, await rds.hgetall(keys.owner_queues))
+    for lists, first_proc in plan.scripts():
+        hit = await rds.eval(_FIND, len(lists), *lists, task_id, first_proc)
         if hit:
-            return _waiting(task_id, hit, queue_of)
+            return _waiting(task_id, hit, plan.queue_of)
     return None
+
+
+class _Search:
+    """Where a job may wait: the queues this process knows of and those the running dispatchers serve (a
+    cancel from a CLI or a dispatcher serving other queues must find it too), and the processing lists of
+    every dispatcher registered either way."""
+
+    def __init__(
+        self, keys: Keys, queues: list[str], pools: list[str], members: Any, owner_queues: dict[Any, Any]
+    ) -> None:
+        served: list[str] = []
+        for raw in owner_queues.values():
+            try:
+                value = json.loads(as_str(raw))
+            except ValueError:
+                continue
+            served += [q for q in value if isinstance(q, str)] if isinstance(value, list) else []
+        self.keys, self.pools = keys, pools
+        self.queues = list(dict.fromkeys([*queues, *served]))
+        self.owners = sorted({as_str(v) for v in members} | {as_str(k) for k in owner_queues})
+        self.queue_of = {key: q for q in self.queues for key in _waiting_lists(keys, q, pools)}
+
+    def scripts(self) -> list[tuple[list[str], int]]:
+        """One script per queue (one cluster slot each): its lists, then the processing lists (position)."""
+        out = []
+        for queue in self.queues:
+            lists = _waiting_lists(self.keys, queue, self.pools)
+            procs = [self.keys.proc(queue, o) for o in self.owners]
+            out.append(([*lists, *procs], len(lists) + 1 if procs else 0))
+        return out

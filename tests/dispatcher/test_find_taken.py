@@ -8,6 +8,7 @@ buffer sit there too, for longer. Neither waiting in its queue nor in the databa
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import redis
@@ -57,3 +58,41 @@ def test_a_job_in_a_processing_list_is_found_about_to_start(
     assert found["data"] == {"x": 1}
     # and an id in neither place is still unknown
     assert look("nowhere") is None
+
+
+@pytest.mark.parametrize("client", ["async", "sync"])
+def test_seed_shaped_ids_are_found_as_the_dispatcher_reads_them(
+    rds: redis.Redis, redis_url: str, key_prefix: str, client: str
+):
+    # GIVEN jobs pushed the seed's way: a numeric id in data, a null or empty top-level id beside data's
+    keys = Keys(key_prefix)
+    queue = f"{key_prefix}q1"
+    rds.rpush(queue, json.dumps({"type": "t", "data": {"task_id": 123}}))
+    rds.rpush(queue, json.dumps({"type": "t", "task_id": None, "data": {"task_id": "from-data"}}))
+    rds.rpush(queue, json.dumps({"type": "t", "task_id": "", "data": {"task_id": "empty-top"}}))
+
+    def look(task_id: str) -> dict | None:
+        if client == "sync":
+            return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
+        return _find(redis_url, keys, task_id, queue)
+
+    # THEN each is found under the id a dispatcher would give it (so it can be cancelled while it waits)
+    assert [look(t)["position"] for t in ("123", "from-data", "empty-top")] == [0, 1, 2]  # type: ignore[index]
+    assert look("12") is None
+
+
+@pytest.mark.parametrize("client", ["async", "sync"])
+def test_a_job_in_a_queue_only_another_dispatcher_serves_is_found(
+    rds: redis.Redis, redis_url: str, key_prefix: str, client: str
+):
+    # GIVEN a dispatcher serving queue "other", and a job waiting there; the looker knows only its own queue
+    keys = Keys(key_prefix)
+    mine, other = f"{key_prefix}q1", f"{key_prefix}other"
+    rds.hset(keys.owner_queues, "d2", json.dumps([other]))
+    rds.rpush(other, Job(task_id="elsewhere", type="t", queue=other).to_redis())
+    if client == "sync":
+        found = find_waiting(rds, keys=keys, task_id="elsewhere", queues=[mine], pools=["default"])
+    else:
+        found = _find(redis_url, keys, "elsewhere", mine)
+    # THEN it is found in that queue (a cancel from the CLI or from a dispatcher of other queues is not 404)
+    assert found is not None and (found["queue"], found["list"]) == (other, other)
