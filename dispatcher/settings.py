@@ -22,7 +22,7 @@ HOUR = 3600.0
 DAY = 24 * HOUR
 # Durations are added to datetimes: past these bounds (or inf) every lease, backoff and expiry would overflow,
 # and every job be dead-lettered ("cannot convert float infinity to integer") instead of the start refused.
-_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_LEVELS = ("CRITICAL", "FATAL", "ERROR", "WARNING", "WARN", "INFO", "DEBUG", "NOTSET")  # Python's names
 
 
 @dataclass(frozen=True, slots=True)

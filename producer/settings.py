@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 from urllib.parse import quote, urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.errors import ConfigError
@@ -45,6 +45,19 @@ def _check_queue_name(name: str) -> None:
     problem = scope_problem(name)
     if problem:
         raise ValueError(f"{name!r} is not a valid queue name: {problem}")
+
+
+def _check_shared_keys(names: list[str]) -> None:
+    scopes = [scope(name) for name in names]
+    if len(set(scopes)) < len(scopes):
+        raise ValueError("two queue names share their keys (like q and {q}); rename one")
+    owner: dict[str, str] = {}
+    for name in names:
+        for key in queue_lists(name):
+            if owner.setdefault(key, name) != name:
+                raise ValueError(
+                    f"queues {owner[key]!r} and {name!r} would share the list {key!r}; rename one"
+                )
 
 
 class QueueSettings(BaseSettings):
@@ -105,16 +118,7 @@ class QueueSettings(BaseSettings):
             raise ValueError("must name at least one queue, e.g. task_queue_1,task_queue_2")
         for name in names:
             _check_queue_name(name)
-        scopes = [scope(name) for name in names]
-        if len(set(scopes)) < len(scopes):
-            raise ValueError("two queue names share their keys (like q and {q}); rename one")
-        owner: dict[str, str] = {}
-        for name in names:
-            for key in queue_lists(name):
-                if owner.setdefault(key, name) != name:
-                    raise ValueError(
-                        f"queues {owner[key]!r} and {name!r} would share the list {key!r}; rename one"
-                    )
+        _check_shared_keys(names)
         return value
 
     @field_validator("task_routes")
@@ -128,6 +132,15 @@ class QueueSettings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"{task_type}={pool}: the pool is a queue name; {exc}") from None
         return value
+
+    @model_validator(mode="after")
+    def _routes_keep_their_own_keys(self) -> Self:
+        """A route's pool is a queue of its own: it must not share keys with a queue (`{q}` beside `q`)."""
+        try:
+            _check_shared_keys(list(dict.fromkeys([*self.queues, *self.routes.values()])))
+        except ValueError as exc:
+            raise ValueError(f"TASK_ROUTES: {exc}") from None
+        return self
 
     @property
     def queues(self) -> list[str]:

@@ -41,9 +41,10 @@ class Placing:
         self.wake = wake
         self.handoffs = handoffs
         self.requests = requests
-        # Processing-list element -> placements in a row that ended in a duplicate key even after looking
-        # the jobs up: a race ends after one or two, a standing conflict never does.
-        self._races: Counter[str] = Counter()
+        # (task id, attempt) -> placements in a row that ended in a duplicate key even after looking the
+        # jobs up: a race ends after one or two, a standing conflict never does. Not the processing-list
+        # element: a job parked and taken again comes back as another element.
+        self._races: Counter[tuple[str, int]] = Counter()
 
     def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
         """Jobs as taken from Redis, checked (``dead_letters.prepare``): what may be placed, and the
@@ -205,14 +206,14 @@ class Placing:
             except IntegrityError:  # one of them is known already (a copy, a tombstone): look before placing
                 result = await rt.db(dispatch, now=rt.now(), check_existing=True, **kwargs)
         except IntegrityError as exc:  # another dispatcher recorded one of them meanwhile
-            self._races.update(r.element for r in place)
-            if max(self._races[r.element] for r in place) >= RACES_BEFORE_ISOLATING:
+            if len(self._races) > _RACES_KEPT:
+                self._races.clear()
+            self._races.update(_race_key(r) for r in place)
+            if max(self._races[_race_key(r)] for r in place) >= RACES_BEFORE_ISOLATING:
                 # Not a race: the same jobs meet the same error pass after pass (a table the upgrade could
                 # not adopt, a constraint gpuq does not know). Raised, it fails the pass, and its jobs are
                 # tried one by one: the culprit, its count kept, raises again at once and is dead-lettered
                 # with this error; the others run (and their counts go).
-                if len(self._races) > _RACES_KEPT:
-                    self._races.clear()
                 raise
             log.warning(
                 "placement raced another dispatcher; the next pass finishes these jobs",
@@ -220,13 +221,17 @@ class Placing:
             )
             return None
         for r in place:
-            self._races.pop(r.element, None)
+            self._races.pop(_race_key(r), None)
         return result
 
     def park(self, jobs: list[Ready]) -> None:
         """Buffered jobs this process will not start (draining): parked, so any dispatcher can."""
         if jobs:
             self.handoffs.settle_later(Settlement(park=_parked(jobs)))
+
+
+def _race_key(r: Ready) -> tuple[str, int]:
+    return r.job.task_id, r.job.attempt
 
 
 def _parked(jobs: list[Ready]) -> list[tuple[str, str, str]]:

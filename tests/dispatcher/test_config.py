@@ -26,6 +26,10 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
         ({"TASK_QUEUES": "bad queue!"}, "TASK_QUEUES"),
         ({"TASK_ROUTES": "embed"}, "TASK_ROUTES"),
         ({"TASK_ROUTES": "embed=my pool"}, "TASK_ROUTES"),  # a pool is a queue name
+        (
+            {"TASK_QUEUES": "task_queue_1", "TASK_ROUTES": "embed={task_queue_1}"},
+            "TASK_ROUTES",
+        ),  # shared keys
         ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
@@ -60,3 +64,11 @@ def test_daemon_exits_2_with_one_line(tmp_path):
     assert run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("gpuq dispatcher: ")
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("level", ["warn", "WARNING", "debug", "fatal", "NOTSET"])
+def test_python_log_level_names_are_accepted(monkeypatch, level):
+    for name, value in GOOD.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("LOG_LEVEL", level)
+    assert load(DispatcherSettings, _env_file=None).log_level == level.upper()
