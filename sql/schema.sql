@@ -19,7 +19,7 @@ CREATE TABLE attempts (
     outcome VARCHAR(16) NOT NULL,
     error TEXT,
     PRIMARY KEY (task_id, attempt)
-)ENGINE=InnoDB;
+)ENGINE=InnoDB CHARSET=utf8mb4;
 
 CREATE INDEX idx_attempts_ended_at ON attempts (ended_at, outcome);
 
@@ -47,7 +47,7 @@ CREATE TABLE gpus (
     agent_seen_until DATETIME(6),
     cancel_url VARCHAR(2048),
     PRIMARY KEY (gpu_id)
-)ENGINE=InnoDB;
+)ENGINE=InnoDB CHARSET=utf8mb4;
 
 CREATE UNIQUE INDEX idx_gpus_agent_token ON gpus (agent_token_hash);
 
@@ -75,7 +75,7 @@ CREATE TABLE tasks (
     updated_at DATETIME(6) NOT NULL,
     fetched_attempt INTEGER,
     PRIMARY KEY (task_id)
-)ENGINE=InnoDB;
+)ENGINE=InnoDB CHARSET=utf8mb4;
 
 CREATE INDEX idx_tasks_created_at ON tasks (created_at, task_id);
 
@@ -98,6 +98,6 @@ CREATE TABLE slots (
     PRIMARY KEY (gpu_id, slot_index),
     FOREIGN KEY(gpu_id) REFERENCES gpus (gpu_id) ON DELETE CASCADE,
     UNIQUE (task_id)
-)ENGINE=InnoDB;
+)ENGINE=InnoDB CHARSET=utf8mb4;
 
 CREATE INDEX idx_slots_lease ON slots (lease_expires_at);

@@ -52,6 +52,7 @@ def add_missing(conn: Connection) -> list[str]:
                 conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {spec}")
             added.append(f"{table.name}.{column.name}")
         if mysql:
+            added += adopt_charset(conn, table)
             added += adopt_columns(conn, table)
         indexes = {i["name"] for i in insp.get_indexes(table.name)}
         for index in table.indexes:
@@ -77,6 +78,23 @@ def _add_filled(conn: Connection, table: Table, column: Column[Any], spec: str) 
         fill = "{}" if column.name == "data" else ""
     conn.execute(update(table).where(column.is_(None)).values({column.name: fill}))
     conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {spec}")
+
+
+_TABLE_COLLATION = text(
+    "SELECT TABLE_COLLATION FROM information_schema.TABLES"
+    " WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table"
+)
+
+
+def adopt_charset(conn: Connection, table: Table) -> list[str]:
+    """A table in another character set than utf8mb4 (the seed's on a server whose default is latin1 or
+    utf8mb3) is converted: a GPU's error or a job's data in Cyrillic or with an emoji would be refused.
+    ``adopt_columns`` then gives the id columns their binary collation back."""
+    collation = conn.execute(_TABLE_COLLATION, {"table": table.name}).scalar_one_or_none()
+    if collation is None or str(collation).startswith("utf8mb4_"):
+        return []
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} CONVERT TO CHARACTER SET utf8mb4")
+    return [f"{table.name} utf8mb4 (was {collation})"]
 
 
 _LIVE = text(

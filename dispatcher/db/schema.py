@@ -75,6 +75,7 @@ gpus = Table(
     Column("cancel_url", String(2048), nullable=True),
     Index("idx_gpus_agent_token", "agent_token_hash", unique=True),
     mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",  # not the server's default: latin1 on older servers refuses most text
 )
 
 slots = Table(
@@ -89,6 +90,7 @@ slots = Table(
     Column("dispatcher_id", String(128), nullable=True),
     Index("idx_slots_lease", "lease_expires_at"),
     mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",  # not the server's default: latin1 on older servers refuses most text
 )
 
 tasks = Table(
@@ -123,6 +125,7 @@ tasks = Table(
     # (created_at, task_id) is the keyset of GET /tasks pages (dispatcher/db/listing.py)
     Index("idx_tasks_created_at", "created_at", "task_id"),
     mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",  # not the server's default: latin1 on older servers refuses most text
 )
 
 attempts = Table(
@@ -140,4 +143,5 @@ attempts = Table(
     Index("idx_attempts_ended_at", "ended_at", "outcome"),
     Index("idx_attempts_gpu_ended", "gpu_id", "ended_at"),
     mysql_engine="InnoDB",
+    mysql_charset="utf8mb4",  # not the server's default: latin1 on older servers refuses most text
 )

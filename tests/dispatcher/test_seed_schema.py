@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from sqlalchemy import create_engine, text
 
-from dispatcher.db.engine import init_schema, transaction
+from dispatcher.db.attempts import Backoff, finish_attempt
+from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.listing import TaskFilter, list_tasks
 from dispatcher.db.migrations import add_missing
 from dispatcher.db.reads import get_task
-from tests.dispatcher.helpers import fleet_engine, job, place
+from dispatcher.states import Outcome
+from tests.dispatcher.helpers import add_gpu, fleet_engine, job, place
 
 SEED_DDL = [
     # as the seed's README has it, on a server whose default collation is case-insensitive
@@ -57,3 +59,40 @@ def test_a_seed_database_is_adopted(database_url):
     placed = place(fleet, [job(task_id="Case2"), job(task_id="case2")])
     assert sorted(p.job.task_id for p in placed.placed) == ["Case2", "case2"]
     assert {p.gpu_id for p in placed.placed} == {"transcribe-gpu-01"}
+
+
+def _finish_with_a_unicode_error(engine) -> str:
+    add_gpu(engine, "g0", 4)
+    assert place(engine, [job(task_id="u1", data={"text": "Привет 👋"})]).placed
+    fin = transaction(
+        engine,
+        finish_attempt,
+        task_id="u1",
+        attempt=1,
+        outcome=Outcome.FAILED,
+        now=utcnow(),
+        backoff=Backoff(),
+        error="ошибка модели 💥",
+        reported="failed",
+    )
+    return fin.code
+
+
+def test_a_latin1_seed_table_is_converted_to_utf8mb4(database_url):
+    # GIVEN the seed's table on a server whose default character set is latin1
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(SEED_DDL[0].replace("utf8mb4 COLLATE=utf8mb4_general_ci", "latin1"))
+    # WHEN a dispatcher adopts it
+    init_schema(engine)
+    # THEN a job's data and a GPU's error in any script are stored (they were refused: 1366 incorrect string)
+    assert _finish_with_a_unicode_error(make_engine(database_url)) == "applied"
+
+
+def test_a_fresh_schema_on_a_latin1_database_takes_any_text(database_url):
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        name = conn.exec_driver_sql("SELECT DATABASE()").scalar_one()
+        conn.exec_driver_sql(f"ALTER DATABASE `{name}` CHARACTER SET latin1 COLLATE latin1_swedish_ci")
+    init_schema(engine)
+    assert _finish_with_a_unicode_error(make_engine(database_url)) == "applied"
