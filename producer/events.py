@@ -175,7 +175,8 @@ def api_payload(event: dict[str, Any]) -> Any:
 
 
 def sqs_items(record: SQSRecord, s3_task_type: str) -> list[Item]:
-    """The tasks of one SQS message: a task, a batch, or an S3 notification routed through SQS."""
+    """The tasks of one SQS message: a task, a batch, or an S3 notification or EventBridge event routed
+    through SQS."""
     payload = _json(record.body, "body")
     if isinstance(payload, dict) and payload.get("Event") == "s3:TestEvent":
         return []  # S3 sends this once when the notification is configured; there is nothing to do
@@ -186,6 +187,8 @@ def sqs_items(record: SQSRecord, s3_task_type: str) -> list[Item]:
         and _records_source(payload["Records"]) is Source.S3
     ):
         return s3_items(payload, s3_task_type)
+    if isinstance(payload, dict) and payload.keys() >= _EVENTBRIDGE_FIELDS:
+        return eventbridge_items(payload, s3_task_type)  # a rule whose target is the queue
     return split_payload(payload, delivery_key=f"sqs:{record.message_id}")
 
 

@@ -207,3 +207,18 @@ def test_eventbridge_with_redis_down_raises_so_lambda_retries(
     producer_env.set(REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
     with pytest.raises(QueueUnavailable):
         lambda_handler(load_event("eventbridge_custom"), None)
+
+
+def test_an_eventbridge_event_through_sqs_is_read_as_one(producer_env: ProducerEnv) -> None:
+    # GIVEN an EventBridge rule whose target is an SQS queue that triggers the function
+    event = load_event("sqs_mixed")
+    record = event["Records"][0]
+    record["body"] = json.dumps(load_event("eventbridge_custom"))
+    event["Records"] = [record]
+    # WHEN it arrives, and the same event once more in another message (EventBridge delivers at least once)
+    assert failures(lambda_handler(event, None)) == []
+    record["messageId"] = "another-message"
+    assert failures(lambda_handler(event, None)) == []
+    # THEN its detail is the task, enqueued once
+    (job,) = producer_env.jobs()
+    assert (job["type"], job["data"]["call_session"]) == ("start_transcribe", "1751353080.711222")
