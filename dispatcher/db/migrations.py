@@ -87,42 +87,64 @@ _TABLE_COLLATION = text(
 
 
 def adopt_charset(conn: Connection, table: Table) -> list[str]:
-    """A table in another character set than utf8mb4 (the seed's on a server whose default is latin1 or
-    utf8mb3) is converted: a GPU's error or a job's data in Cyrillic or with an emoji would be refused.
-    ``adopt_columns`` then gives the id columns their binary collation back."""
+    """A table whose default character set is not utf8mb4 (the seed's, or gpuq's own made on a server whose
+    default is latin1 or utf8mb3) gets utf8mb4 as its default; its text columns are converted one by one
+    by ``adopt_columns``. Not ``CONVERT TO``: that also converts the columns of a foreign key (MariaDB
+    refuses: 1833) and gives the binary id columns a case-insensitive collation (ids differing only in
+    case then collide: 1062), so the start failed on every try, the schema half converted."""
     collation = conn.execute(_TABLE_COLLATION, {"table": table.name}).scalar_one_or_none()
     if collation is None or str(collation).startswith("utf8mb4_"):
         return []
-    conn.exec_driver_sql(f"ALTER TABLE {table.name} CONVERT TO CHARACTER SET utf8mb4")
-    return [f"{table.name} utf8mb4 (was {collation})"]
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} DEFAULT CHARACTER SET utf8mb4")
+    return [f"{table.name} default utf8mb4 (was {collation})"]
 
 
 _LIVE = text(
     "SELECT COLUMN_NAME AS name, DATA_TYPE AS data_type, CHARACTER_MAXIMUM_LENGTH AS length,"
-    " COLLATION_NAME AS collation, IS_NULLABLE AS nullable"
+    " CHARACTER_SET_NAME AS charset, COLLATION_NAME AS collation, IS_NULLABLE AS nullable"
     " FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = :table"
 )
+# Columns of a foreign key, on either side: their type must match the other side's, so they are left as they
+# are (gpu ids: names gpuq checks, in any character set).
+_IN_FOREIGN_KEYS = text(
+    "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE WHERE TABLE_SCHEMA = DATABASE()"
+    " AND TABLE_NAME = :table AND REFERENCED_TABLE_NAME IS NOT NULL"
+    " UNION SELECT REFERENCED_COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE"
+    " WHERE TABLE_SCHEMA = DATABASE() AND REFERENCED_TABLE_NAME = :table"
+)
+_TEXT_TYPES = ("varchar", "char", "text", "mediumtext", "longtext", "tinytext")
 
 
 def adopt_columns(conn: Connection, table: Table) -> list[str]:
-    """Widen a text column narrower than gpuq's (the seed's ``gpu_id VARCHAR(10)`` refused every longer GPU
-    name) and give a column gpuq compares byte for byte its binary collation (the seed's task ids were
-    case-insensitive: ``Case2`` and ``case2`` collided, and the second never ran). The column keeps whether
-    it may be NULL: gpuq never writes NULL where it wants a value."""
+    """Make a live text column what gpuq expects. Widen one narrower than gpuq's (the seed's ``gpu_id
+    VARCHAR(10)`` refused every longer GPU name); give a column gpuq compares byte for byte its binary
+    collation (the seed's task ids were case-insensitive: ``Case2`` and ``case2`` collided, and the second
+    never ran); and store in utf8mb4 one that is in another character set (a GPU's error or a job's data in
+    Cyrillic was refused), unless a foreign key holds it. The column keeps whether it may be NULL (gpuq
+    never writes NULL where it wants a value) and gets gpuq's default."""
     live = {r.name: r for r in conn.execute(_LIVE, {"table": table.name})}
+    held = {r[0] for r in conn.execute(_IN_FOREIGN_KEYS, {"table": table.name})}
     changed = []
     for column in table.columns:
         row = live.get(column.name)
-        if row is None or row.data_type not in ("varchar", "char"):
+        if row is None or row.data_type not in _TEXT_TYPES:
             continue
         want = column.type.dialect_impl(conn.dialect)
         length = getattr(want, "length", None)
         collation = getattr(want, "collation", None)
         narrow = length is not None and row.length is not None and int(row.length) < length
-        if not narrow and (collation is None or row.collation == collation):
+        recollate = collation is not None and row.collation != collation
+        recode = row.charset not in (None, "utf8mb4") and column.name not in held
+        if not (narrow or recollate or recode):
             continue
-        rendered = want.compile(dialect=conn.dialect)
+        rendered = str(want.compile(dialect=conn.dialect))
+        if "CHARACTER SET" not in rendered:
+            rendered += " CHARACTER SET utf8mb4"
         null = "NULL" if row.nullable == "YES" and not column.primary_key else "NOT NULL"
-        conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {column.name} {rendered} {null}")
+        default = ""
+        if column.server_default is not None:
+            arg = str(getattr(column.server_default, "arg", ""))
+            default = " DEFAULT '" + arg.replace("'", "''") + "'"
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {column.name} {rendered}{default} {null}")
         changed.append(f"{table.name}.{column.name} {rendered}")
     return changed

@@ -3,6 +3,9 @@ converted, its rows get readable values in gpuq's new columns, and a second star
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from sqlalchemy import create_engine, text
 
 from dispatcher.db.attempts import Backoff, finish_attempt
@@ -12,6 +15,8 @@ from dispatcher.db.migrations import add_missing
 from dispatcher.db.reads import get_task
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import add_gpu, fleet_engine, job, place
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SEED_DDL = [
     # as the seed's README has it, on a server whose default collation is case-insensitive
@@ -96,3 +101,34 @@ def test_a_fresh_schema_on_a_latin1_database_takes_any_text(database_url):
         conn.exec_driver_sql(f"ALTER DATABASE `{name}` CHARACTER SET latin1 COLLATE latin1_swedish_ci")
     init_schema(engine)
     assert _finish_with_a_unicode_error(make_engine(database_url)) == "applied"
+
+
+@pytest.mark.parametrize("case_twins", [False, True])
+def test_a_gpuq_schema_made_on_a_latin1_server_starts_and_takes_any_text(database_url, case_twins):
+    # GIVEN gpuq's schema as versions before utf8mb4 tables made it (sql/schema.sql without the table
+    # character set) on a database whose default is latin1; with tasks whose ids differ only in case
+    engine = create_engine(database_url)
+    ddl = (ROOT / "sql" / "schema.sql").read_text().replace(" CHARSET=utf8mb4", "")
+    statements = [s for s in "\n".join(li for li in ddl.splitlines() if not li.startswith("--")).split(";")]
+    with engine.begin() as conn:
+        name = conn.exec_driver_sql("SELECT DATABASE()").scalar_one()
+        conn.exec_driver_sql(f"ALTER DATABASE `{name}` CHARACTER SET latin1 COLLATE latin1_swedish_ci")
+    with engine.begin() as conn:
+        for statement in statements:
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+        if case_twins:
+            for tid in ("Case2", "case2"):
+                conn.exec_driver_sql(
+                    "INSERT INTO attempts (task_id, attempt, ended_at, outcome)"
+                    f" VALUES ('{tid}', 1, NOW(), 'finished')"
+                )
+    # WHEN this version starts on it, twice
+    init_schema(engine)
+    with engine.begin() as conn:
+        assert add_missing(conn) == []
+    # THEN any text is stored, and the twins are still two
+    assert _finish_with_a_unicode_error(make_engine(database_url)) == "applied"
+    with engine.connect() as conn:
+        twins = conn.exec_driver_sql("SELECT COUNT(*) FROM attempts WHERE task_id IN ('Case2', 'case2')")
+        assert twins.scalar_one() == (2 if case_twins else 0)
