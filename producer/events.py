@@ -188,7 +188,8 @@ def sqs_items(record: SQSRecord, s3_task_type: str) -> list[Item]:
     ):
         return s3_items(payload, s3_task_type)
     if isinstance(payload, dict) and payload.keys() >= _EVENTBRIDGE_FIELDS:
-        return eventbridge_items(payload, s3_task_type)  # a rule whose target is the queue
+        # a rule whose target is the queue; an event without an id is keyed by its message, as any other
+        return eventbridge_items(payload, s3_task_type, fallback_key=f"sqs:{record.message_id}")
     return split_payload(payload, delivery_key=f"sqs:{record.message_id}")
 
 
@@ -215,7 +216,9 @@ def s3_items(event: dict[str, Any], task_type: str) -> list[Item]:
     return items
 
 
-def eventbridge_items(event: dict[str, Any], s3_task_type: str) -> list[Item]:
+def eventbridge_items(
+    event: dict[str, Any], s3_task_type: str, fallback_key: str | None = None
+) -> list[Item]:
     """The tasks of an EventBridge event: an S3 "Object Created" event (S3's EventBridge notifications)
     becomes a task of ``S3_TASK_TYPE`` as an S3 notification does; any other event's ``detail`` is a task or
     a batch, as a direct invocation's event is. A rule with an input transformer sends a direct event."""
@@ -240,7 +243,7 @@ def eventbridge_items(event: dict[str, Any], s3_task_type: str) -> list[Item]:
         delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None  # as an S3 notification's
         return [Item("detail", {"type": s3_task_type, "data": data}, delivery)]
     event_id = event.get("id")
-    delivery_key = f"eventbridge:{event_id}" if isinstance(event_id, str) and event_id else None
+    delivery_key = f"eventbridge:{event_id}" if isinstance(event_id, str) and event_id else fallback_key
     return split_payload(detail, delivery_key=delivery_key, what="detail")
 
 

@@ -17,13 +17,24 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from dispatcher.queues.presence import as_str
+from producer.errors import InvalidJob
+from producer.job import parse_redis_job
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
 
 # KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
-# (their elements are "<source>\n<job>"; 0: none). Returns {list, element, index} or nil. Chunks of 500.
+# (their elements are "<source>\n<job>"; 0: none). Chunks of 500. Returns {1, list, element, index} for a job
+# whose id is that string; else {0, list, element, index, ...}: up to 20 jobs whose id is data.task_id given
+# as a number, boolean or object (the seed's {"task_id": 123}): the dispatcher runs them under Python's str()
+# of it ("1.0", "True", a 64-bit integer exactly), which Lua cannot write, so ``_pick`` reads them as the
+# dispatcher does; or nil. A top-level id that is no string is the dispatcher's refusal, not an id.
 _FIND = """
 local id = ARGV[1]
 local first_proc = tonumber(ARGV[2] or '0')
+local maybe = {}
+local function empty(v)  -- what Python's `or` passes over: None, '', 0, false, [] and {}
+  if v == nil or v == cjson.null or v == false or v == '' or v == 0 then return true end
+  return type(v) == 'table' and next(v) == nil
+end
 for k, key in ipairs(KEYS) do
   local n = redis.call('LLEN', key)
   local i = 0
@@ -37,27 +48,61 @@ for k, key in ipairs(KEYS) do
       local ok, obj = pcall(cjson.decode, body)
       if ok and type(obj) == 'table' then
         local tid = obj['task_id']
-        -- as parse_redis_job reads it: an empty or null id counts as none, data.task_id is the seed's,
-        -- and a number is its decimal text (the seed's jobs may carry {"task_id": 123})
-        if tid == nil or tid == cjson.null or tid == '' or tid == false then
+        if empty(tid) then
           tid = nil
           if type(obj['data']) == 'table' then tid = obj['data']['task_id'] end
-          if tid == cjson.null or tid == '' then tid = nil end
-        end
-        if type(tid) == 'number' then
-          if tid == math.floor(tid) and math.abs(tid) < 2^53 then tid = string.format('%d', tid)
-          else tid = tostring(tid) end
+          if tid == cjson.null or tid == '' then
+            tid = nil
+          elseif tid ~= nil and type(tid) ~= 'string' then
+            if #maybe < 60 then
+              table.insert(maybe, key)
+              table.insert(maybe, el)
+              table.insert(maybe, i + j - 1)
+            end
+            tid = nil
+          end
+        elseif type(tid) ~= 'string' then
+          tid = nil
         end
         if tid == id then
-          return {key, el, i + j - 1}
+          return {1, key, el, i + j - 1}
         end
       end
     end
     i = i + 500
   end
 end
+if #maybe > 0 then
+  return {0, unpack(maybe)}
+end
 return nil
 """
+
+
+def _pick(hit: Any, task_id: str) -> list[Any] | None:
+    """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``."""
+    if not hit:
+        return None
+    values = [v.decode() if isinstance(v, bytes) else v for v in hit]
+    if int(values[0]) == 1:
+        return values[1:4]
+    for source, element, index in zip(values[1::3], values[2::3], values[3::3], strict=True):
+        bodies = [element, element.partition("\n")[2]] if "\n" in element else [element]
+        for body in bodies:  # as queued, or as taken (``<source>\n<job>``)
+            try:
+                job, _ = parse_redis_job(body, "lookup")
+            except InvalidJob:
+                continue
+            if job.task_id == task_id:
+                return [source, element, index]
+            break
+    return None
+
+
+def _taken(element: str) -> bool:
+    """An element of a processing list: ``<source>\n<job>``."""
+    return "\n" in element and not element.startswith("{")
+
 
 # KEYS: source list, target list. ARGV: element as found, new element. 1 if moved, 0 if it was gone.
 _MOVE = """
@@ -100,7 +145,7 @@ def move_job(
         hit, lists, queue = None, {}, ""
         for queue in queues:  # one queue (one cluster slot) per script
             lists = _priority_lists(keys, queue, pools)
-            hit = rds.eval(_FIND, len(lists), *lists, task_id)
+            hit = _pick(rds.eval(_FIND, len(lists), *lists, task_id), task_id)
             if hit:
                 break
         if not hit:
@@ -127,7 +172,7 @@ def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str
     """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
     source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
     position = int(hit[2])
-    if source not in queue_of and "\n" in element and not element.startswith("{"):
+    if source not in queue_of and _taken(element):
         # Taken by a dispatcher (its processing list or ready buffer), not yet recorded: about to start.
         source, _, element = element.partition("\n")
         position = 0
@@ -160,7 +205,7 @@ def find_waiting(
     processing list: taken, not yet recorded), else None. See ``find_waiting_async``."""
     plan = _Search(keys, queues, pools, rds.smembers(keys.dispatchers), rds.hgetall(keys.owner_queues))
     for lists, first_proc in plan.scripts():
-        hit = rds.eval(_FIND, len(lists), *lists, task_id, first_proc)
+        hit = _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
         if hit:
             return _waiting(task_id, hit, plan.queue_of)
     return None
@@ -175,7 +220,7 @@ async def find_waiting_async(
     members = await rds.smembers(keys.dispatchers)
     plan = _Search(keys, queues, pools, members, await rds.hgetall(keys.owner_queues))
     for lists, first_proc in plan.scripts():
-        hit = await rds.eval(_FIND, len(lists), *lists, task_id, first_proc)
+        hit = _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
         if hit:
             return _waiting(task_id, hit, plan.queue_of)
     return None
@@ -193,7 +238,7 @@ class _Search:
         for raw in owner_queues.values():
             try:
                 value = json.loads(as_str(raw))
-            except ValueError:
+            except (ValueError, RecursionError):  # not a dispatcher's: a lookup must not fail on it
                 continue
             served += [q for q in value if isinstance(q, str)] if isinstance(value, list) else []
         self.keys, self.pools = keys, pools

@@ -15,7 +15,7 @@ import redis
 from redis.asyncio import Redis as AsyncRedis
 
 from dispatcher.queues.reprioritize import find_waiting, find_waiting_async
-from producer.job import Job
+from producer.job import Job, parse_redis_job
 from producer.keys import Keys
 
 
@@ -96,3 +96,40 @@ def test_a_job_in_a_queue_only_another_dispatcher_serves_is_found(
         found = _find(redis_url, keys, "elsewhere", mine)
     # THEN it is found in that queue (a cancel from the CLI or from a dispatcher of other queues is not 404)
     assert found is not None and (found["queue"], found["list"]) == (other, other)
+
+
+ODD_IDS = [
+    {"type": "t", "data": {"task_id": 1.0}},  # runs as "1.0"
+    {"type": "t", "data": {"task_id": 1e15}},  # "1000000000000000.0"
+    {"type": "t", "data": {"task_id": 2**53}},
+    {"type": "t", "data": {"task_id": 1234567890123456789}},  # a 64-bit (snowflake) id, beyond a double
+    {"type": "t", "data": {"task_id": 1.2345678901234567}},
+    {"type": "t", "data": {"task_id": True}},  # "True"
+    {"type": "t", "data": {"task_id": 0}},  # "0"
+    {"type": "t", "task_id": 0, "data": {"task_id": "abc"}},  # 0 is no id: runs as "abc"
+    {"type": "t", "task_id": [], "data": {"task_id": "abc"}},
+]
+
+
+@pytest.mark.parametrize(
+    "body", ODD_IDS, ids=[json.dumps(b["data"]["task_id"]) + str(b.get("task_id")) for b in ODD_IDS]
+)
+def test_a_waiting_job_is_found_under_exactly_the_id_it_runs_under(
+    rds: redis.Redis, key_prefix: str, body: dict
+):
+    keys = Keys(key_prefix)
+    queue = f"{key_prefix}q1"
+    raw = json.dumps(body)
+    job, _ = parse_redis_job(raw, queue)  # what a dispatcher would run
+    rds.rpush(queue, raw)
+    found = find_waiting(rds, keys=keys, task_id=job.task_id, queues=[queue], pools=["default"])
+    assert found is not None, f"{raw} runs as {job.task_id!r} but a lookup of that id finds nothing"
+
+
+def test_no_job_is_found_under_an_id_it_does_not_run_under(rds: redis.Redis, key_prefix: str):
+    keys = Keys(key_prefix)
+    queue = f"{key_prefix}q1"
+    rds.rpush(queue, json.dumps({"type": "t", "data": {"task_id": 1.0}}))  # runs as "1.0"
+    rds.rpush(queue, json.dumps({"type": "t", "task_id": 123}))  # refused by a dispatcher: no id
+    for wrong in ("1", "123"):
+        assert find_waiting(rds, keys=keys, task_id=wrong, queues=[queue], pools=["default"]) is None

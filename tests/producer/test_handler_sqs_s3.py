@@ -222,3 +222,19 @@ def test_an_eventbridge_event_through_sqs_is_read_as_one(producer_env: ProducerE
     # THEN its detail is the task, enqueued once
     (job,) = producer_env.jobs()
     assert (job["type"], job["data"]["call_session"]) == ("start_transcribe", "1751353080.711222")
+
+
+def test_an_eventbridge_event_without_an_id_through_sqs_is_keyed_by_its_message(
+    producer_env: ProducerEnv,
+) -> None:
+    event = load_event("sqs_mixed")
+    record = event["Records"][0]
+    body = load_event("eventbridge_custom")
+    del body["id"]
+    record["body"] = json.dumps(body)
+    event["Records"] = [record]
+    # WHEN SQS delivers the same message twice
+    assert failures(lambda_handler(event, None)) == []
+    assert failures(lambda_handler(event, None)) == []
+    # THEN one job
+    assert len(producer_env.jobs()) == 1
