@@ -116,6 +116,11 @@ class Keys:
     def owner_queues(self) -> str:
         return f"{self.prefix}dispatchers:queues"
 
+    @property
+    def owner_pools(self) -> str:
+        """Dispatcher id -> the pools it routes to: where its set-aside and parked lists may be."""
+        return f"{self.prefix}dispatchers:pools"
+
     def fence(self, queue: str) -> str:
         return f"{self.prefix}{scope(queue)}:fence"
 

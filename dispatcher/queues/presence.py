@@ -65,6 +65,7 @@ class Presence:
         pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
+        pipe.hset(self.keys.owner_pools, self.dispatcher_id, json.dumps(self.pools()))
         await pipe.execute()
 
     async def is_alive(self, dispatcher_id: str) -> bool:
@@ -75,6 +76,7 @@ class Presence:
         await self.redis.delete(self.keys.alive(self.dispatcher_id))
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
+        await self.redis.hdel(self.keys.owner_pools, self.dispatcher_id)
 
     async def queues_of(self, dispatcher_id: str) -> list[str]:
         """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
@@ -107,6 +109,7 @@ class Presence:
                 n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
             await self.redis.srem(self.keys.dispatchers, other)
             await self.redis.hdel(self.keys.owner_queues, other)
+            await self.redis.hdel(self.keys.owner_pools, other)
             if n:
                 log.warning(
                     "put back jobs of a dispatcher that is gone",

@@ -203,7 +203,14 @@ def find_waiting(
 ) -> dict[str, Any] | None:
     """The job with ``task_id`` if it waits in Redis (its queues' lists, a parked list, or a dispatcher's
     processing list: taken, not yet recorded), else None. See ``find_waiting_async``."""
-    plan = _Search(keys, queues, pools, rds.smembers(keys.dispatchers), rds.hgetall(keys.owner_queues))
+    plan = _Search(
+        keys,
+        queues=queues,
+        pools=pools,
+        members=rds.smembers(keys.dispatchers),
+        owner_queues=rds.hgetall(keys.owner_queues),
+        owner_pools=rds.hgetall(keys.owner_pools),
+    )
     for lists, first_proc in plan.scripts():
         hit = _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
         if hit:
@@ -217,8 +224,14 @@ async def find_waiting_async(
     """``find_waiting`` through an asyncio client (the HTTP edge). It also looks in the dispatchers'
     processing lists: a job taken but not yet recorded (a pass under way, or held in a hand-off buffer) is
     neither waiting in its queue nor in the database, and must not look unknown meanwhile (404)."""
-    members = await rds.smembers(keys.dispatchers)
-    plan = _Search(keys, queues, pools, members, await rds.hgetall(keys.owner_queues))
+    plan = _Search(
+        keys,
+        queues=queues,
+        pools=pools,
+        members=await rds.smembers(keys.dispatchers),
+        owner_queues=await rds.hgetall(keys.owner_queues),
+        owner_pools=await rds.hgetall(keys.owner_pools),
+    )
     for lists, first_proc in plan.scripts():
         hit = _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
         if hit:
@@ -232,19 +245,21 @@ class _Search:
     every dispatcher registered either way."""
 
     def __init__(
-        self, keys: Keys, queues: list[str], pools: list[str], members: Any, owner_queues: dict[Any, Any]
+        self,
+        keys: Keys,
+        *,
+        queues: list[str],
+        pools: list[str],
+        members: Any,
+        owner_queues: dict[Any, Any],
+        owner_pools: dict[Any, Any],
     ) -> None:
-        served: list[str] = []
-        for raw in owner_queues.values():
-            try:
-                value = json.loads(as_str(raw))
-            except (ValueError, RecursionError):  # not a dispatcher's: a lookup must not fail on it
-                continue
-            served += [q for q in value if isinstance(q, str)] if isinstance(value, list) else []
-        self.keys, self.pools = keys, pools
-        self.queues = list(dict.fromkeys([*queues, *served]))
+        self.keys = keys
+        self.queues = list(dict.fromkeys([*queues, *_names(owner_queues)]))
+        # Another dispatcher's routes may name pools ours do not: its jobs set aside or parked for them.
+        self.pools = list(dict.fromkeys([*pools, *_names(owner_pools)]))
         self.owners = sorted({as_str(v) for v in members} | {as_str(k) for k in owner_queues})
-        self.queue_of = {key: q for q in self.queues for key in _waiting_lists(keys, q, pools)}
+        self.queue_of = {key: q for q in self.queues for key in _waiting_lists(keys, q, self.pools)}
 
     def scripts(self) -> list[tuple[list[str], int]]:
         """One script per queue (one cluster slot each): its lists, then the processing lists (position)."""
@@ -254,3 +269,16 @@ class _Search:
             procs = [self.keys.proc(queue, o) for o in self.owners]
             out.append(([*lists, *procs], len(lists) + 1 if procs else 0))
         return out
+
+
+def _names(records: dict[Any, Any]) -> list[str]:
+    """The names in a dispatchers' hash (dispatcher id -> JSON list); what is not a dispatcher's is skipped:
+    a lookup must not fail on it."""
+    out: list[str] = []
+    for raw in records.values():
+        try:
+            value = json.loads(as_str(raw))
+        except (ValueError, RecursionError):
+            continue
+        out += [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+    return out

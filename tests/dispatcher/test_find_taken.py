@@ -133,3 +133,22 @@ def test_no_job_is_found_under_an_id_it_does_not_run_under(rds: redis.Redis, key
     rds.rpush(queue, json.dumps({"type": "t", "task_id": 123}))  # refused by a dispatcher: no id
     for wrong in ("1", "123"):
         assert find_waiting(rds, keys=keys, task_id=wrong, queues=[queue], pools=["default"]) is None
+
+
+@pytest.mark.parametrize("client", ["async", "sync"])
+def test_a_job_parked_for_a_pool_only_another_dispatcher_routes_to_is_found(
+    rds: redis.Redis, redis_url: str, key_prefix: str, client: str
+):
+    # GIVEN dispatcher d2 serves queue "other" with TASK_ROUTES embed=gpuX and parked a job for pool gpuX
+    keys = Keys(key_prefix)
+    mine, other = f"{key_prefix}q1", f"{key_prefix}other"
+    rds.hset(keys.owner_queues, "d2", json.dumps([other]))
+    rds.hset(keys.owner_pools, "d2", json.dumps(["default", "gpuX"]))
+    rds.rpush(keys.parked(other, "gpuX"), Job(task_id="parked-1", type="embed", queue=other).to_redis())
+    # WHEN a dispatcher or CLI without that route looks it up (its own pools: default only)
+    if client == "sync":
+        found = find_waiting(rds, keys=keys, task_id="parked-1", queues=[mine], pools=["default"])
+    else:
+        found = _find(redis_url, keys, "parked-1", mine)
+    # THEN it is found (else a cancel answers 404 and the job runs)
+    assert found is not None and found["list"] == keys.parked(other, "gpuX")
