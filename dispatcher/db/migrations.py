@@ -8,10 +8,11 @@ together take turns, and a second run finds nothing to add. ``sql/migrations/`` 
 DDL for DBAs who upgrade by hand.
 
 A database made with the seed's README DDL (``tasks`` only: ``gpu_id VARCHAR(10)``, the server's default,
-case-insensitive collation, no timestamps) is adopted the same way, plus two steps no gpuq version needed
-(MySQL/MariaDB only, see ``adopt_columns``): a column narrower than gpuq's, or a task id not compared byte
-for byte, is widened or converted; and a NOT NULL column added to a table that has rows is filled first
-(MariaDB would put zero dates in it, which no reader can take).
+case-insensitive collation, no timestamps) is adopted the same way, plus steps no gpuq version needed
+(MySQL/MariaDB only, see ``adopt_charset`` and ``adopt_columns``): a column narrower than gpuq's, a task id
+not compared byte for byte, or text in another character set than utf8mb4 is widened or converted; and a
+NOT NULL column added to a table that has rows is filled first (MariaDB would put zero dates in it, which
+no reader can take).
 
 Versions: 1 the first schema; 2 pull GPUs (``gpus.agent_token_hash``, ``gpus.agent_seen_until``,
 ``tasks.fetched_attempt``; see ``dispatcher/gpus/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``).
