@@ -19,18 +19,27 @@ from redis.asyncio import Redis as AsyncRedis
 from dispatcher.queues.presence import as_str
 from producer.errors import InvalidJob
 from producer.job import parse_redis_job
-from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
+from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists, scope_problem
 
-# KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
-# (their elements are "<source>\n<job>"; 0: none). Chunks of 500. Returns {1, list, element, index} for a job
-# whose id is that string; else {0, list, element, index, ...}: up to 20 jobs whose id is data.task_id given
-# as a number, boolean or object (the seed's {"task_id": 123}): the dispatcher runs them under Python's str()
-# of it ("1.0", "True", a 64-bit integer exactly), which Lua cannot write, so ``_pick`` reads them as the
-# dispatcher does; or nil. A top-level id that is no string is the dispatcher's refusal, not an id.
+#: Jobs with a number, boolean or object as their id that one ``_FIND`` call hands back to be read in Python.
+_WINDOW = 50
+#: Windows looked at for one queue before giving up (that many such jobs ahead of the one looked for).
+_WINDOWS = 200
+
+# KEYS: lists to search. ARGV: task id, the position (1-based) of the first processing list in KEYS (their
+# elements are "<source>\n<job>"; 0: none), and how many such jobs to pass over. Chunks of 500. Returns {1,
+# list, element, index} for a job whose id is that string; else {0, more, list, element, index, ...}: the
+# next _WINDOW jobs whose id is data.task_id given as a number, boolean or object (the seed's {"task_id":
+# 123}) and whether there are more: the dispatcher runs them under Python's str() of it ("1.0", "True", a
+# 64-bit integer exactly), which Lua cannot write, so ``_pick`` reads them as the dispatcher does; or nil. A
+# top-level id that is no string is the dispatcher's refusal, not an id.
 _FIND = """
 local id = ARGV[1]
 local first_proc = tonumber(ARGV[2] or '0')
+local skip = tonumber(ARGV[3] or '0')
 local maybe = {}
+local seen = 0
+local more = 0
 local function empty(v)  -- what Python's `or` passes over: None, '', 0, false, [] and {}
   if v == nil or v == cjson.null or v == false or v == '' or v == 0 then return true end
   return type(v) == 'table' and next(v) == nil
@@ -54,10 +63,15 @@ for k, key in ipairs(KEYS) do
           if tid == cjson.null or tid == '' then
             tid = nil
           elseif tid ~= nil and type(tid) ~= 'string' then
-            if #maybe < 60 then
-              table.insert(maybe, key)
-              table.insert(maybe, el)
-              table.insert(maybe, i + j - 1)
+            seen = seen + 1
+            if seen > skip then
+              if #maybe < 3 * WINDOW then
+                table.insert(maybe, key)
+                table.insert(maybe, el)
+                table.insert(maybe, i + j - 1)
+              else
+                more = 1
+              end
             end
             tid = nil
           end
@@ -72,36 +86,55 @@ for k, key in ipairs(KEYS) do
     i = i + 500
   end
 end
-if #maybe > 0 then
-  return {0, unpack(maybe)}
+if #maybe > 0 or more == 1 then
+  return {0, more, unpack(maybe)}
 end
 return nil
-"""
+""".replace("WINDOW", str(_WINDOW))
 
 
-def _pick(hit: Any, task_id: str) -> list[Any] | None:
-    """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``."""
+def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, bool]:
+    """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``, and
+    whether more jobs are to be read (another window)."""
     if not hit:
-        return None
-    values = [v.decode() if isinstance(v, bytes) else v for v in hit]
+        return None, False
+    values = [as_str(v) if isinstance(v, bytes) else v for v in hit]
     if int(values[0]) == 1:
-        return values[1:4]
-    for source, element, index in zip(values[1::3], values[2::3], values[3::3], strict=True):
+        return values[1:4], False
+    for source, element, index in zip(values[2::3], values[3::3], values[4::3], strict=True):
         bodies = [element, element.partition("\n")[2]] if "\n" in element else [element]
         for body in bodies:  # as queued, or as taken (``<source>\n<job>``)
             try:
-                job, _ = parse_redis_job(body, "lookup")
+                job, _ = parse_redis_job(body, "lookup", max_bytes=_ANY_SIZE)  # the size is not the question
             except InvalidJob:
                 continue
             if job.task_id == task_id:
-                return [source, element, index]
+                return [source, element, index], False
             break
+    return None, int(values[1]) == 1
+
+
+def _find_in(rds: redis.Redis, lists: list[str], first_proc: int, task_id: str) -> list[Any] | None:
+    for window in range(_WINDOWS):
+        hit = rds.eval(_FIND, len(lists), *lists, task_id, first_proc, window * _WINDOW)
+        picked, more = _pick(hit, task_id)
+        if picked or not more:
+            return picked
     return None
 
 
-def _taken(element: str) -> bool:
-    """An element of a processing list: ``<source>\n<job>``."""
-    return "\n" in element and not element.startswith("{")
+async def _find_in_async(
+    rds: AsyncRedis, lists: list[str], first_proc: int, task_id: str
+) -> list[Any] | None:
+    for window in range(_WINDOWS):
+        hit = await rds.eval(_FIND, len(lists), *lists, task_id, first_proc, window * _WINDOW)
+        picked, more = _pick(hit, task_id)
+        if picked or not more:
+            return picked
+    return None
+
+
+_ANY_SIZE = 1 << 30
 
 
 # KEYS: source list, target list. ARGV: element as found, new element. 1 if moved, 0 if it was gone.
@@ -141,11 +174,14 @@ def move_job(
     """Move the job with ``task_id`` waiting in one of ``queues`` to the back of its ``priority`` list. With
     ``keys``, also a job set aside for one of ``pools`` (its pool had no room): already of ``priority``, it
     stays where it is (its place is ahead of that list's jobs of its pool)."""
+    if keys is not None:  # where show and cancel look: the queues and pools of every dispatcher too
+        queues = list(dict.fromkeys([*queues, *_names(rds.hgetall(keys.owner_queues), queues=True)]))
+        pools = list(dict.fromkeys([*pools, *_names(rds.hgetall(keys.owner_pools))]))
     for _ in range(3):
         hit, lists, queue = None, {}, ""
         for queue in queues:  # one queue (one cluster slot) per script
             lists = _priority_lists(keys, queue, pools)
-            hit = _pick(rds.eval(_FIND, len(lists), *lists, task_id), task_id)
+            hit = _find_in(rds, list(lists), 0, task_id)
             if hit:
                 break
         if not hit:
@@ -172,7 +208,7 @@ def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str
     """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
     source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
     position = int(hit[2])
-    if source not in queue_of and _taken(element):
+    if source not in queue_of and "\n" in element:
         # Taken by a dispatcher (its processing list or ready buffer), not yet recorded: about to start.
         source, _, element = element.partition("\n")
         position = 0
@@ -212,7 +248,7 @@ def find_waiting(
         owner_pools=rds.hgetall(keys.owner_pools),
     )
     for lists, first_proc in plan.scripts():
-        hit = _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
+        hit = _find_in(rds, lists, first_proc, task_id)
         if hit:
             return _waiting(task_id, hit, plan.queue_of)
     return None
@@ -233,7 +269,7 @@ async def find_waiting_async(
         owner_pools=await rds.hgetall(keys.owner_pools),
     )
     for lists, first_proc in plan.scripts():
-        hit = _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
+        hit = await _find_in_async(rds, lists, first_proc, task_id)
         if hit:
             return _waiting(task_id, hit, plan.queue_of)
     return None
@@ -255,10 +291,11 @@ class _Search:
         owner_pools: dict[Any, Any],
     ) -> None:
         self.keys = keys
-        self.queues = list(dict.fromkeys([*queues, *_names(owner_queues)]))
+        self.queues = list(dict.fromkeys([*queues, *_names(owner_queues, queues=True)]))
         # Another dispatcher's routes may name pools ours do not: its jobs set aside or parked for them.
         self.pools = list(dict.fromkeys([*pools, *_names(owner_pools)]))
-        self.owners = sorted({as_str(v) for v in members} | {as_str(k) for k in owner_queues})
+        owners = {as_str(v) for v in members} | {as_str(k) for k in owner_queues}
+        self.owners = sorted(o for o in owners if _utf8(o))  # any other is not a dispatcher's
         self.queue_of = {key: q for q in self.queues for key in _waiting_lists(keys, q, self.pools)}
 
     def scripts(self) -> list[tuple[list[str], int]]:
@@ -271,14 +308,28 @@ class _Search:
         return out
 
 
-def _names(records: dict[Any, Any]) -> list[str]:
+def _names(records: dict[Any, Any], *, queues: bool = False) -> list[str]:
     """The names in a dispatchers' hash (dispatcher id -> JSON list); what is not a dispatcher's is skipped:
-    a lookup must not fail on it."""
+    a lookup must not fail on it (text that is not UTF-8; for queues, a name whose keys would span cluster
+    slots)."""
     out: list[str] = []
     for raw in records.values():
         try:
             value = json.loads(as_str(raw))
         except (ValueError, RecursionError):
             continue
-        out += [name for name in value if isinstance(name, str)] if isinstance(value, list) else []
+        for name in value if isinstance(value, list) else []:
+            if not isinstance(name, str) or not name or not _utf8(name):
+                continue
+            if queues and scope_problem(name) is not None:
+                continue
+            out.append(name)
     return out
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

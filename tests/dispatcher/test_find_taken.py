@@ -14,9 +14,9 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from dispatcher.queues.reprioritize import find_waiting, find_waiting_async
+from dispatcher.queues.reprioritize import find_waiting, find_waiting_async, move_job
 from producer.job import Job, parse_redis_job
-from producer.keys import Keys
+from producer.keys import Keys, Priority, queue_key
 
 
 def _find(redis_url: str, keys: Keys, task_id: str, queue: str) -> dict | None:
@@ -152,3 +152,60 @@ def test_a_job_parked_for_a_pool_only_another_dispatcher_routes_to_is_found(
         found = _find(redis_url, keys, "parked-1", mine)
     # THEN it is found (else a cancel answers 404 and the job runs)
     assert found is not None and found["list"] == keys.parked(other, "gpuX")
+
+
+def _look(rds: redis.Redis, keys: Keys, queue: str, task_id: str) -> dict | None:
+    return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
+
+
+def test_a_numeric_id_behind_many_others_is_found_and_moved(rds: redis.Redis, key_prefix: str):
+    # GIVEN 120 seed-style jobs with numeric ids (more than one window of them: each is read in Python)
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, *[json.dumps({"type": "t", "data": {"task_id": i}}) for i in range(1, 121)])
+    # THEN the last is found, and its priority can be changed
+    found = _look(rds, keys, queue, "120")
+    assert found is not None and found["position"] == 119
+    assert move_job(
+        rds, task_id="120", queues=[queue], priority=Priority.HIGH, keys=keys, pools=["default"]
+    ).found
+    assert _look(rds, keys, queue, "121") is None
+
+
+def test_jobs_a_dispatcher_would_refuse_do_not_break_a_lookup(rds: redis.Redis, key_prefix: str):
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, b'{"type":"t","data":{"task_id":5},"x":"\xff"}')  # not UTF-8: dead-lettered when taken
+    rds.hset(keys.owner_pools, "d9", b'["p\xff"]')  # not a dispatcher's record
+    rds.hset(keys.owner_queues, "d9", json.dumps(["x}", ""]))  # names no dispatcher may have
+    rds.sadd(keys.dispatchers, b"d\xff")
+    assert _look(rds, keys, queue, "nowhere") is None
+    assert _look(rds, keys, queue, "5") is None
+
+
+def test_a_big_job_under_a_raised_max_job_bytes_is_found(rds: redis.Redis, key_prefix: str):
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, json.dumps({"type": "t", "data": {"task_id": 77, "blob": "x" * 300_000}}))
+    assert _look(rds, keys, queue, "77") is not None
+
+
+def test_a_job_taken_from_a_high_priority_list_shows_its_fields(rds: redis.Redis, key_prefix: str):
+    # GIVEN a processing-list element whose source line starts with "{" (the list "{q}:high")
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.sadd(keys.dispatchers, "d1")
+    job = Job(task_id="tk", type="t", queue=queue, priority=Priority.HIGH)
+    rds.rpush(keys.proc(queue, "d1"), f"{queue_key(queue, Priority.HIGH)}\n{job.to_redis()}")
+    found = _look(rds, keys, queue, "tk")
+    assert found is not None
+    assert (found["type"], found["queue"], found["priority"], found["position"]) == ("t", queue, "high", 0)
+
+
+def test_the_priority_of_a_job_set_aside_for_another_dispatchers_pool_can_change(
+    rds: redis.Redis, key_prefix: str
+):
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.hset(keys.owner_queues, "d2", json.dumps([queue]))
+    rds.hset(keys.owner_pools, "d2", json.dumps(["default", "gpuX"]))
+    aside = keys.aside(queue, Priority.NORMAL, "gpuX")
+    rds.rpush(aside, Job(task_id="a1", type="embed", queue=queue).to_redis())
+    assert _look(rds, keys, queue, "a1") is not None
+    moved = move_job(rds, task_id="a1", queues=[queue], priority=Priority.HIGH, keys=keys, pools=["default"])
+    assert moved.found
