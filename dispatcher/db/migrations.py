@@ -125,7 +125,8 @@ def adopt_columns(conn: Connection, table: Table) -> list[str]:
     never writes NULL where it wants a value) and gets gpuq's default."""
     live = {r.name: r for r in conn.execute(_LIVE, {"table": table.name})}
     held = {r[0] for r in conn.execute(_IN_FOREIGN_KEYS, {"table": table.name})}
-    changed = []
+    changed: list[str] = []
+    clauses: list[str] = []
     for column in table.columns:
         row = live.get(column.name)
         if row is None or row.data_type not in _TEXT_TYPES:
@@ -146,6 +147,8 @@ def adopt_columns(conn: Connection, table: Table) -> list[str]:
         if column.server_default is not None:
             arg = str(getattr(column.server_default, "arg", ""))
             default = " DEFAULT '" + arg.replace("'", "''") + "'"
-        conn.exec_driver_sql(f"ALTER TABLE {table.name} MODIFY {column.name} {rendered}{default} {null}")
+        clauses.append(f"MODIFY {column.name} {rendered}{default} {null}")
         changed.append(f"{table.name}.{column.name} {rendered}")
+    if clauses:  # one ALTER: the table is rebuilt once, and converted whole or not at all
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} " + ", ".join(clauses))
     return changed
