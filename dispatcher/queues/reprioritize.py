@@ -23,30 +23,32 @@ from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists
 
 #: Jobs with a number, boolean or object as their id that one ``_FIND`` call hands back to be read in Python.
 _WINDOW = 50
-#: Windows looked at for one queue before giving up (that many such jobs ahead of the one looked for).
-_WINDOWS = 200
+#: Calls at most for one queue (each resumes where the last stopped: the lists are read once in all).
+_WINDOWS = 1000
 
 # KEYS: lists to search. ARGV: task id, the position (1-based) of the first processing list in KEYS (their
-# elements are "<source>\n<job>"; 0: none), and how many such jobs to pass over. Chunks of 500. Returns {1,
-# list, element, index} for a job whose id is that string; else {0, more, list, element, index, ...}: the
-# next _WINDOW jobs whose id is data.task_id given as a number, boolean or object (the seed's {"task_id":
-# 123}) and whether there are more: the dispatcher runs them under Python's str() of it ("1.0", "True", a
-# 64-bit integer exactly), which Lua cannot write, so ``_pick`` reads them as the dispatcher does; or nil. A
-# top-level id that is no string is the dispatcher's refusal, not an id.
+# elements are "<source>\n<job>"; 0: none), and where to start (1-based list, 0-based element). Chunks of 500.
+# Returns {1, list, element, index} for a job whose id is that string; else {0, next list, next element,
+# list, element, index, ...}: jobs whose id is data.task_id given as a number, boolean or object (the seed's
+# {"task_id": 123}), at most _WINDOW, and where to resume (next list 0: the lists are done). The dispatcher
+# runs those under Python's str() of it ("1.0", "True", a 64-bit integer exactly), which Lua cannot write, so
+# ``_pick`` reads them as the dispatcher does. nil: nothing. A top-level id that is no string is the
+# dispatcher's refusal, not an id.
 _FIND = """
 local id = ARGV[1]
 local first_proc = tonumber(ARGV[2] or '0')
-local skip = tonumber(ARGV[3] or '0')
+local start_k = tonumber(ARGV[3] or '1')
+local start_i = tonumber(ARGV[4] or '0')
 local maybe = {}
-local seen = 0
-local more = 0
 local function empty(v)  -- what Python's `or` passes over: None, '', 0, false, [] and {}
   if v == nil or v == cjson.null or v == false or v == '' or v == 0 then return true end
   return type(v) == 'table' and next(v) == nil
 end
-for k, key in ipairs(KEYS) do
+for k = start_k, #KEYS do
+  local key = KEYS[k]
   local n = redis.call('LLEN', key)
   local i = 0
+  if k == start_k then i = start_i end
   while i < n do
     for j, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
       local body = el
@@ -63,15 +65,11 @@ for k, key in ipairs(KEYS) do
           if tid == cjson.null or tid == '' then
             tid = nil
           elseif tid ~= nil and type(tid) ~= 'string' then
-            seen = seen + 1
-            if seen > skip then
-              if #maybe < 3 * WINDOW then
-                table.insert(maybe, key)
-                table.insert(maybe, el)
-                table.insert(maybe, i + j - 1)
-              else
-                more = 1
-              end
+            table.insert(maybe, key)
+            table.insert(maybe, el)
+            table.insert(maybe, i + j - 1)
+            if #maybe >= 3 * WINDOW then
+              return {0, k, i + j, unpack(maybe)}
             end
             tid = nil
           end
@@ -86,22 +84,22 @@ for k, key in ipairs(KEYS) do
     i = i + 500
   end
 end
-if #maybe > 0 or more == 1 then
-  return {0, more, unpack(maybe)}
+if #maybe > 0 then
+  return {0, 0, 0, unpack(maybe)}
 end
 return nil
 """.replace("WINDOW", str(_WINDOW))
 
 
-def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, bool]:
+def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, tuple[int, int] | None]:
     """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``, and
-    whether more jobs are to be read (another window)."""
+    where to resume when none is and the lists are not done."""
     if not hit:
-        return None, False
+        return None, None
     values = [as_str(v) if isinstance(v, bytes) else v for v in hit]
     if int(values[0]) == 1:
-        return values[1:4], False
-    for source, element, index in zip(values[2::3], values[3::3], values[4::3], strict=True):
+        return values[1:4], None
+    for source, element, index in zip(values[3::3], values[4::3], values[5::3], strict=True):
         bodies = [element, element.partition("\n")[2]] if "\n" in element else [element]
         for body in bodies:  # as queued, or as taken (``<source>\n<job>``)
             try:
@@ -109,28 +107,31 @@ def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, bool]:
             except InvalidJob:
                 continue
             if job.task_id == task_id:
-                return [source, element, index], False
+                return [source, element, index], None
             break
-    return None, int(values[1]) == 1
+    resume = int(values[1]), int(values[2])
+    return None, resume if resume[0] else None
 
 
 def _find_in(rds: redis.Redis, lists: list[str], first_proc: int, task_id: str) -> list[Any] | None:
-    for window in range(_WINDOWS):
-        hit = rds.eval(_FIND, len(lists), *lists, task_id, first_proc, window * _WINDOW)
-        picked, more = _pick(hit, task_id)
-        if picked or not more:
+    at = (1, 0)
+    for _ in range(_WINDOWS):
+        picked, resume = _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc, *at), task_id)
+        if picked or resume is None:
             return picked
+        at = resume
     return None
 
 
 async def _find_in_async(
     rds: AsyncRedis, lists: list[str], first_proc: int, task_id: str
 ) -> list[Any] | None:
-    for window in range(_WINDOWS):
-        hit = await rds.eval(_FIND, len(lists), *lists, task_id, first_proc, window * _WINDOW)
-        picked, more = _pick(hit, task_id)
-        if picked or not more:
+    at = (1, 0)
+    for _ in range(_WINDOWS):
+        picked, resume = _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc, *at), task_id)
+        if picked or resume is None:
             return picked
+        at = resume
     return None
 
 

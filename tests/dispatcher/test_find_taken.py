@@ -209,3 +209,14 @@ def test_the_priority_of_a_job_set_aside_for_another_dispatchers_pool_can_change
     assert _look(rds, keys, queue, "a1") is not None
     moved = move_job(rds, task_id="a1", queues=[queue], priority=Priority.HIGH, keys=keys, pools=["default"])
     assert moved.found
+
+
+def test_the_search_resumes_across_lists(rds: redis.Redis, key_prefix: str):
+    # GIVEN more numeric-id jobs in the queue than one window holds, and the one looked for parked after them
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, *[json.dumps({"type": "t", "data": {"task_id": i}}) for i in range(1, 76)])
+    rds.rpush(
+        keys.parked(queue, "default"), json.dumps({"type": "t", "data": {"task_id": 1.5}, "queue": queue})
+    )
+    found = _look(rds, keys, queue, "1.5")
+    assert found is not None and found["list"] == keys.parked(queue, "default")
