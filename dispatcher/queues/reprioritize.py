@@ -21,34 +21,33 @@ from producer.errors import InvalidJob
 from producer.job import parse_redis_job
 from producer.keys import PRIORITY_ORDER, Keys, Priority, queue_key, queue_lists, scope_problem
 
-#: Jobs with a number, boolean or object as their id that one ``_FIND`` call hands back to be read in Python.
-_WINDOW = 50
-#: Calls at most for one queue (each resumes where the last stopped: the lists are read once in all).
-_WINDOWS = 1000
-
-# KEYS: lists to search. ARGV: task id, the position (1-based) of the first processing list in KEYS (their
-# elements are "<source>\n<job>"; 0: none), and where to start (1-based list, 0-based element). Chunks of 500.
-# Returns {1, list, element, index} for a job whose id is that string; else {0, next list, next element,
-# list, element, index, ...}: jobs whose id is data.task_id given as a number, boolean or object (the seed's
-# {"task_id": 123}), at most _WINDOW, and where to resume (next list 0: the lists are done). The dispatcher
-# runs those under Python's str() of it ("1.0", "True", a 64-bit integer exactly), which Lua cannot write, so
-# ``_pick`` reads them as the dispatcher does. nil: nothing. A top-level id that is no string is the
-# dispatcher's refusal, not an id.
+# KEYS: lists to search. ARGV: task id, then the position (1-based) of the first processing list in KEYS
+# (their elements are "<source>\n<job>"; 0: none). Chunks of 500, one atomic call. Returns {1, list, element,
+# index} for a job whose id is that string; else {0, list, element, index, ...}: the jobs that may run under
+# that id although their data.task_id is a number, boolean or object (the seed's {"task_id": 123}): the
+# dispatcher runs them under Python's str() of it ("1.0", "True", a 64-bit integer exactly), which Lua cannot
+# write, so ``_pick`` reads them as the dispatcher does. Only those that may match are handed over: a number
+# equal to the id read as a number, a boolean for "True" or "False", an object or array for an id starting
+# with { or [ (at most 200); or nil. A top-level id that is no string is the dispatcher's refusal, not an id.
 _FIND = """
 local id = ARGV[1]
 local first_proc = tonumber(ARGV[2] or '0')
-local start_k = tonumber(ARGV[3] or '1')
-local start_i = tonumber(ARGV[4] or '0')
+local as_number = tonumber(id)
+local first = string.sub(id, 1, 1)
 local maybe = {}
 local function empty(v)  -- what Python's `or` passes over: None, '', 0, false, [] and {}
   if v == nil or v == cjson.null or v == false or v == '' or v == 0 then return true end
   return type(v) == 'table' and next(v) == nil
 end
-for k = start_k, #KEYS do
-  local key = KEYS[k]
+local function may_be(v)  -- may Python's str(v) be the id?
+  local t = type(v)
+  if t == 'number' then return as_number ~= nil and v == as_number end
+  if t == 'boolean' then return id == 'True' or id == 'False' end
+  return first == '{' or first == '['
+end
+for k, key in ipairs(KEYS) do
   local n = redis.call('LLEN', key)
   local i = 0
-  if k == start_k then i = start_i end
   while i < n do
     for j, el in ipairs(redis.call('LRANGE', key, i, i + 499)) do
       local body = el
@@ -65,11 +64,10 @@ for k = start_k, #KEYS do
           if tid == cjson.null or tid == '' then
             tid = nil
           elseif tid ~= nil and type(tid) ~= 'string' then
-            table.insert(maybe, key)
-            table.insert(maybe, el)
-            table.insert(maybe, i + j - 1)
-            if #maybe >= 3 * WINDOW then
-              return {0, k, i + j, unpack(maybe)}
+            if #maybe < 600 and may_be(tid) then
+              table.insert(maybe, key)
+              table.insert(maybe, el)
+              table.insert(maybe, i + j - 1)
             end
             tid = nil
           end
@@ -85,21 +83,20 @@ for k = start_k, #KEYS do
   end
 end
 if #maybe > 0 then
-  return {0, 0, 0, unpack(maybe)}
+  return {0, unpack(maybe)}
 end
 return nil
-""".replace("WINDOW", str(_WINDOW))
+"""
 
 
-def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, tuple[int, int] | None]:
-    """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``, and
-    where to resume when none is and the lists are not done."""
+def _pick(hit: Any, task_id: str) -> list[Any] | None:
+    """The (list, element, index) of ``_FIND``'s answer whose job a dispatcher would run as ``task_id``."""
     if not hit:
-        return None, None
+        return None
     values = [as_str(v) if isinstance(v, bytes) else v for v in hit]
     if int(values[0]) == 1:
-        return values[1:4], None
-    for source, element, index in zip(values[3::3], values[4::3], values[5::3], strict=True):
+        return values[1:4]
+    for source, element, index in zip(values[1::3], values[2::3], values[3::3], strict=True):
         bodies = [element, element.partition("\n")[2]] if "\n" in element else [element]
         for body in bodies:  # as queued, or as taken (``<source>\n<job>``)
             try:
@@ -107,32 +104,19 @@ def _pick(hit: Any, task_id: str) -> tuple[list[Any] | None, tuple[int, int] | N
             except InvalidJob:
                 continue
             if job.task_id == task_id:
-                return [source, element, index], None
+                return [source, element, index]
             break
-    resume = int(values[1]), int(values[2])
-    return None, resume if resume[0] else None
+    return None
 
 
 def _find_in(rds: redis.Redis, lists: list[str], first_proc: int, task_id: str) -> list[Any] | None:
-    at = (1, 0)
-    for _ in range(_WINDOWS):
-        picked, resume = _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc, *at), task_id)
-        if picked or resume is None:
-            return picked
-        at = resume
-    return None
+    return _pick(rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
 
 
 async def _find_in_async(
     rds: AsyncRedis, lists: list[str], first_proc: int, task_id: str
 ) -> list[Any] | None:
-    at = (1, 0)
-    for _ in range(_WINDOWS):
-        picked, resume = _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc, *at), task_id)
-        if picked or resume is None:
-            return picked
-        at = resume
-    return None
+    return _pick(await rds.eval(_FIND, len(lists), *lists, task_id, first_proc), task_id)
 
 
 _ANY_SIZE = 1 << 30
@@ -193,7 +177,9 @@ def move_job(
             return Moved(True, source, source)
         body = json.loads(element)
         body["priority"] = priority.value
-        if rds.eval(_MOVE, 2, source, target, element, json.dumps(body, separators=(",", ":"))):
+        moved = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        # The element's own bytes (surrogate escapes of bytes that are not UTF-8 back to those bytes).
+        if rds.eval(_MOVE, 2, source, target, _raw(element), _raw(moved)):
             return Moved(True, source, target)
     return Moved(False)
 
@@ -334,3 +320,7 @@ def _utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")

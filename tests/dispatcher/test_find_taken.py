@@ -220,3 +220,30 @@ def test_the_search_resumes_across_lists(rds: redis.Redis, key_prefix: str):
     )
     found = _look(rds, keys, queue, "1.5")
     assert found is not None and found["list"] == keys.parked(queue, "default")
+
+
+def test_one_atomic_search_whatever_jobs_move_meanwhile(rds: redis.Redis, key_prefix: str, monkeypatch):
+    # GIVEN many numeric-id jobs ahead of a string-id job, and a dispatcher taking one job after each call
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, *[json.dumps({"type": "t", "data": {"task_id": i}}) for i in range(1, 5001)])
+    rds.rpush(queue, json.dumps({"type": "t", "task_id": "wanted"}))
+    real = rds.eval
+
+    def eval_then_take(*args):
+        out = real(*args)
+        rds.lpop(queue)
+        return out
+
+    monkeypatch.setattr(rds, "eval", eval_then_take)
+    # THEN it is found: the lists are read in one script, numbers only handed over when they may be the id
+    found = _look(rds, keys, queue, "wanted")
+    assert found is not None and found["position"] == 5000
+    assert _look(rds, keys, queue, "4999") is not None
+
+
+def test_the_priority_of_a_job_that_is_not_utf8_can_change(rds: redis.Redis, key_prefix: str):
+    keys, queue = Keys(key_prefix), f"{key_prefix}q1"
+    rds.rpush(queue, b'{"type":"t","task_id":"bad","x":"\xff"}')
+    moved = move_job(rds, task_id="bad", queues=[queue], priority=Priority.HIGH, keys=keys, pools=["default"])
+    assert moved.found and rds.llen(queue) == 0
+    assert b"\xff" in rds.lindex(queue_key(queue, Priority.HIGH), 0)
