@@ -19,15 +19,21 @@ from producer.job import Job, parse_redis_job
 from producer.keys import Keys, Priority, queue_key
 
 
-def _find(redis_url: str, keys: Keys, task_id: str, queue: str) -> dict | None:
+def _look(
+    rds: redis.Redis, keys: Keys, queue: str, task_id: str, client: str = "sync", redis_url: str = ""
+) -> dict | None:
+    """A lookup as the CLI makes it (``sync``) or the HTTP edge (``async``, its own client), in ``queue``."""
+    if client == "sync":
+        return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
+
     async def run() -> dict | None:
-        client = AsyncRedis.from_url(redis_url)
+        edge = AsyncRedis.from_url(redis_url)
         try:
             return await find_waiting_async(
-                client, keys=keys, task_id=task_id, queues=[queue], pools=["default"]
+                edge, keys=keys, task_id=task_id, queues=[queue], pools=["default"]
             )
         finally:
-            await client.aclose()
+            await edge.aclose()
 
     return asyncio.run(run())
 
@@ -46,9 +52,7 @@ def test_a_job_in_a_processing_list_is_found_about_to_start(
 
     # WHEN it is looked up
     def look(task_id: str) -> dict | None:
-        if client == "sync":
-            return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
-        return _find(redis_url, keys, task_id, queue)
+        return _look(rds, keys, queue, task_id, client, redis_url)
 
     found = look("taken-1")
 
@@ -72,9 +76,7 @@ def test_seed_shaped_ids_are_found_as_the_dispatcher_reads_them(
     rds.rpush(queue, json.dumps({"type": "t", "task_id": "", "data": {"task_id": "empty-top"}}))
 
     def look(task_id: str) -> dict | None:
-        if client == "sync":
-            return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
-        return _find(redis_url, keys, task_id, queue)
+        return _look(rds, keys, queue, task_id, client, redis_url)
 
     # THEN each is found under the id a dispatcher would give it (so it can be cancelled while it waits)
     assert [look(t)["position"] for t in ("123", "from-data", "empty-top")] == [0, 1, 2]  # type: ignore[index]
@@ -90,10 +92,7 @@ def test_a_job_in_a_queue_only_another_dispatcher_serves_is_found(
     mine, other = f"{key_prefix}q1", f"{key_prefix}other"
     rds.hset(keys.owner_queues, "d2", json.dumps([other]))
     rds.rpush(other, Job(task_id="elsewhere", type="t", queue=other).to_redis())
-    if client == "sync":
-        found = find_waiting(rds, keys=keys, task_id="elsewhere", queues=[mine], pools=["default"])
-    else:
-        found = _find(redis_url, keys, "elsewhere", mine)
+    found = _look(rds, keys, mine, "elsewhere", client, redis_url)
     # THEN it is found in that queue (a cancel from the CLI or from a dispatcher of other queues is not 404)
     assert found is not None and (found["queue"], found["list"]) == (other, other)
 
@@ -122,7 +121,7 @@ def test_a_waiting_job_is_found_under_exactly_the_id_it_runs_under(
     raw = json.dumps(body)
     job, _ = parse_redis_job(raw, queue)  # what a dispatcher would run
     rds.rpush(queue, raw)
-    found = find_waiting(rds, keys=keys, task_id=job.task_id, queues=[queue], pools=["default"])
+    found = _look(rds, keys, queue, job.task_id)
     assert found is not None, f"{raw} runs as {job.task_id!r} but a lookup of that id finds nothing"
 
 
@@ -132,7 +131,7 @@ def test_no_job_is_found_under_an_id_it_does_not_run_under(rds: redis.Redis, key
     rds.rpush(queue, json.dumps({"type": "t", "data": {"task_id": 1.0}}))  # runs as "1.0"
     rds.rpush(queue, json.dumps({"type": "t", "task_id": 123}))  # refused by a dispatcher: no id
     for wrong in ("1", "123"):
-        assert find_waiting(rds, keys=keys, task_id=wrong, queues=[queue], pools=["default"]) is None
+        assert _look(rds, keys, queue, wrong) is None
 
 
 @pytest.mark.parametrize("client", ["async", "sync"])
@@ -146,16 +145,9 @@ def test_a_job_parked_for_a_pool_only_another_dispatcher_routes_to_is_found(
     rds.hset(keys.owner_pools, "d2", json.dumps(["default", "gpuX"]))
     rds.rpush(keys.parked(other, "gpuX"), Job(task_id="parked-1", type="embed", queue=other).to_redis())
     # WHEN a dispatcher or CLI without that route looks it up (its own pools: default only)
-    if client == "sync":
-        found = find_waiting(rds, keys=keys, task_id="parked-1", queues=[mine], pools=["default"])
-    else:
-        found = _find(redis_url, keys, "parked-1", mine)
+    found = _look(rds, keys, mine, "parked-1", client, redis_url)
     # THEN it is found (else a cancel answers 404 and the job runs)
     assert found is not None and found["list"] == keys.parked(other, "gpuX")
-
-
-def _look(rds: redis.Redis, keys: Keys, queue: str, task_id: str) -> dict | None:
-    return find_waiting(rds, keys=keys, task_id=task_id, queues=[queue], pools=["default"])
 
 
 def test_a_numeric_id_behind_many_others_is_found_and_moved(rds: redis.Redis, key_prefix: str):
