@@ -30,20 +30,30 @@ def _expire(w: World, d: Dispatcher, task_id: str) -> None:
         )
 
 
+async def _one_running(w: World, d: Dispatcher) -> str:
+    [t] = w.push(1)
+    assert await d.dispatch_once()
+    await settle(d)
+    assert w.state(t) == "processing"
+    return t
+
+
+def _cancel(w: World, d: Dispatcher, task_id: str) -> None:
+    """As the CLI does; the slot stays held (a pending cancel) until the GPU's word or the lease."""
+    assert transaction(w.engine, cancel_task, task_id=task_id, now=d.now(), backoff=Backoff()).held
+
+
 def test_a_lease_renewed_after_the_sweep_read_it_keeps_a_cancelled_attempts_slot(world: World) -> None:  # noqa: F811
     w = world
 
     async def body(d: Dispatcher) -> None:
         # GIVEN a running task whose lease ran out: the sweep reads it as expired
-        [t] = w.push(1)
-        assert await d.dispatch_once()
-        await settle(d)
-        assert w.state(t) == "processing"
+        t = await _one_running(w, d)
         _expire(w, d, t)
         assert (t, 1) in transaction(w.engine, expired_leases, now=d.now())
         # WHEN the GPU's late heartbeat renews the lease, the user cancels, and then the sweep ends the lease
         assert (await d.ends.heartbeat(t, 1)).code == "applied"
-        assert transaction(w.engine, cancel_task, task_id=t, now=d.now(), backoff=Backoff()).held
+        _cancel(w, d, t)
         await d.ends.end_attempt(t, 1, Outcome.EXPIRED, error="no callback before the lease ran out")
         # THEN the slot stays held: the GPU is still at work and has not confirmed the stop
         assert _held(w, t) == 1
@@ -60,10 +70,8 @@ def test_a_cancelled_attempts_final_callback_gives_its_slot_back_at_once(world: 
 
     async def body(d: Dispatcher) -> None:
         # GIVEN a cancelled running task, its lease far from over
-        [t] = w.push(1)
-        assert await d.dispatch_once()
-        await settle(d)
-        assert transaction(w.engine, cancel_task, task_id=t, now=d.now(), backoff=Backoff()).held
+        t = await _one_running(w, d)
+        _cancel(w, d, t)
         # WHEN the GPU's final callback for it comes (the GPU's own word that it stopped)
         await d.ends.end_attempt(t, 1, Outcome.FINISHED)
         # THEN the slot is given back without waiting for the lease
