@@ -24,7 +24,7 @@ def clock_offset(conn: Connection) -> timedelta:
     if conn.dialect.name == "sqlite":
         return timedelta(0)
     before = utcnow()
-    server: datetime = conn.execute(_SERVER_NOW).scalar_one()
+    server = server_now(conn)
     after = utcnow()
     return server - (before + (after - before) / 2)
 

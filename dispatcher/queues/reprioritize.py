@@ -171,7 +171,7 @@ def move_job(
                 break
         if not hit:
             return Moved(False)
-        source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+        source, element = hit[0], hit[1]  # text already (``_pick``)
         target = queue_key(queue, priority)
         if lists[source] is priority:
             return Moved(True, source, source)
@@ -193,7 +193,7 @@ def _waiting_lists(keys: Keys, queue: str, pools: list[str]) -> list[str]:
 
 def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str, Any]:
     """A job found waiting in Redis, shaped like GET /tasks/{id} answers a recorded task."""
-    source, element = (v.decode() if isinstance(v, bytes) else str(v) for v in hit[:2])
+    source, element = hit[0], hit[1]  # text already (``_pick``)
     position = int(hit[2])
     if source not in queue_of and "\n" in element:
         # Taken by a dispatcher (its processing list or ready buffer), not yet recorded: about to start.
