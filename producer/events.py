@@ -203,17 +203,34 @@ def s3_items(event: dict[str, Any], task_type: str) -> list[Item]:
             bucket = record.s3.bucket.name
             obj = record.s3.get_object
             key = unquote_plus(obj.key)  # S3 sends keys URL-encoded, spaces as '+'
-            data: dict[str, Any] = {"s3_bucket": bucket, "s3_key": key}
-            if obj.get("size") is not None:
-                data["s3_size"] = obj.size
-            if obj.etag:
-                data["s3_etag"] = obj.etag
-            sequencer = obj.get("sequencer")
+            size = obj.size if obj.get("size") is not None else None
+            upload = _s3_upload(
+                f"Records[{i}]",
+                task_type=task_type,
+                bucket=bucket,
+                key=key,
+                size=size,
+                etag=obj.etag,
+                sequencer=obj.get("sequencer"),
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidEvent(f"Records[{i}]: not a valid S3 event record ({_reason(exc)})") from exc
-        delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None
-        items.append(Item(f"Records[{i}]", {"type": task_type, "data": data}, delivery))
+        items.append(upload)
     return items
+
+
+def _s3_upload(
+    where: str, *, task_type: str, bucket: str, key: str, size: Any, etag: Any, sequencer: Any
+) -> Item:
+    """The task of one uploaded object, from an S3 notification or S3's EventBridge event alike: the same
+    data, and the same idempotency key, so one upload notified both ways is one task."""
+    data: dict[str, Any] = {"s3_bucket": bucket, "s3_key": key}
+    if size is not None:
+        data["s3_size"] = size
+    if etag:
+        data["s3_etag"] = etag
+    delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None
+    return Item(where, {"type": task_type, "data": data}, delivery)
 
 
 def eventbridge_items(
@@ -234,14 +251,18 @@ def eventbridge_items(
                 raise TypeError("bucket name and object key must be strings")
         except (KeyError, TypeError) as exc:
             raise InvalidEvent(f"detail: not a valid S3 Object Created event ({_reason(exc)})") from exc
-        data: dict[str, Any] = {"s3_bucket": bucket, "s3_key": key}  # EventBridge sends keys as they are
-        if obj.get("size") is not None:
-            data["s3_size"] = obj["size"]
-        if obj.get("etag"):
-            data["s3_etag"] = obj["etag"]
-        sequencer = obj.get("sequencer")
-        delivery = f"s3:{bucket}/{key}/{sequencer}" if sequencer else None  # as an S3 notification's
-        return [Item("detail", {"type": s3_task_type, "data": data}, delivery)]
+        # EventBridge sends keys as they are (not URL-encoded)
+        return [
+            _s3_upload(
+                "detail",
+                task_type=s3_task_type,
+                bucket=bucket,
+                key=key,
+                size=obj.get("size"),
+                etag=obj.get("etag"),
+                sequencer=obj.get("sequencer"),
+            )
+        ]
     event_id = event.get("id")
     delivery_key = f"eventbridge:{event_id}" if isinstance(event_id, str) and event_id else fallback_key
     return split_payload(detail, delivery_key=delivery_key, what="detail")
