@@ -38,6 +38,8 @@ def add_missing(conn: Connection) -> list[str]:
     present = set(insp.get_table_names())
     mysql = conn.dialect.name in ("mysql", "mariadb")
     added: list[str] = []
+    # The seed's table has none of gpuq's own columns: its rows were written by the system gpuq replaces.
+    seed = "tasks" in present and "created_at" not in {c["name"] for c in insp.get_columns("tasks")}
     for table in metadata.sorted_tables:
         if table.name not in present:
             continue  # create_all makes it whole
@@ -60,9 +62,49 @@ def add_missing(conn: Connection) -> list[str]:
             if index.name not in indexes:
                 conn.execute(CreateIndex(index))
                 added.append(f"{table.name}:{index.name}")
+    if seed:
+        added += settle_seed_rows(conn)
     if added:
         log.info("schema upgraded", extra={"action": "schema_upgrade", "added": added})
     return added
+
+
+#: What a task left ``processing`` by the seed system becomes, and why (``tasks.error``).
+SEED_PROCESSING_ERROR = (
+    "left 'processing' by the system gpuq replaced when gpuq adopted this database: its GPU's answer cannot"
+    " reach gpuq (the old callbacks carry no callback token) and its job's data was never stored, so gpuq"
+    " cannot run it again; submit it again if it did not finish"
+)
+
+
+def settle_seed_rows(conn: Connection) -> list[str]:
+    """Give the seed's rows a state gpuq acts on, once, as the seed's table is adopted. ``processing``
+    (sent to a GPU by the old dispatcher) would count in the GPU-load query forever, holding no slot, ended by
+    nothing: it becomes ``failed`` with the reason. ``pending`` (its job still in Redis) made the job's copy
+    look like a task already handled, dropped without a word: it becomes ``queued``, gpuq's state for a job
+    waiting in Redis, so the copy runs. A ``pending`` row whose job is gone stays visible as ``queued``."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    failed = conn.execute(
+        text(
+            "UPDATE tasks SET state = 'failed', error = :error, finished_at = :now, updated_at = :now"
+            " WHERE state = 'processing'"
+        ),
+        {"error": SEED_PROCESSING_ERROR, "now": now},
+    ).rowcount
+    queued = conn.execute(
+        text("UPDATE tasks SET state = 'queued', attempt = 0, updated_at = :now WHERE state = 'pending'"),
+        {"now": now},
+    ).rowcount
+    out = []
+    if failed:
+        out.append(f"tasks: {failed} left processing by the seed system marked failed")
+        log.warning(
+            "tasks left processing by the system gpuq replaced are marked failed (their outcome is unknown)",
+            extra={"action": "seed_rows", "tasks": failed},
+        )
+    if queued:
+        out.append(f"tasks: {queued} pending under the seed system now queued")
+    return out
 
 
 def _add_filled(conn: Connection, table: Table, column: Column[Any], spec: str) -> None:

@@ -132,3 +132,38 @@ def test_a_gpuq_schema_made_on_a_latin1_server_starts_and_takes_any_text(databas
     with engine.connect() as conn:
         twins = conn.exec_driver_sql("SELECT COUNT(*) FROM attempts WHERE task_id IN ('Case2', 'case2')")
         assert twins.scalar_one() == (2 if case_twins else 0)
+
+
+def test_the_seeds_tasks_in_flight_get_states_gpuq_acts_on(database_url):
+    # GIVEN the seed's table with a task its dispatcher sent to a GPU and one still waiting in Redis
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for statement in SEED_DDL:
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(
+            "INSERT INTO tasks VALUES ('sent-1', 'task_queue_1', 'processing', 'start_transcribe', 'g0', 2),"
+            " ('waiting-1', 'task_queue_1', 'pending', 'start_transcribe', NULL, NULL)"
+        )
+    # WHEN gpuq adopts the database
+    init_schema(engine)
+    # THEN the seed's GPU-load query no longer counts a task nothing will ever end
+    with engine.connect() as conn:
+        load = conn.execute(
+            text(
+                "SELECT gpu_id, COUNT(*) AS active_tasks FROM tasks WHERE state = 'processing' GROUP BY gpu_id"
+            )
+        ).all()
+    assert load == []
+    sent = transaction(engine, get_task, task_id="sent-1")
+    assert sent["state"] == "failed" and "system gpuq replaced" in sent["error"]
+    assert sent["finished_at"] is not None
+    # and the old finished task is untouched
+    assert transaction(engine, get_task, task_id="old-1")["state"] == "finished"
+    # and the waiting task's job, still in Redis, runs instead of being dropped as already handled
+    fleet = fleet_engine(database_url, {"g0": 4})
+    placed = place(fleet, [job(task_id="waiting-1")], check_existing=True)
+    assert [p.job.task_id for p in placed.placed] == ["waiting-1"] and not placed.dropped
+    # and a second start changes nothing more
+    with engine.begin() as conn:
+        assert add_missing(conn) == []
+    assert transaction(engine, get_task, task_id="sent-1")["error"] == sent["error"]
