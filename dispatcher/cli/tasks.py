@@ -7,16 +7,18 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import typer
+from sqlalchemy.exc import DBAPIError
 
 from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.attempts import Backoff, cancel_task
-from dispatcher.db.engine import naive_utc, utcnow
+from dispatcher.db.engine import naive_utc, transaction, utcnow
 from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
 from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
-from dispatcher.db.reads import get_task
+from dispatcher.db.reads import get_task, known_task
+from dispatcher.errors import STORE_ERRORS
 from dispatcher.loop.cancels import WAKE_CANCEL
 from dispatcher.queues.reprioritize import find_waiting, move_job
 from dispatcher.queues.task_events import publish_sync
@@ -259,6 +261,8 @@ def submit(
     for key, value in (("queue", queue), ("task_id", task_id), ("delay_seconds", delay)):
         if value is not None:
             task[key] = value
+    if task_id is not None and _known(stores(ctx), task_id, task_type, payload):
+        return
     s = stores(ctx).settings
     producer = ProducerSettings(
         redis_url=s.redis_dsn(),
@@ -279,3 +283,36 @@ def submit(
         typer.echo("already enqueued by an earlier submit with this task id: not pushed again", err=True)
     else:
         typer.echo(f"queued on {job.queue} ({job.priority.value})", err=True)
+
+
+#: What a database that did not answer (or has no gpuq tables yet) raises here.
+_NO_ANSWER: tuple[type[Exception], ...] = (DBAPIError, *STORE_ERRORS)
+
+
+def _known(st: Stores, task_id: str, task_type: str, data: Any) -> bool:
+    """True when a task with this id exists already, the same task submitted again (nothing to push, exit 0).
+    A different task under that id is refused here (exit 1): pushed, the dispatcher would only dead-letter
+    it ("task id already used") after this command said it was queued. The producer's own idempotency mark
+    lasts a day; the database remembers longer. A database that does not answer is no reason not to push:
+    the dispatcher still checks."""
+    try:
+        row = transaction(st.engine, known_task, attempts=1, task_id=task_id)
+    except _NO_ANSWER as exc:
+        why = type(exc).__name__
+        typer.echo(f"could not check the database for task {task_id!r} ({why}); pushing it", err=True)
+        return False
+    if row is None:
+        return False
+    try:
+        same = row.type == task_type and json.loads(row.data) == data
+    except ValueError:
+        same = False
+    if not same:
+        raise OperatorError(
+            f"task id {task_id!r} is already used by another task ({row.state}, type {row.type}): not"
+            " pushed, the dispatcher would refuse it; choose another --task-id, or"
+            f" `gpuq task retry {task_id}` to run that task again"
+        )
+    typer.echo(task_id)  # as a first submit prints it, for TASK=$(gpuq submit ...)
+    typer.echo(f"task {task_id} exists already ({row.state}): not pushed again", err=True)
+    return True

@@ -170,6 +170,25 @@ def test_submit_validates_like_the_producer_and_is_idempotent(gpuq, gpuq_env, st
     assert rds.llen(qa) == 1
 
 
+def test_submit_under_the_id_of_a_known_task_pushes_nothing_and_says_why(gpuq, gpuq_env, stores):
+    # GIVEN a task the dispatcher recorded (its idempotency mark long gone: the database remembers it)
+    engine, rds = stores
+    qa, _ = gpuq_env["TASK_QUEUES"].split(",")
+    known = run_one(engine, qa)
+    # WHEN a different task is submitted under its id
+    res = gpuq("submit", "-t", "embed", "--task-id", known.task_id)
+    # THEN it is refused at once (the dispatcher would only dead-letter it), naming the task and the way out
+    assert res.exit_code == 1, res
+    assert f"task id '{known.task_id}' is already used by another task (processing" in res.stderr
+    assert "gpuq task retry" in res.stderr
+    # and the very same task submitted again is a no-op, as a repeated submit is
+    res = gpuq("submit", "-t", known.type, "-d", json.dumps(known.data), "--task-id", known.task_id)
+    assert res.exit_code == 0 and res.stdout.strip() == known.task_id, res
+    assert "exists already (processing): not pushed again" in res.stderr
+    # and nothing was pushed either time
+    assert rds.llen(qa) == 0 and rds.llen(Keys(gpuq_env["REDIS_KEY_PREFIX"]).dead) == 0
+
+
 @pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_status_shows_gpus_by_pool_queues_and_waiting(gpuq, gpuq_env, stores):
     engine, rds = stores
