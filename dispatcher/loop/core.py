@@ -105,6 +105,7 @@ class Dispatcher:
         rt.spawn(self.housekeeping.run(), "housekeeping", side=True)
         rt.spawn(self.cancels.run(), "cancel-sender", side=True)
         rt.spawn(self.agents.run(), "agent-sweep", side=True)
+        rt.spawn(self._check_endpoints(), "endpoint-check")
         log.info(
             "dispatcher started",
             extra={
@@ -114,6 +115,27 @@ class Dispatcher:
                 "gpus": len(self.settings.endpoints),
             },
         )
+
+    async def _check_endpoints(self) -> None:
+        """Look once at each pushed GPU of GPU_ENDPOINTS, as the probes of a GPU out of rotation do, and say
+        which do not answer like a GPU service: a wrong host, port or path is otherwise learnt only from the
+        first jobs it fails (SPEC §4 takes it out of rotation then). Only a log line: nothing changes."""
+        gate = asyncio.Semaphore(16)
+
+        async def check(gpu_id: str, url: str) -> None:
+            async with gate:
+                try:
+                    ok, detail = await self.rt.gpu.probe(url)
+                except Exception:  # the client closed by a stop meanwhile: nothing to say any more
+                    return
+            if not ok:
+                log.warning(
+                    f"GPU {gpu_id} of GPU_ENDPOINTS does not answer like a GPU service at {url} ({detail});"
+                    " check its URL: jobs sent there will fail until it does",
+                    extra={"action": "gpu_check", "gpu_id": gpu_id, "url": url, "detail": detail},
+                )
+
+        await asyncio.gather(*(check(ep.gpu_id, ep.url) for ep in self.settings.endpoints if not ep.pull))
 
     async def drain(self, grace: float) -> None:
         """Stop taking jobs and give the attempts this process started up to ``grace`` seconds to call back,

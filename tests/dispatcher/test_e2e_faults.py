@@ -123,6 +123,25 @@ def test_failing_gpus_are_avoided_and_jobs_retried_elsewhere(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+def test_a_gpu_endpoint_that_does_not_answer_is_named_at_start(stack):
+    # GIVEN GPU_ENDPOINTS with a working GPU, one on a port nothing listens on, and one whose path is wrong
+    fleet = stack.fleet(gpus=1, service_time="0")
+    urls = fleet.urls
+    endpoints = ",".join(
+        [f"g0={urls['g0']}", f"gdown=http://127.0.0.1:{free_port()}/g", f"gpath={urls['g0']}/no/such/path"]
+    )
+    # WHEN a dispatcher starts
+    d = stack.dispatcher(None, GPU_ENDPOINTS=endpoints)
+    # THEN its log names the two that do not answer like a GPU service, and only those
+    logs = wait_for(
+        lambda: (text := d.logs(60_000)).count("does not answer like a GPU service") >= 2 and text,
+        timeout=20,
+        what=lambda: f"two endpoint warnings in {d.logs()}",
+    )
+    assert "GPU gdown of GPU_ENDPOINTS" in logs and "GPU gpath of GPU_ENDPOINTS" in logs
+    assert "GPU g0 of GPU_ENDPOINTS" not in logs
+
+
 def test_gpu_back_after_probe(stack):
     # GIVEN one GPU that is down, then comes back
     fleet = stack.fleet(gpus=1, service_time="0", faults=["http_500"])
