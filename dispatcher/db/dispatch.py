@@ -12,7 +12,6 @@ the round trips themselves (measured: ~5 ms of CPU per dispatched job before, se
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -24,6 +23,7 @@ from dispatcher.db.attempts import extend_lease
 from dispatcher.db.batch import claim_slots
 from dispatcher.db.clock import server_now
 from dispatcher.db.engine import naive_utc
+from dispatcher.db.known import copy_of, data_json
 from dispatcher.db.schema import gpus, tasks
 from dispatcher.db.snapshot import free_slot, snapshot, snapshot_ending
 from dispatcher.db.task_writes import update_at
@@ -159,7 +159,7 @@ def _triage(
             # this is no retry but a new task, and ``a/b`` or ``x%2Fevents`` would be unreachable by id.
             out.invalid.append((job, f"task_id: {problem} (attempt {job.attempt} of a task never recorded)"))
             continue
-        if row is not None and job.attempt == 0 and not _copy_of(row, job):
+        if row is not None and job.attempt == 0 and not copy_of(row, job):
             out.refused.append((job, f"task id already used: task {job.task_id} exists ({row.state})"))
             continue
         if (
@@ -295,23 +295,8 @@ def dispatch(
     return out
 
 
-def _copy_of(row: Any, job: Job) -> bool:
-    """Is this new-looking job (attempt 0) the very job the task was recorded from? A swept-back copy, a
-    scheduled job put back in its queue and a duplicate of it are; a job that reuses the id of a task that
-    ran before (its idempotency mark expired) is not: it has its own enqueue time, and maybe its own data.
-    A tombstone (cancelled before any dispatcher took it) has no enqueue time: its job is a copy."""
-    if row.enqueued_at is None:
-        return True
-    same_time: bool = row.enqueued_at == naive_utc(job.enqueued_at)
-    return same_time and row.type == job.type and row.data == _data_json(job)
-
-
 def _same_job(a: Job, b: Job) -> bool:
     return (a.enqueued_at, a.type, a.data) == (b.enqueued_at, b.type, b.data)
-
-
-def _data_json(job: Job) -> str:
-    return json.dumps(job.data, separators=(",", ":"))
 
 
 def new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, object]:
@@ -321,7 +306,7 @@ def new_row(job: Job, pool: str, max_attempts: int, now: datetime) -> dict[str, 
         "type": job.type,
         "pool": pool,
         "priority": job.priority.value,
-        "data": _data_json(job),
+        "data": data_json(job),
         "max_attempts": max_attempts,
         "enqueued_at": naive_utc(job.enqueued_at),
         "created_at": now,
