@@ -70,7 +70,7 @@ def prepare(
     items: list[tuple[Job, str, str]] = []
     for t in taken:
         try:
-            queue = t.queue or _queue_in_body(t.raw)
+            queue = t.queue or queue_in_body(t.raw)
             job, made_up = parse_redis_job(t.raw, queue or "unknown", max_bytes=max_bytes)
             element = t.element
             if made_up:  # give it its id (and enqueue time) in Redis before the database hears of it
@@ -110,7 +110,8 @@ def claimed(raw: str) -> tuple[str, int] | None:
     return task_id, attempt
 
 
-def _queue_in_body(raw: str) -> str | None:
+def queue_in_body(raw: str) -> str | None:
+    """The ``queue`` a job's body names (a parked job's dead letter records no list): None when none."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
