@@ -7,7 +7,8 @@ hash tag, see ``scope``)::
                                     The seed's name, unprefixed, so its producers keep working.
     {Q}:high, {Q}:low       list    waiting jobs of high / low priority; taken before / after Q
     P{Q}:idem:<key>         string  idempotency mark of an accepted delivery -> task_id
-                                    (TTL IDEMPOTENCY_TTL_SECONDS, default 24 h)
+                                    (TTL IDEMPOTENCY_TTL_SECONDS, default 24 h); <key> requeue:<sha256>
+                                    marks a dead letter pushed back by ``gpuq queue requeue`` on a cluster
     P{Q}:proc:<dispatcher>  list    jobs a dispatcher took from Q and has not yet recorded in the database;
                                     swept back to their list when the dispatcher's heartbeat is gone
     P{Q}:parked:<pool>      list    jobs of Q a dispatcher took whose pool then had no slot and that did not
