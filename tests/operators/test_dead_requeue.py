@@ -139,6 +139,22 @@ def test_requeue_all_keeps_what_cannot_run_and_says_why(gpuq, dead):
     assert f"requeued #3 (task {queued[1].task_id}) onto {qa}" in res.stdout
 
 
+def test_an_entry_purged_between_the_look_and_the_move_pushes_nothing(dead):
+    """One Redis: the entry's removal and the push are one script; no entry, no push (no second copy when
+    two operators requeue at once, no job back that an operator just purged)."""
+    rds, keys, qa, _ = dead
+    rds.rpush(keys.dead, letter(fresh(qa, "p1"), qa))
+    (only,) = dead_requeue.read(rds, keys)
+    planned = dead_requeue.plan(only, queues=[qa], max_bytes=262144)
+    assert isinstance(planned, dead_requeue.Requeue)
+    rds.delete(keys.dead)  # purged meanwhile
+    assert dead_requeue.move(rds, keys, planned, cluster=False, mark_ttl=60) is dead_requeue.Moved.GONE
+    assert rds.llen(qa) == 0
+    rds.rpush(keys.dead, only.entry)
+    assert dead_requeue.move(rds, keys, planned, cluster=False, mark_ttl=60) is dead_requeue.Moved.MOVED
+    assert rds.llen(qa) == 1 and rds.llen(keys.dead) == 0
+
+
 def test_an_unknown_id_or_index_refuses_the_whole_command(gpuq, dead):
     rds, keys, qa, _ = dead
     rds.rpush(keys.dead, letter(fresh(qa, "here"), qa))
