@@ -99,9 +99,20 @@ def claim_statement(
     takeover: Sequence[str] = (),
 ) -> tuple[TextClause, dict[str, Any], list[str]]:
     """``claim_slots``'s statement, its parameters and the task ids it claims for, in its order (to be sent
-    with other statements: ``db/pipeline.py``); ``claimed_of`` reads its outcome."""
+    with other statements: ``db/pipeline.py``); ``claimed_of`` reads its outcome. Picks that carry the
+    ``url`` they were made for claim only while the GPU still has that URL."""
     ordered = sorted(picks, key=lambda p: (p["gpu_id"], p["slot_index"]))
-    derived, params, stamps = _rows(ordered, ("gpu_id", "slot_index", "task_id", "attempt"))
+    # With the URL each pick was made for: the GPU must still have it. A ``gpuq gpu set --url`` or a change of
+    # kind (``gpuq gpu add NAME --pull``) committed since the snapshot would send the request to the old URL,
+    # or POST a job the new agent is also handed (run twice). The check reads the GPU's row with a shared
+    # lock held to the COMMIT, so a change made after the claim waits for it and then finds its job (the
+    # change's own look at the jobs on the GPU, ``register_pull``, ``_unfetched_back``).
+    guarded = all("url" in p for p in ordered)
+    columns = ("gpu_id", "slot_index", "task_id", "attempt", *(("url",) if guarded else ()))
+    derived, params, stamps = _rows(ordered, columns)
+    where = "(t.task_id IS NULL OR t.task_id IN :takeover)" if takeover else "t.task_id IS NULL"
+    if guarded:
+        where += " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
     sql = _update_join(
         conn,
         table="slots",
@@ -114,7 +125,7 @@ def claim_statement(
             ("lease_expires_at", ":lease"),
             ("dispatcher_id", ":dispatcher_id"),
         ],
-        where="(t.task_id IS NULL OR t.task_id IN :takeover)" if takeover else "t.task_id IS NULL",
+        where=where,
     )
     params |= {"now": now, "lease": lease, "dispatcher_id": dispatcher_id}
     if takeover:

@@ -112,6 +112,7 @@ def _claim_all(
                     "slot_index": p.slot_index,
                     "task_id": j.task_id,
                     "attempt": j.attempt + 1,
+                    "url": p.url,
                 }
                 for j, p in proposals
             ],

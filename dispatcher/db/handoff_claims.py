@@ -97,7 +97,7 @@ def place_fresh(
     statements: list[tuple[Any, dict[str, Any]]] = []
     if proposals:
         picks = [
-            {"gpu_id": p.gpu_id, "slot_index": p.slot_index, "task_id": j.task_id, "attempt": 1}
+            {"gpu_id": p.gpu_id, "slot_index": p.slot_index, "task_id": j.task_id, "attempt": 1, "url": p.url}
             for j, _, p in proposals
         ]
         lease = now + timedelta(seconds=lease_seconds)

@@ -24,6 +24,9 @@ from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import end_attempt, fleet_engine, job, place
 
+#: The URLs the helpers register GPUs with: a view must name them, as a snapshot would (a claim checks).
+URL = {g: f"http://127.0.0.1:1/{g}" for g in ("g0", "g1")}
+
 
 def _holder(engine: Any, gpu_id: str, slot_index: int) -> tuple[str | None, int | None, str | None]:
     with engine.connect() as conn:
@@ -52,8 +55,8 @@ def test_a_claim_never_counts_a_slot_another_dispatcher_holds_for_the_same_task(
     # GIVEN task X on g0/1, placed by d1, and g0/0 taken by Y; g1/0 is free
     engine = fleet_engine(any_database_url, {"g0": 2, "g1": 1})
     x, y = job(), job()
-    _place(engine, [y], "d1", view=[GpuFree("g0", "u", "default", 0, (0,))])
-    _place(engine, [x], "d1", view=[GpuFree("g0", "u", "default", 1, (1,))])
+    _place(engine, [y], "d1", view=[GpuFree("g0", URL["g0"], "default", 0, (0,))])
+    _place(engine, [x], "d1", view=[GpuFree("g0", URL["g0"], "default", 1, (1,))])
     assert _holder(engine, "g0", 1)[0] == x.task_id
     # WHEN d2, with another copy of X, proposes the taken g0/0 for it and the free g1/0 for Z
     z = job()
@@ -83,10 +86,10 @@ def test_the_losing_copy_leaves_the_winners_slot_alone(database_url):
     @event.listens_for(loser, "before_cursor_execute")
     def d1_wins_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("UPDATE SLOTS") and not winner:
-            winner.append(_place(engine, [copy_1], "d1", view=[GpuFree("g0", "u", "default", 0, (0,))]))
+            winner.append(_place(engine, [copy_1], "d1", view=[GpuFree("g0", URL["g0"], "default", 0, (0,))]))
 
     # d2's (stale) view: X goes to g0/0 (least loaded), Z to g1/0
-    view = [GpuFree("g0", "u", "default", 0, (0,)), GpuFree("g1", "u", "default", 3, (0,))]
+    view = [GpuFree("g0", URL["g0"], "default", 0, (0,)), GpuFree("g1", URL["g1"], "default", 3, (0,))]
     # WHEN d2 places its copy of X together with Z
     result = _place(loser, [copy_2, z], "d2", view=view)
     loser.dispose()

@@ -19,6 +19,9 @@ from dispatcher.loop.placement import GpuFree
 from dispatcher.states import Outcome
 from tests.dispatcher.helpers import fleet_engine, job
 
+#: The URLs the helpers register GPUs with: a view must name them, as a snapshot would (a claim checks).
+URL = {g: f"http://127.0.0.1:1/{g}" for g in ("g0", "g1")}
+
 
 def _place(engine: Any, jobs: list[Any], view: list[GpuFree] | None = None) -> Any:
     return transaction(
@@ -53,8 +56,8 @@ def _offered(engine: Any) -> list[tuple[str, tuple[int, ...]]]:
 def test_a_gpu_shrunk_while_busy_never_gets_more_jobs_than_its_new_count(any_database_url):
     # GIVEN g0 with 2 slots, both busy (a on slot 0, b on slot 1)
     engine = fleet_engine(any_database_url, {"g0": 2})
-    (a,) = _place(engine, [job()], view=[GpuFree("g0", "u", "default", 0, (0,))]).placed
-    (b,) = _place(engine, [job()], view=[GpuFree("g0", "u", "default", 1, (1,))]).placed
+    (a,) = _place(engine, [job()], view=[GpuFree("g0", URL["g0"], "default", 0, (0,))]).placed
+    (b,) = _place(engine, [job()], view=[GpuFree("g0", URL["g0"], "default", 1, (1,))]).placed
     # WHEN the operator gives it 1 slot, and b (on the slot past the new count) ends
     now = utcnow()
     transaction(engine, register_gpu, gpu_id="g0", url="u", pool="default", slot_count=1, now=now)
@@ -70,8 +73,8 @@ def test_a_gpu_shrunk_while_busy_never_gets_more_jobs_than_its_new_count(any_dat
 def test_a_gpu_shrunk_while_busy_past_its_count_gets_nothing_until_those_end(any_database_url):
     # GIVEN g0 with 2 slots, both busy
     engine = fleet_engine(any_database_url, {"g0": 2})
-    (a,) = _place(engine, [job()], view=[GpuFree("g0", "u", "default", 0, (0,))]).placed
-    _place(engine, [job()], view=[GpuFree("g0", "u", "default", 1, (1,))])
+    (a,) = _place(engine, [job()], view=[GpuFree("g0", URL["g0"], "default", 0, (0,))]).placed
+    _place(engine, [job()], view=[GpuFree("g0", URL["g0"], "default", 1, (1,))])
     # WHEN it is given 1 slot and a (on slot 0, within the new count) ends first
     now = utcnow()
     transaction(engine, register_gpu, gpu_id="g0", url="u", pool="default", slot_count=1, now=now)

@@ -4,13 +4,17 @@ twice (the service's own callback then answered 409, its work thrown away)."""
 
 from __future__ import annotations
 
+import threading
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Engine, text
 
 from dispatcher.db.agents import Poll, poll, register_pull, take_back_unfetched
+from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import update_gpu
+from dispatcher.db.snapshot import snapshot
 from dispatcher.gpus.pull import hash_agent_token
 from tests.dispatcher.helpers import fleet_engine, place
 from tests.dispatcher.helpers import job as make_job
@@ -68,4 +72,93 @@ def test_a_pull_gpu_given_a_url_sends_its_unfetched_jobs_back_to_wait(any_databa
         ).one()
         held = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar()
     assert (state, max_attempts, held) == ("retrying", 2, 0)
+    engine.dispose()
+
+
+def _placing_held_open(engine: Engine, job) -> tuple[Any, Any]:
+    """A placement of ``job`` that has claimed its slot and not committed yet (a dispatcher between its claim
+    and its COMMIT): its connection and transaction."""
+    conn = engine.connect()
+    tx = conn.begin()
+    res = dispatch(
+        conn, items=[(job, "default")], dispatcher_id="d", lease_seconds=600, max_attempts=3, now=utcnow()
+    )
+    assert len(res.placed) == 1
+    return conn, tx
+
+
+def _in_thread(fn) -> tuple[threading.Thread, threading.Event]:
+    done = threading.Event()
+
+    def run() -> None:
+        fn()
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, done
+
+
+def _task(engine: Engine, task_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            text("SELECT state, attempt, fetched_attempt FROM tasks WHERE task_id = :t"), {"t": task_id}
+        ).one()
+
+
+def test_a_gpu_made_pull_while_a_placement_commits_leaves_that_job_to_its_service(database_url):
+    # GIVEN a placement on pushed GPU g0 that claimed its slot (its POST goes out once it commits)
+    engine = fleet_engine(database_url, {"g0": 1})
+    job = make_job("t", data={"n": 1})
+    conn, tx = _placing_held_open(engine, job)
+    # WHEN the operator makes g0 a pull GPU meanwhile
+    out: dict[str, Any] = {}
+    convert = lambda: out.update(  # noqa: E731
+        token=transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=1, now=utcnow())
+    )
+    thread, done = _in_thread(convert)
+    # THEN the change waits for the placement to commit, and counts its job as the service's
+    assert not done.wait(1.0), "the change of kind did not wait for the placement's commit"
+    tx.commit()
+    conn.close()
+    thread.join(20)
+    row = _task(engine, job.task_id)
+    assert (row.state, row.fetched_attempt) == ("processing", row.attempt)
+    # AND the new agent is not handed it (it would run twice)
+    look = _poll(engine, "g0", out["token"], max_jobs=4, seen_until=utcnow() + timedelta(seconds=30))
+    assert look.jobs == []
+    engine.dispose()
+
+
+def test_a_placement_whose_snapshot_predates_a_change_of_kind_claims_nothing(any_database_url):
+    # GIVEN a dispatcher's snapshot of pushed GPU g0 with a free slot
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    seen = transaction(engine, snapshot)
+    assert [g.gpu_id for g in seen] == ["g0"]
+    # WHEN g0 becomes a pull GPU before the placement's claim
+    assert transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=1, now=utcnow())
+    job = make_job("t", data={"n": 1})
+    res = place(engine, [job], view=seen)
+    # THEN the claim made for the old URL takes nothing (a POST to the service and the agent's fetch would
+    # both run it); the job waits for a GPU that takes it
+    assert res.placed == [] and [j.task_id for j, _ in res.unplaced] == [job.task_id]
+    engine.dispose()
+
+
+def test_a_pull_gpu_given_a_url_while_a_placement_commits_sends_that_job_back_to_wait(database_url):
+    # GIVEN pull GPU p0 with its agent, and a placement on it that claimed its slot, not committed yet
+    engine = fleet_engine(database_url, {})
+    token = transaction(engine, register_pull, gpu_id="p0", pool="default", slot_count=1, now=utcnow())
+    assert _poll(engine, "p0", token, max_jobs=0, seen_until=utcnow() + timedelta(seconds=30)).back
+    job = make_job("t", data={"n": 1})
+    conn, tx = _placing_held_open(engine, job)
+    # WHEN the operator gives p0 a URL meanwhile
+    change = lambda: transaction(engine, update_gpu, gpu_id="p0", url="http://127.0.0.1:1/p0", now=utcnow())  # noqa: E731
+    thread, done = _in_thread(change)
+    # THEN the change waits for the placement, and its job (never to be sent nor fetched) waits again
+    assert not done.wait(1.0), "the change of kind did not wait for the placement's commit"
+    tx.commit()
+    conn.close()
+    thread.join(20)
+    assert _task(engine, job.task_id).state == "retrying"
     engine.dispose()
