@@ -92,6 +92,9 @@ class Poll:
     jobs: list[AgentJob] = field(default_factory=list)
     back: bool = False  # the GPU was out of rotation (no agent) and is back in: placement should look
     released: int = 0  # slots of jobs cancelled before they were fetched, freed now
+    # The GPU as the database spells it (``G0 `` in a path finds ``g0``): what a dispatcher keys its waiting
+    # polls by, so that each GPU's cap holds whatever spelling its agent uses, and wake-ups reach them.
+    gpu_id: str | None = None
 
 
 def register_pull(conn: Connection, *, gpu_id: str, pool: str, slot_count: int, now: datetime) -> str | None:
@@ -212,6 +215,7 @@ def poll_many(conn: Connection, *, looks: list[dict[str, Any]]) -> list[Poll]:
         gpu_id = gpu_of[i]
         if gpu_id is None:
             continue
+        out[i].gpu_id = gpu_id
         rest = []
         for r in waiting[gpu_id]:
             if r.state != TaskState.PROCESSING.value:  # cancelled (or ended) before its agent had it
@@ -319,6 +323,22 @@ def _take_many(conn: Connection, taken: list[Any], *, lease: datetime) -> None:
         raise RuntimeError(f"marked {got} of {len(ids)} locked jobs fetched")
     pairs = [(r.task_id, r.attempt) for r in taken]
     conn.execute(_RENEW_MANY, {"pairs": pairs, "lease": lease})
+
+
+_UNFETCH = statement(
+    "UPDATE tasks SET fetched_attempt = NULL WHERE (task_id, attempt) IN :pairs AND state = 'processing'"
+    " AND fetched_attempt = attempt",
+    lists=("pairs",),
+)
+
+
+def unfetch(conn: Connection, *, jobs: list[tuple[str, int]]) -> int:
+    """Jobs a poll took for an agent that hung up before it was answered: nobody has them, so the GPU's next
+    poll is handed them again. Left marked fetched, they held their slots until the lease ran out and then
+    used an attempt (with MAX_ATTEMPTS=1 the task failed, never having reached a GPU)."""
+    if not jobs:
+        return 0
+    return int(conn.execute(_UNFETCH, {"pairs": [tuple(j) for j in jobs]}).rowcount)
 
 
 def agent_left(conn: Connection, *, gpu_id: str, seen_until: datetime, now: datetime) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched
+from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched, unfetch
 from dispatcher.db.dispatch import Placed
 from dispatcher.errors import TRANSIENT, TooMany
 from dispatcher.gpus.pull import hash_agent_token
@@ -133,6 +133,7 @@ class AgentHub:
                 )
                 if look.status != "ok":
                     return look, []
+                gpu_id = self._rekey(event, gpu_id, look.gpu_id, admitted)
                 if look.back:
                     log.info(
                         "agent polling; GPU back in rotation",
@@ -144,6 +145,14 @@ class AgentHub:
                 left = deadline - time.monotonic()
                 # A draining dispatcher ends its polls (within RECHECK_SECONDS): the agents poll again,
                 # through the load balancer, at one that is not stopping.
+                if look.jobs and await gone():  # hung up while the look took them: nobody has them
+                    jobs = [(j.task_id, j.attempt) for j in look.jobs]
+                    await rt.db(unfetch, jobs=jobs)
+                    log.info(
+                        "agent hung up before its jobs were handed over; they wait for its next poll",
+                        extra={"action": "agent_unfetch", "gpu_id": gpu_id, "jobs": len(jobs)},
+                    )
+                    return look, []
                 if look.jobs or left <= 0 or max_jobs == 0 or not rt.accepting:
                     return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
                 if not admitted:  # counted only once the token is known good: 429 says nothing to others
@@ -161,6 +170,22 @@ class AgentHub:
                 waiting.discard(event)
                 if not waiting:
                     del self._waiting[gpu_id]
+
+    def _rekey(self, event: asyncio.Event, old: str, new: str | None, admitted: bool) -> str:
+        """The GPU's registered id (``new``); a poll waiting under another spelling of it (``old``, its
+        path's) is moved there."""
+        if new is None or new == old:
+            return old
+        waiting = self._waiting.get(old)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self._waiting[old]
+        self._waiting.setdefault(new, set()).add(event)
+        if admitted:
+            self._leave(old)
+            self._admitted[new] = self._admitted.get(new, 0) + 1
+        return new
 
     def _admit(self, gpu_id: str) -> bool:
         """Count one more poll waiting for ``gpu_id``, or refuse it (429) past ``MAX_POLLS_PER_GPU``."""

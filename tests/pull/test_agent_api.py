@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from sqlalchemy import text
 
 from dispatcher.gpus.tokens import verify_token
 from dispatcher.loop.agents import MAX_POLLS_PER_GPU
@@ -186,3 +187,50 @@ def test_one_gpu_cannot_hold_more_than_its_share_of_long_polls(stack):
     assert refused.headers["retry-after"] == "1" and "g7" in refused.json()["detail"]
     # AND once they ended, the GPU may poll again (the count went back down)
     assert poll(d.url, "g7", token, body={"max": 1, "wait_seconds": 0.2}).status_code == 204
+
+
+def test_the_long_poll_cap_holds_whatever_spelling_of_the_gpu_the_path_uses(stack):
+    # GIVEN a pull GPU, and polls naming it as the database compares it: another case, trailing spaces
+    token = add_pull(stack.engine, "g7")
+    d = stack.dispatcher(None)
+    extra = 4
+    spellings = ["g7", "G7", "g7 ", "G7  "]
+    body = {"max": 1, "wait_seconds": 8}
+    with ThreadPoolExecutor(MAX_POLLS_PER_GPU + extra) as pool:
+        futures = [
+            pool.submit(poll, d.url, spellings[i % len(spellings)], token, body)
+            for i in range(MAX_POLLS_PER_GPU + extra)
+        ]
+        answers = [f.result() for f in futures]
+    # THEN they count as one GPU's: exactly the polls over the bound were refused
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [204] * MAX_POLLS_PER_GPU + [429] * extra, codes
+
+
+def test_jobs_taken_for_an_agent_that_hung_up_go_to_its_next_poll(stack):
+    # GIVEN a pull GPU in rotation with a job placed on it, and a database slow to hand that job over
+    token = add_pull(stack.engine, "g7", slots=1)
+    d = stack.dispatcher(None)
+    assert poll(d.url, "g7", token, {"max": 0, "wait_seconds": 0}).status_code == 204
+    (task_id,) = push_jobs(stack.rds, stack.queues[0], 1)
+    wait_for(lambda: _state(stack.engine, task_id) == "processing", timeout=30, what="the job placed on g7")
+    slow = stack.engine.connect()
+    held = slow.begin()
+    slow.execute(text("SELECT task_id FROM tasks WHERE task_id = :t FOR UPDATE"), {"t": task_id})
+    # WHEN the agent gives up on its poll before the answer comes
+    with pytest.raises(httpx.ReadTimeout):
+        poll(d.url, "g7", token, {"max": 1, "wait_seconds": 0}, timeout=1)
+    held.rollback()
+    slow.close()
+    # THEN the job it never got is handed to its next poll, not left to the lease (that used an attempt)
+    again = wait_for(
+        lambda: (r := poll(d.url, "g7", token, {"max": 1, "wait_seconds": 0})).status_code == 200 and r,
+        timeout=20,
+        what="the job handed over again",
+    )
+    assert [j["task_id"] for j in again.json()["jobs"]] == [task_id]
+
+
+def _state(engine, task_id: str) -> str | None:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT state FROM tasks WHERE task_id = :t"), {"t": task_id}).scalar()
