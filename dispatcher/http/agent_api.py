@@ -14,9 +14,17 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Header, Path, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from dispatcher.errors import BadInput, Forbidden, NotFound, TooMany, Unauthorized, responses
+from dispatcher.errors import (
+    BadInput,
+    Forbidden,
+    NotFound,
+    TooMany,
+    Unauthorized,
+    responses,
+    validation_error,
+)
 from dispatcher.gpus.pull import TOKEN_PREFIX
 from dispatcher.http.callback import bearer
 from dispatcher.loop.agents import MAX_WAIT_SECONDS
@@ -63,16 +71,36 @@ def _plausible(token: str) -> bool:
 
 
 def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
-    """A dependency, so that it runs before the body is read: no token, no say about the body."""
+    """A dependency: checked before the body is read (``_poll_body``): no token, no say about the body."""
     token = bearer(authorization)
     if token is None or not _plausible(token):
         raise Unauthorized("missing or wrong agent token")
     return token
 
 
+async def _poll_body(request: Request) -> PollIn:
+    """The body, read only once the token passed (a body parameter is read and parsed before any
+    dependency runs: a caller with no token got 422s about its body, and its 8 MiB were parsed). An empty
+    body takes the defaults."""
+    raw = await request.body()
+    try:
+        data = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"body: not valid JSON: {exc}") from None
+    try:
+        return PollIn.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(
+            exc.errors(include_url=False, include_context=False, include_input=False)
+        ) from None
+
+
 @router.post(
     "/agents/{gpu_id}/jobs",
     response_model=PollOut,
+    openapi_extra={
+        "requestBody": {"required": False, "content": {_JSON: {"schema": PollIn.model_json_schema()}}}
+    },
     responses={
         204: {"description": "no job came within wait_seconds"},
         **responses(
@@ -91,12 +119,12 @@ def agent_token(authorization: Annotated[str | None, Header()] = None) -> str:
 )
 async def agent_jobs(
     request: Request,
-    body: PollIn,
     gpu_id: Annotated[str, Path(max_length=64)],
     token: Annotated[str, Depends(agent_token)],
 ) -> Response:
     """A pull GPU's agent takes the jobs placed on its slots, waiting up to ``wait_seconds`` (≤ 30) for
     some. It calls back, heartbeats and learns of cancels (409 to a heartbeat) as a pushed GPU does."""
+    body = await _poll_body(request)
     d: Dispatcher = request.app.state.dispatcher
     look, jobs = await d.agents.poll(
         gpu_id, token, max_jobs=body.max, wait=float(body.wait_seconds), gone=request.is_disconnected

@@ -234,3 +234,20 @@ def test_jobs_taken_for_an_agent_that_hung_up_go_to_its_next_poll(stack):
 def _state(engine, task_id: str) -> str | None:
     with engine.connect() as conn:
         return conn.execute(text("SELECT state FROM tasks WHERE task_id = :t"), {"t": task_id}).scalar()
+
+
+def test_the_token_is_checked_before_the_body_is_read(stack):
+    token = add_pull(stack.engine, "g7")
+    d = stack.dispatcher(None)
+    url = f"{d.url}/agents/g7/jobs"
+    json_header = {"Content-Type": "application/json"}
+    # a caller without a token learns nothing about its body, however broken or large
+    for raw in (b"not json", b"[" * 100_000, b'{"max": -1}', b" " * 1_000_000):
+        res = httpx.post(url, content=raw, headers=json_header, timeout=20)
+        assert res.status_code == 401, (raw[:20], res.text)
+    # with the token: a body nested past any parser's depth is a 422 naming the body, not a 400
+    auth = {"Authorization": f"Bearer {token}", **json_header}
+    res = httpx.post(url, content=b"[" * 100_000, headers=auth, timeout=20)
+    assert res.status_code == 422 and "body" in res.json()["detail"], res.text
+    # and no body at all takes the documented defaults (max 1, wait_seconds 0)
+    assert httpx.post(url, headers={"Authorization": f"Bearer {token}"}, timeout=20).status_code == 204
