@@ -15,6 +15,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from dispatcher import fds
+
 
 class Verdict(StrEnum):
     ACCEPTED = "accepted"  # 2xx: the slot stays busy until the callback
@@ -22,6 +24,7 @@ class Verdict(StrEnum):
     FAILED = "failed"  # final: 400/413/422 (about the job), or {"status": "failed"}
     REFUSED = "refused"  # other 4xx, 501: about the GPU (URL, token, method); the job waits again
     RETRY = "retry"  # the attempt failed: 5xx, 408, 429, connection refused; free the slot, try again
+    NOT_SENT = "not_sent"  # this process could not send it (out of file descriptors): waits again, no attempt
     UNKNOWN = "unknown"  # sent but no answer (timeout, dropped connection): the lease decides
 
 
@@ -54,11 +57,17 @@ class GpuClient:
         self._headers = {"Content-Type": "application/json"}
         if bearer_token:
             self._headers["Authorization"] = f"Bearer {bearer_token}"
-        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout, sock_read=request_timeout)
+        # sock_connect, not connect: a wait for a free connection of the pool (its limit, ``fds.outbound``) is
+        # no failure of the GPU, and must not take it out of rotation.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=request_timeout
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
+        connector = aiohttp.TCPConnector(
+            limit=fds.outbound(fds.soft_limit()), limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode()
         )
@@ -79,14 +88,8 @@ class GpuClient:
                 return await self._answer(resp)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
-        except aiohttp.ClientConnectorError as exc:
-            ours = exc.os_error.errno in _OUR_LIMITS
-            return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=not ours)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno in _OUR_LIMITS:  # never sent: our limit, not the GPU
-                return Answer(Verdict.RETRY, error=f"not sent: {exc}", unhealthy=False)
-            # The request may have reached the GPU: only its callback or the lease can tell.
-            return Answer(Verdict.UNKNOWN, error=f"no answer: {type(exc).__name__}: {exc}", unhealthy=True)
+            return _failed(exc)
 
     async def _answer(self, resp: aiohttp.ClientResponse) -> Answer:
         data, whole = await self._read_capped(resp)
@@ -138,6 +141,18 @@ class GpuClient:
                 return probe_ok(r.status), f"probe answered {r.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return False, f"probe failed: {type(exc).__name__}: {exc}"
+
+
+def _failed(exc: Exception) -> Answer:
+    """What a request that raised ``exc`` (no HTTP answer) means for its attempt."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    if isinstance(cause, OSError) and cause.errno in _OUR_LIMITS:
+        # Never sent: this process's limit, neither the GPU's fault nor the job's.
+        return Answer(Verdict.NOT_SENT, error=f"not sent: {exc}", unhealthy=False)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=True)
+    # The request may have reached the GPU: only its callback or the lease can tell.
+    return Answer(Verdict.UNKNOWN, error=f"no answer: {type(exc).__name__}: {exc}", unhealthy=True)
 
 
 #: Answers that are about the job itself: retrying it cannot help.

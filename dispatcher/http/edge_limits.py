@@ -12,7 +12,7 @@ healthy GPU out of rotation. So:
   new one is answered 503 and closed at once. A response being streamed (event streams) is not a read: no
   deadline applies to it.
 - ``raise_open_files``: the soft RLIMIT_NOFILE is raised to the hard limit at start, and the connection cap
-  lowered to what the limit leaves after a reserve for Redis, the database and GPU requests.
+  lowered to what the limit leaves after GPU requests, Redis and the database (``dispatcher/fds.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from dispatcher import fds
 from dispatcher.errors import Unavailable, from_status, raw_http
 
 log = logging.getLogger("gpuq.http")
@@ -31,10 +32,6 @@ log = logging.getLogger("gpuq.http")
 #: A request body arriving at least this fast is not cut off by the read deadline (Apache's mod_reqtimeout
 #: uses 500 bytes/s): a slowloris trickle is far below it, a slow link far above.
 MIN_BODY_BYTES_PER_SECOND = 1024
-
-#: File descriptors kept for everything but inbound connections: Redis and database pools, GPU requests
-#: (one per busy slot), log files, the listening socket.
-FD_RESERVE = 512
 
 _408 = raw_http(from_status(408, "the request was not received in time (slow)"), "Request Timeout")
 _503 = raw_http(
@@ -54,7 +51,7 @@ def raise_open_files(wanted_connections: int) -> int:
             log.warning(
                 "could not raise the open-file limit", extra={"action": "fd_limit", "error": str(exc)}
             )
-    room = max(soft - FD_RESERVE, 16)
+    room = fds.inbound(soft)  # what GPU requests and the stores leave (dispatcher/fds.py)
     if room < wanted_connections:
         log.warning(
             "open-file limit too low for HTTP_MAX_CONNECTIONS; serving fewer connections",

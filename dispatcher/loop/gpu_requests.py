@@ -41,6 +41,9 @@ _VERDICT_OUTCOME = {
     Verdict.FAILED: Outcome.FAILED,
     Verdict.RETRY: Outcome.FAILED_RETRY,
     Verdict.REFUSED: Outcome.GPU_REFUSED,
+    # Out of file descriptors here: an attempt used for it failed jobs that never reached a GPU (three in a
+    # row at MAX_ATTEMPTS=3). Given back, as for a GPU that refused, and the job waits again.
+    Verdict.NOT_SENT: Outcome.GPU_REFUSED,
 }
 
 
@@ -52,6 +55,7 @@ class GpuRequests:
         self._suspect: set[str] = set()  # GPUs this process counted failures for
         self._sent: OrderedDict[tuple[str, int], str] = OrderedDict()  # -> the attempt's pool
         self._posting: set[tuple[str, int]] = set()  # requests not answered yet
+        self._not_sent = 0  # requests this process could not send (its own limits), for a rate-limited log
 
     def posting(self, task_id: str, attempt: int) -> bool:
         """Is this process's request for the attempt still on its way? (A cancel must not overtake it.)"""
@@ -178,6 +182,14 @@ class GpuRequests:
         elif p.gpu_id in self._suspect and answer.status is not None:  # the GPU answered (not our EMFILE)
             self._suspect.discard(p.gpu_id)
             await self.rt.db(record_success, gpu_id=p.gpu_id)
+        if answer.verdict is Verdict.NOT_SENT:
+            self._not_sent += 1
+            if self._not_sent % 100 == 1:  # one line per hundred: an exhausted process must not flood its log
+                log.error(
+                    "GPU request not sent: this process is out of file descriptors (raise `ulimit -n`, or"
+                    " lower HTTP_MAX_CONNECTIONS); the job waits again without using an attempt",
+                    extra=_about(p, answer, "gpu_not_sent", not_sent=self._not_sent),
+                )
         if answer.verdict is Verdict.REFUSED:
             log.warning(
                 "GPU refused the request (check its URL and BEARER_TOKEN); the job waits again",
