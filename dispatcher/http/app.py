@@ -37,6 +37,7 @@ from dispatcher.http.agent_api import router as agent_router
 from dispatcher.http.callback import router as callback_router
 from dispatcher.http.cancel_api import router as cancel_router
 from dispatcher.http.dashboard import router as dashboard_router
+from dispatcher.http.edge_limits import BODIES, BUSY
 from dispatcher.http.openai_api import router as openai_router
 from dispatcher.http.openai_shapes import OpenAIRoute, openai_body
 from dispatcher.http.routes import api_auth, router
@@ -58,10 +59,18 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"body larger than {limit} bytes")
 
 
+class _Busy(HTTPException):
+    """The bodies in memory passed their budget while the app was reading this one (``BODIES``)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, BUSY.detail)
+
+
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413 before reading them into memory: at once when the
     Content-Length says so, else (chunked transfer encoding) as soon as the bytes received pass the limit;
-    the app behind never gets more than ``limit`` bytes."""
+    the app behind never gets more than ``limit`` bytes. Bodies held past the process's budget
+    (``edge_limits.BODIES``) are answered 503."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
@@ -86,9 +95,12 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
+                size = received + len(message.get("body", b""))
+                if size > self.limit:
                     raise _TooLarge(self.limit)
+                if not BODIES.grow(received, size):
+                    raise _Busy()
+                received = size
             return message
 
         async def tracked_send(message: dict[str, Any]) -> None:
@@ -101,6 +113,12 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await too_large(scope, receive, send)
+        except _Busy:
+            if not started:
+                status, body, headers = answer(BUSY)
+                await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)
+        finally:
+            BODIES.release(received)
 
 
 def create_app(

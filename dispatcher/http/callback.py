@@ -35,6 +35,7 @@ from dispatcher.errors import (
     validation_error,
 )
 from dispatcher.gpus.tokens import token_shaped, verify_token
+from dispatcher.http.edge_limits import BODIES, BUSY
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.task_events import encode
 from dispatcher.states import Outcome
@@ -241,21 +242,32 @@ class CallbackFastPath:
             await _send(send, *_UNAUTHORIZED)
             return
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await _send(send, *answer(TooLarge(f"body larger than {self.max_body} bytes")))
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunk = message.get("body", b"")
+                if size + len(chunk) > self.max_body:
+                    await _send(send, *answer(TooLarge(f"body larger than {self.max_body} bytes")))
+                    return
+                if not BODIES.grow(size, size + len(chunk)):
+                    await _send(send, *answer(BUSY))
+                    return
+                size += len(chunk)
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            await self._handle(b"".join(chunks), authorization, send)
+        finally:
+            BODIES.release(size)
+
+    async def _handle(
+        self, raw: bytes, authorization: str | None, send: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
         d: Dispatcher = self.app.state.dispatcher
         try:
-            status, body, headers = await handle(d, b"".join(chunks), authorization)
+            status, body, headers = await handle(d, raw, authorization)
         except STORE_ERRORS as exc:
             log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
             status, body, headers = answer(Unavailable(STORE_DOWN))

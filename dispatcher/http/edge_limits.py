@@ -33,6 +33,49 @@ log = logging.getLogger("gpuq.http")
 #: uses 500 bytes/s): a slowloris trickle is far below it, a slow link far above.
 MIN_BODY_BYTES_PER_SECOND = 1024
 
+#: Every request body may hold this much in memory whatever else is held (a callback, a poll, an API call).
+FREE_BODY_BYTES = 64 * 1024
+#: Bytes past each body's first FREE_BODY_BYTES held at once by all requests together. Unauthenticated
+#: callbacks trickling 8 MiB bodies on 150 connections took the process from 257 MB to 1.25 GB (an outside
+#: attack; HTTP_MAX_CONNECTIONS of them would be ~32 GiB): past this, a body is answered 503 (a GPU retries
+#: its callback), and small bodies, such as most callbacks, are never held back.
+BODY_BUDGET_BYTES = 256 * 1024 * 1024
+
+
+class BodyBudget:
+    """The bytes of request bodies held past their first FREE_BODY_BYTES, process-wide (one event loop)."""
+
+    def __init__(self, total: int = BODY_BUDGET_BYTES) -> None:
+        self.total = total
+        self.held = 0
+        self.refused = 0  # bodies refused for it, for the log and tests
+
+    def grow(self, before: int, after: int) -> bool:
+        """A body grew from ``before`` to ``after`` bytes: take what it holds past the free part, or False
+        (nothing taken) when that would pass the budget."""
+        more = max(0, after - FREE_BODY_BYTES) - max(0, before - FREE_BODY_BYTES)
+        if self.held + more > self.total:
+            self.refused += 1
+            if self.refused % 100 == 1:
+                log.warning(
+                    "too many large request bodies in memory; refusing",
+                    extra={"action": "body_budget", "held": self.held, "refused": self.refused},
+                )
+            return False
+        self.held += more
+        return True
+
+    def release(self, size: int) -> None:
+        """A body of ``size`` bytes is no longer held."""
+        self.held -= max(0, size - FREE_BODY_BYTES)
+
+
+BODIES = BodyBudget()
+BUSY = Unavailable(
+    "too many large request bodies in flight; try again",
+    headers={"Retry-After": "1", "Connection": "close"},  # the rest of the body is not read
+)
+
 _408 = raw_http(from_status(408, "the request was not received in time (slow)"), "Request Timeout")
 _503 = raw_http(
     Unavailable("too many open connections; try again", headers={"Retry-After": "1"}), "Service Unavailable"

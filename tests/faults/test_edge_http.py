@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dispatcher.http import edge_limits
 from tests.dispatcher.harness import DispatcherProc
 from tests.dispatcher.helpers import wait_for
 
@@ -138,3 +139,37 @@ def _soft_nofile(pid: int) -> int:
         if line.startswith("Max open files"):
             return int(line.split()[3])
     raise AssertionError("no open-file limit in /proc")
+
+
+def test_large_bodies_held_at_once_are_bounded_and_small_callbacks_still_pass(stack, monkeypatch):
+    """Forged callbacks trickling 8 MiB bodies on 150 connections took the process from 257 MB to 1.25 GB
+    (an outside attack): a body is read whole before its token can be checked. Bodies past their first
+    64 KiB now share a budget; past it they are answered 503, and small bodies are never held back."""
+    monkeypatch.setattr(edge_limits.BODIES, "total", 1024 * 1024)  # the dispatcher runs in this process
+    d = stack.dispatcher(None)
+    head = SLOW_BODY.split(b"Content-Length")[0] + b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"x" * 65536
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    # GIVEN a forged callback holding about 960 KiB of body, then pausing
+    big = _connect(d, head)
+    for _ in range(15):
+        big.sendall(framed)
+    wait_for(lambda: edge_limits.BODIES.held > 800 * 1024, timeout=10, what="the big body held")
+    # WHEN a small callback comes meanwhile, THEN it is answered as ever (401: its token is forged)
+    small = httpx.post(
+        f"{d.url}/callback",
+        json={"task_id": "t", "status": "finished"},
+        headers={"Authorization": "Bearer 1." + "A" * 43},
+        timeout=20,
+    )
+    assert small.status_code == 401, small.text
+    # AND a second large body is refused once the budget is spent, with a Retry-After
+    other = _connect(d, head)
+    with contextlib.suppress(OSError):
+        for _ in range(8):
+            other.sendall(framed)
+    answer = _answer(other)
+    assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer[:200]
+    # AND what it held is given back: the first body may go on (503 too once past the budget), nothing leaks
+    big.close()
+    wait_for(lambda: edge_limits.BODIES.held == 0, timeout=10, what="the bodies' bytes given back")
