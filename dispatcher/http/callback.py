@@ -13,6 +13,7 @@ import itertools
 import logging
 import operator
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from dispatcher.db.engine import StoreUnavailable
 from dispatcher.errors import (
     STORE_DOWN,
     STORE_ERRORS,
@@ -270,6 +272,10 @@ class CallbackFastPath:
             status, body, headers = await handle(d, raw, authorization)
         except STORE_ERRORS as exc:
             log.warning("store unavailable", extra={"action": "http_503", "error": str(exc)})
+            d.rt.store_failed = (
+                time.monotonic(),
+                "database" if isinstance(exc, StoreUnavailable) else "redis",
+            )
             status, body, headers = answer(Unavailable(STORE_DOWN))
         except Exception:
             log.exception("callback failed", extra={"action": "http_500"})

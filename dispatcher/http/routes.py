@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request
@@ -132,6 +133,10 @@ async def healthz(d: D) -> JSONResponse:
     return JSONResponse({"status": "ok", "dispatcher_id": d.settings.dispatcher_id})
 
 
+#: How long /readyz says not ready after a callback found a store failing.
+STORE_TROUBLE_SECONDS = 5.0
+
+
 @router.get(
     "/readyz", responses={503: {"model": NotReady, "description": "Redis or the database is unreachable"}}
 )
@@ -149,10 +154,13 @@ async def readyz(d: D, hub: H) -> JSONResponse:
     except (StoreUnavailable, OSError) as exc:
         problems["database"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "database", "error": str(exc)})
+    at, store = d.rt.store_failed
+    if store and store not in problems and time.monotonic() - at < STORE_TROUBLE_SECONDS:
+        problems[store] = "failing callbacks"  # reachable from here, not from where callbacks need it
     if problems:
-        down = " and ".join(problems)
+        down = " and ".join(f"{store} {what}" for store, what in problems.items())
         extra = {"status": "not ready", "problems": problems | d.warnings}
-        raise Unavailable(f"not ready: {down} unreachable", code="not_ready", extra=extra)
+        raise Unavailable(f"not ready: {down}", code="not_ready", extra=extra)
     # A setting that is wrong but leaves this process working (SLOTS_PER_GPU unlike the fleet's): ready.
     return JSONResponse({"status": "ready", "problems": d.warnings} if d.warnings else {"status": "ready"})
 

@@ -72,6 +72,11 @@ class Runtime:
     #: What is wrong but does not stop this process (found at start; ``/readyz`` lists it).
     warnings: dict[str, str] = field(default_factory=dict)
     fatal: BaseException | None = None
+    # When a callback last found a store failing (monotonic; 0: never), and which: /readyz says not ready
+    # for a while after it. Its own ``SELECT 1`` runs on a pooled connection that may still work while the
+    # callbacks' cannot get one (the database's max_connections reached: an outside attack saw /readyz
+    # answer 200 while every callback here got 503).
+    store_failed: tuple[float, str] = (0.0, "")
     on_fatal: Callable[[], None] | None = None
     inflight: set[asyncio.Task[None]] = field(default_factory=set)  # owned background work
     side: set[asyncio.Task[None]] = field(default_factory=set)  # tasks that must not end while running

@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from dispatcher.db.engine import StoreUnavailable
 from dispatcher.gpus.tokens import make_token
 from dispatcher.http import callback
 from dispatcher.metrics import Metrics
@@ -86,6 +87,32 @@ def test_readyz_names_the_store_that_is_down_without_its_error(stack):
         assert str(private.port) not in res.text
     finally:
         private.close()
+
+
+def test_readyz_says_not_ready_while_callbacks_here_find_the_database_failing(stack, monkeypatch):
+    """An outside attack filled the database's max_connections: every callback to one dispatcher got 503
+    while its /readyz, whose SELECT 1 ran on a connection already open, said ready to the load balancer."""
+    d = stack.dispatcher(None)
+    assert httpx.get(f"{d.url}/readyz", timeout=30).status_code == 200
+
+    async def no_connection(*_args: Any, **_kw: Any) -> Any:
+        raise StoreUnavailable("(1040, 'Too many connections')")
+
+    # GIVEN the callbacks' way to the database failing, while /readyz's own connection still works
+    monkeypatch.setattr(d.dispatcher.ends, "end_attempt", no_connection)
+    token = make_token(SECRET.encode(), "t-1", 1)
+    res = httpx.post(
+        f"{d.url}/callback",
+        json={"task_id": "t-1", "status": "finished"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert res.status_code == 503
+    # THEN /readyz says not ready, naming the store, not its error
+    res = httpx.get(f"{d.url}/readyz", timeout=30)
+    assert res.status_code == 503
+    assert res.json()["problems"] == {"database": "failing callbacks"}
+    assert "1040" not in res.text
 
 
 @pytest.mark.slow  # 3 s on a loaded 2-core machine (make test-fast stays under a minute)
