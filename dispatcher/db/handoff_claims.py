@@ -9,8 +9,8 @@ as one query (``db/pipeline.py``), none depending on an answer the client must r
 2. ``INSERT INTO tasks … SELECT`` of the proposed jobs joined to the slots the claim gave them (ours, claimed
    at this transaction's ``now``): a job whose claim lost (another dispatcher took a free slot first) gets no
    row, so nothing is recorded for it, exactly as ``dispatch`` does;
-3. the free of the slots the ended attempts still hold, when a slot of theirs got no proposal (a slot handed
-   off holds its new job by then; one proposed always goes: it holds a task this transaction ended);
+3. the free of the slots the ended attempts still hold after the claim: those no job was proposed for, and
+   those whose claim failed (a slot handed off holds its new job by then, untouched);
 4. which jobs got a slot (read, as ``claimed_of`` does, only to tell the caller);
 5. COMMIT, when the caller's transaction allows it (the hot thread's, where nothing follows: ``may_commit``).
 
@@ -105,8 +105,11 @@ def place_fresh(
             conn, picks=picks, now=now, lease=lease, dispatcher_id=dispatcher_id, takeover=ending
         )
         statements += [(claim, params), _insert_won(rows, dispatcher_id, max_attempts, now)]
-    taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for _, _, p in proposals)
-    if taken_over < seen.ending_total:  # slots no job is proposed for (no candidate, GPU drained, ...)
+    if ending:
+        # Every slot an ended attempt still holds after the claim: one no job was proposed for (no candidate,
+        # a drained GPU), and one whose claim failed (its GPU's URL changed since the snapshot: a proposal is
+        # not a win). Counting proposals left such a slot held by a finished task for good (an outside
+        # review). A slot taken over holds its new task by now, which this does not touch.
         statements.append((FREE_MANY, {"ids": ending}))
     if proposals:
         statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))

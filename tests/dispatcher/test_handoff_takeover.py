@@ -14,12 +14,15 @@ import pytest
 from sqlalchemy import Engine, event, text
 
 from dispatcher.db.attempts import slot_drift
-from dispatcher.db.engine import transaction
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import update_gpu
+from dispatcher.db.pipeline import hot_engine
 from dispatcher.loop.core import Dispatcher
 from dispatcher.testing import settle
-from tests.dispatcher.helpers import add_gpu
+from tests.dispatcher.helpers import add_gpu, finished, fleet_engine, hand_off, start
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
 
+_CLAIMING = "SET t.task_id = c.task_id"
 _FREEING = "SET task_id = NULL"
 
 
@@ -44,6 +47,16 @@ class Statements:
     def frees(self) -> int:
         return sum(_FREEING in s for s in self.sql)
 
+    def frees_before_the_claim(self) -> int:
+        """Frees sent before the claim that takes the slot over (one after it, for ended slots that are
+        still held once the claim ran, touches no slot the claim took)."""
+        out = 0
+        for s in self.sql:
+            if _FREEING in s:
+                claim = s.find(_CLAIMING)
+                out += claim < 0 or s.index(_FREEING) < claim
+        return out
+
 
 def _busy(w: World) -> dict[tuple[str, int], str | None]:
     with w.engine.connect() as conn:
@@ -63,7 +76,7 @@ def test_a_freed_slot_goes_to_the_next_job_without_being_freed_first(w: World) -
         with Statements(d.rt.hot.own_engine) as st:
             assert await finish(d, ids[1]) == "applied"
         assert _busy(w)[slot] == ids[3]  # the same slot, straight from ids[1] to ids[3]
-        assert st.frees() == 0, st.sql
+        assert st.frees_before_the_claim() == 0, st.sql
         assert w.rows()[ids[3]].started_at == w.rows()[ids[1]].finished_at  # one transaction
         assert transaction(w.engine, slot_drift) == []
         await settle(d)
@@ -133,3 +146,33 @@ def test_the_receiver_refills_the_slot_itself_and_wakes_nobody_and_wakes_others_
         assert sent == ["slot"]
 
     run(w, w.settings(["g0"], handoff_buffer=1), body)
+
+
+def test_a_takeover_claim_that_fails_still_frees_the_ended_attempts_slot(database_url):
+    """A GPU's URL changed between the hand-off's snapshot and its claim: the claim (made for the old URL)
+    fails, and the ended attempt's slot was left held by a finished task for good (an outside review: the
+    free counted proposals, not wins). The slot is free for the next job."""
+    engine = fleet_engine(database_url, {"g0": 1})
+    start(engine, ["a"])
+    hot = hot_engine(engine, pool_size=1)
+    changed: list[str] = []
+    conn = hot.connect()
+
+    @event.listens_for(conn, "before_cursor_execute")
+    def url_changes_meanwhile(_c: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if (
+            "g.url = c.url" in statement and not changed
+        ):  # the claim goes out: `gpuq gpu set --url` just committed
+            changed.append(statement)
+            transaction(engine, update_gpu, gpu_id="g0", url="http://127.0.0.1:2/g0", now=utcnow())
+
+    with conn.begin():
+        out = hand_off(conn, [finished("a")], ["b"])
+    conn.close()
+    hot.dispose()
+    assert changed and out.result is not None
+    assert out.result.placed == [] and [j.task_id for j, _ in out.result.unplaced] == ["b"]
+    with engine.connect() as c:
+        assert c.execute(text("SELECT task_id FROM slots WHERE gpu_id = 'g0'")).scalar() is None
+        assert transaction(engine, slot_drift) == []
+    engine.dispose()
