@@ -89,6 +89,12 @@ def claim_slots(
     return claimed_of(conn, conn.execute(claim, params).rowcount, ids, dispatcher_id=dispatcher_id, now=now)
 
 
+_SAME_URL = " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
+_SAME_URL_MYSQL = (
+    " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND BINARY g.url = BINARY c.url)"
+)
+
+
 def claim_statement(
     conn: Connection,
     *,
@@ -112,7 +118,9 @@ def claim_statement(
     derived, params, stamps = _rows(ordered, columns)
     where = "(t.task_id IS NULL OR t.task_id IN :takeover)" if takeover else "t.task_id IS NULL"
     if guarded:
-        where += " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
+        # Byte for byte: MariaDB's collation of ``url`` ignores case and trailing spaces, and a URL changed
+        # only in those would still be taken for the old one (the case of its path matters to the service).
+        where += _SAME_URL_MYSQL if conn.dialect.name in ("mysql", "mariadb") else _SAME_URL
     sql = _update_join(
         conn,
         table="slots",

@@ -8,6 +8,7 @@ import threading
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, text
 
 from dispatcher.db.agents import Poll, poll, register_pull, take_back_unfetched
@@ -130,18 +131,30 @@ def test_a_gpu_made_pull_while_a_placement_commits_leaves_that_job_to_its_servic
     engine.dispose()
 
 
-def test_a_placement_whose_snapshot_predates_a_change_of_kind_claims_nothing(any_database_url):
+@pytest.mark.parametrize("change", ["pull", "case", "trailing space"])
+def test_a_placement_whose_snapshot_predates_a_change_of_url_claims_nothing(
+    any_database_url: str, change: str
+) -> None:
     # GIVEN a dispatcher's snapshot of pushed GPU g0 with a free slot
     engine = fleet_engine(any_database_url, {"g0": 1})
     seen = transaction(engine, snapshot)
     assert [g.gpu_id for g in seen] == ["g0"]
-    # WHEN g0 becomes a pull GPU before the placement's claim
-    assert transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=1, now=utcnow())
+    # WHEN g0 becomes a pull GPU, or gets a URL that differs only in case or a trailing space (MariaDB's
+    # collation would call those equal), before the placement's claim
+    if change == "pull":
+        assert transaction(engine, register_pull, gpu_id="g0", pool="default", slot_count=1, now=utcnow())
+    else:
+        url = seen[0].url.replace("/g0", "/G0") if change == "case" else seen[0].url + " "
+        assert transaction(engine, update_gpu, gpu_id="g0", url=url, now=utcnow())
+        seen = [g for g in seen if g.gpu_id == "g0"]  # the stale view, with the old URL
     job = make_job("t", data={"n": 1})
     res = place(engine, [job], view=seen)
-    # THEN the claim made for the old URL takes nothing (a POST to the service and the agent's fetch would
-    # both run it); the job waits for a GPU that takes it
-    assert res.placed == [] and [j.task_id for j, _ in res.unplaced] == [job.task_id]
+    # THEN the claim made for the old URL takes nothing: a job placed at all is placed from a fresh look, to
+    # the URL the GPU has now (a pull GPU has no agent yet: none), never POSTed to the old one
+    with engine.connect() as conn:
+        now_url = conn.execute(text("SELECT url FROM gpus WHERE gpu_id = 'g0'")).scalar_one()
+    assert [p.url for p in res.placed] == ([] if change == "pull" else [now_url])
+    assert change != "pull" or [j.task_id for j, _ in res.unplaced] == [job.task_id]
     engine.dispose()
 
 
