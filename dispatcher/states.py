@@ -49,3 +49,4 @@ class Outcome(StrEnum):
     EXPIRED = "lease_expired"
     CANCELLED = "cancelled"
     GPU_REFUSED = "gpu_refused"  # 401/403/404/405/501...: about the GPU; waits again, no attempt used
+    NOT_SENT = "not_sent"  # this process could not send it (out of file descriptors): no attempt used

@@ -103,6 +103,7 @@ _FINAL_STATE = {
     Outcome.EXPIRED: TaskState.FAILED,
     Outcome.CANCELLED: TaskState.CANCELLED,
     Outcome.GPU_REFUSED: TaskState.FAILED,  # never reached: a refused attempt always waits again
+    Outcome.NOT_SENT: TaskState.FAILED,  # never reached: as a refused attempt
 }
 
 
@@ -117,10 +118,12 @@ def _params(
     error: str | None,
     reported: str | None,
 ) -> dict[str, Any]:
-    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED, Outcome.GPU_REFUSED)
+    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED, Outcome.GPU_REFUSED, Outcome.NOT_SENT)
     # A GPU that refused the request (wrong URL, token, method) says nothing about the job: the attempt is
     # given back (one more allowed) and the job waits again at once (_retry_at), for a GPU that takes it.
-    refund = outcome is Outcome.GPU_REFUSED
+    # A request this process could not send is given back too, but waits its backoff (_retry_at): nothing
+    # takes a GPU out of rotation for it, and at once it went round four times a second per job.
+    refund = outcome in (Outcome.GPU_REFUSED, Outcome.NOT_SENT)
     return {
         "task_id": task_id,
         "attempt": attempt,
@@ -208,17 +211,22 @@ def finish_attempt(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
     state = params["final"]
-    at = _retry_at(task_id, attempt, now, backoff, refund=bool(params["refund"]))
+    at = _retry_at(task_id, attempt, now, backoff, outcome=outcome)
     if retry and conn.execute(_RUN_AFTER, at).rowcount == 1:
         state = TaskState.RETRYING.value
     return Finish("applied", str(state), freed)
 
 
 def _retry_at(
-    task_id: str, attempt: int, now: datetime, backoff: Backoff, *, refund: bool = False
+    task_id: str, attempt: int, now: datetime, backoff: Backoff, *, outcome: Outcome
 ) -> dict[str, Any]:
-    """When a retrying task is due again: after its backoff, or at once for a refunded attempt."""
-    delay = 0.0 if refund else backoff.delay(attempt)
+    """When a retrying task is due again: after its backoff, or at once for an attempt a GPU refused. A
+    request not sent waits the first backoff step whatever its attempt: its number grows with each round,
+    and says nothing of how long to wait."""
+    if outcome is Outcome.GPU_REFUSED:
+        delay = 0.0
+    else:
+        delay = backoff.delay(1 if outcome is Outcome.NOT_SENT else attempt)
     return {"task_id": task_id, "run_after": now + timedelta(seconds=delay)}
 
 
@@ -246,8 +254,8 @@ def finish_many(
             applied.setdefault(item["outcome"], []).append(item["task_id"])
             results.append(Finish("applied", row.state if row is not None else p["final"], True))
             if row is not None and row.state == TaskState.RETRYING:
-                refund = bool(p["refund"])
-                retrying.append(_retry_at(item["task_id"], item["attempt"], now, backoff, refund=refund))
+                outcome = item["outcome"]
+                retrying.append(_retry_at(item["task_id"], item["attempt"], now, backoff, outcome=outcome))
         else:
             results.append(_classify(row, item["attempt"], item["reported"]))
     if retrying:

@@ -42,8 +42,8 @@ _VERDICT_OUTCOME = {
     Verdict.RETRY: Outcome.FAILED_RETRY,
     Verdict.REFUSED: Outcome.GPU_REFUSED,
     # Out of file descriptors here: an attempt used for it failed jobs that never reached a GPU (three in a
-    # row at MAX_ATTEMPTS=3). Given back, as for a GPU that refused, and the job waits again.
-    Verdict.NOT_SENT: Outcome.GPU_REFUSED,
+    # row at MAX_ATTEMPTS=3). Given back, as for a GPU that refused; the job waits its backoff, then again.
+    Verdict.NOT_SENT: Outcome.NOT_SENT,
 }
 
 

@@ -41,12 +41,18 @@ def test_a_request_not_sent_for_our_own_limits_waits_again_without_using_an_atte
     run(w, w.settings(["g0"], max_attempts=1), body)
     # THEN the task waits again with its attempt given back, its slot freed, and g0 still in rotation
     with w.engine.connect() as conn:
-        state, max_attempts = conn.execute(
-            text("SELECT state, max_attempts FROM tasks WHERE task_id = :t"), {"t": task_id}
+        state, max_attempts, run_after, updated_at = conn.execute(
+            text("SELECT state, max_attempts, run_after, updated_at FROM tasks WHERE task_id = :t"),
+            {"t": task_id},
         ).one()
+        outcome = conn.execute(
+            text("SELECT outcome FROM attempts WHERE task_id = :t"), {"t": task_id}
+        ).scalar()
         healthy, failures = conn.execute(
             text("SELECT healthy, consecutive_failures FROM gpus WHERE gpu_id = 'g0'")
         ).one()
         held = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar()
-    assert (state, max_attempts, held) == ("retrying", 2, 0)
+    assert (state, max_attempts, held, outcome) == ("retrying", 2, 0, "not_sent")
+    # and not due again at once (as a GPU's refusal is): nothing bounds these rounds but the backoff
+    assert run_after > updated_at
     assert (bool(healthy), failures) == (True, 0)
