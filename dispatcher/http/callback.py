@@ -37,7 +37,7 @@ from dispatcher.errors import (
     validation_error,
 )
 from dispatcher.gpus.tokens import token_shaped, verify_token
-from dispatcher.http.edge_limits import BODIES, BUSY
+from dispatcher.http.edge_limits import BUSY, CALLBACK_BODIES
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.task_events import encode
 from dispatcher.states import Outcome
@@ -253,7 +253,7 @@ class CallbackFastPath:
                 if size + len(chunk) > self.max_body:
                     await _send(send, *answer(TooLarge(f"body larger than {self.max_body} bytes")))
                     return
-                if not BODIES.grow(size, size + len(chunk)):
+                if not CALLBACK_BODIES.grow(size, size + len(chunk)):
                     await _send(send, *answer(BUSY))
                     return
                 size += len(chunk)
@@ -262,7 +262,7 @@ class CallbackFastPath:
                     break
             await self._handle(b"".join(chunks), authorization, send)
         finally:
-            BODIES.release(size)
+            CALLBACK_BODIES.release(size)
 
     async def _handle(
         self, raw: bytes, authorization: str | None, send: Callable[[dict[str, Any]], Awaitable[None]]

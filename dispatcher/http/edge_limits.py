@@ -70,7 +70,11 @@ class BodyBudget:
         self.held -= max(0, size - FREE_BODY_BYTES)
 
 
+#: One budget for the GPUs' callbacks, one for everything else: API requests hold their bodies while they wait
+#: (``/v1/embeddings`` up to 30 s), and those filled a shared budget until a GPU's result got 503 after 503
+#: and was lost (an outside review). Forged callbacks can still fill the callbacks' own.
 BODIES = BodyBudget()
+CALLBACK_BODIES = BodyBudget()
 BUSY = Unavailable(
     "too many large request bodies in flight; try again",
     headers={"Retry-After": "1", "Connection": "close"},  # the rest of the body is not read

@@ -145,7 +145,9 @@ def test_large_bodies_held_at_once_are_bounded_and_small_callbacks_still_pass(st
     """Forged callbacks trickling 8 MiB bodies on 150 connections took the process from 257 MB to 1.25 GB
     (an outside attack): a body is read whole before its token can be checked. Bodies past their first
     64 KiB now share a budget; past it they are answered 503, and small bodies are never held back."""
-    monkeypatch.setattr(edge_limits.BODIES, "total", 1024 * 1024)  # the dispatcher runs in this process
+    budget = edge_limits.CALLBACK_BODIES
+    monkeypatch.setattr(budget, "total", 1024 * 1024)  # the dispatcher runs in this process
+    monkeypatch.setattr(edge_limits.BODIES, "total", 0)  # the API's bodies have a budget of their own
     d = stack.dispatcher(None)
     head = SLOW_BODY.split(b"Content-Length")[0] + b"Transfer-Encoding: chunked\r\n\r\n"
     chunk = b"x" * 65536
@@ -154,7 +156,7 @@ def test_large_bodies_held_at_once_are_bounded_and_small_callbacks_still_pass(st
     big = _connect(d, head)
     for _ in range(15):
         big.sendall(framed)
-    wait_for(lambda: edge_limits.BODIES.held > 800 * 1024, timeout=10, what="the big body held")
+    wait_for(lambda: budget.held > 800 * 1024, timeout=10, what="the big body held")
     # WHEN a small callback comes meanwhile, THEN it is answered as ever (401: its token is forged)
     small = httpx.post(
         f"{d.url}/callback",
@@ -172,4 +174,4 @@ def test_large_bodies_held_at_once_are_bounded_and_small_callbacks_still_pass(st
     assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer[:200]
     # AND what it held is given back: the first body may go on (503 too once past the budget), nothing leaks
     big.close()
-    wait_for(lambda: edge_limits.BODIES.held == 0, timeout=10, what="the bodies' bytes given back")
+    wait_for(lambda: budget.held == 0, timeout=10, what="the bodies' bytes given back")
