@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, create_engine, event, select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from dispatcher.db.migrations import add_missing
+from dispatcher.db.migrations import add_missing, settle_seed_rows
 from dispatcher.db.schema import SCHEMA_VERSION, metadata, schema_version
 
 log = logging.getLogger("gpuq.db")
@@ -157,6 +157,7 @@ def init_schema(engine: Engine) -> None:
         try:
             add_missing(conn)  # tables of an earlier version: their new columns (db/migrations.py)
             metadata.create_all(conn, checkfirst=True)
+            settle_seed_rows(conn)  # the replaced system's tasks in flight (db/migrations.py)
             have = conn.execute(select(schema_version.c.version)).scalars().all()
             if SCHEMA_VERSION not in have:
                 conn.execute(schema_version.insert().values(version=SCHEMA_VERSION, applied_at=utcnow()))

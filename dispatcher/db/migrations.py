@@ -38,8 +38,6 @@ def add_missing(conn: Connection) -> list[str]:
     present = set(insp.get_table_names())
     mysql = conn.dialect.name in ("mysql", "mariadb")
     added: list[str] = []
-    # The seed's table has none of gpuq's own columns: its rows were written by the system gpuq replaces.
-    seed = "tasks" in present and "created_at" not in {c["name"] for c in insp.get_columns("tasks")}
     for table in metadata.sorted_tables:
         if table.name not in present:
             continue  # create_all makes it whole
@@ -62,8 +60,6 @@ def add_missing(conn: Connection) -> list[str]:
             if index.name not in indexes:
                 conn.execute(CreateIndex(index))
                 added.append(f"{table.name}:{index.name}")
-    if seed:
-        added += settle_seed_rows(conn)
     if added:
         log.info("schema upgraded", extra={"action": "schema_upgrade", "added": added})
     return added
@@ -78,16 +74,19 @@ SEED_PROCESSING_ERROR = (
 
 
 def settle_seed_rows(conn: Connection) -> list[str]:
-    """Give the seed's rows a state gpuq acts on, once, as the seed's table is adopted. ``processing``
-    (sent to a GPU by the old dispatcher) would count in the GPU-load query forever, holding no slot, ended by
-    nothing: it becomes ``failed`` with the reason. ``pending`` (its job still in Redis) made the job's copy
-    look like a task already handled, dropped without a word: it becomes ``queued``, gpuq's state for a job
-    waiting in Redis, so the copy runs. A ``pending`` row whose job is gone stays visible as ``queued``."""
+    """Give the seed's rows a state gpuq acts on (at every start, after the tables are made: the rows tell
+    themselves apart, so an adoption interrupted between its ALTERs is finished by the next start).
+    ``processing`` with no dispatcher and no slot (sent to a GPU by the old dispatcher; gpuq records both with
+    every attempt) would count in the GPU-load query forever, ended by nothing: it becomes ``failed`` with
+    the reason. ``pending`` (a state gpuq never writes; its job still in Redis) made the job's copy look like
+    a task already handled, dropped without a word: it becomes ``queued``, gpuq's state for a job waiting in
+    Redis, so the copy runs. A ``pending`` row whose job is gone stays visible as ``queued``."""
     now = datetime.now(UTC).replace(tzinfo=None)
     failed = conn.execute(
         text(
             "UPDATE tasks SET state = 'failed', error = :error, finished_at = :now, updated_at = :now"
-            " WHERE state = 'processing'"
+            " WHERE state = 'processing' AND dispatcher_id IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.task_id = tasks.task_id)"
         ),
         {"error": SEED_PROCESSING_ERROR, "now": now},
     ).rowcount

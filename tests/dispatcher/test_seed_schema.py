@@ -163,7 +163,27 @@ def test_the_seeds_tasks_in_flight_get_states_gpuq_acts_on(database_url):
     fleet = fleet_engine(database_url, {"g0": 4})
     placed = place(fleet, [job(task_id="waiting-1")], check_existing=True)
     assert [p.job.task_id for p in placed.placed] == ["waiting-1"] and not placed.dropped
-    # and a second start changes nothing more
+    # and a second start changes nothing more: not the tasks gpuq runs now either
     with engine.begin() as conn:
         assert add_missing(conn) == []
+    init_schema(engine)
     assert transaction(engine, get_task, task_id="sent-1")["error"] == sent["error"]
+    assert transaction(engine, get_task, task_id="waiting-1")["state"] == "processing"
+
+
+def test_an_adoption_interrupted_between_its_alters_settles_the_seeds_tasks_at_the_next_start(database_url):
+    # GIVEN the seed's table, its tasks in flight, and an earlier start that died after adding one column
+    engine = create_engine(database_url)
+    with engine.begin() as conn:
+        for statement in SEED_DDL:
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(
+            "INSERT INTO tasks VALUES ('s1', 'task_queue_1', 'processing', 'start_transcribe', 'g0', 0),"
+            " ('s2', 'task_queue_1', 'pending', 'start_transcribe', NULL, NULL)"
+        )
+        conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN created_at DATETIME(6) NULL")
+    # WHEN gpuq starts on it
+    init_schema(engine)
+    # THEN the seed's tasks get their states all the same
+    assert transaction(engine, get_task, task_id="s1")["state"] == "failed"
+    assert transaction(engine, get_task, task_id="s2")["state"] == "queued"
