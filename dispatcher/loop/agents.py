@@ -142,9 +142,6 @@ class AgentHub:
                 if look.back or look.released:
                     self.signals.slot_freed()
                 first = False
-                left = deadline - time.monotonic()
-                # A draining dispatcher ends its polls (within RECHECK_SECONDS): the agents poll again,
-                # through the load balancer, at one that is not stopping.
                 if look.jobs and await gone():  # hung up while the look took them: nobody has them
                     jobs = [(j.task_id, j.attempt) for j in look.jobs]
                     await rt.db(unfetch, jobs=jobs)
@@ -153,6 +150,9 @@ class AgentHub:
                         extra={"action": "agent_unfetch", "gpu_id": gpu_id, "jobs": len(jobs)},
                     )
                     return look, []
+                left = deadline - time.monotonic()
+                # A draining dispatcher ends its polls (within RECHECK_SECONDS): the agents poll again,
+                # through the load balancer, at one that is not stopping.
                 if look.jobs or left <= 0 or max_jobs == 0 or not rt.accepting:
                     return look, [self.body(j.task_id, j.type, j.data, j.attempt) for j in look.jobs]
                 if not admitted:  # counted only once the token is known good: 429 says nothing to others
