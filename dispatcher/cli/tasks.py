@@ -14,10 +14,11 @@ from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.attempts import Backoff, cancel_task
 from dispatcher.db.engine import naive_utc, transaction, utcnow
+from dispatcher.db.known import known_rows
 from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
 from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
-from dispatcher.db.reads import get_task, known_task
+from dispatcher.db.reads import get_task
 from dispatcher.errors import STORE_ERRORS
 from dispatcher.loop.cancels import WAKE_CANCEL
 from dispatcher.queues.reprioritize import find_waiting, move_job
@@ -296,7 +297,7 @@ def _known(st: Stores, task_id: str, task_type: str, data: Any) -> bool:
     lasts a day; the database remembers longer. A database that does not answer is no reason not to push:
     the dispatcher still checks."""
     try:
-        row = transaction(st.engine, known_task, attempts=1, task_id=task_id)
+        row = transaction(st.engine, known_rows, attempts=1, task_ids=[task_id]).get(task_id)
     except _NO_ANSWER as exc:
         why = type(exc).__name__
         typer.echo(f"could not check the database for task {task_id!r} ({why}); pushing it", err=True)

@@ -11,13 +11,6 @@ from dispatcher.db.engine import iso
 from dispatcher.db.schema import attempts, tasks
 
 
-def known_task(conn: Connection, *, task_id: str) -> Any:
-    """The row of a task id (state, type, data), or None: what a new job with that id would meet."""
-    return conn.execute(
-        select(tasks.c.state, tasks.c.type, tasks.c.data).where(tasks.c.task_id == task_id)
-    ).first()
-
-
 def get_task(conn: Connection, *, task_id: str) -> dict[str, Any] | None:
     row = conn.execute(select(tasks).where(tasks.c.task_id == task_id)).first()
     if row is None:
