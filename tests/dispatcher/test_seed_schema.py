@@ -4,6 +4,7 @@ converted, its rows get readable values in gpuq's new columns, and a second star
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -30,11 +31,26 @@ SEED_DDL = [
 ]
 
 
-def test_a_seed_database_is_adopted(database_url):
+def _seed(database_url: str, in_flight: tuple[str, str] | None = None, more: list[str] | None = None) -> Any:
+    """A database made with the seed's DDL; ``in_flight``: the ids of a task its dispatcher sent to a GPU
+    (``processing`` on g0) and of one still waiting in Redis (``pending``); ``more``: statements after."""
     engine = create_engine(database_url)
     with engine.begin() as conn:
         for statement in SEED_DDL:
             conn.exec_driver_sql(statement)
+        if in_flight is not None:
+            sent, waiting = in_flight
+            conn.exec_driver_sql(
+                f"INSERT INTO tasks VALUES ('{sent}', 'task_queue_1', 'processing', 'start_transcribe', 'g0', 2),"
+                f" ('{waiting}', 'task_queue_1', 'pending', 'start_transcribe', NULL, NULL)"
+            )
+        for statement in more or []:
+            conn.exec_driver_sql(statement)
+    return engine
+
+
+def test_a_seed_database_is_adopted(database_url):
+    engine = _seed(database_url)
     # WHEN a dispatcher (or gpuq db init) starts on it
     init_schema(engine)
     # THEN the old row reads back with real times, as a task and in a listing
@@ -136,14 +152,7 @@ def test_a_gpuq_schema_made_on_a_latin1_server_starts_and_takes_any_text(databas
 
 def test_the_seeds_tasks_in_flight_get_states_gpuq_acts_on(database_url):
     # GIVEN the seed's table with a task its dispatcher sent to a GPU and one still waiting in Redis
-    engine = create_engine(database_url)
-    with engine.begin() as conn:
-        for statement in SEED_DDL:
-            conn.exec_driver_sql(statement)
-        conn.exec_driver_sql(
-            "INSERT INTO tasks VALUES ('sent-1', 'task_queue_1', 'processing', 'start_transcribe', 'g0', 2),"
-            " ('waiting-1', 'task_queue_1', 'pending', 'start_transcribe', NULL, NULL)"
-        )
+    engine = _seed(database_url, in_flight=("sent-1", "waiting-1"))
     # WHEN gpuq adopts the database
     init_schema(engine)
     # THEN the seed's GPU-load query no longer counts a task nothing will ever end
@@ -173,15 +182,11 @@ def test_the_seeds_tasks_in_flight_get_states_gpuq_acts_on(database_url):
 
 def test_an_adoption_interrupted_between_its_alters_settles_the_seeds_tasks_at_the_next_start(database_url):
     # GIVEN the seed's table, its tasks in flight, and an earlier start that died after adding one column
-    engine = create_engine(database_url)
-    with engine.begin() as conn:
-        for statement in SEED_DDL:
-            conn.exec_driver_sql(statement)
-        conn.exec_driver_sql(
-            "INSERT INTO tasks VALUES ('s1', 'task_queue_1', 'processing', 'start_transcribe', 'g0', 0),"
-            " ('s2', 'task_queue_1', 'pending', 'start_transcribe', NULL, NULL)"
-        )
-        conn.exec_driver_sql("ALTER TABLE tasks ADD COLUMN created_at DATETIME(6) NULL")
+    engine = _seed(
+        database_url,
+        in_flight=("s1", "s2"),
+        more=["ALTER TABLE tasks ADD COLUMN created_at DATETIME(6) NULL"],
+    )
     # WHEN gpuq starts on it
     init_schema(engine)
     # THEN the seed's tasks get their states all the same
