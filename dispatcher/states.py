@@ -26,6 +26,8 @@ class TaskState(StrEnum):
     RETRYING = "retrying"
     SCHEDULED = "scheduled"
     QUEUED = "queued"
+    # Recorded on a busy slot, to take it when its holder ends (db/standby.py); waiting, not yet running.
+    STANDBY = "standby"
 
 
 TERMINAL = frozenset({TaskState.FINISHED, TaskState.FAILED, TaskState.CANCELLED})

@@ -1,7 +1,7 @@
--- gpuq schema version 3, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
+-- gpuq schema version 4, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
 -- dispatcher/db/schema.py by `make schema-sql`: edit that file, not this one.
 --
--- tasks.state: processing, finished, failed, cancelled, retrying, scheduled, queued.
+-- tasks.state: processing, finished, failed, cancelled, retrying, scheduled, queued, standby.
 --   processing = holds a slot (gpu_id, slot_index); finished / failed / cancelled are final;
 --   retrying = waits for its backoff (run_after); scheduled = waits for its start time (run_after);
 --   queued = back in Redis after a retry or schedule.
@@ -95,9 +95,14 @@ CREATE TABLE slots (
     claimed_at DATETIME(6),
     lease_expires_at DATETIME(6),
     dispatcher_id VARCHAR(128),
+    next_task_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
+    next_attempt INTEGER,
+    next_dispatcher_id VARCHAR(128),
     PRIMARY KEY (gpu_id, slot_index),
     FOREIGN KEY(gpu_id) REFERENCES gpus (gpu_id) ON DELETE CASCADE,
     UNIQUE (task_id)
 )ENGINE=InnoDB CHARSET=utf8mb4;
 
 CREATE INDEX idx_slots_lease ON slots (lease_expires_at);
+
+CREATE UNIQUE INDEX idx_slots_next_task_id ON slots (next_task_id);

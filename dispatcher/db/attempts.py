@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
 from dispatcher.db.batch import end_attempts, end_final_attempts
 from dispatcher.db.cancels import cancel_running
+from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, PROMOTE_TASKS, promote_params
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.db.snapshot import free_slot
 from dispatcher.db.task_writes import ended, locked_task
@@ -87,10 +88,10 @@ _HISTORY = text(
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
     " FROM tasks WHERE task_id = :task_id"
 ).bindparams(bindparam("now", type_=Timestamp))
-FREE_MANY = text(
-    "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
-    " dispatcher_id = NULL WHERE task_id IN :ids"
-).bindparams(bindparam("ids", expanding=True))
+# Gives each slot to its standby, if it has one (db/promote.py); ``PROMOTE_TASKS`` follows it.
+FREE_MANY = text(f"UPDATE slots SET {PROMOTE_SETS} WHERE task_id IN :ids").bindparams(  # noqa: S608
+    bindparam("ids", expanding=True), bindparam("now", type_=Timestamp), bindparam("lease", type_=Timestamp)
+)
 _HISTORY_MANY = text(
     "INSERT INTO attempts (task_id, attempt, gpu_id, slot_index, started_at, ended_at, outcome, error)"
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, error"
@@ -181,6 +182,7 @@ def finish_attempt(
     error: str | None = None,
     reported: str | None = None,
     free: bool = True,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> Finish:
     """End ``attempt`` of ``task_id`` with ``outcome``: one conditional UPDATE decides, so of a callback, a
     GPU answer and a lease expiry racing for one attempt exactly one applies.
@@ -206,7 +208,9 @@ def finish_attempt(
             select(tasks.c.state, tasks.c.attempt, tasks.c.last_callback).where(tasks.c.task_id == task_id)
         ).first()
         return _classify(row, attempt, reported)
-    freed = free_slot(conn, task_id=task_id, attempt=attempt) if free else True
+    freed = True
+    if free:
+        freed = free_slot(conn, task_id=task_id, attempt=attempt, now=now, lease_seconds=lease_seconds)
     conn.execute(
         _HISTORY, {"task_id": task_id, "now": now, "outcome": outcome.value, "error": params["error"]}
     )
@@ -231,14 +235,23 @@ def _retry_at(
 
 
 def finish_many(
-    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff, free: bool = True
+    conn: Connection,
+    *,
+    items: list[dict[str, Any]],
+    now: datetime,
+    backoff: Backoff,
+    free: bool = True,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> list[Finish]:
     """Several attempt endings in one transaction (group commit), set-based: a handful of statements for the
     whole burst instead of three per callback. Same outcomes as ``finish_attempt`` one by one (``free``:
     see there; the slots of the attempts applied are then the caller's to free)."""
     ids = [item["task_id"] for item in items]
     if len(items) == 1 or len(set(ids)) != len(ids):  # repeats within a burst: in order, one at a time
-        return [finish_attempt(conn, now=now, backoff=backoff, free=free, **item) for item in items]
+        return [
+            finish_attempt(conn, now=now, backoff=backoff, free=free, lease_seconds=lease_seconds, **item)
+            for item in items
+        ]
     prepared = [_params(now=now, backoff=backoff, **item) for item in items]
     final = not any(p["retry"] or p["refund"] or p["expiry"] for p in prepared)
     changed = (end_final_attempts if final else end_attempts)(conn, items=prepared, now=now)
@@ -262,15 +275,19 @@ def finish_many(
         conn.execute(_RUN_AFTER, retrying)
     done = [task_id for group in applied.values() for task_id in group]
     if done and free:
-        free_slots(conn, task_ids=done)
+        free_slots(conn, task_ids=done, now=now, lease_seconds=lease_seconds)
     for outcome, group in applied.items():
         conn.execute(_HISTORY_MANY, {"ids": group, "now": now, "outcome": outcome.value})
     return results
 
 
-def free_slots(conn: Connection, *, task_ids: list[str]) -> None:
-    """Free every slot these tasks hold (their attempts just ended in this transaction)."""
-    conn.execute(FREE_MANY, {"ids": task_ids})
+def free_slots(
+    conn: Connection, *, task_ids: list[str], now: datetime, lease_seconds: float = DEFAULT_LEASE_SECONDS
+) -> None:
+    """Free every slot these tasks hold (their attempts just ended in this transaction): a slot with a
+    standby goes to it, for a lease of ``lease_seconds``."""
+    conn.execute(FREE_MANY, {"ids": task_ids} | promote_params(now, lease_seconds))
+    conn.execute(PROMOTE_TASKS, {"now": now})
 
 
 def extend_lease(

@@ -116,7 +116,9 @@ def claim_statement(
     guarded = all("url" in p for p in ordered)
     columns = ("gpu_id", "slot_index", "task_id", "attempt", *(("url",) if guarded else ()))
     derived, params, stamps = _rows(ordered, columns)
-    where = "(t.task_id IS NULL OR t.task_id IN :takeover)" if takeover else "t.task_id IS NULL"
+    # A slot taken over must have no standby: the end gives it to the standby (db/promote.py).
+    takes = "(t.task_id IS NULL OR (t.task_id IN :takeover AND t.next_task_id IS NULL))"
+    where = takes if takeover else "t.task_id IS NULL"
     if guarded:
         # Byte for byte: MariaDB's collation of ``url`` ignores case and trailing spaces, and a URL changed
         # only in those would still be taken for the old one (the case of its path matters to the service).

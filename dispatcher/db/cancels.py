@@ -20,6 +20,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, bindparam, select, text
 
+from dispatcher.db.engine import utcnow
+from dispatcher.db.promote import DEFAULT_LEASE_SECONDS
 from dispatcher.db.schema import Timestamp, gpus, slots, tasks
 from dispatcher.db.snapshot import free_slot
 from dispatcher.db.task_writes import ended, locked_task, update_at
@@ -56,7 +58,13 @@ def cancel_running(conn: Connection, *, task_id: str, attempt: int, now: datetim
 
 
 def release_cancelled(
-    conn: Connection, *, task_id: str, attempt: int, lease_ended_by: datetime | None = None
+    conn: Connection,
+    *,
+    task_id: str,
+    attempt: int,
+    lease_ended_by: datetime | None = None,
+    now: datetime | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
 ) -> bool:
     """Give back the slot a cancelled ``attempt`` still holds, now that its GPU has stopped it: the one
     place a pending cancel ends. True when this call freed it (False: not held, or the task runs again).
@@ -74,7 +82,8 @@ def release_cancelled(
         ).scalar_one_or_none()
         if lease is None or lease >= lease_ended_by:
             return False
-    return free_slot(conn, task_id=task_id, attempt=attempt)
+    now = utcnow() if now is None else now
+    return free_slot(conn, task_id=task_id, attempt=attempt, now=now, lease_seconds=lease_seconds)
 
 
 def pending_cancels(conn: Connection) -> list[PendingCancel]:

@@ -287,7 +287,7 @@ def dispatch(
         else:
             res = conn.execute(update_at(job.task_id, job.attempt, RUNNABLE).values(**running))
             if res.rowcount != 1:  # another dispatcher got there between our read and this write
-                free_slot(conn, task_id=job.task_id, attempt=attempt)
+                free_slot(conn, task_id=job.task_id, attempt=attempt, now=now)
                 out.dropped.append((job, "taken by another dispatcher"))
                 continue
         out.placed.append(Placed(job, pool, pick.gpu_id, pick.slot_index, pick.url, attempt))

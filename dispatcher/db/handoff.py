@@ -52,6 +52,7 @@ from dispatcher.db.batch import case_by, end_final_statement, statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
+from dispatcher.db.promote import PROMOTE_SETS, PROMOTE_TASKS, promote_params
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import (
     ENDING_TOTAL,
@@ -99,7 +100,9 @@ def end_and_hand_off(
     its history, the free and the snapshot one after the other, as before ``_end_folded`` (benchmarks,
     tests)."""
     if not candidates:  # nothing to hand off: end, free, and count the room for the loop
-        return _end_and_free(conn, items=items, now=now, backoff=backoff, fold=fold)
+        return _end_and_free(
+            conn, items=items, now=now, backoff=backoff, fold=fold, lease_seconds=lease_seconds
+        )
     seen: EndingView | None = None
     ids = [item["task_id"] for item in items]
     after = [(SNAPSHOT_ENDING, {"ending": ids})]
@@ -109,7 +112,9 @@ def end_and_hand_off(
         if len(ending) == len(ids):  # every attempt ended here: the snapshot read is the right one
             seen = _seen(conn, res[0].rows, ids)
     else:
-        finishes = finish_many(conn, items=items, now=now, backoff=backoff, free=False)
+        finishes = finish_many(
+            conn, items=items, now=now, backoff=backoff, free=False, lease_seconds=lease_seconds
+        )
         done = zip(items, finishes, strict=True)
         ending = list(dict.fromkeys(item["task_id"] for item, f in done if f.freed))
     out = HandOff(finishes)
@@ -161,7 +166,7 @@ def end_and_hand_off(
         free = {pool: n - started.get(pool, 0) for pool, n in free.items()}
         taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for p in out.result.placed)
     if taken_over < seen.ending_total and not freed:  # slots no job took (no candidate, GPU drained, ...)
-        free_slots(conn, task_ids=ending)
+        free_slots(conn, task_ids=ending, now=now, lease_seconds=lease_seconds)
     out.free = {pool: n for pool, n in free.items() if n > 0}
     return out
 
@@ -218,20 +223,27 @@ CURRENT = text(
 ).bindparams(bindparam("ids", expanding=True))
 
 _FREE_ENDED = text(
-    "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
-    " dispatcher_id = NULL WHERE task_id IN :ids AND EXISTS (SELECT 1 FROM tasks t"
+    f"UPDATE slots SET {PROMOTE_SETS} WHERE task_id IN :ids AND EXISTS (SELECT 1 FROM tasks t"  # noqa: S608
     " WHERE t.task_id = slots.task_id AND t.attempt = slots.attempt AND t.updated_at = :now"
     " AND t.state <> 'processing')"
-).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
+).bindparams(
+    bindparam("ids", expanding=True), bindparam("now", type_=Timestamp), bindparam("lease", type_=Timestamp)
+)
 
 
 def _end_and_free(
-    conn: Connection, *, items: list[dict[str, Any]], now: datetime, backoff: Backoff, fold: bool
+    conn: Connection,
+    *,
+    items: list[dict[str, Any]],
+    now: datetime,
+    backoff: Backoff,
+    fold: bool,
+    lease_seconds: float,
 ) -> HandOff:
     """A batch with no job to hand off: end the attempts, free their slots and count the room left for the
     loop. Folded: the end, history, free and snapshot in one round trip; the free, like the history, only
     touches what this transaction ended, so the snapshot after it is right whatever applied."""
-    after = [_free_ended(items, now), (SNAPSHOT, {})]
+    after = [_free_ended(items, now, lease_seconds), (PROMOTE_TASKS, {"now": now}), (SNAPSHOT, {})]
     folded = (
         _end_folded(conn, items=items, now=now, backoff=backoff, after=after, commit=may_commit(conn))
         if fold
@@ -239,9 +251,9 @@ def _end_and_free(
     )
     if folded is not None:
         out = HandOff(folded[0])
-        view = free_view(folded[2][1].rows)
+        view = free_view(folded[2][2].rows)
     else:
-        out = HandOff(finish_many(conn, items=items, now=now, backoff=backoff))
+        out = HandOff(finish_many(conn, items=items, now=now, backoff=backoff, lease_seconds=lease_seconds))
         view = snapshot(conn) if any(f.freed for f in out.finishes) else []
     if any(f.freed for f in out.finishes):
         out.free = {pool: n for pool, n in capacity(view).items() if n > 0}
@@ -249,11 +261,13 @@ def _end_and_free(
     return out
 
 
-def _free_ended(items: list[dict[str, Any]], now: datetime) -> tuple[Any, dict[str, Any]]:
+def _free_ended(
+    items: list[dict[str, Any]], now: datetime, lease_seconds: float
+) -> tuple[Any, dict[str, Any]]:
     """Free the slots of the attempts of ``items`` that this transaction ended (sent before knowing which
     did: the task's row says it, as for the history rows), and only those: a stale callback's task keeps
     its live slot."""
-    return _FREE_ENDED, {"ids": [item["task_id"] for item in items], "now": now}
+    return _FREE_ENDED, {"ids": [item["task_id"] for item in items]} | promote_params(now, lease_seconds)
 
 
 def _history_of_ended(

@@ -38,6 +38,7 @@ from dispatcher.db.batch import OURS, claim_statement
 from dispatcher.db.dispatch import DispatchResult, Placed, new_row
 from dispatcher.db.engine import naive_utc
 from dispatcher.db.pipeline import may_commit, multi_statements, pipeline
+from dispatcher.db.promote import PROMOTE_TASKS, promote_params
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import EndingView
 from dispatcher.loop.placement import Pick, Placer
@@ -110,7 +111,8 @@ def place_fresh(
         # a drained GPU), and one whose claim failed (its GPU's URL changed since the snapshot: a proposal is
         # not a win). Counting proposals left such a slot held by a finished task for good (an outside
         # review). A slot taken over holds its new task by now, which this does not touch.
-        statements.append((FREE_MANY, {"ids": ending}))
+        statements.append((FREE_MANY, {"ids": ending} | promote_params(now, lease_seconds)))
+        statements.append((PROMOTE_TASKS, {"now": now}))
     if proposals:
         statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))
     res = pipeline(conn, statements, commit=may_commit(conn)) if statements else []

@@ -16,6 +16,9 @@ Pull GPUs (``gpus/pull.py``, version 2): ``gpus.agent_token_hash`` (UNIQUE: a to
 agent has taken (a job placed on a pull GPU and not yet fetched has ``fetched_attempt <> attempt``).
 Version 3: ``gpus.cancel_url``, where cancels go when the GPU's service takes them elsewhere than
 ``<url>/cancel`` (``gpuq gpu set NAME --cancel-url URL``; NULL: ``<url>/cancel``).
+Version 4: a slot's standby job (``db/standby.py``): ``slots.next_task_id`` (UNIQUE), ``next_attempt`` and
+``next_dispatcher_id`` name the job recorded (``tasks.state = 'standby'``) to take the slot the moment its
+holder ends; every statement that frees a slot gives it to its standby instead. Never set on a free slot.
 Upgrades from earlier versions: ``dispatcher/db/migrations.py`` and ``sql/migrations/``.
 """
 
@@ -35,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -88,7 +91,11 @@ slots = Table(
     Column("claimed_at", Timestamp, nullable=True),
     Column("lease_expires_at", Timestamp, nullable=True),
     Column("dispatcher_id", String(128), nullable=True),
+    Column("next_task_id", TaskId, nullable=True),
+    Column("next_attempt", Integer, nullable=True),
+    Column("next_dispatcher_id", String(128), nullable=True),
     Index("idx_slots_lease", "lease_expires_at"),
+    Index("idx_slots_next_task_id", "next_task_id", unique=True),
     mysql_engine="InnoDB",
     mysql_charset="utf8mb4",  # not the server's default: latin1 on older servers refuses most text
 )

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
+from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, PROMOTE_TASKS, promote_params
+from dispatcher.db.schema import Timestamp
 from dispatcher.loop.placement import GpuFree
 
 # Room is the GPU's slot count minus its busy slots, not its free slot rows: a GPU given fewer slots while
@@ -35,36 +38,50 @@ SNAPSHOT = text(
 # and which ones they are), read in the transaction that ends them, before their slots are freed: a hand-off
 # then claims a freed slot straight from the ended attempt, in one UPDATE (``claim_slots(takeover=…)``),
 # instead of freeing it and claiming it again. ``ending_total`` counts every slot those tasks hold, on any
-# GPU: when the hand-off took over fewer, the rest are freed after it.
+# GPU: when the hand-off took over fewer, the rest are freed after it. A slot with a standby is not freed by
+# its holder's end but given to the standby (db/promote.py): it stays busy, and no hand-off takes it over.
 SNAPSHOT_ENDING = text(
     """
     SELECT s.gpu_id, g.url, g.pool, g.slots,
-           COUNT(CASE WHEN s.task_id IS NOT NULL AND s.task_id NOT IN :ending THEN 1 END) AS busy,
-           GROUP_CONCAT(CASE WHEN (s.task_id IS NULL OR s.task_id IN :ending) AND s.slot_index < g.slots
-                             THEN s.slot_index END) AS free,
-           GROUP_CONCAT(CASE WHEN s.task_id IN :ending AND s.slot_index < g.slots
+           COUNT(CASE WHEN s.task_id IS NOT NULL
+                       AND (s.task_id NOT IN :ending OR s.next_task_id IS NOT NULL) THEN 1 END) AS busy,
+           GROUP_CONCAT(CASE WHEN (s.task_id IS NULL OR (s.task_id IN :ending AND s.next_task_id IS NULL))
+                              AND s.slot_index < g.slots THEN s.slot_index END) AS free,
+           GROUP_CONCAT(CASE WHEN s.task_id IN :ending AND s.next_task_id IS NULL AND s.slot_index < g.slots
                              THEN s.slot_index END) AS ending_free,
            (SELECT COUNT(*) FROM slots e WHERE e.task_id IN :ending) AS ending_total
     FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id
     WHERE g.state = 'active' AND g.healthy = 1
     GROUP BY s.gpu_id, g.url, g.pool, g.slots
-    HAVING COUNT(CASE WHEN s.task_id IS NOT NULL AND s.task_id NOT IN :ending THEN 1 END) < g.slots
-       AND COUNT(CASE WHEN (s.task_id IS NULL OR s.task_id IN :ending) AND s.slot_index < g.slots
-                      THEN 1 END) > 0
+    HAVING COUNT(CASE WHEN s.task_id IS NOT NULL
+                       AND (s.task_id NOT IN :ending OR s.next_task_id IS NOT NULL) THEN 1 END) < g.slots
+       AND COUNT(CASE WHEN (s.task_id IS NULL OR (s.task_id IN :ending AND s.next_task_id IS NULL))
+                       AND s.slot_index < g.slots THEN 1 END) > 0
     """
 ).bindparams(bindparam("ending", expanding=True))
 ENDING_TOTAL = text("SELECT COUNT(*) FROM slots WHERE task_id IN :ending").bindparams(
     bindparam("ending", expanding=True)
 )
 _FREE = text(
-    "UPDATE slots SET task_id = NULL, attempt = NULL, claimed_at = NULL, lease_expires_at = NULL,"
-    " dispatcher_id = NULL WHERE task_id = :task_id AND attempt = :attempt"
-)
+    f"UPDATE slots SET {PROMOTE_SETS} WHERE task_id = :task_id AND attempt = :attempt"  # noqa: S608
+).bindparams(bindparam("now", type_=Timestamp), bindparam("lease", type_=Timestamp))
 
 
-def free_slot(conn: Connection, *, task_id: str, attempt: int) -> bool:
-    """Free the slot if this attempt still holds it; the one place a slot is given back."""
-    return conn.execute(_FREE, {"task_id": task_id, "attempt": attempt}).rowcount == 1
+def free_slot(
+    conn: Connection,
+    *,
+    task_id: str,
+    attempt: int,
+    now: datetime,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+) -> bool:
+    """Free the slot if this attempt still holds it (to its standby, if it has one: ``db/promote.py``); the
+    one place a single slot is given back."""
+    params = {"task_id": task_id, "attempt": attempt} | promote_params(now, lease_seconds)
+    if conn.execute(_FREE, params).rowcount != 1:
+        return False
+    conn.execute(PROMOTE_TASKS, {"now": now})
+    return True
 
 
 def snapshot(conn: Connection) -> list[GpuFree]:

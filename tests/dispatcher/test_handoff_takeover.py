@@ -23,7 +23,7 @@ from tests.dispatcher.helpers import add_gpu, finished, fleet_engine, hand_off, 
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
 
 _CLAIMING = "SET t.task_id = c.task_id"
-_FREEING = "SET task_id = NULL"
+_FREEING = "SET task_id = next_task_id"  # every free (db/promote.py)
 
 
 class Statements:

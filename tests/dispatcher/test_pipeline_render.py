@@ -140,7 +140,7 @@ def _statements() -> list[tuple[str, Any, dict[str, Any]]]:
         for i, t in enumerate(ids)
     ]  # fmt: skip
     insert, insert_params = _insert_won(rows, "d%1", 3, NOW)
-    free, free_params = _free_ended(items, NOW)
+    free, free_params = _free_ended(items, NOW, 60.0)
     return [
         ("claim with takeover", claim, claim_params),
         ("end of final attempts", end, end_params),

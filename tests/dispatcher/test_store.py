@@ -250,7 +250,7 @@ def test_own_unacknowledged_commit_is_not_sent_once_its_slot_is_gone(any_databas
     first = transaction(engine, dispatch, items=[(j, "default")], now=utcnow(), **kw).placed[0]
     # WHEN its slot was given back between the pass's read of the task and its renewal (a sweep committing
     # in between: here the slot alone is freed, the state the pass's earlier read can no longer see)
-    assert transaction(engine, free_slot, task_id=j.task_id, attempt=first.attempt)
+    assert transaction(engine, free_slot, task_id=j.task_id, attempt=first.attempt, now=utcnow())
     again = transaction(engine, dispatch, items=[(j, "default")], now=utcnow(), check_existing=True, **kw)
     # THEN the copy is not ours to send: the slot may be another job's already
     assert again.mine == [] and again.placed == []

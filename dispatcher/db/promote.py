@@ -1,0 +1,43 @@
+"""How a slot is freed: given to its standby job when it has one (``db/standby.py``, ``docs/standby.md``).
+
+Every statement that frees a slot uses ``PROMOTE_SETS`` and is followed, in the same transaction, by
+``PROMOTE_TASKS``; a slot with a standby thus never passes through "free", whoever frees it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, text
+
+from dispatcher.db.schema import Timestamp
+
+#: The lease of a standby promoted by a caller that was not told its dispatchers' TASK_TIMEOUT_SECONDS
+#: (tests, tools): the setting's default.
+DEFAULT_LEASE_SECONDS = 900.0
+
+#: The SET clause of every statement that frees a slot: the slot's standby, if any, takes it (with a lease
+#: from ``:now`` to ``:lease``); otherwise it is free. MariaDB assigns left to right, each expression seeing
+#: the columns assigned before it, SQLite from the old row: ``next_*`` are read before they are cleared, last,
+#: so both give the same row.
+PROMOTE_SETS = (
+    "task_id = next_task_id, attempt = next_attempt, dispatcher_id = next_dispatcher_id,"
+    " claimed_at = CASE WHEN next_task_id IS NULL THEN NULL ELSE :now END,"
+    " lease_expires_at = CASE WHEN next_task_id IS NULL THEN NULL ELSE :lease END,"
+    " next_task_id = NULL, next_attempt = NULL, next_dispatcher_id = NULL"
+)
+
+#: After a free, in the same transaction: a standby row whose slot now holds it is ``processing`` (the seed's
+#: load query counts exactly those). A cancelled standby stays cancelled: it holds its slot like any cancelled
+#: running task until the GPU's word or its lease (``db/cancels.py``).
+PROMOTE_TASKS = text(
+    "UPDATE tasks SET state = 'processing', started_at = :now, updated_at = :now"
+    " WHERE state = 'standby' AND EXISTS (SELECT 1 FROM slots s"
+    " WHERE s.task_id = tasks.task_id AND s.attempt = tasks.attempt)"
+).bindparams(bindparam("now", type_=Timestamp))
+
+
+def promote_params(now: datetime, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict[str, Any]:
+    """The parameters of ``PROMOTE_SETS``: a standby promoted at ``now`` holds its slot for a full lease."""
+    return {"now": now, "lease": now + timedelta(seconds=lease_seconds)}

@@ -1,0 +1,316 @@
+"""Standby jobs in the store (``db/standby.py``, ``db/promote.py``, docs/standby.md), on MariaDB and SQLite.
+
+A standby is recorded on a busy slot of its dispatcher before it is sent; whatever frees that slot (a callback
+through any process, a batch of callbacks, a hand-off, a confirmed cancel, a lease) gives it to the standby
+instead, so the slot is never free in between and nothing else can be placed on it.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, select, text
+
+from dispatcher.db.attempts import Backoff, cancel_task, finish_many, slot_drift
+from dispatcher.db.cancels import release_cancelled
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import set_gpu_state
+from dispatcher.db.handoff import end_and_hand_off
+from dispatcher.db.schema import slots, tasks
+from dispatcher.db.standby import bind, unbind
+from dispatcher.states import GpuState, Outcome
+from producer.job import Job
+from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job, place
+
+LOAD = "SELECT gpu_id, COUNT(*) AS n FROM tasks WHERE state = 'processing' GROUP BY gpu_id"
+
+
+@pytest.fixture
+def engine(any_database_url: str) -> Any:
+    e = fleet_engine(any_database_url, {"g0": 2, "g1": 2})
+    yield e
+    e.dispose()
+
+
+def _running(engine: Engine, n: int = 4, dispatcher_id: str = "d1") -> list[str]:
+    res = place(engine, [job() for _ in range(n)], dispatcher_id=dispatcher_id)
+    assert len(res.placed) == n
+    return [p.job.task_id for p in sorted(res.placed, key=lambda p: (p.gpu_id, p.slot_index))]
+
+
+def _bind(engine: Engine, jobs: list[Job], dispatcher_id: str = "d1", now: Any = None) -> Any:
+    return transaction(
+        engine,
+        bind,
+        candidates=[(j, "default") for j in jobs],
+        dispatcher_id=dispatcher_id,
+        max_attempts=3,
+        now=now or utcnow(),
+    )
+
+
+def _slots(engine: Engine) -> dict[tuple[str, int], Any]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(slots)).all()
+    return {(r.gpu_id, r.slot_index): r for r in rows}
+
+
+def _task(engine: Engine, task_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(select(tasks).where(tasks.c.task_id == task_id)).one()
+
+
+def _load(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {r.gpu_id: r.n for r in conn.execute(text(LOAD))}
+
+
+def _invariant(engine: Engine) -> None:
+    """A standby only on a busy slot; every standby row is bound or holds its slot; no drift."""
+    with engine.connect() as conn:
+        stranded = conn.execute(
+            text("SELECT COUNT(*) FROM slots WHERE next_task_id IS NOT NULL AND task_id IS NULL")
+        ).scalar_one()
+        unbound = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM tasks t WHERE t.state = 'standby' AND NOT EXISTS"
+                " (SELECT 1 FROM slots s WHERE s.next_task_id = t.task_id)"
+            )
+        ).scalar_one()
+    assert stranded == 0
+    assert unbound == 0
+    assert transaction(engine, slot_drift) == []
+
+
+def test_a_standby_is_recorded_on_a_busy_slot_and_takes_it_when_its_holder_ends(engine: Engine) -> None:
+    # GIVEN four running jobs of d1 on two GPUs of two slots
+    holders = _running(engine)
+    # WHEN d1 binds two fresh jobs
+    a, b = job(), job()
+    res = _bind(engine, [a, b])
+    # THEN both are recorded as standbys of d1's busy slots, the GPUs still show two jobs each
+    assert [x.job.task_id for x in res.bound] == [a.task_id, b.task_id]
+    assert {x.holder for x in res.bound} <= set(holders)
+    assert _task(engine, a.task_id).state == "standby"
+    assert _load(engine) == {"g0": 2, "g1": 2}
+    _invariant(engine)
+    # WHEN the holder of a's slot finishes (one callback, its own transaction)
+    bound_a = res.bound[0]
+    later = utcnow() + timedelta(seconds=5)
+    assert end_attempt(engine, bound_a.holder, now=later).code == "applied"
+    # THEN a holds that slot, running, with a lease from now, and the GPU still shows two jobs
+    slot = _slots(engine)[(bound_a.gpu_id, bound_a.slot_index)]
+    assert (slot.task_id, slot.attempt, slot.dispatcher_id, slot.next_task_id) == (a.task_id, 1, "d1", None)
+    assert slot.claimed_at == later
+    assert slot.lease_expires_at > later + timedelta(seconds=60)
+    row = _task(engine, a.task_id)
+    assert (row.state, row.attempt, row.gpu_id, row.slot_index) == (
+        "processing",
+        1,
+        slot.gpu_id,
+        slot.slot_index,
+    )
+    assert row.started_at == later
+    assert _load(engine) == {"g0": 2, "g1": 2}
+    _invariant(engine)
+
+
+def test_a_batch_of_callbacks_gives_each_slot_to_its_standby(engine: Engine) -> None:
+    holders = _running(engine)
+    standbys = [job() for _ in range(3)]
+    res = _bind(engine, standbys)
+    assert len(res.bound) == 3
+    # WHEN every holder finishes in one group-commit batch (the set-based end and FREE_MANY)
+    items = [
+        {
+            "task_id": t,
+            "attempt": 1,
+            "outcome": Outcome.FINISHED,
+            "result": None,
+            "error": None,
+            "reported": None,
+        }
+        for t in holders
+    ]
+    fins = transaction(engine, finish_many, items=items, now=utcnow(), backoff=NO_BACKOFF)
+    assert all(f.code == "applied" for f in fins)
+    # THEN the three standbys run, the fourth slot is free
+    slots = _slots(engine)
+    assert sorted(s.task_id for s in slots.values() if s.task_id) == sorted(j.task_id for j in standbys)
+    assert all(_task(engine, j.task_id).state == "processing" for j in standbys)
+    _invariant(engine)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_hand_off_never_takes_over_a_slot_that_has_a_standby(engine: Engine, fold: bool) -> None:
+    holders = _running(engine)
+    [bound] = _bind(engine, [job()]).bound
+    # WHEN the holder with the standby and another end in one hand-off batch with two candidates
+    other = next(h for h in holders if h != bound.holder)
+    items = [
+        {
+            "task_id": t,
+            "attempt": 1,
+            "outcome": Outcome.FINISHED,
+            "result": None,
+            "error": None,
+            "reported": None,
+        }
+        for t in (bound.holder, other)
+    ]
+    c1, c2 = job(), job()
+    out = transaction(
+        engine,
+        end_and_hand_off,
+        items=items,
+        now=utcnow(),
+        backoff=NO_BACKOFF,
+        candidates=[(c1, "default"), (c2, "default")],
+        check_existing=False,
+        dispatcher_id="d1",
+        lease_seconds=60,
+        max_attempts=3,
+        rng=random.Random(1),
+        fold=fold,
+    )
+    # THEN the standby has its holder's slot, one candidate the other freed slot, the second waits
+    assert out.result is not None
+    assert [p.job.task_id for p in out.result.placed] == [c1.task_id]
+    slots = _slots(engine)
+    assert slots[(bound.gpu_id, bound.slot_index)].task_id == bound.job.task_id
+    assert sum(1 for s in slots.values() if s.task_id) == 4
+    assert _task(engine, bound.job.task_id).state == "processing"
+    _invariant(engine)
+
+
+def test_a_hand_off_batch_with_no_candidate_promotes_the_standby(engine: Engine) -> None:
+    holders = _running(engine)
+    [bound] = _bind(engine, [job()]).bound
+    items = [
+        {
+            "task_id": t,
+            "attempt": 1,
+            "outcome": Outcome.FINISHED,
+            "result": None,
+            "error": None,
+            "reported": None,
+        }
+        for t in holders[:2] + holders[2:]
+    ]
+    out = transaction(
+        engine,
+        end_and_hand_off,
+        items=items,
+        now=utcnow(),
+        backoff=NO_BACKOFF,
+        candidates=[],
+        check_existing=False,
+        dispatcher_id="d1",
+        lease_seconds=60,
+        max_attempts=3,
+        rng=random.Random(1),
+    )
+    # THEN three slots are free (and counted as the room left), the standby runs on the fourth
+    assert sum(out.free.values()) == 3
+    assert _slots(engine)[(bound.gpu_id, bound.slot_index)].task_id == bound.job.task_id
+    assert _task(engine, bound.job.task_id).state == "processing"
+    _invariant(engine)
+
+
+def test_a_lease_expiry_and_a_confirmed_cancel_promote_too(engine: Engine) -> None:
+    holders = _running(engine)
+    res = _bind(engine, [job(), job()])
+    first, second = res.bound
+    # a lease sweep ends the first holder
+    after = utcnow() + timedelta(seconds=120)  # the 60 s lease ran out
+    fin = end_attempt(
+        engine, first.holder, outcome=Outcome.EXPIRED, backoff=Backoff(), error="lease", now=after
+    )
+    assert fin.code == "applied"
+    assert _slots(engine)[(first.gpu_id, first.slot_index)].task_id == first.job.task_id
+    # the second holder is cancelled: its slot stays held until the GPU confirms, then goes to the standby
+    assert transaction(engine, cancel_task, task_id=second.holder, now=utcnow(), backoff=Backoff()).held
+    assert _slots(engine)[(second.gpu_id, second.slot_index)].task_id == second.holder
+    assert transaction(engine, release_cancelled, task_id=second.holder, attempt=1)
+    assert _slots(engine)[(second.gpu_id, second.slot_index)].task_id == second.job.task_id
+    assert _task(engine, second.job.task_id).state == "processing"
+    assert len(holders) == 4
+    _invariant(engine)
+
+
+def test_bind_takes_only_its_own_busy_slots_of_eligible_gpus_once_each(engine: Engine) -> None:
+    # GIVEN g0's slots run d1's jobs, g1's run d2's
+    _running(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE slots SET dispatcher_id = 'd2' WHERE gpu_id = 'g1'"))
+    # WHEN d1 binds three jobs
+    res = _bind(engine, [job() for _ in range(3)])
+    # THEN two are bound, both on g0, and the third is left to the caller
+    assert sorted(b.gpu_id for b in res.bound) == ["g0", "g0"]
+    # and a second bind finds no slot left
+    assert _bind(engine, [job()]).bound == []
+    # a drained GPU gets no standby: d2's slots are on g1
+    transaction(engine, set_gpu_state, gpu_id="g1", state=GpuState.DRAINING, now=utcnow())
+    assert _bind(engine, [job()], dispatcher_id="d2").bound == []
+    transaction(engine, set_gpu_state, gpu_id="g1", state=GpuState.ACTIVE, now=utcnow())
+    assert len(_bind(engine, [job()], dispatcher_id="d2").bound) == 1
+    _invariant(engine)
+
+
+def test_bind_refuses_a_known_task_id_before_anything_is_recorded(engine: Engine) -> None:
+    holders = _running(engine)
+    known = Job(task_id=holders[0], type="t", queue="q")
+    fresh = job()
+    res = _bind(engine, [known, fresh])
+    assert [j.task_id for j in res.known] == [holders[0]]
+    assert [b.job.task_id for b in res.bound] == [fresh.task_id]
+    _invariant(engine)
+
+
+def test_bind_loses_to_a_free_committed_first(engine: Engine) -> None:
+    # A bind read its targets, then the holder ended: the conditional UPDATE binds nothing there.
+    holders = _running(engine, 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE slots SET dispatcher_id = 'd1'"))
+    end_attempt(engine, holders[0])
+    assert _bind(engine, [job()]).bound == []
+    _invariant(engine)
+
+
+def test_unbind_puts_the_job_back_to_be_placed_once(engine: Engine) -> None:
+    _running(engine)
+    a, b = job(), job()
+    res = _bind(engine, [a, b])
+    # b's holder ends first: b is promoted, a is still a standby
+    end_attempt(engine, res.bound[1].holder)
+    out = transaction(engine, unbind, task_ids=[a.task_id, b.task_id], dispatcher_id="d1", now=utcnow())
+    assert out == {a.task_id: "queued", b.task_id: "processing"}
+    row = _task(engine, a.task_id)
+    assert (row.state, row.attempt, row.gpu_id, row.slot_index) == ("queued", 0, None, None)
+    assert all(s.next_task_id is None for s in _slots(engine).values())
+    _invariant(engine)
+    # the job's copy is then placed by the usual path, as a first attempt, once
+    end_attempt(engine, res.bound[0].holder)
+    placed = place(engine, [a], dispatcher_id="d1", check_existing=True)
+    assert [(p.job.task_id, p.attempt) for p in placed.placed] == [(a.task_id, 1)]
+    again = place(engine, [a], dispatcher_id="d1", check_existing=True)
+    assert again.placed == []
+
+
+def test_a_cancelled_standby_keeps_its_binding_and_holds_the_slot_like_a_cancelled_job(
+    engine: Engine,
+) -> None:
+    _running(engine)
+    [bound] = _bind(engine, [job()]).bound
+    fin = transaction(engine, cancel_task, task_id=bound.job.task_id, now=utcnow(), backoff=Backoff())
+    assert fin.state == "cancelled"
+    end_attempt(engine, bound.holder)
+    slot = _slots(engine)[(bound.gpu_id, bound.slot_index)]
+    assert slot.task_id == bound.job.task_id  # its owner may have sent it: the slot waits for the GPU's word
+    assert _task(engine, bound.job.task_id).state == "cancelled"
+    _invariant(engine)
+    assert transaction(engine, release_cancelled, task_id=bound.job.task_id, attempt=1)
+    assert _slots(engine)[(bound.gpu_id, bound.slot_index)].task_id is None
