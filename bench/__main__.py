@@ -53,6 +53,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--commit-pipeline", type=int, default=None, help="COMMIT_PIPELINE of gpuq (1: one batch at a time)"
     )
     p.add_argument(
+        "--standby-jobs",
+        choices=["true", "false"],
+        default=None,
+        help="STANDBY_JOBS of gpuq (false: hand-off only, for a comparison)",
+    )
+    p.add_argument(
         "--only",
         default="",
         help="comma list of workloads to run (efficiency,short,three,overhead,pull,pull-short,scaleout)",
@@ -99,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.commit_pipeline is not None:
         gpuq_run.COMMIT_PIPELINE = args.commit_pipeline
         meta_extra["commit_pipeline"] = args.commit_pipeline
+    if args.standby_jobs is not None:
+        gpuq_run.STANDBY_JOBS = args.standby_jobs
+        meta_extra["standby_jobs"] = args.standby_jobs
     if args.only:
         sets = [w for w in sets if w.name in args.only.split(",")]
     systems = ["gpuq"] if args.no_celery else ["gpuq", "celery"]

@@ -35,6 +35,8 @@ BATCH = 100  # tasks per API Gateway event
 HANDOFF_BUFFER: int | None = None
 #: COMMIT_PIPELINE for the dispatchers (``--commit-pipeline``); None: the dispatcher's default.
 COMMIT_PIPELINE: int | None = None
+#: STANDBY_JOBS for the dispatchers (``--standby-jobs``); None: the dispatcher's default.
+STANDBY_JOBS: str | None = None
 
 
 class Gpuq:
@@ -150,6 +152,8 @@ class Gpuq:
             settings["HANDOFF_BUFFER"] = str(HANDOFF_BUFFER)
         if COMMIT_PIPELINE is not None:
             settings["COMMIT_PIPELINE"] = str(COMMIT_PIPELINE)
+        if STANDBY_JOBS is not None:
+            settings["STANDBY_JOBS"] = STANDBY_JOBS
         return Proc(name, [sys.executable, "-m", "dispatcher"], process_env(settings), workdir)
 
     def ready(self, proc: Proc) -> bool:

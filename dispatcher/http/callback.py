@@ -21,6 +21,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from dispatcher.db.attempts import Finish
 from dispatcher.db.engine import StoreUnavailable
 from dispatcher.errors import (
     STORE_DOWN,
@@ -40,7 +41,7 @@ from dispatcher.gpus.tokens import token_shaped, verify_token
 from dispatcher.http.edge_limits import BUSY, CALLBACK_BODIES
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.task_events import encode
-from dispatcher.states import Outcome
+from dispatcher.states import Outcome, TaskState
 
 log = logging.getLogger("gpuq.http")
 router = APIRouter()
@@ -204,18 +205,29 @@ async def handle(
         fin = await d.ends.end_attempt(
             body.task_id, attempt, outcome, result=body.result, error=error, reported=reported
         )
-    if fin.code in ("unknown", "stale"):
-        err: GpuqError = (
-            NotFound(f"unknown task {body.task_id!r}")
-            if fin.code == "unknown"
-            else Conflict(
-                f"attempt {attempt} of task {body.task_id!r} is no longer current (task is {fin.state})"
-            )
-        )
-        d.metrics.callbacks.labels(str(err.status)).inc()
-        return answer(err)
+    refused = _not_applied(body.task_id, attempt, fin)
+    if refused is not None:
+        d.metrics.callbacks.labels(str(refused.status)).inc()
+        return answer(refused)
     d.metrics.callbacks.labels("200").inc()
     return 200, {"task_id": body.task_id, "state": fin.state, "applied": fin.code == "applied"}, None
+
+
+def _not_applied(task_id: str, attempt: int, fin: Finish) -> GpuqError | None:
+    """Why a callback changed nothing, as the GPU should hear it (None: it applied, or was a repeat)."""
+    if fin.code == "stale" and fin.state == TaskState.STANDBY:
+        # A standby sent by its owner on its slot's holder's callback, whose transaction has not committed
+        # yet (db/standby.py): the attempt is about to be current. Sent again, the callback applies.
+        return Unavailable(
+            f"attempt {attempt} of task {task_id!r} has not started yet (standby); try again",
+            code="not_started",
+            headers={"Retry-After": "1"},
+        )
+    if fin.code == "unknown":
+        return NotFound(f"unknown task {task_id!r}")
+    if fin.code == "stale":
+        return Conflict(f"attempt {attempt} of task {task_id!r} is no longer current (task is {fin.state})")
+    return None
 
 
 class CallbackFastPath:

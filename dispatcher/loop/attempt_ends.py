@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dispatcher.db.attempts import Finish, extend_lease
 from dispatcher.db.cancels import release_cancelled
@@ -19,6 +19,9 @@ from dispatcher.limits import encode_result
 from dispatcher.loop.group_commit import GroupCommit
 from dispatcher.loop.renewals import Renewals
 from dispatcher.loop.runtime import Runtime, SlotSignals
+
+if TYPE_CHECKING:
+    from dispatcher.loop.standbys import Standbys
 from dispatcher.states import Outcome, TaskState
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -32,6 +35,7 @@ class AttemptEnds:
         self.signals = signals
         self.renewals = Renewals(min(rt.settings.task_timeout_seconds / 3, 5.0))
         self._end_many: EndMany | None = None
+        self.standbys: Standbys | None = None  # wired by the builder (core.py) when standby jobs are on
         self.finisher = GroupCommit(
             self._batch, lambda coro: rt.spawn(coro, "finish-batches"), depth=rt.hot.workers
         )
@@ -72,7 +76,18 @@ class AttemptEnds:
             "error": error,
             "reported": reported,
         }
-        fin = await self.finisher.submit(item)
+        standbys, early = self.standbys, None
+        if standbys is not None:
+            await standbys.wait_promoted(task_id)
+            # The holder is done by the GPU's word (a lease sweep's is not: the GPU may still be at it): the
+            # standby bound to its slot goes out now, before this end's transaction gives the slot to it.
+            if outcome is not Outcome.EXPIRED:
+                early = standbys.on_end(task_id, attempt)
+        try:
+            fin = await self.finisher.submit(item)
+        finally:
+            if early is not None and standbys is not None:
+                standbys.ended(early)
         if fin.code == "applied":
             self.renewals.forget(task_id)
             rt.metrics.attempts.labels(outcome.value).inc()
@@ -123,7 +138,12 @@ class AttemptEnds:
         No hand-off here: the freed slot is refilled by the loop, which slot_freed wakes. ``lease_ended_by``:
         the stop is only inferred from the lease (see ``release_cancelled``)."""
         freed = await self.rt.db(
-            release_cancelled, task_id=task_id, attempt=attempt, lease_ended_by=lease_ended_by
+            release_cancelled,
+            task_id=task_id,
+            attempt=attempt,
+            lease_ended_by=lease_ended_by,
+            now=self.rt.now(),
+            lease_seconds=self.rt.settings.task_timeout_seconds,
         )
         if freed:
             log.info(
@@ -140,6 +160,8 @@ class AttemptEnds:
         on to the task's event subscribers, in the order they came, without storing them. A partial whose
         attempt's lease this process extended lately costs no transaction (see renewals.py)."""
         rt = self.rt
+        if self.standbys is not None:
+            await self.standbys.wait_promoted(task_id)
         if partial is not None and self.renewals.fresh(task_id, attempt):
             fin = Finish("applied", TaskState.PROCESSING.value)
         else:

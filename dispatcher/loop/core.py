@@ -29,6 +29,7 @@ from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.housekeeping import Housekeeping
 from dispatcher.loop.placing import Placing
 from dispatcher.loop.runtime import Runtime
+from dispatcher.loop.standbys import Standbys
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.wakes import WakeChannel
 from dispatcher.settings import DispatcherSettings
@@ -57,6 +58,10 @@ class Dispatcher:
         self.cancels = CancelSender(rt, self.requests, self.ends)
         self.handoffs = HandOffs(rt, self.wake, self.requests, settings.handoff_buffer)
         self.ends.hand_off_with(self.handoffs.end_many)
+        self.standbys = Standbys(rt, self.wake, self.handoffs, self.requests)
+        if self.standbys.enabled:
+            self.ends.standbys = self.handoffs.standbys = self.standbys
+            self.requests.standby_of_ours = self.standbys.holds
         self.placing = Placing(rt, self.wake, self.handoffs, self.requests)
         self.housekeeping = Housekeeping(rt, self.ends, self.wake)
         self._loop: asyncio.Task[None] | None = None
@@ -105,6 +110,8 @@ class Dispatcher:
         rt.spawn(self.housekeeping.run(), "housekeeping", side=True)
         rt.spawn(self.cancels.run(), "cancel-sender", side=True)
         rt.spawn(self.agents.run(), "agent-sweep", side=True)
+        if self.standbys.enabled:
+            rt.spawn(self.standbys.run(), "standbys", side=True)
         rt.spawn(self._check_endpoints(), "endpoint-check")
         log.info(
             "dispatcher started",
@@ -142,6 +149,7 @@ class Dispatcher:
         while the HTTP server still takes callbacks. Runs before the server stops listening."""
         self.rt.accepting = False
         self.wake.event.set()
+        await self._take_back_standbys()
         self.placing.park(self.handoffs.buffer.drain())
         deadline = time.monotonic() + grace
         log.info("draining", extra={"action": "drain", "grace_seconds": grace})
@@ -174,6 +182,7 @@ class Dispatcher:
         for task in list(rt.side):
             task.cancel()
         await asyncio.gather(*rt.side, return_exceptions=True)
+        await self._take_back_standbys()
         if rt.inflight:
             _, pending = await asyncio.wait(set(rt.inflight), timeout=self.settings.shutdown_grace_seconds)
             for task in pending:  # their outcome is unknown: the lease will settle them
@@ -190,6 +199,18 @@ class Dispatcher:
             )
         await rt.gpu.close()
         await rt.hot.close()
+
+    async def _take_back_standbys(self) -> None:
+        """Standbys not sent go back to waiting (their jobs to the buffer, then Redis), so any dispatcher
+        runs them: left bound, each would wait for its slot's lease after this process is gone."""
+        try:
+            await self.standbys.release_all()
+        except TRANSIENT as exc:
+            log.error(
+                "could not take back standby jobs; each runs after its slot's lease",
+                extra={"action": "stop", "error": str(exc)},
+            )
+        self.placing.park(self.handoffs.buffer.drain())
 
     # -- the loop -------------------------------------------------------------------------------------
 

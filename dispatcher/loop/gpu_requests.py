@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from dispatcher.db.dispatch import DispatchResult, Placed
@@ -56,6 +57,8 @@ class GpuRequests:
         self._sent: OrderedDict[tuple[str, int], str] = OrderedDict()  # -> the attempt's pool
         self._posting: set[tuple[str, int]] = set()  # requests not answered yet
         self._not_sent = 0  # requests this process could not send (its own limits), for a rate-limited log
+        # Is this task a standby this process holds and has not sent? (standbys.py; wired by core.py)
+        self.standby_of_ours: Callable[[str], bool] = lambda _task_id: False
 
     def posting(self, task_id: str, attempt: int) -> bool:
         """Is this process's request for the attempt still on its way? (A cancel must not overtake it.)"""
@@ -95,7 +98,8 @@ class GpuRequests:
         """Fire the requests of the jobs placed (and of our own attempts recorded but not sent), publish
         their events; the settlement acknowledges every job the database decided on."""
         # By identity: two copies of one task in a batch are two elements of the processing list.
-        unsent = [p for p in result.mine if not self.sent(p)]
+        # Not a standby of ours either: promoted and not yet sent, it is ours to send, once (standbys.py).
+        unsent = [p for p in result.mine if not self.sent(p) and not self.standby_of_ours(p.job.task_id)]
         done = Settlement(
             ack=[element_of[id(p.job)] for p in result.placed + result.mine]
             + [element_of[id(j)] for j, _ in result.dropped]

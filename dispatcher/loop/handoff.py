@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -32,10 +32,13 @@ from dispatcher.db.engine import StoreUnavailable
 from dispatcher.db.handoff import HandOff, end_and_hand_off
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.gpu_requests import GpuRequests
-from dispatcher.loop.ready import BY_HANDOFF, Ready, ReadyBuffer
+from dispatcher.loop.ready import Ready, ReadyBuffer
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement, Taken
+
+if TYPE_CHECKING:
+    from dispatcher.loop.standbys import Standbys
 
 log = logging.getLogger("gpuq.dispatcher")
 
@@ -57,6 +60,7 @@ class HandOffs:
         self._flushing = False
         self.reconcile_at = 0.0  # monotonic; 0 = at the next pass
         self.handed_off = 0  # jobs started by a hand-off (for tests and the log)
+        self.standbys: Standbys | None = None  # wired by the builder (core.py) when standby jobs are on
 
     # -- ending attempts --------------------------------------------------------------------------------
 
@@ -75,7 +79,7 @@ class HandOffs:
             # to the loop (once no other hand-off holds jobs of the pool).
             self.buffer.release(candidates)
             pools = {r.pool for r in candidates}
-            self.wake.resume(p for p in pools if not self.buffer.lent(p, BY_HANDOFF))
+            self.wake.resume(p for p in pools if not self.buffer.held_outside_a_pass(p))
 
     def _freeing(self, items: list[dict[str, Any]]) -> dict[str, int] | None:
         """The slots per pool these ends may free, when this process sent every attempt (None otherwise:
@@ -83,6 +87,8 @@ class HandOffs:
         out the transaction for nothing, and hold back their pool's younger jobs meanwhile."""
         out: Counter[str] = Counter()
         for item in items:
+            if self.standbys is not None and self.standbys.covers(item["task_id"], item["attempt"]):
+                continue  # its slot goes to the standby already sent to it
             pool = self.requests.pool_of(item["task_id"], item["attempt"])
             if pool is None:
                 return None
@@ -113,7 +119,13 @@ class HandOffs:
             # The hand-off must not fail the callback: end the attempts on their own.
             log.exception("slot hand-off failed; ending the attempts without it", extra={"action": "handoff"})
             self._return(candidates, suspect=True)
-            fins = await rt.db_hot(finish_many, items=items, now=rt.now(), backoff=rt.backoff)
+            fins = await rt.db_hot(
+                finish_many,
+                items=items,
+                now=rt.now(),
+                backoff=rt.backoff,
+                lease_seconds=rt.settings.task_timeout_seconds,
+            )
             if any(f.freed for f in fins):
                 self.wake.slot_freed()
             return fins
@@ -164,6 +176,8 @@ class HandOffs:
         self.settle_later(settlement, already_counted=True)
         self.handed_off += len(out.result.placed)
         self.rt.metrics.handoffs.inc(len(out.result.placed))
+        if out.result.placed and self.standbys is not None:
+            self.standbys.kick()  # busy slots of ours without a standby
         return len(out.result.placed)
 
     def _return(self, candidates: list[Ready], suspect: bool = False) -> None:

@@ -21,7 +21,7 @@ from dispatcher.db.snapshot import snapshot
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.placement import GpuFree, capacity
-from dispatcher.loop.ready import BY_HANDOFF, Ready
+from dispatcher.loop.ready import Ready
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.dead_letters import claimed, isolate, prepare
@@ -77,7 +77,7 @@ class Placing:
         # A pool whose oldest buffered jobs are out in a hand-off: its younger jobs (buffered or in Redis)
         # must not take its free slots first, or they would start ahead of the ones the hand-off gives
         # back. The room is kept for when the hand-off is over (``Wakeups.resume``).
-        held = {pool: n for pool, n in room.items() if n > 0 and h.buffer.lent(pool, BY_HANDOFF)}
+        held = {pool: n for pool, n in room.items() if n > 0 and h.buffer.held_outside_a_pass(pool)}
         if held:
             wake.defer(held)
             room = {pool: n for pool, n in room.items() if pool not in held}
@@ -131,6 +131,8 @@ class Placing:
             keep = await self._place_and_start(place, view, ready, started, settlement) + keep
         settlement.park += _parked(h.buffer.add(keep))
         await rt.intake.settle(settlement)
+        if h.standbys is not None and len(h.buffer):
+            h.standbys.kick()  # jobs waiting: bind them to busy slots
         return True
 
     async def place_strays(self, strays: list[Taken]) -> None:
@@ -183,6 +185,8 @@ class Placing:
         of = {id(r.job): r for r in place}
         was_buffered = {id(r) for r in ready}
         done = self.requests.start(result, {k: r.element for k, r in of.items()}, started)
+        if result.placed and h.standbys is not None:
+            h.standbys.kick()
         settlement.ack += done.ack
         settlement.dead += done.dead  # new jobs reusing a known task id
         unplaced = [of[id(j)] for j, _ in result.unplaced]

@@ -33,6 +33,7 @@ from producer.job import Job
 #: Who holds jobs popped from the buffer: a pass of the loop, or a hand-off's transaction.
 BY_LOOP = "loop"
 BY_HANDOFF = "handoff"
+BY_STANDBY = "standby"  # a bind of standby jobs (standbys.py)
 
 #: A pool counts as in demand this long after this process last saw one of its slots freed.
 DEMAND_SECONDS = 2.0
@@ -66,6 +67,10 @@ class ReadyBuffer:
     def count(self, pool: str) -> int:
         return len(self._jobs.get(pool, ()))
 
+    def pools(self) -> list[str]:
+        """The pools with jobs here."""
+        return [pool for pool, q in self._jobs.items() if q]
+
     def demand(self, pools: Iterable[str], now: float | None = None) -> None:
         """Slots of ``pools`` were freed here: keep their buffers filled for a while."""
         now = time.monotonic() if now is None else now
@@ -80,8 +85,11 @@ class ReadyBuffer:
         now = time.monotonic() if now is None else now
         out = {}
         for pool in self._demand:
-            if self._wanted(pool, now) and self.count(pool) < self.size:
-                out[pool] = self.size - self.count(pool)
+            # Jobs out with a standby bind mostly come back (one per slot that gets a standby is kept):
+            # refilled for as if gone, they would push the youngest out to be parked when they do.
+            have = self.count(pool) + self.lent(pool, BY_STANDBY)
+            if self._wanted(pool, now) and have < self.size:
+                out[pool] = self.size - have
         return out
 
     def pop(self, pool: str, n: int, holder: str = BY_LOOP) -> list[Ready]:
@@ -101,7 +109,8 @@ class ReadyBuffer:
         """A hand-off's candidates: up to ``pools[pool]`` jobs of each pool whose slots its batch frees, or
         up to ``n`` of every pool when those are not known (``None``); ``extra`` more per pool for free
         slots the loop left to it (``Wakeups.defer``). Pools whose jobs a pass holds are
-        skipped: the pass counted their free slots and is placing their oldest jobs on them. Other hand-offs
+        skipped: the pass counted their free slots and is placing their oldest jobs on them; so are pools
+        whose oldest jobs a standby bind holds (a younger job placed here would start first). Other hand-offs
         may hold some: each takes the next oldest, and its transaction's clock reading (taken in the order
         the batches start) orders their ``started_at`` when each places its own."""
         wanted = dict({pool: n for pool in self._jobs} if pools is None else pools)
@@ -110,13 +119,18 @@ class ReadyBuffer:
         return [
             r
             for pool, k in wanted.items()
-            if not self.lent(pool, BY_LOOP)
+            if not self.lent(pool, BY_LOOP) and not self.lent(pool, BY_STANDBY)
             for r in self.pop(pool, k, BY_HANDOFF)
         ]
 
     def lent(self, pool: str, holder: str | None = None) -> int:
         """Jobs of ``pool`` popped (by ``holder``, or by anyone) that are neither back nor decided."""
         return sum(1 for r, h in self._lent.values() if r.pool == pool and holder in (None, h))
+
+    def held_outside_a_pass(self, pool: str) -> bool:
+        """Are some of ``pool``'s oldest jobs out with a hand-off or a standby bind? A pass must then not
+        start the pool's younger jobs first (``Wakeups.defer``)."""
+        return any(r.pool == pool and h != BY_LOOP for r, h in self._lent.values())
 
     def release(self, items: Iterable[Ready]) -> None:
         """These popped jobs are decided (placed, dropped, parked, or lost to a failed pass: strays then):

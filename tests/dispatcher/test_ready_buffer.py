@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dispatcher.loop.ready import BY_HANDOFF, BY_LOOP, DEMAND_SECONDS, Ready, ReadyBuffer
+from dispatcher.loop.ready import BY_HANDOFF, BY_LOOP, BY_STANDBY, DEMAND_SECONDS, Ready, ReadyBuffer
 from tests.dispatcher.helpers import job
 
 
@@ -87,3 +87,20 @@ def test_a_hand_off_takes_no_candidates_of_a_pool_whose_jobs_a_pass_holds() -> N
     assert [r.job.task_id for r in b.pop_each(1)] == ["b-0"]
     b.release(placing)
     assert [r.job.task_id for r in b.pop_each(1)] == ["a-1", "b-1"]
+
+
+def test_jobs_out_with_a_standby_bind_count_as_held_and_keep_hand_offs_away() -> None:
+    b = ReadyBuffer(3)
+    b.demand(["a"], now=0.0)
+    b.add(_ready("a", 3), now=0.0)
+    out = b.pop("a", 3, BY_STANDBY)
+    # not refilled meanwhile: they mostly come back, and the youngest would then be pushed out
+    assert b.deficit(now=0.0) == {}
+    assert b.held_outside_a_pass("a")
+    b.add(_ready("b", 0), now=0.0)
+    assert b.pop_each(9) == []  # a hand-off would start a younger job before them
+    b.release(out[:1])  # one bound
+    b.put_back(out[1:])
+    assert b.deficit(now=0.0) == {"a": 1}
+    assert not b.held_outside_a_pass("a")
+    assert [r.job.task_id for r in b.pop_each(9)] == ["a-1", "a-2"]

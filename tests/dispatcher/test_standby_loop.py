@@ -1,0 +1,252 @@
+"""Standby jobs, the owner's side (``dispatcher/loop/standbys.py``), step by step in-process against real
+MariaDB / SQLite, Redis and a simulated GPU that never calls back (the test plays the callbacks and runs the
+standby rounds with ``d.standbys.step()``), so every step happens in the order written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+
+from dispatcher.db.attempts import Backoff, cancel_task
+from dispatcher.db.engine import transaction
+from dispatcher.db.gpus import set_gpu_state
+from dispatcher.gpus.tokens import make_token
+from dispatcher.http.callback import handle
+from dispatcher.loop.core import Dispatcher
+from dispatcher.states import GpuState, Outcome
+from dispatcher.testing import in_process, settle
+from tests.dispatcher.harness import SECRET
+from tests.dispatcher.helpers import end_attempt
+from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
+
+
+def _next_of(w: World) -> dict[str, str]:
+    """holder task id -> its slot's standby."""
+    with w.engine.connect() as conn:
+        rows = conn.execute(text("SELECT task_id, next_task_id FROM slots WHERE next_task_id IS NOT NULL"))
+        return {r.task_id: r.next_task_id for r in rows}
+
+
+def _sent(d: Dispatcher, task_id: str) -> bool:
+    return d.requests.pool_of(task_id, 1) is not None
+
+
+async def _bound(w: World, d: Dispatcher, n: int = 6) -> tuple[list[str], dict[str, str]]:
+    """1 GPU x 2 slots: ids[1], ids[2] running, ids[3], ids[4] their standbys, ids[5] buffered."""
+    ids = await primed(w, d, n)
+    await d.standbys.step()
+    await settle(d)
+    nxt = _next_of(w)
+    assert sorted(nxt) == sorted(ids[1:3])
+    assert sorted(nxt.values()) == sorted(ids[3:5])
+    assert {w.state(i) for i in ids[3:5]} == {"standby"}
+    assert not any(_sent(d, i) for i in ids[3:5])
+    return ids, nxt
+
+
+def test_a_callback_sends_the_standby_before_its_own_transaction(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[1]]
+        seen: list[bool] = []
+        end_many = d.handoffs.end_many
+
+        async def watching(items: list[dict[str, Any]]) -> Any:
+            seen.append(_sent(d, standby))  # what the transaction finds when it starts
+            return await end_many(items)
+
+        d.ends.hand_off_with(watching)
+        assert await finish(d, ids[1]) == "applied"
+        assert seen == [True]
+        before = w.rows()
+        assert before[standby].state == "processing"
+        assert before[standby].started_at == before[ids[1]].finished_at  # promoted by that transaction
+        await settle(d)
+        assert standby in w.received()
+        assert d.standbys.sent == 1
+        # the job is no longer held in the processing list once sent
+        assert all(standby not in el for el in w.processing_list(d))
+        # a repeated callback of the holder sends nothing again
+        assert await finish(d, ids[1]) in ("repeat", "stale")
+        assert d.standbys.sent == 1
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_the_standbys_own_callback_waits_for_its_promotion(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[1]]
+        gate = asyncio.Event()
+        end_many = d.handoffs.end_many
+
+        async def slow(items: list[dict[str, Any]]) -> Any:
+            await gate.wait()  # the holder's transaction has not run yet
+            return await end_many(items)
+
+        d.ends.hand_off_with(slow)
+        holder = asyncio.create_task(finish(d, ids[1]))
+        await asyncio.sleep(0.05)
+        assert _sent(d, standby)
+        # the GPU is fast: the standby's callback comes before its holder's transaction
+        own = asyncio.create_task(finish(d, standby))
+        await asyncio.sleep(0.05)
+        assert not own.done()
+        gate.set()
+        assert await holder == "applied"
+        assert await own == "applied"
+        assert w.state(standby) == "finished"
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_another_process_answers_a_standbys_early_callback_503(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[1]]
+        raw = orjson.dumps({"task_id": standby, "status": "finished"})
+        status, answer, headers = await handle(d, raw, f"Bearer {make_token(SECRET.encode(), standby, 1)}")
+        assert status == 503, answer
+        assert answer["code"] == "not_started"
+        assert headers == {"Retry-After": "1"}
+        assert w.state(standby) == "standby"  # nothing changed
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_lease_sweep_of_the_holder_does_not_send_early_but_the_next_round_does(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[1]]
+        with w.engine.begin() as conn:
+            conn.execute(
+                text("UPDATE slots SET lease_expires_at = :at WHERE task_id = :t"),
+                {"at": d.now() - timedelta(seconds=1), "t": ids[1]},
+            )
+        # the GPU may still be at work on an expired attempt: nothing goes out before the database says so
+        fin = await d.ends.end_attempt(ids[1], 1, Outcome.EXPIRED, error="lease")
+        assert fin.code == "applied"
+        assert not _sent(d, standby)
+        assert w.state(standby) == "processing"
+        d.standbys._looked = 0.0
+        await d.standbys.step()
+        await settle(d)
+        assert standby in w.received()
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_holder_ended_by_another_process_gets_its_standby_sent_by_the_owners_look(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[2]]
+        # the GPU's callback reached another dispatcher (a load balancer): ended there, in its transaction
+        assert end_attempt(w.engine, ids[2], now=d.now()).code == "applied"
+        assert w.state(standby) == "processing"
+        assert not _sent(d, standby)
+        d.standbys._looked = 0.0
+        await d.standbys.step()
+        await settle(d)
+        assert standby in w.received()
+        assert d.standbys.sent == 1
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_cancelled_standby_never_sent_gives_its_slot_back_at_once(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[2]]
+        transaction(w.engine, cancel_task, task_id=standby, now=d.now(), backoff=Backoff())
+        assert end_attempt(w.engine, ids[2], now=d.now()).code == "applied"  # another process
+        d.standbys._looked = 0.0
+        await d.standbys.step()
+        await settle(d)
+        assert standby not in w.received()
+        assert w.state(standby) == "cancelled"
+        with w.engine.connect() as conn:
+            held = conn.execute(
+                text("SELECT COUNT(*) FROM slots WHERE task_id = :t"), {"t": standby}
+            ).scalar()
+        assert held == 0
+        assert all(standby not in el for el in w.processing_list(d))
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_standbys_of_a_drained_gpu_are_taken_back_and_run_elsewhere(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, _ = await _bound(w, d)
+        transaction(w.engine, set_gpu_state, gpu_id="g0", state=GpuState.DRAINING, now=d.now())
+        d.standbys._gpus_looked = 0.0
+        await d.standbys.step()
+        await settle(d)
+        assert _next_of(w) == {}
+        assert {w.state(i) for i in ids[3:5]} == {"queued"}
+        assert len(d.standbys) == 0
+        # the holder's end sends nothing to the drained GPU
+        assert await finish(d, ids[1]) == "applied"
+        await settle(d)
+        assert not set(ids[3:5]) & set(w.received())
+        # back in rotation, the freed slot goes to the oldest of them, as a first attempt
+        transaction(w.engine, set_gpu_state, gpu_id="g0", state=GpuState.ACTIVE, now=d.now())
+        d.slot_freed()
+        assert await d.dispatch_once()
+        await settle(d)
+        assert [w.state(i) for i in ids[3:5]] == ["processing", "queued"]
+        assert w.rows()[ids[3]].attempt == 1
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_graceful_stop_takes_back_every_standby_not_sent(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, _ = await _bound(w, d)
+        await d.drain(0.1)
+        assert _next_of(w) == {}
+        assert {w.state(i) for i in ids[3:5]} == {"queued"}
+        assert d.handoffs.buffer.drain() == []
+        await settle(d)
+        queued = [el.decode() for key in w.rds.scan_iter(f"*{w.queue}*") for el in w.rds.lrange(key, 0, -1)]
+        assert all(any(i in el for el in queued) for i in ids[3:6])
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_with_standby_jobs_off_nothing_is_bound_and_the_daemon_runs(world: World) -> None:  # noqa: F811
+    w = world
+
+    async def main() -> None:
+        async with in_process(w.settings(["g0"], standby_jobs=False), background=True) as d:
+            ids = w.push(6)
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if w.state(ids[1]) == "processing" and len(d.handoffs.buffer):
+                    break
+            assert d.fatal is None
+            assert not d.standbys.enabled
+            await d.standbys.step()  # even asked, a disabled one binds nothing
+            assert _next_of(w) == {}
+
+    asyncio.run(main())
