@@ -21,7 +21,7 @@ import heapq
 import itertools
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -162,12 +162,19 @@ def measure(
             "callback_recorded": summary_ms(samples.recorded),
             "then_next_request": summary_ms(samples.pickup),
         },
+        # Requests that reached the GPU before the callback that freed their slot was answered: standby jobs
+        # (docs/standby.md), sent before the callback's transaction. Part 2 is negative for those.
+        "sent_before_answer_share": _share(samples.pickup, lambda p: p < 0),
         "slot_anomalies": samples.anomalies,
         "request_bursts": bursts(jobs),
     }
     if workload.service > 0:
         result["efficiency"] = round(workload.ideal_makespan / makespan, 4) if makespan > 0 else math.nan
     return result
+
+
+def _share(values: Sequence[float], pred: Callable[[float], bool]) -> float | None:
+    return round(sum(1 for v in values if pred(v)) / len(values), 4) if values else None
 
 
 def cdf_points(values_ms: Sequence[float], points: int = 200) -> list[tuple[float, float]]:

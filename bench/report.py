@@ -166,9 +166,14 @@ ROWS = [
         fmt="{:,.2f}",
     ),
     Row(
-        "  turnaround p50, part 2: then until next request",
+        "  turnaround p50, part 2: then until next request (< 0: sent first)",
         _get("efficiency", "turnaround_split_ms", "then_next_request", "p50"),
         fmt="{:,.2f}",
+    ),
+    Row(
+        "  next request sent before the callback was answered (standby), share",
+        _get("efficiency", "sent_before_answer_share"),
+        fmt="{:.2f}",
     ),
     _at_least(
         "efficiency (ideal / measured makespan)", _get("efficiency", "efficiency"), "efficiency", "{:.3f}"

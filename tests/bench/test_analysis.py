@@ -60,6 +60,20 @@ def test_a_turnaround_splits_where_the_dispatcher_answered_the_callback() -> Non
     assert got.pickup == pytest.approx([0.007])
 
 
+def test_a_standby_sent_before_the_callback_was_answered_has_a_negative_part_2_and_counts_as_sent_first() -> (
+    None
+):
+    # GIVEN one slot: b (a standby) reached the GPU 1 ms after a's callback went out, 2 ms before its answer
+    w = Workload("efficiency", gpus=1, slots=1, service=1.0, jobs=3)
+    a = job("a", "g0", 0.0, 1.0) | {"callback_answered_mono": 1.003}
+    b = job("b", "g0", 1.001, 2.0) | {"callback_answered_mono": 2.002}
+    c = job("c", "g0", 2.010, 3.0)  # c went out after b's callback was answered
+    result = measure(w, [a, b, c], {"a": 0.0, "b": 0.5, "c": 0.5}, started=0.0)
+    split = result["turnaround_split_ms"]["then_next_request"]
+    assert split["p50"] == pytest.approx((-2 + 8) / 2, abs=1e-6)
+    assert result["sent_before_answer_share"] == 0.5
+
+
 def test_makespan_runs_from_the_first_enqueue_to_the_last_slot_freed() -> None:
     # GIVEN 4 jobs of 100 ms on 2 GPUs x 1 slot: ideally 0.2 s; they took 0.25 s from the first enqueue
     w = Workload("efficiency", gpus=2, slots=1, service=0.1, jobs=4)
