@@ -64,9 +64,12 @@ _RENEW_MANY = statement(
     stamps=("lease",),
     lists=("pairs",),
 )
+# Standbys bound to its slots too (db/standby.py): their owner may POST them to the old service (early, on
+# their holder's callback); its agent must not fetch them as well. The owner takes the rest back.
 _DELIVERED = text(
     "UPDATE tasks SET fetched_attempt = attempt WHERE task_id IN"
-    " (SELECT task_id FROM slots WHERE gpu_id = :gpu_id AND task_id IS NOT NULL)"
+    " (SELECT next_task_id FROM slots WHERE gpu_id = :gpu_id AND next_task_id IS NOT NULL)"
+    " OR task_id IN (SELECT task_id FROM slots WHERE gpu_id = :gpu_id AND task_id IS NOT NULL)"
 )
 _SILENT_UNFETCHED = text(
     """

@@ -25,6 +25,7 @@ would be stranded); every free statement keeps it by moving ``next_*`` into the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, insert, text
 
 from dispatcher.db.batch import _rows, _update_join, statement
+from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import new_row
 from dispatcher.db.schema import Timestamp, tasks
 from dispatcher.gpus.pull import is_pull
@@ -87,9 +89,11 @@ def bind(
     dispatcher_id: str,
     max_attempts: int,
     now: datetime,
+    avoid: Sequence[tuple[str, int]] = (),
 ) -> BindResult:
     """Record ``candidates`` ((job, pool), oldest first; fresh first attempts) as standbys of this
-    dispatcher's busy slots of their pools, the slots whose holders started first taken first. Jobs that found
+    dispatcher's busy slots of their pools, the slots whose holders started first taken first, except those
+    of the holders (task, attempt) in ``avoid`` (running long: a standby there was overtaken). Jobs that found
     no slot are in neither list: the caller keeps them."""
     out = BindResult([], [])
     if not candidates:
@@ -101,8 +105,9 @@ def bind(
     if not fresh:
         return out
     targets: dict[str, list[Any]] = {}
+    skip = set(avoid)
     for row in conn.execute(_TARGETS, {"me": dispatcher_id, "pools": sorted({p for _, p in fresh})}):
-        if not is_pull(row.url):
+        if not is_pull(row.url) and (row.task_id, row.attempt) not in skip:
             targets.setdefault(row.pool, []).append(row)
     picks: list[dict[str, Any]] = []
     chosen: dict[str, tuple[Job, str, Any]] = {}
@@ -169,7 +174,7 @@ _UNBIND_SLOTS = text(
 # processing list) finds a runnable row and is placed by the usual path, exactly once.
 _UNBIND_TASKS = text(
     "UPDATE tasks SET state = 'queued', attempt = 0, gpu_id = NULL, slot_index = NULL, dispatcher_id = NULL,"
-    " updated_at = :now WHERE task_id IN :ids AND state = 'standby'"
+    " fetched_attempt = NULL, updated_at = :now WHERE task_id IN :ids AND state = 'standby'"
     " AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.task_id = tasks.task_id)"
 ).bindparams(bindparam("ids", expanding=True), bindparam("now", type_=Timestamp))
 _STATES = text("SELECT task_id, state, attempt FROM tasks WHERE task_id IN :ids").bindparams(
@@ -186,6 +191,16 @@ def unbind(conn: Connection, *, task_ids: list[str], dispatcher_id: str, now: da
     conn.execute(_UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
     conn.execute(_UNBIND_TASKS, {"ids": task_ids, "now": now})
     return {r.task_id: r.state for r in conn.execute(_STATES, {"ids": task_ids})}
+
+
+def drop_cancelled(
+    conn: Connection, *, task_id: str, dispatcher_id: str, now: datetime, lease_seconds: float
+) -> bool:
+    """A cancelled standby of ours that we never sent: its binding cleared and, if it was promoted, its slot
+    given back (to the slot's next standby, if any), in one transaction: whichever side of it the holder's
+    end falls, the slot ends up free of it. True when a slot was freed."""
+    conn.execute(_UNBIND_SLOTS, {"ids": [task_id], "me": dispatcher_id})
+    return release_cancelled(conn, task_id=task_id, attempt=1, now=now, lease_seconds=lease_seconds)
 
 
 def states(conn: Connection, *, task_ids: list[str]) -> dict[str, tuple[str, int]]:

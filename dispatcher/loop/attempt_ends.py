@@ -9,7 +9,7 @@ the two with ``hand_off_with``, the hand-off being built after the parts that en
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,43 @@ class AttemptEnds:
         reported: str | None = None,
     ) -> Finish:
         """End an attempt; concurrent calls are committed together (see GroupCommit). A result the database
-        cannot take (see limits.py) fails the attempt with the reason instead."""
+        cannot take (see limits.py) fails the attempt with the reason instead.
+
+        With standby jobs (standbys.py): the standby bound to this attempt's slot is sent first when the GPU
+        says the attempt is over (a lease sweep does not: the GPU may still be at it), and the standby's own
+        reports wait until this end, a confirmed cancel's free included, is over. An end of a standby met
+        before its promotion is kept and applied once it is promoted (a synchronous answer is not sent
+        again, as a callback answered 503 is)."""
+        standbys, early = self.standbys, None
+        if standbys is not None:
+            await standbys.wait_promoted(task_id)
+            if outcome is not Outcome.EXPIRED:
+                early = standbys.on_end(task_id, attempt)
+        try:
+            fin = await self._end(task_id, attempt, outcome, result=result, error=error, reported=reported)
+        finally:
+            if early is not None and standbys is not None:
+                standbys.ended(early)
+        if standbys is not None and fin.code == "stale" and fin.state == TaskState.STANDBY:
+
+            def again() -> Coroutine[Any, Any, Finish]:
+                return self.end_attempt(
+                    task_id, attempt, outcome, result=result, error=error, reported=reported
+                )
+
+            standbys.defer_end(task_id, again)
+        return fin
+
+    async def _end(
+        self,
+        task_id: str,
+        attempt: int,
+        outcome: Outcome,
+        *,
+        result: Any,
+        error: str | None,
+        reported: str | None,
+    ) -> Finish:
         rt = self.rt
         encoded, problem = encode_result(result, rt.limits.result_bytes)
         if problem is not None:
@@ -76,18 +112,7 @@ class AttemptEnds:
             "error": error,
             "reported": reported,
         }
-        standbys, early = self.standbys, None
-        if standbys is not None:
-            await standbys.wait_promoted(task_id)
-            # The holder is done by the GPU's word (a lease sweep's is not: the GPU may still be at it): the
-            # standby bound to its slot goes out now, before this end's transaction gives the slot to it.
-            if outcome is not Outcome.EXPIRED:
-                early = standbys.on_end(task_id, attempt)
-        try:
-            fin = await self.finisher.submit(item)
-        finally:
-            if early is not None and standbys is not None:
-                standbys.ended(early)
+        fin = await self.finisher.submit(item)
         if fin.code == "applied":
             self.renewals.forget(task_id)
             rt.metrics.attempts.labels(outcome.value).inc()

@@ -58,10 +58,11 @@ class Dispatcher:
         self.cancels = CancelSender(rt, self.requests, self.ends)
         self.handoffs = HandOffs(rt, self.wake, self.requests, settings.handoff_buffer)
         self.ends.hand_off_with(self.handoffs.end_many)
-        self.standbys = Standbys(rt, self.wake, self.handoffs, self.requests)
+        self.standbys = Standbys(rt, self.wake, self.handoffs, self.requests, self.ends)
         if self.standbys.enabled:
             self.ends.standbys = self.handoffs.standbys = self.standbys
             self.requests.standby_of_ours = self.standbys.holds
+            self.requests.gpu_down = self.standbys.gpu_down
         self.placing = Placing(rt, self.wake, self.handoffs, self.requests)
         self.housekeeping = Housekeeping(rt, self.ends, self.wake)
         self._loop: asyncio.Task[None] | None = None

@@ -59,6 +59,8 @@ class GpuRequests:
         self._not_sent = 0  # requests this process could not send (its own limits), for a rate-limited log
         # Is this task a standby this process holds and has not sent? (standbys.py; wired by core.py)
         self.standby_of_ours: Callable[[str], bool] = lambda _task_id: False
+        # Told when this process takes a GPU out of rotation (standbys.py: nothing more is sent there).
+        self.gpu_down: Callable[[str], None] = lambda _gpu_id: None
 
     def posting(self, task_id: str, attempt: int) -> bool:
         """Is this process's request for the attempt still on its way? (A cancel must not overtake it.)"""
@@ -171,6 +173,8 @@ class GpuRequests:
                 now=self.rt.now(),
                 hold=answer.status in HELD_REFUSALS,
             )
+            if went_down:
+                self.gpu_down(p.gpu_id)
             if went_down and answer.status in HELD_REFUSALS:
                 log.error(
                     f"GPU taken out of rotation until an operator checks its URL: it refuses POST "

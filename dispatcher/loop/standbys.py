@@ -28,58 +28,63 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.cancels import release_cancelled
-from dispatcher.db.dispatch import Placed
-from dispatcher.db.standby import Bound, bind, eligible_slots, states, unbind
+from dispatcher.db.standby import drop_cancelled, eligible_slots, states, unbind
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
-from dispatcher.loop.ready import BY_STANDBY, Ready
 from dispatcher.loop.runtime import Runtime
+from dispatcher.loop.standby_binds import Binder, Standby, uncount
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement
-from dispatcher.states import TaskState
+from dispatcher.states import Outcome, TaskState
+
+if TYPE_CHECKING:
+    from dispatcher.loop.attempt_ends import AttemptEnds
 
 log = logging.getLogger("gpuq.dispatcher")
 
 #: How often, at most, the owner looks in the database for standbys promoted by another process, and for
 #: GPUs no longer eligible. A callback to this process sends its standby at once; this bounds the rest.
 LOOK_SECONDS = 0.05
-GPU_LOOK_SECONDS = 1.0
+#: A GPU drained, moved or shrunk by an operator (another process) gets no standby sent after this long; one
+#: this process takes out of rotation, at once.
+GPU_LOOK_SECONDS = 0.25
 #: How long a standby's own callback waits here for its promotion (the holder's transaction) to commit.
 PROMOTION_WAIT_SECONDS = 5.0
-
-
-@dataclass(slots=True)
-class Standby:
-    ready: Ready
-    bound: Bound
-    promoted: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def placed(self) -> Placed:
-        b = self.bound
-        return Placed(b.job, b.pool, b.gpu_id, b.slot_index, b.url, 1)
+#: A standby overtaken by this many younger standbys of its pool (its slot's job runs long) is taken back and
+#: bound again elsewhere: the bound on how far a job can fall behind younger ones (README "Standby jobs").
+OVERTAKE_LIMIT = 2
+#: Ends of a standby's attempt met before its promotion (a GPU's synchronous answer while the holder's
+#: transaction failed), kept to be applied once it is promoted; at most this many.
+DEFERRED_ENDS_MAX = 10_000
 
 
 class Standbys:
-    def __init__(self, rt: Runtime, wake: Wakeups, handoffs: HandOffs, requests: GpuRequests) -> None:
+    def __init__(
+        self, rt: Runtime, wake: Wakeups, handoffs: HandOffs, requests: GpuRequests, ends: AttemptEnds
+    ) -> None:
         self.rt = rt
         self.wake = wake
         self.handoffs = handoffs
         self.requests = requests
+        self.ends = ends
         self.enabled = rt.settings.standby_jobs and rt.settings.handoff_buffer > 0
         self._by_holder: dict[tuple[str, int], Standby] = {}  # not sent yet
         self._by_task: dict[str, Standby] = {}  # not sent yet
         self._early: dict[str, Standby] = {}  # sent on the holder's end, whose transaction is not done
         self._early_holders: set[tuple[str, int]] = set()
-        self._targets = True  # a bind may find a busy slot of ours without a standby
+        self.binder = Binder(rt, wake, handoffs)
         self._kick = asyncio.Event()
         self._looked = 0.0
         self._gpus_looked = 0.0
+        self._ineligible: set[str] = set()  # GPUs last seen out of rotation (or changed): nothing sent early
+        self._overtaken: set[str] = set()  # standbys to take back: younger ones overtook them too often
+        self._deferred: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {}  # task -> its end, again
         self.sent = 0  # standbys sent (tests, the log)
 
     def __len__(self) -> int:
@@ -88,7 +93,7 @@ class Standbys:
     def kick(self) -> None:
         """Something changed (jobs buffered, jobs started here, a slot's standby used): bind again soon."""
         if self.enabled:
-            self._targets = True
+            self.binder.targets = True
             self._kick.set()
 
     def holds(self, task_id: str) -> bool:
@@ -105,10 +110,10 @@ class Standbys:
         """Attempt ``attempt`` of ``task_id`` is ending here (a verified callback, the GPU's answer, a lease
         sweep): send the standby waiting for its slot now, before the transaction that ends it. Returned, to
         be passed to ``ended`` when that transaction is over."""
-        s = self._by_holder.pop((task_id, attempt), None)
-        if s is None:
+        s = self._by_holder.get((task_id, attempt))
+        if s is None or s.bound.gpu_id in self._ineligible:  # the look takes it back (or refunds it)
             return None
-        del self._by_task[s.bound.job.task_id]
+        self._forget(s.bound.job.task_id)
         self._early[s.bound.job.task_id] = s
         self._early_holders.add((task_id, attempt))
         self._send(s)
@@ -130,8 +135,36 @@ class Standbys:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.promoted.wait(), PROMOTION_WAIT_SECONDS)
 
+    def gpu_down(self, gpu_id: str) -> None:
+        """This process took ``gpu_id`` out of rotation: send nothing there any more; look at once."""
+        if self.enabled:
+            self._ineligible.add(gpu_id)
+            self._gpus_looked = 0.0
+            self._kick.set()
+
+    def defer_end(self, task_id: str, again: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """An end of a standby's attempt that came before its promotion (its holder's transaction failed
+        after the standby was sent): ``again`` once the look finds it promoted. A callback was answered 503
+        as well and may come again: one of the two applies, the other is a repeat."""
+        if not self.enabled:
+            return
+        if len(self._deferred) >= DEFERRED_ENDS_MAX:
+            dropped = next(iter(self._deferred))
+            del self._deferred[dropped]
+            log.warning(
+                "too many ends of standby jobs waiting for their promotion; one left to its lease",
+                extra={"action": "standby", "task_id": dropped},
+            )
+        self._deferred[task_id] = again
+        self._kick.set()
+
     def _send(self, s: Standby) -> None:
         started = time.perf_counter()
+        for other in self._by_task.values():  # older standbys of the pool still waiting: overtaken
+            if other.bound.pool == s.bound.pool and other.seq < s.seq:
+                other.overtaken += 1
+                if other.overtaken > OVERTAKE_LIMIT:
+                    self._overtaken.add(other.bound.job.task_id)
         placed = s.placed()
         self.requests.fire(placed, started)
         self.rt.events.publish(
@@ -178,138 +211,124 @@ class Standbys:
         if not self.enabled:
             return
         now = time.monotonic()
+        if self._by_task and now - self._gpus_looked >= GPU_LOOK_SECONDS:  # first: the look sends
+            self._gpus_looked = now
+            await self._check_gpus()
+        if self._overtaken:
+            late = [self._by_task[t] for t in self._overtaken if t in self._by_task]
+            self._overtaken.clear()
+            self.binder.avoid |= {(s.bound.holder, s.bound.holder_attempt) for s in late}
+            await self._take_back(late)
         if self._by_task and now - self._looked >= LOOK_SECONDS:
             self._looked = now
             await self._look()
-        if self._by_task and now - self._gpus_looked >= GPU_LOOK_SECONDS:
-            self._gpus_looked = now
-            await self._check_gpus()
+        if self._deferred:
+            await self._apply_deferred()
         if self.rt.accepting:
-            await self._bind()
+            await self.binder.round(self._record)
 
-    async def _bind(self) -> None:
-        buffer = self.handoffs.buffer
-        candidates: list[Ready] = []
-        if not self._targets:
-            return
-        for pool in buffer.pools():
-            # Not while a pass or a hand-off holds the pool's oldest jobs: binding younger ones would start
-            # them first if those came back.
-            if not buffer.lent(pool):
-                candidates += buffer.pop(pool, buffer.count(pool), BY_STANDBY)
-        if not candidates:
-            return
-        try:
-            await self._bind_these(candidates)
-        finally:
-            # The room a pass left to this pool while its oldest jobs were out goes back to the loop.
-            pools = {r.pool for r in candidates}
-            self.wake.resume(p for p in pools if not buffer.held_outside_a_pass(p))
-
-    async def _bind_these(self, candidates: list[Ready]) -> None:
-        buffer = self.handoffs.buffer
-        # Out of the buffer and not yet decided: ours all the same (the processing list's reconcile must not
-        # take them for strays while the transaction runs).
-        self.handoffs.in_flight.update(r.element for r in candidates)
-        fresh = [r for r in candidates if not r.check and r.job.attempt == 0 and r.job.not_before is None]
-        others = [r for r in candidates if r not in fresh]
-        rt = self.rt
-        bound: list[Bound] = []
-        known: set[str] = set()
-        try:
-            if fresh:
-                res = await rt.db(
-                    bind,
-                    candidates=[(r.job, r.pool) for r in fresh],
-                    dispatcher_id=rt.settings.dispatcher_id,
-                    max_attempts=rt.settings.max_attempts,
-                    now=rt.now(),
-                )
-                bound, known = res.bound, {j.task_id for j in res.known}
-        except BaseException:
-            # Not known whether it committed: looked up before they are placed (a bound row is then known,
-            # and its slot's standby runs after its lease, never twice).
-            self._uncount(candidates)
-            buffer.put_back(self._suspect(candidates))
-            raise
-        by_id = {id(r.job): r for r in fresh}
-        taken = set()
-        for b in bound:
-            r = by_id[id(b.job)]
-            taken.add(id(r))
-            s = Standby(r, b)
-            self._by_holder[(b.holder, b.holder_attempt)] = s
-            self._by_task[b.job.task_id] = s
-        for r in fresh:
-            if r.job.task_id in known:
-                r.check = True
-        back = [r for r in fresh if id(r) not in taken] + others
-        self._uncount(back)
-        buffer.release([r for r in fresh if id(r) in taken])
-        buffer.put_back(back)
-        if len(bound) < len(fresh):  # no busy slot of ours left without a standby: wait for a change
-            self._targets = False
-        if bound:
-            self.wake.refill()  # the buffer has room again
-
-    def _uncount(self, items: list[Ready]) -> None:
-        h = self.handoffs
-        h.in_flight.subtract(r.element for r in items)
-        h.in_flight += type(h.in_flight)()  # drop zero counts
-
-    def _suspect(self, items: list[Ready]) -> list[Ready]:
-        for r in items:
-            r.check = True
-        return items
+    def _record(self, s: Standby) -> None:
+        self._by_holder[(s.bound.holder, s.bound.holder_attempt)] = s
+        self._by_task[s.bound.job.task_id] = s
 
     async def _look(self) -> None:
-        """Standbys promoted by another process (or by this one's lease sweep, a confirmed cancel): send
-        them; a cancelled one never sent gives its slot back at once (the GPU never had it)."""
+        """Standbys promoted by another process (or by this one's lease sweep, a confirmed cancel): sent if
+        their GPU is still eligible, else given back; a cancelled one never sent frees its slot at once (the
+        GPU never had it)."""
         ids = list(self._by_task)
         seen = await self.rt.db(states, task_ids=ids)
-        for task_id in ids:
-            state, attempt = seen.get(task_id, (None, 0))
-            if state == TaskState.STANDBY.value or task_id not in self._by_task:
-                continue
-            s = self._forget(task_id)
-            if state == TaskState.PROCESSING.value and attempt == 1:
-                self._send(s)
-            elif state in (None, TaskState.QUEUED.value):  # not recorded after all: placed the usual way
-                self._back_to_buffer([s])
-            else:  # cancelled, or the database has taken it over (its lease ran out: retried from there)
-                await self._release_unsent(s, state)
+        changed = [
+            self._by_task[t]
+            for t in ids
+            if t in self._by_task and seen.get(t, (None, 0))[0] != TaskState.STANDBY.value
+        ]
+        for s in changed:
+            self._forget(s.bound.job.task_id)
+        await self._settle(
+            changed, {t: seen.get(t, (None, 0)) for t in (s.bound.job.task_id for s in changed)}
+        )
 
-    async def _release_unsent(self, s: Standby, state: str | None) -> None:
-        if state == TaskState.CANCELLED.value:
-            await self.rt.db(
-                release_cancelled,
-                task_id=s.bound.job.task_id,
-                attempt=1,
-                now=self.rt.now(),
-                lease_seconds=self.rt.settings.task_timeout_seconds,
-            )
+    async def _settle(self, items: list[Standby], after: dict[str, tuple[str | None, int]]) -> None:
+        """Standbys no longer in memory whose row is no longer ``standby`` (or that were taken back): each is
+        sent, refunded, released, acknowledged or given back to the buffer. Whatever this cannot finish (a
+        store error) goes back to the buffer, to be looked up: never left in nobody's hands."""
+        left, back = list(items), []
+        try:
+            promoted = [s for s in left if after.get(s.bound.job.task_id) == (TaskState.PROCESSING.value, 1)]
+            ok = await self._eligible(promoted)
+            while left:
+                s = left[0]
+                state, _ = after.get(s.bound.job.task_id, (None, 0))
+                if s in promoted and (s.bound.gpu_id, s.bound.slot_index) in ok:
+                    self._send(s)
+                elif s in promoted:
+                    await self._refund(s)
+                elif state in (None, TaskState.QUEUED.value):  # taken back: placed the usual way
+                    back.append(s)
+                elif state == TaskState.CANCELLED.value:
+                    await self._drop_cancelled(s)
+                else:  # the database took it over (its lease ran out: retried from there)
+                    self._ack(s)
+                left.pop(0)
+        finally:
+            self._back_to_buffer(back + left)  # in their order: oldest first
+
+    async def _eligible(self, items: list[Standby]) -> set[tuple[str, int]]:
+        if not items:
+            return set()
+        where = [(s.bound.gpu_id, s.bound.slot_index, s.bound.url) for s in items]
+        return await self.rt.db(eligible_slots, slots_of=where)
+
+    async def _refund(self, s: Standby) -> None:
+        """Promoted on a GPU that left rotation (or changed) before we sent it: never sent, so it waits
+        again without using an attempt, and its slot is freed."""
+        self._ack(s)
+        await self.ends.end_attempt(
+            s.bound.job.task_id,
+            1,
+            Outcome.GPU_REFUSED,
+            error=f"GPU {s.bound.gpu_id} left rotation before this standby job was sent to it",
+        )
+
+    async def _drop_cancelled(self, s: Standby) -> None:
+        rt = self.rt
+        freed = await rt.db(
+            drop_cancelled,
+            task_id=s.bound.job.task_id,
+            dispatcher_id=rt.settings.dispatcher_id,
+            now=rt.now(),
+            lease_seconds=rt.settings.task_timeout_seconds,
+        )
+        if freed:
             self.wake.slot_freed()
-            # its binding may still be there (not promoted): clear it, the row stays cancelled
-            await self.rt.db(
-                unbind,
-                task_ids=[s.bound.job.task_id],
-                dispatcher_id=self.rt.settings.dispatcher_id,
-                now=self.rt.now(),
-            )
+        self._ack(s)
+
+    def _ack(self, s: Standby) -> None:
         self.handoffs.settle_later(Settlement(ack=[s.ready.element]), already_counted=True)
 
-    def _forget(self, task_id: str) -> Standby:
-        s = self._by_task.pop(task_id)
-        self._by_holder.pop((s.bound.holder, s.bound.holder_attempt), None)
+    async def _apply_deferred(self) -> None:
+        ids = list(self._deferred)
+        seen = await self.rt.db(states, task_ids=ids)
+        for task_id in ids:
+            if seen.get(task_id, (None, 0))[0] != TaskState.STANDBY.value:
+                again = self._deferred.pop(task_id)
+                self.rt.spawn(again(), f"deferred-end:{task_id}")
+
+    def _forget(self, task_id: str) -> Standby | None:
+        s = self._by_task.pop(task_id, None)
+        if s is not None:
+            self._by_holder.pop((s.bound.holder, s.bound.holder_attempt), None)
         return s
 
     async def _check_gpus(self) -> None:
         """Take back standbys whose GPU is no longer eligible (drained, unhealthy, shrunk, moved): a drained
         GPU must get no new job, even one recorded before the drain."""
         ours = list(self._by_task.values())
-        where = [(s.bound.gpu_id, s.bound.slot_index, s.bound.url) for s in ours]
-        ok = await self.rt.db(eligible_slots, slots_of=where)
+        ok = await self._eligible(ours)
         gone = [s for s in ours if (s.bound.gpu_id, s.bound.slot_index) not in ok]
+        self._ineligible = {s.bound.gpu_id for s in gone}
+        # A callback may have sent one of them while we read: only those still here are taken back.
+        gone = [s for s in gone if self._by_task.get(s.bound.job.task_id) is s]
         if gone:
             await self._take_back(gone)
 
@@ -321,6 +340,8 @@ class Standbys:
     async def _take_back(self, items: list[Standby]) -> None:
         for s in items:  # first: from here on none of them can be sent early
             self._forget(s.bound.job.task_id)
+        if not items:
+            return
         rt = self.rt
         try:
             after = await rt.db(
@@ -334,21 +355,14 @@ class Standbys:
             # looked up before it is placed. A bound one never sent runs after its slot's lease.
             self._back_to_buffer(items)
             raise
-        back = []
-        for s in items:
-            state = after.get(s.bound.job.task_id)
-            if state in (None, TaskState.QUEUED.value):
-                back.append(s)
-            elif state == TaskState.PROCESSING.value:
-                self._send(s)  # promoted before we took it back: it is ours to send
-            else:  # cancelled, or the database has taken it over
-                await self._release_unsent(s, state)
-        self._back_to_buffer(back)
+        # promoted before we took it back: ours to send (or refund); taken back: to the buffer; ...
+        await self._settle(items, {t: (state, 1) for t, state in after.items()})
 
     def _back_to_buffer(self, items: list[Standby]) -> None:
+        if not items:
+            return
         for s in items:
             s.ready.check = True  # its row is queued (or may still be bound): look before placing
-        self._uncount([s.ready for s in items])
+        uncount(self.handoffs, [s.ready for s in items])
         self.handoffs.buffer.put_back([s.ready for s in items])
-        if items:
-            self.wake.look_now()
+        self.wake.look_now()
