@@ -111,6 +111,7 @@ class Placing:
         settlement = Settlement(park=_parked(h.buffer.lapsed()))
         if not (strays or ready or taken):
             await rt.intake.settle(settlement)
+            self._idle(left)
             return rt.intake.set_aside > set_aside
         started = time.perf_counter()
         items, prepared = self.prepare(strays + taken)
@@ -133,7 +134,15 @@ class Placing:
         await rt.intake.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.kick()  # jobs waiting: bind them to busy slots
+        self._idle(left)
         return True
+
+    def _idle(self, left: dict[str, int]) -> None:
+        """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them."""
+        h = self.handoffs
+        idle = {p: n for p, n in left.items() if n > 0 and not h.buffer.count(p)}
+        if idle and h.standbys is not None:
+            h.standbys.room_idle(idle)
 
     async def place_strays(self, strays: list[Taken]) -> None:
         """Jobs found in our processing list that nothing here knew of: looked up before they are placed."""

@@ -56,8 +56,9 @@ LOOK_SECONDS = 0.05
 GPU_LOOK_SECONDS = 0.25
 #: How long a standby's own callback waits here for its promotion (the holder's transaction) to commit.
 PROMOTION_WAIT_SECONDS = 5.0
-#: A standby overtaken by this many younger standbys of its pool (its slot's job runs long) is taken back and
-#: bound again elsewhere: the bound on how far a job can fall behind younger ones (README "Standby jobs").
+#: A standby overtaken by more younger standbys of its pool than this, or than the pool has standbys here,
+#: whichever is more (its slot's job runs long), is taken back and bound again elsewhere: with the buffer and
+#: one standby per slot, the bound on how far a job can fall behind younger ones (README "Standby jobs").
 OVERTAKE_LIMIT = 2
 #: Ends of a standby's attempt met before its promotion (a GPU's synchronous answer while the holder's
 #: transaction failed), kept to be applied once it is promoted; at most this many.
@@ -142,6 +143,17 @@ class Standbys:
             self._gpus_looked = 0.0
             self._kick.set()
 
+    def room_idle(self, idle: dict[str, int]) -> None:
+        """A pass found free slots in these pools and no job to put there: the oldest standbys of each (bound
+        behind jobs still running, perhaps for long) are taken back to take them instead."""
+        if not self.enabled:
+            return
+        for pool, n in idle.items():
+            ours = sorted((s for s in self._by_task.values() if s.bound.pool == pool), key=lambda s: s.seq)
+            self._overtaken |= {s.bound.job.task_id for s in ours[:n]}
+        if self._overtaken:
+            self._kick.set()
+
     def defer_end(self, task_id: str, again: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """An end of a standby's attempt that came before its promotion (its holder's transaction failed
         after the standby was sent): ``again`` once the look finds it promoted. A callback was answered 503
@@ -160,10 +172,12 @@ class Standbys:
 
     def _send(self, s: Standby) -> None:
         started = time.perf_counter()
-        for other in self._by_task.values():  # older standbys of the pool still waiting: overtaken
-            if other.bound.pool == s.bound.pool and other.seq < s.seq:
+        same = [o for o in self._by_task.values() if o.bound.pool == s.bound.pool]
+        limit = max(OVERTAKE_LIMIT, len(same))
+        for other in same:  # older standbys of the pool still waiting: overtaken
+            if other.seq < s.seq:
                 other.overtaken += 1
-                if other.overtaken > OVERTAKE_LIMIT:
+                if other.overtaken > limit:
                     self._overtaken.add(other.bound.job.task_id)
         placed = s.placed()
         self.requests.fire(placed, started)

@@ -21,7 +21,7 @@ from dispatcher.loop.core import Dispatcher
 from dispatcher.states import GpuState, Outcome
 from dispatcher.testing import in_process, settle
 from tests.dispatcher.harness import SECRET
-from tests.dispatcher.helpers import end_attempt
+from tests.dispatcher.helpers import add_gpu, end_attempt
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
 
 
@@ -250,3 +250,27 @@ def test_with_standby_jobs_off_nothing_is_bound_and_the_daemon_runs(world: World
             assert _next_of(w) == {}
 
     asyncio.run(main())
+
+
+def test_standbys_take_free_slots_that_have_nothing_else_to_run(world: World) -> None:  # noqa: F811
+    """Bound behind jobs still running (perhaps for long), standbys must not wait while a GPU of their pool
+    sits idle: a pass that finds free slots and no job takes the oldest standbys back to fill them."""
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, _ = await _bound(w, d, 5)  # ids[3], ids[4] standbys on g0's two busy slots; nothing else waits
+        add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
+        d.slot_freed()
+        await d.dispatch_once()  # room on g1, nothing in the buffer or Redis
+        await settle(d)
+        await d.standbys.step()  # the standbys are taken back
+        await settle(d)
+        assert _next_of(w) == {}
+        d.slot_freed()
+        assert await d.dispatch_once()
+        await settle(d)
+        rows = w.rows()
+        assert [(rows[i].state, rows[i].gpu_id) for i in ids[3:5]] == [("processing", "g1")] * 2
+        assert set(ids[3:5]) <= set(w.received())
+
+    run(w, w.settings(["g0"]), body)
