@@ -9,6 +9,7 @@ keeps a round off that pool, and the other way round), which the rest of ``Stand
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Standby:
     ready: Ready
     bound: Bound
     seq: int  # bind order: lower is older
+    since: float = field(default_factory=time.monotonic)  # when it was bound
     promoted: asyncio.Event = field(default_factory=asyncio.Event)
     overtaken: int = 0
 

@@ -8,7 +8,8 @@ holder ends, so on the holder's final callback the owner POSTs it at once, and t
 
 Rules that keep a GPU at its slot count and every job run once:
 
-- only this process sends its standbys, each at most once (``_sent_early``, ``GpuRequests`` keeps the rest);
+- only this process sends its standbys, each at most once (each leaves ``_by_task`` before it is sent, and
+  ``GpuRequests.start`` never sends one of ours);
 - sent early only on a verified end of exactly the attempt it waits for (``on_end``); sent late when a look
   at the database (``_look``) finds it promoted by someone else (a callback through another process, a
   lease sweep), or released at once if it was cancelled meanwhile and never sent;
@@ -54,12 +55,21 @@ LOOK_SECONDS = 0.05
 #: A GPU drained, moved or shrunk by an operator (another process) gets no standby sent after this long; one
 #: this process takes out of rotation, at once.
 GPU_LOOK_SECONDS = 0.25
+#: One round (look, bind) at most this often: kicks come with every callback, and a bind round costs a
+#: transaction on the pool's thread (~1.5-2 ms of this process's CPU on the benchmark box); spaced, each round
+#: binds more jobs at once. A holder runs for a job's length, so its standby is still bound in time.
+ROUND_SECONDS = 0.02
 #: How long a standby's own callback waits here for its promotion (the holder's transaction) to commit.
 PROMOTION_WAIT_SECONDS = 5.0
 #: A standby overtaken by more younger standbys of its pool than this, or than the pool has standbys here,
 #: whichever is more (its slot's job runs long), is taken back and bound again elsewhere: with the buffer and
 #: one standby per slot, the bound on how far a job can fall behind younger ones (README "Standby jobs").
 OVERTAKE_LIMIT = 2
+#: A pass with free slots and nothing to put there takes back standbys bound longer ago than this (their
+#: holders run long). Younger ones are left: at saturation a slot freed a moment before its standby was bound
+#: looks idle to a pass, and taking standbys back then only costs two transactions each (measured: a fifth of
+#: the efficiency workload's CPU per job).
+IDLE_TAKE_BACK_SECONDS = 1.0
 #: Ends of a standby's attempt met before its promotion (a GPU's synchronous answer while the holder's
 #: transaction failed), kept to be applied once it is promoted; at most this many.
 DEFERRED_ENDS_MAX = 10_000
@@ -144,12 +154,14 @@ class Standbys:
             self._kick.set()
 
     def room_idle(self, idle: dict[str, int]) -> None:
-        """A pass found free slots in these pools and no job to put there: the oldest standbys of each (bound
-        behind jobs still running, perhaps for long) are taken back to take them instead."""
+        """A pass found free slots in these pools and no job to put there: the oldest standbys of each bound
+        long ago (behind jobs still running long) are taken back to take them instead."""
         if not self.enabled:
             return
+        long_ago = time.monotonic() - IDLE_TAKE_BACK_SECONDS
         for pool, n in idle.items():
-            ours = sorted((s for s in self._by_task.values() if s.bound.pool == pool), key=lambda s: s.seq)
+            ours = [s for s in self._by_task.values() if s.bound.pool == pool and s.since <= long_ago]
+            ours.sort(key=lambda s: s.seq)
             self._overtaken |= {s.bound.job.task_id for s in ours[:n]}
         if self._overtaken:
             self._kick.set()
@@ -201,6 +213,7 @@ class Standbys:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), LOOK_SECONDS)
             self._kick.clear()
+            started = time.monotonic()
             try:
                 await self.step()
             except IntegrityError as exc:  # a copy of a job bound by another dispatcher first: a race
@@ -218,6 +231,9 @@ class Standbys:
                     "standby work failed; its jobs are placed the usual way", extra={"action": "standby"}
                 )
                 await asyncio.sleep(0.2)
+            rest = ROUND_SECONDS - (time.monotonic() - started)
+            if rest > 0:
+                await asyncio.sleep(rest)
 
     async def step(self) -> None:
         """One round: send or release standbys promoted elsewhere, take back those whose GPU left, bind
@@ -295,7 +311,9 @@ class Standbys:
 
     async def _refund(self, s: Standby) -> None:
         """Promoted on a GPU that left rotation (or changed) before we sent it: never sent, so it waits
-        again without using an attempt, and its slot is freed."""
+        again without using an attempt, and its slot is freed. A standby bound behind it on that GPU must not
+        go out early on this end either."""
+        self._ineligible.add(s.bound.gpu_id)
         self._ack(s)
         await self.ends.end_attempt(
             s.bound.job.task_id,

@@ -17,6 +17,7 @@ from dispatcher.db.engine import transaction
 from dispatcher.db.gpus import set_gpu_state
 from dispatcher.gpus.tokens import make_token
 from dispatcher.http.callback import handle
+from dispatcher.loop import standbys as standbys_loop
 from dispatcher.loop.core import Dispatcher
 from dispatcher.states import GpuState, Outcome
 from dispatcher.testing import in_process, settle
@@ -259,9 +260,22 @@ def test_standbys_take_free_slots_that_have_nothing_else_to_run(world: World) ->
 
     async def body(d: Dispatcher) -> None:
         ids, _ = await _bound(w, d, 5)  # ids[3], ids[4] standbys on g0's two busy slots; nothing else waits
+        d.slot_freed()
+        await d.dispatch_once()  # no free slot: nothing taken back
+        await d.standbys.step()
+        assert len(_next_of(w)) == 2
+        # a GPU joins: room, and nothing in the buffer or Redis; standbys bound a moment ago stay (at
+        # saturation a slot freed just before its standby was bound looks just like this)
         add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
         d.slot_freed()
-        await d.dispatch_once()  # room on g1, nothing in the buffer or Redis
+        await d.dispatch_once()
+        await d.standbys.step()
+        assert len(_next_of(w)) == 2
+        # once they have waited IDLE_TAKE_BACK_SECONDS, the idle GPU takes them
+        for s in d.standbys._by_task.values():
+            s.since -= standbys_loop.IDLE_TAKE_BACK_SECONDS
+        d.slot_freed()
+        await d.dispatch_once()
         await settle(d)
         await d.standbys.step()  # the standbys are taken back
         await settle(d)
