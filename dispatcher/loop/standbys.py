@@ -280,8 +280,10 @@ class Standbys:
 
     async def _settle(self, items: list[Standby], after: dict[str, tuple[str | None, int]]) -> None:
         """Standbys no longer in memory whose row is no longer ``standby`` (or that were taken back): each is
-        sent, refunded, released, acknowledged or given back to the buffer. Whatever this cannot finish (a
-        store error) goes back to the buffer, to be looked up: never left in nobody's hands."""
+        sent, refunded, released, acknowledged or given back to the buffer. What this cannot finish (a store
+        error) is never left in nobody's hands: a job taken back goes to the buffer, any other is held here
+        again for the next look to settle (given to the buffer, a promoted one would be sent by a pass's
+        "mine" path without a look at its GPU)."""
         left, back = list(items), []
         try:
             promoted = [s for s in left if after.get(s.bound.job.task_id) == (TaskState.PROCESSING.value, 1)]
@@ -301,7 +303,12 @@ class Standbys:
                     self._ack(s)
                 left.pop(0)
         finally:
-            self._back_to_buffer(back + left)  # in their order: oldest first
+            queued = (None, TaskState.QUEUED.value)
+            back += [s for s in left if after.get(s.bound.job.task_id, (None, 0))[0] in queued]
+            for s in left:
+                if after.get(s.bound.job.task_id, (None, 0))[0] not in queued:
+                    self._record(s)
+            self._back_to_buffer(sorted(back, key=lambda s: s.seq))  # in their order: oldest first
 
     async def _eligible(self, items: list[Standby]) -> set[tuple[str, int]]:
         if not items:
@@ -314,13 +321,13 @@ class Standbys:
         again without using an attempt, and its slot is freed. A standby bound behind it on that GPU must not
         go out early on this end either."""
         self._ineligible.add(s.bound.gpu_id)
-        self._ack(s)
         await self.ends.end_attempt(
             s.bound.job.task_id,
             1,
             Outcome.GPU_REFUSED,
             error=f"GPU {s.bound.gpu_id} left rotation before this standby job was sent to it",
         )
+        self._ack(s)  # only once the database has it back: a failed end is settled again by the next look
 
     async def _drop_cancelled(self, s: Standby) -> None:
         rt = self.rt
@@ -356,9 +363,11 @@ class Standbys:
         """Take back standbys whose GPU is no longer eligible (drained, unhealthy, shrunk, moved): a drained
         GPU must get no new job, even one recorded before the drain."""
         ours = list(self._by_task.values())
+        before = set(self._ineligible)
         ok = await self._eligible(ours)
         gone = [s for s in ours if (s.bound.gpu_id, s.bound.slot_index) not in ok]
-        self._ineligible = {s.bound.gpu_id for s in gone}
+        # What ``gpu_down`` added while we read stays: the read may be older than that.
+        self._ineligible = {s.bound.gpu_id for s in gone} | (self._ineligible - before)
         # A callback may have sent one of them while we read: only those still here are taken back.
         gone = [s for s in gone if self._by_task.get(s.bound.job.task_id) is s]
         if gone:
