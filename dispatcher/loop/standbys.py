@@ -56,9 +56,10 @@ LOOK_SECONDS = 0.05
 #: this process takes out of rotation, at once.
 GPU_LOOK_SECONDS = 0.25
 #: One round (look, bind) at most this often: kicks come with every callback, and a bind round costs a
-#: transaction on the pool's thread (~1.5-2 ms of this process's CPU on the benchmark box); spaced, each round
-#: binds more jobs at once. A holder runs for a job's length, so its standby is still bound in time.
-ROUND_SECONDS = 0.02
+#: transaction on the pool's thread; spaced, each round binds more jobs at once. Not more: a standby bound
+#: after its holder ended is no standby (at 20 ms, 29-49 % of 40-100 ms jobs were refilled the slow way, and
+#: used more CPU, not less; bench/RESULTS.md).
+ROUND_SECONDS = 0.005
 #: How long a standby's own callback waits here for its promotion (the holder's transaction) to commit.
 PROMOTION_WAIT_SECONDS = 5.0
 #: A standby overtaken by more younger standbys of its pool than this, or than the pool has standbys here,
