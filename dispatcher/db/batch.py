@@ -89,8 +89,8 @@ def claim_slots(
     return claimed_of(conn, conn.execute(claim, params).rowcount, ids, dispatcher_id=dispatcher_id, now=now)
 
 
-_SAME_URL = " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
-_SAME_URL_MYSQL = (
+SAME_URL = " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
+SAME_URL_MYSQL = (
     " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND BINARY g.url = BINARY c.url)"
 )
 
@@ -122,7 +122,7 @@ def claim_statement(
     if guarded:
         # Byte for byte: MariaDB's collation of ``url`` ignores case and trailing spaces, and a URL changed
         # only in those would still be taken for the old one (the case of its path matters to the service).
-        where += _SAME_URL_MYSQL if conn.dialect.name in ("mysql", "mariadb") else _SAME_URL
+        where += SAME_URL_MYSQL if conn.dialect.name in ("mysql", "mariadb") else SAME_URL
     sql = _update_join(
         conn,
         table="slots",

@@ -32,7 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, text
 
-from dispatcher.db.batch import _rows, _update_join, statement
+from dispatcher.db.batch import SAME_URL, SAME_URL_MYSQL, _rows, _update_join, statement
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.dispatch import new_row
 from dispatcher.db.schema import Timestamp, tasks
@@ -75,11 +75,6 @@ _WON = text(
     "SELECT next_task_id, gpu_id, slot_index, task_id, attempt FROM slots"
     " WHERE next_task_id IN :ids AND next_dispatcher_id = :me"
 ).bindparams(bindparam("ids", expanding=True))
-
-_SAME_URL = " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND g.url = c.url)"
-_SAME_URL_MYSQL = (
-    " AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND BINARY g.url = BINARY c.url)"
-)
 
 
 def bind(
@@ -140,7 +135,7 @@ def bind(
         on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
         sets=[("next_task_id", "c.task_id"), ("next_attempt", "1"), ("next_dispatcher_id", ":me")],
         where="t.task_id = c.holder AND t.attempt = c.holder_attempt AND t.next_task_id IS NULL"
-        + (_SAME_URL_MYSQL if mysql else _SAME_URL),
+        + (SAME_URL_MYSQL if mysql else SAME_URL),
     )
     conn.execute(statement(sql, stamps=stamps), params | {"me": dispatcher_id})
     won = conn.execute(_WON, {"ids": list(chosen), "me": dispatcher_id}).all()

@@ -76,26 +76,33 @@ def test_a_promoted_standby_given_back_by_a_failed_settle_is_not_sent_to_its_dra
 # -- B. a refund that fails: the standby is both acknowledged and back in the buffer, then POSTed ----------
 
 
+async def _refund_fails(w: World, d: Dispatcher) -> str:
+    """g0 drained by an operator, a standby promoted there by another process; the owner's look refunds it
+    (GPU_REFUSED), and that end fails (the database down for a moment). Returns the standby."""
+    ids, nxt = await _bound(w, d)
+    holder = ids[1]
+    standby = nxt[holder]
+    transaction(w.engine, set_gpu_state, gpu_id="g0", state=GpuState.DRAINING, now=d.now())
+    assert end_attempt(w.engine, holder, now=d.now()).code == "applied"  # promoted elsewhere
+    end_many = d.handoffs.end_many
+
+    async def failing(items: list[dict[str, Any]]) -> Any:
+        raise StoreUnavailable("database down for a moment")
+
+    d.ends.hand_off_with(failing)
+    d.standbys._gpus_looked = time.monotonic()
+    d.standbys._looked = 0.0
+    with contextlib.suppress(StoreUnavailable):
+        await d.standbys.step()  # _look -> _settle -> _refund -> raises
+    d.ends.hand_off_with(end_many)
+    return standby
+
+
 def test_a_failed_refund_neither_acks_and_rebuffers_nor_sends_to_the_drained_gpu(world: World) -> None:  # noqa: F811
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids, nxt = await _bound(w, d)
-        holder = ids[1]
-        standby = nxt[holder]
-        transaction(w.engine, set_gpu_state, gpu_id="g0", state=GpuState.DRAINING, now=d.now())
-        assert end_attempt(w.engine, holder, now=d.now()).code == "applied"  # promoted elsewhere
-        end_many = d.handoffs.end_many
-
-        async def failing(items: list[dict[str, Any]]) -> Any:
-            raise StoreUnavailable("database down for a moment")
-
-        d.ends.hand_off_with(failing)  # the refund's GPU_REFUSED end fails
-        d.standbys._gpus_looked = time.monotonic()
-        d.standbys._looked = 0.0
-        with contextlib.suppress(StoreUnavailable):
-            await d.standbys.step()  # _look -> _settle -> _refund -> raises
-        d.ends.hand_off_with(end_many)
+        standby = await _refund_fails(w, d)
         buffered = [r.job.task_id for r in d.handoffs.buffer.drain()]
         pending_ack = standby in "".join(d.handoffs._pending.ack) or any(
             standby in el for el in d.handoffs.in_flight
@@ -114,22 +121,7 @@ def test_a_failed_refund_does_not_end_up_posted_to_the_drained_gpu(world: World)
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids, nxt = await _bound(w, d)
-        holder = ids[1]
-        standby = nxt[holder]
-        transaction(w.engine, set_gpu_state, gpu_id="g0", state=GpuState.DRAINING, now=d.now())
-        assert end_attempt(w.engine, holder, now=d.now()).code == "applied"  # promoted elsewhere
-        end_many = d.handoffs.end_many
-
-        async def failing(items: list[dict[str, Any]]) -> Any:
-            raise StoreUnavailable("database down for a moment")
-
-        d.ends.hand_off_with(failing)
-        d.standbys._gpus_looked = time.monotonic()
-        d.standbys._looked = 0.0
-        with contextlib.suppress(StoreUnavailable):
-            await d.standbys.step()
-        d.ends.hand_off_with(end_many)
+        standby = await _refund_fails(w, d)
         await settle(d)
         add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
         d.slot_freed()

@@ -68,6 +68,13 @@ def _load(engine: Engine) -> dict[str, int]:
         return {r.gpu_id: r.n for r in conn.execute(text(LOAD))}
 
 
+def _finished(*task_ids: Any) -> list[dict[str, Any]]:
+    """Group-commit items: attempt 1 of each task (or of each task in a list) finished, as its callback says."""
+    ids = [t for x in task_ids for t in (x if isinstance(x, list) else [x])]
+    out = {"attempt": 1, "outcome": Outcome.FINISHED, "result": None, "error": None, "reported": None}
+    return [{"task_id": t} | out for t in ids]
+
+
 def _invariant(engine: Engine) -> None:
     """A standby only on a busy slot; every standby row is bound or holds its slot; no drift."""
     with engine.connect() as conn:
@@ -124,17 +131,7 @@ def test_a_batch_of_callbacks_gives_each_slot_to_its_standby(engine: Engine) -> 
     res = _bind(engine, standbys)
     assert len(res.bound) == 3
     # WHEN every holder finishes in one group-commit batch (the set-based end and FREE_MANY)
-    items = [
-        {
-            "task_id": t,
-            "attempt": 1,
-            "outcome": Outcome.FINISHED,
-            "result": None,
-            "error": None,
-            "reported": None,
-        }
-        for t in holders
-    ]
+    items = _finished(holders)
     fins = transaction(engine, finish_many, items=items, now=utcnow(), backoff=NO_BACKOFF)
     assert all(f.code == "applied" for f in fins)
     # THEN the three standbys run, the fourth slot is free
@@ -150,17 +147,7 @@ def test_a_hand_off_never_takes_over_a_slot_that_has_a_standby(engine: Engine, f
     [bound] = _bind(engine, [job()]).bound
     # WHEN the holder with the standby and another end in one hand-off batch with two candidates
     other = next(h for h in holders if h != bound.holder)
-    items = [
-        {
-            "task_id": t,
-            "attempt": 1,
-            "outcome": Outcome.FINISHED,
-            "result": None,
-            "error": None,
-            "reported": None,
-        }
-        for t in (bound.holder, other)
-    ]
+    items = _finished(bound.holder, other)
     c1, c2 = job(), job()
     out = transaction(
         engine,
@@ -189,17 +176,7 @@ def test_a_hand_off_never_takes_over_a_slot_that_has_a_standby(engine: Engine, f
 def test_a_hand_off_batch_with_no_candidate_promotes_the_standby(engine: Engine) -> None:
     holders = _running(engine)
     [bound] = _bind(engine, [job()]).bound
-    items = [
-        {
-            "task_id": t,
-            "attempt": 1,
-            "outcome": Outcome.FINISHED,
-            "result": None,
-            "error": None,
-            "reported": None,
-        }
-        for t in holders[:2] + holders[2:]
-    ]
+    items = _finished(holders)
     out = transaction(
         engine,
         end_and_hand_off,
