@@ -19,10 +19,10 @@ from dispatcher.limits import encode_result
 from dispatcher.loop.group_commit import GroupCommit
 from dispatcher.loop.renewals import Renewals
 from dispatcher.loop.runtime import Runtime, SlotSignals
+from dispatcher.states import Outcome, TaskState
 
 if TYPE_CHECKING:
     from dispatcher.loop.standbys import Standbys
-from dispatcher.states import Outcome, TaskState
 
 log = logging.getLogger("gpuq.dispatcher")
 
