@@ -1,26 +1,12 @@
-"""Standby jobs, the owner's side (``db/standby.py``, ``docs/standby.md``): bind buffered jobs to this
-process's busy slots, send each the moment its slot's holder ends, take back what will not run.
+"""Standby jobs, the owner's side (``db/standby.py``; design, hazards, tests: ``docs/standby.md``): send each
+standby when its slot's holder ends, look for those promoted elsewhere, take back what will not run.
 
-Why: with a hand-off the next request waits for the COMMIT of the transaction that ends the attempt before
-it (15-40 ms from the GPU's callback on the benchmark box). A standby is recorded on the slot before the
-holder ends, so on the holder's final callback the owner POSTs it at once, and the callback's transaction
-(whatever process runs it) gives the slot to it.
-
-Rules that keep a GPU at its slot count and every job run once:
-
-- only this process sends its standbys, each at most once (each leaves ``_by_task`` before it is sent, and
-  ``GpuRequests.start`` never sends one of ours);
-- sent early only on a verified end of exactly the attempt it waits for (``on_end``); sent late when a look
-  at the database (``_look``) finds it promoted by someone else (a callback through another process, a
-  lease sweep), or released at once if it was cancelled meanwhile and never sent;
-- taken back (``unbind``) only while not sent: on a graceful stop, and when its GPU is no longer eligible
-  (drained, unhealthy, fewer slots, another URL) as this process last read it;
-- its own callback before its promotion is committed waits here for the holder's transaction
-  (``wait_promoted``); another process answers it 503 (retry), not 409.
-
-The standby's element stays in this process's processing list (counted as ours in ``HandOffs.in_flight``)
-until the job is sent or taken back: a crash before either leaves a copy that the sweep brings back and the
-database drops as known; the bound row is promoted and, never sent, retried after its lease.
+Why: with a hand-off the next request waits for the COMMIT of the transaction that ends the attempt before it.
+A standby is recorded on the slot before the holder ends, so on the holder's final callback the owner POSTs it
+at once, and the callback's transaction (whatever process runs it) gives the slot to it. Only this process
+sends its standbys, each at most once (each leaves ``_by_task`` before it is sent; ``GpuRequests.start`` never
+sends one of ours); taken back only while not sent. Its element stays in this process's processing list
+(``HandOffs.in_flight``) until it is sent or taken back: after a crash the sweep's copy is dropped as known.
 """
 
 from __future__ import annotations
