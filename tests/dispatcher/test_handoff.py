@@ -52,6 +52,7 @@ class World:
             "bearer_token": BEARER,
             "slots_per_gpu": 2,
             "handoff_buffer": 8,
+            "standby_jobs": True,  # the standby tests step it by hand; the hand-off tests never call step()
             "dispatcher_id": f"t-{uuid.uuid4().hex[:6]}",
         }
         return DispatcherSettings(**(options | extra))
