@@ -10,6 +10,7 @@ listener reads the task's state from the database first, and again when the stre
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Coroutine
@@ -19,14 +20,17 @@ from typing import Any
 import orjson
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from producer.connect import is_cluster
 from producer.keys import Keys
 
 log = logging.getLogger("gpuq.events")
 
 #: Events sent in one pipeline at most.
 _BATCH = 500
+#: On a Redis Cluster (no pipelined PUBLISH): events sent at once at most.
+_CLUSTER_CONCURRENCY = 32
 #: Event names that end a task's stream.
 FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
@@ -73,18 +77,37 @@ class EventPublisher:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-                pipe = self.redis.pipeline(transaction=False)
-                for channel, payload in batch:
-                    pipe.publish(channel, payload)
                 try:
-                    await pipe.execute()
-                except (RedisError, OSError) as exc:
+                    lost, error = await self._send(batch)
+                except (RedisError, RedisClusterException, OSError) as exc:
+                    lost, error = len(batch), str(exc)
+                if lost:
                     log.warning(
-                        "task events not published",
-                        extra={"action": "events", "lost": len(batch), "error": str(exc)},
+                        "task events not published", extra={"action": "events", "lost": lost, "error": error}
                     )
         finally:
             self._flushing = False
+
+    async def _send(self, batch: list[tuple[str, bytes]]) -> tuple[int, str]:
+        """Send ``batch``: how many were lost, and one reason. A cluster's pipeline refuses PUBLISH (redis-py:
+        "blocked when running redis in cluster mode"; every event was lost that way), so there each goes on
+        its own, a few at a time: a PUBLISH on any node reaches the subscribers of every node."""
+        if not is_cluster(self.redis):
+            pipe = self.redis.pipeline(transaction=False)
+            for channel, payload in batch:
+                pipe.publish(channel, payload)
+            await pipe.execute()
+            return 0, ""
+        lost, error = 0, ""
+        for start in range(0, len(batch), _CLUSTER_CONCURRENCY):
+            part = batch[start : start + _CLUSTER_CONCURRENCY]
+            done = await asyncio.gather(*(self.redis.publish(c, p) for c, p in part), return_exceptions=True)
+            for r in done:
+                if isinstance(r, (RedisError, RedisClusterException, OSError)):
+                    lost, error = lost + 1, str(r)
+                elif isinstance(r, BaseException):
+                    raise r
+        return lost, error
 
 
 def publish_sync(client: SyncRedis, keys: Keys, name: str, task_id: str, **fields: Any) -> None:

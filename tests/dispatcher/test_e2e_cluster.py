@@ -8,13 +8,17 @@ takes over and every acknowledged job still finishes exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from dispatcher.queues.task_events import EventPublisher
 from producer import enqueue
+from producer.connect import async_client, initialized
 from producer.errors import QueueUnavailable
 from producer.events import plan, split_payload
 from producer.handler import lambda_handler
@@ -179,3 +183,36 @@ def test_a_wake_up_published_on_one_node_reaches_a_subscriber_on_another(redis_c
             message = sub.get_message(timeout=1)
         sub.close()
     assert message is not None and message["data"] == b"job"
+
+
+def test_task_events_reach_a_subscriber_on_a_cluster(redis_cluster: Cluster) -> None:
+    """Task events go out in batches; a cluster's pipeline refuses PUBLISH, and every event was lost that way
+    (seen in a kill -9 run's log: "Task exception was never retrieved"). Channels over many slots, a listener
+    on one node: each event arrives once."""
+    keys = Keys("gpuq-test-events:")
+    task_ids = [f"ev-{i}" for i in range(60)]
+    with redis_cluster.nodes[1].client() as sub_client:
+        sub = sub_client.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(*(keys.task_events(t) for t in task_ids))
+        for _ in task_ids:  # the subscriptions confirmed
+            sub.get_message(timeout=1)
+
+        async def publish_all() -> None:
+            client = await initialized(async_client(redis_cluster.url, cluster=True))
+            work: list[asyncio.Task[None]] = []
+            events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+            for t in task_ids:
+                events.publish("dispatched", t, attempt=1)
+            while work:
+                await work.pop()
+            await client.aclose()
+
+        asyncio.run(publish_all())
+        got: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(got) < len(task_ids) and time.monotonic() < deadline:
+            message = sub.get_message(timeout=1)
+            if message is not None:
+                got.append(json.loads(message["data"])["task_id"])
+        sub.close()
+    assert sorted(got) == sorted(task_ids)
