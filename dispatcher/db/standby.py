@@ -88,15 +88,20 @@ def bind(
 ) -> BindResult:
     """Record ``candidates`` ((job, pool), oldest first; fresh first attempts) as standbys of this
     dispatcher's busy slots of their pools, the slots whose holders started first taken first, except those
-    of the holders (task, attempt) in ``avoid`` (running long: a standby there was overtaken). Jobs that found
-    no slot are in neither list: the caller keeps them."""
+    of the holders (task, attempt) in ``avoid`` (running long: a standby there was overtaken). Jobs not bound
+    (no slot left, or younger than a known job of their pool) are in neither list: the caller keeps them."""
     out = BindResult([], [])
     if not candidates:
         return out
     ids = [job.task_id for job, _ in candidates]
     known = set(conn.execute(_KNOWN, {"ids": ids}).scalars())
-    fresh = [(job, pool) for job, pool in candidates if job.task_id not in known]
     out.known = [job for job, _ in candidates if job.task_id in known]
+    fresh, stopped = [], set()
+    for job, pool in candidates:  # of each pool, those before its first known job: none overtakes it
+        if job.task_id in known:
+            stopped.add(pool)
+        elif pool not in stopped:
+            fresh.append((job, pool))
     if not fresh:
         return out
     targets: dict[str, list[Any]] = {}

@@ -15,8 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import IntegrityError
 
@@ -26,6 +25,7 @@ from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.standby_binds import Binder, Standby, uncount
+from dispatcher.loop.standby_ends import DeferredEnds, End
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement
 from dispatcher.states import Outcome, TaskState
@@ -57,9 +57,6 @@ OVERTAKE_LIMIT = 2
 #: looks idle to a pass, and taking standbys back then only costs two transactions each (measured: a fifth of
 #: the efficiency workload's CPU per job).
 IDLE_TAKE_BACK_SECONDS = 1.0
-#: Ends of a standby's attempt met before its promotion (a GPU's synchronous answer while the holder's
-#: transaction failed), kept to be applied once it is promoted; at most this many.
-DEFERRED_ENDS_MAX = 10_000
 
 
 class Standbys:
@@ -82,7 +79,7 @@ class Standbys:
         self._gpus_looked = 0.0
         self._ineligible: set[str] = set()  # GPUs last seen out of rotation (or changed): nothing sent early
         self._overtaken: set[str] = set()  # standbys to take back: younger ones overtook them too often
-        self._deferred: dict[str, Callable[[], Coroutine[Any, Any, Any]]] = {}  # task -> its end, again
+        self._deferred = DeferredEnds(rt)
         self.sent = 0  # standbys sent (tests, the log)
 
     def __len__(self) -> int:
@@ -153,21 +150,12 @@ class Standbys:
         if self._overtaken:
             self._kick.set()
 
-    def defer_end(self, task_id: str, again: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        """An end of a standby's attempt that came before its promotion (its holder's transaction failed
-        after the standby was sent): ``again`` once the look finds it promoted. A callback was answered 503
-        as well and may come again: one of the two applies, the other is a repeat."""
-        if not self.enabled:
-            return
-        if len(self._deferred) >= DEFERRED_ENDS_MAX:
-            dropped = next(iter(self._deferred))
-            del self._deferred[dropped]
-            log.warning(
-                "too many ends of standby jobs waiting for their promotion; one left to its lease",
-                extra={"action": "standby", "task_id": dropped},
-            )
-        self._deferred[task_id] = again
-        self._kick.set()
+    def defer_end(self, task_id: str, again: End) -> None:
+        """An end of a standby's attempt that came before its promotion: ``again`` once a look finds it
+        promoted (``standby_ends.py``)."""
+        if self.enabled:
+            self._deferred.add(task_id, again)
+            self._kick.set()
 
     def _send(self, s: Standby) -> None:
         started = time.perf_counter()
@@ -240,7 +228,7 @@ class Standbys:
             self._looked = now
             await self._look()
         if self._deferred:
-            await self._apply_deferred()
+            await self._deferred.apply()
         if self.rt.accepting:
             await self.binder.round(self._record)
 
@@ -287,6 +275,10 @@ class Standbys:
                 elif state == TaskState.CANCELLED.value:
                     await self._drop_cancelled(s)
                 else:  # the database took it over (its lease ran out: retried from there)
+                    log.info(
+                        "standby job taken over by the database",
+                        extra={"action": "standby", "task_id": s.bound.job.task_id, "state": state},
+                    )
                     self._ack(s)
                 left.pop(0)
         finally:
@@ -308,6 +300,10 @@ class Standbys:
         again without using an attempt, and its slot is freed. A standby bound behind it on that GPU must not
         go out early on this end either."""
         self._ineligible.add(s.bound.gpu_id)
+        log.info(
+            "standby job promoted on a GPU out of rotation: not sent, it waits again",
+            extra={"action": "standby", "task_id": s.bound.job.task_id, "gpu_id": s.bound.gpu_id},
+        )
         await self.ends.end_attempt(
             s.bound.job.task_id,
             1,
@@ -331,14 +327,6 @@ class Standbys:
 
     def _ack(self, s: Standby) -> None:
         self.handoffs.settle_later(Settlement(ack=[s.ready.element]), already_counted=True)
-
-    async def _apply_deferred(self) -> None:
-        ids = list(self._deferred)
-        seen = await self.rt.db(states, task_ids=ids)
-        for task_id in ids:
-            if seen.get(task_id, (None, 0))[0] != TaskState.STANDBY.value:
-                again = self._deferred.pop(task_id)
-                self.rt.spawn(again(), f"deferred-end:{task_id}")
 
     def _forget(self, task_id: str) -> Standby | None:
         s = self._by_task.pop(task_id, None)
@@ -383,6 +371,14 @@ class Standbys:
             # looked up before it is placed. A bound one never sent runs after its slot's lease.
             self._back_to_buffer(items)
             raise
+        log.info(
+            "standby jobs taken back",
+            extra={
+                "action": "standby",
+                "count": len(items),
+                "task_ids": [s.bound.job.task_id for s in items][:20],
+            },
+        )
         # promoted before we took it back: ours to send (or refund); taken back: to the buffer; ...
         await self._settle(items, {t: (state, 1) for t, state in after.items()})
 

@@ -3,6 +3,7 @@ the stores."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ class Stack:
             "RETRY_BACKOFF_SECONDS": "0.05",
             "GPU_PROBE_SECONDS": "0.5",
         }
+        if os.environ.get("GPUQ_TEST_STANDBY_JOBS"):  # the whole suite with standby jobs on (or off)
+            env["STANDBY_JOBS"] = os.environ["GPUQ_TEST_STANDBY_JOBS"]
         if self.cluster:
             env["REDIS_CLUSTER"] = "true"
         if fleet is not None:

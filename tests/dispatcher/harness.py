@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, bindparam, text
 from sqlalchemy.exc import OperationalError
 
 from dispatcher import testing
@@ -93,7 +93,38 @@ def wait_final(
         c = states(engine, ids)
         return sum(c[s] for s in final) == len(ids)
 
-    wait_for(done, timeout, 0.1, what=lambda: f"all {len(ids)} tasks final; now {dict(states(engine, ids))}")  # type: ignore[arg-type]
+    def what() -> str:
+        return f"all {len(ids)} tasks final; now {dict(states(engine, ids))}; {stuck(engine, ids, final)}"
+
+    wait_for(done, timeout, 0.1, what=what)  # type: ignore[arg-type]
+
+
+def stuck(engine: Engine, ids: list[str], final: tuple[str, ...] = ("finished",), most: int = 5) -> str:
+    """The rows and attempt history of a few tasks not yet final: what a timed-out wait needs to be
+    understood from a CI log alone (a flaky test is a bug, and its logs may be gone)."""
+    wanted = set(ids)
+    with engine.connect() as conn:
+        rows = [
+            r
+            for r in conn.execute(
+                text(
+                    "SELECT task_id, state, attempt, dispatcher_id, gpu_id, slot_index, run_after,"
+                    " fetched_attempt, updated_at FROM tasks WHERE state NOT IN :final"
+                ).bindparams(bindparam("final", expanding=True)),
+                {"final": list(final)},
+            )
+            if r.task_id in wanted
+        ][:most]
+        out = []
+        for r in rows:
+            history = conn.execute(
+                text("SELECT * FROM attempts WHERE task_id = :t ORDER BY started_at"), {"t": r.task_id}
+            ).all()
+            slot = conn.execute(
+                text("SELECT * FROM slots WHERE task_id = :t OR next_task_id = :t"), {"t": r.task_id}
+            ).all()
+            out.append(f"{tuple(r)} attempts={[tuple(h) for h in history]} slots={[tuple(s) for s in slot]}")
+    return "not final: " + "; ".join(out)
 
 
 def redis_leftovers(rds: redis.Redis, prefix: str, queues: list[str]) -> dict[str, int]:

@@ -237,13 +237,15 @@ def test_bind_takes_only_its_own_busy_slots_of_eligible_gpus_once_each(engine: E
     _invariant(engine)
 
 
-def test_bind_refuses_a_known_task_id_before_anything_is_recorded(engine: Engine) -> None:
+def test_bind_refuses_a_known_task_id_and_binds_no_younger_job_of_its_pool(engine: Engine) -> None:
     holders = _running(engine)
     known = Job(task_id=holders[0], type="t", queue="q")
-    fresh = job()
-    res = _bind(engine, [known, fresh])
+    older, younger = job(), job()
+    res = _bind(engine, [older, known, younger])
     assert [j.task_id for j in res.known] == [holders[0]]
-    assert [b.job.task_id for b in res.bound] == [fresh.task_id]
+    # the younger job is left to the caller with the known one: bound, it would start before that one is
+    # looked up (and placed, if it is a copy of a job waiting again)
+    assert [b.job.task_id for b in res.bound] == [older.task_id]
     _invariant(engine)
 
 
