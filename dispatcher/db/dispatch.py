@@ -129,6 +129,24 @@ def _claim_all(
     return got
 
 
+def _live_copies_first(items: list[tuple[Job, str]], existing: dict[str, Any]) -> list[tuple[Job, str]]:
+    """Copies of one task in one batch (one left behind with its first attempt, and the retry put back in
+    Redis): the copy whose attempt the row has first, to be judged first and the rest as repeats of it.
+    Judged in the batch's order, the stale copy was dropped and the live one with it as a repeat: the task
+    stayed ``queued`` for good (a kill test with standbys on). The batch's order is kept otherwise."""
+    first: dict[str, int] = {}
+    for i, (job, _) in enumerate(items):
+        first.setdefault(job.task_id, i)
+    if len(first) == len(items):
+        return items
+
+    def key(item: tuple[Job, str]) -> tuple[int, bool]:
+        row = existing.get(item[0].task_id)
+        return first[item[0].task_id], row is not None and row.attempt != item[0].attempt
+
+    return sorted(items, key=key)
+
+
 def _triage(
     conn: Connection,
     out: DispatchResult,
@@ -143,6 +161,7 @@ def _triage(
     """Sort out copies of known tasks, our own unacknowledged attempts and scheduled jobs; the rest run."""
     seen: dict[str, Job] = {}
     runnable: list[tuple[Job, str]] = []
+    items = _live_copies_first(items, existing)
     for job, pool in items:
         row = existing.get(job.task_id)
         first = seen.get(job.task_id)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -64,6 +65,7 @@ from dispatcher.db.snapshot import (
     snapshot,
     snapshot_ending,
 )
+from dispatcher.db.standby import Bound, NextBind, bind_next_statements, next_bound
 from dispatcher.loop.placement import capacity
 from producer.job import Job
 
@@ -77,6 +79,9 @@ class HandOff:
     free: dict[str, int] = field(default_factory=dict)
     # Pools that had a free slot right after the attempts ended: slots are being freed there.
     freed_pools: set[str] = field(default_factory=set)
+    # The next standbys recorded on slots this transaction gave to standbys sent early (``binds``).
+    bound: list[Bound] = field(default_factory=list)
+    more_rows: list[Any] = field(default_factory=list)  # what the last statement sent after the free read
 
 
 def end_and_hand_off(
@@ -93,16 +98,25 @@ def end_and_hand_off(
     rng: random.Random,
     fold: bool = True,
     fold_bytes: int = FOLD_BYTES,
+    binds: Sequence[NextBind] = (),
 ) -> HandOff:
     """End ``items`` (see ``finish_many``); then, if a slot was freed, place as many ``candidates``
     ((job, pool), oldest first) as the pools have room for. Candidates not placed are in ``result.unplaced``
     or not in the result at all (their pool had no room): the caller keeps them. ``fold`` False: the end,
     its history, the free and the snapshot one after the other, as before ``_end_folded`` (benchmarks,
-    tests)."""
+    tests). ``binds``: standbys to record on the slots of standbys sent early, once this transaction has
+    promoted those (``db/standby.py``), in a batch with no candidates; otherwise none is bound."""
     if not candidates:  # nothing to hand off: end, free, and count the room for the loop
-        return _end_and_free(
-            conn, items=items, now=now, backoff=backoff, fold=fold, lease_seconds=lease_seconds
+        more = (
+            bind_next_statements(conn, binds, dispatcher_id=dispatcher_id, max_attempts=max_attempts, now=now)
+            if binds
+            else []
         )
+        out = _end_and_free(
+            conn, items=items, now=now, backoff=backoff, fold=fold, lease_seconds=lease_seconds, more=more
+        )
+        out.bound = next_bound(binds, out.more_rows) if binds else []
+        return out
     seen: EndingView | None = None
     ids = [item["task_id"] for item in items]
     after = [(SNAPSHOT_ENDING, {"ending": ids})]
@@ -239,11 +253,13 @@ def _end_and_free(
     backoff: Backoff,
     fold: bool,
     lease_seconds: float,
+    more: list[tuple[Any, dict[str, Any]]],
 ) -> HandOff:
     """A batch with no job to hand off: end the attempts, free their slots and count the room left for the
     loop. Folded: the end, history, free and snapshot in one round trip; the free, like the history, only
-    touches what this transaction ended, so the snapshot after it is right whatever applied."""
-    after = [_free_ended(items, now, lease_seconds), (PROMOTE_TASKS, {"now": now}), (SNAPSHOT, {})]
+    touches what this transaction ended, so the snapshot after it is right whatever applied. ``more`` go
+    out after them, in the same round trip (the rows of the last in ``more_rows``)."""
+    after = [_free_ended(items, now, lease_seconds), (PROMOTE_TASKS, {"now": now}), (SNAPSHOT, {}), *more]
     folded = (
         _end_folded(conn, items=items, now=now, backoff=backoff, after=after, commit=may_commit(conn))
         if fold
@@ -252,9 +268,13 @@ def _end_and_free(
     if folded is not None:
         out = HandOff(folded[0])
         view = free_view(folded[2][2].rows)
+        if more:
+            out.more_rows = folded[2][-1].rows
     else:
         out = HandOff(finish_many(conn, items=items, now=now, backoff=backoff, lease_seconds=lease_seconds))
         view = snapshot(conn) if any(f.freed for f in out.finishes) else []
+        if more:
+            out.more_rows = pipeline(conn, more)[-1].rows
     if any(f.freed for f in out.finishes):
         out.free = {pool: n for pool, n in capacity(view).items() if n > 0}
         out.freed_pools = set(out.free)

@@ -182,15 +182,18 @@ _STATES = text("SELECT task_id, state, attempt FROM tasks WHERE task_id IN :ids"
 )
 
 
-def unbind(conn: Connection, *, task_ids: list[str], dispatcher_id: str, now: datetime) -> dict[str, str]:
-    """Take back standbys of this dispatcher that it has not sent; returns each one's state after: ``queued``
-    (taken back: place it again), ``processing`` (promoted first: the owner must send it), ``cancelled``
-    (promoted or not, it is the cancel's), or absent (not ours)."""
+def unbind(
+    conn: Connection, *, task_ids: list[str], dispatcher_id: str, now: datetime
+) -> dict[str, tuple[str, int]]:
+    """Take back standbys of this dispatcher that it has not sent; returns each one's state and attempt
+    after: ``queued`` at 0 (taken back: place it again), ``processing`` at 1 (promoted first: the owner must
+    send it), ``cancelled`` (promoted or not, it is the cancel's), another (the database took it over: its
+    lease ran out), or absent (not ours)."""
     if not task_ids:
         return {}
     conn.execute(_UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
     conn.execute(_UNBIND_TASKS, {"ids": task_ids, "now": now})
-    return {r.task_id: r.state for r in conn.execute(_STATES, {"ids": task_ids})}
+    return states(conn, task_ids=task_ids)
 
 
 def drop_cancelled(
@@ -224,3 +227,85 @@ def eligible_slots(conn: Connection, *, slots_of: list[tuple[str, int, str]]) ->
     rows = conn.execute(_ELIGIBLE, {"gpus": sorted({g for g, _, _ in slots_of})})
     ok = {(r.gpu_id, r.slot_index): r.url for r in rows}
     return {(g, i) for g, i, url in slots_of if ok.get((g, i)) == url}
+
+
+@dataclass(slots=True, frozen=True)
+class NextBind:
+    """A standby to record, in the transaction that promotes ``holder`` (a standby sent early) onto slot
+    (``gpu_id``, ``slot_index``), as that slot's next one: bound the moment its holder starts, never late."""
+
+    job: Job
+    pool: str
+    gpu_id: str
+    slot_index: int
+    holder: str
+    url: str
+
+
+_NEXT_COLUMNS = ("gpu_id", "slot_index", "holder", "task_id", "url")
+_ROW_COLUMNS = ("task_id", "queue", "type", "pool", "priority", "data", "enqueued_at")
+
+
+def bind_next_statements(
+    conn: Connection, binds: Sequence[NextBind], *, dispatcher_id: str, max_attempts: int, now: datetime
+) -> list[tuple[Any, dict[str, Any]]]:
+    """``bind`` for standbys whose slots are known, as statements to send after the free that promotes their
+    holders, in its transaction (in the same round trip where the connection allows it): the binding (only
+    where the holder got the slot, the slot has no standby, the GPU is eligible at the URL it was sent to,
+    and the job's id is unknown), the task rows of the jobs bound, and which were (``_WON``'s rows, last).
+    No answer is needed between them, so nothing here waits for the database."""
+    mysql = conn.dialect.name in ("mysql", "mariadb")
+    picks = [
+        {
+            "gpu_id": b.gpu_id,
+            "slot_index": b.slot_index,
+            "holder": b.holder,
+            "task_id": b.job.task_id,
+            "url": b.url,
+        }
+        for b in sorted(binds, key=lambda b: (b.gpu_id, b.slot_index))  # one lock order for every claimer
+    ]
+    derived, params, stamps = _rows(picks, _NEXT_COLUMNS)
+    binary = "BINARY " if mysql else ""  # byte for byte, as the claim's URL check (batch.SAME_URL_MYSQL)
+    bind_sql = _update_join(
+        conn,
+        table="slots",
+        derived=derived,
+        on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
+        sets=[("next_task_id", "c.task_id"), ("next_attempt", "1"), ("next_dispatcher_id", ":me")],
+        where="t.task_id = c.holder AND t.attempt = 1 AND t.next_task_id IS NULL"  # noqa: S608 - see below
+        " AND t.dispatcher_id = :me AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.task_id = c.task_id)"
+        f" AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND {binary}g.url = {binary}c.url"
+        " AND g.state = 'active' AND g.healthy = 1 AND t.slot_index < g.slots)",
+    )
+    rows = [new_row(b.job, b.pool, max_attempts, now) for b in binds]
+    row_derived, row_params, row_stamps = _rows(rows, _ROW_COLUMNS)
+    # Only this module's column names and :placeholders go into the SQL; values are bound.
+    insert_sql = (
+        "INSERT INTO tasks (task_id, queue, type, pool, priority, data, enqueued_at, max_attempts,"  # noqa: S608
+        " created_at, state, attempt, gpu_id, slot_index, dispatcher_id, updated_at)"
+        " SELECT c.task_id, c.queue, c.type, c.pool, c.priority, c.data, c.enqueued_at, :max_attempts, :now,"
+        f" '{TaskState.STANDBY.value}', 1, s.gpu_id, s.slot_index, :me, :now FROM ({row_derived}) c"
+        " JOIN slots s ON s.next_task_id = c.task_id AND s.next_dispatcher_id = :me"
+        " WHERE NOT EXISTS (SELECT 1 FROM tasks k WHERE k.task_id = c.task_id)"
+    )
+    ids = [b.job.task_id for b in binds]
+    return [
+        (statement(bind_sql, stamps=stamps), params | {"me": dispatcher_id}),
+        (
+            statement(insert_sql, stamps=[*row_stamps, "now"]),
+            row_params | {"me": dispatcher_id, "max_attempts": max_attempts, "now": now},
+        ),
+        (_WON, {"ids": ids, "me": dispatcher_id}),
+    ]
+
+
+def next_bound(binds: Sequence[NextBind], won_rows: Any) -> list[Bound]:
+    """The ``Bound`` of each of ``binds`` that ``bind_next_statements`` bound (its last statement's rows)."""
+    won = {r.next_task_id: r for r in won_rows}
+    out = []
+    for b in binds:
+        w = won.get(b.job.task_id)
+        if w is not None:
+            out.append(Bound(b.job, b.pool, w.gpu_id, w.slot_index, b.url, w.task_id, w.attempt))
+    return out

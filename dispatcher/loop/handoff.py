@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +39,8 @@ from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement, Taken
 
 if TYPE_CHECKING:
+    from dispatcher.db.standby import Bound
+    from dispatcher.loop.standby_binds import NextJob
     from dispatcher.loop.standbys import Standbys
 
 log = logging.getLogger("gpuq.dispatcher")
@@ -72,8 +75,16 @@ class HandOffs:
         extra, mark = self.wake.deferred()
         candidates = self.buffer.pop_each(len(items), self._freeing(items), extra) if rt.accepting else []
         self.in_flight.update(r.element for r in candidates)
+        # Standbys sent early on these ends: their slots' next standbys are bound in this same transaction
+        # (only in a batch with no candidates, the one kind that can: ``end_and_hand_off``).
+        nexts: list[NextJob] = []
+        if self.standbys is not None:
+            if rt.accepting and not candidates:
+                nexts = self.standbys.take_next(items)
+            elif any(self.standbys.covers(i["task_id"], i["attempt"]) for i in items):
+                self.standbys.kick()  # their slots' next standbys: a round's
         try:
-            return await self._end(items, candidates, mark)
+            return await self._end(items, candidates, mark, nexts)
         finally:
             # Placed or given back, they are no longer out: room a pass deferred for their pools goes back
             # to the loop (once no other hand-off holds jobs of the pool).
@@ -95,25 +106,32 @@ class HandOffs:
             out[pool] += 1
         return dict(out)
 
-    async def _end(self, items: list[dict[str, Any]], candidates: list[Ready], mark: int) -> list[Finish]:
+    async def _end(
+        self, items: list[dict[str, Any]], candidates: list[Ready], mark: int, nexts: list[NextJob]
+    ) -> list[Finish]:
         rt = self.rt
         started = time.perf_counter()
         reconnects = rt.hot.reconnects
         check = any(r.check for r in candidates)
         try:
             try:
-                out: HandOff = await self._hand_off(items, candidates, check=check)
+                out: HandOff = await self._hand_off(items, candidates, check=check, nexts=nexts)
             except IntegrityError:
                 if check:
                     raise
                 # A candidate is known already (cancelled while it waited, a copy): its fresh row's INSERT
                 # failed and rolled the transaction back. Run again looking first, as a pass does
                 # (placing.py), rather than end the attempts without a hand-off and log it as a failure.
+                # Next standbys are not bound again (a copy of one of them may be what failed).
+                self._nexts_done(nexts, [], suspect=True)
+                nexts = []
                 out = await self._hand_off(items, candidates, check=True)
         except StoreUnavailable:
             self._return(candidates, suspect=True)
+            self._nexts_done(nexts, [], suspect=True)
             raise
         except Exception:
+            self._nexts_done(nexts, [], suspect=True)
             if not candidates:
                 raise
             # The hand-off must not fail the callback: end the attempts on their own.
@@ -129,6 +147,7 @@ class HandOffs:
             if any(f.freed for f in fins):
                 self.wake.slot_freed()
             return fins
+        self._nexts_done(nexts, out.bound, suspect=rt.hot.reconnects != reconnects)
         self.buffer.demand(out.freed_pools)
         if out.freed_pools:  # its transaction counted every pool's free slots, after the room the loop left
             self.wake.counted(mark)
@@ -142,8 +161,17 @@ class HandOffs:
             self.wake.refill()
         return out.finishes
 
+    def _nexts_done(self, nexts: list[NextJob], bound: list[Bound], *, suspect: bool) -> None:
+        if nexts and self.standbys is not None:
+            self.standbys.next_done(nexts, bound, suspect=suspect)
+
     async def _hand_off(
-        self, items: list[dict[str, Any]], candidates: list[Ready], *, check: bool
+        self,
+        items: list[dict[str, Any]],
+        candidates: list[Ready],
+        *,
+        check: bool,
+        nexts: Sequence[NextJob] = (),
     ) -> HandOff:
         rt = self.rt
         return await rt.db_hot(
@@ -158,6 +186,7 @@ class HandOffs:
             max_attempts=rt.settings.max_attempts,
             rng=rt.rng,
             fold_bytes=rt.limits.batch_bytes // 2,  # the jobs' data, escaped, stays within a statement
+            binds=[n.bind for n in nexts],
         )
 
     def _started(self, out: HandOff, candidates: list[Ready], started: float, suspect: bool = False) -> int:

@@ -133,7 +133,7 @@ class Placing:
         settlement.park += _parked(h.buffer.add(keep))
         await rt.intake.settle(settlement)
         if h.standbys is not None and len(h.buffer):
-            h.standbys.kick()  # jobs waiting: bind them to busy slots
+            h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
         self._idle(left)
         return True
 

@@ -34,6 +34,7 @@ from producer.job import Job
 BY_LOOP = "loop"
 BY_HANDOFF = "handoff"
 BY_STANDBY = "standby"  # a bind of standby jobs (standbys.py)
+BY_NEXT = "next"  # the next standbys of slots a group-commit batch promotes (standby_binds.take_next)
 
 #: A pool counts as in demand this long after this process last saw one of its slots freed.
 DEMAND_SECONDS = 2.0

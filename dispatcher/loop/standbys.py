@@ -1,11 +1,11 @@
 """Standby jobs, the owner's side (``db/standby.py``; design, hazards, tests: ``docs/standby.md``): send each
 standby when its slot's holder ends, look for those promoted elsewhere, take back what will not run.
 
-Why: with a hand-off the next request waits for the COMMIT of the transaction that ends the attempt before it.
-A standby is recorded on the slot before the holder ends, so on the holder's final callback the owner POSTs it
-at once, and the callback's transaction (whatever process runs it) gives the slot to it. Only this process
-sends its standbys, each at most once (each leaves ``_by_task`` before it is sent; ``GpuRequests.start`` never
-sends one of ours); taken back only while not sent. Its element stays in this process's processing list
+Why: a hand-off's next request waits for the COMMIT that ends the attempt before it. A standby is recorded on
+the slot before its holder ends: the owner POSTs it on the holder's final callback, whose transaction (any
+process's) gives it the slot and binds the slot's next standby (``take_next``). Only this process sends its
+standbys, each at most once (each leaves ``_by_task`` before it is sent; ``GpuRequests.start`` never sends one
+of ours); taken back only while not sent. Its element stays in this process's processing list
 (``HandOffs.in_flight``) until it is sent or taken back: after a crash the sweep's copy is dropped as known.
 """
 
@@ -15,16 +15,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.standby import drop_cancelled, eligible_slots, states, unbind
+from dispatcher.db.standby import Bound, drop_cancelled, eligible_slots, states, unbind
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.runtime import Runtime
-from dispatcher.loop.standby_binds import Binder, Standby, uncount
+from dispatcher.loop.standby_binds import Binder, NextJob, Standby, note, uncount
 from dispatcher.loop.standby_ends import DeferredEnds, End
 from dispatcher.loop.wakeups import Wakeups
 from dispatcher.queues.intake import Settlement
@@ -41,10 +42,8 @@ LOOK_SECONDS = 0.05
 #: A GPU drained, moved or shrunk by an operator (another process) gets no standby sent after this long; one
 #: this process takes out of rotation, at once.
 GPU_LOOK_SECONDS = 0.25
-#: One round (look, bind) at most this often: kicks come with every callback, and a bind round costs a
-#: transaction on the pool's thread; spaced, each round binds more jobs at once. Not more: a standby bound
-#: after its holder ended is no standby (at 20 ms, 29-49 % of 40-100 ms jobs were refilled the slow way, and
-#: used more CPU, not less; bench/RESULTS.md).
+#: One round (look, bind) at most this often: each costs a transaction; spaced, each binds more at once. Not
+#: more: at 20 ms, 29-49 % of 40-100 ms jobs were refilled the slow way, at more CPU (bench/RESULTS.md).
 ROUND_SECONDS = 0.005
 #: How long a standby's own callback waits here for its promotion (the holder's transaction) to commit.
 PROMOTION_WAIT_SECONDS = 5.0
@@ -52,10 +51,8 @@ PROMOTION_WAIT_SECONDS = 5.0
 #: whichever is more (its slot's job runs long), is taken back and bound again elsewhere: with the buffer and
 #: one standby per slot, the bound on how far a job can fall behind younger ones (README "Standby jobs").
 OVERTAKE_LIMIT = 2
-#: A pass with free slots and nothing to put there takes back standbys bound longer ago than this (their
-#: holders run long). Younger ones are left: at saturation a slot freed a moment before its standby was bound
-#: looks idle to a pass, and taking standbys back then only costs two transactions each (measured: a fifth of
-#: the efficiency workload's CPU per job).
+#: A pass with free slots and nothing for them takes back standbys bound longer ago than this (behind long
+#: jobs); younger ones look idle only for a moment at saturation (taken back: a fifth more CPU per job).
 IDLE_TAKE_BACK_SECONDS = 1.0
 
 
@@ -86,7 +83,7 @@ class Standbys:
         return len(self._by_task)
 
     def kick(self) -> None:
-        """Something changed (jobs buffered, jobs started here, a slot's standby used): bind again soon."""
+        """A busy slot of ours may lack a standby (a job started here, a chain broken): bind again soon."""
         if self.enabled:
             self.binder.targets = True
             self._kick.set()
@@ -102,9 +99,8 @@ class Standbys:
     # -- the holder's end ---------------------------------------------------------------------------------
 
     def on_end(self, task_id: str, attempt: int) -> Standby | None:
-        """Attempt ``attempt`` of ``task_id`` is ending here (a verified callback, the GPU's answer, a lease
-        sweep): send the standby waiting for its slot now, before the transaction that ends it. Returned, to
-        be passed to ``ended`` when that transaction is over."""
+        """This attempt ends here (a verified callback, the GPU's answer): send its slot's standby now, before
+        the transaction that ends it; returned, for ``ended`` when that transaction is over."""
         s = self._by_holder.get((task_id, attempt))
         if s is None or s.bound.gpu_id in self._ineligible:  # the look takes it back (or refunds it)
             return None
@@ -113,33 +109,50 @@ class Standbys:
         self._early_holders.add((task_id, attempt))
         self._send(s)
         self.handoffs.buffer.demand([s.bound.pool])  # the pool's slots are turning over here: keep it fed
-        self.kick()
-        return s
+        return s  # its slot's next standby: bound by the group commit (``take_next``), else a round's
+
+    def take_next(self, items: list[dict[str, Any]]) -> list[NextJob]:
+        """Jobs to bind next on the slots a group-commit batch of these ends gives our early standbys."""
+        ending = {(item["task_id"], item["attempt"]) for item in items}
+        early = [s for s in self._early.values() if (s.bound.holder, s.bound.holder_attempt) in ending]
+        nexts = self.binder.take_next(early) if early else []
+        if len(nexts) < len(early):
+            self.kick()  # slots that will have no standby: a round binds them
+        return nexts
+
+    def next_done(self, nexts: list[NextJob], bound: list[Bound], *, suspect: bool) -> None:
+        self.binder.next_done(nexts, bound, self._record, suspect=suspect)
+        if len(bound) < len(nexts):
+            self.kick()
+
+    def jobs_waiting(self) -> None:
+        """Jobs came into the buffer: a round, if a busy slot of ours may lack a standby (``kick``)."""
+        if self.enabled and self.binder.targets:
+            self._kick.set()
 
     def ended(self, s: Standby) -> None:
-        """The holder's transaction is over (committed or failed): the standby's own callback may go on."""
+        """The holder's transaction is over (committed or not): the standby's own reports may go on."""
         self._early.pop(s.bound.job.task_id, None)
         self._early_holders.discard((s.bound.holder, s.bound.holder_attempt))
         s.promoted.set()
 
     async def wait_promoted(self, task_id: str) -> None:
-        """A callback (or answer) for a standby sent early: wait until its holder's end is committed, so it
-        finds the attempt current. Bounded: a store failure leaves the row ``standby``, answered 503."""
+        """A standby sent early reports: wait for its holder's end to commit (bounded: a store failure
+        leaves it ``standby``, answered 503)."""
         s = self._early.get(task_id)
         if s is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.promoted.wait(), PROMOTION_WAIT_SECONDS)
 
     def gpu_down(self, gpu_id: str) -> None:
-        """This process took ``gpu_id`` out of rotation: send nothing there any more; look at once."""
+        """This process took ``gpu_id`` out of rotation: nothing more is sent there; look at once."""
         if self.enabled:
             self._ineligible.add(gpu_id)
             self._gpus_looked = 0.0
             self._kick.set()
 
     def room_idle(self, idle: dict[str, int]) -> None:
-        """A pass found free slots in these pools and no job to put there: the oldest standbys of each bound
-        long ago (behind jobs still running long) are taken back to take them instead."""
+        """Free slots a pass had nothing for: standbys bound long ago (behind long jobs) go there."""
         if not self.enabled:
             return
         long_ago = time.monotonic() - IDLE_TAKE_BACK_SECONDS
@@ -253,12 +266,11 @@ class Standbys:
             changed, {t: seen.get(t, (None, 0)) for t in (s.bound.job.task_id for s in changed)}
         )
 
-    async def _settle(self, items: list[Standby], after: dict[str, tuple[str | None, int]]) -> None:
-        """Standbys no longer in memory whose row is no longer ``standby`` (or that were taken back): each is
-        sent, refunded, released, acknowledged or given back to the buffer. What this cannot finish (a store
-        error) is never left in nobody's hands: a job taken back goes to the buffer, any other is held here
-        again for the next look to settle (given to the buffer, a promoted one would be sent by a pass's
-        "mine" path without a look at its GPU)."""
+    async def _settle(self, items: list[Standby], after: Mapping[str, tuple[str | None, int]]) -> None:
+        """Standbys whose row is no longer ``standby`` (or taken back): each sent, refunded, released,
+        acknowledged or given back to the buffer. What a store error leaves undone: a job taken back goes to
+        the buffer, any other is held again for the next look (buffered, a promoted one would be sent by a
+        pass's "mine" path without a look at its GPU)."""
         left, back = list(items), []
         try:
             promoted = [s for s in left if after.get(s.bound.job.task_id) == (TaskState.PROCESSING.value, 1)]
@@ -268,24 +280,21 @@ class Standbys:
                 state, _ = after.get(s.bound.job.task_id, (None, 0))
                 if s in promoted and (s.bound.gpu_id, s.bound.slot_index) in ok:
                     self._send(s)
+                    self.kick()  # its slot now lacks a standby
                 elif s in promoted:
                     await self._refund(s)
-                elif state in (None, TaskState.QUEUED.value):  # taken back: placed the usual way
+                elif _taken_back(after, s):  # placed the usual way
                     back.append(s)
                 elif state == TaskState.CANCELLED.value:
                     await self._drop_cancelled(s)
                 else:  # the database took it over (its lease ran out: retried from there)
-                    log.info(
-                        "standby job taken over by the database",
-                        extra={"action": "standby", "task_id": s.bound.job.task_id, "state": state},
-                    )
+                    note("standby job taken over by the database", [s], state=state)
                     self._ack(s)
                 left.pop(0)
         finally:
-            queued = (None, TaskState.QUEUED.value)
-            back += [s for s in left if after.get(s.bound.job.task_id, (None, 0))[0] in queued]
+            back += [s for s in left if _taken_back(after, s)]
             for s in left:
-                if after.get(s.bound.job.task_id, (None, 0))[0] not in queued:
+                if not _taken_back(after, s):
                     self._record(s)
             self._back_to_buffer(sorted(back, key=lambda s: s.seq))  # in their order: oldest first
 
@@ -300,9 +309,8 @@ class Standbys:
         again without using an attempt, and its slot is freed. A standby bound behind it on that GPU must not
         go out early on this end either."""
         self._ineligible.add(s.bound.gpu_id)
-        log.info(
-            "standby job promoted on a GPU out of rotation: not sent, it waits again",
-            extra={"action": "standby", "task_id": s.bound.job.task_id, "gpu_id": s.bound.gpu_id},
+        note(
+            "standby job promoted on a GPU out of rotation: not sent, it waits again", [s], gpu=s.bound.gpu_id
         )
         await self.ends.end_attempt(
             s.bound.job.task_id,
@@ -371,16 +379,9 @@ class Standbys:
             # looked up before it is placed. A bound one never sent runs after its slot's lease.
             self._back_to_buffer(items)
             raise
-        log.info(
-            "standby jobs taken back",
-            extra={
-                "action": "standby",
-                "count": len(items),
-                "task_ids": [s.bound.job.task_id for s in items][:20],
-            },
-        )
-        # promoted before we took it back: ours to send (or refund); taken back: to the buffer; ...
-        await self._settle(items, {t: (state, 1) for t, state in after.items()})
+        note("standby jobs taken back", items)  # promoted first: sent (or refunded); else to the buffer
+        await self._settle(items, after)
+        self.kick()  # their slots lack a standby again
 
     def _back_to_buffer(self, items: list[Standby]) -> None:
         if not items:
@@ -390,3 +391,10 @@ class Standbys:
         uncount(self.handoffs, [s.ready for s in items])
         self.handoffs.buffer.put_back([s.ready for s in items])
         self.wake.look_now()
+
+
+def _taken_back(after: Mapping[str, tuple[str | None, int]], s: Standby) -> bool:
+    """Taken back (``unbind``: queued at attempt 0): its job to the buffer. Queued later is the database's
+    retry, in Redis already (buffered too, a pass met both copies and dropped both: a kill test)."""
+    state, attempt = after.get(s.bound.job.task_id, (None, 0))
+    return state is None or (state == TaskState.QUEUED.value and attempt == 0)

@@ -19,8 +19,9 @@ from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
+from dispatcher.db.pipeline import hot_engine
 from dispatcher.db.schema import slots, tasks
-from dispatcher.db.standby import bind, unbind
+from dispatcher.db.standby import NextBind, bind, unbind
 from dispatcher.states import GpuState, Outcome
 from producer.job import Job
 from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job, place
@@ -266,7 +267,7 @@ def test_unbind_puts_the_job_back_to_be_placed_once(engine: Engine) -> None:
     # b's holder ends first: b is promoted, a is still a standby
     end_attempt(engine, res.bound[1].holder)
     out = transaction(engine, unbind, task_ids=[a.task_id, b.task_id], dispatcher_id="d1", now=utcnow())
-    assert out == {a.task_id: "queued", b.task_id: "processing"}
+    assert out == {a.task_id: ("queued", 0), b.task_id: ("processing", 1)}
     row = _task(engine, a.task_id)
     assert (row.state, row.attempt, row.gpu_id, row.slot_index) == ("queued", 0, None, None)
     assert all(s.next_task_id is None for s in _slots(engine).values())
@@ -293,3 +294,91 @@ def test_a_cancelled_standby_keeps_its_binding_and_holds_the_slot_like_a_cancell
     _invariant(engine)
     assert transaction(engine, release_cancelled, task_id=bound.job.task_id, attempt=1)
     assert _slots(engine)[(bound.gpu_id, bound.slot_index)].task_id is None
+
+
+def _end_binding(engine: Engine, items: list[dict[str, Any]], binds: list[NextBind], hot: bool) -> Any:
+    """One group-commit batch with no candidates that binds ``binds``; on a hot connection (several
+    statements per query, MariaDB) the binding goes out in the end's own round trip."""
+    args: dict[str, Any] = {
+        "items": items,
+        "now": utcnow(),
+        "backoff": NO_BACKOFF,
+        "candidates": [],
+        "check_existing": False,
+        "dispatcher_id": "d1",
+        "lease_seconds": 60,
+        "max_attempts": 3,
+        "rng": random.Random(1),
+        "binds": binds,
+    }
+    if not hot:
+        return transaction(engine, end_and_hand_off, **args)
+    h = hot_engine(engine, pool_size=1)
+    try:
+        with h.connect() as conn, conn.begin():
+            return end_and_hand_off(conn, **args)
+    finally:
+        if h is not engine:
+            h.dispose()
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["plain", "hot"])
+def test_the_transaction_that_promotes_a_standby_binds_the_next_one_on_its_slot(
+    engine: Engine, hot: bool
+) -> None:
+    # GIVEN d1's four running jobs, a standby on one of them
+    holders = _running(engine)
+    [s] = _bind(engine, [job()]).bound
+    nxt, other = job(), job()
+    elsewhere = next(h for h in holders if h != s.holder)
+    on_s = NextBind(nxt, "default", s.gpu_id, s.slot_index, s.job.task_id, s.url)
+    # ... and a next job for a slot whose holder is not promoted by this batch (it is not the slot's holder)
+    wrong = NextBind(other, "default", s.gpu_id, s.slot_index, elsewhere, s.url)
+    # WHEN the standby's holder ends in a batch with no candidates
+    out = _end_binding(engine, _finished(s.holder), [on_s, wrong], hot)
+    # THEN the standby holds the slot and the next job is bound on it, recorded as a standby of that slot
+    assert [(b.job.task_id, b.holder, b.holder_attempt) for b in out.bound] == [
+        (nxt.task_id, s.job.task_id, 1)
+    ]
+    slot = _slots(engine)[(s.gpu_id, s.slot_index)]
+    assert (slot.task_id, slot.next_task_id, slot.next_dispatcher_id) == (s.job.task_id, nxt.task_id, "d1")
+    row = _task(engine, nxt.task_id)
+    assert (row.state, row.attempt, row.gpu_id, row.slot_index) == ("standby", 1, s.gpu_id, s.slot_index)
+    assert _task(engine, s.job.task_id).state == "processing"
+    with engine.connect() as conn:
+        assert conn.execute(select(tasks).where(tasks.c.task_id == other.task_id)).first() is None
+    _invariant(engine)
+    # and when the standby ends in turn, the next one takes the slot
+    out = _end_binding(engine, _finished(s.job.task_id), [], hot)
+    assert _slots(engine)[(s.gpu_id, s.slot_index)].task_id == nxt.task_id
+    assert _task(engine, nxt.task_id).state == "processing"
+    _invariant(engine)
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["plain", "hot"])
+def test_no_next_standby_for_a_known_id_a_drained_gpu_or_a_holder_not_promoted(
+    engine: Engine, hot: bool
+) -> None:
+    holders = _running(engine)
+    standbys = _bind(engine, [job(), job(), job()]).bound
+    by_gpu = {b.gpu_id: b for b in standbys}
+    # a known id (a task that is running) for the first standby's slot
+    a = standbys[0]
+    known = NextBind(
+        Job(task_id=holders[-1], type="t", queue="q"), "default", a.gpu_id, a.slot_index, a.job.task_id, a.url
+    )
+    # g1 drained before the batch: its standby is promoted, but gets no next one
+    transaction(engine, set_gpu_state, gpu_id="g1", state=GpuState.DRAINING, now=utcnow())
+    b = by_gpu["g1"]
+    drained = NextBind(job(), "default", b.gpu_id, b.slot_index, b.job.task_id, b.url)
+    # the third standby's holder does not end in this batch: its standby is not promoted
+    c = next(x for x in standbys if x not in (a, b))
+    early = NextBind(job(), "default", c.gpu_id, c.slot_index, c.job.task_id, c.url)
+    out = _end_binding(engine, _finished(a.holder, b.holder), [known, drained, early], hot)
+    assert out.bound == []
+    assert all(s.next_task_id is None for k, s in _slots(engine).items() if k != (c.gpu_id, c.slot_index))
+    assert _task(engine, holders[-1]).state == "processing"  # the known task is untouched
+    with engine.connect() as conn:
+        ids = [drained.job.task_id, early.job.task_id]
+        assert conn.execute(select(tasks).where(tasks.c.task_id.in_(ids))).first() is None
+    _invariant(engine)

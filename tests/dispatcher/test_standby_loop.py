@@ -13,6 +13,7 @@ import orjson
 from sqlalchemy import text
 
 from dispatcher.db.attempts import Backoff, cancel_task
+from dispatcher.db.deferred import due_deferred, mark_queued
 from dispatcher.db.engine import transaction
 from dispatcher.db.gpus import set_gpu_state
 from dispatcher.gpus.tokens import make_token
@@ -20,7 +21,8 @@ from dispatcher.http.callback import handle
 from dispatcher.loop import standbys as standbys_loop
 from dispatcher.loop.core import Dispatcher
 from dispatcher.states import GpuState, Outcome
-from dispatcher.testing import in_process, settle
+from dispatcher.testing import in_process, run_until_idle, settle
+from producer.keys import queue_key
 from tests.dispatcher.harness import SECRET
 from tests.dispatcher.helpers import add_gpu, end_attempt
 from tests.dispatcher.test_handoff import World, finish, primed, run, world  # noqa: F401 - world: a fixture
@@ -306,5 +308,66 @@ def test_a_round_binds_no_job_past_an_older_one_it_cannot_bind(world: World) -> 
         # two busy slots, but only ids[3] is bound: ids[5] would start before ids[4]
         assert sorted(_next_of(w).values()) == [ids[3]]
         assert [r.job.task_id for r in d.handoffs.buffer._jobs["default"]] == ids[4:6]
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_the_callback_that_promotes_a_standby_binds_the_next_one_in_its_own_transaction(
+    world: World,  # noqa: F811
+) -> None:
+    # Bound by a round instead, the next standby waited for the promotion's COMMIT, then for a round and its
+    # transaction: on a loaded machine 9-26 % of 100 ms jobs found no standby when their holder ended.
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)  # ids[3], ids[4] standbys of ids[1], ids[2]; ids[5] buffered
+        standby = nxt[ids[1]]
+        assert await finish(d, ids[1]) == "applied"
+        # no round ran: the callback's transaction promoted the standby and bound ids[5] behind it
+        assert _next_of(w).get(standby) == ids[5]
+        assert w.state(ids[5]) == "standby"
+        assert ids[5] not in [r.job.task_id for r in d.handoffs.buffer._jobs.get("default", [])]
+        assert d.standbys.holds(ids[5])
+        # and when that standby's own callback comes, ids[5] is sent before its transaction, as any standby
+        await settle(d)
+        assert await finish(d, standby) == "applied"
+        await settle(d)
+        assert ids[5] in w.received()
+        assert w.state(ids[5]) == "processing"
+
+    run(w, w.settings(["g0"]), body)
+
+
+def test_a_standby_the_database_retried_before_the_owner_sent_it_is_acknowledged_not_rebuffered(
+    world: World,  # noqa: F811
+) -> None:
+    # With the database out for seconds, the owner could neither send a promoted standby nor learn of it; its
+    # lease ran out and the retry went back to Redis (`queued`, attempt 1). The owner's look then took that
+    # `queued` for its own take-back and gave the stale first copy to the buffer, where one pass met it with the
+    # retry and dropped both: the task stayed `queued` for good (a kill test with standbys on).
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        standby = nxt[ids[2]]
+        now = d.now()
+        assert end_attempt(w.engine, ids[2], now=now).code == "applied"  # promoted elsewhere
+        later = now + timedelta(days=1)  # its lease has run out
+        assert end_attempt(w.engine, standby, outcome=Outcome.EXPIRED, now=later).state == "retrying"
+        (retry,) = transaction(w.engine, due_deferred, now=later + timedelta(seconds=1))
+        w.rds.rpush(queue_key(w.queue, retry.priority), retry.to_redis())  # as requeue_due does: Redis first
+        transaction(w.engine, mark_queued, jobs=[retry], now=later)
+        assert (w.state(standby), retry.attempt) == ("queued", 1)
+        d.standbys._looked = 0.0
+        await d.standbys.step()
+        await settle(d)
+        # the first copy is acknowledged: neither sent, nor held, nor buffered, nor in the processing list
+        assert not _sent(d, standby) and not d.standbys.holds(standby)
+        assert standby not in [r.job.task_id for r in d.handoffs.buffer._jobs.get("default", [])]
+        assert all(standby not in el for el in w.processing_list(d))
+        # and the retry, taken from Redis, runs when a slot frees
+        assert await finish(d, ids[1]) == "applied"
+        await run_until_idle(d)
+        assert (w.state(standby), w.rows()[standby].attempt) == ("processing", 2)
 
     run(w, w.settings(["g0"]), body)

@@ -153,6 +153,22 @@ def test_duplicate_copy_is_dropped(any_database_url):
     assert not again.placed and len(again.dropped) == 2
 
 
+def test_a_stale_copy_in_the_same_batch_does_not_shadow_the_live_one(any_database_url):
+    # GIVEN a task whose first attempt failed and whose retry is back in Redis (queued, attempt 1), and a
+    # copy of its first attempt that was left behind (a standby's, after a lost transaction)
+    engine = fleet_engine(any_database_url, {"g0": 2})
+    first = job()
+    assert _dispatch(engine, [first]).placed
+    end_attempt(engine, first.task_id, attempt=1, outcome=Outcome.FAILED_RETRY, error="boom")
+    (retry,) = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
+    transaction(engine, mark_queued, jobs=[retry], now=utcnow())
+    # WHEN one pass takes both, the stale copy first
+    res = _dispatch(engine, [first, retry])
+    # THEN the retry runs (it was dropped as a repeat of the stale copy, the task left queued for good)
+    assert [(p.job.task_id, p.attempt) for p in res.placed] == [(first.task_id, 2)]
+    assert [j.attempt for j, _ in res.dropped] == [0]
+
+
 def test_lease_expiry_and_heartbeat(any_database_url):
     engine = fleet_engine(any_database_url, {"g0": 1})
     j = job()
