@@ -174,9 +174,8 @@ class DispatcherSettings(StoreSettings):
     #: higher priority enqueued later can start behind at most this many jobs of its pool.
     handoff_buffer: int = Field(default=32, ge=0, le=1000)
     #: Buffered jobs are also recorded as standbys of this process's busy slots and sent the moment the
-    #: slot's holder calls back (dispatcher/loop/standbys.py); needs HANDOFF_BUFFER > 0. Off by default until
-    #: a kill -9 test that left tasks `queued` with it on is understood (docs/standby.md).
-    standby_jobs: bool = False
+    #: slot's holder calls back (dispatcher/loop/standbys.py); needs HANDOFF_BUFFER > 0; false: hand-off only.
+    standby_jobs: bool = True
     #: Group-commit batches of attempt endings in flight at once, each on a database connection of its own
     #: (dispatcher/db/hot.py): the next batch runs its statements while the previous one commits. SQLite:
     #: always 1. Default 1: 2 measured slower on the 2-core benchmark box (bench/RESULTS.md, 2026-11-30).
