@@ -296,8 +296,21 @@ def bind_next_statements(
             statement(insert_sql, stamps=[*row_stamps, "now"]),
             row_params | {"me": dispatcher_id, "max_attempts": max_attempts, "now": now},
         ),
+        (_UNBIND_ROWLESS, {"ids": ids, "me": dispatcher_id}),
         (_WON, {"ids": ids, "me": dispatcher_id}),
     ]
+
+
+# A binding whose task row is not our standby on that slot: the id got a row between the binding and the
+# INSERT (a cancel's tombstone, a copy placed elsewhere; both read committed rows), so the INSERT skipped it.
+# Left bound, the slot would go to a job that is not ours to send (an outside review). A rerun after a lost
+# answer finds its first run's binding with its row, and keeps it.
+_UNBIND_ROWLESS = text(
+    "UPDATE slots SET next_task_id = NULL, next_attempt = NULL, next_dispatcher_id = NULL"
+    " WHERE next_task_id IN :ids AND next_dispatcher_id = :me AND NOT EXISTS (SELECT 1 FROM tasks k"
+    " WHERE k.task_id = slots.next_task_id AND k.state = 'standby' AND k.dispatcher_id = :me"
+    " AND k.gpu_id = slots.gpu_id AND k.slot_index = slots.slot_index)"
+).bindparams(bindparam("ids", expanding=True))
 
 
 def next_bound(binds: Sequence[NextBind], won_rows: Any) -> list[Bound]:

@@ -158,6 +158,8 @@ class Dispatcher:
             # A hand-off or pass that took its jobs before the drain began gives back the ones it did not
             # place into the buffer: park those too, or they would wait there until the process stops.
             self.placing.park(self.handoffs.buffer.drain())
+            if len(self.standbys):  # bound by a group commit that began before the drain
+                await self._take_back_standbys()
             try:
                 if (
                     not self.rt.inflight
@@ -189,6 +191,8 @@ class Dispatcher:
             for task in pending:  # their outcome is unknown: the lease will settle them
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if len(self.standbys):  # bound by a group commit that was still running at the take-back above
+            await self._take_back_standbys()
         try:
             back = await rt.intake.hand_back()
             await rt.intake.retire()

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dispatcher.db.dispatch import Placed
+from dispatcher.db.handoff_claims import FOLD_BYTES
 from dispatcher.db.standby import Bound, NextBind, bind
+from dispatcher.limits import item_bytes
 from dispatcher.loop.handoff import HandOffs
 from dispatcher.loop.ready import BY_LOOP, BY_NEXT, BY_STANDBY, Ready
 from dispatcher.loop.runtime import Runtime
@@ -166,7 +168,7 @@ class Binder:
         uncount(self.handoffs, back)
         buffer.release([r for r in fresh if id(r) in taken])
         buffer.put_back(back)
-        if len(bound) < len(fresh):  # no busy slot of ours left without a standby: wait for a change
+        if len(bound) < len(fresh) and not known:  # no busy slot of ours left without one: wait for a change
             self.targets = False
         if bound:
             self.wake.refill()  # the buffer has room again
@@ -175,23 +177,30 @@ class Binder:
 
     # -- in the group commit: the next standby of a slot, bound as its standby takes it ---------------------
 
-    def take_next(self, early: list[Standby]) -> list[NextJob]:
+    def take_next(self, early: list[Standby], items: list[dict[str, Any]]) -> list[NextJob]:
         """For these standbys sent early, whose holders' ends a group-commit batch is about to commit: one
         buffered job of the pool each, to be bound on the slot the batch gives them (bound by a round
         instead, after that COMMIT, 9-26 % of 100 ms jobs found no standby when their holder ended). Never
-        past a job that cannot be bound (``_bindable``), nor while a pass holds the pool's oldest jobs (it
-        may give them back); jobs out with a hand-off or another batch start before these do, which is
-        their order. Taken as ``BY_NEXT``: most are kept, so the buffer is refilled for them at once."""
+        past a job that cannot be bound (``_bindable``), nor while a pass or a round holds the pool's oldest
+        jobs (they may come back); jobs out with a hand-off or another batch start before these do, which is
+        their order. Taken as ``BY_NEXT``: most are kept, so the buffer is refilled for them at once. Their
+        data goes out in the batch's own query: at most what its results (``items``) leave of a statement."""
         buffer = self.handoffs.buffer
         out: list[NextJob] = []
+        budget = min(FOLD_BYTES, self.rt.limits.batch_bytes - sum(item_bytes(i) for i in items))
         by_pool: dict[str, list[Standby]] = {}
         for s in early:
             by_pool.setdefault(s.bound.pool, []).append(s)
         for pool, ss in by_pool.items():
-            if buffer.lent(pool, BY_LOOP):
+            if buffer.lent(pool, BY_LOOP) or buffer.lent(pool, BY_STANDBY):
                 continue
             popped = buffer.pop(pool, len(ss), BY_NEXT)
-            ok = _bindable(popped)
+            ok = []
+            for r in _bindable(popped):
+                budget -= len(r.element)  # the jobs' data goes out in the batch's own query
+                if budget < 0:
+                    break
+                ok.append(r)
             buffer.put_back(popped[len(ok) :])
             for r, s in zip(ok, ss, strict=False):
                 b = s.bound

@@ -115,7 +115,7 @@ class Standbys:
         """Jobs to bind next on the slots a group-commit batch of these ends gives our early standbys."""
         ending = {(item["task_id"], item["attempt"]) for item in items}
         early = [s for s in self._early.values() if (s.bound.holder, s.bound.holder_attempt) in ending]
-        nexts = self.binder.take_next(early) if early else []
+        nexts = self.binder.take_next(early, items) if early else []
         if len(nexts) < len(early):
             self.kick()  # slots that will have no standby: a round binds them
         return nexts

@@ -70,7 +70,7 @@ class EventPublisher:
         payload = encode(event(name, task_id, **fields))
         try:
             await self.redis.publish(self.keys.task_events(task_id), payload)
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
 
     async def _flush(self) -> None:
@@ -98,16 +98,27 @@ class EventPublisher:
                 pipe.publish(channel, payload)
             await pipe.execute()
             return 0, ""
+        by_channel: dict[str, list[bytes]] = {}
+        for channel, payload in batch:
+            by_channel.setdefault(channel, []).append(payload)
+        channels = list(by_channel.items())
         lost, error = 0, ""
-        for start in range(0, len(batch), _CLUSTER_CONCURRENCY):
-            part = batch[start : start + _CLUSTER_CONCURRENCY]
-            done = await asyncio.gather(*(self.redis.publish(c, p) for c, p in part), return_exceptions=True)
-            for r in done:
-                if isinstance(r, (RedisError, RedisClusterException, OSError)):
-                    lost, error = lost + 1, str(r)
-                elif isinstance(r, BaseException):
-                    raise r
+        for start in range(0, len(channels), _CLUSTER_CONCURRENCY):
+            part = channels[start : start + _CLUSTER_CONCURRENCY]
+            for n, failure in await asyncio.gather(*(self._in_order(c, ps) for c, ps in part)):
+                lost += n
+                error = failure or error
         return lost, error
+
+    async def _in_order(self, channel: str, payloads: list[bytes]) -> tuple[int, str]:
+        """One task's events one after another (concurrent, ``finished`` could overtake ``dispatched`` and
+        end a listener's stream early): how many were lost, and why."""
+        for i, payload in enumerate(payloads):
+            try:
+                await self.redis.publish(channel, payload)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                return len(payloads) - i, str(exc)
+        return 0, ""
 
 
 def publish_sync(client: SyncRedis, keys: Keys, name: str, task_id: str, **fields: Any) -> None:

@@ -203,16 +203,19 @@ def test_task_events_reach_a_subscriber_on_a_cluster(redis_cluster: Cluster) -> 
             events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
             for t in task_ids:
                 events.publish("dispatched", t, attempt=1)
+            for t in task_ids:  # in the same batch: each task's events must arrive in their order
+                events.publish("finished", t, attempt=1)
             while work:
                 await work.pop()
             await client.aclose()
 
         asyncio.run(publish_all())
-        got: list[str] = []
+        got: dict[str, list[str]] = {}
         deadline = time.monotonic() + 10
-        while len(got) < len(task_ids) and time.monotonic() < deadline:
+        while sum(map(len, got.values())) < 2 * len(task_ids) and time.monotonic() < deadline:
             message = sub.get_message(timeout=1)
             if message is not None:
-                got.append(json.loads(message["data"])["task_id"])
+                ev = json.loads(message["data"])
+                got.setdefault(ev["task_id"], []).append(ev["event"])
         sub.close()
-    assert sorted(got) == sorted(task_ids)
+    assert got == {t: ["dispatched", "finished"] for t in task_ids}

@@ -21,7 +21,7 @@ from dispatcher.db.gpus import set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
 from dispatcher.db.pipeline import hot_engine
 from dispatcher.db.schema import slots, tasks
-from dispatcher.db.standby import NextBind, bind, unbind
+from dispatcher.db.standby import NextBind, bind, bind_next_statements, next_bound, unbind
 from dispatcher.states import GpuState, Outcome
 from producer.job import Job
 from tests.dispatcher.helpers import NO_BACKOFF, end_attempt, fleet_engine, job, place
@@ -381,4 +381,32 @@ def test_no_next_standby_for_a_known_id_a_drained_gpu_or_a_holder_not_promoted(
     with engine.connect() as conn:
         ids = [drained.job.task_id, early.job.task_id]
         assert conn.execute(select(tasks).where(tasks.c.task_id.in_(ids))).first() is None
+    _invariant(engine)
+
+
+def test_a_next_standby_whose_id_gets_a_row_in_between_is_not_left_bound(engine: Engine) -> None:
+    # The binding and the task rows' INSERT are two statements: an id that gets a row between them (a cancel's
+    # tombstone, a copy placed elsewhere) was skipped by the INSERT and left bound, its slot then given to a job
+    # that is not ours to send (an outside review). The binding is undone in the same round trip.
+    holders = _running(engine)
+    [s] = _bind(engine, [job()]).bound
+    end_attempt(engine, s.holder)  # s holds the slot now
+    x = job()
+    nb = NextBind(x, "default", s.gpu_id, s.slot_index, s.job.task_id, s.url)
+    with engine.begin() as conn:
+        stmts = bind_next_statements(conn, [nb], dispatcher_id="d1", max_attempts=3, now=utcnow())
+        assert conn.execute(*stmts[0]).rowcount == 1  # bound
+        conn.execute(  # the tombstone of a cancel that came in between
+            text(
+                "INSERT INTO tasks (task_id, queue, type, pool, priority, data, max_attempts, created_at, state,"
+                " attempt, updated_at) VALUES (:t, 'q', 't', 'default', 'normal', '{}', 3, :now, 'cancelled',"
+                " 0, :now)"
+            ),
+            {"t": x.task_id, "now": utcnow()},
+        )
+        won = [conn.execute(*st) for st in stmts[1:]][-1].all()
+    assert next_bound([nb], won) == []
+    assert _slots(engine)[(s.gpu_id, s.slot_index)].next_task_id is None
+    assert _task(engine, x.task_id).state == "cancelled"
+    assert holders
     _invariant(engine)
