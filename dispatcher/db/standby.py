@@ -133,13 +133,10 @@ def bind(
     columns = ("gpu_id", "slot_index", "holder", "holder_attempt", "task_id", "url")
     derived, params, stamps = _rows(picks, columns)
     mysql = conn.dialect.name in ("mysql", "mariadb")
-    sql = _update_join(
+    sql = _binding(
         conn,
-        table="slots",
-        derived=derived,
-        on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
-        sets=[("next_task_id", "c.task_id"), ("next_attempt", "1"), ("next_dispatcher_id", ":me")],
-        where="t.task_id = c.holder AND t.attempt = c.holder_attempt AND t.next_task_id IS NULL"
+        derived,
+        "t.task_id = c.holder AND t.attempt = c.holder_attempt AND t.next_task_id IS NULL"
         + (SAME_URL_MYSQL if mysql else SAME_URL),
     )
     conn.execute(statement(sql, stamps=stamps), params | {"me": dispatcher_id})
@@ -164,6 +161,19 @@ def bind(
     order = {job.task_id: i for i, (job, _) in enumerate(candidates)}
     out.bound.sort(key=lambda b: order[b.job.task_id])
     return out
+
+
+def _binding(conn: Connection, derived: str, where: str) -> str:
+    """The UPDATE that records each job of ``derived`` (``c.task_id``) as the standby of its slot of ours,
+    where ``where`` holds (over the slot ``t`` and the pick ``c``)."""
+    return _update_join(
+        conn,
+        table="slots",
+        derived=derived,
+        on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
+        sets=[("next_task_id", "c.task_id"), ("next_attempt", "1"), ("next_dispatcher_id", ":me")],
+        where=where,
+    )
 
 
 _UNBIND_SLOTS = text(
@@ -267,13 +277,10 @@ def bind_next_statements(
     ]
     derived, params, stamps = _rows(picks, _NEXT_COLUMNS)
     binary = "BINARY " if mysql else ""  # byte for byte, as the claim's URL check (batch.SAME_URL_MYSQL)
-    bind_sql = _update_join(
+    bind_sql = _binding(
         conn,
-        table="slots",
-        derived=derived,
-        on="t.gpu_id = c.gpu_id AND t.slot_index = c.slot_index",
-        sets=[("next_task_id", "c.task_id"), ("next_attempt", "1"), ("next_dispatcher_id", ":me")],
-        where="t.task_id = c.holder AND t.attempt = 1 AND t.next_task_id IS NULL"  # noqa: S608 - see below
+        derived,
+        "t.task_id = c.holder AND t.attempt = 1 AND t.next_task_id IS NULL"  # noqa: S608 - see below
         " AND t.dispatcher_id = :me AND NOT EXISTS (SELECT 1 FROM tasks k WHERE k.task_id = c.task_id)"
         f" AND EXISTS (SELECT 1 FROM gpus g WHERE g.gpu_id = t.gpu_id AND {binary}g.url = {binary}c.url"
         " AND g.state = 'active' AND g.healthy = 1 AND t.slot_index < g.slots)",
