@@ -155,23 +155,15 @@ class Binder:
             buffer.put_back(_suspect(candidates))
             raise
         by_id = {id(r.job): r for r in fresh}
-        taken = set()
-        for b in bound:
-            r = by_id[id(b.job)]
-            taken.add(id(r))
-            self._seq += 1
-            record(Standby(r, b, self._seq))
+        kept = [(by_id[id(b.job)], b) for b in bound]
+        taken = {id(r) for r, _ in kept}
         for r in fresh:
             if r.job.task_id in known:
                 r.check = True
-        back = [r for r in candidates if id(r) not in taken]  # in their order: the buffer's is the queue's
-        uncount(self.handoffs, back)
-        buffer.release([r for r in fresh if id(r) in taken])
-        buffer.put_back(back)
+        # The rest in their order: the buffer's is the queue's.
+        self._keep(kept, [r for r in candidates if id(r) not in taken], record)
         if len(bound) < len(fresh) and not known:  # no busy slot of ours left without one: wait for a change
             self.targets = False
-        if bound:
-            self.wake.refill()  # the buffer has room again
         if cancelled:
             raise asyncio.CancelledError
 
@@ -216,20 +208,22 @@ class Binder:
         looked up before they are placed)."""
         buffer = self.handoffs.buffer
         won = {b.job.task_id: b for b in bound}
-        back: list[Ready] = []
-        for n in nexts:
-            b = won.get(n.ready.job.task_id)
-            if b is None:
-                back.append(n.ready)
-            else:
-                self._seq += 1
-                record(Standby(n.ready, b, self._seq))
-        if suspect:
-            _suspect(back)
-        uncount(self.handoffs, back)
-        buffer.release([n.ready for n in nexts if n.ready.job.task_id in won])
-        buffer.put_back(back)
+        kept = [(n.ready, won[n.ready.job.task_id]) for n in nexts if n.ready.job.task_id in won]
+        back = [n.ready for n in nexts if n.ready.job.task_id not in won]
+        self._keep(kept, _suspect(back) if suspect else back, record)
         pools = {n.bind.pool for n in nexts}
         self.wake.resume(p for p in pools if not buffer.held_outside_a_pass(p))
-        if won:
+
+    def _keep(
+        self, kept: list[tuple[Ready, Bound]], back: list[Ready], record: Callable[[Standby], None]
+    ) -> None:
+        """A bind is over (a round's, or the next standbys of a batch): the jobs bound are standbys now
+        (``record``, in bind order), ``back`` goes to the front of the buffer in its order."""
+        for r, b in kept:
+            self._seq += 1
+            record(Standby(r, b, self._seq))
+        uncount(self.handoffs, back)
+        self.handoffs.buffer.release([r for r, _ in kept])
+        self.handoffs.buffer.put_back(back)
+        if kept:
             self.wake.refill()  # the buffer has room again
