@@ -409,3 +409,49 @@ def test_a_drain_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_fir
         assert not d.standbys.holds(ids[5])
 
     run(w, w.settings(["g0"]), body)
+
+
+def test_a_stop_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_first_take_back(
+    world: World,  # noqa: F811
+) -> None:
+    # As the drain above, for a stop: its first take-back comes before it waits for the requests and batches
+    # in flight; a batch that binds the next standby after that must not leave it bound once we are gone.
+    w = world
+    seen: dict[str, Any] = {}
+
+    async def body(d: Dispatcher) -> None:
+        ids, _ = await _bound(w, d)  # ids[3], ids[4] standbys of ids[1], ids[2]; ids[5] buffered
+        go, entered = asyncio.Event(), asyncio.Event()
+        hand_off = d.handoffs._hand_off
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            entered.set()
+            await go.wait()
+            return await hand_off(*args, **kwargs)
+
+        async def release_after_first_take_back() -> None:
+            for _ in range(500):  # until the stop's first take-back is done: ids[4] queued again
+                if w.state(ids[4]) == "queued":
+                    break
+                await asyncio.sleep(0.02)
+            seen["first"] = w.state(ids[4])
+            go.set()
+            seen["callback"] = await seen["future"]
+
+        d.handoffs._hand_off = held  # type: ignore[method-assign]
+        seen["future"] = asyncio.ensure_future(finish(d, ids[1]))
+        await entered.wait()  # the batch took ids[5] to bind it next, its transaction not yet run
+        seen["release"] = asyncio.ensure_future(release_after_first_take_back())
+        seen["ids"], seen["d"] = ids, d
+        # returning stops the dispatcher (in_process) while the batch waits
+
+    run(w, w.settings(["g0"]), body)
+    ids, d = seen["ids"], seen["d"]
+    assert seen["first"] == "queued"
+    assert seen["callback"] == "applied"
+    # ids[5] was bound by that batch, then taken back by the stop: waiting, on no slot, its job in Redis
+    assert w.state(ids[5]) == "queued"
+    assert ids[5] not in _next_of(w).values()
+    assert not d.standbys.holds(ids[5])
+    lists = [k for k in w.rds.scan_iter(f"{w.prefix}*") if w.rds.type(k) in (b"list", "list")]
+    assert sum(ids[5] in str(el) for k in lists for el in w.rds.lrange(k, 0, -1)) == 1
