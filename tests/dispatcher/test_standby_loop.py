@@ -6,10 +6,12 @@ standby rounds with ``d.standbys.step()``), so every step happens in the order w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import text
 
 from dispatcher.db.attempts import Backoff, cancel_task
@@ -455,3 +457,34 @@ def test_a_stop_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_firs
     assert not d.standbys.holds(ids[5])
     lists = [k for k in w.rds.scan_iter(f"{w.prefix}*") if w.rds.type(k) in (b"list", "list")]
     assert sum(ids[5] in str(el) for k in lists for el in w.rds.lrange(k, 0, -1)) == 1
+
+
+@pytest.mark.parametrize("room", ["enough", "none"])
+def test_the_next_standby_is_bound_in_the_batch_only_within_what_its_results_leave_of_a_statement(
+    world: World,  # noqa: F811
+    room: str,
+) -> None:
+    # The next standby's data goes out in the group commit's own statement, with the batch's results: past
+    # what a statement takes, MariaDB drops the connection and every callback of the batch fails. With no
+    # room left the job waits in the buffer for a round (its own transaction), bound all the same.
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)  # ids[3], ids[4] standbys of ids[1], ids[2]; ids[5] buffered
+        result = "x" * 1400
+        if room == "none":
+            d.rt.limits = dataclasses.replace(d.rt.limits, batch_bytes=1500)  # 1400 of results: ~100 left
+        fin = await d.ends.end_attempt(ids[1], 1, Outcome.FINISHED, result=result, reported="finished")
+        assert fin.code == "applied"
+        assert w.state(nxt[ids[1]]) == "processing"  # ids[1]'s standby took its slot either way
+        if room == "enough":
+            assert _next_of(w).get(nxt[ids[1]]) == ids[5]  # bound in that very batch
+        else:
+            assert ids[5] not in _next_of(w).values()
+            assert w.state(ids[5]) is None  # still only buffered: no row yet
+            await d.standbys.step()  # a round binds it, in a transaction of its own
+            await settle(d)
+            assert _next_of(w).get(nxt[ids[1]]) == ids[5]
+        assert w.state(ids[5]) == "standby"
+
+    run(w, w.settings(["g0"]), body)
