@@ -8,6 +8,7 @@ towards taking the GPU out of rotation; the first success after them resets the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 from dispatcher.db.dispatch import DispatchResult, Placed
 from dispatcher.db.gpus import record_failure, record_success
+from dispatcher.eager import start_now
 from dispatcher.errors import TRANSIENT
 from dispatcher.gpus.gpu_client import Answer, Verdict
 from dispatcher.gpus.pull import is_pull
@@ -94,7 +96,10 @@ class GpuRequests:
         if len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
         self._posting.add((p.job.task_id, p.attempt))
-        self.rt.spawn(self._send(p, body, started), f"post:{p.job.task_id}:{p.attempt}")
+        # The request's bytes go out now, not a turn or two of the loop later (eager.py); its answer is
+        # judged by a task of its own, as before.
+        request = start_now(self.rt.gpu.send(p.url, body), name=f"request:{p.job.task_id}:{p.attempt}")
+        self.rt.spawn(self._send(p, request, started), f"post:{p.job.task_id}:{p.attempt}")
 
     def start(self, result: DispatchResult, element_of: dict[int, str], started: float) -> Settlement:
         """Fire the requests of the jobs placed (and of our own attempts recorded but not sent), publish
@@ -129,10 +134,10 @@ class GpuRequests:
             self.rt.events.publish("scheduled", job.task_id, run_after=job.not_before)
         return done
 
-    async def _send(self, p: Placed, body: dict[str, Any], started: float) -> None:
+    async def _send(self, p: Placed, request: asyncio.Task[Answer], started: float) -> None:
         self.rt.metrics.dispatch_latency.observe(time.perf_counter() - started)
         try:
-            answer = await self.rt.gpu.send(p.url, body)
+            answer = await request
         except Exception as exc:  # a bug, not the network (send maps those): the lease decides
             log.exception("GPU request failed", extra={"action": "gpu_request", "task_id": p.job.task_id})
             answer = Answer(Verdict.UNKNOWN, error=f"the request failed: {type(exc).__name__}: {exc}")
