@@ -50,6 +50,20 @@ def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts:
             "its GPU has not confirmed the cancel yet (the slot is still held); try again once it has, "
             "or after the lease (TASK_TIMEOUT_SECONDS)",
         )
+    bound = conn.execute(
+        select(slots.c.gpu_id, slots.c.slot_index).where(slots.c.next_task_id == task_id)
+    ).first()
+    if bound is not None:
+        # Cancelled as a standby (docs/standby.md): its binding stays until its owner clears it, for the owner
+        # may have sent it early. Retried now, it would be placed elsewhere while that slot still passes to
+        # it when its job ends: a task on two slots, or a slot given to a task that waits in Redis.
+        return Retried(
+            "refused",
+            row.state,
+            f"it is still the standby of slot {bound.slot_index} of GPU {bound.gpu_id} (its dispatcher may have"
+            " sent it already); try again once that slot's job has ended and the slot is free, or after the"
+            " lease (TASK_TIMEOUT_SECONDS)",
+        )
     max_attempts = max(row.max_attempts, row.attempt + max(1, extra_attempts))
     conn.execute(
         update(tasks)

@@ -7,8 +7,13 @@ import contextlib
 import time
 from typing import Any
 
+from sqlalchemy import text
+
+from dispatcher.db.attempts import Backoff, cancel_task, slot_drift
+from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.engine import StoreUnavailable, transaction
 from dispatcher.db.gpus import set_gpu_state
+from dispatcher.db.operator import retry_task
 from dispatcher.db.standby import eligible_slots
 from dispatcher.loop.core import Dispatcher
 from dispatcher.states import GpuState
@@ -169,5 +174,42 @@ def test_gpu_down_during_the_gpu_look_is_not_forgotten(world: World) -> None:  #
         assert await finish(d, holder) == "applied"
         await settle(d)
         assert standby not in w.received(), "a standby was sent early to a GPU this process just took down"
+
+    run(w, w.settings(["g0"]), body)
+
+
+# -- C. a cancelled standby still bound is retried (a third review) ------------------------------------------
+
+
+def test_a_cancelled_standby_still_bound_to_a_slot_is_not_retried(world: World) -> None:  # noqa: F811
+    # Its owner is dead (kill -9) or has not looked yet: the binding stays on the holder's slot (the owner may
+    # have sent it early). Retried then, the job was placed on another GPU and the holder's end gave the old
+    # slot to the same task (a duplicate key: every end of that holder failed) or to a task waiting in Redis.
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        holder = ids[1]
+        standby = nxt[holder]
+        # the owner does not look again from here on (no d.standbys.step())
+        assert (
+            transaction(w.engine, cancel_task, task_id=standby, now=d.now(), backoff=Backoff()).code
+            == "applied"
+        )
+        refused = transaction(w.engine, retry_task, task_id=standby, now=d.now())
+        assert refused.code == "refused" and "standby of slot" in (refused.reason or ""), refused
+        assert w.state(standby) == "cancelled"
+        # the holder ends elsewhere: the slot passes to the cancelled standby, the tables agree
+        assert end_attempt(w.engine, holder, now=d.now()).code == "applied"
+        with w.engine.connect() as conn:
+            assert slot_drift(conn) == []
+        # once that slot is free again (the GPU confirmed the cancel), the retry goes through
+        assert transaction(w.engine, release_cancelled, task_id=standby, attempt=1, now=d.now())
+        with w.engine.connect() as conn:
+            held = conn.execute(
+                text("SELECT COUNT(*) FROM slots WHERE task_id = :t OR next_task_id = :t"), {"t": standby}
+            ).scalar()
+        assert held == 0
+        assert transaction(w.engine, retry_task, task_id=standby, now=d.now()).code == "applied"
 
     run(w, w.settings(["g0"]), body)
