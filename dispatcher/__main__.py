@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from dispatcher.logs import setup_logging
 from dispatcher.loop.core import Dispatcher
 from dispatcher.preflight import StartProblem, preflight
 from dispatcher.queues.event_hub import EventHub
+from dispatcher.queues.presence import client_name
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized
 from producer.errors import ConfigError
@@ -135,14 +135,17 @@ def build_server(
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).
     options: dict[str, Any] = {"socket_timeout": 10, "socket_connect_timeout": 5, "health_check_interval": 15}
-    # Named (CLIENT LIST shows gpuq-<role>-<dispatcher id>): an operator sees who holds what.
-    me = re.sub(r"[^A-Za-z0-9._:-]", "_", settings.dispatcher_id)[:100]
+
+    # Named (CLIENT LIST shows gpuq-<role>-<dispatcher id>-<instance>): an operator sees who holds what, and
+    # a process restarted with this DISPATCHER_ID sees whether the one before it is still connected
+    # (``Presence.claim``).
+    def name(role: str) -> str:
+        return client_name(role, settings.dispatcher_id, settings.instance)
+
     dsn, cluster = settings.redis_dsn(), settings.redis_cluster
-    redis = async_client(dsn, cluster=cluster, client_name=f"gpuq-loop-{me}", **options)
-    beat = async_client(dsn, cluster=cluster, max_connections=4, client_name=f"gpuq-beat-{me}", **options)
-    publisher = async_client(
-        dsn, cluster=cluster, max_connections=8, client_name=f"gpuq-events-{me}", **options
-    )
+    redis = async_client(dsn, cluster=cluster, client_name=name("loop"), **options)
+    beat = async_client(dsn, cluster=cluster, max_connections=4, client_name=name("beat"), **options)
+    publisher = async_client(dsn, cluster=cluster, max_connections=8, client_name=name("events"), **options)
     api = (
         # redis-py's cluster client keeps a pool per node of its own making
         async_client(dsn, cluster=True, **options)
@@ -151,7 +154,7 @@ def build_server(
         # in-process dispatcher of the tests lives on after its close)
         else Redis.from_pool(
             BlockingConnectionPool.from_url(
-                dsn, max_connections=64, timeout=5, client_name=f"gpuq-api-{me}", **options
+                dsn, max_connections=64, timeout=5, client_name=name("api"), **options
             )
         )
     )

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from urllib.parse import SplitResult, quote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
+from dispatcher.queues.presence import new_instance
 from producer.settings import QueueSettings, parse_pairs, split_list
 
 DEFAULT_POOL = "default"
@@ -185,6 +186,8 @@ class DispatcherSettings(StoreSettings):
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=HOUR)
     dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
     log_level: str = "INFO"
+    # This process among all that ever had its DISPATCHER_ID (queues/presence.py ``claim``): not a setting.
+    _instance: str = PrivateAttr(default_factory=new_instance)
     log_format: str = "json"
 
     @field_validator("log_level")
@@ -208,6 +211,10 @@ class DispatcherSettings(StoreSettings):
         if unknown:
             raise ValueError(f"QUEUE_WEIGHTS names queues that are not served: {sorted(unknown)}")
         return self
+
+    @property
+    def instance(self) -> str:
+        return self._instance
 
     @property
     def weights(self) -> dict[str, int]:

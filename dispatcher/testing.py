@@ -127,7 +127,8 @@ class LoopbackDispatcher:
 class DispatcherProcess(LoopbackDispatcher):
     """``python -m dispatcher`` on loopback with ``settings`` (CALLBACK_PORT: a free port unless given), run
     in ``workdir`` (embedded mode's default database is ./.gpuq/gpuq.db there), logging to ``<name>.log``
-    in it. Each start is a new process with a new DISPATCHER_ID (``<name>-<random>``)."""
+    in it. Each start is a new process with a new DISPATCHER_ID (``<name>-<random>``), unless ``settings``
+    name one (a restart as systemd does it, with the id of its unit)."""
 
     def __init__(
         self, settings: Mapping[str, str], *, name: str = "dispatcher", workdir: Path | None = None
@@ -137,11 +138,12 @@ class DispatcherProcess(LoopbackDispatcher):
         self.env = process_env({"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)})
         self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.fixed_id = settings.get("DISPATCHER_ID")
 
     def spawn(self, prefix: list[str] | None = None) -> None:
         """Start the process without waiting for it (a kill may come before it is ready); ``prefix`` wraps
         the command (``faketime``, ``prlimit``)."""
-        self.env["DISPATCHER_ID"] = f"{self.name}-{uuid.uuid4().hex[:6]}"
+        self.env["DISPATCHER_ID"] = self.fixed_id or f"{self.name}-{uuid.uuid4().hex[:6]}"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: S603 - this interpreter, the caller's wrapper (tests)
                 [*(prefix or []), sys.executable, "-m", "dispatcher"],

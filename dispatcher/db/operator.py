@@ -60,9 +60,9 @@ def retry_task(conn: Connection, *, task_id: str, now: datetime, extra_attempts:
         return Retried(
             "refused",
             row.state,
-            f"it is still the standby of slot {bound.slot_index} of GPU {bound.gpu_id} (its dispatcher may have"
-            " sent it already); try again once that slot's job has ended and the slot is free, or after the"
-            " lease (TASK_TIMEOUT_SECONDS)",
+            f"it is still the standby of slot {bound.slot_index} of GPU {bound.gpu_id} (its dispatcher may"
+            " have sent it already); try again once that slot's job has ended and the slot is free, or after"
+            " the lease (TASK_TIMEOUT_SECONDS)",
         )
     max_attempts = max(row.max_attempts, row.attempt + max(1, extra_attempts))
     conn.execute(

@@ -109,6 +109,7 @@ class Runtime:
             routes=settings.routes,
             wait_replicas=settings.redis_wait_replicas,
             wait_timeout_seconds=settings.redis_wait_timeout_seconds,
+            instance=settings.instance,
         )
         gpu = GpuClient(
             bearer_token=settings.bearer_token.get_secret_value(),
@@ -215,5 +216,6 @@ class Runtime:
                 self.warnings["slots_per_gpu"] = mismatch
                 log.warning(mismatch, extra={"action": "config", "slots_per_gpu": s.slots_per_gpu})
         await self.gpu.start()
+        await self.intake.claim(self.beat_redis)  # refuses to run beside a live twin of this DISPATCHER_ID
         await self.intake.heartbeat()
         await self.intake.sweep_dead()

@@ -42,7 +42,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from dispatcher.queues.intake_lua import REQUEUE, SCAN_DEPTH, TAKE
-from dispatcher.queues.presence import Presence, as_str
+from dispatcher.queues.presence import Presence, as_str, new_instance
 from producer.connect import is_cluster, refresh_slots_async, wait_options
 from producer.keys import PRIORITY_ORDER, Keys, queue_key, scope
 
@@ -107,10 +107,12 @@ class Intake(Presence):
         default_pool: str = "default",
         wait_replicas: int = 0,
         wait_timeout_seconds: float = 1.0,
+        instance: str | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.dispatcher_id = dispatcher_id
+        self.instance = instance or new_instance()
         self.procs = {q: keys.proc(q, dispatcher_id) for q in queues}
         self.queues = queues
         self.routes = dict(routes or {})  # task type -> pool (TASK_ROUTES)

@@ -10,11 +10,15 @@ inherits all of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
+import uuid
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from dispatcher.queues.intake_lua import RESTORE, SWEEP
 from dispatcher.queues.migrate import migrate, sweep_legacy_proc
@@ -28,6 +32,40 @@ log = logging.getLogger("gpuq.intake")
 
 HEARTBEAT_TTL_SECONDS = 10
 
+#: The heartbeat key holds the instance (a random id per process) of the dispatcher it is for: set if it is
+#: not another instance's; else that instance, and nothing written.
+_BEAT = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return v end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+#: Retire: delete the heartbeat key only if it is ours (a twin that took it over keeps it).
+_RETIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class DuplicateDispatcher(RuntimeError):
+    """Another running process has this DISPATCHER_ID. Both would take each other's jobs for their own (the
+    processing lists, the slots recorded as ``dispatcher_id``): an outside attack ran two with one ``.env``
+    and saw GPUs given a fifth job and jobs run twice."""
+
+
+#: The Redis clients a dispatcher process names (``dispatcher/__main__.py``).
+CLIENT_ROLES = ("loop", "beat", "events", "api")
+
+
+def client_name(role: str, dispatcher_id: str, instance: str) -> str:
+    """Redis client names (CLIENT LIST): who holds what, and which process of a DISPATCHER_ID is connected."""
+    me = re.sub(r"[^A-Za-z0-9._:-]", "_", dispatcher_id)[:100]
+    return f"gpuq-{role}-{me}-{instance}"
+
+
+def new_instance() -> str:
+    return uuid.uuid4().hex[:12]
+
 
 class Presence:
     """Set by ``Intake.__init__``."""
@@ -35,6 +73,7 @@ class Presence:
     redis: Redis
     keys: Keys
     dispatcher_id: str
+    instance: str  # this process's, among those that ever had this DISPATCHER_ID (``claim``)
     procs: dict[str, str]  # queue -> this dispatcher's processing list of it
     queues: list[str]
     cluster: bool
@@ -59,10 +98,55 @@ class Presence:
             moved += int(await self.redis.eval(SWEEP, 1, proc))
         return moved
 
+    async def claim(self, redis: Redis | None = None, *, poll: float = 0.25) -> None:
+        """Take this DISPATCHER_ID's heartbeat key at start, or refuse to run beside a live process with it.
+
+        A key of another instance is a process killed a moment ago (restarted by systemd, say) or a twin. One
+        killed has no connection left to Redis (the kernel closed them): taken over at once. Otherwise (its
+        connection lingers, CLIENT LIST is not allowed, a cluster) the key is watched: refreshed, it is a twin
+        (``DuplicateDispatcher``); gone after its TTL, it was not."""
+        r = redis or self.redis
+        key = self.keys.alive(self.dispatcher_id)
+        last: int | None = None
+        while (held := await r.eval(_BEAT, 1, key, self.instance, HEARTBEAT_TTL_SECONDS)) is not None:
+            other = as_str(held)
+            if last is None and not await self._connected(r, other):
+                log.warning(
+                    "took over this DISPATCHER_ID from a process that is gone",
+                    extra={"action": "claim", "instance": self.instance, "previous": other},
+                )
+                await r.delete(key)
+                continue
+            ttl = int(await r.pttl(key))
+            if last is not None and ttl > last:
+                raise DuplicateDispatcher(
+                    f"DISPATCHER_ID={self.dispatcher_id} belongs to a running dispatcher (its heartbeat"
+                    f" {key} is refreshed): give each dispatcher its own DISPATCHER_ID, or leave it unset"
+                )
+            last = ttl
+            await asyncio.sleep(poll)
+
+    async def _connected(self, r: Redis, other: str) -> bool:
+        """Does a process of ours with instance ``other`` hold a connection to Redis? True when not known."""
+        if self.cluster or other == "1":  # "1": a dispatcher from before instances, whose clients are unnamed
+            return True
+        try:
+            clients = await r.client_list()
+        except RedisError:  # CLIENT may be refused (ACL, a managed Redis)
+            return True
+        names = {client_name(role, self.dispatcher_id, other) for role in CLIENT_ROLES}
+        return any(c.get("name") in names for c in clients)
+
     async def heartbeat(self, redis: Redis | None = None) -> None:
         """``redis``: a client of the heartbeat's own, so that nothing queued on the loop's delays it."""
-        pipe = (redis or self.redis).pipeline(transaction=False)
-        pipe.set(self.keys.alive(self.dispatcher_id), "1", ex=HEARTBEAT_TTL_SECONDS)
+        r = redis or self.redis
+        key = self.keys.alive(self.dispatcher_id)
+        if (held := await r.eval(_BEAT, 1, key, self.instance, HEARTBEAT_TTL_SECONDS)) is not None:
+            raise DuplicateDispatcher(
+                f"DISPATCHER_ID={self.dispatcher_id} was taken by another process (instance {as_str(held)},"
+                f" ours {self.instance}): two dispatchers must not share an id; this one stops"
+            )
+        pipe = r.pipeline(transaction=False)
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
         pipe.hset(self.keys.owner_pools, self.dispatcher_id, json.dumps(self.pools()))
@@ -73,7 +157,7 @@ class Presence:
         return bool(await self.redis.exists(self.keys.alive(dispatcher_id)))
 
     async def retire(self) -> None:
-        await self.redis.delete(self.keys.alive(self.dispatcher_id))
+        await self.redis.eval(_RETIRE, 1, self.keys.alive(self.dispatcher_id), self.instance)
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_pools, self.dispatcher_id)

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from dispatcher.testing import ProcessFailed
 from producer.keys import Keys
 from tests.dispatcher.harness import (
+    DispatcherProc,
     free_port,
     push_jobs,
     received_per_task,
@@ -185,3 +187,30 @@ def test_three_dispatchers_share_a_fleet_and_take_each_others_callbacks(stack):
         by = conn.exec_driver_sql("SELECT COUNT(DISTINCT dispatcher_id) FROM tasks").scalar_one()
     assert by == 3
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
+@pytest.mark.slow
+def test_a_second_process_with_the_same_dispatcher_id_refuses_to_start_and_a_restart_after_kill_9_does_not(
+    stack,
+):
+    # An outside attack: two replicas started from one .env (DISPATCHER_ID=worker) both ran, took each other's
+    # jobs for their own, and the GPUs got fifth jobs and jobs twice. The second must refuse, with a message
+    # naming the setting; a restart after a kill -9 of the first (systemd) must not wait for anything.
+    fleet = stack.fleet(gpus=2, service_time="fixed:0.05")
+    env = {"DISPATCHER_ID": "worker", "TASK_TIMEOUT_SECONDS": "3"}
+    first = stack.process(fleet, name="w0", **env)
+    twin = DispatcherProc(stack.env(fleet, **env), name="w1")
+    stack.procs.append(twin)
+    with pytest.raises(ProcessFailed, match="DISPATCHER_ID=worker belongs to a running dispatcher"):
+        twin.start(timeout=60)
+    ids = push_jobs(stack.rds, stack.queues[0], 40)
+    wait_in_flight(stack.engine)
+    first.kill()
+    started = time.monotonic()
+    heir = DispatcherProc(stack.env(fleet, **env), name="w2")
+    stack.procs.append(heir)
+    heir.start()
+    assert time.monotonic() - started < 10  # the key's TTL is 10 s: it was taken over, not waited out
+    assert "took over this DISPATCHER_ID" in heir.logs()
+    wait_final(stack.engine, ids, timeout=90)
+    assert fleet.stats()["totals"]["oversubscriptions"] == 0
