@@ -105,10 +105,12 @@ def _arguments() -> int | None:
 
 def announce(settings: DispatcherSettings) -> None:
     """What the log says at start about settings that work but deserve a look: an API open to the network
-    (API_TOKEN=none), embedded mode."""
+    (API_TOKEN=none), embedded mode, a setting without effect."""
     open_api = settings.open_api_warning()
     if open_api is not None:
         log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
+    if (standby := settings.standby_warning()) is not None:
+        log.warning(standby, extra={"action": "config"})
     url = settings.db_url()
     if url.startswith("sqlite"):
         why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"

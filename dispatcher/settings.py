@@ -276,6 +276,16 @@ class DispatcherSettings(StoreSettings):
             "or API_TOKEN=none to serve /tasks, /gpus, events and /v1/embeddings without one"
         )
 
+    def standby_warning(self) -> str | None:
+        """What to log at start when STANDBY_JOBS=true was asked for but cannot be: standbys are jobs of the
+        hand-off buffer, which HANDOFF_BUFFER=0 turns off (an outside review found it silently ignored)."""
+        if "standby_jobs" in self.model_fields_set and self.standby_jobs and self.handoff_buffer == 0:
+            return (
+                "STANDBY_JOBS=true has no effect with HANDOFF_BUFFER=0: standby jobs are off (they are jobs"
+                " of the hand-off buffer)"
+            )
+        return None
+
     def open_api_warning(self) -> str | None:
         """What to log at start when the API is open to the network (``API_TOKEN=none``, or embedded mode
         without a token, beyond loopback): the operator chose it, but must see it. None otherwise."""

@@ -72,3 +72,22 @@ def test_python_log_level_names_are_accepted(monkeypatch, level):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("LOG_LEVEL", level)
     assert load(DispatcherSettings, _env_file=None).log_level == level.upper()
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"STANDBY_JOBS": "true", "HANDOFF_BUFFER": "0"}, True),  # asked for, cannot be: said at start
+        ({"HANDOFF_BUFFER": "0"}, False),  # hand-off turned off, standbys on only by default: nothing to say
+        ({"STANDBY_JOBS": "true", "HANDOFF_BUFFER": "8"}, False),
+    ],
+)
+def test_standby_jobs_asked_for_without_a_buffer_is_said_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], warned: bool
+) -> None:
+    for name, value in (GOOD | env).items():
+        monkeypatch.setenv(name, value)
+    warning = load(DispatcherSettings).standby_warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert warning is not None and "HANDOFF_BUFFER=0" in warning and "STANDBY_JOBS" in warning
