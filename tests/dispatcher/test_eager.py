@@ -93,17 +93,18 @@ def test_tasks_created_during_the_first_step_start_at_once_too(run: Any) -> None
     run(main())
 
 
+async def _waits(cleaned: list[str]) -> None:
+    try:
+        await asyncio.sleep(10)
+    finally:
+        cleaned.append("finally")
+
+
 def test_a_cancel_while_it_waits_is_thrown_into_the_coroutine(run: Any) -> None:
     cleaned: list[str] = []
 
-    async def waits() -> None:
-        try:
-            await asyncio.sleep(10)
-        finally:
-            cleaned.append("finally")
-
     async def main() -> None:
-        task = start_now(waits())
+        task = start_now(_waits(cleaned))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -117,14 +118,8 @@ def test_a_cancel_while_it_waits_is_thrown_into_the_coroutine(run: Any) -> None:
 def test_a_cancel_before_its_first_turn_closes_the_coroutine(run: Any) -> None:
     cleaned: list[str] = []
 
-    async def waits() -> None:
-        try:
-            await asyncio.sleep(10)
-        finally:
-            cleaned.append("finally")
-
     async def main() -> None:
-        task = start_now(waits())
+        task = start_now(_waits(cleaned))
         task.cancel()  # in the same turn: the task never ran a step of its own
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -54,6 +54,20 @@ async def _bound(w: World, d: Dispatcher, n: int = 6) -> tuple[list[str], dict[s
     return ids, nxt
 
 
+def _hold_hand_offs(d: Dispatcher) -> tuple[asyncio.Event, asyncio.Event]:
+    """Group-commit batches stop before their transaction (``entered`` set) until ``go`` is set."""
+    go, entered = asyncio.Event(), asyncio.Event()
+    hand_off = d.handoffs._hand_off
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        await go.wait()
+        return await hand_off(*args, **kwargs)
+
+    d.handoffs._hand_off = held  # type: ignore[method-assign]
+    return go, entered
+
+
 def test_a_callback_sends_the_standby_before_its_own_transaction(world: World) -> None:  # noqa: F811
     w = world
 
@@ -385,15 +399,7 @@ def test_a_drain_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_fir
 
     async def body(d: Dispatcher) -> None:
         ids, _ = await _bound(w, d)  # ids[3], ids[4] standbys of ids[1], ids[2]; ids[5] buffered
-        go, entered = asyncio.Event(), asyncio.Event()
-        hand_off = d.handoffs._hand_off
-
-        async def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            await go.wait()
-            return await hand_off(*args, **kwargs)
-
-        d.handoffs._hand_off = held  # type: ignore[method-assign]
+        go, entered = _hold_hand_offs(d)
         callback = asyncio.ensure_future(finish(d, ids[1]))
         await entered.wait()  # the batch took ids[5] to bind it next, its transaction not yet run
         drain = asyncio.ensure_future(d.drain(grace=2.0))
@@ -423,13 +429,7 @@ def test_a_stop_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_firs
 
     async def body(d: Dispatcher) -> None:
         ids, _ = await _bound(w, d)  # ids[3], ids[4] standbys of ids[1], ids[2]; ids[5] buffered
-        go, entered = asyncio.Event(), asyncio.Event()
-        hand_off = d.handoffs._hand_off
-
-        async def held(*args: Any, **kwargs: Any) -> Any:
-            entered.set()
-            await go.wait()
-            return await hand_off(*args, **kwargs)
+        go, entered = _hold_hand_offs(d)
 
         async def release_after_first_take_back() -> None:
             for _ in range(500):  # until the stop's first take-back is done: ids[4] queued again
@@ -440,7 +440,6 @@ def test_a_stop_takes_back_a_standby_that_a_batch_in_flight_bound_after_its_firs
             go.set()
             seen["callback"] = await seen["future"]
 
-        d.handoffs._hand_off = held  # type: ignore[method-assign]
         seen["future"] = asyncio.ensure_future(finish(d, ids[1]))
         await entered.wait()  # the batch took ids[5] to bind it next, its transaction not yet run
         seen["release"] = asyncio.ensure_future(release_after_first_take_back())
