@@ -14,7 +14,6 @@ Only for coroutines that cannot call back into the caller's state while it is mi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import sys
 import types
@@ -42,19 +41,18 @@ def _start_now(
     ctx: contextvars.Context,
 ) -> asyncio.Task[T]:
     # The task exists before its first step, so that what the step asks for (``current_task()``: aiohttp's
-    # timeouts cancel the task they were entered in) is this task, not the caller's.
-    gate: asyncio.Future[tuple[str, Any]] = loop.create_future()
-    state = {"started": False}
-    task: asyncio.Task[T] = asyncio.Task(_go_on(coro, gate, state), loop=loop, name=name, context=ctx)
-    task.add_done_callback(lambda t: _close_unstarted(t, coro, state))
+    # timeouts cancel the task they were entered in) is this task, not the caller's. Its coroutine is a driver
+    # whose first step is run here; it then pauses until the task's first turn.
+    driver = _drive(coro)
+    task: asyncio.Task[T] = asyncio.Task(driver, loop=loop, name=name, context=ctx)
     outer = asyncio.current_task(loop)
     if outer is not None:
         _leave_task(loop, outer)
     _enter_task(loop, task)
     factory = loop.get_task_factory()
-    loop.set_task_factory(_eager_factory)  # type: ignore[arg-type] # tasks created during the step (aiohttp's body writer) too
+    loop.set_task_factory(_eager_factory)  # type: ignore[arg-type] # tasks created in the step (aiohttp's writer)
     try:
-        gate.set_result(ctx.run(_first_step, coro))
+        ctx.run(driver.send, None)
     finally:
         loop.set_task_factory(factory)
         _leave_task(loop, task)
@@ -72,50 +70,56 @@ def _eager_factory(
     return _start_now(loop, coro, None, context if context is not None else contextvars.copy_context())
 
 
-def _first_step(coro: Coroutine[Any, Any, Any]) -> tuple[str, Any]:
+@types.coroutine
+def _drive(coro: Coroutine[Any, Any, Any]) -> Generator[Any, Any, Any]:
+    """``coro`` as its task would run it, the first step taken at once (by ``_start_now``)."""
+    first = _step(coro.send, None)
     try:
-        waits_for = coro.send(None)
-    except StopIteration as stop:
-        return "return", stop.value
-    except (Exception, asyncio.CancelledError) as exc:
-        return "raise", exc
-    return "wait", waits_for
-
-
-async def _go_on(
-    coro: Coroutine[Any, Any, T], gate: asyncio.Future[tuple[str, Any]], state: dict[str, bool]
-) -> T:
-    state["started"] = True
-    how, value = await gate  # set before this task's first turn: no wait
+        yield  # until the task's first turn
+    except BaseException as exc:
+        first = _cancelled_early(coro, first, exc)
+    how, value = first
     if how == "return":
-        return value  # type: ignore[no-any-return]
+        return value
     if how == "raise":
         raise value
-    return await _resume(coro, value)  # type: ignore[no-any-return]
+    return (yield from _follow(coro, value))
 
 
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], waits_for: Any) -> Generator[Any, Any, Any]:
-    """Drive ``coro`` on from where its first step left it, as its task would: what it waits for is handed to
-    the task (which wakes us when it is done), cancellation is thrown into it."""
+def _step(how: Any, what: Any) -> tuple[str, Any]:
+    """One step of a coroutine (``coro.send`` or ``coro.throw``): what it waits for, or how it ended."""
+    try:
+        return "wait", how(what)
+    except StopIteration as stop:
+        return "return", stop.value
+    except BaseException as exc:  # the task's, on its first turn (a KeyboardInterrupt too, as a Task does)
+        return "raise", exc
+
+
+def _cancelled_early(
+    coro: Coroutine[Any, Any, Any], first: tuple[str, Any], exc: BaseException
+) -> tuple[str, Any]:
+    """A cancel before the task's first turn. Had the task taken the first step itself, it would be waiting on
+    what the step waits for, and its cancel would cancel that (an eagerly started child, say): so here. A
+    result or error already there stands, as for a task already done."""
+    how, waits_for = first
+    if how != "wait" or (isinstance(waits_for, asyncio.Future) and waits_for.cancel()):
+        return first
+    return _step(coro.throw, exc)
+
+
+def _follow(coro: Coroutine[Any, Any, Any], waits_for: Any) -> Generator[Any, Any, Any]:
+    """Drive ``coro`` on: what it waits for is handed to the task, which wakes us when it is done; a cancel
+    the task throws in is ``coro``'s to handle."""
     while True:
         try:
             sent = yield waits_for
-        except BaseException as exc:  # thrown in by the task (a cancel): it is coro's to handle
-            try:
-                waits_for = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-            continue
-        try:
-            waits_for = coro.send(sent)
-        except StopIteration as stop:
-            return stop.value
-
-
-def _close_unstarted(task: asyncio.Task[Any], coro: Coroutine[Any, Any, Any], state: dict[str, bool]) -> None:
-    """A task cancelled before its first turn never drove ``coro`` on: close it where its first step left
-    it."""
-    if not state["started"]:
-        with contextlib.suppress(BaseException):
-            coro.close()
+        except BaseException as exc:
+            how, value = _step(coro.throw, exc)
+        else:
+            how, value = _step(coro.send, sent)
+        if how == "return":
+            return value
+        if how == "raise":
+            raise value
+        waits_for = value

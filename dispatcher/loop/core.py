@@ -31,6 +31,7 @@ from dispatcher.loop.placing import Placing
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.standbys import Standbys
 from dispatcher.loop.wakeups import Wakeups
+from dispatcher.queues.presence import DuplicateDispatcher
 from dispatcher.queues.wakes import WakeChannel
 from dispatcher.settings import DispatcherSettings
 
@@ -193,6 +194,16 @@ class Dispatcher:
             await asyncio.gather(*pending, return_exceptions=True)
         if len(self.standbys):  # bound by a group commit that was still running at the take-back above
             await self._take_back_standbys()
+        if isinstance(rt.fatal, DuplicateDispatcher):
+            # Our processing lists are named by the id, so they are the other process's too: what we took and
+            # did not place stays there, for it to find (its reconcile looks up what nobody there knows of).
+            log.error(
+                "stopped: this DISPATCHER_ID belongs to another process now; jobs left to it",
+                extra={"action": "stop"},
+            )
+            await rt.gpu.close()
+            await rt.hot.close()
+            return
         try:
             back = await rt.intake.hand_back()
             await rt.intake.retire()

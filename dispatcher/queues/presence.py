@@ -40,9 +40,17 @@ if v and v ~= ARGV[1] then return v end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return false
 """
-#: Retire: delete the heartbeat key only if it is ours (a twin that took it over keeps it).
+#: Take over the key of a process that is gone, unless someone else did first (two restarts at once).
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+#: Retire: delete the heartbeat key only if it is ours (1); -1: another instance has it (0: nobody).
 _RETIRE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then redis.call('DEL', KEYS[1]); return 1 end
+if v then return -1 end
 return 0
 """
 
@@ -111,13 +119,19 @@ class Presence:
         while (held := await r.eval(_BEAT, 1, key, self.instance, HEARTBEAT_TTL_SECONDS)) is not None:
             other = as_str(held)
             if last is None and not await self._connected(r, other):
-                log.warning(
-                    "took over this DISPATCHER_ID from a process that is gone",
-                    extra={"action": "claim", "instance": self.instance, "previous": other},
-                )
-                await r.delete(key)
-                continue
+                if await r.eval(_TAKE_OVER, 1, key, other, self.instance, HEARTBEAT_TTL_SECONDS):
+                    log.warning(
+                        "took over this DISPATCHER_ID from a process that is gone",
+                        extra={"action": "claim", "instance": self.instance, "previous": other},
+                    )
+                    return
+                continue  # another process took it first: look at that one
             ttl = int(await r.pttl(key))
+            if ttl == -1:  # no expiry: not a heartbeat of ours
+                raise DuplicateDispatcher(
+                    f"{key} (this DISPATCHER_ID's heartbeat key) was written without an expiry by something"
+                    " other than a dispatcher: delete it, or give this dispatcher another DISPATCHER_ID"
+                )
             if last is not None and ttl > last:
                 raise DuplicateDispatcher(
                     f"DISPATCHER_ID={self.dispatcher_id} belongs to a running dispatcher (its heartbeat"
@@ -157,7 +171,8 @@ class Presence:
         return bool(await self.redis.exists(self.keys.alive(dispatcher_id)))
 
     async def retire(self) -> None:
-        await self.redis.eval(_RETIRE, 1, self.keys.alive(self.dispatcher_id), self.instance)
+        if int(await self.redis.eval(_RETIRE, 1, self.keys.alive(self.dispatcher_id), self.instance)) < 0:
+            return  # the id is another process's now: what follows describes that one
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_pools, self.dispatcher_id)

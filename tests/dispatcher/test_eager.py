@@ -128,6 +128,50 @@ def test_a_cancel_before_its_first_turn_closes_the_coroutine(run: Any) -> None:
     run(main())
 
 
+def test_a_cancel_before_its_first_turn_cancels_what_it_waits_for_as_a_task_would(run: Any) -> None:
+    # A task that took its first step itself would be waiting on the child started there; its cancel
+    # cancels that child, and the coroutine sees CancelledError (not GeneratorExit: its handlers run).
+    ran: list[str] = []
+
+    async def child() -> None:
+        await asyncio.sleep(0.1)
+        ran.append("child ran on")
+
+    async def parent() -> None:
+        try:
+            await asyncio.get_running_loop().create_task(child())
+        except asyncio.CancelledError:
+            ran.append("parent saw the cancel")
+            await asyncio.sleep(0)  # may still wait in its handler
+            raise
+
+    async def main() -> None:
+        task = start_now(parent())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+        assert ran == ["parent saw the cancel"]
+
+    run(main())
+
+
+class Boom(BaseException):
+    pass
+
+
+def test_a_base_exception_in_the_first_step_ends_the_task_with_it(run: Any) -> None:
+    async def booms() -> None:
+        raise Boom
+
+    async def main() -> None:
+        task = start_now(booms())  # not raised into the caller: the task's, as with create_task
+        with pytest.raises(Boom):
+            await task
+
+    run(main())
+
+
 def test_a_timeout_entered_in_the_first_step_cancels_that_task_not_the_caller(run: Any) -> None:
     # aiohttp's timeouts (and asyncio.timeout) cancel the task current when they were entered.
     async def slow() -> str:

@@ -12,9 +12,11 @@ import time
 import pytest
 from redis.asyncio import Redis
 
+from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.intake import Intake
 from dispatcher.queues.presence import DuplicateDispatcher, client_name
 from producer.keys import Keys
+from tests.dispatcher.test_handoff import World, run, world  # noqa: F401 - world: a fixture
 
 
 def _intake(rds: Redis, prefix: str, instance: str) -> Intake:
@@ -100,3 +102,83 @@ def test_a_heartbeat_that_finds_its_key_taken_stops_the_process(redis_url: str, 
         await rds.aclose()
 
     asyncio.run(scenario())
+
+
+def test_two_restarts_at_once_after_a_kill_let_one_run(redis_url: str, key_prefix: str) -> None:
+    # A review found both taking the dead one's key over (a plain DEL, then each its SET): both ran until the
+    # first one's next heartbeat. The take-over is conditional now; the other one meets a live key.
+    async def one(name: str, log: list[str]) -> None:
+        rds = Redis.from_url(redis_url, client_name=client_name("beat", "worker", name))
+        me = _intake(rds, key_prefix, name)
+        try:
+            await me.claim(poll=0.05)
+            log.append(f"{name} claimed")  # the start goes on: both would run until a heartbeat
+            await me.heartbeat()
+            log.append(f"{name} runs")
+            for _ in range(8):  # its heartbeat, every 2 s in a dispatcher
+                await asyncio.sleep(0.1)
+                await me.heartbeat()
+        except DuplicateDispatcher:
+            log.append(f"{name} refused")
+        finally:
+            await rds.aclose()
+
+    async def scenario() -> None:
+        admin = Redis.from_url(redis_url)
+        for round_ in range(5):
+            await admin.set(Keys(key_prefix).alive("worker"), "dead00", ex=10)  # killed -9: no connection
+            log: list[str] = []
+            await asyncio.gather(one(f"a{round_}", log), one(f"b{round_}", log))
+            assert sorted(x.split()[1] for x in log) == ["claimed", "refused", "runs"], log
+            await admin.delete(Keys(key_prefix).alive("worker"))
+        await admin.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_one_that_lost_its_id_retires_nothing_of_the_winner(redis_url: str, key_prefix: str) -> None:
+    async def scenario() -> None:
+        rds = Redis.from_url(redis_url)
+        keys = Keys(key_prefix)
+        loser, winner = _intake(rds, key_prefix, "lost00"), _intake(rds, key_prefix, "won000")
+        await loser.claim()
+        await rds.set(keys.alive("worker"), "won000", ex=10)
+        await winner.heartbeat()
+        await loser.retire()
+        assert await rds.get(keys.alive("worker")) == b"won000"
+        assert await rds.sismember(keys.dispatchers, "worker")
+        assert await rds.hexists(keys.owner_queues, "worker")
+        await rds.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_key_without_expiry_is_refused_with_its_name(redis_url: str, key_prefix: str) -> None:
+    async def scenario() -> None:
+        rds = Redis.from_url(redis_url)
+        named = Redis.from_url(redis_url, client_name=client_name("beat", "worker", "other0"))
+        await named.ping()
+        await rds.set(Keys(key_prefix).alive("worker"), "other0")  # no EX: not a dispatcher's heartbeat
+        with pytest.raises(DuplicateDispatcher, match="without an expiry"):
+            await _intake(rds, key_prefix, "me0000").claim(poll=0.05)
+        await named.aclose()
+        await rds.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_dispatcher_that_lost_its_id_hands_back_nothing_of_the_lists_it_shares(world: World) -> None:  # noqa: F811
+    # Its processing lists are named by the id: the winner's too. Handed back, the winner's taken jobs would
+    # be pushed onto the queues again under it.
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        proc = d.rt.intake.procs[w.queue]
+        await d.rt.redis.rpush(proc, "a job the winner took")
+        d.rt.fatal = DuplicateDispatcher("taken")  # as the heartbeat's task leaves it
+
+    settings = w.settings(["g0"])
+    run(w, settings, body)
+    keys = Keys(w.prefix)
+    assert w.rds.lrange(keys.proc(w.queue, settings.dispatcher_id), 0, -1) == [b"a job the winner took"]
+    assert w.rds.sismember(keys.dispatchers, settings.dispatcher_id)  # not retired: the winner's entry
