@@ -105,7 +105,7 @@ class _Mine(logging.Filter):
 class InProcessDispatcher(LoopbackDispatcher):
     """The dispatcher with ``settings`` (environment variable names, as for a process) on loopback
     (CALLBACK_PORT: a free port unless given), logging to ``<name>.log`` in ``workdir``. Each start is a new
-    dispatcher with a new DISPATCHER_ID (``<name>-<random>``)."""
+    dispatcher with a new DISPATCHER_ID (``<name>-<random>``), unless ``settings`` name one."""
 
     def __init__(
         self, settings: Mapping[str, str], *, name: str = "dispatcher", workdir: Path | None = None
@@ -113,6 +113,7 @@ class InProcessDispatcher(LoopbackDispatcher):
         self.name = name
         self.port = int(settings.get("CALLBACK_PORT") or free_port())
         self.env = {"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)}
+        self.fixed_id = settings.get("DISPATCHER_ID")
         self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
         self.server: _ThreadServer | None = None
         self.thread: threading.Thread | None = None
@@ -130,7 +131,7 @@ class InProcessDispatcher(LoopbackDispatcher):
     def start(self, timeout: float = 60.0) -> Self:
         """Build it as ``python -m dispatcher`` does (settings, preflight, server) and serve until ready;
         a bad setting, a failed preflight, a crash or no readiness in time raises ProcessFailed."""
-        self.env["DISPATCHER_ID"] = f"{self.name}-{uuid.uuid4().hex[:6]}"
+        self.env["DISPATCHER_ID"] = self.fixed_id or f"{self.name}-{uuid.uuid4().hex[:6]}"
         try:
             settings = load(_OnlyGiven, **{k.lower(): v for k, v in self.env.items()})
         except ConfigError as exc:
