@@ -60,6 +60,9 @@ class DispatchResult:
     refused: list[tuple[Job, str]] = field(default_factory=list)
     # A "retry" (attempt > 0) of a task no dispatcher recorded, whose id today's rules refuse: dead-letter it.
     invalid: list[tuple[Job, str]] = field(default_factory=list)
+    # The rows of the last of the statements a caller sent after the placement in its round trip
+    # (``handoff_claims.place_fresh``'s ``more``).
+    more_rows: list[Any] = field(default_factory=list)
 
 
 def held_by(conn: Connection, *, dispatcher_id: str) -> int:

@@ -52,6 +52,7 @@ from dispatcher.db.attempts import (
 from dispatcher.db.batch import case_by, end_final_statement, statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
+from dispatcher.db.known import data_json
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
 from dispatcher.db.promote import PROMOTE_SETS, PROMOTE_TASKS, promote_params
 from dispatcher.db.schema import Timestamp
@@ -105,13 +106,13 @@ def end_and_hand_off(
     or not in the result at all (their pool had no room): the caller keeps them. ``fold`` False: the end,
     its history, the free and the snapshot one after the other, as before ``_end_folded`` (benchmarks,
     tests). ``binds``: standbys to record on the slots of standbys sent early, once this transaction has
-    promoted those (``db/standby.py``), in a batch with no candidates; otherwise none is bound."""
+    promoted those (``db/standby.py``): after the free, in its round trip where it can."""
+    more = (
+        bind_next_statements(conn, binds, dispatcher_id=dispatcher_id, max_attempts=max_attempts, now=now)
+        if binds
+        else []
+    )
     if not candidates:  # nothing to hand off: end, free, and count the room for the loop
-        more = (
-            bind_next_statements(conn, binds, dispatcher_id=dispatcher_id, max_attempts=max_attempts, now=now)
-            if binds
-            else []
-        )
         out = _end_and_free(
             conn, items=items, now=now, backoff=backoff, fold=fold, lease_seconds=lease_seconds, more=more
         )
@@ -132,20 +133,13 @@ def end_and_hand_off(
         done = zip(items, finishes, strict=True)
         ending = list(dict.fromkeys(item["task_id"] for item, f in done if f.freed))
     out = HandOff(finishes)
-    if not ending:
+    if not ending:  # nothing ended here: no holder of a bind was promoted either
         return out
     if seen is None:
         seen = snapshot_ending(conn, ending=ending)
     free = capacity(seen.gpus)
     out.freed_pools = {pool for pool, n in free.items() if n > 0}
-    room = dict(free)
-    chosen = []
-    ended = set(ending)
-    for job, pool in candidates:
-        # A copy of a task ending here stays out: its slot would be freed with the ending attempt's below.
-        if room.get(pool, 0) > 0 and job.task_id not in ended:
-            room[pool] -= 1
-            chosen.append((job, pool))
+    chosen = _choose(candidates, free, set(ending))
     taken_over = 0
     freed = False  # the slots no job took are free already (``place_fresh``)
     if chosen:
@@ -161,8 +155,12 @@ def end_and_hand_off(
                 now=now,
                 rng=rng,
                 max_bytes=fold_bytes,
+                more=more,
+                more_bytes=sum(len(data_json(b.job)) for b in binds),
             )
             freed = out.result is not None
+            if out.result is not None and more:  # sent with the placement
+                out.bound, more = next_bound(binds, out.result.more_rows), []
         if out.result is None:
             out.result = dispatch(
                 conn,
@@ -181,8 +179,24 @@ def end_and_hand_off(
         taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for p in out.result.placed)
     if taken_over < seen.ending_total and not freed:  # slots no job took (no candidate, GPU drained, ...)
         free_slots(conn, task_ids=ending, now=now, lease_seconds=lease_seconds)
+    if more:  # not sent with the placement: after it, on their own
+        out.bound = next_bound(binds, pipeline(conn, more)[-1].rows)
     out.free = {pool: n for pool, n in free.items() if n > 0}
     return out
+
+
+def _choose(
+    candidates: list[tuple[Job, str]], free: dict[str, int], ended: set[str]
+) -> list[tuple[Job, str]]:
+    """The candidates, oldest first, that the pools' room takes. A copy of a task ending here stays out: its
+    slot would be freed with the ending attempt's."""
+    room = dict(free)
+    chosen = []
+    for job, pool in candidates:
+        if room.get(pool, 0) > 0 and job.task_id not in ended:
+            room[pool] -= 1
+            chosen.append((job, pool))
+    return chosen
 
 
 def _end_folded(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,13 +77,17 @@ def place_fresh(
     now: datetime,
     rng: random.Random,
     max_bytes: int = FOLD_BYTES,
+    more: Sequence[tuple[Any, dict[str, Any]]] = (),
+    more_bytes: int = 0,
 ) -> DispatchResult | None:
     """``dispatch(items=chosen, view=seen.gpus, takeover=ending)`` for jobs ``fits`` took, in one round
     trip (see the module docstring). Unlike ``dispatch``, every slot the attempts ``ending`` held and no job
     took is free when it returns, and the transaction is committed when ``may_commit``: the caller sends
     nothing more in it. None, having sent nothing: the jobs' data is too large for one query (over
     ``max_bytes`` or ``FOLD_BYTES``; the caller passes half what ``Limits`` allows a statement, as escaping
-    may double it): ``dispatch`` places them."""
+    may double it): ``dispatch`` places them. ``more``: statements to send after the free (so after the
+    promotions it makes), before the COMMIT, carrying ``more_bytes`` of jobs' data within the same bound;
+    the rows of the last are ``more_rows`` of the result."""
     placer = Placer(seen.gpus, rng)
     proposals: list[tuple[Job, str, Pick]] = []
     out = DispatchResult()
@@ -93,7 +98,7 @@ def place_fresh(
         else:
             proposals.append((job, pool, pick))
     rows = [new_row(job, pool, max_attempts, now) for job, pool, _ in proposals]
-    if sum(len(str(row["data"])) for row in rows) > min(max_bytes, FOLD_BYTES):
+    if sum(len(str(row["data"])) for row in rows) + more_bytes > min(max_bytes, FOLD_BYTES):
         return None
     statements: list[tuple[Any, dict[str, Any]]] = []
     if proposals:
@@ -115,9 +120,13 @@ def place_fresh(
         statements.append((PROMOTE_TASKS, {"now": now}))
     if proposals:
         statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))
+    ours = len(statements) - 1
+    statements += more
     res = pipeline(conn, statements, commit=may_commit(conn)) if statements else []
     if proposals:
-        _sort_out(out, proposals, inserted=res[1].rowcount, won={row.task_id for row in res[-1].rows})
+        _sort_out(out, proposals, inserted=res[1].rowcount, won={row.task_id for row in res[ours].rows})
+    if more:
+        out.more_rows = res[-1].rows
     return out
 
 

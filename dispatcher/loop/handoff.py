@@ -75,11 +75,13 @@ class HandOffs:
         extra, mark = self.wake.deferred()
         candidates = self.buffer.pop_each(len(items), self._freeing(items), extra) if rt.accepting else []
         self.in_flight.update(r.element for r in candidates)
-        # Standbys sent early on these ends: their slots' next standbys are bound in this same transaction
-        # (only in a batch with no candidates, the one kind that can: ``end_and_hand_off``).
+        # Standbys sent early on these ends: their slots' next standbys are bound in this same transaction,
+        # with or without candidates (``end_and_hand_off``). Bound only in batches with no candidate (as
+        # was done), the early standbys of the others waited for a round: once a few slots lacked a
+        # standby, every batch had candidates and the chain did not recover (the 100 ms benchmark).
         nexts: list[NextJob] = []
         if self.standbys is not None:
-            if rt.accepting and not candidates:
+            if rt.accepting:
                 nexts = self.standbys.take_next(items)
             elif any(self.standbys.covers(i["task_id"], i["attempt"]) for i in items):
                 self.standbys.kick()  # their slots' next standbys: a round's

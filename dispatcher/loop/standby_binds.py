@@ -21,7 +21,7 @@ from dispatcher.db.handoff_claims import FOLD_BYTES
 from dispatcher.db.standby import Bound, NextBind, bind
 from dispatcher.limits import item_bytes
 from dispatcher.loop.handoff import HandOffs
-from dispatcher.loop.ready import BY_LOOP, BY_NEXT, BY_STANDBY, Ready
+from dispatcher.loop.ready import BY_NEXT, BY_STANDBY, Ready
 from dispatcher.loop.runtime import Runtime
 from dispatcher.loop.wakeups import Wakeups
 
@@ -173,10 +173,14 @@ class Binder:
         """For these standbys sent early, whose holders' ends a group-commit batch is about to commit: one
         buffered job of the pool each, to be bound on the slot the batch gives them (bound by a round
         instead, after that COMMIT, 9-26 % of 100 ms jobs found no standby when their holder ended). Never
-        past a job that cannot be bound (``_bindable``), nor while a pass or a round holds the pool's oldest
-        jobs (they may come back); jobs out with a hand-off or another batch start before these do, which is
-        their order. Taken as ``BY_NEXT``: most are kept, so the buffer is refilled for them at once. Their
-        data goes out in the batch's own query: at most what its results (``items``) leave of a statement."""
+        past a job that cannot be bound (``_bindable``), nor while a round holds the pool's jobs. Jobs out
+        with a hand-off, another batch or a pass start before these do, which is their order; one that a
+        pass fails to place (a race) comes back behind them, an overtaking within the prefetch bound (README
+        "Slot hand-off"). Skipping the pool while a pass placed its jobs (as was done) left the slots this
+        batch promotes without a next standby for that transaction's length: freed without one, they made
+        more passes, and the 100 ms benchmark lost its standby chain for seconds at a time. Taken as
+        ``BY_NEXT``: most are kept, so the buffer is refilled for them at once. Their data goes out in the
+        batch's own query: at most what its results (``items``) leave of a statement."""
         buffer = self.handoffs.buffer
         out: list[NextJob] = []
         budget = min(FOLD_BYTES, self.rt.limits.batch_bytes - sum(item_bytes(i) for i in items))
@@ -184,7 +188,7 @@ class Binder:
         for s in early:
             by_pool.setdefault(s.bound.pool, []).append(s)
         for pool, ss in by_pool.items():
-            if buffer.lent(pool, BY_LOOP) or buffer.lent(pool, BY_STANDBY):
+            if buffer.lent(pool, BY_STANDBY):
                 continue
             popped = buffer.pop(pool, len(ss), BY_NEXT)
             ok = []
