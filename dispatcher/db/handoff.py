@@ -133,7 +133,8 @@ def end_and_hand_off(
         done = zip(items, finishes, strict=True)
         ending = list(dict.fromkeys(item["task_id"] for item, f in done if f.freed))
     out = HandOff(finishes)
-    if not ending:  # nothing ended here: no holder of a bind was promoted either
+    if not ending:  # nothing ended here (a rerun of a batch whose first run committed unanswered, ...)
+        out.bound = _bind_after(conn, binds, more)  # what such a first run bound
         return out
     if seen is None:
         seen = snapshot_ending(conn, ending=ending)
@@ -179,10 +180,15 @@ def end_and_hand_off(
         taken_over = sum((p.gpu_id, p.slot_index) in seen.ending_slots for p in out.result.placed)
     if taken_over < seen.ending_total and not freed:  # slots no job took (no candidate, GPU drained, ...)
         free_slots(conn, task_ids=ending, now=now, lease_seconds=lease_seconds)
-    if more:  # not sent with the placement: after it, on their own
-        out.bound = next_bound(binds, pipeline(conn, more)[-1].rows)
+    out.bound += _bind_after(conn, binds, more)  # not sent with the placement: after it, on their own
     out.free = {pool: n for pool, n in free.items() if n > 0}
     return out
+
+
+def _bind_after(conn: Connection, binds: Sequence[NextBind], more: list[Any]) -> list[Bound]:
+    """Send ``more`` (``bind_next_statements``) on its own; what is bound. Safe to run twice (the binding
+    needs a slot with no standby, the INSERT an unknown id): its last statement reports both runs' binds."""
+    return next_bound(binds, pipeline(conn, more)[-1].rows) if more else []
 
 
 def _choose(

@@ -124,10 +124,11 @@ class HandOffs:
                 # A candidate is known already (cancelled while it waited, a copy): its fresh row's INSERT
                 # failed and rolled the transaction back. Run again looking first, as a pass does
                 # (placing.py), rather than end the attempts without a hand-off and log it as a failure.
-                # Next standbys are not bound again (a copy of one of them may be what failed).
-                self._nexts_done(nexts, [], suspect=True)
-                nexts = []
-                out = await self._hand_off(items, candidates, check=True)
+                # Next standbys go again: their statements may run twice (the binding needs a slot with
+                # none, the INSERT an unknown id) and the last reports what either run bound. Given back
+                # instead, those a first run committed unanswered (the usual way here) were dropped as known
+                # and never sent: promoted, their slot idled for a lease (an outside review).
+                out = await self._hand_off(items, candidates, check=True, nexts=nexts)
         except StoreUnavailable:
             self._return(candidates, suspect=True)
             self._nexts_done(nexts, [], suspect=True)

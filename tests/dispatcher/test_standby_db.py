@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, cancel_task, finish_many, slot_drift
 from dispatcher.db.cancels import release_cancelled
@@ -307,7 +308,7 @@ def _end_binding(
 ) -> Any:
     """One group-commit batch that binds ``binds`` (with no candidates unless given); on a hot connection
     (several statements per query, MariaDB) the binding goes out in the end's own round trip."""
-    args: dict[str, Any] = extra | {
+    args: dict[str, Any] = {
         "items": items,
         "now": utcnow(),
         "backoff": NO_BACKOFF,
@@ -318,7 +319,7 @@ def _end_binding(
         "max_attempts": 3,
         "rng": random.Random(1),
         "binds": binds,
-    }
+    } | extra
     if not hot:
         return transaction(engine, end_and_hand_off, **args)
     h = hot_engine(engine, pool_size=1)
@@ -392,6 +393,32 @@ def test_a_batch_that_hands_off_binds_the_next_standby_too(engine: Engine, hot: 
     assert (slot.task_id, slot.next_task_id) == (s.job.task_id, nxt.task_id)
     assert _task(engine, nxt.task_id).state == "standby"
     assert _task(engine, candidate.task_id).state == "processing"
+    assert sum(_load(engine).values()) == 4
+    _invariant(engine)
+
+
+def test_a_batch_run_again_after_its_commit_reports_the_next_standby_the_first_run_bound(
+    engine: Engine,
+) -> None:
+    # The hot thread runs a batch again when its COMMIT's answer was lost; that run meets the first run's
+    # rows (IntegrityError) and the loop runs it a third time, at a new ``now``, looking first
+    # (check_existing): nothing ends there. That run must report the next standby the first one bound: given
+    # back, it was dropped as known, never sent, and its slot idled for a lease once it was promoted.
+    holders = _running(engine)
+    [s] = _bind(engine, [job()]).bound
+    other = next(h for h in holders if h != s.holder)
+    nxt, candidate = job(), job()
+    on_s = NextBind(nxt, "default", s.gpu_id, s.slot_index, s.job.task_id, s.url)
+    now = utcnow()
+    items = _finished(s.holder, other)
+    first = _end_binding(engine, items, [on_s], False, [candidate], now=now)
+    assert [b.job.task_id for b in first.bound] == [nxt.task_id]
+    with pytest.raises(IntegrityError):  # the hot thread's rerun, at the same ``now``
+        _end_binding(engine, items, [on_s], False, [candidate], now=now)
+    again = _end_binding(engine, items, [on_s], False, [candidate], check_existing=True)
+    assert [(b.job.task_id, b.holder) for b in again.bound] == [(nxt.task_id, s.job.task_id)]
+    assert _slots(engine)[(s.gpu_id, s.slot_index)].next_task_id == nxt.task_id
+    assert _task(engine, nxt.task_id).state == "standby"
     assert sum(_load(engine).values()) == 4
     _invariant(engine)
 
