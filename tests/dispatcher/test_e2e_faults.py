@@ -206,11 +206,11 @@ def test_a_second_process_with_the_same_dispatcher_id_refuses_to_start_and_a_res
     ids = push_jobs(stack.rds, stack.queues[0], 40)
     wait_in_flight(stack.engine)
     first.kill()
-    started = time.monotonic()
     heir = DispatcherProc(stack.env(fleet, **env), name="w2")
     stack.procs.append(heir)
     heir.start()
-    assert time.monotonic() - started < 10  # the key's TTL is 10 s: it was taken over, not waited out
+    # Taken over, not waited out (the key's TTL is 10 s): only the take-over logs this. Not a timed assert:
+    # on a loaded CI machine a process's start alone took over 10 s (CI of 466b5a1).
     assert "took over this DISPATCHER_ID" in heir.logs()
     wait_final(stack.engine, ids, timeout=90)
     assert fleet.stats()["totals"]["oversubscriptions"] == 0

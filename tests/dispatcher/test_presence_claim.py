@@ -51,15 +51,19 @@ def test_a_second_process_with_a_live_id_is_refused(redis_url: str, key_prefix: 
     asyncio.run(scenario())
 
 
-def test_a_restart_after_a_kill_takes_the_id_over_at_once(redis_url: str, key_prefix: str) -> None:
+def test_a_restart_after_a_kill_takes_the_id_over_at_once(
+    redis_url: str, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
     # A process killed -9 leaves its heartbeat key for up to its TTL, but no connection to Redis.
     async def scenario() -> None:
         rds = Redis.from_url(redis_url)
         dead, heir = _intake(rds, key_prefix, "dead0"), _intake(rds, key_prefix, "heir0")
         await dead.claim()
-        started = time.monotonic()
-        await heir.claim(poll=0.1)
-        assert time.monotonic() - started < 1.0  # not the key's TTL (10 s)
+        # At once, not after the key's TTL (10 s): a poll this long would hang the test, and only the
+        # take-over logs this (no timed assert: a loaded machine makes any bound flaky).
+        with caplog.at_level("WARNING", logger="gpuq"):
+            await asyncio.wait_for(heir.claim(poll=3600), timeout=120)
+        assert any("took over this DISPATCHER_ID" in r.getMessage() for r in caplog.records)
         assert await rds.get(Keys(key_prefix).alive("worker")) == b"heir0"
         # the dead one's retire (a late graceful stop) does not delete the heir's key
         await dead.retire()
@@ -80,9 +84,8 @@ def test_a_lingering_connection_without_heartbeat_is_waited_out(redis_url: str, 
         await rds.set(key, "ghost0", px=600)
         heir = _intake(rds, key_prefix, "heir1")
         started = time.monotonic()
-        await heir.claim(poll=0.1)
-        waited = time.monotonic() - started
-        assert 0.3 < waited < 5
+        await asyncio.wait_for(heir.claim(poll=0.1), timeout=120)  # a hang fails, not a slow machine
+        assert time.monotonic() - started > 0.3  # waited for the key to expire (a lower bound only)
         assert await rds.get(key) == b"heir1"
         await ghost_client.aclose()
         await rds.aclose()
