@@ -150,6 +150,12 @@ class HandOffs:
             if any(f.freed for f in fins):
                 self.wake.slot_freed()
             return fins
+        except BaseException:
+            # Cancelled (a stop) with the transaction maybe sent: lent as they are, the next standbys held
+            # their pool's younger jobs back from every pass (``held_outside_a_pass``) for good.
+            self._nexts_done(nexts, [], suspect=True)
+            self._return(candidates, suspect=True)
+            raise
         self._nexts_done(nexts, out.bound, suspect=rt.hot.reconnects != reconnects)
         self.buffer.demand(out.freed_pools)
         if out.freed_pools:  # its transaction counted every pool's free slots, after the room the loop left

@@ -487,3 +487,33 @@ def test_the_next_standby_is_bound_in_the_batch_only_within_what_its_results_lea
         assert w.state(ids[5]) == "standby"
 
     run(w, w.settings(["g0"]), body)
+
+
+def test_a_batch_cancelled_in_its_transaction_gives_its_next_standby_back(world: World) -> None:  # noqa: F811
+    # A stop cancels a group-commit batch while its transaction (which binds the next standby of the slot its
+    # early standby takes) is out. Left lent, that job held its pool's younger jobs back from every pass.
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, _nxt = await _bound(w, d)
+        entered = asyncio.Event()
+
+        async def cancelled(*args: Any, **kwargs: Any) -> Any:
+            assert [n.ready.job.task_id for n in kwargs["nexts"]] == [ids[5]]  # it was taken as the next one
+            entered.set()
+            raise asyncio.CancelledError
+
+        d.handoffs._hand_off = cancelled  # type: ignore[method-assign]
+        holder = asyncio.create_task(finish(d, ids[1]))
+        await entered.wait()
+        await asyncio.sleep(0)  # the batch's handlers run
+        buffer = d.handoffs.buffer
+        assert not any(buffer.lent(p) for p in buffer.pools() or ["default"])
+        assert not any(buffer.held_outside_a_pass(p) for p in buffer.pools() or ["default"])
+        back = [r for r in buffer.drain() if r.job.task_id == ids[5]]
+        assert back, "the next standby is neither lent nor back in the buffer"
+        assert back[0].check  # the transaction may have bound it: looked up before it is placed
+        assert not [el for el in d.handoffs.in_flight if ids[5] in el]  # not counted as out with a batch
+        holder.cancel()
+
+    run(w, w.settings(["g0"]), body)
