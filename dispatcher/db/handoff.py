@@ -52,7 +52,6 @@ from dispatcher.db.attempts import (
 from dispatcher.db.batch import case_by, end_final_statement, statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
-from dispatcher.db.known import data_json
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
 from dispatcher.db.promote import PROMOTE_SETS, PROMOTE_TASKS, promote_params
 from dispatcher.db.schema import Timestamp
@@ -107,10 +106,10 @@ def end_and_hand_off(
     its history, the free and the snapshot one after the other, as before ``_end_folded`` (benchmarks,
     tests). ``binds``: standbys to record on the slots of standbys sent early, once this transaction has
     promoted those (``db/standby.py``): after the free, in its round trip where it can."""
-    more = (
+    more, more_bytes = (
         bind_next_statements(conn, binds, dispatcher_id=dispatcher_id, max_attempts=max_attempts, now=now)
         if binds
-        else []
+        else ([], 0)
     )
     if not candidates:  # nothing to hand off: end, free, and count the room for the loop
         out = _end_and_free(
@@ -157,7 +156,7 @@ def end_and_hand_off(
                 rng=rng,
                 max_bytes=fold_bytes,
                 more=more,
-                more_bytes=sum(len(data_json(b.job)) for b in binds),
+                more_bytes=more_bytes,
             )
             freed = out.result is not None
             if out.result is not None and more:  # sent with the placement

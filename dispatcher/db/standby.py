@@ -258,12 +258,13 @@ _ROW_COLUMNS = ("task_id", "queue", "type", "pool", "priority", "data", "enqueue
 
 def bind_next_statements(
     conn: Connection, binds: Sequence[NextBind], *, dispatcher_id: str, max_attempts: int, now: datetime
-) -> list[tuple[Any, dict[str, Any]]]:
+) -> tuple[list[tuple[Any, dict[str, Any]]], int]:
     """``bind`` for standbys whose slots are known, as statements to send after the free that promotes their
     holders, in its transaction (in the same round trip where the connection allows it): the binding (only
     where the holder got the slot, the slot has no standby, the GPU is eligible at the URL it was sent to,
     and the job's id is unknown), the task rows of the jobs bound, and which were (``_WON``'s rows, last).
-    No answer is needed between them, so nothing here waits for the database."""
+    No answer is needed between them, so nothing here waits for the database. Also returns the bytes of the
+    jobs' data they carry, which count against the bound of the statement they go out with."""
     mysql = conn.dialect.name in ("mysql", "mariadb")
     picks = [
         {
@@ -297,6 +298,7 @@ def bind_next_statements(
         " WHERE NOT EXISTS (SELECT 1 FROM tasks k WHERE k.task_id = c.task_id)"
     )
     ids = [b.job.task_id for b in binds]
+    data_bytes = sum(len(str(row["data"])) for row in rows)
     return [
         (statement(bind_sql, stamps=stamps), params | {"me": dispatcher_id}),
         (
@@ -305,7 +307,7 @@ def bind_next_statements(
         ),
         (_UNBIND_ROWLESS, {"ids": ids, "me": dispatcher_id}),
         (_WON, {"ids": ids, "me": dispatcher_id}),
-    ]
+    ], data_bytes
 
 
 # A binding whose task row is not our standby on that slot: the id got a row between the binding and the

@@ -82,7 +82,7 @@ class HandOffs:
         nexts: list[NextJob] = []
         if self.standbys is not None:
             if rt.accepting:
-                nexts = self.standbys.take_next(items)
+                nexts = self.standbys.take_next(items, sum(len(r.element) for r in candidates))
             elif any(self.standbys.covers(i["task_id"], i["attempt"]) for i in items):
                 self.standbys.kick()  # their slots' next standbys: a round's
         try:

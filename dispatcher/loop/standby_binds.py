@@ -169,7 +169,7 @@ class Binder:
 
     # -- in the group commit: the next standby of a slot, bound as its standby takes it ---------------------
 
-    def take_next(self, early: list[Standby], items: list[dict[str, Any]]) -> list[NextJob]:
+    def take_next(self, early: list[Standby], items: list[dict[str, Any]], taken: int = 0) -> list[NextJob]:
         """For these standbys sent early, whose holders' ends a group-commit batch is about to commit: one
         buffered job of the pool each, to be bound on the slot the batch gives them (bound by a round
         instead, after that COMMIT, 9-26 % of 100 ms jobs found no standby when their holder ended). Never
@@ -180,10 +180,14 @@ class Binder:
         batch promotes without a next standby for that transaction's length: freed without one, they made
         more passes, and the 100 ms benchmark lost its standby chain for seconds at a time. Taken as
         ``BY_NEXT``: most are kept, so the buffer is refilled for them at once. Their data goes out in the
-        batch's own query: at most what its results (``items``) leave of a statement."""
+        batch's own query, with the hand-off's candidates (``taken``: their bytes) under ``place_fresh``'s
+        bound (half a statement, as escaping may double it) and within what its results (``items``) leave of
+        a statement. A budget of their own (as was done) let large bindings push the candidates off the one
+        query onto ``dispatch``."""
         buffer = self.handoffs.buffer
         out: list[NextJob] = []
-        budget = min(FOLD_BYTES, self.rt.limits.batch_bytes - sum(item_bytes(i) for i in items))
+        limit = self.rt.limits.batch_bytes
+        budget = min(FOLD_BYTES, limit // 2, limit - sum(item_bytes(i) for i in items)) - taken
         by_pool: dict[str, list[Standby]] = {}
         for s in early:
             by_pool.setdefault(s.bound.pool, []).append(s)

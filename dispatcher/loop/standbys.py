@@ -111,11 +111,11 @@ class Standbys:
         self.handoffs.buffer.demand([s.bound.pool])  # the pool's slots are turning over here: keep it fed
         return s  # its slot's next standby: bound by the group commit (``take_next``), else a round's
 
-    def take_next(self, items: list[dict[str, Any]]) -> list[NextJob]:
-        """Jobs to bind next on the slots a group-commit batch of these ends gives our early standbys."""
+    def take_next(self, items: list[dict[str, Any]], taken: int = 0) -> list[NextJob]:
+        """Jobs to bind next on slots a batch of these ends gives our early standbys (``taken``: bytes)."""
         ending = {(item["task_id"], item["attempt"]) for item in items}
         early = [s for s in self._early.values() if (s.bound.holder, s.bound.holder_attempt) in ending]
-        nexts = self.binder.take_next(early, items) if early else []
+        nexts = self.binder.take_next(early, items, taken) if early else []
         if len(nexts) < len(early):
             self.kick()  # slots that will have no standby: a round binds them
         return nexts

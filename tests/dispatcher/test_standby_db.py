@@ -462,7 +462,7 @@ def test_a_next_standby_whose_id_gets_a_row_in_between_is_not_left_bound(engine:
     x = job()
     nb = NextBind(x, "default", s.gpu_id, s.slot_index, s.job.task_id, s.url)
     with engine.begin() as conn:
-        stmts = bind_next_statements(conn, [nb], dispatcher_id="d1", max_attempts=3, now=utcnow())
+        stmts, _ = bind_next_statements(conn, [nb], dispatcher_id="d1", max_attempts=3, now=utcnow())
         assert conn.execute(*stmts[0]).rowcount == 1  # bound
         conn.execute(  # the tombstone of a cancel that came in between
             text(

@@ -517,3 +517,29 @@ def test_a_batch_cancelled_in_its_transaction_gives_its_next_standby_back(world:
         holder.cancel()
 
     run(w, w.settings(["g0"]), body)
+
+
+def test_a_next_standby_takes_no_more_than_half_a_statement(world: World) -> None:  # noqa: F811
+    # The next standbys' data goes out in the batch's query with the hand-off's candidates, which
+    # ``place_fresh`` bounds at half a statement (escaping may double it). A budget of their own let large
+    # bindings push the candidates off the one query onto ``dispatch``; past half, no next standby is taken
+    # (a round binds the slot after the COMMIT).
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        ids, _nxt = await _bound(w, d)
+        element = next(el for el in d.handoffs.buffer.elements() if ids[5] in el)  # buffered
+        seen: list[list[str]] = []
+        hand_off = d.handoffs._hand_off
+
+        async def watching(*args: Any, **kwargs: Any) -> Any:
+            seen.append([n.ready.job.task_id for n in kwargs["nexts"]])
+            return await hand_off(*args, **kwargs)
+
+        d.handoffs._hand_off = watching  # type: ignore[method-assign]
+        # the whole statement holds the job, half of it does not
+        d.rt.limits = dataclasses.replace(d.rt.limits, batch_bytes=2 * len(element) - 2)
+        assert await finish(d, ids[1]) == "applied"
+        assert seen == [[]]
+
+    run(w, w.settings(["g0"]), body)
