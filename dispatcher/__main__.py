@@ -18,7 +18,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import Redis
 from sqlalchemy import Engine
 
 from dispatcher.db.engine import make_engine
@@ -31,7 +31,7 @@ from dispatcher.preflight import StartProblem, preflight
 from dispatcher.queues.event_hub import EventHub
 from dispatcher.queues.presence import client_name
 from dispatcher.settings import DispatcherSettings
-from producer.connect import async_client, initialized
+from producer.connect import async_client, async_pool, initialized
 from producer.errors import ConfigError
 from producer.keys import Keys
 from producer.settings import load
@@ -155,9 +155,7 @@ def build_server(
         # from_pool: the client owns the pool, so closing it closes the pool's connections too (the
         # in-process dispatcher of the tests lives on after its close)
         else Redis.from_pool(
-            BlockingConnectionPool.from_url(
-                dsn, max_connections=64, timeout=5, client_name=name("api"), **options
-            )
+            async_pool(dsn, blocking=True, max_connections=64, timeout=5, client_name=name("api"), **options)
         )
     )
     clients = (redis, beat, publisher, api)

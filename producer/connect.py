@@ -12,11 +12,13 @@ cluster: the master of the write's slot), and both go out on one connection.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 import redis
 import redis.asyncio
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
@@ -33,14 +35,86 @@ def sync_client(dsn: str, *, cluster: bool, **options: Any) -> redis.Redis:
     return redis.Redis.from_url(dsn, **options)
 
 
+async def _written(conn: AbstractConnection, sending: Awaitable[None]) -> None:
+    """A write to a socket closed under it is a lost connection. uvloop raises RuntimeError ("unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed") where asyncio's own loop
+    does not, and redis-py maps only OSError to ConnectionError: when a Redis Cluster master was killed
+    between a connect and its first command (CLIENT SETNAME), that RuntimeError passed every ``except
+    RedisError`` and stopped the dispatcher (CI of 550edbe). As a ConnectionError it is retried as any
+    lost connection is."""
+    try:
+        await sending
+    except RuntimeError as exc:
+        if "closed" not in str(exc):
+            raise
+        await conn.disconnect(nowait=True)
+        raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
+
+
+class Connection(redis.asyncio.Connection):
+    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        await _written(self, super().send_packed_command(command, check_health))
+
+
+class SSLConnection(redis.asyncio.SSLConnection):
+    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        await _written(self, super().send_packed_command(command, check_health))
+
+
+class UnixDomainSocketConnection(redis.asyncio.UnixDomainSocketConnection):
+    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        await _written(self, super().send_packed_command(command, check_health))
+
+
+_OURS: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    redis.asyncio.Connection: Connection,
+    redis.asyncio.SSLConnection: SSLConnection,
+    redis.asyncio.UnixDomainSocketConnection: UnixDomainSocketConnection,
+}
+
+
+def async_pool(dsn: str, *, blocking: bool = False, **options: Any) -> redis.asyncio.ConnectionPool:
+    """A pool (``blocking``: a burst waits for a connection rather than failing) making the connections above
+    for ``dsn``'s scheme (``rediss://``: TLS, ``unix://``: a socket file). ``ConnectionPool.from_url`` lets
+    the URL's class win over a ``connection_class`` passed to it (redis 8.1), so the URL is parsed here."""
+    kwargs = {**options, **parse_url(dsn)}
+    kwargs["connection_class"] = _OURS.get(
+        kwargs.get("connection_class", redis.asyncio.Connection), Connection
+    )
+    pool = redis.asyncio.BlockingConnectionPool if blocking else redis.asyncio.ConnectionPool
+    return pool(**kwargs)
+
+
 def async_client(dsn: str, *, cluster: bool, **options: Any) -> redis.asyncio.Redis:
-    """An asyncio client; with ``cluster`` a ``redis.asyncio.RedisCluster``."""
+    """An asyncio client; with ``cluster`` a ``redis.asyncio.RedisCluster``. Either makes its connections
+    of the classes above."""
     if cluster:
         for unsupported in ("db", "client_name", "max_connections", "health_check_interval"):
             options.pop(unsupported, None)
         client: Any = AsyncRedisCluster.from_url(dsn, **options)
+        # redis-py's cluster client takes no connection class: its nodes, those it meets later included,
+        # are made from the one ``connection_kwargs`` dict (redis 8.1; tests/producer check it still is).
+        kwargs = client.connection_kwargs
+        kwargs["connection_class"] = _OURS.get(
+            kwargs.get("connection_class", redis.asyncio.Connection), Connection
+        )
+        for node in [*client.startup_nodes, *client.nodes_manager.startup_nodes.values()]:
+            node.connection_class = kwargs["connection_class"]
         return client  # type: ignore[no-any-return]
-    return redis.asyncio.Redis.from_url(dsn, **options)
+    # from_pool: the client owns the pool, so closing it closes the pool's connections too
+    return redis.asyncio.Redis.from_pool(async_pool(dsn, **options))
 
 
 async def initialized(client: redis.asyncio.Redis) -> redis.asyncio.Redis:

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import uvloop
+from redis.exceptions import RedisClusterException, RedisError
 
 from dispatcher.queues.task_events import EventPublisher
-from producer import enqueue
+from producer import connect, enqueue
 from producer.connect import async_client, initialized
 from producer.errors import QueueUnavailable
 from producer.events import plan, split_payload
@@ -219,3 +221,34 @@ def test_task_events_reach_a_subscriber_on_a_cluster(redis_cluster: Cluster) -> 
                 got.setdefault(ev["task_id"], []).append(ev["event"])
         sub.close()
     assert got == {t: ["dispatched", "finished"] for t in task_ids}
+
+
+def test_a_cluster_clients_write_on_a_transport_closed_under_it_is_a_lost_connection(
+    redis_cluster: Cluster,
+) -> None:
+    """A master killed between a connect and its first command made uvloop raise RuntimeError on the write,
+    which passed every ``except RedisError`` and stopped the dispatcher (CI of 550edbe, the failover test
+    above). The cluster client takes no connection class: ``async_client`` sets it on every node."""
+
+    async def scenario() -> None:
+        client: Any = await initialized(async_client(redis_cluster.url, cluster=True, socket_timeout=5))
+        assert {type(n).__name__ for n in client.get_nodes()} == {"ClusterNode"}
+        assert {n.connection_class for n in client.get_nodes()} == {connect.Connection}
+        keys = [f"gpuq-test:closed:{i}" for i in range(16)]  # over every master
+        for key in keys:
+            await client.set(key, "1")
+        for node in client.get_nodes():
+            for conn in node._free:
+                conn._writer.transport.abort()
+        await asyncio.sleep(0.01)
+        for key in keys:
+            try:
+                value = await client.get(key)
+            except (RedisError, RedisClusterException):  # a lost connection may surface once; nothing else
+                value = await client.get(key)
+            assert value == b"1"
+        for key in keys:
+            await client.delete(key)
+        await client.aclose()
+
+    uvloop.run(scenario())
