@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from types import FrameType
@@ -27,7 +28,7 @@ from dispatcher.http.callback import CallbackFastPath
 from dispatcher.http.edge_limits import GuardedHttp, raise_open_files
 from dispatcher.logs import setup_logging
 from dispatcher.loop.core import Dispatcher
-from dispatcher.preflight import StartProblem, preflight
+from dispatcher.preflight import StartProblem, listen, preflight
 from dispatcher.queues.event_hub import EventHub
 from dispatcher.queues.presence import client_name
 from dispatcher.settings import DispatcherSettings
@@ -233,14 +234,18 @@ def main() -> int:
     announce(settings)
     max_connections = raise_open_files(settings.http_max_connections)
     engine = make_engine(settings.db_url())
+    sock: socket.socket | None = None
     try:
+        sock = listen(settings)
         preflight(settings, engine)
     except StartProblem as exc:
         sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
+        if sock is not None:
+            sock.close()
         engine.dispose()
         return exc.exit_code
     server, holder = build_server(settings, engine, max_connections, freeze=True)
-    server.run()
+    server.run(sockets=[sock])  # bound above: no job is taken on a port that is not ours
     d = holder.get("d")
     if not server.started or (d is not None and d.fatal is not None):
         return 1

@@ -13,7 +13,9 @@ they could never call back.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -197,3 +199,33 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> None:
     check_redis(settings)
     register_endpoints(settings, engine)
     warn_unreachable_callback(settings)
+
+
+def listen(settings: DispatcherSettings, backlog: int = 4096) -> socket.socket:
+    """The HTTP server's socket, bound and listening before the dispatcher takes a job. uvicorn binds only
+    after its lifespan startup, which starts the dispatcher: with CALLBACK_PORT held by another process, 33
+    jobs went out naming that port in their callback URL, the other process answered their callbacks 404,
+    and their slots stayed busy for a lease while the process exited (an outside trial)."""
+    host, port = settings.callback_host, settings.callback_port
+    where = f"CALLBACK_HOST={host} CALLBACK_PORT={port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise StartProblem(f"{where}: not an address to listen on ({exc})", BAD_SETTING) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        why = exc.strerror or str(exc)
+        hint = (
+            ": another process listens there (another dispatcher?); stop it or choose another CALLBACK_PORT"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise StartProblem(f"{where}: cannot listen ({why}){hint}", BAD_SETTING) from exc
+    return sock

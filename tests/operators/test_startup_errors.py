@@ -85,3 +85,47 @@ def test_more_wait_replicas_than_the_redis_has_is_said_at_start(redis_url, caplo
     with caplog.at_level("WARNING", logger="gpuq.main"):
         check_redis(load(DispatcherSettings, _env_file=None, redis_url=redis_url, callback_secret=SECRET))
     assert not [r for r in caplog.records if getattr(r, "action", None) == "config"]
+
+
+@pytest.mark.slow  # a process start: seconds on a loaded 2-core machine
+def test_a_callback_port_held_by_another_process_is_refused_before_any_job_is_taken(
+    tmp_path, redis_url, key_prefix
+):
+    # An outside trial: CALLBACK_PORT held by another process. uvicorn binds after its lifespan startup, which
+    # started the dispatcher: 33 jobs went out naming that port for their callbacks (answered 404 by the
+    # other process) and their slots stayed busy for a lease after the process exited.
+    import socket
+
+    import redis
+
+    from producer.job import Job
+    from producer.keys import queue_key
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    rds = redis.Redis.from_url(redis_url)
+    queue = f"{key_prefix}q"
+    rds.rpush(queue_key(queue), Job(task_id="held-port-1", type="t", queue=queue, data={}).to_redis())
+    try:
+        run = _run(
+            tmp_path,
+            REDIS_URL=redis_url,
+            REDIS_KEY_PREFIX=key_prefix,
+            TASK_QUEUES=queue,
+            DATABASE_URL="sqlite:///d.db",
+            GPU_ENDPOINTS=f"g0=http://127.0.0.1:{free_port()}/infer",
+            CALLBACK_HOST="127.0.0.1",
+            CALLBACK_PORT=str(port),
+        )
+    finally:
+        holder.close()
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and f"CALLBACK_PORT={port}" in lines[0] and "another process" in lines[0], (
+        run.stderr
+    )
+    assert rds.llen(queue_key(queue)) == 1  # the job was not taken
+    assert not (tmp_path / "d.db").exists()  # nor anything else done
+    rds.close()
