@@ -84,7 +84,12 @@ class GpuClient:
         except TypeError as exc:  # the job itself (a lone surrogate, a 65-bit integer): no GPU can take it
             return Answer(Verdict.FAILED, error=f"the job cannot be sent as JSON: {exc}")
         try:
-            async with self._session.post(url, data=payload, headers=self._headers) as resp:
+            # Redirects are not followed: aiohttp turns a 301/302/303 POST into a GET without the body, whose
+            # 200 was taken as "accepted" while no GPU had the job (an outside trial): the task waited out
+            # its lease three times. A 3xx is about the URL: refused, the GPU out of rotation (``_judge``).
+            async with self._session.post(
+                url, data=payload, headers=self._headers, allow_redirects=False
+            ) as resp:
                 return await self._answer(resp)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
@@ -101,7 +106,7 @@ class GpuClient:
                 error=f"the GPU's answer is larger than GPU_ANSWER_MAX_BYTES ({self.max_answer_bytes} bytes);"
                 " not taken",
             )
-        return _judge(resp.status, data.decode(errors="replace"))
+        return _judge(resp.status, data.decode(errors="replace"), resp.headers.get("Location"))
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         """(the answer, True) read to its end (``content.read(n)`` returns what happens to be buffered,
@@ -124,7 +129,11 @@ class GpuClient:
         assert self._session is not None, "GpuClient.start() first"
         try:
             async with self._session.post(
-                url, data=orjson.dumps(body), headers=self._headers, timeout=_CANCEL_TIMEOUT
+                url,
+                data=orjson.dumps(body),
+                headers=self._headers,
+                timeout=_CANCEL_TIMEOUT,
+                allow_redirects=False,
             ) as r:
                 text = (await r.content.read(2000)).decode(errors="replace")
                 return 200 <= r.status < 300, f"cancel answered {r.status}: {text[:200]}"
@@ -136,7 +145,7 @@ class GpuClient:
         assert self._session is not None
         try:
             async with self._session.get(
-                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5)
+                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
             ) as r:
                 return probe_ok(r.status), f"probe answered {r.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -160,9 +169,10 @@ JOB_REFUSALS = frozenset({400, 413, 422})
 
 
 def probe_ok(status: int) -> bool:
-    """A GET of a GPU's URL: the service is there unless it answered 5xx, or 401/403/404 (a wrong path or
-    token). 405 counts as there: a POST-only route answers GET that way."""
-    return status < 500 and status not in (401, 403, 404)
+    """A GET of a GPU's URL: the service is there unless it answered 5xx, 401/403/404 (a wrong path or
+    token) or a redirect (not followed: jobs sent there would be refused). 405 counts as there: a POST-only
+    route answers GET that way."""
+    return status < 300 or (400 <= status < 500 and status not in (401, 403, 404))
 
 
 def answer_error(status: int, text: str) -> str:
@@ -177,7 +187,7 @@ def answer_error(status: int, text: str) -> str:
     return f"GPU answered {status}: {body}" if body else f"GPU answered {status}"
 
 
-def _judge(status: int, text: str) -> Answer:
+def _judge(status: int, text: str, location: str | None = None) -> Answer:
     if 200 <= status < 300:
         reply = _json_object(text)
         reported = reply.get("status") if reply else None
@@ -188,7 +198,8 @@ def _judge(status: int, text: str) -> Answer:
             verdict = Verdict.RETRY if (reply or {}).get("retry") is True else Verdict.FAILED
             return Answer(verdict, status, error=error)
         return Answer(Verdict.ACCEPTED, status)
-    error = answer_error(status, text)
+    # A redirect is about the URL: refused below, the GPU out of rotation.
+    error = _redirected(status, location) if 300 <= status < 400 else answer_error(status, text)
     if status in JOB_REFUSALS:
         return Answer(Verdict.FAILED, status, error=error)
     if status in (408, 429) or (status >= 500 and status != 501):
@@ -202,3 +213,11 @@ def _json_object(text: str) -> dict[str, Any] | None:
     except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
+
+
+def _redirected(status: int, location: str | None) -> str:
+    where = f" to {location[:200]}" if location else ""
+    return (
+        f"GPU answered {status}, a redirect{where}: redirects are not followed (the job's POST would arrive"
+        " as a GET without its body); register the URL it points to"
+    )

@@ -109,3 +109,46 @@ def test_out_of_file_descriptors_does_not_count_against_the_gpu():
         assert not answer.unhealthy, answer
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_not_followed(status: int):
+    # An outside trial: a GPU URL answering 302 (to a URL whose GET answers 200). aiohttp followed it as a GET
+    # without the body and its 200 was taken as "accepted": the task showed processing while no GPU had it,
+    # and waited out its lease three times. Not followed, a 3xx is about the URL: refused, GPU unhealthy.
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        async def redirect(request: web.Request) -> web.Response:
+            seen.append(f"{request.method} {request.path}")
+            return web.Response(status=status, headers={"Location": "/elsewhere"})
+
+        async def elsewhere(request: web.Request) -> web.Response:
+            seen.append(f"{request.method} {request.path}")
+            return web.json_response({"status": "accepted"})
+
+        app = web.Application()
+        app.router.add_route("*", "/", redirect)
+        app.router.add_route("*", "/elsewhere", elsewhere)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            client = GpuClient(bearer_token="t", connect_timeout=5, request_timeout=30)
+            await client.start()
+            try:
+                answer = await client.send(f"http://127.0.0.1:{port}/", {"task_id": "t1", "data": {}})
+                up, _ = await client.probe(f"http://127.0.0.1:{port}/")
+            finally:
+                await client.close()
+        finally:
+            await runner.cleanup()
+        assert answer.verdict == Verdict.REFUSED and answer.unhealthy, answer
+        assert answer.status == status
+        assert "redirect to /elsewhere" in (answer.error or "") and "not followed" in (answer.error or "")
+        assert not up  # a probe does not put it back in rotation
+        assert seen == ["POST /", "GET /"]  # neither followed
+
+    asyncio.run(scenario())
