@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
-from dispatcher.db.gpus import register_new
+from dispatcher.db.gpus import UrlTaken, register_new
 from dispatcher.settings import DispatcherSettings
 from producer.connect import is_cluster, sync_client
 
@@ -133,15 +133,18 @@ def _cluster_enabled(client: Any) -> bool:
 def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
     """Register the GPUs of GPU_ENDPOINTS the database does not know; stop on one it knows differently."""
     for ep in settings.endpoints:
-        known = transaction(
-            engine,
-            register_new,
-            gpu_id=ep.gpu_id,
-            url=ep.url,
-            pool=ep.pool,
-            slot_count=settings.slots_per_gpu,
-            now=utcnow(),
-        )
+        try:
+            known = transaction(
+                engine,
+                register_new,
+                gpu_id=ep.gpu_id,
+                url=ep.url,
+                pool=ep.pool,
+                slot_count=settings.slots_per_gpu,
+                now=utcnow(),
+            )
+        except UrlTaken as exc:
+            raise StartProblem(f"GPU_ENDPOINTS: {exc}", BAD_SETTING) from None
         if known is not None:
             raise StartProblem(
                 f"GPU_ENDPOINTS: GPU {ep.gpu_id} is registered as {known.pool}:{known.gpu_id}={known.url}, "

@@ -72,8 +72,36 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
         if any(e.gpu_id == gpu_id for e in endpoints):
             raise ValueError(f"GPU {gpu_id!r} is listed twice")
+        if twin := next((e.gpu_id for e in endpoints if same_service(e.url, url)), None):
+            raise ValueError(url_taken(gpu_id, twin, url))
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
     return endpoints
+
+
+def same_service(a: str, b: str) -> bool:
+    """Do two GPU URLs name one service? Scheme and host compared without case, a default port as none, a
+    trailing slash as none. Registered twice under two names, one GPU got the jobs of both: 8 at once on 4
+    slots (an outside trial)."""
+    return not is_pull(a) and not is_pull(b) and _url_key(a) == _url_key(b)
+
+
+def _url_key(url: str) -> tuple[str, str, int | None, str, str]:
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port == {"http": 80, "https": 443}.get(scheme):
+        port = None
+    return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/") or "/", parts.query
+
+
+def url_taken(gpu_id: str, other: str, url: str) -> str:
+    return (
+        f"GPU {gpu_id}: {url} is GPU {other}'s URL; one service registered under two names gets the jobs of"
+        f" both (more than its slots). Give {other} more slots instead (gpuq gpu set {other} --slots N)"
+    )
 
 
 def _port_ok(parts: SplitResult) -> bool:

@@ -21,7 +21,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.engine import utcnow
-from dispatcher.db.gpus import list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
+from dispatcher.db.gpus import UrlTaken, list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
 from dispatcher.settings import DEFAULT_POOL
 from dispatcher.states import GpuState
 
@@ -65,7 +65,10 @@ def add(
     known = {g.gpu_id for g in s.db(list_gpus)}
     if probe:
         _say_probe(ep.url)
-    s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
+    try:
+        s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
+    except UrlTaken as exc:
+        raise BadArgument(str(exc)) from None
     s.wake("slot")
     verb = "updated" if ep.gpu_id in known else "added"
     console().print(f"{verb} GPU {ep.gpu_id} ({ep.url}) in pool {ep.pool} with {count} slots")
@@ -130,9 +133,12 @@ def set_(
     if url is not None or pool is not None:
         endpoint(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
     s = stores(ctx)
-    changed = s.db(
-        update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, cancel_url=cancel_url, now=utcnow()
-    )
+    try:
+        changed = s.db(
+            update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, cancel_url=cancel_url, now=utcnow()
+        )
+    except UrlTaken as exc:
+        raise BadArgument(str(exc)) from None
     if not changed:
         raise OperatorError(f"no GPU named {name!r} (gpuq gpu add registers one)")
     s.wake("slot")

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, slots
 from dispatcher.gpus.pull import is_pull
+from dispatcher.settings import same_service, url_taken
 from dispatcher.states import GpuState, Outcome
 
 _UNFETCHED = text(
@@ -39,11 +40,24 @@ class GpuRow:
     last_error: str | None
 
 
+class UrlTaken(ValueError):
+    """A GPU registered at the URL of another: one service would get the jobs of both (``same_service``)."""
+
+
+def _check_url(conn: Connection, *, gpu_id: str, url: str) -> None:
+    """Raise UrlTaken when another GPU is registered at ``url`` (a fleet is small: every URL is read)."""
+    for other, theirs in conn.execute(select(gpus.c.gpu_id, gpus.c.url).where(gpus.c.gpu_id != gpu_id)):
+        if same_service(theirs, url):
+            raise UrlTaken(url_taken(gpu_id, other, url))
+
+
 def register_gpu(
     conn: Connection, *, gpu_id: str, url: str, pool: str, slot_count: int, now: datetime
 ) -> None:
-    """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start)."""
+    """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start).
+    UrlTaken when another GPU has that URL."""
     row = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    _check_url(conn, gpu_id=gpu_id, url=url)
     if row is None:
         conn.execute(
             insert(gpus).values(
@@ -116,6 +130,7 @@ def update_gpu(
         return False
     values: dict[str, object] = {"updated_at": now}
     if url is not None and url != row.url:
+        _check_url(conn, gpu_id=gpu_id, url=url)
         values |= {"url": url, "healthy": True, "consecutive_failures": 0, "down_until": None}
         # A pull GPU given a URL is pushed to from now on: its agent token no longer opens anything.
         values |= {"agent_token_hash": None, "agent_seen_until": None}

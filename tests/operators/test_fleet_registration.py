@@ -56,9 +56,17 @@ def test_second_dispatcher_cannot_rewrite_the_fleet(stack, gpuq, tmp_path):
     wait_final(stack.engine, ids, timeout=60)
     # and `gpuq gpu set` is how a registration changes (a new URL starts with a clean health record)
     env = {"DATABASE_URL": stack.database_url, "REDIS_URL": stack.redis_url, "REDIS_KEY_PREFIX": stack.prefix}
-    res = gpuq("gpu", "set", "g0", "--url", g1, "--pool", "other", **env)
+    # (not to another GPU's URL: one service under two names got the jobs of both, 8 on 4 slots)
+    taken = gpuq("gpu", "set", "g0", "--url", g1 + "/", **env)  # a trailing slash is the same service
+    assert taken.exit_code == 2 and "is GPU g1's URL" in taken.stderr, taken
+    assert _urls(stack) == before
+    moved_to = g0 + "-v2"
+    res = gpuq("gpu", "set", "g0", "--url", moved_to, "--pool", "other", **env)
     assert res.exit_code == 0, res
     with stack.engine.connect() as conn:
-        assert conn.execute(text("SELECT url, pool FROM gpus WHERE gpu_id = 'g0'")).one() == (g1, "other")
+        assert conn.execute(text("SELECT url, pool FROM gpus WHERE gpu_id = 'g0'")).one() == (
+            moved_to,
+            "other",
+        )
     assert gpuq("gpu", "set", "g7", "--url", g1, **env).exit_code == 1
     assert gpuq("gpu", "set", "g0", "--url", "ftp://x", **env).exit_code == 2

@@ -26,3 +26,39 @@ def test_good_urls_still_parse():
 def test_gpu_add_refuses_a_bad_port(gpuq):
     res = gpuq("gpu", "add", "g9", "http://127.0.0.1:91OO/g9", "--no-probe")
     assert res.exit_code == 2 and "is not an http" in res.stderr, res
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "g0=http://gpu-1:9100/infer,g1=http://gpu-1:9100/infer",
+        "g0=http://GPU-1:9100/infer,g1=HTTP://gpu-1:9100/infer/",  # case of scheme and host, a trailing slash
+        "g0=http://gpu-1/infer,embed:g1=http://gpu-1:80/infer",  # the default port, another pool
+    ],
+)
+def test_one_service_under_two_names_is_refused(raw):
+    # An outside trial: GPU_ENDPOINTS='gA=URL,gB=URL' started without a word, and the service behind URL got
+    # the jobs of both GPUs: 8 at once on its 4 slots.
+    with pytest.raises(ValueError, match=r"GPU g1: .* is GPU g0.s URL"):
+        parse_gpu_endpoints(raw)
+
+
+def test_other_paths_ports_and_pull_gpus_are_other_services():
+    eps = parse_gpu_endpoints(
+        "g0=http://gpu-1:9100/a,g1=http://gpu-1:9100/b,g2=http://gpu-1:9101/a,g3=https://gpu-1:9100/a,pull:g4,pull:g5"
+    )
+    assert [e.gpu_id for e in eps] == ["g0", "g1", "g2", "g3", "g4", "g5"]
+
+
+def test_gpu_add_and_set_refuse_another_gpus_url(gpuq):
+    assert gpuq("db", "init").exit_code == 0
+    assert gpuq("gpu", "add", "g0", "http://127.0.0.1:9/g0", "--no-probe").exit_code == 0
+    assert gpuq("gpu", "add", "g1", "http://127.0.0.1:9/g1", "--no-probe").exit_code == 0
+    added = gpuq("gpu", "add", "g2", "http://127.0.0.1:9/g1/", "--no-probe")
+    assert added.exit_code == 2 and "is GPU g1's URL" in added.stderr and "--slots" in added.stderr, added
+    moved = gpuq("gpu", "set", "g0", "--url", "http://127.0.0.1:9/g1")
+    assert moved.exit_code == 2 and "is GPU g1's URL" in moved.stderr, moved
+    # the same GPU again at its own URL is no conflict (every dispatcher registers at start)
+    assert gpuq("gpu", "add", "g1", "http://127.0.0.1:9/g1", "--no-probe", "--slots", "8").exit_code == 0
+    listed = gpuq("gpu", "list", "--json")
+    assert '"g2"' not in listed.stdout and "http://127.0.0.1:9/g0" in listed.stdout

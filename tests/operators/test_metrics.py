@@ -102,7 +102,7 @@ def test_a_removed_gpu_loses_its_series(stack):
     # GIVEN a dispatcher and a GPU added at run time (as a KEDA-scaled pod's `gpuq gpu add` does), scraped once
     fleet = stack.fleet(gpus=1, service_time="0")
     d = stack.dispatcher(fleet)
-    add_gpu(stack.engine, "pod-a", 4, url=fleet.url("g0"))
+    add_gpu(stack.engine, "pod-a", 4, url=fleet.url("g0") + "-pod-a")  # one URL per GPU
     assert value(scrape(d.url), "gpuq_slots_total", gpu="pod-a", pool="default") == 4
 
     # WHEN the GPU is removed (the pod drained and left) and Prometheus scrapes again

@@ -131,7 +131,13 @@ def busy_history(database_url):
     now = utcnow()
     for gpu_id, pool, slots in (("g0", "default", 4), ("g1", "embed", 2)):
         transaction(
-            engine, register_gpu, gpu_id=gpu_id, url="http://h:1", pool=pool, slot_count=slots, now=now
+            engine,
+            register_gpu,
+            gpu_id=gpu_id,
+            url=f"http://h:1/{gpu_id}",
+            pool=pool,
+            slot_count=slots,
+            now=now,
         )
 
     def start(pool: str, ago: float, max_attempts: int = 1, lease: float = 3600) -> str:
