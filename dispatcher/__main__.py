@@ -110,8 +110,9 @@ def announce(settings: DispatcherSettings) -> None:
     open_api = settings.open_api_warning()
     if open_api is not None:
         log.warning(open_api, extra={"action": "open_api", "host": settings.callback_host})
-    if (standby := settings.standby_warning()) is not None:
-        log.warning(standby, extra={"action": "config"})
+    for warning in (settings.standby_warning(), settings.lease_warning()):
+        if warning is not None:
+            log.warning(warning, extra={"action": "config"})
     url = settings.db_url()
     if url.startswith("sqlite"):
         why = "DATABASE_URL is SQLite" if settings.database_url else "no DATABASE_URL or DB_HOST"

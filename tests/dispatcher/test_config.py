@@ -91,3 +91,27 @@ def test_standby_jobs_asked_for_without_a_buffer_is_said_at_start(
     assert (warning is not None) == warned
     if warned:
         assert warning is not None and "HANDOFF_BUFFER=0" in warning and "STANDBY_JOBS" in warning
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"TASK_TIMEOUT_SECONDS": "0.05"}, True),  # an outside trial: 9 jobs on a 4-slot GPU
+        ({"TASK_TIMEOUT_SECONDS": "10", "GPU_REQUEST_TIMEOUT_SECONDS": "11"}, True),
+        ({"TASK_TIMEOUT_SECONDS": "30", "GPU_REQUEST_TIMEOUT_SECONDS": "30"}, False),
+        ({}, False),  # the defaults: 900 s leases, 30 s requests
+    ],
+)
+def test_a_lease_shorter_than_a_request_is_said_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], warned: bool
+) -> None:
+    for name, value in (GOOD | env).items():
+        monkeypatch.setenv(name, value)
+    warning = load(DispatcherSettings).lease_warning()
+    assert (warning is not None) == warned
+    if warned:
+        assert (
+            warning is not None
+            and "TASK_TIMEOUT_SECONDS=" in warning
+            and "more jobs than its slots" in warning
+        )
