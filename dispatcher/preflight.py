@@ -13,6 +13,7 @@ they could never call back.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -26,8 +27,11 @@ from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import UrlTaken, register_new
+from dispatcher.queues.intake import Intake
+from dispatcher.queues.presence import DuplicateDispatcher
 from dispatcher.settings import DispatcherSettings
-from producer.connect import is_cluster, sync_client
+from producer.connect import async_client, initialized, is_cluster, sync_client
+from producer.keys import Keys
 
 log = logging.getLogger("gpuq.main")
 
@@ -154,6 +158,34 @@ def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
             )
 
 
+def check_dispatcher_id(settings: DispatcherSettings) -> None:
+    """Refuse, in one line, to run beside a live process with this DISPATCHER_ID (a twin started from one
+    .env, or the one before a restart still draining). Refused in the server's startup instead (as it was),
+    it came as a 21-frame traceback and exit 3 (an outside trial). This claims the id for this process's
+    instance; the dispatcher's own claim at start finds it ours. A process killed a moment ago is taken
+    over at once (``Presence.claim``)."""
+
+    async def claim() -> None:
+        client = async_client(
+            settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=10
+        )
+        try:
+            await initialized(client)
+            keys = Keys(settings.redis_key_prefix)
+            await Intake(client, keys, settings.dispatcher_id, [], instance=settings.instance).claim()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(claim())
+    except DuplicateDispatcher as exc:
+        raise StartProblem(str(exc), BAD_SETTING) from None
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise StartProblem(
+            f"Redis: the DISPATCHER_ID could not be claimed ({_first_line(exc)})", UNREACHABLE
+        ) from exc
+
+
 def slots_mismatch(settings: DispatcherSettings, registered: dict[str, int]) -> str | None:
     """What to say when GPUs of GPU_ENDPOINTS are registered with other slot counts than SLOTS_PER_GPU
     (``registered``: GPU -> its slots in the database), or None. Dispatchers sharing a database with
@@ -200,6 +232,7 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> None:
     """Raise StartProblem for the first thing that stops the dispatcher from starting."""
     check_database(settings, engine)
     check_redis(settings)
+    check_dispatcher_id(settings)
     register_endpoints(settings, engine)
     warn_unreachable_callback(settings)
 

@@ -203,6 +203,9 @@ def test_a_second_process_with_the_same_dispatcher_id_refuses_to_start_and_a_res
     stack.procs.append(twin)
     with pytest.raises(ProcessFailed, match="DISPATCHER_ID=worker belongs to a running dispatcher"):
         twin.start(timeout=60)
+    # in one line and exit 2, before its server starts (it was a 21-frame traceback and exit 3)
+    assert twin.proc is not None and twin.proc.returncode == 2, twin.logs()
+    assert "Traceback" not in twin.logs() and "Started server process" not in twin.logs(), twin.logs()
     ids = push_jobs(stack.rds, stack.queues[0], 40)
     wait_in_flight(stack.engine)
     first.kill()
