@@ -57,8 +57,7 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
             pool = pool.rpartition(":")[0].strip() if ":" in pool else DEFAULT_POOL
         if (not sep and not pull) or not gpu_id or not pool:
             raise ValueError(f"{item!r} is not [pool:]NAME=URL or [pool:]pull:NAME")
-        if len(gpu_id) > 64 or len(pool) > 64:
-            raise ValueError(f"{item!r}: GPU and pool names are at most 64 characters")
+        _check_names(item, gpu_id, pool)
         if any(e.gpu_id == gpu_id for e in endpoints):
             raise ValueError(f"GPU {gpu_id!r} is listed twice")
         if pull:
@@ -70,12 +69,36 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
-        if any(e.gpu_id == gpu_id for e in endpoints):
-            raise ValueError(f"GPU {gpu_id!r} is listed twice")
         if twin := next((e.gpu_id for e in endpoints if same_service(e.url, url)), None):
             raise ValueError(url_taken(gpu_id, twin, url))
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
     return endpoints
+
+
+#: Not in a GPU or pool name: what GPU_ENDPOINTS cannot hold (``,`` ``=``) or a shell, a log line or a
+#: Prometheus label would need to escape. ``gpuq gpu add`` took a name with quotes, a backslash and a newline
+#: that no GPU_ENDPOINTS could name (an outside trial).
+_NOT_IN_NAMES = frozenset(",=\"'\\`")
+
+
+def name_problem(kind: str, value: str, *, colon: bool = True) -> str | None:
+    """Why ``value`` cannot be a GPU name or a pool (``kind``), or None. ``colon`` False: a GPU name given
+    alone (the CLI's), where a colon would make the part before it a pool."""
+    bad = sorted({c for c in value if c in _NOT_IN_NAMES or c.isspace() or not c.isprintable()})
+    if not colon and ":" in value:
+        bad.append(":")
+    if not value or bad:
+        shown = " ".join(repr(c) for c in bad) or "nothing"
+        return f"{kind} {value!r}: not a name ({shown}); use letters, digits and . _ - @ / + (and : in pools)"
+    return None
+
+
+def _check_names(item: str, gpu_id: str, pool: str) -> None:
+    if len(gpu_id) > 64 or len(pool) > 64:
+        raise ValueError(f"{item!r}: GPU and pool names are at most 64 characters")
+    for kind, value in (("GPU name", gpu_id), ("pool", pool)):
+        if problem := name_problem(kind, value):
+            raise ValueError(problem)
 
 
 def same_service(a: str, b: str) -> bool:

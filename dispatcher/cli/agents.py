@@ -15,7 +15,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.db.agents import pull_gpu, register_pull, rotate_token
 from dispatcher.db.engine import utcnow
-from dispatcher.settings import GpuEndpoint, parse_gpu_endpoints
+from dispatcher.settings import GpuEndpoint, name_problem, parse_gpu_endpoints
 
 
 def endpoint(spec: str, what: str = "") -> GpuEndpoint:
@@ -28,8 +28,17 @@ def endpoint(spec: str, what: str = "") -> GpuEndpoint:
     return ep
 
 
+def check_names(name: str, pool: str | None) -> None:
+    """A GPU name and pool GPU_ENDPOINTS could hold, checked alone (in the spec ``endpoint`` parses, a comma
+    in a name split it and the error named a GPU nobody typed: ``'po ol:p' is not [pool:]NAME=URL``)."""
+    for problem in (name_problem("GPU name", name, colon=False), pool and name_problem("pool", pool)):
+        if problem:
+            raise BadArgument(problem)
+
+
 def add_pull(ctx: typer.Context, name: str, *, pool: str, slots: int | None) -> None:
     """Register a pull GPU (or change a known one's pool and slots); print its token if it got one."""
+    check_names(name, pool)
     ep = endpoint(f"{pool}:pull:{name}")
     s = stores(ctx)
     count = slots or s.settings.slots_per_gpu

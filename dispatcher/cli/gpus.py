@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from dispatcher.cli.agents import add_pull, endpoint, token
+from dispatcher.cli.agents import add_pull, check_names, endpoint, token
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
@@ -59,6 +59,7 @@ def add(
         return
     if url is None:
         raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
+    check_names(name, pool)
     ep = endpoint(f"{pool}:{name}={url}")
     s = stores(ctx)
     count = slots or s.settings.slots_per_gpu
@@ -128,6 +129,7 @@ def set_(
     """Change a known GPU's registration (what a dispatcher's GPU_ENDPOINTS never changes by itself)."""
     if url is None and pool is None and slots is None and cancel_url is None:
         raise BadArgument("say what to change: --url, --pool, --slots or --cancel-url")
+    check_names(name, pool)
     if cancel_url:
         endpoint(f"{DEFAULT_POOL}:{name}={cancel_url}", "--cancel-url: ")
     if url is not None or pool is not None:

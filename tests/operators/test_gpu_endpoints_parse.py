@@ -62,3 +62,31 @@ def test_gpu_add_and_set_refuse_another_gpus_url(gpuq):
     assert gpuq("gpu", "add", "g1", "http://127.0.0.1:9/g1", "--no-probe", "--slots", "8").exit_code == 0
     listed = gpuq("gpu", "list", "--json")
     assert '"g2"' not in listed.stdout and "http://127.0.0.1:9/g0" in listed.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("gpu", "add", 'q"u\\o\nte', "http://127.0.0.1:9/q"), "GPU name 'q\"u\\\\o\\nte': not a name"),
+        (("gpu", "add", "p,x=1", "http://127.0.0.1:9/p", "--pool", "po ol"), "GPU name 'p,x=1': not a name"),
+        (("gpu", "add", "p", "http://127.0.0.1:9/p", "--pool", "po ol"), "pool 'po ol': not a name"),
+        (("gpu", "add", "a:b", "http://127.0.0.1:9/p"), "GPU name 'a:b': not a name (':')"),
+        (("gpu", "add", "p", "--pull", "--pool", "x\ty"), "pool 'x\\ty': not a name"),
+    ],
+)
+def test_gpu_add_refuses_names_gpu_endpoints_cannot_hold(gpuq, args, says):
+    # An outside trial: names with quotes, a backslash or a newline were registered (no GPU_ENDPOINTS can
+    # name them), and a comma in a name gave an error about a GPU nobody typed ('po ol:p').
+    assert gpuq("db", "init").exit_code == 0
+    res = gpuq(*args, "--no-probe") if "--pull" not in args else gpuq(*args)
+    assert res.exit_code == 2 and says in res.stderr, res
+    assert gpuq("gpu", "list", "--json").stdout.strip() == "[]"
+
+
+def test_gpu_endpoints_refuse_the_same_names():
+    with pytest.raises(ValueError, match="GPU name 'a b': not a name"):
+        parse_gpu_endpoints("a b=http://h:1/x")
+    assert [e.gpu_id for e in parse_gpu_endpoints("gpu:a100:g-0.1=http://h:1/x,pod@2=http://h:1/y")] == [
+        "g-0.1",
+        "pod@2",
+    ]
