@@ -80,10 +80,13 @@ def _claim_all(
     lease: datetime,
     dispatcher_id: str,
     takeover: list[str],
+    avoid: dict[str, str] | None = None,
 ) -> dict[str, Pick]:
     """Slots for as many of ``wanted`` (job, pool) as the pools have room for, claimed in one statement per
     round. A proposal that lost its slot to another dispatcher is retried on a fresh snapshot. ``takeover``:
-    tasks whose attempts this transaction ended and whose slots count as free (see ``snapshot_ending``)."""
+    tasks whose attempts this transaction ended and whose slots count as free (see ``snapshot_ending``).
+    ``avoid``: task -> the GPU of its last attempt, taken only when no other GPU of its pool has room."""
+    avoid = avoid or {}
 
     def fresh() -> list[GpuFree]:
         return snapshot_ending(conn, ending=takeover).gpus if takeover else snapshot(conn)
@@ -97,7 +100,7 @@ def _claim_all(
         proposals: list[tuple[Job, Pick]] = []
         no_room: list[tuple[Job, str]] = []
         for job, pool in pending:
-            pick = placer.take(pool)
+            pick = placer.take(pool, avoid.get(job.task_id))
             if pick is None:
                 no_room.append((job, pool))
             else:
@@ -286,6 +289,8 @@ def dispatch(
         lease=lease_until,
         dispatcher_id=dispatcher_id,
         takeover=takeover or [],
+        # a retry goes elsewhere where it can: the GPU that failed it may fail it again
+        avoid={j.task_id: r.gpu_id for j, _ in runnable if (r := existing.get(j.task_id)) and r.gpu_id},
     )
     for job, pool in runnable:
         pick = picks.get(job.task_id)

@@ -54,11 +54,20 @@ class Placer:
             self._free[g.gpu_id] = sorted(g.free, reverse=True)
             heapq.heappush(self._heaps[g.pool], (g.busy, self._rng.random(), g.gpu_id))
 
-    def take(self, pool: str) -> Pick | None:
+    def take(self, pool: str, avoid: str | None = None) -> Pick | None:
+        """A free slot of ``pool``'s least-loaded GPU; of the next one when that is ``avoid`` (the GPU that
+        failed the job's last attempt) and another has room. Least-loaded alone, a GPU answering 500 while
+        its probes (a GET) succeeded won the retries of the jobs it had just failed, and two tasks failed
+        every attempt there with seven healthy GPUs free (an outside trial)."""
         heap = self._heaps.get(pool)
         if not heap:
             return None
-        _, _, gpu = heapq.heappop(heap)
+        if avoid is not None and heap[0][2] == avoid and len(heap) > 1:
+            kept = heapq.heappop(heap)
+            _, _, gpu = heapq.heappop(heap)
+            heapq.heappush(heap, kept)
+        else:
+            _, _, gpu = heapq.heappop(heap)
         slot_index = self._free[gpu].pop()
         self._busy[gpu] += 1
         if self._free[gpu]:
