@@ -235,18 +235,18 @@ def main() -> int:
     announce(settings)
     max_connections = raise_open_files(settings.http_max_connections)
     engine = make_engine(settings.db_url())
-    sock: socket.socket | None = None
+    socks: list[socket.socket] = []
     try:
-        sock = listen(settings)
+        socks = listen(settings)
         preflight(settings, engine)
     except StartProblem as exc:
         sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
-        if sock is not None:
+        for sock in socks:
             sock.close()
         engine.dispose()
         return exc.exit_code
     server, holder = build_server(settings, engine, max_connections, freeze=True)
-    server.run(sockets=[sock])  # bound above: no job is taken on a port that is not ours
+    server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours
     d = holder.get("d")
     if not server.started or (d is not None and d.fatal is not None):
         return 1

@@ -237,26 +237,31 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> None:
     warn_unreachable_callback(settings)
 
 
-def listen(settings: DispatcherSettings, backlog: int = 4096) -> socket.socket:
-    """The HTTP server's socket, bound and listening before the dispatcher takes a job. uvicorn binds only
+def listen(settings: DispatcherSettings, backlog: int = 4096) -> list[socket.socket]:
+    """The HTTP server's sockets, bound and listening before the dispatcher takes a job. uvicorn binds only
     after its lifespan startup, which starts the dispatcher: with CALLBACK_PORT held by another process, 33
     jobs went out naming that port in their callback URL, the other process answered their callbacks 404,
-    and their slots stayed busy for a lease while the process exited (an outside trial)."""
+    and their slots stayed busy for a lease while the process exited (an outside trial). One socket per
+    address the host resolves to, IPv6 ones IPv6-only: what asyncio's ``create_server`` (uvicorn) binds."""
     host, port = settings.callback_host, settings.callback_port
     where = f"CALLBACK_HOST={host} CALLBACK_PORT={port}"
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
         raise StartProblem(f"{where}: not an address to listen on ({exc})", BAD_SETTING) from exc
+    socks: list[socket.socket] = []
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(backlog)
+        for family, kind, proto, _, address in dict.fromkeys((i[0], i[1], i[2], "", i[4]) for i in infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
     except OSError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
         why = exc.strerror or str(exc)
         hint = (
             ": another process listens there (another dispatcher?); stop it or choose another CALLBACK_PORT"
@@ -264,4 +269,4 @@ def listen(settings: DispatcherSettings, backlog: int = 4096) -> socket.socket:
             else ""
         )
         raise StartProblem(f"{where}: cannot listen ({why}){hint}", BAD_SETTING) from exc
-    return sock
+    return socks

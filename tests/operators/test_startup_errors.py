@@ -129,3 +129,37 @@ def test_a_callback_port_held_by_another_process_is_refused_before_any_job_is_ta
     assert rds.llen(queue_key(queue)) == 1  # the job was not taken
     assert not (tmp_path / "d.db").exists()  # nor anything else done
     rds.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost", "::", "::1"])
+def test_the_callback_sockets_are_those_uvicorn_would_bind(host):
+    # listen() binds before the server starts (see above): one socket per address the host names, IPv6 ones
+    # IPv6-only, as asyncio's create_server (uvicorn's own binding) does.
+    import socket
+
+    from dispatcher.preflight import listen
+    from dispatcher.settings import DispatcherSettings
+    from producer.settings import load
+
+    if ":" in host and not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    settings = load(
+        DispatcherSettings, _env_file=None, callback_secret=SECRET, callback_host=host, callback_port=0
+    )
+    try:
+        socks = listen(settings)
+    except Exception as exc:
+        if ":" in host and "Cannot assign" in str(exc) + str(getattr(exc, "message", "")):
+            pytest.skip(f"IPv6 {host} not configured here")
+        raise
+    try:
+        wanted = {
+            i[4][0] for i in socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        }
+        assert {s.getsockname()[0] for s in socks} == wanted
+        for s in socks:
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    finally:
+        for s in socks:
+            s.close()
