@@ -84,8 +84,7 @@ def _say_probe(url: str) -> None:
     from dispatcher.gpus.gpu_client import probe_ok
 
     try:
-        answer = httpx.get(url, timeout=5)  # redirects not followed, as the dispatcher does not follow them
-        status = answer.status_code
+        status = httpx.get(url, timeout=5).status_code
     except httpx.HTTPError as exc:
         what = type(exc).__name__
         typer.echo(f"probe: no answer from {url} ({what}): jobs go there once it answers", err=True)
@@ -94,14 +93,7 @@ def _say_probe(url: str) -> None:
         raise BadArgument(
             f"probe: {url} answered 404: wrong path? Nothing registered (--no-probe registers it anyway)"
         )
-    if 300 <= status < 400:
-        location = answer.headers.get("location", "elsewhere")
-        typer.echo(
-            f"probe: WARNING {url} answered {status}, a redirect to {location}: the dispatcher does not"
-            " follow redirects (every job would be refused); register the URL it points to",
-            err=True,
-        )
-    elif status in (401, 403):
+    if status in (401, 403):
         typer.echo(f"probe: {url} answered {status}: it wants a token (BEARER_TOKEN must be its)", err=True)
     elif not probe_ok(status):
         typer.echo(

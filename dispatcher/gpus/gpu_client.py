@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import orjson
@@ -40,6 +41,8 @@ class Answer:
 #: Errors that say this process is short of file descriptors: not the GPU's fault, so they never count
 #: towards taking it out of rotation.
 _OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE})
+#: Same-origin 307/308 redirects followed for one job's POST.
+_REDIRECTS = 3
 #: A GPU answers a cancel once the job has stopped; one that takes longer is asked again later.
 _CANCEL_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -84,13 +87,20 @@ class GpuClient:
         except TypeError as exc:  # the job itself (a lone surrogate, a 65-bit integer): no GPU can take it
             return Answer(Verdict.FAILED, error=f"the job cannot be sent as JSON: {exc}")
         try:
-            # Redirects are not followed: aiohttp turns a 301/302/303 POST into a GET without the body, whose
-            # 200 was taken as "accepted" while no GPU had the job (an outside trial): the task waited out
-            # its lease three times. A 3xx is about the URL: refused, the GPU out of rotation (``_judge``).
-            async with self._session.post(
-                url, data=payload, headers=self._headers, allow_redirects=False
-            ) as resp:
-                return await self._answer(resp)
+            # Redirects are followed here, not by aiohttp: it turns a 301/302/303 POST into a GET without the
+            # body, whose 200 was taken as "accepted" while no GPU had the job (an outside trial: the task
+            # waited out its lease three times). 307/308 keep the POST and its body (a framework's slash
+            # redirect, /infer -> /infer/): followed within the URL's origin, which the bearer token is for.
+            # Anything else is about the URL: refused, the GPU out of rotation (``_judge``).
+            for _ in range(_REDIRECTS + 1):
+                async with self._session.post(
+                    url, data=payload, headers=self._headers, allow_redirects=False
+                ) as resp:
+                    target = _same_origin_target(url, resp)
+                    if target is None:
+                        return await self._answer(resp)
+                url = target
+            return Answer(Verdict.REFUSED, error=f"more than {_REDIRECTS} redirects", unhealthy=True)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -144,8 +154,8 @@ class GpuClient:
         """Is the service up again? See ``probe_ok`` for what an answer to a GET of its URL means."""
         assert self._session is not None
         try:
-            async with self._session.get(
-                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5), allow_redirects=False
+            async with self._session.get(  # a GET may follow redirects: it changes nothing
+                url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5)
             ) as r:
                 return probe_ok(r.status), f"probe answered {r.status}"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -169,10 +179,9 @@ JOB_REFUSALS = frozenset({400, 413, 422})
 
 
 def probe_ok(status: int) -> bool:
-    """A GET of a GPU's URL: the service is there unless it answered 5xx, 401/403/404 (a wrong path or
-    token) or a redirect (not followed: jobs sent there would be refused). 405 counts as there: a POST-only
-    route answers GET that way."""
-    return status < 300 or (400 <= status < 500 and status not in (401, 403, 404))
+    """A GET of a GPU's URL (redirects followed): the service is there unless it answered 5xx, or 401/403/404
+    (a wrong path or token). 405 counts as there: a POST-only route answers GET that way."""
+    return status < 500 and status not in (401, 403, 404)
 
 
 def answer_error(status: int, text: str) -> str:
@@ -215,9 +224,21 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
+def _same_origin_target(url: str, resp: aiohttp.ClientResponse) -> str | None:
+    """Where a 307/308 answer sends the POST, when that is within ``url``'s origin; None otherwise."""
+    location = resp.headers.get("Location")
+    if resp.status not in (307, 308) or not location:
+        return None
+    target = urljoin(url, location)
+    a, b = urlsplit(url), urlsplit(target)
+    return target if (a.scheme, a.netloc) == (b.scheme, b.netloc) else None
+
+
 def _redirected(status: int, location: str | None) -> str:
     where = f" to {location[:200]}" if location else ""
-    return (
-        f"GPU answered {status}, a redirect{where}: redirects are not followed (the job's POST would arrive"
-        " as a GET without its body); register the URL it points to"
+    why = (
+        "the job's POST would arrive as a GET without its body"
+        if status in (301, 302, 303)
+        else "not followed to another origin, or with no Location"
     )
+    return f"GPU answered {status}, a redirect{where}: {why}; register the URL it points to"

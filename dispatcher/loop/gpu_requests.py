@@ -30,8 +30,9 @@ from dispatcher.queues.dead_letters import dead_letter
 from dispatcher.queues.intake import Settlement
 from dispatcher.states import Outcome
 
-#: Refusals of the POST itself (wrong method): a GET probe cannot tell whether they are fixed.
-HELD_REFUSALS = frozenset({405, 501})
+#: Refusals of the POST itself (wrong method, a redirect that would turn it into a GET): a GET probe cannot
+#: tell whether they are fixed.
+HELD_REFUSALS = frozenset({301, 302, 303, 405, 501})
 
 log = logging.getLogger("gpuq.dispatcher")
 
