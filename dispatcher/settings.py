@@ -69,7 +69,7 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
-        if twin := next((e.gpu_id for e in endpoints if same_service(e.url, url)), None):
+        if twin := next((e.gpu_id for e in endpoints if e.pool == pool and same_service(e.url, url)), None):
             raise ValueError(url_taken(gpu_id, twin, url))
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
     return endpoints
@@ -121,9 +121,12 @@ def _url_key(url: str) -> tuple[str, str, int | None, str, str]:
 
 
 def url_taken(gpu_id: str, other: str, url: str) -> str:
+    """Why a GPU cannot have ``url`` in its pool: ``other`` of the same pool has it. (In two pools one
+    service may serve both, its slots split between the two names.)"""
     return (
-        f"GPU {gpu_id}: {url} is GPU {other}'s URL; one service registered under two names gets the jobs of"
-        f" both (more than its slots). Give {other} more slots instead (gpuq gpu set {other} --slots N)"
+        f"GPU {gpu_id}: {url} is GPU {other}'s URL in the same pool; one service under two names there gets"
+        f" the jobs of both (more than its slots). Give {other} more slots instead (gpuq gpu set {other}"
+        f" --slots N), or remove {other} first (gpuq gpu remove {other}) if {gpu_id} is its new name"
     )
 
 

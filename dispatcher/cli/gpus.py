@@ -121,7 +121,8 @@ def set_(
     """Change a known GPU's registration (what a dispatcher's GPU_ENDPOINTS never changes by itself)."""
     if url is None and pool is None and slots is None and cancel_url is None:
         raise BadArgument("say what to change: --url, --pool, --slots or --cancel-url")
-    check_names(name, pool)
+    if pool is not None:  # the name is a known GPU's (one from before the rules is still changed)
+        check_names("x", pool)  # "x": only the pool is new here
     if cancel_url:
         endpoint(f"{DEFAULT_POOL}:{name}={cancel_url}", "--cancel-url: ")
     if url is not None or pool is not None:

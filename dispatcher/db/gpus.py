@@ -44,9 +44,12 @@ class UrlTaken(ValueError):
     """A GPU registered at the URL of another: one service would get the jobs of both (``same_service``)."""
 
 
-def _check_url(conn: Connection, *, gpu_id: str, url: str) -> None:
-    """Raise UrlTaken when another GPU is registered at ``url`` (a fleet is small: every URL is read)."""
-    for other, theirs in conn.execute(select(gpus.c.gpu_id, gpus.c.url).where(gpus.c.gpu_id != gpu_id)):
+def _check_url(conn: Connection, *, gpu_id: str, url: str, pool: str) -> None:
+    """Raise UrlTaken when another GPU of ``pool`` is registered at ``url`` (a fleet is small: every URL of
+    the pool is read). Not against what is registered already: a database holding such a pair from before
+    keeps working, and each of its GPUs can still be changed."""
+    rows = conn.execute(select(gpus.c.gpu_id, gpus.c.url).where(gpus.c.gpu_id != gpu_id, gpus.c.pool == pool))
+    for other, theirs in rows:
         if same_service(theirs, url):
             raise UrlTaken(url_taken(gpu_id, other, url))
 
@@ -56,8 +59,11 @@ def register_gpu(
 ) -> None:
     """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start).
     UrlTaken when another GPU has that URL."""
-    row = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
-    _check_url(conn, gpu_id=gpu_id, url=url)
+    row = conn.execute(
+        select(gpus.c.url, gpus.c.pool).where(gpus.c.gpu_id == gpu_id).with_for_update()
+    ).first()
+    if row is None or (row.url, row.pool) != (url, pool):  # what it had stays allowed
+        _check_url(conn, gpu_id=gpu_id, url=url, pool=pool)
     if row is None:
         conn.execute(
             insert(gpus).values(
@@ -129,8 +135,9 @@ def update_gpu(
     if row is None:
         return False
     values: dict[str, object] = {"updated_at": now}
+    if (url is not None and url != row.url) or (pool is not None and pool != row.pool):
+        _check_url(conn, gpu_id=gpu_id, url=url or row.url, pool=pool or row.pool)
     if url is not None and url != row.url:
-        _check_url(conn, gpu_id=gpu_id, url=url)
         values |= {"url": url, "healthy": True, "consecutive_failures": 0, "down_until": None}
         # A pull GPU given a URL is pushed to from now on: its agent token no longer opens anything.
         values |= {"agent_token_hash": None, "agent_seen_until": None}

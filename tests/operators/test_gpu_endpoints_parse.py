@@ -33,7 +33,7 @@ def test_gpu_add_refuses_a_bad_port(gpuq):
     [
         "g0=http://gpu-1:9100/infer,g1=http://gpu-1:9100/infer",
         "g0=http://GPU-1:9100/infer,g1=HTTP://gpu-1:9100/infer/",  # case of scheme and host, a trailing slash
-        "g0=http://gpu-1/infer,embed:g1=http://gpu-1:80/infer",  # the default port, another pool
+        "embed:g0=http://gpu-1/infer,embed:g1=http://gpu-1:80/infer",  # the default port
     ],
 )
 def test_one_service_under_two_names_is_refused(raw):
@@ -41,6 +41,13 @@ def test_one_service_under_two_names_is_refused(raw):
     # the jobs of both GPUs: 8 at once on its 4 slots.
     with pytest.raises(ValueError, match=r"GPU g1: .* is GPU g0.s URL"):
         parse_gpu_endpoints(raw)
+
+
+def test_one_service_may_serve_two_pools():
+    # its slots split between two names, each in its pool (the service routes by job type): a review of the
+    # first version, which refused it
+    eps = parse_gpu_endpoints("embed:g0=http://h:8000/v1,chat:g1=http://h:8000/v1")
+    assert [(e.pool, e.gpu_id) for e in eps] == [("embed", "g0"), ("chat", "g1")]
 
 
 def test_other_paths_ports_and_pull_gpus_are_other_services():
@@ -90,3 +97,23 @@ def test_gpu_endpoints_refuse_the_same_names():
         "g-0.1",
         "pod@2",
     ]
+
+
+def test_a_pair_registered_before_the_rule_keeps_working(gpuq, gpuq_env):
+    # A database holding two names for one URL from before: each GPU can still be added again and changed.
+    from sqlalchemy import create_engine, text
+
+    assert gpuq("db", "init").exit_code == 0
+    assert gpuq("gpu", "add", "g0", "http://127.0.0.1:9/shared", "--no-probe").exit_code == 0
+    assert gpuq("gpu", "add", "g1", "http://127.0.0.1:9/g1", "--no-probe").exit_code == 0
+    engine = create_engine(gpuq_env["DATABASE_URL"])
+    with engine.begin() as conn:  # as an older gpuq let it be registered
+        conn.execute(text("UPDATE gpus SET url = 'http://127.0.0.1:9/shared' WHERE gpu_id = 'g1'"))
+    engine.dispose()
+    again = gpuq("gpu", "add", "g1", "http://127.0.0.1:9/shared", "--no-probe", "--slots", "2")
+    assert again.exit_code == 0, again
+    assert gpuq("gpu", "set", "g1", "--slots", "3").exit_code == 0
+    moved = gpuq("gpu", "set", "g1", "--url", "http://127.0.0.1:9/g1")
+    assert moved.exit_code == 0, moved
+    back = gpuq("gpu", "set", "g1", "--url", "http://127.0.0.1:9/shared")  # a new pair is refused
+    assert back.exit_code == 2 and "is GPU g0's URL in the same pool" in back.stderr, back
