@@ -238,7 +238,7 @@ def main() -> int:
     socks: list[socket.socket] = []
     try:
         socks = listen(settings)
-        preflight(settings, engine)
+        claimed = preflight(settings, engine)  # open while the process runs (check_dispatcher_id)
     except StartProblem as exc:
         sys.stderr.write(f"gpuq dispatcher: {exc.message}\n")
         for sock in socks:
@@ -246,7 +246,14 @@ def main() -> int:
         engine.dispose()
         return exc.exit_code
     server, holder = build_server(settings, engine, max_connections, freeze=True)
-    server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours
+    # uvicorn says where it listens only for sockets it bound itself
+    where = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in socks]
+    log.info("listening on %s", ", ".join(where), extra={"action": "listen", "addresses": where})
+    try:
+        server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours
+    finally:
+        if claimed is not None:
+            claimed.close()
     d = holder.get("d")
     if not server.started or (d is not None and d.fatal is not None):
         return 1

@@ -28,7 +28,7 @@ from sqlalchemy.exc import DBAPIError
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import UrlTaken, register_new
 from dispatcher.queues.intake import Intake
-from dispatcher.queues.presence import DuplicateDispatcher
+from dispatcher.queues.presence import DuplicateDispatcher, client_name
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized, is_cluster, sync_client
 from producer.keys import Keys
@@ -158,12 +158,14 @@ def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
             )
 
 
-def check_dispatcher_id(settings: DispatcherSettings) -> None:
+def check_dispatcher_id(settings: DispatcherSettings) -> Any:
     """Refuse, in one line, to run beside a live process with this DISPATCHER_ID (a twin started from one
     .env, or the one before a restart still draining). Refused in the server's startup instead (as it was),
     it came as a 21-frame traceback and exit 3 (an outside trial). This claims the id for this process's
     instance; the dispatcher's own claim at start finds it ours. A process killed a moment ago is taken
-    over at once (``Presence.claim``)."""
+    over at once (``Presence.claim``). Returns a connection named as this instance's heartbeat client, to
+    keep open until the process ends: without it, a twin starting while this one built its server found no
+    connection of ours and took the id over (a review)."""
 
     async def claim() -> None:
         client = async_client(
@@ -178,6 +180,17 @@ def check_dispatcher_id(settings: DispatcherSettings) -> None:
 
     try:
         asyncio.run(claim())
+        if settings.redis_cluster:  # a claim on a cluster does not look at connections (Presence._connected)
+            return None
+        holder = sync_client(
+            settings.redis_dsn(),
+            cluster=False,
+            client_name=client_name("beat", settings.dispatcher_id, settings.instance),
+            socket_connect_timeout=5,
+            socket_timeout=10,
+        )
+        holder.ping()
+        return holder
     except DuplicateDispatcher as exc:
         raise StartProblem(str(exc), BAD_SETTING) from None
     except (RedisError, RedisClusterException, OSError) as exc:
@@ -228,13 +241,20 @@ def warn_unreachable_callback(settings: DispatcherSettings) -> None:
         )
 
 
-def preflight(settings: DispatcherSettings, engine: Engine) -> None:
-    """Raise StartProblem for the first thing that stops the dispatcher from starting."""
+def preflight(settings: DispatcherSettings, engine: Engine) -> Any:
+    """Raise StartProblem for the first thing that stops the dispatcher from starting. Returns what must
+    stay open while the process runs (``check_dispatcher_id``)."""
     check_database(settings, engine)
     check_redis(settings)
-    check_dispatcher_id(settings)
-    register_endpoints(settings, engine)
-    warn_unreachable_callback(settings)
+    holder = check_dispatcher_id(settings)
+    try:
+        register_endpoints(settings, engine)
+        warn_unreachable_callback(settings)
+    except BaseException:
+        if holder is not None:
+            holder.close()
+        raise
+    return holder
 
 
 def listen(settings: DispatcherSettings, backlog: int = 4096) -> list[socket.socket]:

@@ -185,3 +185,39 @@ def test_a_dispatcher_that_lost_its_id_hands_back_nothing_of_the_lists_it_shares
     keys = Keys(w.prefix)
     assert w.rds.lrange(keys.proc(w.queue, settings.dispatcher_id), 0, -1) == [b"a job the winner took"]
     assert w.rds.sismember(keys.dispatchers, settings.dispatcher_id)  # not retired: the winner's entry
+
+
+def test_the_start_keeps_a_connection_a_twins_claim_sees(redis_url: str, key_prefix: str) -> None:
+    # A review: the start's claim (preflight) closed its client, so until the process opened its own named
+    # clients a twin found no connection of ours and took the id over at once, as from a killed process.
+    from dispatcher.preflight import check_dispatcher_id
+    from dispatcher.settings import DispatcherSettings
+    from producer.settings import load
+    from tests.dispatcher.harness import SECRET
+
+    settings = load(
+        DispatcherSettings,
+        _env_file=None,
+        redis_url=redis_url,
+        redis_key_prefix=key_prefix,
+        callback_secret=SECRET,
+        dispatcher_id="worker",
+    )
+    holder = check_dispatcher_id(settings)
+    assert holder is not None
+
+    async def connected() -> bool:
+        rds = Redis.from_url(redis_url)
+        try:
+            return await _intake(rds, key_prefix, "twin00")._connected(rds, settings.instance)
+        finally:
+            await rds.aclose()
+
+    try:
+        assert asyncio.run(connected())  # a twin waits for our heartbeat instead of taking the id
+    finally:
+        holder.close()
+    deadline = time.monotonic() + 30
+    while asyncio.run(connected()):  # gone with the process: a restart after a kill takes the id at once
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
