@@ -375,5 +375,8 @@ class DispatcherSettings(StoreSettings):
     def public_callback_url(self) -> str:
         if self.callback_url:
             return self.callback_url
-        host = "127.0.0.1" if self.callback_host in ("0.0.0.0", "::", "") else self.callback_host  # noqa: S104
-        return f"http://{host}:{self.callback_port}/callback"
+        # The wildcard's loopback of its family: "::" listens on IPv6 only (as asyncio binds it), so
+        # 127.0.0.1 reached nothing there (a review). An IPv6 literal goes in brackets.
+        loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 - not a bind
+        host = loopback.get(self.callback_host, self.callback_host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.callback_port}/callback"

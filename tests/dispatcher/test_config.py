@@ -115,3 +115,21 @@ def test_a_lease_shorter_than_a_request_is_said_at_start(
             and "TASK_TIMEOUT_SECONDS=" in warning
             and "more jobs than its slots" in warning
         )
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [
+        ("0.0.0.0", "http://127.0.0.1:8000/callback"),
+        ("::", "http://[::1]:8000/callback"),  # IPv6 only, as asyncio binds "::": 127.0.0.1 reached nothing
+        ("::1", "http://[::1]:8000/callback"),
+        ("gpu-host", "http://gpu-host:8000/callback"),
+    ],
+)
+def test_the_default_callback_url_reaches_the_listening_socket(
+    monkeypatch: pytest.MonkeyPatch, host: str, url: str
+) -> None:
+    for name, value in (GOOD | {"CALLBACK_HOST": host}).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("CALLBACK_URL", raising=False)
+    assert load(DispatcherSettings).public_callback_url == url
