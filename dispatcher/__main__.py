@@ -83,8 +83,8 @@ The gpuq dispatcher: takes jobs from the Redis queues (TASK_QUEUES), gives each 
 CALLBACK_HOST:CALLBACK_PORT. All settings come from the environment and ./.env (.example.env lists them);
 CALLBACK_SECRET is required. SIGTERM/SIGINT stop it gracefully.
 
-Exit codes: 0 stopped cleanly, 1 a part of the dispatcher died, 2 a bad setting, 3 Redis or the database
-unreachable at start.
+Exit codes: 0 stopped cleanly, 1 a part of the dispatcher died, 2 a bad setting (CALLBACK_PORT in use, the
+DISPATCHER_ID of a running dispatcher included), 3 Redis or the database unreachable at start.
 """
 
 
