@@ -74,7 +74,9 @@ def test_the_losing_copy_leaves_the_winners_slot_alone(database_url):
     # GIVEN task X waiting for its second attempt, and two GPUs with one slot each
     engine = fleet_engine(database_url, {"g0": 1, "g1": 1})
     first = job()
-    placed = _place(engine, [first], "d0").placed[0]
+    # its first attempt on g1: a retry passes over the GPU of its last attempt, and X is to race for g0
+    placed = _place(engine, [first], "d0", view=[GpuFree("g1", URL["g1"], "default", 0, (0,))]).placed[0]
+    assert placed.gpu_id == "g1"
     end_attempt(engine, first.task_id, placed.attempt, Outcome.FAILED_RETRY)
     copy_1 = first.model_copy(update={"attempt": 1})
     copy_2 = first.model_copy(update={"attempt": 1})

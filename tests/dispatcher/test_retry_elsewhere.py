@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine
 
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.gpus import set_gpu_state
 from dispatcher.loop.placement import GpuFree, Placer
-from dispatcher.states import Outcome
+from dispatcher.states import GpuState, Outcome
 from tests.dispatcher.helpers import add_gpu, end_attempt, fleet, job, place
 
 
@@ -43,8 +45,10 @@ def test_a_retry_is_placed_off_the_gpu_that_failed_it(engine: Engine) -> None:
     fin = end_attempt(engine, x.task_id, 1, Outcome.FAILED_RETRY, error="GPU answered 500")
     assert fin.state == "retrying", fin
     add_gpu(engine, "g1", 4)
-    filler = place(engine, [job()], max_attempts=3).placed  # g1 busier than g0 now
+    transaction(engine, set_gpu_state, gpu_id="g0", state=GpuState.DRAINING, now=utcnow())
+    filler = place(engine, [job()], max_attempts=3).placed  # g1 busier than g0 now (not a tie: CI)
     assert [p.gpu_id for p in filler] == ["g1"]
+    transaction(engine, set_gpu_state, gpu_id="g0", state=GpuState.ACTIVE, now=utcnow())
     retry = job(task_id=x.task_id, attempt=1)
     [again] = place(engine, [retry], max_attempts=3).placed
     assert again.gpu_id == "g1"  # least-loaded would be g0, the GPU that failed it
