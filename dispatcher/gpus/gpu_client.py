@@ -92,6 +92,7 @@ class GpuClient:
             # waited out its lease three times). 307/308 keep the POST and its body (a framework's slash
             # redirect, /infer -> /infer/): followed within the URL's origin, which the bearer token is for.
             # Anything else is about the URL: refused, the GPU out of rotation (``_judge``).
+            status: int | None = None
             for _ in range(_REDIRECTS + 1):
                 async with self._session.post(
                     url, data=payload, headers=self._headers, allow_redirects=False
@@ -99,8 +100,9 @@ class GpuClient:
                     target = _same_origin_target(url, resp)
                     if target is None:
                         return await self._answer(resp)
+                    status = resp.status
                 url = target
-            return Answer(Verdict.REFUSED, error=f"more than {_REDIRECTS} redirects", unhealthy=True)
+            return Answer(Verdict.REFUSED, status, error=f"more than {_REDIRECTS} redirects", unhealthy=True)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -229,8 +231,13 @@ def _same_origin_target(url: str, resp: aiohttp.ClientResponse) -> str | None:
     location = resp.headers.get("Location")
     if resp.status not in (307, 308) or not location:
         return None
-    target = urljoin(url, location)
-    a, b = urlsplit(url), urlsplit(target)
+    try:
+        target = urljoin(url, location)
+        a, b = urlsplit(url), urlsplit(target)
+    except (
+        ValueError
+    ):  # "http://[::1": not followed, refused as any other (a retest: it raised, the lease decided)
+        return None
     return target if (a.scheme, a.netloc) == (b.scheme, b.netloc) else None
 
 

@@ -30,9 +30,10 @@ from dispatcher.queues.dead_letters import dead_letter
 from dispatcher.queues.intake import Settlement
 from dispatcher.states import Outcome
 
-#: Refusals of the POST itself (wrong method, a redirect that would turn it into a GET): a GET probe cannot
-#: tell whether they are fixed.
-HELD_REFUSALS = frozenset({301, 302, 303, 405, 501})
+#: Refusals of the POST itself (wrong method, a redirect not followed: one that would turn it into a GET,
+#: leave the URL's origin or loop): a GET probe cannot tell whether they are fixed. (A probe that followed a
+#: 307 to another origin put such a GPU back every few seconds, each time refusing the job again: a retest.)
+HELD_REFUSALS = frozenset({*range(300, 400), 405, 501})
 
 log = logging.getLogger("gpuq.dispatcher")
 

@@ -120,6 +120,7 @@ def test_out_of_file_descriptors_does_not_count_against_the_gpu():
         (307, "/elsewhere", Verdict.ACCEPTED),  # a framework's slash redirect: the POST and its body again
         (308, "/elsewhere", Verdict.ACCEPTED),
         (307, "http://other.invalid:1/elsewhere", Verdict.REFUSED),  # another origin: not our token's
+        (307, "http://[::1", Verdict.REFUSED),  # malformed (a retest: it raised, and the lease decided)
     ],
 )
 def test_a_redirect_is_followed_only_where_the_post_survives_it(status: int, where: str, verdict: Verdict):
@@ -185,5 +186,16 @@ def test_a_redirect_loop_is_refused():
         finally:
             await runner.cleanup()
         assert answer.verdict == Verdict.REFUSED and "redirects" in (answer.error or ""), answer
+        assert answer.status == 307 and answer.unhealthy  # held out like any redirect refused (gpu_requests)
 
     asyncio.run(scenario())
+
+
+def test_every_redirect_refused_holds_the_gpu_out():
+    # A retest: a 307 to another origin was refused, but the probe (a GET, following it) answered 200 and put
+    # the GPU back every few seconds, refusing the job again each time (14 refusals in 40 s). Every redirect
+    # the POST was refused for holds the GPU out for an operator, as 405/501 do.
+    from dispatcher.loop.gpu_requests import HELD_REFUSALS
+
+    assert {301, 302, 303, 307, 308, 405, 501} <= HELD_REFUSALS
+    assert not {200, 202, 404, 500, 503} & HELD_REFUSALS
