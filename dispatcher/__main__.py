@@ -22,6 +22,7 @@ import uvicorn
 from redis.asyncio import Redis
 from sqlalchemy import Engine
 
+from dispatcher import stacks
 from dispatcher.db.engine import make_engine
 from dispatcher.http.app import MAX_BODY_BYTES, create_app
 from dispatcher.http.callback import CallbackFastPath
@@ -129,12 +130,13 @@ def build_server(
     max_connections: int,
     server_cls: type[_Server] = _Server,
     *,
-    freeze: bool = False,
+    own_process: bool = False,
 ) -> tuple[_Server, dict[str, Dispatcher]]:
     """The HTTP server with the dispatcher in its lifespan, not started: ``python -m dispatcher`` runs it,
     and ``dispatcher.inproc`` runs the very same in a thread of a test (``server_cls`` without signals).
-    The dict holds the Dispatcher once the lifespan made it. ``freeze``: see ``freeze_heap`` (the process's
-    own heap: not for a test's process, where it would cost every in-process dispatcher a full collection)."""
+    The dict holds the Dispatcher once the lifespan made it. ``own_process``: the process is the
+    dispatcher's own, so its heap is frozen (``freeze_heap``; in a test's process it would cost every
+    in-process dispatcher a full collection) and SIGUSR1 dumps its stacks (dispatcher/stacks.py)."""
     # One client (pool) per user, so none waits for another's connections: the dispatch loop, the heartbeat,
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).
@@ -172,8 +174,9 @@ def build_server(
         holder["d"] = d
         server.dispatcher = d
         await d.start()
-        if freeze:
+        if own_process:
             freeze_heap()
+            stacks.install(asyncio.get_running_loop())
         return d
 
     async def close() -> None:
@@ -245,7 +248,7 @@ def main() -> int:
             sock.close()
         engine.dispose()
         return exc.exit_code
-    server, holder = build_server(settings, engine, max_connections, freeze=True)
+    server, holder = build_server(settings, engine, max_connections, own_process=True)
     # uvicorn says where it listens only for sockets it bound itself
     where = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in socks]
     log.info("listening on %s", ", ".join(where), extra={"action": "listen", "addresses": where})

@@ -188,6 +188,20 @@ class DispatcherProcess(LoopbackDispatcher):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def dump_stacks(self, wait: float = 2.0) -> str:
+        """SIGUSR1 (dispatcher/stacks.py), then the end of the log holding the dump: what a hung process was
+        waiting for, for a failed test's report."""
+        if not self.alive():
+            return f"{self.name}: not running\n{self.logs()}"
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + wait
+        while "--- end of tasks ---" not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        return f"{self.name}:\n{self.logs(40_000)}"
+
     def term(self, timeout: float = 30.0) -> int:
         """SIGTERM, and its exit code (a graceful stop hands its jobs back and exits 0)."""
         assert self.proc is not None

@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pymysql
 import pytest
@@ -149,6 +149,20 @@ def pytest_runtest_protocol(
         return (yield)
     with _run_lock[0].hold(item.get_closest_marker("exclusive") is not None):
         return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """A failed test's report carries where each of its dispatcher processes stands (threads and asyncio
+    tasks, dispatcher/stacks.py): a hang seen once in CI is then readable from the CI log alone."""
+    report = yield
+    if call.when == "call" and report.failed:
+        for value in getattr(item, "funcargs", {}).values():
+            for proc in getattr(value, "procs", [value]):
+                dump = getattr(proc, "dump_stacks", None)
+                if callable(dump):
+                    report.sections.append((f"dispatcher {proc.name}: stacks and log", dump()))
+    return report
 
 
 def _fail_unreachable(what: str, exc: Exception) -> None:
