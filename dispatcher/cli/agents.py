@@ -28,10 +28,15 @@ def endpoint(spec: str, what: str = "") -> GpuEndpoint:
     return ep
 
 
-def check_names(name: str, pool: str | None) -> None:
+def check_names(name: str | None, pool: str | None) -> None:
     """A GPU name and pool GPU_ENDPOINTS could hold, checked alone (in the spec ``endpoint`` parses, a comma
-    in a name split it and the error named a GPU nobody typed: ``'po ol:p' is not [pool:]NAME=URL``)."""
-    for problem in (name_problem("GPU name", name, colon=False), pool and name_problem("pool", pool)):
+    in a name split it and the error named a GPU nobody typed: ``'po ol:p' is not [pool:]NAME=URL``). None:
+    not given here (``gpu set`` changes a known GPU's pool; its name is not new)."""
+    problems = [
+        None if name is None else name_problem("GPU name", name, colon=False),
+        None if pool is None else name_problem("pool", pool),
+    ]
+    for problem in problems:
         if problem:
             raise BadArgument(problem)
 

@@ -9,8 +9,10 @@ stops at start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Annotated
 
@@ -24,6 +26,16 @@ from dispatcher.db.engine import utcnow
 from dispatcher.db.gpus import UrlTaken, list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
 from dispatcher.settings import DEFAULT_POOL
 from dispatcher.states import GpuState
+
+
+@contextlib.contextmanager
+def _url_taken_refused() -> Iterator[None]:
+    """Another GPU of the pool has this URL: a bad argument (exit 2) naming it, not a traceback."""
+    try:
+        yield
+    except UrlTaken as exc:
+        raise BadArgument(str(exc)) from None
+
 
 app = typer.Typer(help="Add, drain, activate, remove and list GPU services.", no_args_is_help=True)
 
@@ -66,10 +78,8 @@ def add(
     known = {g.gpu_id for g in s.db(list_gpus)}
     if probe:
         _say_probe(ep.url)
-    try:
+    with _url_taken_refused():
         s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
-    except UrlTaken as exc:
-        raise BadArgument(str(exc)) from None
     s.wake("slot")
     verb = "updated" if ep.gpu_id in known else "added"
     console().print(f"{verb} GPU {ep.gpu_id} ({ep.url}) in pool {ep.pool} with {count} slots")
@@ -121,19 +131,16 @@ def set_(
     """Change a known GPU's registration (what a dispatcher's GPU_ENDPOINTS never changes by itself)."""
     if url is None and pool is None and slots is None and cancel_url is None:
         raise BadArgument("say what to change: --url, --pool, --slots or --cancel-url")
-    if pool is not None:  # the name is a known GPU's (one from before the rules is still changed)
-        check_names("x", pool)  # "x": only the pool is new here
+    check_names(None, pool)  # the name is a known GPU's (one from before the rules is still changed)
     if cancel_url:
         endpoint(f"{DEFAULT_POOL}:{name}={cancel_url}", "--cancel-url: ")
     if url is not None or pool is not None:
         endpoint(f"{pool or DEFAULT_POOL}:{name}={url or 'http://placeholder'}")
     s = stores(ctx)
-    try:
+    with _url_taken_refused():
         changed = s.db(
             update_gpu, gpu_id=name, url=url, pool=pool, slot_count=slots, cancel_url=cancel_url, now=utcnow()
         )
-    except UrlTaken as exc:
-        raise BadArgument(str(exc)) from None
     if not changed:
         raise OperatorError(f"no GPU named {name!r} (gpuq gpu add registers one)")
     s.wake("slot")

@@ -117,3 +117,11 @@ def test_a_pair_registered_before_the_rule_keeps_working(gpuq, gpuq_env):
     assert moved.exit_code == 0, moved
     back = gpuq("gpu", "set", "g1", "--url", "http://127.0.0.1:9/shared")  # a new pair is refused
     assert back.exit_code == 2 and "is GPU g0's URL in the same pool" in back.stderr, back
+
+
+def test_gpu_set_refuses_a_pool_gpu_endpoints_cannot_hold(gpuq):
+    assert gpuq("db", "init").exit_code == 0
+    assert gpuq("gpu", "add", "g0", "http://127.0.0.1:9/g0", "--no-probe").exit_code == 0
+    res = gpuq("gpu", "set", "g0", "--pool", "a,b")
+    assert res.exit_code == 2 and "pool 'a,b': not a name" in res.stderr, res
+    assert '"pool": "default"' in gpuq("gpu", "list", "--json").stdout
