@@ -51,8 +51,10 @@ async def _written(conn: AbstractConnection, sending: Awaitable[None]) -> None:
         raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
-class Connection(redis.asyncio.Connection):
-    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
+class _WriteLossIsConnectionError(AbstractConnection):
+    """Mixed into redis-py's connection classes: a write to a closed transport raises ConnectionError
+    (``_written``). A subclass of AbstractConnection only for ``super()``: in the classes below it comes
+    before redis-py's own class, whose ``send_packed_command`` it wraps."""
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -60,22 +62,16 @@ class Connection(redis.asyncio.Connection):
         await _written(self, super().send_packed_command(command, check_health))
 
 
-class SSLConnection(redis.asyncio.SSLConnection):
-    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
-
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        await _written(self, super().send_packed_command(command, check_health))
+class Connection(_WriteLossIsConnectionError, redis.asyncio.Connection):
+    pass
 
 
-class UnixDomainSocketConnection(redis.asyncio.UnixDomainSocketConnection):
-    """redis-py's, a write to a closed transport raising ConnectionError (``_written``)."""
+class SSLConnection(_WriteLossIsConnectionError, redis.asyncio.SSLConnection):
+    pass
 
-    async def send_packed_command(
-        self, command: bytes | str | Iterable[bytes], check_health: bool = True
-    ) -> None:
-        await _written(self, super().send_packed_command(command, check_health))
+
+class UnixDomainSocketConnection(_WriteLossIsConnectionError, redis.asyncio.UnixDomainSocketConnection):
+    pass
 
 
 _OURS: dict[type[AbstractConnection], type[AbstractConnection]] = {
