@@ -23,6 +23,20 @@ KIB = 1024
 
 
 @contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a free loopback port, for as long as the block runs; yields its root URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def gpu_answering(size: int, *, chunked: bool) -> AsyncIterator[str]:
     """A GPU service answering every job synchronously with a result of about ``size`` bytes."""
     body = orjson.dumps({"status": "finished", "result": {"text": "x" * size}})
@@ -43,15 +57,8 @@ async def gpu_answering(size: int, *, chunked: bool) -> AsyncIterator[str]:
 
     app = web.Application(client_max_size=1 << 20)
     app.router.add_post("/", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 async def _send(url: str, max_answer: int | None = None):
@@ -142,20 +149,13 @@ def test_a_redirect_is_followed_only_where_the_post_survives_it(status: int, whe
         app = web.Application()
         app.router.add_route("*", "/", redirect)
         app.router.add_route("*", "/elsewhere", elsewhere)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
+        async with serving(app) as url:
             client = GpuClient(bearer_token="t", connect_timeout=5, request_timeout=30)
             await client.start()
             try:
-                answer = await client.send(f"http://127.0.0.1:{port}/", {"task_id": "t1", "data": {}})
+                answer = await client.send(url, {"task_id": "t1", "data": {}})
             finally:
                 await client.close()
-        finally:
-            await runner.cleanup()
         assert answer.verdict == verdict, answer
         if verdict == Verdict.ACCEPTED:
             assert seen == ["POST /", 'POST /elsewhere {"task_id":"t1","data":{}}']
@@ -176,15 +176,8 @@ def test_a_redirect_loop_is_refused():
 
         app = web.Application()
         app.router.add_route("*", "/", loop)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            answer = await _send(f"http://127.0.0.1:{port}/")
-        finally:
-            await runner.cleanup()
+        async with serving(app) as url:
+            answer = await _send(url)
         assert answer.verdict == Verdict.REFUSED and "redirects" in (answer.error or ""), answer
         assert answer.status == 307 and answer.unhealthy  # held out like any redirect refused (gpu_requests)
 
