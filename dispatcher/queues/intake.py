@@ -4,7 +4,7 @@ A job never exists only in this process's memory: a Lua script moves it atomical
 dispatcher's processing list of that queue (``Keys.proc``), tagged with the list it came from
 (``<source>\\n<raw>``). A queue's lists, parked lists and processing lists share its hash tag, so every
 script here touches one Redis Cluster slot: on a cluster (``REDIS_CLUSTER``) a take runs once per queue, and a
-settlement is one MULTI per queue; on one Redis a take still covers all queues in one round trip.
+settlement is one script per queue; on one Redis a take still covers all queues in one round trip.
 It leaves the processing list only after the database has recorded it (``settle``), or when it is
 dead-lettered or handed back.
 
@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from dispatcher.queues.intake_lua import REQUEUE, SCAN_DEPTH, TAKE
+from dispatcher.queues.intake_lua import REQUEUE, SCAN_DEPTH, SETTLE, TAKE
 from dispatcher.queues.presence import Presence, as_str, new_instance
 from producer.connect import is_cluster, refresh_slots_async, wait_options
 from producer.keys import PRIORITY_ORDER, Keys, queue_key, scope
@@ -67,7 +67,7 @@ class Taken:
 
 @dataclass(slots=True)
 class Settlement:
-    """What to do with taken jobs once the database has decided, applied in one MULTI/EXEC."""
+    """What to do with taken jobs once the database has decided, applied at once (one script)."""
 
     ack: list[str] = field(default_factory=list)
     park: list[tuple[str, str, str]] = field(default_factory=list)  # (element, pool, job json)
@@ -131,6 +131,7 @@ class Intake(Presence):
             f"{keys.prefix}{scope(q)}:{kind}:": q for q in queues for kind in ("parked", "aside")
         }
         self._take = redis.register_script(TAKE)
+        self._settle = redis.register_script(SETTLE)
         self._turn = 0
         #: Jobs this process's takes set aside so far (``Keys.aside``): a take that set jobs aside made room
         #: at a queue's head, so the loop looks again at once rather than after an idle poll.
@@ -237,7 +238,8 @@ class Intake(Presence):
         return out
 
     async def settle(self, s: Settlement) -> None:
-        """Apply ``s``: one MULTI/EXEC per queue on a cluster (one slot each), one in all on one Redis."""
+        """Apply ``s``: one script per queue on a cluster (one slot each), one in all on one Redis; a script
+        applies its operations atomically, as MULTI/EXEC did (see ``SETTLE`` for why not MULTI)."""
         ops, dead = self._commands(s)
         if self.cluster and dead:
             # The dead-letter list is in another slot: written first, so a crash in between leaves a job in
@@ -248,16 +250,13 @@ class Intake(Presence):
             list(ops.items()) if self.cluster else [(self.queues[0], [c for v in ops.values() for c in v])]
         )
         for queue, commands in merged:
-            pipe = self.redis.pipeline(transaction=True)
+            commands += [("rpush", self.keys.dead, letter) for letter in dead]
+            dead = []
+            keys: dict[str, int] = {}  # each key once, numbered from 1 as Lua's KEYS
+            args: list[Any] = []
             for command, key, value in commands:
-                if command == "lrem":
-                    pipe.lrem(key, 1, value)
-                else:
-                    getattr(pipe, command)(key, value)
-            if dead:
-                pipe.rpush(self.keys.dead, *dead)
-                dead = []
-            await pipe.execute()
+                args += [command, keys.setdefault(key, len(keys) + 1), value]
+            await self._settle(keys=list(keys), args=args)
             if self.wait_replicas and (s.park or s.back or s.dead):
                 await self.fence(queue, strict=False)
         if dead:

@@ -205,3 +205,27 @@ for i = #KEYS, 1, -1 do
 end
 return #KEYS
 """
+
+# A settlement (``Intake.settle``): ARGV holds (command, index of its key in KEYS, value) per operation,
+# applied in order and at once. Not MULTI/EXEC: redis-py's asyncio cluster client queues each command of a
+# transaction pipeline by running it to completion in a new thread with an event loop of its own, joined from
+# the caller's loop; during a failover that command re-initialized the cluster client there, on connections
+# and a lock of the caller's loop, which was blocked in the join: the dispatcher hung for good (CI, 24d7d42).
+# The operations are checked before any is applied, so a malformed settlement changes nothing.
+SETTLE = """
+for i = 1, #ARGV, 3 do
+  local command, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
+  if key == nil or (command ~= 'lrem' and command ~= 'lpush' and command ~= 'rpush') then
+    return redis.error_reply('gpuq settle: bad operation ' .. tostring(command) .. ' at ' .. i)
+  end
+end
+for i = 1, #ARGV, 3 do
+  local command, key, value = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
+  if command == 'lrem' then
+    redis.call('LREM', key, 1, value)
+  else
+    redis.call(command, key, value)
+  end
+end
+return #ARGV / 3
+"""

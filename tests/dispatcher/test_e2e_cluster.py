@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 import uvloop
 from redis.exceptions import RedisClusterException, RedisError
 
+from dispatcher.queues.intake import Intake, Settlement
 from dispatcher.queues.task_events import EventPublisher
 from producer import connect, enqueue
 from producer.connect import async_client, initialized
@@ -252,3 +254,59 @@ def test_a_cluster_clients_write_on_a_transport_closed_under_it_is_a_lost_connec
         await client.aclose()
 
     uvloop.run(scenario())
+
+
+def test_a_settlement_during_a_cluster_reinitialization_never_blocks_the_loop(
+    redis_cluster: Cluster, key_prefix: str
+) -> None:
+    """The hang of the failover test above (CI of 24d7d42, then 1 run in 5 of this file; found with the
+    SIGUSR1 dump): a settlement was a MULTI/EXEC pipeline, and redis-py's asyncio cluster client queues each
+    command of one by running it in a new thread on an event loop of its own, joined from the caller's
+    loop. After a failover that command re-initialized the client there, waiting for the client's lock held by
+    a re-initialization of the caller's loop, which the join blocked: loop, leases and heartbeat stopped for
+    good. Here a re-initialization is in flight (the lock held) while a settlement runs: the settlement must
+    wait for it on the loop, and the loop keep turning."""
+    q = f"settle-{key_prefix}"
+
+    async def scenario() -> list[Any]:
+        client: Any = await initialized(async_client(redis_cluster.url, cluster=True, socket_timeout=5))
+        keys = Keys(key_prefix)
+        intake = Intake(client, keys, "d1", [q])
+        proc = intake.procs[q]
+        a, b = f"{q}\n" + '{"task_id": "a"}', f"{q}\n" + '{"task_id": "b"}'
+        await client.rpush(proc, a, b)
+        client._initialize = True  # as after a lost connection (a failover)
+        if client._lock is None:
+            client._lock = asyncio.Lock()
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(ticking())
+        async with client._lock:  # a re-initialization in flight on this loop
+            settling = asyncio.create_task(intake.settle(Settlement(ack=[a], back=[(b, '{"task_id": "b"}')])))
+            before = ticks
+            await asyncio.sleep(0.3)
+            assert ticks > before + 5, "the loop stopped turning while a settlement waited"
+            assert not settling.done()
+        await asyncio.wait_for(settling, 10)
+        ticker.cancel()
+        out = [await client.lrange(proc, 0, -1), await client.lrange(q, 0, -1)]
+        for key in (proc, q):
+            await client.delete(key)
+        await client.aclose()
+        return out
+
+    result: list[Any] = []
+    # in a thread of its own: a loop blocked for good must fail this test, not hang the suite
+    runner = threading.Thread(target=lambda: result.append(uvloop.run(scenario())), daemon=True)
+    runner.start()
+    runner.join(60)
+    assert not runner.is_alive(), "the settlement blocked the event loop (a thread joined from it?)"
+    proc_left, queue_now = result[0]
+    assert proc_left == []  # "a" acknowledged, "b" handed back
+    assert queue_now == [b'{"task_id": "b"}']

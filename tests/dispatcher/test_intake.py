@@ -260,3 +260,26 @@ def test_a_parked_job_of_a_pool_with_a_colon_in_its_name_is_settled_in_its_own_q
         await rds.aclose()
 
     _run(scenario())
+
+
+def test_a_settlement_script_checks_every_operation_before_it_applies_one(redis_url, key_prefix):
+    # Intake.settle's script (not MULTI: see SETTLE): a malformed settlement changes nothing at all.
+    from redis.exceptions import ResponseError
+
+    from dispatcher.queues.intake_lua import SETTLE
+
+    async def scenario():
+        rds = Redis.from_url(redis_url)
+        a, b = f"{key_prefix}a", f"{key_prefix}b"
+        await rds.rpush(a, "x")
+        with pytest.raises(ResponseError, match="bad operation del at 4"):
+            await rds.eval(SETTLE, 2, a, b, "lrem", 1, "x", "del", 2, "y")
+        with pytest.raises(ResponseError, match="bad operation rpush at 1"):
+            await rds.eval(SETTLE, 1, a, "rpush", 3, "y")  # no third key
+        assert await rds.lrange(a, 0, -1) == [b"x"] and not await rds.exists(b)
+        assert await rds.eval(SETTLE, 2, a, b, "lrem", 1, "x", "rpush", 2, "y", "lpush", 2, "z") == 3
+        assert await rds.lrange(a, 0, -1) == [] and await rds.lrange(b, 0, -1) == [b"z", b"y"]
+        await rds.delete(a, b)
+        await rds.aclose()
+
+    _run(scenario())
