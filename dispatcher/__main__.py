@@ -221,6 +221,11 @@ def freeze_heap() -> None:
     )
 
 
+def _address(host: str, port: int) -> str:
+    """host:port as a URL writes it ([::1]:8000): an IPv6 address's last colon is not the port's."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def main() -> int:
     code = _arguments()
     if code is not None:
@@ -250,7 +255,7 @@ def main() -> int:
         return exc.exit_code
     server, holder = build_server(settings, engine, max_connections, own_process=True)
     # uvicorn says where it listens only for sockets it bound itself
-    where = [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in socks]
+    where = [_address(s.getsockname()[0], s.getsockname()[1]) for s in socks]
     log.info("listening on %s", ", ".join(where), extra={"action": "listen", "addresses": where})
     try:
         server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours

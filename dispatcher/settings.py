@@ -281,6 +281,16 @@ class DispatcherSettings(StoreSettings):
         parse_gpu_endpoints(value)
         return value
 
+    @field_validator("callback_host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        """``[::1]`` is how an IPv6 address is written in a URL; a socket takes it bare (a trial: brackets
+        stopped the start with "Name or service not known")."""
+        value = value.strip()
+        if value.startswith("[") and value.endswith("]"):
+            return value[1:-1]
+        return value
+
     @field_validator("callback_url")
     @classmethod
     def _check_callback_url(cls, value: str | None) -> str | None:
@@ -365,7 +375,7 @@ class DispatcherSettings(StoreSettings):
         )
 
     def _on_loopback(self) -> bool:
-        host = self.callback_host.strip("[]")
+        host = self.callback_host
         try:
             return host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:

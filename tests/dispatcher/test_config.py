@@ -123,6 +123,7 @@ def test_a_lease_shorter_than_a_request_is_said_at_start(
         ("0.0.0.0", "http://127.0.0.1:8000/callback"),
         ("::", "http://[::1]:8000/callback"),  # IPv6 only, as asyncio binds "::": 127.0.0.1 reached nothing
         ("::1", "http://[::1]:8000/callback"),
+        ("[::1]", "http://[::1]:8000/callback"),  # written as in a URL: the start stopped on it (a trial)
         ("gpu-host", "http://gpu-host:8000/callback"),
     ],
 )

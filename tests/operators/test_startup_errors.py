@@ -163,3 +163,10 @@ def test_the_callback_sockets_are_those_uvicorn_would_bind(host):
     finally:
         for s in socks:
             s.close()
+
+
+def test_the_listen_address_is_logged_as_a_url_writes_it():
+    from dispatcher.__main__ import _address
+
+    assert _address("::1", 8000) == "[::1]:8000"  # "::1:8000" read as an address of its own
+    assert _address("127.0.0.1", 8000) == "127.0.0.1:8000"
