@@ -233,7 +233,8 @@ class DispatcherSettings(StoreSettings):
     standby_jobs: bool = True
     #: Group-commit batches of attempt endings in flight at once, each on a database connection of its own
     #: (dispatcher/db/hot.py): the next batch runs its statements while the previous one commits. SQLite:
-    #: always 1. Default 1: 2 measured slower on the 2-core benchmark box (bench/RESULTS.md, 2026-11-30).
+    #: always 1. Default 1: 2 raised the overhead-bound rate by a fifth to a third on the 2-core benchmark box
+    #: and cost the 100 ms and 40 ms runs about 0.01 of efficiency (bench/RESULTS.md, 2026-12-02).
     commit_pipeline: int = Field(default=1, ge=1, le=8)
     #: Below 10 ms an idle dispatcher would spin (it looks for jobs pushed without a wake-up this often).
     idle_poll_seconds: float = Field(default=0.5, ge=0.01, le=60)
