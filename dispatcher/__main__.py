@@ -136,7 +136,7 @@ def build_server(
     and ``dispatcher.inproc`` runs the very same in a thread of a test (``server_cls`` without signals).
     The dict holds the Dispatcher once the lifespan made it. ``own_process``: the process is the
     dispatcher's own, so its heap is frozen (``freeze_heap``; in a test's process it would cost every
-    in-process dispatcher a full collection) and SIGUSR1 dumps its stacks (dispatcher/stacks.py)."""
+    in-process dispatcher a full collection) and SIGUSR1 dumps its loop's tasks (dispatcher/stacks.py)."""
     # One client (pool) per user, so none waits for another's connections: the dispatch loop, the heartbeat,
     # task events (published on callbacks), and the HTTP routes (a blocking pool: a burst waits its turn
     # instead of failing; event streams share one subscription, see event_hub.py).
@@ -176,7 +176,7 @@ def build_server(
         await d.start()
         if own_process:
             freeze_heap()
-            stacks.install(asyncio.get_running_loop())
+            stacks.attach(asyncio.get_running_loop())
         return d
 
     async def close() -> None:
@@ -240,6 +240,7 @@ def main() -> int:
         sys.stderr.write(f"gpuq dispatcher: {refusal}\n")
         return 2
     setup_logging(settings.log_level, settings.log_format)
+    stacks.install()  # before anything that may hang: a start that hangs is diagnosed the same way
     announce(settings)
     max_connections = raise_open_files(settings.http_max_connections)
     engine = make_engine(settings.db_url())
@@ -260,6 +261,7 @@ def main() -> int:
     try:
         server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours
     finally:
+        stacks.attach(None)
         if claimed is not None:
             claimed.close()
     d = holder.get("d")

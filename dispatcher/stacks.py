@@ -4,14 +4,17 @@ A dispatcher that is alive but does nothing (a loop awaiting a reply that never 
 to read; this answers "what is it waiting for" on a production box without a debugger, and the tests send
 it to a dispatcher that did not finish its jobs in time, so a CI log shows the cause of a hang.
 
-Threads come from ``faulthandler`` (safe in a signal handler, and it shows a loop thread stuck in a
-blocking call). Tasks are walked through their ``cr_await`` chain: ``Task.get_stack`` shows only a task's
-outermost frame, not the await deep inside redis-py that it is waiting on.
+Threads come from ``faulthandler``, at the C level: it writes even while the main thread is stuck in a C call
+that never returns to Python. Tasks are walked through their ``cr_await`` chain (``Task.get_stack`` shows only
+a task's outermost frame, not the await deep inside redis-py that it is waiting on), by the loop itself once
+the dispatcher runs (``attach``). Installed first thing in ``main``: before that, SIGUSR1's default action
+would end a process that is only starting (a hang at start is one to diagnose too).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import signal
 import sys
@@ -19,6 +22,11 @@ from types import FrameType
 from typing import Any, TextIO
 
 _MAX_DEPTH = 40
+#: The loop whose tasks a SIGUSR1 dumps (``attach``); None before the dispatcher runs and after it stopped.
+_loop: asyncio.AbstractEventLoop | None = None
+_out: TextIO = sys.stderr
+#: The last line of a dump of the tasks (``dispatcher/testing.py`` waits for it).
+END = "--- end of tasks ---"
 
 
 def await_chain(task: asyncio.Task[Any]) -> list[str]:
@@ -45,16 +53,31 @@ def dump_tasks(loop: asyncio.AbstractEventLoop, out: TextIO) -> None:
         out.write(f"task {task.get_name()}:\n")
         for line in await_chain(task):
             out.write(f"    {line}\n")
-    out.write("--- end of tasks ---\n")
+    out.write(END + "\n")
     out.flush()
 
 
-def install(loop: asyncio.AbstractEventLoop, out: TextIO = sys.stderr) -> None:
-    """SIGUSR1 dumps the threads at once (from the handler) and the tasks from the loop (a loop that is
-    blocked shows up in the threads' dump, and its tasks then never come)."""
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    """After faulthandler wrote the threads: the tasks, from the loop, if one runs."""
+    loop = _loop
+    if loop is None or loop.is_closed():
+        with contextlib.suppress(Exception):
+            _out.write(f"--- gpuq: no event loop running: no tasks ---\n{END}\n")
+            _out.flush()
+        return
+    with contextlib.suppress(RuntimeError):  # closed meanwhile
+        loop.call_soon_threadsafe(dump_tasks, loop, _out)
 
-    def handler(signum: int, frame: FrameType | None) -> None:
-        faulthandler.dump_traceback(file=out, all_threads=True)
-        loop.call_soon_threadsafe(dump_tasks, loop, out)
 
-    signal.signal(signal.SIGUSR1, handler)
+def install(out: TextIO = sys.stderr) -> None:
+    """SIGUSR1 dumps the threads (at once) and the tasks of the attached loop. The main thread only."""
+    global _out  # noqa: PLW0603 - one handler per process, set once at start
+    _out = out
+    signal.signal(signal.SIGUSR1, _on_signal)
+    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True, chain=True)
+
+
+def attach(loop: asyncio.AbstractEventLoop | None) -> None:
+    """The loop whose tasks SIGUSR1 dumps from now on (None: the dispatcher stopped)."""
+    global _loop  # noqa: PLW0603 - see install
+    _loop = loop

@@ -36,6 +36,7 @@ from typing import Any, Self
 
 import httpx
 
+from dispatcher import stacks
 from dispatcher.db.engine import make_engine
 from dispatcher.loop.core import Dispatcher
 from dispatcher.settings import DispatcherSettings
@@ -188,19 +189,25 @@ class DispatcherProcess(LoopbackDispatcher):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
-    def dump_stacks(self, wait: float = 2.0) -> str:
+    def dump_stacks(self, wait: float = 1.0) -> str:
         """SIGUSR1 (dispatcher/stacks.py), then the end of the log holding the dump: what a hung process was
         waiting for, for a failed test's report."""
         if not self.alive():
             return f"{self.name}: not running\n{self.logs()}"
         assert self.proc is not None
+        before = self._dumps()
         self.proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + wait
-        while "--- end of tasks ---" not in self.log_path.read_text(errors="replace"):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        while self._dumps() <= before and time.monotonic() < deadline:
+            time.sleep(0.05)
         return f"{self.name}:\n{self.logs(40_000)}"
+
+    def _dumps(self) -> int:
+        """How many stack dumps its log holds so far (a second one must not be mistaken for the first)."""
+        try:
+            return self.log_path.read_text(errors="replace").count(stacks.END)
+        except OSError:
+            return 0
 
     def term(self, timeout: float = 30.0) -> int:
         """SIGTERM, and its exit code (a graceful stop hands its jobs back and exits 0)."""

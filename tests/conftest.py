@@ -160,8 +160,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for value in getattr(item, "funcargs", {}).values():
             for proc in getattr(value, "procs", [value]):
                 dump = getattr(proc, "dump_stacks", None)
-                if callable(dump):
-                    report.sections.append((f"dispatcher {proc.name}: stacks and log", dump()))
+                if not callable(dump):
+                    continue
+                try:
+                    text = dump()
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as exc:  # pytest-timeout's Failed too: a dump never breaks the run
+                    text = f"(no dump: {exc!r})"
+                report.sections.append((f"dispatcher {proc.name}: stacks and log", text))
     return report
 
 

@@ -252,6 +252,8 @@ class Intake(Presence):
         for queue, commands in merged:
             commands += [("rpush", self.keys.dead, letter) for letter in dead]
             dead = []
+            if not commands:  # most passes settle nothing: no round trip for it
+                continue
             keys: dict[str, int] = {}  # each key once, numbered from 1 as Lua's KEYS
             args: list[Any] = []
             for command, key, value in commands:

@@ -211,12 +211,20 @@ return #KEYS
 # transaction pipeline by running it to completion in a new thread with an event loop of its own, joined from
 # the caller's loop; during a failover that command re-initialized the cluster client there, on connections
 # and a lock of the caller's loop, which was blocked in the join: the dispatcher hung for good (CI, 24d7d42).
-# The operations are checked before any is applied, so a malformed settlement changes nothing.
+# The operations (and the types of their keys) are checked before any is applied: a malformed settlement, or
+# one meeting a key that is not a list, changes nothing.
 SETTLE = """
+if #ARGV % 3 ~= 0 then
+  return redis.error_reply('gpuq settle: ' .. #ARGV .. ' arguments, not operations of three')
+end
 for i = 1, #ARGV, 3 do
   local command, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
   if key == nil or (command ~= 'lrem' and command ~= 'lpush' and command ~= 'rpush') then
     return redis.error_reply('gpuq settle: bad operation ' .. tostring(command) .. ' at ' .. i)
+  end
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'list' and kind ~= 'none' then
+    return redis.error_reply('gpuq settle: ' .. key .. ' is a ' .. kind .. ', not a list')
   end
 end
 for i = 1, #ARGV, 3 do

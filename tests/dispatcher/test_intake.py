@@ -276,10 +276,37 @@ def test_a_settlement_script_checks_every_operation_before_it_applies_one(redis_
             await rds.eval(SETTLE, 2, a, b, "lrem", 1, "x", "del", 2, "y")
         with pytest.raises(ResponseError, match="bad operation rpush at 1"):
             await rds.eval(SETTLE, 1, a, "rpush", 3, "y")  # no third key
+        with pytest.raises(ResponseError, match="not operations of three"):
+            await rds.eval(SETTLE, 1, a, "lrem", 1, "x", "rpush", 1)  # an incomplete last one
+        await rds.set(b, "a string")
+        with pytest.raises(ResponseError, match="is a string, not a list"):  # its job would be lost
+            await rds.eval(SETTLE, 2, a, b, "lrem", 1, "x", "rpush", 2, "y")
+        await rds.delete(b)
         assert await rds.lrange(a, 0, -1) == [b"x"] and not await rds.exists(b)
         assert await rds.eval(SETTLE, 2, a, b, "lrem", 1, "x", "rpush", 2, "y", "lpush", 2, "z") == 3
         assert await rds.lrange(a, 0, -1) == [] and await rds.lrange(b, 0, -1) == [b"z", b"y"]
         await rds.delete(a, b)
+        await rds.aclose()
+
+    _run(scenario())
+
+
+def test_an_empty_settlement_costs_no_round_trip(redis_url, key_prefix):
+    # Most passes settle nothing; a MULTI with nothing in it sent nothing, the script must not either.
+    async def scenario():
+        rds, intake = await _intake(redis_url, key_prefix, [f"{key_prefix}q"])
+        calls = []
+        settle_script = intake._settle
+
+        async def counting(**kwargs):
+            calls.append(kwargs)
+            return await settle_script(**kwargs)
+
+        intake._settle = counting
+        await intake.settle(Settlement())
+        assert calls == []
+        await intake.settle(Settlement(ack=[f"{key_prefix}q\n{{}}"]))
+        assert len(calls) == 1
         await rds.aclose()
 
     _run(scenario())
