@@ -23,7 +23,7 @@ from sqlalchemy import Connection, select, text, update
 
 from dispatcher.db.batch import statement
 from dispatcher.db.cancels import release_cancelled
-from dispatcher.db.gpus import register_gpu
+from dispatcher.db.gpus import in_turn, register_gpu
 from dispatcher.db.schema import gpus
 from dispatcher.gpus.pull import PULL_SCHEME, hash_agent_token, new_agent_token, pull_url
 from dispatcher.states import TaskState
@@ -103,6 +103,7 @@ class Poll:
 def register_pull(conn: Connection, *, gpu_id: str, pool: str, slot_count: int, now: datetime) -> str | None:
     """``gpuq gpu add NAME --pull``: register a pull GPU (or change a known one's pool and slots, or make a
     pushed one a pull GPU). Returns its new agent token when it had none, else None (the token stays)."""
+    in_turn(conn)  # before the GPU's row, as register_gpu below takes them
     known = conn.execute(select(gpus.c.url).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     register_gpu(conn, gpu_id=gpu_id, url=pull_url(gpu_id), pool=pool, slot_count=slot_count, now=now)
     if known is None or not known.url.startswith(PULL_SCHEME):

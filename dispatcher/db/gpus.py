@@ -9,7 +9,7 @@ from sqlalchemy import Connection, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, finish_attempt
-from dispatcher.db.schema import gpus, slots
+from dispatcher.db.schema import gpus, schema_version, slots
 from dispatcher.gpus.pull import is_pull
 from dispatcher.settings import same_service, url_taken
 from dispatcher.states import GpuState, Outcome
@@ -44,6 +44,14 @@ class UrlTaken(ValueError):
     """A GPU registered at the URL of another: one service would get the jobs of both (``same_service``)."""
 
 
+def in_turn(conn: Connection) -> None:
+    """Registrations run one at a time: each takes this lock first (the schema's rows, there once the schema
+    is made), before any GPU row, so no two orders of locks meet. Under READ COMMITTED a read of the pool's
+    GPUs locks no row not yet inserted: two ``gpu add`` of one URL under two names at the same moment both
+    passed ``_check_url``, and one service got the jobs of two GPUs (a review). SQLite has one writer."""
+    conn.execute(select(schema_version.c.version).with_for_update()).all()
+
+
 def _check_url(conn: Connection, *, gpu_id: str, url: str, pool: str) -> None:
     """Raise UrlTaken when another GPU of ``pool`` is registered at ``url`` (a fleet is small: every URL of
     the pool is read). Not against what is registered already: a database holding such a pair from before
@@ -59,6 +67,7 @@ def register_gpu(
 ) -> None:
     """Add a GPU or update its URL, pool and slot count (idempotent: every dispatcher does it at start).
     UrlTaken when another GPU has that URL."""
+    in_turn(conn)
     row = conn.execute(
         select(gpus.c.url, gpus.c.pool).where(gpus.c.gpu_id == gpu_id).with_for_update()
     ).first()
@@ -131,6 +140,7 @@ def update_gpu(
     """``gpuq gpu set``: change what is given of a known GPU's registration; False when it is unknown.
     A new URL starts with a clean health record (the failures were the old URL's). ``cancel_url``: where
     cancels go instead of ``<url>/cancel``; ``""`` goes back to that."""
+    in_turn(conn)
     row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     if row is None:
         return False

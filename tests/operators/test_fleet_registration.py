@@ -70,3 +70,40 @@ def test_second_dispatcher_cannot_rewrite_the_fleet(stack, gpuq, tmp_path):
         )
     assert gpuq("gpu", "set", "g7", "--url", g1, **env).exit_code == 1
     assert gpuq("gpu", "set", "g0", "--url", "ftp://x", **env).exit_code == 2
+
+
+def test_two_registrations_of_one_url_at_the_same_moment_let_one_through(database_url):
+    # A review: under READ COMMITTED the URL check read no row of a registration not yet committed, so two
+    # `gpu add` of one URL under two names at once both passed, and one service got the jobs of two GPUs.
+    import threading
+
+    from dispatcher.db.engine import init_schema, make_engine, utcnow
+    from dispatcher.db.gpus import UrlTaken, register_gpu
+
+    engine = make_engine(database_url, pool_size=2)
+    init_schema(engine)
+    url = "http://127.0.0.1:9/same"
+    outcome: list[BaseException | None] = []
+
+    def second() -> None:
+        try:
+            with engine.begin() as conn:
+                register_gpu(conn, gpu_id="g1", url=url, pool="default", slot_count=4, now=utcnow())
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    try:
+        with engine.connect() as first:
+            with first.begin():
+                register_gpu(first, gpu_id="g0", url=url, pool="default", slot_count=4, now=utcnow())
+                racer = threading.Thread(target=second)
+                racer.start()
+                racer.join(0.5)
+                assert racer.is_alive(), "the second registration did not wait for the first"
+            racer.join(30)  # the first committed: the second checks the URL against it
+        assert len(outcome) == 1 and isinstance(outcome[0], UrlTaken), outcome
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT gpu_id FROM gpus")).scalars().all() == ["g0"]
+    finally:
+        engine.dispose()
