@@ -99,9 +99,13 @@ def register_new(
     """A dispatcher's start: register ``gpu_id`` if the database does not know it yet. A known GPU is left
     as it is (``gpuq gpu set`` changes it) and returned when its URL or pool differ, so the caller can stop:
     a dispatcher with a stale or malformed GPU_ENDPOINTS must not rewrite a fleet others are using."""
+    # In turn before the look: a dispatcher starting beside another that registers this GPU now waits for
+    # that one's commit and then judges its row, instead of finding none and writing over it in register_gpu.
+    in_turn(conn)
     row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
     if row is None:
-        # Under READ COMMITTED the locking read above locks no row that does not exist yet: two dispatchers
+        # Without the turn (SQLite takes one writer at a time anyway; a database whose schema rows are gone),
+        # under READ COMMITTED the locking read above locks no row that does not exist yet: two dispatchers
         # starting together both get here, and the second INSERT waits for the first, then fails on the key.
         # That one then judges the registration the other made, like any known GPU, instead of dying.
         try:
