@@ -241,17 +241,16 @@ class Intake(Presence):
         """Apply ``s``: one script per queue on a cluster (one slot each), one in all on one Redis; a script
         applies its operations atomically, as MULTI/EXEC did (see ``SETTLE`` for why not MULTI)."""
         ops, dead = self._commands(s)
-        if self.cluster and dead:
-            # The dead-letter list is in another slot: written first, so a crash in between leaves a job in
-            # both (dead-lettered again when swept back), never in neither.
-            await self.redis.rpush(self.keys.dead, *dead)
-            dead = []
-        merged = (
-            list(ops.items()) if self.cluster else [(self.queues[0], [c for v in ops.values() for c in v])]
-        )
+        if self.cluster:
+            if dead:
+                # The dead-letter list is in another slot: written first, so a crash in between leaves a job
+                # in both (dead-lettered again when swept back), never in neither.
+                await self.redis.rpush(self.keys.dead, *dead)
+            merged = list(ops.items())
+        else:
+            letters = [("rpush", self.keys.dead, letter) for letter in dead]
+            merged = [(self.queues[0], [c for v in ops.values() for c in v] + letters)]
         for queue, commands in merged:
-            commands += [("rpush", self.keys.dead, letter) for letter in dead]
-            dead = []
             if not commands:  # most passes settle nothing: no round trip for it
                 continue
             keys: dict[str, int] = {}  # each key once, numbered from 1 as Lua's KEYS
@@ -261,8 +260,6 @@ class Intake(Presence):
             await self._settle(keys=list(keys), args=args)
             if self.wait_replicas and (s.park or s.back or s.dead):
                 await self.fence(queue, strict=False)
-        if dead:
-            await self.redis.rpush(self.keys.dead, *dead)
 
     def _commands(self, s: Settlement) -> tuple[dict[str, list[tuple[str, str, Any]]], list[str]]:
         """``s`` as commands per queue (command, key, value) and the dead letters to push."""
