@@ -4,11 +4,13 @@ A dispatcher that is alive but does nothing (a loop awaiting a reply that never 
 to read; this answers "what is it waiting for" on a production box without a debugger, and the tests send
 it to a dispatcher that did not finish its jobs in time, so a CI log shows the cause of a hang.
 
-Threads come from ``faulthandler``, at the C level: it writes even while the main thread is stuck in a C call
-that never returns to Python. Tasks are walked through their ``cr_await`` chain (``Task.get_stack`` shows only
-a task's outermost frame, not the await deep inside redis-py that it is waiting on), by the loop itself once
-the dispatcher runs (``attach``). Installed first thing in ``main``: before that, SIGUSR1's default action
-would end a process that is only starting (a hang at start is one to diagnose too).
+Threads come from ``faulthandler``, called from the Python-level handler with the GIL held: its C-level
+``register`` walks other threads' frames while they run, and killed a busy dispatcher once (CI of e08b773);
+the price is that a main thread stuck in a C call that never returns to Python dumps nothing. Tasks are walked
+through their ``cr_await`` chain (``Task.get_stack`` shows only a task's outermost frame, not the await deep
+inside redis-py that it is waiting on), by the loop itself once the dispatcher runs (``attach``). Installed
+first thing in ``main``: before that, SIGUSR1's default action would end a process that is only starting (a
+hang at start is one to diagnose too).
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ def dump_tasks(loop: asyncio.AbstractEventLoop, out: TextIO) -> None:
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
-    """After faulthandler wrote the threads: the tasks, from the loop, if one runs."""
+    """The threads now; the tasks from the loop, if one runs."""
+    with contextlib.suppress(Exception):
+        faulthandler.dump_traceback(file=_out, all_threads=True)
     loop = _loop
     if loop is None or loop.is_closed():
         with contextlib.suppress(Exception):
@@ -74,7 +78,6 @@ def install(out: TextIO = sys.stderr) -> None:
     global _out  # noqa: PLW0603 - one handler per process, set once at start
     _out = out
     signal.signal(signal.SIGUSR1, _on_signal)
-    faulthandler.register(signal.SIGUSR1, file=out, all_threads=True, chain=True)
 
 
 def attach(loop: asyncio.AbstractEventLoop | None) -> None:
