@@ -108,7 +108,8 @@ class Placing:
             # room read again (it was used up by this pass), not after an idle poll. Each take moves at most
             # SCAN_DEPTH jobs per list: a long head takes a few passes, each of bounded work.
             wake.look_now()
-        settlement = Settlement(park=_parked(h.buffer.lapsed()))
+        park, back = h.buffer.lapsed()
+        settlement = Settlement(park=_parked(park), back=_back(back))
         if not (strays or ready or taken):
             await rt.intake.settle(settlement)
             self._idle(left)
@@ -130,7 +131,13 @@ class Placing:
                 keep.append(r)
         if place:
             keep = await self._place_and_start(place, view, ready, started, settlement) + keep
-        settlement.park += _parked(h.buffer.add(keep))
+            filled = [pool for pool, n in room.items() if n > 0 and left.get(pool, 0) == 0]
+            if filled and rt.intake.alone and h.buffer.size > 0:
+                # Every slot of these pools is busy and will call back here: the first to free should find a
+                # job at hand, as later ones do (``ReadyBuffer.prime``). The next pass takes it.
+                h.buffer.prime(filled)
+                wake.refill()
+        self._refused(h.buffer.add(keep), settlement)
         await rt.intake.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
@@ -153,7 +160,7 @@ class Placing:
         settlement = Settlement()
         if place:
             keep = await self._place_and_start(place, None, [], started, settlement)
-            settlement.park += _parked(self.handoffs.buffer.add(keep))
+            self._refused(self.handoffs.buffer.add(keep), settlement)
         await self.rt.intake.settle(settlement)
 
     async def settle_refused(self, s: Settlement) -> None:
@@ -237,6 +244,14 @@ class Placing:
             self._races.pop(_race_key(r), None)
         return result
 
+    def _refused(self, jobs: list[Ready], settlement: Settlement) -> None:
+        """Jobs taken that neither found a slot nor fit in the buffer: parked, or given back to the head of
+        their queue with the rest of their pool's when it was only primed (``ReadyBuffer.goes_back``), after
+        any given back by this pass's ``lapsed`` (older)."""
+        buffer = self.handoffs.buffer
+        settlement.back += _back([r for r in jobs if buffer.goes_back(r.pool)])
+        settlement.park += _parked([r for r in jobs if not buffer.goes_back(r.pool)])
+
     def park(self, jobs: list[Ready]) -> None:
         """Buffered jobs this process will not start (draining): parked, so any dispatcher can."""
         if jobs:
@@ -245,6 +260,12 @@ class Placing:
 
 def _race_key(r: Ready) -> tuple[str, int]:
     return r.job.task_id, r.job.attempt
+
+
+def _back(jobs: list[Ready]) -> list[tuple[str, str]]:
+    """To the head of the lists they were taken from, in this order: each exactly as it was there (the
+    processing list's element after its source)."""
+    return [(r.element, r.element.partition("\n")[2]) for r in jobs]
 
 
 def _parked(jobs: list[Ready]) -> list[tuple[str, str, str]]:

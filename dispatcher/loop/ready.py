@@ -16,7 +16,12 @@ Bounds (README "Slot hand-off"): at most ``size`` jobs per pool (``HANDOFF_BUFFE
 served oldest first, so a high-priority job enqueued after the buffer was filled starts behind at most
 ``size`` jobs of its pool that were taken before it. A pool's buffer is refilled only while this process has
 seen its slots freed recently (``DEMAND_SECONDS``): a dispatcher that receives no callbacks for a pool holds
-no jobs for it, and jobs left in a buffer whose demand lapsed are parked again (see ``Dispatcher``).
+no jobs for it, and jobs left in a buffer whose demand lapsed are parked again (see ``Dispatcher``). A
+dispatcher with no other beside it (``Intake.alone``) also fills a pool's buffer when its own pass fills the
+pool's last free slots (``prime``): every slot of the pool will call back here, and the first of them should
+find a job ready (and a standby bound) as later ones do. Jobs of a pool primed and then not seen freeing a
+slot within ``DEMAND_SECONDS`` (long jobs) go back to the head of the lists they came from (``lapsed``),
+where they were, rather than to the parked lists.
 
 Pure and process-local: it owns no I/O and is only touched from the event loop.
 """
@@ -56,6 +61,7 @@ class ReadyBuffer:
         self.size = size
         self._jobs: dict[str, deque[Ready]] = {}
         self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
+        self._primed: dict[str, float] = {}  # pool -> monotonic time a pass of ours last filled it
         # Jobs pushed out by ``put_back`` past ``size``: still held (the processing list), parked by the
         # next pass (``lapsed``).
         self._over: list[Ready] = []
@@ -78,14 +84,47 @@ class ReadyBuffer:
         for pool in pools:
             self._demand[pool] = now
 
+    def prime(self, pools: Iterable[str], now: float | None = None) -> None:
+        """This process just filled the last free slots of ``pools`` and is the only one that will see them
+        freed: fill their buffers now, so that the first slots to free find a job at hand."""
+        now = time.monotonic() if now is None else now
+        for pool in pools:
+            # A pool whose slots this process sees freed is fed already: priming it would send its jobs back
+            # to their queue rather than parked when that demand lapses, behind the ones parked before.
+            if now - self._demand.get(pool, -1e9) > DEMAND_SECONDS:
+                self._primed[pool] = now
+
     def _wanted(self, pool: str, now: float) -> bool:
-        return self.size > 0 and now - self._demand.get(pool, -1e9) <= DEMAND_SECONDS
+        last = max(self._demand.get(pool, -1e9), self._primed.get(pool, -1e9))
+        return self.size > 0 and now - last <= DEMAND_SECONDS
+
+    def wanted(self, pool: str, now: float | None = None) -> bool:
+        """Is ``pool`` in demand here (slots freed or primed lately)? Jobs of a pool that is not wait in
+        their queue, not in this process: none of them is bound as a standby either."""
+        return self._wanted(pool, time.monotonic() if now is None else now)
+
+    def goes_back(self, pool: str, now: float | None = None) -> bool:
+        """Do jobs of ``pool`` that leave this process go back to the head of their queue (primed, and no
+        slot freed here since) rather than to the parked lists? All of them must go the same way: parked
+        jobs are served first, so younger ones parked would overtake older ones given back."""
+        now = time.monotonic() if now is None else now
+        return self._only_primed(pool) and not self._wanted(pool, now)
+
+    def unprimed(self, now: float | None = None) -> set[str]:
+        """Pools primed here that then saw no slot freed within ``DEMAND_SECONDS`` (long jobs): their
+        standbys not sent are taken back, their jobs going back to their queue with the buffered ones."""
+        now = time.monotonic() if now is None else now
+        return {pool for pool in self._primed if self._only_primed(pool) and not self._wanted(pool, now)}
+
+    def _only_primed(self, pool: str) -> bool:
+        """No slot of ``pool`` was seen freed here since it was last primed."""
+        return self._primed.get(pool, -1e9) > self._demand.get(pool, -1e9)
 
     def deficit(self, now: float | None = None) -> dict[str, int]:
         """Jobs per pool the loop should take to fill the buffers of pools in demand."""
         now = time.monotonic() if now is None else now
         out = {}
-        for pool in self._demand:
+        for pool in self._demand.keys() | self._primed.keys():
             # Jobs out with a standby bind mostly come back (one per slot that gets a standby is kept):
             # refilled for as if gone, they would push the youngest out to be parked when they do.
             have = self.count(pool) + self.lent(pool, BY_STANDBY)
@@ -166,16 +205,23 @@ class ReadyBuffer:
                 over.append(r)
         return over
 
-    def lapsed(self, now: float | None = None) -> list[Ready]:
+    def lapsed(self, now: float | None = None) -> tuple[list[Ready], list[Ready]]:
         """Take out the jobs of pools no longer in demand (this process stopped seeing their slots freed),
-        and those ``put_back`` pushed out."""
+        and those ``put_back`` pushed out: (to park, to put back at the head of their lists, oldest first).
+        Jobs of a pool that was only primed and never seen freeing a slot since go back (``goes_back``):
+        they waited for slots that turn over slowly (long jobs), and belong in their queue, in order and
+        visible, like the jobs behind them."""
         now = time.monotonic() if now is None else now
-        out, self._over = self._over, []
+        park: list[Ready] = []
+        back: list[Ready] = []
         for pool, q in self._jobs.items():
             if q and not self._wanted(pool, now):
-                out.extend(q)
+                (back if self._only_primed(pool) else park).extend(q)
                 q.clear()
-        return out
+        for r in self._over:  # younger than the buffered ones of their pool: after them
+            (back if self.goes_back(r.pool, now) else park).append(r)
+        self._over = []
+        return park, back
 
     def drain(self) -> list[Ready]:
         out, self._over = self._over + [r for q in self._jobs.values() for r in q], []

@@ -105,7 +105,8 @@ class Binder:
         for pool in buffer.pools():
             # Not while a pass or a hand-off holds the pool's oldest jobs: binding younger ones would start
             # them first if those came back.
-            if not buffer.lent(pool):
+            # Nor for a pool no longer in demand here: its jobs go back to Redis at the next pass.
+            if not buffer.lent(pool) and buffer.wanted(pool):
                 candidates += buffer.pop(pool, buffer.count(pool), BY_STANDBY)
         if not candidates:
             return

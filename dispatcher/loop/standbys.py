@@ -139,8 +139,7 @@ class Standbys:
     async def wait_promoted(self, task_id: str) -> None:
         """A standby sent early reports: wait for its holder's end to commit (bounded: a store failure
         leaves it ``standby``, answered 503)."""
-        s = self._early.get(task_id)
-        if s is not None:
+        if (s := self._early.get(task_id)) is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.promoted.wait(), PROMOTION_WAIT_SECONDS)
 
@@ -232,6 +231,8 @@ class Standbys:
         if self._by_task and now - self._gpus_looked >= GPU_LOOK_SECONDS:  # first: the look sends
             self._gpus_looked = now
             await self._check_gpus()
+        if self._by_task and (unprimed := self.handoffs.buffer.unprimed(now)):  # ready.py: to their queue
+            self._overtaken |= {t for t, s in self._by_task.items() if s.bound.pool in unprimed}
         if self._overtaken:
             late = [self._by_task[t] for t in self._overtaken if t in self._by_task]
             self._overtaken.clear()
@@ -337,8 +338,7 @@ class Standbys:
         self.handoffs.settle_later(Settlement(ack=[s.ready.element]), already_counted=True)
 
     def _forget(self, task_id: str) -> Standby | None:
-        s = self._by_task.pop(task_id, None)
-        if s is not None:
+        if (s := self._by_task.pop(task_id, None)) is not None:
             self._by_holder.pop((s.bound.holder, s.bound.holder_attempt), None)
         return s
 

@@ -141,6 +141,7 @@ class Intake(Presence):
         # ASIDE_RESCAN_SECONDS (presence.py)
         self._aside_due = 0.0
         self._old_seen = False  # a dispatcher of that layout was running at the last sweep
+        self.alone = False  # known at the first sweep (presence.py)
 
     @property
     def proc(self) -> str:

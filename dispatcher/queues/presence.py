@@ -88,6 +88,10 @@ class Presence:
     _scan_old: bool  # look for parked lists of the layout before issue 15 at the next sweep
     _old_seen: bool  # a dispatcher of that layout was running at the last sweep
     _aside_due: float  # monotonic time of the next look for jobs set aside for pools no longer routed to
+    #: No other dispatcher had a heartbeat at the last sweep (False until one ran): then the slots this
+    #: process fills call back here, so it may fill a pool's ready buffer as it places
+    #: (``ReadyBuffer.prime``).
+    alone: bool
     routes: dict[str, str]  # task type -> pool (TASK_ROUTES)
     default_pool: str
 
@@ -199,8 +203,12 @@ class Presence:
         # gone, look for old parked lists: it parks its ready buffer there when it drains, then retires.
         old_running = bool({as_str(m) for m in members} - {as_str(r) for r in recorded})
         look_for_old, self._old_seen = self._scan_old or self._old_seen or old_running, old_running
+        others = 0
         for other in dict.fromkeys(as_str(raw) for raw in [*members, *recorded]):
-            if other == self.dispatcher_id or await self.redis.exists(self.keys.alive(other)):
+            if other == self.dispatcher_id:
+                continue
+            if await self.redis.exists(self.keys.alive(other)):
+                others += 1
                 continue
             queues = await self.queues_of(other)
             n = await self._sweep_procs([self.keys.proc(q, other) for q in queues])
@@ -215,6 +223,7 @@ class Presence:
                     extra={"action": "sweep", "dead_dispatcher": other, "jobs": n},
                 )
             moved += n
+        self.alone = others == 0
         if not self.cluster:
             moved += await migrate(self.redis, self.keys, self.queues, parked=look_for_old or moved > 0)
             self._scan_old = False

@@ -324,12 +324,14 @@ def test_callbacks_of_two_pools_in_one_batch_each_hand_off_within_their_own_pool
 
     async def body(d: Dispatcher) -> None:
         t, u = w.push(3), push_u(3)
-        assert await d.dispatch_once()  # t[0] on g0, u[0] on g1
+        assert await d.dispatch_once()  # t[0] on g0, u[0] on g1: both pools full (primed, test_first_wave.py)
         await settle(d)
-        for first in (t[0], u[0]):  # each pool's first end goes to the loop, which fills the slot and buffer
+        assert await d.dispatch_once()  # so the next pass fills both buffers
+        await settle(d)
+        for first in (t[0], u[0]):  # each pool's first end hands its slot to its own pool's next job
             assert await finish(d, first) == "applied"
-            assert await d.dispatch_once()
             await settle(d)
+        assert d.handoffs.handed_off == 2
         assert d.handoffs.buffer.count("default") == 1
         assert d.handoffs.buffer.count(pool) == 1
         # both ends in one group-commit batch: one transaction hands each freed slot to its own pool's job
@@ -338,7 +340,7 @@ def test_callbacks_of_two_pools_in_one_batch_each_hand_off_within_their_own_pool
         assert (rows[t[2]].state, rows[t[2]].gpu_id) == ("processing", "g0")
         assert (rows[u[2]].state, rows[u[2]].gpu_id) == ("processing", "g1")
         assert rows[t[2]].started_at == rows[u[2]].started_at  # the same transaction
-        assert d.handoffs.handed_off == 2
+        assert d.handoffs.handed_off == 4
 
     try:
         gpus = f"g0={w.fleet.url('g0')},{pool}:g1={w.fleet.url('g1')}"

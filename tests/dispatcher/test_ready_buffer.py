@@ -29,11 +29,47 @@ def test_only_pools_in_demand_are_filled_and_lapsed_ones_are_given_up() -> None:
     assert b.add(_ready("a", 1), now=0.0) != []  # nobody freed a slot of "a" here: not buffered
     b.demand(["a"], now=0.0)
     assert b.add(_ready("a", 2), now=1.0) == []
-    assert b.lapsed(now=DEMAND_SECONDS) == []
-    gone = b.lapsed(now=DEMAND_SECONDS + 0.1)
-    assert len(gone) == 2
+    assert b.lapsed(now=DEMAND_SECONDS) == ([], [])
+    park, back = b.lapsed(now=DEMAND_SECONDS + 0.1)
+    assert len(park) == 2 and back == []  # its slots were freed here: parked, served first anywhere
     assert len(b) == 0
     assert b.deficit(now=DEMAND_SECONDS + 0.1) == {}
+
+
+def test_a_primed_pools_jobs_go_back_to_their_queue_if_no_slot_frees() -> None:
+    # GIVEN a pool no slot of which was seen freed here, which a pass of ours just filled
+    b = ReadyBuffer(3)
+    assert b.deficit(now=0.0) == {}
+    b.prime(["a"], now=0.0)
+    # THEN its buffer is filled at once, as for a pool whose slots turn over
+    assert b.deficit(now=0.0) == {"a": 3}
+    assert b.add(_ready("a", 3), now=0.5) == []
+    # WHEN no slot of it frees within DEMAND_SECONDS (long jobs)
+    assert b.lapsed(now=DEMAND_SECONDS) == ([], [])
+    park, back = b.lapsed(now=DEMAND_SECONDS + 0.1)
+    # THEN its jobs go back to the head of the lists they were taken from, in order, not to the parked lists
+    assert park == [] and [r.job.task_id for r in back] == ["a-0", "a-1", "a-2"]
+    assert len(b) == 0 and b.deficit(now=DEMAND_SECONDS + 0.1) == {}
+
+
+def test_a_primed_pool_whose_slots_then_turn_over_here_parks_as_any_pool_in_demand() -> None:
+    b = ReadyBuffer(2)
+    b.prime(["a"], now=0.0)
+    assert b.add(_ready("a", 2), now=0.0) == []
+    b.demand(["a"], now=1.0)  # a slot of it freed here after the priming
+    assert b.lapsed(now=1.0 + DEMAND_SECONDS) == ([], [])  # in demand from the freed slot on
+    park, back = b.lapsed(now=1.1 + DEMAND_SECONDS)
+    assert len(park) == 2 and back == []
+    b.prime(["a"], now=5.0)  # primed again after the freed slot: its jobs go back if none frees
+    assert b.add(_ready("a", 1), now=5.0) == []
+    assert [len(x) for x in b.lapsed(now=5.1 + DEMAND_SECONDS)] == [0, 1]
+
+
+def test_size_zero_is_never_primed() -> None:
+    b = ReadyBuffer(0)
+    b.prime(["a"], now=0.0)
+    assert b.deficit(now=0.0) == {}
+    assert len(b.add(_ready("a", 1), now=0.0)) == 1
 
 
 def test_size_zero_turns_it_off() -> None:
@@ -58,8 +94,8 @@ def test_a_hand_off_returning_its_candidates_never_grows_the_buffer_past_its_siz
     assert b.count("a") == 2 and len(b) == 2
     assert [r.job.task_id for r in b.pop("a", 9)] == ["a-0", "a-1"]
     assert sorted(b.elements()) == ["el-late-0", "el-late-1"]  # still known until the pass parks them
-    assert [r.job.task_id for r in b.lapsed(now=0.0)] == ["late-0", "late-1"]
-    assert b.elements() == [] and b.lapsed(now=0.0) == []
+    assert [r.job.task_id for r in b.lapsed(now=0.0)[0]] == ["late-0", "late-1"]
+    assert b.elements() == [] and b.lapsed(now=0.0) == ([], [])
 
 
 def test_jobs_popped_are_lent_until_they_come_back_or_are_released() -> None:

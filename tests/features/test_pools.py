@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
 from dispatcher.db.engine import make_engine
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import push_jobs, states, wait_final
+from tests.dispatcher.helpers import wait_for
 
 A_JOBS = 40
 
@@ -27,11 +30,21 @@ def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     fast_ids = push_jobs(stack.rds, queue, 20, task_type="embed")
 
     wait_final(stack.engine, fast_ids, timeout=60)
+    # The pass that filled the slow pool took jobs for its ready buffer (and bound standbys to its busy
+    # slots; test_first_wave.py): with no slot freed within DEMAND_SECONDS they all go back to the queue, in
+    # order, not to the parked list.
+    wait_for(
+        lambda: stack.rds.llen(queue) == A_JOBS - 2,
+        15,
+        what=lambda: f"the slow backlog back in its queue (it holds {stack.rds.llen(queue)})",
+    )
     slow_states = states(stack.engine, slow_ids)
     assert slow_states["finished"] == 0, slow_states
     assert slow_states["processing"] == 2, slow_states  # the pool is full, never over
     assert stack.rds.llen(f"{stack.prefix}parked:slow") == 0  # nothing parked: they wait in the queue
-    assert stack.rds.llen(queue) == A_JOBS - 2
+    waiting = [json.loads(raw)["task_id"] for raw in stack.rds.lrange(queue, 0, -1)]
+    running = [t for t in slow_ids if t not in waiting]
+    assert len(running) == 2 and waiting == [t for t in slow_ids if t not in running]
 
     # placement stayed in each job's pool
     assert {j["task_id"] for j in slow.stats()["jobs"]} <= set(slow_ids)

@@ -57,6 +57,11 @@ def test_metrics_names_labels_and_values(stack):
     )
     assert forged.status_code == 401
 
+    # The pass that filled the GPU took jobs for its ready buffer (test_first_wave.py); no slot freeing within
+    # DEMAND_SECONDS, they go back to their queues.
+    queues = [queue_key(q, p) for q in (q0, q1) for p in PRIORITY_ORDER]
+    wait_for(lambda: sum(stack.rds.llen(k) for k in queues) == 11, 15, what="11 jobs back in their queues")
+
     # WHEN Prometheus scrapes
     samples = scrape(d.url)
 
