@@ -10,7 +10,6 @@ never calls back: the test plays the callbacks and the standby rounds.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
@@ -110,7 +109,9 @@ def test_jobs_primed_for_slots_that_never_free_go_back_to_the_head_of_their_queu
 ) -> None:
     """Long jobs: no slot frees within DEMAND_SECONDS. The buffered jobs go back where they were, in order
     and ahead of jobs pushed since, not to the parked lists."""
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 0.3)
+    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
+    # a loaded machine runs the steps before.
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -121,7 +122,7 @@ def test_jobs_primed_for_slots_that_never_free_go_back_to_the_head_of_their_queu
         await settle(d)
         assert _buffered(d) == ids[2:]
         later = w.push(2)
-        await asyncio.sleep(0.4)
+        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
         await d.dispatch_once()  # the demand lapsed: the pass gives them back
         await settle(d)
         assert _buffered(d) == []
@@ -142,7 +143,9 @@ def test_standbys_bound_when_a_pool_was_filled_are_taken_back_if_none_of_its_slo
 ) -> None:
     """A high-priority job must not wait behind standbys bound to slots whose jobs run for an hour: once the
     priming lapses with no slot freed, the standbys go back to their queue with the buffered jobs."""
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 0.3)
+    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
+    # a loaded machine runs the steps before.
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -154,7 +157,7 @@ def test_standbys_bound_when_a_pool_was_filled_are_taken_back_if_none_of_its_slo
         await d.standbys.step()
         await settle(d)
         assert sorted(_standbys(w).values()) == sorted(ids[2:4])
-        await asyncio.sleep(0.4)
+        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
         await d.standbys.step()  # takes them back (to the buffer: the pool is not in demand, nothing binds)
         await settle(d)
         assert _standbys(w) == {}
@@ -189,7 +192,9 @@ def test_standbys_taken_back_past_the_buffers_size_push_no_younger_job_ahead(
 ) -> None:
     """Found by review: the take-back put the standbys in front of a full buffer, whose youngest jobs went to
     the parked list (served first) while the older ones went back to the queue: job 4 started before job 2."""
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 0.3)
+    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
+    # a loaded machine runs the steps before.
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -204,7 +209,7 @@ def test_standbys_taken_back_past_the_buffers_size_push_no_younger_job_ahead(
         await d.dispatch_once()  # the buffer refilled: ids[4], ids[5]
         await settle(d)
         assert _buffered(d) == ids[4:6]
-        await asyncio.sleep(0.4)
+        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
         await d.standbys.step()  # the priming lapsed: ids[2], ids[3] taken back, ahead of ids[4], ids[5]
         await settle(d)
         await d.dispatch_once()  # every one of them back to the queue, in order
@@ -226,7 +231,9 @@ def test_a_priming_that_lapses_during_a_pass_gives_back_the_jobs_it_took_after_t
     """Found by review: the pass read the deficit while the pool was primed and took younger jobs; by the time
     it buffered them the priming had lapsed, and they were parked (served first) while the buffered older ones
     went back to the queue."""
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 0.3)
+    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
+    # a loaded machine runs the steps before.
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -239,13 +246,12 @@ def test_a_priming_that_lapses_during_a_pass_gives_back_the_jobs_it_took_after_t
         ids += w.push(4)
         take = d.intake.take
 
-        async def slow_take(*args: Any, **kwargs: Any) -> Any:  # a slow round trip, a loaded loop
+        async def slow_take(*args: Any, **kwargs: Any) -> Any:  # as a slow round trip, a loaded loop
             out = await take(*args, **kwargs)
-            await asyncio.sleep(0.25)
+            monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # the priming lapses meanwhile
             return out
 
         monkeypatch.setattr(d.intake, "take", slow_take)
-        await asyncio.sleep(0.15)
         await d.dispatch_once()  # the deficit read while primed; the priming lapses during the take
         await settle(d)
         monkeypatch.setattr(d.intake, "take", take)
