@@ -37,13 +37,15 @@ def _started(stack, ids: list[str]) -> dict[str, dt.datetime]:
     return {r[0]: r[1] for r in rows if r[0] in set(ids)}
 
 
-@pytest.mark.slow  # 12 s on a loaded 2-core machine (make test-fast stays under a minute)
+@pytest.mark.slow  # 8 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_a_full_pools_jobs_wait_in_order_visible_and_changeable(stack, gpuq):
-    # GIVEN a default pool of one 1-slot GPU busy with jobs longer than DEMAND_SECONDS and an idle 4-slot
-    # embed pool. (The pass that fills the pool takes jobs for its ready buffer, test_first_wave.py; with no
-    # slot freed within DEMAND_SECONDS they go back to their queue. Shorter jobs keep the pool in demand:
-    # a later high-priority job then starts behind at most HANDOFF_BUFFER of them, README "Slot hand-off".)
-    default = stack.fleet(gpus=1, slots=1, service_time="fixed:3")
+    # GIVEN a default pool of one 1-slot GPU busy with a job that would run an hour, and an idle 4-slot embed
+    # pool. (The pass that fills the pool takes jobs for its ready buffer, test_first_wave.py; with no slot
+    # freed within DEMAND_SECONDS they go back to their queue. A pool whose slots turn over keeps its buffer:
+    # a later high-priority job then starts behind at most HANDOFF_BUFFER jobs, README "Slot hand-off". The
+    # first job ends when the test cancels it: with 3 s jobs, a loaded CI machine spent more than the second
+    # between the lapse and the end on the checks below, and the buffer took the jobs again.)
+    default = stack.fleet(gpus=1, slots=1, service_time="fixed:3600")
     embed = stack.fleet(gpus=1, slots=4, service_time="fixed:0.01")
     q = stack.queues[0]
     d = stack.dispatcher(
@@ -80,7 +82,10 @@ def test_a_full_pools_jobs_wait_in_order_visible_and_changeable(stack, gpuq):
         REDIS_KEY_PREFIX=stack.prefix,
     )
     assert moved.exit_code == 0, moved
-    # AND the high job runs next, then the promoted one, before the other low jobs waiting since earlier
+    # AND once the running job ends (cancelled; the next ones are short), the high job runs next, then the
+    # promoted one, before the other low jobs waiting since earlier
+    default.configure(service_time="fixed:0.2")
+    assert gpuq("task", "cancel", low[0], TASK_QUEUES=",".join(stack.queues)).exit_code == 0
     wait_final(stack.engine, [high, low[-1]], timeout=30)
     started = _started(stack, [*low, high])
     running_first = min(started, key=started.__getitem__)
