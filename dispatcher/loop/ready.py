@@ -113,8 +113,7 @@ class ReadyBuffer:
     def unprimed(self, now: float | None = None) -> set[str]:
         """Pools primed here that then saw no slot freed within ``DEMAND_SECONDS`` (long jobs): their
         standbys not sent are taken back, their jobs going back to their queue with the buffered ones."""
-        now = time.monotonic() if now is None else now
-        return {pool for pool in self._primed if self._only_primed(pool) and not self._wanted(pool, now)}
+        return {pool for pool in self._primed if self.goes_back(pool, now)}
 
     def _only_primed(self, pool: str) -> bool:
         """No slot of ``pool`` was seen freed here since it was last primed."""
@@ -216,7 +215,7 @@ class ReadyBuffer:
         back: list[Ready] = []
         for pool, q in self._jobs.items():
             if q and not self._wanted(pool, now):
-                (back if self._only_primed(pool) else park).extend(q)
+                (back if self.goes_back(pool, now) else park).extend(q)
                 q.clear()
         for r in self._over:  # younger than the buffered ones of their pool: after them
             (back if self.goes_back(r.pool, now) else park).append(r)

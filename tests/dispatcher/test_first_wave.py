@@ -14,13 +14,14 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import text
 
 from dispatcher.loop import ready
 from dispatcher.loop.core import Dispatcher
 from dispatcher.testing import settle
 from producer.keys import Priority, queue_key
 from tests.dispatcher.test_handoff import World, finish, run, world  # noqa: F401 - world: a fixture
+from tests.dispatcher.test_handoff_order import buffered
+from tests.dispatcher.test_standby_loop import _next_of
 
 
 def _queued(w: World) -> list[str]:
@@ -30,16 +31,33 @@ def _queued(w: World) -> list[str]:
     ]
 
 
-def _buffered(d: Dispatcher) -> list[str]:
-    jobs = d.handoffs.buffer.pop("default", 99)
-    d.handoffs.buffer.put_back(jobs)
-    return [r.job.task_id for r in jobs]
+def _parked(w: World) -> list[str]:
+    return [
+        str(json.loads(raw)["task_id"])
+        for key in w.rds.scan_iter(f"{w.prefix}*parked*")
+        for raw in w.rds.lrange(key, 0, -1)
+    ]
 
 
-def _standbys(w: World) -> dict[str, str]:
-    with w.engine.connect() as conn:
-        rows = conn.execute(text("SELECT task_id, next_task_id FROM slots WHERE next_task_id IS NOT NULL"))
-        return {r.task_id: r.next_task_id for r in rows}
+def _held_in_demand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No clock in it: the pools stay in demand until the test lapses them (``_lapse``), however slowly a
+    loaded machine runs the steps before."""
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+
+
+def _lapse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DEMAND_SECONDS pass with no slot freed."""
+    monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)
+
+
+async def _fill_and_buffer(w: World, d: Dispatcher, n: int) -> list[str]:
+    """Push ``n`` jobs; one pass fills the 2 slots (priming the pool), the next buffers the rest."""
+    ids = w.push(n)
+    assert await d.dispatch_once()
+    await settle(d)
+    await d.dispatch_once()
+    await settle(d)
+    return ids
 
 
 def test_a_lone_dispatcher_that_fills_a_pool_buffers_and_binds_its_next_jobs_at_once(world: World) -> None:  # noqa: F811
@@ -54,13 +72,13 @@ def test_a_lone_dispatcher_that_fills_a_pool_buffers_and_binds_its_next_jobs_at_
         # THEN the next pass buffers the jobs behind them, before any slot of the pool was freed
         assert await d.dispatch_once()
         await settle(d)
-        assert _buffered(d) == ids[2:]
+        assert buffered(d, "default") == ids[2:]
         assert _queued(w) == []
         await d.standbys.step()  # and binds standbys to the busy slots
         await settle(d)
-        assert sorted(_standbys(w).values()) == sorted(ids[2:4])
+        assert sorted(_next_of(w).values()) == sorted(ids[2:4])
         # WHEN the first slot's job calls back, its standby was sent before that callback's transaction
-        standby = _standbys(w)[ids[0]]
+        standby = _next_of(w)[ids[0]]
         sent: list[bool] = []
         end_many = d.handoffs.end_many
 
@@ -89,12 +107,8 @@ def test_with_another_dispatcher_running_a_full_pool_takes_nothing_more(world: W
         w.rds.sadd(d.keys.dispatchers, other)
         await d.intake.sweep_dead()
         assert not d.intake.alone
-        ids = w.push(6)
-        assert await d.dispatch_once()
-        await settle(d)
-        await d.dispatch_once()
-        await settle(d)
-        assert _buffered(d) == []
+        ids = await _fill_and_buffer(w, d, 6)
+        assert buffered(d, "default") == []
         assert _queued(w) == ids[2:]  # still in their queue, in order, visible
         w.rds.delete(d.keys.alive(other))
         await d.intake.sweep_dead()  # it is gone: this one is alone again
@@ -109,26 +123,20 @@ def test_jobs_primed_for_slots_that_never_free_go_back_to_the_head_of_their_queu
 ) -> None:
     """Long jobs: no slot frees within DEMAND_SECONDS. The buffered jobs go back where they were, in order
     and ahead of jobs pushed since, not to the parked lists."""
-    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
-    # a loaded machine runs the steps before.
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+    _held_in_demand(monkeypatch)
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids = w.push(6)
-        assert await d.dispatch_once()
-        await settle(d)
-        await d.dispatch_once()
-        await settle(d)
-        assert _buffered(d) == ids[2:]
+        ids = await _fill_and_buffer(w, d, 6)
+        assert buffered(d, "default") == ids[2:]
         later = w.push(2)
-        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
+        _lapse(monkeypatch)
         await d.dispatch_once()  # the demand lapsed: the pass gives them back
         await settle(d)
-        assert _buffered(d) == []
+        assert buffered(d, "default") == []
         assert _queued(w) == ids[2:] + later
         assert w.processing_list(d) == []
-        assert not [k for k in w.rds.scan_iter(f"{w.prefix}*parked*")]
+        assert _parked(w) == []
         # and the next pass does not take them again for a pool it did not fill
         await d.dispatch_once()
         await settle(d)
@@ -143,30 +151,24 @@ def test_standbys_bound_when_a_pool_was_filled_are_taken_back_if_none_of_its_slo
 ) -> None:
     """A high-priority job must not wait behind standbys bound to slots whose jobs run for an hour: once the
     priming lapses with no slot freed, the standbys go back to their queue with the buffered jobs."""
-    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
-    # a loaded machine runs the steps before.
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+    _held_in_demand(monkeypatch)
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids = w.push(6)
-        assert await d.dispatch_once()
-        await settle(d)
-        await d.dispatch_once()
-        await settle(d)
+        ids = await _fill_and_buffer(w, d, 6)
         await d.standbys.step()
         await settle(d)
-        assert sorted(_standbys(w).values()) == sorted(ids[2:4])
-        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
+        assert sorted(_next_of(w).values()) == sorted(ids[2:4])
+        _lapse(monkeypatch)
         await d.standbys.step()  # takes them back (to the buffer: the pool is not in demand, nothing binds)
         await settle(d)
-        assert _standbys(w) == {}
+        assert _next_of(w) == {}
         assert {w.state(i) for i in ids[2:4]} == {"queued"}
         await d.dispatch_once()  # gives the buffer back to the queue, oldest first
         await settle(d)
         await d.standbys.step()
         await settle(d)
-        assert _standbys(w) == {}
+        assert _next_of(w) == {}
         assert _queued(w) == ids[2:]
         assert w.processing_list(d) == []
         # AND when the first slot frees at last, the next job runs on it, in order
@@ -178,23 +180,13 @@ def test_standbys_bound_when_a_pool_was_filled_are_taken_back_if_none_of_its_slo
     run(w, w.settings(["g0"]), body)
 
 
-def _parked(w: World) -> list[str]:
-    return [
-        str(json.loads(raw)["task_id"])
-        for key in w.rds.scan_iter(f"{w.prefix}*parked*")
-        for raw in w.rds.lrange(key, 0, -1)
-    ]
-
-
 def test_standbys_taken_back_past_the_buffers_size_push_no_younger_job_ahead(
     world: World,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Found by review: the take-back put the standbys in front of a full buffer, whose youngest jobs went to
     the parked list (served first) while the older ones went back to the queue: job 4 started before job 2."""
-    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
-    # a loaded machine runs the steps before.
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+    _held_in_demand(monkeypatch)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -205,11 +197,11 @@ def test_standbys_taken_back_past_the_buffers_size_push_no_younger_job_ahead(
         await settle(d)
         await d.standbys.step()  # and bound as standbys
         await settle(d)
-        assert sorted(_standbys(w).values()) == sorted(ids[2:4])
+        assert sorted(_next_of(w).values()) == sorted(ids[2:4])
         await d.dispatch_once()  # the buffer refilled: ids[4], ids[5]
         await settle(d)
-        assert _buffered(d) == ids[4:6]
-        monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # DEMAND_SECONDS pass, no slot freed
+        assert buffered(d, "default") == ids[4:6]
+        _lapse(monkeypatch)
         await d.standbys.step()  # the priming lapsed: ids[2], ids[3] taken back, ahead of ids[4], ids[5]
         await settle(d)
         await d.dispatch_once()  # every one of them back to the queue, in order
@@ -231,9 +223,7 @@ def test_a_priming_that_lapses_during_a_pass_gives_back_the_jobs_it_took_after_t
     """Found by review: the pass read the deficit while the pool was primed and took younger jobs; by the time
     it buffered them the priming had lapsed, and they were parked (served first) while the buffered older ones
     went back to the queue."""
-    # No clock in it: the pool stays in demand until the test lapses it (DEMAND_SECONDS < 0), however slowly
-    # a loaded machine runs the steps before.
-    monkeypatch.setattr(ready, "DEMAND_SECONDS", 3600.0)
+    _held_in_demand(monkeypatch)
     w = world
 
     async def body(d: Dispatcher) -> None:
@@ -242,13 +232,13 @@ def test_a_priming_that_lapses_during_a_pass_gives_back_the_jobs_it_took_after_t
         await settle(d)
         await d.dispatch_once()  # ids[2], ids[3] buffered; room for 2 more
         await settle(d)
-        assert _buffered(d) == ids[2:4]
+        assert buffered(d, "default") == ids[2:4]
         ids += w.push(4)
         take = d.intake.take
 
         async def slow_take(*args: Any, **kwargs: Any) -> Any:  # as a slow round trip, a loaded loop
             out = await take(*args, **kwargs)
-            monkeypatch.setattr(ready, "DEMAND_SECONDS", -1.0)  # the priming lapses meanwhile
+            _lapse(monkeypatch)  # meanwhile
             return out
 
         monkeypatch.setattr(d.intake, "take", slow_take)
