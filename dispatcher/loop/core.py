@@ -37,6 +37,9 @@ from dispatcher.settings import DispatcherSettings
 
 log = logging.getLogger("gpuq.dispatcher")
 
+#: Past a buffer's lapse when the idle loop looks again: its clock must have passed it (``ReadyBuffer``).
+LAPSE_SLACK_SECONDS = 0.01
+
 
 class Dispatcher:
     def __init__(
@@ -258,7 +261,9 @@ class Dispatcher:
                 pause = min(pause * 2, 2.0)
                 continue
             if not busy:
-                await self._wait(self.settings.idle_poll_seconds)
+                lapse = self.handoffs.buffer.next_lapse()  # buffered jobs go back to Redis on time
+                idle = self.settings.idle_poll_seconds
+                await self._wait(idle if lapse is None else min(idle, lapse + LAPSE_SLACK_SECONDS))
 
     async def _wait(self, timeout: float) -> None:
         try:

@@ -108,8 +108,15 @@ class Placing:
             # room read again (it was used up by this pass), not after an idle poll. Each take moves at most
             # SCAN_DEPTH jobs per list: a long head takes a few passes, each of bounded work.
             wake.look_now()
-        park, back = h.buffer.lapsed()
+        now = time.monotonic()
+        park, back = h.buffer.lapsed(now)
         settlement = Settlement(park=_parked(park), back=_back(back))
+        # Pools whose buffered jobs leave now: this pass's jobs of them follow the same way, even if a
+        # callback puts the pool in demand again before they are decided (buffered, these younger jobs would
+        # start before the older ones just sent to the queue).
+        gone = {r.pool: True for r in back} | {
+            r.pool: False for r in park if not h.buffer.wanted(r.pool, now)
+        }
         if not (strays or ready or taken):
             await rt.intake.settle(settlement)
             self._idle(left)
@@ -137,7 +144,8 @@ class Placing:
                 # job at hand, as later ones do (``ReadyBuffer.prime``). The next pass takes it.
                 h.buffer.prime(filled)
                 wake.refill()
-        self._refused(h.buffer.add(keep), settlement)
+        self._refused(h.buffer.add([r for r in keep if r.pool not in gone]), settlement, gone)
+        self._refused([r for r in keep if r.pool in gone], settlement, gone)
         await rt.intake.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
@@ -244,13 +252,17 @@ class Placing:
             self._races.pop(_race_key(r), None)
         return result
 
-    def _refused(self, jobs: list[Ready], settlement: Settlement) -> None:
+    def _refused(
+        self, jobs: list[Ready], settlement: Settlement, gone: dict[str, bool] | None = None
+    ) -> None:
         """Jobs taken that neither found a slot nor fit in the buffer: parked, or given back to the head of
         their queue with the rest of their pool's when it was only primed (``ReadyBuffer.goes_back``), after
-        any given back by this pass's ``lapsed`` (older)."""
+        any given back by this pass's ``lapsed`` (older). ``gone``: pools this pass's ``lapsed`` sent back
+        (True) or parked (False), decided then: their jobs go the same way."""
         buffer = self.handoffs.buffer
-        settlement.back += _back([r for r in jobs if buffer.goes_back(r.pool)])
-        settlement.park += _parked([r for r in jobs if not buffer.goes_back(r.pool)])
+        way = {r.pool: (gone or {}).get(r.pool, buffer.goes_back(r.pool)) for r in jobs}
+        settlement.back += _back([r for r in jobs if way[r.pool]])
+        settlement.park += _parked([r for r in jobs if not way[r.pool]])
 
     def park(self, jobs: list[Ready]) -> None:
         """Buffered jobs this process will not start (draining): parked, so any dispatcher can."""
@@ -262,10 +274,10 @@ def _race_key(r: Ready) -> tuple[str, int]:
     return r.job.task_id, r.job.attempt
 
 
-def _back(jobs: list[Ready]) -> list[tuple[str, str]]:
+def _back(jobs: list[Ready]) -> list[tuple[str, str, str | None]]:
     """To the head of the lists they were taken from, in this order: each exactly as it was there (the
     processing list's element after its source)."""
-    return [(r.element, r.element.partition("\n")[2]) for r in jobs]
+    return [(r.element, r.element.partition("\n")[2], r.pool) for r in jobs]
 
 
 def _parked(jobs: list[Ready]) -> list[tuple[str, str, str]]:

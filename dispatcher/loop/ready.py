@@ -110,14 +110,28 @@ class ReadyBuffer:
         now = time.monotonic() if now is None else now
         return self._only_primed(pool) and not self._wanted(pool, now)
 
-    def unprimed(self, now: float | None = None) -> set[str]:
-        """Pools primed here that then saw no slot freed within ``DEMAND_SECONDS`` (long jobs): their
-        standbys not sent are taken back, their jobs going back to their queue with the buffered ones."""
-        return {pool for pool in self._primed if self.goes_back(pool, now)}
+    def unprimed(self, now: float | None = None) -> dict[str, float]:
+        """Pools primed here that then saw no slot freed within ``DEMAND_SECONDS`` (long jobs), with when
+        they were primed: their standbys bound since then and not sent are taken back, their jobs going back
+        to their queue with the buffered ones. Standbys bound before (while slots were seen freed) stay: their
+        jobs are older than the ones parked when that demand lapsed, which their queue's would not be."""
+        return {pool: at for pool, at in self._primed.items() if self.goes_back(pool, now)}
 
     def _only_primed(self, pool: str) -> bool:
         """No slot of ``pool`` was seen freed here since it was last primed."""
         return self._primed.get(pool, -1e9) > self._demand.get(pool, -1e9)
+
+    def next_lapse(self, now: float | None = None) -> float | None:
+        """Seconds until the first pool holding jobs here lapses (``lapsed`` then gives them out), None when
+        none does: the loop's idle wait ends then, so jobs leave within ``DEMAND_SECONDS``, not one idle poll
+        (up to a minute) later."""
+        now = time.monotonic() if now is None else now
+        ends = [
+            max(self._demand.get(pool, -1e9), self._primed.get(pool, -1e9)) + DEMAND_SECONDS - now
+            for pool, q in self._jobs.items()
+            if q
+        ]
+        return max(0.0, min(ends)) if ends else None
 
     def deficit(self, now: float | None = None) -> dict[str, int]:
         """Jobs per pool the loop should take to fill the buffers of pools in demand."""

@@ -137,8 +137,7 @@ class Standbys:
         s.promoted.set()
 
     async def wait_promoted(self, task_id: str) -> None:
-        """A standby sent early reports: wait for its holder's end to commit (bounded: a store failure
-        leaves it ``standby``, answered 503)."""
+        """A standby sent early reports: wait for its holder's end to commit (bounded: then 503)."""
         if (s := self._early.get(task_id)) is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(s.promoted.wait(), PROMOTION_WAIT_SECONDS)
@@ -163,8 +162,7 @@ class Standbys:
             self._kick.set()
 
     def defer_end(self, task_id: str, again: End) -> None:
-        """An end of a standby's attempt that came before its promotion: ``again`` once a look finds it
-        promoted (``standby_ends.py``)."""
+        """An end of a standby's attempt before its promotion: ``again`` once a look finds it promoted."""
         if self.enabled:
             self._deferred.add(task_id, again)
             self._kick.set()
@@ -232,7 +230,9 @@ class Standbys:
             self._gpus_looked = now
             await self._check_gpus()
         if self._by_task and (unprimed := self.handoffs.buffer.unprimed(now)):  # ready.py: to their queue
-            self._overtaken |= {t for t, s in self._by_task.items() if s.bound.pool in unprimed}
+            self._overtaken |= {
+                t for t, s in self._by_task.items() if s.since >= unprimed.get(s.bound.pool, float("inf"))
+            }
         if self._overtaken:
             late = [self._by_task[t] for t in self._overtaken if t in self._by_task]
             self._overtaken.clear()

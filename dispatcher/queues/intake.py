@@ -13,11 +13,12 @@ full pool stay in their queue lists, in priority order, visible and changeable (
 ``GET /tasks/{id}``) and counted in the queue-age metric. A job taken for a pool's ready buffer counts
 against that pool's budget too (``loop/placing.py`` passes room plus buffer deficit). A taken job that
 then finds no slot (another dispatcher was faster) is buffered or parked by the placing pass;
-``Settlement.back`` puts such a job back at the head of its list instead. Parked lists are served first for
-their pool. Jobs a take skipped at a list's head because their pool had no room are moved aside, in the
-same script, once more than ``SCAN_DEPTH`` of them sit there (``Keys.aside``: one list per queue, priority
-and pool, served just before that priority's list for their pool), so a queue that mixes pools keeps
-moving for pools with room whatever waits at its head for the others.
+``Settlement.back`` puts such a job back at the head of its list instead (of its pool's set-aside list, when
+that holds jobs: those are younger, and served first). Parked lists are served first for their pool: a take
+empties them, round-robin, before it turns to the queues. Jobs a take skipped at a list's head because their
+pool had no room are moved aside, in the same script, once more than ``SCAN_DEPTH`` of them sit there
+(``Keys.aside``: one list per queue, priority and pool, served just before that priority's list for their
+pool), so a queue that mixes pools keeps moving for pools with room whatever waits at its head for the others.
 
 If the process dies, its heartbeat key expires and any other dispatcher puts the tagged jobs back at the head
 of their lists (``sweep``); the heartbeat records which queues the process serves (``Keys.owner_queues``), so
@@ -71,8 +72,10 @@ class Settlement:
 
     ack: list[str] = field(default_factory=list)
     park: list[tuple[str, str, str]] = field(default_factory=list)  # (element, pool, job json)
-    # (element, job json): back to the head of the list it came from, in this order (lost a slot race)
-    back: list[tuple[str, str]] = field(default_factory=list)
+    # (element, job json, its pool or None): back to the head of the list it came from, in this order (lost
+    # a slot race, a primed buffer lapsed); one taken from a priority list goes to the head of its pool's
+    # set-aside list of that priority instead while that list holds jobs (all younger: ``_commands``)
+    back: list[tuple[str, str, str | None]] = field(default_factory=list)
     dead: list[tuple[str, str, str | None, str]] = field(default_factory=list)  # (element, raw, queue, why)
     restamp: list[tuple[str, str]] = field(default_factory=list)  # (old element, new element)
 
@@ -281,8 +284,13 @@ class Intake(Presence):
         for el, pool, body in s.park:
             if not el.startswith(self._parked_key(el, pool) + "\n"):
                 on(el, ("rpush", self._parked_key(el, pool), body))
-        for el, body in reversed(s.back):
-            on(el, ("lpush", el.partition("\n")[0], body))
+        for el, body, of in reversed(s.back):
+            source = el.partition("\n")[0]
+            aside = self._aside_of(source, of)
+            if aside is None:
+                on(el, ("lpush", source, body))
+            else:  # a take serves that list first, and took this job only while it was empty
+                on(el, ("lpushx", aside, body), ("lpushelse", source, body))
         now = datetime.now(UTC).isoformat()
         # json.dumps writes bytes that were not UTF-8 (kept as surrogate escapes) as \udcXX escapes
         dead = [json.dumps({"raw": raw, "reason": why, "queue": q, "at": now}) for _, raw, q, why in s.dead]
@@ -292,6 +300,16 @@ class Intake(Presence):
             queue = self.queue_of(old.partition("\n")[0]) or self.queues[0]
             on(old, ("rpush", self.procs[queue], new))
         return ops, dead
+
+    def _aside_of(self, source: str, pool: str | None) -> str | None:
+        """The set-aside list of ``pool`` for the priority list ``source`` (None: not a priority list)."""
+        queue = self._queue_of.get(source)
+        if pool is None or queue is None:
+            return None
+        for priority in PRIORITY_ORDER:
+            if queue_key(queue, priority) == source:
+                return self.keys.aside(queue, priority, pool)
+        return None
 
     def _parked_key(self, element: str, pool: str) -> str:
         return self.keys.parked(self.queue_of(element.partition("\n")[0]) or self.queues[0], pool)

@@ -46,10 +46,11 @@ a = a + 1
 local sources = limited and with_budget or all_pools
 local groups, k = {}, 1
 for i = a, #ARGV do
-  local g = {proc = KEYS[k], lists = {}, alive = true}
+  local g = {proc = KEYS[k], lists = {}, alive = true, parked = true}
   k = k + 1
   local priorities = string.match(ARGV[i], '^q:(%d+)$')
   if priorities then
+    g.parked = false
     for _ = 1, tonumber(priorities) do
       for _, pool in ipairs(sources) do g.lists[#g.lists + 1] = {key = KEYS[k], pool = pool}; k = k + 1 end
       local l = {key = KEYS[k], aside = {}}
@@ -144,25 +145,33 @@ local function pick(l)
   end
 end
 
-local out, got, active = {}, 0, #groups
-while got < want and active > 0 do
-  for _, g in ipairs(groups) do
-    if got >= want then break end
-    if g.alive then
-      local found = false
-      for _, l in ipairs(g.lists) do
-        local el, pool = pick(l)
-        if el then
-          redis.call('RPUSH', g.proc, l.key .. '\\n' .. el)
-          out[#out + 1] = l.key; out[#out + 1] = el; out[#out + 1] = pool or ''
-          got = got + 1; found = true
-          break
+-- Round-robin over the groups of one kind: the parked ones first (a pool's parked jobs were taken before
+-- any job still in its queue), then the queues in their weighted order.
+local out, got = {}, 0
+local function serve(parked)
+  local active = 0
+  for _, g in ipairs(groups) do if g.parked == parked then active = active + 1 end end
+  while got < want and active > 0 do
+    for _, g in ipairs(groups) do
+      if got >= want then break end
+      if g.alive and g.parked == parked then
+        local found = false
+        for _, l in ipairs(g.lists) do
+          local el, pool = pick(l)
+          if el then
+            redis.call('RPUSH', g.proc, l.key .. '\\n' .. el)
+            out[#out + 1] = l.key; out[#out + 1] = el; out[#out + 1] = pool or ''
+            got = got + 1; found = true
+            break
+          end
         end
+        if not found then g.alive = false; active = active - 1 end
       end
-      if not found then g.alive = false; active = active - 1 end
     end
   end
 end
+serve(true)
+serve(false)
 out[#out + 1] = set_aside
 return out
 """
@@ -212,14 +221,16 @@ return #KEYS
 # the caller's loop; during a failover that command re-initialized the cluster client there, on connections
 # and a lock of the caller's loop, which was blocked in the join: the dispatcher hung for good (CI, 24d7d42).
 # The operations (and the types of their keys) are checked before any is applied: a malformed settlement, or
-# one meeting a key that is not a list, changes nothing.
+# one meeting a key that is not a list, changes nothing. ``lpushx`` pushes only onto a list that holds jobs;
+# ``lpushelse``, right after it, pushes onto its own key only if that ``lpushx`` did not.
 SETTLE = """
 if #ARGV % 3 ~= 0 then
   return redis.error_reply('gpuq settle: ' .. #ARGV .. ' arguments, not operations of three')
 end
 for i = 1, #ARGV, 3 do
   local command, key = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
-  if key == nil or (command ~= 'lrem' and command ~= 'lpush' and command ~= 'rpush') then
+  if key == nil or (command ~= 'lrem' and command ~= 'lpush' and command ~= 'rpush'
+      and command ~= 'lpushx' and command ~= 'lpushelse') then
     return redis.error_reply('gpuq settle: bad operation ' .. tostring(command) .. ' at ' .. i)
   end
   local kind = redis.call('TYPE', key)['ok']
@@ -227,10 +238,16 @@ for i = 1, #ARGV, 3 do
     return redis.error_reply('gpuq settle: ' .. key .. ' is a ' .. kind .. ', not a list')
   end
 end
+local pushed = 1
 for i = 1, #ARGV, 3 do
   local command, key, value = ARGV[i], KEYS[tonumber(ARGV[i + 1])], ARGV[i + 2]
   if command == 'lrem' then
     redis.call('LREM', key, 1, value)
+  elseif command == 'lpushx' then
+    pushed = redis.call('LPUSHX', key, value)
+  elseif command == 'lpushelse' then
+    if pushed == 0 then redis.call('LPUSH', key, value) end
+    pushed = 1
   else
     redis.call(command, key, value)
   end

@@ -288,7 +288,9 @@ def test_a_settlement_during_a_cluster_reinitialization_never_blocks_the_loop(
 
         ticker = asyncio.create_task(ticking())
         async with client._lock:  # a re-initialization in flight on this loop
-            settling = asyncio.create_task(intake.settle(Settlement(ack=[a], back=[(b, '{"task_id": "b"}')])))
+            settling = asyncio.create_task(
+                intake.settle(Settlement(ack=[a], back=[(b, '{"task_id": "b"}', None)]))
+            )
             before = ticks
             await asyncio.sleep(0.3)
             assert ticks > before + 5, "the loop stopped turning while a settlement waited"

@@ -128,7 +128,7 @@ def test_take_only_what_each_pool_can_start_and_leave_the_rest_in_place(redis_ur
         assert await intake.take(5, {"embed": 3}) == []
         # a job that lost its slot goes back to the head, ahead of those that waited behind it
         await intake.settle(
-            Settlement(back=[(taken[0].element, taken[0].raw)], ack=[t.element for t in taken[1:]])
+            Settlement(back=[(taken[0].element, taken[0].raw, None)], ack=[t.element for t in taken[1:]])
         )
         assert (await rds.lrange(q, 0, 0))[0] == jobs[0].encode()
         assert await rds.llen(Keys(key_prefix).proc(q, "d1")) == 0

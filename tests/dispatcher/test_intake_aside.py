@@ -161,7 +161,9 @@ def test_set_aside_jobs_taken_then_handed_back_return_to_the_head_of_their_list(
             assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
             taken = await intake.take(3, {"embed": 3})
             assert [t.raw for t in taken] == embed[:3]
-            await intake.settle(Settlement(back=[(t.element, t.raw) for t in taken]))  # lost their slots
+            await intake.settle(
+                Settlement(back=[(t.element, t.raw, t.pool) for t in taken])
+            )  # lost their slots
             assert _raw(await rds.lrange(aside, 0, -1)) == embed[:SCAN_DEPTH]
             assert _raw(await rds.lrange(q, 0, -1)) == embed[SCAN_DEPTH:]
             assert await rds.llen(intake.proc) == 0
