@@ -62,6 +62,7 @@ class ReadyBuffer:
         self._jobs: dict[str, deque[Ready]] = {}
         self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
         self._primed: dict[str, float] = {}  # pool -> monotonic time a pass of ours last filled it
+        self._primed_first: dict[str, float] = {}  # pool -> its first such fill since a slot was seen freed
         # Jobs pushed out by ``put_back`` past ``size``: still held (the processing list), parked by the
         # next pass (``lapsed``).
         self._over: list[Ready] = []
@@ -92,6 +93,8 @@ class ReadyBuffer:
             # A pool whose slots this process sees freed is fed already: priming it would send its jobs back
             # to their queue rather than parked when that demand lapses, behind the ones parked before.
             if now - self._demand.get(pool, -1e9) > DEMAND_SECONDS:
+                if not self._only_primed(pool):
+                    self._primed_first[pool] = now
                 self._primed[pool] = now
 
     def _wanted(self, pool: str, now: float) -> bool:
@@ -114,8 +117,10 @@ class ReadyBuffer:
         """Pools primed here that then saw no slot freed within ``DEMAND_SECONDS`` (long jobs), with when
         they were primed: their standbys bound since then and not sent are taken back, their jobs going back
         to their queue with the buffered ones. Standbys bound before (while slots were seen freed) stay: their
-        jobs are older than the ones parked when that demand lapsed, which their queue's would not be."""
-        return {pool: at for pool, at in self._primed.items() if self.goes_back(pool, now)}
+        jobs are older than the ones parked when that demand lapsed, which their queue's would not be. The
+        first priming since a slot was seen freed counts: a pass that fills the pool again (a GPU joined, a
+        job cancelled) primes it again, and the standbys bound in between are of the priming all the same."""
+        return {pool: self._primed_first[pool] for pool in self._primed if self.goes_back(pool, now)}
 
     def _only_primed(self, pool: str) -> bool:
         """No slot of ``pool`` was seen freed here since it was last primed."""

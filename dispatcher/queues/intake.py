@@ -14,11 +14,12 @@ full pool stay in their queue lists, in priority order, visible and changeable (
 against that pool's budget too (``loop/placing.py`` passes room plus buffer deficit). A taken job that
 then finds no slot (another dispatcher was faster) is buffered or parked by the placing pass;
 ``Settlement.back`` puts such a job back at the head of its list instead (of its pool's set-aside list, when
-that holds jobs: those are younger, and served first). Parked lists are served first for their pool: a take
-empties them, round-robin, before it turns to the queues. Jobs a take skipped at a list's head because their
-pool had no room are moved aside, in the same script, once more than ``SCAN_DEPTH`` of them sit there
-(``Keys.aside``: one list per queue, priority and pool, served just before that priority's list for their
-pool), so a queue that mixes pools keeps moving for pools with room whatever waits at its head for the others.
+that holds jobs: those are younger, and served first). Parked lists are served first for their pool: each
+turn of a queue (in its weighted order) tries its parked lists before its own. Jobs a take skipped at a
+list's head because their pool had no room are moved aside, in the same script, once more than
+``SCAN_DEPTH`` of them sit there (``Keys.aside``: one list per queue, priority and pool, served just before
+that priority's list for their pool), so a queue that mixes pools keeps moving for pools with room whatever
+waits at its head for the others.
 
 If the process dies, its heartbeat key expires and any other dispatcher puts the tagged jobs back at the head
 of their lists (``sweep``); the heartbeat records which queues the process serves (``Keys.owner_queues``), so

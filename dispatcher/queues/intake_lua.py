@@ -145,33 +145,48 @@ local function pick(l)
   end
 end
 
--- Round-robin over the groups of one kind: the parked ones first (a pool's parked jobs were taken before
--- any job still in its queue), then the queues in their weighted order.
+-- Round-robin over the queues in their weighted order; each visit of a queue tries its parked lists first (a
+-- pool's parked jobs were taken before any job still in that queue), then its own lists. Parked jobs of one
+-- queue never go before another queue's turn: a queue's weight and priorities hold across queues.
+local parked_of = {}
+for _, g in ipairs(groups) do
+  if g.parked then
+    parked_of[g.proc] = parked_of[g.proc] or {}
+    table.insert(parked_of[g.proc], g)
+  end
+end
 local out, got = {}, 0
-local function serve(parked)
-  local active = 0
-  for _, g in ipairs(groups) do if g.parked == parked then active = active + 1 end end
-  while got < want and active > 0 do
-    for _, g in ipairs(groups) do
-      if got >= want then break end
-      if g.alive and g.parked == parked then
-        local found = false
-        for _, l in ipairs(g.lists) do
-          local el, pool = pick(l)
-          if el then
-            redis.call('RPUSH', g.proc, l.key .. '\\n' .. el)
-            out[#out + 1] = l.key; out[#out + 1] = el; out[#out + 1] = pool or ''
-            got = got + 1; found = true
-            break
-          end
+local function take_from(g)
+  for _, l in ipairs(g.lists) do
+    local el, pool = pick(l)
+    if el then
+      redis.call('RPUSH', g.proc, l.key .. '\\n' .. el)
+      out[#out + 1] = l.key; out[#out + 1] = el; out[#out + 1] = pool or ''
+      got = got + 1
+      return true
+    end
+  end
+  return false
+end
+local active = 0
+for _, g in ipairs(groups) do if not g.parked then active = active + 1 end end
+while got < want and active > 0 do
+  for _, g in ipairs(groups) do
+    if got >= want then break end
+    if g.alive and not g.parked then
+      local found = false
+      for _, pg in ipairs(parked_of[g.proc] or {}) do
+        if pg.alive then
+          found = take_from(pg)
+          if found then break end
+          pg.alive = false
         end
-        if not found then g.alive = false; active = active - 1 end
       end
+      if not found then found = take_from(g) end
+      if not found then g.alive = false; active = active - 1 end
     end
   end
 end
-serve(true)
-serve(false)
 out[#out + 1] = set_aside
 return out
 """
@@ -232,6 +247,10 @@ for i = 1, #ARGV, 3 do
   if key == nil or (command ~= 'lrem' and command ~= 'lpush' and command ~= 'rpush'
       and command ~= 'lpushx' and command ~= 'lpushelse') then
     return redis.error_reply('gpuq settle: bad operation ' .. tostring(command) .. ' at ' .. i)
+  end
+  local paired = (command == 'lpushx') == (ARGV[i + 3] == 'lpushelse')
+  if not paired or (command == 'lpushelse') ~= (ARGV[i - 3] == 'lpushx') then
+    return redis.error_reply('gpuq settle: lpushx and lpushelse come in pairs, at ' .. i)
   end
   local kind = redis.call('TYPE', key)['ok']
   if kind ~= 'list' and kind ~= 'none' then

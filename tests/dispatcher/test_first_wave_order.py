@@ -7,7 +7,7 @@ review's reproductions (2026-12-02), each a bug found and fixed.
   callback puts the pool in demand meanwhile (``Placing._fill``, ``gone``);
 - the idle loop wakes when a buffer lapses, not one idle poll later (``ReadyBuffer.next_lapse``);
 - a lapsed priming takes back only the standbys bound since it (``ReadyBuffer.unprimed``);
-- parked lists are served before the queues for their pool (``TAKE``'s two rounds).
+- parked lists are served before their queue's lists for their pool, in that queue's turns (``TAKE``).
 """
 
 from __future__ import annotations
@@ -181,8 +181,10 @@ def test_a_lapsed_priming_is_given_back_when_it_lapses_not_at_the_next_idle_poll
 
 def _age(d: Dispatcher, attr: str, pool: str = "default", by: float = 10.0) -> None:
     """Make the pool's last freed slot (``_demand``) or priming (``_primed``) ``by`` seconds older."""
-    table = getattr(d.handoffs.buffer, attr)
-    table[pool] -= by
+    for name in (attr, "_primed_first") if attr == "_primed" else (attr,):
+        table = getattr(d.handoffs.buffer, name)
+        if pool in table:
+            table[pool] -= by
 
 
 def test_standbys_bound_while_slots_were_seen_freed_do_not_go_back_behind_younger_parked_jobs(
@@ -233,6 +235,7 @@ def test_standbys_bound_while_slots_were_seen_freed_do_not_go_back_behind_younge
         await settle(d)
         # Older than every parked job, they stay bound (given back, they went behind the parked ones)
         assert [w.state(i) for i in kept] == ["standby"] * len(kept)
+        assert sorted(_standby_ids(w)) == sorted(kept)  # those bound since the priming went back
         assert min(j.index(p) for p in _parked(w)) > max(j.index(k) for k in kept)
         waiting = [i for i in j if w.state(i) in (None, "queued")]
         for holder in [i for i in j if w.state(i) == "processing" and w.rows()[i].gpu_id == "g0"]:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -279,6 +280,54 @@ def test_set_aside_on_a_redis_cluster_stays_in_the_queues_slot(redis_cluster: Cl
         finally:
             for key in (q, keys.aside(q, P.NORMAL, "embed"), intake.proc):
                 await rds.delete(key)
+            await rds.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_unpaired_conditional_push_is_refused_and_changes_nothing(redis_url, key_prefix):
+    """SETTLE's ``lpushx`` (onto a set-aside list that holds jobs) and ``lpushelse`` (else onto the source)
+    come in pairs. Either alone was applied: the ``lrem`` ran, the push did not, and the job was in no list (a
+    second outside review). A settlement that breaks a pair is refused whole, as any malformed one."""
+
+    async def scenario() -> None:
+        async with _intake(redis_url, key_prefix) as (q, keys, rds, intake):
+            await rds.rpush(q, *_jobs("transcribe", 1, "t"))
+            (t,) = await intake.take(1, None)
+            aside = keys.aside(q, P.NORMAL, "default")  # empty: the lone lpushx pushes nothing
+            for op, target in (("lpushx", aside), ("lpushelse", q)):
+                with pytest.raises(redis.ResponseError, match="come in pairs"):
+                    await intake._settle(
+                        keys=[intake.proc, target], args=["lrem", 1, t.element, op, 2, t.raw]
+                    )
+                assert [await rds.llen(k) for k in (intake.proc, q, aside)] == [1, 0, 0]
+
+    asyncio.run(scenario())
+
+
+def test_a_queue_s_parked_jobs_come_first_in_its_own_turns_only(redis_url, key_prefix):
+    """Parked lists are served before their queue's lists for their pool (a pool's parked jobs were taken
+    before any still in the queue), within that queue's turns: served before every queue's turn (as was done
+    for a few hours), one queue's parked backlog held back a heavier queue's high-priority jobs (a second
+    outside review). Before that, a queue's turns alternated its parked and queued jobs."""
+
+    async def scenario() -> None:
+        q1, q2 = f"{key_prefix}q1", f"{key_prefix}q2"
+        rds = Redis.from_url(redis_url)
+        keys = Keys(key_prefix)
+        try:
+            intake = Intake(rds, keys, "d1", [q1, q2], {q2: 3})
+            parked = [json.dumps({"type": "t", "task_id": f"p{i}"}) for i in range(20)]
+            await rds.rpush(keys.parked(q1, "default"), *parked)
+            await rds.rpush(q1, *[json.dumps({"type": "t", "task_id": f"n{i}"}) for i in range(20)])
+            await rds.rpush(
+                queue_key(q2, P.HIGH), *[json.dumps({"type": "t", "task_id": f"h{i}"}) for i in range(20)]
+            )
+            taken = [json.loads(t.raw)["task_id"] for t in await intake.take(8, {"default": 8})]
+            # q2 has 3 of every 4 turns; q1's turns take its parked jobs, in order, before its queued ones
+            assert sorted(taken) == sorted(["p0", "p1", "h0", "h1", "h2", "h3", "h4", "h5"])
+            assert [i for i in taken if i.startswith("p")] == ["p0", "p1"]
+        finally:
             await rds.aclose()
 
     asyncio.run(scenario())
