@@ -209,10 +209,30 @@ return n
 
 
 # KEYS: a processing list. Newest first onto the head of each source list (of the same queue, so the same
-# cluster slot), so the original order is back at the head.
-SWEEP = _drain(
+# cluster slot), so the original order is back at the head. ARGV (optional): the default pool, the number of
+# routes and the (task type, pool) pairs, then (priority list, prefix of its set-aside lists) pairs: a job
+# taken from a priority list goes to the head of its pool's set-aside list of it instead when that holds jobs
+# (a take serves it first, and took this job only while it was empty: all there is younger). Pushed onto
+# the priority list, it went behind them (an outside review, 2026-12-02).
+SWEEP = """
+local default_pool, routes, aside_of, a = ARGV[1], {}, {}, 2
+if default_pool then
+  for _ = 1, tonumber(ARGV[a]) do routes[ARGV[a + 1]] = ARGV[a + 2]; a = a + 2 end
+  a = a + 1
+  while a + 1 <= #ARGV do aside_of[ARGV[a]] = ARGV[a + 1]; a = a + 2 end
+end
+""" + _drain(
     """  local nl = string.find(el, '\\n', 1, true)
-  redis.call('LPUSH', string.sub(el, 1, nl - 1), string.sub(el, nl + 1))"""
+  local source, raw = string.sub(el, 1, nl - 1), string.sub(el, nl + 1)
+  local target, prefix = source, aside_of[source]
+  if prefix then
+    local ok, obj = pcall(cjson.decode, raw)
+    if ok and type(obj) == 'table' and type(obj['type']) == 'string' then
+      local aside = prefix .. (routes[obj['type']] or default_pool)
+      if redis.call('EXISTS', aside) == 1 then target = aside end
+    end
+  end
+  redis.call('LPUSH', target, raw)"""
 )
 
 # KEYS: a set-aside list, the priority list it was set aside from. Every job back at that list's head, in

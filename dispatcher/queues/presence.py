@@ -102,12 +102,18 @@ class Presence:
 
     async def hand_back(self) -> int:
         """Put every job still in our processing lists back where it came from (stop, or after an error)."""
-        return await self._sweep_procs(list(self.procs.values()))
+        return await self._sweep_procs(list(self.procs.items()))
 
-    async def _sweep_procs(self, procs: list[str]) -> int:
+    async def _sweep_procs(self, procs: list[tuple[str, str]]) -> int:
+        """Empty these (queue, processing list) back onto their sources (``SWEEP``: a job of a priority list
+        goes to its pool's set-aside list when that holds jobs, by this process's routes)."""
         moved = 0
-        for proc in procs:  # one script per list: each is one slot
-            moved += int(await self.redis.eval(SWEEP, 1, proc))
+        routes: list[str | int] = [len(self.routes), *(v for pair in self.routes.items() for v in pair)]
+        for queue, proc in procs:  # one script per list: each is one slot
+            asides = [
+                key for p in PRIORITY_ORDER for key in (queue_key(queue, p), self.keys.aside(queue, p, ""))
+            ]
+            moved += int(await self.redis.eval(SWEEP, 1, proc, self.default_pool, *routes, *asides))
         return moved
 
     async def claim(self, redis: Redis | None = None, *, poll: float = 0.25) -> None:
@@ -211,7 +217,7 @@ class Presence:
                 others += 1
                 continue
             queues = await self.queues_of(other)
-            n = await self._sweep_procs([self.keys.proc(q, other) for q in queues])
+            n = await self._sweep_procs([(q, self.keys.proc(q, other)) for q in queues])
             if not self.cluster:  # the layout before issue 15 exists only on one Redis
                 n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
             await self.redis.srem(self.keys.dispatchers, other)

@@ -14,6 +14,7 @@ import redis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from dispatcher.queues import intake as intake_module
 from dispatcher.queues.intake import Intake, Settlement
 from dispatcher.queues.intake_lua import SCAN_DEPTH
 from dispatcher.queues.queue_view import Plan, read_sync
@@ -327,6 +328,63 @@ def test_a_queue_s_parked_jobs_come_first_in_its_own_turns_only(redis_url, key_p
             # q2 has 3 of every 4 turns; q1's turns take its parked jobs, in order, before its queued ones
             assert sorted(taken) == sorted(["p0", "p1", "h0", "h1", "h2", "h3", "h4", "h5"])
             assert [i for i in taken if i.startswith("p")] == ["p0", "p1"]
+        finally:
+            await rds.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("give_back", ["hand_back", "sweep"])
+def test_a_job_handed_back_or_swept_is_not_overtaken_by_younger_jobs_set_aside(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch, give_back: str
+) -> None:
+    """A job taken from a priority list while younger jobs of its pool were set aside afterwards: a stop
+    (``hand_back``) or the sweep of a dead dispatcher LPUSHed it onto the priority list, behind those (a take
+    serves the set-aside list first). It goes to the head of that set-aside list now (``SWEEP``'s ARGV), and
+    onto the priority list when nothing is set aside (a second outside review)."""
+    monkeypatch.setattr(intake_module, "SCAN_DEPTH", 4)  # jobs set aside after four skipped
+
+    async def scenario() -> None:
+        q, keys = f"{key_prefix}q", Keys(key_prefix)
+        rds = Redis.from_url(redis_url)
+        aside = keys.aside(q, P.NORMAL, "default")
+
+        async def taken_then_set_aside_behind(set_aside: bool) -> Intake:
+            await rds.delete(q, aside)
+            jobs = [json.dumps({"task_id": f"t{i}", "type": "t"}) for i in range(10)]
+            jobs += [json.dumps({"task_id": f"u{i}", "type": "u"}) for i in range(2)]
+            await rds.rpush(q, *jobs)
+            d1 = Intake(rds, keys, "d1", [q], routes={"u": "other"})
+            (x,) = await d1.take(1, {"default": 1})
+            assert x.source == q
+            if set_aside:
+                got = await d1.take(1, {"other": 1})  # t1..t4 set aside for default, u0 taken
+                await d1.settle(Settlement(ack=[t.element for t in got]))
+                assert [json.loads(r)["task_id"] for r in await rds.lrange(aside, 0, -1)] == [
+                    "t1",
+                    "t2",
+                    "t3",
+                    "t4",
+                ]
+            return d1
+
+        async def given_back(d1: Intake) -> None:
+            if give_back == "hand_back":
+                assert await d1.hand_back() == 1  # a stop
+            else:  # d1 died: another dispatcher sweeps its processing list
+                d3 = Intake(rds, keys, "d3", [q], routes={"u": "other"})
+                assert await d3._sweep_procs([(q, d1.proc)]) == 1
+
+        try:
+            await given_back(await taken_then_set_aside_behind(True))
+            d2 = Intake(rds, keys, "d2", [q], routes={"u": "other"})
+            (y,) = await d2.take(1, {"default": 1})
+            assert json.loads(y.raw)["task_id"] == "t0"
+            assert [json.loads(r)["task_id"] for r in await rds.lrange(aside, 0, 0)] == ["t1"]
+            # nothing set aside: back onto the priority list's head, as before
+            await given_back(await taken_then_set_aside_behind(False))
+            assert json.loads((await rds.lrange(q, 0, 0))[0])["task_id"] == "t0"
+            assert await rds.llen(aside) == 0
         finally:
             await rds.aclose()
 
