@@ -30,7 +30,13 @@ from dispatcher.testing import in_process, settle
 from producer.job import Job
 from producer.keys import Priority, queue_key
 from tests.dispatcher.helpers import add_gpu
-from tests.dispatcher.test_first_wave import _held_in_demand, _lapse, _parked, _queued
+from tests.dispatcher.test_first_wave import (
+    _fill_and_buffer,
+    _held_in_demand,
+    _lapse,
+    _parked,
+    _queued,
+)
 from tests.dispatcher.test_handoff import World, finish, run, world  # noqa: F401
 from tests.dispatcher.test_handoff_order import buffered
 from tests.dispatcher.test_standby_loop import _next_of
@@ -279,7 +285,7 @@ def test_a_redis_error_during_the_give_back_loses_nothing_and_keeps_the_order(
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids = await _fill_and_buffer_(w, d, 6)
+        ids = await _fill_and_buffer(w, d, 6)
         later = w.push(2)
         real = d.intake._settle
         calls = {"n": 0}
@@ -306,15 +312,6 @@ def test_a_redis_error_during_the_give_back_loses_nothing_and_keeps_the_order(
     run(w, w.settings(["g0"], standby_jobs=False), body)
 
 
-async def _fill_and_buffer_(w: World, d: Dispatcher, n: int) -> list[str]:
-    ids = w.push(n)
-    assert await d.dispatch_once()
-    await settle(d)
-    await d.dispatch_once()
-    await settle(d)
-    return ids
-
-
 def test_a_primed_job_cancelled_then_given_back_never_runs(
     world: World,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
@@ -323,7 +320,7 @@ def test_a_primed_job_cancelled_then_given_back_never_runs(
     w = world
 
     async def body(d: Dispatcher) -> None:
-        ids = await _fill_and_buffer_(w, d, 6)
+        ids = await _fill_and_buffer(w, d, 6)
         await d.standbys.step()  # ids[2], ids[3] standbys
         await settle(d)
         transaction(w.engine, cancel_task, task_id=ids[3], now=d.now(), backoff=Backoff())

@@ -11,9 +11,25 @@ import pytest
 from dispatcher.loop.core import Dispatcher
 from dispatcher.testing import settle
 from tests.dispatcher.helpers import add_gpu
-from tests.dispatcher.test_first_wave import _held_in_demand, _lapse, _queued
+from tests.dispatcher.test_first_wave import _fill_and_buffer, _held_in_demand, _lapse, _queued
 from tests.dispatcher.test_handoff import World, finish, run, world  # noqa: F401
 from tests.dispatcher.test_standby_loop import _next_of
+
+
+async def _primed_twice(w: World, d: Dispatcher) -> tuple[list[str], list[str]]:
+    """Ten jobs on g0's 2 slots (primed: j2, j3 bound as standbys of j0, j1), then, with no callback at all,
+    a GPU joins and a pass fills its slots: the pool is full again, primed again. The jobs, and those on g1."""
+    j = await _fill_and_buffer(w, d, 10)
+    await d.standbys.step()  # j2, j3 standbys of j0, j1 (bound after the first priming)
+    await settle(d)
+    assert sorted(_next_of(w).values()) == sorted(j[2:4])
+    add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
+    d.wake.look_now()
+    await d.dispatch_once()
+    await settle(d)
+    on_g1 = [i for i in j if w.state(i) == "processing" and w.rows()[i].gpu_id == "g1"]
+    assert len(on_g1) == 2
+    return j, on_g1
 
 
 def test_standbys_of_a_renewed_priming_are_taken_back_when_it_lapses(
@@ -24,21 +40,7 @@ def test_standbys_of_a_renewed_priming_are_taken_back_when_it_lapses(
     w = world
 
     async def body(d: Dispatcher) -> None:
-        j = w.push(10)
-        assert await d.dispatch_once()  # j0, j1 on g0: primed (t0)
-        await settle(d)
-        await d.dispatch_once()  # buffer j2..j9
-        await settle(d)
-        await d.standbys.step()  # j2, j3 standbys of j0, j1 (bound at > t0)
-        await settle(d)
-        assert sorted(_next_of(w).values()) == sorted(j[2:4])
-        # No callback at all. A GPU joins: the pass fills its slots, the pool is full again: primed (t1)
-        add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
-        d.wake.look_now()
-        await d.dispatch_once()
-        await settle(d)
-        on_g1 = [i for i in j if w.state(i) == "processing" and w.rows()[i].gpu_id == "g1"]
-        assert len(on_g1) == 2
+        await _primed_twice(w, d)
         _lapse(monkeypatch)  # no slot of the pool freed: the priming lapses
         await d.standbys.step()
         await settle(d)
@@ -59,18 +61,7 @@ def test_renewed_priming_lets_a_younger_job_start_before_the_older_standbys(
     w = world
 
     async def body(d: Dispatcher) -> None:
-        j = w.push(10)
-        assert await d.dispatch_once()
-        await settle(d)
-        await d.dispatch_once()
-        await settle(d)
-        await d.standbys.step()
-        await settle(d)
-        add_gpu(w.engine, "g1", 2, url=w.fleet.url("g1"), now=d.now())
-        d.wake.look_now()
-        await d.dispatch_once()
-        await settle(d)
-        on_g1 = [i for i in j if w.state(i) == "processing" and w.rows()[i].gpu_id == "g1"]
+        j, on_g1 = await _primed_twice(w, d)
         _lapse(monkeypatch)
         await d.standbys.step()
         await settle(d)
