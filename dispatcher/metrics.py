@@ -24,6 +24,12 @@ class Metrics:
         self.handoffs = Counter(
             "gpuq_handoffs", "Jobs started in the transaction that ended the attempt before them", registry=r
         )
+        self.returned = Counter(
+            "gpuq_jobs_returned",
+            "Jobs taken from Redis and returned unstarted: to the head of their queue, or parked",
+            ["pool", "to"],
+            registry=r,
+        )
         self.db_commits = Counter("gpuq_db_commits", "Database transactions committed", registry=r)
         self.lease_expiries = Counter("gpuq_lease_expiries", "Attempts ended by their lease", registry=r)
         self.dead_letters = Counter("gpuq_dead_letters", "Jobs moved to the dead-letter list", registry=r)

@@ -247,7 +247,7 @@ class HandOffs:
             while _elements(self._pending):
                 s, self._pending = self._pending, Settlement()
                 try:
-                    await self.rt.intake.settle(s)
+                    await self.rt.settle(s)
                 except TRANSIENT as exc:  # still in the processing list: the next reconcile finds them
                     log.warning("could not settle jobs", extra={"action": "settle", "error": str(exc)})
                     self.reconcile_at = 0.0

@@ -118,7 +118,7 @@ class Placing:
             r.pool: False for r in park if not h.buffer.wanted(r.pool, now)
         }
         if not (strays or ready or taken):
-            await rt.intake.settle(settlement)
+            await rt.settle(settlement)
             self._idle(left)
             return rt.intake.set_aside > set_aside
         started = time.perf_counter()
@@ -146,7 +146,7 @@ class Placing:
                 wake.refill()
         self._refused(h.buffer.add([r for r in keep if r.pool not in gone]), settlement, gone)
         self._refused([r for r in keep if r.pool in gone], settlement, gone)
-        await rt.intake.settle(settlement)
+        await rt.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
         self._idle(left)
@@ -169,7 +169,7 @@ class Placing:
         if place:
             keep = await self._place_and_start(place, None, [], started, settlement)
             self._refused(self.handoffs.buffer.add(keep), settlement)
-        await self.rt.intake.settle(settlement)
+        await self.rt.settle(settlement)
 
     async def settle_refused(self, s: Settlement) -> None:
         """Settle jobs refused before placement (``prepare``, ``isolate``). A refused job whose task waits
@@ -186,7 +186,7 @@ class Placing:
                     "task failed: its job was dead-lettered",
                     extra={"action": "task_failed", "task_id": task_id, "error": error},
                 )
-        await rt.intake.settle(s)
+        await rt.settle(s)
 
     async def _place_and_start(
         self,

@@ -31,7 +31,7 @@ from dispatcher.gpus.gpu_client import GpuClient
 from dispatcher.limits import Limits
 from dispatcher.metrics import Metrics
 from dispatcher.preflight import slots_mismatch
-from dispatcher.queues.intake import Intake
+from dispatcher.queues.intake import Intake, Settlement
 from dispatcher.queues.task_events import EventPublisher
 from dispatcher.settings import DispatcherSettings
 from producer.keys import Keys
@@ -157,6 +157,15 @@ class Runtime:
         out = await self.hot.run(fn, **kwargs)
         self.metrics.db_commits.inc()
         return out
+
+    async def settle(self, s: Settlement) -> None:
+        """``Intake.settle``, counting the jobs it returns unstarted (``gpuq_jobs_returned``): an operator
+        sees jobs a buffer took and gave back, which the queue depth alone shows only as a flicker."""
+        await self.intake.settle(s)
+        for *_, pool in s.back:
+            self.metrics.returned.labels(pool or "", "queue").inc()
+        for _, pool, _ in s.park:
+            self.metrics.returned.labels(pool, "parked").inc()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str, *, side: bool = False) -> None:
         """Start owned background work: kept in a set until done; a side task that dies is fatal."""
