@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from dispatcher.db.engine import make_engine
+from producer.keys import Keys
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import push_jobs, states, wait_final
 from tests.dispatcher.helpers import wait_for
@@ -41,7 +42,9 @@ def test_a_full_pool_never_holds_up_another_pools_jobs(stack: Stack) -> None:
     slow_states = states(stack.engine, slow_ids)
     assert slow_states["finished"] == 0, slow_states
     assert slow_states["processing"] == 2, slow_states  # the pool is full, never over
-    assert stack.rds.llen(f"{stack.prefix}parked:slow") == 0  # nothing parked: they wait in the queue
+    assert (
+        stack.rds.llen(Keys(stack.prefix).parked(queue, "slow")) == 0
+    )  # nothing parked: they wait in the queue
     waiting = [json.loads(raw)["task_id"] for raw in stack.rds.lrange(queue, 0, -1)]
     running = [t for t in slow_ids if t not in waiting]
     assert len(running) == 2 and waiting == [t for t in slow_ids if t not in running]
