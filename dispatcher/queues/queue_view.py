@@ -26,6 +26,14 @@ class Pipeline(Protocol):
 
     def lindex(self, name: str, index: int) -> Any: ...
 
+    def lrange(self, name: str, start: int, end: int) -> Any: ...
+
+
+#: Jobs read from the head of each processing list to see how long the taken ones have waited, per queue and
+#: priority (a list holds this process's ready buffers, HANDOFF_BUFFER per pool, oldest first): bounds a
+#: scrape's reply when a dispatcher took many large jobs.
+TAKEN_SCAN = 128
+
 
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
@@ -33,8 +41,13 @@ class QueueDepth:
     priority: str
     key: str  # the Redis list
     depth: int  # with the jobs set aside from it (``Keys.aside``): they still wait in this queue and priority
-    oldest_age: float | None  # seconds the head job has waited; None when empty or its time is unknown
+    # seconds the oldest job has waited, taken ones included (``taken``); None when none or times unknown
+    oldest_age: float | None
     aside: int = 0  # of ``depth``: set aside, their pool had no room (a queue that mixes pools)
+    # taken from this list by dispatchers, not started yet (a ready buffer: SPEC §4 "Order", a job waiting
+    # for a full pool counts in the queue-age metric), of the first TAKEN_SCAN of each processing list;
+    # ``RedisView.taken`` counts them all, ``depth`` none
+    taken: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +80,7 @@ class RedisView:
                     "depth": q.depth,
                     "set_aside": q.aside,
                     "oldest_age": q.oldest_age,
+                    "taken": q.taken,
                 }
                 for q in self.queues
             ],
@@ -106,21 +120,19 @@ class Plan:
         for owner in owners:  # the dispatchers' processing lists
             for queue in self.queues:
                 pipe.llen(self.keys.proc(queue, owner))
-                pipe.lindex(self.keys.proc(queue, owner), 0)
+                pipe.lrange(self.keys.proc(queue, owner), 0, TAKEN_SCAN - 1)
 
     def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
         now = now or datetime.now(UTC)
         it = iter(replies)
-        queues = []
+        lists = []
         for queue, priority, key in self.lists():
             depths, ages = [], []
             for _ in range(1 + len(self.pools)):  # the list, then what was set aside from it per pool
                 depth, head = int(next(it)), next(it)
                 depths.append(depth)
                 ages.append(_age(head, now) if depth else None)
-            known_ages = [a for a in ages if a is not None]
-            age = max(known_ages) if known_ages else None
-            queues.append(QueueDepth(queue, priority, key, sum(depths), age, sum(depths[1:])))
+            lists.append((queue, priority, key, depths, ages))
         parked, parked_age = {}, {}
         for pool in self.pools:
             ages = []
@@ -132,11 +144,27 @@ class Plan:
             known_ages = [a for a in ages if a is not None]
             parked_age[pool] = max(known_ages) if known_ages else None
         dead = int(next(it))
+        source = {}  # a list jobs are taken from -> its place in ``lists``
+        for i, (queue, priority, key) in enumerate(self.lists()):
+            source[key] = i
+            source.update(dict.fromkeys(self.aside(queue, priority), i))
         taken, taken_ages = 0, []
-        for depth, head in zip(it, it, strict=True):
+        per_list: dict[int, list[float | None]] = {}
+        for depth, elements in zip(it, it, strict=True):
             taken += int(depth)
-            if head is not None:  # "<source list>\n<job>"
-                taken_ages.append(_age(as_str(head).partition("\n")[2], now))
+            for element in elements:  # "<source list>\n<job>", oldest first
+                src, _, job = as_str(element).partition("\n")
+                age = _age(job, now)
+                taken_ages.append(age)
+                if src in source:
+                    per_list.setdefault(source[src], []).append(age)
+        queues = []
+        for i, (queue, priority, key, depths, ages) in enumerate(lists):
+            known_ages = [a for a in ages + per_list.get(i, []) if a is not None]
+            age = max(known_ages) if known_ages else None
+            queues.append(
+                QueueDepth(queue, priority, key, sum(depths), age, sum(depths[1:]), len(per_list.get(i, [])))
+            )
         known = [a for a in taken_ages if a is not None]
         return RedisView(queues, parked, dead, parked_age, taken, max(known) if known else None)
 
