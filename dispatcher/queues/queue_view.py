@@ -26,13 +26,45 @@ class Pipeline(Protocol):
 
     def lindex(self, name: str, index: int) -> Any: ...
 
-    def lrange(self, name: str, start: int, end: int) -> Any: ...
+    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
 
-#: Jobs read from the head of each processing list to see how long the taken ones have waited, per queue and
-#: priority (a list holds this process's ready buffers, HANDOFF_BUFFER per pool, oldest first): bounds a
-#: scrape's reply when a dispatcher took many large jobs.
+#: Elements looked at from the head of each processing list (a dispatcher's ready buffers, HANDOFF_BUFFER per
+#: pool, oldest taken first) to count the taken jobs of each list and read how long they waited.
 TAKEN_SCAN = 128
+
+#: One processing list's taken jobs by the list each came from, read in Redis: a look moves a few stamps, not
+#: the jobs (up to TAKEN_SCAN of up to 256 KiB each, at every scrape), and parses one job per source, the
+#: first taken of it (the next when it has no readable ``enqueued_at``, up to 4: a poison job or a producer
+#: without the field costs a bounded parse). Reply: {length, source, count, enqueued_at or nil, ...}.
+TAKEN_BY_SOURCE = r"""
+local len = redis.call('LLEN', KEYS[1])
+local order, count, stamp = {}, {}, {}
+for _, el in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
+  local nl = string.find(el, '\n', 1, true)
+  local src = nl and string.sub(el, 1, nl - 1) or ''
+  if count[src] == nil then
+    order[#order + 1] = src
+    count[src] = 0
+    stamp[src] = false
+  end
+  if nl and not stamp[src] and count[src] < 4 then
+    local ok, job = pcall(cjson.decode, string.sub(el, nl + 1))
+    local at = ok and type(job) == 'table' and job.enqueued_at
+    if type(at) == 'string' and string.find(at, '^%d%d%d%d%-%d%d%-%d%d') then
+      stamp[src] = at
+    end
+  end
+  count[src] = count[src] + 1
+end
+local out = {len}
+for _, src in ipairs(order) do
+  out[#out + 1] = src
+  out[#out + 1] = count[src]
+  out[#out + 1] = stamp[src]
+end
+return out
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +151,7 @@ class Plan:
         pipe.llen(self.keys.dead)
         for owner in owners:  # the dispatchers' processing lists
             for queue in self.queues:
-                pipe.llen(self.keys.proc(queue, owner))
-                pipe.lrange(self.keys.proc(queue, owner), 0, TAKEN_SCAN - 1)
+                pipe.eval(TAKEN_BY_SOURCE, 1, self.keys.proc(queue, owner), TAKEN_SCAN)
 
     def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
         now = now or datetime.now(UTC)
@@ -150,21 +181,21 @@ class Plan:
             source.update(dict.fromkeys(self.aside(queue, priority), i))
         taken, taken_ages = 0, []
         per_list: dict[int, list[float | None]] = {}
-        for depth, elements in zip(it, it, strict=True):
-            taken += int(depth)
-            for element in elements:  # "<source list>\n<job>", oldest first
-                src, _, job = as_str(element).partition("\n")
-                age = _age(job, now)
+        counts: dict[int, int] = {}
+        for reply in it:  # each processing list: its length, then (source, count, stamp) per source
+            taken += int(reply[0])
+            for src, count, stamp in zip(*[iter(reply[1:])] * 3, strict=True):
+                age = _stamp_age(as_str(stamp), now) if stamp is not None else None
                 taken_ages.append(age)
-                if src in source:
-                    per_list.setdefault(source[src], []).append(age)
+                if (at := source.get(as_str(src))) is not None:
+                    per_list.setdefault(at, []).append(age)
+                    counts[at] = counts.get(at, 0) + int(count)
         queues = []
         for i, (queue, priority, key, depths, ages) in enumerate(lists):
             known_ages = [a for a in ages + per_list.get(i, []) if a is not None]
             age = max(known_ages) if known_ages else None
-            queues.append(
-                QueueDepth(queue, priority, key, sum(depths), age, sum(depths[1:]), len(per_list.get(i, [])))
-            )
+            aside, taken_here = sum(depths[1:]), counts.get(i, 0)
+            queues.append(QueueDepth(queue, priority, key, sum(depths), age, aside, taken_here))
         known = [a for a in taken_ages if a is not None]
         return RedisView(queues, parked, dead, parked_age, taken, max(known) if known else None)
 
@@ -174,14 +205,21 @@ def _age(head: bytes | str | None, now: datetime) -> float | None:
     if head is None:
         return None
     try:
-        stamp = json.loads(head).get("enqueued_at")
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        return _stamp_age(str(json.loads(head).get("enqueued_at")), now)
+    # Whatever sits at the head (a poison job not yet dead-lettered: 5,000 nested brackets) must not break
+    # /metrics or `gpuq status`.
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
+
+
+def _stamp_age(stamp: str, now: datetime) -> float | None:
+    """Seconds since ``stamp`` (an ``enqueued_at``); None when it is not a time, or one that overflows."""
+    try:
+        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         return max(0.0, (now - when).total_seconds())
-    # Whatever sits at the head (a poison job not yet dead-lettered: 5,000 nested brackets, a year-1 time
-    # that overflows) must not break /metrics or `gpuq status`.
-    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError):
+    except (ValueError, OverflowError):
         return None
 
 

@@ -13,11 +13,12 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import redis
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from dispatcher.queues.intake import Intake
 from dispatcher.queues.queue_view import TAKEN_SCAN, Plan, read_async, read_sync
 from producer.keys import Keys, Priority, queue_key
+from tests.redis_cluster import Cluster
 
 POOLS = ["default", "embed"]
 
@@ -100,3 +101,28 @@ def test_hostile_or_foreign_elements_of_a_processing_list_never_break_the_view(r
     assert normal_depth.taken == TAKEN_SCAN - 2  # of the first TAKEN_SCAN: two are not of this queue
     assert view.taken == TAKEN_SCAN + 5
     assert 499 < view.oldest_age() < 600
+
+
+def test_on_a_redis_cluster_each_processing_list_is_read_in_its_own_slot(redis_cluster: Cluster, key_prefix):
+    # GIVEN two queues (two hash slots), each with a job taken into d1's processing list
+    keys = Keys(key_prefix)
+    queues = [f"{key_prefix}a", f"{key_prefix}b"]
+
+    async def scenario() -> None:
+        rds = RedisCluster.from_url(redis_cluster.url)
+        try:
+            intake = Intake(rds, keys, "d1", queues)  # type: ignore[arg-type]
+            await intake.heartbeat()
+            for i, q in enumerate(queues):
+                await rds.rpush(queue_key(q, Priority.LOW), _job(f"t{i}", "transcribe", 40 + 20 * i))
+            assert len(await intake.take(2, None)) == 2
+            # WHEN an operator looks through the cluster client
+            view = await read_async(rds, Plan(keys, queues, POOLS))
+        finally:
+            await rds.aclose()
+        # THEN each queue's low priority shows its taken job's wait
+        low = {d.queue: d for d in view.queues if d.priority == "low"}
+        assert 39 < low[queues[0]].oldest_age < 59 and 59 < low[queues[1]].oldest_age < 79
+        assert [low[q].taken for q in queues] == [1, 1] and view.taken == 2
+
+    asyncio.run(scenario())
