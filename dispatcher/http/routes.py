@@ -200,7 +200,9 @@ async def metrics(d: D, hub: H) -> PlainTextResponse:
         for state, count in (await d.db(open_tasks)).items():
             m.tasks.labels(state).set(count)
         pools = sorted({g.pool for g in gpus} | set(d.settings.routes.values()) | {"default"})
-        view = await read_async(hub.redis, Plan(d.keys, d.settings.all_queues, pools))
+        view = await read_async(
+            hub.redis, Plan(d.keys, d.settings.all_queues, pools), d.handoffs.buffer.held()
+        )
         for q in view.queues:
             m.queue_depth.labels(q.queue, q.priority).set(q.depth)
             m.queue_oldest.labels(q.queue, q.priority).set(q.oldest_age or 0)

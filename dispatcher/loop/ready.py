@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from producer.job import Job
 
@@ -249,3 +250,10 @@ class ReadyBuffer:
 
     def elements(self) -> list[str]:
         return [r.element for r in self._over] + [r.element for q in self._jobs.values() for r in q]
+
+    def held(self) -> list[tuple[str, datetime]]:
+        """Each buffered job's element and ``enqueued_at``: they wait in their queue's age (``/metrics``)."""
+        return [
+            (r.element, r.job.enqueued_at)
+            for r in [*self._over, *(r for q in self._jobs.values() for r in q)]
+        ]

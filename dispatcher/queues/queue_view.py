@@ -9,6 +9,7 @@ and each costs one round trip. Key names come from ``producer.keys``.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -26,46 +27,6 @@ class Pipeline(Protocol):
 
     def lindex(self, name: str, index: int) -> Any: ...
 
-    def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any: ...
-
-
-#: Elements looked at from the head of each processing list (a dispatcher's ready buffers, HANDOFF_BUFFER per
-#: pool, oldest taken first) to count the taken jobs of each list and read how long they waited.
-TAKEN_SCAN = 128
-
-#: One processing list's taken jobs by the list each came from, read in Redis: a look moves a few stamps, not
-#: the jobs (up to TAKEN_SCAN of up to 256 KiB each, at every scrape), and parses one job per source, the
-#: first taken of it (the next when it has no readable ``enqueued_at``, up to 4: a poison job or a producer
-#: without the field costs a bounded parse). Reply: {length, source, count, enqueued_at or nil, ...}.
-TAKEN_BY_SOURCE = r"""
-local len = redis.call('LLEN', KEYS[1])
-local order, count, stamp = {}, {}, {}
-for _, el in ipairs(redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
-  local nl = string.find(el, '\n', 1, true)
-  local src = nl and string.sub(el, 1, nl - 1) or ''
-  if count[src] == nil then
-    order[#order + 1] = src
-    count[src] = 0
-    stamp[src] = false
-  end
-  if nl and not stamp[src] and count[src] < 4 then
-    local ok, job = pcall(cjson.decode, string.sub(el, nl + 1))
-    local at = ok and type(job) == 'table' and job.enqueued_at
-    if type(at) == 'string' and string.find(at, '^%d%d%d%d%-%d%d%-%d%d') then
-      stamp[src] = at
-    end
-  end
-  count[src] = count[src] + 1
-end
-local out = {len}
-for _, src in ipairs(order) do
-  out[#out + 1] = src
-  out[#out + 1] = count[src]
-  out[#out + 1] = stamp[src]
-end
-return out
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class QueueDepth:
@@ -73,13 +34,12 @@ class QueueDepth:
     priority: str
     key: str  # the Redis list
     depth: int  # with the jobs set aside from it (``Keys.aside``): they still wait in this queue and priority
-    # seconds the oldest job has waited, taken ones included (``taken``); None when none or times unknown
+    # Seconds the oldest job of this queue and priority has waited; None when none or times unknown. Jobs
+    # waiting for a full pool count (SPEC §4 "Order"): set aside, parked (by their priority), taken by a
+    # dispatcher and not started (the head of each processing list; ``read``'s ``held``: every job a
+    # process holds in its ready buffer). ``depth`` counts the list and its set-aside jobs only.
     oldest_age: float | None
     aside: int = 0  # of ``depth``: set aside, their pool had no room (a queue that mixes pools)
-    # taken from this list by dispatchers, not started yet (a ready buffer: SPEC §4 "Order", a job waiting
-    # for a full pool counts in the queue-age metric), of the first TAKEN_SCAN of each processing list;
-    # ``RedisView.taken`` counts them all, ``depth`` none
-    taken: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +72,6 @@ class RedisView:
                     "depth": q.depth,
                     "set_aside": q.aside,
                     "oldest_age": q.oldest_age,
-                    "taken": q.taken,
                 }
                 for q in self.queues
             ],
@@ -151,76 +110,110 @@ class Plan:
         pipe.llen(self.keys.dead)
         for owner in owners:  # the dispatchers' processing lists
             for queue in self.queues:
-                pipe.eval(TAKEN_BY_SOURCE, 1, self.keys.proc(queue, owner), TAKEN_SCAN)
+                pipe.llen(self.keys.proc(queue, owner))
+                pipe.lindex(self.keys.proc(queue, owner), 0)
 
-    def read(self, replies: list[Any], now: datetime | None = None) -> RedisView:
+    def read(
+        self,
+        replies: list[Any],
+        now: datetime | None = None,
+        held: Iterable[tuple[str, datetime]] = (),
+    ) -> RedisView:
+        """The view from ``replies``; ``held``: jobs the reading process has taken and holds (its ready
+        buffer), as (processing-list element, ``enqueued_at``), each counted in the age of its list.
+        Reading every processing list whole instead moved the jobs themselves (up to 256 KiB each) at each
+        scrape, or, in a script, held Redis a quarter of a second per 32 MiB (an outside review)."""
         now = now or datetime.now(UTC)
         it = iter(replies)
-        lists = []
-        for queue, priority, key in self.lists():
-            depths, ages = [], []
+        lists = self.lists()
+        at: dict[str, int] = {}  # a list jobs are taken from -> its place in ``lists``
+        for i, (queue, priority, key) in enumerate(lists):
+            at[key] = i
+            at.update(dict.fromkeys(self.aside(queue, priority), i))
+        ages: list[list[float]] = [[] for _ in lists]
+        depths: list[list[int]] = [[] for _ in lists]
+        for i in range(len(lists)):
             for _ in range(1 + len(self.pools)):  # the list, then what was set aside from it per pool
                 depth, head = int(next(it)), next(it)
-                depths.append(depth)
-                ages.append(_age(head, now) if depth else None)
-            lists.append((queue, priority, key, depths, ages))
+                depths[i].append(depth)
+                _add(ages[i], _age(head, now) if depth else None)
         parked, parked_age = {}, {}
         for pool in self.pools:
-            ages = []
+            pool_ages: list[float] = []
             parked[pool] = 0
-            for _ in self.queues:
+            for queue in self.queues:
                 depth, head = int(next(it)), next(it)
                 parked[pool] += depth
-                ages.append(_age(head, now) if depth else None)
-            known_ages = [a for a in ages if a is not None]
-            parked_age[pool] = max(known_ages) if known_ages else None
+                job = _job(head) if depth else None
+                age = _stamp_age(job.get("enqueued_at"), now) if job is not None else None
+                _add(pool_ages, age)
+                waits_in = at.get(queue_key(queue, _priority(job))) if job is not None else None
+                if waits_in is not None and age is not None:  # waits for its pool, at its priority
+                    ages[waits_in].append(age)
+            parked_age[pool] = max(pool_ages) if pool_ages else None
         dead = int(next(it))
-        source = {}  # a list jobs are taken from -> its place in ``lists``
-        for i, (queue, priority, key) in enumerate(self.lists()):
-            source[key] = i
-            source.update(dict.fromkeys(self.aside(queue, priority), i))
-        taken, taken_ages = 0, []
-        per_list: dict[int, list[float | None]] = {}
-        counts: dict[int, int] = {}
-        for reply in it:  # each processing list: its length, then (source, count, stamp) per source
-            taken += int(reply[0])
-            for src, count, stamp in zip(*[iter(reply[1:])] * 3, strict=True):
-                age = _stamp_age(as_str(stamp), now) if stamp is not None else None
-                taken_ages.append(age)
-                if (at := source.get(as_str(src))) is not None:
-                    per_list.setdefault(at, []).append(age)
-                    counts[at] = counts.get(at, 0) + int(count)
-        queues = []
-        for i, (queue, priority, key, depths, ages) in enumerate(lists):
-            known_ages = [a for a in ages + per_list.get(i, []) if a is not None]
-            age = max(known_ages) if known_ages else None
-            aside, taken_here = sum(depths[1:]), counts.get(i, 0)
-            queues.append(QueueDepth(queue, priority, key, sum(depths), age, aside, taken_here))
-        known = [a for a in taken_ages if a is not None]
-        return RedisView(queues, parked, dead, parked_age, taken, max(known) if known else None)
+        taken = 0
+        taken_ages: list[float] = []
+        for depth, head in zip(it, it, strict=True):
+            taken += int(depth)
+            if head is not None:  # "<source list>\n<job>": the oldest a dispatcher took
+                source, _, raw = as_str(head).partition("\n")
+                age = _age(raw, now)
+                _add(taken_ages, age)
+                if source in at and age is not None:
+                    ages[at[source]].append(age)
+        for element, enqueued_at in held:
+            source = element.partition("\n")[0]
+            if source in at:
+                ages[at[source]].append(max(0.0, (now - _aware(enqueued_at)).total_seconds()))
+        queues = [
+            QueueDepth(q, p, key, sum(depths[i]), max(ages[i]) if ages[i] else None, sum(depths[i][1:]))
+            for i, (q, p, key) in enumerate(lists)
+        ]
+        return RedisView(queues, parked, dead, parked_age, taken, max(taken_ages) if taken_ages else None)
+
+
+def _add(ages: list[float], age: float | None) -> None:
+    if age is not None:
+        ages.append(age)
+
+
+def _job(head: bytes | str | None) -> dict[str, Any] | None:
+    """A list's head as a JSON object, or None (nothing there, or not an object: a poison job). Whatever sits
+    at a head (5,000 nested brackets) must not break /metrics or `gpuq status`."""
+    if head is None:
+        return None
+    try:
+        job = json.loads(head)
+    except (ValueError, RecursionError):
+        return None
+    return job if isinstance(job, dict) else None
+
+
+def _priority(job: dict[str, Any]) -> Priority:
+    try:
+        return Priority(job.get("priority", "normal"))
+    except ValueError:
+        return Priority.NORMAL
 
 
 def _age(head: bytes | str | None, now: datetime) -> float | None:
     """Seconds since the job's ``enqueued_at``; None for a job without one (the seed's producers)."""
-    if head is None:
-        return None
-    try:
-        return _stamp_age(str(json.loads(head).get("enqueued_at")), now)
-    # Whatever sits at the head (a poison job not yet dead-lettered: 5,000 nested brackets) must not break
-    # /metrics or `gpuq status`.
-    except (ValueError, TypeError, AttributeError, RecursionError):
-        return None
+    job = _job(head)
+    return _stamp_age(job.get("enqueued_at"), now) if job is not None else None
 
 
-def _stamp_age(stamp: str, now: datetime) -> float | None:
+def _stamp_age(stamp: Any, now: datetime) -> float | None:
     """Seconds since ``stamp`` (an ``enqueued_at``); None when it is not a time, or one that overflows."""
     try:
-        when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
+        when = _aware(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")))
         return max(0.0, (now - when).total_seconds())
     except (ValueError, OverflowError):
         return None
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def read_sync(client: Any, plan: Plan) -> RedisView:
@@ -231,12 +224,12 @@ def read_sync(client: Any, plan: Plan) -> RedisView:
     return plan.read(pipe.execute())
 
 
-async def read_async(client: Any, plan: Plan) -> RedisView:
-    """One look through a ``redis.asyncio.Redis``."""
+async def read_async(client: Any, plan: Plan, held: Iterable[tuple[str, datetime]] = ()) -> RedisView:
+    """One look through a ``redis.asyncio.Redis``; ``held``: what this dispatcher buffers (``read``)."""
     owners = [as_str(o) for o in await client.smembers(plan.keys.dispatchers)]
     pipe = client.pipeline(transaction=False)
     plan.queue_on(pipe, owners)
-    return plan.read(await pipe.execute())
+    return plan.read(await pipe.execute(), held=held)
 
 
 def pools_of(gpus: list[dict[str, Any]], routes: dict[str, str]) -> list[str]:

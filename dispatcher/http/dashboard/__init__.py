@@ -41,7 +41,7 @@ class _Cached:
 async def build_overview(d: D) -> dict[str, Any]:
     db = await d.db(overview, now=utcnow())
     plan = Plan(d.keys, d.settings.all_queues, pools_of(db["gpus"], d.settings.routes))
-    queues = await read_async(d.redis, plan)
+    queues = await read_async(d.redis, plan, d.handoffs.buffer.held())
     return {
         "now": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "dispatcher_id": d.settings.dispatcher_id,
