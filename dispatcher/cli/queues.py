@@ -36,9 +36,11 @@ def list_(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Depth of every queue at every priority, the oldest job's wait, parked jobs and dead letters. A queue's
-    depth counts the jobs set aside from it (their pool had no room and they blocked a queue that mixes
-    pools: ``<prefix>{<queue>}:aside:<priority>:<pool>``); the kind column says how many."""
+    """Depth of every queue at every priority, the oldest job's wait, parked jobs, jobs dispatchers took and
+    have not started (ready buffers), dead letters. A priority's oldest wait counts its jobs parked or taken
+    (the head of each processing list) too, as jobs waiting for a full pool (SPEC §4). A queue's depth
+    counts the jobs set aside from it (their pool had no room and they blocked a queue that mixes pools:
+    ``<prefix>{<queue>}:aside:<priority>:<pool>``); the kind column says how many."""
     s = stores(ctx)
     if dead:
         _list_dead(s.redis, s.keys, as_json=as_json)
@@ -58,7 +60,12 @@ def list_(
         )
         for q in view.queues
     ]
-    rows += [(s.keys.parked("<queue>", pool), pool, "parked", n, "") for pool, n in view.parked.items()]
+    rows += [
+        (s.keys.parked("<queue>", pool), pool, "parked", n, age(view.parked_age.get(pool)))
+        for pool, n in view.parked.items()
+    ]
+    taken = s.keys.proc("<queue>", "<dispatcher>")
+    rows.append((taken, "", "taken, not started", view.taken, age(view.taken_age)))
     rows.append((s.keys.dead, "", "dead letters", view.dead, ""))
     console().print(rows_table(("redis list", "queue / pool", "kind", "jobs", "oldest waiting"), rows))
 

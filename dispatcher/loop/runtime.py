@@ -160,7 +160,9 @@ class Runtime:
 
     async def settle(self, s: Settlement) -> None:
         """``Intake.settle``, counting the jobs it returns unstarted (``gpuq_jobs_returned``): an operator
-        sees jobs a buffer took and gave back, which the queue depth alone shows only as a flicker."""
+        sees jobs a buffer took and gave back, which the queue depth alone shows only as a flicker. Counted
+        once the whole settlement applied: one that fails part way (a cluster settles queue by queue) is
+        not counted, though some of its jobs may have moved (the next reconcile finds the rest)."""
         await self.intake.settle(s)
         for *_, pool in s.back:
             self.metrics.returned.labels(pool or "", "queue").inc()

@@ -137,6 +137,8 @@ def test_jobs_primed_for_slots_that_never_free_go_back_to_the_head_of_their_queu
         assert _queued(w) == ids[2:] + later
         assert w.processing_list(d) == []
         assert _parked(w) == []
+        returned = {"pool": "default", "to": "queue"}  # counted (gpuq_jobs_returned)
+        assert d.metrics.registry.get_sample_value("gpuq_jobs_returned_total", returned) == 4
         # and the next pass does not take them again for a pool it did not fill
         await d.dispatch_once()
         await settle(d)

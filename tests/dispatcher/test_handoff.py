@@ -307,6 +307,8 @@ def test_jobs_a_handoff_gives_back_while_draining_are_parked_not_left_in_the_buf
         ]
         assert [json.loads(p)["task_id"] for p in parked] == [ids[3]]
         assert w.processing_list(d) == []
+        returned = {"pool": "default", "to": "parked"}  # counted (gpuq_jobs_returned)
+        assert d.metrics.registry.get_sample_value("gpuq_jobs_returned_total", returned) == 1
 
     run(w, w.settings(["g0"]), body)
 

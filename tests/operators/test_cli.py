@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -299,16 +300,31 @@ def test_cancel_before_a_dispatcher_took_it_means_it_never_runs(gpuq, gpuq_env, 
 
 
 @pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
+def _old_job(queue: str, minutes: int) -> str:
+    then = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes, seconds=5)
+    return Job(
+        task_id=str(uuid.uuid4()), type="x", queue=queue, priority=Priority.LOW, enqueued_at=then
+    ).to_redis()
+
+
 def test_queue_list_and_purge_dead(gpuq, gpuq_env, stores):
     _, rds = stores
     keys = Keys(gpuq_env["REDIS_KEY_PREFIX"])
     assert gpuq("submit", "-t", "x", "-p", "high").exit_code == 0
     for i in range(2):
         rds.rpush(keys.dead, json.dumps({"raw": f"junk{i}", "reason": "not JSON", "queue": "qa", "at": "t"}))
-    out = gpuq("queue", "list").stdout
     qa, _ = gpuq_env["TASK_QUEUES"].split(",")
+    # a job a dispatcher took (its ready buffer), not started: its own row, with its wait
+    rds.sadd(keys.dispatchers, "d1")
+    rds.rpush(keys.proc(qa, "d1"), f"{queue_key(qa, Priority.LOW)}\n" + _old_job(qa, minutes=3))
+    out = gpuq("queue", "list").stdout
     assert any(f"{{{qa}}}:high" in line and " 1 " in line for line in out.splitlines()), out
     assert any("dead letters" in line and " 2 " in line for line in out.splitlines()), out
+    assert any(
+        "taken, not started" in line and " 1 " in line and "3m" in line for line in out.splitlines()
+    ), out
+    # the low priority's oldest wait is that job's (it waits for a slot, SPEC §4), though its list is empty
+    assert any(f"{{{qa}}}:low" in line and " 0 " in line and "3m" in line for line in out.splitlines()), out
 
     res = gpuq("queue", "purge", "--dead")
     assert res.exit_code == 1 and "run again with --yes" in res.stderr and "junk0" in res.stdout
