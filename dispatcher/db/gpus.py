@@ -290,6 +290,16 @@ def probe_result(
     conn.execute(update(gpus).where(gpus.c.gpu_id == gpu_id).values(**values))
 
 
+def pool_slots(conn: Connection) -> dict[str, int]:
+    """Slots of the active GPUs, per pool (healthy or not: one out of rotation for a moment comes back)."""
+    rows = conn.execute(
+        select(gpus.c.pool, func.sum(gpus.c.slots))
+        .where(gpus.c.state == GpuState.ACTIVE.value)
+        .group_by(gpus.c.pool)
+    )
+    return {r[0]: int(r[1] or 0) for r in rows}
+
+
 def list_gpus(conn: Connection) -> list[GpuRow]:
     busy = (
         select(slots.c.gpu_id, func.count(slots.c.task_id).label("busy"), func.count().label("slot_rows"))

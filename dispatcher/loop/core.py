@@ -68,7 +68,7 @@ class Dispatcher:
             self.requests.standby_of_ours = self.standbys.holds
             self.requests.gpu_down = self.standbys.gpu_down
         self.placing = Placing(rt, self.wake, self.handoffs, self.requests)
-        self.housekeeping = Housekeeping(rt, self.ends, self.wake)
+        self.housekeeping = Housekeeping(rt, self.ends, self.wake, self.handoffs.buffer.sized)
         self._loop: asyncio.Task[None] | None = None
         # What the HTTP side (routes, callbacks, the agents' API) and tests use, by the names they know.
         self.settings, self.engine, self.redis, self.keys = settings, engine, redis, rt.keys

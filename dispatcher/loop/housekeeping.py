@@ -3,7 +3,8 @@
 - heartbeat, and sweeping back the jobs of dispatchers whose heartbeat is gone;
 - expiring leases: an attempt with no callback in time has failed, its slot is freed, the task retried;
 - moving retries and scheduled tasks whose time has come back into Redis;
-- probing GPUs that were taken out of rotation.
+- probing GPUs that were taken out of rotation;
+- reading each pool's slot count, which sizes its hand-off buffer (``ReadyBuffer.sized``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable, Mapping
 
 from dispatcher.db.attempts import expired_leases, slot_drift
 from dispatcher.db.deferred import due_deferred, mark_queued
-from dispatcher.db.gpus import probe_result, probes_due
+from dispatcher.db.gpus import pool_slots, probe_result, probes_due
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.attempt_ends import AttemptEnds
 from dispatcher.loop.runtime import Runtime, SlotSignals
@@ -31,10 +33,17 @@ STILL_DOWN_EVERY_SECONDS = 60.0
 
 
 class Housekeeping:
-    def __init__(self, rt: Runtime, ends: AttemptEnds, signals: SlotSignals) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        ends: AttemptEnds,
+        signals: SlotSignals,
+        sized: Callable[[Mapping[str, int]], None] | None = None,
+    ) -> None:
         self.rt = rt
         self.ends = ends
         self.signals = signals
+        self.sized = sized
         self._due: dict[str, float] = {}
         self._still_down_said: dict[str, float] = {}  # GPU -> when "still down" was last logged
 
@@ -75,6 +84,7 @@ class Housekeeping:
                 ("probes", 1.0, self.probe),
                 ("drift", 30.0, self.check_drift),
                 ("clock", 30.0, self.rt.sync_clock),
+                ("pools", 5.0, self.read_pools),
             ):
                 if not self._every(name, seconds):
                     continue
@@ -83,6 +93,10 @@ class Housekeeping:
                 except TRANSIENT as exc:
                     log.warning("housekeeping failed; will retry", extra={"action": name, "error": str(exc)})
             await asyncio.sleep(TICK_SECONDS)
+
+    async def read_pools(self) -> None:
+        if self.sized is not None:
+            self.sized(await self.rt.db(pool_slots))
 
     async def heartbeat(self) -> None:
         await self.rt.intake.heartbeat(self.rt.beat_redis)

@@ -44,6 +44,12 @@ BY_NEXT = "next"  # the next standbys of slots a group-commit batch promotes (st
 
 #: A pool counts as in demand this long after this process last saw one of its slots freed.
 DEMAND_SECONDS = 2.0
+#: A pool with more slots than HANDOFF_BUFFER buffers one job per slot, up to this many times HANDOFF_BUFFER.
+#: Its callbacks empty a buffer faster than the loop refills it when short of CPU: with 64 slots of 100 ms,
+#: a buffer of 32 then left 6-22 % of slots without a standby against 0-2 % at 64 (efficiency 0.70-0.84
+#: against 0.83-0.89, 5 same-session pairs, bench/RESULTS.md), while a 16-slot pool gained nothing from 64.
+#: One job per slot bounds a later high-priority job's wait at about one job's duration on every slot.
+SLOTS_CAP_FACTOR = 4
 
 
 @dataclass(slots=True)
@@ -60,6 +66,7 @@ class Ready:
 class ReadyBuffer:
     def __init__(self, size: int) -> None:
         self.size = size
+        self._caps: dict[str, int] = {}  # pool -> its buffer's size, where more than ``size`` (``sized``)
         self._jobs: dict[str, deque[Ready]] = {}
         self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
         self._primed: dict[str, float] = {}  # pool -> monotonic time a pass of ours last filled it
@@ -85,6 +92,16 @@ class ReadyBuffer:
         now = time.monotonic() if now is None else now
         for pool in pools:
             self._demand[pool] = now
+
+    def sized(self, slots: Mapping[str, int]) -> None:
+        """The pools' slot counts (active GPUs), read by housekeeping: a pool of more slots than ``size``
+        buffers one job per slot, up to ``SLOTS_CAP_FACTOR`` times ``size``."""
+        top = SLOTS_CAP_FACTOR * self.size
+        self._caps = {pool: min(n, top) for pool, n in slots.items() if n > self.size}
+
+    def cap(self, pool: str) -> int:
+        """How many jobs ``pool``'s buffer holds: ``size`` (HANDOFF_BUFFER; 0: none), or its slots if more."""
+        return self._caps.get(pool, self.size) if self.size > 0 else 0
 
     def prime(self, pools: Iterable[str], now: float | None = None) -> None:
         """This process just filled the last free slots of ``pools`` and is the only one that will see them
@@ -147,8 +164,8 @@ class ReadyBuffer:
             # Jobs out with a standby bind mostly come back (one per slot that gets a standby is kept):
             # refilled for as if gone, they would push the youngest out to be parked when they do.
             have = self.count(pool) + self.lent(pool, BY_STANDBY)
-            if self._wanted(pool, now) and have < self.size:
-                out[pool] = self.size - have
+            if self._wanted(pool, now) and have < self.cap(pool):
+                out[pool] = self.cap(pool) - have
         return out
 
     def pop(self, pool: str, n: int, holder: str = BY_LOOP) -> list[Ready]:
@@ -208,7 +225,7 @@ class ReadyBuffer:
         for pool, rs in by_pool.items():
             q = self._jobs.setdefault(pool, deque())
             q.extendleft(reversed(rs))
-            over = [q.pop() for _ in range(len(q) - max(self.size, 0))]
+            over = [q.pop() for _ in range(len(q) - self.cap(pool))]
             self._over.extend(reversed(over))
 
     def add(self, items: Iterable[Ready], now: float | None = None) -> list[Ready]:
@@ -218,7 +235,7 @@ class ReadyBuffer:
         over = []
         for r in items:
             q = self._jobs.setdefault(r.pool, deque())
-            if len(q) < self.size and self._wanted(r.pool, now):
+            if len(q) < self.cap(r.pool) and self._wanted(r.pool, now):
                 q.append(r)
             else:
                 over.append(r)

@@ -378,3 +378,22 @@ def test_handoffs_to_a_gpu_refusing_connections_stop_once_it_is_out_of_rotation(
         assert held == sorted(j.job.to_redis() for j in d.handoffs.buffer.drain())
 
     run(w, w.settings(["g0"]), body)
+
+
+def test_a_pool_of_more_slots_than_handoff_buffer_buffers_one_job_per_active_slot(world: World) -> None:
+    """Its callbacks empty a HANDOFF_BUFFER-sized buffer faster than a loop short of CPU refills it
+    (``ready.SLOTS_CAP_FACTOR``): housekeeping reads the pool's slots, the buffer holds one job per slot."""
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        await d.housekeeping.read_pools()  # g0, g1 x 2 slots: 4 > HANDOFF_BUFFER 1
+        assert d.handoffs.buffer.cap("default") == 4
+        ids = await primed(w, d, 12)  # 4 running, the first ended and refilled: 5 started
+        assert d.handoffs.buffer.count("default") == 4
+        assert [r.job.task_id for r in d.handoffs.buffer.pop("default", 9)] == ids[5:9]
+        # a drained GPU's slots no longer count: g0's 2 slots
+        transaction(w.engine, set_gpu_state, gpu_id="g1", state=GpuState.DRAINING, now=d.now())
+        await d.housekeeping.read_pools()
+        assert d.handoffs.buffer.cap("default") == 2
+
+    run(w, w.settings(["g0", "g1"], handoff_buffer=1, standby_jobs=False), body)

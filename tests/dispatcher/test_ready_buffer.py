@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dispatcher.loop.ready import BY_HANDOFF, BY_LOOP, BY_STANDBY, DEMAND_SECONDS, Ready, ReadyBuffer
+from dispatcher.loop.ready import (
+    BY_HANDOFF,
+    BY_LOOP,
+    BY_STANDBY,
+    DEMAND_SECONDS,
+    SLOTS_CAP_FACTOR,
+    Ready,
+    ReadyBuffer,
+)
 from tests.dispatcher.helpers import job
 
 
@@ -140,3 +148,28 @@ def test_jobs_out_with_a_standby_bind_count_as_held_and_keep_hand_offs_away() ->
     assert b.deficit(now=0.0) == {"a": 1}
     assert not b.held_outside_a_pass("a")
     assert [r.job.task_id for r in b.pop_each(9)] == ["a-1", "a-2"]
+
+
+def test_a_pool_of_more_slots_than_the_buffer_holds_one_job_per_slot_up_to_four_times_it() -> None:
+    # GIVEN HANDOFF_BUFFER 3 and pools of 2, 5 and 40 slots (40 > 4 x 3), all in demand
+    b = ReadyBuffer(3)
+    b.sized({"small": 2, "mid": 5, "big": 40})
+    b.demand(["small", "mid", "big"], now=0.0)
+    # THEN each buffer holds HANDOFF_BUFFER jobs, or one per slot when more, at most SLOTS_CAP_FACTOR times
+    assert [b.cap(p) for p in ("small", "mid", "big", "unknown")] == [3, 5, 3 * SLOTS_CAP_FACTOR, 3]
+    assert b.deficit(now=0.0) == {"small": 3, "mid": 5, "big": 12}
+    assert len(b.add(_ready("mid", 7), now=0.0)) == 2  # the rest is parked
+    # ... a pass that gives jobs back pushes out the youngest past that, not past HANDOFF_BUFFER
+    popped = b.pop("mid", 5)
+    b.put_back(popped)
+    assert [r.job.task_id for r in b.pop_each(9) if r.pool == "mid"] == [f"mid-{i}" for i in range(5)]
+    # WHEN the fleet shrinks, the buffer follows at the next reading
+    b.sized({"mid": 2})
+    assert b.cap("mid") == 3 and b.cap("big") == 3
+
+
+def test_no_buffer_stays_no_buffer_whatever_the_pools_slots() -> None:
+    b = ReadyBuffer(0)
+    b.sized({"a": 64})
+    b.demand(["a"], now=0.0)
+    assert b.cap("a") == 0 and b.deficit(now=0.0) == {} and len(b.add(_ready("a", 1), now=0.0)) == 1
