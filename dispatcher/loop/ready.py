@@ -44,12 +44,14 @@ BY_NEXT = "next"  # the next standbys of slots a group-commit batch promotes (st
 
 #: A pool counts as in demand this long after this process last saw one of its slots freed.
 DEMAND_SECONDS = 2.0
-#: A pool with more slots than HANDOFF_BUFFER buffers one job per slot, up to this many times HANDOFF_BUFFER.
+#: A pool with more slots than HANDOFF_BUFFER buffers one job per slot, up to this many times HANDOFF_BUFFER
+#: and at most SLOTS_CAP jobs (each is held parsed in memory: up to ~2 MiB for a 256 KiB job).
 #: Its callbacks empty a buffer faster than the loop refills it when short of CPU: with 64 slots of 100 ms,
 #: a buffer of 32 then left 6-22 % of slots without a standby against 0-2 % at 64 (efficiency 0.70-0.84
 #: against 0.83-0.89, 5 same-session pairs, bench/RESULTS.md), while a 16-slot pool gained nothing from 64.
 #: One job per slot bounds a later high-priority job's wait at about one job's duration on every slot.
 SLOTS_CAP_FACTOR = 4
+SLOTS_CAP = 128
 
 
 @dataclass(slots=True)
@@ -67,6 +69,7 @@ class ReadyBuffer:
     def __init__(self, size: int) -> None:
         self.size = size
         self._caps: dict[str, int] = {}  # pool -> its buffer's size, where more than ``size`` (``sized``)
+        self._shrunk: dict[str, int] = {}  # pool -> its size before it lost slots, while it holds more
         self._jobs: dict[str, deque[Ready]] = {}
         self._demand: dict[str, float] = {}  # pool -> monotonic time of the last freed slot seen
         self._primed: dict[str, float] = {}  # pool -> monotonic time a pass of ours last filled it
@@ -95,13 +98,24 @@ class ReadyBuffer:
 
     def sized(self, slots: Mapping[str, int]) -> None:
         """The pools' slot counts (active GPUs), read by housekeeping: a pool of more slots than ``size``
-        buffers one job per slot, up to ``SLOTS_CAP_FACTOR`` times ``size``."""
-        top = SLOTS_CAP_FACTOR * self.size
+        buffers one job per slot, up to ``SLOTS_CAP_FACTOR`` times ``size`` and ``SLOTS_CAP``. A pool that
+        lost slots keeps what it holds until its hand-offs use it (no refill meanwhile): moved out to be
+        parked, its youngest jobs would be served after younger ones the same pass takes (an outside
+        review)."""
+        top = min(SLOTS_CAP_FACTOR * self.size, max(self.size, SLOTS_CAP))
+        before = {pool: self.cap(pool) for pool in self._jobs}
         self._caps = {pool: min(n, top) for pool, n in slots.items() if n > self.size}
+        for pool, was in before.items():
+            if self.cap(pool) < min(was, self.count(pool) + self.lent(pool)):
+                self._shrunk[pool] = max(was, self._shrunk.get(pool, 0))
 
     def cap(self, pool: str) -> int:
         """How many jobs ``pool``'s buffer holds: ``size`` (HANDOFF_BUFFER; 0: none), or its slots if more."""
         return self._caps.get(pool, self.size) if self.size > 0 else 0
+
+    def _keep(self, pool: str) -> int:
+        """What ``put_back`` keeps: the size, or what the pool held before it lost slots."""
+        return max(self.cap(pool), self._shrunk.get(pool, 0))
 
     def prime(self, pools: Iterable[str], now: float | None = None) -> None:
         """This process just filled the last free slots of ``pools`` and is the only one that will see them
@@ -164,7 +178,9 @@ class ReadyBuffer:
             # Jobs out with a standby bind mostly come back (one per slot that gets a standby is kept):
             # refilled for as if gone, they would push the youngest out to be parked when they do.
             have = self.count(pool) + self.lent(pool, BY_STANDBY)
-            if self._wanted(pool, now) and have < self.cap(pool):
+            if pool in self._shrunk and self.count(pool) + self.lent(pool) <= self.cap(pool):
+                del self._shrunk[pool]  # used down to its size: refilled as any
+            if self._wanted(pool, now) and have < self.cap(pool) and pool not in self._shrunk:
                 out[pool] = self.cap(pool) - have
         return out
 
@@ -225,7 +241,7 @@ class ReadyBuffer:
         for pool, rs in by_pool.items():
             q = self._jobs.setdefault(pool, deque())
             q.extendleft(reversed(rs))
-            over = [q.pop() for _ in range(len(q) - self.cap(pool))]
+            over = [q.pop() for _ in range(len(q) - self._keep(pool))]
             self._over.extend(reversed(over))
 
     def add(self, items: Iterable[Ready], now: float | None = None) -> list[Ready]:

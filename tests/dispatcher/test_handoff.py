@@ -397,3 +397,19 @@ def test_a_pool_of_more_slots_than_handoff_buffer_buffers_one_job_per_active_slo
         assert d.handoffs.buffer.cap("default") == 2
 
     run(w, w.settings(["g0", "g1"], handoff_buffer=1, standby_jobs=False), body)
+
+
+def test_a_running_dispatcher_reads_its_pools_slots_by_itself(world: World) -> None:
+    """The sizes come from housekeeping's own schedule, not only from a test's call (an outside review: with
+    the duty unscheduled, the test above still passed)."""
+    w = world
+
+    async def main() -> None:
+        async with in_process(w.settings(["g0", "g1"], handoff_buffer=1), background=True) as d:
+            for _ in range(200):
+                if d.handoffs.buffer.cap("default") == 4:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"buffer size {d.handoffs.buffer.cap('default')} after 10 s, not 4")
+
+    asyncio.run(main())

@@ -7,6 +7,7 @@ from dispatcher.loop.ready import (
     BY_LOOP,
     BY_STANDBY,
     DEMAND_SECONDS,
+    SLOTS_CAP,
     SLOTS_CAP_FACTOR,
     Ready,
     ReadyBuffer,
@@ -163,9 +164,33 @@ def test_a_pool_of_more_slots_than_the_buffer_holds_one_job_per_slot_up_to_four_
     popped = b.pop("mid", 5)
     b.put_back(popped)
     assert [r.job.task_id for r in b.pop_each(9) if r.pool == "mid"] == [f"mid-{i}" for i in range(5)]
-    # WHEN the fleet shrinks, the buffer follows at the next reading
+    # ... and a big pool at most SLOTS_CAP, whatever HANDOFF_BUFFER x SLOTS_CAP_FACTOR
+    huge = ReadyBuffer(64)
+    huge.sized({"huge": 1000})
+    assert huge.cap("huge") == SLOTS_CAP
+
+
+def test_a_pool_that_loses_slots_keeps_its_jobs_in_order_and_refills_once_used_down_to_its_size() -> None:
+    # GIVEN a 5-slot pool's full buffer (HANDOFF_BUFFER 3)
+    b = ReadyBuffer(3)
+    b.sized({"mid": 5})
+    b.demand(["mid"], now=0.0)
+    assert b.add(_ready("mid", 5), now=0.0) == []
+    # WHEN it loses 3 slots (a GPU drained)
     b.sized({"mid": 2})
-    assert b.cap("mid") == 3 and b.cap("big") == 3
+    # THEN it takes no more, and keeps what it holds: a hand-off's jobs given back push none out (parked,
+    # they would start after younger jobs a pass takes meanwhile)
+    assert (
+        b.cap("mid") == 3 and b.deficit(now=0.0) == {} and len(b.add(_ready("x", 0) + _ready("mid", 1))) == 1
+    )
+    b.put_back(b.pop("mid", 2, BY_HANDOFF))
+    assert b.count("mid") == 5 and b.lapsed(now=0.0) == ([], [])
+    # ... until hand-offs use it down to its size: then it is refilled as any
+    b.release(b.pop("mid", 2))
+    assert b.deficit(now=0.0) == {}
+    b.release(b.pop("mid", 1))
+    assert b.deficit(now=0.0) == {"mid": 1}
+    assert [r.job.task_id for r in b.pop_each(9)] == ["mid-3", "mid-4"]  # oldest first throughout
 
 
 def test_no_buffer_stays_no_buffer_whatever_the_pools_slots() -> None:
