@@ -98,6 +98,12 @@ class Placing:
         left = dict(room)
         for r in ready:
             left[r.pool] -= 1
+        early_park, early_back = h.buffer.lapsed()
+        if early_park or early_back:
+            # Settled before the take, which serves parked jobs first: jobs pushed out of a buffer still
+            # in demand (``put_back``) come back into it ahead of the younger ones this take finds in Redis.
+            # After it, they waited parked while a hand-off started those younger ones (an outside review).
+            await rt.settle(Settlement(park=_parked(early_park), back=_back(early_back)))
         deficit = h.buffer.deficit()
         limits = {pool: left.get(pool, 0) + deficit.get(pool, 0) for pool in set(left) | set(deficit)}
         want = min(sum(left.values()) + sum(deficit.values()), rt.settings.dispatch_batch_size)
@@ -109,13 +115,13 @@ class Placing:
             # SCAN_DEPTH jobs per list: a long head takes a few passes, each of bounded work.
             wake.look_now()
         now = time.monotonic()
-        park, back = h.buffer.lapsed(now)
+        park, back = h.buffer.lapsed(now)  # again: a priming may have lapsed during the take
         settlement = Settlement(park=_parked(park), back=_back(back))
         # Pools whose buffered jobs leave now: this pass's jobs of them follow the same way, even if a
         # callback puts the pool in demand again before they are decided (buffered, these younger jobs would
         # start before the older ones just sent to the queue).
-        gone = {r.pool: True for r in back} | {
-            r.pool: False for r in park if not h.buffer.wanted(r.pool, now)
+        gone = {r.pool: True for r in early_back + back} | {
+            r.pool: False for r in early_park + park if not h.buffer.wanted(r.pool, now)
         }
         if not (strays or ready or taken):
             await rt.settle(settlement)

@@ -25,6 +25,7 @@ from dispatcher.db.gpus import record_failure, set_gpu_state
 from dispatcher.db.handoff import end_and_hand_off
 from dispatcher.loop import handoff as handoff_loop
 from dispatcher.loop.core import Dispatcher
+from dispatcher.loop.ready import BY_HANDOFF
 from dispatcher.settings import DispatcherSettings
 from dispatcher.states import GpuState, Outcome
 from dispatcher.testing import in_process, settle
@@ -413,3 +414,42 @@ def test_a_running_dispatcher_reads_its_pools_slots_by_itself(world: World) -> N
             raise AssertionError(f"buffer size {d.handoffs.buffer.cap('default')} after 10 s, not 4")
 
     asyncio.run(main())
+
+
+def _buffered(d: Dispatcher) -> list[str]:
+    jobs = d.handoffs.buffer.pop("default", 99)
+    d.handoffs.buffer.put_back(jobs)
+    return [r.job.task_id for r in jobs]
+
+
+def test_jobs_a_refilled_buffer_pushes_out_start_before_younger_ones_the_next_take_finds(
+    world: World,
+) -> None:
+    """A pass refills the buffer while a hand-off holds its candidates; given back, they push the youngest
+    buffered jobs out to be parked. The pass that parked them took younger jobs from Redis first (its take came
+    before ``lapsed``): those were buffered, and the next hand-offs started them while the older ones waited
+    parked (an outside review). The parking is now settled before the take, which serves parked jobs first."""
+    w = world
+
+    async def body(d: Dispatcher) -> None:
+        buf = d.handoffs.buffer
+        ids = await primed(w, d, 10)  # g0 x 2: ids[1], ids[2] running, ids[3], ids[4] buffered
+        assert _buffered(d) == ids[3:5]
+        out = buf.pop("default", 2, BY_HANDOFF)  # a hand-off's candidates, its transaction in flight
+        d.handoffs.in_flight.update(r.element for r in out)
+        assert await d.dispatch_once()  # the loop refills meanwhile: ids[5], ids[6]
+        await settle(d)
+        d.handoffs._return(out)  # given back: ids[5], ids[6] pushed out, to be parked
+        assert _buffered(d) == ids[3:5]
+        assert await finish(d, ids[1]) == "applied"  # a hand-off starts ids[3]: room for one more
+        await d.dispatch_once()
+        await settle(d)
+        for t in ids[2:5]:  # the next ends: each hand-off starts the oldest waiting job
+            assert await finish(d, t) == "applied"
+            await d.dispatch_once()
+            await settle(d)
+        rows = w.rows()
+        started = sorted((rows[t].started_at, ids.index(t)) for t in ids if t in rows and rows[t].started_at)
+        assert [i for _, i in started] == sorted(i for _, i in started), started
+
+    run(w, w.settings(["g0"], handoff_buffer=2, standby_jobs=False), body)
