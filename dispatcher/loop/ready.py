@@ -276,17 +276,17 @@ class ReadyBuffer:
         return park, back
 
     def drain(self) -> list[Ready]:
-        out, self._over = self._over + [r for q in self._jobs.values() for r in q], []
+        out, self._over = self._all(), []
         for q in self._jobs.values():
             q.clear()
         return out
 
+    def _all(self) -> list[Ready]:
+        return self._over + [r for q in self._jobs.values() for r in q]
+
     def elements(self) -> list[str]:
-        return [r.element for r in self._over] + [r.element for q in self._jobs.values() for r in q]
+        return [r.element for r in self._all()]
 
     def held(self) -> list[tuple[str, datetime]]:
         """Each buffered job's element and ``enqueued_at``: they wait in their queue's age (``/metrics``)."""
-        return [
-            (r.element, r.job.enqueued_at)
-            for r in [*self._over, *(r for q in self._jobs.values() for r in q)]
-        ]
+        return [(r.element, r.job.enqueued_at) for r in self._all()]

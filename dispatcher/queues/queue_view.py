@@ -165,7 +165,7 @@ class Plan:
         for element, enqueued_at in held:
             source = element.partition("\n")[0]
             if source in at:
-                ages[at[source]].append(max(0.0, (now - _aware(enqueued_at)).total_seconds()))
+                ages[at[source]].append(_since(enqueued_at, now))
         queues = [
             QueueDepth(q, p, key, sum(depths[i]), max(ages[i]) if ages[i] else None, sum(depths[i][1:]))
             for i, (q, p, key) in enumerate(lists)
@@ -206,14 +206,15 @@ def _age(head: bytes | str | None, now: datetime) -> float | None:
 def _stamp_age(stamp: Any, now: datetime) -> float | None:
     """Seconds since ``stamp`` (an ``enqueued_at``); None when it is not a time, or one that overflows."""
     try:
-        when = _aware(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")))
-        return max(0.0, (now - when).total_seconds())
+        return _since(datetime.fromisoformat(str(stamp).replace("Z", "+00:00")), now)
     except (ValueError, OverflowError):
         return None
 
 
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+def _since(when: datetime, now: datetime) -> float:
+    """Seconds from ``when`` (naive: UTC) to ``now``; 0 for a time ahead of ours."""
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return max(0.0, (now - aware).total_seconds())
 
 
 def read_sync(client: Any, plan: Plan) -> RedisView:

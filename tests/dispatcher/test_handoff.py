@@ -122,6 +122,13 @@ async def primed(w: World, d: Dispatcher, n: int) -> list[str]:
     return ids
 
 
+def buffered(d: Dispatcher, pool: str) -> list[str]:
+    """The task ids in ``pool``'s buffer, oldest first (popped and put back: the buffer is left as it was)."""
+    jobs = d.handoffs.buffer.pop(pool, 99)
+    d.handoffs.buffer.put_back(jobs)
+    return [r.job.task_id for r in jobs]
+
+
 @pytest.mark.parametrize("buffer", [8, 0])
 def test_a_callback_starts_the_next_job_in_its_own_transaction(world: World, buffer: int) -> None:
     w = world
@@ -416,12 +423,6 @@ def test_a_running_dispatcher_reads_its_pools_slots_by_itself(world: World) -> N
     asyncio.run(main())
 
 
-def _buffered(d: Dispatcher) -> list[str]:
-    jobs = d.handoffs.buffer.pop("default", 99)
-    d.handoffs.buffer.put_back(jobs)
-    return [r.job.task_id for r in jobs]
-
-
 def test_jobs_a_refilled_buffer_pushes_out_start_before_younger_ones_the_next_take_finds(
     world: World,
 ) -> None:
@@ -434,13 +435,13 @@ def test_jobs_a_refilled_buffer_pushes_out_start_before_younger_ones_the_next_ta
     async def body(d: Dispatcher) -> None:
         buf = d.handoffs.buffer
         ids = await primed(w, d, 10)  # g0 x 2: ids[1], ids[2] running, ids[3], ids[4] buffered
-        assert _buffered(d) == ids[3:5]
+        assert buffered(d, "default") == ids[3:5]
         out = buf.pop("default", 2, BY_HANDOFF)  # a hand-off's candidates, its transaction in flight
         d.handoffs.in_flight.update(r.element for r in out)
         assert await d.dispatch_once()  # the loop refills meanwhile: ids[5], ids[6]
         await settle(d)
         d.handoffs._return(out)  # given back: ids[5], ids[6] pushed out, to be parked
-        assert _buffered(d) == ids[3:5]
+        assert buffered(d, "default") == ids[3:5]
         assert await finish(d, ids[1]) == "applied"  # a hand-off starts ids[3]: room for one more
         await d.dispatch_once()
         await settle(d)

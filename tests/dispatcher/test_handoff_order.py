@@ -29,7 +29,7 @@ from dispatcher.states import Outcome
 from dispatcher.testing import settle
 from producer.job import Job
 from producer.keys import Priority, queue_key
-from tests.dispatcher.test_handoff import World, finish, run, world  # noqa: F401 - world: a fixture
+from tests.dispatcher.test_handoff import World, buffered, finish, run, world  # noqa: F401 - world: a fixture
 
 
 @pytest.fixture(params=[1, 2], ids=["pipeline1", "pipeline2"])
@@ -73,13 +73,6 @@ async def slow_waiting(w: World, d: Dispatcher) -> tuple[list[str], list[str]]:
     assert [w.state(i) for i in s] == ["finished", "processing", None, None]
     assert buffered(d, "slow") == s[2:]
     return s, f
-
-
-def buffered(d: Dispatcher, pool: str) -> list[str]:
-    """The task ids in ``pool``'s buffer, oldest first (popped and put back: the buffer is left as it was)."""
-    jobs = d.handoffs.buffer.pop(pool, 99)
-    d.handoffs.buffer.put_back(jobs)
-    return [r.job.task_id for r in jobs]
 
 
 def hold_handoff(d: Dispatcher, meanwhile: Callable[[list[str]], Awaitable[None]]) -> list[list[str]]:
