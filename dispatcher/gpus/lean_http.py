@@ -309,6 +309,19 @@ class LeanPool:
         conn = _Conn(self)
         conn.key = key
         try:
+            await self._open_connection(conn, key)
+        except BaseException:
+            # Counted by ``_acquire``, which takes the count back: a transport made before the failure (a
+            # timeout or a cancel right after the connect) must not take it back a second time.
+            conn.counted = False
+            if conn.transport is not None:
+                conn.transport.close()
+            raise
+        self._all.add(conn)
+        return conn
+
+    async def _open_connection(self, conn: _Conn, key: tuple[str, int]) -> None:
+        try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.create_connection(lambda: conn, key[0], key[1])
         except TimeoutError as exc:
@@ -317,8 +330,6 @@ class LeanPool:
             ) from exc
         except OSError as exc:
             raise ConnectFailed(exc) from exc
-        self._all.add(conn)
-        return conn
 
     def _take_idle(self, key: tuple[str, int]) -> _Conn | None:
         idle = self._idle.get(key)
