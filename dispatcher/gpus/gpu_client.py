@@ -98,7 +98,7 @@ class GpuClient:
             await self._session.close()
             self._session = None
 
-    async def send(self, url: str, body: dict[str, Any]) -> Answer:
+    async def send(self, url: str, body: dict[str, Any]) -> Answer:  # noqa: PLR0911 - one per verdict
         assert self._session is not None, "GpuClient.start() first"
         try:
             payload = orjson.dumps(body)
@@ -128,8 +128,12 @@ class GpuClient:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return _failed(exc)
+        except (
+            ValueError
+        ) as exc:  # a header aiohttp refuses (a control character in the token), a bad host name
+            return Answer(Verdict.RETRY, error=f"not sent: {type(exc).__name__}: {exc}", unhealthy=True)
 
-    async def _send_lean(self, url: str, to: Target, payload: bytes) -> Answer:
+    async def _send_lean(self, url: str, to: Target, payload: bytes) -> Answer:  # noqa: PLR0911 - one per verdict
         """``send`` through the lean client: the same redirects, cap and verdicts as through aiohttp."""
         assert self._lean is not None
         try:
@@ -150,6 +154,10 @@ class GpuClient:
             return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=True)
         except (NoAnswer, OSError) as exc:
             return Answer(Verdict.UNKNOWN, error=f"no answer: {exc}", unhealthy=True)
+        except ValueError as exc:  # a host name the resolver cannot encode ("a..b"): never sent
+            return Answer(
+                Verdict.RETRY, error=f"connection failed: {type(exc).__name__}: {exc}", unhealthy=True
+            )
 
     def _lean_answer(self, reply: Reply) -> Answer:
         if not reply.whole and 200 <= reply.status < 300:

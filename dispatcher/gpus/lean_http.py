@@ -23,6 +23,9 @@ import httptools
 
 #: Parsed targets kept (a fleet has one URL per GPU; the bound only stops a flood of distinct URLs).
 _TARGETS_MAX = 4096
+#: An answer's status line and headers at most (aiohttp's limits are 8 KiB a field): a GPU streaming one
+#: endless header must not grow our memory, as the read timeout only catches silence.
+_HEAD_MAX = 64 * 1024
 #: A payload this small is written together with its head, in one send.
 _JOIN_BELOW = 64 * 1024
 
@@ -65,11 +68,19 @@ def target(url: str, headers: dict[str, str]) -> Target | None:
     URL, anything unusual)."""
     try:
         parts = urlsplit(url)
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
     except ValueError:
         return None
     host = parts.hostname
-    if parts.scheme != "http" or not host or "@" in parts.netloc or any(c in url for c in "\r\n\t "):
+    if (
+        parts.scheme != "http"
+        or not host
+        or not port
+        or "@" in parts.netloc
+        or any(c in url for c in "\r\n\t ")
+    ):
+        return None
+    if any(c in value for value in headers.values() for c in "\r\n\0"):  # a token read with its newline
         return None
     path = parts.path or "/"
     if parts.query:
@@ -110,6 +121,7 @@ class _Conn(asyncio.Protocol):
         self._chunked = False
         self._headers_done = False
         self._interim = False
+        self._head_bytes = 0
 
     # -- the request ---------------------------------------------------------------------------------------
 
@@ -152,6 +164,11 @@ class _Conn(asyncio.Protocol):
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(NoAnswer(f"malformed answer: {exc or type(exc).__name__}"))
+            return
+        if not self._headers_done and self._waiter is not None:  # bytes of a head still not ended
+            self._head_bytes += len(data)
+            if self._head_bytes > _HEAD_MAX:
+                self._fail(NoAnswer(f"the answer's head is over {_HEAD_MAX} bytes"))
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -178,7 +195,7 @@ class _Conn(asyncio.Protocol):
             except ValueError:
                 self._length = None  # the parser refuses it
         elif lowered == b"transfer-encoding":
-            self._chunked = True
+            self._chunked = value.rstrip().lower().endswith(b"chunked")
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()

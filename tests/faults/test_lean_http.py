@@ -167,6 +167,8 @@ ANSWERS = {
     "100 Continue then finished": b"HTTP/1.1 100 Continue\r\n\r\n"
     + answer_bytes(200, b'{"status": "finished", "result": 1}'),
     "garbage": b"SPAM SPAM SPAM\r\n\r\n",
+    "until close, Transfer-Encoding identity": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n"
+    b'{"status": "finished", "result": 1}',
     "cut after the head": b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"status"',
     "nothing, then closed": b"",
 }
@@ -422,6 +424,7 @@ def test_room_is_made_by_closing_an_idle_connection_to_another_gpu():
         ("http://gpu/é", False),  # not ASCII: aiohttp quotes it
         ("http://gpu:99999/x", False),  # a port out of range: aiohttp's error
         ("http://gpu/a b", False),
+        ("http://gpu:0/x", False),  # port 0, not port 80
     ],
 )
 def test_which_urls_the_lean_client_takes(url: str, lean: bool):
@@ -446,5 +449,42 @@ def test_a_closed_pool_closes_its_connections():
             await asyncio.sleep(0.1)
             assert gpu.open_now == 0
             assert pool._open == 0
+
+    run(scenario())
+
+
+def test_an_endless_header_is_cut_off_not_buffered():
+    async def scenario() -> None:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+            await gpu.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Spam: ")
+            for _ in range(400):  # 4 MiB of one header value, never ended
+                writer.write(b"a" * 10_000)
+                await writer.drain()
+
+        async with raw_gpu(script) as gpu:
+            c = await client()
+            try:
+                answer = await c.send(gpu.url, JOB)
+            finally:
+                await c.close()
+        assert answer.verdict == Verdict.UNKNOWN, answer
+        assert "head is over" in (answer.error or "")
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_token_with_a_newline_or_a_bad_host_name_gets_an_answer_not_an_exception(lean: bool):
+    async def scenario() -> None:
+        c = GpuClient(bearer_token="tok\r\nX-Injected: 1", connect_timeout=1, request_timeout=1, lean=lean)
+        await c.start()
+        try:
+            injected = await c.send("http://127.0.0.1:9/infer", JOB)
+            bad_host = await c.send("http://a..b/infer", JOB)
+        finally:
+            await c.close()
+        assert injected.verdict == Verdict.RETRY, injected
+        assert bad_host.verdict == Verdict.RETRY, bad_host
 
     run(scenario())
