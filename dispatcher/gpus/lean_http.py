@@ -123,8 +123,6 @@ class _Conn(asyncio.Protocol):
         self._interim = False
         self._head_bytes = 0
 
-    # -- the request ---------------------------------------------------------------------------------------
-
     def request(self, parts: list[bytes], cap: int, timeout: float) -> asyncio.Future[Reply]:
         assert self.transport is not None
         assert self._waiter is None
@@ -149,8 +147,6 @@ class _Conn(asyncio.Protocol):
             self._timer = self._loop.call_at(due, self._check)
             return
         self._fail(NoAnswer(f"no answer within {self._timeout:g} s (TimeoutError)"))
-
-    # -- asyncio.Protocol ----------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -182,8 +178,6 @@ class _Conn(asyncio.Protocol):
             self._finish(whole=True)  # an answer without a length ends where the connection does
         else:
             self._fail(NoAnswer("connection closed before a whole answer" + (f": {exc}" if exc else "")))
-
-    # -- httptools callbacks -------------------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
@@ -220,8 +214,6 @@ class _Conn(asyncio.Protocol):
             return
         if self._waiter is not None:
             self._finish(whole=True)
-
-    # -- endings -------------------------------------------------------------------------------------------
 
     def _finish(self, *, whole: bool) -> None:
         waiter, self._waiter = self._waiter, None
