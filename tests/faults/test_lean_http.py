@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 import pytest
@@ -109,6 +110,15 @@ async def client(
 JOB = {"task_id": "t1", "input": {"prompt": "p"}}
 
 
+async def send_once(url: str, **kw: Any) -> Answer:
+    """``JOB`` to ``url`` through a client of its own (``client``'s keywords)."""
+    c = await client(**kw)
+    try:
+        return await c.send(url, JOB)
+    finally:
+        await c.close()
+
+
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 30))  # type: ignore[arg-type]
 
@@ -189,11 +199,7 @@ def test_every_answer_is_judged_as_aiohttp_judged_it(name: str):
                 await asyncio.sleep(0.5)
 
         async with raw_gpu(script) as gpu:
-            c = await client(lean=lean)
-            try:
-                return await c.send(gpu.url, JOB)
-            finally:
-                await c.close()
+            return await send_once(gpu.url, lean=lean)
 
     async def scenario() -> None:
         lean, plain = await once(True), await once(False)
@@ -219,11 +225,7 @@ def test_a_redirect_is_followed_within_the_origin_with_the_post_and_its_body():
                 await writer.drain()
 
         async with raw_gpu(script) as gpu:
-            c = await client()
-            try:
-                answer = await c.send(gpu.url, JOB)
-            finally:
-                await c.close()
+            answer = await send_once(gpu.url)
         assert answer.verdict == Verdict.ACCEPTED
         assert [h.split(b"\r\n")[0] for h, _ in gpu.requests] == [
             b"POST /infer HTTP/1.1",
@@ -269,11 +271,7 @@ def test_a_slow_answer_in_pieces_is_not_cut_by_the_read_timeout():
                 await writer.drain()
 
         async with raw_gpu(script) as gpu:
-            c = await client(read=0.4)
-            try:
-                answer = await c.send(gpu.url, JOB)
-            finally:
-                await c.close()
+            answer = await send_once(gpu.url, read=0.4)
         assert answer.verdict == Verdict.FINISHED, answer
         assert answer.result == "z" * 4000
 
@@ -285,11 +283,7 @@ def test_a_connection_refused_is_a_retry_against_the_gpu():
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]  # bound, not listening: refused
-            c = await client()
-            try:
-                answer = await c.send(f"http://127.0.0.1:{port}/infer", JOB)
-            finally:
-                await c.close()
+            answer = await send_once(f"http://127.0.0.1:{port}/infer")
         assert answer.verdict == Verdict.RETRY and answer.unhealthy, answer
         assert "connection failed" in (answer.error or "")
 
@@ -298,11 +292,7 @@ def test_a_connection_refused_is_a_retry_against_the_gpu():
 
 def test_a_name_that_does_not_resolve_is_a_retry_against_the_gpu():
     async def scenario() -> None:
-        c = await client()
-        try:
-            answer = await c.send("http://gpu-that-is-not-there.invalid:8000/infer", JOB)
-        finally:
-            await c.close()
+        answer = await send_once("http://gpu-that-is-not-there.invalid:8000/infer")
         assert answer.verdict == Verdict.RETRY and answer.unhealthy, answer
 
     run(scenario())
@@ -463,11 +453,7 @@ def test_an_endless_header_is_cut_off_not_buffered():
                 await writer.drain()
 
         async with raw_gpu(script) as gpu:
-            c = await client()
-            try:
-                answer = await c.send(gpu.url, JOB)
-            finally:
-                await c.close()
+            answer = await send_once(gpu.url)
         assert answer.verdict == Verdict.UNKNOWN, answer
         assert "head is over" in (answer.error or "")
 
