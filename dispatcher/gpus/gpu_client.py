@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from dispatcher import fds
-from dispatcher.gpus.lean_http import ConnectFailed, ConnectTimeout, LeanPool, NoAnswer, Reply, Target
+from dispatcher.gpus.lean_http import ConnectFailed, ConnectTimeout, LeanPool, NoAnswer, Target
 
 
 class Verdict(StrEnum):
@@ -128,9 +128,8 @@ class GpuClient:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return _failed(exc)
-        except (
-            ValueError
-        ) as exc:  # a header aiohttp refuses (a control character in the token), a bad host name
+        # A header aiohttp refuses (a control character in the token), a host name it cannot encode.
+        except ValueError as exc:
             return Answer(Verdict.RETRY, error=f"not sent: {type(exc).__name__}: {exc}", unhealthy=True)
 
     async def _send_lean(self, url: str, to: Target, payload: bytes) -> Answer:  # noqa: PLR0911 - one per verdict
@@ -143,7 +142,7 @@ class GpuClient:
                 target = _same_origin_target(url, reply.status, reply.location)
                 following = self._lean.target(target, self._headers) if target is not None else None
                 if target is None or following is None:
-                    return self._lean_answer(reply)
+                    return self._verdict(reply.status, reply.body, reply.whole, reply.location)
                 status, url, to = reply.status, target, following
             return Answer(Verdict.REFUSED, status, error=f"more than {_REDIRECTS} redirects", unhealthy=True)
         except ConnectTimeout as exc:
@@ -159,25 +158,21 @@ class GpuClient:
                 Verdict.RETRY, error=f"connection failed: {type(exc).__name__}: {exc}", unhealthy=True
             )
 
-    def _lean_answer(self, reply: Reply) -> Answer:
-        if not reply.whole and 200 <= reply.status < 300:
-            return self._too_large(reply.status)
-        return _judge(reply.status, reply.body.decode(errors="replace"), reply.location)
-
-    def _too_large(self, status: int) -> Answer:
-        """A result that cannot be taken; retrying would only spend the GPU on it again."""
-        return Answer(
-            Verdict.FAILED,
-            status,
-            error=f"the GPU's answer is larger than GPU_ANSWER_MAX_BYTES ({self.max_answer_bytes} bytes);"
-            " not taken",
-        )
+    def _verdict(self, status: int, body: bytes, whole: bool, location: str | None) -> Answer:
+        """Either client's answer judged; one cut at the cap fails the attempt when it is a 2xx (a result that
+        cannot be taken: retrying would only spend the GPU on it again)."""
+        if not whole and 200 <= status < 300:
+            return Answer(
+                Verdict.FAILED,
+                status,
+                error=f"the GPU's answer is larger than GPU_ANSWER_MAX_BYTES ({self.max_answer_bytes} bytes);"
+                " not taken",
+            )
+        return _judge(status, body.decode(errors="replace"), location)
 
     async def _answer(self, resp: aiohttp.ClientResponse) -> Answer:
         data, whole = await self._read_capped(resp)
-        if not whole and 200 <= resp.status < 300:
-            return self._too_large(resp.status)
-        return _judge(resp.status, data.decode(errors="replace"), resp.headers.get("Location"))
+        return self._verdict(resp.status, data, whole, resp.headers.get("Location"))
 
     async def _read_capped(self, resp: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         """(the answer, True) read to its end (``content.read(n)`` returns what happens to be buffered,
