@@ -37,9 +37,6 @@ from dispatcher.settings import DispatcherSettings
 
 log = logging.getLogger("gpuq.dispatcher")
 
-#: What a producer (and the CLI's retry) publishes on the wake-up channel after pushing jobs.
-WAKE_JOB = "job"
-
 #: Past a buffer's lapse when the idle loop looks again: its clock must have passed it (``ReadyBuffer``).
 LAPSE_SLACK_SECONDS = 0.01
 
@@ -288,10 +285,8 @@ class Dispatcher:
                     message = await channel.next(timeout=1.0)
                     if message is not None and self.agents.on_message(message):
                         continue  # jobs placed on a pull GPU: its polls here look, the loop need not
-                    if message in (WAKE_JOB, WAKE_JOB.encode()):
-                        self.wake.job_pushed()  # no look if every slot was busy at the last one
-                    elif message is not None:
-                        self.wake.look_now()  # a slot freed elsewhere, a cancel, a GPU changed: look
+                    if message is not None:
+                        self.wake.look_now()  # a slot freed elsewhere, or a job pushed: look
                         if message in (WAKE_CANCEL, WAKE_CANCEL.encode()):
                             self.cancel_wanted()
             except TRANSIENT as exc:

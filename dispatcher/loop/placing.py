@@ -45,7 +45,6 @@ class Placing:
         # jobs up: a race ends after one or two, a standing conflict never does. Not the processing-list
         # element: a job parked and taken again comes back as another element.
         self._races: Counter[tuple[str, int]] = Counter()
-        self._room_held = False  # this pass kept free slots for a hand-off's jobs (``Wakeups.defer``)
 
     def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
         """Jobs as taken from Redis, checked (``dead_letters.prepare``): what may be placed, and the
@@ -79,7 +78,6 @@ class Placing:
         # must not take its free slots first, or they would start ahead of the ones the hand-off gives
         # back. The room is kept for when the hand-off is over (``Wakeups.resume``).
         held = {pool: n for pool, n in room.items() if n > 0 and h.buffer.held_outside_a_pass(pool)}
-        self._room_held = bool(held)
         if held:
             wake.defer(held)
             room = {pool: n for pool, n in room.items() if pool not in held}
@@ -127,7 +125,7 @@ class Placing:
         }
         if not (strays or ready or taken):
             await rt.settle(settlement)
-            self._idle(left, counted=view is not None)
+            self._idle(left)
             return rt.intake.set_aside > set_aside
         started = time.perf_counter()
         items, prepared = self.prepare(strays + taken)
@@ -157,15 +155,12 @@ class Placing:
         await rt.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
-        self._idle(left, counted=view is not None)
+        self._idle(left)
         return True
 
-    def _idle(self, left: dict[str, int], *, counted: bool) -> None:
-        """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them.
-        ``counted``: the pass read every pool's free slots: whether one is left is known (``job_pushed``)."""
+    def _idle(self, left: dict[str, int]) -> None:
+        """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them."""
         h = self.handoffs
-        if counted:
-            self.wake.fleet_counted(free_left=self._room_held or any(n > 0 for n in left.values()))
         idle = {p: n for p, n in left.items() if n > 0 and not h.buffer.count(p)}
         if idle and h.standbys is not None:
             h.standbys.room_idle(idle)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Iterable
 
 from dispatcher.errors import TRANSIENT
@@ -31,15 +30,11 @@ class Wakeups:
         self._deferrals = 0
         self._publish_pending = False  # a wake-up to publish once the one in flight is out
         self._publishing = False
-        # When a pass last read every pool's free slots and found none left after placing: until a slot is
-        # freed (``look``), a job pushed has no slot to go to, only the buffer (``job_pushed``).
-        self._full_since: float | None = None
 
     def slot_freed(self) -> None:
         """Wake this loop to look for free slots now, and every other dispatcher through Redis. A burst of
         freed slots costs one PUBLISH in flight plus one after it, not one per slot."""
         self.look = True
-        self._full_since = None
         self.event.set()
         self._publish_pending = True
         if not self._publishing:
@@ -63,25 +58,7 @@ class Wakeups:
     def look_now(self) -> None:
         """Something may have changed that nobody counted (a wake-up from elsewhere, a lost one): look."""
         self.look = True
-        self._full_since = None
         self.event.set()
-
-    def job_pushed(self) -> None:
-        """A producer (or the CLI) pushed jobs. With every slot busy at the last count and none freed since,
-        reading the free slots again finds none: the pass only refills the buffer (for the standbys). A
-        producer pushing in many small batches made each dispatcher read every slot once per push (46 reads
-        in the benchmark's first 0.35 s, beside its first callbacks). The count is trusted for one idle poll
-        at most: a slot freed without a wake-up (none is known) waits no longer than a lost wake-up does."""
-        full = self._full_since
-        if full is not None and time.monotonic() - full < self.rt.settings.idle_poll_seconds:
-            self.event.set()
-        else:
-            self.look_now()
-
-    def fleet_counted(self, free_left: bool) -> None:
-        """A pass read every pool's free slots (a snapshot) and placed what it could: ``free_left`` if a slot
-        stayed free (then a job pushed must look again)."""
-        self._full_since = None if free_left else time.monotonic()
 
     async def _publish(self) -> None:
         try:
