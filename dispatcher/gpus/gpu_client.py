@@ -19,7 +19,8 @@ import aiohttp
 import orjson
 
 from dispatcher import fds
-from dispatcher.gpus.lean_http import ConnectFailed, ConnectTimeout, LeanPool, NoAnswer, Target
+from dispatcher.gpus.lean_http import ConnectFailed, ConnectTimeout, LeanPool, NoAnswer
+from dispatcher.gpus.lean_target import Target
 
 
 class Verdict(StrEnum):

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httptools
+
+from dispatcher.gpus.lean_target import Target, target
 
 #: Parsed targets kept (a fleet has one URL per GPU; the bound only stops a flood of distinct URLs).
 _TARGETS_MAX = 4096
@@ -28,15 +29,6 @@ _TARGETS_MAX = 4096
 _HEAD_MAX = 64 * 1024
 #: A payload this small is written together with its head, in one send.
 _JOIN_BELOW = 64 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a POST goes: the connection key and the request's head up to its Content-Length."""
-
-    host: str
-    port: int
-    head: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,37 +53,6 @@ class ConnectTimeout(Exception):
 
 class NoAnswer(Exception):
     """The request went out, but no whole answer came back: the GPU may have the job."""
-
-
-def target(url: str, headers: dict[str, str]) -> Target | None:
-    """The lean client's target for ``url``, or None where aiohttp must send it (https, credentials in the
-    URL, anything unusual)."""
-    try:
-        parts = urlsplit(url)
-        port = 80 if parts.port is None else parts.port
-    except ValueError:
-        return None
-    host = parts.hostname
-    if (
-        parts.scheme != "http"
-        or not host
-        or not port
-        or "@" in parts.netloc
-        or any(c in url for c in "\r\n\t ")
-    ):
-        return None
-    if any(c in value for value in headers.values() for c in "\r\n\0"):  # a token read with its newline
-        return None
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    lines = [f"POST {path} HTTP/1.1", f"Host: {parts.netloc}", "User-Agent: gpuq", "Accept: */*"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    try:
-        head = ("\r\n".join(lines) + "\r\n").encode("ascii")
-    except UnicodeEncodeError:  # a non-ASCII path: aiohttp quotes it
-        return None
-    return Target(host, port, head)
 
 
 class _Conn(asyncio.Protocol):
@@ -179,6 +140,10 @@ class _Conn(asyncio.Protocol):
         else:
             self._fail(NoAnswer("connection closed before a whole answer" + (f": {exc}" if exc else "")))
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:  # a second answer to one request: what follows it cannot be trusted
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         if lowered == b"location":
@@ -224,10 +189,19 @@ class _Conn(asyncio.Protocol):
         )
         if waiter is not None and not waiter.done():
             waiter.set_result(reply)
-        if whole and not self.closed and self._parser.should_keep_alive() and not waiter_cancelled(waiter):
+        if (
+            whole
+            and not self.closed
+            and self._parser.should_keep_alive()
+            and not waiter_cancelled(waiter)
+            and not self._unsent()  # an early answer (a 413): the rest of our payload would lead the next
+        ):
             self._pool.release(self)
         else:
             self.close()
+
+    def _unsent(self) -> int:
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
 
     def _fail(self, exc: Exception) -> None:
         waiter, self._waiter = self._waiter, None
@@ -292,6 +266,8 @@ class LeanPool:
 
     async def _acquire(self, key: tuple[str, int]) -> _Conn:
         while True:
+            if self._closing:  # closed while this request waited for room: not sent
+                raise ConnectFailed(ConnectionAbortedError("the client is closed"))
             conn = self._take_idle(key)
             if conn is not None:
                 return conn
@@ -395,3 +371,5 @@ class LeanPool:
         for conn in list(self._all):
             conn.close()
         self._idle.clear()
+        while self._waiters:  # each woken request finds the pool closed
+            self._wake()
