@@ -44,7 +44,7 @@ class Answer:
 
 #: Errors that say this process is short of file descriptors: not the GPU's fault, so they never count
 #: towards taking it out of rotation.
-_OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE})
+_OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ESHUTDOWN})  # ESHUTDOWN: our pool was closed
 #: Same-origin 307/308 redirects followed for one job's POST.
 _REDIRECTS = 3
 #: A GPU answers a cancel once the job has stopped; one that takes longer is asked again later.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 from dataclasses import dataclass
 
 import httptools
@@ -83,6 +84,7 @@ class _Conn(asyncio.Protocol):
         self._headers_done = False
         self._interim = False
         self._head_bytes = 0
+        self._fed = 0  # bytes of this answer so far, framing and trailers included
 
     def request(self, parts: list[bytes], cap: int, timeout: float) -> asyncio.Future[Reply]:
         assert self.transport is not None
@@ -117,6 +119,7 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         self._last = self._loop.time()
+        self._fed += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
@@ -126,6 +129,10 @@ class _Conn(asyncio.Protocol):
             self._head_bytes += len(data)
             if self._head_bytes > _HEAD_MAX:
                 self._fail(NoAnswer(f"the answer's head is over {_HEAD_MAX} bytes"))
+        elif self._waiter is not None and self._fed - self._size > 2 * _HEAD_MAX + 8 * self._size:
+            # Not the body: chunk framing or trailers, which httptools gathers at a cost growing with the
+            # square of one field's size (an endless trailer took 2 s of CPU for 20 MB in a review)
+            self._fail(NoAnswer("the answer's framing or trailers are out of all proportion to its body"))
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -154,7 +161,7 @@ class _Conn(asyncio.Protocol):
             except ValueError:
                 self._length = None  # the parser refuses it
         elif lowered == b"transfer-encoding":
-            self._chunked = value.rstrip().lower().endswith(b"chunked")
+            self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -194,7 +201,8 @@ class _Conn(asyncio.Protocol):
             and not self.closed
             and self._parser.should_keep_alive()
             and not waiter_cancelled(waiter)
-            and not self._unsent()  # an early answer (a 413): the rest of our payload would lead the next
+            and 200 <= reply.status < 300  # else maybe early (a 413): the payload's rest could lead the next
+            and not self._unsent()
         ):
             self._pool.release(self)
         else:
@@ -220,9 +228,17 @@ class _Conn(asyncio.Protocol):
             self._fail(NoAnswer("connection closed"))
             return
         if self.transport is not None and not self.closed:
-            self.transport.close()
+            if self._unsent():  # close() would keep the socket (and the payload) until the GPU reads it
+                self.transport.abort()
+            else:
+                self.transport.close()
         self.closed = True
         self._pool.forget(self)
+
+
+def _closed() -> OSError:
+    """The pool was closed (this process stops): not the GPU's failure (``GpuClient``: NOT_SENT)."""
+    return OSError(errno.ESHUTDOWN, "the client is closed")
 
 
 def waiter_cancelled(waiter: asyncio.Future[Reply] | None) -> bool:
@@ -267,7 +283,7 @@ class LeanPool:
     async def _acquire(self, key: tuple[str, int]) -> _Conn:
         while True:
             if self._closing:  # closed while this request waited for room: not sent
-                raise ConnectFailed(ConnectionAbortedError("the client is closed"))
+                raise ConnectFailed(_closed())
             conn = self._take_idle(key)
             if conn is not None:
                 return conn
@@ -302,6 +318,10 @@ class LeanPool:
             if conn.transport is not None:
                 conn.transport.close()
             raise
+        if self._closing:  # closed while it connected: ``close`` did not see it
+            conn.counted = False  # ``_acquire`` takes the count back
+            conn.close()
+            raise ConnectFailed(_closed())
         self._all.add(conn)
         return conn
 
@@ -321,7 +341,10 @@ class LeanPool:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive:
+            # ``is_closing``: the GPU closed it (EOF) and ``connection_lost`` has not run yet; a request
+            # written there would be dropped unsent and judged UNKNOWN.
+            closing = conn.transport is None or conn.transport.is_closing()
+            if not conn.closed and not closing and now - conn.idle_since < self.keepalive:
                 return conn
             conn.close()
         return None

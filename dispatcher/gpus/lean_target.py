@@ -33,7 +33,7 @@ def target(url: str, headers: dict[str, str]) -> Target | None:
         or not host
         or not port
         or "@" in parts.netloc
-        or any(c in url for c in "\r\n\t ")
+        or any(c <= " " or c == "\x7f" for c in url)  # controls and spaces: aiohttp quotes them
     ):
         return None
     if any(c in value for value in headers.values() for c in "\r\n\0"):  # a token read with its newline
