@@ -42,9 +42,9 @@ class Answer:
     unhealthy: bool = False  # counts towards taking the GPU out of rotation
 
 
-#: Errors that say this process is short of file descriptors: not the GPU's fault, so they never count
-#: towards taking it out of rotation.
-_OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ESHUTDOWN})  # ESHUTDOWN: our pool was closed
+#: Errors of this process's own (short of file descriptors; ESHUTDOWN: its lean pool closed at a stop): not
+#: the GPU's fault, so they never count towards taking it out of rotation.
+_OUR_LIMITS = frozenset({errno.EMFILE, errno.ENFILE, errno.ESHUTDOWN})
 #: Same-origin 307/308 redirects followed for one job's POST.
 _REDIRECTS = 3
 #: A GPU answers a cancel once the job has stopped; one that takes longer is asked again later.
