@@ -129,12 +129,16 @@ class Housekeeping:
         jobs = await self.rt.db(due_deferred, now=self.rt.now())
         if not jobs:
             return
+        # "queued" before the job is in Redis: published after, it came behind the "dispatched" of a
+        # dispatcher that placed the job at once (a stream read dispatched, then queued: a fresh-clone CI
+        # run). Two dispatchers requeuing one task in the same tick both send it: "queued" twice, never a
+        # wrong order; a push that fails sends it again next time. Listeners read the state from the database.
+        await self.rt.events.publish_now_many(
+            [("queued", j.task_id, {"attempt": j.attempt, "priority": j.priority.value}) for j in jobs]
+        )
         # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
         await self.rt.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])
-        queued = set(await self.rt.db(mark_queued, jobs=jobs, now=self.rt.now()))
-        for j in jobs:
-            if j.task_id in queued:  # not when another dispatcher requeued it first
-                self.rt.events.publish("queued", j.task_id, attempt=j.attempt, priority=j.priority.value)
+        await self.rt.db(mark_queued, jobs=jobs, now=self.rt.now())
         self.signals.slot_freed()
 
     async def probe(self) -> None:

@@ -73,6 +73,17 @@ class EventPublisher:
         except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
 
+    async def publish_now_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Publish (name, task id, fields) events and return once Redis has them (best-effort, as ever):
+        for events that must precede what other processes publish next (``Housekeeping.requeue_due``)."""
+        batch = [(self.keys.task_events(t), encode(event(name, t, **fields))) for name, t, fields in items]
+        try:
+            lost, error = await self._send(batch) if batch else (0, "")
+        except (RedisError, RedisClusterException, OSError) as exc:
+            lost, error = len(batch), str(exc)
+        if lost:
+            log.warning("task events not published", extra={"action": "events", "lost": lost, "error": error})
+
     async def _flush(self) -> None:
         try:
             while self._pending:
