@@ -83,8 +83,7 @@ class _Conn(asyncio.Protocol):
         self._chunked = False
         self._headers_done = False
         self._interim = False
-        self._head_bytes = 0
-        self._fed = 0  # bytes of this answer so far, framing and trailers included
+        self._fed = 0  # bytes of this answer so far: its head's while that is not over, then framing too
 
     def request(self, parts: list[bytes], cap: int, timeout: float) -> asyncio.Future[Reply]:
         assert self.transport is not None
@@ -119,15 +118,14 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         self._last = self._loop.time()
-        self._fed += len(data)
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._fail(NoAnswer(f"malformed answer: {exc or type(exc).__name__}"))
             return
+        self._fed += len(data)  # after the feed: a 1xx it ended has reset the count
         if not self._headers_done and self._waiter is not None:  # bytes of a head still not ended
-            self._head_bytes += len(data)
-            if self._head_bytes > _HEAD_MAX:
+            if self._fed > _HEAD_MAX:
                 self._fail(NoAnswer(f"the answer's head is over {_HEAD_MAX} bytes"))
         elif self._waiter is not None and self._fed - self._size > 2 * _HEAD_MAX + 8 * self._size:
             # Not the body: chunk framing or trailers, which httptools gathers at a cost growing with the

@@ -77,27 +77,25 @@ class EventPublisher:
         """Publish (name, task id, fields) events and return once Redis has them (best-effort, as ever):
         for events that must precede what other processes publish next (``Housekeeping.requeue_due``)."""
         batch = [(self.keys.task_events(t), encode(event(name, t, **fields))) for name, t, fields in items]
-        try:
-            lost, error = await self._send(batch) if batch else (0, "")
-        except (RedisError, RedisClusterException, OSError) as exc:
-            lost, error = len(batch), str(exc)
-        if lost:
-            log.warning("task events not published", extra={"action": "events", "lost": lost, "error": error})
+        if batch:
+            await self._deliver(batch)
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-                try:
-                    lost, error = await self._send(batch)
-                except (RedisError, RedisClusterException, OSError) as exc:
-                    lost, error = len(batch), str(exc)
-                if lost:
-                    log.warning(
-                        "task events not published", extra={"action": "events", "lost": lost, "error": error}
-                    )
+                await self._deliver(batch)
         finally:
             self._flushing = False
+
+    async def _deliver(self, batch: list[tuple[str, bytes]]) -> None:
+        """``_send``, with what was lost logged: events are best-effort, a Redis error is no caller's."""
+        try:
+            lost, error = await self._send(batch)
+        except (RedisError, RedisClusterException, OSError) as exc:
+            lost, error = len(batch), str(exc)
+        if lost:
+            log.warning("task events not published", extra={"action": "events", "lost": lost, "error": error})
 
     async def _send(self, batch: list[tuple[str, bytes]]) -> tuple[int, str]:
         """Send ``batch``: how many were lost, and one reason. A cluster's pipeline refuses PUBLISH (redis-py:
