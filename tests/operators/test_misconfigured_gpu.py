@@ -12,7 +12,7 @@ from sqlalchemy import text
 
 from tests.dispatcher.harness import reconcile
 from tests.dispatcher.helpers import wait_for
-from tests.operators.wrong_gpu import beside_a_wrong_g9, log_records
+from tests.operators.wrong_gpu import STANDBY_GIVEN_BACK, beside_a_wrong_g9, log_records
 
 
 def _g9(stack):
@@ -43,8 +43,11 @@ def test_gpu_answering_404_goes_out_of_rotation_and_no_job_fails(stack):
             text("SELECT error FROM attempts WHERE outcome = 'gpu_refused' AND gpu_id = 'g9'")
         ).scalars()
         refused = list(errors)
-    # the jobs it refused used no attempt, and the error says the status once
-    assert len(refused) >= 2 and set(refused) == {"GPU answered 404: Not Found"}
+    # the jobs it refused used no attempt, and the error says the status once. A standby bound to g9 and
+    # promoted after g9 left rotation is given back unsent under the same outcome (a CI run saw one): it
+    # names why, and is not g9's answer
+    from_gpu = [e for e in refused if e != STANDBY_GIVEN_BACK]
+    assert len(from_gpu) >= 2 and set(from_gpu) == {"GPU answered 404: Not Found"}, refused
     lines = log_records(d)
     assert any(r.get("action") == "gpu_refused" and r.get("gpu_id") == "g9" for r in lines)
     assert any(r.get("action") == "gpu_down" and r.get("gpu_id") == "g9" for r in lines)

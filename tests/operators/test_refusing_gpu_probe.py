@@ -16,7 +16,7 @@ from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import set_gpu_state
 from dispatcher.states import GpuState
 from tests.dispatcher.harness import reconcile
-from tests.operators.wrong_gpu import beside_a_wrong_g9, log_records
+from tests.operators.wrong_gpu import STANDBY_GIVEN_BACK, beside_a_wrong_g9, log_records
 
 
 @pytest.mark.slow  # 5 s on a loaded 2-core machine (make test-fast stays under a minute)
@@ -30,10 +30,13 @@ def test_gpu_refusing_post_but_answering_get_is_not_probed_back(stack):
     assert len(downs) == 1, [r.get("msg") for r in lines if r.get("gpu_id") == "g9"]
     with stack.engine.connect() as conn:
         refused = conn.execute(
-            text("SELECT COUNT(*) FROM attempts WHERE outcome = 'gpu_refused' AND gpu_id = 'g9'")
+            text(
+                "SELECT COUNT(*) FROM attempts WHERE outcome = 'gpu_refused' AND gpu_id = 'g9' AND error <> :given"
+            ),
+            {"given": STANDBY_GIVEN_BACK},
         ).scalar_one()
         healthy = conn.execute(text("SELECT healthy FROM gpus WHERE gpu_id = 'g9'")).scalar_one()
-    # Refusals before it went down: its 4 slots in flight, plus jobs placed on slots its first refusals freed
+    # Refusals before it went down (g9's answers; standbys given back unsent are not its refusals): its 4 slots in flight, plus jobs placed on slots its first refusals freed
     # before the threshold's commit (5 on a loaded machine). The bug made a new round every probe (0.2 s) for
     # the whole run; the one gpu_down above is what tells them apart.
     assert refused <= 8 and not healthy

@@ -10,6 +10,10 @@ from typing import Any
 from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import InProcess, push_jobs, states, wait_final
 
+# The error of a standby job bound to g9 and promoted after g9 left rotation: given back unsent (outcome
+# gpu_refused, no attempt used), and not an answer of g9's (dispatcher/loop/standbys.py, Standbys._refund)
+STANDBY_GIVEN_BACK = "GPU g9 left rotation before this standby job was sent to it"
+
 
 def beside_a_wrong_g9(
     stack: Stack, path: str, jobs: int, service_time: str, timeout: float
