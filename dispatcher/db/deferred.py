@@ -4,12 +4,17 @@ An attempt that failed with attempts left (``attempts.py``) or a job with ``not_
 leaves the task ``retrying`` or ``scheduled`` with a ``run_after``. Housekeeping reads the due ones as jobs
 (``due_deferred``), pushes them back into Redis, and only then marks them ``queued`` (``mark_queued``), so a
 crash in between leaves a harmless extra copy in Redis, never a task in neither store.
+
+A dispatcher first claims the due tasks it will push (``claim_due``: their ``run_after`` moves a short while
+on), so that only one process says "queued" for them: two dispatchers reading the same due rows each sent the
+event, one of them after the task had been placed and finished elsewhere (an outside review). A claimer that
+dies before ``mark_queued`` leaves the tasks due again when the claim runs out.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, select, update
 
@@ -55,9 +60,30 @@ def due_deferred(conn: Connection, *, now: datetime, limit: int = 200) -> list[J
     return jobs
 
 
+def claim_due(conn: Connection, *, now: datetime, claim: timedelta, limit: int = 200) -> list[Job]:
+    """``due_deferred``, keeping only the tasks this call claimed: their ``run_after`` moved to ``now +
+    claim`` if it was still due (another process's claim, a cancel or a placement in between: not ours).
+    One conditional UPDATE per task, so two concurrent callers never both claim one."""
+    claimed = []
+    for job in due_deferred(conn, now=now, limit=limit):
+        res = conn.execute(
+            update(tasks)
+            .where(
+                tasks.c.task_id == job.task_id,
+                tasks.c.attempt == job.attempt,
+                tasks.c.state.in_([s.value for s in DEFERRED]),
+                tasks.c.run_after <= now,
+            )
+            .values(run_after=now + claim)
+        )
+        if res.rowcount == 1:
+            claimed.append(job)
+    return claimed
+
+
 def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:
     """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already, or
-    that another dispatcher requeued first); returns the ids this call moved to ``queued``."""
+    that another dispatcher requeued first); the ids this call moved to ``queued`` (for tests)."""
     moved = []
     for job in jobs:
         res = conn.execute(

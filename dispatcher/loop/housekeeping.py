@@ -13,9 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 
 from dispatcher.db.attempts import expired_leases, slot_drift
-from dispatcher.db.deferred import due_deferred, mark_queued
+from dispatcher.db.deferred import claim_due, mark_queued
 from dispatcher.db.gpus import pool_slots, probe_result, probes_due
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.attempt_ends import AttemptEnds
@@ -30,6 +31,12 @@ TICK_SECONDS = 0.25
 HEARTBEAT_SECONDS = 2.0
 #: "GPU still down" is logged at most this often per GPU (probes go on every GPU_PROBE_SECONDS).
 STILL_DOWN_EVERY_SECONDS = 60.0
+#: A due task claimed for requeuing is due again after this if its claimer did not requeue it (it died, or
+#: Redis refused the push): long enough for a push through a slow Redis, short for a retry to wait.
+REQUEUE_CLAIM_SECONDS = 10.0
+#: The longest a requeue waits for its "queued" events to reach Redis before pushing the jobs anyway (a hung
+#: Redis: events are best-effort, and the push waits out its own socket timeout).
+EVENTS_WAIT_SECONDS = 1.0
 
 
 class Housekeeping:
@@ -126,15 +133,17 @@ class Housekeeping:
                 )
 
     async def requeue_due(self) -> None:
-        jobs = await self.rt.db(due_deferred, now=self.rt.now())
+        now = self.rt.now()
+        jobs = await self.rt.db(claim_due, now=now, claim=timedelta(seconds=REQUEUE_CLAIM_SECONDS))
         if not jobs:
             return
         # "queued" before the job is in Redis: published after, it came behind the "dispatched" of a
-        # dispatcher that placed the job at once (a stream read dispatched, then queued: a fresh-clone CI
-        # run). Two dispatchers requeuing one task in the same tick both send it: "queued" twice, never a
-        # wrong order; a push that fails sends it again next time. Listeners read the state from the database.
-        await self.rt.events.publish_now_many(
-            [("queued", j.task_id, {"attempt": j.attempt, "priority": j.priority.value}) for j in jobs]
+        # dispatcher that placed the job at once (a fresh-clone CI run). Only the claimer says it (another
+        # process that read the same due rows claimed none of them), in line with the events this process
+        # published before (a refusal's "retrying"), and at most once per claim if the push fails.
+        await self.rt.events.publish_in_order(
+            [("queued", j.task_id, {"attempt": j.attempt, "priority": j.priority.value}) for j in jobs],
+            wait=EVENTS_WAIT_SECONDS,
         )
         # Redis first, then the database: a crash in between leaves a harmless extra copy, never none.
         await self.rt.intake.requeue([(queue_key(j.queue, j.priority), j.to_redis()) for j in jobs])

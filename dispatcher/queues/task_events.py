@@ -11,8 +11,10 @@ listener reads the task's state from the database first, and again when the stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -55,11 +57,15 @@ class EventPublisher:
         self._spawn = spawn
         self._pending: list[tuple[str, bytes]] = []
         self._flushing = False
+        self._queued = 0  # events ever put in _pending
+        self._sent = 0  # of those, delivered or lost
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (events queued before, done)
 
     def publish(self, name: str, task_id: str, **fields: Any) -> None:
         """Queue one event; returns at once."""
         payload = encode(event(name, task_id, **fields))
         self._pending.append((self.keys.task_events(task_id), payload))
+        self._queued += 1
         if not self._flushing:
             self._flushing = True
             self._spawn(self._flush())
@@ -73,20 +79,39 @@ class EventPublisher:
         except (RedisError, RedisClusterException, OSError) as exc:
             log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
 
-    async def publish_now_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Publish (name, task id, fields) events and return once Redis has them (best-effort, as ever):
-        for events that must precede what other processes publish next (``Housekeeping.requeue_due``)."""
-        batch = [(self.keys.task_events(t), encode(event(name, t, **fields))) for name, t, fields in items]
-        if batch:
-            await self._deliver(batch)
+    async def publish_in_order(self, items: list[tuple[str, str, dict[str, Any]]], *, wait: float) -> None:
+        """Queue (name, task id, fields) events behind every event published before, and return once they
+        reached Redis, or were given up on (best-effort, as ever), or after ``wait`` seconds: for events that
+        must precede what other processes publish next (``Housekeeping.requeue_due``: its "queued" after
+        this process's "retrying", before another's "dispatched"). Sent apart from the buffer, "queued"
+        overtook a "retrying" still in it (an outside review)."""
+        if not items:
+            return
+        for name, task_id, fields in items:
+            self.publish(name, task_id, **fields)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self._queued, done))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), wait)
 
     async def _flush(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-                await self._deliver(batch)
+                try:
+                    await self._deliver(batch)
+                finally:
+                    self._sent += len(batch)
+                    self._release(self._sent)
         finally:
             self._flushing = False
+
+    def _release(self, sent: int) -> None:
+        """Wake the ``publish_in_order`` callers whose events are all out (sent or lost)."""
+        while self._waiters and self._waiters[0][0] <= sent:
+            _, done = self._waiters.popleft()
+            if not done.done():
+                done.set_result(None)
 
     async def _deliver(self, batch: list[tuple[str, bytes]]) -> None:
         """``_send``, with what was lost logged: events are best-effort, a Redis error is no caller's."""
