@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Update, select, update
 
 from dispatcher.db.attempts import clip_text
 from dispatcher.db.schema import tasks
@@ -66,16 +66,7 @@ def claim_due(conn: Connection, *, now: datetime, claim: timedelta, limit: int =
     One conditional UPDATE per task, so two concurrent callers never both claim one."""
     claimed = []
     for job in due_deferred(conn, now=now, limit=limit):
-        res = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == job.task_id,
-                tasks.c.attempt == job.attempt,
-                tasks.c.state.in_([s.value for s in DEFERRED]),
-                tasks.c.run_after <= now,
-            )
-            .values(run_after=now + claim)
-        )
+        res = conn.execute(_still_deferred(job).where(tasks.c.run_after <= now).values(run_after=now + claim))
         if res.rowcount == 1:
             claimed.append(job)
     return claimed
@@ -87,14 +78,17 @@ def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str
     moved = []
     for job in jobs:
         res = conn.execute(
-            update(tasks)
-            .where(
-                tasks.c.task_id == job.task_id,
-                tasks.c.attempt == job.attempt,
-                tasks.c.state.in_([s.value for s in DEFERRED]),
-            )
-            .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
+            _still_deferred(job).values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
         )
         if res.rowcount == 1:
             moved.append(job.task_id)
     return moved
+
+
+def _still_deferred(job: Job) -> Update:
+    """An UPDATE of the job's task row while it still waits in the database at that attempt."""
+    return update(tasks).where(
+        tasks.c.task_id == job.task_id,
+        tasks.c.attempt == job.attempt,
+        tasks.c.state.in_([s.value for s in DEFERRED]),
+    )
