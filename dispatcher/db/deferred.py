@@ -74,14 +74,23 @@ def claim_due(conn: Connection, *, now: datetime, claim: timedelta, limit: int =
 
 def mark_queued(conn: Connection, *, jobs: list[Job], now: datetime) -> list[str]:
     """Note that these deferred tasks are back in Redis (a no-op for any that a dispatcher took already, or
-    that another dispatcher requeued first); the ids this call moved to ``queued`` (for tests)."""
+    that another dispatcher requeued first); the ids this call moved to ``queued`` (for tests).
+
+    A task whose priority an operator changed after the claim read it (``gpuq task priority``: the task
+    was still ``retrying``, so the command left Redis alone) stays deferred and due at once: the next claim
+    pushes it at its new priority, and of the two copies whichever is taken first runs, the other is dropped
+    as a copy. Marked ``queued``, it stayed in the old priority's list while the database said the new one."""
     moved = []
     for job in jobs:
         res = conn.execute(
-            _still_deferred(job).values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
+            _still_deferred(job)
+            .where(tasks.c.priority == job.priority.value)
+            .values(state=TaskState.QUEUED.value, run_after=None, updated_at=now)
         )
         if res.rowcount == 1:
             moved.append(job.task_id)
+        else:
+            conn.execute(_still_deferred(job).values(run_after=now))
     return moved
 
 

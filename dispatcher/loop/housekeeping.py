@@ -32,7 +32,9 @@ HEARTBEAT_SECONDS = 2.0
 #: "GPU still down" is logged at most this often per GPU (probes go on every GPU_PROBE_SECONDS).
 STILL_DOWN_EVERY_SECONDS = 60.0
 #: A due task claimed for requeuing is due again after this if its claimer did not requeue it (it died, or
-#: Redis refused the push): long enough for a push through a slow Redis, short for a retry to wait.
+#: Redis refused the push): short for a retry to wait, and longer than a push takes unless Redis hangs (up
+#: to EVENTS_WAIT_SECONDS plus the client's 10 s socket timeout). A push that outlasts the claim lets another
+#: dispatcher claim and push too: a second "queued", and a second copy, dropped when taken.
 REQUEUE_CLAIM_SECONDS = 10.0
 #: The longest a requeue waits for its "queued" events to reach Redis before pushing the jobs anyway (a hung
 #: Redis: events are best-effort, and the push waits out its own socket timeout).
@@ -139,8 +141,9 @@ class Housekeeping:
             return
         # "queued" before the job is in Redis: published after, it came behind the "dispatched" of a
         # dispatcher that placed the job at once (a fresh-clone CI run). Only the claimer says it (another
-        # process that read the same due rows claimed none of them), in line with the events this process
-        # published before (a refusal's "retrying"), and at most once per claim if the push fails.
+        # process that read the same due rows claimed none of them), behind the events this process
+        # published before (a refusal's "retrying"; another process's may still be on its way), once per
+        # claim if the push fails.
         await self.rt.events.publish_in_order(
             [("queued", j.task_id, {"attempt": j.attempt, "priority": j.priority.value}) for j in jobs],
             wait=EVENTS_WAIT_SECONDS,

@@ -4,8 +4,9 @@ it published before (``Housekeeping.requeue_due``, ``claim_due``, ``EventPublish
 An outside review of the first fix (62b0e23: every process that read a due task published ``queued``, apart
 from the buffer) played each interleaving below: a second dispatcher said ``queued`` after the task had been
 placed and finished elsewhere; a cancel was followed by ``queued``; ``queued`` overtook the ``retrying`` still
-in the buffer; a Redis that refused the push got a ``queued`` every tick (0.25 s). The events are read in
-order from the task's Redis channel, as ``GET /tasks/{id}/events`` gets them.
+in the buffer; a Redis that refused the push got a ``queued`` every tick (0.25 s). A review of the claim
+added two claimers racing, a slow publisher, and an operator's priority change during the claim. The events
+are read in order from the task's Redis channel, as ``GET /tasks/{id}/events`` gets them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from redis.exceptions import ResponseError
 from dispatcher.db import deferred
 from dispatcher.db.attempts import cancel_task
 from dispatcher.db.deferred import claim_due
+from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop import housekeeping
@@ -69,6 +71,21 @@ async def _requeue_place_finish(a: Dispatcher, task_id: str) -> None:
     fin = await a.ends.end_attempt(task_id, 2, Outcome.FINISHED, result={"ok": 1})
     assert fin.state == "finished", fin
     await settle(a)
+
+
+def _slow_events(d: Dispatcher, seconds: float = 0.3) -> None:
+    """The next pipeline of ``d``'s task events reaches Redis ``seconds`` late (a slow Redis, a busy
+    process); the ones after it do not, so an event sent apart from the buffer would overtake it."""
+    real = d.events._send
+    slowed: list[bool] = []
+
+    async def slow(batch: list[tuple[str, bytes]]) -> tuple[int, str]:
+        if not slowed:
+            slowed.append(True)
+            await asyncio.sleep(seconds)
+        return await real(batch)
+
+    d.events._send = slow  # type: ignore[method-assign]
 
 
 def _between_read_and_claim(
@@ -137,33 +154,6 @@ def test_a_second_dispatcher_that_read_the_due_task_says_nothing_once_another_cl
     assert seen == ["queued", "dispatched", "finished"], seen
 
 
-def test_a_dispatcher_coming_after_another_requeued_and_ran_the_task_says_nothing(
-    any_database_url: str,
-    redis_url: str,
-    key_prefix: str,
-    rds: redis.Redis,
-    fleet: SimFleet,  # noqa: F811
-) -> None:
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    task_id = f"r-{uuid.uuid4().hex[:6]}"
-    seen: list[str] = []
-
-    async def main() -> None:
-        sa = _settings(any_database_url, redis_url, key_prefix, queue, fleet)
-        sb = _settings(any_database_url, redis_url, key_prefix, queue, fleet)
-        async with in_process(sa) as a, in_process(sb) as b:
-            await _retrying(a, rds, queue, task_id)
-            pubsub = _subscribe(rds, a.keys.task_events(task_id))
-            await _requeue_place_finish(a, task_id)
-            await b.housekeeping.requeue_due()
-            await settle(b)
-            seen.extend(_drain(pubsub))
-            pubsub.close()
-
-    asyncio.run(main())
-    assert seen == ["queued", "dispatched", "finished"], seen
-
-
 def test_a_task_cancelled_between_the_read_and_the_claim_gets_no_queued_event(
     database_url: str,
     redis_url: str,
@@ -212,8 +202,8 @@ def test_queued_comes_after_the_retrying_still_waiting_in_the_buffer(
     rds: redis.Redis,
     fleet: SimFleet,  # noqa: F811
 ) -> None:
-    """A GPU's refusal makes the task due at once; its "retrying" may still wait in the buffer behind a busy
-    process's other events when housekeeping requeues it."""
+    """A GPU's refusal makes the task due at once; its "retrying" may still be on its way (a busy process, a
+    slow Redis: 0.3 s here) when housekeeping requeues it."""
     queue = f"q-{uuid.uuid4().hex[:6]}"
     task_id = f"g-{uuid.uuid4().hex[:6]}"
     seen: list[str] = []
@@ -224,8 +214,7 @@ def test_queued_comes_after_the_retrying_still_waiting_in_the_buffer(
             assert await d.dispatch_once()
             await settle(d)
             pubsub = _subscribe(rds, d.keys.task_events(task_id))
-            for i in range(5000):  # other tasks' events waiting to go out
-                d.events.publish("heartbeat", f"other-{i}", attempt=1, progress={})
+            _slow_events(d)
             fin = await d.ends.end_attempt(task_id, 1, Outcome.GPU_REFUSED, error="404")
             assert (fin.code, fin.state) == ("applied", "retrying"), fin
             await d.housekeeping.requeue_due()
@@ -280,3 +269,114 @@ def test_a_refused_push_says_queued_once_per_claim_and_the_task_comes_back_when_
     # before: 'queued' eight times while the task stayed retrying
     assert seen == ["queued", "queued"], seen
     assert states == ["retrying", "queued"]
+
+
+def test_two_claimers_inside_each_others_window_only_one_claims(
+    database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    rds: redis.Redis,
+    fleet: SimFleet,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """B read the task as due; A claims it before B does; B's claim finds it claimed (MariaDB, as above)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    task_id = f"r-{uuid.uuid4().hex[:6]}"
+    out: dict[str, list[str]] = {}
+    claim = timedelta(seconds=housekeeping.REQUEUE_CLAIM_SECONDS)
+
+    async def main() -> None:
+        sa = _settings(database_url, redis_url, key_prefix, queue, fleet)
+        sb = _settings(database_url, redis_url, key_prefix, queue, fleet)
+        async with in_process(sa) as a, in_process(sb) as b:
+            await _retrying(a, rds, queue, task_id)
+
+            async def a_claims() -> None:
+                out["a"] = [j.task_id for j in await a.rt.db(claim_due, now=a.rt.now(), claim=claim)]
+
+            ran = _between_read_and_claim(monkeypatch, a_claims)
+            out["b"] = [j.task_id for j in await b.rt.db(claim_due, now=b.rt.now(), claim=claim)]
+            monkeypatch.undo()
+            assert ran
+
+    asyncio.run(main())
+    assert out == {"a": [task_id], "b": []}, out
+
+
+def test_queued_reaches_redis_before_the_job_however_slow_the_events(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    rds: redis.Redis,
+    fleet: SimFleet,  # noqa: F811
+) -> None:
+    """The claimer waits for its "queued" to be out before it pushes: another dispatcher placing the job at
+    once says "dispatched" after it."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    task_id = f"w-{uuid.uuid4().hex[:6]}"
+    seen: list[str] = []
+
+    async def main() -> None:
+        sa = _settings(any_database_url, redis_url, key_prefix, queue, fleet)
+        sb = _settings(any_database_url, redis_url, key_prefix, queue, fleet)
+        async with in_process(sa) as a, in_process(sb) as b:
+            await _retrying(a, rds, queue, task_id)
+            pubsub = _subscribe(rds, a.keys.task_events(task_id))
+            _slow_events(a)
+            await a.housekeeping.requeue_due()
+            assert await b.dispatch_once()
+            await settle(b)
+            await settle(a)
+            seen.extend(_drain(pubsub))
+            pubsub.close()
+
+    asyncio.run(main())
+    assert seen == ["queued", "dispatched"], seen
+
+
+def test_a_priority_changed_after_the_claim_is_pushed_again_at_the_new_priority(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    rds: redis.Redis,
+    fleet: SimFleet,  # noqa: F811
+) -> None:
+    """``gpuq task priority T high`` commits while T is claimed but still ``retrying`` (so the command leaves
+    Redis alone), before the claimer's push at the old priority. Marked queued, T waited in the normal list
+    while the database said high (an outside review)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    task_id = f"p-{uuid.uuid4().hex[:6]}"
+    out: dict[str, Any] = {}
+
+    def lists() -> dict[str, int]:
+        return {p.value: rds.llen(queue_key(queue, p)) for p in (Priority.HIGH, Priority.NORMAL)}
+
+    async def main() -> None:
+        async with in_process(_settings(any_database_url, redis_url, key_prefix, queue, fleet)) as d:
+            await _retrying(d, rds, queue, task_id)
+            real = d.rt.intake.requeue
+
+            async def requeue(jobs: list[tuple[str, str]]) -> None:
+                res = await d.rt.db(set_priority, task_id=task_id, priority=Priority.HIGH, now=d.rt.now())
+                out["cli"] = (res.code, res.state)
+                await real(jobs)
+
+            d.rt.intake.requeue = requeue  # type: ignore[method-assign]
+            await d.housekeeping.requeue_due()
+            d.rt.intake.requeue = real  # type: ignore[method-assign]
+            row = await d.rt.db(get_task, task_id=task_id)
+            out["first"] = (row["state"], row["priority"], lists())
+            await d.housekeeping.requeue_due()  # the next tick: due at once
+            row = await d.rt.db(get_task, task_id=task_id)
+            out["next"] = (row["state"], row["priority"], lists())
+            while await d.dispatch_once():  # both copies taken: one runs, the other is dropped
+                await settle(d)
+            await settle(d)
+            row = await d.rt.db(get_task, task_id=task_id)
+            out["ran"] = (row["state"], row["attempts"], lists())
+
+    asyncio.run(main())
+    assert out["cli"] == ("applied", "retrying")
+    assert out["first"] == ("retrying", "high", {"high": 0, "normal": 1}), out
+    assert out["next"] == ("queued", "high", {"high": 1, "normal": 1}), out
+    assert out["ran"][1:] == (2, {"high": 0, "normal": 0}), out
