@@ -15,6 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import SettingsConfigDict
 
 from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
+from dispatcher.gpus.same_service import same_service
 from dispatcher.queues.presence import new_instance
 from producer.settings import QueueSettings, parse_pairs, split_list
 
@@ -99,25 +100,6 @@ def _check_names(item: str, gpu_id: str, pool: str) -> None:
     for kind, value in (("GPU name", gpu_id), ("pool", pool)):
         if problem := name_problem(kind, value):
             raise ValueError(problem)
-
-
-def same_service(a: str, b: str) -> bool:
-    """Do two GPU URLs name one service? Scheme and host compared without case, a default port as none, a
-    trailing slash as none. Registered twice under two names, one GPU got the jobs of both: 8 at once on 4
-    slots (an outside trial)."""
-    return not is_pull(a) and not is_pull(b) and _url_key(a) == _url_key(b)
-
-
-def _url_key(url: str) -> tuple[str, str, int | None, str, str]:
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port == {"http": 80, "https": 443}.get(scheme):
-        port = None
-    return scheme, (parts.hostname or "").lower(), port, parts.path.rstrip("/") or "/", parts.query
 
 
 def url_taken(gpu_id: str, other: str, url: str) -> str:

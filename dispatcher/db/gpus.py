@@ -11,7 +11,8 @@ from sqlalchemy.exc import IntegrityError
 from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, schema_version, slots
 from dispatcher.gpus.pull import is_pull
-from dispatcher.settings import same_service, url_taken
+from dispatcher.gpus.same_service import same_service
+from dispatcher.settings import url_taken
 from dispatcher.states import GpuState, Outcome
 
 _UNFETCHED = text(

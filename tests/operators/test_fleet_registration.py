@@ -59,6 +59,9 @@ def test_second_dispatcher_cannot_rewrite_the_fleet(stack, gpuq, tmp_path):
     # (not to another GPU's URL: one service under two names got the jobs of both, 8 on 4 slots)
     taken = gpuq("gpu", "set", "g0", "--url", g1 + "/", **env)  # a trailing slash is the same service
     assert taken.exit_code == 2 and "is GPU g1's URL" in taken.stderr, taken
+    assert "//127.0.0.1:" in g1
+    alias = gpuq("gpu", "add", "g1b", g1.replace("127.0.0.1", "localhost"), **env)  # so is another spelling
+    assert alias.exit_code == 2 and "is GPU g1's URL" in alias.stderr, alias
     assert _urls(stack) == before
     moved_to = g0 + "-v2"
     res = gpuq("gpu", "set", "g0", "--url", moved_to, "--pool", "other", **env)
