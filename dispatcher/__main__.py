@@ -26,6 +26,7 @@ from dispatcher import stacks
 from dispatcher.db.engine import make_engine
 from dispatcher.http.app import MAX_BODY_BYTES, create_app
 from dispatcher.http.callback import CallbackFastPath
+from dispatcher.http.callback_check import check_callback_url
 from dispatcher.http.edge_limits import GuardedHttp, raise_open_files
 from dispatcher.logs import setup_logging
 from dispatcher.loop.core import Dispatcher
@@ -165,6 +166,7 @@ def build_server(
     clients = (redis, beat, publisher, api)
     hub = EventHub(api, Keys(settings.redis_key_prefix), settings.event_listeners_max)
     holder: dict[str, Dispatcher] = {}
+    checks: list[asyncio.Task[str]] = []
 
     async def make() -> Dispatcher:
         for client in clients:
@@ -174,12 +176,16 @@ def build_server(
         holder["d"] = d
         server.dispatcher = d
         await d.start()
+        if settings.callback_url:  # set by hand: a typo there fails every job, a lease later each
+            checks.append(asyncio.create_task(check_callback_url(settings.callback_url)))
         if own_process:
             freeze_heap()
             stacks.attach(asyncio.get_running_loop())
         return d
 
     async def close() -> None:
+        for check in checks:
+            check.cancel()
         for client in clients:
             await client.aclose()
         engine.dispose()

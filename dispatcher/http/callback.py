@@ -38,6 +38,7 @@ from dispatcher.errors import (
     validation_error,
 )
 from dispatcher.gpus.tokens import token_shaped, verify_token
+from dispatcher.http.callback_check import SELF_CHECK
 from dispatcher.http.edge_limits import BUSY, CALLBACK_BODIES
 from dispatcher.http.refusals import REFUSED
 from dispatcher.loop.core import Dispatcher
@@ -82,6 +83,7 @@ _SMALL_BODY = 64 * 1024
 #: A callback's own ``task_id`` is a top-level key, so it sits before or after the (maybe huge) result.
 _WINDOW = 256 * 1024
 _UNAUTHORIZED = answer(Unauthorized("missing or wrong callback token"))
+_SELF_CHECK = SELF_CHECK.encode()
 
 
 def _claimed_ids(raw: bytes) -> set[str]:
@@ -250,11 +252,16 @@ class CallbackFastPath:
         if scope["type"] != "http" or scope["path"] != "/callback" or scope["method"] != "POST":
             await self.app(scope, receive, send)  # type: ignore[arg-type]
             return
-        authorization = None
+        authorization, checking = None, False
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == _SELF_CHECK:
+                checking = True
         token = bearer(authorization)
+        if token is None and checking:  # CALLBACK_URL's look at start (callback_check.py): not a refusal
+            await _send(send, *_UNAUTHORIZED)
+            return
         if token is None or not token_shaped(token):  # not even shaped like ours: refused unread
             self.app.state.dispatcher.metrics.callbacks.labels("401").inc()
             REFUSED.note(token)
