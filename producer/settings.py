@@ -95,6 +95,12 @@ class QueueSettings(BaseSettings):
     def _check_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        if value and not value.startswith("unix://"):
+            # redis-py reads a path that is not a number ("/11x", "/0/extra") as database 0, silently: a
+            # dispatcher then waited on db 0 for jobs pushed to db 11 (an outside trial).
+            db = urlsplit(value).path.strip("/")
+            if db and not db.isdigit():
+                raise ValueError(f"the path must be a database number (redis://host:6379/11), not /{db}")
         return value or None
 
     @field_validator("redis_cluster")

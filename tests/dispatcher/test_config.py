@@ -32,6 +32,9 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
         ),  # shared keys
         ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
         ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        # redis-py reads a path that is not a number as database 0: a dispatcher waited on the wrong db
+        ({"REDIS_URL": "redis://127.0.0.1:6379/11x"}, "a database number"),
+        ({"REDIS_URL": "redis://127.0.0.1:6379/0/extra"}, "REDIS_URL"),
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         # Durations are added to datetimes: inf or an absurd one would dead-letter every job, not stop the start
         ({"TASK_TIMEOUT_SECONDS": "inf"}, "TASK_TIMEOUT_SECONDS"),
