@@ -39,23 +39,23 @@ def _translate(ctx: Any, exc: Exception) -> OperatorError | None:
 
 
 def _database(where: str, exc: Exception) -> Unreachable:
-    if _no_schema(exc):
+    # The driver's error: on the exception itself (DBAPIError) or on the one a StoreUnavailable wraps.
+    orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
+    code = orig.args[0] if orig is not None and orig.args else None
+    if code == 1146 or "no such table" in str(orig):
         return Unreachable(f"database {where} has no gpuq tables yet: run `gpuq db init`")
+    if code == 1049:
+        return Unreachable(
+            f"database {where} does not exist: create it (CREATE DATABASE <name>), then run `gpuq db init`"
+        )
     detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
     # A column this gpuq knows and the database lacks: its schema predates it (db/migrations.py adds it).
-    orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
-    if (orig is not None and orig.args and orig.args[0] == 1054) or "no such column" in str(orig):
+    if code == 1054 or "no such column" in str(orig):
         return Unreachable(
             f"database {where} has the schema of an earlier gpuq ({detail}): run `gpuq db init`"
             " (or start a dispatcher of this version) to upgrade it"
         )
     return Unreachable(f"database {where} is unreachable: {detail}")
-
-
-def _no_schema(exc: Exception) -> bool:
-    orig = getattr(exc, "orig", None)
-    code = orig.args[0] if orig is not None and orig.args else None
-    return code == 1146 or "no such table" in str(orig)
 
 
 class GpuqGroup(TyperGroup):

@@ -369,7 +369,7 @@ def console_script(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow  # a dozen CLI processes, each waiting for a store that does not answer
-def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq_env):
+def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq_env, tmp_path):
     db = gpuq_env["DATABASE_URL"]
     res = console_script("gpu", "list", DATABASE_URL=db)
     assert (res.returncode, res.stderr) == (
@@ -391,6 +391,18 @@ def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq
             "gpuq: database mysql+pymysql://root:***@127.0.0.1:1/x is unreachable: ",
         ),
         (("gpu", "list"), {"DATABASE_URL": "postgres://x"}, 2, "gpuq: DATABASE_URL: Value error, must be a"),
+        (  # a MySQL database not created yet: said so, and how (an outside trial read "unreachable")
+            ("db", "init"),
+            {"DATABASE_URL": db.rsplit("/", 1)[0] + "/gpuq_never_created"},
+            3,
+            f"gpuq: database {db.rsplit('/', 1)[0]}/gpuq_never_created does not exist: create it",
+        ),
+        (  # an empty embedded database: the same words as MySQL's (it said "unreachable: no such table")
+            ("status",),
+            {"DATABASE_URL": f"sqlite:///{tmp_path}/empty.db"},
+            3,
+            f"gpuq: database sqlite:///{tmp_path}/empty.db has no gpuq tables yet: run `gpuq db init`",
+        ),
         (("task", "show"), {}, 2, ""),
         (("nope",), {}, 2, ""),
     ]
