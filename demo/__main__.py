@@ -19,6 +19,7 @@ from demo.services import DemoError
 from demo.stack import OnExit, start
 from demo.submit import submit
 from demo.watch import Watch
+from simgpu.config import ConfigError, ServiceTime
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.jobs, args.gpus, args.slots) < 1:
         p.error("--jobs, --gpus and --slots must be at least 1")
+    try:
+        ServiceTime.parse(args.service_time)
+    except ConfigError as exc:  # checked before anything starts (it was a traceback from the simulator)
+        p.error(f"--service-time: {exc}")
     return args
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from demo.__main__ import parse_args
 from tests.conftest import REDIS_HOST, REDIS_PORT
 from tests.dispatcher.harness import ROOT, free_port
 
@@ -138,3 +139,18 @@ def test_ctrl_c_stops_everything_it_started():
     assert "stopped dispatcher" in out
     assert "stopped simulated fleet" in out
     assert all(_gone(pid) for pid in pids.values()), pids
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--service-time", "bogus"], "--service-time: service time 'bogus'"),  # was a simulator traceback
+        (["--jobs", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_arguments_are_one_usage_error_before_anything_starts(args, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
