@@ -292,6 +292,12 @@ class DispatcherSettings(StoreSettings):
     def _secret_required(self) -> DispatcherSettings:
         if self.callback_secret is None or len(self.callback_secret.get_secret_value()) < 16:
             raise ValueError("CALLBACK_SECRET must be set to a random string of at least 16 characters")
+        if len(set(self.callback_secret.get_secret_value().strip())) < 8:
+            # Twenty spaces or "aaaa..." passed the length rule (an outside trial); anyone could sign callbacks.
+            raise ValueError(
+                "CALLBACK_SECRET does not look random (fewer than 8 different characters): use e.g."
+                " `openssl rand -hex 32`"
+            )
         return self
 
     @cached_property

@@ -29,7 +29,7 @@ def test_every_setting_is_documented():
 def test_example_values_load(monkeypatch):
     for name, value in _variables().items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("CALLBACK_SECRET", "x" * 32)
+    monkeypatch.setenv("CALLBACK_SECRET", "0123456789abcdef" * 2)
     s = DispatcherSettings(_env_file=None)  # type: ignore[call-arg]
     assert s.slots_per_gpu == 4
     assert s.db_url() == "sqlite:///.gpuq/gpuq.db"

@@ -9,7 +9,7 @@ from dispatcher.testing import DispatcherProcess
 from producer.errors import ConfigError
 from producer.settings import load
 
-GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
+GOOD = {"CALLBACK_SECRET": "0123456789abcdef" * 2, "DATABASE_URL": "sqlite:///:memory:"}
 
 
 @pytest.mark.parametrize(
@@ -17,6 +17,8 @@ GOOD = {"CALLBACK_SECRET": "s" * 32, "DATABASE_URL": "sqlite:///:memory:"}
     [
         ({"CALLBACK_SECRET": ""}, "CALLBACK_SECRET"),
         ({"CALLBACK_SECRET": "short"}, "CALLBACK_SECRET"),
+        ({"CALLBACK_SECRET": " " * 20}, "does not look random"),  # an outside trial's; anyone could sign
+        ({"CALLBACK_SECRET": "a" * 16}, "does not look random"),
         ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1/g0;g1=http://a:1/g1"}, "GPU_ENDPOINTS"),  # issue 14

@@ -99,7 +99,7 @@ def test_bad_weights_are_refused(monkeypatch, weights):
     from producer.errors import ConfigError
     from producer.settings import load
 
-    monkeypatch.setenv("CALLBACK_SECRET", "s" * 32)
+    monkeypatch.setenv("CALLBACK_SECRET", "0123456789abcdef" * 2)
     monkeypatch.setenv("TASK_QUEUES", "q1,q2")
     monkeypatch.setenv("QUEUE_WEIGHTS", weights)
     with pytest.raises(ConfigError) as err:
