@@ -293,7 +293,7 @@ class DispatcherSettings(StoreSettings):
         if self.callback_secret is None or len(self.callback_secret.get_secret_value()) < 16:
             raise ValueError("CALLBACK_SECRET must be set to a random string of at least 16 characters")
         if len(set(self.callback_secret.get_secret_value().strip())) < 8:
-            # Twenty spaces or "aaaa..." passed the length rule (an outside trial); anyone could sign callbacks.
+            # Twenty spaces or "aaaa..." passed the length rule (an outside trial): anyone could sign.
             raise ValueError(
                 "CALLBACK_SECRET does not look random (fewer than 8 different characters): use e.g."
                 " `openssl rand -hex 32`"
