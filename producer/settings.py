@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from typing import Any, Self, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,12 +95,15 @@ class QueueSettings(BaseSettings):
     def _check_url(cls, value: str | None) -> str | None:
         if value and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        value = value.strip() if value else value
         if value and not value.startswith("unix://"):
             # redis-py reads a path that is not a number ("/11x", "/0/extra") as database 0, silently: a
-            # dispatcher then waited on db 0 for jobs pushed to db 11 (an outside trial).
-            db = urlsplit(value).path.strip("/")
-            if db and not db.isdigit():
-                raise ValueError(f"the path must be a database number (redis://host:6379/11), not /{db}")
+            # dispatcher then waited on db 0 for jobs pushed to db 11 (an outside trial). The message quotes
+            # nothing of the URL: a password with an unescaped "/" ends up in the path.
+            parts = urlsplit(value)
+            db = unquote(parts.path).strip("/")
+            if db and not (db.isascii() and db.isdigit()) and "db" not in parse_qs(parts.query):
+                raise ValueError("its path must be a database number (redis://host:6379/11)")
         return value or None
 
     @field_validator("redis_cluster")

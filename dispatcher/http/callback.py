@@ -40,7 +40,7 @@ from dispatcher.errors import (
 from dispatcher.gpus.tokens import token_shaped, verify_token
 from dispatcher.http.callback_check import SELF_CHECK
 from dispatcher.http.edge_limits import BUSY, CALLBACK_BODIES
-from dispatcher.http.refusals import REFUSED
+from dispatcher.http.refusals import refusals_of
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.task_events import encode
 from dispatcher.states import Outcome, TaskState
@@ -179,7 +179,7 @@ async def handle(
     if early is not None:
         d.metrics.callbacks.labels(str(early[0])).inc()
         if early[0] == 401:
-            REFUSED.note(token)
+            refusals_of(d).note(token)
         return early
     try:
         body = _ADAPTER.validate_json(raw)
@@ -190,7 +190,7 @@ async def handle(
     attempt = verify_token(d.settings.secret, body.task_id, token) if token else None
     if attempt is None:
         d.metrics.callbacks.labels("401").inc()
-        REFUSED.note(token, body.task_id)
+        refusals_of(d).note(token, body.task_id)
         return _UNAUTHORIZED
     if body.status == "running":
         extra = dict(body.model_extra or {})
@@ -264,7 +264,7 @@ class CallbackFastPath:
             return
         if token is None or not token_shaped(token):  # not even shaped like ours: refused unread
             self.app.state.dispatcher.metrics.callbacks.labels("401").inc()
-            REFUSED.note(token)
+            refusals_of(self.app.state.dispatcher).note(token)
             await _send(send, *_UNAUTHORIZED)
             return
         chunks, size = [], 0

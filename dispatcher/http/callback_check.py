@@ -18,6 +18,9 @@ log = logging.getLogger("gpuq.dispatcher")
 SELF_CHECK = "x-gpuq-callback-check"
 #: What gpuq's 401 to a callback with no token says (``dispatcher/http/callback.py``).
 _OURS = b"callback token"
+#: A proxy's answers while nothing behind it serves yet (uvicorn binds only after the dispatcher's start):
+#: looked at again, as an unreachable URL is.
+_NOT_YET = frozenset({502, 503, 504})
 
 
 async def check_callback_url(url: str, *, tries: int = 20, pause: float = 0.5) -> str:
@@ -28,8 +31,19 @@ async def check_callback_url(url: str, *, tries: int = 20, pause: float = 0.5) -
         for _ in range(tries):
             try:
                 answer = await client.post(url, content=b"{}", headers={SELF_CHECK: "1"})
+            except (httpx.InvalidURL, ValueError) as exc:  # a port typo ("h:80OO") the settings let by
+                log.error(
+                    f"CALLBACK_URL {url} is not a URL a GPU can call ({exc}): every job would wait out its"
+                    " lease (TASK_TIMEOUT_SECONDS) and fail",
+                    extra={"action": "callback_check", "url": url, "error": str(exc)},
+                )
+                return "wrong"
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(pause)
+                continue
+            if answer.status_code in _NOT_YET:  # a proxy whose dispatchers are (re)starting, this one too
+                error = f"answered {answer.status_code}"
                 await asyncio.sleep(pause)
                 continue
             if answer.status_code == 401 and _OURS in answer.content:
@@ -45,7 +59,8 @@ async def check_callback_url(url: str, *, tries: int = 20, pause: float = 0.5) -
             )
             return "wrong"
     log.info(
-        "CALLBACK_URL is not reachable from this host (fine if only the GPUs' network reaches it)",
+        "CALLBACK_URL is not reachable from this host, or nothing serves behind it yet (fine if only the"
+        " GPUs' network reaches it)",
         extra={"action": "callback_check", "url": url, "error": error},
     )
     return "unreachable"

@@ -1,19 +1,23 @@
-"""Callbacks refused for their token (401) are logged, at most once per ``EVERY_SECONDS`` with how many came
-since: a metric alone left an operator blind. In an outside trial a dispatcher started with another
-``CALLBACK_SECRET`` than its peers had 29 callbacks refused and not one log line, and its tasks ended
-"no callback before the lease ran out" although their callbacks had come. A forged-callback flood costs one
-line per interval, not one per request."""
+"""Callbacks refused for their token (401) are logged, at most once per ``EVERY_SECONDS`` per dispatcher, with
+how many came since and why: a metric alone left an operator blind. In an outside trial a dispatcher started
+with another ``CALLBACK_SECRET`` than its peers had 29 callbacks refused and not one log line, and its tasks
+ended "no callback before the lease ran out" although their callbacks had come. A forged-callback flood
+costs one line per interval, not one per request."""
 
 from __future__ import annotations
 
 import logging
 import time
+import weakref
+from collections import Counter
 
 from dispatcher.gpus.tokens import token_shaped
 
 log = logging.getLogger("gpuq.http")
 
 EVERY_SECONDS = 10.0
+#: Characters of a refused callback's task id that reach the log (a forged one is the sender's text).
+_TASK_ID_CHARS = 100
 
 
 def why_refused(token: str | None) -> str:
@@ -31,11 +35,12 @@ def why_refused(token: str | None) -> str:
 class Refusals:
     def __init__(self, every: float = EVERY_SECONDS) -> None:
         self.every = every
-        self._count = 0
+        self._reasons: Counter[str] = Counter()
         self._next_at = 0.0
 
     def note(self, token: str | None, task_id: str | None = None) -> None:
-        self._count += 1
+        reason = why_refused(token)
+        self._reasons[reason] += 1
         now = time.monotonic()
         if now < self._next_at:
             return
@@ -43,14 +48,24 @@ class Refusals:
             "callback refused: wrong token",
             extra={
                 "action": "callback_refused",
-                "refused": self._count,  # since the last line
-                "reason": why_refused(token),
-                "task_id": task_id,
+                "refused": sum(self._reasons.values()),  # since the last line
+                "reason": reason,
+                # every reason since the last line: one tokenless request per interval must not hide the rest
+                "reasons": dict(self._reasons),
+                # escaped: a forged id must not write lines of its own into a text log
+                "task_id": None if task_id is None else ascii(task_id[:_TASK_ID_CHARS]),
             },
         )
-        self._count = 0
+        self._reasons.clear()
         self._next_at = now + self.every
 
 
-#: This process's; callbacks of every dispatcher in it count together (one per process outside tests).
-REFUSED = Refusals()
+_OF: weakref.WeakKeyDictionary[object, Refusals] = weakref.WeakKeyDictionary()
+
+
+def refusals_of(dispatcher: object) -> Refusals:
+    """The dispatcher's own (several live in one test process; each logs its own)."""
+    found = _OF.get(dispatcher)
+    if found is None:
+        found = _OF[dispatcher] = Refusals()
+    return found

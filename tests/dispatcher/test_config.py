@@ -19,6 +19,7 @@ GOOD = {"CALLBACK_SECRET": "0123456789abcdef" * 2, "DATABASE_URL": "sqlite:///:m
         ({"CALLBACK_SECRET": "short"}, "CALLBACK_SECRET"),
         ({"CALLBACK_SECRET": " " * 20}, "does not look random"),  # an outside trial's; anyone could sign
         ({"CALLBACK_SECRET": "a" * 16}, "does not look random"),
+        ({"CALLBACK_SECRET": "abc" * 8}, "does not look random"),
         ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1/g0;g1=http://a:1/g1"}, "GPU_ENDPOINTS"),  # issue 14

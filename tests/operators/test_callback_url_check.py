@@ -48,3 +48,31 @@ def test_a_callback_url_nobody_answers_here_is_only_mentioned(caplog):
     assert verdict == "unreachable"
     (record,) = [r for r in caplog.records if getattr(r, "action", None) == "callback_check"]
     assert record.levelname == "INFO" and "not reachable from this host" in record.getMessage()
+
+
+def test_a_proxy_answering_502_until_the_dispatcher_serves_is_looked_at_again(caplog):
+    """uvicorn binds after the dispatcher's start: a proxy in front answers 502 to the first looks."""
+    answers = [502, 503, 401]
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        status = answers.pop(0)
+        body = b'{"error": "missing or wrong callback token"}' if status == 401 else b"bad gateway"
+        return httpx.Response(status, content=body)
+
+    real = httpx.AsyncClient
+
+    def client(**kw):
+        return real(transport=httpx.MockTransport(reply), **kw)
+
+    with caplog.at_level("INFO", logger="gpuq.dispatcher"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("dispatcher.http.callback_check.httpx.AsyncClient", client)
+        verdict = asyncio.run(check_callback_url("https://lb.example/callback", tries=5, pause=0.01))
+    assert verdict == "ok" and answers == []
+
+
+@pytest.mark.parametrize("url", ["http://h:80OO/callback", "http://h:abc/callback"])
+def test_a_callback_url_no_gpu_could_call_is_an_error(url, caplog):
+    with caplog.at_level("INFO", logger="gpuq.dispatcher"):
+        assert asyncio.run(check_callback_url(url, tries=2, pause=0.01)) == "wrong"
+    (record,) = [r for r in caplog.records if getattr(r, "action", None) == "callback_check"]
+    assert record.levelname == "ERROR" and "not a URL a GPU can call" in record.getMessage()

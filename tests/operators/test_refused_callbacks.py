@@ -33,7 +33,7 @@ def test_callbacks_signed_with_another_secret_are_logged_once_per_interval(stack
     assert peer_token not in d.log_path.read_text()  # the token itself is never logged
 
 
-def test_a_line_per_interval_counts_the_refusals_since(caplog, monkeypatch):
+def test_a_line_per_interval_counts_the_refusals_since_and_every_reason(caplog, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr("dispatcher.http.refusals.time.monotonic", lambda: clock[0])
     r = Refusals(every=10)
@@ -42,9 +42,15 @@ def test_a_line_per_interval_counts_the_refusals_since(caplog, monkeypatch):
         for _ in range(6):
             r.note("1.abc")
         clock[0] += 10
-        r.note("not-a-token")
+        r.note(None)  # one tokenless request at the interval's start does not hide the six before it
     lines = [rec for rec in caplog.records if getattr(rec, "action", None) == "callback_refused"]
-    assert [(x.refused, x.reason) for x in lines] == [
-        (1, "no bearer token"),
-        (7, "not a gpuq callback token"),
-    ]
+    assert [(x.refused, x.reason) for x in lines] == [(1, "no bearer token"), (7, "no bearer token")]
+    assert lines[1].reasons == {"not a gpuq callback token": 6, "no bearer token": 1}
+
+
+def test_a_forged_task_id_cannot_write_a_line_of_its_own(caplog):
+    """A refused callback's task id is the sender's text: escaped, so a text log gets no second line."""
+    with caplog.at_level("WARNING", logger="gpuq.http"):
+        Refusals().note(None, "x\ninfo    gpuq.dispatcher: all clear" + "y" * 500)
+    (line,) = [rec for rec in caplog.records if getattr(rec, "action", None) == "callback_refused"]
+    assert "\n" not in line.task_id and "\\n" in line.task_id and len(line.task_id) < 120

@@ -26,6 +26,12 @@ G0 = "http://127.0.0.1:19100/g0"
         "http://127.0.0.1:19100//g0/",
         "http://127.0.0.1:19100/%67%30",
         "HTTP://127.0.0.1:19100/g0#fragment",
+        # a review's: Linux connects 0.0.0.0 to the local host; clients fold fullwidth forms and IDNA
+        "http://0:19100/g0",
+        "http://0.0.0.0:19100/g0",
+        "http://\uff4c\uff4f\uff43\uff41\uff4c\uff48\uff4f\uff53\uff54:19100/g0",  # fullwidth localhost
+        "http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:19100/g0",  # fullwidth digits
+        "http://127\u30020\u30020\u30021:19100/g0",  # ideographic full stops
     ],
 )
 def test_spellings_of_one_url_are_one_service(alias: str) -> None:
@@ -54,3 +60,15 @@ def test_other_urls_are_other_services(other: str) -> None:
 def test_names_are_compared_not_resolved() -> None:
     assert same_service("http://GPU-A.internal/infer", "http://gpu-a.internal:80/infer/")
     assert not same_service("http://gpu-a.internal/infer", "http://gpu-b.internal/infer")
+
+
+def test_an_idna_name_and_its_ascii_form_are_one_name() -> None:
+    assert same_service("http://b\u00fccher.example/x", "http://xn--bcher-kva.example/x")
+
+
+def test_a_stored_url_that_no_longer_parses_is_compared_as_written() -> None:
+    """A row an older version stored; comparing it must not raise (the registration's caller catches only
+    UrlTaken): it is the same as itself only."""
+    for odd in ("http://[garbage]/g0", "http://[::1/g0", "http://h\u2100/g0"):
+        assert same_service(odd, odd)
+        assert not same_service(odd, G0)
