@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import Counter
 
 from dispatcher.gpus.tokens import token_shaped
@@ -60,12 +59,10 @@ class Refusals:
         self._next_at = now + self.every
 
 
-_OF: weakref.WeakKeyDictionary[object, Refusals] = weakref.WeakKeyDictionary()
-
-
 def refusals_of(dispatcher: object) -> Refusals:
-    """The dispatcher's own (several live in one test process; each logs its own)."""
-    found = _OF.get(dispatcher)
+    """The dispatcher's own (several live in one test process; each logs its own), kept on it."""
+    found = getattr(dispatcher, "_callback_refusals", None)
     if found is None:
-        found = _OF[dispatcher] = Refusals()
+        found = Refusals()
+        setattr(dispatcher, "_callback_refusals", found)  # noqa: B010 - an attribute the class does not declare
     return found
