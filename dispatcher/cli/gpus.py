@@ -178,6 +178,8 @@ def drain(
     ``--wait`` is for a GPU service's stop hook (a Kubernetes preStop, a systemd ExecStop): the service
     keeps running until its slots are empty, so scaling it down kills no running job. A slot is empty once
     its job called back, was cancelled and confirmed, or its lease ran out."""
+    if timeout is not None and not wait:  # it was ignored without a word (an outside trial)
+        raise BadArgument("--timeout only applies with --wait: `gpuq gpu drain NAME --wait --timeout S`")
     busy = _set_state(ctx, name, GpuState.DRAINING)
     console().print(f"GPU {name} draining: {busy} job(s) still running, no new ones")
     if not wait:

@@ -126,11 +126,19 @@ def test_gpu_drain_wait_returns_once_the_slots_are_empty(gpuq, stores):
 def test_gpu_errors_are_one_line_with_a_status(gpuq, stores):
     for args, code, message in [
         (("gpu", "drain", "nope"), 1, "gpuq: no GPU named 'nope' (gpuq gpu list shows them)"),
+        (  # was ignored without a word, and the GPU drained (an outside trial)
+            ("gpu", "drain", "g0", "--timeout", "5"),
+            2,
+            "gpuq: --timeout only applies with --wait: `gpuq gpu drain NAME --wait --timeout S`",
+        ),
         (("gpu", "remove", "nope"), 1, "gpuq: no GPU named 'nope' (gpuq gpu list shows them)"),
         (("gpu", "add", "g9", "ftp://x"), 2, "gpuq: 'default:g9=ftp://x': 'ftp://x' is not an http(s) URL"),
     ]:
         res = gpuq(*args)
         assert (res.exit_code, res.stderr.strip()) == (code, message), res
+    assert {g["gpu_id"]: g["state"] for g in json.loads(gpuq("gpu", "list", "--json").stdout)}[
+        "g0"
+    ] == "active"
     res = gpuq("gpu", "add", "g9", "http://x", "--slots", "0")
     assert res.exit_code == 2 and "--slots" in res.stderr
 
