@@ -116,4 +116,17 @@ app.add_typer(admin.db_app, name="db")
 
 
 def main() -> None:
-    sys.exit(app(prog_name="gpuq"))
+    command = typer.main.get_command(app)  # what app() runs, built once here to be read as plain help
+    _plain_help(command)
+    sys.exit(command(prog_name="gpuq"))
+
+
+def _plain_help(command: Any) -> None:
+    """The docstrings a command's help comes from mark code as ``this`` (reST, for the source's readers):
+    shown as plain text, so that ``gpuq gpu --help`` does not print the double backticks."""
+    for name in ("help", "short_help"):
+        text = getattr(command, name, None)
+        if isinstance(text, str):
+            setattr(command, name, text.replace("``", ""))
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)

@@ -424,3 +424,17 @@ def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq
     # the operator's environment does not need the dispatcher's CALLBACK_SECRET
     res = console_script("sql", "--list")
     assert res.returncode == 0 and "gpu_load" in res.stdout
+
+
+@pytest.mark.slow  # a CLI process per command group
+def test_help_shows_no_rest_markup():
+    """The help comes from docstrings that mark code as ``this``; an outside trial read the backticks."""
+    for args in (
+        ("gpu", "--help"),
+        ("gpu", "add", "--help"),
+        ("task", "--help"),
+        ("queue", "list", "--help"),
+    ):
+        res = console_script(*args)
+        assert res.returncode == 0 and "Usage" in res.stdout, (args, res.stderr)
+        assert "``" not in res.stdout, args
