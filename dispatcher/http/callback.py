@@ -162,6 +162,12 @@ async def callback(request: Request) -> Response:
     return _answer(status, body, headers)
 
 
+def _refused(d: Dispatcher, token: str | None, task_id: str | None = None) -> None:
+    """A callback refused for its token (401): counted, and logged at most once per interval."""
+    d.metrics.callbacks.labels("401").inc()
+    refusals_of(d).note(token, task_id)
+
+
 def _partial_too_large(partial: Any, limit: int) -> str | None:
     """Why a ``partial`` is refused (its JSON over PARTIAL_MAX_BYTES), or None."""
     if partial is None:
@@ -177,9 +183,10 @@ async def handle(
     token = bearer(authorization)
     early = precheck(d.settings.secret, raw, token)
     if early is not None:
-        d.metrics.callbacks.labels(str(early[0])).inc()
         if early[0] == 401:
-            refusals_of(d).note(token)
+            _refused(d, token)
+        else:
+            d.metrics.callbacks.labels(str(early[0])).inc()
         return early
     try:
         body = _ADAPTER.validate_json(raw)
@@ -189,8 +196,7 @@ async def handle(
         return answer(validation_error(errors))
     attempt = verify_token(d.settings.secret, body.task_id, token) if token else None
     if attempt is None:
-        d.metrics.callbacks.labels("401").inc()
-        refusals_of(d).note(token, body.task_id)
+        _refused(d, token, body.task_id)
         return _UNAUTHORIZED
     if body.status == "running":
         extra = dict(body.model_extra or {})
@@ -263,8 +269,7 @@ class CallbackFastPath:
             await _send(send, *_UNAUTHORIZED)
             return
         if token is None or not token_shaped(token):  # not even shaped like ours: refused unread
-            self.app.state.dispatcher.metrics.callbacks.labels("401").inc()
-            refusals_of(self.app.state.dispatcher).note(token)
+            _refused(self.app.state.dispatcher, token)
             await _send(send, *_UNAUTHORIZED)
             return
         chunks, size = [], 0
