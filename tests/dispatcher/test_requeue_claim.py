@@ -380,3 +380,37 @@ def test_a_priority_changed_after_the_claim_is_pushed_again_at_the_new_priority(
     assert out["first"] == ("retrying", "high", {"high": 0, "normal": 1}), out
     assert out["next"] == ("queued", "high", {"high": 1, "normal": 1}), out
     assert out["ran"][1:] == (2, {"high": 0, "normal": 0}), out
+
+
+def test_the_queued_event_of_a_requeued_task_is_out_before_its_job(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    rds: redis.Redis,
+    fleet: SimFleet,  # noqa: F811
+) -> None:
+    """What a listener has when the job becomes takeable: pushed first, another dispatcher could place the
+    job and publish ``dispatched`` before ``queued`` (a fresh-clone CI run's stream read state, dispatched,
+    queued)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    task_id = f"r-{uuid.uuid4().hex[:6]}"
+    seen: list[str] = []
+
+    async def main() -> None:
+        async with in_process(_settings(any_database_url, redis_url, key_prefix, queue, fleet)) as d:
+            await _retrying(d, rds, queue, task_id)
+            pubsub = _subscribe(rds, d.keys.task_events(task_id))
+            real = d.rt.intake.requeue
+
+            async def requeue(jobs: list[tuple[str, str]]) -> None:
+                seen.append("event" if "queued" in _drain(pubsub) else "none")
+                await real(jobs)
+                seen.append("job")
+
+            d.rt.intake.requeue = requeue  # type: ignore[method-assign]
+            await d.housekeeping.requeue_due()
+            pubsub.close()
+            assert rds.llen(queue_key(queue, Priority.NORMAL)) == 1
+
+    asyncio.run(main())
+    assert seen == ["event", "job"], seen
