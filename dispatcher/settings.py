@@ -222,6 +222,10 @@ class DispatcherSettings(StoreSettings):
     idle_poll_seconds: float = Field(default=0.5, ge=0.01, le=60)
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=HOUR)
     dispatcher_id: str = Field(default_factory=_default_dispatcher_id)
+    #: A local directory for the journal of sent requests (dispatcher/sent_journal.py).
+    state_dir: str = ".gpuq"
+    #: false: no journal (after a kill -9, jobs recorded but never sent hold their slots until their lease).
+    sent_journal: bool = True
     log_level: str = "INFO"
     # This process among all that ever had its DISPATCHER_ID (queues/presence.py ``claim``): not a setting.
     _instance: str = PrivateAttr(default_factory=new_instance)

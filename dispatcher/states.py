@@ -52,3 +52,4 @@ class Outcome(StrEnum):
     CANCELLED = "cancelled"
     GPU_REFUSED = "gpu_refused"  # 401/403/404/405/501...: about the GPU; waits again, no attempt used
     NOT_SENT = "not_sent"  # this process could not send it (out of file descriptors): no attempt used
+    NEVER_SENT = "never_sent"  # its dispatcher died before sending it (sent_journal.py): no attempt used

@@ -6,7 +6,7 @@
 --
 -- Task states: processing (holds a slot), finished, failed, cancelled (final), retrying (waits for its
 -- backoff, run_after), scheduled (waits for its not_before, run_after), queued (back in Redis).
--- Attempt outcomes: finished, failed, failed_retry, lease_expired, cancelled, gpu_refused, not_sent.
+-- Attempt outcomes: finished, failed, failed_retry, lease_expired, cancelled, gpu_refused, not_sent, never_sent.
 
 -- name: gpu_load
 -- Running tasks per GPU: the seed system's load query, unchanged.

@@ -5,7 +5,7 @@
 --   processing = holds a slot (gpu_id, slot_index); finished / failed / cancelled are final;
 --   retrying = waits for its backoff (run_after); scheduled = waits for its start time (run_after);
 --   queued = back in Redis after a retry or schedule.
--- attempts.outcome: finished, failed, failed_retry, lease_expired, cancelled, gpu_refused, not_sent.
+-- attempts.outcome: finished, failed, failed_retry, lease_expired, cancelled, gpu_refused, not_sent, never_sent.
 -- slots.task_id is UNIQUE and set exactly while a task runs there; the (gpu_id, slot_index) key caps a GPU's
 -- running jobs at its slot rows.
 

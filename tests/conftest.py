@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -38,6 +39,10 @@ MYSQL_USER = os.environ.get("GPUQ_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("GPUQ_TEST_MYSQL_PASSWORD", "")
 
 RUN_ID = uuid.uuid4().hex[:8]  # per process: each xdist worker has its own, and so its own databases
+
+# In-process dispatchers keep their journals of sent requests (dispatcher/sent_journal.py) in a folder of this
+# worker's, not in the checkout's .gpuq/; dispatcher processes keep theirs in their own working directory.
+os.environ.setdefault("STATE_DIR", tempfile.mkdtemp(prefix=f"gpuq-state-{RUN_ID}-"))
 
 # Hypothesis profiles, chosen with HYPOTHESIS_PROFILE (`make test`: ci, `make fuzz`: fuzz).
 # - ci: the same examples on every run and every clone (derandomized, no example database), so a red run is

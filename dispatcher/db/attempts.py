@@ -105,7 +105,12 @@ _FINAL_STATE = {
     Outcome.CANCELLED: TaskState.CANCELLED,
     Outcome.GPU_REFUSED: TaskState.FAILED,  # never reached: a refused attempt always waits again
     Outcome.NOT_SENT: TaskState.FAILED,  # never reached: as a refused attempt
+    Outcome.NEVER_SENT: TaskState.FAILED,  # never reached: as a refused attempt
 }
+
+
+#: Attempts given back: no attempt used, the job waits again.
+_GIVEN_BACK = (Outcome.GPU_REFUSED, Outcome.NOT_SENT, Outcome.NEVER_SENT)
 
 
 def _params(
@@ -119,12 +124,13 @@ def _params(
     error: str | None,
     reported: str | None,
 ) -> dict[str, Any]:
-    retry = outcome in (Outcome.FAILED_RETRY, Outcome.EXPIRED, Outcome.GPU_REFUSED, Outcome.NOT_SENT)
+    retry = outcome in (*_GIVEN_BACK, Outcome.FAILED_RETRY, Outcome.EXPIRED)
     # A GPU that refused the request (wrong URL, token, method) says nothing about the job: the attempt is
     # given back (one more allowed) and the job waits again at once (_retry_at), for a GPU that takes it.
     # A request this process could not send is given back too, but waits its backoff (_retry_at): nothing
     # takes a GPU out of rotation for it, and at once it went round four times a second per job.
-    refund = outcome in (Outcome.GPU_REFUSED, Outcome.NOT_SENT)
+    # An attempt its dead dispatcher never sent (recovery.py) is given back and waits again at once.
+    refund = outcome in _GIVEN_BACK
     return {
         "task_id": task_id,
         "attempt": attempt,
@@ -227,7 +233,7 @@ def _retry_at(
     """When a retrying task is due again: after its backoff, or at once for an attempt a GPU refused. A
     request not sent waits the first backoff step whatever its attempt: its number grows with each round,
     and says nothing of how long to wait."""
-    if outcome is Outcome.GPU_REFUSED:
+    if outcome in (Outcome.GPU_REFUSED, Outcome.NEVER_SENT):
         delay = 0.0
     else:
         delay = backoff.delay(1 if outcome is Outcome.NOT_SENT else attempt)

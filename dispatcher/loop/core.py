@@ -206,6 +206,7 @@ class Dispatcher:
             )
             await rt.gpu.close()
             await rt.hot.close()
+            rt.journal.close()
             return
         try:
             back = await rt.intake.hand_back()
@@ -218,6 +219,7 @@ class Dispatcher:
             )
         await rt.gpu.close()
         await rt.hot.close()
+        rt.journal.close()  # its lock dropped: the next process here reads it (recovery.py)
 
     async def _take_back_standbys(self) -> None:
         """Standbys not sent go back to waiting (their jobs to the buffer, then Redis), so any dispatcher

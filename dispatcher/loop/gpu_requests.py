@@ -98,6 +98,7 @@ class GpuRequests:
         if len(self._sent) > _SENT_MEMORY:
             self._sent.popitem(last=False)
         self._posting.add((p.job.task_id, p.attempt))
+        self.rt.journal.record(p.job.task_id, p.attempt)  # before any byte goes out (sent_journal.py)
         # The request's bytes go out now, not a turn or two of the loop later (eager.py); its answer is
         # judged by a task of its own, as before.
         request = start_now(self.rt.gpu.send(p.url, body), name=f"request:{p.job.task_id}:{p.attempt}")

@@ -20,6 +20,7 @@ from dispatcher.db.deferred import claim_due, mark_queued
 from dispatcher.db.gpus import pool_slots, probe_result, probes_due
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.attempt_ends import AttemptEnds
+from dispatcher.loop.recovery import recover
 from dispatcher.loop.runtime import Runtime, SlotSignals
 from dispatcher.states import Outcome
 from producer.keys import queue_key
@@ -94,6 +95,7 @@ class Housekeeping:
                 ("drift", 30.0, self.check_drift),
                 ("clock", 30.0, self.rt.sync_clock),
                 ("pools", 5.0, self.read_pools),
+                ("recovery", 5.0, self.recover),
             ):
                 if not self._every(name, seconds):
                     continue
@@ -102,6 +104,11 @@ class Housekeeping:
                 except TRANSIENT as exc:
                     log.warning("housekeeping failed; will retry", extra={"action": name, "error": str(exc)})
             await asyncio.sleep(TICK_SECONDS)
+
+    async def recover(self) -> None:
+        """Dispatchers on this machine that died since: what they recorded and never sent (recovery.py)."""
+        if await recover(self.rt, self.rt.journal, starting=False):
+            self.signals.slot_freed()
 
     async def read_pools(self) -> None:
         if self.sized is not None:

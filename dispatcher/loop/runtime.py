@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
@@ -27,12 +28,15 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import list_gpus, register_new
 from dispatcher.db.hot import HotThread
+from dispatcher.db.unsent import holdings
 from dispatcher.gpus.gpu_client import GpuClient
 from dispatcher.limits import Limits
+from dispatcher.loop.recovery import recover
 from dispatcher.metrics import Metrics
 from dispatcher.preflight import slots_mismatch
 from dispatcher.queues.intake import Intake, Settlement
 from dispatcher.queues.task_events import EventPublisher
+from dispatcher.sent_journal import Life, SentJournal, boot_id, realm
 from dispatcher.settings import DispatcherSettings
 from producer.keys import Keys
 
@@ -81,6 +85,8 @@ class Runtime:
     inflight: set[asyncio.Task[None]] = field(default_factory=set)  # owned background work
     side: set[asyncio.Task[None]] = field(default_factory=set)  # tasks that must not end while running
     events: EventPublisher = field(init=False)
+    #: What this process POSTed, on local disk (sent_journal.py); disabled until ``open``.
+    journal: SentJournal = field(default_factory=lambda: SentJournal(None, None))
 
     def __post_init__(self) -> None:
         self.events = EventPublisher(
@@ -117,7 +123,12 @@ class Runtime:
             request_timeout=settings.gpu_request_timeout_seconds,
             max_answer_bytes=settings.gpu_answer_max_bytes,
         )
+        life = None
+        if settings.sent_journal and (boot := boot_id()) is not None:
+            where = realm(engine.url.render_as_string(hide_password=True), settings.redis_dsn(), keys.prefix)
+            life = Life(settings.dispatcher_id, settings.instance, boot, where)
         return cls(
+            journal=SentJournal(Path(settings.state_dir) if life else None, life),
             settings=settings,
             engine=engine,
             redis=redis,
@@ -131,6 +142,18 @@ class Runtime:
         )
 
     # -- plumbing -------------------------------------------------------------------------------------
+
+    async def _start_journal(self) -> None:
+        """Before anything is placed under our id: our journal, what dead lives on this machine recorded
+        and never sent given back (recovery.py), and everything our id still holds written down as sent
+        (an earlier life's, or not known), so that our journal alone covers what a later recovery needs."""
+        j = self.journal
+        if not j.open():
+            return
+        me = self.settings.dispatcher_id
+        j.rotate_due = lambda: self.spawn(j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal")
+        await recover(self, j, starting=True)
+        j.carry(await self.db(holdings, dispatcher_id=me))
 
     def now(self) -> datetime:
         """Naive UTC on the database's clock: leases written here and judged by other processes agree."""
@@ -228,5 +251,6 @@ class Runtime:
                 log.warning(mismatch, extra={"action": "config", "slots_per_gpu": s.slots_per_gpu})
         await self.gpu.start()
         await self.intake.claim(self.beat_redis)  # refuses to run beside a live twin of this DISPATCHER_ID
+        await self._start_journal()
         await self.intake.heartbeat()
         await self.intake.sweep_dead()

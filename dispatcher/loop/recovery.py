@@ -1,0 +1,192 @@
+"""After a dispatcher died (kill -9, OOM, power to its container): give back at once what it had recorded in
+the database but never sent, by its journal of sent requests (``sent_journal.py``).
+
+Without this, each such attempt (a standby bound on a busy slot, a job committed whose POST never left) held
+its slot until its lease ran out (``TASK_TIMEOUT_SECONDS``, 15 minutes by default) and then used an attempt
+(README "Standby jobs"). Now the next dispatcher to start on that machine (the restarted one, under the same
+DISPATCHER_ID or a new one), and every dispatcher there every few seconds, reads the journals whose process
+is gone and, for each attempt held by that dispatcher's id that the journal does not list:
+
+- a standby still bound (its slot's job runs on): taken off the slot, due again at once;
+- a slot's attempt: ended ``never_sent`` (no attempt used), the slot freed (to its standby, if any), the task
+  due again at once; a cancelled one's slot freed.
+
+Attempts the journal lists went out (or may have: the line is written before the request) and keep waiting
+for their callback or lease, as before. Only what the dead life's id holds is judged, and only while no
+other process runs under that id: the restarted process holds it already (it recovers before it places
+anything); for another id, the reader stands in for it in Redis while it reads, as a restart would.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from dispatcher.db.attempts import finish_attempt
+from dispatcher.db.cancels import release_cancelled
+from dispatcher.db.unsent import bound_to, held_by, unbind_unsent
+from dispatcher.queues.presence import HEARTBEAT_TTL_SECONDS, client_name, new_instance
+from dispatcher.sent_journal import DeadLife, Life, SentJournal, dead_lives
+from dispatcher.states import Outcome, TaskState
+from producer.connect import async_client
+
+if TYPE_CHECKING:
+    from dispatcher.loop.runtime import Runtime
+
+log = logging.getLogger("gpuq.dispatcher")
+
+#: A stand-in reads what a dead id holds only this long after taking the id (its key lives the heartbeat's
+#: TTL): a restart of that id waits for the key, so nothing it places can be taken for the dead one's.
+READ_WITHIN_SECONDS = HEARTBEAT_TTL_SECONDS - 4
+
+NEVER_SENT = "its dispatcher ({id}) stopped before sending it: given back without using an attempt"
+
+
+async def recover(rt: Runtime, journal: SentJournal, *, starting: bool) -> int:
+    """Every dead life's journal in this machine's STATE_DIR, read and acted on; the number of attempts
+    given back. Errors of one journal are logged and leave it for the next look.
+
+    A life of our own id is acted on only while ``starting`` (before this process placed anything under
+    the id); met later (another reader held it at our start), it is only removed: our start wrote down
+    everything the id held then as sent (``SentJournal.carry``), so nothing of it is judged from it."""
+    me = journal.life
+    if me is None or not journal.enabled:
+        return 0
+    given = 0
+    for dead in dead_lives(journal):
+        try:
+            given += await _one(rt, me, dead, starting=starting)
+        except Exception:
+            log.exception("journal of a stopped dispatcher not read", extra={"action": "recovery"})
+            dead.release()
+    return given
+
+
+async def _one(rt: Runtime, me: Life, dead: DeadLife, *, starting: bool) -> int:
+    life = dead.life
+    if life is None:
+        log.warning(
+            "journal of sent requests without a readable header: removed; its dispatcher's jobs wait for"
+            " their leases",
+            extra={"action": "recovery", "instance": dead.instance},
+        )
+        dead.forget()
+        return 0
+    if life.realm != me.realm:  # another database or Redis: not ours to read
+        dead.release()
+        return 0
+    if life.boot != me.boot:
+        log.warning(
+            "journal of sent requests from before this machine restarted: not trusted (it may have lost its"
+            " last lines), removed; that dispatcher's unsent jobs wait for their leases",
+            extra={"action": "recovery", "dispatcher_id": life.dispatcher_id, "instance": life.instance},
+        )
+        dead.forget()
+        return 0
+    if life.dispatcher_id == me.dispatcher_id:  # our own id: we hold it
+        given = 0
+        if starting:  # and have placed nothing yet
+            given = await _give_back(rt, life, dead.sent(), time.monotonic() + READ_WITHIN_SECONDS)
+        dead.forget()
+        return given
+    stand_in = new_instance()
+    key = rt.keys.alive(life.dispatcher_id)
+    # A client named as that id's would be: a restart of the id that finds our key waits for it (claim).
+    named = async_client(
+        rt.settings.redis_dsn(),
+        cluster=rt.settings.redis_cluster,
+        client_name=client_name("beat", life.dispatcher_id, stand_in),
+        socket_timeout=5,
+    )
+    try:
+        await named.ping()
+        taken = int(await named.eval(_STAND_IN, 1, key, life.instance, stand_in, HEARTBEAT_TTL_SECONDS))
+        deadline = time.monotonic() + READ_WITHIN_SECONDS
+        if not taken:  # another process runs under that id now: what it holds is not the dead life's
+            log.info(
+                "journal of a stopped dispatcher whose id runs again elsewhere: removed",
+                extra={"action": "recovery", "dispatcher_id": life.dispatcher_id},
+            )
+            dead.forget()
+            return 0
+        try:
+            given = await _give_back(rt, life, dead.sent(), deadline)
+        finally:
+            await named.eval(_STAND_DOWN, 1, key, stand_in)
+        dead.forget()
+        return given
+    finally:
+        await named.aclose()
+
+
+#: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or the dead life still does.
+_STAND_IN = """
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+_STAND_DOWN = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+async def _give_back(rt: Runtime, life: Life, sent: set[tuple[str, int]], deadline: float) -> int:
+    """Give back what ``life``'s id holds and ``sent`` does not list. Reads only before ``deadline``: what
+    they find is the dead life's; the writes after are each conditional on exactly that attempt."""
+    me = life.dispatcher_id
+    why = NEVER_SENT.format(id=me)
+    bound = await rt.db(bound_to, dispatcher_id=me)
+    unsent = [t for t, a in bound if (t, a) not in sent]
+    if time.monotonic() > deadline:
+        return 0
+    due = await rt.db(unbind_unsent, task_ids=unsent, dispatcher_id=me, now=rt.now()) if unsent else []
+    held = await rt.db(held_by, dispatcher_id=me)  # after the unbind: a standby promoted meanwhile is here
+    if time.monotonic() > deadline:
+        held = []
+    ended = freed = 0
+    for task_id, attempt, state in held:
+        if (task_id, attempt) in sent:
+            continue
+        if state == TaskState.PROCESSING.value:
+            fin = await rt.db(
+                finish_attempt,
+                task_id=task_id,
+                attempt=attempt,
+                outcome=Outcome.NEVER_SENT,
+                now=rt.now(),
+                backoff=rt.backoff,
+                error=why,
+                lease_seconds=rt.settings.task_timeout_seconds,
+            )
+            if fin.code == "applied":
+                ended += 1
+                rt.events.publish(
+                    fin.state or "retrying", task_id, attempt=attempt, outcome="never_sent", error=why
+                )
+        elif state == TaskState.CANCELLED.value:
+            freed += await rt.db(
+                release_cancelled,
+                task_id=task_id,
+                attempt=attempt,
+                now=rt.now(),
+                lease_seconds=rt.settings.task_timeout_seconds,
+            )
+    for task_id in due:
+        rt.events.publish("retrying", task_id, attempt=0, outcome="never_sent", error=why)
+    if due or ended or freed or held or bound:
+        log.warning(
+            "a stopped dispatcher's jobs recorded but never sent are given back at once",
+            extra={
+                "action": "recovery",
+                "dispatcher_id": me,
+                "instance": life.instance,
+                "standbys_unbound": len(due),
+                "attempts_given_back": ended,
+                "cancelled_freed": freed,
+                "sent_still_held": len([1 for t, a, _ in held if (t, a) in sent]),
+            },
+        )
+    return len(due) + ended + freed

@@ -1,0 +1,310 @@
+"""What a dead dispatcher recorded but never sent is given back by its journal (``sent_journal.py``,
+``loop/recovery.py``); what it sent, or may have, keeps its slot. On MariaDB and SQLite.
+
+The dead dispatcher is played by rows placed under its id (``place``, ``bind``) and a journal written under
+its life and closed (its lock dropped, as the kernel drops a killed process's). The reader is a real
+in-process dispatcher. The whole kill -9 and restart: ``test_recovery_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from dispatcher.db.attempts import cancel_task
+from dispatcher.db.engine import transaction, utcnow
+from dispatcher.db.schema import attempts, slots, tasks
+from dispatcher.db.standby import bind
+from dispatcher.loop.core import Dispatcher
+from dispatcher.loop.recovery import recover
+from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives
+from dispatcher.testing import in_process, settle
+from simgpu.fleet import SimFleet
+from tests.dispatcher.helpers import NO_BACKOFF, job, place
+from tests.dispatcher.test_refused_retry import _settings
+
+pytestmark = pytest.mark.skipif(boot_id() is None, reason="needs a boot id (Linux)")
+
+
+@pytest.fixture
+def fleet() -> Any:
+    f = SimFleet(gpus=1, token="gpu-bearer-token", seed=7, service_time="fixed:30").start()
+    yield f
+    f.stop()
+
+
+@pytest.fixture
+def run(
+    any_database_url: str, redis_url: str, key_prefix: str, fleet: SimFleet, tmp_path: Path
+) -> Callable[[Callable[[Dispatcher], Awaitable[None]]], None]:
+    """``run(body)``: ``body(d)`` with an in-process dispatcher ``d`` (no background loop) on the test's stores."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    s = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+
+    async def main(body: Callable[[Dispatcher], Awaitable[None]]) -> None:
+        async with in_process(s) as d:
+            assert d.rt.journal.enabled
+            await body(d)
+
+    return lambda body: asyncio.run(main(body))
+
+
+def _dead(d: Dispatcher, sent: list[tuple[str, int]], **life: str) -> SentJournal:
+    """A journal of dispatcher ``dead`` that recorded ``sent`` and then died (its lock dropped)."""
+    me = d.rt.journal.life
+    assert me is not None and d.rt.journal.dir is not None
+    header = {"dispatcher_id": "dead", "instance": uuid.uuid4().hex[:12], "boot": me.boot, "realm": me.realm}
+    j = SentJournal(d.rt.journal.dir.parent, Life(**(header | life)))
+    assert j.open()
+    for task_id, attempt in sent:
+        j.record(task_id, attempt)
+    j.close()
+    return j
+
+
+def _rows(d: Dispatcher, ids: list[str]) -> dict[str, Any]:
+    with d.rt.engine.connect() as conn:
+        return {r.task_id: r for r in conn.execute(select(tasks).where(tasks.c.task_id.in_(ids)))}
+
+
+def _held(d: Dispatcher) -> dict[str, Any]:
+    with d.rt.engine.connect() as conn:
+        return {r.task_id: r for r in conn.execute(select(slots).where(slots.c.task_id.is_not(None)))}
+
+
+def _running(d: Dispatcher, n: int, dispatcher_id: str = "dead") -> list[str]:
+    jobs = [job(queue=d.settings.all_queues[0]) for _ in range(n)]
+    res = place(d.rt.engine, jobs, dispatcher_id=dispatcher_id)
+    assert len(res.placed) == n
+    return [p.job.task_id for p in res.placed]
+
+
+def _files(j: SentJournal) -> list[str]:
+    assert j.dir is not None and j.life is not None
+    return sorted(p.name for p in j.dir.glob(f"{j.life.instance}*"))
+
+
+def test_attempts_recorded_but_never_sent_are_given_back_and_sent_ones_keep_their_slots(run):
+    async def body(d: Dispatcher) -> None:
+        # GIVEN a dead dispatcher holding 3 slots, of which its journal says it sent one
+        ids = _running(d, 3)
+        j = _dead(d, [(ids[0], 1)])
+        # WHEN a dispatcher on the machine looks
+        given = await recover(d.rt, d.rt.journal, starting=False)
+        # THEN the two never sent are given back (one more attempt allowed, due at once), the sent one keeps
+        # its slot
+        assert given == 2
+        rows = _rows(d, ids)
+        assert (rows[ids[0]].state, rows[ids[0]].attempt) == ("processing", 1)
+        for t in ids[1:]:
+            assert (rows[t].state, rows[t].attempt, rows[t].max_attempts) == ("retrying", 1, 2), rows[t]
+            assert rows[t].run_after <= d.now()
+        assert set(_held(d)) == {ids[0]}
+        with d.rt.engine.connect() as conn:
+            outcomes = {r.task_id: r.outcome for r in conn.execute(select(attempts))}
+        assert outcomes == {ids[1]: "never_sent", ids[2]: "never_sent"}
+        assert _files(j) == []  # read once: removed
+        # AND the given-back jobs come back from the database and run
+        await d.housekeeping.requeue_due()
+        assert await d.dispatch_once()
+        await settle(d)
+        rows = _rows(d, ids)
+        assert [(rows[t].state, rows[t].attempt, rows[t].dispatcher_id) for t in ids[1:]] == [
+            ("processing", 2, d.settings.dispatcher_id)
+        ] * 2
+
+    run(body)
+
+
+def test_standbys_never_sent_leave_their_slots_and_one_sent_early_stays_bound(run):
+    async def body(d: Dispatcher) -> None:
+        # GIVEN a dead dispatcher with 2 running jobs and a standby bound on each; it sent one standby early
+        # (its holder's callback reached it) and died before the holder's end was committed
+        holders = _running(d, 2)
+        standbys = [job(queue=d.settings.all_queues[0]) for _ in range(2)]
+        bound = transaction(
+            d.rt.engine,
+            bind,
+            candidates=[(s, "default") for s in standbys],
+            dispatcher_id="dead",
+            max_attempts=3,
+            now=utcnow(),
+        )
+        assert len(bound.bound) == 2, bound
+        early, unsent = standbys[0].task_id, standbys[1].task_id
+        _dead(d, [(holders[0], 1), (holders[1], 1), (early, 1)])
+        # WHEN a dispatcher on the machine looks
+        assert await recover(d.rt, d.rt.journal, starting=False) == 1
+        # THEN the unsent one is off its slot and due at once as a first attempt; the early one stays bound
+        rows = _rows(d, [early, unsent])
+        assert (rows[unsent].state, rows[unsent].attempt, rows[unsent].gpu_id) == ("retrying", 0, None)
+        assert rows[early].state == "standby"
+        with d.rt.engine.connect() as conn:
+            nexts = {r.next_task_id for r in conn.execute(select(slots))} - {None}
+        assert nexts == {early}
+
+    run(body)
+
+
+def test_a_cancelled_attempt_never_sent_gives_its_slot_back(run):
+    async def body(d: Dispatcher) -> None:
+        (task_id,) = _running(d, 1)
+        transaction(d.rt.engine, cancel_task, task_id=task_id, now=utcnow(), backoff=NO_BACKOFF)
+        assert task_id in _held(d)  # a cancelled running task keeps its slot until its GPU confirms
+        _dead(d, [])
+        assert await recover(d.rt, d.rt.journal, starting=False) == 1
+        assert _held(d) == {}
+        assert _rows(d, [task_id])[task_id].state == "cancelled"
+
+    run(body)
+
+
+def test_a_live_dispatchers_journal_is_not_read(run):
+    async def body(d: Dispatcher) -> None:
+        ids = _running(d, 2)
+        me = d.rt.journal.life
+        assert me is not None
+        alive = SentJournal(d.rt.journal.dir.parent, Life("dead", "live1", me.boot, me.realm))
+        assert alive.open()  # held: its process runs
+        try:
+            assert await recover(d.rt, d.rt.journal, starting=False) == 0
+            assert set(_held(d)) == set(ids)
+            assert _files(alive) == ["live1.lock", "live1.log"]
+        finally:
+            alive.close()
+
+    run(body)
+
+
+@pytest.mark.parametrize(
+    ("life", "kept"),
+    [
+        ({"boot": "another-boot"}, False),  # an OS crash may have lost its last lines: removed unread
+        ({"realm": "another-db"}, True),  # another database's: not ours to read or remove
+        ({"dispatcher_id": "ours"}, False),  # our own id, met after our start: removed unread
+    ],
+    ids=["another boot", "another database", "our own id after start"],
+)
+def test_journals_that_cannot_be_trusted_here_judge_nothing(run, life, kept):
+    async def body(d: Dispatcher) -> None:
+        header = {"dispatcher_id": d.settings.dispatcher_id} if life.get("dispatcher_id") == "ours" else life
+        # what the journal's id holds (ours: placed by this process, one request perhaps on its way)
+        ids = _running(d, 2, header.get("dispatcher_id", "dead"))
+        j = _dead(d, [], **header)
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert set(_held(d)) == set(ids)
+        assert bool(_files(j)) is kept
+
+    run(body)
+
+
+def test_a_dead_id_running_again_elsewhere_is_not_judged(run, rds: redis.Redis):
+    async def body(d: Dispatcher) -> None:
+        # GIVEN the dead life's id is held by another process now (a restart on another machine): what the id
+        # holds may be that process's, placed and about to be sent
+        ids = _running(d, 2)
+        assert rds.set(d.rt.keys.alive("dead"), "another-instance", ex=30)
+        j = _dead(d, [])
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert set(_held(d)) == set(ids)
+        assert _files(j) == []
+        assert rds.get(d.rt.keys.alive("dead")) == b"another-instance"
+
+    run(body)
+
+
+def test_the_stand_in_takes_the_dead_ids_key_only_while_it_reads(run, rds: redis.Redis):
+    async def body(d: Dispatcher) -> None:
+        # GIVEN the dead life's heartbeat key has not expired yet (killed a moment ago)
+        _running(d, 1)
+        j = _dead(d, [])
+        assert j.life is not None
+        assert rds.set(d.rt.keys.alive("dead"), j.life.instance, ex=30)
+        assert await recover(d.rt, d.rt.journal, starting=False) == 1
+        assert rds.get(d.rt.keys.alive("dead")) is None  # taken over, then let go
+
+    run(body)
+
+
+# -- the journal itself ---------------------------------------------------------------------------------
+
+
+def _life(boot: str = "b") -> Life:
+    return Life("d", uuid.uuid4().hex[:12], boot, "r")
+
+
+def test_a_rotation_keeps_only_what_still_holds_a_slot(tmp_path: Path):
+    j = SentJournal(tmp_path, _life())
+    assert j.open()
+    for i in range(5):
+        j.record(f"t{i}", 1)
+
+    async def holdings() -> set[tuple[str, int]]:
+        j.record("during", 1)  # a request sent while the database is read goes to the new file
+        return {("t1", 1), ("t3", 1), ("not-ours", 1)}
+
+    asyncio.run(j.rotate(holdings))
+    j.close()
+    (dead,) = dead_lives(SentJournal(tmp_path, _life()))
+    assert dead.sent() == {("t1", 1), ("t3", 1), ("during", 1)}
+    assert _files(j) == [f"{j.life.instance}.lock", f"{j.life.instance}.log"]  # type: ignore[union-attr]
+    dead.release()
+
+
+def test_a_rotation_that_cannot_read_the_database_keeps_everything(tmp_path: Path):
+    j = SentJournal(tmp_path, _life())
+    assert j.open()
+    j.record("a", 1)
+
+    async def down() -> set[tuple[str, int]]:
+        raise ConnectionError("database away")
+
+    asyncio.run(j.rotate(down))
+    j.close()
+    (dead,) = dead_lives(SentJournal(tmp_path, _life()))
+    assert dead.sent() == {("a", 1)}
+    dead.release()
+
+
+def test_a_crash_during_a_rotation_leaves_both_files_and_both_are_read(tmp_path: Path):
+    life = _life()
+    j = SentJournal(tmp_path, life)
+    assert j.open()
+    j.record("old", 1)
+    folder = tmp_path / SUBDIR
+    (folder / f"{life.instance}.next.log").write_bytes(b'["new", 2]\n["cut sh')  # the kill cut a line
+    j.close()
+    (dead,) = dead_lives(SentJournal(tmp_path, _life()))
+    assert dead.sent() == {("old", 1), ("new", 2)}
+    dead.release()
+
+
+def test_a_journal_that_cannot_be_written_is_never_trusted(tmp_path: Path):
+    # GIVEN a journal whose file becomes unwritable (a full disk, a closed descriptor)
+    j = SentJournal(tmp_path, _life())
+    assert j.open()
+    j.record("a", 1)
+    assert j._fd is not None
+    os.close(j._fd)
+    # WHEN a request is recorded
+    j.record("b", 1)
+    # THEN the journal is off, and its lock file gone: no reader takes the life's incomplete file for whole
+    assert not j.enabled
+    assert _files(j) == []
+    assert dead_lives(SentJournal(tmp_path, _life())) == []
+
+
+def test_no_directory_no_journal(tmp_path: Path):
+    (tmp_path / "file").write_text("")
+    j = SentJournal(tmp_path / "file", _life())  # a file where the directory should be
+    assert not j.open()
+    j.record("a", 1)  # a no-op, not an error
+    assert not j.enabled

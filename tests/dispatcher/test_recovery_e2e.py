@@ -1,0 +1,83 @@
+"""After a kill -9, the next dispatcher to start on the machine gives back at once the jobs the dead one had
+recorded but never sent (``dispatcher/loop/recovery.py``, by the dead one's journal of sent requests).
+
+Before: each standby of the dead dispatcher held its slot for the whole lease once its slot's job ended, and
+then used an attempt (an outside trial: 3 of 12 slots idle for 15 minutes after a kill -9). Here the lease is
+two minutes and every job must have finished well before it: a test that waited for leases would time out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from sqlalchemy import text
+
+from tests.dispatcher.harness import DispatcherProc, push_jobs, received_per_task, reconcile, wait_final
+from tests.dispatcher.helpers import wait_for
+
+LEASE = "120"
+
+
+def _standbys_bound(engine, n: int) -> bool:
+    with engine.connect() as conn:
+        bound = conn.execute(text("SELECT COUNT(*) FROM slots WHERE next_task_id IS NOT NULL")).scalar_one()
+        held = conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id IS NOT NULL")).scalar_one()
+    return bound == n and held == n
+
+
+def _given_back(proc: DispatcherProc) -> list[dict]:
+    lines = []
+    for line in proc.log_path.read_text(errors="replace").splitlines():
+        if '"action": "recovery"' in line or '"action":"recovery"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+def _run(stack, *, same_id: bool) -> None:
+    # GIVEN 2 GPUs x 4 slots running 8 s jobs (long enough that no standby is sent before the kill, on a busy
+    # machine too), and a standby bound on every slot
+    fleet = stack.fleet(gpus=2, service_time="fixed:8")
+    ids = push_jobs(stack.rds, stack.queues[0], 16)
+    extra = {"TASK_TIMEOUT_SECONDS": LEASE, "STANDBY_JOBS": "true"}
+    if same_id:
+        extra["DISPATCHER_ID"] = "worker"
+    first = stack.process(fleet, name="first", **extra)
+    wait_for(lambda: _standbys_bound(stack.engine, 8), timeout=30, what="8 jobs running and 8 standbys bound")
+    # WHEN it is killed while every standby is still unsent, and a dispatcher starts again on this machine
+    # (the same working directory, the same port for the callbacks to come): systemd's restart
+    first.kill()
+    started = time.monotonic()
+    if same_id:
+        heir = first
+        heir.start()
+    else:
+        env = dict(first.env)
+        env.pop("DISPATCHER_ID")
+        heir = DispatcherProc(env, name="heir", workdir=first.log_path.parent)
+        stack.procs.append(heir)
+        heir.start()
+    # THEN the 8 standbys were given back at start, every job finishes long before the lease, each sent once
+    wait_final(stack.engine, ids, timeout=60)
+    assert time.monotonic() - started < float(LEASE) / 2
+    said = _given_back(heir)
+    assert [s.get("standbys_unbound") for s in said] == [8], said
+    per_task = received_per_task(fleet.stats())
+    assert set(per_task) == set(ids)
+    assert [t for t, n in per_task.items() if n != 1] == []
+    assert fleet.stats()["totals"]["oversubscriptions"] == 0
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+    with stack.engine.connect() as conn:  # no attempt was used by the give-back
+        attempts = conn.execute(text("SELECT MAX(attempt) FROM tasks")).scalar_one()
+    assert attempts == 1
+
+
+@pytest.mark.slow
+def test_a_restart_under_the_same_id_gives_back_the_standbys_it_never_sent(stack):
+    _run(stack, same_id=True)
+
+
+@pytest.mark.slow
+def test_a_new_dispatcher_on_the_machine_gives_back_a_dead_ones_unsent_standbys(stack):
+    _run(stack, same_id=False)
