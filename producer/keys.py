@@ -146,6 +146,11 @@ class Keys:
     def alive(self, dispatcher_id: str) -> str:
         return f"{self.prefix}alive:{dispatcher_id}"
 
+    def journal(self, dispatcher_id: str) -> str:
+        """Which life (instance) of a dispatcher id keeps the journal a recovery may trust
+        (dispatcher/sent_journal.py)."""
+        return f"{self.prefix}journal:{dispatcher_id}"
+
     def task_events(self, task_id: str) -> str:
         return f"{self.prefix}events:{task_id}"
 

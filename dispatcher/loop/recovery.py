@@ -43,88 +43,114 @@ READ_WITHIN_SECONDS = HEARTBEAT_TTL_SECONDS - 4
 NEVER_SENT = "its dispatcher ({id}) stopped before sending it: given back without using an attempt"
 
 
-async def recover(rt: Runtime, journal: SentJournal, *, starting: bool) -> int:
-    """Every dead life's journal in this machine's STATE_DIR, read and acted on; the number of attempts
-    given back. Errors of one journal are logged and leave it for the next look.
+async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous: str | None = None) -> int:
+    """The journals of dead lives in this machine's STATE_DIR, read and acted on; the number of attempts
+    given back. Errors of one id's journals are logged and leave them for the next look.
 
-    A life of our own id is acted on only while ``starting`` (before this process placed anything under
-    the id); met later (another reader held it at our start), it is only removed: our start wrote down
-    everything the id held then as sent (``SentJournal.carry``), so nothing of it is judged from it."""
+    Of the dead lives of one id, only the one its mark (``Keys.journal``) names is read: the last life of
+    the id that wrote down all the id held (every later life of it, with a journal or without, on this
+    machine or another, moves the mark). Our own id's (``previous``: its mark before our start) are read
+    only while ``starting``, before this process placed anything under it; met later (another reader held
+    them at our start), they are only removed: our start wrote down all the id held as sent."""
     me = journal.life
     if me is None or not journal.enabled:
         return 0
     given = 0
-    for dead in dead_lives(journal):
+    for dispatcher_id, lives in _by_id(journal, me).items():
         try:
-            given += await _one(rt, me, dead, starting=starting)
+            if dispatcher_id == me.dispatcher_id:
+                if starting:
+                    given += await _read(rt, lives, previous, time.monotonic() + READ_WITHIN_SECONDS)
+            else:
+                given += await _stand_in(rt, dispatcher_id, lives)
         except Exception:
-            log.exception("journal of a stopped dispatcher not read", extra={"action": "recovery"})
-            dead.release()
+            log.exception(
+                "journal of a stopped dispatcher not read",
+                extra={"action": "recovery", "dispatcher_id": dispatcher_id},
+            )
+            for dead in lives:
+                dead.release()
+            continue
+        for dead in lives:
+            dead.forget()
     return given
 
 
-async def _one(rt: Runtime, me: Life, dead: DeadLife, *, starting: bool) -> int:
-    life = dead.life
-    if life is None:
-        log.warning(
-            "journal of sent requests without a readable header: removed; its dispatcher's jobs wait for"
-            " their leases",
-            extra={"action": "recovery", "instance": dead.instance},
-        )
-        dead.forget()
-        return 0
-    if life.realm != me.realm:  # another database or Redis: not ours to read
-        dead.release()
-        return 0
-    if life.boot != me.boot:
-        log.warning(
-            "journal of sent requests from before this machine restarted: not trusted (it may have lost its"
-            " last lines), removed; that dispatcher's unsent jobs wait for their leases",
-            extra={"action": "recovery", "dispatcher_id": life.dispatcher_id, "instance": life.instance},
-        )
-        dead.forget()
-        return 0
-    if life.dispatcher_id == me.dispatcher_id:  # our own id: we hold it
-        given = 0
-        if starting:  # and have placed nothing yet
-            given = await _give_back(rt, life, dead.sent(), time.monotonic() + READ_WITHIN_SECONDS)
-        dead.forget()
-        return given
+def _by_id(journal: SentJournal, me: Life) -> dict[str, list[DeadLife]]:
+    """The dead lives here that may be read, by dispatcher id; the others removed (unreadable, or from an
+    earlier boot) or left (another database's)."""
+    ids: dict[str, list[DeadLife]] = {}
+    for dead in dead_lives(journal):
+        life = dead.life
+        if life is None:
+            log.warning(
+                "journal of sent requests without a readable header: removed; its dispatcher's jobs wait for"
+                " their leases",
+                extra={"action": "recovery", "instance": dead.instance},
+            )
+            dead.forget()
+        elif life.realm != me.realm:  # another database or Redis: not ours to read
+            dead.release()
+        elif life.boot != me.boot:
+            log.warning(
+                "journal of sent requests from before this machine restarted: not trusted (it may have lost"
+                " its last lines), removed; that dispatcher's unsent jobs wait for their leases",
+                extra={"action": "recovery", "dispatcher_id": life.dispatcher_id, "instance": life.instance},
+            )
+            dead.forget()
+        else:
+            ids.setdefault(life.dispatcher_id, []).append(dead)
+    return ids
+
+
+async def _read(rt: Runtime, lives: list[DeadLife], mark: str | None, deadline: float) -> int:
+    """Give back by the journal of the life ``mark`` names, if it is among ``lives``."""
+    for dead in lives:
+        if dead.instance == mark and dead.life is not None:
+            return await _give_back(rt, dead.life, dead.sent(), deadline)
+    return 0
+
+
+async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> int:
+    """Hold another id's heartbeat key while reading what it holds: a restart of that id waits for it."""
     stand_in = new_instance()
-    key = rt.keys.alive(life.dispatcher_id)
+    key = rt.keys.alive(dispatcher_id)
     # A client named as that id's would be: a restart of the id that finds our key waits for it (claim).
     named = async_client(
         rt.settings.redis_dsn(),
         cluster=rt.settings.redis_cluster,
-        client_name=client_name("beat", life.dispatcher_id, stand_in),
+        client_name=client_name("beat", dispatcher_id, stand_in),
         socket_timeout=5,
     )
     try:
         await named.ping()
-        taken = int(await named.eval(_STAND_IN, 1, key, life.instance, stand_in, HEARTBEAT_TTL_SECONDS))
+        dead = [d.instance for d in lives]
+        taken = int(await named.eval(_STAND_IN, 1, key, stand_in, HEARTBEAT_TTL_SECONDS, *dead))
         deadline = time.monotonic() + READ_WITHIN_SECONDS
-        if not taken:  # another process runs under that id now: what it holds is not the dead life's
+        if not taken:  # another process runs under that id now: what it holds is not the dead lives'
             log.info(
-                "journal of a stopped dispatcher whose id runs again elsewhere: removed",
-                extra={"action": "recovery", "dispatcher_id": life.dispatcher_id},
+                "journal of a stopped dispatcher whose id runs again: removed",
+                extra={"action": "recovery", "dispatcher_id": dispatcher_id},
             )
-            dead.forget()
             return 0
         try:
-            given = await _give_back(rt, life, dead.sent(), deadline)
+            mark = await named.get(rt.keys.journal(dispatcher_id))
+            return await _read(rt, lives, mark.decode() if isinstance(mark, bytes) else mark, deadline)
         finally:
             await named.eval(_STAND_DOWN, 1, key, stand_in)
-        dead.forget()
-        return given
     finally:
         await named.aclose()
 
 
-#: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or the dead life still does.
+#: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or one of its dead lives still does.
 _STAND_IN = """
 local v = redis.call('GET', KEYS[1])
-if v and v ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+if v then
+  local dead = false
+  for i = 3, #ARGV do if ARGV[i] == v then dead = true end end
+  if not dead then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1
 """
 _STAND_DOWN = """

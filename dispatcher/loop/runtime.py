@@ -35,6 +35,7 @@ from dispatcher.loop.recovery import recover
 from dispatcher.metrics import Metrics
 from dispatcher.preflight import slots_mismatch
 from dispatcher.queues.intake import Intake, Settlement
+from dispatcher.queues.presence import JOURNAL_MARK_TTL_SECONDS
 from dispatcher.queues.task_events import EventPublisher
 from dispatcher.sent_journal import Life, SentJournal, boot_id, realm
 from dispatcher.settings import DispatcherSettings
@@ -144,16 +145,30 @@ class Runtime:
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _start_journal(self) -> None:
-        """Before anything is placed under our id: our journal, what dead lives on this machine recorded
-        and never sent given back (recovery.py), and everything our id still holds written down as sent
-        (an earlier life's, or not known), so that our journal alone covers what a later recovery needs."""
-        j = self.journal
+        """Before anything is placed under our id: our journal, with everything our id still holds written
+        down as sent (an earlier life's, or not known), then the mark naming it our id's journal (without
+        a journal, a mark that names none: no earlier file of the id is trusted again), then what dead lives
+        on this machine recorded and never sent, given back (recovery.py)."""
+        j, me = self.journal, self.settings.dispatcher_id
+        mark_key = self.keys.journal(me)
+        before = await self.beat_redis.get(mark_key)
         if not j.open():
+            await self._mark_journal(f"off:{self.settings.instance}")
             return
-        me = self.settings.dispatcher_id
         j.rotate_due = lambda: self.spawn(j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal")
-        await recover(self, j, starting=True)
         j.carry(await self.db(holdings, dispatcher_id=me))
+        if not j.enabled:  # the carry could not be written
+            await self._mark_journal(f"off:{self.settings.instance}")
+            return
+        await self._mark_journal(self.settings.instance)
+        previous = before.decode() if isinstance(before, bytes) else before
+        await recover(self, j, starting=True, previous=previous)
+
+    async def _mark_journal(self, mark: str) -> None:
+        self.intake.journal_mark = mark
+        await self.beat_redis.set(
+            self.keys.journal(self.settings.dispatcher_id), mark, ex=JOURNAL_MARK_TTL_SECONDS
+        )
 
     def now(self) -> datetime:
         """Naive UTC on the database's clock: leases written here and judged by other processes agree."""

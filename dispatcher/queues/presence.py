@@ -31,6 +31,9 @@ ASIDE_RESCAN_SECONDS = 60.0
 log = logging.getLogger("gpuq.intake")
 
 HEARTBEAT_TTL_SECONDS = 10
+#: How long the mark naming the life whose journal a recovery may trust outlives its last heartbeat
+#: (``Keys.journal``; loop/recovery.py): a dead life's journal not read within this is left to the leases.
+JOURNAL_MARK_TTL_SECONDS = 7 * 24 * 3600
 
 #: The heartbeat key holds the instance (a random id per process) of the dispatcher it is for: set if it is
 #: not another instance's; else that instance, and nothing written.
@@ -94,6 +97,9 @@ class Presence:
     alone: bool
     routes: dict[str, str]  # task type -> pool (TASK_ROUTES)
     default_pool: str
+    #: This life's instance once its journal holds all its id holds, else "off:<instance>" (runtime.py
+    #: ``_start_journal``); refreshed with each heartbeat under ``Keys.journal``.
+    journal_mark: str | None = None
 
     def pools(self) -> list[str]:
         """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
@@ -174,6 +180,8 @@ class Presence:
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
         pipe.hset(self.keys.owner_pools, self.dispatcher_id, json.dumps(self.pools()))
+        if self.journal_mark is not None:
+            pipe.set(self.keys.journal(self.dispatcher_id), self.journal_mark, ex=JOURNAL_MARK_TTL_SECONDS)
         await pipe.execute()
 
     async def is_alive(self, dispatcher_id: str) -> bool:

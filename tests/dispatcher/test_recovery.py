@@ -57,8 +57,9 @@ def run(
     return lambda body: asyncio.run(main(body))
 
 
-def _dead(d: Dispatcher, sent: list[tuple[str, int]], **life: str) -> SentJournal:
-    """A journal of dispatcher ``dead`` that recorded ``sent`` and then died (its lock dropped)."""
+async def _dead(d: Dispatcher, sent: list[tuple[str, int]], *, mark: bool = True, **life: str) -> SentJournal:
+    """A journal of dispatcher ``dead`` that recorded ``sent`` and then died (its lock dropped); ``mark``:
+    named the id's journal, as a life's start does once it has written down all the id held."""
     me = d.rt.journal.life
     assert me is not None and d.rt.journal.dir is not None
     header = {"dispatcher_id": "dead", "instance": uuid.uuid4().hex[:12], "boot": me.boot, "realm": me.realm}
@@ -67,6 +68,9 @@ def _dead(d: Dispatcher, sent: list[tuple[str, int]], **life: str) -> SentJourna
     for task_id, attempt in sent:
         j.record(task_id, attempt)
     j.close()
+    if mark:
+        assert j.life is not None
+        await d.rt.redis.set(d.rt.keys.journal(j.life.dispatcher_id), j.life.instance)
     return j
 
 
@@ -96,7 +100,7 @@ def test_attempts_recorded_but_never_sent_are_given_back_and_sent_ones_keep_thei
     async def body(d: Dispatcher) -> None:
         # GIVEN a dead dispatcher holding 3 slots, of which its journal says it sent one
         ids = _running(d, 3)
-        j = _dead(d, [(ids[0], 1)])
+        j = await _dead(d, [(ids[0], 1)])
         # WHEN a dispatcher on the machine looks
         given = await recover(d.rt, d.rt.journal, starting=False)
         # THEN the two never sent are given back (one more attempt allowed, due at once), the sent one keeps
@@ -140,7 +144,7 @@ def test_standbys_never_sent_leave_their_slots_and_one_sent_early_stays_bound(ru
         )
         assert len(bound.bound) == 2, bound
         early, unsent = standbys[0].task_id, standbys[1].task_id
-        _dead(d, [(holders[0], 1), (holders[1], 1), (early, 1)])
+        await _dead(d, [(holders[0], 1), (holders[1], 1), (early, 1)])
         # WHEN a dispatcher on the machine looks
         assert await recover(d.rt, d.rt.journal, starting=False) == 1
         # THEN the unsent one is off its slot and due at once as a first attempt; the early one stays bound
@@ -159,7 +163,7 @@ def test_a_cancelled_attempt_never_sent_gives_its_slot_back(run):
         (task_id,) = _running(d, 1)
         transaction(d.rt.engine, cancel_task, task_id=task_id, now=utcnow(), backoff=NO_BACKOFF)
         assert task_id in _held(d)  # a cancelled running task keeps its slot until its GPU confirms
-        _dead(d, [])
+        await _dead(d, [])
         assert await recover(d.rt, d.rt.journal, starting=False) == 1
         assert _held(d) == {}
         assert _rows(d, [task_id])[task_id].state == "cancelled"
@@ -198,7 +202,7 @@ def test_journals_that_cannot_be_trusted_here_judge_nothing(run, life, kept):
         header = {"dispatcher_id": d.settings.dispatcher_id} if life.get("dispatcher_id") == "ours" else life
         # what the journal's id holds (ours: placed by this process, one request perhaps on its way)
         ids = _running(d, 2, header.get("dispatcher_id", "dead"))
-        j = _dead(d, [], **header)
+        j = await _dead(d, [], **header)
         assert await recover(d.rt, d.rt.journal, starting=False) == 0
         assert set(_held(d)) == set(ids)
         assert bool(_files(j)) is kept
@@ -212,7 +216,7 @@ def test_a_dead_id_running_again_elsewhere_is_not_judged(run, rds: redis.Redis):
         # holds may be that process's, placed and about to be sent
         ids = _running(d, 2)
         assert rds.set(d.rt.keys.alive("dead"), "another-instance", ex=30)
-        j = _dead(d, [])
+        j = await _dead(d, [])
         assert await recover(d.rt, d.rt.journal, starting=False) == 0
         assert set(_held(d)) == set(ids)
         assert _files(j) == []
@@ -225,7 +229,7 @@ def test_the_stand_in_takes_the_dead_ids_key_only_while_it_reads(run, rds: redis
     async def body(d: Dispatcher) -> None:
         # GIVEN the dead life's heartbeat key has not expired yet (killed a moment ago)
         _running(d, 1)
-        j = _dead(d, [])
+        j = await _dead(d, [])
         assert j.life is not None
         assert rds.set(d.rt.keys.alive("dead"), j.life.instance, ex=30)
         assert await recover(d.rt, d.rt.journal, starting=False) == 1
@@ -308,3 +312,36 @@ def test_no_directory_no_journal(tmp_path: Path):
     assert not j.open()
     j.record("a", 1)  # a no-op, not an error
     assert not j.enabled
+
+
+def test_of_two_dead_lives_of_one_id_only_the_one_its_mark_names_is_read(run):
+    # GIVEN an id's first life placed a job and died before sending it; its restart (same id) wrote it down
+    # as held at its start (it could not know) and sent nothing; then it died too, before reading the first
+    async def body(d: Dispatcher) -> None:
+        (task_id,) = _running(d, 1)
+        await _dead(d, [], mark=False)
+        await _dead(d, [(task_id, 1)])  # the later life: its start's carry, and the mark
+        # WHEN a dispatcher on the machine looks
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        # THEN only the marked (later) journal counts: the job keeps its slot (the lease decides, as the
+        # later life judged it); the earlier journal alone would have given it back
+        assert set(_held(d)) == {task_id}
+        assert list((d.rt.journal.dir or Path()).glob("*.l*")) == list(
+            (d.rt.journal.dir or Path()).glob(f"{d.settings.instance}.*")
+        )
+
+    run(body)
+
+
+def test_a_dead_life_whose_id_went_on_elsewhere_is_not_read(run):
+    # GIVEN a dead life's id went on in a later life that has no journal here (another machine, or its
+    # journal off): the mark names that one, and what the id holds may be its, sent
+    async def body(d: Dispatcher) -> None:
+        ids = _running(d, 2)
+        j = await _dead(d, [])
+        await d.rt.redis.set(d.rt.keys.journal("dead"), "off:later-life")
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert set(_held(d)) == set(ids)
+        assert _files(j) == []
+
+    run(body)
