@@ -247,6 +247,16 @@ class DispatcherSettings(StoreSettings):
         return value
 
     @model_validator(mode="after")
+    def _backoff_under_its_cap(self) -> DispatcherSettings:
+        # The cap won silently: RETRY_BACKOFF_SECONDS=600 with the default cap of 300 waited 300 s (a trial).
+        if self.retry_backoff_seconds > self.retry_backoff_max_seconds:
+            raise ValueError(
+                f"RETRY_BACKOFF_SECONDS ({self.retry_backoff_seconds:g}) is above RETRY_BACKOFF_MAX_SECONDS"
+                f" ({self.retry_backoff_max_seconds:g}), the cap of every wait: raise the cap, or lower it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _weights_name_queues(self) -> DispatcherSettings:
         unknown = set(self.weights) - set(self.all_queues)
         if unknown:

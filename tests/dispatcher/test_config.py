@@ -48,6 +48,9 @@ GOOD = {"CALLBACK_SECRET": "0123456789abcdef" * 2, "DATABASE_URL": "sqlite:///:m
         ({"IDLE_POLL_SECONDS": "0.000001"}, "IDLE_POLL_SECONDS"),  # an idle dispatcher would spin
         ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
         ({"REDIS_WAIT_TIMEOUT_SECONDS": "nan"}, "REDIS_WAIT_TIMEOUT_SECONDS"),
+        # the cap won without a word (a trial): 600 s asked, 300 s waited
+        ({"RETRY_BACKOFF_SECONDS": "600"}, "RETRY_BACKOFF_MAX_SECONDS"),
+        ({"RETRY_BACKOFF_SECONDS": "5", "RETRY_BACKOFF_MAX_SECONDS": "1"}, "above RETRY_BACKOFF_MAX_SECONDS"),
     ],
 )
 def test_bad_setting_names_the_variable(monkeypatch, env, names):
