@@ -22,7 +22,7 @@ db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
 def init(ctx: typer.Context) -> None:
     """Create or upgrade the schema (idempotent; every dispatcher also does it when it starts)."""
     s = stores(ctx)
-    init_schema(s.engine)
+    init_schema(s.make_engine(create=True))
     console().print(f"schema version {SCHEMA_VERSION} ready in {s.db_where()}", soft_wrap=True)
 
 

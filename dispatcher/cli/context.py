@@ -19,6 +19,7 @@ from redis.exceptions import RedisClusterException
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from dispatcher.cli.errors import Unreachable
 from dispatcher.db.engine import make_engine, transaction
 from dispatcher.queues.wakes import wake_sync
 from dispatcher.settings import StoreSettings
@@ -48,8 +49,21 @@ class Stores:
 
     @property
     def engine(self) -> Engine:
+        return self.make_engine(create=False)
+
+    def make_engine(self, *, create: bool) -> Engine:
+        """The database's engine. An embedded (SQLite) database that does not exist is refused unless
+        ``create`` (``gpuq db init``): ``gpuq status`` in a directory where no dispatcher ran left an empty
+        ``.gpuq/gpuq.db`` behind and said only that it had no tables (a trial)."""
         if self._engine is None:
-            self._engine = make_engine(self.settings.db_url(), pool_size=2)
+            url = self.settings.db_url()
+            path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
+            if not create and path and path != ":memory:" and not Path(path).exists():
+                raise Unreachable(
+                    f"no embedded database at {path}: no dispatcher has run from here; set DATABASE_URL"
+                    " (or DB_HOST) as the dispatcher has it, or run gpuq from the dispatcher's directory"
+                )
+            self._engine = make_engine(url, pool_size=2)
         return self._engine
 
     @property

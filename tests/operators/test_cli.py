@@ -411,9 +411,16 @@ def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq
             3,
             f"gpuq: database sqlite:///{tmp_path}/empty.db has no gpuq tables yet: run `gpuq db init`",
         ),
+        (  # none at all (gpuq run where no dispatcher ran): said, and none left behind (a trial found one)
+            ("status",),
+            {"DATABASE_URL": f"sqlite:///{tmp_path}/nowhere/gpuq.db"},
+            3,
+            f"gpuq: no embedded database at {tmp_path}/nowhere/gpuq.db: no dispatcher has run from here",
+        ),
         (("task", "show"), {}, 2, ""),
         (("nope",), {}, 2, ""),
     ]
+    (tmp_path / "empty.db").touch()
     for args, env, code, start in cases:
         res = console_script(*args, **env)
         assert res.returncode == code, (args, res.stdout, res.stderr)
@@ -421,6 +428,7 @@ def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq
         assert res.stderr.startswith(start), res.stderr
         if start:
             assert res.stderr.count("\n") == 1 and "secret-pw" not in res.stderr
+    assert not (tmp_path / "nowhere").exists()
     # the operator's environment does not need the dispatcher's CALLBACK_SECRET
     res = console_script("sql", "--list")
     assert res.returncode == 0 and "gpu_load" in res.stdout
