@@ -22,11 +22,13 @@ life, or not known), so that its own file covers all a later recovery must know.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,14 +55,27 @@ def boot_id() -> str | None:
 
 
 def realm(database_url: str, redis_url: str, key_prefix: str) -> str:
-    """Which database and Redis a life worked against (passwords left out): a journal is only read by a
-    process of the same ones (two test runs, or two deployments, may share a STATE_DIR and dispatcher ids)."""
+    """Which database and Redis a life worked against (passwords left out, spellings of one server made
+    alike): a journal is only read by a process of the same ones (two test runs, or two deployments, may
+    share a STATE_DIR and dispatcher ids)."""
+    db = _where(database_url, {"mysql": 3306, "mariadb": 3306})
+    rds = _where(redis_url, {"redis": 6379, "rediss": 6379})
+    return hashlib.sha256(f"{db}|{rds}|{key_prefix}".encode()).hexdigest()[:16]
 
-    def bare(url: str) -> str:
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}?{parts.query}"
 
-    return hashlib.sha256(f"{bare(database_url)}|{bare(redis_url)}|{key_prefix}".encode()).hexdigest()[:16]
+def _where(url: str, ports: dict[str, int]) -> str:
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme == "sqlite":
+        return f"sqlite:{os.path.abspath(url.split(':///', 1)[-1])}"
+    host = (parts.hostname or "").lower()
+    host = "127.0.0.1" if host in ("localhost", "", "::1") else host
+    db = parts.path.strip("/") or "0"
+    for pair in parts.query.split("&"):  # redis-py's ?db= wins over the path
+        name, _, value = pair.partition("=")
+        if name == "db" and value:
+            db = value
+    return f"{scheme}://{host}:{parts.port or ports.get(scheme, 0)}/{db}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +116,12 @@ class SentJournal:
         self._since: set[Pair] = set()  # written to the current log since it was started
         self._count = 0
         self._rotating = False
+        #: What our id held when this life started (``inherit``): sent by an earlier life, or not known.
+        self.inherited: set[Pair] = set()
         #: Called when the log is due for ``rotate`` (the owner schedules it; runtime.py).
         self.rotate_due: Callable[[], None] = lambda: None
+        #: Called when the journal turns off for good (runtime.py: the id's mark then names no journal).
+        self.on_fail: Callable[[], None] = lambda: None
 
     @property
     def enabled(self) -> bool:
@@ -142,7 +161,7 @@ class SentJournal:
             return
         pair = (task_id, attempt)
         try:
-            os.write(self._fd, _line(pair))
+            _write_all(self._fd, _line(pair))
         except OSError as exc:
             self._fail(exc)
             return
@@ -158,11 +177,18 @@ class SentJournal:
         if self._fd is None or not pairs:
             return
         try:
-            os.write(self._fd, b"".join(_line(p) for p in pairs))
+            _write_all(self._fd, b"".join(_line(p) for p in pairs))
         except OSError as exc:
             self._fail(exc)
             return
         self._since.update(pairs)
+
+    def inherit(self, pairs: set[Pair]) -> None:
+        """At start: what our id holds, written down as sent. Neither is ours to send either: a copy of
+        such a job that comes back to us (our id's processing list) finds its attempt recorded under our id,
+        which used to read as a commit whose answer was lost, and was POSTed again (``GpuRequests.sent``)."""
+        self.inherited = set(pairs)
+        self.carry(pairs)
 
     async def rotate(self, holdings: Callable[[], Awaitable[set[Pair]]]) -> None:
         """Replace the log by one with only what still holds a slot: requests from now on go to the new
@@ -191,8 +217,10 @@ class SentJournal:
             self._rotating = False
 
     def _fail(self, exc: OSError) -> None:
-        """A request may go out unrecorded from now on: the lock file goes first, so that nobody trusts this
-        life's journal (its unsent attempts wait for their lease, as without one)."""
+        """A request may go out unrecorded from now on, so nobody may trust this life's journal: its lock
+        file goes first, the id's mark names no journal (``on_fail``), and the lock stays held while the
+        process lives (a file system gone read-only keeps the file: dropped, the lock let a reader take a
+        live process's journal for a dead one's, and give back what it had just sent)."""
         log.error(
             "journal of sent requests turned off (STATE_DIR): after a kill -9 of this process, the jobs it"
             " had recorded but not sent hold their slots until their lease ends",
@@ -203,7 +231,11 @@ class SentJournal:
                 self._path(suffix).unlink(missing_ok=True)
             except OSError:
                 log.exception("journal file not removed", extra={"action": "journal", "suffix": suffix})
-        self.close()
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.on_fail()
 
     def close(self) -> None:
         """The process stops: its lock is dropped, its files stay for the next process to read."""
@@ -212,6 +244,13 @@ class SentJournal:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fd = self._lock = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``write`` of all of ``data``, or an error: a short write (a full disk) is a line cut short, which
+    a reader skips, so the request it stood for must not go out as if recorded (an outside review)."""
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "short write (the disk is full?)")
 
 
 # -- reading the journals of lives that are over (``recovery.py``) ---------------------------------------
@@ -243,6 +282,14 @@ class DeadLife:
                 if isinstance(task_id, str) and isinstance(attempt, int):
                     seen.add((task_id, attempt))
         return seen
+
+    def stale(self, seconds: float) -> bool:
+        """Nothing written for ``seconds``: whoever it was for has no use for it any more."""
+        newest = 0.0
+        for suffix in (".lock", ".log", ".next.log"):
+            with contextlib.suppress(OSError):
+                newest = max(newest, (self.dir / f"{self.instance}{suffix}").stat().st_mtime)
+        return time.time() - newest > seconds
 
     def forget(self) -> None:
         """Done with: the lock file first (so no other reader takes it for a life still to recover), then

@@ -17,14 +17,26 @@ from dispatcher.gpus.pull import PULL_SCHEME
 
 Pair = tuple[str, int]
 
-_HELD = text(
+# A job an agent fetched is not judged here (its GPU may have been turned from pull to push since): only
+# a request POSTed is in a journal.
+_HELD_SQL = (
     "SELECT s.task_id, s.attempt, t.state FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id"
     " JOIN tasks t ON t.task_id = s.task_id"
     " WHERE s.dispatcher_id = :me AND s.task_id IS NOT NULL AND g.url NOT LIKE :pull"
+    " AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> s.attempt)"
 )
-_BOUND = text(
+_BOUND_SQL = (
     "SELECT s.next_task_id, s.next_attempt FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id"
     " WHERE s.next_dispatcher_id = :me AND s.next_task_id IS NOT NULL AND g.url NOT LIKE :pull"
+)
+_HELD = text(_HELD_SQL)
+_BOUND = text(_BOUND_SQL)
+# One statement, so one snapshot: read as two, a standby promoted in between (its holder's end committing
+# under MariaDB's READ COMMITTED) was in neither, and a rotation dropped it from the journal (an outside
+# review reproduced it; the dead dispatcher's standby, sent, was then given back and run twice).
+_HOLDINGS = text(  # constants only
+    "SELECT h.task_id, h.attempt FROM (" + _HELD_SQL + ") h"  # noqa: S608
+    " UNION ALL SELECT b.next_task_id, b.next_attempt FROM (" + _BOUND_SQL + ") b"
 )
 _UNBIND_SLOTS = text(
     "UPDATE slots SET next_task_id = NULL, next_attempt = NULL, next_dispatcher_id = NULL"
@@ -59,8 +71,8 @@ def bound_to(conn: Connection, *, dispatcher_id: str) -> list[Pair]:
 
 def holdings(conn: Connection, *, dispatcher_id: str) -> set[Pair]:
     """Every attempt this dispatcher holds or has bound: those it sent and whose end is still to come."""
-    held = {(t, a) for t, a, _ in held_by(conn, dispatcher_id=dispatcher_id)}
-    return held | set(bound_to(conn, dispatcher_id=dispatcher_id))
+    rows = conn.execute(_HOLDINGS, {"me": dispatcher_id, **_pull()})
+    return {(r[0], int(r[1])) for r in rows}
 
 
 def unbind_unsent(conn: Connection, *, task_ids: list[str], dispatcher_id: str, now: datetime) -> list[str]:

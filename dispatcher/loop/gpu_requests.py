@@ -71,8 +71,11 @@ class GpuRequests:
         return (task_id, attempt) in self._posting
 
     def sent(self, p: Placed) -> bool:
-        """Did this process send this attempt? (A lost commit answer brings a job back as our own.)"""
-        return (p.job.task_id, p.attempt) in self._sent
+        """Did this process send this attempt? (A lost commit answer brings a job back as our own.) One our
+        id held when this process started is taken as sent: an earlier life of the id sent it, or no one
+        can know (``SentJournal.inherit``)."""
+        pair = (p.job.task_id, p.attempt)
+        return pair in self._sent or pair in self.rt.journal.inherited
 
     def pool_of(self, task_id: str, attempt: int) -> str | None:
         """The pool of an attempt this process sent lately (None: not known here: another dispatcher's, a

@@ -19,14 +19,25 @@ anything); for another id, the reader stands in for it in Redis while it reads, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from dispatcher.db.attempts import finish_attempt
 from dispatcher.db.cancels import release_cancelled
 from dispatcher.db.unsent import bound_to, held_by, unbind_unsent
-from dispatcher.queues.presence import HEARTBEAT_TTL_SECONDS, client_name, new_instance
+from dispatcher.queues.presence import (
+    CLIENT_ROLES,
+    HEARTBEAT_TTL_SECONDS,
+    JOURNAL_MARK_TTL_SECONDS,
+    client_name,
+    new_instance,
+)
 from dispatcher.sent_journal import DeadLife, Life, SentJournal, dead_lives
 from dispatcher.states import Outcome, TaskState
 from producer.connect import async_client
@@ -56,13 +67,18 @@ async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous
     if me is None or not journal.enabled:
         return 0
     given = 0
-    for dispatcher_id, lives in _by_id(journal, me).items():
+    # In a thread: hundreds of journals (of other databases, say) took 100 ms of file calls per look.
+    for dispatcher_id, lives in (await asyncio.to_thread(_by_id, journal, me)).items():
         try:
             if dispatcher_id == me.dispatcher_id:
-                if starting:
-                    given += await _read(rt, lives, previous, time.monotonic() + READ_WITHIN_SECONDS)
+                if starting:  # we hold the id: no deadline
+                    given += await _read(rt, lives, previous, math.inf)
+            elif (n := await _stand_in(rt, dispatcher_id, lives)) is None:
+                for dead in lives:
+                    dead.release()
+                continue
             else:
-                given += await _stand_in(rt, dispatcher_id, lives)
+                given += n
         except Exception:
             log.exception(
                 "journal of a stopped dispatcher not read",
@@ -89,8 +105,11 @@ def _by_id(journal: SentJournal, me: Life) -> dict[str, list[DeadLife]]:
                 extra={"action": "recovery", "instance": dead.instance},
             )
             dead.forget()
-        elif life.realm != me.realm:  # another database or Redis: not ours to read
-            dead.release()
+        elif life.realm != me.realm:  # another database or Redis: not ours to read, unless long stale
+            if dead.stale(JOURNAL_MARK_TTL_SECONDS):
+                dead.forget()
+            else:
+                dead.release()
         elif life.boot != me.boot:
             log.warning(
                 "journal of sent requests from before this machine restarted: not trusted (it may have lost"
@@ -111,8 +130,9 @@ async def _read(rt: Runtime, lives: list[DeadLife], mark: str | None, deadline: 
     return 0
 
 
-async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> int:
-    """Hold another id's heartbeat key while reading what it holds: a restart of that id waits for it."""
+async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> int | None:
+    """Hold another id's heartbeat key while reading what it holds: a restart of that id waits for it.
+    None: a life we took for dead still has a client on Redis (left for a later look)."""
     stand_in = new_instance()
     key = rt.keys.alive(dispatcher_id)
     # A client named as that id's would be: a restart of the id that finds our key waits for it (claim).
@@ -125,6 +145,8 @@ async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> i
     try:
         await named.ping()
         dead = [d.instance for d in lives]
+        if await _connected(named, dispatcher_id, dead):
+            return None
         taken = int(await named.eval(_STAND_IN, 1, key, stand_in, HEARTBEAT_TTL_SECONDS, *dead))
         deadline = time.monotonic() + READ_WITHIN_SECONDS
         if not taken:  # another process runs under that id now: what it holds is not the dead lives'
@@ -140,6 +162,17 @@ async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> i
             await named.eval(_STAND_DOWN, 1, key, stand_in)
     finally:
         await named.aclose()
+
+
+async def _connected(r: Redis, dispatcher_id: str, instances: list[str]) -> bool:
+    """Does a process of these lives still hold a connection to Redis? Its lock says it is gone; this
+    says so too, where Redis lets us look (CLIENT may be refused: then the lock alone decides)."""
+    names = {client_name(role, dispatcher_id, i) for role in CLIENT_ROLES for i in instances}
+    try:
+        clients = await r.client_list()
+    except RedisError:
+        return False
+    return any(c.get("name") in names for c in clients)
 
 
 #: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or one of its dead lives still does.
@@ -176,6 +209,8 @@ async def _give_back(rt: Runtime, life: Life, sent: set[tuple[str, int]], deadli
     for task_id, attempt, state in held:
         if (task_id, attempt) in sent:
             continue
+        if time.monotonic() > deadline:  # the id's key may be gone: a restart of it may be placing now
+            break
         if state == TaskState.PROCESSING.value:
             fin = await rt.db(
                 finish_attempt,

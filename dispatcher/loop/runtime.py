@@ -156,7 +156,8 @@ class Runtime:
             await self._mark_journal(f"off:{self.settings.instance}")
             return
         j.rotate_due = lambda: self.spawn(j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal")
-        j.carry(await self.db(holdings, dispatcher_id=me))
+        j.on_fail = lambda: self.spawn(self._mark_journal(f"off:{self.settings.instance}"), "journal")
+        j.inherit(await self.db(holdings, dispatcher_id=me))
         if not j.enabled:  # the carry could not be written
             await self._mark_journal(f"off:{self.settings.instance}")
             return
