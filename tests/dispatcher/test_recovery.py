@@ -25,7 +25,7 @@ from dispatcher.db.schema import attempts, slots, tasks
 from dispatcher.db.standby import bind
 from dispatcher.loop.core import Dispatcher
 from dispatcher.loop.recovery import recover
-from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives
+from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives, realm
 from dispatcher.testing import in_process, settle
 from simgpu.fleet import SimFleet
 from tests.dispatcher.helpers import NO_BACKOFF, job, place
@@ -345,3 +345,23 @@ def test_a_dead_life_whose_id_went_on_elsewhere_is_not_read(run):
         assert _files(j) == []
 
     run(body)
+
+
+def test_the_realm_reads_one_servers_spellings_alike_and_tells_servers_apart():
+    same = [
+        realm("mysql+pymysql://u:pw@localhost/gpuq", "redis://localhost/0", "gpuq:"),
+        realm(
+            "mysql+pymysql://other:pw2@127.0.0.1:3306/gpuq?charset=utf8mb4",
+            "redis://:x@127.0.0.1:6379",
+            "gpuq:",
+        ),
+    ]
+    assert same[0] == same[1]
+    for other in (
+        realm("mysql+pymysql://u@127.0.0.1/other", "redis://127.0.0.1/0", "gpuq:"),
+        realm("mysql+pymysql://u@127.0.0.1/gpuq", "redis://127.0.0.1/1", "gpuq:"),
+        realm("mysql+pymysql://u@127.0.0.1/gpuq", "redis://127.0.0.1/0?db=2", "gpuq:"),
+        realm("mysql+pymysql://u@127.0.0.1/gpuq", "redis://127.0.0.1/0", "other:"),
+        realm("mysql+pymysql://u@10.0.0.1/gpuq", "redis://127.0.0.1/0", "gpuq:"),
+    ):
+        assert other != same[0]
