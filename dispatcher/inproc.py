@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import logging
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ from dispatcher.__main__ import _Server, announce, build_server
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import JsonFormatter, TextFormatter
 from dispatcher.loop.core import Dispatcher
-from dispatcher.preflight import StartProblem, preflight
+from dispatcher.preflight import StartProblem, listen, preflight
 from dispatcher.settings import DispatcherSettings
 from dispatcher.testing import LoopbackDispatcher, ProcessFailed, free_port, is_ready
 from producer.errors import ConfigError
@@ -111,6 +112,7 @@ class InProcessDispatcher(LoopbackDispatcher):
         self, settings: Mapping[str, str], *, name: str = "dispatcher", workdir: Path | None = None
     ) -> None:
         self.name = name
+        self._port_given = bool(settings.get("CALLBACK_PORT"))
         self.port = int(settings.get("CALLBACK_PORT") or free_port())
         self.env = {"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)}
         self.fixed_id = settings.get("DISPATCHER_ID")
@@ -122,6 +124,7 @@ class InProcessDispatcher(LoopbackDispatcher):
         self.error: BaseException | None = None
         self._holder: dict[str, Dispatcher] = {}
         self._handler: logging.Handler | None = None
+        self._socks: list[socket.socket] = []
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -132,13 +135,7 @@ class InProcessDispatcher(LoopbackDispatcher):
         """Build it as ``python -m dispatcher`` does (settings, preflight, server) and serve until ready;
         a bad setting, a failed preflight, a crash or no readiness in time raises ProcessFailed."""
         self.env["DISPATCHER_ID"] = self.fixed_id or f"{self.name}-{uuid.uuid4().hex[:6]}"
-        try:
-            settings = load(_OnlyGiven, **{k.lower(): v for k, v in self.env.items()})
-        except ConfigError as exc:
-            raise ProcessFailed(f"{self.name}: {exc.message}") from exc
-        refusal = settings.open_api_refusal()
-        if refusal is not None:
-            raise ProcessFailed(f"{self.name}: {refusal}")
+        settings = self._bind()
         self._log_to_file(settings)
         mine = _CURRENT.set(self)  # what it logs while starting is its own
         try:
@@ -149,6 +146,7 @@ class InProcessDispatcher(LoopbackDispatcher):
             except StartProblem as exc:
                 engine.dispose()
                 self._unlog()
+                self._close_socks()
                 raise ProcessFailed(f"{self.name}: {exc.message}") from exc
         finally:
             _CURRENT.reset(mine)
@@ -172,12 +170,41 @@ class InProcessDispatcher(LoopbackDispatcher):
         self.thread_id = threading.get_ident()
         assert self.server is not None
         try:
-            self.server.run()
-        except BaseException as exc:  # uvicorn exits (SystemExit) when it cannot bind
+            self.server.run(sockets=self._socks)  # bound by start(), as python -m dispatcher does
+        except BaseException as exc:  # uvicorn exits (SystemExit) when it cannot serve
             self.error = exc
+        finally:
+            self._close_socks()
         d = self._holder.get("d")
         failed = self.error is not None or not self.server.started or (d is not None and d.fatal is not None)
         self.returncode = 1 if failed else 0
+
+    def _bind(self) -> DispatcherSettings:
+        """Its settings, with its sockets bound and listening, as ``python -m dispatcher`` binds them before
+        it starts. A port picked free that another process took meanwhile is picked again (uvicorn bound it
+        only after the dispatcher had started: "address already in use", a test failed in a busy suite)."""
+        for tries in range(1, 6):
+            try:
+                settings = load(_OnlyGiven, **{k.lower(): v for k, v in self.env.items()})
+            except ConfigError as exc:
+                raise ProcessFailed(f"{self.name}: {exc.message}") from exc
+            refusal = settings.open_api_refusal()
+            if refusal is not None:
+                raise ProcessFailed(f"{self.name}: {refusal}")
+            try:
+                self._socks = listen(settings)
+                return settings
+            except StartProblem as exc:
+                if self._port_given or "another process listens there" not in exc.message or tries == 5:
+                    raise ProcessFailed(f"{self.name}: {exc.message}") from exc
+            self.port = free_port()
+            self.env["CALLBACK_PORT"] = str(self.port)
+        raise AssertionError("unreachable")
+
+    def _close_socks(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = []
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

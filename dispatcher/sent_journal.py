@@ -116,7 +116,10 @@ class SentJournal:
         self._since: set[Pair] = set()  # written to the current log since it was started
         self._count = 0
         self._rotating = False
-        #: What our id held when this life started (``inherit``): sent by an earlier life, or not known.
+        #: What our id held at this life's start once recovery was done: sent by an earlier life, or not
+        #: known. None of it is ours to send: a copy of such a job that comes back to us (our id's processing
+        #: list) finds its attempt recorded under our id, which used to read as a commit whose answer was
+        #: lost, and was POSTed again (``GpuRequests.sent``; runtime.py sets it, journal or not).
         self.inherited: set[Pair] = set()
         #: Called when the log is due for ``rotate`` (the owner schedules it; runtime.py).
         self.rotate_due: Callable[[], None] = lambda: None
@@ -139,10 +142,13 @@ class SentJournal:
             return False
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            lock = os.open(self._path(".lock"), os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            # Locked before it is written: a reader that took an empty file's lock read no header, and
+            # removed the new life's files (a review).
+            lock = os.open(self._path(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._lock = lock
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(lock, self.life.dumps())
+            os.ftruncate(lock, 0)
+            _write_all(lock, self.life.dumps())
             flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | os.O_CLOEXEC
             self._fd = os.open(self._path(".log"), flags, 0o600)
         except OSError as exc:
@@ -182,13 +188,6 @@ class SentJournal:
             self._fail(exc)
             return
         self._since.update(pairs)
-
-    def inherit(self, pairs: set[Pair]) -> None:
-        """At start: what our id holds, written down as sent. Neither is ours to send either: a copy of
-        such a job that comes back to us (our id's processing list) finds its attempt recorded under our id,
-        which used to read as a commit whose answer was lost, and was POSTed again (``GpuRequests.sent``)."""
-        self.inherited = set(pairs)
-        self.carry(pairs)
 
     async def rotate(self, holdings: Callable[[], Awaitable[set[Pair]]]) -> None:
         """Replace the log by one with only what still holds a slot: requests from now on go to the new

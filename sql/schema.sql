@@ -1,4 +1,4 @@
--- gpuq schema version 4, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
+-- gpuq schema version 5, MySQL 8 / MariaDB 10.6+ (InnoDB). Generated from
 -- dispatcher/db/schema.py by `make schema-sql`: edit that file, not this one.
 --
 -- tasks.state: processing, finished, failed, cancelled, retrying, scheduled, queued, standby.
@@ -65,7 +65,7 @@ CREATE TABLE tasks (
     max_attempts INTEGER NOT NULL,
     run_after DATETIME(6),
     last_callback VARCHAR(16),
-    dispatcher_id VARCHAR(128),
+    dispatcher_id VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     error TEXT,
     result LONGTEXT,
     enqueued_at DATETIME(6),
@@ -94,10 +94,10 @@ CREATE TABLE slots (
     attempt INTEGER,
     claimed_at DATETIME(6),
     lease_expires_at DATETIME(6),
-    dispatcher_id VARCHAR(128),
+    dispatcher_id VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     next_task_id VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     next_attempt INTEGER,
-    next_dispatcher_id VARCHAR(128),
+    next_dispatcher_id VARCHAR(128) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
     PRIMARY KEY (gpu_id, slot_index),
     FOREIGN KEY(gpu_id) REFERENCES gpus (gpu_id) ON DELETE CASCADE,
     UNIQUE (task_id)

@@ -15,7 +15,9 @@ NOT NULL column added to a table that has rows is filled first (MariaDB would pu
 no reader can take).
 
 Versions: 1 the first schema; 2 pull GPUs (``gpus.agent_token_hash``, ``gpus.agent_seen_until``,
-``tasks.fetched_attempt``; see ``dispatcher/gpus/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``).
+``tasks.fetched_attempt``; see ``dispatcher/gpus/pull.py``); 3 a GPU's own cancel URL (``gpus.cancel_url``);
+4 standby jobs (``slots.next_*``); 5 dispatcher ids compared byte for byte (``adopt_columns`` gives the three
+``*dispatcher_id`` columns their binary collation).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import mysql
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 
@@ -50,6 +50,12 @@ LongText = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 # second dropped as a copy of the first, or (both in one batch) a duplicate-key error on slots.task_id.
 TaskId = String(255).with_variant(
     mysql.VARCHAR(255, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
+)
+#: A dispatcher's id, compared byte for byte as Redis compares its keys: under the server's default collation
+#: MariaDB took ``GPU-BOX-x`` for ``gpu-box-x``, so a recovery standing in for a dead id gave back what a
+#: live one of the other case held and had sent (an outside review; schema version 5).
+DispatcherId = String(128).with_variant(
+    mysql.VARCHAR(128, charset="utf8mb4", collation="utf8mb4_bin"), "mysql", "mariadb"
 )
 
 schema_version = Table(
@@ -90,10 +96,10 @@ slots = Table(
     Column("attempt", Integer, nullable=True),
     Column("claimed_at", Timestamp, nullable=True),
     Column("lease_expires_at", Timestamp, nullable=True),
-    Column("dispatcher_id", String(128), nullable=True),
+    Column("dispatcher_id", DispatcherId, nullable=True),
     Column("next_task_id", TaskId, nullable=True),
     Column("next_attempt", Integer, nullable=True),
-    Column("next_dispatcher_id", String(128), nullable=True),
+    Column("next_dispatcher_id", DispatcherId, nullable=True),
     Index("idx_slots_lease", "lease_expires_at"),
     Index("idx_slots_next_task_id", "next_task_id", unique=True),
     mysql_engine="InnoDB",
@@ -116,7 +122,7 @@ tasks = Table(
     Column("max_attempts", Integer, nullable=False),
     Column("run_after", Timestamp, nullable=True),
     Column("last_callback", String(16), nullable=True),
-    Column("dispatcher_id", String(128), nullable=True),
+    Column("dispatcher_id", DispatcherId, nullable=True),
     Column("error", Text, nullable=True),
     Column("result", LongText, nullable=True),
     Column("enqueued_at", Timestamp, nullable=True),

@@ -51,6 +51,10 @@ log = logging.getLogger("gpuq.dispatcher")
 #: TTL): a restart of that id waits for the key, so nothing it places can be taken for the dead one's.
 READ_WITHIN_SECONDS = HEARTBEAT_TTL_SECONDS - 4
 
+#: A journal without a readable header younger than this may be a life that is starting (it writes its header
+#: once it holds the lock, which a reader may take first): left for a later look, not removed.
+YOUNG_SECONDS = 60.0
+
 NEVER_SENT = "its dispatcher ({id}) stopped before sending it: given back without using an attempt"
 
 
@@ -98,7 +102,9 @@ def _by_id(journal: SentJournal, me: Life) -> dict[str, list[DeadLife]]:
     ids: dict[str, list[DeadLife]] = {}
     for dead in dead_lives(journal):
         life = dead.life
-        if life is None:
+        if life is None and not dead.stale(YOUNG_SECONDS):  # a life starting: its header comes once we let go
+            dead.release()
+        elif life is None:
             log.warning(
                 "journal of sent requests without a readable header: removed; its dispatcher's jobs wait for"
                 " their leases",

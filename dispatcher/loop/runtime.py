@@ -150,20 +150,34 @@ class Runtime:
         a journal, a mark that names none: no earlier file of the id is trusted again), then what dead lives
         on this machine recorded and never sent, given back (recovery.py)."""
         j, me = self.journal, self.settings.dispatcher_id
-        mark_key = self.keys.journal(me)
-        before = await self.beat_redis.get(mark_key)
-        if not j.open():
+        before = await self.beat_redis.get(self.keys.journal(me))
+        opened = j.open()
+        held = await self.db(holdings, dispatcher_id=me)
+        if opened:
+            j.rotate_due = lambda: self.spawn(
+                j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal"
+            )
+            j.on_fail = lambda: self.spawn(self._mark_journal(f"off:{self.settings.instance}"), "journal")
+            j.carry(held)
+        if not j.enabled:  # no journal, or the carry could not be written
             await self._mark_journal(f"off:{self.settings.instance}")
-            return
-        j.rotate_due = lambda: self.spawn(j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal")
-        j.on_fail = lambda: self.spawn(self._mark_journal(f"off:{self.settings.instance}"), "journal")
-        j.inherit(await self.db(holdings, dispatcher_id=me))
-        if not j.enabled:  # the carry could not be written
-            await self._mark_journal(f"off:{self.settings.instance}")
+            j.inherited = held
             return
         await self._mark_journal(self.settings.instance)
         previous = before.decode() if isinstance(before, bytes) else before
+        taken = self.intake.took_over
+        if taken is not None and taken != previous:
+            # The process of our id that died last is not the one the mark names: a version of gpuq without
+            # the journal ran in between (a rollback), so no journal here knows what it sent.
+            log.warning(
+                "this DISPATCHER_ID's last process kept no journal of sent requests (its journal off, or a"
+                " gpuq without it): nothing is given back; its unsent jobs wait for their leases",
+                extra={"action": "recovery", "previous": taken, "marked": previous},
+            )
+            previous = None
+        await self.intake.heartbeat()  # a long recovery must not outlast our key's TTL
         await recover(self, j, starting=True, previous=previous)
+        j.inherited = await self.db(holdings, dispatcher_id=me)  # what recovery left: sent, or not known
 
     async def _mark_journal(self, mark: str) -> None:
         self.intake.journal_mark = mark

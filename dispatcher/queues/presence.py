@@ -100,6 +100,8 @@ class Presence:
     #: This life's instance once its journal holds all its id holds, else "off:<instance>" (runtime.py
     #: ``_start_journal``); refreshed with each heartbeat under ``Keys.journal``.
     journal_mark: str | None = None
+    #: The instance whose heartbeat key ``claim`` took over (a process of our id that died moments ago).
+    took_over: str | None = None
 
     def pools(self) -> list[str]:
         """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
@@ -136,6 +138,7 @@ class Presence:
             other = as_str(held)
             if last is None and not await self._connected(r, other):
                 if await r.eval(_TAKE_OVER, 1, key, other, self.instance, HEARTBEAT_TTL_SECONDS):
+                    self.took_over = other
                     log.warning(
                         "took over this DISPATCHER_ID from a process that is gone",
                         extra={"action": "claim", "instance": self.instance, "previous": other},

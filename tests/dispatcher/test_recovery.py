@@ -365,3 +365,21 @@ def test_the_realm_reads_one_servers_spellings_alike_and_tells_servers_apart():
         realm("mysql+pymysql://u@10.0.0.1/gpuq", "redis://127.0.0.1/0", "gpuq:"),
     ):
         assert other != same[0]
+
+
+def test_a_journal_without_a_header_is_left_while_young_and_removed_once_old(run):
+    # GIVEN a lock file with no header yet (a life starting: it writes its header once it holds the lock,
+    # and a reader may take the lock first)
+    async def body(d: Dispatcher) -> None:
+        folder = d.rt.journal.dir
+        assert folder is not None
+        lock = folder / "starting.lock"
+        lock.write_bytes(b"")
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert lock.exists()  # left for the life to lock and write
+        old = lock.stat().st_mtime - 120
+        os.utime(lock, (old, old))
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert not lock.exists()  # nobody came: removed
+
+    run(body)

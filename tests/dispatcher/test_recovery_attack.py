@@ -29,9 +29,10 @@ from dispatcher.db.schema import attempts, tasks
 from dispatcher.db.standby import bind
 from dispatcher.loop.core import Dispatcher
 from dispatcher.loop.recovery import recover
-from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives
+from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives, realm
 from dispatcher.states import Outcome
 from dispatcher.testing import in_process, settle
+from producer.job import parse_redis_job
 from producer.keys import Keys, Priority, queue_key
 from simgpu.fleet import SimFleet
 from tests.dispatcher.harness import DispatcherProc, push_jobs, received_per_task
@@ -352,3 +353,130 @@ def test_a_copy_of_a_job_an_earlier_life_of_our_id_sent_is_not_sent_again(
     rds.close()
     engine.dispose()
     assert received_per_task(fleet.stats()).get(p.job.task_id, 0) == 0
+
+
+# -- a second outside review ----------------------------------------------------------------------------
+
+
+def test_a_dead_id_differing_only_in_case_does_not_judge_a_live_dispatchers_sends(
+    database_url, redis_url, key_prefix, fleet, tmp_path
+):
+    """MariaDB's default collation took ``GPU-BOX-x`` for ``gpu-box-x``: a dead life of the one gave back
+    what the live other held and had sent (schema version 5: the id columns compare byte for byte)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    s = _settings(
+        database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="gpu-box-x"
+    )
+    rds = redis.Redis.from_url(redis_url)
+    ids = push_jobs(rds, queue, 3)
+    given: list[int] = []
+
+    async def main() -> None:
+        async with in_process(s) as d:
+            for _ in range(3):
+                await d.dispatch_once()
+                await settle(d)
+            assert sorted(received_per_task(fleet.stats())) == sorted(ids)
+            _life_like(d, "GPU-BOX-X")  # its mark
+            dead = SentJournal(tmp_path, Life("GPU-BOX-X", "upper000", *_boot_realm(d)))
+            assert dead.open()
+            dead.close()
+            await d.rt.redis.set(d.rt.keys.journal("GPU-BOX-X"), "upper000")
+            given.append(await recover(d.rt, d.rt.journal, starting=False))
+
+    asyncio.run(main())
+    rds.close()
+    assert given == [0]
+
+
+def _boot_realm(d: Dispatcher) -> tuple[str, str]:
+    me = d.rt.journal.life
+    assert me is not None
+    return me.boot, me.realm
+
+
+def test_a_restart_after_a_process_that_kept_no_journal_reads_no_older_one(
+    any_database_url, redis_url, key_prefix, fleet, tmp_path
+):
+    """A rollback: a gpuq without the journal ran under our id after a life with one, and sent jobs; the
+    mark still names the older life. A restart that takes over the newer process's key reads nothing."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    s = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    engine = make_engine(s.db_url())
+    init_schema(engine)
+    add_gpu(engine, "g0", 4, url=fleet.url("g0"))
+    (p,) = place(engine, [job(queue=queue)], dispatcher_id=s.dispatcher_id).placed  # the old version's, sent
+    boot = boot_id()
+    assert boot is not None
+    where = realm(engine.url.render_as_string(hide_password=True), s.redis_dsn(), Keys(key_prefix).prefix)
+    older = SentJournal(tmp_path, Life(s.dispatcher_id, "older000", boot, where))
+    assert older.open()
+    older.close()
+    rds = redis.Redis.from_url(redis_url)
+    keys = Keys(key_prefix)
+    rds.set(keys.journal(s.dispatcher_id), "older000")
+    rds.set(keys.alive(s.dispatcher_id), "nojournal", ex=30)  # killed a moment ago: no client left
+
+    async def main() -> None:
+        async with in_process(s):
+            pass
+
+    asyncio.run(main())
+    with engine.connect() as conn:
+        row = conn.execute(select(tasks).where(tasks.c.task_id == p.job.task_id)).one()
+    rds.close()
+    engine.dispose()
+    assert (row.state, row.attempt) == ("processing", 1)
+
+
+def test_a_standby_given_back_at_start_and_placed_again_by_this_life_is_sent_after_a_lost_commit(
+    any_database_url, redis_url, key_prefix, fleet, tmp_path
+):
+    """A standby our id's earlier life never sent is given back at our start and later placed by us at
+    the same attempt number (1); that commit's answer is lost. Taken for inherited, it was never sent."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    s = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    me = s.dispatcher_id
+    engine = make_engine(s.db_url())
+    init_schema(engine)
+    add_gpu(engine, "g0", 2, url=fleet.url("g0"))
+    (holder,) = place(engine, [job(queue=queue)], dispatcher_id=me).placed
+    t = job(queue=queue)
+    bound = transaction(
+        engine, bind, candidates=[(t, "default")], dispatcher_id=me, max_attempts=3, now=utcnow()
+    )
+    assert len(bound.bound) == 1
+    boot = boot_id()
+    assert boot is not None
+    where = realm(engine.url.render_as_string(hide_password=True), s.redis_dsn(), Keys(key_prefix).prefix)
+    dead = SentJournal(tmp_path, Life(me, "earlier0", boot, where))
+    assert dead.open()
+    dead.record(holder.job.task_id, 1)  # it sent the holder, not the standby
+    dead.close()
+    rds = redis.Redis.from_url(redis_url)
+    rds.set(Keys(key_prefix).journal(me), "earlier0")
+
+    async def main() -> None:
+        async with in_process(s) as d:
+            assert _rows(d, [t.task_id])[t.task_id].state == "retrying"  # given back at start
+            assert (t.task_id, 1) not in d.rt.journal.inherited
+            await d.housekeeping.requeue_due()
+            raws = [r for pr in Priority for r in rds.lrange(queue_key(queue, pr), 0, -1)]
+            for pr in Priority:
+                rds.delete(queue_key(queue, pr))
+            (copy,) = [parse_redis_job(raw, queue)[0] for raw in raws]
+            # this life places it at attempt 1; the commit's answer is lost: its element is still ours
+            assert [
+                pp.attempt for pp in place(engine, [copy], dispatcher_id=me, check_existing=True).placed
+            ] == [1]
+            rds.rpush(
+                Keys(key_prefix).proc(queue, me), f"{queue_key(queue, Priority.NORMAL)}\n{copy.to_redis()}"
+            )
+            for _ in range(3):
+                await d.dispatch_once()
+                await settle(d)
+
+    asyncio.run(main())
+    rds.close()
+    engine.dispose()
+    assert received_per_task(fleet.stats()).get(t.task_id, 0) == 1

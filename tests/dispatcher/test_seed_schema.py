@@ -192,3 +192,43 @@ def test_an_adoption_interrupted_between_its_alters_settles_the_seeds_tasks_at_t
     # THEN the seed's tasks get their states all the same
     assert transaction(engine, get_task, task_id="s1")["state"] == "failed"
     assert transaction(engine, get_task, task_id="s2")["state"] == "queued"
+
+
+def test_a_version_4_database_gets_dispatcher_ids_compared_byte_for_byte(database_url):
+    # GIVEN a gpuq database of schema version 4: its dispatcher id columns in the server's default collation
+    engine = make_engine(database_url)
+    init_schema(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "ALTER TABLE slots MODIFY dispatcher_id VARCHAR(128) COLLATE utf8mb4_general_ci NULL,"
+            " MODIFY next_dispatcher_id VARCHAR(128) COLLATE utf8mb4_general_ci NULL"
+        )
+        conn.exec_driver_sql(
+            "ALTER TABLE tasks MODIFY dispatcher_id VARCHAR(128) COLLATE utf8mb4_general_ci NULL"
+        )
+    add_gpu(engine, "g0", 2)
+    place(engine, [job()], dispatcher_id="gpu-box-x")
+    # WHEN a dispatcher of this version starts on it
+    init_schema(engine)
+    # THEN the three columns compare byte for byte: another case is another dispatcher
+    with engine.connect() as conn:
+        coll = {
+            (r.tbl, r.col): r.coll
+            for r in conn.execute(
+                text(
+                    "SELECT TABLE_NAME AS tbl, COLUMN_NAME AS col, COLLATION_NAME AS coll FROM information_schema.COLUMNS"
+                    " WHERE TABLE_SCHEMA = DATABASE() AND COLUMN_NAME LIKE '%dispatcher_id'"
+                )
+            )
+        }
+        upper = conn.execute(
+            text("SELECT COUNT(*) FROM slots WHERE dispatcher_id = 'GPU-BOX-X'")
+        ).scalar_one()
+        same = conn.execute(text("SELECT COUNT(*) FROM slots WHERE dispatcher_id = 'gpu-box-x'")).scalar_one()
+    assert coll == {
+        ("slots", "dispatcher_id"): "utf8mb4_bin",
+        ("slots", "next_dispatcher_id"): "utf8mb4_bin",
+        ("tasks", "dispatcher_id"): "utf8mb4_bin",
+    }
+    assert (upper, same) == (0, 1)
+    engine.dispose()
