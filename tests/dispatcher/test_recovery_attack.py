@@ -233,7 +233,7 @@ def test_a_live_dispatcher_whose_journal_failed_on_a_read_only_fs_is_not_recover
             raise OSError(errno.EROFS, "Read-only file system")
 
         with monkeypatch.context() as m:
-            m.setattr(sj.os, "write", erofs)
+            m.setattr(sj, "_write_all", erofs)  # not os.write: other threads of this process write too
             m.setattr(pathlib.Path, "unlink", erofs)
             live.record(p.job.task_id, p.attempt)  # fails: journal off; the request goes out all the same
         assert not live.enabled
