@@ -117,6 +117,8 @@ class InProcessDispatcher(LoopbackDispatcher):
         self.env = {"CALLBACK_HOST": "127.0.0.1", **settings, "CALLBACK_PORT": str(self.port)}
         self.fixed_id = settings.get("DISPATCHER_ID")
         self.log_path = (workdir or Path(tempfile.mkdtemp(prefix="gpuq-disp-"))) / f"{name}.log"
+        # Its journal of sent requests where a process run in ``workdir`` keeps it (not the test's checkout)
+        self.env.setdefault("STATE_DIR", str(self.log_path.parent / ".gpuq"))
         self.server: _ThreadServer | None = None
         self.thread: threading.Thread | None = None
         self.thread_id: int | None = None

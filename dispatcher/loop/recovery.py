@@ -12,9 +12,10 @@ is gone and, for each attempt held by that dispatcher's id that the journal does
   due again at once; a cancelled one's slot freed.
 
 Attempts the journal lists went out (or may have: the line is written before the request) and keep waiting
-for their callback or lease, as before. Only what the dead life's id holds is judged, and only while no
-other process runs under that id: the restarted process holds it already (it recovers before it places
-anything); for another id, the reader stands in for it in Redis while it reads, as a restart would.
+for their callback or lease, as before. Only what the dead life's id holds is judged, only by the journal
+the id's mark names (``Keys.journal``: the last life of the id that wrote down all the id held), and only
+while no other process runs under that id: the restarted process holds it already (it recovers before it
+places anything); for another id, the reader stands in for it in Redis while it reads, as a restart would.
 """
 
 from __future__ import annotations

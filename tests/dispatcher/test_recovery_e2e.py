@@ -14,6 +14,7 @@ import time
 import pytest
 from sqlalchemy import text
 
+from dispatcher import sent_journal
 from tests.dispatcher.harness import DispatcherProc, push_jobs, received_per_task, reconcile, wait_final
 from tests.dispatcher.helpers import wait_for
 
@@ -81,3 +82,30 @@ def test_a_restart_under_the_same_id_gives_back_the_standbys_it_never_sent(stack
 @pytest.mark.slow
 def test_a_new_dispatcher_on_the_machine_gives_back_a_dead_ones_unsent_standbys(stack):
     _run(stack, same_id=False)
+
+
+def test_the_journal_is_rewritten_as_it_grows_and_keeps_what_still_runs(stack, monkeypatch):
+    # GIVEN a journal rewritten every 5 requests (20,000 in production), and jobs of two lengths: 30 short
+    # ones, and 2 that run on through every rewrite
+    monkeypatch.setattr(sent_journal, "ROTATE_ENTRIES", 5)
+    fleet = stack.fleet(gpus=1, service_time="fixed:0.02")
+    slow = stack.fleet(gpus=1, service_time="fixed:60")
+    d = stack.dispatcher(
+        fleet,
+        STANDBY_JOBS="false",
+        GPU_ENDPOINTS=f"{fleet.gpu_endpoints()},slow:s0={slow.url('g0')}",
+        TASK_ROUTES="long=slow",
+    )
+    longs = push_jobs(stack.rds, stack.queues[0], 2, task_type="long")
+    wait_for(lambda: len(received_per_task(slow.stats())) == 2, timeout=30, what="2 long jobs running")
+    shorts = push_jobs(stack.rds, stack.queues[0], 30)
+    # WHEN they run
+    wait_final(stack.engine, shorts, timeout=60)
+    # THEN the log was rewritten (no half-done rewrite left) and still lists the long jobs, which still run
+    journal = d.dispatcher.rt.journal
+    assert journal.dir is not None and journal.life is not None
+    folder, me = journal.dir, journal.life.instance
+    wait_for(lambda: not (folder / f"{me}.next.log").exists(), timeout=10, what="the rewrite done")
+    lines = [json.loads(line) for line in (folder / f"{me}.log").read_text().splitlines()]
+    assert len(lines) < 32, lines  # rewritten: not every request since the start
+    assert {t for t, _ in lines} >= set(longs)
