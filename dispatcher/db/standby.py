@@ -176,7 +176,7 @@ def _binding(conn: Connection, derived: str, where: str) -> str:
     )
 
 
-_UNBIND_SLOTS = text(
+UNBIND_SLOTS = text(
     "UPDATE slots SET next_task_id = NULL, next_attempt = NULL, next_dispatcher_id = NULL"
     " WHERE next_task_id IN :ids AND next_dispatcher_id = :me"
 ).bindparams(bindparam("ids", expanding=True))
@@ -201,7 +201,7 @@ def unbind(
     lease ran out), or absent (not ours)."""
     if not task_ids:
         return {}
-    conn.execute(_UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
+    conn.execute(UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
     conn.execute(_UNBIND_TASKS, {"ids": task_ids, "now": now})
     return states(conn, task_ids=task_ids)
 
@@ -212,7 +212,7 @@ def drop_cancelled(
     """A cancelled standby of ours that we never sent: its binding cleared and, if it was promoted, its slot
     given back (to the slot's next standby, if any), in one transaction: whichever side of it the holder's
     end falls, the slot ends up free of it. True when a slot was freed."""
-    conn.execute(_UNBIND_SLOTS, {"ids": [task_id], "me": dispatcher_id})
+    conn.execute(UNBIND_SLOTS, {"ids": [task_id], "me": dispatcher_id})
     return release_cancelled(conn, task_id=task_id, attempt=1, now=now, lease_seconds=lease_seconds)
 
 

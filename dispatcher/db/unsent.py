@@ -13,6 +13,7 @@ from datetime import datetime
 from sqlalchemy import Connection, bindparam, text
 
 from dispatcher.db.schema import Timestamp
+from dispatcher.db.standby import UNBIND_SLOTS
 from dispatcher.gpus.pull import PULL_SCHEME
 
 Pair = tuple[str, int]
@@ -38,10 +39,6 @@ _HOLDINGS = text(  # constants only
     "SELECT h.task_id, h.attempt FROM (" + _HELD_SQL + ") h"  # noqa: S608
     " UNION ALL SELECT b.next_task_id, b.next_attempt FROM (" + _BOUND_SQL + ") b"
 )
-_UNBIND_SLOTS = text(
-    "UPDATE slots SET next_task_id = NULL, next_attempt = NULL, next_dispatcher_id = NULL"
-    " WHERE next_task_id IN :ids AND next_dispatcher_id = :me"
-).bindparams(bindparam("ids", expanding=True))
 # Due at once from the database, as a first attempt never made: the job is pushed back into Redis from the
 # row (``deferred.py``), whatever became of the copies the dead process had in its buffer.
 _DUE_AGAIN = text(
@@ -81,7 +78,7 @@ def unbind_unsent(conn: Connection, *, task_ids: list[str], dispatcher_id: str, 
     made due."""
     if not task_ids:
         return []
-    conn.execute(_UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
+    conn.execute(UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
     conn.execute(_DUE_AGAIN, {"ids": task_ids, "now": now})
     rows = conn.execute(
         text(

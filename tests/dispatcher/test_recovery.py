@@ -41,13 +41,12 @@ def fleet() -> Any:
     f.stop()
 
 
-@pytest.fixture
-def run(
-    any_database_url: str, redis_url: str, key_prefix: str, fleet: SimFleet, tmp_path: Path
+def runner(
+    url: str, redis_url: str, key_prefix: str, fleet: SimFleet, state_dir: Path
 ) -> Callable[[Callable[[Dispatcher], Awaitable[None]]], None]:
-    """``run(body)``: ``body(d)`` with an in-process dispatcher ``d`` (no background loop) on the test's stores."""
+    """``run(body)``: ``body(d)`` with an in-process dispatcher ``d`` (no background loop) on these stores."""
     queue = f"q-{uuid.uuid4().hex[:6]}"
-    s = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    s = _settings(url, redis_url, key_prefix, queue, fleet, state_dir=str(state_dir))
 
     async def main(body: Callable[[Dispatcher], Awaitable[None]]) -> None:
         async with in_process(s) as d:
@@ -55,6 +54,13 @@ def run(
             await body(d)
 
     return lambda body: asyncio.run(main(body))
+
+
+@pytest.fixture
+def run(
+    any_database_url: str, redis_url: str, key_prefix: str, fleet: SimFleet, tmp_path: Path
+) -> Callable[[Callable[[Dispatcher], Awaitable[None]]], None]:
+    return runner(any_database_url, redis_url, key_prefix, fleet, tmp_path)
 
 
 async def _dead(d: Dispatcher, sent: list[tuple[str, int]], *, mark: bool = True, **life: str) -> SentJournal:

@@ -14,7 +14,6 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,41 +33,19 @@ from dispatcher.states import Outcome
 from dispatcher.testing import in_process, settle
 from producer.job import parse_redis_job
 from producer.keys import Keys, Priority, queue_key
-from simgpu.fleet import SimFleet
+from tests.dispatcher import test_recovery as base
 from tests.dispatcher.harness import DispatcherProc, push_jobs, received_per_task
 from tests.dispatcher.helpers import NO_BACKOFF, add_gpu, job, place, wait_for
 from tests.dispatcher.test_refused_retry import _settings
 
 pytestmark = pytest.mark.skipif(boot_id() is None, reason="needs a boot id (Linux)")
 
-
-@pytest.fixture
-def fleet() -> Any:
-    f = SimFleet(gpus=1, token="gpu-bearer-token", seed=7, service_time="fixed:30").start()
-    yield f
-    f.stop()
-
-
-def _runner(url, redis_url, key_prefix, fleet, state_dir):
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    s = _settings(url, redis_url, key_prefix, queue, fleet, state_dir=str(state_dir))
-
-    async def main(body: Callable[[Dispatcher], Awaitable[None]]) -> None:
-        async with in_process(s) as d:
-            assert d.rt.journal.enabled
-            await body(d)
-
-    return lambda body: asyncio.run(main(body))
-
-
-@pytest.fixture
-def run(any_database_url, redis_url, key_prefix, fleet, tmp_path):
-    return _runner(any_database_url, redis_url, key_prefix, fleet, tmp_path)
+fleet, run = base.fleet, base.run  # fixtures
 
 
 @pytest.fixture
 def run_maria(database_url, redis_url, key_prefix, fleet, tmp_path):
-    return _runner(database_url, redis_url, key_prefix, fleet, tmp_path)
+    return base.runner(database_url, redis_url, key_prefix, fleet, tmp_path)
 
 
 def _rows(d: Dispatcher, ids: list[str]) -> dict[str, Any]:
