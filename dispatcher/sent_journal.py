@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dispatcher.db.engine import sqlite_file
+
 log = logging.getLogger("gpuq.dispatcher")
 
 #: The directory under STATE_DIR.
@@ -67,7 +69,7 @@ def _where(url: str, ports: dict[str, int]) -> str:
     parts = urlsplit(url)
     scheme = parts.scheme.split("+", 1)[0].lower()
     if scheme == "sqlite":
-        return f"sqlite:{os.path.abspath(url.split(':///', 1)[-1])}"
+        return f"sqlite:{os.path.abspath(sqlite_file(url) or ':memory:')}"
     host = (parts.hostname or "").lower()
     host = "127.0.0.1" if host in ("localhost", "", "::1") else host
     db = parts.path.strip("/") or "0"

@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from dispatcher.cli.errors import Unreachable
-from dispatcher.db.engine import make_engine, transaction
+from dispatcher.db.engine import make_engine, sqlite_file, transaction
 from dispatcher.queues.wakes import wake_sync
 from dispatcher.settings import StoreSettings
 from producer.connect import sync_client
@@ -57,8 +57,8 @@ class Stores:
         ``.gpuq/gpuq.db`` behind and said only that it had no tables (a trial)."""
         if self._engine is None:
             url = self.settings.db_url()
-            path = url.split("///", 1)[-1] if url.startswith("sqlite") else ""
-            if not create and path and path != ":memory:" and not Path(path).exists():
+            path = sqlite_file(url)
+            if not create and path is not None and not Path(path).exists():
                 raise Unreachable(
                     f"no embedded database at {path}: no dispatcher has run from here; set DATABASE_URL"
                     " (or DB_HOST) as the dispatcher has it, or run gpuq from the dispatcher's directory"
