@@ -11,6 +11,7 @@ cluster: the master of the write's slot), and both go out on one connection.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Iterable
 from typing import Any
@@ -51,15 +52,62 @@ async def _written(conn: AbstractConnection, sending: Awaitable[None]) -> None:
         raise redis.exceptions.ConnectionError(f"Error while writing to socket: {exc}") from exc
 
 
+async def _write(writer: asyncio.StreamWriter, command: Iterable[bytes], timeout: float | None) -> None:
+    """Write, then wait for the socket to take it: at once, unless its buffer is above the low-water mark
+    (writing may then be paused: a Redis that stopped reading), when the wait is bounded by ``timeout``. A
+    paused transport holds more than its low-water mark, so the untimed wait cannot block."""
+    writer.writelines(command)
+    transport = writer.transport
+    if timeout and transport.get_write_buffer_size() > transport.get_write_buffer_limits()[0]:
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+    else:
+        await writer.drain()
+
+
 class _WriteLossIsConnectionError(AbstractConnection):
-    """Mixed into redis-py's connection classes: a write to a closed transport raises ConnectionError
-    (``_written``). A subclass of AbstractConnection only for ``super()``: in the classes below it comes
-    before redis-py's own class, whose ``send_packed_command`` it wraps."""
+    """Mixed into redis-py's connection classes. A subclass of AbstractConnection only for ``super()``: in
+    the classes below it comes before redis-py's own class, whose ``send_packed_command`` it replaces."""
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
     ) -> None:
-        await _written(self, super().send_packed_command(command, check_health))
+        """redis-py's (8.1), but for two things. Its ``asyncio.wait_for`` around every write made a Task per
+        command, so each Redis round trip of the dispatcher's hot path paid for a task and went out a loop
+        pass late: here a write waits under ``socket_timeout`` only when it has to wait (``_write``). A
+        write to a closed transport is a lost connection (``_written``). A write that timed out is dropped
+        (redis-py's close would finish sending it)."""
+        if not self.is_connected:
+            await self.connect_check_health(check_health=False)
+        if check_health:
+            await self.check_health()  # type: ignore[no-untyped-call]
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        writer = self._writer
+        if writer is None:  # connected above, or raised
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        try:
+            await _written(self, _write(writer, command, self.socket_timeout))
+        except redis.exceptions.ConnectionError:
+            raise  # a closed transport's, already disconnected
+        except TimeoutError:
+            # Dropped, not closed: a close would still send the rest of the command when Redis reads again,
+            # and it would run although its sender was told it timed out (and may send it again).
+            writer.transport.abort()
+            await self.disconnect(nowait=True)
+            raise redis.exceptions.TimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await self.disconnect(nowait=True)
+            err_no, errmsg = ("UNKNOWN", e.args[0]) if len(e.args) == 1 else (e.args[0], e.args[1])
+            raise redis.exceptions.ConnectionError(
+                f"Error {err_no} while writing to socket. {errmsg}."
+            ) from e
+        except BaseException:
+            # as redis-py: a write cut short leaves the connection in an unknown state
+            await self.disconnect(nowait=True)
+            raise
 
 
 class Connection(_WriteLossIsConnectionError, redis.asyncio.Connection):
