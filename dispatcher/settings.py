@@ -15,7 +15,7 @@ from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_valid
 from pydantic_settings import SettingsConfigDict
 
 from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
-from dispatcher.gpus.same_service import same_service
+from dispatcher.gpus.same_service import same_service, shown_url
 from dispatcher.queues.presence import new_instance
 from producer.settings import QueueSettings, parse_pairs, split_list
 
@@ -70,6 +70,8 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
             raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
+        if problem := _host_problem(parts.hostname):
+            raise ValueError(f"{item!r}: {problem}")
         if twin := next((e.gpu_id for e in endpoints if e.pool == pool and same_service(e.url, url)), None):
             raise ValueError(url_taken(gpu_id, twin, url))
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
@@ -106,10 +108,23 @@ def url_taken(gpu_id: str, other: str, url: str) -> str:
     """Why a GPU cannot have ``url`` in its pool: ``other`` of the same pool has it. (In two pools one
     service may serve both, its slots split between the two names.)"""
     return (
-        f"GPU {gpu_id}: {url} is GPU {other}'s URL in the same pool; one service under two names there gets"
-        f" the jobs of both (more than its slots). Give {other} more slots instead (gpuq gpu set {other}"
-        f" --slots N), or remove {other} first (gpuq gpu remove {other}) if {gpu_id} is its new name"
+        f"GPU {gpu_id}: {shown_url(url)} is GPU {other}'s URL in the same pool; one service under two names"
+        f" there gets the jobs of both (more than its slots). Give {other} more slots instead (gpuq gpu set"
+        f" {other} --slots N), or remove {other} first (gpuq gpu remove {other}) if {gpu_id} is its new name"
     )
+
+
+def _host_problem(host: str) -> str | None:
+    """A host no client can look up: an empty label (``gpu-host..internal``, a typo), one over 63
+    characters. It parsed, and every request, probe and cancel to it raised (an outside trial: the probe's
+    UnicodeError stopped the dispatcher)."""
+    if ":" in host:  # an IPv6 address
+        return None
+    try:
+        host.encode("idna")
+    except UnicodeError as exc:
+        return f"host {host!r} is not a host name ({exc})"
+    return None
 
 
 def _port_ok(parts: SplitResult) -> bool:
@@ -254,6 +269,19 @@ class DispatcherSettings(StoreSettings):
                 f"RETRY_BACKOFF_SECONDS ({self.retry_backoff_seconds:g}) is above RETRY_BACKOFF_MAX_SECONDS"
                 f" ({self.retry_backoff_max_seconds:g}), the cap of every wait: raise the cap, or lower it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> DispatcherSettings:
+        # A request has one Authorization header: with BEARER_TOKEN set, a URL's user:password@ cannot be
+        # sent (aiohttp refuses the pair), and every job to that GPU would be refused.
+        if self.bearer_token.get_secret_value():
+            for ep in parse_gpu_endpoints(self.gpu_endpoints):
+                if urlsplit(ep.url).username is not None:
+                    raise ValueError(
+                        f"GPU {ep.gpu_id}: its URL carries credentials (user:password@) and BEARER_TOKEN is"
+                        " set; a request has one Authorization header: drop one of them"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import typer
 
@@ -23,7 +24,15 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.engine import utcnow
-from dispatcher.db.gpus import UrlTaken, list_gpus, register_gpu, remove_gpu, set_gpu_state, update_gpu
+from dispatcher.db.gpus import (
+    UrlTaken,
+    list_gpus,
+    register_gpu,
+    remove_gpu,
+    set_gpu_state,
+    update_gpu,
+)
+from dispatcher.gpus.same_service import shown_url
 from dispatcher.settings import DEFAULT_POOL
 from dispatcher.states import GpuState
 
@@ -82,7 +91,7 @@ def add(
         s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
     s.wake("slot")
     verb = "updated" if ep.gpu_id in known else "added"
-    console().print(f"{verb} GPU {ep.gpu_id} ({ep.url}) in pool {ep.pool} with {count} slots")
+    console().print(f"{verb} GPU {ep.gpu_id} ({shown_url(ep.url)}) in pool {ep.pool} with {count} slots")
 
 
 def _say_probe(url: str) -> None:
@@ -93,26 +102,34 @@ def _say_probe(url: str) -> None:
 
     from dispatcher.gpus.gpu_client import probe_ok
 
+    shown = shown_url(url)
+    if urlsplit(url).username is not None:
+        typer.echo(
+            f"probe: {shown} carries credentials (user:password@): a dispatcher with BEARER_TOKEN set"
+            " cannot send them (one Authorization header), and refuses every job to it",
+            err=True,
+        )
     try:
         status = httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError as exc:
+    # ValueError: a URL httpx cannot request (an outside trial got a traceback); InvalidURL is not HTTPError
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         what = type(exc).__name__
-        typer.echo(f"probe: no answer from {url} ({what}): jobs go there once it answers", err=True)
+        typer.echo(f"probe: no answer from {shown} ({what}): jobs go there once it answers", err=True)
         return
     if status == 404:  # a service is there, and it has no such path: every job would be refused
         raise BadArgument(
-            f"probe: {url} answered 404: wrong path? Nothing registered (--no-probe registers it anyway)"
+            f"probe: {shown} answered 404: wrong path? Nothing registered (--no-probe registers it anyway)"
         )
     if status in (401, 403):
-        typer.echo(f"probe: {url} answered {status}: it wants a token (BEARER_TOKEN must be its)", err=True)
+        typer.echo(f"probe: {shown} answered {status}: it wants a token (BEARER_TOKEN must be its)", err=True)
     elif not probe_ok(status):
         typer.echo(
-            f"probe: WARNING {url} answered {status}: is it up? A GPU that refuses jobs is taken "
+            f"probe: WARNING {shown} answered {status}: is it up? A GPU that refuses jobs is taken "
             "out of rotation (its jobs wait for other GPUs)",
             err=True,
         )
     else:
-        typer.echo(f"probe: {url} answered {status}: a service is there", err=True)
+        typer.echo(f"probe: {shown} answered {status}: a service is there", err=True)
 
 
 @app.command("set")
@@ -145,7 +162,7 @@ def set_(
         raise OperatorError(f"no GPU named {name!r} (gpuq gpu add registers one)")
     s.wake("slot")
     g = next(g for g in s.db(list_gpus) if g.gpu_id == name)
-    console().print(f"GPU {name} is now {g.url} in pool {g.pool} with {g.slots} slots")
+    console().print(f"GPU {name} is now {shown_url(g.url)} in pool {g.pool} with {g.slots} slots")
     if cancel_url is not None:
         console().print(f"cancels go to {cancel_url or 'its URL + /cancel'}")
 
@@ -224,7 +241,7 @@ def list_(
     """Every GPU: pool, URL, state, health, busy slots."""
     rows = stores(ctx).db(list_gpus)
     if as_json:
-        typer.echo(json.dumps([asdict(g) for g in rows], indent=2))
+        typer.echo(json.dumps([asdict(g) | {"url": shown_url(g.url)} for g in rows], indent=2))
         return
     console().print(
         rows_table(
@@ -237,7 +254,7 @@ def list_(
                     "yes" if g.healthy else "NO",
                     f"{g.busy}/{g.slots}",
                     g.consecutive_failures,
-                    g.url,
+                    shown_url(g.url),
                 )
                 for g in rows
             ),

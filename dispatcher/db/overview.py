@@ -17,6 +17,7 @@ from sqlalchemy import ColumnElement, Connection, Integer, cast, func, literal_c
 from dispatcher.db.engine import iso
 from dispatcher.db.gpus import list_gpus
 from dispatcher.db.schema import attempts, slots, tasks
+from dispatcher.gpus.same_service import shown_url
 from dispatcher.states import Outcome, TaskState
 
 #: Task states that are not final: few rows at any time, counted through ``idx_tasks_state``.
@@ -51,7 +52,7 @@ def slot_map(conn: Connection, *, now: datetime, recent_seconds: float = 60.0) -
     return [
         {
             "gpu_id": g.gpu_id,
-            "url": g.url,
+            "url": shown_url(g.url),
             "pool": g.pool,
             "state": g.state,
             "healthy": g.healthy,

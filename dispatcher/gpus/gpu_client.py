@@ -129,9 +129,8 @@ class GpuClient:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return _failed(exc)
-        # A header aiohttp refuses (a control character in the token), a host name it cannot encode.
         except ValueError as exc:
-            return Answer(Verdict.RETRY, error=f"not sent: {type(exc).__name__}: {exc}", unhealthy=True)
+            return _unsendable(url, exc)
 
     async def _send_lean(self, url: str, to: Target, payload: bytes) -> Answer:  # noqa: PLR0911 - one per verdict
         """``send`` through the lean client: the same redirects, cap and verdicts as through aiohttp."""
@@ -154,10 +153,8 @@ class GpuClient:
             return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=True)
         except (NoAnswer, OSError) as exc:
             return Answer(Verdict.UNKNOWN, error=f"no answer: {exc}", unhealthy=True)
-        except ValueError as exc:  # a host name the resolver cannot encode ("a..b"): never sent
-            return Answer(
-                Verdict.RETRY, error=f"connection failed: {type(exc).__name__}: {exc}", unhealthy=True
-            )
+        except ValueError as exc:
+            return _unsendable(url, exc)
 
     def _verdict(self, status: int, body: bytes, whole: bool, location: str | None) -> Answer:
         """Either client's answer judged; one cut at the cap fails the attempt when it is a 2xx (a result that
@@ -204,8 +201,10 @@ class GpuClient:
             ) as r:
                 text = (await r.content.read(2000)).decode(errors="replace")
                 return 200 <= r.status < 300, f"cancel answered {r.status}: {text[:200]}"
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return False, f"cancel failed: {type(exc).__name__}: {exc}"
+        # Anything: a cancel that raised is one not confirmed, asked again later. A ValueError (a cancel
+        # URL whose host cannot be encoded) escaped here and killed the cancel task (an outside trial).
+        except Exception as exc:
+            return False, f"cancel failed: {_why(url, exc)}"
 
     async def probe(self, url: str) -> tuple[bool, str]:
         """Is the service up again? See ``probe_ok`` for what an answer to a GET of its URL means."""
@@ -215,8 +214,29 @@ class GpuClient:
                 url, headers=self._headers, timeout=aiohttp.ClientTimeout(total=5)
             ) as r:
                 return probe_ok(r.status), f"probe answered {r.status}"
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return False, f"probe failed: {type(exc).__name__}: {exc}"
+        # Anything: a probe that raised says the service is not back. An outside trial's GPU URL with
+        # a password in it (aiohttp's ValueError beside the bearer token) escaped here and stopped
+        # the dispatcher, on every restart.
+        except Exception as exc:
+            return False, f"probe failed: {_why(url, exc)}"
+
+
+def _why(url: str, exc: Exception) -> str:
+    """What went wrong, with the fix when it is the URL's credentials beside BEARER_TOKEN."""
+    if isinstance(exc, ValueError) and "AUTHORIZATION" in str(exc) and urlsplit(url).username is not None:
+        return (
+            "the URL carries credentials (user:password@) and BEARER_TOKEN is set, and a request has one"
+            " Authorization header: register the URL without them, or unset BEARER_TOKEN"
+        )
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _unsendable(url: str, exc: ValueError) -> Answer:
+    """A request that cannot even be made (a host name with an empty label, a header aiohttp refuses, a
+    password in the URL beside BEARER_TOKEN): nothing was sent, and it is the GPU's registration that is
+    wrong, not the job. Refused: the job waits again without using an attempt, the GPU counts a failure
+    (SPEC §4); it used to fail the attempt, so a GPU mistyped in one place spent the backlog's attempts."""
+    return Answer(Verdict.REFUSED, error=f"not sent: {_why(url, exc)}", unhealthy=True)
 
 
 def _failed(exc: Exception) -> Answer:

@@ -18,6 +18,7 @@ from dispatcher.db.gpus import list_gpus
 from dispatcher.db.overview import open_tasks
 from dispatcher.db.reads import get_task
 from dispatcher.errors import ErrorBody, NotFound, Unauthorized, Unavailable, responses
+from dispatcher.gpus.same_service import shown_url
 from dispatcher.http.callback import bearer
 from dispatcher.loop.core import Dispatcher
 from dispatcher.queues.event_hub import EventHub
@@ -107,7 +108,10 @@ async def find_task(d: Dispatcher, task_id: str) -> dict[str, Any] | None:
 
 @router.get("/gpus", dependencies=[Depends(api_auth)], response_model=list[GpuOut])
 async def gpus(d: D) -> list[GpuOut]:
-    return [GpuOut.model_validate(row, from_attributes=True) for row in await d.db(list_gpus)]
+    return [
+        GpuOut.model_validate(row, from_attributes=True).model_copy(update={"url": shown_url(row.url)})
+        for row in await d.db(list_gpus)
+    ]
 
 
 class Failing(ErrorBody):

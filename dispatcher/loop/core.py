@@ -21,6 +21,7 @@ from sqlalchemy import Engine
 
 from dispatcher.db.dispatch import held_by
 from dispatcher.errors import TRANSIENT
+from dispatcher.gpus.same_service import shown_url
 from dispatcher.loop.agents import AgentHub
 from dispatcher.loop.attempt_ends import AttemptEnds
 from dispatcher.loop.cancels import WAKE_CANCEL, CancelSender
@@ -141,10 +142,11 @@ class Dispatcher:
                 except Exception:  # the client closed by a stop meanwhile: nothing to say any more
                     return
             if not ok:
+                shown = shown_url(url)
                 log.warning(
-                    f"GPU {gpu_id} of GPU_ENDPOINTS does not answer like a GPU service at {url} ({detail});"
+                    f"GPU {gpu_id} of GPU_ENDPOINTS does not answer like a GPU service at {shown} ({detail});"
                     " check its URL: jobs sent there will fail until it does",
-                    extra={"action": "gpu_check", "gpu_id": gpu_id, "url": url, "detail": detail},
+                    extra={"action": "gpu_check", "gpu_id": gpu_id, "url": shown, "detail": detail},
                 )
 
         await asyncio.gather(*(check(ep.gpu_id, ep.url) for ep in self.settings.endpoints if not ep.pull))

@@ -22,6 +22,7 @@ from dispatcher.eager import start_now
 from dispatcher.errors import TRANSIENT
 from dispatcher.gpus.gpu_client import Answer, Verdict
 from dispatcher.gpus.pull import is_pull
+from dispatcher.gpus.same_service import shown_url
 from dispatcher.gpus.tokens import make_token
 from dispatcher.loop.agents import AgentHub
 from dispatcher.loop.attempt_ends import AttemptEnds
@@ -212,7 +213,7 @@ class GpuRequests:
         if answer.verdict is Verdict.REFUSED:
             log.warning(
                 "GPU refused the request (check its URL and BEARER_TOKEN); the job waits again",
-                extra=_about(p, answer, "gpu_refused", url=p.url),
+                extra=_about(p, answer, "gpu_refused", url=shown_url(p.url)),
             )
         outcome = _VERDICT_OUTCOME.get(answer.verdict)
         if outcome is None:

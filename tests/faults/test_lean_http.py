@@ -472,7 +472,8 @@ def test_a_token_with_a_newline_or_a_bad_host_name_gets_an_answer_not_an_excepti
         finally:
             await c.close()
         assert injected.verdict == Verdict.RETRY, injected
-        assert bad_host.verdict == Verdict.RETRY, bad_host
+        # never sent, and about the GPU's registration: refused (no attempt used; the GPU counts a failure)
+        assert bad_host.verdict == Verdict.REFUSED and bad_host.unhealthy, bad_host
 
     run(scenario())
 
