@@ -13,9 +13,9 @@ from dispatcher.cli.context import Stores, stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
 from dispatcher.db.attempts import Backoff, cancel_task
-from dispatcher.db.engine import naive_utc, transaction, utcnow
+from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.known import known_rows
-from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states
+from dispatcher.db.listing import MAX_LIMIT, BadFilter, TaskFilter, list_tasks, parse_states, since_utc
 from dispatcher.db.operator import RETRIABLE, retry_candidates, retry_task
 from dispatcher.db.priority import set_priority
 from dispatcher.db.reads import get_task
@@ -62,8 +62,7 @@ def list_(
     task_type: Annotated[str | None, typer.Option("--type", help="Only this task type.")] = None,
     gpu: Annotated[str | None, typer.Option(help="Only tasks placed on this GPU.")] = None,
     since: Annotated[
-        datetime | None,
-        typer.Option(help="Created at or after (UTC).", formats=["%Y-%m-%dT%H:%M:%S", "%Y-%m-%d"]),
+        str | None, typer.Option(help="Created at or after: 30m, 2h, 1d ago, or a time (UTC unless it says).")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, max=MAX_LIMIT)] = 50,
     cursor: Annotated[str | None, typer.Option(help="The cursor printed after the previous page.")] = None,
@@ -71,7 +70,8 @@ def list_(
 ) -> None:
     """Tasks newest first, filtered like GET /tasks; the next page's cursor is printed on stderr."""
     try:
-        where = TaskFilter(parse_states(state), queue, task_type, gpu, since)
+        after = parse_since(since, utcnow()) if since is not None else None
+        where = TaskFilter(parse_states(state), queue, task_type, gpu, after)
         page = stores(ctx).db(list_tasks, where=where, limit=limit, cursor=cursor)
     except BadFilter as exc:
         raise BadArgument(str(exc)) from None
@@ -176,7 +176,7 @@ def _retry_many(
     ids = s.db(
         retry_candidates,
         states=states,
-        since=parse_since(since, utcnow()) if since else None,
+        since=parse_since(since, utcnow()) if since is not None else None,
         gpu_id=gpu,
         queue=queue,
         task_type=task_type,
@@ -197,16 +197,31 @@ def _retry_many(
     console().print(f"{done} task(s) retrying{skipped}")
 
 
+#: The units of a relative ``--since`` (``90s``, ``30m``, ``2h``, ``1d``), in seconds.
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
 def parse_since(text: str, now: datetime) -> datetime:
-    """``30m``, ``2h``, ``1d``, ``90s`` before ``now``, or an ISO time (UTC unless it says otherwise)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    """``--since`` of ``task list`` and ``task retry``, one parser for both: the README promises the CLI takes
+    the filters GET /tasks takes, and ``task list`` once read only two strptime formats (an outside trial).
+    ``30m``, ``2h``, ``1d``, ``90s`` before ``now``, or an ISO time (UTC unless it carries ``Z`` or an
+    offset). Naive UTC, as the database holds times; a time outside the years 1-9999 in UTC is before or
+    after every task, as GET /tasks takes it."""
     raw = text.strip()
-    if raw[:-1].isdigit() and raw[-1:] in units:
-        return now - timedelta(seconds=int(raw[:-1]) * units[raw[-1]])
+    count, unit = raw[:-1], _SINCE_UNITS.get(raw[-1:])
+    if unit is not None and count.isascii() and count.isdigit():  # isdigit alone takes "²", int() does not
+        try:
+            return now - timedelta(seconds=int(count) * unit)
+        except (OverflowError, ValueError):  # further back than year 1 (or past int()'s digit limit)
+            return datetime.min
     try:
-        return naive_utc(datetime.fromisoformat(raw.replace("Z", "+00:00")))
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
-        raise BadArgument(f"--since: {text!r} is neither 30m/2h/1d nor an ISO time") from None
+        raise BadArgument(
+            f"--since: {text!r} is not a time; give 90s, 30m, 2h or 1d (before now), or an ISO time such as"
+            " 2030-01-02, 2030-01-02T03:04:05 or 2030-01-02 03:04:05, with Z or +02:00 (else UTC)"
+        ) from None
+    return since_utc(when)
 
 
 @app.command()

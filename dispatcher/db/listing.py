@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select
 
-from dispatcher.db.engine import iso
+from dispatcher.db.engine import iso, naive_utc
 from dispatcher.db.schema import tasks
 from dispatcher.states import TaskState
 
@@ -62,6 +62,15 @@ def parse_states(text: str | None) -> tuple[str, ...]:
     if wrong:
         raise BadFilter(f"state: unknown {', '.join(wrong)} (one of {', '.join(sorted(known))})")
     return names
+
+
+def since_utc(value: datetime) -> datetime:
+    """``since`` as the database holds times (naive UTC). A time whose UTC falls outside the years 1-9999
+    (``0001-01-01T00:00:00+01:00``) is before or after every task: the earliest or latest time there is."""
+    try:
+        return naive_utc(value)
+    except OverflowError:
+        return datetime.min if value.year == 1 else datetime.max
 
 
 #: A cursor: the last row's key, ``<created_at in microseconds since 1970 (UTC)>.<task_id, UTF-8, in hex>``.

@@ -13,7 +13,6 @@ import orjson
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
-from dispatcher.db.engine import naive_utc
 from dispatcher.db.listing import (
     CURSOR_PATTERN,
     DEFAULT_LIMIT,
@@ -22,6 +21,7 @@ from dispatcher.db.listing import (
     TaskFilter,
     list_tasks,
     parse_states,
+    since_utc,
 )
 from dispatcher.db.reads import get_task
 from dispatcher.errors import BadInput, NotFound, TooMany, responses
@@ -40,17 +40,6 @@ _STATE = "|".join(s.value for s in TaskState)
 #: patterns are checked here rather than by FastAPI, whose refusal would quote the pattern instead of naming
 #: the state or cursor that is wrong).
 STATES_PATTERN = f"^(({_STATE})(,({_STATE}))*)?$"
-
-
-def since_utc(value: datetime | None) -> datetime | None:
-    """``since`` as the database holds times (naive UTC). A time whose UTC falls outside the years 1-9999
-    (``0001-01-01T00:00:00+01:00``) is before or after every task: the earliest or latest time there is."""
-    if value is None:
-        return None
-    try:
-        return naive_utc(value)
-    except OverflowError:
-        return datetime.min if value.year == 1 else datetime.max
 
 
 @router.get("/tasks", dependencies=[Depends(api_auth)])
@@ -79,7 +68,7 @@ async def tasks(
         states = parse_states(state)
         if state is not None and not re.fullmatch(STATES_PATTERN, state):
             raise BadFilter(f"state: {state!r} is not states separated by commas (no spaces, none empty)")
-        where = TaskFilter(states, queue, type, gpu_id, since_utc(since))
+        where = TaskFilter(states, queue, type, gpu_id, since_utc(since) if since is not None else None)
         page: dict[str, Any] = await d.db(list_tasks, where=where, limit=limit, cursor=cursor)
     except BadFilter as exc:
         field, _, msg = str(exc).partition(": ")

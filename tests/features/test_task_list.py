@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import Engine, insert
 
-from dispatcher.db.engine import init_schema, make_engine, transaction
+from dispatcher.db.engine import init_schema, make_engine, transaction, utcnow
 from dispatcher.db.listing import BadFilter, TaskFilter, list_tasks
 from dispatcher.db.schema import tasks
 from tests.dispatcher.conftest import Stack
@@ -147,3 +147,43 @@ def test_gpuq_task_list(gpuq: Gpuq, gpuq_env: dict[str, str]) -> None:
     bad = gpuq("task", "list", "--state", "nope")
     assert bad.exit_code == 2 and "nope" in bad.stderr
     assert gpuq("task", "list", "--cursor", "zzz").exit_code == 2
+
+
+def test_task_list_since_takes_every_form_task_retry_takes(gpuq: Gpuq, gpuq_env: dict[str, str]) -> None:
+    """An outside trial: ``task list --since`` took only two strptime formats, though ``task retry --since``
+    took ``2h``, ``Z``, offsets and a space, and the README says the CLI takes the API's filters."""
+    engine = make_engine(gpuq_env["DATABASE_URL"], pool_size=1)
+    try:
+        init_schema(engine)
+        _rows(engine)
+        with engine.begin() as conn:  # three hours old: inside 4h, outside 2h
+            old = {"task_id": "old", "state": "failed", "type": "embed", "queue": "qa", "gpu_id": "g1"}
+            at = utcnow() - timedelta(hours=3)
+            conn.execute(
+                insert(tasks), [{**old, "data": "{}", "max_attempts": 1, "created_at": at, "updated_at": at}]
+            )
+    finally:
+        engine.dispose()
+
+    def since(value: str) -> list[str]:
+        res = gpuq("task", "list", "--gpu", "g1", "--since", value, "--json")
+        assert res.exit_code == 0, (value, res)
+        return [t["task_id"] for t in json.loads(res.stdout)["tasks"]]
+
+    all_g1 = ["t20", "t15", "t10", "t05", "t00"]
+    for value in (
+        "2030-01-02T03:04:08",
+        "2030-01-02T03:04:08Z",
+        "2030-01-02T05:04:08+02:00",
+        "2030-01-02 03:04:08",
+    ):
+        assert since(value) == ["t20", "t15"], value
+    assert since("2030-01-02") == all_g1
+    assert since("2h") == all_g1
+    assert since("240m") == since("1d") == since("99999999999999999999d") == [*all_g1, "old"]
+
+    for bad in ("yesterday", "2 h", "-2h", "²h", ""):
+        res = gpuq("task", "list", "--since", bad)
+        assert res.exit_code == 2, (bad, res)
+        assert "--since" in res.stderr and "2h" in res.stderr and "2030-01-02T03:04:05" in res.stderr, res
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stdout + res.stderr, res
