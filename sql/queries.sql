@@ -1,7 +1,9 @@
 -- gpuq operator queries (MySQL / MariaDB). Run one with `gpuq sql NAME`, list them with `gpuq sql --list`.
 --
 -- Each block starts with `-- name: NAME`; the comment lines right after it describe the query, and a line
--- `-- params: NAME=DEFAULT, ...` gives defaults for its `:NAME` parameters (`gpuq sql NAME -p minutes=60`).
+-- `-- params: NAME=DEFAULT, ...` gives defaults for its `:NAME` parameters (`gpuq sql NAME -p minutes=60`);
+-- `NAME=DEFAULT (LOW..HIGH)` also gives the whole numbers it may take (gpuq refuses others: MySQL would
+-- answer a negative or overflowing window with wrong rows, not an error).
 -- All timestamps are naive UTC, hence UTC_TIMESTAMP() rather than NOW().
 --
 -- Task states: processing (holds a slot), finished, failed, cancelled (final), retrying (waits for its
@@ -41,8 +43,9 @@ GROUP BY outcome, reason
 ORDER BY attempts DESC, last_seen DESC;
 
 -- name: gpu_utilisation
--- Share of each GPU's slot time spent on jobs over the last :minutes minutes (ended and running attempts).
--- params: minutes=60
+-- Share of each GPU's slot time spent on jobs over the last :minutes minutes (ended and running attempts);
+-- minutes from 1 to 5256000 (10 years).
+-- params: minutes=60 (1..5256000)
 SELECT g.gpu_id, g.pool, g.slots, COALESCE(b.attempts, 0) AS attempts,
        ROUND(COALESCE(b.busy_us, 0) / 1000000, 1) AS busy_seconds,
        ROUND(100 * COALESCE(b.busy_us, 0) / 1000000 / (g.slots * :minutes * 60), 1) AS utilisation_pct

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument
 from dispatcher.cli.render import console, rows_table
-from dispatcher.cli.sql_queries import Query, load
+from dispatcher.cli.sql_queries import WHOLE, Query, load
 from dispatcher.db.engine import init_schema
 from dispatcher.db.schema import SCHEMA_VERSION
 
@@ -35,6 +35,20 @@ def _value(raw: str) -> Any:
     return raw
 
 
+def _within(whole: str, low: int, high: int) -> bool:
+    try:
+        return low <= int(whole) <= high
+    except ValueError:  # past int()'s 4,300-digit limit: far outside any range
+        return False
+
+
+def _shown(query: Query, param: str) -> str:
+    """``minutes=60 (1..5256000)`` in ``gpuq sql --list``: the values refused are no surprise."""
+    low_high = query.ranges.get(param)
+    limits = f" ({low_high[0]}..{low_high[1]})" if low_high else ""
+    return f"{param}={query.defaults.get(param, '?')}{limits}"
+
+
 def _bind(query: Query, given: list[str]) -> dict[str, Any]:
     values = dict(query.defaults)
     for item in given:
@@ -45,9 +59,19 @@ def _bind(query: Query, given: list[str]) -> dict[str, Any]:
             takes = ", ".join(query.parameters) or "none"
             raise BadArgument(f"query {query.name} has no parameter {key!r} (it takes: {takes})")
         default = query.defaults.get(key, "")
-        if default.lstrip("-").isdigit() and not value.strip().lstrip("-").isdigit():
+        if WHOLE.fullmatch(default) and not WHOLE.fullmatch(value.strip()):
             # MySQL would read "abc" as 0 and answer rows for it: refuse instead
             raise BadArgument(f"--param {key}={value!r}: a whole number, like its default {default}")
+        if key in query.ranges:
+            # a window of -5 minutes answered negative busy seconds and a 10^20 one no attempts at all (an
+            # outside trial): MySQL computes either without complaint
+            low, high = query.ranges[key]
+            if not _within(value, low, high):
+                shown = value.strip() if len(value.strip()) <= 24 else value.strip()[:20] + "…"
+                raise BadArgument(
+                    f"--param {key}={shown}: out of range for {query.name}, which takes a whole"
+                    f" number from {low} to {high} (default {default})"
+                )
         values[key] = value
     missing = [p for p in query.parameters if p not in values]
     if missing:
@@ -67,10 +91,7 @@ def sql(
         console().print(
             rows_table(
                 ("query", "parameters", "what it shows"),
-                (
-                    (q.name, ", ".join(f"{p}={q.defaults.get(p, '?')}" for p in q.parameters), q.doc)
-                    for q in queries.values()
-                ),
+                ((q.name, ", ".join(_shown(q, p) for p in q.parameters), q.doc) for q in queries.values()),
             )
         )
         return

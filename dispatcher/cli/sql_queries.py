@@ -2,8 +2,10 @@
 same way): the SQL stays plain SQL that a DBA can paste into a MySQL shell, and the CLI runs it by name.
 
 A block starts with ``-- name: NAME``; the comment lines right after it are its description, an optional
-``-- params: minutes=60, …`` line gives defaults for its ``:name`` parameters, and the rest up to the next
-block is the statement.
+``-- params: minutes=60 (1..5256000), …`` line gives defaults for its ``:name`` parameters, each with the
+whole numbers it may take where a value outside them is nonsense (a negative window, or one past what
+MySQL's date arithmetic holds, which it answers with wrong rows rather than an error), and the rest up to
+the next block is the statement.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from pathlib import Path
 _NAME = re.compile(r"^--\s*name:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$")
 _PARAMS = re.compile(r"^--\s*params:\s*(.*)$")
 _BIND = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*)")
+#: ``60 (1..5256000)``: a default, and the whole numbers the parameter may take.
+_RANGED = re.compile(r"^(?P<default>.*?)\s*\((?P<low>-?[0-9]+)\.\.(?P<high>-?[0-9]+)\)$")
+WHOLE = re.compile(r"-?[0-9]+")  # fullmatch: ASCII digits only, unlike str.isdigit ("²")
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,7 @@ class Query:
     sql: str
     doc: str = ""
     defaults: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # inclusive
 
     @property
     def parameters(self) -> list[str]:
@@ -56,6 +62,7 @@ def parse(text: str) -> dict[str, Query]:
 def _query(name: str, lines: list[str]) -> tuple[str, Query]:
     doc: list[str] = []
     defaults: dict[str, str] = {}
+    ranges: dict[str, tuple[int, int]] = {}
     body: list[str] = []
     for line in lines:
         stripped = line.strip()
@@ -66,7 +73,12 @@ def _query(name: str, lines: list[str]) -> tuple[str, Query]:
             if params:
                 for item in filter(None, (p.strip() for p in params.group(1).split(","))):
                     key, _, value = item.partition("=")
-                    defaults[key.strip()] = value.strip()
+                    key, value = key.strip(), value.strip()
+                    ranged = _RANGED.match(value)
+                    if ranged:
+                        value = ranged["default"]
+                        ranges[key] = _range(name, key, value, int(ranged["low"]), int(ranged["high"]))
+                    defaults[key] = value
             else:
                 doc.append(stripped.removeprefix("--").strip())
         elif stripped or body:
@@ -74,7 +86,15 @@ def _query(name: str, lines: list[str]) -> tuple[str, Query]:
     sql = "\n".join(body).strip().rstrip(";").strip()
     if not sql:
         raise ValueError(f"query {name!r} has no SQL")
-    return name, Query(name, sql, " ".join(doc), defaults)
+    return name, Query(name, sql, " ".join(doc), defaults, ranges)
+
+
+def _range(name: str, key: str, default: str, low: int, high: int) -> tuple[int, int]:
+    """A file whose own default is outside its range would fail every run that leaves it out: refused when
+    the file is read instead."""
+    if low > high or not WHOLE.fullmatch(default) or not low <= int(default) <= high:
+        raise ValueError(f"query {name!r}: parameter {key} default {default!r} is not within {low}..{high}")
+    return low, high
 
 
 @lru_cache(maxsize=4)

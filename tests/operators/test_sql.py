@@ -43,6 +43,7 @@ def test_queries_file_parses_with_the_seed_query_first():
     assert queries["gpu_load"].sql == SEED_LOAD_QUERY
     assert queries["gpu_utilisation"].parameters == ["minutes"]
     assert queries["gpu_utilisation"].defaults == {"minutes": "60"}
+    assert queries["gpu_utilisation"].ranges == {"minutes": (1, 5_256_000)}  # 10 years of minutes
     assert all(q.doc for q in queries.values())
     assert sql_dir() == ROOT / "sql"
 
@@ -65,6 +66,29 @@ def test_parser_blocks_descriptions_and_errors():
         parse("-- name: a\nSELECT 1;\n-- name: a\nSELECT 2;")
     with pytest.raises(ValueError, match="has no SQL"):
         parse("-- name: a\n-- only words\n")
+
+
+def test_a_parameter_range_is_read_with_its_default_and_a_default_outside_it_is_refused():
+    (q,) = parse("-- name: a\n-- Says a.\n-- params: n=3 (1..10), m=x\nSELECT :n, :m;").values()
+    assert (q.defaults, q.ranges) == ({"n": "3", "m": "x"}, {"n": (1, 10)})
+    for params in ("n=0 (1..10)", "n=x (1..10)", "n=3 (5..1)"):
+        with pytest.raises(ValueError, match="not within"):
+            parse(f"-- name: a\n-- params: {params}\nSELECT :n;")
+
+
+def test_gpu_utilisation_refuses_a_window_that_is_not_positive_or_past_ten_years(gpuq):
+    """An outside trial: minutes=-5 printed negative busy seconds and 50 %/100 % utilisation, and
+    minutes=99999999999999999999 no attempts at all; only "a whole number" was checked."""
+    assert gpuq("db", "init").exit_code == 0
+    for minutes in ("-5", "0", "5256001", "99999999999999999999", "9" * 5000):
+        res = gpuq("sql", "gpu_utilisation", "-p", f"minutes={minutes}")
+        assert res.exit_code == 2, (minutes[:30], res)
+        assert "minutes" in res.stderr and "from 1 to 5256000" in res.stderr, res
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stdout + res.stderr
+    for minutes in ("1", "5256000", " 60 "):
+        res = gpuq("sql", "gpu_utilisation", "-p", f"minutes={minutes}")
+        assert res.exit_code == 0 and "gpu_utilisation (0 rows)" in res.stdout, (minutes, res)
+    assert "minutes=60 (1..5256000)" in gpuq("sql", "--list").stdout
 
 
 def test_schema_sql_is_the_rendered_schema():
