@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dispatcher.gpus.tokens import make_token
 from dispatcher.http import edge_limits
-from tests.dispatcher.harness import DispatcherProc
+from tests.dispatcher.harness import SECRET, DispatcherProc
 from tests.dispatcher.helpers import wait_for
 
 SLOW_HEADERS = b"POST /callback HTTP/1.1\r\nHost: x\r\n"
@@ -81,16 +82,56 @@ def test_a_large_body_on_a_slow_link_is_not_cut_off(stack):
     answered 408 however often it retried: the deadline cut off a body still arriving at a useful rate."""
     d = stack.dispatcher(None, REQUEST_READ_TIMEOUT_SECONDS="1")
     body = b'{"task_id": "slow-link", "status": "finished", "result": "' + b"x" * 23_000 + b'"}'
-    head = SLOW_BODY.split(b"Content-Length")[0] + b"Content-Length: %d\r\n\r\n" % len(body)
-    # GIVEN a callback whose body arrives at 8 KB/s, well above MIN_BODY_BYTES_PER_SECOND, over 3 s
-    sock = _connect(d, head)
+    # GIVEN a callback whose body arrives at 8 KB/s, well above MIN_BODY_BYTES_PER_SECOND, over 3 s, with
+    # the token of its task (a forged one is refused as soon as its leading task_id is in: the next test)
+    sock = _connect(d, _callback_head(make_token(SECRET.encode(), "slow-link", 1), len(body)))
     with contextlib.suppress(OSError):
         for i in range(0, len(body), 2048):
             sock.sendall(body[i : i + 2048])
             time.sleep(0.25)  # pacing the sender (the link's speed), not waiting for the server
-    # THEN it is read whole and answered (401: the token is forged), not 408
+    # THEN it is read whole and answered (404: no such task here), not 408
     answer = _answer(sock)
-    assert answer.startswith(b"HTTP/1.1 401"), answer[:60]
+    assert answer.startswith(b"HTTP/1.1 404"), answer[:60]
+
+
+def _callback_head(token: str, length: int) -> bytes:
+    return (
+        b"POST /callback HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (token.encode(), length)
+    )
+
+
+def test_a_forged_callback_dripping_a_large_body_is_refused_once_its_leading_task_id_is_in(stack):
+    """An outside trial: a token-shaped fake with an 8 MB Content-Length, its task_id in the first 50 bytes,
+    the rest dripped at ~1.4 KiB/s (above MIN_BODY_BYTES_PER_SECOND), held a connection for hours."""
+    d = stack.dispatcher(None, REQUEST_READ_TIMEOUT_SECONDS="10")
+    start = b'{"task_id": "victim", "status": "finished", "result": "'
+    sock = _connect(d, _callback_head("1." + "A" * 43, 8_000_000) + start)
+    sock.settimeout(10)
+    # WHEN its body drips in, 256 bytes at a time
+    sent, answer = len(start), b""
+    with contextlib.suppress(OSError):
+        while sent < 16 * 1024 and not answer:
+            sock.sendall(b"x" * 256)
+            sent += 256
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                answer = sock.recv(4096)
+            sock.setblocking(True)
+            time.sleep(0.01)
+    # THEN it is refused within its first few KiB, and the server closes the connection
+    assert sent <= 4 * 1024 and answer.startswith(b"HTTP/1.1 401"), (sent, answer[:60])
+    assert b"connection: close" in answer.lower()
+    sock.settimeout(10)
+    rest = _answer(sock)  # reads to the server's close
+    assert b"HTTP/1.1" not in rest
+    # AND a callback of the same shape with its task's token is read on (404 here: no such task)
+    body = start + b"x" * 20_000 + b'"}'
+    good = _connect(d, _callback_head(make_token(SECRET.encode(), "victim", 1), len(body)))
+    for i in range(0, len(body), 4096):
+        good.sendall(body[i : i + 4096])
+        time.sleep(0.01)
+    assert _answer(good).startswith(b"HTTP/1.1 404")
 
 
 @pytest.mark.slow  # a real process (its sockets are counted), connections held to their read deadline
