@@ -81,6 +81,16 @@ _SILENT_UNFETCHED = text(
 )
 
 
+_UNFETCHED_ONE = text(
+    """
+    SELECT s.gpu_id
+    FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id JOIN tasks t ON t.task_id = s.task_id
+    WHERE t.task_id = :task_id AND t.attempt = :attempt AND s.attempt = t.attempt AND t.state = 'processing'
+      AND g.url LIKE 'pull:%' AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
+    """
+)
+
+
 @dataclass(frozen=True, slots=True)
 class AgentJob:
     task_id: str
@@ -386,6 +396,17 @@ def silence(conn: Connection, *, now: datetime, stale_seconds: float) -> list[st
         if res.rowcount == 1:
             gone.append(gpu_id)
     return gone
+
+
+def take_back_if_unfetched(conn: Connection, *, task_id: str, attempt: int) -> str | None:
+    """A lease that ran out on a pull GPU's job its agent never fetched: nothing ran it, so it must not use
+    an attempt (README: such jobs wait again). Marked taken, as ``take_back_unfetched`` does, and its GPU
+    returned; None for any other lease. With TASK_TIMEOUT_SECONDS under AGENT_STALE_SECONDS the lease ran
+    out first and the job used an attempt (an outside trial)."""
+    gpu_id = conn.execute(_UNFETCHED_ONE, {"task_id": task_id, "attempt": attempt}).scalar()
+    if gpu_id is None or conn.execute(_TAKE, {"task_id": task_id, "attempt": attempt}).rowcount != 1:
+        return None
+    return str(gpu_id)
 
 
 def take_back_unfetched(conn: Connection) -> list[tuple[str, int, str]]:

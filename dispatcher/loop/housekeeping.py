@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
+from dispatcher.db.agents import take_back_if_unfetched
 from dispatcher.db.attempts import expired_leases, slot_drift
 from dispatcher.db.deferred import claim_due, mark_queued
 from dispatcher.db.gpus import pool_slots, probe_result, probes_due
@@ -123,6 +124,15 @@ class Housekeeping:
 
     async def expire_leases(self) -> None:
         for task_id, attempt in await self.rt.db(expired_leases, now=self.rt.now()):
+            gpu = await self.rt.db(take_back_if_unfetched, task_id=task_id, attempt=attempt)
+            if gpu is not None:  # its pull agent never fetched it: it waits again, no attempt used
+                await self.ends.end_attempt(
+                    task_id,
+                    attempt,
+                    Outcome.GPU_REFUSED,
+                    error=f"pull GPU {gpu}: its agent did not fetch the job within TASK_TIMEOUT_SECONDS",
+                )
+                continue
             fin = await self.ends.end_attempt(
                 task_id,
                 attempt,

@@ -150,6 +150,37 @@ def test_silent_agent_leaves_rotation_and_its_unfetched_jobs_wait_again(stack):
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
 
+@pytest.mark.slow  # a few seconds: leases of 1 s run out on a pull GPU nobody polls
+def test_a_lease_that_runs_out_before_the_agent_fetched_the_job_uses_no_attempt(stack):
+    """An outside trial: with TASK_TIMEOUT_SECONDS (20) under AGENT_STALE_SECONDS (60), a job placed on a pull
+    GPU whose agent never fetched it used an attempt when its lease ran out (README: such jobs wait again)."""
+    # GIVEN a pull GPU whose agent polled once and then went quiet, leases far shorter than the time it takes
+    # to be called silent, and one attempt per job
+    token = add_pull(stack.engine, "p0")
+    d = stack.dispatcher(None, AGENT_STALE_SECONDS="600", TASK_TIMEOUT_SECONDS="1", MAX_ATTEMPTS="1")
+    assert _poll_nothing(d.url, token) == 204
+    ids = push_jobs(stack.rds, stack.queues[0], 3)
+    wait_for(lambda: _placed(stack.engine, ids) == {"p0": 3}, 30, 0.05, what="placed on p0")
+
+    # WHEN their leases run out unfetched
+    def given_back() -> int:
+        with stack.engine.connect() as conn:
+            return int(
+                conn.exec_driver_sql(
+                    "SELECT COUNT(*) FROM attempts WHERE outcome = 'gpu_refused' AND error LIKE '%%did not fetch%%'"
+                ).scalar_one()
+            )
+
+    wait_for(lambda: given_back() >= 3, 30, 0.1, what="given back")
+    # THEN none failed or used an attempt: a pushed GPU added now runs them all
+    _a_pushed_gpu_joins(stack, ids, timeout=60)
+    with stack.engine.connect() as conn:
+        outcomes = Counter(o for (o,) in conn.exec_driver_sql("SELECT outcome FROM attempts").all())
+    assert outcomes["finished"] == 3 and outcomes["expired"] == 0, outcomes
+    assert set(outcomes) <= {"finished", "gpu_refused"}, outcomes
+    reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
+
+
 @pytest.mark.slow
 def test_agent_killed_holding_jobs_they_are_retried_after_their_lease(stack):
     # GIVEN a pull GPU whose agent is a simgpu process with long jobs
