@@ -26,10 +26,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
-from dispatcher.db.gpus import UrlTaken, register_new
+from dispatcher.db.gpus import NameRefused, UrlTaken, list_gpus, register_new
+from dispatcher.gpus.pull import is_pull
 from dispatcher.queues.intake import Intake
 from dispatcher.queues.presence import DuplicateDispatcher, client_name
-from dispatcher.settings import DispatcherSettings
+from dispatcher.settings import NOT_IN_GPU_NAMES, DispatcherSettings
 from producer.connect import async_client, initialized, is_cluster, sync_client
 from producer.keys import Keys
 
@@ -147,7 +148,7 @@ def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
                 slot_count=settings.slots_per_gpu,
                 now=utcnow(),
             )
-        except UrlTaken as exc:
+        except (UrlTaken, NameRefused) as exc:
             raise StartProblem(f"GPU_ENDPOINTS: {exc}", BAD_SETTING) from None
         if known is not None:
             raise StartProblem(
@@ -156,6 +157,30 @@ def register_endpoints(settings: DispatcherSettings, engine: Engine) -> None:
                 f"`gpuq gpu set {ep.gpu_id} --url URL --pool POOL`",
                 BAD_SETTING,
             )
+
+
+def warn_url_unsafe_names(engine: Engine) -> None:
+    """One warning per GPU registered, before ``NOT_IN_GPU_NAMES`` was refused, under a name an agent's URL
+    cannot hold. A warning, not a refusal: a pushed GPU's name is in no URL and it keeps working; a pull GPU
+    named with ``?`` ``#`` ``%`` is polled by agents that escape its name (the shipped ones do); one with a
+    ``/`` is never found (``/agents/a/b/jobs`` and ``/agents/a%2Fb/jobs`` both miss the route)."""
+    for gpu in transaction(engine, list_gpus):
+        bad = sorted({c for c in gpu.gpu_id if c in NOT_IN_GPU_NAMES})
+        if not bad:
+            continue
+        if is_pull(gpu.url) and "/" in bad:
+            effect = "its agent can never poll (404): remove it and add it under a new name"
+        elif is_pull(gpu.url):
+            effect = "an agent must escape its name in the poll's URL (the shipped agents do)"
+        else:
+            effect = "it keeps working as a pushed GPU, but could not become a pull GPU"
+        log.warning(
+            "GPU %r is registered under a name new GPUs may not have (%s): %s",
+            gpu.gpu_id,
+            " ".join(repr(c) for c in bad),
+            effect,
+            extra={"action": "config", "gpu_id": gpu.gpu_id},
+        )
 
 
 def check_dispatcher_id(settings: DispatcherSettings) -> Any:
@@ -249,6 +274,7 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> Any:
     holder = check_dispatcher_id(settings)
     try:
         register_endpoints(settings, engine)
+        warn_url_unsafe_names(engine)
         warn_unreachable_callback(settings)
     except BaseException:
         if holder is not None:

@@ -82,17 +82,28 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
 #: Prometheus label would need to escape. ``gpuq gpu add`` took a name with quotes, a backslash and a newline
 #: that no GPU_ENDPOINTS could name (an outside trial).
 _NOT_IN_NAMES = frozenset(",=\"'\\`")
+#: Not in a new GPU's name either: a pull GPU's agent polls ``/agents/{name}/jobs`` (SPEC §9), where ``/``
+#: makes two path segments (404 however it is escaped), ``?`` and ``#`` end the path and ``%`` starts an
+#: escape. ``gpuq gpu add a/b --pull`` printed a token that no agent could ever use (an outside trial).
+#: Pools are never in a URL and keep these.
+NOT_IN_GPU_NAMES = frozenset("/?#%")
 
 
-def name_problem(kind: str, value: str, *, colon: bool = True) -> str | None:
+def name_problem(kind: str, value: str, *, colon: bool = True, in_url: bool = False) -> str | None:
     """Why ``value`` cannot be a GPU name or a pool (``kind``), or None. ``colon`` False: a GPU name given
-    alone (the CLI's), where a colon would make the part before it a pool."""
+    alone (the CLI's), where a colon would make the part before it a pool. ``in_url``: a GPU name being
+    registered, which an agent's URL must hold as one path segment (``NOT_IN_GPU_NAMES``); False where a name
+    may be one registered before that rule, and must still be taken (GPU_ENDPOINTS: ``register_new`` asks)."""
     bad = sorted({c for c in value if c in _NOT_IN_NAMES or c.isspace() or not c.isprintable()})
     if not colon and ":" in value:
         bad.append(":")
+    if in_url:
+        bad += sorted({c for c in value if c in NOT_IN_GPU_NAMES})
     if not value or bad:
         shown = " ".join(repr(c) for c in bad) or "nothing"
-        return f"{kind} {value!r}: not a name ({shown}); use letters, digits and . _ - @ / + (and : in pools)"
+        allowed = "letters, digits and . _ - @ / + :" if kind == "pool" else "letters, digits and . _ - @ +"
+        why = " (a pull GPU's agent polls /agents/NAME/jobs)" if set(bad) & NOT_IN_GPU_NAMES else ""
+        return f"{kind} {value!r}: not a name ({shown}); use {allowed}{why}"
     return None
 
 

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from fastapi import HTTPException
@@ -43,7 +44,8 @@ class AgentRefused(Exception):
 class PullAgent:
     def __init__(self, service: EmbedService, base_url: str, gpu_id: str, token: str) -> None:
         self.service = service
-        self.url = f"{base_url.rstrip('/')}/agents/{gpu_id}/jobs"
+        # One path segment whatever the name holds: unescaped, a GPU registered as g?x polled /agents/g (404).
+        self.url = f"{base_url.rstrip('/')}/agents/{quote(gpu_id, safe='')}/jobs"
         self.gpu_id = gpu_id
         self._headers = {"Authorization": f"Bearer {token}"}
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(POLL_WAIT_SECONDS + 15, connect=10))

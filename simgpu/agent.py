@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -64,7 +65,8 @@ class PullAgents:
 
     async def _agent(self, gpu: GpuSim, token: str) -> None:
         assert self._session is not None
-        url = f"{self.base_url}/agents/{gpu.name}/jobs"
+        # One path segment whatever the name holds: unescaped, a GPU registered as g?x polled /agents/g (404).
+        url = f"{self.base_url}/agents/{quote(gpu.name, safe='')}/jobs"
         headers = {"Authorization": f"Bearer {token}"}
         pause = PAUSE_SECONDS
         while True:

@@ -30,10 +30,12 @@ def endpoint(spec: str, what: str = "") -> GpuEndpoint:
 
 def check_names(name: str | None, pool: str | None) -> None:
     """A GPU name and pool GPU_ENDPOINTS could hold, checked alone (in the spec ``endpoint`` parses, a comma
-    in a name split it and the error named a GPU nobody typed: ``'po ol:p' is not [pool:]NAME=URL``). None:
-    not given here (``gpu set`` changes a known GPU's pool; its name is not new)."""
+    in a name split it and the error named a GPU nobody typed: ``'po ol:p' is not [pool:]NAME=URL``), the
+    name also one an agent's URL can hold (``NOT_IN_GPU_NAMES``; a GPU registered with one before keeps it,
+    and ``gpu set`` changes it). None: not given here (``gpu set`` changes a known GPU's pool; its name is
+    not new)."""
     problems = [
-        None if name is None else name_problem("GPU name", name, colon=False),
+        None if name is None else name_problem("GPU name", name, colon=False, in_url=True),
         None if pool is None else name_problem("pool", pool),
     ]
     for problem in problems:

@@ -12,7 +12,7 @@ from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, schema_version, slots
 from dispatcher.gpus.pull import is_pull
 from dispatcher.gpus.same_service import same_service
-from dispatcher.settings import url_taken
+from dispatcher.settings import name_problem, url_taken
 from dispatcher.states import GpuState, Outcome
 
 _UNFETCHED = text(
@@ -43,6 +43,11 @@ class GpuRow:
 
 class UrlTaken(ValueError):
     """A GPU registered at the URL of another: one service would get the jobs of both (``same_service``)."""
+
+
+class NameRefused(ValueError):
+    """A new GPU of GPU_ENDPOINTS whose name no agent's URL can hold (``NOT_IN_GPU_NAMES``). Judged here, not
+    when GPU_ENDPOINTS is read: a GPU registered under such a name before the rule keeps starting."""
 
 
 def in_turn(conn: Connection) -> None:
@@ -99,11 +104,14 @@ def register_new(
 ) -> GpuRow | None:
     """A dispatcher's start: register ``gpu_id`` if the database does not know it yet. A known GPU is left
     as it is (``gpuq gpu set`` changes it) and returned when its URL or pool differ, so the caller can stop:
-    a dispatcher with a stale or malformed GPU_ENDPOINTS must not rewrite a fleet others are using."""
+    a dispatcher with a stale or malformed GPU_ENDPOINTS must not rewrite a fleet others are using.
+    NameRefused for a new GPU whose name an agent's URL cannot hold."""
     # In turn before the look: a dispatcher starting beside another that registers this GPU now waits for
     # that one's commit and then judges its row, instead of finding none and writing over it in register_gpu.
     in_turn(conn)
     row = conn.execute(select(gpus).where(gpus.c.gpu_id == gpu_id).with_for_update()).first()
+    if row is None and (problem := name_problem("GPU name", gpu_id, in_url=True)):
+        raise NameRefused(problem)
     if row is None:
         # Without the turn (SQLite takes one writer at a time anyway; a database whose schema rows are gone),
         # under READ COMMITTED the locking read above locks no row that does not exist yet: two dispatchers
