@@ -48,6 +48,10 @@ def _check_queue_name(name: str) -> None:
 
 
 def _check_shared_keys(names: list[str]) -> None:
+    # An exact duplicate shares its keys too, but "like q and {q}" sent an outside trial of TASK_QUEUES=a,a
+    # looking for braces it never wrote.
+    if twice := next((name for i, name in enumerate(names) if name in names[:i]), None):
+        raise ValueError(f"queue {twice!r} is listed twice")
     scopes = [scope(name) for name in names]
     if len(set(scopes)) < len(scopes):
         raise ValueError("two queue names share their keys (like q and {q}); rename one")

@@ -8,6 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
+from dispatcher.settings import DispatcherSettings
 from producer.errors import ConfigError
 from producer.keys import Keys, Priority, queue_key, scope_problem
 from producer.settings import ProducerSettings, load
@@ -50,6 +51,16 @@ def test_two_queues_sharing_their_keys_are_refused() -> None:
     with pytest.raises(ConfigError) as err:
         load(ProducerSettings, task_queues="q,{q}")
     assert "share their keys" in err.value.message
+
+
+@pytest.mark.parametrize("queues", ["a,a", "a, b ,a", "{q},{q}"])
+@pytest.mark.parametrize("kind", [ProducerSettings, DispatcherSettings])
+def test_a_queue_listed_twice_is_said_so(queues: str, kind: type[ProducerSettings]) -> None:
+    # An outside trial: TASK_QUEUES=a,a was refused as two names that "share their keys (like q and {q})"
+    with pytest.raises(ConfigError) as err:
+        load(kind, task_queues=queues, callback_secret="0123456789abcdef")
+    assert "is listed twice" in err.value.message and "share their keys" not in err.value.message
+    assert err.value.message.startswith("TASK_QUEUES:")
 
 
 def test_a_cluster_refuses_a_key_prefix_with_a_hash_tag_and_one_redis_keeps_it() -> None:
