@@ -29,7 +29,7 @@ from aws_lambda_powertools.utilities.data_classes import (
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 from producer.errors import InvalidEvent, InvalidJob
-from producer.job import Job, TaskIn, build_job, parse_task
+from producer.job import Job, TaskIn, build_job, parse_task, queue_conflict
 from producer.settings import ProducerSettings
 
 #: A batch bigger than this is refused: one delivery is one Redis script call, and a caller with more
@@ -111,9 +111,12 @@ def split_payload(payload: Any, *, delivery_key: str | None = None, what: str = 
         raise InvalidJob("tasks: must hold at least one task")
     if len(tasks) > MAX_TASKS_PER_DELIVERY:
         raise InvalidJob(f"tasks: {len(tasks)} tasks, more than {MAX_TASKS_PER_DELIVERY} in one delivery")
+    for field in ("queue", "queue_name"):
+        if (value := payload.get(field)) is not None and not isinstance(value, str):
+            raise InvalidJob(f"{field}: must be a queue name, got {_kind(value)}")
+    if payload.get("queue") and payload.get("queue_name") and payload["queue"] != payload["queue_name"]:
+        raise InvalidJob(queue_conflict(payload["queue"], payload["queue_name"]))
     queue = payload.get("queue") or payload.get("queue_name")
-    if queue is not None and not isinstance(queue, str):
-        raise InvalidJob(f"queue: must be a queue name, got {_kind(queue)}")
     items = []
     for i, raw in enumerate(tasks):
         task = {**raw, "queue": queue} if queue and isinstance(raw, dict) and not _names_queue(raw) else raw

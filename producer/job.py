@@ -19,7 +19,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from producer.errors import InvalidJob
 from producer.keys import Priority
@@ -188,6 +196,21 @@ class TaskIn(BaseModel):
     not_before: UtcTime | None = None
     delay_seconds: Annotated[float | None, BeforeValidator(_not_bool)] = Field(
         default=None, ge=0, le=7 * 24 * 3600
+    )
+
+    @model_validator(mode="after")
+    def _one_queue(self) -> TaskIn:
+        # Picking one of two different queues would put the job where the caller may not look for it.
+        if self.queue is not None and self.queue_name is not None and self.queue != self.queue_name:
+            raise ValueError(queue_conflict(self.queue, self.queue_name))
+        return self
+
+
+def queue_conflict(queue: str, queue_name: str) -> str:
+    """The refusal of a task or batch naming two different queues."""
+    return (
+        f"queue {queue!r} and queue_name {queue_name!r} differ: give one of them "
+        "(queue_name is the seed's name for queue)"
     )
 
 

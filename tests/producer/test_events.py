@@ -74,7 +74,12 @@ def test_a_batch_names_each_task_and_numbers_its_delivery_keys() -> None:
         ({"tasks": {"type": "a"}}, "tasks: must be a list"),
         ({"tasks": []}, "tasks: must hold at least one task"),
         ({"tasks": [{"type": "a"}], "type": "a"}, "unexpected field(s) in a batch: type"),
-        ({"tasks": [{"type": "a"}], "queue_name": 5}, "queue: must be a queue name, got int"),
+        ({"tasks": [{"type": "a"}], "queue_name": 5}, "queue_name: must be a queue name, got int"),
+        ({"tasks": [{"type": "a"}], "queue": "qa", "queue_name": 5}, "queue_name: must be a queue name"),
+        (
+            {"tasks": [{"type": "a"}], "queue": "qa", "queue_name": "qb"},
+            "queue 'qa' and queue_name 'qb' differ: give one of them",
+        ),
         ({"tasks": [{"type": "a"}] * 1001}, "more than 1000"),
     ],
 )

@@ -206,3 +206,33 @@ def test_api_gateway_is_503_when_a_configured_cluster_cannot_be_reached(
     assert answer["statusCode"] == 503
     assert api_body(answer) == {"error": "The job queue (Redis) is unreachable."}
     assert producer_env.all_jobs() == []
+
+
+def _direct_batch(producer_env: ProducerEnv, tasks: list[dict[str, object]]) -> dict[str, object]:
+    answer: dict[str, object] = lambda_handler({"tasks": tasks}, None)
+    return answer
+
+
+def test_a_task_naming_two_different_queues_is_refused(producer_env: ProducerEnv) -> None:
+    # GIVEN a task with both `queue` and the seed's `queue_name` (an outside trial: `queue` won silently)
+    qa, qb = producer_env.queues
+    answer = _direct_batch(
+        producer_env,
+        [
+            {"type": "a"},
+            {"type": "a", "queue": qa, "queue_name": qb},
+            {"type": "a", "queue": qb, "queue_name": qb},
+        ],
+    )
+    # THEN that task is refused naming both fields and values; equal values are fine
+    assert answer["errors"] == [
+        f"tasks[1]: queue {qa!r} and queue_name {qb!r} differ: give one of them "
+        "(queue_name is the seed's name for queue)"
+    ]
+    assert producer_env.all_jobs() == []
+    single = lambda_handler({"type": "a", "queue": qa, "queue_name": qb}, None)
+    assert single["error"] == (
+        f"task: queue {qa!r} and queue_name {qb!r} differ: give one of them (queue_name is the seed's name for queue)"
+    )
+    ok = lambda_handler({"type": "a", "queue": qb, "queue_name": qb}, None)
+    assert [j["task_id"] for j in producer_env.jobs(qb)] == ok["task_ids"]
