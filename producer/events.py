@@ -129,6 +129,7 @@ def plan(items: list[Item], settings: ProducerSettings) -> list[Planned]:
     planned: list[Planned] = []
     errors: list[str] = []
     known = settings.known_queues
+    firsts: dict[str, tuple[str, tuple[Any, ...]]] = {}  # task id -> (where, what) of its first task here
     for item in items:
         try:
             task = parse_task(item.raw, item.where)
@@ -142,6 +143,8 @@ def plan(items: list[Item], settings: ProducerSettings) -> list[Planned]:
             if job.queue not in known:
                 field = f"{item.where}.queue" if item.where else "queue"
                 raise InvalidJob(f"{field}: {job.queue!r} is not a queue gpuq serves ({', '.join(known)})")
+            if (repeat := _repeated_id(item.where, task, job, firsts)) is not None:
+                raise InvalidJob(repeat)
         except InvalidJob as exc:
             errors.extend(exc.errors)
             continue
@@ -156,6 +159,27 @@ def plan(items: list[Item], settings: ProducerSettings) -> list[Planned]:
             summary = f"{len(errors)} of {len(items)} tasks are invalid: {summary}"
         raise InvalidJob(summary, errors)
     return planned
+
+
+def _repeated_id(
+    where: str, task: TaskIn, job: Job, firsts: dict[str, tuple[str, tuple[Any, ...]]]
+) -> str | None:
+    """Why this task may not reuse the id of an earlier task of the same delivery, or None.
+
+    Both would be answered as enqueued, but one id names one task: in another queue the dispatcher
+    dead-letters the second ("task id already used"), in the same queue the idempotency mark drops it.
+    Only an exact repeat (same queue and content) is let through, to count as the duplicate a resent task
+    is; ``enqueued_at`` (and a ``delay_seconds``' start) are this call's clock, not the task's content.
+    """
+    what = (job.queue, job.type, job.data, job.priority, task.not_before, task.delay_seconds)
+    first = firsts.setdefault(job.task_id, (where, what))
+    if first[1] == what:
+        return None
+    field = "task_id" if task.task_id is not None else "data.task_id"
+    return (
+        f"{where}.{field}: task_id {job.task_id!r} appears more than once in this request "
+        f"(also {first[0]}) with a different queue or content; give each task its own task_id"
+    )
 
 
 def api_payload(event: dict[str, Any]) -> Any:

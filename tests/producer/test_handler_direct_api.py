@@ -213,6 +213,57 @@ def _direct_batch(producer_env: ProducerEnv, tasks: list[dict[str, object]]) -> 
     return answer
 
 
+def test_one_task_id_for_two_queues_in_one_request_is_refused(producer_env: ProducerEnv) -> None:
+    # GIVEN a batch that gives the id "dupA" to a task for each queue (an outside trial: both were answered
+    # as enqueued, and the dispatcher dead-lettered one as "task id already used by another job")
+    qa, qb = producer_env.queues
+    tasks = [
+        {"type": "a", "task_id": "ok-1"},
+        {"type": "a", "task_id": "dupA", "queue": qa},
+        {"type": "a", "task_id": "dupA", "queue": qb},
+    ]
+    # WHEN invoked directly THEN the repeat is refused naming the id and the first task, nothing is enqueued
+    answer = _direct_batch(producer_env, tasks)
+    assert answer["errors"] == [
+        "tasks[2].task_id: task_id 'dupA' appears more than once in this request (also tasks[1]) "
+        "with a different queue or content; give each task its own task_id"
+    ]
+    assert str(answer["error"]).startswith("1 of 3 tasks are invalid")
+    assert producer_env.all_jobs() == []
+    assert producer_env.marks() == []
+
+
+def test_one_task_id_for_two_pools_or_two_payloads_is_refused_over_the_api(producer_env: ProducerEnv) -> None:
+    # GIVEN one id used for two types routed to different pools, another (in data, the seed's place) for two
+    # payloads on one queue, which the idempotency mark would have dropped unsaid
+    tasks = [
+        {"type": "a", "task_id": "dupB"},
+        {"type": "embed", "task_id": "dupB"},
+        {"type": "a", "data": {"task_id": "dupC", "n": 1}},
+        {"type": "a", "data": {"task_id": "dupC", "n": 2}},
+    ]
+    event = load_event("apigw_v2_single")
+    event["body"] = json.dumps({"tasks": tasks})
+    # WHEN posted THEN 400 naming each repeat, and nothing from the request is enqueued
+    answer = lambda_handler(event, None)
+    assert answer["statusCode"] == 400
+    errors = api_body(answer)["errors"]
+    assert [e.split(": ", 1)[0] for e in errors] == ["tasks[1].task_id", "tasks[3].data.task_id"]
+    assert "task_id 'dupB' appears more than once in this request (also tasks[0])" in errors[0]
+    assert "task_id 'dupC' appears more than once in this request (also tasks[2])" in errors[1]
+    assert producer_env.all_jobs() == []
+
+
+def test_an_exact_repeat_in_one_request_is_one_task_counted_as_a_duplicate(producer_env: ProducerEnv) -> None:
+    # GIVEN a batch holding the same task twice (same id, queue and content), as a resent task would be
+    task = {"type": "a", "task_id": "same-1", "data": {"k": 1}, "delay_seconds": 5}
+    answer = _direct_batch(producer_env, [task, {"type": "b"}, dict(task)])
+    # THEN it is enqueued once, both places answer its id, and the other task is enqueued
+    ids = answer["task_ids"]
+    assert isinstance(ids, list) and ids[0] == ids[2] == "same-1"
+    assert sorted(j["task_id"] for j in producer_env.jobs()) == sorted(ids[:2])
+
+
 def test_a_task_naming_two_different_queues_is_refused(producer_env: ProducerEnv) -> None:
     # GIVEN a task with both `queue` and the seed's `queue_name` (an outside trial: `queue` won silently)
     qa, qb = producer_env.queues

@@ -238,3 +238,22 @@ def test_an_eventbridge_event_without_an_id_through_sqs_is_keyed_by_its_message(
     assert failures(lambda_handler(event, None)) == []
     # THEN one job
     assert len(producer_env.jobs()) == 1
+
+
+def test_sqs_a_record_reusing_a_task_id_in_its_batch_is_reported(producer_env: ProducerEnv) -> None:
+    # GIVEN the mixed batch whose batch message gives one task id to tasks for two queues
+    event = load_event("sqs_mixed")
+    qa, qb = producer_env.queues
+    record = next(r for r in event["Records"] if r["messageId"] == GOOD_BATCH)
+    record["body"] = json.dumps(
+        {
+            "tasks": [
+                {"type": "a", "task_id": "dupA", "queue": qa},
+                {"type": "a", "task_id": "dupA", "queue": qb},
+            ]
+        }
+    )
+    # WHEN handled THEN that message fails with the bad one (a partial batch failure) and the good one waits
+    answer = lambda_handler(event, None)
+    assert failures(answer) == [GOOD_BATCH, BAD]
+    assert [j["type"] for j in producer_env.all_jobs()] == ["start_transcribe"]
