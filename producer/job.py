@@ -232,6 +232,14 @@ class Job(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
 
+#: Fields of a job in Redis that gpuq writes and a caller's task may not carry (TaskIn forbids them): why.
+#: A caller's ``attempt`` counted as attempts already made: 999 ran as attempt 1000 with no retries left.
+_SET_BY_GPUQ = {
+    "attempt": "set by gpuq, not by a caller: a new task always starts at its first attempt",
+    "enqueued_at": "set by gpuq, not by a caller: the time the producer accepted the task",
+}
+
+
 def describe(exc: ValidationError, where: str = "") -> str:
     """One line naming every offending field, e.g. ``tasks[1].type: Field required``."""
     parts = []
@@ -239,7 +247,10 @@ def describe(exc: ValidationError, where: str = "") -> str:
         loc = where
         for item in err["loc"]:
             loc += f"[{item}]" if isinstance(item, int) else (f".{item}" if loc else str(item))
-        parts.append(f"{loc or 'task'}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            msg = _SET_BY_GPUQ.get(str(err["loc"][0]), msg)
+        parts.append(f"{loc or 'task'}: {msg}")
     return "; ".join(parts)
 
 

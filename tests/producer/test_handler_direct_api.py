@@ -287,3 +287,15 @@ def test_a_task_naming_two_different_queues_is_refused(producer_env: ProducerEnv
     )
     ok = lambda_handler({"type": "a", "queue": qb, "queue_name": qb}, None)
     assert [j["task_id"] for j in producer_env.jobs(qb)] == ok["task_ids"]
+
+
+def test_a_task_setting_its_attempt_is_refused_saying_gpuq_sets_it(producer_env: ProducerEnv) -> None:
+    # GIVEN tasks carrying fields of the job in Redis that gpuq writes (an outside trial sent "attempt": 999,
+    # which once counted as attempts made: no retries left). SPEC §3: the caller's task has no such field.
+    answer = _direct_batch(producer_env, [{"type": "a"}, {"type": "a", "attempt": 999, "enqueued_at": "x"}])
+    # THEN it is refused naming each field and why, and nothing is enqueued
+    assert answer["errors"] == [
+        "tasks[1].attempt: set by gpuq, not by a caller: a new task always starts at its first attempt; "
+        "tasks[1].enqueued_at: set by gpuq, not by a caller: the time the producer accepted the task"
+    ]
+    assert producer_env.all_jobs() == []
