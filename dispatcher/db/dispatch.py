@@ -170,6 +170,8 @@ def _triage(
     items = _live_copies_first(items, existing)
     for job, pool in items:
         row = existing.get(job.task_id)
+        if row is None and job.attempt > 0 and not _as_new_task(job, out):
+            continue
         first = seen.get(job.task_id)
         if first is not None:
             if job.attempt == 0 and not _same_job(job, first):
@@ -180,11 +182,6 @@ def _triage(
                 out.dropped.append((job, "the same task twice in one batch"))
             continue
         seen[job.task_id] = job
-        if row is None and job.attempt > 0 and (problem := task_id_problem(job.task_id)):
-            # parse_redis_job spares retries the id rules (ids of earlier versions); with no task recorded
-            # this is no retry but a new task, and ``a/b`` or ``x%2Fevents`` would be unreachable by id.
-            out.invalid.append((job, f"task_id: {problem} (attempt {job.attempt} of a task never recorded)"))
-            continue
         if row is not None and job.attempt == 0 and not copy_of(row, job):
             out.refused.append((job, f"task id already used: task {job.task_id} exists ({row.state})"))
             continue
@@ -225,6 +222,23 @@ def _triage(
             continue
         runnable.append((job, pool))
     return runnable
+
+
+def _as_new_task(job: Job, out: DispatchResult) -> bool:
+    """Make ``job``, which names attempts of a task never recorded, a new task (attempt 0); False when it
+    cannot be one (its id breaks today's rules: then it is in ``out.invalid``).
+
+    gpuq puts a retry back in Redis only for a task it recorded (``deferred.due_deferred``), so such a job
+    was written by its sender (a raw RPUSH). Taken at its word, ``"attempt": 999`` ran as attempt 1000 of
+    MAX_ATTEMPTS=3 with no retry left (an outside trial). Changed in place: the caller maps results back to
+    its jobs by identity, and a copy parked from here (``to_redis``) then says 0 as well."""
+    if problem := task_id_problem(job.task_id):
+        # parse_redis_job spares retries the id rules (ids of earlier versions); with no task recorded this
+        # is no retry but a new task, and ``a/b`` or ``x%2Fevents`` would be unreachable by id.
+        out.invalid.append((job, f"task_id: {problem} (attempt {job.attempt} of a task never recorded)"))
+        return False
+    job.attempt = 0
+    return True
 
 
 def dispatch(

@@ -213,7 +213,8 @@ def _waiting(task_id: str, hit: list[Any], queue_of: dict[str, str]) -> dict[str
         "priority": body.get("priority") or "normal",
         "list": source,
         "position": position,  # jobs ahead of it in that list
-        "attempts": body.get("attempt") or 0,
+        # Not recorded yet, so none made: a body's own "attempt" counts for nothing (dispatch._triage).
+        "attempts": 0,
         "enqueued_at": body.get("enqueued_at"),
         "gpu_id": None,
         "slot_index": None,

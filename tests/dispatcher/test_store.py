@@ -169,6 +169,31 @@ def test_a_stale_copy_in_the_same_batch_does_not_shadow_the_live_one(any_databas
     assert [j.attempt for j, _ in res.dropped] == [0]
 
 
+def test_a_job_claiming_attempts_of_a_task_never_recorded_starts_at_attempt_1(any_database_url):
+    # GIVEN jobs pushed straight into Redis saying "attempt": 999 (an outside trial: it ran as attempt 1000
+    # of MAX_ATTEMPTS=3, with no retry, and `gpuq task retry` offered "up to 1001 attempts"); one is scheduled
+    engine = fleet_engine(any_database_url, {"g0": 1})
+    raw, later = job(attempt=999), job(attempt=7, not_before=utcnow() + timedelta(hours=1))
+    # WHEN a dispatcher takes them
+    res = _dispatch(engine, [raw, later])
+    # THEN each is a new task: the first runs as attempt 1, the scheduled one waits with none made
+    assert [(p.job.task_id, p.attempt) for p in res.placed] == [(raw.task_id, 1)]
+    assert res.deferred == [later]
+    with engine.connect() as conn:
+        rows = {r.task_id: (r.attempt, r.max_attempts) for r in conn.execute(select(tasks))}
+    assert rows == {raw.task_id: (1, 3), later.task_id: (0, 3)}
+    # AND its failures are retried as any task's, up to MAX_ATTEMPTS
+    fin = end_attempt(engine, raw.task_id, attempt=1, outcome=Outcome.FAILED_RETRY, error="boom")
+    assert fin.state == "retrying"
+    (retry,) = transaction(engine, due_deferred, now=utcnow() + timedelta(seconds=1))
+    assert retry.attempt == 1
+    transaction(engine, mark_queued, jobs=[retry], now=utcnow())
+    assert [p.attempt for p in _dispatch(engine, [retry]).placed] == [2]
+    # AND a copy of the raw job still saying 999 (swept back after a crash) is not run again
+    stale = _dispatch(engine, [job(task_id=raw.task_id, attempt=999)])
+    assert not stale.placed and stale.dropped
+
+
 def test_lease_expiry_and_heartbeat(any_database_url):
     engine = fleet_engine(any_database_url, {"g0": 1})
     j = job()
