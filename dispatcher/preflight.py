@@ -27,10 +27,11 @@ from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import NameRefused, UrlTaken, list_gpus, register_new
+from dispatcher.gpus.endpoints import NOT_IN_GPU_NAMES
 from dispatcher.gpus.pull import is_pull
 from dispatcher.queues.intake import Intake
 from dispatcher.queues.presence import DuplicateDispatcher, client_name
-from dispatcher.settings import NOT_IN_GPU_NAMES, DispatcherSettings
+from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized, is_cluster, sync_client
 from producer.keys import Keys
 

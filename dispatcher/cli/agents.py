@@ -15,7 +15,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.db.agents import pull_gpu, register_pull, rotate_token
 from dispatcher.db.engine import utcnow
-from dispatcher.settings import GpuEndpoint, name_problem, parse_gpu_endpoints
+from dispatcher.gpus.endpoints import GpuEndpoint, name_problem, parse_gpu_endpoints
 
 
 def endpoint(spec: str, what: str = "") -> GpuEndpoint:

@@ -32,8 +32,8 @@ from dispatcher.db.gpus import (
     set_gpu_state,
     update_gpu,
 )
+from dispatcher.gpus.endpoints import DEFAULT_POOL
 from dispatcher.gpus.same_service import shown_url
-from dispatcher.settings import DEFAULT_POOL
 from dispatcher.states import GpuState
 
 

@@ -10,9 +10,9 @@ from sqlalchemy.exc import IntegrityError
 
 from dispatcher.db.attempts import Backoff, finish_attempt
 from dispatcher.db.schema import gpus, schema_version, slots
+from dispatcher.gpus.endpoints import name_problem, url_taken
 from dispatcher.gpus.pull import is_pull
 from dispatcher.gpus.same_service import same_service
-from dispatcher.settings import name_problem, url_taken
 from dispatcher.states import GpuState, Outcome
 
 _UNFETCHED = text(

@@ -24,7 +24,8 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from dispatcher.db.agents import Poll, agent_left, poll_many, silence, take_back_unfetched, unfetch
+from dispatcher.db.agents import Poll, poll_many
+from dispatcher.db.agents_gone import agent_left, silence, take_back_unfetched, unfetch
 from dispatcher.db.dispatch import Placed
 from dispatcher.errors import TRANSIENT, TooMany
 from dispatcher.gpus.pull import hash_agent_token

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
-from dispatcher.db.agents import take_back_if_unfetched
+from dispatcher.db.agents_gone import take_back_if_unfetched
 from dispatcher.db.attempts import expired_leases, slot_drift
 from dispatcher.db.deferred import claim_due, mark_queued
 from dispatcher.db.gpus import pool_slots, probe_result, probes_due

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.settings import parse_gpu_endpoints
+from dispatcher.gpus.endpoints import parse_gpu_endpoints
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ import pytest
 from sqlalchemy import text
 
 from dispatcher.db.gpus import register_gpu
+from dispatcher.gpus.endpoints import parse_gpu_endpoints
 from dispatcher.gpus.gpu_client import GpuClient, Verdict
 from dispatcher.gpus.same_service import shown_url
-from dispatcher.settings import DispatcherSettings, parse_gpu_endpoints
+from dispatcher.settings import DispatcherSettings
 from tests.dispatcher.harness import push_jobs, reconcile, states, wait_final
 from tests.dispatcher.helpers import wait_for
 from tests.operators.wrong_gpu import log_records

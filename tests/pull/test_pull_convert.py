@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatcher.db.agents import Poll, poll, register_pull, take_back_unfetched
+from dispatcher.db.agents import Poll, poll, register_pull
+from dispatcher.db.agents_gone import take_back_unfetched
 from dispatcher.db.dispatch import dispatch
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.gpus import update_gpu
