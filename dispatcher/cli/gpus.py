@@ -164,7 +164,7 @@ def set_(
     g = next(g for g in s.db(list_gpus) if g.gpu_id == name)
     console().print(f"GPU {name} is now {shown_url(g.url)} in pool {g.pool} with {g.slots} slots")
     if cancel_url is not None:
-        console().print(f"cancels go to {cancel_url or 'its URL + /cancel'}")
+        console().print(f"cancels go to {shown_url(cancel_url) if cancel_url else 'its URL + /cancel'}")
 
 
 def _set_state(ctx: typer.Context, name: str, state: GpuState) -> int:

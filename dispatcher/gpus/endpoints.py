@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import ipaddress
+import unicodedata
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
 from dispatcher.gpus.pull import PULL_SCHEME, is_pull, pull_url
-from dispatcher.gpus.same_service import same_service, shown_url
+from dispatcher.gpus.same_service import same_service, scrubbed, shown_url
 from producer.settings import split_list
 
 DEFAULT_POOL = "default"
@@ -38,9 +40,10 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
         pull = not sep and (pool == PULL_SCHEME[:-1] or pool.endswith(":" + PULL_SCHEME[:-1]))
         if pull:
             pool = pool.rpartition(":")[0].strip() if ":" in pool else DEFAULT_POOL
+        shown = scrubbed(item, url)  # a refusal repeats the item: never its password (an outside review)
         if (not sep and not pull) or not gpu_id or not pool:
-            raise ValueError(f"{item!r} is not [pool:]NAME=URL or [pool:]pull:NAME")
-        _check_names(item, gpu_id, pool)
+            raise ValueError(f"{shown!r} is not [pool:]NAME=URL or [pool:]pull:NAME")
+        _check_names(shown, gpu_id, pool)
         if any(e.gpu_id == gpu_id for e in endpoints):
             raise ValueError(f"GPU {gpu_id!r} is listed twice")
         if pull:
@@ -48,12 +51,12 @@ def parse_gpu_endpoints(raw: str) -> list[GpuEndpoint]:
             continue
         # "g0=URL;g1=URL" must not become one GPU g0 whose URL is "URL;g1=URL"
         if "=http" in url or any(c in url for c in "; \t"):
-            raise ValueError(f"{item!r}: one GPU per item, items separated by commas: g0=URL,g1=URL")
+            raise ValueError(f"{shown!r}: one GPU per item, items separated by commas: g0=URL,g1=URL")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or not _port_ok(parts):
-            raise ValueError(f"{item!r}: {url!r} is not an http(s) URL")
+            raise ValueError(f"{shown!r}: {shown_url(url)!r} is not an http(s) URL")
         if problem := _host_problem(parts.hostname):
-            raise ValueError(f"{item!r}: {problem}")
+            raise ValueError(f"{shown!r}: {problem}")
         if twin := next((e.gpu_id for e in endpoints if e.pool == pool and same_service(e.url, url)), None):
             raise ValueError(url_taken(gpu_id, twin, url))
         endpoints.append(GpuEndpoint(gpu_id=gpu_id, url=url, pool=pool))
@@ -112,6 +115,15 @@ def _host_problem(host: str) -> str | None:
     characters. It parsed, and every request, probe and cancel to it raised (an outside trial: the probe's
     UnicodeError stopped the dispatcher)."""
     if ":" in host:  # an IPv6 address
+        return None
+    if invisible := [c for c in host if unicodedata.category(c) in ("Cf", "Cc", "Zs")]:
+        # a soft hyphen or zero-width joiner pasted in: the URL reads right and aiohttp refuses it
+        return f"host {host!r} is not a host name (invisible characters: {', '.join(map(ascii, invisible))})"
+    if all(c.isdigit() or c == "." for c in host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:  # 10.0.5, 256.1.1.1: read as an address by some clients, refused by aiohttp
+            return f"host {host!r} is not an IPv4 address (four numbers 0-255, as 10.0.0.5)"
         return None
     try:
         host.encode("idna")

@@ -21,6 +21,7 @@ import orjson
 from dispatcher import fds
 from dispatcher.gpus.lean_http import ConnectFailed, ConnectTimeout, LeanPool, NoAnswer
 from dispatcher.gpus.lean_target import Target
+from dispatcher.gpus.same_service import scrubbed
 
 
 class Verdict(StrEnum):
@@ -127,10 +128,12 @@ class GpuClient:
             return Answer(Verdict.REFUSED, status, error=f"more than {_REDIRECTS} redirects", unhealthy=True)
         except aiohttp.ConnectionTimeoutError as exc:
             return Answer(Verdict.RETRY, error=f"connect timeout: {exc}", unhealthy=True)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return _failed(exc)
-        except ValueError as exc:
+        # before ClientError, which it also is: a URL aiohttp will not request (10.0.5, an invisible
+        # character in the host) was taken as sent without an answer, and left to the lease (a review)
+        except (aiohttp.InvalidURL, ValueError) as exc:
             return _unsendable(url, exc)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return _failed(exc, url)
 
     async def _send_lean(self, url: str, to: Target, payload: bytes) -> Answer:  # noqa: PLR0911 - one per verdict
         """``send`` through the lean client: the same redirects, cap and verdicts as through aiohttp."""
@@ -228,7 +231,7 @@ def _why(url: str, exc: Exception) -> str:
             "the URL carries credentials (user:password@) and BEARER_TOKEN is set, and a request has one"
             " Authorization header: register the URL without them, or unset BEARER_TOKEN"
         )
-    return f"{type(exc).__name__}: {exc}"
+    return scrubbed(f"{type(exc).__name__}: {exc}", url)
 
 
 def _unsendable(url: str, exc: ValueError) -> Answer:
@@ -239,16 +242,18 @@ def _unsendable(url: str, exc: ValueError) -> Answer:
     return Answer(Verdict.REFUSED, error=f"not sent: {_why(url, exc)}", unhealthy=True)
 
 
-def _failed(exc: Exception) -> Answer:
+def _failed(exc: Exception, url: str) -> Answer:
     """What a request that raised ``exc`` (no HTTP answer) means for its attempt."""
     cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
     if isinstance(cause, OSError) and cause.errno in _OUR_LIMITS:
         # Never sent: this process's limit, neither the GPU's fault nor the job's.
-        return Answer(Verdict.NOT_SENT, error=f"not sent: {exc}", unhealthy=False)
+        return Answer(Verdict.NOT_SENT, error=scrubbed(f"not sent: {exc}", url), unhealthy=False)
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return Answer(Verdict.RETRY, error=f"connection failed: {exc}", unhealthy=True)
+        return Answer(Verdict.RETRY, error=scrubbed(f"connection failed: {exc}", url), unhealthy=True)
     # The request may have reached the GPU: only its callback or the lease can tell.
-    return Answer(Verdict.UNKNOWN, error=f"no answer: {type(exc).__name__}: {exc}", unhealthy=True)
+    return Answer(
+        Verdict.UNKNOWN, error=scrubbed(f"no answer: {type(exc).__name__}: {exc}", url), unhealthy=True
+    )
 
 
 #: Answers that are about the job itself: retrying it cannot help.

@@ -111,10 +111,28 @@ def shown_url(url: str) -> str:
     trial)."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
+        if parts.username is None and parts.password is None:
             return url
     except ValueError:  # stored before today's checks, and no longer parses: shown as it is
         return url
     user, _, host = parts.netloc.rpartition("@")
-    masked = f"{user.partition(':')[0]}:***@{host}"
+    # a name alone (https://TOKEN@host/) is sent as Basic auth too: it is as secret as a password
+    masked = f"{user.partition(':')[0]}:***@{host}" if parts.password is not None else f"***@{host}"
     return urlunsplit(parts._replace(netloc=masked))
+
+
+def scrubbed(text: str, url: str) -> str:
+    """``text`` (an error, a message) with ``url``'s credentials masked wherever it repeats them: aiohttp
+    puts the whole URL in some of its errors, which land in a GPU's last_error (an outside review)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return text
+    user, at, _ = parts.netloc.rpartition("@")
+    if not at:
+        return text
+    masked = f"{user.partition(':')[0]}:***@" if parts.password is not None else "***@"
+    text = text.replace(f"{user}@", masked)
+    if parts.password and len(parts.password) >= 4:  # standing alone (a short one would mask common words)
+        text = text.replace(parts.password, "***")
+    return text

@@ -72,9 +72,16 @@ _JSON = "application/json"
 
 #: A ``"task_id": "…"`` pair anywhere in a body: the ids a token may be checked against before parsing.
 _TASK_ID = re.compile(rb'"task_id"\s*:\s*"((?:[^"\\]|\\.){1,1024})"')
-#: The body's first key, when it is ``task_id`` (as SPEC §4 lists the fields and most clients write them): the
-#: callback's own id for sure, so its token can be checked before the rest of the body has arrived.
-_LEADING_TASK_ID = re.compile(rb'\s*\{\s*"task_id"\s*:\s*"((?:[^"\\]|\\.){1,1024})"')
+#: A ``task_id`` among the body's leading top-level keys: the first key, or one after keys whose values are
+#: plain strings, numbers, booleans or null (``{"status": "finished", "task_id": ...}``; no object or list
+#: before it, so it cannot be a nested key). The callback's own id for sure, so its token can be checked
+#: before the rest of the body has arrived.
+_SCALAR = rb'(?:"(?:[^"\\]|\\.){0,1024}"|-?[0-9][0-9.eE+-]{0,64}|true|false|null)'
+_LEADING_TASK_ID = re.compile(
+    rb'\s*\{\s*(?:"(?:[^"\\]|\\.){0,64}"\s*:\s*'
+    + _SCALAR
+    + rb'\s*,\s*){0,16}"task_id"\s*:\s*"((?:[^"\\]|\\.){1,1024})"'
+)
 #: While a body is arriving, its start is looked at for a leading ``task_id`` once it reaches each of these
 #: sizes (and at its end): a handful of looks at most, however it is cut into chunks.
 _LEAD_LOOKS = tuple(1024 << i for i in range(9))  # 1 KiB .. 256 KiB
@@ -117,11 +124,11 @@ def _claimed_ids(raw: bytes) -> set[str]:
 
 
 def forged_lead(secret: bytes, head: bytes, token: str) -> bool | None:
-    """Whether a body starting with ``head`` is a forgery, known before the rest arrives: True when its first
-    key is ``task_id`` and ``token`` is not that task's; None when ``head`` does not settle it (no leading
-    ``task_id`` yet, or at all). An unauthenticated client dripping an 8 MiB callback at the slow-link
-    rate held a connection for about 1.5 h although the id it claimed sat in its first 50 bytes (an
-    outside trial)."""
+    """Whether a body starting with ``head`` is a forgery, known before the rest arrives: True when a leading
+    top-level key is ``task_id`` (``_LEADING_TASK_ID``) and ``token`` is not that task's; None when ``head``
+    does not settle it (no leading ``task_id`` yet, or at all). An unauthenticated client dripping an 8 MiB
+    callback at the slow-link rate held a connection for about 1.5 h although the id it claimed sat in its
+    first 50 bytes (an outside trial); with ``status`` first, past a first-key-only look (a review)."""
     match = _LEADING_TASK_ID.match(head)
     if match is None:
         return None

@@ -125,6 +125,11 @@ def test_a_forged_callback_dripping_a_large_body_is_refused_once_its_leading_tas
     sock.settimeout(10)
     rest = _answer(sock)  # reads to the server's close
     assert b"HTTP/1.1" not in rest
+    # AND with its task_id after other plain top-level keys (status first) it is refused as early
+    late = b'{"status": "finished", "attempt": 1, "task_id": "victim", "result": "'
+    sock = _connect(d, _callback_head("1." + "A" * 43, 8_000_000) + late + b"x" * 4096)
+    sock.settimeout(10)
+    assert _answer(sock).startswith(b"HTTP/1.1 401")
     # AND a callback of the same shape with its task's token is read on (404 here: no such task)
     body = start + b"x" * 20_000 + b'"}'
     good = _connect(d, _callback_head(make_token(SECRET.encode(), "victim", 1), len(body)))

@@ -36,11 +36,33 @@ JOB = {
 
 
 @pytest.mark.parametrize(
-    "url", ["http://a..b/x", "http://gpu-host..internal:9000/x", f"http://{'a' * 64}.io/x"]
+    "url",
+    [
+        "http://a..b/x",
+        "http://gpu-host..internal:9000/x",
+        f"http://{'a' * 64}.io/x",
+        "http://gpu\u00ad1:9/x",  # a soft hyphen pasted in: invisible, and aiohttp refuses it
+        "https://a\u200db/x",  # a zero-width joiner
+        "https://10.0.5:9443/x",  # not an IPv4 address (aiohttp refuses it; others read 10.0.0.5)
+        "http://256.1.1.1/x",
+        "http://1.2.3.4.5/x",
+    ],
 )
 def test_a_host_no_client_can_look_up_is_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="is not a host name"):
+    with pytest.raises(ValueError, match=r"is not a host name|is not an IPv4 address"):
         parse_gpu_endpoints(f"g0={url}")
+
+
+def test_a_refusal_never_repeats_a_password() -> None:
+    for raw in (
+        "g1=http://alice:s3cretPW@gpu..host:9000/x",
+        "g1=http://alice:s3cretPW@h:99999/x",
+        "=http://alice:s3cretPW@h/x",
+    ):
+        with pytest.raises(ValueError) as info:
+            parse_gpu_endpoints(raw)
+        assert "s3cretPW" not in str(info.value) and "alice:***@" in str(info.value), info.value
+    assert shown_url("https://TOKEN123@h/x") == "https://***@h/x"  # a name alone is sent as Basic auth too
 
 
 def test_hosts_that_are_names_still_parse() -> None:
@@ -79,6 +101,8 @@ def test_a_password_is_masked_wherever_a_gpu_url_is_shown(gpuq) -> None:
     for args in (("gpu", "list"), ("gpu", "list", "--json")):
         out = gpuq(*args).stdout
         assert "admin:***@" in out and "s3cret" not in out, out
+    res = gpuq("gpu", "set", "cred", "--cancel-url", "http://bob:CANCELpw@127.0.0.1:9/cancel")
+    assert res.exit_code == 0 and "CANCELpw" not in res.stdout + res.stderr, res
 
 
 def test_the_client_answers_for_such_urls_and_never_raises() -> None:
@@ -97,6 +121,13 @@ def test_the_client_answers_for_such_urls_and_never_raises() -> None:
                 assert not ok and "cancel failed" in detail
             answer = await client.send("http://admin:pw@127.0.0.1:9/x", JOB)
             assert "carries credentials" in (answer.error or ""), answer
+            # URLs parse_gpu_endpoints refuses now, stored before it did: aiohttp's InvalidURL (also a
+            # ClientError) was taken as "sent, no answer" and left to the lease; its text held the password
+            for url in ("https://10.0.5:9443/x", "http://admin:s3cretPW@gpu\u00ad1:9/x"):
+                answer = await client.send(url, JOB)
+                assert answer.verdict == Verdict.REFUSED and "s3cretPW" not in (answer.error or ""), answer
+                ok, detail = await client.probe(url)
+                assert not ok and "s3cretPW" not in detail, detail
         finally:
             await client.close()
 
