@@ -167,7 +167,7 @@ class DispatcherSettings(StoreSettings):
         # A request has one Authorization header: with BEARER_TOKEN set, a URL's user:password@ cannot be
         # sent (aiohttp refuses the pair), and every job to that GPU would be refused.
         if self.bearer_token.get_secret_value():
-            for ep in parse_gpu_endpoints(self.gpu_endpoints):
+            for ep in self.endpoints:
                 if urlsplit(ep.url).username is not None:
                     raise ValueError(
                         f"GPU {ep.gpu_id}: its URL carries credentials (user:password@) and BEARER_TOKEN is"

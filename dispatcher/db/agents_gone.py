@@ -26,13 +26,14 @@ _SILENT_UNFETCHED = text(
 )
 
 
-_UNFETCHED_ONE = text(
+_UNFETCHED_OF = statement(
     """
-    SELECT s.gpu_id
+    SELECT t.task_id, t.attempt, s.gpu_id
     FROM slots s JOIN gpus g ON g.gpu_id = s.gpu_id JOIN tasks t ON t.task_id = s.task_id
-    WHERE t.task_id = :task_id AND t.attempt = :attempt AND s.attempt = t.attempt AND t.state = 'processing'
+    WHERE (t.task_id, t.attempt) IN :pairs AND s.attempt = t.attempt AND t.state = 'processing'
       AND g.url LIKE 'pull:%' AND (t.fetched_attempt IS NULL OR t.fetched_attempt <> t.attempt)
-    """
+    """,
+    lists=("pairs",),
 )
 
 
@@ -95,15 +96,19 @@ def silence(conn: Connection, *, now: datetime, stale_seconds: float) -> list[st
     return gone
 
 
-def take_back_if_unfetched(conn: Connection, *, task_id: str, attempt: int) -> str | None:
-    """A lease that ran out on a pull GPU's job its agent never fetched: nothing ran it, so it must not use
-    an attempt (README: such jobs wait again). Marked taken, as ``take_back_unfetched`` does, and its GPU
-    returned; None for any other lease. With TASK_TIMEOUT_SECONDS under AGENT_STALE_SECONDS the lease ran
-    out first and the job used an attempt (an outside trial)."""
-    gpu_id = conn.execute(_UNFETCHED_ONE, {"task_id": task_id, "attempt": attempt}).scalar()
-    if gpu_id is None or conn.execute(_TAKE, {"task_id": task_id, "attempt": attempt}).rowcount != 1:
-        return None
-    return str(gpu_id)
+def take_back_unfetched_of(conn: Connection, *, leases: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Of these expired leases, those on a pull GPU's job its agent never fetched: nothing ran them, so they
+    must not use an attempt (README: such jobs wait again). Marked taken, as ``take_back_unfetched`` does,
+    and returned with their GPUs: {(task_id, attempt): gpu_id}. One look for the whole sweep. With
+    TASK_TIMEOUT_SECONDS under AGENT_STALE_SECONDS the lease ran out first and the job used an attempt (an
+    outside trial)."""
+    out: dict[tuple[str, int], str] = {}
+    if not leases:
+        return out
+    for r in conn.execute(_UNFETCHED_OF, {"pairs": [tuple(lease) for lease in leases]}).all():
+        if conn.execute(_TAKE, {"task_id": r.task_id, "attempt": r.attempt}).rowcount == 1:
+            out[(r.task_id, r.attempt)] = str(r.gpu_id)
+    return out
 
 
 def take_back_unfetched(conn: Connection) -> list[tuple[str, int, str]]:

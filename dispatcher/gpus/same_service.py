@@ -17,7 +17,7 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from dispatcher.gpus.pull import is_pull
 
@@ -109,21 +109,13 @@ def shown_url(url: str) -> str:
     """A GPU's URL as listings and logs show it: a password in it (``user:password@``) masked, as
     DATABASE_URL's is. ``gpuq gpu list``, ``GET /gpus`` and the dashboard showed it in clear (an outside
     trial)."""
-    try:
-        parts = urlsplit(url)
-        if parts.username is None and parts.password is None:
-            return url
-    except ValueError:  # stored before today's checks, and no longer parses: shown as it is
-        return url
-    user, _, host = parts.netloc.rpartition("@")
-    # a name alone (https://TOKEN@host/) is sent as Basic auth too: it is as secret as a password
-    masked = f"{user.partition(':')[0]}:***@{host}" if parts.password is not None else f"***@{host}"
-    return urlunsplit(parts._replace(netloc=masked))
+    return scrubbed(url, url)
 
 
 def scrubbed(text: str, url: str) -> str:
-    """``text`` (an error, a message) with ``url``'s credentials masked wherever it repeats them: aiohttp
-    puts the whole URL in some of its errors, which land in a GPU's last_error (an outside review)."""
+    """``text`` (an error, a message, the URL itself) with ``url``'s credentials masked wherever it repeats
+    them: aiohttp puts the whole URL in some of its errors, which land in a GPU's last_error (an outside
+    review). A URL that no longer parses (stored before today's checks) leaves ``text`` as it is."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -131,6 +123,7 @@ def scrubbed(text: str, url: str) -> str:
     user, at, _ = parts.netloc.rpartition("@")
     if not at:
         return text
+    # a name alone (https://TOKEN@host/) is sent as Basic auth too: it is as secret as a password
     masked = f"{user.partition(':')[0]}:***@" if parts.password is not None else "***@"
     text = text.replace(f"{user}@", masked)
     if parts.password and len(parts.password) >= 4:  # standing alone (a short one would mask common words)

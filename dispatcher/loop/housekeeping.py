@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 
-from dispatcher.db.agents_gone import take_back_if_unfetched
+from dispatcher.db.agents_gone import take_back_unfetched_of
 from dispatcher.db.attempts import expired_leases, slot_drift
 from dispatcher.db.deferred import claim_due, mark_queued
 from dispatcher.db.gpus import pool_slots, probe_result, probes_due
@@ -123,9 +123,12 @@ class Housekeeping:
             self.signals.slot_freed()  # not a slot, but there is work: look now
 
     async def expire_leases(self) -> None:
-        for task_id, attempt in await self.rt.db(expired_leases, now=self.rt.now()):
-            gpu = await self.rt.db(take_back_if_unfetched, task_id=task_id, attempt=attempt)
-            if gpu is not None:  # its pull agent never fetched it: it waits again, no attempt used
+        leases = await self.rt.db(expired_leases, now=self.rt.now())
+        unfetched = await self.rt.db(take_back_unfetched_of, leases=leases) if leases else {}
+        for task_id, attempt in leases:
+            if (
+                gpu := unfetched.get((task_id, attempt))
+            ) is not None:  # its pull agent never fetched it: it waits again, no attempt used
                 await self.ends.end_attempt(
                     task_id,
                     attempt,
