@@ -158,6 +158,20 @@ def measure(
             for t, freed in zip(samples.turnarounds, samples.freed, strict=True)
             if freed >= started + SETTLED_S
         ),
+        # How many turnarounds passed the p99 target (15 ms), of slots freed in the first second (the first
+        # waves: all slots start together, inside the driver's enqueue burst) and after: what sets the p99.
+        "turnarounds_over_15ms": {
+            "first_s": sum(
+                1
+                for t, freed in zip(samples.turnarounds, samples.freed, strict=True)
+                if t > 0.015 and freed < started + SETTLED_S
+            ),
+            "settled": sum(
+                1
+                for t, freed in zip(samples.turnarounds, samples.freed, strict=True)
+                if t > 0.015 and freed >= started + SETTLED_S
+            ),
+        },
         "turnaround_split_ms": {
             "callback_recorded": summary_ms(samples.recorded),
             "then_next_request": summary_ms(samples.pickup),

@@ -289,8 +289,10 @@ class Dispatcher:
                     message = await channel.next(timeout=1.0)
                     if message is not None and self.agents.on_message(message):
                         continue  # jobs placed on a pull GPU: its polls here look, the loop need not
-                    if message is not None:
-                        self.wake.look_now()  # a slot freed elsewhere, or a job pushed: look
+                    if message in (b"job", "job"):
+                        self.wake.job_pushed()  # take it; look for free slots only if some may be idle
+                    elif message is not None:
+                        self.wake.look_now()  # a slot freed elsewhere (or a cancel, a lost wake-up): look
                         if message in (WAKE_CANCEL, WAKE_CANCEL.encode()):
                             self.cancel_wanted()
             except TRANSIENT as exc:

@@ -125,7 +125,7 @@ class Placing:
         }
         if not (strays or ready or taken):
             await rt.settle(settlement)
-            self._idle(left)
+            self._idle(left, view)
             return rt.intake.set_aside > set_aside
         started = time.perf_counter()
         items, prepared = self.prepare(strays + taken)
@@ -155,11 +155,13 @@ class Placing:
         await rt.settle(settlement)
         if h.standbys is not None and len(h.buffer):
             h.standbys.jobs_waiting()  # bind them to busy slots, if some lack a standby
-        self._idle(left)
+        self._idle(left, view)
         return True
 
-    def _idle(self, left: dict[str, int]) -> None:
-        """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them."""
+    def _idle(self, left: dict[str, int], view: list[GpuFree] | None) -> None:
+        """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them, and
+        a job pushed next is looked for (``Wakeups.job_pushed``)."""
+        self.wake.passed(left, read=view is not None)
         h = self.handoffs
         idle = {p: n for p, n in left.items() if n > 0 and not h.buffer.count(p)}
         if idle and h.standbys is not None:
