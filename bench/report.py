@@ -161,6 +161,16 @@ ROWS = [
         fmt="{:,.2f}",
     ),
     Row(
+        "  turnarounds over 15 ms, of slots freed in the first second",
+        _get("efficiency", "turnarounds_over_15ms", "first_s"),
+        fmt="{:,}",
+    ),
+    Row(
+        "  turnarounds over 15 ms, of slots freed later",
+        _get("efficiency", "turnarounds_over_15ms", "settled"),
+        fmt="{:,}",
+    ),
+    Row(
         "  turnaround p50, part 1: callback until recorded",
         _get("efficiency", "turnaround_split_ms", "callback_recorded", "p50"),
         fmt="{:,.2f}",
