@@ -273,7 +273,7 @@ class Dispatcher:
         try:
             await asyncio.wait_for(self.wake.event.wait(), timeout)
         except TimeoutError:
-            self.wake.look = True  # nothing woke us: look anyway (a wake-up may have been lost)
+            self.wake.look_unannounced()  # nothing woke us: look anyway (a wake-up may have been lost)
 
     async def dispatch_once(self) -> bool:
         """One pass of the loop (see ``Placing.dispatch_once``); False when there was nothing to do."""

@@ -45,6 +45,10 @@ class Placing:
         # jobs up: a race ends after one or two, a standing conflict never does. Not the processing-list
         # element: a job parked and taken again comes back as another element.
         self._races: Counter[tuple[str, int]] = Counter()
+        # This pass counted against its room a job that took no slot (a copy dropped, a known task, a
+        # scheduled job, one our lost commit placed already, a raced claim): ``left`` may call a free slot
+        # taken, so the pass may not tell a job pushed next that nothing is free (``Wakeups.passed``).
+        self._room_unused = False
 
     def prepare(self, taken: list[Taken]) -> tuple[list[tuple[Job, str, str]], Settlement]:
         """Jobs as taken from Redis, checked (``dead_letters.prepare``): what may be placed, and the
@@ -160,12 +164,14 @@ class Placing:
 
     def _idle(self, left: dict[str, int], view: list[GpuFree] | None) -> None:
         """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them, and
-        a job pushed next is looked for (``Wakeups.job_pushed``)."""
-        self.wake.passed(left, read=view is not None)
+        a job pushed next is looked for (``Wakeups.job_pushed``). ``exact``: ``left`` counts every slot the
+        pass leaves free (each job it counted took one)."""
+        exact, self._room_unused = not self._room_unused, False
+        unannounced = self.wake.passed(left, read=view is not None, exact=exact)
         h = self.handoffs
         idle = {p: n for p, n in left.items() if n > 0 and not h.buffer.count(p)}
         if idle and h.standbys is not None:
-            h.standbys.room_idle(idle)
+            h.standbys.room_idle(idle, any_age=unannounced)
 
     async def place_strays(self, strays: list[Taken]) -> None:
         """Jobs found in our processing list that nothing here knew of: looked up before they are placed."""
@@ -214,6 +220,7 @@ class Placing:
             h.buffer.put_back(place)
             self.wake.slot_freed()
             return []
+        self._room_unused |= len(result.placed) < len(place)
         of = {id(r.job): r for r in place}
         was_buffered = {id(r) for r in ready}
         done = self.requests.start(result, {k: r.element for k, r in of.items()}, started)

@@ -34,6 +34,9 @@ class Wakeups:
         # When a pass that read every pool's free slots last left none of them free (None: since then a
         # pass left slots free, or none has read them yet): a job pushed then need not be looked for.
         self._full_since: float | None = None
+        # The next read is one nobody asked for by freeing a slot (the idle poll's, or a push's once the last
+        # full read is IDLE_POLL_SECONDS old): free slots it finds were freed without a word.
+        self._unannounced = False
 
     def slot_freed(self) -> None:
         """Wake this loop to look for free slots now, and every other dispatcher through Redis. A burst of
@@ -72,18 +75,32 @@ class Wakeups:
         wake-up), and a slot freed behind our back (an operator's SQL) is looked for within
         ``IDLE_POLL_SECONDS``, as without pushes."""
         full = self._full_since
-        if full is not None and time.monotonic() - full < self.rt.settings.idle_poll_seconds:
+        if full is None:
+            self.look_now()
+        elif time.monotonic() - full < self.rt.settings.idle_poll_seconds:
             self.event.set()
         else:
-            self.look_now()
+            self.look_unannounced()
 
-    def passed(self, left: Mapping[str, int], *, read: bool) -> None:
+    def look_unannounced(self) -> None:
+        """Look although nothing said a slot was freed (the idle poll, a push after IDLE_POLL_SECONDS)."""
+        self._unannounced = True
+        self.look_now()
+
+    def passed(self, left: Mapping[str, int], *, read: bool, exact: bool = True) -> bool:
         """A pass is over: ``left`` free slots per pool it had nothing for; ``read``: it read every pool's
-        free slots (not only a hand-off's count)."""
-        if any(n > 0 for n in left.values()):
+        free slots (not only a hand-off's count); ``exact`` False: some job counted against that room took
+        no slot (dropped as a copy, scheduled, raced), so ``left`` may call a free slot taken. True when the
+        free slots left were found by a read nobody asked for (``look_unannounced``): jobs bound as standbys
+        meanwhile were bound believing no slot free (``Standbys.room_idle``)."""
+        unannounced = read and self._unannounced
+        if read:
+            self._unannounced = False
+        if not exact or any(n > 0 for n in left.values()):
             self._full_since = None
         elif read:
             self._full_since = time.monotonic()
+        return unannounced
 
     async def _publish(self) -> None:
         try:
