@@ -164,8 +164,8 @@ class Placing:
 
     def _idle(self, left: dict[str, int], view: list[GpuFree] | None) -> None:
         """Free slots this pass had nothing to put on: standbys waiting behind running jobs can take them, and
-        a job pushed next is looked for (``Wakeups.job_pushed``). ``exact``: ``left`` counts every slot the
-        pass leaves free (each job it counted took one)."""
+        a job pushed next is looked for (``Wakeups.job_pushed``), as is one after a pass whose ``left`` may
+        call a free slot taken (``_room_unused``)."""
         exact, self._room_unused = not self._room_unused, False
         unannounced = self.wake.passed(left, read=view is not None, exact=exact)
         h = self.handoffs

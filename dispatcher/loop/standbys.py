@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -151,18 +150,14 @@ class Standbys:
             self._kick.set()
 
     def room_idle(self, idle: dict[str, int], *, any_age: bool = False) -> None:
-        """Free slots a pass had nothing for: standbys bound long ago (behind long jobs) go there.
-        ``any_age``: the slots were freed without a word (an operator's SQL) and found by the idle poll;
-        standbys bound since were bound believing no slot free (a job pushed then skips the read:
-        ``Wakeups.job_pushed``), so any of them goes, not only those over IDLE_TAKE_BACK_SECONDS (a review:
-        a job waited ~1 s beside a free GPU)."""
+        """Free slots a pass had nothing for: standbys bound long ago (behind long jobs) go there, or of any
+        age when no word announced those slots (``Wakeups.passed``; docs/standby.md "Rounds are paced")."""
         if not self.enabled:
             return
-        long_ago = math.inf if any_age else time.monotonic() - IDLE_TAKE_BACK_SECONDS
+        long_ago = time.monotonic() - (0.0 if any_age else IDLE_TAKE_BACK_SECONDS)
         for pool, n in idle.items():
             ours = [s for s in self._by_task.values() if s.bound.pool == pool and s.since <= long_ago]
-            ours.sort(key=lambda s: s.seq)
-            self._overtaken |= {s.bound.job.task_id for s in ours[:n]}
+            self._overtaken |= {s.bound.job.task_id for s in sorted(ours, key=lambda s: s.seq)[:n]}
         if self._overtaken:
             self._kick.set()
 
