@@ -88,6 +88,7 @@ class PrivateMariaDB(_PrivateServer):
 
     def __init__(self) -> None:
         super().__init__("gpuq-mariadb-")
+        (self.dir / "tmp").mkdir()
         subprocess.run(
             [
                 "mariadb-install-db",
@@ -96,6 +97,7 @@ class PrivateMariaDB(_PrivateServer):
                 "--auth-root-authentication-method=normal",
                 "--skip-test-db",
                 "--user=root",
+                f"--tmpdir={self.dir / 'tmp'}",  # its bootstrap server cleans its tmpdir too: see start()
             ],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -119,6 +121,10 @@ class PrivateMariaDB(_PrivateServer):
                 "--skip-grant-tables",
                 "--innodb-buffer-pool-size=64M",
                 f"--pid-file={self.dir / 'pid'}",
+                # its own: at start a server deletes every #sql* file in its tmpdir, which in /tmp were the
+                # live temporary tables of the machine's shared server (CI: "Error on delete of
+                # '/tmp/#sql-temptable-…MAI' (Errcode: 2)" in another test's information_schema query)
+                f"--tmpdir={self.dir / 'tmp'}",
             ],
             self._create_database,
             pymysql.err.OperationalError,

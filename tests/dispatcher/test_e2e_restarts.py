@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -40,7 +43,10 @@ def test_redis_restart_mid_run_loses_nothing(stack):
 
 @pytest.mark.slow
 def test_mariadb_restart_mid_run_loses_nothing(stack):
-    # GIVEN a dispatcher on a private MariaDB with 300 jobs running on 2 GPUs
+    # GIVEN a dispatcher on a private MariaDB with 300 jobs running on 2 GPUs, and a temporary table file of
+    # the machine's shared server in /tmp (where a server's start deletes every #sql* file of its tmpdir)
+    canary = Path(tempfile.gettempdir()) / f"#sql-temptable-gpuq-canary-{os.getpid()}.MAI"
+    canary.touch()
     private = PrivateMariaDB()
     private.start()
     engine = make_engine(private.url, pool_size=2)
@@ -62,6 +68,10 @@ def test_mariadb_restart_mid_run_loses_nothing(stack):
         assert d.proc.poll() is None
         with engine.connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM tasks")).scalar_one() == 300
+        # AND the private server's two starts left the shared server's temporary tables alone (they did not:
+        # another test's query failed with "Error on delete of '/tmp/#sql-temptable-…' (Errcode: 2)")
+        assert canary.exists(), f"a private MariaDB's start deleted {canary}"
     finally:
+        canary.unlink(missing_ok=True)
         engine.dispose()
         private.close()
