@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Text, bindparam, insert, select, text, update
 
 from dispatcher.db.batch import end_attempts, end_final_attempts
 from dispatcher.db.cancels import cancel_running
-from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, PROMOTE_TASKS, promote_params
+from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, promote_params, promote_tasks
 from dispatcher.db.schema import Timestamp, slots, tasks
 from dispatcher.db.snapshot import free_slot
 from dispatcher.db.task_writes import ended, locked_task
@@ -88,7 +88,7 @@ _HISTORY = text(
     " SELECT task_id, attempt, gpu_id, slot_index, started_at, :now, :outcome, :error"
     " FROM tasks WHERE task_id = :task_id"
 ).bindparams(bindparam("now", type_=Timestamp))
-# Gives each slot to its standby, if it has one (db/promote.py); ``PROMOTE_TASKS`` follows it.
+# Gives each slot to its standby, if it has one (db/promote.py); ``promote_tasks``'s statement follows it.
 FREE_MANY = text(f"UPDATE slots SET {PROMOTE_SETS} WHERE task_id IN :ids").bindparams(  # noqa: S608
     bindparam("ids", expanding=True), bindparam("now", type_=Timestamp), bindparam("lease", type_=Timestamp)
 )
@@ -292,8 +292,9 @@ def free_slots(
 ) -> None:
     """Free every slot these tasks hold (their attempts just ended in this transaction): a slot with a
     standby goes to it, for a lease of ``lease_seconds``."""
-    conn.execute(FREE_MANY, {"ids": task_ids} | promote_params(now, lease_seconds))
-    conn.execute(PROMOTE_TASKS, {"now": now})
+    params = promote_params(now, lease_seconds)
+    conn.execute(FREE_MANY, {"ids": task_ids} | params)
+    conn.execute(*promote_tasks(conn, params))
 
 
 def extend_lease(

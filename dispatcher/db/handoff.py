@@ -53,7 +53,7 @@ from dispatcher.db.batch import case_by, end_final_statement, statement
 from dispatcher.db.dispatch import DispatchResult, dispatch
 from dispatcher.db.handoff_claims import FOLD_BYTES, fits, place_fresh
 from dispatcher.db.pipeline import Outcome, may_commit, pipeline
-from dispatcher.db.promote import PROMOTE_SETS, PROMOTE_TASKS, promote_params
+from dispatcher.db.promote import PROMOTE_SETS, promote_params, promote_tasks
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import (
     ENDING_TOTAL,
@@ -278,7 +278,8 @@ def _end_and_free(
     loop. Folded: the end, history, free and snapshot in one round trip; the free, like the history, only
     touches what this transaction ended, so the snapshot after it is right whatever applied. ``more`` go
     out after them, in the same round trip (the rows of the last in ``more_rows``)."""
-    after = [_free_ended(items, now, lease_seconds), (PROMOTE_TASKS, {"now": now}), (SNAPSHOT, {}), *more]
+    free = _free_ended(items, now, lease_seconds)
+    after = [free, promote_tasks(conn, free[1]), (SNAPSHOT, {}), *more]
     folded = (
         _end_folded(conn, items=items, now=now, backoff=backoff, after=after, commit=may_commit(conn))
         if fold

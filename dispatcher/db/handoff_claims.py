@@ -39,7 +39,7 @@ from dispatcher.db.batch import OURS, claim_statement
 from dispatcher.db.dispatch import DispatchResult, Placed, new_row
 from dispatcher.db.engine import naive_utc
 from dispatcher.db.pipeline import may_commit, multi_statements, pipeline
-from dispatcher.db.promote import PROMOTE_TASKS, promote_params
+from dispatcher.db.promote import promote_params, promote_tasks
 from dispatcher.db.schema import Timestamp
 from dispatcher.db.snapshot import EndingView
 from dispatcher.loop.placement import Pick, Placer
@@ -116,8 +116,9 @@ def place_fresh(
         # a drained GPU), and one whose claim failed (its GPU's URL changed since the snapshot: a proposal is
         # not a win). Counting proposals left such a slot held by a finished task for good (an outside
         # review). A slot taken over holds its new task by now, which this does not touch.
-        statements.append((FREE_MANY, {"ids": ending} | promote_params(now, lease_seconds)))
-        statements.append((PROMOTE_TASKS, {"now": now}))
+        promoted = promote_params(now, lease_seconds)
+        statements.append((FREE_MANY, {"ids": ending} | promoted))
+        statements.append(promote_tasks(conn, promoted))
     if proposals:
         statements.append((OURS, {"ids": ids, "dispatcher_id": dispatcher_id, "now": now}))
     ours = len(statements) - 1

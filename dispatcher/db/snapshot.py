@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, text
 
-from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, PROMOTE_TASKS, promote_params
+from dispatcher.db.promote import DEFAULT_LEASE_SECONDS, PROMOTE_SETS, promote_params, promote_tasks
 from dispatcher.db.schema import Timestamp
 from dispatcher.loop.placement import GpuFree
 
@@ -86,7 +86,7 @@ def free_slot(
     params = {"task_id": task_id, "attempt": attempt} | promote_params(now, lease_seconds)
     if conn.execute(_FREE, params).rowcount != 1:
         return False
-    conn.execute(PROMOTE_TASKS, {"now": now})
+    conn.execute(*promote_tasks(conn, params))
     return True
 
 

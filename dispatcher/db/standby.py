@@ -8,7 +8,7 @@ standby is recorded first (design: ``docs/standby.md``):
 - **bind** (``bind``): a dispatcher records a fresh job of the pool on one of *its own* busy slots
   (``slots.next_task_id``/``next_attempt``/``next_dispatcher_id``) and the job's row as ``standby`` with that
   GPU and slot, before anything is sent. A job whose id the database knows is refused there and then.
-- **promote** (``PROMOTE_SETS`` in every statement that frees a slot, then ``PROMOTE_TASKS`` in the same
+- **promote** (``PROMOTE_SETS`` in every statement that frees a slot, then ``promote_tasks`` in the same
   transaction): the slot goes from its holder straight to its standby, with a fresh lease, whoever frees
   it (a callback to another dispatcher, a lease sweep, a confirmed cancel). A slot with a standby therefore
   never passes through "free", so nothing else can be placed on it.
