@@ -11,14 +11,18 @@ the ending attempts count as free, unless a standby waits on them (the standby t
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import Connection, Engine, text
 
-from dispatcher.db.attempts import free_slots
+from dispatcher.db.attempts import FREE_MANY, free_slots
+from dispatcher.db.batch import claim_slots
 from dispatcher.db.engine import init_schema, make_engine, utcnow
+from dispatcher.db.promote import promote_params, promote_tasks
 from dispatcher.db.snapshot import EndingView, snapshot, snapshot_ending
 from dispatcher.loop.placement import GpuFree
 
@@ -197,14 +201,98 @@ def test_a_free_promotes_its_standbys_reading_their_slots_not_every_standby(data
             free_slots(conn, task_ids=ending, now=utcnow())
             reads = _rows_read(conn) - before
             conn.commit()
-            holders = dict(
-                conn.execute(
-                    text("SELECT task_id, state FROM tasks WHERE task_id IN (SELECT task_id FROM slots)")
-                ).all()
+            rows = conn.execute(
+                text("SELECT task_id, state FROM tasks WHERE task_id IN (SELECT task_id FROM slots)")
             )
+            holders: dict[str, str] = {r.task_id: r.state for r in rows}
             standby = conn.execute(text("SELECT COUNT(*) FROM tasks WHERE state = 'standby'")).scalar_one()
         assert holders["ng010-0"] == holders["ng200-3"] == "processing"
         assert "standby" not in holders.values() and standby == 1022
         assert reads < 100, f"{reads} rows read to free two slots and promote their standbys (1,024 standbys)"
+    finally:
+        engine.dispose()
+
+
+def test_a_hand_off_promoting_beside_another_dispatchers_free_waits_and_does_not_deadlock(
+    database_url: str,
+) -> None:
+    """An outside review's reproduction. Dispatcher B has freed a slot (its standby n-b now holds it) and not yet
+    promoted; dispatcher A's hand-off claims nine fresh slots with the same lease as its free, then frees its
+    ended attempt. Left to the planner, A's promotion started from the tasks (more slots with its lease than
+    standby rows), locked n-b and waited for B's slot: B's promotion then deadlocked. Slots first, A's
+    promotion touches only its own slots, and both commit."""
+    engine = make_engine(database_url)
+    init_schema(engine)
+    now = datetime(2026, 12, 5, 0, 0, 0, 123456)
+    lease = now + timedelta(seconds=900)
+    try:
+        # and a busy fleet beside them (800 slots, each with its own lease), as MariaDB's plans need
+        gpus = [Gpu("g0", "default", 10, "active", True), Gpu("gB", "default", 1, "active", True)]
+        gpus += [Gpu(f"x{i:03d}", "default", 4, "active", True) for i in range(200)]
+        slots = [Slot("g0", 0, "HA", None), *(Slot("g0", i, None, None) for i in range(1, 10))]
+        slots.append(Slot("gB", 0, "HB", "n-b"))
+        slots += [Slot(f"x{k // 4:03d}", k % 4, f"busy{k}", None) for k in range(800)]
+        states = [("HA", "finished"), ("HB", "finished"), ("n-b", "standby")]
+        states += [(f"busy{k}", "processing") for k in range(800)]
+        with engine.begin() as conn:
+            _load(conn, gpus, slots)
+            conn.execute(
+                text("UPDATE slots SET lease_expires_at = :lease WHERE task_id IN ('HA', 'HB')"),
+                {"lease": now},
+            )
+            conn.execute(
+                text(
+                    "UPDATE slots SET lease_expires_at = TIMESTAMPADD(SECOND, slot_index + 4 *"
+                    " CAST(SUBSTRING(gpu_id, 2) AS UNSIGNED), :now) WHERE gpu_id LIKE 'x%'"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO tasks (task_id, queue, state, type, data, attempt, max_attempts, created_at,"
+                    " updated_at) VALUES (:task_id, 'q', :state, 'x', '{}', 1, 3, :now, :now)"
+                ),
+                [{"task_id": t, "state": state, "now": now} for t, state in states],
+            )
+            conn.execute(text("ANALYZE TABLE slots, tasks"))
+        a, b = engine.connect(), engine.connect()
+        outcome: dict[str, object] = {}
+        try:
+            for conn in (a, b):
+                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 10")
+                conn.commit()
+            b_params = promote_params(now + timedelta(microseconds=7), 900)
+            b.execute(FREE_MANY, {"ids": ["HB"]} | b_params)  # B: the free, its promotion not yet sent
+            picks = [{"gpu_id": "g0", "slot_index": i, "task_id": f"new{i}", "attempt": 1} for i in range(9)]
+            claimed = claim_slots(a, picks=picks, now=now, lease=lease, dispatcher_id="A", takeover=["HA"])
+            assert len(claimed) == 9
+
+            def a_frees() -> None:
+                try:
+                    free_slots(a, task_ids=["HA"], now=now, lease_seconds=900)
+                    a.commit()
+                    outcome["A"] = "committed"
+                except Exception as exc:  # the deadlock victim, or a lock wait timeout
+                    outcome["A"] = exc
+
+            worker = threading.Thread(target=a_frees)
+            worker.start()
+            worker.join(0.5)  # A's promotion runs (or, as it was, waits on B's slot holding n-b's lock)
+            try:
+                b.execute(*promote_tasks(b, b_params))
+                b.commit()
+                outcome["B"] = "committed"
+            except Exception as exc:
+                outcome["B"] = exc
+            worker.join(15)
+        finally:
+            for conn in (a, b):
+                conn.invalidate()  # whatever failed, no lock outlives the test (the database is dropped next)
+        assert outcome == {"A": "committed", "B": "committed"}, outcome
+        with engine.connect() as conn:
+            assert (
+                conn.execute(text("SELECT state FROM tasks WHERE task_id = 'n-b'")).scalar_one()
+                == "processing"
+            )
     finally:
         engine.dispose()
