@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -21,10 +21,11 @@ from sqlalchemy import Connection, Engine, text
 
 from dispatcher.db.attempts import FREE_MANY, free_slots
 from dispatcher.db.batch import claim_slots
-from dispatcher.db.engine import init_schema, make_engine, utcnow
+from dispatcher.db.engine import utcnow
 from dispatcher.db.promote import promote_params, promote_tasks
 from dispatcher.db.snapshot import EndingView, snapshot, snapshot_ending
 from dispatcher.loop.placement import GpuFree
+from tests.dispatcher.helpers import fleet
 
 NOW = "2026-12-05 00:00:00"
 
@@ -71,6 +72,17 @@ def _load(conn: Connection, gpus: list[Gpu], slots: list[Slot]) -> None:
     )
 
 
+def _add_tasks(conn: Connection, states: Sequence[tuple[str | None, str]]) -> None:
+    """Task rows (first attempts) for the ids of ``(task_id, state)``."""
+    conn.execute(
+        text(
+            "INSERT INTO tasks (task_id, queue, state, type, data, attempt, max_attempts, created_at,"
+            " updated_at) VALUES (:task_id, 'q', :state, 'x', '{}', 1, 3, :now, :now)"
+        ),
+        [{"task_id": task_id, "state": state, "now": NOW} for task_id, state in states],
+    )
+
+
 def _random_fleet(rnd: random.Random, free_share: float) -> tuple[list[Gpu], list[Slot]]:
     """GPUs of two pools, some drained or unhealthy, some with slot rows past their count (a GPU given fewer
     slots while busy), busy slots of which some have a standby waiting."""
@@ -114,12 +126,15 @@ def _expected(gpus: list[Gpu], slots: list[Slot], ending: set[str] | None = None
 
 @pytest.fixture
 def engine(any_database_url: str) -> Iterator[Engine]:
-    engine = make_engine(any_database_url)
-    init_schema(engine)
-    try:
+    with fleet(any_database_url, {}) as engine:
         yield engine
-    finally:
-        engine.dispose()
+
+
+@pytest.fixture
+def maria(database_url: str) -> Iterator[Engine]:
+    """For the tests that count MariaDB's row reads or take its row locks."""
+    with fleet(database_url, {}) as engine:
+        yield engine
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -143,156 +158,129 @@ def _rows_read(conn: Connection) -> int:
     return sum(int(r[1]) for r in conn.execute(text("SHOW SESSION STATUS LIKE 'Handler_read%'")))
 
 
-def test_on_a_saturated_fleet_the_reads_cost_its_free_slots_not_all_its_slots(database_url: str) -> None:
+def test_on_a_saturated_fleet_the_reads_cost_its_free_slots_not_all_its_slots(maria: Engine) -> None:
     """256 GPUs x 4, every slot busy but one: reading all 1,024 slots (as it was) took ~3,000 row reads and
     8 ms of MariaDB per read in the scale-out run; the GPUs without a candidate slot are not to be read."""
-    engine = make_engine(database_url)
-    init_schema(engine)
-    try:
-        gpus = [Gpu(f"g{i:03d}", "default", 4, "active", True) for i in range(256)]
-        slots = [
-            Slot(g.gpu_id, j, None if (g.gpu_id, j) == ("g100", 2) else f"t{g.gpu_id}-{j}", None)
-            for g in gpus
-            for j in range(4)
-        ]
-        with engine.begin() as conn:
-            _load(conn, gpus, slots)
-            conn.execute(text("ANALYZE TABLE slots, gpus"))
-        with engine.connect() as conn:
-            before = _rows_read(conn)
-            plain = snapshot(conn)
-            plain_reads = _rows_read(conn) - before
-            before = _rows_read(conn)
-            view = snapshot_ending(conn, ending=["tg007-1"])
-            ending_reads = _rows_read(conn) - before
-        assert [(g.gpu_id, g.free) for g in plain] == [("g100", (2,))]
-        assert sorted((g.gpu_id, g.free) for g in view.gpus) == [("g007", (1,)), ("g100", (2,))]
-        assert plain_reads < 100 and ending_reads < 200, (
-            f"row reads: {plain_reads} for the plain read, {ending_reads} for the hand-off's (1,024 slots)"
-        )
-    finally:
-        engine.dispose()
+    gpus = [Gpu(f"g{i:03d}", "default", 4, "active", True) for i in range(256)]
+    slots = [
+        Slot(g.gpu_id, j, None if (g.gpu_id, j) == ("g100", 2) else f"t{g.gpu_id}-{j}", None)
+        for g in gpus
+        for j in range(4)
+    ]
+    with maria.begin() as conn:
+        _load(conn, gpus, slots)
+        conn.execute(text("ANALYZE TABLE slots, gpus"))
+    with maria.connect() as conn:
+        before = _rows_read(conn)
+        plain = snapshot(conn)
+        plain_reads = _rows_read(conn) - before
+        before = _rows_read(conn)
+        view = snapshot_ending(conn, ending=["tg007-1"])
+        ending_reads = _rows_read(conn) - before
+    assert [(g.gpu_id, g.free) for g in plain] == [("g100", (2,))]
+    assert sorted((g.gpu_id, g.free) for g in view.gpus) == [("g007", (1,)), ("g100", (2,))]
+    assert plain_reads < 100 and ending_reads < 200, (
+        f"row reads: {plain_reads} for the plain read, {ending_reads} for the hand-off's (1,024 slots)"
+    )
 
 
-def test_a_free_promotes_its_standbys_reading_their_slots_not_every_standby(database_url: str) -> None:
+def test_a_free_promotes_its_standbys_reading_their_slots_not_every_standby(maria: Engine) -> None:
     """256 GPUs x 4, every slot busy with a standby bound behind it; two slots are freed. Their two standbys
     are promoted (processing, holding the slots), the 1,022 others stay standby, and the promotion does not
     read every standby row: it read ~3,000 rows per free here (as many as 400 per free in the efficiency run,
     MariaDB's largest statement)."""
-    engine = make_engine(database_url)
-    init_schema(engine)
-    try:
-        gpus = [Gpu(f"g{i:03d}", "default", 4, "active", True) for i in range(256)]
-        slots = [Slot(g.gpu_id, j, f"t{g.gpu_id}-{j}", f"n{g.gpu_id}-{j}") for g in gpus for j in range(4)]
-        with engine.begin() as conn:
-            _load(conn, gpus, slots)
-            conn.execute(
-                text(
-                    "INSERT INTO tasks (task_id, queue, state, type, data, attempt, max_attempts, created_at,"
-                    " updated_at) VALUES (:task_id, 'q', :state, 'x', '{}', 1, 3, :now, :now)"
-                ),
-                [{"task_id": s.task_id, "state": "processing", "now": NOW} for s in slots]
-                + [{"task_id": s.next_task_id, "state": "standby", "now": NOW} for s in slots],
-            )
-            conn.execute(text("ANALYZE TABLE slots, tasks"))
-        ending = ["tg010-0", "tg200-3"]
-        with engine.connect() as conn:
-            before = _rows_read(conn)
-            free_slots(conn, task_ids=ending, now=utcnow())
-            reads = _rows_read(conn) - before
-            conn.commit()
-            rows = conn.execute(
-                text("SELECT task_id, state FROM tasks WHERE task_id IN (SELECT task_id FROM slots)")
-            )
-            holders: dict[str, str] = {r.task_id: r.state for r in rows}
-            standby = conn.execute(text("SELECT COUNT(*) FROM tasks WHERE state = 'standby'")).scalar_one()
-        assert holders["ng010-0"] == holders["ng200-3"] == "processing"
-        assert "standby" not in holders.values() and standby == 1022
-        assert reads < 100, f"{reads} rows read to free two slots and promote their standbys (1,024 standbys)"
-    finally:
-        engine.dispose()
+    gpus = [Gpu(f"g{i:03d}", "default", 4, "active", True) for i in range(256)]
+    slots = [Slot(g.gpu_id, j, f"t{g.gpu_id}-{j}", f"n{g.gpu_id}-{j}") for g in gpus for j in range(4)]
+    with maria.begin() as conn:
+        _load(conn, gpus, slots)
+        _add_tasks(
+            conn, [(s.task_id, "processing") for s in slots] + [(s.next_task_id, "standby") for s in slots]
+        )
+        conn.execute(text("ANALYZE TABLE slots, tasks"))
+    ending = ["tg010-0", "tg200-3"]
+    with maria.connect() as conn:
+        before = _rows_read(conn)
+        free_slots(conn, task_ids=ending, now=utcnow())
+        reads = _rows_read(conn) - before
+        conn.commit()
+        rows = conn.execute(
+            text("SELECT task_id, state FROM tasks WHERE task_id IN (SELECT task_id FROM slots)")
+        )
+        holders: dict[str, str] = {r.task_id: r.state for r in rows}
+        standby = conn.execute(text("SELECT COUNT(*) FROM tasks WHERE state = 'standby'")).scalar_one()
+    assert holders["ng010-0"] == holders["ng200-3"] == "processing"
+    assert "standby" not in holders.values() and standby == 1022
+    assert reads < 100, f"{reads} rows read to free two slots and promote their standbys (1,024 standbys)"
 
 
 def test_a_hand_off_promoting_beside_another_dispatchers_free_waits_and_does_not_deadlock(
-    database_url: str,
+    maria: Engine,
 ) -> None:
     """An outside review's reproduction. Dispatcher B has freed a slot (its standby n-b now holds it) and not yet
     promoted; dispatcher A's hand-off claims nine fresh slots with the same lease as its free, then frees its
     ended attempt. Left to the planner, A's promotion started from the tasks (more slots with its lease than
     standby rows), locked n-b and waited for B's slot: B's promotion then deadlocked. Slots first, A's
     promotion touches only its own slots, and both commit."""
-    engine = make_engine(database_url)
-    init_schema(engine)
     now = datetime(2026, 12, 5, 0, 0, 0, 123456)
     lease = now + timedelta(seconds=900)
+    # and a busy fleet beside them (800 slots, each with its own lease), as MariaDB's plans need
+    gpus = [Gpu("g0", "default", 10, "active", True), Gpu("gB", "default", 1, "active", True)]
+    gpus += [Gpu(f"x{i:03d}", "default", 4, "active", True) for i in range(200)]
+    slots = [Slot("g0", 0, "HA", None), *(Slot("g0", i, None, None) for i in range(1, 10))]
+    slots.append(Slot("gB", 0, "HB", "n-b"))
+    slots += [Slot(f"x{k // 4:03d}", k % 4, f"busy{k}", None) for k in range(800)]
+    states = [("HA", "finished"), ("HB", "finished"), ("n-b", "standby")]
+    states += [(f"busy{k}", "processing") for k in range(800)]
+    with maria.begin() as conn:
+        _load(conn, gpus, slots)
+        conn.execute(
+            text("UPDATE slots SET lease_expires_at = :lease WHERE task_id IN ('HA', 'HB')"),
+            {"lease": now},
+        )
+        conn.execute(
+            text(
+                "UPDATE slots SET lease_expires_at = TIMESTAMPADD(SECOND, slot_index + 4 *"
+                " CAST(SUBSTRING(gpu_id, 2) AS UNSIGNED), :now) WHERE gpu_id LIKE 'x%'"
+            ),
+            {"now": now},
+        )
+        _add_tasks(conn, states)
+        conn.execute(text("ANALYZE TABLE slots, tasks"))
+    a, b = maria.connect(), maria.connect()
+    outcome: dict[str, object] = {}
     try:
-        # and a busy fleet beside them (800 slots, each with its own lease), as MariaDB's plans need
-        gpus = [Gpu("g0", "default", 10, "active", True), Gpu("gB", "default", 1, "active", True)]
-        gpus += [Gpu(f"x{i:03d}", "default", 4, "active", True) for i in range(200)]
-        slots = [Slot("g0", 0, "HA", None), *(Slot("g0", i, None, None) for i in range(1, 10))]
-        slots.append(Slot("gB", 0, "HB", "n-b"))
-        slots += [Slot(f"x{k // 4:03d}", k % 4, f"busy{k}", None) for k in range(800)]
-        states = [("HA", "finished"), ("HB", "finished"), ("n-b", "standby")]
-        states += [(f"busy{k}", "processing") for k in range(800)]
-        with engine.begin() as conn:
-            _load(conn, gpus, slots)
-            conn.execute(
-                text("UPDATE slots SET lease_expires_at = :lease WHERE task_id IN ('HA', 'HB')"),
-                {"lease": now},
-            )
-            conn.execute(
-                text(
-                    "UPDATE slots SET lease_expires_at = TIMESTAMPADD(SECOND, slot_index + 4 *"
-                    " CAST(SUBSTRING(gpu_id, 2) AS UNSIGNED), :now) WHERE gpu_id LIKE 'x%'"
-                ),
-                {"now": now},
-            )
-            conn.execute(
-                text(
-                    "INSERT INTO tasks (task_id, queue, state, type, data, attempt, max_attempts, created_at,"
-                    " updated_at) VALUES (:task_id, 'q', :state, 'x', '{}', 1, 3, :now, :now)"
-                ),
-                [{"task_id": t, "state": state, "now": now} for t, state in states],
-            )
-            conn.execute(text("ANALYZE TABLE slots, tasks"))
-        a, b = engine.connect(), engine.connect()
-        outcome: dict[str, object] = {}
-        try:
-            for conn in (a, b):
-                conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 10")
-                conn.commit()
-            b_params = promote_params(now + timedelta(microseconds=7), 900)
-            b.execute(FREE_MANY, {"ids": ["HB"]} | b_params)  # B: the free, its promotion not yet sent
-            picks = [{"gpu_id": "g0", "slot_index": i, "task_id": f"new{i}", "attempt": 1} for i in range(9)]
-            claimed = claim_slots(a, picks=picks, now=now, lease=lease, dispatcher_id="A", takeover=["HA"])
-            assert len(claimed) == 9
+        for conn in (a, b):
+            conn.exec_driver_sql("SET SESSION innodb_lock_wait_timeout = 10")
+            conn.commit()
+        b_params = promote_params(now + timedelta(microseconds=7), 900)
+        b.execute(FREE_MANY, {"ids": ["HB"]} | b_params)  # B: the free, its promotion not yet sent
+        picks = [{"gpu_id": "g0", "slot_index": i, "task_id": f"new{i}", "attempt": 1} for i in range(9)]
+        claimed = claim_slots(a, picks=picks, now=now, lease=lease, dispatcher_id="A", takeover=["HA"])
+        assert len(claimed) == 9
 
-            def a_frees() -> None:
-                try:
-                    free_slots(a, task_ids=["HA"], now=now, lease_seconds=900)
-                    a.commit()
-                    outcome["A"] = "committed"
-                except Exception as exc:  # the deadlock victim, or a lock wait timeout
-                    outcome["A"] = exc
-
-            worker = threading.Thread(target=a_frees)
-            worker.start()
-            worker.join(0.5)  # A's promotion runs (or, as it was, waits on B's slot holding n-b's lock)
+        def a_frees() -> None:
             try:
-                b.execute(*promote_tasks(b, b_params))
-                b.commit()
-                outcome["B"] = "committed"
-            except Exception as exc:
-                outcome["B"] = exc
-            worker.join(15)
-        finally:
-            for conn in (a, b):
-                conn.invalidate()  # whatever failed, no lock outlives the test (the database is dropped next)
-        assert outcome == {"A": "committed", "B": "committed"}, outcome
-        with engine.connect() as conn:
-            assert (
-                conn.execute(text("SELECT state FROM tasks WHERE task_id = 'n-b'")).scalar_one()
-                == "processing"
-            )
+                free_slots(a, task_ids=["HA"], now=now, lease_seconds=900)
+                a.commit()
+                outcome["A"] = "committed"
+            except Exception as exc:  # the deadlock victim, or a lock wait timeout
+                outcome["A"] = exc
+
+        worker = threading.Thread(target=a_frees)
+        worker.start()
+        worker.join(0.5)  # A's promotion runs (or, as it was, waits on B's slot holding n-b's lock)
+        try:
+            b.execute(*promote_tasks(b, b_params))
+            b.commit()
+            outcome["B"] = "committed"
+        except Exception as exc:
+            outcome["B"] = exc
+        worker.join(15)
     finally:
-        engine.dispose()
+        for conn in (a, b):
+            conn.invalidate()  # whatever failed, no lock outlives the test (the database is dropped next)
+    assert outcome == {"A": "committed", "B": "committed"}, outcome
+    with maria.connect() as conn:
+        assert (
+            conn.execute(text("SELECT state FROM tasks WHERE task_id = 'n-b'")).scalar_one() == "processing"
+        )
