@@ -3,9 +3,10 @@
 GPU's callbacks reach.
 
 Publishing sits on the hot path (one event per dispatch and per callback), so it never waits for Redis and
-never reads the database: events go into a buffer, and one background flush at a time sends the buffer as
-one pipeline of PUBLISHes. Events are best-effort (an event lost while Redis is away is not replayed): a
-listener reads the task's state from the database first, and again when the stream has been quiet.
+never reads the database: events go into a buffer, and one background flush at a time sends the buffer in
+script calls of ``PUBLISH_ALL`` (a pipeline of PUBLISHes on a cluster). Events are best-effort (an event
+lost while Redis is away is not replayed): a listener reads the task's state from the database first, and
+again when the stream has been quiet.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from producer.keys import Keys
 
 log = logging.getLogger("gpuq.events")
 
-#: Events sent in one pipeline at most.
+#: Events sent in one call at most.
 _BATCH = 500
-#: How long the first event of a buffer waits for others to share its round trip, s: each round trip is
-#: ~0.1 ms of the event loop's CPU (redis-py), and a listener's stream is late by this much at most.
-LINGER = 0.004
+#: Bytes of payload sent in one call at most (an event larger goes alone). One script runs all its
+#: PUBLISHes before Redis writes to any subscriber, so a call's messages pile up in a subscriber's output
+#: buffer at once, and past its limit (``client-output-buffer-limit pubsub``, 32 MB by default) Redis drops
+#: that subscriber: every stream of a dispatcher's event hub. ``finished`` carries results up to 8 MiB; a
+#: review lost a burst of 40 x 1 MB that way. Between calls Redis flushes.
+_BATCH_BYTES = 1 << 20
 #: A batch's PUBLISHes as one script call (ARGV: channel, payload, channel, payload, ...). redis-py packs
 #: and parses each command of a pipeline on the event loop, ~20 us a command on a 2-core VM: 20 events
 #: cost 0.49 ms pipelined, 0.14 ms as this script; events were ~8 % of the dispatcher's CPU. The script
@@ -110,9 +114,8 @@ class EventPublisher:
 
     async def _flush(self) -> None:
         try:
-            await asyncio.sleep(LINGER)
             while self._pending:
-                batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+                batch = self._take_batch()
                 try:
                     await self._deliver(batch)
                 finally:
@@ -120,6 +123,17 @@ class EventPublisher:
                     self._release(self._sent)
         finally:
             self._flushing = False
+
+    def _take_batch(self) -> list[tuple[str, bytes]]:
+        """The buffer's first events, within ``_BATCH`` and ``_BATCH_BYTES`` (one at least)."""
+        size, n = 0, 0
+        for _, payload in self._pending[:_BATCH]:
+            size += len(payload)
+            if n and size > _BATCH_BYTES:
+                break
+            n += 1
+        batch, self._pending = self._pending[:n], self._pending[n:]
+        return batch
 
     def _release(self, sent: int) -> None:
         """Wake the ``publish_in_order`` callers whose events are all out (sent or lost)."""

@@ -1,12 +1,13 @@
-"""``EventPublisher`` on one Redis: a buffer's events go out as one script call (``PUBLISH_ALL``), after a short
-linger. What a listener must still get: every event, each task's in the order published, payloads byte for
-byte (odd characters too), batches past ``_BATCH`` in full, and ``publish_in_order`` returning only once its
-events are out."""
+"""``EventPublisher`` on one Redis: a buffer's events go out as script calls (``PUBLISH_ALL``). What a listener
+must still get: every event, each task's in the order published, payloads byte for byte (odd characters
+too), batches past ``_BATCH`` in full, a burst of large results without its subscription dropped, events
+in order with ``publish_now``, and ``publish_in_order`` returning only once its events are out."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from typing import Any
 
@@ -100,4 +101,61 @@ def test_publish_in_order_returns_once_its_events_are_out(
         await client.aclose()
 
     asyncio.run(run())
+    sub.close()
+
+
+def test_a_burst_of_large_results_keeps_the_subscription(
+    redis_url: str, key_prefix: str, rds: redis.Redis
+) -> None:
+    """40 ``finished`` events of 1 MB each, read as fast as one subscriber connection can (as the event
+    hub's): all arrive. One script of all 40 put 40 MB in the subscriber's output buffer at once, past
+    Redis's 32 MB pubsub limit, and Redis dropped the connection (0 of 40, an outside review)."""
+    keys = Keys(prefix=key_prefix)
+    tasks = [f"t-{i}" for i in range(40)]
+    sub = rds.pubsub()
+    sub.subscribe(*(keys.task_events(t) for t in tasks))
+    for _ in tasks:
+        sub.get_message(timeout=1)
+    got: list[tuple[str, dict[str, Any]]] = []
+    errors: list[Exception] = []
+
+    def read() -> None:
+        try:
+            got.extend(_drain(sub, len(tasks), timeout=30))
+        except Exception as exc:  # the connection dropped: the test fails below, naming it
+            errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    result = {"text": "x" * 1_000_000}
+    sent = _publish(redis_url, keys, [("finished", t, {"result": result}) for t in tasks])
+    reader.join(40)
+    sub.close()
+    assert not errors
+    assert [e["task_id"] for _, e in got] == tasks
+    assert all(e["result"] == result for _, e in got)
+    assert sent == len(tasks)  # one call each: _BATCH_BYTES holds one such event
+
+
+def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str, rds: redis.Redis) -> None:
+    """``dispatched`` through the buffer, then the GPU's first ``partial`` (``publish_now``) 2 ms later: a
+    listener sees them in that order (a 4 ms linger on the buffer once let the partial overtake it)."""
+    keys = Keys(prefix=key_prefix)
+    sub = rds.pubsub()
+    sub.subscribe(keys.task_events("t-1"))
+    sub.get_message(timeout=1)
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        work: list[asyncio.Future[None]] = []
+        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events.publish("dispatched", "t-1", attempt=1)
+        await asyncio.sleep(0.002)
+        await events.publish_now("partial", "t-1", attempt=1, partial={"text": "he"})
+        while work:
+            await work.pop()
+        await client.aclose()
+
+    asyncio.run(run())
+    assert [e["event"] for _, e in _drain(sub, 2, timeout=5)] == ["dispatched", "partial"]
     sub.close()
