@@ -81,6 +81,8 @@ class HotThread:
         ]
         self._closed = False
         self._lock = threading.Lock()
+        self._tried = 0  # threads that have tried their first connect
+        self._opened = threading.Event()  # set once all of them have
         self.reconnects = 0  # connections opened again after one was lost (tests, logs)
         # Transactions committed and the round trips they took, COMMIT included (issue 12; bench, tests).
         self.transactions = 0
@@ -90,6 +92,16 @@ class HotThread:
     def start(self) -> None:
         for thread in self._threads:
             thread.start()
+
+    async def opened(self, timeout: float = 15.0) -> None:
+        """Wait until every thread has tried to open its connection (``start`` has them begin at once).
+
+        Why at start: a thread's first connection also runs SQLAlchemy's first-connect set-up of the hot
+        engine (server version, sql_mode, character set: several round trips and ~25 ms of Python). Made
+        by the first callback's batch, it ran with the GIL beside the loop while a fleet that started
+        together called back all at once: the first wave's transaction took ~60 ms (bench/RESULTS.md).
+        A connect that fails here is only logged; the first transaction connects, as after a lost one."""
+        await asyncio.to_thread(self._opened.wait, timeout)
 
     async def run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         """``fn(conn, **kwargs)`` in one transaction on one of the threads' connections."""
@@ -117,6 +129,7 @@ class HotThread:
 
     def _main(self) -> None:
         held = _Held()
+        self._open_early(held)
         try:
             while (work := self._queue.get()) is not None:
                 fn, kwargs, future, loop, done = work
@@ -131,6 +144,21 @@ class HotThread:
                     continue
         finally:
             self._drop(held)
+
+    def _open_early(self, held: _Held) -> None:
+        """This thread's connection before any work comes (see ``opened``)."""
+        try:
+            held.conn = self.own_engine.connect()
+        except Exception as exc:  # the store is down at start: the first transaction tries again
+            log.warning(
+                "the hot database thread could not connect at start; it will at its first transaction",
+                extra={"action": "db_hot_connect", "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+        finally:
+            with self._lock:
+                self._tried += 1
+                if self._tried == self.workers:
+                    self._opened.set()
 
     def _transaction(
         self,
@@ -201,7 +229,7 @@ class _Signal:
 
 
 class _Held:
-    """One thread's connection (None until its first transaction, and after one was lost)."""
+    """One thread's connection (None until it connected, and after one was lost)."""
 
     __slots__ = ("conn",)
 

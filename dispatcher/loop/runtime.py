@@ -284,3 +284,4 @@ class Runtime:
         await self._start_journal()
         await self.intake.heartbeat()
         await self.intake.sweep_dead()
+        await self.hot.opened()  # connecting since ``hot.start`` above: before the first callback, not in it

@@ -332,3 +332,48 @@ def test_a_second_cue_of_a_batch_does_not_release_the_next_batchs_turn() -> None
     events = asyncio.run(main())
     assert events.index("A cued again") < events.index("C starts")
     assert events.index("B cued") < events.index("C starts")
+
+
+def test_the_threads_connect_at_start_so_the_first_transaction_opens_nothing(
+    engine: Engine, any_database_url: str
+) -> None:
+    """The hot engine's first connect (and SQLAlchemy's first-connect set-up) is made before any work comes:
+    made in the first callback's batch, it held the GIL beside the loop during the first wave."""
+    from sqlalchemy import event
+
+    workers = 1 if any_database_url.startswith("sqlite") else 2
+
+    async def main() -> None:
+        hot = HotThread(engine, workers=workers)
+        hot.start()
+        try:
+            await asyncio.wait_for(hot.opened(), 30)
+            assert hot.own_engine.pool.checkedout() == workers  # type: ignore[attr-defined]
+            connects: list[object] = []
+            event.listen(hot.own_engine, "connect", lambda *_: connects.append(1))
+            assert await hot.run(Bump(kill=False)) == 1
+            assert connects == []
+        finally:
+            await hot.close()
+        assert hot.own_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_a_store_down_at_start_does_not_hold_up_the_start(caplog: pytest.LogCaptureFixture) -> None:
+    down = make_engine("mysql+pymysql://root@127.0.0.1:1/nothing", pool_size=1)
+
+    async def main() -> None:
+        hot = HotThread(down, attempts=2)
+        hot.start()
+        try:
+            await asyncio.wait_for(hot.opened(), 30)  # tried and failed: not the 15 s wait
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(hot.run(lambda conn: None), 60)
+        finally:
+            await hot.close()
+
+    with caplog.at_level("WARNING", logger="gpuq.db"):
+        asyncio.run(main())
+    down.dispose()
+    assert any(getattr(r, "action", None) == "db_hot_connect" for r in caplog.records)
