@@ -50,6 +50,9 @@ return #ARGV / 2
 """
 #: On a Redis Cluster (no pipelined PUBLISH): events sent at once at most.
 _CLUSTER_CONCURRENCY = 32
+#: ``publish_now`` waits this long at most for the events before its own to reach Redis (a callback's answer
+#: waits on it; the client's socket timeout bounds a Redis that hangs).
+NOW_WAIT_SECONDS = 2.0
 #: Event names that end a task's stream.
 FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
@@ -89,13 +92,12 @@ class EventPublisher:
             self._spawn(self._flush())
 
     async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
-        """Publish one event and return once Redis has it. For partial output: the GPU sends its next
-        partial after our answer, maybe to another dispatcher process, whose PUBLISH must come after ours."""
-        payload = encode(event(name, task_id, **fields))
-        try:
-            await self.redis.publish(self.keys.task_events(task_id), payload)
-        except (RedisError, RedisClusterException, OSError) as exc:
-            log.warning("task event not published", extra={"action": "events", "lost": 1, "error": str(exc)})
+        """Publish one event and return once Redis has it (or it was given up on, or after
+        ``NOW_WAIT_SECONDS``). For partial output: the GPU sends its next partial after our answer, maybe to
+        another dispatcher process, whose PUBLISH must come after ours. It goes behind the buffer, not
+        beside it: a PUBLISH of its own on another pooled connection overtook a ``dispatched`` still in the
+        buffer's first script call (a fresh-clone CI run)."""
+        await self.publish_in_order([(name, task_id, fields)], wait=NOW_WAIT_SECONDS)
 
     async def publish_in_order(self, items: list[tuple[str, str, dict[str, Any]]], *, wait: float) -> None:
         """Queue (name, task id, fields) events behind every event published before, and return once they

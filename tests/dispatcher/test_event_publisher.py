@@ -138,8 +138,10 @@ def test_a_burst_of_large_results_keeps_the_subscription(
 
 
 def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str, rds: redis.Redis) -> None:
-    """``dispatched`` through the buffer, then the GPU's first ``partial`` (``publish_now``) 2 ms later: a
-    listener sees them in that order (a 4 ms linger on the buffer once let the partial overtake it)."""
+    """``dispatched`` through the buffer, then the GPU's first ``partial`` (``publish_now``) while the buffer's
+    script call is still on its way (held 50 ms here; a busy CI box held it past 2 ms): a listener sees them in
+    that order. A linger on the buffer, then a PUBLISH of publish_now's own on another pooled connection, let
+    the partial overtake it."""
     keys = Keys(prefix=key_prefix)
     sub = rds.pubsub()
     sub.subscribe(keys.task_events("t-1"))
@@ -149,6 +151,13 @@ def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str,
         client = Redis.from_url(redis_url)
         work: list[asyncio.Future[None]] = []
         events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        original = events._publish_all
+
+        async def slow(**kwargs: Any) -> Any:
+            await asyncio.sleep(0.05)
+            return await original(**kwargs)
+
+        events._publish_all = slow  # type: ignore[method-assign]
         events.publish("dispatched", "t-1", attempt=1)
         await asyncio.sleep(0.002)
         await events.publish_now("partial", "t-1", attempt=1, partial={"text": "he"})
@@ -158,4 +167,27 @@ def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str,
 
     asyncio.run(run())
     assert [e["event"] for _, e in _drain(sub, 2, timeout=5)] == ["dispatched", "partial"]
+    sub.close()
+
+
+def test_publish_now_returns_once_redis_has_it(redis_url: str, key_prefix: str, rds: redis.Redis) -> None:
+    """The caller answers the GPU right after ``publish_now``; the GPU's next partial may reach another
+    process. So when it returns, the event is already in Redis: a listener gets it without waiting on any
+    further work of the publisher's loop."""
+    keys = Keys(prefix=key_prefix)
+    sub = rds.pubsub()
+    sub.subscribe(keys.task_events("t-2"))
+    sub.get_message(timeout=1)
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        work: list[asyncio.Future[None]] = []
+        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        await events.publish_now("partial", "t-2", attempt=1, partial={"text": "x"})
+        got.extend(_drain(sub, 1, timeout=2))  # the loop does nothing more meanwhile: blocking read
+        await client.aclose()
+
+    asyncio.run(run())
+    assert [e["event"] for _, e in got] == ["partial"]
     sub.close()
