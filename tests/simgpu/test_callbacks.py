@@ -82,3 +82,18 @@ def test_a_callback_answered_too_late_is_sent_again(
     assert len(receiver.calls) == 2
     assert stats["totals"]["callbacks_answered"] == {"200": 1}
     assert stats["totals"]["callback_retries"] == 1
+
+
+def test_each_callback_carries_its_own_token_on_a_shared_url(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    """Every task's callback has its own token, all to one dispatcher URL: a client that made each URL's
+    request head once (the lean client's cache) would send the first task's token for them all."""
+    fleet = make_fleet(gpus=2)
+    ids = [f"k{i}" for i in range(6)]
+    for i, task_id in enumerate(ids):
+        assert http.post(fleet.url(f"g{i % 2}"), json=job(task_id, receiver)).status_code == 202
+
+    calls = receiver.wait_for(len(ids))
+    assert sorted((c.body["task_id"], c.authorization) for c in calls) == [(t, f"Bearer cb-{t}") for t in ids]
+    assert all(c.content_type == "application/json" for c in calls)
