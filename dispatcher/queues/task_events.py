@@ -12,7 +12,7 @@ again when the stream has been quiet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import inspect
 import json
 import logging
 from collections import deque
@@ -50,9 +50,10 @@ return #ARGV / 2
 """
 #: On a Redis Cluster (no pipelined PUBLISH): events sent at once at most.
 _CLUSTER_CONCURRENCY = 32
-#: ``publish_now`` waits this long at most for the events before its own to reach Redis (a callback's answer
-#: waits on it; the client's socket timeout bounds a Redis that hangs).
-NOW_WAIT_SECONDS = 2.0
+#: ``publish_now`` waits this long at most for its event and those before it to be out: past the dispatcher's
+#: Redis socket timeout (10 s), so a Redis that hangs ends the flush first, its events logged as lost. A
+#: callback's answer waits on it, as it waited on its own PUBLISH before.
+NOW_WAIT_SECONDS = 12.0
 #: Event names that end a task's stream.
 FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
@@ -78,6 +79,7 @@ class EventPublisher:
         self._publish_all = redis.register_script(PUBLISH_ALL)
         self._pending: list[tuple[str, bytes]] = []
         self._flushing = False
+        self._flusher: Coroutine[Any, Any, None] | None = None  # the flush under way, if any
         self._queued = 0  # events ever put in _pending
         self._sent = 0  # of those, delivered or lost
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (events queued before, done)
@@ -87,9 +89,13 @@ class EventPublisher:
         payload = encode(event(name, task_id, **fields))
         self._pending.append((self.keys.task_events(task_id), payload))
         self._queued += 1
-        if not self._flushing:
+        # A flush cancelled before its first step (a stopping loop) never ran its ``finally``: it is closed.
+        if not self._flushing or (
+            self._flusher is not None and inspect.getcoroutinestate(self._flusher) == inspect.CORO_CLOSED
+        ):
             self._flushing = True
-            self._spawn(self._flush())
+            self._flusher = self._flush()
+            self._spawn(self._flusher)
 
     async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
         """Publish one event and return once Redis has it (or it was given up on, or after
@@ -97,22 +103,29 @@ class EventPublisher:
         another dispatcher process, whose PUBLISH must come after ours. It goes behind the buffer, not
         beside it: a PUBLISH of its own on another pooled connection overtook a ``dispatched`` still in the
         buffer's first script call (a fresh-clone CI run)."""
-        await self.publish_in_order([(name, task_id, fields)], wait=NOW_WAIT_SECONDS)
+        if not await self.publish_in_order([(name, task_id, fields)], wait=NOW_WAIT_SECONDS):
+            log.warning(
+                "task event not out in time: a later one sent by another process may arrive first",
+                extra={"action": "events", "event": name, "task_id": task_id, "waited_s": NOW_WAIT_SECONDS},
+            )
 
-    async def publish_in_order(self, items: list[tuple[str, str, dict[str, Any]]], *, wait: float) -> None:
+    async def publish_in_order(self, items: list[tuple[str, str, dict[str, Any]]], *, wait: float) -> bool:
         """Queue (name, task id, fields) events behind every event published before, and return once they
         reached Redis, or were given up on (best-effort, as ever), or after ``wait`` seconds: for events that
         must precede what other processes publish next (``Housekeeping.requeue_due``: its "queued" after
         this process's "retrying", before another's "dispatched"). Sent apart from the buffer, "queued"
-        overtook a "retrying" still in it (an outside review)."""
+        overtook a "retrying" still in it (an outside review). False: ``wait`` passed first."""
         if not items:
-            return
+            return True
         for name, task_id, fields in items:
             self.publish(name, task_id, **fields)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._queued, done))
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(asyncio.shield(done), wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def _flush(self) -> None:
         try:
@@ -150,6 +163,12 @@ class EventPublisher:
             lost, error = await self._send(batch)
         except (RedisError, RedisClusterException, OSError) as exc:
             lost, error = len(batch), str(exc)
+        except asyncio.CancelledError:  # the loop stops: said, as any loss is
+            log.warning(
+                "task events not published",
+                extra={"action": "events", "lost": len(batch), "error": "cancelled"},
+            )
+            raise
         if lost:
             log.warning("task events not published", extra={"action": "events", "lost": lost, "error": error})
 

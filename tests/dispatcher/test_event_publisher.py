@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 import time
 from typing import Any
 
+import pytest
 import redis
 from redis.asyncio import Redis
 
@@ -139,13 +142,15 @@ def test_a_burst_of_large_results_keeps_the_subscription(
 
 def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str, rds: redis.Redis) -> None:
     """``dispatched`` through the buffer, then the GPU's first ``partial`` (``publish_now``) while the buffer's
-    script call is still on its way (held 50 ms here; a busy CI box held it past 2 ms): a listener sees them in
-    that order. A linger on the buffer, then a PUBLISH of publish_now's own on another pooled connection, let
-    the partial overtake it."""
+    script call is still on its way (held 50 ms here; a busy CI box held it past 2 ms): when ``publish_now``
+    returns, a listener has both, in that order (read with the loop held, so no flush goes on meanwhile). A
+    linger on the buffer, then a PUBLISH of publish_now's own on another pooled connection, let the partial
+    overtake it; a wait for the events before the partial only would return before the partial is out."""
     keys = Keys(prefix=key_prefix)
     sub = rds.pubsub()
     sub.subscribe(keys.task_events("t-1"))
     sub.get_message(timeout=1)
+    got: list[tuple[str, dict[str, Any]]] = []
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
@@ -161,13 +166,76 @@ def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str,
         events.publish("dispatched", "t-1", attempt=1)
         await asyncio.sleep(0.002)
         await events.publish_now("partial", "t-1", attempt=1, partial={"text": "he"})
+        got.extend(_drain(sub, 2, timeout=2))  # blocking: the loop does nothing more meanwhile
         while work:
             await work.pop()
         await client.aclose()
 
     asyncio.run(run())
-    assert [e["event"] for _, e in _drain(sub, 2, timeout=5)] == ["dispatched", "partial"]
+    assert [e["event"] for _, e in got] == ["dispatched", "partial"]
     sub.close()
+
+
+def test_a_flush_cancelled_before_it_ran_does_not_stop_later_events(
+    redis_url: str, key_prefix: str, rds: redis.Redis
+) -> None:
+    """A stopping loop cancels background work, maybe a flush before its first step (its ``finally`` never
+    runs): later events still go out, and ``publish_now`` does not wait out its limit on each."""
+    keys = Keys(prefix=key_prefix)
+    sub = rds.pubsub()
+    sub.subscribe(keys.task_events("t-3"))
+    sub.get_message(timeout=1)
+    waited: list[float] = []
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        work: list[asyncio.Future[None]] = []
+        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events.publish("dispatched", "t-3", attempt=1)
+        work.pop().cancel()  # cancelled before it ran
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        await events.publish_now("partial", "t-3", attempt=1, partial={"text": "x"})
+        waited.append(time.monotonic() - started)
+        while work:
+            await work.pop()
+        await client.aclose()
+
+    asyncio.run(run())
+    assert [e["event"] for _, e in _drain(sub, 2, timeout=2)] == ["dispatched", "partial"]
+    assert waited[0] < task_events.NOW_WAIT_SECONDS / 2
+    sub.close()
+
+
+def test_publish_now_that_runs_out_of_time_says_so(
+    key_prefix: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis that takes the call and never answers: ``publish_now`` returns after its limit (the callback
+    must be answered) and logs that the event may arrive after a later one."""
+    monkeypatch.setattr(task_events, "NOW_WAIT_SECONDS", 0.3)
+    mute = socket.create_server(("127.0.0.1", 0))
+    port = mute.getsockname()[1]
+
+    async def run() -> float:
+        client = Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        work: list[asyncio.Future[None]] = []
+        events = EventPublisher(
+            client, Keys(prefix=key_prefix), lambda coro: work.append(asyncio.ensure_future(coro))
+        )
+        started = time.monotonic()
+        await events.publish_now("partial", "t-4", attempt=1, partial={})
+        took = time.monotonic() - started
+        for w in work:
+            w.cancel()
+        await asyncio.gather(*work, return_exceptions=True)
+        await client.aclose()
+        return took
+
+    with caplog.at_level(logging.WARNING, logger="gpuq.events"):
+        took = asyncio.run(run())
+    mute.close()
+    assert 0.3 <= took < 5
+    assert any("not out in time" in r.getMessage() and r.task_id == "t-4" for r in caplog.records)  # type: ignore[attr-defined]
 
 
 def test_publish_now_returns_once_redis_has_it(redis_url: str, key_prefix: str, rds: redis.Redis) -> None:
