@@ -33,13 +33,27 @@ def _drain(sub: redis.client.PubSub, want: int, timeout: float = 10.0) -> list[t
     return got
 
 
+def _subscribed(rds: redis.Redis, keys: Keys, *task_ids: str) -> redis.client.PubSub:
+    """A subscriber to the tasks' channels, their confirmations read."""
+    sub = rds.pubsub()
+    sub.subscribe(*(keys.task_events(t) for t in task_ids))
+    for _ in task_ids:
+        sub.get_message(timeout=1)
+    return sub
+
+
+def _publisher(client: Redis, keys: Keys) -> tuple[EventPublisher, list[asyncio.Future[None]]]:
+    """An EventPublisher whose background flushes are kept in the list returned, to be awaited."""
+    work: list[asyncio.Future[None]] = []
+    return EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro))), work
+
+
 def _publish(redis_url: str, keys: Keys, calls: list[tuple[str, str, dict[str, Any]]]) -> int:
     """Publish ``calls`` through one EventPublisher, as the dispatcher's loop does; the script calls made."""
 
     async def run() -> int:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events, work = _publisher(client, keys)
         sent = 0
         original = events._publish_all
 
@@ -64,10 +78,7 @@ def test_every_event_arrives_in_order_per_task(redis_url: str, key_prefix: str, 
     each task's in its order; the burst shares a few script calls instead of one command per event."""
     keys = Keys(prefix=key_prefix)
     tasks = ["t-a", "t-b", "t-c"]
-    sub = rds.pubsub()
-    sub.subscribe(*(keys.task_events(t) for t in tasks))
-    for _ in tasks:
-        sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, *tasks)
     calls = [
         ("heartbeat", tasks[i % 3], {"seq": i, "note": 'ünïcødé \u2028 "quoted"\n'}) for i in range(1200)
     ]
@@ -87,14 +98,11 @@ def test_publish_in_order_returns_once_its_events_are_out(
 ) -> None:
     """``publish_in_order`` waits for its events and every event queued before them, linger included."""
     keys = Keys(prefix=key_prefix)
-    sub = rds.pubsub()
-    sub.subscribe(keys.task_events("t-1"))
-    sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, "t-1")
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events, work = _publisher(client, keys)
         events.publish("retrying", "t-1", attempt=1)
         await events.publish_in_order([("queued", "t-1", {"attempt": 1})], wait=5.0)
         # both out by now: the subscriber's buffer holds them before the flush task is even awaited
@@ -115,10 +123,7 @@ def test_a_burst_of_large_results_keeps_the_subscription(
     Redis's 32 MB pubsub limit, and Redis dropped the connection (0 of 40, an outside review)."""
     keys = Keys(prefix=key_prefix)
     tasks = [f"t-{i}" for i in range(40)]
-    sub = rds.pubsub()
-    sub.subscribe(*(keys.task_events(t) for t in tasks))
-    for _ in tasks:
-        sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, *tasks)
     got: list[tuple[str, dict[str, Any]]] = []
     errors: list[Exception] = []
 
@@ -147,15 +152,12 @@ def test_an_event_published_first_arrives_first(redis_url: str, key_prefix: str,
     linger on the buffer, then a PUBLISH of publish_now's own on another pooled connection, let the partial
     overtake it; a wait for the events before the partial only would return before the partial is out."""
     keys = Keys(prefix=key_prefix)
-    sub = rds.pubsub()
-    sub.subscribe(keys.task_events("t-1"))
-    sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, "t-1")
     got: list[tuple[str, dict[str, Any]]] = []
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events, work = _publisher(client, keys)
         original = events._publish_all
 
         async def slow(**kwargs: Any) -> Any:
@@ -182,15 +184,12 @@ def test_a_flush_cancelled_before_it_ran_does_not_stop_later_events(
     """A stopping loop cancels background work, maybe a flush before its first step (its ``finally`` never
     runs): later events still go out, and ``publish_now`` does not wait out its limit on each."""
     keys = Keys(prefix=key_prefix)
-    sub = rds.pubsub()
-    sub.subscribe(keys.task_events("t-3"))
-    sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, "t-3")
     waited: list[float] = []
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events, work = _publisher(client, keys)
         events.publish("dispatched", "t-3", attempt=1)
         work.pop().cancel()  # cancelled before it ran
         await asyncio.sleep(0)
@@ -218,10 +217,7 @@ def test_publish_now_that_runs_out_of_time_says_so(
 
     async def run() -> float:
         client = Redis(host="127.0.0.1", port=port, socket_timeout=30)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(
-            client, Keys(prefix=key_prefix), lambda coro: work.append(asyncio.ensure_future(coro))
-        )
+        events, work = _publisher(client, Keys(prefix=key_prefix))
         started = time.monotonic()
         await events.publish_now("partial", "t-4", attempt=1, partial={})
         took = time.monotonic() - started
@@ -243,17 +239,16 @@ def test_publish_now_returns_once_redis_has_it(redis_url: str, key_prefix: str, 
     process. So when it returns, the event is already in Redis: a listener gets it without waiting on any
     further work of the publisher's loop."""
     keys = Keys(prefix=key_prefix)
-    sub = rds.pubsub()
-    sub.subscribe(keys.task_events("t-2"))
-    sub.get_message(timeout=1)
+    sub = _subscribed(rds, keys, "t-2")
     got: list[tuple[str, dict[str, Any]]] = []
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+        events, work = _publisher(client, keys)
         await events.publish_now("partial", "t-2", attempt=1, partial={"text": "x"})
         got.extend(_drain(sub, 1, timeout=2))  # the loop does nothing more meanwhile: blocking read
+        while work:
+            await work.pop()
         await client.aclose()
 
     asyncio.run(run())
