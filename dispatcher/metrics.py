@@ -38,6 +38,11 @@ class Metrics:
             "New jobs dead-lettered because a different task already has their task id",
             registry=r,
         )
+        self.events_dropped = Counter(
+            "gpuq_task_events_dropped",
+            "Task events not published: Redis did not take them and the process's buffer was full",
+            registry=r,
+        )
         self.dispatch_latency = Histogram(
             "gpuq_dispatch_latency_seconds",
             "From taking a job off Redis to its request leaving for the GPU",

@@ -91,7 +91,10 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.events = EventPublisher(
-            self.publisher_redis, self.keys, lambda coro: self.spawn(coro, "publish-events")
+            self.publisher_redis,
+            self.keys,
+            lambda coro: self.spawn(coro, "publish-events"),
+            on_drop=self.metrics.events_dropped.inc,
         )
 
     @classmethod

@@ -6,7 +6,8 @@ Publishing sits on the hot path (one event per dispatch and per callback), so it
 never reads the database: events go into a buffer, and one background flush at a time sends the buffer in
 script calls of ``PUBLISH_ALL`` (a pipeline of PUBLISHes on a cluster). Events are best-effort (an event
 lost while Redis is away is not replayed): a listener reads the task's state from the database first, and
-again when the stream has been quiet.
+again when the stream has been quiet. The buffer is bounded (``MAX_PENDING_BYTES``): past it, while Redis
+does not take them, new events are dropped, counted and said, not kept until the process runs out of memory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import inspect
 import json
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -54,6 +56,13 @@ _CLUSTER_CONCURRENCY = 32
 #: Redis socket timeout (10 s), so a Redis that hangs ends the flush first, its events logged as lost. A
 #: callback's answer waits on it, as it waited on its own PUBLISH before.
 NOW_WAIT_SECONDS = 12.0
+#: Bytes of events waiting for Redis at most. A Redis that hangs holds each script call for the client's
+#: socket timeout (10 s) while callbacks keep coming, each ``finished`` with its result (up to 8 MiB): the
+#: buffer grew without end (a dispatcher killed for its memory stops every GPU it feeds). Past the bound new
+#: events are dropped (best-effort, as above), counted in ``dropped`` and said at most every
+#: ``DROP_LOG_SECONDS``.
+MAX_PENDING_BYTES = 128 << 20
+DROP_LOG_SECONDS = 10.0
 #: Event names that end a task's stream.
 FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
@@ -72,22 +81,40 @@ def encode(value: Any) -> bytes:
 
 
 class EventPublisher:
-    def __init__(self, redis: Redis, keys: Keys, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        *,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        on_drop: Callable[[], None] | None = None,
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self._spawn = spawn
         self._publish_all = redis.register_script(PUBLISH_ALL)
         self._pending: list[tuple[str, bytes]] = []
+        self._pending_bytes = 0  # payload bytes in _pending
+        self.max_pending_bytes = max_pending_bytes
+        self._on_drop = on_drop  # the metric's counter
+        self.dropped = 0  # events refused for the bound, ever
+        self._unsaid = 0  # of those, not logged yet
+        self._said_at = -DROP_LOG_SECONDS
         self._flushing = False
         self._flusher: Coroutine[Any, Any, None] | None = None  # the flush under way, if any
         self._queued = 0  # events ever put in _pending
         self._sent = 0  # of those, delivered or lost
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()  # (events queued before, done)
 
-    def publish(self, name: str, task_id: str, **fields: Any) -> None:
-        """Queue one event; returns at once."""
+    def publish(self, name: str, task_id: str, **fields: Any) -> bool:
+        """Queue one event; returns at once: False when it was dropped (the buffer is full)."""
         payload = encode(event(name, task_id, **fields))
+        if self._pending and self._pending_bytes + len(payload) > self.max_pending_bytes:
+            self._drop(name, task_id)
+            return False
         self._pending.append((self.keys.task_events(task_id), payload))
+        self._pending_bytes += len(payload)
         self._queued += 1
         # A flush cancelled before its first step (a stopping loop) never ran its ``finally``: it is closed.
         if not self._flushing or (
@@ -96,6 +123,26 @@ class EventPublisher:
             self._flushing = True
             self._flusher = self._flush()
             self._spawn(self._flusher)
+        return True
+
+    def _drop(self, name: str, task_id: str) -> None:
+        self.dropped += 1
+        self._unsaid += 1
+        if self._on_drop is not None:
+            self._on_drop()
+        now = time.monotonic()
+        if now - self._said_at >= DROP_LOG_SECONDS:
+            log.warning(
+                "task events dropped: Redis is not taking them and the buffer is full",
+                extra={
+                    "action": "events",
+                    "dropped": self._unsaid,
+                    "waiting_bytes": self._pending_bytes,
+                    "event": name,
+                    "task_id": task_id,
+                },
+            )
+            self._said_at, self._unsaid = now, 0
 
     async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
         """Publish one event and return once Redis has it (or it was given up on, or after
@@ -114,11 +161,11 @@ class EventPublisher:
         reached Redis, or were given up on (best-effort, as ever), or after ``wait`` seconds: for events that
         must precede what other processes publish next (``Housekeeping.requeue_due``: its "queued" after
         this process's "retrying", before another's "dispatched"). Sent apart from the buffer, "queued"
-        overtook a "retrying" still in it (an outside review). False: ``wait`` passed first."""
-        if not items:
+        overtook a "retrying" still in it (an outside review). False: ``wait`` passed first. Events dropped
+        for the bound are not waited for (the drop was said)."""
+        queued = [self.publish(name, task_id, **fields) for name, task_id, fields in items]
+        if not any(queued):
             return True
-        for name, task_id, fields in items:
-            self.publish(name, task_id, **fields)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._queued, done))
         try:
@@ -148,6 +195,7 @@ class EventPublisher:
                 break
             n += 1
         batch, self._pending = self._pending[:n], self._pending[n:]
+        self._pending_bytes -= sum(len(payload) for _, payload in batch)
         return batch
 
     def _release(self, sent: int) -> None:

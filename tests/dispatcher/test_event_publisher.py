@@ -254,3 +254,105 @@ def test_publish_now_returns_once_redis_has_it(redis_url: str, key_prefix: str, 
     asyncio.run(run())
     assert [e["event"] for _, e in got] == ["partial"]
     sub.close()
+
+
+def test_a_stalled_redis_does_not_grow_the_buffer_past_its_bound(
+    redis_url: str, key_prefix: str, rds: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stalls while results keep coming (the first script call held until released here): the events
+    past ``max_pending_bytes`` are dropped, counted (``dropped``, the metric's hook) and said once, not
+    kept; those kept still reach a listener in full and in order once Redis answers, and later events go
+    out again as before."""
+    keys = Keys(prefix=key_prefix)
+    sub = _subscribed(rds, keys, "t-5")
+    result = "r" * 1000  # ~1.1 KB per event
+    bound = 20_000
+    out: dict[str, Any] = {}
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        work: list[asyncio.Future[None]] = []
+        hooked: list[int] = []
+        events = EventPublisher(
+            client,
+            keys,
+            lambda coro: work.append(asyncio.ensure_future(coro)),
+            max_pending_bytes=bound,
+            on_drop=lambda: hooked.append(1),
+        )
+        original = events._publish_all
+        release = asyncio.Event()
+
+        async def stalled(**kwargs: Any) -> Any:
+            await release.wait()
+            return await original(**kwargs)
+
+        events._publish_all = stalled  # type: ignore[method-assign]
+        queued = [events.publish("finished", "t-5", i=i, result=result) for i in range(100)]
+        await asyncio.sleep(0.05)  # the flush took the first event and waits on Redis
+        out["held"] = events._pending_bytes
+        out["queued"], out["dropped"], out["hooked"] = queued, events.dropped, len(hooked)
+        release.set()
+        while work:
+            await work.pop()
+        events._publish_all = original  # type: ignore[method-assign]
+        out["after"] = [events.publish("finished", "t-5", i=i, result=result) for i in range(100, 105)]
+        while work:
+            await work.pop()
+        await client.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="gpuq.events"):
+        asyncio.run(run())
+    kept = [i for i, q in enumerate(out["queued"]) if q]
+    assert out["held"] <= bound
+    assert 10 < len(kept) < 30  # what the bound holds beside the event on its way, no more
+    assert kept == list(range(len(kept)))  # the newest were dropped, nothing in between
+    assert out["dropped"] == out["hooked"] == 100 - len(kept)
+    said = [r for r in caplog.records if "events dropped" in r.getMessage()]
+    assert len(said) == 1 and said[0].dropped == 1  # type: ignore[attr-defined]
+    got = _drain(sub, len(kept) + 5, timeout=5)
+    assert [e["i"] for _, e in got] == [*kept, 100, 101, 102, 103, 104]
+    assert out["after"] == [True] * 5
+    assert all(e["result"] == result for _, e in got)
+    assert _drain(sub, 1, timeout=0.5) == []  # nothing dropped arrived after all
+    sub.close()
+
+
+def test_publish_in_order_does_not_wait_for_what_was_dropped(
+    redis_url: str, key_prefix: str, rds: redis.Redis
+) -> None:
+    """A buffer full when ``publish_now`` comes: its partial is dropped (said), and it returns at once instead
+    of waiting its limit for the events before it, which Redis is not taking (a callback's answer waits)."""
+    keys = Keys(prefix=key_prefix)
+
+    async def run() -> tuple[float, int]:
+        client = Redis.from_url(redis_url)
+        work: list[asyncio.Future[None]] = []
+        events = EventPublisher(
+            client, keys, lambda coro: work.append(asyncio.ensure_future(coro)), max_pending_bytes=2_000
+        )
+        release = asyncio.Event()
+        original = events._publish_all
+
+        async def stalled(**kwargs: Any) -> Any:
+            await release.wait()
+            return await original(**kwargs)
+
+        events._publish_all = stalled  # type: ignore[method-assign]
+        for i in range(10):
+            events.publish("running", "t-6", i=i, pad="p" * 500)
+        await asyncio.sleep(0.01)  # the flush took those and waits on Redis; these fill the buffer
+        for i in range(10, 20):
+            events.publish("running", "t-6", i=i, pad="p" * 500)
+        started = time.monotonic()
+        await events.publish_now("partial", "t-6", attempt=1, partial={"text": "x" * 3000})
+        took = time.monotonic() - started
+        release.set()
+        while work:
+            await work.pop()
+        await client.aclose()
+        return took, events.dropped
+
+    took, dropped = asyncio.run(run())
+    assert took < 1.0
+    assert dropped >= 1
