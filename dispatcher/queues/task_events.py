@@ -56,13 +56,16 @@ _CLUSTER_CONCURRENCY = 32
 #: Redis socket timeout (10 s), so a Redis that hangs ends the flush first, its events logged as lost. A
 #: callback's answer waits on it, as it waited on its own PUBLISH before.
 NOW_WAIT_SECONDS = 12.0
-#: Bytes of events waiting for Redis at most. A Redis that hangs holds each script call for the client's
+#: Memory of the events waiting for Redis, at most. A Redis that hangs holds each script call for the client's
 #: socket timeout (10 s) while callbacks keep coming, each ``finished`` with its result (up to 8 MiB): the
 #: buffer grew without end (a dispatcher killed for its memory stops every GPU it feeds). Past the bound new
 #: events are dropped (best-effort, as above), counted in ``dropped`` and said at most every
-#: ``DROP_LOG_SECONDS``.
+#: ``DROP_LOG_SECONDS`` and once more when the buffer has drained.
 MAX_PENDING_BYTES = 128 << 20
 DROP_LOG_SECONDS = 10.0
+#: What an entry costs beside its payload and channel name (its tuple, the objects' headers, the list's slot),
+#: counted so that a flood of small heartbeats is bounded as much as a few large results are.
+_ENTRY_BYTES = 160
 #: Event names that end a task's stream.
 FINAL_EVENTS = frozenset({"finished", "failed", "cancelled"})
 
@@ -95,7 +98,7 @@ class EventPublisher:
         self._spawn = spawn
         self._publish_all = redis.register_script(PUBLISH_ALL)
         self._pending: list[tuple[str, bytes]] = []
-        self._pending_bytes = 0  # payload bytes in _pending
+        self._pending_bytes = 0  # what _pending holds (``_cost``)
         self.max_pending_bytes = max_pending_bytes
         self._on_drop = on_drop  # the metric's counter
         self.dropped = 0  # events refused for the bound, ever
@@ -109,40 +112,50 @@ class EventPublisher:
 
     def publish(self, name: str, task_id: str, **fields: Any) -> bool:
         """Queue one event; returns at once: False when it was dropped (the buffer is full)."""
-        payload = encode(event(name, task_id, **fields))
-        if self._pending and self._pending_bytes + len(payload) > self.max_pending_bytes:
+        # Copied: orjson's bytes keep the spare room of its buffer (~4 KiB under a small event, measured),
+        # which a full buffer of heartbeats multiplied twentyfold past the bound.
+        payload = bytes(memoryview(encode(event(name, task_id, **fields))))
+        channel = self.keys.task_events(task_id)
+        cost = _cost(channel, payload)
+        queued = not self._pending or self._pending_bytes + cost <= self.max_pending_bytes
+        if queued:
+            self._pending.append((channel, payload))
+            self._pending_bytes += cost
+            self._queued += 1
+        else:
             self._drop(name, task_id)
-            return False
-        self._pending.append((self.keys.task_events(task_id), payload))
-        self._pending_bytes += len(payload)
-        self._queued += 1
-        # A flush cancelled before its first step (a stopping loop) never ran its ``finally``: it is closed.
-        if not self._flushing or (
-            self._flusher is not None and inspect.getcoroutinestate(self._flusher) == inspect.CORO_CLOSED
+        # Dropped or not: a flush that died (cancelled, or of an error not Redis's) leaves a full buffer that
+        # only a new one drains. A flush cancelled before its first step (a stopping loop) never ran its
+        # ``finally``: it is closed.
+        if self._pending and (
+            not self._flushing
+            or (self._flusher is not None and inspect.getcoroutinestate(self._flusher) == inspect.CORO_CLOSED)
         ):
             self._flushing = True
             self._flusher = self._flush()
             self._spawn(self._flusher)
-        return True
+        return queued
 
     def _drop(self, name: str, task_id: str) -> None:
         self.dropped += 1
         self._unsaid += 1
         if self._on_drop is not None:
             self._on_drop()
-        now = time.monotonic()
-        if now - self._said_at >= DROP_LOG_SECONDS:
-            log.warning(
-                "task events dropped: Redis is not taking them and the buffer is full",
-                extra={
-                    "action": "events",
-                    "dropped": self._unsaid,
-                    "waiting_bytes": self._pending_bytes,
-                    "event": name,
-                    "task_id": task_id,
-                },
-            )
-            self._said_at, self._unsaid = now, 0
+        if time.monotonic() - self._said_at >= DROP_LOG_SECONDS:
+            self._say_dropped(event=name, task_id=task_id)
+
+    def _say_dropped(self, **fields: Any) -> None:
+        """Log the drops not said yet (``dropped``: since the previous such line)."""
+        log.warning(
+            "task events dropped: Redis is not taking them and the buffer is full",
+            extra={
+                "action": "events",
+                "dropped": self._unsaid,
+                "waiting_bytes": self._pending_bytes,
+                **fields,
+            },
+        )
+        self._said_at, self._unsaid = time.monotonic(), 0
 
     async def publish_now(self, name: str, task_id: str, **fields: Any) -> None:
         """Publish one event and return once Redis has it (or it was given up on, or after
@@ -161,10 +174,14 @@ class EventPublisher:
         reached Redis, or were given up on (best-effort, as ever), or after ``wait`` seconds: for events that
         must precede what other processes publish next (``Housekeeping.requeue_due``: its "queued" after
         this process's "retrying", before another's "dispatched"). Sent apart from the buffer, "queued"
-        overtook a "retrying" still in it (an outside review). False: ``wait`` passed first. Events dropped
-        for the bound are not waited for (the drop was said)."""
-        queued = [self.publish(name, task_id, **fields) for name, task_id, fields in items]
-        if not any(queued):
+        overtook a "retrying" still in it (an outside review). False: ``wait`` passed first. An event dropped
+        for the bound (said) is not waited for, but those before it still are: the caller's next message
+        must not overtake them."""
+        if not items:
+            return True
+        for name, task_id, fields in items:
+            self.publish(name, task_id, **fields)
+        if self._sent >= self._queued:
             return True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._queued, done))
@@ -183,6 +200,8 @@ class EventPublisher:
                 finally:
                     self._sent += len(batch)
                     self._release(self._sent)
+            if self._unsaid:  # drained: the last drops are said now, not at the next drop
+                self._say_dropped()
         finally:
             self._flushing = False
 
@@ -195,7 +214,7 @@ class EventPublisher:
                 break
             n += 1
         batch, self._pending = self._pending[:n], self._pending[n:]
-        self._pending_bytes -= sum(len(payload) for _, payload in batch)
+        self._pending_bytes -= sum(_cost(channel, payload) for channel, payload in batch)
         return batch
 
     def _release(self, sent: int) -> None:
@@ -248,6 +267,11 @@ class EventPublisher:
             except (RedisError, RedisClusterException, OSError) as exc:
                 return len(payloads) - i, str(exc)
         return 0, ""
+
+
+def _cost(channel: str, payload: bytes) -> int:
+    """What an entry of the buffer holds in memory, near enough (``_ENTRY_BYTES``)."""
+    return len(payload) + len(channel) + _ENTRY_BYTES
 
 
 def publish_sync(client: SyncRedis, keys: Keys, name: str, task_id: str, **fields: Any) -> None:

@@ -11,6 +11,7 @@ import logging
 import socket
 import threading
 import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -256,46 +257,54 @@ def test_publish_now_returns_once_redis_has_it(redis_url: str, key_prefix: str, 
     sub.close()
 
 
+def _stalled(
+    client: Redis, keys: Keys, bound: int
+) -> tuple[EventPublisher, list[asyncio.Future[None]], list[int], asyncio.Event]:
+    """A publisher bounded to ``bound`` whose script calls wait for the event returned (Redis stalled), and
+    the list its drop hook appends to."""
+    work: list[asyncio.Future[None]] = []
+    hooked: list[int] = []
+    events = EventPublisher(
+        client,
+        keys,
+        lambda coro: work.append(asyncio.ensure_future(coro)),
+        max_pending_bytes=bound,
+        on_drop=lambda: hooked.append(1),
+    )
+    original, release = events._publish_all, asyncio.Event()
+
+    async def stalled(**kwargs: Any) -> Any:
+        await release.wait()
+        return await original(**kwargs)
+
+    events._publish_all = stalled  # type: ignore[method-assign]
+    return events, work, hooked, release
+
+
 def test_a_stalled_redis_does_not_grow_the_buffer_past_its_bound(
     redis_url: str, key_prefix: str, rds: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Redis stalls while results keep coming (the first script call held until released here): the events
-    past ``max_pending_bytes`` are dropped, counted (``dropped``, the metric's hook) and said once, not
-    kept; those kept still reach a listener in full and in order once Redis answers, and later events go
-    out again as before."""
+    """Redis stalls while results keep coming (a script call on its way, held until released here): the
+    events past ``max_pending_bytes`` are dropped, counted (``dropped``, the metric's hook) and said, the
+    last ones once the buffer drained; those kept still reach a listener in full and in order once Redis
+    answers, and later events go out again as before."""
     keys = Keys(prefix=key_prefix)
     sub = _subscribed(rds, keys, "t-5")
-    result = "r" * 1000  # ~1.1 KB per event
+    result = "r" * 1000  # ~1.3 KB per event in the buffer
     bound = 20_000
     out: dict[str, Any] = {}
 
     async def run() -> None:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        hooked: list[int] = []
-        events = EventPublisher(
-            client,
-            keys,
-            lambda coro: work.append(asyncio.ensure_future(coro)),
-            max_pending_bytes=bound,
-            on_drop=lambda: hooked.append(1),
-        )
-        original = events._publish_all
-        release = asyncio.Event()
-
-        async def stalled(**kwargs: Any) -> Any:
-            await release.wait()
-            return await original(**kwargs)
-
-        events._publish_all = stalled  # type: ignore[method-assign]
-        queued = [events.publish("finished", "t-5", i=i, result=result) for i in range(100)]
-        await asyncio.sleep(0.05)  # the flush took the first event and waits on Redis
-        out["held"] = events._pending_bytes
-        out["queued"], out["dropped"], out["hooked"] = queued, events.dropped, len(hooked)
+        events, work, hooked, release = _stalled(client, keys, bound)
+        events.publish("finished", "t-5", i=0, result=result)
+        await asyncio.sleep(0.05)  # the flush took it and waits on Redis: the buffer is empty again
+        queued = [events.publish("finished", "t-5", i=i, result=result) for i in range(1, 100)]
+        out["held"], out["cost"] = events._pending_bytes, events._pending_bytes / sum(queued)
+        out["queued"], out["dropped"], out["hooked"] = [True, *queued], events.dropped, len(hooked)
         release.set()
         while work:
             await work.pop()
-        events._publish_all = original  # type: ignore[method-assign]
         out["after"] = [events.publish("finished", "t-5", i=i, result=result) for i in range(100, 105)]
         while work:
             await work.pop()
@@ -304,12 +313,12 @@ def test_a_stalled_redis_does_not_grow_the_buffer_past_its_bound(
     with caplog.at_level(logging.WARNING, logger="gpuq.events"):
         asyncio.run(run())
     kept = [i for i, q in enumerate(out["queued"]) if q]
-    assert out["held"] <= bound
-    assert 10 < len(kept) < 30  # what the bound holds beside the event on its way, no more
+    assert bound - out["cost"] < out["held"] <= bound  # full, not past it
+    assert 10 < len(kept) < 20
     assert kept == list(range(len(kept)))  # the newest were dropped, nothing in between
     assert out["dropped"] == out["hooked"] == 100 - len(kept)
-    said = [r for r in caplog.records if "events dropped" in r.getMessage()]
-    assert len(said) == 1 and said[0].dropped == 1  # type: ignore[attr-defined]
+    said = [r.dropped for r in caplog.records if "events dropped" in r.getMessage()]  # type: ignore[attr-defined]
+    assert said == [1, out["dropped"] - 1]  # at the first drop, then the rest once drained
     got = _drain(sub, len(kept) + 5, timeout=5)
     assert [e["i"] for _, e in got] == [*kept, 100, 101, 102, 103, 104]
     assert out["after"] == [True] * 5
@@ -318,41 +327,93 @@ def test_a_stalled_redis_does_not_grow_the_buffer_past_its_bound(
     sub.close()
 
 
-def test_publish_in_order_does_not_wait_for_what_was_dropped(
-    redis_url: str, key_prefix: str, rds: redis.Redis
+def test_small_events_are_bounded_by_what_they_hold(redis_url: str, key_prefix: str) -> None:
+    """Heartbeats of a few dozen bytes: each counts what it holds in memory (its payload right-sized, its
+    entry), not only its length, so a bound of 1 MiB keeps thousands, not tens of thousands."""
+
+    async def run() -> tuple[int, int]:
+        client = Redis.from_url(redis_url)
+        events, work, _, release = _stalled(client, Keys(prefix=key_prefix), 1 << 20)
+        events.publish("running", "t-7", attempt=1)
+        await asyncio.sleep(0.05)
+        tracemalloc.start()
+        for _ in range(20_000):
+            events.publish("running", "t-7", attempt=1)
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        kept = len(events._pending)
+        release.set()
+        while work:
+            await work.pop()
+        await client.aclose()
+        return kept, held // kept
+
+    kept, per_event = asyncio.run(run())
+    assert 2_000 < kept < 6_000
+    assert per_event < 600  # no spare room of the encoder's buffer (~4 KiB) kept beside a payload
+
+
+def test_publish_in_order_waits_for_what_was_kept_before_its_dropped_event(
+    redis_url: str, key_prefix: str
 ) -> None:
-    """A buffer full when ``publish_now`` comes: its partial is dropped (said), and it returns at once instead
-    of waiting its limit for the events before it, which Redis is not taking (a callback's answer waits)."""
+    """A full buffer when ``publish_now`` comes: its partial is dropped (said), but it still waits for the
+    events before it, or the GPU's next partial, sent to another process, would overtake them. A stalled
+    Redis makes it wait its limit, as before the bound."""
     keys = Keys(prefix=key_prefix)
 
-    async def run() -> tuple[float, int]:
+    async def run() -> tuple[bool, float, int]:
         client = Redis.from_url(redis_url)
-        work: list[asyncio.Future[None]] = []
-        events = EventPublisher(
-            client, keys, lambda coro: work.append(asyncio.ensure_future(coro)), max_pending_bytes=2_000
-        )
-        release = asyncio.Event()
-        original = events._publish_all
-
-        async def stalled(**kwargs: Any) -> Any:
-            await release.wait()
-            return await original(**kwargs)
-
-        events._publish_all = stalled  # type: ignore[method-assign]
+        events, work, _, release = _stalled(client, keys, 3_000)
+        events.publish("running", "t-6", attempt=1)
+        await asyncio.sleep(0.05)
         for i in range(10):
             events.publish("running", "t-6", i=i, pad="p" * 500)
-        await asyncio.sleep(0.01)  # the flush took those and waits on Redis; these fill the buffer
-        for i in range(10, 20):
-            events.publish("running", "t-6", i=i, pad="p" * 500)
         started = time.monotonic()
-        await events.publish_now("partial", "t-6", attempt=1, partial={"text": "x" * 3000})
+        ok = await events.publish_in_order([("partial", "t-6", {"partial": "x" * 3000})], wait=0.3)
         took = time.monotonic() - started
         release.set()
         while work:
             await work.pop()
         await client.aclose()
-        return took, events.dropped
+        return ok, took, events.dropped
 
-    took, dropped = asyncio.run(run())
-    assert took < 1.0
+    ok, took, dropped = asyncio.run(run())
+    assert not ok and took >= 0.3
     assert dropped >= 1
+
+
+def test_a_flush_that_died_with_the_buffer_full_is_replaced(
+    redis_url: str, key_prefix: str, rds: redis.Redis
+) -> None:
+    """The flush dies (cancelled here; an error not Redis's would do the same) while the buffer is full:
+    the next event, dropped or not, starts a new one, so what waits goes out and later events flow again,
+    instead of every event being dropped until a restart."""
+    keys = Keys(prefix=key_prefix)
+    sub = _subscribed(rds, keys, "t-8")
+    out: dict[str, Any] = {}
+
+    async def run() -> None:
+        client = Redis.from_url(redis_url)
+        events, work, _, _ = _stalled(client, keys, 5_000)
+        original = client.register_script(task_events.PUBLISH_ALL)
+        events.publish("running", "t-8", i=0)
+        await asyncio.sleep(0.05)
+        queued = [events.publish("running", "t-8", i=i, pad="p" * 500) for i in range(1, 30)]
+        flush = work.pop()
+        flush.cancel()
+        await asyncio.gather(flush, return_exceptions=True)
+        events._publish_all = original  # type: ignore[method-assign]  # Redis answers again
+        out["dropped_then"] = events.publish("running", "t-8", i=30, pad="p" * 500)
+        while work:
+            await work.pop()
+        out["later"] = events.publish("running", "t-8", i=31, pad="p" * 500)
+        while work:
+            await work.pop()
+        out["kept"] = [i for i, q in enumerate(queued, start=1) if q]
+        await client.aclose()
+
+    asyncio.run(run())
+    assert out["dropped_then"] is False and out["later"] is True
+    got = [e["i"] for _, e in _drain(sub, len(out["kept"]) + 1, timeout=5)]
+    assert got == [*out["kept"], 31]  # i=0 went down with the flush (logged as lost)
+    sub.close()
