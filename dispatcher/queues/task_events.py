@@ -181,8 +181,6 @@ class EventPublisher:
             return True
         for name, task_id, fields in items:
             self.publish(name, task_id, **fields)
-        if self._sent >= self._queued:
-            return True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._queued, done))
         try:
