@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import json
 import logging
 import time
@@ -97,7 +98,7 @@ class EventPublisher:
         self.keys = keys
         self._spawn = spawn
         self._publish_all = redis.register_script(PUBLISH_ALL)
-        self._pending: list[tuple[str, bytes]] = []
+        self._pending: deque[tuple[str, bytes]] = deque()
         self._pending_bytes = 0  # what _pending holds (``_cost``)
         self.max_pending_bytes = max_pending_bytes
         self._on_drop = on_drop  # the metric's counter
@@ -204,14 +205,16 @@ class EventPublisher:
             self._flushing = False
 
     def _take_batch(self) -> list[tuple[str, bytes]]:
-        """The buffer's first events, within ``_BATCH`` and ``_BATCH_BYTES`` (one at least)."""
+        """The buffer's first events, within ``_BATCH`` and ``_BATCH_BYTES`` (one at least). Taken from the
+        left of a deque: slicing a list per batch made draining a full buffer of heartbeats (~800,000
+        entries) quadratic, ~1.3 s of the event loop (a review)."""
         size, n = 0, 0
-        for _, payload in self._pending[:_BATCH]:
+        for _, payload in itertools.islice(self._pending, _BATCH):
             size += len(payload)
             if n and size > _BATCH_BYTES:
                 break
             n += 1
-        batch, self._pending = self._pending[:n], self._pending[n:]
+        batch = [self._pending.popleft() for _ in range(n)]
         self._pending_bytes -= sum(_cost(channel, payload) for channel, payload in batch)
         return batch
 
