@@ -243,21 +243,28 @@ class EventPublisher:
     async def _send(self, batch: list[tuple[str, bytes]]) -> tuple[int, str]:
         """Send ``batch``: how many were lost, and one reason. A cluster's pipeline refuses PUBLISH (redis-py:
         "blocked when running redis in cluster mode"; every event was lost that way), so there each goes on
-        its own, a few at a time: a PUBLISH on any node reaches the subscribers of every node."""
+        its own, by ``_CLUSTER_CONCURRENCY`` workers taking one task's chain after another: a PUBLISH on any
+        node reaches the subscribers of every node. One task's long chain (a GPU posting partials over
+        several connections at once) holds one worker, not every task after it (in groups of 32, as before,
+        each group waited for the longest chain of the one before)."""
         if not is_cluster(self.redis):
             await self._publish_all(args=[v for pair in batch for v in pair])
             return 0, ""
         by_channel: dict[str, list[bytes]] = {}
         for channel, payload in batch:
             by_channel.setdefault(channel, []).append(payload)
-        channels = list(by_channel.items())
-        lost, error = 0, ""
-        for start in range(0, len(channels), _CLUSTER_CONCURRENCY):
-            part = channels[start : start + _CLUSTER_CONCURRENCY]
-            for n, failure in await asyncio.gather(*(self._in_order(c, ps) for c, ps in part)):
-                lost += n
-                error = failure or error
-        return lost, error
+        chains = iter(by_channel.items())
+
+        async def worker() -> tuple[int, str]:
+            lost, error = 0, ""
+            for channel, payloads in chains:  # one iterator for every worker: each chain is taken once
+                n, failure = await self._in_order(channel, payloads)
+                lost, error = lost + n, failure or error
+            return lost, error
+
+        workers = min(_CLUSTER_CONCURRENCY, len(by_channel))
+        results = await asyncio.gather(*(worker() for _ in range(workers)))
+        return sum(n for n, _ in results), next((e for _, e in results if e), "")
 
     async def _in_order(self, channel: str, payloads: list[bytes]) -> tuple[int, str]:
         """One task's events one after another (concurrent, ``finished`` could overtake ``dispatched`` and

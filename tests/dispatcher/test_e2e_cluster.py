@@ -225,6 +225,49 @@ def test_task_events_reach_a_subscriber_on_a_cluster(redis_cluster: Cluster) -> 
     assert got == {t: ["dispatched", "finished"] for t in task_ids}
 
 
+def test_one_tasks_long_chain_of_events_does_not_hold_back_the_other_tasks_on_a_cluster(
+    redis_cluster: Cluster,
+) -> None:
+    """On a cluster each task's events go one after another, a few tasks at a time. In groups of 32 every task
+    of the next group waited for the longest chain before it: a GPU posting partials of one task over several
+    connections held back every other task's events for as long (a review). Now a chain holds one worker:
+    40 tasks with one event each, queued behind a task with 300, all arrive before that task's last one."""
+    keys = Keys("gpuq-test-events-chain:")
+    flood, others = "chain-flood", [f"chain-{i}" for i in range(40)]
+    with redis_cluster.nodes[1].client() as sub_client:
+        sub = sub_client.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(*(keys.task_events(t) for t in [flood, *others]))
+        for _ in range(1 + len(others)):  # the subscriptions confirmed
+            sub.get_message(timeout=1)
+
+        async def publish_all() -> None:
+            client = await initialized(async_client(redis_cluster.url, cluster=True))
+            work: list[asyncio.Task[None]] = []
+            events = EventPublisher(client, keys, lambda coro: work.append(asyncio.ensure_future(coro)))
+            for n in range(300):
+                events.publish("partial", flood, n=n)
+            for t in others:  # one batch with the flood's (500 events at most)
+                events.publish("finished", t, attempt=1)
+            while work:
+                await work.pop()
+            await client.aclose()
+
+        asyncio.run(publish_all())
+        order: list[tuple[str, Any]] = []
+        deadline = time.monotonic() + 10
+        while len(order) < 300 + len(others) and time.monotonic() < deadline:
+            message = sub.get_message(timeout=1)
+            if message is not None:
+                ev = json.loads(message["data"])
+                order.append((ev["task_id"], ev.get("n")))
+        sub.close()
+    assert [n for t, n in order if t == flood] == list(range(300))  # the chain itself in its order
+    last_of_flood = order.index((flood, 299))
+    late = [t for t, _ in order[last_of_flood:] if t != flood]
+    assert sorted(t for t, _ in order if t != flood) == sorted(others)
+    assert late == []
+
+
 def test_a_cluster_clients_write_on_a_transport_closed_under_it_is_a_lost_connection(
     redis_cluster: Cluster,
 ) -> None:
