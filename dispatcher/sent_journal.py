@@ -127,6 +127,9 @@ class SentJournal:
         self.rotate_due: Callable[[], None] = lambda: None
         #: Called when the journal turns off for good (runtime.py: the id's mark then names no journal).
         self.on_fail: Callable[[], None] = lambda: None
+        #: Dead lives (instance) whose id another process was found running again, and when first so
+        #: (monotonic): their journals are left to that process for a while (``recovery.py``).
+        self.runs_again: dict[str, float] = {}
 
     @property
     def enabled(self) -> bool:

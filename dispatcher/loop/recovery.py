@@ -16,6 +16,8 @@ for their callback or lease, as before. Only what the dead life's id holds is ju
 the id's mark names (``Keys.journal``: the last life of the id that wrote down all the id held), and only
 while no other process runs under that id: the restarted process holds it already (it recovers before it
 places anything); for another id, the reader stands in for it in Redis while it reads, as a restart would.
+A reader that finds the id taken leaves the journal to that process (``RUNS_AGAIN_GRACE_SECONDS``), which
+may be its restart here, between taking the id and reading its journals.
 """
 
 from __future__ import annotations
@@ -58,6 +60,18 @@ YOUNG_SECONDS = 60.0
 
 NEVER_SENT = "its dispatcher ({id}) stopped before sending it: given back without using an attempt"
 
+#: A dead life's journal whose id another process runs again is left for this long: that process may be a
+#: restart of the id on this machine that has claimed the id and not yet read its journals (it reads them at
+#: its start, and removes them when it meets them later). Removed at once, its unsent standbys waited for
+#: their leases (an outside trial: 11 of 16 slots idle for the lease after kill -9 and restart). Past it,
+#: the process runs elsewhere or is done with its start: the journal is nobody's to read.
+RUNS_AGAIN_GRACE_SECONDS = 60.0
+#: ``_stand_in``: another process holds the id.
+_RUNS_AGAIN = -1
+#: At its start a restarted id waits this long at most for the journal its mark names while another reader
+#: holds its lock (a look that found the id taken and lets go in milliseconds).
+OWN_JOURNAL_WAIT_SECONDS = 5.0
+
 
 async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous: str | None = None) -> int:
     """The journals of dead lives in this machine's STATE_DIR, read and acted on; the number of attempts
@@ -73,16 +87,23 @@ async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous
         return 0
     given = 0
     # In a thread: hundreds of journals (of other databases, say) took 100 ms of file calls per look.
-    for dispatcher_id, lives in (await asyncio.to_thread(_by_id, journal, me)).items():
+    by_id = await asyncio.to_thread(_by_id, journal, me)
+    if starting and previous is not None:
+        by_id = await _with_own(journal, me, by_id, previous)
+    listed = {dead.instance for lives in by_id.values() for dead in lives}
+    journal.runs_again = {i: t for i, t in journal.runs_again.items() if i in listed}
+    for dispatcher_id, lives in by_id.items():
         try:
             if dispatcher_id == me.dispatcher_id:
                 if starting:  # we hold the id: no deadline
                     given += await _read(rt, lives, previous, math.inf)
-            elif (n := await _stand_in(rt, dispatcher_id, lives)) is None:
+            elif (n := await _stand_in(rt, dispatcher_id, lives)) is None or (
+                n == _RUNS_AGAIN and not _left_long_enough(journal, dispatcher_id, lives)
+            ):
                 for dead in lives:
                     dead.release()
                 continue
-            else:
+            elif n != _RUNS_AGAIN:
                 given += n
         except Exception:
             log.exception(
@@ -93,8 +114,41 @@ async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous
                 dead.release()
             continue
         for dead in lives:
+            journal.runs_again.pop(dead.instance, None)
             dead.forget()
     return given
+
+
+async def _with_own(
+    journal: SentJournal, me: Life, by_id: dict[str, list[DeadLife]], previous: str
+) -> dict[str, list[DeadLife]]:
+    """``by_id`` with the journal our mark names (``previous``), waited for while another reader holds its
+    lock: that reader found our id taken (by us) and lets go at once. Missed, its unsent attempts waited for
+    their leases."""
+    assert journal.dir is not None
+    deadline = time.monotonic() + OWN_JOURNAL_WAIT_SECONDS
+    while not any(d.instance == previous for d in by_id.get(me.dispatcher_id, ())):
+        if not (journal.dir / f"{previous}.lock").exists() or time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.02)
+        for lives in by_id.values():
+            for dead in lives:
+                dead.release()
+        by_id = await asyncio.to_thread(_by_id, journal, me)
+    return by_id
+
+
+def _left_long_enough(journal: SentJournal, dispatcher_id: str, lives: list[DeadLife]) -> bool:
+    """Whether these dead lives' id has been found running again for ``RUNS_AGAIN_GRACE_SECONDS``."""
+    now = time.monotonic()
+    first = min(journal.runs_again.setdefault(d.instance, now) for d in lives)
+    if now - first < RUNS_AGAIN_GRACE_SECONDS:
+        return False
+    log.info(
+        "journal of a stopped dispatcher whose id runs again elsewhere (or has read it): removed",
+        extra={"action": "recovery", "dispatcher_id": dispatcher_id},
+    )
+    return True
 
 
 def _by_id(journal: SentJournal, me: Life) -> dict[str, list[DeadLife]]:
@@ -139,7 +193,8 @@ async def _read(rt: Runtime, lives: list[DeadLife], mark: str | None, deadline: 
 
 async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> int | None:
     """Hold another id's heartbeat key while reading what it holds: a restart of that id waits for it.
-    None: a life we took for dead still has a client on Redis (left for a later look)."""
+    None: a life we took for dead still has a client on Redis (left for a later look); ``_RUNS_AGAIN``:
+    another process holds the id."""
     stand_in = new_instance()
     key = rt.keys.alive(dispatcher_id)
     # A client named as that id's would be: a restart of the id that finds our key waits for it (claim).
@@ -157,11 +212,7 @@ async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> i
         taken = int(await named.eval(_STAND_IN, 1, key, stand_in, HEARTBEAT_TTL_SECONDS, *dead))
         deadline = time.monotonic() + READ_WITHIN_SECONDS
         if not taken:  # another process runs under that id now: what it holds is not the dead lives'
-            log.info(
-                "journal of a stopped dispatcher whose id runs again: removed",
-                extra={"action": "recovery", "dispatcher_id": dispatcher_id},
-            )
-            return 0
+            return _RUNS_AGAIN
         try:
             mark = await named.get(rt.keys.journal(dispatcher_id))
             return await _read(rt, lives, mark.decode() if isinstance(mark, bytes) else mark, deadline)

@@ -23,6 +23,8 @@ from dispatcher.db.attempts import cancel_task
 from dispatcher.db.engine import transaction, utcnow
 from dispatcher.db.schema import attempts, slots, tasks
 from dispatcher.db.standby import bind
+from dispatcher.loop import recovery
+from dispatcher.loop import runtime as runtime_module
 from dispatcher.loop.core import Dispatcher
 from dispatcher.loop.recovery import recover
 from dispatcher.sent_journal import SUBDIR, Life, SentJournal, boot_id, dead_lives, realm
@@ -216,7 +218,7 @@ def test_journals_that_cannot_be_trusted_here_judge_nothing(run, life, kept):
     run(body)
 
 
-def test_a_dead_id_running_again_elsewhere_is_not_judged(run, rds: redis.Redis):
+def test_a_dead_id_running_again_elsewhere_is_not_judged(run, rds: redis.Redis, monkeypatch):
     async def body(d: Dispatcher) -> None:
         # GIVEN the dead life's id is held by another process now (a restart on another machine): what the id
         # holds may be that process's, placed and about to be sent
@@ -225,10 +227,62 @@ def test_a_dead_id_running_again_elsewhere_is_not_judged(run, rds: redis.Redis):
         j = await _dead(d, [])
         assert await recover(d.rt, d.rt.journal, starting=False) == 0
         assert set(_held(d)) == set(ids)
-        assert _files(j) == []
         assert rds.get(d.rt.keys.alive("dead")) == b"another-instance"
+        # THEN its journal is left to that process for a while (a restart here reads it at its start)
+        assert _files(j) != []
+        # AND removed, still unread, by a look once that while has passed
+        monkeypatch.setattr(recovery, "RUNS_AGAIN_GRACE_SECONDS", 0.0)
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert set(_held(d)) == set(ids)
+        assert _files(j) == []
+        assert d.rt.journal.runs_again == {}
 
     run(body)
+
+
+def test_a_restart_reads_its_journal_though_another_dispatcher_looked_between_its_claim_and_its_read(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    fleet: SimFleet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outside trial (two dispatchers on one STATE_DIR, kill -9 and restart at random): the other
+    dispatcher's 5 s look came between the restarted process taking its id and reading its dead life's
+    journal, found the id taken and removed the journal unread; the restart then took everything its id
+    held for sent, and its standbys never sent held their slots for the lease (11 of 16 slots)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    restart = _settings(
+        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
+    )
+    real = recovery.recover
+    looks: list[int] = []
+
+    async def main() -> None:
+        async with in_process(other) as d:
+
+            async def look_between_claim_and_read(rt: Any, journal: SentJournal, **kw: Any) -> int:
+                if kw.get("starting") and rt is not d.rt:  # the restart holds its id, not yet read
+                    looks.append(await real(d.rt, d.rt.journal, starting=False))
+                return await real(rt, journal, **kw)
+
+            # GIVEN a dead dispatcher "dead" that recorded 2 running jobs and sent neither
+            ids = _running(d, 2)
+            await _dead(d, [])
+            # WHEN it restarts, and the other dispatcher looks between its claim of the id and its read
+            monkeypatch.setattr(runtime_module, "recover", look_between_claim_and_read)
+            async with in_process(restart):
+                # THEN the look judged nothing, and the restart gave both back at its start
+                assert looks == [0]
+                rows = _rows(d, ids)
+                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
+                    ids, ("retrying", 1)
+                )
+                assert _held(d) == {}
+
+    asyncio.run(main())
 
 
 def test_the_stand_in_takes_the_dead_ids_key_only_while_it_reads(run, rds: redis.Redis):
@@ -242,6 +296,47 @@ def test_the_stand_in_takes_the_dead_ids_key_only_while_it_reads(run, rds: redis
         assert rds.get(d.rt.keys.alive("dead")) is None  # taken over, then let go
 
     run(body)
+
+
+def test_a_restart_waits_for_its_journal_while_another_reader_holds_its_lock(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    fleet: SimFleet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same race, the other way: the other dispatcher's look still holds the dead life's lock (it found
+    the id taken, and lets go) when the restart lists its journals. The restart waits for it; skipped, its
+    unsent attempts waited for their leases."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    restart = _settings(
+        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
+    )
+    real = recovery.recover
+
+    async def main() -> None:
+        async with in_process(other) as d:
+
+            async def read_while_another_holds_the_lock(rt: Any, journal: SentJournal, **kw: Any) -> int:
+                if kw.get("starting") and rt is not d.rt:
+                    held = dead_lives(d.rt.journal)  # locked, as the other's look does
+                    assert held
+                    asyncio.get_running_loop().call_later(0.2, lambda: [dead.release() for dead in held])
+                return await real(rt, journal, **kw)
+
+            ids = _running(d, 2)
+            await _dead(d, [])
+            monkeypatch.setattr(runtime_module, "recover", read_while_another_holds_the_lock)
+            async with in_process(restart):
+                rows = _rows(d, ids)
+                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
+                    ids, ("retrying", 1)
+                )
+                assert _held(d) == {}
+
+    asyncio.run(main())
 
 
 # -- the journal itself ---------------------------------------------------------------------------------
