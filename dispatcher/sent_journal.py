@@ -127,9 +127,10 @@ class SentJournal:
         self.rotate_due: Callable[[], None] = lambda: None
         #: Called when the journal turns off for good (runtime.py: the id's mark then names no journal).
         self.on_fail: Callable[[], None] = lambda: None
-        #: Dead lives (instance) whose id another process was found running again, and when first so
-        #: (monotonic): their journals are left to that process for a while (``recovery.py``).
-        self.runs_again: dict[str, float] = {}
+        #: Dead lives (instance) whose id another process was found running again: when first so
+        #: (monotonic), and the instances found holding the id. Their journals are left to that process for
+        #: a while, and read later only if each of those kept a journal here (``recovery.py``).
+        self.runs_again: dict[str, tuple[float, set[str]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -308,6 +309,44 @@ class DeadLife:
     def release(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.lock)
+
+
+def kept_a_journal(journal: SentJournal, dispatcher_id: str, instance: str) -> bool:
+    """Did life ``instance`` of ``dispatcher_id``, on this machine's boot and stores, start a journal here?
+    Such a life names its journal the id's (the mark) before it places anything: if it died before that, the
+    mark still names the journal that knows what the id sent. A gpuq without the journal (a rollback), or a
+    life on another machine, leaves none here. Read without its lock: the header is written once, under it."""
+    if journal.dir is None or journal.life is None or "/" in instance or instance.startswith("."):
+        return False
+    try:
+        with (journal.dir / f"{instance}.lock").open("rb") as f:
+            life = Life.loads(f.read(64 * 1024))
+    except OSError:
+        return False
+    me = journal.life
+    return life is not None and (life.dispatcher_id, life.instance, life.boot, life.realm) == (
+        dispatcher_id,
+        instance,
+        me.boot,
+        me.realm,
+    )
+
+
+def held_elsewhere(journal: SentJournal, instance: str) -> bool:
+    """Is life ``instance``'s journal here locked by a process (its own, or a reader's)?"""
+    if journal.dir is None or "/" in instance or instance.startswith("."):
+        return False
+    try:
+        fd = os.open(journal.dir / f"{instance}.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops our lock, if we took it
+    return False
 
 
 def dead_lives(journal: SentJournal) -> list[DeadLife]:

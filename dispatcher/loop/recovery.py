@@ -41,7 +41,7 @@ from dispatcher.queues.presence import (
     client_name,
     new_instance,
 )
-from dispatcher.sent_journal import DeadLife, Life, SentJournal, dead_lives
+from dispatcher.sent_journal import DeadLife, Life, SentJournal, dead_lives, held_elsewhere, kept_a_journal
 from dispatcher.states import Outcome, TaskState
 from producer.connect import async_client
 
@@ -68,9 +68,11 @@ NEVER_SENT = "its dispatcher ({id}) stopped before sending it: given back withou
 RUNS_AGAIN_GRACE_SECONDS = 60.0
 #: ``_stand_in``: another process holds the id.
 _RUNS_AGAIN = -1
-#: At its start a restarted id waits this long at most for the journal its mark names while another reader
-#: holds its lock (a look that found the id taken and lets go in milliseconds).
-OWN_JOURNAL_WAIT_SECONDS = 5.0
+#: At its start a restarted id waits this long at most for the journal its mark names while another process
+#: holds its lock (a look that found the id taken lets go of it once its look is done), heartbeating
+#: every ``_BEAT_EVERY_SECONDS``.
+OWN_JOURNAL_WAIT_SECONDS = 30.0
+_BEAT_EVERY_SECONDS = 2.0
 
 
 async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous: str | None = None) -> int:
@@ -89,15 +91,15 @@ async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous
     # In a thread: hundreds of journals (of other databases, say) took 100 ms of file calls per look.
     by_id = await asyncio.to_thread(_by_id, journal, me)
     if starting and previous is not None:
-        by_id = await _with_own(journal, me, by_id, previous)
-    listed = {dead.instance for lives in by_id.values() for dead in lives}
-    journal.runs_again = {i: t for i, t in journal.runs_again.items() if i in listed}
+        by_id = await _with_own(rt, journal, me, by_id, previous)
+    if journal.runs_again:  # lives whose journal is gone (read or removed by another process)
+        journal.runs_again = await asyncio.to_thread(_still_there, journal)
     for dispatcher_id, lives in by_id.items():
         try:
             if dispatcher_id == me.dispatcher_id:
                 if starting:  # we hold the id: no deadline
                     given += await _read(rt, lives, previous, math.inf)
-            elif (n := await _stand_in(rt, dispatcher_id, lives)) is None or (
+            elif (n := await _stand_in(rt, journal, dispatcher_id, lives)) is None or (
                 n == _RUNS_AGAIN and not _left_long_enough(journal, dispatcher_id, lives)
             ):
                 for dead in lives:
@@ -120,17 +122,22 @@ async def recover(rt: Runtime, journal: SentJournal, *, starting: bool, previous
 
 
 async def _with_own(
-    journal: SentJournal, me: Life, by_id: dict[str, list[DeadLife]], previous: str
+    rt: Runtime, journal: SentJournal, me: Life, by_id: dict[str, list[DeadLife]], previous: str
 ) -> dict[str, list[DeadLife]]:
-    """``by_id`` with the journal our mark names (``previous``), waited for while another reader holds its
-    lock: that reader found our id taken (by us) and lets go at once. Missed, its unsent attempts waited for
-    their leases."""
-    assert journal.dir is not None
+    """``by_id`` with the journal our mark names (``previous``), waited for while another process holds its
+    lock: a reader that found our id taken (by us) lets go of it, at the latest when its look is done (it
+    locks every dead journal first, then reads id after id). Missed, its unsent attempts waited for their
+    leases. Our heartbeat is kept up meanwhile: its key must not lapse while we wait."""
     deadline = time.monotonic() + OWN_JOURNAL_WAIT_SECONDS
+    beat_at = time.monotonic() + _BEAT_EVERY_SECONDS
     while not any(d.instance == previous for d in by_id.get(me.dispatcher_id, ())):
-        if not (journal.dir / f"{previous}.lock").exists() or time.monotonic() >= deadline:
+        # Not listed and nobody holds it: absent, or not ours to read (another database's, another boot's)
+        if time.monotonic() >= deadline or not await asyncio.to_thread(held_elsewhere, journal, previous):
             break
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        if time.monotonic() >= beat_at:
+            await rt.intake.heartbeat()
+            beat_at = time.monotonic() + _BEAT_EVERY_SECONDS
         for lives in by_id.values():
             for dead in lives:
                 dead.release()
@@ -138,10 +145,15 @@ async def _with_own(
     return by_id
 
 
+def _still_there(journal: SentJournal) -> dict[str, tuple[float, set[str]]]:
+    assert journal.dir is not None
+    return {i: v for i, v in journal.runs_again.items() if (journal.dir / f"{i}.lock").exists()}
+
+
 def _left_long_enough(journal: SentJournal, dispatcher_id: str, lives: list[DeadLife]) -> bool:
     """Whether these dead lives' id has been found running again for ``RUNS_AGAIN_GRACE_SECONDS``."""
     now = time.monotonic()
-    first = min(journal.runs_again.setdefault(d.instance, now) for d in lives)
+    first = min(journal.runs_again[d.instance][0] for d in lives)
     if now - first < RUNS_AGAIN_GRACE_SECONDS:
         return False
     log.info(
@@ -191,10 +203,14 @@ async def _read(rt: Runtime, lives: list[DeadLife], mark: str | None, deadline: 
     return 0
 
 
-async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> int | None:
+async def _stand_in(
+    rt: Runtime, journal: SentJournal, dispatcher_id: str, lives: list[DeadLife]
+) -> int | None:
     """Hold another id's heartbeat key while reading what it holds: a restart of that id waits for it.
     None: a life we took for dead still has a client on Redis (left for a later look); ``_RUNS_AGAIN``:
-    another process holds the id."""
+    another process holds the id (noted in ``journal.runs_again``). A process found holding the id at an
+    earlier look that kept no journal here (a gpuq without it, or one on another machine that died before
+    naming its own) may have sent what these journals do not list: they are then not read (0)."""
     stand_in = new_instance()
     key = rt.keys.alive(dispatcher_id)
     # A client named as that id's would be: a restart of the id that finds our key waits for it (claim).
@@ -209,11 +225,23 @@ async def _stand_in(rt: Runtime, dispatcher_id: str, lives: list[DeadLife]) -> i
         dead = [d.instance for d in lives]
         if await _connected(named, dispatcher_id, dead):
             return None
-        taken = int(await named.eval(_STAND_IN, 1, key, stand_in, HEARTBEAT_TTL_SECONDS, *dead))
+        holder = await named.eval(_STAND_IN, 1, key, stand_in, HEARTBEAT_TTL_SECONDS, *dead)
         deadline = time.monotonic() + READ_WITHIN_SECONDS
-        if not taken:  # another process runs under that id now: what it holds is not the dead lives'
+        if holder != 1:  # another process runs under that id now: what it holds is not the dead lives'
+            now, holder = time.monotonic(), holder.decode() if isinstance(holder, bytes) else str(holder)
+            for instance in dead:
+                journal.runs_again.setdefault(instance, (now, set()))[1].add(holder)
             return _RUNS_AGAIN
         try:
+            seen = {h for i in dead if i in journal.runs_again for h in journal.runs_again[i][1]}
+            if blind := sorted(h for h in seen if not kept_a_journal(journal, dispatcher_id, h)):
+                log.warning(
+                    "journal of a stopped dispatcher not read: a later process of its id kept no journal"
+                    " here (a gpuq without it, or on another machine) and may have sent what it does not"
+                    " list; that id's unsent jobs wait for their leases",
+                    extra={"action": "recovery", "dispatcher_id": dispatcher_id, "later": blind},
+                )
+                return 0
             mark = await named.get(rt.keys.journal(dispatcher_id))
             return await _read(rt, lives, mark.decode() if isinstance(mark, bytes) else mark, deadline)
         finally:
@@ -233,13 +261,14 @@ async def _connected(r: Redis, dispatcher_id: str, instances: list[str]) -> bool
     return any(c.get("name") in names for c in clients)
 
 
-#: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or one of its dead lives still does.
+#: Take a dead id's heartbeat key for a stand-in: when nobody holds it, or one of its dead lives still does
+#: (1); else the instance that holds it.
 _STAND_IN = """
 local v = redis.call('GET', KEYS[1])
 if v then
   local dead = false
   for i = 3, #ARGV do if ARGV[i] == v then dead = true end end
-  if not dead then return 0 end
+  if not dead then return v end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 return 1

@@ -37,7 +37,7 @@ from dispatcher.preflight import slots_mismatch
 from dispatcher.queues.intake import Intake, Settlement
 from dispatcher.queues.presence import JOURNAL_MARK_TTL_SECONDS
 from dispatcher.queues.task_events import EventPublisher
-from dispatcher.sent_journal import Life, SentJournal, boot_id, realm
+from dispatcher.sent_journal import Life, SentJournal, boot_id, kept_a_journal, realm
 from dispatcher.settings import DispatcherSettings
 from producer.keys import Keys
 
@@ -148,39 +148,42 @@ class Runtime:
     # -- plumbing -------------------------------------------------------------------------------------
 
     async def _start_journal(self) -> None:
-        """Before anything is placed under our id: our journal, with everything our id still holds written
-        down as sent (an earlier life's, or not known), then the mark naming it our id's journal (without
-        a journal, a mark that names none: no earlier file of the id is trusted again), then what dead lives
-        on this machine recorded and never sent, given back (recovery.py)."""
+        """Before anything is placed under our id: our journal opened (so that a later life knows this one
+        kept one), what dead lives on this machine recorded and never sent given back (recovery.py), then
+        everything our id still holds written down as sent (sent by an earlier life, or not known), and only
+        then the mark naming our journal the id's (without a journal, a mark that names none: no earlier file
+        of the id is trusted again). Marked before the read, a life killed between the two (an outside trial:
+        15 of 16 slots idle for the lease) left the mark on a journal that took the dead one's never-sent
+        standbys for sent."""
         j, me = self.journal, self.settings.dispatcher_id
-        before = await self.beat_redis.get(self.keys.journal(me))
         opened = j.open()
-        held = await self.db(holdings, dispatcher_id=me)
+        before = await self.beat_redis.get(self.keys.journal(me))
         if opened:
             j.rotate_due = lambda: self.spawn(
                 j.rotate(lambda: self.db(holdings, dispatcher_id=me)), "journal"
             )
             j.on_fail = lambda: self.spawn(self._mark_journal(f"off:{self.settings.instance}"), "journal")
-            j.carry(held)
-        if not j.enabled:  # no journal, or the carry could not be written
-            await self._mark_journal(f"off:{self.settings.instance}")
-            j.inherited = held
-            return
-        await self._mark_journal(self.settings.instance)
         previous = before.decode() if isinstance(before, bytes) else before
         taken = self.intake.took_over
-        if taken is not None and taken != previous:
-            # The process of our id that died last is not the one the mark names: a version of gpuq without
-            # the journal ran in between (a rollback), so no journal here knows what it sent.
+        if j.enabled and taken is not None and taken != previous and not kept_a_journal(j, me, taken):
+            # The process of our id that died last is not the one the mark names, and kept no journal here:
+            # a version of gpuq without the journal ran in between (a rollback), or it ran on another
+            # machine, so no journal here knows what it sent. (One that kept a journal here died before it
+            # named it: the mark still names the journal that knows.)
             log.warning(
                 "this DISPATCHER_ID's last process kept no journal of sent requests (its journal off, or a"
                 " gpuq without it): nothing is given back; its unsent jobs wait for their leases",
                 extra={"action": "recovery", "previous": taken, "marked": previous},
             )
             previous = None
-        await self.intake.heartbeat()  # a long recovery must not outlast our key's TTL
-        await recover(self, j, starting=True, previous=previous)
-        j.inherited = await self.db(holdings, dispatcher_id=me)  # what recovery left: sent, or not known
+        if j.enabled:
+            await self.intake.heartbeat()  # a long recovery must not outlast our key's TTL
+            await recover(self, j, starting=True, previous=previous)
+        held = await self.db(holdings, dispatcher_id=me)  # what recovery left: sent, or not known
+        j.carry(held)
+        j.inherited = held
+        # Without a journal, or the carry could not be written
+        await self._mark_journal(self.settings.instance if j.enabled else f"off:{self.settings.instance}")
 
     async def _mark_journal(self, mark: str) -> None:
         self.intake.journal_mark = mark

@@ -339,6 +339,145 @@ def test_a_restart_waits_for_its_journal_while_another_reader_holds_its_lock(
     asyncio.run(main())
 
 
+class Killed(BaseException):
+    """A kill -9 at a chosen point of a start (``BaseException``: nothing on the way catches it)."""
+
+
+def test_a_restart_killed_before_reading_its_journal_leaves_it_to_the_next(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    fleet: SimFleet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second outside trial (same harness): a restart killed ~110 ms into its start, after it had written
+    down all its id held as sent and named its journal the id's, before it read its predecessor's: the next
+    restart trusted that journal, and 15 of 16 slots held never-sent standbys for the lease. Now a start reads
+    first and names its journal last, and the next restart, taking over from a life that kept a journal
+    here, still trusts the older journal the mark names."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+
+    def restart() -> Any:
+        return _settings(
+            any_database_url,
+            redis_url,
+            key_prefix,
+            queue,
+            fleet,
+            state_dir=str(tmp_path),
+            dispatcher_id="dead",
+        )
+
+    real = recovery.recover
+
+    async def main() -> None:
+        async with in_process(other) as d:
+            # GIVEN a dead life of "dead" holding 2 slots, having sent neither; its journal is the id's
+            ids = _running(d, 2)
+            first = await _dead(d, [])
+            assert first.life is not None
+
+            async def killed_at_its_read(rt: Any, journal: SentJournal, **kw: Any) -> int:
+                if kw.get("starting") and rt is not d.rt:
+                    raise Killed
+                return await real(rt, journal, **kw)
+
+            # WHEN a restart is killed as it comes to read that journal
+            second = restart()
+            monkeypatch.setattr(runtime_module, "recover", killed_at_its_read)
+            with pytest.raises(Killed):
+                async with in_process(second):
+                    pass
+            monkeypatch.setattr(runtime_module, "recover", real)
+            assert await d.rt.redis.get(d.rt.keys.journal("dead")) == first.life.instance.encode()
+            # (killed, not stopped: its heartbeat key outlives it, and the next restart takes it over)
+            await d.rt.redis.set(d.rt.keys.alive("dead"), second.instance, ex=30)
+            # THEN the next restart gives both back
+            async with in_process(restart()) as third:
+                assert third.rt.intake.took_over == second.instance
+                rows = _rows(d, ids)
+                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
+                    ids, ("retrying", 1)
+                )
+                assert _held(d) == {}
+
+    asyncio.run(main())
+
+
+def test_a_restart_does_not_wait_for_a_journal_it_may_not_read(
+    any_database_url: str,
+    redis_url: str,
+    key_prefix: str,
+    fleet: SimFleet,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The mark names a journal here that is not ours to read (another database's: DATABASE_URL respelled
+    between two lives, say) and that nobody holds: the start looks once, it does not wait for it (a review:
+    5 s of relisting every journal every 20 ms)."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
+    restart = _settings(
+        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
+    )
+    listings: list[int] = []
+    real = recovery._by_id
+
+    def counted(journal: SentJournal, me: Life) -> Any:
+        if me.dispatcher_id == "dead":
+            listings.append(1)
+        return real(journal, me)
+
+    async def main() -> None:
+        async with in_process(other) as d:
+            ids = _running(d, 1)
+            await _dead(d, [], realm="another-database")
+            monkeypatch.setattr(recovery, "OWN_JOURNAL_WAIT_SECONDS", 3600.0)
+            monkeypatch.setattr(recovery, "_by_id", counted)
+            async with in_process(restart):
+                assert listings == [1]
+                assert set(_held(d)) == set(ids)  # not judged: kept, as sent
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("journal_here", [False, True], ids=["kept none here", "kept one here"])
+def test_a_journal_is_read_after_its_id_ran_again_only_if_that_process_kept_a_journal_here(
+    run, rds: redis.Redis, journal_here: bool
+):
+    """A look found the dead life's id held by another process and left the journal to it; that process
+    stopped without reading it. Read now, the journal would judge that process's attempts: one of a gpuq
+    without the journal (a rollback) may have sent them, and giving them back runs them twice. One that kept
+    a journal here died before naming it: the journal the mark names still knows."""
+
+    async def body(d: Dispatcher) -> None:
+        ids = _running(d, 2)
+        j = await _dead(d, [])
+        later = "later-life"
+        me = d.rt.journal.life
+        assert me is not None
+        k = SentJournal(d.rt.journal.dir.parent, Life("dead", later, me.boot, me.realm))
+        if journal_here:  # a gpuq with the journal (running: its journal locked), not yet named the id's
+            assert k.open()
+        assert rds.set(d.rt.keys.alive("dead"), later, ex=30)
+        assert await recover(d.rt, d.rt.journal, starting=False) == 0
+        assert _files(j) != []
+        k.close()  # it stopped (killed: its journal stays)
+        rds.delete(d.rt.keys.alive("dead"))
+        given = await recover(d.rt, d.rt.journal, starting=False)
+        if journal_here:
+            assert given == 2
+            assert _held(d) == {}
+        else:
+            assert given == 0
+            assert set(_held(d)) == set(ids)  # left to their leases, not run twice
+        assert _files(j) == []
+
+    run(body)
+
+
 # -- the journal itself ---------------------------------------------------------------------------------
 
 
