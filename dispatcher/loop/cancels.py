@@ -38,6 +38,8 @@ log = logging.getLogger("gpuq.cancels")
 RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 #: Look for pending cancels at least this often (a wake-up from another process may be lost).
 SCAN_SECONDS = 5.0
+#: Look again this soon when a cancel waited for its job's request (or its standby) to go out first.
+HELD_BACK_SECONDS = 0.2
 #: The wake-up message (on the dispatchers' wake channel) that says "a running task was cancelled".
 WAKE_CANCEL = "cancel"
 
@@ -81,10 +83,18 @@ class CancelSender:
         now = time.monotonic()
         mine = self.rt.settings.dispatcher_id
         alive: dict[str, bool] = {}
+        held_back = False
         for p in pending:
             key = (p.task_id, p.attempt)
-            if key in self._sending or self.requests.posting(p.task_id, p.attempt):
-                continue  # the job's own request is still out: its answer comes first
+            if key in self._sending:
+                continue
+            # The job's own request is still out (its answer comes first), or it is a standby of ours not
+            # sent yet: promoted by another process and cancelled, it was POSTed after the GPU had said "not
+            # running" to its cancel and its slot was given to the next job (an outside trial: 6 jobs on a
+            # 4-slot GPU). The standby's owner sends it or, seeing it cancelled, frees its slot unsent.
+            if self.requests.posting(p.task_id, p.attempt) or self.requests.standby_of_ours(p.task_id):
+                held_back = True
+                continue
             if is_pull(p.url):
                 continue  # nothing reaches a pull GPU: its agent learns from the 409 to its next heartbeat
             owner = p.dispatcher_id
@@ -98,6 +108,8 @@ class CancelSender:
                 continue
             self._sending.add(key)
             self.rt.spawn(self._send(p, failed), f"cancel:{p.task_id}:{p.attempt}")
+        if held_back:  # its answer comes soon: look again then, not at the next SCAN_SECONDS
+            asyncio.get_running_loop().call_later(HELD_BACK_SECONDS, self.kick)
 
     async def _send(self, p: PendingCancel, failed: int) -> None:
         key = (p.task_id, p.attempt)

@@ -70,6 +70,9 @@ class Standbys:
         self._by_task: dict[str, Standby] = {}  # not sent yet
         self._early: dict[str, Standby] = {}  # sent on the holder's end, whose transaction is not done
         self._early_holders: set[tuple[str, int]] = set()
+        #: Standbys out of ``_by_task`` whose fate ``_settle`` is deciding (it reads the database first):
+        #: still ours to send, so no cancel may overtake them (``holds``).
+        self._settling: set[str] = set()
         self.binder = Binder(rt, wake, handoffs)
         self._kick = asyncio.Event()
         self._looked = 0.0
@@ -89,8 +92,9 @@ class Standbys:
             self._kick.set()
 
     def holds(self, task_id: str) -> bool:
-        """Is this task one of our standbys not sent yet? (Only this module may send it.)"""
-        return task_id in self._by_task
+        """Is this task one of our standbys not sent yet? (Only this module may send it; its GPU cancel
+        waits: ``CancelSender``.)"""
+        return task_id in self._by_task or task_id in self._settling
 
     def covers(self, task_id: str, attempt: int) -> bool:
         """Is a standby already on its way to this attempt's slot? (A hand-off then has no slot to fill.)"""
@@ -273,6 +277,8 @@ class Standbys:
         the buffer, any other is held again for the next look (buffered, a promoted one would be sent by a
         pass's "mine" path without a look at its GPU)."""
         left, back = list(items), []
+        settling = {s.bound.job.task_id for s in items}
+        self._settling |= settling
         try:
             promoted = [s for s in left if after.get(s.bound.job.task_id) == (TaskState.PROCESSING.value, 1)]
             ok = await self._eligible(promoted)
@@ -293,6 +299,7 @@ class Standbys:
                     self._ack(s)
                 left.pop(0)
         finally:
+            self._settling -= settling
             back += [s for s in left if _taken_back(after, s)]
             for s in left:
                 if not _taken_back(after, s):

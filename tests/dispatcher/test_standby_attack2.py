@@ -213,3 +213,57 @@ def test_a_cancelled_standby_still_bound_to_a_slot_is_not_retried(world: World) 
         assert transaction(w.engine, retry_task, task_id=standby, now=d.now()).code == "applied"
 
     run(w, w.settings(["g0"]), body)
+
+
+# -- C. a cancel overtakes a promoted standby its owner is about to send --------------------------------------
+
+
+def test_a_cancel_does_not_overtake_a_promoted_standby_its_owner_is_about_to_send(world: World) -> None:  # noqa: F811
+    """An outside trial (3 dispatchers, cancels of every running and standby task): a standby promoted by
+    another process's end was cancelled while its owner read whether its GPU could still take it. The owner's
+    cancel sender saw no request of its on the way and sent the GPU's cancel: "not running", so the slot was
+    freed and given to the next job; then the owner POSTed the standby: 5 and 6 jobs on 4-slot GPUs."""
+    w = world
+
+    def held(task_id: str) -> int:
+        with w.engine.connect() as conn:
+            return int(
+                conn.execute(text("SELECT COUNT(*) FROM slots WHERE task_id = :t"), {"t": task_id}).scalar()
+            )
+
+    async def body(d: Dispatcher) -> None:
+        ids, nxt = await _bound(w, d)
+        holder = ids[1]
+        standby = nxt[holder]
+        # GIVEN the holder's callback reached another dispatcher: the standby is promoted there, not sent yet
+        assert end_attempt(w.engine, holder, now=d.now()).code == "applied"
+        assert w.state(standby) == "processing"
+        real_db = d.rt.db
+        while_deciding: list[int] = []
+
+        async def db(fn: Any, /, **kw: Any) -> Any:
+            if fn is eligible_slots and not while_deciding:
+                # WHEN the user cancels it while its owner reads whether its GPU may still have it, and the
+                # owner's cancel sender looks meanwhile
+                transaction(w.engine, cancel_task, task_id=standby, now=d.now(), backoff=Backoff())
+                await d.cancels.scan()
+                await settle(d)
+                while_deciding.append(held(standby))
+            return await real_db(fn, **kw)
+
+        d.rt.db = db  # type: ignore[method-assign]
+        d.standbys._gpus_looked = time.monotonic()  # the GPU look is not what this is about
+        d.standbys._looked = 0.0
+        await d.standbys.step()
+        d.rt.db = real_db  # type: ignore[method-assign]
+        await settle(d)
+        # THEN the GPU's cancel waited: the slot stayed the standby's while it had not gone out
+        assert while_deciding == [1], "the cancel overtook the standby: its slot was freed before it was sent"
+        assert standby in w.received()
+        # AND once the standby's request was answered, the cancel went: the GPU stopped it, the slot is free
+        await d.cancels.scan()
+        await settle(d)
+        assert held(standby) == 0
+        assert w.state(standby) == "cancelled"
+
+    run(w, w.settings(["g0"]), body)
