@@ -27,10 +27,11 @@ from sqlalchemy.exc import DBAPIError
 
 from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
 from dispatcher.db.gpus import NameRefused, UrlTaken, list_gpus, register_new
+from dispatcher.db.identity import database_identity
 from dispatcher.gpus.endpoints import NOT_IN_GPU_NAMES
 from dispatcher.gpus.pull import is_pull
 from dispatcher.queues.intake import Intake
-from dispatcher.queues.presence import DuplicateDispatcher, client_name
+from dispatcher.queues.presence import DuplicateDispatcher, as_str, client_name
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized, is_cluster, sync_client
 from producer.keys import Keys
@@ -103,6 +104,42 @@ def check_redis(settings: DispatcherSettings) -> None:
         raise StartProblem(unreachable.format(_first_line(exc)), UNREACHABLE) from exc
     finally:
         client.close()
+
+
+def check_one_database(settings: DispatcherSettings, engine: Engine) -> None:
+    """Refuse to start beside a live dispatcher of the same Redis key prefix that works in another database
+    (``db/identity.py``): each would book the shared GPUs' slots in its own tables, and give a GPU twice its
+    slots (an outside trial: a second machine without DATABASE_URL, on embedded SQLite)."""
+    ours = transaction(engine, database_identity)
+    keys = Keys(settings.redis_key_prefix)
+    client = sync_client(
+        settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=10
+    )
+    try:
+        others = {as_str(k): as_str(v) for k, v in client.hgetall(keys.owner_databases).items()}
+        other = next(
+            (
+                (who, theirs)
+                for who, theirs in sorted(others.items())
+                if who != settings.dispatcher_id and theirs != ours and client.exists(keys.alive(who))
+            ),
+            None,
+        )
+    except (RedisError, RedisClusterException, OSError) as exc:
+        raise StartProblem(
+            f"Redis: could not look at the other dispatchers ({_first_line(exc)})", UNREACHABLE
+        ) from exc
+    finally:
+        client.close()
+    if other is not None:
+        who, theirs = other
+        raise StartProblem(
+            f"dispatcher {who} works on this Redis (key prefix {settings.redis_key_prefix!r}) in another"
+            f" database: {theirs}; this one's is {ours}. Dispatchers of one Redis key prefix share its queues"
+            " and GPUs, so they must share one database: set DATABASE_URL (or DB_*) to that one, or give"
+            " this deployment its own REDIS_KEY_PREFIX",
+            BAD_SETTING,
+        )
 
 
 def warn_few_replicas(client: Any, wanted: int, where: str) -> None:
@@ -272,6 +309,7 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> Any:
     stay open while the process runs (``check_dispatcher_id``)."""
     check_database(settings, engine)
     check_redis(settings)
+    check_one_database(settings, engine)
     holder = check_dispatcher_id(settings)
     try:
         register_endpoints(settings, engine)

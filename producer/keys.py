@@ -122,6 +122,11 @@ class Keys:
         """Dispatcher id -> the pools it routes to: where its set-aside and parked lists may be."""
         return f"{self.prefix}dispatchers:pools"
 
+    @property
+    def owner_databases(self) -> str:
+        """Dispatcher id -> the database it works in (``db/identity.py``): one per key prefix."""
+        return f"{self.prefix}dispatchers:databases"
+
     def fence(self, queue: str) -> str:
         return f"{self.prefix}{scope(queue)}:fence"
 

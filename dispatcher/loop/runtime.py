@@ -28,6 +28,7 @@ from dispatcher.db.clock import clock_offset
 from dispatcher.db.engine import init_schema, max_packet, transaction, utcnow
 from dispatcher.db.gpus import list_gpus, register_new
 from dispatcher.db.hot import HotThread
+from dispatcher.db.identity import database_identity
 from dispatcher.db.unsent import holdings
 from dispatcher.gpus.gpu_client import GpuClient
 from dispatcher.limits import Limits
@@ -259,6 +260,7 @@ class Runtime:
         await asyncio.to_thread(init_schema, self.engine)
         self.hot.start()
         await self.sync_clock()
+        self.intake.database = await self.db(database_identity)  # published with the heartbeat
         s = self.settings
         self.limits = Limits.for_packet(
             await self.db(max_packet), max_job_bytes=s.max_job_bytes, max_result_bytes=s.max_result_bytes

@@ -102,6 +102,9 @@ class Presence:
     journal_mark: str | None = None
     #: The instance whose heartbeat key ``claim`` took over (a process of our id that died moments ago).
     took_over: str | None = None
+    #: The database this process works in (``db/identity.py``), published beside its queues and pools: a
+    #: dispatcher of another database on the same key prefix is refused at start (preflight.py).
+    database: str | None = None
 
     def pools(self) -> list[str]:
         """Every pool a job can be routed to (TASK_ROUTES and the default pool): a job is set aside for one
@@ -183,6 +186,8 @@ class Presence:
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
         pipe.hset(self.keys.owner_pools, self.dispatcher_id, json.dumps(self.pools()))
+        if self.database is not None:
+            pipe.hset(self.keys.owner_databases, self.dispatcher_id, self.database)
         if self.journal_mark is not None:
             pipe.set(self.keys.journal(self.dispatcher_id), self.journal_mark, ex=JOURNAL_MARK_TTL_SECONDS)
         await pipe.execute()
@@ -197,6 +202,7 @@ class Presence:
         await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
         await self.redis.hdel(self.keys.owner_pools, self.dispatcher_id)
+        await self.redis.hdel(self.keys.owner_databases, self.dispatcher_id)
 
     async def queues_of(self, dispatcher_id: str) -> list[str]:
         """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
@@ -234,6 +240,7 @@ class Presence:
             await self.redis.srem(self.keys.dispatchers, other)
             await self.redis.hdel(self.keys.owner_queues, other)
             await self.redis.hdel(self.keys.owner_pools, other)
+            await self.redis.hdel(self.keys.owner_databases, other)
             if n:
                 log.warning(
                     "put back jobs of a dispatcher that is gone",

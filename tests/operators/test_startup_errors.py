@@ -4,6 +4,7 @@ reach (exit 3), a MySQL URL without the PyMySQL driver (exit 2), and ``--help`` 
 from __future__ import annotations
 
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -170,3 +171,68 @@ def test_the_listen_address_is_logged_as_a_url_writes_it():
 
     assert _address("::1", 8000) == "[::1]:8000"  # "::1:8000" read as an address of its own
     assert _address("127.0.0.1", 8000) == "127.0.0.1:8000"
+
+
+@pytest.mark.slow  # a dispatcher in-process and one process refused: ~10 s on a loaded 2-core machine
+def test_a_dispatcher_of_another_database_on_the_same_redis_is_refused(
+    tmp_path, redis_url, key_prefix, database_url
+):
+    """An outside trial: a second machine that forgot DATABASE_URL (embedded SQLite), with the same Redis, key
+    prefix and GPUs, started without a word and put 8 jobs on 4-slot GPUs (each dispatcher books the slots in
+    its own tables). It is refused now, naming the dispatcher and both databases; one on the same database,
+    reached by another spelling of its URL, is not."""
+    import asyncio
+
+    import redis
+    from sqlalchemy.engine import make_url
+
+    from dispatcher.db.engine import make_engine
+    from dispatcher.preflight import check_one_database
+    from dispatcher.testing import in_process
+    from simgpu.fleet import SimFleet
+    from tests.dispatcher.test_refused_retry import _settings
+
+    fleet = SimFleet(gpus=1, token="gpu-bearer-token", seed=7).start()
+    queue = f"{key_prefix}q"
+    first = _settings(database_url, redis_url, key_prefix, queue, fleet, dispatcher_id="first")
+    same_db_other_spelling = (
+        make_url(database_url).set(host="localhost").render_as_string(hide_password=False)
+    )
+    second = _settings(same_db_other_spelling, redis_url, key_prefix, queue, fleet, dispatcher_id="second")
+    rds = redis.Redis.from_url(redis_url)
+    runs: list[Any] = []
+
+    async def main() -> None:
+        async with in_process(first):
+            engine = make_engine(second.db_url())
+            try:
+                check_one_database(second, engine)  # the same database: no problem
+            finally:
+                engine.dispose()
+            runs.append(
+                await asyncio.to_thread(
+                    _run,
+                    tmp_path,
+                    REDIS_URL=redis_url,
+                    REDIS_KEY_PREFIX=key_prefix,
+                    TASK_QUEUES=queue,
+                    DATABASE_URL="sqlite:///d.db",
+                    GPU_ENDPOINTS=f"g0={fleet.url('g0')}",
+                )
+            )
+
+    try:
+        asyncio.run(main())
+    finally:
+        fleet.stop()
+    (run,) = runs
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if not line.startswith("{")]
+    assert len(lines) == 1, run.stderr
+    name = make_url(database_url).database
+    assert (
+        "dispatcher first works on this Redis" in lines[0] and f"mysql:{name} (gpuq schema of" in lines[0]
+    ), lines
+    assert f"sqlite:{tmp_path / 'd.db'}" in lines[0], lines
+    assert rds.hget(f"{key_prefix}dispatchers:databases", "first") is None  # retired when it stopped
+    rds.close()
