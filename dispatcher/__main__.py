@@ -177,7 +177,7 @@ def build_server(
         server.dispatcher = d
         await d.start()
         if settings.callback_url:  # set by hand: a typo there fails every job, a lease later each
-            checks.append(asyncio.create_task(check_callback_url(settings.callback_url)))
+            checks.append(asyncio.create_task(check_callback_url(settings.callback_url, settings.secret)))
         if own_process:
             freeze_heap()
             stacks.attach(asyncio.get_running_loop())

@@ -38,7 +38,7 @@ from dispatcher.errors import (
     validation_error,
 )
 from dispatcher.gpus.tokens import token_shaped, verify_token
-from dispatcher.http.callback_check import SELF_CHECK
+from dispatcher.http.callback_check import CHECK_OK, CHECK_TASK, SELF_CHECK
 from dispatcher.http.edge_limits import BUSY, CALLBACK_BODIES
 from dispatcher.http.refusals import refusals_of
 from dispatcher.loop.core import Dispatcher
@@ -294,8 +294,12 @@ class CallbackFastPath:
             elif name == _SELF_CHECK:
                 checking = True
         token = bearer(authorization)
-        if token is None and checking:  # CALLBACK_URL's look at start (callback_check.py): not a refusal
-            await _send(send, *_UNAUTHORIZED)
+        if checking:  # CALLBACK_URL's look at start (callback_check.py): not a refusal, nothing read
+            secret = self.app.state.dispatcher.settings.secret
+            if token is not None and verify_token(secret, CHECK_TASK, token) is not None:
+                await _send(send, 200, {"callback_check": CHECK_OK}, None)
+            else:  # none (an older gpuq's look), or signed with another CALLBACK_SECRET
+                await _send(send, *_UNAUTHORIZED)
             return
         if token is None or not token_shaped(token):  # not even shaped like ours: refused unread
             _refused(self.app.state.dispatcher, token)

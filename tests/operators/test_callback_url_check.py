@@ -11,6 +11,7 @@ import pytest
 
 from dispatcher.http.callback_check import check_callback_url
 from dispatcher.testing import free_port
+from tests.dispatcher.harness import SECRET
 from tests.dispatcher.helpers import wait_for
 
 
@@ -38,12 +39,27 @@ def test_a_callback_url_with_a_wrong_path_is_an_error_in_the_log_and_a_right_one
     # the look is not a refused callback: no callback_refused line, no 401 counted
     assert [(r["action"], r["level"]) for r in _checks(right)] == [("callback_check", "info")]
     assert 'gpuq_callbacks_total{code="401"}' not in httpx.get(f"{right.url}/metrics", timeout=10).text
+    # AND a dispatcher with another CALLBACK_SECRET whose CALLBACK_URL reaches it (behind one load balancer)
+    # is told so (an outside trial: told "reaches a gpuq /callback", then every callback was answered 401 and
+    # every job ran again after its lease)
+    stranger = stack.dispatcher(
+        fleet,
+        name="stranger",
+        CALLBACK_SECRET="another-secret-0123456789abcdef",
+        CALLBACK_URL=f"{right.url}/callback",
+    )
+    wait_for(lambda: _checks(stranger), 20, what="the CALLBACK_URL check")
+    (line,) = _checks(stranger)
+    assert line["level"] == "error" and "CALLBACK_SECRET" in line["msg"], line
+    assert 'gpuq_callbacks_total{code="401"}' not in httpx.get(f"{right.url}/metrics", timeout=10).text
 
 
 def test_a_callback_url_nobody_answers_here_is_only_mentioned(caplog):
     with caplog.at_level("INFO", logger="gpuq.dispatcher"):
         verdict = asyncio.run(
-            check_callback_url(f"http://127.0.0.1:{free_port()}/callback", tries=2, pause=0.01)
+            check_callback_url(
+                f"http://127.0.0.1:{free_port()}/callback", SECRET.encode(), tries=2, pause=0.01
+            )
         )
     assert verdict == "unreachable"
     (record,) = [r for r in caplog.records if getattr(r, "action", None) == "callback_check"]
@@ -52,11 +68,11 @@ def test_a_callback_url_nobody_answers_here_is_only_mentioned(caplog):
 
 def test_a_proxy_answering_502_until_the_dispatcher_serves_is_looked_at_again(caplog):
     """uvicorn binds after the dispatcher's start: a proxy in front answers 502 to the first looks."""
-    answers = [502, 503, 401]
+    answers = [502, 503, 200]
 
     def reply(request: httpx.Request) -> httpx.Response:
         status = answers.pop(0)
-        body = b'{"error": "missing or wrong callback token"}' if status == 401 else b"bad gateway"
+        body = b'{"callback_check": "token accepted"}' if status == 200 else b"bad gateway"
         return httpx.Response(status, content=body)
 
     real = httpx.AsyncClient
@@ -66,13 +82,15 @@ def test_a_proxy_answering_502_until_the_dispatcher_serves_is_looked_at_again(ca
 
     with caplog.at_level("INFO", logger="gpuq.dispatcher"), pytest.MonkeyPatch.context() as mp:
         mp.setattr("dispatcher.http.callback_check.httpx.AsyncClient", client)
-        verdict = asyncio.run(check_callback_url("https://lb.example/callback", tries=5, pause=0.01))
+        verdict = asyncio.run(
+            check_callback_url("https://lb.example/callback", SECRET.encode(), tries=5, pause=0.01)
+        )
     assert verdict == "ok" and answers == []
 
 
 @pytest.mark.parametrize("url", ["http://h:80OO/callback", "http://h:abc/callback"])
 def test_a_callback_url_no_gpu_could_call_is_an_error(url, caplog):
     with caplog.at_level("INFO", logger="gpuq.dispatcher"):
-        assert asyncio.run(check_callback_url(url, tries=2, pause=0.01)) == "wrong"
+        assert asyncio.run(check_callback_url(url, SECRET.encode(), tries=2, pause=0.01)) == "wrong"
     (record,) = [r for r in caplog.records if getattr(r, "action", None) == "callback_check"]
     assert record.levelname == "ERROR" and "not a URL a GPU can call" in record.getMessage()
