@@ -43,16 +43,20 @@ def check_names(name: str | None, pool: str | None) -> None:
             raise BadArgument(problem)
 
 
-def add_pull(ctx: typer.Context, name: str, *, pool: str, slots: int | None) -> None:
+def kept_note(kept: list[str]) -> str:
+    """What ``gpu add`` kept of a known GPU because it was not given."""
+    return f" ({' and '.join(kept)} kept: --pool, --slots or `gpuq gpu set` change them)" if kept else ""
+
+
+def add_pull(ctx: typer.Context, name: str, *, pool: str, slots: int, kept: list[str]) -> None:
     """Register a pull GPU (or change a known one's pool and slots); print its token if it got one."""
     check_names(name, pool)
     ep = endpoint(f"{pool}:pull:{name}")
     s = stores(ctx)
-    count = slots or s.settings.slots_per_gpu
     known = s.db(pull_gpu, gpu_id=ep.gpu_id)
-    token = s.db(register_pull, gpu_id=ep.gpu_id, pool=ep.pool, slot_count=count, now=utcnow())
+    token = s.db(register_pull, gpu_id=ep.gpu_id, pool=ep.pool, slot_count=slots, now=utcnow())
     verb = "updated" if known is not None else "added"
-    typer.echo(f"{verb} pull GPU {ep.gpu_id} in pool {ep.pool} with {count} slots", err=True)
+    typer.echo(f"{verb} pull GPU {ep.gpu_id} in pool {ep.pool} with {slots} slots{kept_note(kept)}", err=True)
     if token is None:
         typer.echo(
             f"its agent token is unchanged (`gpuq gpu token {ep.gpu_id} --rotate` issues a new one)", err=True

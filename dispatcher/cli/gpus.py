@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import typer
 
-from dispatcher.cli.agents import add_pull, check_names, endpoint, token
+from dispatcher.cli.agents import add_pull, check_names, endpoint, kept_note, token
 from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument, OperatorError
 from dispatcher.cli.render import console, rows_table
@@ -63,35 +63,48 @@ def add(
         str | None, typer.Argument(help="The GPU service's URL, e.g. http://10.0.0.5:9000/infer.")
     ] = None,
     *,
-    pool: Annotated[str, typer.Option(help="Pool serving the task types routed to it.")] = DEFAULT_POOL,
-    slots: Annotated[int | None, typer.Option(min=1, max=1024, help="Default: SLOTS_PER_GPU.")] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Pool serving the task types routed to it. Default: {DEFAULT_POOL}, or a known GPU's."
+        ),
+    ] = None,
+    slots: Annotated[
+        int | None, typer.Option(min=1, max=1024, help="Default: SLOTS_PER_GPU, or a known GPU's.")
+    ] = None,
     probe: Annotated[bool, typer.Option(help="GET the URL first and say what answered.")] = True,
     pull: Annotated[
         bool, typer.Option("--pull", help="A GPU that cannot be reached: its agent polls (no URL).")
     ] = False,
 ) -> None:
-    """Register a GPU (or change the URL, pool or slot count of a known one). Its URL is probed first and
-    the answer shown: a wrong path (404) stops the command (exit 2), a token it wants (401/403) is said,
-    before jobs go there. With ``--pull`` its agent token is printed, once."""
+    """Register a GPU (or change the URL, pool or slot count of a known one: what is not given is kept).
+    Its URL is probed first and the answer shown: a wrong path (404) stops the command (exit 2), a token it
+    wants (401/403) is said, before jobs go there. With ``--pull`` its agent token is printed, once."""
+    s = stores(ctx)
+    # A known GPU keeps the pool and slots not given: re-running a provisioning script's `gpu add` moved a
+    # 2-slot GPU of pool embed to the default pool with SLOTS_PER_GPU slots, silently (an outside trial).
+    old = next((g for g in s.db(list_gpus) if g.gpu_id == name), None)
+    kept = [what for what, given in (("pool", pool), ("slots", slots)) if old is not None and given is None]
+    pool = pool if pool is not None else old.pool if old is not None else DEFAULT_POOL
+    count = slots or (old.slots if old is not None else s.settings.slots_per_gpu)
     if pull:
         if url is not None:
             raise BadArgument("a pull GPU has no URL: `gpuq gpu add NAME --pull [--pool P]`")
-        add_pull(ctx, name, pool=pool, slots=slots)
+        add_pull(ctx, name, pool=pool, slots=count, kept=kept)
         return
     if url is None:
         raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
     check_names(name, pool)
     ep = endpoint(f"{pool}:{name}={url}")
-    s = stores(ctx)
-    count = slots or s.settings.slots_per_gpu
-    known = {g.gpu_id for g in s.db(list_gpus)}
     if probe:
         _say_probe(ep.url)
     with _url_taken_refused():
         s.db(register_gpu, gpu_id=ep.gpu_id, url=ep.url, pool=ep.pool, slot_count=count, now=utcnow())
     s.wake("slot")
-    verb = "updated" if ep.gpu_id in known else "added"
-    console().print(f"{verb} GPU {ep.gpu_id} ({shown_url(ep.url)}) in pool {ep.pool} with {count} slots")
+    verb = "updated" if old is not None else "added"
+    console().print(
+        f"{verb} GPU {ep.gpu_id} ({shown_url(ep.url)}) in pool {ep.pool} with {count} slots{kept_note(kept)}"
+    )
 
 
 def _say_probe(url: str) -> None:

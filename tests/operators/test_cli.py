@@ -78,6 +78,12 @@ def test_gpu_add_list_drain_activate_remove(gpuq, stores):
     assert res.exit_code == 0 and "updated GPU g1" in res.stdout
     with engine.connect() as conn:
         assert conn.execute(text("SELECT COUNT(*) FROM slots WHERE gpu_id = 'g1'")).scalar_one() == 3
+    # an add of a known GPU without --pool and --slots keeps them (an outside trial: a provisioning script's
+    # re-run moved a 3-slot GPU of pool embed to the default pool with SLOTS_PER_GPU slots, silently)
+    res = gpuq("gpu", "add", "g1", "http://127.0.0.1:9/new", "--no-probe")
+    assert res.exit_code == 0 and "in pool embed with 3 slots (pool and slots kept" in res.stdout, res.stdout
+    listed = {g["gpu_id"]: g for g in json.loads(gpuq("gpu", "list", "--json").stdout)}
+    assert (listed["g1"]["pool"], listed["g1"]["slots"]) == ("embed", 3)
 
     job = run_one(engine, "q", pool="embed")
     res = gpuq("gpu", "drain", "g1")
