@@ -154,7 +154,20 @@ async def readyz(d: D, hub: H) -> JSONResponse:
         problems["redis"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "redis", "error": str(exc)})
     try:
-        await d.db(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        if not await d.rt.db_watch.answers(
+            lambda: d.db(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        ):
+            # hung, not refusing: a probe that waited with it left Kubernetes' probes unanswered
+            problems["database"] = "not answering"
+            log.warning(
+                "not ready",
+                extra={
+                    "action": "readyz",
+                    "store": "database",
+                    "error": "not answering",
+                    "waited_s": round(d.rt.db_watch.waiting(), 1),
+                },
+            )
     except (StoreUnavailable, OSError) as exc:
         problems["database"] = "unreachable"
         log.warning("not ready", extra={"action": "readyz", "store": "database", "error": str(exc)})

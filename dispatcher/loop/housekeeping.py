@@ -81,6 +81,7 @@ class Housekeeping:
                 await self.heartbeat()
             except TRANSIENT as exc:
                 log.warning("heartbeat failed; will retry", extra={"action": "heartbeat", "error": str(exc)})
+            self.rt.db_watch.look()  # here: the duties below may all be waiting for that database
             await asyncio.sleep(HEARTBEAT_SECONDS)
 
     async def _duties(self, beat: asyncio.Task[None]) -> None:

@@ -30,6 +30,7 @@ from dispatcher.db.gpus import list_gpus, register_new
 from dispatcher.db.hot import HotThread
 from dispatcher.db.identity import database_identity
 from dispatcher.db.unsent import holdings
+from dispatcher.db.watch import DbWatch
 from dispatcher.gpus.gpu_client import GpuClient
 from dispatcher.limits import Limits
 from dispatcher.loop.recovery import recover
@@ -89,6 +90,8 @@ class Runtime:
     events: EventPublisher = field(init=False)
     #: What this process POSTed, on local disk (sent_journal.py); disabled until ``open``.
     journal: SentJournal = field(default_factory=lambda: SentJournal(None, None))
+    #: Every database call in flight: a database that hangs is said (db/watch.py).
+    db_watch: DbWatch = field(default_factory=DbWatch)
 
     def __post_init__(self) -> None:
         self.events = EventPublisher(
@@ -208,13 +211,15 @@ class Runtime:
     async def db(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         """``fn`` in one transaction, in a worker thread; each commit is counted (``gpuq_db_commits``: the
         benchmark's commits per job)."""
-        out = await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
+        with self.db_watch.call():
+            out = await asyncio.to_thread(transaction, self.engine, fn, **kwargs)
         self.metrics.db_commits.inc()
         return out
 
     async def db_hot(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
         """``fn`` in one transaction on the hot path's own database thread (``dispatcher/db/hot.py``)."""
-        out = await self.hot.run(fn, **kwargs)
+        with self.db_watch.call():
+            out = await self.hot.run(fn, **kwargs)
         self.metrics.db_commits.inc()
         return out
 

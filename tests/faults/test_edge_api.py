@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,6 +26,7 @@ from dispatcher.http import callback
 from dispatcher.metrics import Metrics
 from producer.job import Job
 from tests.dispatcher.harness import SECRET, DispatcherProc
+from tests.dispatcher.helpers import wait_for
 from tests.dispatcher.private_servers import PrivateRedis
 
 TOKEN = "edge-api-token"
@@ -201,3 +205,93 @@ def test_a_token_for_one_task_never_applies_a_body_naming_another():
 
 def _run(coro: Any) -> Any:
     return asyncio.run(coro)
+
+
+class FreezableProxy:
+    """A TCP proxy to MariaDB that can stop forwarding without closing anything: a database that hangs (SIGSTOP,
+    a network blackhole, a failover in progress), which refuses nothing and resets nothing."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        while True:
+            while self.frozen.is_set():
+                time.sleep(0.01)
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                while self.frozen.is_set():  # read before the freeze: held, not passed on
+                    time.sleep(0.01)
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.server.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+@pytest.mark.slow  # ~15 s: a database frozen long enough to be said
+def test_a_database_that_hangs_is_said_in_the_log_and_by_readyz_at_once(stack, database_url):
+    """An outside trial froze MariaDB (SIGSTOP) for 75 s under two busy dispatchers: neither wrote a line, and
+    every /readyz probe went unanswered (8 s client timeouts) instead of a 503 naming the database."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import MYSQL_HOST, MYSQL_PORT
+
+    proxy = FreezableProxy(MYSQL_HOST, MYSQL_PORT)
+    url = make_url(database_url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    d = stack.dispatcher(None, DATABASE_URL=url)
+    try:
+        assert httpx.get(f"{d.url}/readyz", timeout=30).status_code == 200
+        # WHEN the database stops answering (its connections stay open)
+        proxy.frozen.set()
+        # THEN /readyz answers within its own deadline, naming the database
+        res = httpx.get(f"{d.url}/readyz", timeout=10)
+        assert res.status_code == 503 and res.json()["problems"] == {"database": "not answering"}, res.text
+
+        # AND the log says it while it lasts
+        def said(what: str) -> list[dict[str, Any]]:
+            lines = [json.loads(x) for x in d.log_path.read_text().splitlines() if x.startswith("{")]
+            return [r for r in lines if r.get("action") == "db_stalled" and what in r["msg"]]
+
+        wait_for(lambda: said("not answering"), 20, what="the stall said in the log")
+        assert said("not answering")[0]["level"] == "warning"
+        # AND its end, and /readyz is ready again
+        proxy.frozen.clear()
+        wait_for(lambda: said("answering again"), 20, what="the stall's end said in the log")
+        wait_for(
+            lambda: httpx.get(f"{d.url}/readyz", timeout=10).status_code == 200,
+            20,
+            what="/readyz ready again",
+        )
+    finally:
+        proxy.frozen.clear()
+        d.stop()
+        proxy.close()
