@@ -200,7 +200,11 @@ def is_cluster(client: Any) -> bool:
 def check_replicas(acked: Any, wanted: int, what: str) -> None:
     """Raise QueueUnavailable when fewer than ``wanted`` replicas acknowledged ``what``."""
     if int(acked) < wanted:
+        # Not "unreachable": the push went through, and a retry of a task without a task_id (an API or
+        # direct one: its idempotency key is new each time) runs it twice (an outside trial: 3 tries, 3 runs).
         raise QueueUnavailable(
-            detail=f"only {int(acked)} of {wanted} replicas hold {what} (REDIS_WAIT_REPLICAS); it may still "
-            "be queued: retry, the idempotency key keeps it from being enqueued twice"
+            f"The job queue (Redis) did not confirm the write on enough replicas ({int(acked)} of"
+            f" {wanted}, REDIS_WAIT_REPLICAS): {what} may be queued anyway. A retry with the same task_id is"
+            " not enqueued twice; without a task_id it is a new task.",
+            detail=f"only {int(acked)} of {wanted} replicas hold {what} (REDIS_WAIT_REPLICAS)",
         )

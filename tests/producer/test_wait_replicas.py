@@ -111,6 +111,9 @@ def test_a_redelivery_is_acknowledged_only_once_the_replicas_hold_the_job(
     with pytest.raises(QueueUnavailable) as err:
         push(jobs, get_settings())
     assert "replicas" in err.value.detail, err.value.detail
+    # what the caller is told names the replicas, not an unreachable Redis (an outside trial: "unreachable",
+    # and a retry as told of a task without a task_id ran it twice)
+    assert "0 of 1, REDIS_WAIT_REPLICAS" in err.value.message and "unreachable" not in err.value.message
     # and once the replica is back the retry is acknowledged, the job queued once
     os.kill(replica.pid, signal.SIGCONT)
     _caught_up(master_port)  # a woken replica catches up in its own time (seconds on a loaded machine)
