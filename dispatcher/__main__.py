@@ -276,5 +276,16 @@ def main() -> int:
     return 0
 
 
+def interruptible() -> int:
+    """``main``, with a Ctrl-C before the server runs (uvicorn owns the signals then) said in one line, not a
+    traceback from wherever the start was (preflight, the schema check: an outside trial). Nothing was
+    taken from the queues yet: jobs are taken once the server serves."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        sys.stderr.write("gpuq dispatcher: interrupted while starting; no job was taken\n")
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interruptible())

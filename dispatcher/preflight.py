@@ -65,6 +65,13 @@ def check_database(settings: DispatcherSettings, engine: Engine) -> None:
     try:
         init_schema(engine)
     except (DBAPIError, StoreUnavailable, OSError) as exc:
+        orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
+        if orig is not None and orig.args and orig.args[0] == 1049:  # the server answers; no such database
+            raise StartProblem(
+                f"database {where} does not exist: create it (CREATE DATABASE <name>) or fix DATABASE_URL"
+                " (or DB_NAME)",
+                UNREACHABLE,
+            ) from exc
         raise StartProblem(
             f"database {where} unreachable ({_first_line(exc)}): check DATABASE_URL "
             "(or DB_HOST, DB_PORT, DB_USER, DB_PASSWORD, DB_NAME) and that the server runs",

@@ -106,6 +106,10 @@ def sql(
             columns = list(result.keys())
             rows = result.all()
     except ProgrammingError as exc:
+        if (
+            exc.orig is not None and exc.orig.args and exc.orig.args[0] == 1146
+        ):  # app.py: "run `gpuq db init`"
+            raise
         raise BadArgument(f"query {name} failed: {exc.orig}") from exc
     except DBAPIError as exc:
         if s.engine.dialect.name != "sqlite":

@@ -145,7 +145,8 @@ class Dispatcher:
                 shown = shown_url(url)
                 log.warning(
                     f"GPU {gpu_id} of GPU_ENDPOINTS does not answer like a GPU service at {shown} ({detail});"
-                    " check its URL: jobs sent there will fail until it does",
+                    " check its URL: jobs sent there are refused and wait for another GPU (no attempt used),"
+                    " and it leaves rotation after a few such answers",
                     extra={"action": "gpu_check", "gpu_id": gpu_id, "url": shown, "detail": detail},
                 )
 

@@ -385,11 +385,12 @@ def console_script(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow  # a dozen CLI processes, each waiting for a store that does not answer
 def test_unreachable_stores_and_bad_settings_exit_nonzero_without_traceback(gpuq_env, tmp_path):
     db = gpuq_env["DATABASE_URL"]
-    res = console_script("gpu", "list", DATABASE_URL=db)
-    assert (res.returncode, res.stderr) == (
-        3,
-        f"gpuq: database {db} has no gpuq tables yet: run `gpuq db init`\n",
-    )
+    for args in (("gpu", "list"), ("sql", "gpu_load")):  # the seed's query said "(1146, ...)", exit 2
+        res = console_script(*args, DATABASE_URL=db)
+        assert (res.returncode, res.stderr) == (
+            3,
+            f"gpuq: database {db} has no gpuq tables yet: run `gpuq db init`\n",
+        ), args
     assert console_script("db", "init", DATABASE_URL=db).returncode == 0
     cases = [
         (

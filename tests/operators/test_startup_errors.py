@@ -24,6 +24,13 @@ def _run(tmp_path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         ({"DATABASE_URL": f"mysql+pymysql://root@127.0.0.1:{free_port()}/x"}, 3, "database"),
         ({"DATABASE_URL": "mysql://root@127.0.0.1:3306/x"}, 2, "mysql+pymysql"),
         ({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}, 3, "Redis at 127.0.0.1"),
+        # the server answers, the database is not there: said so (an outside trial read "unreachable ...
+        # check that the server runs", while `gpuq` said "does not exist")
+        (
+            {"DATABASE_URL": "mysql+pymysql://root@127.0.0.1:3306/gpuq_never_created"},
+            3,
+            "does not exist: create",
+        ),
     ],
 )
 @pytest.mark.slow  # 9 s on a loaded 2-core machine (make test-fast stays under a minute)
@@ -236,3 +243,47 @@ def test_a_dispatcher_of_another_database_on_the_same_redis_is_refused(
     assert f"sqlite:{tmp_path / 'd.db'}" in lines[0], lines
     assert rds.hget(f"{key_prefix}dispatchers:databases", "first") is None  # retired when it stopped
     rds.close()
+
+
+@pytest.mark.slow  # a dispatcher process held in its start by a Redis that never answers
+def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
+    """An outside trial: Ctrl-C in the first second of `python -m dispatcher` (preflight, the schema check)
+    printed a KeyboardInterrupt traceback and exit -2; later it stopped cleanly."""
+    import signal
+    import socket
+    import sys
+
+    from dispatcher.testing import process_env
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, never answers: a start that waits
+    env = process_env(
+        {
+            "CALLBACK_SECRET": SECRET,
+            "CALLBACK_PORT": "0",
+            "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+            "REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+            "STATE_DIR": str(tmp_path / "state"),
+        }
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # its start has begun: the embedded-mode warning comes before the checks
+            if "embedded mode" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().endswith(
+        "gpuq dispatcher: interrupted while starting; no job was taken"
+    )
