@@ -33,6 +33,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if min(args.jobs, args.gpus, args.slots) < 1:
         p.error("--jobs, --gpus and --slots must be at least 1")
+    if not 1 <= args.redis_port <= 65535:  # 0 or 99999 went by, and the demo started a Redis of its own
+        p.error(f"--redis-port: {args.redis_port} is no TCP port (1-65535)")
+    if not args.timeout > 0:  # 0 or -1 failed at once with "not done after -1 s"
+        p.error(f"--timeout: {args.timeout} s; give a number of seconds above 0")
     try:
         ServiceTime.parse(args.service_time)
     except ConfigError as exc:  # checked before anything starts (it was a traceback from the simulator)

@@ -232,6 +232,13 @@ class DispatcherSettings(StoreSettings):
                 "CALLBACK_SECRET does not look random (fewer than 4 different characters): use e.g."
                 " `openssl rand -hex 32`"
             )
+        token = self.api_secret
+        if token is not None and (len(token) < 16 or len(set(token.strip())) < 4):
+            # "API_TOKEN=short" was taken (an outside trial), guarding task data, results and GPU time
+            raise ValueError(
+                "API_TOKEN must be a random string of at least 16 characters (e.g. `openssl rand -hex 32`),"
+                " or none for an API open on purpose"
+            )
         return self
 
     @cached_property

@@ -146,6 +146,10 @@ def test_ctrl_c_stops_everything_it_started():
     [
         (["--service-time", "bogus"], "--service-time: service time 'bogus'"),  # was a simulator traceback
         (["--jobs", "0"], "must be at least 1"),
+        (["--timeout", "0"], "--timeout: 0.0 s"),  # failed at once: "not done after 0 s"
+        (["--timeout", "-1"], "--timeout: -1.0 s"),
+        (["--redis-port", "0"], "--redis-port: 0 is no TCP port"),  # a Redis of its own, silently
+        (["--redis-port", "99999"], "--redis-port: 99999 is no TCP port"),
     ],
 )
 def test_bad_arguments_are_one_usage_error_before_anything_starts(args, says, capsys):

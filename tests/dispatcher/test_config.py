@@ -20,6 +20,8 @@ GOOD = {"CALLBACK_SECRET": "0123456789abcdef" * 2, "DATABASE_URL": "sqlite:///:m
         ({"CALLBACK_SECRET": " " * 20}, "does not look random"),  # an outside trial's; anyone could sign
         ({"CALLBACK_SECRET": "a" * 16}, "does not look random"),
         ({"CALLBACK_SECRET": "abc" * 8}, "does not look random"),
+        ({"API_TOKEN": "short"}, "API_TOKEN must be a random string"),  # an outside trial's, taken as it was
+        ({"API_TOKEN": "x" * 32}, "API_TOKEN must be a random string"),
         ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1/g0;g1=http://a:1/g1"}, "GPU_ENDPOINTS"),  # issue 14

@@ -29,7 +29,7 @@ from tests.dispatcher.harness import SECRET, DispatcherProc
 from tests.dispatcher.helpers import wait_for
 from tests.dispatcher.private_servers import PrivateRedis
 
-TOKEN = "edge-api-token"
+TOKEN = "edge-api-token-0123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
