@@ -80,6 +80,13 @@ def add(
     """Register a GPU (or change the URL, pool or slot count of a known one: what is not given is kept).
     Its URL is probed first and the answer shown: a wrong path (404) stops the command (exit 2), a token it
     wants (401/403) is said, before jobs go there. With ``--pull`` its agent token is printed, once."""
+    if pull and url is not None:
+        raise BadArgument("a pull GPU has no URL: `gpuq gpu add NAME --pull [--pool P]`")
+    if not pull and url is None:
+        raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
+    check_names(name, pool or DEFAULT_POOL)  # bad input is refused before any store is asked
+    if url is not None:
+        endpoint(f"{pool or DEFAULT_POOL}:{name}={url}")
     s = stores(ctx)
     # A known GPU keeps the pool and slots not given: re-running a provisioning script's `gpu add` moved a
     # 2-slot GPU of pool embed to the default pool with SLOTS_PER_GPU slots, silently (an outside trial).
@@ -88,12 +95,8 @@ def add(
     pool = pool if pool is not None else old.pool if old is not None else DEFAULT_POOL
     count = slots or (old.slots if old is not None else s.settings.slots_per_gpu)
     if pull:
-        if url is not None:
-            raise BadArgument("a pull GPU has no URL: `gpuq gpu add NAME --pull [--pool P]`")
         add_pull(ctx, name, pool=pool, slots=count, kept=kept)
         return
-    if url is None:
-        raise BadArgument("give the GPU's URL, or --pull for a GPU whose agent polls")
     check_names(name, pool)
     ep = endpoint(f"{pool}:{name}={url}")
     if probe:

@@ -25,7 +25,7 @@ would be stranded); every free statement keeps it by moving ``next_*`` into the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -204,6 +204,14 @@ def unbind(
     conn.execute(UNBIND_SLOTS, {"ids": task_ids, "me": dispatcher_id})
     conn.execute(_UNBIND_TASKS, {"ids": task_ids, "now": now})
     return states(conn, task_ids=task_ids)
+
+
+def taken_back(after: Mapping[str, tuple[str | None, int]], task_id: str) -> bool:
+    """Did ``unbind`` (whose answer is ``after``) take this one back (queued at attempt 0: its job to the
+    owner's buffer)? Queued later is the database's retry, in Redis already (buffered too, a pass met both
+    copies and dropped both: a kill test)."""
+    state, attempt = after.get(task_id, (None, 0))
+    return state is None or (state == TaskState.QUEUED.value and attempt == 0)
 
 
 def drop_cancelled(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 
-from dispatcher.db.standby import Bound, drop_cancelled, eligible_slots, states, unbind
+from dispatcher.db.standby import Bound, drop_cancelled, eligible_slots, states, taken_back, unbind
 from dispatcher.errors import TRANSIENT
 from dispatcher.loop.gpu_requests import GpuRequests
 from dispatcher.loop.handoff import HandOffs
@@ -290,7 +290,7 @@ class Standbys:
                     self.kick()  # its slot now lacks a standby
                 elif s in promoted:
                     await self._refund(s)
-                elif _taken_back(after, s):  # placed the usual way
+                elif taken_back(after, s.bound.job.task_id):  # placed the usual way
                     back.append(s)
                 elif state == TaskState.CANCELLED.value:
                     await self._drop_cancelled(s)
@@ -300,9 +300,9 @@ class Standbys:
                 left.pop(0)
         finally:
             self._settling -= settling
-            back += [s for s in left if _taken_back(after, s)]
+            back += [s for s in left if taken_back(after, s.bound.job.task_id)]
             for s in left:
-                if not _taken_back(after, s):
+                if not taken_back(after, s.bound.job.task_id):
                     self._record(s)
             self._back_to_buffer(sorted(back, key=lambda s: s.seq))  # in their order: oldest first
 
@@ -398,10 +398,3 @@ class Standbys:
         uncount(self.handoffs, [s.ready for s in items])
         self.handoffs.buffer.put_back([s.ready for s in items])
         self.wake.look_now()
-
-
-def _taken_back(after: Mapping[str, tuple[str | None, int]], s: Standby) -> bool:
-    """Taken back (``unbind``: queued at attempt 0): its job to the buffer. Queued later is the database's
-    retry, in Redis already (buffered too, a pass met both copies and dropped both: a kill test)."""
-    state, attempt = after.get(s.bound.job.task_id, (None, 0))
-    return state is None or (state == TaskState.QUEUED.value and attempt == 0)
