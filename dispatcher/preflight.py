@@ -113,7 +113,11 @@ def check_redis(settings: DispatcherSettings) -> None:
         client.close()
 
 
-def check_one_database(settings: DispatcherSettings, engine: Engine) -> None:
+#: How long a start's mark (``Keys.starting``) lasts: past the time from this look to its first heartbeat.
+STARTING_SECONDS = 60
+
+
+def check_one_database(settings: DispatcherSettings, engine: Engine) -> bool:
     """Refuse to start beside a live dispatcher of the same Redis key prefix that works in another database
     (``db/identity.py``): each would book the shared GPUs' slots in its own tables, and give a GPU twice its
     slots (an outside trial: a second machine without DATABASE_URL, on embedded SQLite)."""
@@ -122,16 +126,29 @@ def check_one_database(settings: DispatcherSettings, engine: Engine) -> None:
     client = sync_client(
         settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=10
     )
+    me = settings.dispatcher_id
+    published = False
     try:
+        # Said before looking, until the heartbeat says it: of two starting at once, the second to look sees
+        # the first (a review started two on different databases together: both ran). Not over a live
+        # process of our id (a twin, refused later by its claim): its entry is its own.
+        if not client.exists(keys.alive(me)):
+            client.set(keys.starting(me), "1", ex=STARTING_SECONDS)
+            client.hset(keys.owner_databases, me, ours)
+            published = True
         others = {as_str(k): as_str(v) for k, v in client.hgetall(keys.owner_databases).items()}
         other = next(
             (
                 (who, theirs)
                 for who, theirs in sorted(others.items())
-                if who != settings.dispatcher_id and theirs != ours and client.exists(keys.alive(who))
+                if who != me
+                and theirs != ours
+                and (client.exists(keys.alive(who)) or client.exists(keys.starting(who)))
             ),
             None,
         )
+        if other is not None and published:  # refused: blocks nobody
+            _unpublish(client, keys, me)
     except (RedisError, RedisClusterException, OSError) as exc:
         raise StartProblem(
             f"Redis: could not look at the other dispatchers ({_first_line(exc)})", UNREACHABLE
@@ -147,6 +164,26 @@ def check_one_database(settings: DispatcherSettings, engine: Engine) -> None:
             " this deployment its own REDIS_KEY_PREFIX",
             BAD_SETTING,
         )
+    return published
+
+
+def _unpublish(client: Any, keys: Keys, me: str) -> None:
+    client.delete(keys.starting(me))
+    client.hdel(keys.owner_databases, me)
+
+
+def unpublish_start(settings: DispatcherSettings) -> None:
+    """A start that failed after ``check_one_database`` said its database: said no more, so that its mark
+    does not refuse a corrected start under another id for a minute (best effort)."""
+    client = sync_client(
+        settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+    )
+    try:
+        _unpublish(client, Keys(settings.redis_key_prefix), settings.dispatcher_id)
+    except (RedisError, RedisClusterException, OSError):
+        pass
+    finally:
+        client.close()
 
 
 def warn_few_replicas(client: Any, wanted: int, where: str) -> None:
@@ -316,15 +353,18 @@ def preflight(settings: DispatcherSettings, engine: Engine) -> Any:
     stay open while the process runs (``check_dispatcher_id``)."""
     check_database(settings, engine)
     check_redis(settings)
-    check_one_database(settings, engine)
-    holder = check_dispatcher_id(settings)
+    published = check_one_database(settings, engine)
+    holder = None
     try:
+        holder = check_dispatcher_id(settings)
         register_endpoints(settings, engine)
         warn_url_unsafe_names(engine)
         warn_unreachable_callback(settings)
     except BaseException:
         if holder is not None:
             holder.close()
+        if published:
+            unpublish_start(settings)
         raise
     return holder
 

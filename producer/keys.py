@@ -151,6 +151,11 @@ class Keys:
     def alive(self, dispatcher_id: str) -> str:
         return f"{self.prefix}alive:{dispatcher_id}"
 
+    def starting(self, dispatcher_id: str) -> str:
+        """Set by a dispatcher's start before it looks at the others' databases, until its heartbeat runs:
+        two starting at once see each other (``preflight.check_one_database``)."""
+        return f"{self.prefix}starting:{dispatcher_id}"
+
     def journal(self, dispatcher_id: str) -> str:
         """Which life (instance) of a dispatcher id keeps the journal a recovery may trust
         (dispatcher/sent_journal.py)."""

@@ -18,12 +18,14 @@ from dispatcher.db.schema import schema_version
 
 
 def database_identity(conn: Connection) -> str:
-    """``<dialect>:<database or file> (gpuq schema of <first stamp>)``: said as is in a refusal."""
+    """``mysql:<database> (gpuq schema of <first stamp>)`` or ``sqlite:<file> (...)``: said as is in a
+    refusal."""
     first = conn.execute(select(func.min(schema_version.c.applied_at))).scalar()
     stamp = first.isoformat(sep=" ") if isinstance(first, datetime) else str(first)
     if conn.dialect.name == "sqlite":
         files = [row[2] for row in conn.exec_driver_sql("PRAGMA database_list") if row[1] == "main"]
         where = os.path.realpath(files[0]) if files and files[0] else ":memory:"
-    else:
-        where = str(conn.execute(text("SELECT DATABASE()")).scalar())
-    return f"{conn.dialect.name}:{where} (gpuq schema of {stamp})"
+        return f"sqlite:{where} (gpuq schema of {stamp})"
+    # "mysql" whatever the URL said: SQLAlchemy names mariadb+pymysql:// "mariadb", and a dispatcher on
+    # the same database through mysql+pymysql:// was refused (a review)
+    return f"mysql:{conn.execute(text('SELECT DATABASE()')).scalar()} (gpuq schema of {stamp})"

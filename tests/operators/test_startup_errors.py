@@ -202,8 +202,10 @@ def test_a_dispatcher_of_another_database_on_the_same_redis_is_refused(
     fleet = SimFleet(gpus=1, token="gpu-bearer-token", seed=7).start()
     queue = f"{key_prefix}q"
     first = _settings(database_url, redis_url, key_prefix, queue, fleet, dispatcher_id="first")
-    same_db_other_spelling = (
-        make_url(database_url).set(host="localhost").render_as_string(hide_password=False)
+    same_db_other_spelling = (  # mariadb+pymysql:// is "mariadb" to SQLAlchemy: refused once (a review)
+        make_url(database_url)
+        .set(drivername="mariadb+pymysql", host="localhost")
+        .render_as_string(hide_password=False)
     )
     second = _settings(same_db_other_spelling, redis_url, key_prefix, queue, fleet, dispatcher_id="second")
     rds = redis.Redis.from_url(redis_url)
@@ -287,3 +289,43 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in err and err.strip().endswith(
         "gpuq dispatcher: interrupted while starting; no job was taken"
     )
+
+
+def test_two_dispatchers_of_two_databases_starting_together_do_not_both_start(
+    tmp_path, redis_url, key_prefix, database_url
+):
+    """A review started two dispatchers on different databases at the same moment: each looked before the
+    other's first heartbeat, and both ran. A start says its database before it looks, until its heartbeat
+    does: the second to look is refused, and a refused start leaves no mark (nor one whose start failed)."""
+    import redis
+
+    from dispatcher.db.engine import init_schema, make_engine
+    from dispatcher.preflight import StartProblem, check_one_database, unpublish_start
+    from dispatcher.settings import DispatcherSettings
+
+    def settings(db: str, who: str) -> DispatcherSettings:
+        return DispatcherSettings(
+            database_url=db,
+            redis_url=redis_url,
+            redis_key_prefix=key_prefix,
+            callback_secret=SECRET,
+            dispatcher_id=who,
+        )
+
+    first, second = settings(database_url, "first"), settings(f"sqlite:///{tmp_path}/d.db", "second")
+    engines = [make_engine(first.db_url()), make_engine(second.db_url())]
+    rds = redis.Redis.from_url(redis_url)
+    try:
+        for engine in engines:
+            init_schema(engine)
+        assert check_one_database(first, engines[0])  # no heartbeat yet: it is still starting
+        with pytest.raises(StartProblem, match="dispatcher first works on this Redis"):
+            check_one_database(second, engines[1])
+        assert rds.hget(f"{key_prefix}dispatchers:databases", "second") is None  # refused: no mark left
+        # the first start fails further on (its port, its id...): its mark goes, the second may start
+        unpublish_start(first)
+        assert check_one_database(second, engines[1])
+    finally:
+        for engine in engines:
+            engine.dispose()
+        rds.close()
