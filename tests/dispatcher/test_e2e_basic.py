@@ -63,10 +63,10 @@ def test_seed_style_jobs_and_bad_jobs(stack):
 @pytest.mark.slow  # 7 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_task_view_gpus_health_metrics_and_api_token(stack):
     fleet = stack.fleet(gpus=2, service_time="0")
-    d = stack.dispatcher(fleet, API_TOKEN="op-token")
+    d = stack.dispatcher(fleet, API_TOKEN="op-token-0123456789")
     [task_id] = push_jobs(stack.rds, stack.queues[0], 1)
     wait_final(stack.engine, [task_id])
-    auth = {"Authorization": "Bearer op-token"}
+    auth = {"Authorization": "Bearer op-token-0123456789"}
     assert httpx.get(f"{d.url}/tasks/{task_id}").status_code == 401
     body = httpx.get(f"{d.url}/tasks/{task_id}", headers=auth).json()
     assert body["state"] == "finished"

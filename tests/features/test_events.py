@@ -15,7 +15,7 @@ from tests.dispatcher.conftest import Stack
 from tests.dispatcher.harness import SECRET, wait_final
 from tests.dispatcher.helpers import wait_for
 
-AUTH = {"Authorization": "Bearer events-token"}
+AUTH = {"Authorization": "Bearer events-token-0123456"}
 
 
 #: How far ahead the watched tasks are scheduled: the event stream must be open before they are due.
@@ -48,8 +48,8 @@ def test_events_stream_from_another_dispatcher(stack: Stack) -> None:
     however slow a loaded machine is at the poll and the two requests before (1.5 s once was not enough)."""
     fleet = stack.fleet(gpus=1, slots=1, service_time="0", faults=["lost_callback"])
     q1, q2 = stack.queues
-    d1 = stack.dispatcher(fleet, name="d1", API_TOKEN="events-token", TASK_QUEUES=q1)
-    d2 = stack.dispatcher(None, name="d2", API_TOKEN="events-token", TASK_QUEUES=q2)
+    d1 = stack.dispatcher(fleet, name="d1", API_TOKEN="events-token-0123456", TASK_QUEUES=q1)
+    d2 = stack.dispatcher(None, name="d2", API_TOKEN="events-token-0123456", TASK_QUEUES=q2)
     not_before = datetime.now(UTC) + timedelta(seconds=SCHEDULED_FOR)
     stack.rds.rpush(
         q1, Job(task_id="watched", type="start_transcribe", queue=q1, not_before=not_before).to_redis()

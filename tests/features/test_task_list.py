@@ -86,8 +86,8 @@ def test_pages_walk_every_match_once_newest_first(any_database_url: str) -> None
 @pytest.mark.slow  # 4 s on a loaded 2-core machine (make test-fast stays under a minute)
 def test_get_tasks_over_http_with_api_token(stack: Stack) -> None:
     fleet = stack.fleet(gpus=1, slots=4, service_time="fixed:0.01")
-    d = stack.dispatcher(fleet, API_TOKEN="list-token")
-    auth = {"Authorization": "Bearer list-token"}
+    d = stack.dispatcher(fleet, API_TOKEN="list-token-0123456")
+    auth = {"Authorization": "Bearer list-token-0123456"}
     q1, q2 = stack.queues
     ids1 = push_jobs(stack.rds, q1, 6, task_type="embed")
     ids2 = push_jobs(stack.rds, q2, 3, task_type="transcribe")
