@@ -31,7 +31,8 @@ from dispatcher.db.identity import database_identity
 from dispatcher.gpus.endpoints import NOT_IN_GPU_NAMES
 from dispatcher.gpus.pull import is_pull
 from dispatcher.queues.intake import Intake
-from dispatcher.queues.presence import DuplicateDispatcher, as_str, client_name
+from dispatcher.queues.one_database import say_and_look, unsay
+from dispatcher.queues.presence import DuplicateDispatcher, client_name
 from dispatcher.settings import DispatcherSettings
 from producer.connect import async_client, initialized, is_cluster, sync_client
 from producer.keys import Keys
@@ -113,42 +114,17 @@ def check_redis(settings: DispatcherSettings) -> None:
         client.close()
 
 
-#: How long a start's mark (``Keys.starting``) lasts: past the time from this look to its first heartbeat.
-STARTING_SECONDS = 60
-
-
 def check_one_database(settings: DispatcherSettings, engine: Engine) -> bool:
-    """Refuse to start beside a live dispatcher of the same Redis key prefix that works in another database
-    (``db/identity.py``): each would book the shared GPUs' slots in its own tables, and give a GPU twice its
-    slots (an outside trial: a second machine without DATABASE_URL, on embedded SQLite)."""
+    """Refuse to start beside a live (or starting) dispatcher of the same Redis key prefix that works in
+    another database (``queues/one_database.py``). True when this start said its database (taken back by
+    ``unpublish_start`` if the start fails further on)."""
     ours = transaction(engine, database_identity)
     keys = Keys(settings.redis_key_prefix)
     client = sync_client(
         settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=10
     )
-    me = settings.dispatcher_id
-    published = False
     try:
-        # Said before looking, until the heartbeat says it: of two starting at once, the second to look sees
-        # the first (a review started two on different databases together: both ran). Not over a live
-        # process of our id (a twin, refused later by its claim): its entry is its own.
-        if not client.exists(keys.alive(me)):
-            client.set(keys.starting(me), "1", ex=STARTING_SECONDS)
-            client.hset(keys.owner_databases, me, ours)
-            published = True
-        others = {as_str(k): as_str(v) for k, v in client.hgetall(keys.owner_databases).items()}
-        other = next(
-            (
-                (who, theirs)
-                for who, theirs in sorted(others.items())
-                if who != me
-                and theirs != ours
-                and (client.exists(keys.alive(who)) or client.exists(keys.starting(who)))
-            ),
-            None,
-        )
-        if other is not None and published:  # refused: blocks nobody
-            _unpublish(client, keys, me)
+        said, other = say_and_look(client, keys, settings.dispatcher_id, ours)
     except (RedisError, RedisClusterException, OSError) as exc:
         raise StartProblem(
             f"Redis: could not look at the other dispatchers ({_first_line(exc)})", UNREACHABLE
@@ -164,12 +140,7 @@ def check_one_database(settings: DispatcherSettings, engine: Engine) -> bool:
             " this deployment its own REDIS_KEY_PREFIX",
             BAD_SETTING,
         )
-    return published
-
-
-def _unpublish(client: Any, keys: Keys, me: str) -> None:
-    client.delete(keys.starting(me))
-    client.hdel(keys.owner_databases, me)
+    return said
 
 
 def unpublish_start(settings: DispatcherSettings) -> None:
@@ -179,7 +150,7 @@ def unpublish_start(settings: DispatcherSettings) -> None:
         settings.redis_dsn(), cluster=settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
     )
     try:
-        _unpublish(client, Keys(settings.redis_key_prefix), settings.dispatcher_id)
+        unsay(client, Keys(settings.redis_key_prefix), settings.dispatcher_id)
     except (RedisError, RedisClusterException, OSError):
         pass
     finally:

@@ -82,20 +82,24 @@ def test_cancels_under_load_never_oversubscribe_and_free_slots_on_confirmation(s
     # and every other job still finishes, with no GPU ever over its slots (the GPU counts this itself)
     wait_final(stack.engine, ids, final=("finished", "cancelled"), timeout=90)
     assert states(stack.engine, ids)["cancelled"] == len(cancelled)
+    wait_for(lambda: not _holders(stack.engine), 30, 0.05, what="every slot free")
     # the GPUs count a cancel when it reaches them: one still on its way (a job ending just then frees its
-    # slot by its callback, so free slots do not prove it arrived) was missed when read at once (11 of 12)
+    # slot by its callback, so free slots do not prove it arrived) was missed when read at once (11 of 12).
+    # A standby cancelled before it was sent never reaches its GPU, nor does its cancel (that cancel, sent
+    # as the standby was about to go, let it land on a slot given away: 679bb46)
+    received = {job["task_id"] for job in fleet.stats(jobs=True)["jobs"]}
+    sent = [t for t in cancelled if t in received]
     confirmed = ("stopped", "not_running")
     fleet.wait_until(
-        lambda s: sum(s["totals"]["cancels"].get(k, 0) for k in confirmed) >= len(cancelled), timeout=30
+        lambda s: sum(s["totals"]["cancels"].get(k, 0) for k in confirmed) >= len(sent), timeout=30
     )
-    wait_for(lambda: not _holders(stack.engine), 30, 0.05, what="every slot free")
     stats = fleet.stats(jobs=False)
     for name, gpu in stats["gpus"].items():
         assert gpu["oversubscriptions"] == 0, (name, gpu)
         assert gpu["max_in_flight"] <= 4, (name, gpu)
     # the GPUs were asked to stop each cancelled job (stopped, or finished just before the cancel came)
     cancels = stats["totals"]["cancels"]
-    assert cancels.get("stopped", 0) + cancels.get("not_running", 0) >= len(cancelled), cancels
+    assert cancels.get("stopped", 0) + cancels.get("not_running", 0) >= len(sent), cancels
     assert cancels.get("stopped", 0) >= 1, cancels
     reconcile(stack.engine, stack.rds, stack.prefix, stack.queues, ids)
 
