@@ -225,15 +225,13 @@ class DispatcherSettings(StoreSettings):
     def _secret_required(self) -> DispatcherSettings:
         if self.callback_secret is None or len(self.callback_secret.get_secret_value()) < 16:
             raise ValueError("CALLBACK_SECRET must be set to a random string of at least 16 characters")
-        if len(set(self.callback_secret.get_secret_value().strip())) < 4:
-            # Twenty spaces or "aaaa..." passed the length rule (an outside trial): anyone could sign. Four,
-            # not more: 16 random hex digits show fewer than 8 different ones in 1 draw of 100 (a review).
+        if not _random_enough(self.callback_secret.get_secret_value()):
             raise ValueError(
                 "CALLBACK_SECRET does not look random (fewer than 4 different characters): use e.g."
                 " `openssl rand -hex 32`"
             )
         token = self.api_secret
-        if token is not None and (len(token) < 16 or len(set(token.strip())) < 4):
+        if token is not None and not _random_enough(token):
             # "API_TOKEN=short" was taken (an outside trial), guarding task data, results and GPU time
             raise ValueError(
                 "API_TOKEN must be a random string of at least 16 characters (e.g. `openssl rand -hex 32`),"
@@ -320,3 +318,10 @@ class DispatcherSettings(StoreSettings):
         loopback = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}  # noqa: S104 - not a bind
         host = loopback.get(self.callback_host, self.callback_host)
         return f"http://{f'[{host}]' if ':' in host else host}:{self.callback_port}/callback"
+
+
+def _random_enough(value: str) -> bool:
+    """16 characters at least, 4 different ones at least. Twenty spaces or "aaaa..." passed a length rule
+    alone (an outside trial): anyone could sign. Four, not more: 16 random hex digits show fewer than 8
+    different ones in 1 draw of 100 (a review)."""
+    return len(value) >= 16 and len(set(value.strip())) >= 4
