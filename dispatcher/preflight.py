@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from dispatcher.db.engine import StoreUnavailable, init_schema, transaction, utcnow
+from dispatcher.db.engine import StoreUnavailable, driver_error, init_schema, transaction, utcnow
 from dispatcher.db.gpus import NameRefused, UrlTaken, list_gpus, register_new
 from dispatcher.db.identity import database_identity
 from dispatcher.gpus.endpoints import NOT_IN_GPU_NAMES
@@ -66,8 +66,7 @@ def check_database(settings: DispatcherSettings, engine: Engine) -> None:
     try:
         init_schema(engine)
     except (DBAPIError, StoreUnavailable, OSError) as exc:
-        orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
-        if orig is not None and orig.args and orig.args[0] == 1049:  # the server answers; no such database
+        if driver_error(exc)[1] == 1049:  # the server answers; no such database
             raise StartProblem(
                 f"database {where} does not exist: create it (CREATE DATABASE <name>) or fix DATABASE_URL"
                 " (or DB_NAME)",

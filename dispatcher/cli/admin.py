@@ -12,7 +12,7 @@ from dispatcher.cli.context import stores
 from dispatcher.cli.errors import BadArgument
 from dispatcher.cli.render import console, rows_table
 from dispatcher.cli.sql_queries import WHOLE, Query, load
-from dispatcher.db.engine import init_schema
+from dispatcher.db.engine import driver_error, init_schema
 from dispatcher.db.schema import SCHEMA_VERSION
 
 db_app = typer.Typer(help="The database schema.", no_args_is_help=True)
@@ -106,9 +106,7 @@ def sql(
             columns = list(result.keys())
             rows = result.all()
     except ProgrammingError as exc:
-        if (
-            exc.orig is not None and exc.orig.args and exc.orig.args[0] == 1146
-        ):  # app.py: "run `gpuq db init`"
+        if driver_error(exc)[1] == 1146:  # no gpuq tables: app.py says "run `gpuq db init`"
             raise
         raise BadArgument(f"query {name} failed: {exc.orig}") from exc
     except DBAPIError as exc:

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 from dispatcher.cli import admin, gpus, queues, status, tasks
 from dispatcher.cli.context import Stores
 from dispatcher.cli.errors import BadArgument, OperatorError, Unreachable
-from dispatcher.db.engine import StoreUnavailable
+from dispatcher.db.engine import StoreUnavailable, driver_error
 from producer.errors import ConfigError, InvalidJob, QueueUnavailable
 
 
@@ -39,9 +39,7 @@ def _translate(ctx: Any, exc: Exception) -> OperatorError | None:
 
 
 def _database(where: str, exc: Exception) -> Unreachable:
-    # The driver's error: on the exception itself (DBAPIError) or on the one a StoreUnavailable wraps.
-    orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
-    code = orig.args[0] if orig is not None and orig.args else None
+    orig, code = driver_error(exc)
     if code == 1146 or "no such table" in str(orig):
         return Unreachable(f"database {where} has no gpuq tables yet: run `gpuq db init`")
     if code == 1049:

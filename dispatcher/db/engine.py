@@ -28,6 +28,14 @@ class StoreUnavailable(Exception):
     """The database could not be reached or kept failing; the caller keeps its job and tries later."""
 
 
+def driver_error(exc: BaseException) -> tuple[BaseException | None, int | None]:
+    """The driver's own error and its code (MySQL's 1049, 1146, ...): on the exception itself (DBAPIError)
+    or on the one a StoreUnavailable wraps; (None, None) when there is none."""
+    orig = getattr(exc, "orig", None) or getattr(exc.__cause__, "orig", None)
+    code = orig.args[0] if orig is not None and orig.args else None
+    return orig, code if isinstance(code, int) else None
+
+
 def utcnow() -> datetime:
     """Naive UTC, the form every timestamp column holds."""
     return datetime.now(UTC).replace(tzinfo=None)
@@ -93,9 +101,8 @@ def retryable(exc: DBAPIError) -> bool:
     """Whether running the transaction again may succeed: a deadlock, a lock wait, a lost connection."""
     if exc.connection_invalidated:
         return True
-    orig = exc.orig
-    code = orig.args[0] if orig is not None and orig.args else None
-    if isinstance(code, int) and code in _RETRY_CODES:
+    orig, code = driver_error(exc)
+    if code in _RETRY_CODES:
         return True
     return "database is locked" in str(orig)
 
