@@ -199,10 +199,13 @@ class Presence:
     async def retire(self) -> None:
         if int(await self.redis.eval(_RETIRE, 1, self.keys.alive(self.dispatcher_id), self.instance)) < 0:
             return  # the id is another process's now: what follows describes that one
-        await self.redis.srem(self.keys.dispatchers, self.dispatcher_id)
-        await self.redis.hdel(self.keys.owner_queues, self.dispatcher_id)
-        await self.redis.hdel(self.keys.owner_pools, self.dispatcher_id)
-        await self.redis.hdel(self.keys.owner_databases, self.dispatcher_id)
+        await self._unlist(self.dispatcher_id)
+
+    async def _unlist(self, dispatcher_id: str) -> None:
+        """What the heartbeat recorded of a dispatcher that stopped or is gone."""
+        await self.redis.srem(self.keys.dispatchers, dispatcher_id)
+        for owned in (self.keys.owner_queues, self.keys.owner_pools, self.keys.owner_databases):
+            await self.redis.hdel(owned, dispatcher_id)
 
     async def queues_of(self, dispatcher_id: str) -> list[str]:
         """The queues ``dispatcher_id`` takes from, as its heartbeat recorded them (ours when unknown)."""
@@ -237,10 +240,7 @@ class Presence:
             n = await self._sweep_procs([(q, self.keys.proc(q, other)) for q in queues])
             if not self.cluster:  # the layout before issue 15 exists only on one Redis
                 n += await sweep_legacy_proc(self.redis, Legacy(self.keys.prefix), other)
-            await self.redis.srem(self.keys.dispatchers, other)
-            await self.redis.hdel(self.keys.owner_queues, other)
-            await self.redis.hdel(self.keys.owner_pools, other)
-            await self.redis.hdel(self.keys.owner_databases, other)
+            await self._unlist(other)
             if n:
                 log.warning(
                     "put back jobs of a dispatcher that is gone",
