@@ -311,15 +311,24 @@ class DeadLife:
             os.close(self.lock)
 
 
+def lock_path(journal: SentJournal, instance: str) -> Path | None:
+    """Where life ``instance``'s journal (its lock file) is here; None without a directory, or for an
+    instance no life could have (a path, a hidden name: it comes from Redis)."""
+    if journal.dir is None or "/" in instance or instance.startswith("."):
+        return None
+    return journal.dir / f"{instance}.lock"
+
+
 def kept_a_journal(journal: SentJournal, dispatcher_id: str, instance: str) -> bool:
     """Did life ``instance`` of ``dispatcher_id``, on this machine's boot and stores, start a journal here?
     Such a life names its journal the id's (the mark) before it places anything: if it died before that, the
     mark still names the journal that knows what the id sent. A gpuq without the journal (a rollback), or a
     life on another machine, leaves none here. Read without its lock: the header is written once, under it."""
-    if journal.dir is None or journal.life is None or "/" in instance or instance.startswith("."):
+    path = lock_path(journal, instance)
+    if path is None or journal.life is None:
         return False
     try:
-        with (journal.dir / f"{instance}.lock").open("rb") as f:
+        with path.open("rb") as f:
             life = Life.loads(f.read(64 * 1024))
     except OSError:
         return False
@@ -334,10 +343,11 @@ def kept_a_journal(journal: SentJournal, dispatcher_id: str, instance: str) -> b
 
 def held_elsewhere(journal: SentJournal, instance: str) -> bool:
     """Is life ``instance``'s journal here locked by a process (its own, or a reader's)?"""
-    if journal.dir is None or "/" in instance or instance.startswith("."):
+    path = lock_path(journal, instance)
+    if path is None:
         return False
     try:
-        fd = os.open(journal.dir / f"{instance}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
     try:

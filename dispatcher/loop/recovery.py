@@ -41,7 +41,15 @@ from dispatcher.queues.presence import (
     client_name,
     new_instance,
 )
-from dispatcher.sent_journal import DeadLife, Life, SentJournal, dead_lives, held_elsewhere, kept_a_journal
+from dispatcher.sent_journal import (
+    DeadLife,
+    Life,
+    SentJournal,
+    dead_lives,
+    held_elsewhere,
+    kept_a_journal,
+    lock_path,
+)
 from dispatcher.states import Outcome, TaskState
 from producer.connect import async_client
 
@@ -146,8 +154,7 @@ async def _with_own(
 
 
 def _still_there(journal: SentJournal) -> dict[str, tuple[float, set[str]]]:
-    assert journal.dir is not None
-    return {i: v for i, v in journal.runs_again.items() if (journal.dir / f"{i}.lock").exists()}
+    return {i: v for i, v in journal.runs_again.items() if (path := lock_path(journal, i)) and path.exists()}
 
 
 def _left_long_enough(journal: SentJournal, dispatcher_id: str, lives: list[DeadLife]) -> bool:
