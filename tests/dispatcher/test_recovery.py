@@ -104,6 +104,25 @@ def _files(j: SentJournal) -> list[str]:
     return sorted(p.name for p in j.dir.glob(f"{j.life.instance}*"))
 
 
+def _beside_dead(
+    database_url: str, redis_url: str, key_prefix: str, fleet: SimFleet, state_dir: Path
+) -> tuple[Any, Callable[[], Any]]:
+    """Settings of a dispatcher and a maker of settings of a new life of "dead" (each its own instance), on
+    one queue and one STATE_DIR: the two sides of a restart's race with another dispatcher's look."""
+    queue = f"q-{uuid.uuid4().hex[:6]}"
+    other = _settings(database_url, redis_url, key_prefix, queue, fleet, state_dir=str(state_dir))
+    return other, lambda: _settings(
+        database_url, redis_url, key_prefix, queue, fleet, state_dir=str(state_dir), dispatcher_id="dead"
+    )
+
+
+def _given_back(d: Dispatcher, ids: list[str]) -> None:
+    """Each of ``ids`` ended never sent (due again, no attempt used) and holds no slot."""
+    rows = _rows(d, ids)
+    assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(ids, ("retrying", 1))
+    assert _held(d) == {}
+
+
 def test_attempts_recorded_but_never_sent_are_given_back_and_sent_ones_keep_their_slots(run):
     async def body(d: Dispatcher) -> None:
         # GIVEN a dead dispatcher holding 3 slots, of which its journal says it sent one
@@ -252,11 +271,8 @@ def test_a_restart_reads_its_journal_though_another_dispatcher_looked_between_it
     dispatcher's 5 s look came between the restarted process taking its id and reading its dead life's
     journal, found the id taken and removed the journal unread; the restart then took everything its id
     held for sent, and its standbys never sent held their slots for the lease (11 of 16 slots)."""
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
-    restart = _settings(
-        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
-    )
+    other, new_life = _beside_dead(any_database_url, redis_url, key_prefix, fleet, tmp_path)
+    restart = new_life()
     real = recovery.recover
     looks: list[int] = []
 
@@ -276,11 +292,7 @@ def test_a_restart_reads_its_journal_though_another_dispatcher_looked_between_it
             async with in_process(restart):
                 # THEN the look judged nothing, and the restart gave both back at its start
                 assert looks == [0]
-                rows = _rows(d, ids)
-                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
-                    ids, ("retrying", 1)
-                )
-                assert _held(d) == {}
+                _given_back(d, ids)
 
     asyncio.run(main())
 
@@ -309,11 +321,8 @@ def test_a_restart_waits_for_its_journal_while_another_reader_holds_its_lock(
     """The same race, the other way: the other dispatcher's look still holds the dead life's lock (it found
     the id taken, and lets go) when the restart lists its journals. The restart waits for it; skipped, its
     unsent attempts waited for their leases."""
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
-    restart = _settings(
-        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
-    )
+    other, new_life = _beside_dead(any_database_url, redis_url, key_prefix, fleet, tmp_path)
+    restart = new_life()
     real = recovery.recover
 
     async def main() -> None:
@@ -330,11 +339,7 @@ def test_a_restart_waits_for_its_journal_while_another_reader_holds_its_lock(
             await _dead(d, [])
             monkeypatch.setattr(runtime_module, "recover", read_while_another_holds_the_lock)
             async with in_process(restart):
-                rows = _rows(d, ids)
-                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
-                    ids, ("retrying", 1)
-                )
-                assert _held(d) == {}
+                _given_back(d, ids)
 
     asyncio.run(main())
 
@@ -356,19 +361,7 @@ def test_a_restart_killed_before_reading_its_journal_leaves_it_to_the_next(
     restart trusted that journal, and 15 of 16 slots held never-sent standbys for the lease. Now a start reads
     first and names its journal last, and the next restart, taking over from a life that kept a journal
     here, still trusts the older journal the mark names."""
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
-
-    def restart() -> Any:
-        return _settings(
-            any_database_url,
-            redis_url,
-            key_prefix,
-            queue,
-            fleet,
-            state_dir=str(tmp_path),
-            dispatcher_id="dead",
-        )
+    other, restart = _beside_dead(any_database_url, redis_url, key_prefix, fleet, tmp_path)
 
     real = recovery.recover
 
@@ -397,11 +390,7 @@ def test_a_restart_killed_before_reading_its_journal_leaves_it_to_the_next(
             # THEN the next restart gives both back
             async with in_process(restart()) as third:
                 assert third.rt.intake.took_over == second.instance
-                rows = _rows(d, ids)
-                assert {t: (rows[t].state, rows[t].attempt) for t in ids} == dict.fromkeys(
-                    ids, ("retrying", 1)
-                )
-                assert _held(d) == {}
+                _given_back(d, ids)
 
     asyncio.run(main())
 
@@ -417,11 +406,8 @@ def test_a_restart_does_not_wait_for_a_journal_it_may_not_read(
     """The mark names a journal here that is not ours to read (another database's: DATABASE_URL respelled
     between two lives, say) and that nobody holds: the start looks once, it does not wait for it (a review:
     5 s of relisting every journal every 20 ms)."""
-    queue = f"q-{uuid.uuid4().hex[:6]}"
-    other = _settings(any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path))
-    restart = _settings(
-        any_database_url, redis_url, key_prefix, queue, fleet, state_dir=str(tmp_path), dispatcher_id="dead"
-    )
+    other, new_life = _beside_dead(any_database_url, redis_url, key_prefix, fleet, tmp_path)
+    restart = new_life()
     listings: list[int] = []
     real = recovery._by_id
 
