@@ -8,8 +8,8 @@ function (MySQL/MariaDB or SQLite); ``gpus/`` talks to GPU services (the HTTP cl
 tokens, pull GPUs' names and agent tokens); ``http/`` is the FastAPI edge (callbacks, ``/tasks``, ``/gpus``,
 health, metrics, the OpenAI route, the agents' long poll, the dashboard) and turns errors into answers;
 ``cli/`` is ``gpuq``, the operator CLI. At the top sit what every room shares: ``settings``, ``states``,
-``errors``, ``limits``, ``logs``, ``metrics``, ``preflight`` (the start-up checks of ``__main__``) and
-``testing`` (a dispatcher in-process or as a process, for tests, demo and bench) with ``inproc`` (the
-whole daemon in a thread of a test). The shared core of jobs and Redis keys is ``producer/`` (see its
-docstring).
+``errors``, ``limits``, ``logs``, ``metrics``, ``serve`` (the process: ``python -m dispatcher``),
+``preflight`` (its start-up checks) and ``testing`` (a dispatcher in-process or as a process, for tests,
+demo and bench) with ``inproc`` (the whole daemon in a thread of a test). The shared core of jobs and
+Redis keys is ``producer/`` (see its docstring).
 """

@@ -3,7 +3,7 @@
 ``python -m dispatcher`` costs a test its interpreter start, imports and readiness poll (1-3 s, 15 s on a
 loaded machine) for each process, and most scenarios only push jobs and look at the outcome. An
 ``InProcessDispatcher`` runs exactly what ``python -m dispatcher`` runs (``build_server`` of
-``dispatcher/__main__.py``: the same app, lifespan, Redis clients, uvicorn with its guarded protocol on a
+``dispatcher/serve.py``: the same app, lifespan, Redis clients, uvicorn with its guarded protocol on a
 real loopback port, the background loop and wake-ups) in a thread with its own event loop, against the real
 stores. GPU services reach it over real HTTP. What it cannot be is a process: it cannot be killed with
 SIGKILL, and the process-wide things (signals, the open-file limit, ``./.env``) are not its own. The tests
@@ -37,11 +37,11 @@ from typing import Any, Self
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from sqlalchemy import Engine, text
 
-from dispatcher.__main__ import _Server, announce, build_server
 from dispatcher.db.engine import make_engine
 from dispatcher.logs import JsonFormatter, TextFormatter
 from dispatcher.loop.core import Dispatcher
 from dispatcher.preflight import StartProblem, listen, preflight
+from dispatcher.serve import _Server, announce, build_server
 from dispatcher.settings import DispatcherSettings
 from dispatcher.testing import LoopbackDispatcher, ProcessFailed, free_port, is_ready
 from producer.errors import ConfigError

@@ -64,7 +64,7 @@ class DuplicateDispatcher(RuntimeError):
     and saw GPUs given a fifth job and jobs run twice."""
 
 
-#: The Redis clients a dispatcher process names (``dispatcher/__main__.py``).
+#: The Redis clients a dispatcher process names (``dispatcher/serve.py``).
 CLIENT_ROLES = ("loop", "beat", "events", "api")
 
 

@@ -26,7 +26,7 @@ def _intake(rds: Redis, prefix: str, instance: str) -> Intake:
 def test_a_second_process_with_a_live_id_is_refused(redis_url: str, key_prefix: str) -> None:
     async def scenario() -> None:
         rds = Redis.from_url(redis_url)
-        # the first one's connections are named as a dispatcher's are (dispatcher/__main__.py)
+        # the first one's connections are named as a dispatcher's are (dispatcher/serve.py)
         named = Redis.from_url(redis_url, client_name=client_name("beat", "worker", "aaaa"))
         first, second = _intake(named, key_prefix, "aaaa"), _intake(rds, key_prefix, "bbbb")
         await first.claim()

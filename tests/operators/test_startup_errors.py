@@ -3,7 +3,10 @@ reach (exit 3), a MySQL URL without the PyMySQL driver (exit 2), and ``--help`` 
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import sys
+import time
 from typing import Any
 
 import pytest
@@ -102,7 +105,6 @@ def test_a_callback_port_held_by_another_process_is_refused_before_any_job_is_ta
     # An outside trial: CALLBACK_PORT held by another process. uvicorn binds after its lifespan startup, which
     # started the dispatcher: 33 jobs went out naming that port for their callbacks (answered 404 by the
     # other process) and their slots stayed busy for a lease after the process exited.
-    import socket
 
     import redis
 
@@ -143,7 +145,6 @@ def test_a_callback_port_held_by_another_process_is_refused_before_any_job_is_ta
 def test_the_callback_sockets_are_those_uvicorn_would_bind(host):
     # listen() binds before the server starts (see above): one socket per address the host names, IPv6 ones
     # IPv6-only, as asyncio's create_server (uvicorn's own binding) does.
-    import socket
 
     from dispatcher.preflight import listen
     from dispatcher.settings import DispatcherSettings
@@ -174,7 +175,7 @@ def test_the_callback_sockets_are_those_uvicorn_would_bind(host):
 
 
 def test_the_listen_address_is_logged_as_a_url_writes_it():
-    from dispatcher.__main__ import _address
+    from dispatcher.serve import _address
 
     assert _address("::1", 8000) == "[::1]:8000"  # "::1:8000" read as an address of its own
     assert _address("127.0.0.1", 8000) == "127.0.0.1:8000"
@@ -252,8 +253,6 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
     """An outside trial: Ctrl-C in the first second of `python -m dispatcher` (preflight, the schema check)
     printed a KeyboardInterrupt traceback and exit -2; later it stopped cleanly."""
     import signal
-    import socket
-    import sys
 
     from dispatcher.testing import process_env
 
@@ -289,6 +288,67 @@ def test_ctrl_c_while_starting_is_one_line_not_a_traceback(tmp_path):
     assert "Traceback" not in err and err.strip().endswith(
         "gpuq dispatcher: interrupted while starting; no job was taken"
     )
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the dispatcher process has a handler for the signal (its SigCgt mask in /proc): Python's own
+    handler for SIGINT is the first thing ``python -m dispatcher`` installs. Not before the pid is the
+    dispatcher's: the wrapper that execs it catches SIGINT before it ignores it."""
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        if b"-m\0dispatcher" not in cmdline.read():
+            return False
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigint_in_the_imports_of_a_background_start_stops_it_in_one_line(tmp_path):
+    """An outside trial: `python -m dispatcher &` in a script inherits SIGINT ignored, and a SIGINT in its
+    first ~0.8 s (the imports) was lost: the dispatcher started anyway, while the same SIGINT a second later
+    stopped it. Sent as soon as the process catches SIGINT (long before the imports end), it now stops the
+    start with one line and exit 130, no traceback from inside a library."""
+    import signal
+
+    from dispatcher.testing import process_env
+
+    silent = socket.create_server(("127.0.0.1", 0))  # a start that got past the imports would wait here
+    env = process_env(
+        {
+            "CALLBACK_SECRET": SECRET,
+            "CALLBACK_PORT": "0",
+            "DATABASE_URL": f"sqlite:///{tmp_path}/d.db",
+            "REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0",
+            "STATE_DIR": str(tmp_path / "state"),
+        }
+    )
+    # as a shell's background job: SIGINT ignored, kept across exec (same pid)
+    ignoring = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); " + (
+        "os.execv(sys.executable, [sys.executable, '-m', 'dispatcher'])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ignoring],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not _catches(proc.pid, signal.SIGINT):
+            assert proc.poll() is None and time.monotonic() < deadline, "SIGINT never caught while starting"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        silent.close()
+    assert proc.returncode == 130, err
+    assert err == "gpuq dispatcher: interrupted while starting; no job was taken\n", err
+    assert out == ""
 
 
 def test_two_dispatchers_of_two_databases_starting_together_do_not_both_start(
