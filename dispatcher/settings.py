@@ -231,6 +231,10 @@ class DispatcherSettings(StoreSettings):
                 " `openssl rand -hex 32`"
             )
         token = self.api_secret
+        if token is not None and (problem := _header_problem(token)) is not None:
+            # it travels in an HTTP header: one that no request can carry would lock every client out with
+            # a 401 nobody can explain (an outside trial: a pasted trailing space, a newline, an "é")
+            raise ValueError(f"API_TOKEN {problem}: it must be sent as `Authorization: Bearer <API_TOKEN>`")
         if token is not None and not _random_enough(token):
             # "API_TOKEN=short" was taken (an outside trial), guarding task data, results and GPU time
             raise ValueError(
@@ -321,7 +325,21 @@ class DispatcherSettings(StoreSettings):
 
 
 def _random_enough(value: str) -> bool:
-    """16 characters at least, 4 different ones at least. Twenty spaces or "aaaa..." passed a length rule
-    alone (an outside trial): anyone could sign. Four, not more: 16 random hex digits show fewer than 8
-    different ones in 1 draw of 100 (a review)."""
-    return len(value) >= 16 and len(set(value.strip())) >= 4
+    """16 characters at least, 4 different ones at least, whitespace not counted. Twenty spaces or
+    "aaaa..." passed a length rule alone (an outside trial): anyone could sign; so did "abcd" and twelve
+    spaces (another). Four, not more: 16 random hex digits show fewer than 8 different ones in 1 draw of
+    100 (a review)."""
+    seen = "".join(value.split())
+    return len(seen) >= 16 and len(set(seen)) >= 4
+
+
+def _header_problem(token: str) -> str | None:
+    """Why a request could never carry this token in its Authorization header, or None. A header is
+    latin-1 text without control characters (a client sends UTF-8 bytes that the server reads as latin-1,
+    so an "é" never matches), and its value's surrounding whitespace is stripped on the way."""
+    if token != token.strip():
+        return "begins or ends with whitespace"
+    bad = next((c for c in token if not " " <= c <= "~"), None)
+    if bad is not None:
+        return f"holds {bad!r}, which is not a printable ASCII character"
+    return None

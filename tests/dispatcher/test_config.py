@@ -22,6 +22,13 @@ GOOD = {"CALLBACK_SECRET": "0123456789abcdef" * 2, "DATABASE_URL": "sqlite:///:m
         ({"CALLBACK_SECRET": "abc" * 8}, "does not look random"),
         ({"API_TOKEN": "short"}, "API_TOKEN must be a random string"),  # an outside trial's, taken as it was
         ({"API_TOKEN": "x" * 32}, "API_TOKEN must be a random string"),
+        # an outside trial: tokens that passed but no request could send; every client got 401
+        ({"API_TOKEN": "0123456789abcdef "}, "API_TOKEN begins or ends with whitespace"),
+        ({"API_TOKEN": " 0123456789abcdef"}, "API_TOKEN begins or ends with whitespace"),
+        ({"API_TOKEN": "0123456789\nabcdef"}, "API_TOKEN holds '\\n'"),
+        ({"API_TOKEN": "0123456789abcdéf"}, "API_TOKEN holds 'é'"),
+        ({"API_TOKEN": "abcd" + " " * 8 + "efgh"}, "API_TOKEN must be a random string"),
+        ({"CALLBACK_SECRET": "abcd" + " " * 12}, "does not look random"),  # 4 characters and padding
         ({"GPU_ENDPOINTS": "g0=ftp://x"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1,g0=http://b:2"}, "GPU_ENDPOINTS"),
         ({"GPU_ENDPOINTS": "g0=http://a:1/g0;g1=http://a:1/g1"}, "GPU_ENDPOINTS"),  # issue 14
