@@ -104,8 +104,11 @@ def cancel(ctx: typer.Context, task_id: TaskId) -> None:
         if fin.held:
             how = "its GPU is asked to stop; the slot is freed when it confirms"
         console().print(f"task {task_id} cancelled: {how}")
-    elif fin.state == "cancelled":  # refused like any final task (exit 1), but it is what was asked
-        raise OperatorError(f"task {task_id} was already cancelled")
+    elif fin.state == "cancelled":
+        # what was asked holds (exit 0), as POST /tasks/{id}/cancel answers 200 applied:false: a script that
+        # cancels twice, or after someone else did, must not stop on it (an outside trial)
+        held = "; its GPU has not confirmed the stop yet" if fin.held else ""
+        console().print(f"task {task_id} was already cancelled{held}")
     else:
         raise OperatorError(f"task {task_id} is already {fin.state}: nothing to cancel")
 
