@@ -131,12 +131,14 @@ def check_one_database(settings: DispatcherSettings, engine: Engine) -> bool:
     finally:
         client.close()
     if other is not None:
-        who, theirs = other
+        who, theirs, lapse = other
+        doing = "works" if lapse is None else "is starting"
+        lapses = "" if lapse is None else f" (if that start died, its mark lapses within {lapse} s)"
         raise StartProblem(
-            f"dispatcher {who} works on this Redis (key prefix {settings.redis_key_prefix!r}) in another"
+            f"dispatcher {who} {doing} on this Redis (key prefix {settings.redis_key_prefix!r}) in another"
             f" database: {theirs}; this one's is {ours}. Dispatchers of one Redis key prefix share its queues"
             " and GPUs, so they must share one database: set DATABASE_URL (or DB_*) to that one, or give"
-            " this deployment its own REDIS_KEY_PREFIX",
+            f" this deployment its own REDIS_KEY_PREFIX{lapses}",
             BAD_SETTING,
         )
     return said

@@ -379,8 +379,11 @@ def test_two_dispatchers_of_two_databases_starting_together_do_not_both_start(
         for engine in engines:
             init_schema(engine)
         assert check_one_database(first, engines[0])  # no heartbeat yet: it is still starting
-        with pytest.raises(StartProblem, match="dispatcher first works on this Redis"):
+        with pytest.raises(StartProblem, match="dispatcher first is starting on this Redis") as refused:
             check_one_database(second, engines[1])
+        # a start killed before its heartbeat leaves its mark: the refusal says how long (at most a minute)
+        lapse = int(refused.value.message.rsplit("its mark lapses within ", 1)[1].split(" s)")[0])
+        assert 50 <= lapse <= 60, refused.value.message
         assert rds.hget(f"{key_prefix}dispatchers:databases", "second") is None  # refused: no mark left
         # the first start fails further on (its port, its id...): its mark goes, the second may start
         unpublish_start(first)
