@@ -29,7 +29,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import gpuq_run, runner, workloads
+from bench import gpuq_run, procs, runner, workloads
 from bench.gpuq_run import Gpuq
 from bench.procs import ProcError
 from bench.report import changed_files, git_revision, machine, markdown, print_table, speedup_vs_celery
@@ -57,6 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["true", "false"],
         default=None,
         help="STANDBY_JOBS of gpuq (false: hand-off only, for a comparison)",
+    )
+    p.add_argument(
+        "--cold-callbacks",
+        action="store_true",
+        help="the simulator opens callback connections only as callbacks need them (simgpu/callbacks.py)",
     )
     p.add_argument(
         "--only",
@@ -108,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.standby_jobs is not None:
         gpuq_run.STANDBY_JOBS = args.standby_jobs
         meta_extra["standby_jobs"] = args.standby_jobs
+    if args.cold_callbacks:
+        procs.Sim.cold_callbacks = True
+        meta_extra["cold_callbacks"] = True
     if args.only:
         sets = [w for w in sets if w.name in args.only.split(",")]
     systems = ["gpuq"] if args.no_celery else ["gpuq", "celery"]

@@ -107,6 +107,9 @@ class Proc:
 class Sim(Proc):
     """``python -m simgpu``: the workload's GPUs and slots at /g0.. on one port; stats at /_stats."""
 
+    #: ``--cold-callbacks`` (bench's option): no callback connection opened ahead (simgpu/callbacks.py)
+    cold_callbacks = False
+
     def __init__(
         self,
         workdir: Path,
@@ -125,6 +128,8 @@ class Sim(Proc):
         argv = [sys.executable, "-m", "simgpu", "--port", "0", "--gpus", str(gpus), "--slots", str(slots)]
         argv += ["--service-time", f"fixed:{service:g}", "--mode", mode, f"--token={token}", "--seed", "1"]
         argv += ["--log-level", "WARNING", "--endpoints-file", str(endpoints)]
+        if self.cold_callbacks:
+            argv.append("--cold-callbacks")
         env: dict[str, str] = {}
         if pull is not None:
             argv += ["--pull", pull]

@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--callback-tries", type=int, default=8, help="tries per callback on errors and 5xx (default 8)"
     )
     p.add_argument("--callback-timeout", type=float, default=5.0, help="seconds per callback try (default 5)")
+    p.add_argument(
+        "--cold-callbacks",
+        action="store_true",
+        help="open callback connections only as needed (default: one per slot at the first job)",
+    )
     p.add_argument("--endpoints-file", type=Path, help="write the GPU_ENDPOINTS value here once listening")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
@@ -134,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         gpu_faults=per_gpu,
         callback_tries=args.callback_tries,
         callback_timeout=args.callback_timeout,
+        warm_callbacks=not args.cold_callbacks,
     )
 
 

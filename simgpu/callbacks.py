@@ -1,5 +1,12 @@
 """The callback client: one pooled keep-alive aiohttp session per simulator process.
 
+Warm from the first job (``expect``): one process simulates the whole fleet, so without it the first wave's
+callbacks (every slot's first job ends at the same moment) each opened a connection, one after the other in
+one event loop, and the first callback reached the wire only once all of them had started: 19-35 ms after
+its job ended on the efficiency benchmark (16 GPUs x 4 slots), counted in gpuq's slot turnaround. A fleet
+of GPU services, each its own process, opens those connections in parallel, and a service up for more than
+its first second has them open. ``--cold-callbacks`` keeps the old behaviour (bench/RESULTS.md compares).
+
 A callback is retried with exponential backoff on connection errors, timeouts and 5xx, and never on an
 answer below 500: 401/404/409/422 are the dispatcher's final word (SPEC §4) and asking again cannot change it.
 """
@@ -26,6 +33,7 @@ class CallbackClient:
         backoff: float = 0.1,
         deadline: float = 30.0,
         pool_size: int = 512,
+        warm: int = 0,
     ) -> None:
         self.tries = tries
         self.timeout = timeout
@@ -33,6 +41,9 @@ class CallbackClient:
         self.deadline = deadline
         self.pool_size = pool_size
         self.retries = 0  # attempts after the first, all callbacks together
+        self.warm = min(warm, pool_size)  # connections opened to a callback server at its first job
+        self._warmed: set[str] = set()  # callback servers (scheme://host:port) warmed, or being warmed
+        self._warming: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         # Not the GPUs' seeded RNGs: retries depend on timing and must not shift their draws. No secrets here.
         self._jitter = random.Random()  # noqa: S311
@@ -48,7 +59,33 @@ class CallbackClient:
             skip_auto_headers=("User-Agent",),
         )
 
+    def expect(self, url: str) -> None:
+        """A job that will call back to ``url`` arrived: the first for its server opens ``warm`` keep-alive
+        connections to it now (concurrent ``GET /healthz``, each kept in the pool), so that callbacks find
+        them open. Best effort: a failed one is opened by its callback as before."""
+        origin = url.split("/", 3)
+        server = "/".join(origin[:3])
+        if not url or self.warm <= 0 or self._session is None or server in self._warmed or len(origin) < 3:
+            return
+        self._warmed.add(server)
+        task = asyncio.get_running_loop().create_task(self._open(f"{server}/healthz"), name="warm callbacks")
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _open(self, url: str) -> None:
+        session = self._session
+        if session is None:
+            return
+
+        async def one() -> None:
+            async with session.get(url) as response:
+                await response.read()  # read in full: the connection goes back to the pool
+
+        await asyncio.gather(*(one() for _ in range(self.warm)), return_exceptions=True)
+
     async def close(self) -> None:
+        for task in self._warming:
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -107,6 +107,7 @@ class GpuSim:
     def start(self, job: Job) -> None:
         """Async mode: the job works for its service time, then calls back."""
         loop = asyncio.get_running_loop()
+        self._callbacks.expect(job.callback_url)
         self._waiting.add(job)
         job.timer = loop.call_later(job.service_time, self._finish, job)
         if job.plan.heartbeat:

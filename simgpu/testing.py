@@ -48,6 +48,7 @@ class ReceivedCallback:
     content_type: str | None
     body: Any  # the parsed JSON, or the raw bytes when it was not JSON
     received_at: float  # time.monotonic()
+    peer: Any = None  # the client's (host, port): which connection carried it
 
 
 class CallbackReceiver(ThreadedService):
@@ -59,6 +60,7 @@ class CallbackReceiver(ThreadedService):
         self.before_answer = before_answer
         self.url = ""
         self.calls: list[ReceivedCallback] = []
+        self.warmups: list[Any] = []  # the client (host, port) of each GET /healthz: connections opened ahead
         self._answers: deque[int] = deque()
         self._runner: web.AppRunner | None = None
 
@@ -83,6 +85,7 @@ class CallbackReceiver(ThreadedService):
     async def _startup(self) -> None:
         app = web.Application()
         app.router.add_post("/callback", self._handle)
+        app.router.add_get("/healthz", self._healthz)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
@@ -92,6 +95,10 @@ class CallbackReceiver(ThreadedService):
     async def _shutdown(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        self.warmups.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.json_response({"status": "ok"})
 
     async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -106,6 +113,7 @@ class CallbackReceiver(ThreadedService):
                 request.headers.get("Content-Type"),
                 body,
                 time.monotonic(),
+                request.transport.get_extra_info("peername") if request.transport else None,
             )
         )
         if self.before_answer is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from simgpu import CallbackReceiver, SimFleet
+from simgpu.testing import poll_until
 from tests.simgpu.helpers import job
 
 
@@ -97,3 +98,31 @@ def test_each_callback_carries_its_own_token_on_a_shared_url(
     calls = receiver.wait_for(len(ids))
     assert sorted((c.body["task_id"], c.authorization) for c in calls) == [(t, f"Bearer cb-{t}") for t in ids]
     assert all(c.content_type == "application/json" for c in calls)
+
+
+def test_callback_connections_are_opened_at_the_first_job_and_then_reused(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    """One simulator process is the whole fleet: its first wave of callbacks each opened a connection, one
+    after the other in one loop, and the first reached the wire 19-35 ms after its job ended (the benchmark's
+    first-wave turnarounds). The first job opens one connection per slot of the fleet; callbacks use them."""
+    fleet = make_fleet(gpus=2, slots=3, service_time="fixed:0.3")
+
+    http.post(fleet.url("g0"), json=job("w1", receiver))
+    poll_until(lambda: len(receiver.warmups) >= 6, what=lambda: f"6 warm-ups ({receiver.warmups})")
+    (call,) = receiver.wait_for(1)
+    assert len(set(receiver.warmups)) == 6  # six connections, one GET each
+    assert call.peer in set(receiver.warmups)  # the callback came over one of them
+    http.post(fleet.url("g1"), json=job("w2", receiver))  # another GPU, same callback server: no more
+    receiver.wait_for(2)
+    assert len(receiver.warmups) == 6
+    assert receiver.calls[1].peer in set(receiver.warmups)
+
+
+def test_cold_callbacks_open_no_connection_ahead(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    fleet = make_fleet(gpus=2, slots=3, warm_callbacks=False)
+    http.post(fleet.url("g0"), json=job("c1", receiver))
+    receiver.wait_for(1)
+    assert receiver.warmups == []
