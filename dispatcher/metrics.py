@@ -61,6 +61,12 @@ class Metrics:
             ["queue", "priority"],
             registry=r,
         )
+        self.unserved = Gauge(
+            "gpuq_unserved_jobs",
+            "Jobs and scheduled or retrying tasks of a queue no running dispatcher serves (a minute or more)",
+            ["queue"],
+            registry=r,
+        )
         self.parked = Gauge("gpuq_parked_jobs", "Jobs taken while their pool was full", ["pool"], registry=r)
         self.dead_letter_jobs = Gauge(
             "gpuq_dead_letter_jobs",

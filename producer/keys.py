@@ -123,6 +123,12 @@ class Keys:
         return f"{self.prefix}dispatchers:pools"
 
     @property
+    def queues_seen(self) -> str:
+        """Queue -> when a running dispatcher last served it (unix seconds): jobs left in a queue that none
+        serves any more are said (``dispatcher/queues/unserved.py``)."""
+        return f"{self.prefix}dispatchers:queues_seen"
+
+    @property
     def owner_databases(self) -> str:
         """Dispatcher id -> the database it works in (``db/identity.py``): one per key prefix."""
         return f"{self.prefix}dispatchers:databases"

@@ -23,6 +23,7 @@ from dispatcher.errors import TRANSIENT
 from dispatcher.loop.attempt_ends import AttemptEnds
 from dispatcher.loop.recovery import recover
 from dispatcher.loop.runtime import Runtime, SlotSignals
+from dispatcher.queues.unserved import find_unserved, message
 from dispatcher.states import Outcome
 from producer.keys import queue_key
 
@@ -38,6 +39,9 @@ STILL_DOWN_EVERY_SECONDS = 60.0
 #: to EVENTS_WAIT_SECONDS plus the client's 10 s socket timeout). A push that outlasts the claim lets another
 #: dispatcher claim and push too: a second "queued", and a second copy, dropped when taken.
 REQUEUE_CLAIM_SECONDS = 10.0
+#: How often queues no running dispatcher serves are looked for, and said at most (per queue).
+UNSERVED_EVERY_SECONDS = 60.0
+UNSERVED_SAID_EVERY_SECONDS = 600.0
 #: The longest a requeue waits for its "queued" events to reach Redis before pushing the jobs anyway (a hung
 #: Redis: events are best-effort, and the push waits out its own socket timeout).
 EVENTS_WAIT_SECONDS = 1.0
@@ -57,6 +61,7 @@ class Housekeeping:
         self.sized = sized
         self._due: dict[str, float] = {}
         self._still_down_said: dict[str, float] = {}  # GPU -> when "still down" was last logged
+        self._unserved_said: dict[str, float] = {}  # queue -> when "no dispatcher serves it" was last logged
 
     def _every(self, name: str, seconds: float) -> bool:
         now = time.monotonic()
@@ -98,6 +103,7 @@ class Housekeeping:
                 ("clock", 30.0, self.rt.sync_clock),
                 ("pools", 5.0, self.read_pools),
                 ("recovery", 5.0, self.recover),
+                ("unserved", UNSERVED_EVERY_SECONDS, self.look_for_unserved),
             ):
                 if not self._every(name, seconds):
                     continue
@@ -199,6 +205,31 @@ class Housekeeping:
                 log.warning(
                     "GPU still down", extra={"action": "gpu_probe", "gpu_id": gpu_id, "detail": detail}
                 )
+
+    async def look_for_unserved(self) -> None:
+        """Jobs in a queue no running dispatcher serves (unserved.py): a warning every 10 min per queue."""
+        found = await find_unserved(self.rt.redis, self.rt.keys, self.rt.db)
+        gauge, now = self.rt.metrics.unserved, time.monotonic()
+        for queue in set(self._unserved_said) - {u.queue for u in found}:
+            del self._unserved_said[queue]
+            gauge.remove(queue)
+        for u in found:
+            gauge.labels(u.queue).set(u.waiting + u.deferred)
+            if (
+                now - self._unserved_said.get(u.queue, -UNSERVED_SAID_EVERY_SECONDS)
+                < UNSERVED_SAID_EVERY_SECONDS
+            ):
+                continue
+            self._unserved_said[u.queue] = now
+            log.warning(
+                message(u, self.rt.intake.queues),
+                extra={
+                    "action": "unserved_queue",
+                    "queue": u.queue,
+                    "waiting": u.waiting,
+                    "deferred": u.deferred,
+                },
+            )
 
     async def check_drift(self) -> None:
         drift = await self.rt.db(slot_drift)

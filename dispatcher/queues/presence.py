@@ -185,6 +185,8 @@ class Presence:
         pipe = r.pipeline(transaction=False)
         pipe.sadd(self.keys.dispatchers, self.dispatcher_id)
         pipe.hset(self.keys.owner_queues, self.dispatcher_id, json.dumps(self.queues))
+        # when each was last served: a queue none serves any more is said if it holds jobs (unserved.py)
+        pipe.hset(self.keys.queues_seen, mapping=dict.fromkeys(self.queues, int(time.time())))
         pipe.hset(self.keys.owner_pools, self.dispatcher_id, json.dumps(self.pools()))
         if self.database is not None:
             pipe.hset(self.keys.owner_databases, self.dispatcher_id, self.database)
