@@ -51,6 +51,8 @@ class _Server(uvicorn.Server):
 
     dispatcher: Dispatcher | None = None
     grace: float = 10.0
+    #: The signal that stopped the start before the dispatcher existed (``make`` then starts none).
+    interrupted_by: int | None = None
     _draining = False
     _drain_task: asyncio.Task[None] | None = None
 
@@ -59,6 +61,10 @@ class _Server(uvicorn.Server):
             self.should_exit = True
             if self._draining:
                 self.force_exit = sig == signal.SIGINT
+            elif not self.started and self.interrupted_by is None:
+                # Before, the lifespan went on to start the dispatcher, which took jobs, sent them, and then
+                # stopped without draining: their slots held until the lease, the jobs run again (a trial).
+                self.interrupted_by = sig
             return
         self._draining = True
         self._drain_task = asyncio.get_running_loop().create_task(self._drain(self.dispatcher), name="drain")
@@ -169,9 +175,11 @@ def build_server(
     holder: dict[str, Dispatcher] = {}
     checks: list[asyncio.Task[str]] = []
 
-    async def make() -> Dispatcher:
+    async def make() -> Dispatcher | None:
         for client in clients:
             await initialized(client)
+        if server.interrupted_by is not None:  # nothing started: nothing taken, nothing to drain
+            return None
         d = Dispatcher(settings, engine, redis, beat=beat, publisher=publisher)
         d.rt.on_fatal = lambda: setattr(server, "should_exit", True)
         holder["d"] = d
@@ -265,13 +273,25 @@ def main() -> int:
     # uvicorn says where it listens only for sockets it bound itself
     where = [_address(s.getsockname()[0], s.getsockname()[1]) for s in socks]
     log.info("listening on %s", ", ".join(where), extra={"action": "listen", "addresses": where})
+    # From here a signal is the server's (uvicorn takes these over in run): before, a SIGINT between this
+    # line and uvicorn's handlers raised KeyboardInterrupt inside asyncio.run, with a warning besides
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
     try:
         server.run(sockets=socks)  # bound above: no job is taken on a port that is not ours
     finally:
         stacks.attach(None)
         if claimed is not None:
             claimed.close()
-    d = holder.get("d")
+    return _exit_code(server, holder.get("d"))
+
+
+def _exit_code(server: _Server, d: Dispatcher | None) -> int:
+    """0 after a clean stop; 128 + the signal that stopped the start before a dispatcher was made; 1 when
+    the server never started or a part of the dispatcher died."""
+    if d is None and server.interrupted_by is not None:
+        sys.stderr.write("gpuq dispatcher: interrupted while starting; no job was taken\n")
+        return 128 + server.interrupted_by
     if not server.started or (d is not None and d.fatal is not None):
         return 1
     return 0

@@ -122,7 +122,7 @@ class BodyLimit:
 
 
 def create_app(
-    make_dispatcher: Callable[[], Awaitable[Dispatcher]],
+    make_dispatcher: Callable[[], Awaitable[Dispatcher | None]],
     close: Callable[[], Awaitable[None]],
     hub: EventHub,
 ) -> FastAPI:
@@ -132,6 +132,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         d = await make_dispatcher()
+        if d is None:  # a signal stopped the start before a dispatcher was made: the server stops at once
+            try:
+                yield
+            finally:
+                await close()
+            return
         app.state.dispatcher = d
         app.state.hub = hub
         try:

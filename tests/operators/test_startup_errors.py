@@ -3,6 +3,7 @@ reach (exit 3), a MySQL URL without the PyMySQL driver (exit 2), and ``--help`` 
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -392,3 +393,51 @@ def test_two_dispatchers_of_two_databases_starting_together_do_not_both_start(
         for engine in engines:
             engine.dispose()
         rds.close()
+
+
+def test_a_signal_before_the_dispatcher_is_made_starts_none_and_takes_nothing(
+    tmp_path, redis_url, key_prefix, database_url, rds
+):
+    """An outside trial: a SIGINT 12 ms after "listening on" (uvicorn's handlers in place, the dispatcher not
+    yet made) let the start go on: 4 jobs were taken and sent, then the process stopped without draining
+    (exit 0), their slots held until the lease and the jobs run again. Now the start makes no dispatcher:
+    nothing is taken, and the exit is 130 with the one line."""
+    import signal
+
+    from dispatcher.db.engine import make_engine
+    from dispatcher.inproc import _ThreadServer
+    from dispatcher.preflight import listen, preflight
+    from dispatcher.serve import _exit_code, build_server
+    from dispatcher.settings import DispatcherSettings
+    from tests.dispatcher.harness import push_jobs
+
+    queue = f"q-{key_prefix.strip(':')}"
+    settings = DispatcherSettings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_key_prefix=key_prefix,
+        callback_secret=SECRET,
+        callback_host="127.0.0.1",
+        callback_port=0,
+        task_queues=queue,
+        gpu_endpoints="g0=http://127.0.0.1:9/g0",
+        state_dir=str(tmp_path / "state"),
+    )
+    engine = make_engine(settings.db_url())
+    ids = push_jobs(rds, queue, 3)
+    socks = listen(settings)
+    claimed = preflight(settings, engine)
+    try:
+        server, holder = build_server(settings, engine, 64, server_cls=_ThreadServer)
+        server.handle_exit(signal.SIGINT, None)  # as the signal does, once uvicorn's handlers are in place
+        server.run(sockets=socks)  # returns: nothing to serve
+        assert "d" not in holder
+        assert _exit_code(server, None) == 130
+        assert [job["task_id"] for job in map(json.loads, rds.lrange(queue, 0, -1))] == ids  # none taken
+    finally:
+        for sock in socks:
+            sock.close()
+        if claimed is not None:
+            claimed.close()
+        rds.delete(queue)
+        engine.dispose()
