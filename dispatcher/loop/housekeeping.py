@@ -207,8 +207,15 @@ class Housekeeping:
                 )
 
     async def look_for_unserved(self) -> None:
-        """Jobs in a queue no running dispatcher serves (unserved.py): a warning every 10 min per queue."""
-        found = await find_unserved(self.rt.redis, self.rt.keys, self.rt.db)
+        """Jobs in a queue no running dispatcher serves (unserved.py): a warning every 10 min per queue. A
+        look that fails for a reason other than a store's is logged, never fatal: it only warns."""
+        try:
+            found = await find_unserved(self.rt.redis, self.rt.keys, self.rt.db)
+        except TRANSIENT:
+            raise
+        except Exception:
+            log.exception("the look for unserved queues failed", extra={"action": "unserved_queue"})
+            return
         gauge, now = self.rt.metrics.unserved, time.monotonic()
         for queue in set(self._unserved_said) - {u.queue for u in found}:
             del self._unserved_said[queue]
