@@ -212,7 +212,7 @@ class SimConfig:
     callback_timeout: float = 5.0  # per attempt
     callback_backoff: float = 0.1  # first retry delay, doubled per try
     callback_deadline: float = 30.0  # no retry starts later than this after the first try
-    # At the first job, open one keep-alive callback connection per slot of the fleet (callbacks.py: warm)
+    # At each GPU's first job, open one keep-alive callback connection per slot (callbacks.py: expect)
     warm_callbacks: bool = True
     pull: str | None = None  # the dispatcher's base URL: the GPUs are pull agents polling it (agent.py)
     agents: Mapping[str, str] = field(default_factory=dict)  # pull mode: GPU name -> its agent token

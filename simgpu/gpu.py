@@ -45,6 +45,7 @@ class GpuSim:
         self._stopped: set[Job] = set()  # of those, cancelled before they started: they never will
         self._tasks: set[asyncio.Task[Any]] = set()
         self.pull = False  # a pull agent (agent.py): a heartbeat answered 409 stops the job
+        self._warmed = False  # its callback connections opened (CallbackClient.expect)
         self.reset()
 
     def reset(self) -> None:
@@ -107,7 +108,9 @@ class GpuSim:
     def start(self, job: Job) -> None:
         """Async mode: the job works for its service time, then calls back."""
         loop = asyncio.get_running_loop()
-        self._callbacks.expect(job.callback_url)
+        if not self._warmed:  # its first job: its slots' callback connections, opened now
+            self._warmed = True
+            self._callbacks.expect(job.callback_url, self.behaviour.slots)
         self._waiting.add(job)
         job.timer = loop.call_later(job.service_time, self._finish, job)
         if job.plan.heartbeat:

@@ -69,7 +69,7 @@ class SimServer(ControlMixin):
             timeout=config.callback_timeout,
             backoff=config.callback_backoff,
             deadline=config.callback_deadline,
-            warm=config.gpus * config.behaviour.slots if config.warm_callbacks else 0,
+            warm=config.warm_callbacks,
         )
         seed = config.seed
         self.gpus: dict[str, GpuSim] = {

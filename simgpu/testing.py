@@ -61,6 +61,7 @@ class CallbackReceiver(ThreadedService):
         self.url = ""
         self.calls: list[ReceivedCallback] = []
         self.warmups: list[Any] = []  # the client (host, port) of each GET /healthz: connections opened ahead
+        self.prefixed_warmups: list[Any] = []  # those of GET /gpuq/healthz (a callback URL behind a prefix)
         self._answers: deque[int] = deque()
         self._runner: web.AppRunner | None = None
 
@@ -86,6 +87,7 @@ class CallbackReceiver(ThreadedService):
         app = web.Application()
         app.router.add_post("/callback", self._handle)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/gpuq/healthz", self._prefixed_healthz)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, 0)
@@ -97,7 +99,11 @@ class CallbackReceiver(ThreadedService):
             await self._runner.cleanup()
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        self.warmups.append(request.transport.get_extra_info("peername") if request.transport else None)
+        self.warmups.append(_peer(request))
+        return web.json_response({"status": "ok"})
+
+    async def _prefixed_healthz(self, request: web.Request) -> web.Response:
+        self.prefixed_warmups.append(_peer(request))
         return web.json_response({"status": "ok"})
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -113,7 +119,7 @@ class CallbackReceiver(ThreadedService):
                 request.headers.get("Content-Type"),
                 body,
                 time.monotonic(),
-                request.transport.get_extra_info("peername") if request.transport else None,
+                _peer(request),
             )
         )
         if self.before_answer is not None:
@@ -124,3 +130,8 @@ class CallbackReceiver(ThreadedService):
         task_id = body.get("task_id") if isinstance(body, dict) else None
         state = body.get("status") if isinstance(body, dict) else None
         return web.json_response({"task_id": task_id, "state": state, "applied": True})
+
+
+def _peer(request: web.Request) -> Any:
+    """The client's (host, port): which connection carried the request."""
+    return request.transport.get_extra_info("peername") if request.transport else None

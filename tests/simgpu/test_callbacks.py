@@ -100,23 +100,38 @@ def test_each_callback_carries_its_own_token_on_a_shared_url(
     assert all(c.content_type == "application/json" for c in calls)
 
 
-def test_callback_connections_are_opened_at_the_first_job_and_then_reused(
+def test_callback_connections_are_opened_at_a_gpus_first_job_and_then_reused(
     make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
 ) -> None:
     """One simulator process is the whole fleet: its first wave of callbacks each opened a connection, one
     after the other in one loop, and the first reached the wire 19-35 ms after its job ended (the benchmark's
-    first-wave turnarounds). The first job opens one connection per slot of the fleet; callbacks use them."""
-    fleet = make_fleet(gpus=2, slots=3, service_time="fixed:0.3")
+    first-wave turnarounds). A GPU's first job opens one connection per slot of that GPU, GPUs starting
+    together open theirs side by side, and a GPU that never gets a job opens none (an outside trial: 400
+    warm-ups from a fleet the dispatcher barely used filled its HTTP_MAX_CONNECTIONS)."""
+    fleet = make_fleet(gpus=3, slots=3, service_time="fixed:0.3")
 
     http.post(fleet.url("g0"), json=job("w1", receiver))
+    http.post(fleet.url("g1"), json=job("w2", receiver))
     poll_until(lambda: len(receiver.warmups) >= 6, what=lambda: f"6 warm-ups ({receiver.warmups})")
-    (call,) = receiver.wait_for(1)
-    assert len(set(receiver.warmups)) == 6  # six connections, one GET each
-    assert call.peer in set(receiver.warmups)  # the callback came over one of them
-    http.post(fleet.url("g1"), json=job("w2", receiver))  # another GPU, same callback server: no more
-    receiver.wait_for(2)
-    assert len(receiver.warmups) == 6
-    assert receiver.calls[1].peer in set(receiver.warmups)
+    calls = receiver.wait_for(2)
+    assert len(set(receiver.warmups)) == 6  # six connections, one GET each: g0's three and g1's three
+    assert {c.peer for c in calls} <= set(receiver.warmups)  # the callbacks came over them
+    http.post(fleet.url("g0"), json=job("w3", receiver))  # not its first job: no more
+    receiver.wait_for(3)
+    assert len(receiver.warmups) == 6  # g2 got no job: none of its own
+    assert receiver.calls[2].peer in set(receiver.warmups)
+
+
+def test_warm_ups_go_to_the_healthz_beside_the_callback_path(
+    make_fleet: Callable[..., SimFleet], receiver: CallbackReceiver, http: httpx.Client
+) -> None:
+    """Behind a path prefix (a proxy's /gpuq/callback) the GETs go to /gpuq/healthz, not the proxy's own."""
+    fleet = make_fleet(gpus=1, slots=2, service_time="fixed:0.2")
+    body = job("p1", receiver)
+    body["callback_url"] = receiver.url.replace("/callback", "/gpuq/callback")
+    http.post(fleet.url("g0"), json=body)
+    poll_until(lambda: len(receiver.prefixed_warmups) >= 2, what="2 warm-ups under /gpuq")
+    assert receiver.warmups == []
 
 
 def test_cold_callbacks_open_no_connection_ahead(
