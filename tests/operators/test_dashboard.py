@@ -19,7 +19,8 @@ from producer.keys import Keys
 from tests.dispatcher.harness import ROOT, push_jobs, states, wait_final
 from tests.dispatcher.helpers import wait_for
 
-TOKEN = "dash-token-0123456"
+# as `openssl rand -base64` makes them: "+" read as a space by URLSearchParams locked the page out (a trial)
+TOKEN = "dash+Token/0123456=="
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 # The screenshot is a test artefact (build/artifacts/); GPUQ_UPDATE_DOCS=1 also refreshes the README's copy.
 ARTIFACT = ROOT / "build" / "artifacts" / "dashboard.png"
